@@ -1,0 +1,38 @@
+# make demo: the quickstart on the embedded digits model.  make test: lint, types, tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint types bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.demo: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[cpu,demo]'
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.demo
+	cd examples && ../$(BIN)/python quickstart.py
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check inferkit tests examples benchmarks
+	$(BIN)/ruff format --check inferkit tests examples benchmarks
+
+types: $(VENV)/.dev
+	$(BIN)/mypy
+
+test: lint types
+	$(BIN)/pytest -q
+
+bench: $(VENV)/.dev
+	$(BIN)/python -m pip install -q batched
+	$(BIN)/python benchmarks/bench_batching.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Backends: the model instances that replicas own (ONNX Runtime, Python callables)."""

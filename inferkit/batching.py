@@ -1,0 +1,979 @@
+"""The dynamic batcher: bounded queues, batch formation, and running batches on replicas.
+
+Requests wait in a priority queue (a *lane*). With the default shared balancing there is one
+lane and every free replica pulls its next batch from it, the way Triton, TorchServe and TF
+Serving schedule in-process; with a :class:`~inferkit.pool.Balancer` each replica has a lane
+of its own and the balancer picks one per request.
+
+A free replica takes a batch at once when it is full, when the oldest queued request has
+waited ``max_delay_ms``, or when waiting could not grow it: no other replica of the lane is
+busy (so nothing is in flight that could come back as new requests), or requests have stopped
+arriving. ``max_delay_ms`` is the longest a request waits for companions, never a fixed wait.
+
+Thread hand-offs cost far more than the work of batching, so a synchronous caller that finds
+a replica idle runs its batch on its own thread, and a replica's worker that finishes a batch
+forms and runs the next one itself. A model call that raises is retried on halves of the batch
+until the failing requests are found, so one bad request never fails its neighbours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import Future, InvalidStateError
+from typing import Any
+
+import attrs
+import numpy as np
+
+from inferkit._timer import Timer
+from inferkit.backends.base import Backend, BackendFactory
+from inferkit.errors import (
+    Closed,
+    DeadlineExceeded,
+    ExecutionTimeout,
+    InferkitError,
+    ModelError,
+    NoHealthyReplica,
+    Overloaded,
+)
+from inferkit.events import BatchDone, Event, ReplicaEjected, ReplicaReplaced, RequestsExpired
+from inferkit.pool import Balancer, PoolConfig, Replica, ReplicaState, record_batch
+from inferkit.stats import ReplicaStats, Stats
+
+__all__ = ["BatchConfig", "Batcher", "Request", "RequestFuture"]
+
+Array = np.ndarray[Any, Any]
+Inputs = Mapping[str, Array]
+
+_QUEUED, _RUNNING, _DONE = 0, 1, 2
+
+
+@attrs.frozen
+class BatchConfig:
+    """How requests are grouped into batches.
+
+    ==================  ===================================================================
+    ``max_batch_size``  rows per batch (>= 1); a request with more rows is split and
+                        reassembled
+    ``max_delay_ms``    the longest a request waits for companions (>= 0), never a fixed wait
+    ``max_queue_size``  requests that may wait; one more raises ``Overloaded`` at once
+    ==================  ===================================================================
+    """
+
+    max_batch_size: int = attrs.field(default=64, validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)])
+    max_delay_ms: float = attrs.field(default=2.0, converter=float, validator=attrs.validators.ge(0))
+    max_queue_size: int = attrs.field(
+        default=4096, validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)]
+    )
+
+
+class RequestFuture(Future[Any]):
+    """A :class:`concurrent.futures.Future` for one request; ``request_id`` names it in events.
+
+    Cancelling it while the request is queued means the request never runs.
+    """
+
+    def __init__(self, request_id: int) -> None:
+        super().__init__()
+        self.request_id = request_id
+        self._on_cancel: Callable[[], None] | None = None
+
+    def cancel(self) -> bool:
+        """Cancel the request if it has not started; return whether it was cancelled."""
+        if not super().cancel():
+            return False
+        if self._on_cancel is not None:
+            self._on_cancel()
+        return True
+
+
+class Request:
+    """One accepted request, or one part of a request split to fit ``max_batch_size``."""
+
+    __slots__ = (
+        "deadline",
+        "error",
+        "future",
+        "id",
+        "index",
+        "inputs",
+        "key",
+        "lane",
+        "parent",
+        "parts",
+        "parts_left",
+        "priority",
+        "rows",
+        "state",
+        "t0",
+        "value",
+        "waiter",
+    )
+
+    def __init__(
+        self,
+        request_id: int,
+        inputs: Inputs | None,
+        rows: int,
+        key: Hashable,
+        priority: int,
+        deadline: float | None,
+        t0: float,
+    ) -> None:
+        self.id = request_id
+        self.inputs = inputs
+        self.rows = rows
+        self.key = key
+        self.priority = priority
+        self.deadline = deadline
+        self.t0 = t0
+        self.state = _QUEUED
+        self.lane: _Lane | None = None
+        self.future: RequestFuture | None = None
+        self.waiter: threading.Lock | None = None
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.parent: Request | None = None
+        self.index = 0
+        self.parts: list[Request] = []
+        self.parts_left = 0  # parts not yet done; -1 once a split request is settled
+
+    def settle(self) -> None:
+        """Deliver ``value`` or ``error`` to whoever waits (called once, outside any lock)."""
+        fut = self.future
+        if fut is not None:
+            try:
+                if self.error is None:
+                    fut.set_result(self.value)
+                else:
+                    fut.set_exception(self.error)
+            except InvalidStateError:  # cancelled by the caller meanwhile
+                pass
+        elif self.waiter is not None:
+            self.waiter.release()
+
+
+class _Lane:
+    """A priority queue of requests served by one or more replicas."""
+
+    __slots__ = ("count", "gap", "heap", "idle", "last_arrival", "replicas", "rows", "since")
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[int, int, Request]] = []
+        self.count = 0  # live queued requests (the heap may hold settled ones, skipped lazily)
+        self.rows = 0
+        self.since = 0.0  # arrival of the oldest queued request (FIFO head)
+        self.last_arrival = 0.0
+        self.gap = 0.0  # smoothed time between arrivals
+        self.replicas: list[Replica] = []
+        self.idle: list[Replica] = []  # replicas whose worker waits for work
+
+    def load(self) -> int:
+        return self.rows + sum(r.running_rows for r in self.replicas)
+
+
+class _Batch:
+    __slots__ = ("claim", "reason", "requests", "rows")
+
+    def __init__(self, requests: list[Request], rows: int, reason: str) -> None:
+        self.requests = requests
+        self.rows = rows
+        self.reason = reason
+        # Exactly one of the worker and the execution-timeout watchdog settles the batch.
+        self.claim = threading.Lock()
+
+
+_Outcome = tuple[Request, Any, BaseException | None]
+
+
+class Batcher:
+    """Queues requests and runs them in batches on a pool of replicas.
+
+    Thread-safe. All shared state is guarded by one lock, held for microseconds at a time and
+    never across a model call or while a caller's future is being settled.
+    """
+
+    def __init__(
+        self,
+        factory: BackendFactory,
+        batching: BatchConfig,
+        pool: PoolConfig,
+        *,
+        name: str = "model",
+        emit: Callable[[Event], None] | None = None,
+        verbose: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self._verbose = verbose
+        self.config = batching
+        self.pool = pool
+        self._factory = factory
+        self._emit = emit
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._balancer: Balancer | None = pool.balancer()
+        self._lanes: list[_Lane] = [] if self._balancer is not None else [_Lane()]
+        self._replicas: list[Replica] = []
+        self._threads: list[threading.Thread] = []
+        self._timer = Timer(f"inferkit-{name}-timer")
+        self._seq = itertools.count()
+        self._ids = itertools.count(1)
+        self._names = itertools.count()
+        self._closing = False
+        self._stopped = False
+        self._queued = 0
+        self._busy = 0
+        self._loading = 0  # replacement replicas being loaded
+        self._settle_later: list[Request] = []  # settled under the lock, delivered after it
+        self._running: dict[str, _Batch] = {}  # by replica name
+        # Counters for stats(); see Stats for how they balance.
+        self._accepted = 0
+        self._completed = 0
+        self._cancelled = 0
+        self._failed: dict[str, int] = {}
+        self._rejected: dict[str, int] = {}
+        self._batches = 0
+        self._rows = 0
+        self._sizes: dict[int, int] = {}
+        self._reasons: dict[str, int] = {}
+        for _ in range(pool.replicas):
+            self._add_replica(factory())
+
+    # -- admission -----------------------------------------------------------------------
+
+    def next_id(self) -> int:
+        """A fresh request id."""
+        return next(self._ids)
+
+    def reject(self, error: InferkitError) -> None:
+        """Count a request refused before admission (e.g. ``InvalidInput``)."""
+        with self._lock:
+            kind = type(error).__name__
+            self._rejected[kind] = self._rejected.get(kind, 0) + 1
+
+    def put(
+        self,
+        request: Request,
+        *,
+        inline: bool = False,
+    ) -> tuple[_Batch, Replica] | None:
+        """Queue ``request`` (split into parts when it has more rows than a batch).
+
+        Raises ``Closed``, ``Overloaded`` or ``NoHealthyReplica`` without queueing anything.
+        With ``inline``, when a replica is idle and a batch should go now, the batch and the
+        replica are returned, already claimed, for the caller to :meth:`run_inline`.
+        """
+        max_rows = self.config.max_batch_size
+        parts = [request] if request.rows <= max_rows else self._split(request, max_rows)
+        with self._lock:
+            error = self._admit(len(parts))
+            if error is not None:
+                kind = type(error).__name__
+                self._rejected[kind] = self._rejected.get(kind, 0) + 1
+                raise error
+            self._accepted += 1
+            now = self._clock()
+            for part in parts:
+                lane = self._choose_lane()
+                self._push(lane, part, now)
+            if inline and len(parts) == 1 and lane.idle and self.pool.execution_timeout is None:
+                replica = lane.idle[-1]
+                batch, _ = self._form(lane, replica, now)
+                if batch is not None:
+                    lane.idle.pop()
+                    self._start(replica, batch)
+                    return batch, replica
+            self._wake(lane)
+        if self._settle_later:
+            self._flush()
+        return None
+
+    def _flush(self) -> None:
+        """Deliver results settled under the lock (expired, failed on ejection) to their waiters."""
+        with self._lock:
+            done, self._settle_later = self._settle_later, []
+        _settle_all(done)
+
+    def _admit(self, parts: int) -> InferkitError | None:
+        if self._closing:
+            return Closed(f"predictor {self.name!r} is closed")
+        limit = self.config.max_queue_size
+        if self._queued + parts > limit:
+            return Overloaded(self._queued, limit)
+        now = self._clock()
+        if not self._loading and not any(r.usable(now) for r in self._replicas):
+            return NoHealthyReplica(f"no healthy replica of {self.name!r}")
+        return None
+
+    def _split(self, request: Request, max_rows: int) -> list[Request]:
+        assert request.inputs is not None
+        parts = []
+        for i, start in enumerate(range(0, request.rows, max_rows)):
+            stop = min(start + max_rows, request.rows)
+            inputs = {k: v[start:stop] for k, v in request.inputs.items()}
+            part = Request(
+                request.id, inputs, stop - start, request.key, request.priority, request.deadline, request.t0
+            )
+            part.parent, part.index = request, i
+            parts.append(part)
+        request.parts = parts
+        request.parts_left = len(parts)
+        request.value = [None] * len(parts)
+        request.inputs = None
+        if request.future is not None:
+            request.future._on_cancel = lambda: self._cancel_parts(parts)
+        return parts
+
+    def _choose_lane(self) -> _Lane:
+        if self._balancer is None:
+            return self._lanes[0]
+        now = self._clock()
+        lanes = [ln for ln in self._lanes if any(r.usable(now) for r in ln.replicas)] or self._lanes
+        return lanes[self._balancer.choose([ln.load() for ln in lanes])]
+
+    def _push(self, lane: _Lane, request: Request, now: float) -> None:
+        if lane.count == 0:
+            lane.since = now
+        if lane.last_arrival:
+            lane.gap += 0.1 * (now - lane.last_arrival - lane.gap)
+        lane.last_arrival = now
+        request.lane = lane
+        heapq.heappush(lane.heap, (-request.priority, next(self._seq), request))
+        lane.count += 1
+        lane.rows += request.rows
+        self._queued += 1
+        if request.future is not None and request.parent is None:
+            req = request
+            request.future._on_cancel = lambda: self._cancel_parts([req])
+
+    def _wake(self, lane: _Lane) -> None:
+        """Wake one idle worker of ``lane`` so it can form a batch or start its delay timer."""
+        if lane.idle:
+            lane.idle[-1].cond.notify()
+
+    # -- cancellation and deadlines --------------------------------------------------------
+
+    def _cancel_parts(self, parts: Sequence[Request]) -> None:
+        with self._lock:
+            queued = [p for p in parts if p.state == _QUEUED]
+            for part in queued:
+                self._unqueue(part)
+                part.state = _DONE
+            if queued:
+                self._cancelled += 1
+                if queued[0].parent is not None:
+                    queued[0].parent.parts_left = -1  # the parts still running count for nothing
+            self._drained.notify_all()
+
+    def _unqueue(self, request: Request) -> None:
+        lane = request.lane
+        assert lane is not None
+        lane.count -= 1
+        lane.rows -= request.rows
+        self._queued -= 1
+
+    def withdraw(self, request: Request) -> bool:
+        """Fail ``request`` with ``DeadlineExceeded`` if it (every part of it) is still queued.
+
+        Returns whether it was withdrawn; a request already running is left to finish.
+        """
+        parts = request.parts or [request]
+        with self._lock:
+            if any(p.state != _QUEUED for p in parts) or request.parts_left < 0:
+                return False
+            for part in parts:
+                self._unqueue(part)
+                part.state = _DONE
+            request.state = _DONE
+            request.parts_left = -1 if request.parts else 0
+            request.error = DeadlineExceeded(f"request {request.id} waited past its deadline")
+            self._count_failure(DeadlineExceeded.__name__)
+            self._drained.notify_all()
+        self._event(RequestsExpired(self.name, (request.id,)))
+        return True
+
+    def expire_at(self, request: Request, deadline: float) -> None:
+        """Settle a queued ``request`` with ``DeadlineExceeded`` at ``deadline``, promptly."""
+        self._timer.schedule(deadline, lambda: self._expire(request))
+
+    def _expire(self, request: Request) -> None:
+        if self.withdraw(request):
+            request.settle()
+
+    # -- batch formation -------------------------------------------------------------------
+
+    def _form(self, lane: _Lane, replica: Replica, now: float) -> tuple[_Batch | None, float | None]:
+        """A batch for ``replica`` if one should go now, else how long to wait (None: until woken).
+
+        Expired and cancelled requests met at the head are settled here, without running.
+        """
+        if lane.count == 0:
+            return None, None
+        cfg = self.config
+        max_rows = cfg.max_batch_size
+        delay = cfg.max_delay_ms / 1000.0
+        if lane.rows >= max_rows:
+            reason = "full"
+        elif now - lane.since >= delay:
+            reason = "delay"
+        elif not any(r.busy for r in lane.replicas if r is not replica):
+            reason = "idle"
+        else:
+            quiet = min(delay, 4 * lane.gap)
+            if now - lane.last_arrival >= quiet:
+                reason = "idle"
+            else:
+                return None, min(lane.since + delay, lane.last_arrival + quiet) - now
+        heap = lane.heap
+        batch: list[Request] = []
+        expired: list[Request] = []
+        skipped: list[tuple[int, int, Request]] = []
+        rows = 0
+        key: Hashable = None
+        while heap and rows < max_rows:
+            req = heap[0][2]
+            if req.state != _QUEUED:
+                heapq.heappop(heap)
+                continue
+            if req.deadline is not None and req.deadline <= now:
+                heapq.heappop(heap)
+                self._unqueue(req)
+                req.state = _DONE
+                expired.append(req)
+                continue
+            if batch and req.key != key:
+                skipped.append(heapq.heappop(heap))
+                continue
+            if batch and rows + req.rows > max_rows:
+                break
+            heapq.heappop(heap)
+            self._unqueue(req)
+            fut = req.future
+            if fut is not None and req.parent is None and not fut.set_running_or_notify_cancel():
+                req.state = _DONE
+                self._cancelled += 1
+                continue
+            req.state = _RUNNING
+            key = req.key
+            batch.append(req)
+            rows += req.rows
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+        if lane.count:
+            lane.since = heap[0][2].t0 if heap else now
+        if expired:
+            self._expired(expired)
+        if not batch:
+            return None, None
+        return _Batch(batch, rows, reason), None
+
+    def _expired(self, requests: list[Request]) -> None:
+        """Settle expired requests; called under the lock, settles on the timer thread."""
+        outcomes: list[_Outcome] = [
+            (r, None, DeadlineExceeded(f"request {r.id} waited past its deadline")) for r in requests
+        ]
+        self._settle_later.extend(self._tally(outcomes))
+        self._event(RequestsExpired(self.name, tuple(r.id for r in requests)))
+
+    def _start(self, replica: Replica, batch: _Batch) -> None:
+        replica.busy = True
+        replica.running_rows = batch.rows
+        self._running[replica.name] = batch
+        self._busy += 1
+
+    # -- running batches -------------------------------------------------------------------
+
+    def run_inline(self, batch: _Batch, replica: Replica) -> None:
+        """Run a batch returned by :meth:`put` on the caller's thread, then free the replica."""
+        result = self._execute(batch, replica)
+        with self._lock:
+            if result is not None:
+                self._finish(batch, replica, result)
+                self._release(replica)
+            lane = self._lane_of(replica)
+            if lane.count or self._closing:
+                replica.cond.notify()
+            if replica not in lane.idle and replica.usable(self._clock()):
+                lane.idle.append(replica)
+        if result is not None:
+            _settle_all(result[0])
+        if self._settle_later:
+            self._flush()
+
+    def _release(self, replica: Replica) -> None:
+        self._running.pop(replica.name, None)
+        replica.busy = False
+        replica.running_rows = 0
+        self._busy -= 1
+        if self._closing:
+            self._drained.notify_all()
+
+    def _lane_of(self, replica: Replica) -> _Lane:
+        for lane in self._lanes:
+            if replica in lane.replicas:
+                return lane
+        return self._lanes[0]
+
+    def _execute(self, batch: _Batch, replica: Replica) -> tuple[list[Request], bool, float] | None:
+        """Run ``batch``; return the settled top-level requests, whether all failed, and the time.
+
+        Returns None when the execution-timeout watchdog settled the batch first.
+        """
+        timeout = self.pool.execution_timeout
+        start = self._clock()
+        if timeout is not None:
+            self._timer.schedule(start + timeout, lambda: self._on_hang(batch, replica))
+        outcomes: list[_Outcome] = []
+        failed = _run(batch.requests, replica.backend, outcomes)
+        duration = self._clock() - start
+        if not batch.claim.acquire(blocking=False):
+            return None
+        with self._lock:
+            done = self._tally(outcomes)
+        if self._emit is not None and self._verbose():
+            self._event(
+                BatchDone(
+                    self.name,
+                    replica.name,
+                    tuple(r.id for r in batch.requests),
+                    batch.rows,
+                    batch.reason,
+                    duration,
+                    tuple(r.id for r, _, e in outcomes if e is not None),
+                )
+            )
+        return done, failed == len(batch.requests), duration
+
+    def _finish(self, batch: _Batch, replica: Replica, result: tuple[list[Request], bool, float] | None) -> None:
+        """Book-keeping after a batch, under the lock."""
+        if result is None:
+            return
+        _, all_failed, _ = result
+        now = self._clock()
+        self._batches += 1
+        self._rows += batch.rows
+        self._sizes[batch.rows] = self._sizes.get(batch.rows, 0) + 1
+        self._reasons[batch.reason] = self._reasons.get(batch.reason, 0) + 1
+        replica.batches += 1
+        replica.requests += len(batch.requests)
+        replica.record_latencies(now - np.fromiter((r.t0 for r in batch.requests), float, len(batch.requests)))
+        if record_batch(replica, not all_failed, now, self.pool, self._replicas):
+            cooldown = replica.ejected_until - now
+            self._event(ReplicaEjected(self.name, replica.name, replica.consecutive_failures, cooldown))
+            self._after_ejection(replica)
+
+    def _tally(self, outcomes: list[_Outcome]) -> list[Request]:
+        """Count outcomes and assemble split requests; return the top-level requests now done."""
+        done = []
+        for req, value, error in outcomes:
+            req.state = _DONE
+            top = req.parent
+            if top is None:
+                req.value, req.error = value, error
+                top = req
+            else:
+                if top.parts_left < 0:  # cancelled or withdrawn meanwhile
+                    continue
+                top.value[req.index] = value
+                if error is not None and top.error is None:
+                    top.error = error
+                top.parts_left -= 1
+                if top.parts_left:
+                    continue
+                top.state = _DONE
+                if top.error is None:
+                    top.value = _concat_results(top.value)
+                top.parts_left = -1  # settled from now on
+            if top.error is None:
+                self._completed += 1
+            else:
+                self._count_failure(type(top.error).__name__)
+            done.append(top)
+        if self._closing:
+            self._drained.notify_all()
+        return done
+
+    def _count_failure(self, kind: str) -> None:
+        self._failed[kind] = self._failed.get(kind, 0) + 1
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def _add_replica(self, backend: Backend, lane: _Lane | None = None) -> Replica:
+        replica = Replica(f"{self.name}-{next(self._names)}", backend, threading.Condition(self._lock))
+        if lane is None:
+            if self._balancer is None:
+                lane = self._lanes[0]
+            else:
+                lane = _Lane()
+                self._lanes.append(lane)
+        lane.replicas.append(replica)
+        self._replicas.append(replica)
+        thread = threading.Thread(target=self._work, args=(replica, lane), name=f"inferkit-{replica.name}", daemon=True)
+        replica.thread = thread
+        self._threads = [t for t in self._threads if t.is_alive()]
+        self._threads.append(thread)
+        thread.start()
+        return replica
+
+    def _work(self, replica: Replica, lane: _Lane) -> None:
+        done: list[Request] = []
+        self._lock.acquire()
+        try:
+            while True:
+                if done or self._settle_later:
+                    done.extend(self._settle_later)
+                    self._settle_later = []
+                    self._lock.release()
+                    _settle_all(done)
+                    done = []
+                    self._lock.acquire()
+                state = replica.state
+                if state is ReplicaState.DEAD or (self._stopped and not replica.busy):
+                    break
+                if replica.busy:  # lent to a caller's thread
+                    replica.cond.wait()
+                    continue
+                now = self._clock()
+                if state is ReplicaState.DRAINING:
+                    if self._balancer is None or lane.count == 0:
+                        break
+                    batch, wait = self._form(lane, replica, now)
+                elif replica.usable(now):
+                    batch, wait = self._form(lane, replica, now)
+                else:
+                    batch, wait = None, replica.ejected_until - now
+                if batch is None:
+                    listed = replica.usable(now)
+                    if listed and replica not in lane.idle:
+                        lane.idle.append(replica)
+                    replica.cond.wait(wait)
+                    if replica in lane.idle and not replica.busy:
+                        lane.idle.remove(replica)
+                    continue
+                self._start(replica, batch)
+                self._lock.release()
+                try:
+                    result = self._execute(batch, replica)
+                finally:
+                    self._lock.acquire()
+                if result is None:  # the watchdog gave up on this call and replaced the replica
+                    break
+                self._finish(batch, replica, result)
+                self._release(replica)
+                done = result[0]
+        finally:
+            if replica in lane.idle:
+                lane.idle.remove(replica)
+            if replica.state is not ReplicaState.DEAD or not replica.busy:
+                self._retire(replica, lane)
+            done.extend(self._settle_later)
+            self._settle_later = []
+            self._lock.release()
+            _settle_all(done)
+
+    def _retire(self, replica: Replica, lane: _Lane) -> None:
+        """Drop a replica whose worker has stopped (under the lock) and free its model."""
+        if replica in lane.replicas:
+            lane.replicas.remove(replica)
+        if replica in self._replicas:
+            self._replicas.remove(replica)
+        if self._balancer is not None and not lane.replicas and lane in self._lanes and not self._stopped:
+            self._lanes.remove(lane)
+        with contextlib.suppress(Exception):  # a failing close must not break the worker's cleanup
+            replica.backend.close()
+        self._drained.notify_all()
+
+    def _after_ejection(self, replica: Replica) -> None:
+        """Move a lane's queue elsewhere, or fail it when no replica can serve it."""
+        now = self._clock()
+        if self._balancer is not None:
+            lane = self._lane_of(replica)
+            others = [ln for ln in self._lanes if ln is not lane and any(r.usable(now) for r in ln.replicas)]
+            if others:
+                self._migrate(lane, others)
+                return
+        if not any(r.usable(now) for r in self._replicas) and not self._loading:
+            self._fail_queued(lambda: NoHealthyReplica(f"no healthy replica of {self.name!r}"))
+
+    def _migrate(self, lane: _Lane, others: list[_Lane]) -> None:
+        assert self._balancer is not None
+        now = self._clock()
+        entries = [e for e in lane.heap if e[2].state == _QUEUED]
+        lane.heap.clear()
+        for _, _, req in entries:
+            self._unqueue(req)
+            target = others[self._balancer.choose([ln.load() for ln in others])]
+            self._push(target, req, now)
+            self._wake(target)
+
+    def _fail_queued(self, make_error: Callable[[], InferkitError]) -> None:
+        """Settle every queued request with a fresh error (under the lock; delivered after it)."""
+        outcomes: list[_Outcome] = []
+        for lane in self._lanes:
+            for _, _, req in lane.heap:
+                if req.state == _QUEUED:
+                    self._unqueue(req)
+                    if req.future is not None and req.parent is None:
+                        req.future.set_running_or_notify_cancel()
+                    outcomes.append((req, None, make_error()))
+            lane.heap.clear()
+        self._settle_later.extend(self._tally(outcomes))
+
+    # -- execution timeout -----------------------------------------------------------------
+
+    def _on_hang(self, batch: _Batch, replica: Replica) -> None:
+        """The watchdog: the model call outlived ``execution_timeout``; fail it and replace."""
+        if not batch.claim.acquire(blocking=False):
+            return
+        timeout = self.pool.execution_timeout
+        outcomes: list[_Outcome] = [
+            (r, None, ExecutionTimeout(f"the model call holding request {r.id} ran past {timeout} s"))
+            for r in batch.requests
+        ]
+        with self._lock:
+            done = self._tally(outcomes)
+            replica.state = ReplicaState.DEAD
+            self._running.pop(replica.name, None)
+            self._busy -= 1
+            lane = self._lane_of(replica)
+            if replica in lane.replicas:
+                lane.replicas.remove(replica)
+            if replica in self._replicas:
+                self._replicas.remove(replica)
+            if not self._closing:
+                self._loading += 1
+                thread = threading.Thread(
+                    target=self._replace, args=(replica, lane), name=f"inferkit-replace-{replica.name}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+            self._drained.notify_all()
+        _settle_all(done)
+        self._event(ReplicaReplaced(self.name, replica.name, tuple(r.id for r in batch.requests), not self._closing))
+
+    def _replace(self, dead: Replica, lane: _Lane) -> None:
+        try:
+            backend: Backend | None = self._factory()
+        except Exception:  # noqa: BLE001 (a replacement that cannot load leaves the pool smaller)
+            backend = None
+        with self._lock:
+            self._loading -= 1
+            if backend is None:
+                self._after_ejection(dead)
+            elif self._closing:
+                backend.close()
+            else:
+                self._add_replica(backend, lane if self._balancer is not None else None)
+                self._wake(lane)
+        self._flush()
+
+    # -- runtime changes -------------------------------------------------------------------
+
+    def reconfigure(self, config: BatchConfig) -> None:
+        """Change batching at run time; queued requests are batched under the new settings."""
+        with self._lock:
+            self.config = config
+            for lane in self._lanes:
+                self._wake(lane)
+
+    def resize(self, replicas: int) -> None:
+        """Grow or shrink the pool; a removed replica finishes what it holds and drains its queue."""
+        if replicas < 1:
+            msg = f"replicas must be >= 1, got {replicas}"
+            raise ValueError(msg)
+        with self._lock:
+            live = [r for r in self._replicas if r.state in (ReplicaState.HEALTHY, ReplicaState.EJECTED)]
+            extra = len(live) - replicas
+        if extra < 0:
+            backends = [self._factory() for _ in range(-extra)]
+            with self._lock:
+                for backend in backends:
+                    self._add_replica(backend)
+                return
+        with self._lock:
+            # Remove ejected, then idle, then busy replicas (never a busy one before an idle one).
+            order = sorted(live, key=lambda r: (r.state is not ReplicaState.EJECTED, r.busy, r.running_rows))
+            for replica in order[:extra]:
+                replica.state = ReplicaState.DRAINING
+                lane = self._lane_of(replica)
+                if self._balancer is not None:
+                    now = self._clock()
+                    others = [ln for ln in self._lanes if ln is not lane and any(r.usable(now) for r in ln.replicas)]
+                    self._migrate(lane, others)
+                replica.cond.notify()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking requests, let queued and running ones finish, then stop every thread.
+
+        What is still queued when ``timeout`` runs out ends in ``Closed``; a model call that is
+        still running gets until the workers are joined (another ``timeout``), then its
+        requests end in ``Closed`` too.
+        """
+        end = None if timeout is None else self._clock() + timeout
+        with self._lock:
+            self._closing = True
+            for lane in self._lanes:
+                for replica in lane.idle:
+                    replica.cond.notify()
+            while self._queued or self._busy:
+                left = None if end is None else end - self._clock()
+                if left is not None and left <= 0:
+                    break
+                self._drained.wait(left)
+            self._fail_queued(lambda: Closed(f"predictor {self.name!r} closed before the request ran"))
+            self._stopped = True
+            for replica in list(self._replicas):
+                replica.cond.notify_all()
+            threads = [r.thread for r in self._replicas if r.thread is not None]
+            threads += [t for t in self._threads if t.name.startswith("inferkit-replace")]
+        self._flush()
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout)
+        self._abandon_running()
+        self._timer.close(timeout)
+
+    def _abandon_running(self) -> None:
+        """Settle with ``Closed`` what still runs on workers that did not stop in time."""
+        with self._lock:
+            batches = list(self._running.values())
+        for batch in batches:
+            if batch.claim.acquire(blocking=False):
+                outcomes: list[_Outcome] = [
+                    (r, None, Closed(f"predictor {self.name!r} closed while request {r.id} ran"))
+                    for r in batch.requests
+                ]
+                with self._lock:
+                    done = self._tally(outcomes)
+                _settle_all(done)
+
+    # -- observability ---------------------------------------------------------------------
+
+    def _event(self, event: Event) -> None:
+        if self._emit is not None:
+            self._emit(event)
+
+    def stats(self, state: str) -> Stats:
+        """A consistent snapshot of the counters."""
+        with self._lock:
+            failed = dict(self._failed)
+            done = self._completed + sum(failed.values()) + self._cancelled
+            replicas = tuple(
+                ReplicaStats(
+                    r.name,
+                    r.state.value,
+                    r.backend.device,
+                    r.batches,
+                    r.requests,
+                    r.failed_batches,
+                    r.ejections,
+                    *r.percentiles(),
+                )
+                for r in self._replicas
+            )
+            return Stats(
+                state=state,
+                accepted=self._accepted,
+                completed=self._completed,
+                failed=failed,
+                cancelled=self._cancelled,
+                in_flight=self._accepted - done,
+                rejected=dict(self._rejected),
+                queue_depth=self._queued,
+                queued_rows=sum(ln.rows for ln in self._lanes),
+                batches=self._batches,
+                rows=self._rows,
+                batch_sizes=dict(sorted(self._sizes.items())),
+                dispatch_reasons=dict(self._reasons),
+                replicas=replicas,
+            )
+
+    def first_backend(self) -> Backend:
+        """The first replica's backend (to read the signature and device from)."""
+        with self._lock:
+            return self._replicas[0].backend
+
+    def healthy(self) -> bool:
+        """Whether at least one replica can take work now."""
+        now = self._clock()
+        with self._lock:
+            return any(r.usable(now) for r in self._replicas)
+
+
+def _settle_all(requests: list[Request]) -> None:
+    for request in requests:
+        request.settle()
+
+
+def _run(requests: list[Request], backend: Backend, outcomes: list[_Outcome]) -> int:
+    """Run ``requests`` as one batch, bisecting on failure; return how many failed."""
+    try:
+        outputs = _call(requests, backend)
+    except Exception as exc:  # noqa: BLE001 (any model failure is isolated and typed below)
+        if len(requests) == 1:
+            outcomes.append((requests[0], None, _model_error(requests[0], exc)))
+            return 1
+        mid = len(requests) // 2
+        return _run(requests[:mid], backend, outcomes) + _run(requests[mid:], backend, outcomes)
+    outcomes.extend(outputs)
+    return 0
+
+
+def _call(requests: list[Request], backend: Backend) -> list[_Outcome]:
+    if len(requests) == 1:
+        inputs = requests[0].inputs
+        assert inputs is not None
+        rows = requests[0].rows
+    else:
+        names = requests[0].inputs or {}
+        inputs = {n: np.concatenate([r.inputs[n] for r in requests]) for n in names}  # type: ignore[index]
+        rows = sum(r.rows for r in requests)
+    outputs = backend.run(inputs)
+    arrays = list(outputs.values())
+    for name, arr in outputs.items():
+        if not isinstance(arr, np.ndarray) or arr.ndim == 0 or arr.shape[0] != rows:
+            got = arr.shape if isinstance(arr, np.ndarray) else type(arr).__name__
+            msg = f"output {name!r} must have {rows} rows (one per input row), got {got}"
+            raise ModelError(msg)
+    single = len(arrays) == 1
+    if len(requests) == 1:
+        return [(requests[0], arrays[0] if single else dict(outputs), None)]
+    result: list[_Outcome] = []
+    start = 0
+    if single:
+        arr = arrays[0]
+        for r in requests:
+            stop = start + r.rows
+            result.append((r, arr[start:stop], None))
+            start = stop
+    else:
+        items = list(outputs.items())
+        for r in requests:
+            stop = start + r.rows
+            result.append((r, {k: v[start:stop] for k, v in items}, None))
+            start = stop
+    return result
+
+
+def _model_error(request: Request, exc: Exception) -> ModelError:
+    if isinstance(exc, ModelError):
+        error = ModelError(f"request {request.id}: {exc}")
+    else:
+        error = ModelError(f"the model failed on request {request.id}: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _concat_results(values: list[Any]) -> Any:
+    if isinstance(values[0], np.ndarray):
+        return np.concatenate(values)
+    return {k: np.concatenate([v[k] for v in values]) for k in values[0]}

@@ -1,0 +1,326 @@
+"""The user's object: a model behind a thread-safe, batched ``predict``."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Self
+
+import attrs
+
+from inferkit.backends.base import Backend, BackendFactory
+from inferkit.backends.callable import CallableBackend
+from inferkit.batching import BatchConfig, Batcher, Request, RequestFuture
+from inferkit.errors import DeadlineExceeded, InferkitError
+from inferkit.events import Event, LogObserver, Observer, StateChanged
+from inferkit.pool import Balancer, PoolConfig
+from inferkit.signature import Signature, TensorSpec, batch_key, normalize_untyped
+from inferkit.stats import Stats
+
+__all__ = ["Predictor", "State"]
+
+
+class State(enum.Enum):
+    """A predictor's lifecycle."""
+
+    STARTING = "starting"  # loading replicas
+    READY = "ready"  # taking requests
+    DRAINING = "draining"  # close() called: finishing what was accepted, taking nothing new
+    CLOSED = "closed"  # every thread stopped
+
+
+class Predictor:
+    """A model served in-process: validated, batched with every other caller, run on replicas.
+
+    Build one with :meth:`from_onnx` or :meth:`from_callable`, call :meth:`predict` from any
+    number of threads (or :meth:`submit` for a future, :meth:`apredict` from asyncio), and
+    :meth:`close` it, or use it as a context manager.
+
+    Inputs are one array when the model has one input, else a dict of arrays by input name;
+    axis 0 is the batch. Results are one array when the model has one output, else a dict.
+    ``timeout`` is a deadline in seconds: a request still queued when it passes ends in
+    ``DeadlineExceeded`` and never runs. ``priority``: higher runs first, default 0.
+    """
+
+    def __init__(
+        self,
+        factory: BackendFactory,
+        *,
+        batching: BatchConfig | None = None,
+        pool: PoolConfig | None = None,
+        signature: Signature | None = None,
+        name: str = "model",
+        observers: Sequence[Observer] = (),
+    ) -> None:
+        self.name = name
+        self._state = State.STARTING
+        self._log = LogObserver()
+        self._observers = (*observers, self._log)
+        self._user_observers = bool(observers)
+        self._close_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._closing = False
+        self._batcher = Batcher(
+            factory,
+            batching or BatchConfig(),
+            pool or PoolConfig(),
+            name=name,
+            emit=self._emit,
+            verbose=self._verbose,
+        )
+        first = self._batcher.first_backend()
+        self.signature: Signature | None = signature if signature is not None else first.signature
+        """The input and output specs requests are checked against (None: untyped callable)."""
+        self.device: str = first.device
+        """Where the model runs, read from the loaded backend."""
+        sig = self.signature
+        self._keyed = sig is None or any(d is None for s in sig.inputs for d in s.shape[1:])
+        self._set_state(State.READY)
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_onnx(
+        cls,
+        model: str | os.PathLike[str] | bytes,
+        *,
+        max_batch_size: int = 64,
+        max_delay_ms: float = 2.0,
+        max_queue_size: int = 4096,
+        replicas: int = 1,
+        balancing: str | Balancer = "shared",
+        execution_timeout: float | None = None,
+        providers: Sequence[Any] | None = None,
+        session_options: Any = None,
+        intra_op_threads: int | None = None,
+        warmup: bool = True,
+        name: str | None = None,
+        observers: Sequence[Observer] = (),
+    ) -> Predictor:
+        """Serve an ONNX model (a path or its bytes) with ONNX Runtime.
+
+        Each replica opens its own session. ``intra_op_threads`` defaults to what keeps
+        ``replicas`` sessions from oversubscribing the cores (one core is left to the callers
+        when there are several). ``warmup`` runs each power-of-two batch size up to
+        ``max_batch_size`` once per replica before the predictor is ready. ``providers`` and
+        ``session_options`` go to ``onnxruntime.InferenceSession`` as they are.
+        """
+        from inferkit.backends.onnx import OnnxBackend, default_intra_op_threads  # noqa: PLC0415
+
+        batching = BatchConfig(max_batch_size, max_delay_ms, max_queue_size)
+        pool = PoolConfig(replicas, balancing, execution_timeout)
+        threads = intra_op_threads if intra_op_threads is not None else default_intra_op_threads(replicas)
+        sizes = _warmup_sizes(max_batch_size) if warmup else ()
+        if name is None:
+            name = "model" if isinstance(model, bytes) else Path(model).stem
+
+        def factory() -> Backend:
+            return OnnxBackend(
+                model, providers=providers, session_options=session_options, intra_op_threads=threads, warmup=sizes
+            )
+
+        return cls(factory, batching=batching, pool=pool, name=name, observers=observers)
+
+    @classmethod
+    def from_callable(
+        cls,
+        fn: Callable[[Any], Any] | None = None,
+        *,
+        factory: Callable[[], Callable[[Any], Any]] | None = None,
+        inputs: Sequence[TensorSpec] | None = None,
+        outputs: Sequence[TensorSpec] = (),
+        max_batch_size: int = 64,
+        max_delay_ms: float = 2.0,
+        max_queue_size: int = 4096,
+        replicas: int = 1,
+        balancing: str | Balancer = "shared",
+        execution_timeout: float | None = None,
+        name: str = "model",
+        observers: Sequence[Observer] = (),
+    ) -> Predictor:
+        """Serve a Python function over NumPy arrays.
+
+        Give ``fn``, a thread-safe function that every replica shares, or ``factory``, called
+        once per replica to make that replica's function. The function takes one array (one
+        input) or a dict of arrays and returns one array or a dict of arrays, each with a row
+        per input row. With ``inputs`` (and optionally ``outputs``) requests are validated
+        like an ONNX model's; without, they only need to be arrays whose leading dimensions
+        agree, and requests batch together when their other dimensions and dtypes match.
+        Replicas share the GIL, so only functions that release it (NumPy, native code) run in
+        parallel.
+        """
+        if (fn is None) == (factory is None):
+            msg = "give exactly one of fn and factory"
+            raise TypeError(msg)
+        signature = Signature(tuple(inputs), tuple(outputs)) if inputs is not None else None
+
+        def make() -> Backend:
+            return CallableBackend(fn if fn is not None else factory(), signature)  # type: ignore[misc]
+
+        batching = BatchConfig(max_batch_size, max_delay_ms, max_queue_size)
+        pool = PoolConfig(replicas, balancing, execution_timeout)
+        return cls(make, batching=batching, pool=pool, signature=signature, name=name, observers=observers)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def predict(self, x: Any, *, timeout: float | None = None, priority: int = 0) -> Any:
+        """Run ``x`` batched with other callers' requests and return its result.
+
+        Raises ``InvalidInput``, ``Overloaded``, ``Closed`` or ``NoHealthyReplica`` at once
+        when the request is refused, and ``DeadlineExceeded``, ``ModelError`` (or its
+        ``ExecutionTimeout``) when it fails after it was accepted.
+        """
+        request = self._request(x, timeout, priority)
+        waiter = threading.Lock()
+        waiter.acquire()
+        request.waiter = waiter
+        inline = self._batcher.put(request, inline=True)
+        if inline is not None:
+            self._batcher.run_inline(*inline)
+        if request.deadline is None:
+            waiter.acquire()
+        elif not waiter.acquire(timeout=max(request.deadline - time.monotonic(), 0.0)):
+            if self._batcher.withdraw(request):
+                raise request.error  # type: ignore[misc]
+            waiter.acquire()  # it started before its deadline: it finishes
+        if request.error is not None:
+            raise request.error
+        return request.value
+
+    def submit(self, x: Any, *, timeout: float | None = None, priority: int = 0) -> RequestFuture:
+        """Queue ``x`` and return a :class:`concurrent.futures.Future` of its result.
+
+        Refusals raise here, as in :meth:`predict`; failures after admission arrive through the
+        future. ``future.cancel()`` on a queued request means it never runs.
+        """
+        request = self._request(x, timeout, priority)
+        request.future = RequestFuture(request.id)
+        self._batcher.put(request)
+        if request.deadline is not None:
+            self._batcher.expire_at(request, request.deadline)
+        return request.future
+
+    async def apredict(self, x: Any, *, timeout: float | None = None, priority: int = 0) -> Any:
+        """:meth:`predict` for asyncio: awaits the result without blocking the event loop."""
+        return await asyncio.wrap_future(self.submit(x, timeout=timeout, priority=priority))
+
+    def _request(self, x: Any, timeout: float | None, priority: int) -> Request:
+        try:
+            sig = self.signature
+            arrays = sig.normalize(x) if sig is not None else normalize_untyped(x)
+            if timeout is not None and not timeout > 0:
+                msg = f"the deadline passed before the request was queued (timeout={timeout!r})"
+                raise DeadlineExceeded(msg)
+        except InferkitError as error:
+            self._batcher.reject(error)
+            raise
+        if not isinstance(priority, int):
+            msg = f"priority must be an int, got {priority!r}"
+            raise TypeError(msg)
+        now = time.monotonic()
+        rows = next(iter(arrays.values())).shape[0]
+        key = batch_key(arrays) if self._keyed else None
+        deadline = None if timeout is None else now + timeout
+        return Request(self._batcher.next_id(), arrays, rows, key, priority, deadline, now)
+
+    # -- run-time changes ------------------------------------------------------------------
+
+    def configure(
+        self,
+        *,
+        max_batch_size: int | None = None,
+        max_delay_ms: float | None = None,
+        max_queue_size: int | None = None,
+    ) -> None:
+        """Change batching while serving; what is not given stays as it is."""
+        changes = {
+            k: v
+            for k, v in (
+                ("max_batch_size", max_batch_size),
+                ("max_delay_ms", max_delay_ms),
+                ("max_queue_size", max_queue_size),
+            )
+            if v is not None
+        }
+        self._batcher.reconfigure(attrs.evolve(self._batcher.config, **changes))  # type: ignore[arg-type]
+
+    @property
+    def batching(self) -> BatchConfig:
+        """The batching settings in force."""
+        return self._batcher.config
+
+    def resize(self, replicas: int) -> None:
+        """Grow or shrink the pool; removed replicas finish what they hold first."""
+        self._batcher.resize(replicas)
+
+    # -- lifecycle and observability --------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        """Where the predictor is in its life."""
+        return self._state
+
+    @property
+    def ready(self) -> bool:
+        """True while the predictor takes requests and a replica can serve them (health checks)."""
+        return self._state is State.READY and self._batcher.healthy()
+
+    def stats(self) -> Stats:
+        """A consistent snapshot of the counters, batch sizes and per-replica latency."""
+        return self._batcher.stats(self._state.value)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking requests, finish what was accepted, stop every thread.
+
+        Idempotent and safe from several threads; later callers wait for the first. What is
+        still queued after ``timeout`` seconds ends in ``Closed``.
+        """
+        with self._close_lock:
+            first = not self._closing
+            self._closing = True
+        if not first:
+            self._closed.wait(timeout)
+            return
+        self._set_state(State.DRAINING)
+        try:
+            self._batcher.close(timeout)
+        finally:
+            self._set_state(State.CLOSED)
+            self._closed.set()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Predictor {self.name!r} {self._state.value} on {self.device}>"
+
+    def _set_state(self, state: State) -> None:
+        self._state = state
+        self._emit(StateChanged(self.name, state.value))
+
+    def _verbose(self) -> bool:
+        return self._user_observers or self._log.enabled()
+
+    def _emit(self, event: Event) -> None:
+        for observer in self._observers:
+            try:
+                observer(event)
+            except Exception:  # noqa: BLE001, S112 (an observer must never break serving)
+                continue
+
+
+def _warmup_sizes(max_batch_size: int) -> tuple[int, ...]:
+    sizes = {1, max_batch_size}
+    size = 2
+    while size < max_batch_size:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))

@@ -1,0 +1,107 @@
+"""Property tests of the batcher: order, sizes, priorities, deadlines, cancellation."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import CancelledError, wait
+
+import numpy as np
+import pytest
+from fakes import BLOCK, Model, rows
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from inferkit import BatchConfig, CallableBackend, DeadlineExceeded, PoolConfig, Predictor
+
+WAIT = 30
+
+request = st.fixed_dictionaries(
+    {
+        "rows": st.integers(1, 6),
+        "priority": st.integers(0, 3),
+        "cancel": st.booleans(),
+        "expire": st.integers(0, 9).map(lambda n: n == 0),
+    }
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests=st.lists(request, min_size=1, max_size=24), max_batch_size=st.integers(1, 8))
+def test_queued_requests_run_in_priority_order_within_size(requests: list[dict[str, int]], max_batch_size: int) -> None:
+    """Queued behind a busy replica, requests run by priority then arrival, in batches of at most
+    max_batch_size rows; cancelled and expired ones never run; every other one gets its own rows back.
+    """
+    model = Model()
+    p = Predictor(lambda: CallableBackend(model), batching=BatchConfig(max_batch_size=max_batch_size))
+    with p:
+        blocker = p.submit(rows(BLOCK))
+        assert model.entered.wait(WAIT)
+        futures = []
+        for i, r in enumerate(requests):
+            x = rows(float(i), r["rows"])
+            futures.append(p.submit(x, priority=r["priority"], timeout=0.001 if r["expire"] else None))
+        for r, f in zip(requests, futures, strict=True):
+            if r["cancel"] and not r["expire"]:
+                assert f.cancel()
+        wait([f for r, f in zip(requests, futures, strict=True) if r["expire"]], WAIT)
+        model.release.set()
+        blocker.result(WAIT)
+        for i, (r, f) in enumerate(zip(requests, futures, strict=True)):
+            if r["expire"]:
+                with pytest.raises(DeadlineExceeded):
+                    f.result(WAIT)
+            elif r["cancel"]:
+                with pytest.raises(CancelledError):
+                    f.result(WAIT)
+            else:
+                np.testing.assert_array_equal(f.result(WAIT), rows(float(i), r["rows"]) * 2)
+        stats = p.stats()
+    runs = [i for i, r in enumerate(requests) if not r["cancel"] and not r["expire"]]
+    order = sorted(runs, key=lambda i: (-requests[i]["priority"], i))
+    expected = [float(i) for i in order for _ in range(requests[i]["rows"])]
+    assert list(model.seen()[1:]) == expected
+    assert all(len(b) <= max_batch_size for b in model.batches[1:])
+    assert stats.accepted == len(requests) + 1
+    assert stats.completed == len(runs) + 1
+    assert stats.in_flight == 0
+    assert stats.queue_depth == 0
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    sizes=st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=20), min_size=2, max_size=8),
+    max_batch_size=st.integers(1, 16),
+    replicas=st.integers(1, 3),
+    max_delay_ms=st.sampled_from([0.0, 0.5, 2.0]),
+)
+def test_threads_get_their_own_rows(
+    sizes: list[list[int]], max_batch_size: int, replicas: int, max_delay_ms: float
+) -> None:
+    """Threads sending requests of random sizes each get exactly their own rows back, once."""
+    model = Model()
+    batching = BatchConfig(max_batch_size=max_batch_size, max_delay_ms=max_delay_ms)
+    p = Predictor(lambda: CallableBackend(model), batching=batching, pool=PoolConfig(replicas))
+    failures: list[str] = []
+
+    def client(t: int, ns: list[int]) -> None:
+        for j, n in enumerate(ns):
+            x = rows(float(t * 100 + j), n)
+            y = p.predict(x) if j % 2 else p.submit(x).result(WAIT)
+            if not np.array_equal(y, x * 2):
+                failures.append(f"thread {t} request {j}")
+
+    with p:
+        threads = [threading.Thread(target=client, args=(t, ns)) for t, ns in enumerate(sizes)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+        stats = p.stats()
+    assert failures == []
+    total = sum(len(ns) for ns in sizes)
+    assert stats.accepted == stats.completed == total
+    assert stats.rows == sum(sum(ns) for ns in sizes)
+    assert max(stats.batch_sizes) <= max_batch_size
+    assert sorted(model.seen()) == sorted(
+        float(t * 100 + j) for t, ns in enumerate(sizes) for j, n in enumerate(ns) for _ in range(n)
+    )

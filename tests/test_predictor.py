@@ -1,0 +1,485 @@
+"""The Predictor end to end: real ONNX Runtime sessions, real threads, bounded waits."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from concurrent.futures import CancelledError, Future, wait
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from fakes import BLOCK, HANG, POISON, Model, rows
+from onnx import TensorProto, helper
+
+import inferkit
+from inferkit import (
+    BatchConfig,
+    CallableBackend,
+    Closed,
+    DeadlineExceeded,
+    ExecutionTimeout,
+    InvalidInput,
+    ModelError,
+    Overloaded,
+    PoolConfig,
+    Predictor,
+)
+
+WAIT = 30  # seconds: a bound on every wait, never expected to be reached
+
+
+def _linear(two_outputs: bool = False) -> tuple[bytes, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 5)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["xw"]),
+        helper.make_node("Add", ["xw", "b"], ["y"]),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])]
+    if two_outputs:
+        nodes.append(helper.make_node("ArgMax", ["y"], ["label"], axis=1, keepdims=0))
+        outputs.append(helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]))
+    graph = helper.make_graph(
+        nodes,
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        outputs,
+        [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    return model.SerializeToString(), w, b
+
+
+@pytest.fixture(name="linear")
+def _linear_fixture() -> bytes:
+    return _linear()[0]
+
+
+def _direct(model: bytes, x: np.ndarray) -> list[np.ndarray]:
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})  # type: ignore[no-any-return]
+
+
+def _gated(**pool: object) -> tuple[Predictor, Model]:
+    model = Model()
+    batching = BatchConfig(
+        **{k: pool.pop(k) for k in ("max_batch_size", "max_delay_ms", "max_queue_size") if k in pool}
+    )  # type: ignore[arg-type]
+    predictor = Predictor(lambda: CallableBackend(model), batching=batching, pool=PoolConfig(**pool))  # type: ignore[arg-type]
+    return predictor, model
+
+
+def _block(predictor: Predictor, model: Model) -> Future[object]:
+    """Occupy the (single) replica with a request that waits for ``model.release``."""
+    blocker = predictor.submit(rows(BLOCK))
+    assert model.entered.wait(WAIT)
+    return blocker
+
+
+def _balanced(stats: inferkit.Stats) -> bool:
+    done = stats.completed + sum(stats.failed.values()) + stats.cancelled + stats.in_flight
+    return stats.accepted == done
+
+
+class TestOnnx:
+    """Predictor.from_onnx on real sessions."""
+
+    def test_one_output_is_an_array(self, linear: bytes) -> None:
+        """A model with one output answers with that array, equal to a direct session.run."""
+        x = np.random.default_rng(1).standard_normal((7, 8)).astype(np.float32)
+        with Predictor.from_onnx(linear) as p:
+            y = p.predict(x)
+            assert isinstance(y, np.ndarray)
+            np.testing.assert_allclose(y, _direct(linear, x)[0], rtol=1e-6)
+            np.testing.assert_allclose(p.predict({"x": x}), y)
+            np.testing.assert_allclose(p.submit(x).result(WAIT), y)
+
+    def test_two_outputs_are_a_dict(self) -> None:
+        """A model with several outputs answers with a dict by output name."""
+        model = _linear(two_outputs=True)[0]
+        x = np.random.default_rng(2).standard_normal((4, 8)).astype(np.float32)
+        with Predictor.from_onnx(model) as p:
+            out = p.predict(x)
+        y, label = _direct(model, x)
+        assert set(out) == {"y", "label"}
+        np.testing.assert_allclose(out["y"], y, rtol=1e-6)
+        np.testing.assert_array_equal(out["label"], label)
+
+    def test_float64_is_cast_once_and_ints_are_refused(self, linear: bytes) -> None:
+        """float64 is cast to the model's float32; an int array is refused with InvalidInput."""
+        x = np.random.default_rng(3).standard_normal((2, 8))
+        with Predictor.from_onnx(linear) as p:
+            np.testing.assert_allclose(p.predict(x), _direct(linear, x.astype(np.float32))[0], rtol=1e-6)
+            with pytest.raises(InvalidInput, match="'x'"):
+                p.predict(np.ones((2, 8), dtype=np.int64))
+            with pytest.raises(InvalidInput):
+                p.predict(np.ones(8, dtype=np.float32))
+            assert p.stats().rejected == {"InvalidInput": 2}
+
+    def test_name_and_device(self, linear: bytes, tmp_path: object) -> None:
+        """A model file is served under its stem, on the device its session reports."""
+        path = tmp_path / "clf.onnx"  # type: ignore[operator]
+        path.write_bytes(linear)
+        with Predictor.from_onnx(path, replicas=2) as p:
+            assert p.name == "clf"
+            assert p.device == "cpu"
+            assert len(p.stats().replicas) == 2
+            assert p.ready
+
+    def test_apredict(self, linear: bytes) -> None:
+        """apredict awaits the same result as predict."""
+        x = np.ones((3, 8), dtype=np.float32)
+        with Predictor.from_onnx(linear) as p:
+            y = asyncio.run(p.apredict(x))
+            np.testing.assert_allclose(y, p.predict(x))
+
+
+class TestConcurrency:
+    """Many threads, random sizes: every result is the model's own answer."""
+
+    @pytest.mark.parametrize("balancing", ["shared", "round_robin", "least_outstanding", "power_of_two"])
+    def test_64_threads_random_rows(self, linear: bytes, balancing: str) -> None:
+        """64 threads x random row counts: results equal direct calls, nothing lost, no batch too big."""
+        x = np.random.default_rng(4).standard_normal((512, 8)).astype(np.float32)
+        expected = _direct(linear, x)[0]
+        errors: list[BaseException] = []
+        with Predictor.from_onnx(linear, max_batch_size=16, replicas=2, balancing=balancing) as p:
+
+            def client(seed: int) -> None:
+                rng = random.Random(seed)
+                for _ in range(30):
+                    start = rng.randrange(0, 500)
+                    n = rng.randint(1, 12)
+                    try:
+                        y = p.predict(x[start : start + n]) if seed % 2 else p.submit(x[start : start + n]).result(WAIT)
+                        np.testing.assert_allclose(y, expected[start : start + n], rtol=1e-5, atol=1e-6)
+                    except BaseException as exc:  # collected and asserted below
+                        errors.append(exc)
+
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(64)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(WAIT)
+            stats = p.stats()
+        assert errors == []
+        assert stats.accepted == stats.completed == 64 * 30
+        assert max(stats.batch_sizes) <= 16
+        assert sum(stats.batch_sizes.values()) == stats.batches
+
+    def test_large_request_is_split_and_reassembled(self, linear: bytes) -> None:
+        """A request larger than max_batch_size runs in parts and comes back whole, in order."""
+        x = np.random.default_rng(5).standard_normal((150, 8)).astype(np.float32)
+        with Predictor.from_onnx(linear, max_batch_size=32) as p:
+            np.testing.assert_allclose(p.predict(x), _direct(linear, x)[0], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(p.submit(x).result(WAIT), _direct(linear, x)[0], rtol=1e-5, atol=1e-6)
+            stats = p.stats()
+        assert max(stats.batch_sizes) <= 32
+        assert stats.accepted == stats.completed == 2
+
+
+class TestBatching:
+    """Batches form from what is queued while the replica is busy."""
+
+    def test_queued_requests_share_one_batch(self) -> None:
+        """Requests queued behind a busy replica go together in the next batch ('full' when it fills)."""
+        p, model = _gated(max_batch_size=8)
+        with p:
+            blocker = _block(p, model)
+            futures = [p.submit(rows(float(i))) for i in range(8)]
+            model.release.set()
+            blocker.result(WAIT)
+            for i, f in enumerate(futures):
+                np.testing.assert_array_equal(f.result(WAIT), rows(float(i)) * 2)
+            stats = p.stats()
+        assert stats.batch_sizes == {1: 1, 8: 1}
+        assert stats.dispatch_reasons == {"idle": 1, "full": 1}
+
+    def test_priority_runs_first(self) -> None:
+        """Higher priority requests queued later still run before lower ones."""
+        p, model = _gated(max_batch_size=1)
+        with p:
+            blocker = _block(p, model)
+            low = [p.submit(rows(1.0), priority=0) for _ in range(3)]
+            high = [p.submit(rows(2.0), priority=5) for _ in range(3)]
+            model.release.set()
+            wait([blocker, *low, *high], WAIT)
+        assert list(model.seen()[1:]) == [2.0, 2.0, 2.0, 1.0, 1.0, 1.0]
+
+    def test_configure_at_run_time(self) -> None:
+        """max_batch_size changed while serving applies to what is queued."""
+        p, model = _gated(max_batch_size=64)
+        with p:
+            blocker = _block(p, model)
+            futures = [p.submit(rows(float(i))) for i in range(10)]
+            p.configure(max_batch_size=4)
+            assert p.batching.max_batch_size == 4
+            model.release.set()
+            wait([blocker, *futures], WAIT)
+            stats = p.stats()
+        assert stats.batch_sizes == {1: 1, 4: 2, 2: 1}
+
+    def test_config_is_validated(self) -> None:
+        """A bad setting fails at construction naming the field and the value."""
+        with pytest.raises(ValueError, match="max_batch_size"):
+            BatchConfig(max_batch_size=0)
+        with pytest.raises(ValueError, match="max_delay_ms"):
+            BatchConfig(max_delay_ms=-1)
+
+
+class TestFailures:
+    """Every accepted request ends in exactly one result or one typed error."""
+
+    def test_overloaded_at_once(self) -> None:
+        """A full queue raises Overloaded from submit, without blocking, and queues nothing."""
+        p, model = _gated(max_queue_size=4)
+        with p:
+            blocker = _block(p, model)
+            queued = [p.submit(rows(1.0)) for _ in range(4)]
+            with pytest.raises(Overloaded, match="4 of max_queue_size=4"):
+                p.submit(rows(1.0))
+            assert p.stats().queue_depth == 4
+            model.release.set()
+            assert all(f.result(WAIT) is not None for f in [blocker, *queued])
+            assert p.stats().rejected == {"Overloaded": 1}
+
+    def test_deadline_expires_and_never_runs(self) -> None:
+        """A queued request whose deadline passes ends in DeadlineExceeded promptly and never runs."""
+        p, model = _gated()
+        with p:
+            blocker = _block(p, model)
+            late = p.submit(rows(7.0), timeout=0.05)
+            with pytest.raises(DeadlineExceeded):
+                late.result(WAIT)  # while the replica is still blocked: prompt, not at dispatch
+            assert not blocker.done()
+            with pytest.raises(DeadlineExceeded):
+                p.predict(rows(8.0), timeout=0.05)
+            with pytest.raises(DeadlineExceeded):
+                p.predict(rows(9.0), timeout=0)
+            model.release.set()
+            blocker.result(WAIT)
+            stats = p.stats()
+        assert 7.0 not in model.seen()
+        assert 8.0 not in model.seen()
+        assert stats.failed == {"DeadlineExceeded": 2}
+        assert _balanced(stats)
+
+    def test_cancelled_request_never_runs(self) -> None:
+        """future.cancel() on a queued request means it never runs, and it is counted."""
+        p, model = _gated()
+        with p:
+            blocker = _block(p, model)
+            doomed = [p.submit(rows(5.0)) for _ in range(3)]
+            kept = p.submit(rows(6.0))
+            assert all(f.cancel() for f in doomed)
+            assert p.stats().queue_depth == 1
+            model.release.set()
+            np.testing.assert_array_equal(kept.result(WAIT), rows(6.0) * 2)
+            blocker.result(WAIT)
+            with pytest.raises(CancelledError):
+                doomed[0].result(WAIT)
+            stats = p.stats()
+        assert 5.0 not in model.seen()
+        assert stats.cancelled == 3
+        assert _balanced(stats)
+
+    def test_poisoned_request_is_isolated(self) -> None:
+        """One poisoned request batched with 31 good ones: 31 correct results and one ModelError."""
+        p, model = _gated(max_batch_size=32)
+        with p:
+            blocker = _block(p, model)
+            futures = [p.submit(rows(POISON if i == 13 else float(i))) for i in range(32)]
+            model.release.set()
+            blocker.result(WAIT)
+            for i, f in enumerate(futures):
+                if i == 13:
+                    with pytest.raises(ModelError, match="poisoned row"):
+                        f.result(WAIT)
+                else:
+                    np.testing.assert_array_equal(f.result(WAIT), rows(float(i)) * 2)
+            stats = p.stats()
+        assert 32 in stats.batch_sizes
+        assert stats.failed == {"ModelError": 1}
+        assert stats.replicas[0].state == "healthy"
+
+    def test_hung_model_call_is_replaced(self) -> None:
+        """A call past execution_timeout fails its requests with ExecutionTimeout; a new replica serves."""
+        p, model = _gated(execution_timeout=0.2)
+        try:
+            first = p.stats().replicas[0].name
+            hung = p.submit(rows(HANG))
+            with pytest.raises(ExecutionTimeout):
+                hung.result(WAIT)
+            np.testing.assert_array_equal(p.predict(rows(3.0), timeout=WAIT), rows(3.0) * 2)
+            names = [r.name for r in p.stats().replicas]
+            assert names
+            assert first not in names
+        finally:
+            model.unhang.set()
+            p.close(WAIT)
+        assert p.stats().failed == {"ExecutionTimeout": 1}
+
+    def test_failing_replica_is_ejected(self) -> None:
+        """A replica that starts failing is ejected; the other serves the rest; nothing is lost."""
+        good, bad = Model(), Model()
+        models = iter([good, bad])
+        pool = PoolConfig(replicas=2, eject_after=2, cooldown=60)
+        p = Predictor(lambda: CallableBackend(next(models)), batching=BatchConfig(max_batch_size=4), pool=pool)
+        bad.fail.set()
+        with p:
+            outcomes: list[str] = []
+            for i in range(40):
+                try:
+                    np.testing.assert_array_equal(p.submit(rows(float(i))).result(WAIT), rows(float(i)) * 2)
+                    outcomes.append("ok")
+                except ModelError:
+                    outcomes.append("error")
+            stats = p.stats()
+        states = {r.name: r.state for r in stats.replicas}
+        assert sorted(states.values()) == ["ejected", "healthy"]
+        assert outcomes.count("error") <= 2  # the failures that ejected it, then only the good one
+        assert outcomes[-20:] == ["ok"] * 20
+        assert _balanced(stats)
+
+    def test_close_with_requests_in_flight(self) -> None:
+        """close() lets queued and running requests finish; later requests get Closed; no thread left."""
+        p, model = _gated(max_batch_size=2)
+        blocker = _block(p, model)
+        queued = [p.submit(rows(float(i))) for i in range(6)]
+        closer = threading.Thread(target=p.close, args=(WAIT,))
+        closer.start()
+        while p.state is not inferkit.State.DRAINING:
+            threading.Event().wait(0.001)
+        with pytest.raises(Closed):
+            p.submit(rows(1.0))
+        model.release.set()
+        closer.join(WAIT)
+        assert p.state is inferkit.State.CLOSED
+        assert blocker.result(0) is not None
+        assert all(f.done() for f in queued)
+        assert not [t for t in threading.enumerate() if t.name.startswith("inferkit-")]
+
+    def test_close_timeout_fails_the_rest_with_closed(self) -> None:
+        """What is still queued when close's timeout runs out ends in Closed."""
+        p, model = _gated()
+        blocker = _block(p, model)
+        queued = [p.submit(rows(1.0)) for _ in range(3)]
+        p.close(timeout=0.1)
+        for f in queued:
+            with pytest.raises(Closed):
+                f.result(WAIT)
+        with pytest.raises(Closed, match="while request"):  # still running after the join timeout too
+            blocker.result(WAIT)
+        assert _balanced(p.stats())
+        model.release.set()
+
+    def test_close_is_idempotent_across_threads(self, linear: bytes) -> None:
+        """close() from 8 threads at once returns in all of them and leaves the predictor closed."""
+        p = Predictor.from_onnx(linear)
+        threads = [threading.Thread(target=p.close, args=(WAIT,)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+        assert not any(t.is_alive() for t in threads)
+        assert p.state is inferkit.State.CLOSED
+        assert not p.ready
+        p.close()
+
+
+class TestResize:
+    """Replicas come and go without losing requests."""
+
+    def test_resize_under_load(self, linear: bytes) -> None:
+        """Growing to 3 and shrinking to 1 while 16 threads call: every request answered correctly."""
+        x = np.ones((2, 8), dtype=np.float32)
+        expected = _direct(linear, x)[0]
+        stop = threading.Event()
+        errors: list[BaseException] = []
+        count = [0]
+        with Predictor.from_onnx(linear, max_batch_size=8) as p:
+
+            def client() -> None:
+                for _ in range(2000):
+                    if stop.is_set():
+                        return
+                    try:
+                        np.testing.assert_allclose(p.submit(x).result(WAIT), expected, rtol=1e-6)
+                        count[0] += 1
+                    except BaseException as exc:  # asserted below
+                        errors.append(exc)
+
+            threads = [threading.Thread(target=client) for _ in range(16)]
+            for t in threads:
+                t.start()
+            p.resize(3)
+            assert len(p.stats().replicas) == 3
+            p.resize(1)
+            stop.set()
+            for t in threads:
+                t.join(WAIT)
+            stats = p.stats()
+        assert errors == []
+        assert stats.completed == stats.accepted == count[0]
+        assert len([r for r in stats.replicas if r.state == "healthy"]) == 1
+
+
+@pytest.mark.slow
+class TestChaos:
+    """10,000 requests, 64 threads, malformed inputs, short deadlines, a replica failing halfway."""
+
+    def test_chaos(self) -> None:
+        """Every accepted request ends in exactly one result or typed error; the counters balance."""
+        models = [Model(), Model(), Model()]
+        it = iter(models)
+        pool = PoolConfig(replicas=3, eject_after=3, cooldown=0.05)
+        p = Predictor(lambda: CallableBackend(next(it)), batching=BatchConfig(max_batch_size=16), pool=pool)
+        counts = {"ok": 0, "invalid": 0, "typed": 0}
+        lock = threading.Lock()
+        wrong: list[object] = []
+        sent = [0]
+
+        def client(seed: int) -> None:
+            rng = random.Random(seed)
+            for i in range(10_000 // 64 + 1):
+                with lock:
+                    if sent[0] >= 10_000:
+                        return
+                    sent[0] += 1
+                    if sent[0] == 5_000:
+                        models[1].fail.set()
+                value = float(seed * 1000 + i)
+                malformed = rng.random() < 0.01
+                x = "not an array" if malformed else rows(value, rng.randint(1, 4))
+                timeout = 0.001 if rng.random() < 0.05 else None
+                try:
+                    y = p.submit(x, timeout=timeout).result(WAIT) if i % 2 else p.predict(x, timeout=timeout)
+                    kind = "ok"
+                    if not np.array_equal(y, x * 2):  # type: ignore[operator]
+                        wrong.append(y)
+                except InvalidInput:
+                    kind = "invalid" if malformed else "bad"
+                except inferkit.InferkitError:
+                    kind = "typed"
+                with lock:
+                    counts[kind] = counts.get(kind, 0) + 1
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        p.close(WAIT)
+        stats = p.stats()
+        assert wrong == []
+        assert "bad" not in counts
+        assert sum(counts.values()) == 10_000
+        assert stats.accepted == counts["ok"] + counts["typed"] - stats.rejected.get("DeadlineExceeded", 0)
+        assert stats.completed == counts["ok"]
+        assert stats.rejected.get("InvalidInput", 0) == counts["invalid"]
+        assert stats.in_flight == 0
+        assert _balanced(stats)
