@@ -189,6 +189,7 @@ class _Batch:
 
 
 _Outcome = tuple[Request, Any, BaseException | None]
+_Result = tuple[list[_Outcome], bool, float]  # outcomes, whether all failed, when the call ended
 
 
 class Batcher:
@@ -280,16 +281,26 @@ class Batcher:
                 raise error
             self._accepted += 1
             now = self._clock()
+            inline = inline and len(parts) == 1 and self.pool.execution_timeout is None
+            if inline and self._balancer is None:
+                lane = self._lanes[0]
+                if not lane.count and lane.idle and not self._busy:
+                    # Nothing queued and every replica idle: skip the queue altogether.
+                    replica = lane.idle.pop()
+                    request.state = _RUNNING
+                    batch = _Batch([request], request.rows, "idle")
+                    self._start(replica, batch)
+                    return batch, replica
             for part in parts:
                 lane = self._choose_lane()
                 self._push(lane, part, now)
-            if inline and len(parts) == 1 and lane.idle and self.pool.execution_timeout is None:
+            if inline and lane.idle:
                 replica = lane.idle[-1]
-                batch, _ = self._form(lane, replica, now)
-                if batch is not None:
+                formed, _ = self._form(lane, replica, now)
+                if formed is not None:
                     lane.idle.pop()
-                    self._start(replica, batch)
-                    return batch, replica
+                    self._start(replica, formed)
+                    return formed, replica
             self._wake(lane)
         if self._settle_later:
             self._flush()
@@ -307,6 +318,9 @@ class Batcher:
         limit = self.config.max_queue_size
         if self._queued + parts > limit:
             return Overloaded(self._queued, limit)
+        for replica in self._replicas:
+            if replica.state is ReplicaState.HEALTHY:
+                return None
         now = self._clock()
         if not self._loading and not any(r.usable(now) for r in self._replicas):
             return NoHealthyReplica(f"no healthy replica of {self.name!r}")
@@ -494,49 +508,27 @@ class Batcher:
         """Run a batch returned by :meth:`put` on the caller's thread, then free the replica."""
         result = self._execute(batch, replica)
         with self._lock:
-            if result is not None:
-                self._finish(batch, replica, result)
-                self._release(replica)
-            lane = self._lane_of(replica)
-            if lane.count or self._closing:
-                replica.cond.notify()
-            if replica not in lane.idle and replica.usable(self._clock()):
+            done = self._finish(batch, replica, result)
+            lane = replica.lane
+            if lane.count or self._closing or not replica.usable(self._clock()):
+                replica.cond.notify()  # its worker takes over: work is queued, or a cooldown to time
+            elif replica not in lane.idle:
                 lane.idle.append(replica)
-        if result is not None:
-            _settle_all(result[0])
+        _settle_all(done)
         if self._settle_later:
             self._flush()
 
-    def _release(self, replica: Replica) -> None:
-        self._running.pop(replica.name, None)
-        replica.busy = False
-        replica.running_rows = 0
-        self._busy -= 1
-        if self._closing:
-            self._drained.notify_all()
-
-    def _lane_of(self, replica: Replica) -> _Lane:
-        for lane in self._lanes:
-            if replica in lane.replicas:
-                return lane
-        return self._lanes[0]
-
-    def _execute(self, batch: _Batch, replica: Replica) -> tuple[list[Request], bool, float] | None:
-        """Run ``batch``; return the settled top-level requests, whether all failed, and the time.
-
-        Returns None when the execution-timeout watchdog settled the batch first.
-        """
+    def _execute(self, batch: _Batch, replica: Replica) -> _Result | None:
+        """Run ``batch`` on ``replica`` (no lock held); None when the watchdog settled it first."""
         timeout = self.pool.execution_timeout
         start = self._clock()
         if timeout is not None:
             self._timer.schedule(start + timeout, lambda: self._on_hang(batch, replica))
         outcomes: list[_Outcome] = []
         failed = _run(batch.requests, replica.backend, outcomes)
-        duration = self._clock() - start
+        end = self._clock()
         if not batch.claim.acquire(blocking=False):
             return None
-        with self._lock:
-            done = self._tally(outcomes)
         if self._emit is not None and self._verbose():
             self._event(
                 BatchDone(
@@ -545,29 +537,37 @@ class Batcher:
                     tuple(r.id for r in batch.requests),
                     batch.rows,
                     batch.reason,
-                    duration,
+                    end - start,
                     tuple(r.id for r, _, e in outcomes if e is not None),
                 )
             )
-        return done, failed == len(batch.requests), duration
+        return outcomes, failed == len(batch.requests), end
 
-    def _finish(self, batch: _Batch, replica: Replica, result: tuple[list[Request], bool, float] | None) -> None:
-        """Book-keeping after a batch, under the lock."""
-        if result is None:
-            return
-        _, all_failed, _ = result
-        now = self._clock()
+    def _finish(self, batch: _Batch, replica: Replica, result: _Result | None) -> list[Request]:
+        """Count a batch's outcomes and free its replica (under the lock); return what to settle."""
+        if result is None:  # the watchdog took over; the replica is gone
+            return []
+        outcomes, all_failed, now = result
+        done = self._tally(outcomes)
         self._batches += 1
         self._rows += batch.rows
         self._sizes[batch.rows] = self._sizes.get(batch.rows, 0) + 1
         self._reasons[batch.reason] = self._reasons.get(batch.reason, 0) + 1
         replica.batches += 1
         replica.requests += len(batch.requests)
-        replica.record_latencies(now - np.fromiter((r.t0 for r in batch.requests), float, len(batch.requests)))
-        if record_batch(replica, not all_failed, now, self.pool, self._replicas):
+        replica.record_latencies([now - r.t0 for r in batch.requests])
+        unchanged = not all_failed and not replica.consecutive_failures and replica.state is ReplicaState.HEALTHY
+        if not unchanged and record_batch(replica, not all_failed, now, self.pool, self._replicas):
             cooldown = replica.ejected_until - now
             self._event(ReplicaEjected(self.name, replica.name, replica.consecutive_failures, cooldown))
             self._after_ejection(replica)
+        self._running.pop(replica.name, None)
+        replica.busy = False
+        replica.running_rows = 0
+        self._busy -= 1
+        if self._closing:
+            self._drained.notify_all()
+        return done
 
     def _tally(self, outcomes: list[_Outcome]) -> list[Request]:
         """Count outcomes and assemble split requests; return the top-level requests now done."""
@@ -613,6 +613,7 @@ class Batcher:
             else:
                 lane = _Lane()
                 self._lanes.append(lane)
+        replica.lane = lane
         lane.replicas.append(replica)
         self._replicas.append(replica)
         thread = threading.Thread(target=self._work, args=(replica, lane), name=f"inferkit-{replica.name}", daemon=True)
@@ -665,9 +666,7 @@ class Batcher:
                     self._lock.acquire()
                 if result is None:  # the watchdog gave up on this call and replaced the replica
                     break
-                self._finish(batch, replica, result)
-                self._release(replica)
-                done = result[0]
+                done = self._finish(batch, replica, result)
         finally:
             if replica in lane.idle:
                 lane.idle.remove(replica)
@@ -694,7 +693,7 @@ class Batcher:
         """Move a lane's queue elsewhere, or fail it when no replica can serve it."""
         now = self._clock()
         if self._balancer is not None:
-            lane = self._lane_of(replica)
+            lane = replica.lane
             others = [ln for ln in self._lanes if ln is not lane and any(r.usable(now) for r in ln.replicas)]
             if others:
                 self._migrate(lane, others)
@@ -742,7 +741,7 @@ class Batcher:
             replica.state = ReplicaState.DEAD
             self._running.pop(replica.name, None)
             self._busy -= 1
-            lane = self._lane_of(replica)
+            lane = replica.lane
             if replica in lane.replicas:
                 lane.replicas.remove(replica)
             if replica in self._replicas:
@@ -802,7 +801,7 @@ class Batcher:
             order = sorted(live, key=lambda r: (r.state is not ReplicaState.EJECTED, r.busy, r.running_rows))
             for replica in order[:extra]:
                 replica.state = ReplicaState.DRAINING
-                lane = self._lane_of(replica)
+                lane = replica.lane
                 if self._balancer is not None:
                     now = self._clock()
                     others = [ln for ln in self._lanes if ln is not lane and any(r.usable(now) for r in ln.replicas)]

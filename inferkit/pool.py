@@ -157,9 +157,10 @@ class Replica:
     batches: int = 0
     requests: int = 0
     failed_batches: int = 0
-    latencies: np.ndarray = attrs.field(factory=lambda: np.zeros(_LATENCIES))
+    latencies: list[float] = attrs.field(factory=lambda: [0.0] * _LATENCIES)
     latency_count: int = 0
     thread: threading.Thread | None = None
+    lane: Any = None  # the batcher's queue this replica serves
 
     def usable(self, now: float) -> bool:
         """Whether the replica may take a batch now (an ejected one after its cooldown: a probe)."""
@@ -167,18 +168,14 @@ class Replica:
             return True
         return self.state is ReplicaState.EJECTED and now >= self.ejected_until
 
-    def record_latencies(self, values: np.ndarray) -> None:
+    def record_latencies(self, values: list[float]) -> None:
         """Keep the most recent request latencies, in seconds, in a ring buffer."""
-        n = min(len(values), _LATENCIES)
-        start = self.latency_count % _LATENCIES
-        end = start + n
-        if end <= _LATENCIES:
-            self.latencies[start:end] = values[-n:]
-        else:
-            split = _LATENCIES - start
-            self.latencies[start:] = values[-n:][:split]
-            self.latencies[: end - _LATENCIES] = values[-n:][split:]
-        self.latency_count += n
+        ring = self.latencies
+        n = self.latency_count
+        for value in values:
+            ring[n % _LATENCIES] = value
+            n += 1
+        self.latency_count = n
 
     def percentiles(self) -> tuple[float, float, float]:
         """p50, p95 and p99 of the recent request latencies in milliseconds (0 when none)."""

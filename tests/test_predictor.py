@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 from concurrent.futures import CancelledError, Future, wait
 
 import numpy as np
@@ -344,6 +345,24 @@ class TestFailures:
         assert outcomes.count("error") <= 2  # the failures that ejected it, then only the good one
         assert outcomes[-20:] == ["ok"] * 20
         assert _balanced(stats)
+
+    def test_no_healthy_replica_then_probed_back(self) -> None:
+        """With its only replica ejected, requests raise NoHealthyReplica; after the cooldown a probe brings it back."""
+        model = Model()
+        p = Predictor(lambda: CallableBackend(model), pool=PoolConfig(eject_after=1, cooldown=0.05))
+        with p:
+            model.fail.set()
+            with pytest.raises(ModelError, match="replica broken"):
+                p.predict(rows(1.0))
+            assert p.stats().replicas[0].state == "ejected"
+            assert not p.ready
+            with pytest.raises(inferkit.NoHealthyReplica):
+                p.predict(rows(1.0))
+            model.fail.clear()
+            time.sleep(0.06)  # the configured cooldown, not a settle: then one probe batch may go
+            np.testing.assert_array_equal(p.predict(rows(2.0)), rows(2.0) * 2)
+            assert p.stats().replicas[0].state == "healthy"
+            assert p.ready
 
     def test_close_with_requests_in_flight(self) -> None:
         """close() lets queued and running requests finish; later requests get Closed; no thread left."""
