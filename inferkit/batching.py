@@ -294,6 +294,8 @@ class Batcher:
             for part in parts:
                 lane = self._choose_lane()
                 self._push(lane, part, now)
+                if part is not parts[-1]:
+                    self._wake(lane)  # parts may run on several replicas at once
             if inline and lane.idle:
                 replica = lane.idle[-1]
                 formed, _ = self._form(lane, replica, now)

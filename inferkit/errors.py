@@ -11,8 +11,9 @@
     ├── NoHealthyReplica                 every replica is ejected or gone
     └── Closed                           the predictor is draining or closed
 
-``InvalidInput``, ``Overloaded`` and ``Closed`` raise from ``submit``/``predict`` directly;
-everything after admission arrives through the request's future.
+``InvalidInput``, ``Overloaded``, ``Closed``, ``NoHealthyReplica`` and ``DeadlineExceeded`` for a
+``timeout <= 0`` raise from ``submit``/``predict`` directly; everything after admission arrives
+through the request's future.
 """
 
 from __future__ import annotations

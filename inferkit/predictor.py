@@ -114,7 +114,9 @@ class Predictor:
 
         batching = BatchConfig(max_batch_size, max_delay_ms, max_queue_size)
         pool = PoolConfig(replicas, balancing, execution_timeout)
-        threads = intra_op_threads if intra_op_threads is not None else default_intra_op_threads(replicas)
+        threads = intra_op_threads
+        if threads is None and session_options is None:
+            threads = default_intra_op_threads(replicas)
         sizes = _warmup_sizes(max_batch_size) if warmup else ()
         if name is None:
             name = "model" if isinstance(model, bytes) else Path(model).stem

@@ -31,7 +31,8 @@ class Stats:
 
     The counters balance: ``accepted == completed + sum(failed.values()) + cancelled +
     in_flight``. ``rejected`` counts requests refused at the door (``InvalidInput``,
-    ``Overloaded``, ``Closed``, ``NoHealthyReplica``), which were never accepted.
+    ``Overloaded``, ``Closed``, ``NoHealthyReplica``, ``DeadlineExceeded`` for a ``timeout <= 0``),
+    which were never accepted.
     ``batch_sizes`` maps rows per batch to how many batches had that many;
     ``dispatch_reasons`` says why each batch went: ``"full"`` (``max_batch_size`` reached),
     ``"delay"`` (``max_delay_ms`` ran out) or ``"idle"`` (a replica was free and waiting would

@@ -172,10 +172,11 @@ class TestConcurrency:
         assert max(stats.batch_sizes) <= 16
         assert sum(stats.batch_sizes.values()) == stats.batches
 
-    def test_large_request_is_split_and_reassembled(self, linear: bytes) -> None:
+    @pytest.mark.parametrize("balancing", ["shared", "least_outstanding"])
+    def test_large_request_is_split_and_reassembled(self, linear: bytes, balancing: str) -> None:
         """A request larger than max_batch_size runs in parts and comes back whole, in order."""
         x = np.random.default_rng(5).standard_normal((150, 8)).astype(np.float32)
-        with Predictor.from_onnx(linear, max_batch_size=32) as p:
+        with Predictor.from_onnx(linear, max_batch_size=32, replicas=2, balancing=balancing) as p:
             np.testing.assert_allclose(p.predict(x), _direct(linear, x)[0], rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(p.submit(x).result(WAIT), _direct(linear, x)[0], rtol=1e-5, atol=1e-6)
             stats = p.stats()
