@@ -47,8 +47,9 @@ class RoundRobin:
 
     def choose(self, loads: Sequence[int]) -> int:
         """The replica after the last one chosen."""
-        self._next = (self._next + 1) % len(loads)
-        return self._next
+        choice = self._next % len(loads)
+        self._next = choice + 1
+        return choice
 
 
 class LeastOutstanding:

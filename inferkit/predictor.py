@@ -58,13 +58,13 @@ class Predictor:
         observers: Sequence[Observer] = (),
     ) -> None:
         self.name = name
-        self._state = State.STARTING
         self._log = LogObserver()
         self._observers = (*observers, self._log)
         self._user_observers = bool(observers)
         self._close_lock = threading.Lock()
         self._closed = threading.Event()
         self._closing = False
+        self._set_state(State.STARTING)
         self._batcher = Batcher(
             factory,
             batching or BatchConfig(),

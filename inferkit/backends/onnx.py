@@ -96,4 +96,4 @@ class OnnxBackend:
 
     def close(self) -> None:
         """Drop the session."""
-        del self.session
+        self.session = None

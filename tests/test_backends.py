@@ -1,0 +1,284 @@
+"""Tests for inferkit.backends: ONNX Runtime sessions and Python callables behind one protocol."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import inferkit
+from inferkit import CallableBackend, ModelError, Signature, TensorSpec
+from inferkit.backends.onnx import OnnxBackend, default_intra_op_threads
+
+CPU = ["CPUExecutionProvider"]
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def ragged_model() -> bytes:
+    """Input "x" float32 [N, K] with a dynamic non-batch dim -> "s" = row sums [N]."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=0)],
+        "ragged",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "K"])],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, ["N"])],
+        initializer=[numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def profiled(tmp_path: Path) -> ort.SessionOptions:
+    """Session options that record every run, node by node as in the model, under ``tmp_path``."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no MatMul+Add fusion
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    return options
+
+
+def profile_of(backend: OnnxBackend) -> list[dict[str, Any]]:
+    """The events the backend's session recorded so far."""
+    path = backend.session.end_profiling()
+    return json.loads(Path(path).read_text())
+
+
+def batch_sizes_run(events: list[dict[str, Any]], op: str) -> list[int]:
+    """Rows of the first input of each ``op`` kernel call, in order."""
+    return [
+        e["args"]["input_type_shape"][0]["float"][0]
+        for e in events
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["args"].get("op_name") == op
+    ]
+
+
+class TestOnnxSignature:
+    def test_reads_the_signature_from_the_model(self, mlp_model: bytes) -> None:
+        """Input and output names, dtypes and shapes come from the model, the batch dim dynamic."""
+        backend = OnnxBackend(mlp_model, providers=CPU)
+        assert backend.signature == Signature(
+            [TensorSpec("x", np.float32, (None, 4))], [TensorSpec("y", np.float32, (None, 3))]
+        )
+
+    def test_reads_several_outputs_in_order(self, two_outputs_model: bytes) -> None:
+        """A model with two outputs lists both, in the model's order, with their own shapes."""
+        backend = OnnxBackend(two_outputs_model, providers=CPU)
+        assert backend.signature.outputs == (
+            TensorSpec("y", np.float32, (None, 4)),
+            TensorSpec("s", np.float32, (None,)),
+        )
+
+    def test_dynamic_non_batch_dim(self) -> None:
+        """A symbolic non-batch dim reads as None."""
+        backend = OnnxBackend(ragged_model(), providers=CPU)
+        assert backend.signature.inputs == (TensorSpec("x", np.float32, (None, None)),)
+
+
+class TestOnnxDevice:
+    def test_cpu_provider_runs_on_cpu(self, mlp_model: bytes) -> None:
+        """With the CPU provider the session's first provider is CPU and the device is "cpu"."""
+        backend = OnnxBackend(mlp_model, providers=CPU)
+        assert backend.session.get_providers()[0] == "CPUExecutionProvider"
+        assert backend.device == "cpu"
+
+    def test_default_providers(self, mlp_model: bytes) -> None:
+        """Without providers the device matches what the session actually uses."""
+        backend = OnnxBackend(mlp_model)
+        expected = "cuda:0" if backend.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        assert backend.device == expected
+
+    @pytest.mark.skipif(HAS_CUDA, reason="onnxruntime here offers CUDA")
+    def test_unavailable_cuda_is_not_reported(self, mlp_model: bytes) -> None:
+        """Asking for CUDA where onnxruntime lacks it reports "cpu", read back from the session."""
+        with pytest.warns(UserWarning, match="CUDAExecutionProvider"):
+            backend = OnnxBackend(mlp_model, providers=["CUDAExecutionProvider", *CPU])
+        assert backend.session.get_providers() == CPU
+        assert backend.device == "cpu"
+
+    @pytest.mark.gpu
+    @pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime with CUDA")
+    def test_cuda_provider_runs_on_cuda(self, mlp_model: bytes) -> None:
+        """With the CUDA provider loaded the device is "cuda:0"."""
+        backend = OnnxBackend(mlp_model, providers=["CUDAExecutionProvider", *CPU])
+        assert backend.session.get_providers()[0] == "CUDAExecutionProvider"
+        assert backend.device == "cuda:0"
+
+
+class TestOnnxRun:
+    def test_output_matches_numpy(self, mlp_model: bytes, mlp_weights: tuple[np.ndarray, np.ndarray]) -> None:
+        """``run`` returns the outputs by name, equal to the same maths in NumPy."""
+        weight, bias = mlp_weights
+        x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+        out = OnnxBackend(mlp_model, providers=CPU).run({"x": x})
+        assert list(out) == ["y"]
+        assert out["y"].dtype == np.float32
+        np.testing.assert_allclose(out["y"], x @ weight + bias, rtol=1e-5, atol=1e-6)
+
+    def test_two_outputs(self, two_outputs_model: bytes) -> None:
+        """Every output comes back under its own name."""
+        x = np.arange(8, dtype=np.float32).reshape(2, 4)
+        out = OnnxBackend(two_outputs_model, providers=CPU).run({"x": x})
+        assert list(out) == ["y", "s"]
+        np.testing.assert_array_equal(out["y"], x * 2)
+        np.testing.assert_array_equal(out["s"], [6.0, 22.0])
+
+    @pytest.mark.parametrize("as_type", [Path, str])
+    def test_loads_from_a_path(self, mlp_model: bytes, tmp_path: Path, as_type: type) -> None:
+        """A model file given as a path or a str loads and runs like the bytes."""
+        path = tmp_path / "mlp.onnx"
+        path.write_bytes(mlp_model)
+        x = np.ones((3, 4), dtype=np.float32)
+        from_path = OnnxBackend(as_type(path), providers=CPU)
+        from_bytes = OnnxBackend(mlp_model, providers=CPU)
+        assert from_path.signature == from_bytes.signature
+        np.testing.assert_array_equal(from_path.run({"x": x})["y"], from_bytes.run({"x": x})["y"])
+
+    def test_close_drops_the_session(self, mlp_model: bytes) -> None:
+        """``close`` frees the session."""
+        backend = OnnxBackend(mlp_model, providers=CPU)
+        backend.close()
+        assert backend.session is None
+        backend.close()
+
+    def test_intra_op_threads_reach_the_session(self, mlp_model: bytes) -> None:
+        """``intra_op_threads`` is set on the session's options."""
+        backend = OnnxBackend(mlp_model, providers=CPU, intra_op_threads=1)
+        assert backend.session.get_session_options().intra_op_num_threads == 1
+
+
+class TestOnnxWarmup:
+    def test_runs_each_size_once(self, mlp_model: bytes, tmp_path: Path) -> None:
+        """Warmup runs one batch of zeros per size, in order, before the backend is returned."""
+        backend = OnnxBackend(mlp_model, providers=CPU, session_options=profiled(tmp_path), warmup=(1, 2, 64))
+        events = profile_of(backend)
+        assert [e["name"] for e in events].count("model_run") == 3
+        assert batch_sizes_run(events, "MatMul") == [1, 2, 64]
+
+    def test_no_warmup_by_default(self, mlp_model: bytes, tmp_path: Path) -> None:
+        """Without warmup sizes the session does not run at all."""
+        backend = OnnxBackend(mlp_model, providers=CPU, session_options=profiled(tmp_path))
+        assert [e["name"] for e in profile_of(backend)].count("model_run") == 0
+
+    def test_skipped_for_a_dynamic_non_batch_dim(self, tmp_path: Path) -> None:
+        """A model with a dynamic non-batch dim skips warmup instead of guessing a shape."""
+        backend = OnnxBackend(ragged_model(), providers=CPU, session_options=profiled(tmp_path), warmup=(1, 8))
+        assert [e["name"] for e in profile_of(backend)].count("model_run") == 0
+
+    def test_ragged_model_runs(self) -> None:
+        """A model with a dynamic non-batch dim still runs any width after skipping warmup."""
+        backend = OnnxBackend(ragged_model(), providers=CPU, warmup=(1, 8))
+        x = np.ones((2, 5), dtype=np.float32)
+        np.testing.assert_array_equal(backend.run({"x": x})["s"], [5.0, 5.0])
+
+
+class TestDefaultIntraOpThreads:
+    def test_never_below_one(self) -> None:
+        """However many replicas, each session gets at least one thread."""
+        assert all(default_intra_op_threads(r) >= 1 for r in (1, 2, 3, 7, 64, 10_000))
+
+    def test_does_not_grow_with_replicas(self) -> None:
+        """More replicas never get more threads each."""
+        threads = [default_intra_op_threads(r) for r in range(1, 65)]
+        assert threads == sorted(threads, reverse=True)
+
+    def test_leaves_a_core_and_shares_the_rest(self) -> None:
+        """With several cores the sessions share all but one of them; with one core, one thread."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        for replicas in (1, 2, 4):
+            expected = max(1, (cores - 1) // replicas) if cores > 1 else 1
+            assert default_intra_op_threads(replicas) == expected
+            assert default_intra_op_threads(replicas) * replicas <= max(cores - 1, replicas)
+
+
+class TestCallableBackend:
+    def test_one_input_gets_a_bare_array(self) -> None:
+        """A bare array sent to an untyped function, or a declared single input, arrives as the array itself."""
+        seen: list[Any] = []
+        backend = CallableBackend(lambda x: seen.append(x) or x + 1)
+        x = np.zeros((2, 3))
+        out = backend.run({"": x})
+        assert seen[0] is x
+        np.testing.assert_array_equal(out[""], x + 1)
+        typed = CallableBackend(lambda x: seen.append(x) or x, Signature((TensorSpec("x", np.float64, (None, 3)),)))
+        typed.run({"x": x})
+        assert seen[1] is x
+
+    def test_one_named_input_of_an_untyped_function_stays_a_dict(self) -> None:
+        """An untyped function sent a one-key dict gets that dict, as the caller sent it."""
+        x = np.ones((2, 3))
+        out = CallableBackend(lambda d: d["a"] * 2).run({"a": x})
+        np.testing.assert_array_equal(out[""], x * 2)
+
+    def test_several_inputs_get_a_dict(self) -> None:
+        """A batch with several inputs reaches the function as a dict by name."""
+        seen: list[Any] = []
+
+        def fn(inputs: dict[str, np.ndarray]) -> np.ndarray:
+            seen.append(inputs)
+            return inputs["a"] + inputs["b"]
+
+        a, b = np.ones((2, 1)), np.full((2, 1), 2.0)
+        out = CallableBackend(fn).run({"a": a, "b": b})
+        assert isinstance(seen[0], dict)
+        assert list(seen[0]) == ["a", "b"]
+        assert seen[0]["a"] is a
+        assert seen[0]["b"] is b
+        np.testing.assert_array_equal(out[""], [[3.0], [3.0]])
+
+    def test_bare_output_named_by_the_single_output_spec(self) -> None:
+        """A bare array result takes the name of the one declared output."""
+        signature = Signature([TensorSpec("x", np.float32, (None, 2))], [TensorSpec("y", np.float32, (None, 2))])
+        out = CallableBackend(lambda x: x * 2, signature).run({"x": np.ones((1, 2), np.float32)})
+        assert list(out) == ["y"]
+
+    def test_bare_output_unnamed_without_a_single_output_spec(self) -> None:
+        """Without exactly one declared output, a bare array result is named ""."""
+        inputs = [TensorSpec("x", np.float32, (None, 2))]
+        two = [TensorSpec("y", np.float32, (None, 2)), TensorSpec("z", np.float32, (None, 2))]
+        x = {"x": np.ones((1, 2), np.float32)}
+        assert list(CallableBackend(lambda x: x).run({"": x["x"]})) == [""]
+        assert list(CallableBackend(lambda x: x, Signature(inputs)).run(x)) == [""]
+        assert list(CallableBackend(lambda x: x, Signature(inputs, two)).run(x)) == [""]
+
+    def test_dict_output_passes_through(self) -> None:
+        """A dict of arrays is returned under its own names."""
+        out = CallableBackend(lambda x: {"p": x, "q": x * 2}).run({"": np.ones((2, 1))})
+        assert list(out) == ["p", "q"]
+        np.testing.assert_array_equal(out["q"], [[2.0], [2.0]])
+
+    @pytest.mark.parametrize(
+        ("result", "type_name"),
+        [([1.0, 2.0], "list"), (None, "NoneType"), (3.0, "float"), ({"y": [1.0]}, "dict")],
+    )
+    def test_non_array_result_is_a_model_error(self, result: object, type_name: str) -> None:
+        """A result that is not an array or a dict of arrays raises ModelError naming its type."""
+        backend = CallableBackend(lambda x: result)
+        with pytest.raises(ModelError) as excinfo:
+            backend.run({"x": np.ones((2, 1))})
+        assert str(excinfo.value) == f"the function must return an ndarray or a dict of ndarrays, got {type_name}"
+
+    def test_device_and_signature(self) -> None:
+        """A callable backend reports "cpu" and the signature it was given (or None)."""
+        signature = Signature([TensorSpec("x", np.float32, (None, 2))])
+        assert CallableBackend(lambda x: x).device == "cpu"
+        assert CallableBackend(lambda x: x).signature is None
+        assert CallableBackend(lambda x: x, signature).signature is signature
+
+
+class TestBackendProtocol:
+    def test_both_backends_are_backends(self, mlp_model: bytes) -> None:
+        """OnnxBackend and CallableBackend satisfy the runtime-checkable ``Backend`` protocol."""
+        assert isinstance(OnnxBackend(mlp_model, providers=CPU), inferkit.Backend)
+        assert isinstance(CallableBackend(lambda x: x), inferkit.Backend)
+
+    def test_other_objects_are_not(self) -> None:
+        """An object without the backend methods is not a ``Backend``."""
+        assert not isinstance(object(), inferkit.Backend)
+        assert not isinstance(lambda x: x, inferkit.Backend)

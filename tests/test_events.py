@@ -1,0 +1,329 @@
+"""Tests for inferkit.events: what observers receive, and how LogObserver logs it."""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+
+import inferkit
+from inferkit import (
+    BatchDone,
+    DeadlineExceeded,
+    Event,
+    ModelError,
+    NoHealthyReplica,
+    Predictor,
+    ReplicaEjected,
+    RequestsExpired,
+    StateChanged,
+)
+
+WAIT_S = 10.0
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+E = TypeVar("E", bound=Event)
+
+
+class Recorder:
+    """An observer that keeps every event it receives, from any thread."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type[E]) -> list[E]:
+        """The events of one kind, in the order received."""
+        return [e for e in list(self.events) if isinstance(e, kind)]
+
+
+class Gate:
+    """Wraps a model so that its first call blocks until :meth:`open`; later calls run at once."""
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn = fn
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.calls = 0
+
+    def __call__(self, x: Any) -> Any:
+        self.calls += 1  # one replica: calls never overlap
+        if self.calls == 1:
+            self.entered.set()
+            assert self.gate.wait(WAIT_S), "the test never opened the gate"
+        return self.fn(x)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the first call inside the model for the duration of the block."""
+        try:
+            yield
+        finally:
+            self.gate.set()
+
+
+def double(x: np.ndarray) -> np.ndarray:
+    """A model: every value times two."""
+    return x * 2
+
+
+def double_non_negative(x: np.ndarray) -> np.ndarray:
+    """A model that fails any batch holding a negative value."""
+    if (x < 0).any():
+        raise ValueError("negative value in the batch")
+    return x * 2
+
+
+def always_fails(x: np.ndarray) -> np.ndarray:
+    """A model that fails every batch."""
+    raise RuntimeError("broken model")
+
+
+def rows(n: int, value: float = 1.0) -> np.ndarray:
+    """``n`` rows of three float32 values."""
+    return np.full((n, 3), value, dtype=np.float32)
+
+
+def plain(record: logging.LogRecord) -> str:
+    """A log record's message without terminal colours."""
+    return ANSI.sub("", record.getMessage())
+
+
+def logged(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
+    """The records of the "inferkit" logger for one kind of event (however structlog renders it)."""
+    word = re.compile(rf"\b{event}\b")
+    return [r for r in caplog.records if r.name == "inferkit" and word.search(plain(r))]
+
+
+class TestStateChanged:
+    def test_lifecycle_is_reported(self) -> None:
+        """An observer sees ready on construction, then draining and closed on close, with the name."""
+        recorder = Recorder()
+        with Predictor.from_callable(double, name="m", observers=[recorder]) as predictor:
+            assert [e.state for e in recorder.of(StateChanged)] == ["starting", "ready"]
+            predictor.predict(rows(1))
+        assert [e.state for e in recorder.of(StateChanged)] == ["starting", "ready", "draining", "closed"]
+        assert {e.name for e in recorder.events} == {"m"}
+
+    def test_closing_twice_reports_once(self) -> None:
+        """A second close reports no second draining or closed."""
+        recorder = Recorder()
+        predictor = Predictor.from_callable(double, observers=[recorder])
+        predictor.close()
+        predictor.close()
+        assert [e.state for e in recorder.of(StateChanged)] == ["starting", "ready", "draining", "closed"]
+
+
+class TestBatchDone:
+    def test_names_the_request_and_why_it_ran(self) -> None:
+        """A lone request on an idle replica is dispatched at once, reason "idle", under its id."""
+        recorder = Recorder()
+        with Predictor.from_callable(double, name="m", max_delay_ms=1000, observers=[recorder]) as predictor:
+            future = predictor.submit(rows(2))
+            np.testing.assert_array_equal(future.result(WAIT_S), rows(2, 2.0))
+        (done,) = recorder.of(BatchDone)
+        assert done.name == "m"
+        assert done.replica == "m-0"
+        assert done.request_ids == (future.request_id,)
+        assert done.rows == 2
+        assert done.reason == "idle"
+        assert done.failed_request_ids == ()
+        assert done.duration_s >= 0
+
+    def test_predict_reports_too(self) -> None:
+        """A synchronous predict, which may run on the caller's thread, reports its batch as well."""
+        recorder = Recorder()
+        with Predictor.from_callable(double, max_delay_ms=1000, observers=[recorder]) as predictor:
+            predictor.predict(rows(3))
+            predictor.predict(rows(1))
+        assert [(e.rows, e.reason) for e in recorder.of(BatchDone)] == [(3, "idle"), (1, "idle")]
+        first, second = recorder.of(BatchDone)
+        assert len(first.request_ids) == len(second.request_ids) == 1
+        assert first.request_ids[0] < second.request_ids[0]
+
+    def test_full_batch(self) -> None:
+        """A request that fills ``max_batch_size`` goes with reason "full"."""
+        recorder = Recorder()
+        with Predictor.from_callable(double, max_batch_size=4, max_delay_ms=1000, observers=[recorder]) as predictor:
+            predictor.submit(rows(4)).result(WAIT_S)
+        assert [(e.rows, e.reason) for e in recorder.of(BatchDone)] == [(4, "full")]
+
+    def test_delay_batch(self) -> None:
+        """With no delay allowed, a batch that is not full goes with reason "delay"."""
+        recorder = Recorder()
+        with Predictor.from_callable(double, max_delay_ms=0, observers=[recorder]) as predictor:
+            predictor.submit(rows(1)).result(WAIT_S)
+        assert [(e.rows, e.reason) for e in recorder.of(BatchDone)] == [(1, "delay")]
+
+    def test_split_request_reports_each_part(self) -> None:
+        """A request larger than a batch runs as several full batches, each under its id."""
+        recorder = Recorder()
+        with Predictor.from_callable(double, max_batch_size=2, max_delay_ms=1000, observers=[recorder]) as predictor:
+            future = predictor.submit(rows(5))
+            np.testing.assert_array_equal(future.result(WAIT_S), rows(5, 2.0))
+        batches = recorder.of(BatchDone)
+        assert sorted(e.rows for e in batches) == [1, 2, 2]
+        assert {e.request_ids for e in batches} == {(future.request_id,)}
+
+    def test_queued_requests_share_a_batch_and_failures_are_named(self) -> None:
+        """Requests queued behind a running batch go together; the one that fails is named."""
+        recorder = Recorder()
+        model = Gate(double_non_negative)
+        with Predictor.from_callable(model, max_delay_ms=1000, observers=[recorder]) as predictor:
+            with model.held():
+                first = predictor.submit(rows(1))
+                assert model.entered.wait(WAIT_S)
+                good = predictor.submit(rows(2))
+                bad = predictor.submit(rows(1, -1.0))
+                later = predictor.submit(rows(3))
+            assert first.result(WAIT_S).shape == (1, 3)
+            np.testing.assert_array_equal(good.result(WAIT_S), rows(2, 2.0))
+            np.testing.assert_array_equal(later.result(WAIT_S), rows(3, 2.0))
+            with pytest.raises(ModelError) as excinfo:
+                bad.result(WAIT_S)
+        assert str(excinfo.value) == (
+            f"the model failed on request {bad.request_id}: ValueError: negative value in the batch"
+        )
+        one, two = recorder.of(BatchDone)
+        assert (one.request_ids, one.failed_request_ids) == ((first.request_id,), ())
+        assert two.request_ids == (good.request_id, bad.request_id, later.request_id)
+        assert two.rows == 6
+        assert two.reason == "idle"
+        assert two.failed_request_ids == (bad.request_id,)
+
+    def test_info_logging_skips_batches(self, caplog: pytest.LogCaptureFixture) -> None:
+        """With the "inferkit" logger at INFO, batches are not logged but lifecycle changes are."""
+        caplog.set_level(logging.INFO, logger="inferkit")
+        with Predictor.from_callable(double) as predictor:
+            predictor.predict(rows(1))
+        assert logged(caplog, "BatchDone") == []
+        assert len(logged(caplog, "StateChanged")) == 4
+        assert len([r for r in caplog.records if r.name == "inferkit"]) == 4
+
+
+class TestOtherEvents:
+    def test_expired_request(self) -> None:
+        """A request whose deadline passes in the queue is reported by id and never runs."""
+        recorder = Recorder()
+        model = Gate(double)
+        with Predictor.from_callable(model, max_delay_ms=1000, observers=[recorder]) as predictor:
+            with model.held():
+                first = predictor.submit(rows(1))
+                assert model.entered.wait(WAIT_S)
+                late = predictor.submit(rows(1), timeout=0.05)
+                with pytest.raises(DeadlineExceeded) as excinfo:
+                    late.result(WAIT_S)
+            first.result(WAIT_S)
+        assert str(excinfo.value) == f"request {late.request_id} waited past its deadline"
+        assert [e.request_ids for e in recorder.of(RequestsExpired)] == [(late.request_id,)]
+        assert all(late.request_id not in e.request_ids for e in recorder.of(BatchDone))
+
+    def test_ejection(self) -> None:
+        """A replica that fails ``eject_after`` batches in a row is reported ejected."""
+        recorder = Recorder()
+        with Predictor.from_callable(always_fails, name="m", observers=[recorder]) as predictor:
+            for _ in range(inferkit.PoolConfig().eject_after):
+                with pytest.raises(ModelError, match="RuntimeError: broken model"):
+                    predictor.predict(rows(1))
+            with pytest.raises(NoHealthyReplica, match="no healthy replica of 'm'"):
+                predictor.predict(rows(1))
+        (ejected,) = recorder.of(ReplicaEjected)
+        assert (ejected.name, ejected.replica, ejected.consecutive_failures) == ("m", "m-0", 5)
+        assert ejected.cooldown_s == pytest.approx(inferkit.PoolConfig().cooldown)
+        assert [len(e.failed_request_ids) for e in recorder.of(BatchDone)] == [1] * 5
+
+
+class TestFailingObserver:
+    def test_predictions_survive_a_raising_observer(self) -> None:
+        """An observer that raises changes nothing for callers or for the other observers."""
+        raised = threading.Event()
+
+        def broken(event: Event) -> None:
+            raised.set()
+            raise RuntimeError("observer bug")
+
+        recorder = Recorder()
+        with Predictor.from_callable(double, max_delay_ms=1000, observers=[broken, recorder]) as predictor:
+            np.testing.assert_array_equal(predictor.predict(rows(2)), rows(2, 2.0))
+            np.testing.assert_array_equal(predictor.submit(rows(1)).result(WAIT_S), rows(1, 2.0))
+            assert predictor.ready
+        assert raised.is_set()
+        assert [e.state for e in recorder.of(StateChanged)] == ["starting", "ready", "draining", "closed"]
+        assert len(recorder.of(BatchDone)) == 2
+        assert predictor.stats().completed == 2
+
+
+class TestLogObserver:
+    def test_batches_log_at_debug(self, caplog: pytest.LogCaptureFixture) -> None:
+        """Each batch is logged at DEBUG on the "inferkit" logger with its request ids and reason."""
+        caplog.set_level(logging.DEBUG, logger="inferkit")
+        with Predictor.from_callable(double, name="m", max_delay_ms=1000) as predictor:
+            future = predictor.submit(rows(2))
+            future.result(WAIT_S)
+        batches = logged(caplog, "BatchDone")
+        assert len(batches) == 1
+        record = batches[0]
+        assert (record.name, record.levelno) == ("inferkit", logging.DEBUG)
+        message = plain(record)
+        assert f"request_ids=({future.request_id},)" in message
+        assert "reason=idle" in message
+        assert "rows=2" in message
+        assert "name=m" in message
+
+    def test_states_log_at_info(self, caplog: pytest.LogCaptureFixture) -> None:
+        """Lifecycle changes are logged at INFO with the new state."""
+        caplog.set_level(logging.DEBUG, logger="inferkit")
+        with Predictor.from_callable(double):
+            pass
+        states = logged(caplog, "StateChanged")
+        assert [r.levelno for r in states] == [logging.INFO] * 4
+        assert "state=starting" in plain(states[0])
+        assert "state=ready" in plain(states[1])
+        assert "state=draining" in plain(states[2])
+        assert "state=closed" in plain(states[3])
+
+    def test_ejections_log_at_warning(self, caplog: pytest.LogCaptureFixture) -> None:
+        """An ejection is logged at WARNING, naming the replica."""
+        caplog.set_level(logging.WARNING, logger="inferkit")
+        with Predictor.from_callable(always_fails, name="m") as predictor:
+            for _ in range(inferkit.PoolConfig().eject_after):
+                with pytest.raises(ModelError):
+                    predictor.predict(rows(1))
+        (record,) = [r for r in caplog.records if r.name == "inferkit"]
+        assert record.levelno == logging.WARNING
+        assert logged(caplog, "ReplicaEjected") == [record]
+        assert "replica=m-0" in plain(record)
+
+    def test_silent_when_logging_is_not_configured(self) -> None:
+        """Without logging configured, serving (even through an ejection) prints nothing at all."""
+        code = """
+            import numpy as np
+            import inferkit
+
+            def fails(x):
+                raise RuntimeError("broken model")
+
+            with inferkit.Predictor.from_callable(lambda x: x * 2) as ok:
+                ok.predict(np.ones((2, 3)))
+                ok.submit(np.ones((1, 3))).result(10)
+            with inferkit.Predictor.from_callable(fails) as bad:
+                for _ in range(inferkit.PoolConfig().eject_after):
+                    try:
+                        bad.predict(np.ones((1, 3)))
+                    except inferkit.ModelError:
+                        pass
+        """
+        proc = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
