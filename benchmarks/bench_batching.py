@@ -121,6 +121,7 @@ ROW_NAMES = (
     "batched",
     "inferkit-1",
     "inferkit-8",
+    "inferkit-8-intra2",
     "inferkit-shared2",
     "inferkit-rr",
     "latency",
@@ -448,6 +449,7 @@ class Bench:
         *,
         replicas: int = 1,
         balancing: str = "shared",
+        intra: int | None = None,
     ) -> Row:
         load = f"{CLIENTS} x {rows_per_request}"
         try:
@@ -466,7 +468,7 @@ class Bench:
             max_delay_ms=MAX_DELAY_MS,
             replicas=replicas,
             balancing=balancing,
-            intra_op_threads=None,
+            intra_op_threads=intra,
         ) as predictor:
             check_outputs(predictor.predict, session, rows_per_request)
             snaps: dict[str, Any] = {}
@@ -481,7 +483,7 @@ class Bench:
                 self.cfg,
                 on_window=on_window,
             )
-        row = Row(name, load, _inferkit_intra_label(replicas), res)
+        row = Row(name, load, _inferkit_intra_label(replicas) if intra is None else str(intra), res)
         if "start" in snaps and "end" in snaps:
             (sizes0, reasons0), (sizes1, reasons1) = snaps["start"], snaps["end"]
             row.mean_batch = mean_batch_from(sizes0, sizes1)
@@ -719,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
         "batched": lambda: [bench.batched()],
         "inferkit-1": lambda: [bench.inferkit("inferkit 1-row", 1)],
         "inferkit-8": lambda: [bench.inferkit("inferkit 8-row", 8)],
+        "inferkit-8-intra2": lambda: [bench.inferkit("inferkit 8-row intra 2", 8, intra=2)],
         "inferkit-shared2": lambda: [bench.inferkit("inferkit 1-row shared r2", 1, replicas=2, balancing="shared")],
         "inferkit-rr": lambda: [bench.inferkit("inferkit 1-row rr", 1, replicas=2, balancing="round_robin")],
         "latency": bench.latency,
