@@ -4,6 +4,7 @@ Wrap a model in a :class:`Predictor` and call it from any number of threads; req
 validated, batched with every other caller's and run on a pool of replicas.
 """
 
+from inferkit.autoscale import AutoscaleConfig, Autoscaler, AutoscalerStats, ScalingDecision, ScalingFailed
 from inferkit.backends.base import Backend, BackendFactory
 from inferkit.backends.callable import CallableBackend
 from inferkit.batching import BatchConfig, RequestFuture
@@ -27,39 +28,79 @@ from inferkit.events import (
     RequestsExpired,
     StateChanged,
 )
+from inferkit.experiments import ArmReport, Comparison, Experiment, Report
+from inferkit.policies import (
+    ABTest,
+    Canary,
+    CanaryDecision,
+    CanaryState,
+    Feedback,
+    Fixed,
+    Guard,
+    Match,
+    Policy,
+    Route,
+    Shadow,
+)
 from inferkit.pool import Balancer, LeastOutstanding, PoolConfig, PowerOfTwoChoices, RoundRobin
 from inferkit.predictor import Predictor, State
+from inferkit.routing import Predictive, RoutedFuture, Router, RouterStats, ShadowStats
 from inferkit.signature import Signature, TensorSpec
 from inferkit.stats import ReplicaStats, Stats
 
 __all__ = [
+    "ABTest",
+    "ArmReport",
+    "AutoscaleConfig",
+    "Autoscaler",
+    "AutoscalerStats",
     "Backend",
     "BackendFactory",
     "Balancer",
     "BatchConfig",
     "BatchDone",
     "CallableBackend",
+    "Canary",
+    "CanaryDecision",
+    "CanaryState",
     "Closed",
+    "Comparison",
     "DeadlineExceeded",
     "Event",
     "ExecutionTimeout",
+    "Experiment",
+    "Feedback",
+    "Fixed",
+    "Guard",
     "InferkitError",
     "InvalidInput",
     "LeastOutstanding",
     "LogObserver",
+    "Match",
     "ModelError",
     "NoHealthyReplica",
     "Observer",
     "Overloaded",
+    "Policy",
     "PoolConfig",
     "PowerOfTwoChoices",
+    "Predictive",
     "Predictor",
     "ReplicaEjected",
     "ReplicaReplaced",
     "ReplicaStats",
+    "Report",
     "RequestFuture",
     "RequestsExpired",
     "RoundRobin",
+    "Route",
+    "RoutedFuture",
+    "Router",
+    "RouterStats",
+    "ScalingDecision",
+    "ScalingFailed",
+    "Shadow",
+    "ShadowStats",
     "Signature",
     "State",
     "StateChanged",

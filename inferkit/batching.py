@@ -790,6 +790,8 @@ class Batcher:
             msg = f"replicas must be >= 1, got {replicas}"
             raise ValueError(msg)
         with self._lock:
+            if self._closing:
+                raise Closed(f"predictor {self.name!r} is closed")
             live = [r for r in self._replicas if r.state in (ReplicaState.HEALTHY, ReplicaState.EJECTED)]
             extra = len(live) - replicas
         if extra < 0:

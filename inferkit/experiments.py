@@ -1,0 +1,417 @@
+"""Per-arm statistics for A/B tests and canaries: latency, errors, outcomes and significance.
+
+An :class:`Experiment` counts what each arm served (``observe``) and the business outcomes
+credited to it (``record``); ``report()`` compares every arm with the baseline:
+
+* **Two-proportion z-test** when both arms' outcomes are all 0 or 1 (conversion rates): the
+  standard large-sample test for a difference of proportions, with the pooled variance of the
+  null hypothesis that both rates are equal.
+* **Welch's t-test** otherwise (revenue, scores): arms get different traffic shares and models
+  change the spread of outcomes, so neither equal sizes nor equal variances are assumed; the
+  degrees of freedom are Welch-Satterthwaite's.
+
+Both tests are two-sided: a change that makes things worse matters as much as one that helps.
+There is **no multiple-comparison correction**: with several arms each is tested at ``alpha``
+against the baseline, and the report warns that false positives add up (Bonferroni: use
+``alpha / comparisons``). Both tests rest on normal approximations that need enough data, so
+arms with fewer than ``min_samples`` outcomes are flagged and the verdict stays "not enough
+data". Per-arm 95% intervals are Wilson score intervals for rates (sound near 0 and 1, unlike
+the Wald interval) and ``mean ± t·se`` otherwise. The Student t distribution is computed here
+from the regularized incomplete beta function, so the library needs no scipy.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import math
+import threading
+from collections.abc import Mapping, Sequence
+
+import attrs
+import numpy as np
+
+__all__ = ["ArmReport", "Comparison", "Experiment", "Report", "Window", "two_proportion_z_test", "welch_t_test"]
+
+_Z95 = 1.959963984540054  # standard normal quantile at 0.975
+_SAMPLES = 4096  # recent latencies kept per arm
+# Upper bucket edges in ms, 1-2-5 per decade from 0.1 ms to 10 s, then everything slower.
+_EDGES_MS = (*(m * 10.0**e for e in range(-1, 4) for m in (1, 2, 5)), 10_000.0, math.inf)
+
+
+class Window:
+    """Counts and recent latencies of one arm over a span (a canary step). Not thread-safe; guarded by its owner.
+
+    Failed requests' latencies count too: one that hangs until a timeout is a latency problem as well.
+    """
+
+    def __init__(self, max_samples: int = 4096) -> None:
+        if max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {max_samples!r}")
+        self.requests = 0
+        self.failures = 0
+        self._ring = np.zeros(max_samples)
+
+    def observe(self, latency_s: float, failed: bool) -> None:
+        """Count one request that took ``latency_s`` seconds."""
+        if not latency_s >= 0:  # also refuses NaN
+            raise ValueError(f"latency_s must be >= 0, got {latency_s!r}")
+        self._ring[self.requests % len(self._ring)] = latency_s
+        self.requests += 1
+        self.failures += failed
+
+    @property
+    def error_rate(self) -> float:
+        """Failed requests over requests (0.0 when none)."""
+        return self.failures / self.requests if self.requests else 0.0
+
+    def latency_quantile(self, q: float) -> float:
+        """The ``q`` quantile (0..1) of the recent latencies in seconds, 0.0 when none."""
+        if not 0 <= q <= 1:
+            raise ValueError(f"q must be in [0, 1], got {q!r}")
+        n = min(self.requests, len(self._ring))
+        return float(np.quantile(self._ring[:n], q)) if n else 0.0
+
+
+@attrs.define
+class _Outcomes:
+    """Welford's running count, mean and squared deviations, and whether every value was 0 or 1."""
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+    total: float = 0.0
+    binary: bool = True
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        delta = value - self.mean
+        self.mean += delta / self.count
+        self.m2 += delta * (value - self.mean)
+        self.total += value
+        self.binary = self.binary and value in (0.0, 1.0)
+
+    @property
+    def variance(self) -> float:
+        return self.m2 / (self.count - 1) if self.count > 1 else 0.0
+
+
+@attrs.define
+class _Arm:
+    window: Window = attrs.field(factory=lambda: Window(_SAMPLES))
+    histogram: list[int] = attrs.field(factory=lambda: [0] * len(_EDGES_MS))
+    outcomes: _Outcomes = attrs.field(factory=_Outcomes)
+
+
+@attrs.frozen
+class ArmReport:
+    """One arm: traffic, errors, latency (ms) and outcomes with a 95% confidence interval.
+
+    ``latency_histogram`` maps each upper bucket edge in ms (0.1 ms to 10 s, 1-2-5 per decade,
+    then ``inf``) to the requests that took at most that long. The interval is Wilson's for 0/1
+    outcomes and ``mean ± t·se`` otherwise; ``None`` when there are too few outcomes.
+    """
+
+    arm: str
+    requests: int
+    failures: int
+    error_rate: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    latency_histogram: Mapping[float, int]
+    outcomes: int
+    outcome_mean: float | None
+    ci_low: float | None
+    ci_high: float | None
+
+
+@attrs.frozen
+class Comparison:
+    """One arm's outcomes against the baseline's: ``difference`` is arm mean minus baseline mean.
+
+    ``significant`` is ``p_value < alpha``; ``warning`` says why the result should not be trusted
+    yet (too few outcomes), or is ``None``.
+    """
+
+    arm: str
+    baseline: str
+    test: str
+    difference: float
+    statistic: float
+    p_value: float
+    significant: bool
+    warning: str | None
+
+
+@attrs.frozen
+class Report:
+    """Every arm, every comparison with the baseline, what to be wary of, and the verdict in words."""
+
+    baseline: str | None
+    arms: tuple[ArmReport, ...]
+    comparisons: tuple[Comparison, ...]
+    warnings: tuple[str, ...]
+    verdict: str
+
+    def __str__(self) -> str:
+        vs = {c.arm: f"{c.difference:+.4g}, {_fmt_p(c.p_value)}" for c in self.comparisons}
+        rows = [("arm", "requests", "error rate", "p50/p99 ms", "outcomes", "mean [95% CI]", "vs baseline")]
+        for a in self.arms:
+            mean = "-" if a.outcome_mean is None else f"{a.outcome_mean:.4g}"
+            if a.ci_low is not None and a.ci_high is not None:
+                mean += f" [{a.ci_low:.4g}, {a.ci_high:.4g}]"
+            versus = "baseline" if a.arm == self.baseline else vs.get(a.arm, "-")
+            latency = f"{a.p50_ms:.1f}/{a.p99_ms:.1f}"
+            rows.append((a.arm, str(a.requests), f"{a.error_rate:.2%}", latency, str(a.outcomes), mean, versus))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        numeric = (False, True, True, True, True, False, False)
+        lines = [
+            "  ".join(c.rjust(w) if right else c.ljust(w) for c, w, right in zip(row, widths, numeric, strict=True))
+            for row in rows
+        ]
+        lines.append(f"verdict: {self.verdict}")
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        return "\n".join(line.rstrip() for line in lines)
+
+
+class Experiment:
+    """Per-arm counters for an A/B test or canary; thread-safe, one lock per experiment.
+
+    ``baseline`` (default: the first arm) is what every other arm is compared with; it is added
+    as an arm if missing. A comparison is significant at ``alpha`` (two-sided); arms with fewer
+    than ``min_samples`` outcomes get a warning. ``higher_is_better`` says which way the verdict
+    reads a difference (False for costs). Unknown arm names raise ``KeyError``.
+    """
+
+    def __init__(
+        self,
+        arms: Sequence[str] = (),
+        *,
+        baseline: str | None = None,
+        alpha: float = 0.05,
+        min_samples: int = 100,
+        higher_is_better: bool = True,
+    ) -> None:
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+        if min_samples < 2:
+            raise ValueError(f"min_samples must be >= 2, got {min_samples!r}")
+        self._lock = threading.Lock()
+        self._arms: dict[str, _Arm] = {}
+        self._baseline = baseline
+        self._alpha = alpha
+        self._min_samples = min_samples
+        self._higher_is_better = higher_is_better
+        for arm in (*arms, *([baseline] if baseline is not None else [])):
+            self.add_arm(arm)
+
+    def add_arm(self, arm: str) -> None:
+        """Start counting ``arm`` (nothing happens if it is already counted)."""
+        with self._lock:
+            self._arms.setdefault(arm, _Arm())
+
+    def observe(self, arm: str, latency_s: float, failed: bool) -> None:
+        """Count one request that ``arm`` served in ``latency_s`` seconds; ``failed``: the model or replica failed."""
+        with self._lock:
+            state = self._get(arm)
+            state.window.observe(latency_s, failed)
+            state.histogram[bisect.bisect_left(_EDGES_MS, latency_s * 1000.0)] += 1
+
+    def record(self, arm: str, value: float) -> None:
+        """Credit a business outcome to ``arm``: 0/1 for conversions, any finite number otherwise."""
+        if not math.isfinite(value):
+            raise ValueError(f"value must be finite, got {value!r}")
+        with self._lock:
+            self._get(arm).outcomes.add(float(value))
+
+    def reset(self) -> None:
+        """Forget every count and outcome; the arms and the baseline stay."""
+        with self._lock:
+            self._arms = {arm: _Arm() for arm in self._arms}
+
+    def report(self, baseline: str | None = None) -> Report:
+        """A snapshot of every arm compared with ``baseline`` (default: the experiment's)."""
+        with self._lock:  # copy under the lock, compute outside it: observers never wait on the maths
+            base = next((b for b in (baseline, self._baseline) if b is not None), next(iter(self._arms), None))
+            if base is not None:
+                self._get(base)
+            snapshot = [(name, _copy(state)) for name, state in self._arms.items()]
+        arms = tuple(_arm_report(name, state) for name, state in snapshot)
+        outcomes = {name: state.outcomes for name, state in snapshot}
+        comparisons: list[Comparison] = []
+        warnings: dict[str, None] = {}  # ordered and unique
+        for name, stats in outcomes.items():
+            if base is None or name == base:
+                continue
+            few = [
+                f"fewer than min_samples outcomes ({o.count} < {self._min_samples}) in {arm!r}"
+                for arm, o in ((base, outcomes[base]), (name, stats))
+                if o.count < self._min_samples
+            ]
+            warnings.update(dict.fromkeys(few))
+            if stats.count >= 2 and outcomes[base].count >= 2:
+                comparisons.append(self._compare(name, stats, base, outcomes[base], "; ".join(few) or None))
+        if (k := len(comparisons)) > 1:
+            warnings[f"{k} comparisons at alpha={self._alpha:g}, uncorrected (Bonferroni: {self._alpha / k:.3g})"] = (
+                None
+            )
+        return Report(base, arms, tuple(comparisons), tuple(warnings), self._verdict(comparisons, len(outcomes) - 1))
+
+    def _verdict(self, comparisons: Sequence[Comparison], challengers: int) -> str:
+        # Only comparisons with enough data on both sides may claim a difference, or rule one out.
+        trusted = [c for c in comparisons if c.warning is None]
+        winners = [c for c in trusted if c.significant]
+        if winners:
+            better = [(c.difference > 0) == self._higher_is_better for c in winners]
+            return "; ".join(
+                f"{c.arm} {'better' if b else 'worse'} than {c.baseline} ({_fmt_p(c.p_value)})"
+                for c, b in zip(winners, better, strict=True)
+            )
+        if challengers > 0 and len(trusted) == challengers:
+            return "no significant difference"
+        return "not enough data"
+
+    def _get(self, arm: str) -> _Arm:
+        try:
+            return self._arms[arm]
+        except KeyError:
+            raise KeyError(f"unknown arm {arm!r}; known: {sorted(self._arms)} (add it with add_arm)") from None
+
+    def _compare(self, arm: str, a: _Outcomes, base: str, b: _Outcomes, warning: str | None) -> Comparison:
+        if a.binary and b.binary:
+            test = "two-proportion z-test"
+            statistic, p = two_proportion_z_test(round(a.total), a.count, round(b.total), b.count)
+        else:
+            test = "Welch's t-test"
+            statistic, _, p = welch_t_test(a.mean, a.variance, a.count, b.mean, b.variance, b.count)
+        return Comparison(arm, base, test, a.mean - b.mean, statistic, p, p < self._alpha, warning)
+
+
+def _copy(state: _Arm) -> _Arm:
+    window = copy.copy(state.window)
+    window._ring = window._ring.copy()
+    return _Arm(window, list(state.histogram), attrs.evolve(state.outcomes))
+
+
+def _arm_report(name: str, state: _Arm) -> ArmReport:
+    o = state.outcomes
+    low: float | None = None
+    high: float | None = None
+    if o.binary and o.count >= 1:  # Wilson score interval
+        n, p, z2 = o.count, o.mean, _Z95 * _Z95
+        centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+        half = _Z95 / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+        low, high = centre - half, centre + half
+    elif o.count >= 2:
+        half = _t_two_sided_quantile(0.05, o.count - 1) * math.sqrt(o.variance / o.count)
+        low, high = o.mean - half, o.mean + half
+    w = state.window
+    p50, p95, p99 = (w.latency_quantile(q) * 1000.0 for q in (0.5, 0.95, 0.99))
+    histogram = dict(zip(_EDGES_MS, state.histogram, strict=True))
+    mean = o.mean if o.count else None
+    return ArmReport(name, w.requests, w.failures, w.error_rate, p50, p95, p99, histogram, o.count, mean, low, high)
+
+
+def _fmt_p(p: float) -> str:
+    return "p<0.0001" if p < 1e-4 else f"p={p:.3g}"
+
+
+def two_proportion_z_test(successes_a: int, n_a: int, successes_b: int, n_b: int) -> tuple[float, float]:
+    """``(z, two-sided p)`` for rate a minus rate b, with the pooled variance of equal rates.
+
+    Identical all-0 or all-1 arms have no variance to test against: ``(0.0, 1.0)``.
+    """
+    if n_a < 1 or n_b < 1 or not 0 <= successes_a <= n_a or not 0 <= successes_b <= n_b:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1, got {successes_a}/{n_a} and {successes_b}/{n_b}")
+    pooled = (successes_a + successes_b) / (n_a + n_b)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
+    if se == 0:
+        return 0.0, 1.0
+    z = (successes_a / n_a - successes_b / n_b) / se
+    return z, math.erfc(abs(z) / math.sqrt(2))
+
+
+def welch_t_test(
+    mean_a: float, var_a: float, n_a: int, mean_b: float, var_b: float, n_b: int
+) -> tuple[float, float, float]:
+    """``(t, Welch-Satterthwaite df, two-sided p)`` for mean a minus mean b, variances not assumed equal.
+
+    ``var_*`` are sample variances (``ddof=1``). When both are 0 the df is taken as
+    ``n_a + n_b - 2`` and ``t`` is 0 (equal means, p = 1) or infinite (p = 0).
+    """
+    if n_a < 2 or n_b < 2 or var_a < 0 or var_b < 0:
+        raise ValueError(f"need n >= 2 and var >= 0, got n={n_a}, {n_b} and var={var_a}, {var_b}")
+    sa, sb, diff = var_a / n_a, var_b / n_b, mean_a - mean_b
+    if sa + sb == 0:
+        return (0.0, n_a + n_b - 2.0, 1.0) if diff == 0 else (math.copysign(math.inf, diff), n_a + n_b - 2.0, 0.0)
+    df = (sa + sb) ** 2 / (sa * sa / (n_a - 1) + sb * sb / (n_b - 1))
+    t = diff / math.sqrt(sa + sb)
+    return t, df, _t_two_sided_p(t, df)
+
+
+def _t_two_sided_p(t: float, df: float) -> float:
+    """P(|T| > |t|) for Student's t with ``df`` degrees of freedom: I_{df/(df+t²)}(df/2, 1/2)."""
+    if df > 1e8:  # the continued fraction loses digits; the normal tail plus its 1/df term is good to ~1e-8
+        t = abs(t)
+        return math.erfc(t / math.sqrt(2)) + math.exp(-t * t / 2) * (t**3 + t) / (2 * df * math.sqrt(2 * math.pi))
+    return _betai(df / 2, 0.5, df / (df + t * t), t * t / (df + t * t))
+
+
+def _t_two_sided_quantile(p: float, df: float) -> float:
+    """The t > 0 with P(|T| > t) = p, by Newton's method on the tail."""
+    # The tail is decreasing and convex for t > 0, so Newton from 0 climbs to the root without overshooting.
+    log_norm = -0.5 * math.log(df) - _log_beta(df / 2, 0.5)
+    t = 0.0
+    for _ in range(200):
+        density = math.exp(log_norm - (df + 1) / 2 * math.log1p(t * t / df))
+        step = (_t_two_sided_p(t, df) - p) / (2 * density)
+        t += step
+        if step <= 1e-12 * t:
+            break
+    return t
+
+
+def _betai(a: float, b: float, x: float, y: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), given ``y = 1 - x`` (Numerical Recipes' betai)."""
+    if x <= 0 or y <= 0:
+        return 0.0 if x <= 0 else 1.0
+    # Each log from the smaller of x and y: for large df x is within t²/df of 1, and a·log(x) would lose digits.
+    log_x = math.log1p(-y) if x > 0.5 else math.log(x)
+    log_y = math.log1p(-x) if y > 0.5 else math.log(y)
+    front = math.exp(a * log_x + b * log_y - _log_beta(a, b))
+    # The continued fraction converges fast only below the mean; use I_x(a, b) = 1 - I_y(b, a) above it.
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, y) / b
+
+
+def _log_beta(a: float, b: float) -> float:
+    """Log B(a, b), without cancelling two huge lgammas when one argument is large."""
+    big, small = max(a, b), min(a, b)
+    if big < 1e4:
+        return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    # Stirling's series for lgamma(big + small) - lgamma(big); the next term is below 1e-18 here.
+    rise = small * math.log(big) + (big + small - 0.5) * math.log1p(small / big) - small
+    rise += (1 / (big + small) - 1 / big) / 12
+    return math.lgamma(small) - rise
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """The continued fraction of I_x(a, b), by the modified Lentz method (Numerical Recipes' betacf)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):  # with b = 1/2 it takes under 50 terms at any df
+        even = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        odd = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        for numerator in (even, odd):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            return h
+    raise ArithmeticError(f"incomplete beta continued fraction did not converge for a={a}, b={b}, x={x}")

@@ -1,0 +1,464 @@
+"""Split policies: which arm of a :class:`~inferkit.Router` serves a request.
+
+Every policy maps a point ``u`` in ``[0, 1)`` to an arm. The router derives ``u`` from the
+caller's key by hashing (so one key always lands at the same point: sticky) or draws it from a
+seeded RNG. Weighted policies lay their arms out as consecutive intervals of ``[0, 1)`` in a
+fixed order, so raising a canary from 5% to 25% only moves the keys between 0.05 and 0.25,
+into the candidate; no other key changes arm.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import attrs
+
+from inferkit.events import Event
+from inferkit.experiments import Window
+
+__all__ = [
+    "ABTest",
+    "Canary",
+    "CanaryDecision",
+    "CanaryState",
+    "Feedback",
+    "Fixed",
+    "Guard",
+    "Match",
+    "Policy",
+    "Route",
+    "Shadow",
+]
+
+
+@attrs.frozen
+class Route:
+    """Where one request goes: the arm that answers it, and an arm to mirror it to, if any."""
+
+    arm: str
+    shadow: str | None = None
+
+
+@attrs.frozen
+class Feedback:
+    """What the router tells a policy after a request.
+
+    ``kind`` is ``"served"`` (``latency_s``, ``failed``: the model or its replicas failed),
+    ``"shadow"`` (``agreed``: the mirrored arm's output matched the primary's) or
+    ``"outcome"`` (``value``: a business metric the app recorded for that arm).
+    """
+
+    kind: str
+    arm: str
+    now: float
+    latency_s: float = 0.0
+    failed: bool = False
+    agreed: bool = True
+    value: float = 0.0
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """**Protocol**: picks an arm for each request and learns from what happened."""
+
+    def route(self, u: float, attributes: Mapping[str, str]) -> Route:
+        """The route for a request at point ``u`` of ``[0, 1)`` with the caller's attributes."""
+
+    def arms(self) -> frozenset[str]:
+        """Every arm this policy may route to (checked against the router's arms)."""
+
+    def feedback(self, feedback: Feedback) -> None:
+        """Take note of a served request, a shadow comparison or a recorded outcome."""
+
+
+def _pick(layout: Sequence[tuple[str, float]], u: float) -> str:
+    """The arm whose interval of the cumulative weights holds ``u``."""
+    edge = 0.0
+    for arm, share in layout:
+        edge += share
+        if u < edge:
+            return arm
+    return layout[-1][0]
+
+
+class Fixed:
+    """Every request to one arm."""
+
+    def __init__(self, arm: str) -> None:
+        self.arm = arm
+
+    def route(self, u: float, attributes: Mapping[str, str]) -> Route:  # noqa: ARG002 (protocol)
+        """Always :attr:`arm`."""
+        return Route(self.arm)
+
+    def arms(self) -> frozenset[str]:
+        """The one arm."""
+        return frozenset((self.arm,))
+
+    def feedback(self, feedback: Feedback) -> None:
+        """Nothing to learn."""
+
+    def __repr__(self) -> str:
+        return f"Fixed({self.arm!r})"
+
+
+class ABTest:
+    """Split traffic by weight over any number of arms (weights need not sum to 1).
+
+    Arms keep the order given, so with sticky keys changing one weight moves only the keys
+    at the boundaries that shift.
+    """
+
+    def __init__(self, weights: Mapping[str, float]) -> None:
+        if not weights:
+            msg = "weights must name at least one arm"
+            raise ValueError(msg)
+        bad = {arm: w for arm, w in weights.items() if not w >= 0}
+        if bad or not sum(weights.values()) > 0:
+            msg = f"weights must be >= 0 and not all 0, got {dict(weights)!r}"
+            raise ValueError(msg)
+        total = sum(weights.values())
+        self.weights = {arm: w / total for arm, w in weights.items()}
+
+    def route(self, u: float, attributes: Mapping[str, str]) -> Route:  # noqa: ARG002 (protocol)
+        """The arm whose share of ``[0, 1)`` holds ``u``."""
+        return Route(_pick(tuple(self.weights.items()), u))
+
+    def arms(self) -> frozenset[str]:
+        """The weighted arms."""
+        return frozenset(self.weights)
+
+    def feedback(self, feedback: Feedback) -> None:
+        """Nothing to learn."""
+
+    def __repr__(self) -> str:
+        return f"ABTest({self.weights!r})"
+
+
+class Match:
+    """Route by a caller attribute before any weights (e.g. internal users to the candidate).
+
+    ``Match("tenant", {"internal": "v2"}, otherwise=ABTest(...))``: a request whose
+    ``attributes["tenant"]`` is ``"internal"`` goes to ``v2``; every other request is left to
+    ``otherwise``.
+    """
+
+    def __init__(self, attribute: str, routes: Mapping[str, str], otherwise: Policy) -> None:
+        self.attribute = attribute
+        self.routes = dict(routes)
+        self.otherwise = otherwise
+
+    def route(self, u: float, attributes: Mapping[str, str]) -> Route:
+        """The matched arm, else what ``otherwise`` picks."""
+        arm = self.routes.get(attributes.get(self.attribute, ""))
+        return Route(arm) if arm is not None else self.otherwise.route(u, attributes)
+
+    def arms(self) -> frozenset[str]:
+        """The matched arms and those of ``otherwise``."""
+        return frozenset(self.routes.values()) | self.otherwise.arms()
+
+    def feedback(self, feedback: Feedback) -> None:
+        """Passed on to ``otherwise``."""
+        self.otherwise.feedback(feedback)
+
+
+class Shadow:
+    """Mirror a fraction of traffic to ``candidate`` in the background; ``policy`` answers.
+
+    The mirrored request never adds latency or errors to the caller: it goes through a bounded
+    queue that drops (and counts) what it cannot take. The router compares the candidate's
+    output with the primary's and reports agreement back as feedback, so a wrapped
+    :class:`Canary` can guard on disagreement. The mirror is chosen by a hash of ``u`` that is
+    independent of the primary split.
+    """
+
+    def __init__(self, policy: Policy, candidate: str, fraction: float = 1.0) -> None:
+        if not 0.0 < fraction <= 1.0:
+            msg = f"fraction must be in (0, 1], got {fraction!r}"
+            raise ValueError(msg)
+        self.policy = policy
+        self.candidate = candidate
+        self.fraction = fraction
+
+    def route(self, u: float, attributes: Mapping[str, str]) -> Route:
+        """The wrapped policy's arm, mirrored to the candidate for ``fraction`` of requests."""
+        primary = self.policy.route(u, attributes)
+        mirror = (u * 7919.0) % 1.0 < self.fraction and primary.arm != self.candidate
+        return Route(primary.arm, self.candidate if mirror else primary.shadow)
+
+    def arms(self) -> frozenset[str]:
+        """The wrapped policy's arms and the candidate."""
+        return self.policy.arms() | {self.candidate}
+
+    def feedback(self, feedback: Feedback) -> None:
+        """Passed on to the wrapped policy."""
+        self.policy.feedback(feedback)
+
+
+@attrs.frozen
+class Guard:
+    """Limits a canary's candidate must stay within; ``None`` switches a check off.
+
+    Only failures of the model or its replicas count as errors, never the caller's
+    ``InvalidInput`` or ``Overloaded``.
+
+    ===========================  ===========================================================
+    ``max_error_rate``           the candidate's error rate in the step
+    ``max_error_rate_increase``  candidate error rate minus the baseline's
+    ``max_p99_ratio``            candidate p99 latency over the baseline's
+    ``max_disagreement``         share of shadow comparisons that disagreed
+    ``min_outcome_ratio``        candidate's mean recorded outcome over the baseline's
+    ``min_baseline_requests``    baseline requests needed before relative checks apply
+    ===========================  ===========================================================
+    """
+
+    max_error_rate: float | None = attrs.field(default=0.01)
+    max_error_rate_increase: float | None = None
+    max_p99_ratio: float | None = None
+    max_disagreement: float | None = None
+    min_outcome_ratio: float | None = None
+    min_baseline_requests: int = 20
+
+    def check(self, baseline: _StepWindow, candidate: _StepWindow) -> tuple[str, dict[str, float]] | None:
+        """The first limit the candidate breaks, with the numbers that broke it; None if none."""
+        cand_rate = candidate.window.error_rate
+        numbers = {"candidate_requests": float(candidate.window.requests), "candidate_error_rate": cand_rate}
+        if self.max_error_rate is not None and cand_rate > self.max_error_rate:
+            return "max_error_rate", numbers | {"limit": self.max_error_rate}
+        base_ok = baseline.window.requests >= self.min_baseline_requests
+        if self.max_error_rate_increase is not None and base_ok:
+            increase = cand_rate - baseline.window.error_rate
+            if increase > self.max_error_rate_increase:
+                return "max_error_rate_increase", numbers | {
+                    "increase": increase,
+                    "limit": self.max_error_rate_increase,
+                }
+        if self.max_p99_ratio is not None and base_ok:
+            base_p99 = baseline.window.latency_quantile(0.99)
+            cand_p99 = candidate.window.latency_quantile(0.99)
+            if base_p99 > 0 and cand_p99 / base_p99 > self.max_p99_ratio:
+                ratio = cand_p99 / base_p99
+                return "max_p99_ratio", numbers | {"p99_ratio": ratio, "limit": self.max_p99_ratio}
+        if self.max_disagreement is not None and candidate.compared:
+            share = candidate.disagreed / candidate.compared
+            if share > self.max_disagreement:
+                return "max_disagreement", numbers | {"disagreement": share, "limit": self.max_disagreement}
+        if self.min_outcome_ratio is not None and candidate.outcomes and baseline.outcomes:
+            base_mean = baseline.outcome_sum / baseline.outcomes
+            cand_mean = candidate.outcome_sum / candidate.outcomes
+            if base_mean > 0 and cand_mean / base_mean < self.min_outcome_ratio:
+                ratio = cand_mean / base_mean
+                return "min_outcome_ratio", numbers | {"outcome_ratio": ratio, "limit": self.min_outcome_ratio}
+        return None
+
+
+class _StepWindow:
+    """One arm's numbers within the current canary step."""
+
+    def __init__(self) -> None:
+        self.window = Window()
+        self.compared = 0
+        self.disagreed = 0
+        self.outcomes = 0
+        self.outcome_sum = 0.0
+
+
+class CanaryState(enum.Enum):
+    """Where a canary rollout is."""
+
+    RUNNING = "running"
+    PAUSED = "paused"  # holds its weight; no automatic promotion (guards still roll back)
+    PROMOTED = "promoted"  # the candidate takes all traffic
+    ROLLED_BACK = "rolled_back"  # the baseline takes all traffic
+
+
+@attrs.frozen
+class CanaryDecision(Event):
+    """A canary moved: ``action`` is ``"step"``, ``"promote"``, ``"rollback"``, ``"pause"`` or ``"resume"``.
+
+    ``reason`` names the guard that failed (or ``"manual"``, ``"guard passed"``), and ``numbers``
+    the figures that triggered it.
+    """
+
+    action: str
+    step: int
+    weight: float
+    reason: str
+    numbers: Mapping[str, float]
+
+
+class Canary:
+    """Roll a candidate forward through ``steps`` of traffic, rolling back when a guard fails.
+
+    A step ends once the candidate has served ``min_requests_per_step`` requests in it and
+    ``min_seconds_per_step`` have passed; if the guard holds, the weight rises to the next
+    step, and after the last one the candidate is promoted. The guard is also checked on every
+    candidate failure, so a broken candidate is rolled back as soon as the step can no longer
+    pass. ``on_decision`` (and the router's observers) receive each :class:`CanaryDecision`.
+    """
+
+    def __init__(
+        self,
+        baseline: str,
+        candidate: str,
+        steps: Sequence[float] = (0.01, 0.05, 0.25, 1.0),
+        *,
+        min_requests_per_step: int = 500,
+        min_seconds_per_step: float = 0.0,
+        guard: Guard | None = None,
+        on_decision: Callable[[CanaryDecision], None] | None = None,
+    ) -> None:
+        if not steps or any(not 0 < s <= 1 for s in steps) or list(steps) != sorted(steps):
+            msg = f"steps must be increasing weights in (0, 1], got {tuple(steps)!r}"
+            raise ValueError(msg)
+        if baseline == candidate:
+            msg = f"baseline and candidate must differ, got {baseline!r} twice"
+            raise ValueError(msg)
+        if min_requests_per_step < 1:
+            msg = f"min_requests_per_step must be >= 1, got {min_requests_per_step!r}"
+            raise ValueError(msg)
+        self.baseline = baseline
+        self.candidate = candidate
+        self.steps = tuple(steps)
+        self.min_requests_per_step = min_requests_per_step
+        self.min_seconds_per_step = min_seconds_per_step
+        self.guard = guard if guard is not None else Guard()
+        self.on_decision = on_decision
+        self.emit: Callable[[Event], None] | None = None  # set by the router that uses it
+        self.name = "router"
+        self._lock = threading.Lock()
+        self._state = CanaryState.RUNNING
+        self._step = 0
+        self._weight = self.steps[0]
+        self._since: float | None = None
+        self._new_step()
+
+    @property
+    def state(self) -> CanaryState:
+        """Where the rollout is."""
+        return self._state
+
+    @property
+    def step(self) -> int:
+        """Index of the current step in :attr:`steps`."""
+        return self._step
+
+    @property
+    def weight(self) -> float:
+        """Share of traffic the candidate gets now."""
+        return self._weight
+
+    def route(self, u: float, attributes: Mapping[str, str]) -> Route:  # noqa: ARG002 (protocol)
+        """The candidate for ``u`` below the current weight, else the baseline."""
+        return Route(self.candidate if u < self._weight else self.baseline)
+
+    def arms(self) -> frozenset[str]:
+        """Baseline and candidate."""
+        return frozenset((self.baseline, self.candidate))
+
+    def feedback(self, feedback: Feedback) -> None:
+        """Count what happened in this step and decide whether to step, promote or roll back."""
+        decision = None
+        with self._lock:
+            if self._state in (CanaryState.PROMOTED, CanaryState.ROLLED_BACK):
+                return
+            if self._since is None:
+                self._since = feedback.now
+            side = self._windows.get(feedback.arm)
+            if side is None:
+                return
+            if feedback.kind == "served":
+                side.window.observe(feedback.latency_s, feedback.failed)
+            elif feedback.kind == "shadow":
+                side.compared += 1
+                side.disagreed += not feedback.agreed
+            elif feedback.kind == "outcome":
+                side.outcomes += 1
+                side.outcome_sum += feedback.value
+            decision = self._decide(feedback)
+        if decision is not None:
+            self._announce(decision)
+
+    def _decide(self, feedback: Feedback) -> CanaryDecision | None:
+        base, cand = self._windows[self.baseline], self._windows[self.candidate]
+        served = cand.window.requests
+        step_done = served >= self.min_requests_per_step and (
+            feedback.now - (self._since or feedback.now) >= self.min_seconds_per_step
+        )
+        broken = self.guard.check(base, cand)
+        if broken is not None:
+            reason, numbers = broken
+            # Mid-step only a certain failure counts; relative checks wait for a full step's data.
+            doomed = reason == "max_error_rate" and self._cannot_pass(cand)
+            if step_done or doomed:
+                return self._move(CanaryState.ROLLED_BACK, 0.0, "rollback", reason, numbers)
+            return None
+        if not step_done or self._state is CanaryState.PAUSED:
+            return None
+        numbers = {"candidate_requests": float(served), "candidate_error_rate": cand.window.error_rate}
+        if self._step + 1 >= len(self.steps):
+            return self._move(CanaryState.PROMOTED, 1.0, "promote", "guard passed", numbers)
+        self._step += 1
+        self._new_step()
+        return self._move(CanaryState.RUNNING, self.steps[self._step], "step", "guard passed", numbers)
+
+    def _cannot_pass(self, cand: _StepWindow) -> bool:
+        """Whether the failures so far already exceed what a whole step may hold."""
+        limit = self.guard.max_error_rate or 0.0
+        return cand.window.failures > limit * self.min_requests_per_step
+
+    def _new_step(self) -> None:
+        self._windows = {self.baseline: _StepWindow(), self.candidate: _StepWindow()}
+        self._since = None
+        self._weight = self.steps[self._step]
+
+    def _move(
+        self, state: CanaryState, weight: float, action: str, reason: str, numbers: dict[str, float]
+    ) -> CanaryDecision:
+        self._state = state
+        self._weight = weight
+        return CanaryDecision(self.name, action, self._step, weight, reason, numbers)
+
+    def _announce(self, decision: CanaryDecision) -> None:
+        for hook in (self.emit, self.on_decision):
+            if hook is not None:
+                try:
+                    hook(decision)
+                except Exception:  # noqa: BLE001, S112 (a hook must never break routing)
+                    continue
+
+    def _manual(self, state: CanaryState, weight: float | None, action: str) -> None:
+        with self._lock:
+            decision = self._move(state, self._weight if weight is None else weight, action, "manual", {})
+        self._announce(decision)
+
+    def promote(self) -> None:
+        """Send all traffic to the candidate now."""
+        self._manual(CanaryState.PROMOTED, 1.0, "promote")
+
+    def rollback(self) -> None:
+        """Send all traffic back to the baseline now."""
+        self._manual(CanaryState.ROLLED_BACK, 0.0, "rollback")
+
+    def pause(self) -> None:
+        """Hold the current weight: no automatic promotion (a failing guard still rolls back)."""
+        self._manual(CanaryState.PAUSED, None, "pause")
+
+    def resume(self) -> None:
+        """Let a paused rollout step forward again."""
+        self._manual(CanaryState.RUNNING, None, "resume")
+
+    def __repr__(self) -> str:
+        return f"Canary({self.baseline!r} -> {self.candidate!r}, {self._state.value}, weight={self._weight})"
+
+
+def find_canary(policy: Any) -> Canary | None:
+    """The first :class:`Canary` in a tree of policies (through ``Shadow`` and ``Match``)."""
+    while policy is not None:
+        if isinstance(policy, Canary):
+            return policy
+        policy = getattr(policy, "policy", None) or getattr(policy, "otherwise", None)
+    return None

@@ -1,0 +1,430 @@
+"""The Router: named predictors behind one ``predict``, split by a policy.
+
+A router has the faces of a :class:`~inferkit.Predictor` (``predict``, ``submit``,
+``apredict``, ``stats``, ``close``), so routers nest. ``predict`` returns exactly what the
+chosen arm returns and runs on the caller's thread like the arm's own ``predict``; the chosen
+arm is visible through ``on_route`` and on the future that ``submit`` returns (``future.arm``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import queue
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any, Protocol, Self, runtime_checkable
+
+import attrs
+import numpy as np
+
+from inferkit.errors import Closed, ModelError, NoHealthyReplica
+from inferkit.events import Event, LogObserver, Observer
+from inferkit.experiments import Experiment, Report
+from inferkit.policies import ABTest, Canary, Feedback, Fixed, Policy, Route, find_canary
+
+__all__ = ["Predictive", "RoutedFuture", "Router", "RouterStats", "ShadowStats"]
+
+_FAILURES = (ModelError, NoHealthyReplica)  # what counts against an arm: never the caller's mistakes
+_REMEMBER = 100_000  # keys and request ids remembered for record()
+
+
+@runtime_checkable
+class Predictive(Protocol):
+    """**Protocol**: what an arm offers; :class:`~inferkit.Predictor` and :class:`Router` both do."""
+
+    def predict(self, x: Any, *, timeout: float | None = None, priority: int = 0) -> Any:
+        """The result for ``x``."""
+
+    def submit(self, x: Any, *, timeout: float | None = None, priority: int = 0) -> Future[Any]:
+        """A future of the result for ``x``."""
+
+    def stats(self) -> Any:
+        """A snapshot of the arm's counters."""
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish what was accepted and stop."""
+
+
+class RoutedFuture(Future[Any]):
+    """The future of a routed request: ``arm`` served it, ``request_id`` names it for ``record``."""
+
+    def __init__(self, arm: str, request_id: int) -> None:
+        super().__init__()
+        self.arm = arm
+        self.request_id = request_id
+        self._inner: Future[Any] | None = None
+
+    def cancel(self) -> bool:
+        """Cancel the request if the arm has not started it."""
+        inner = self._inner
+        if inner is not None and not inner.cancel():
+            return False
+        return super().cancel()
+
+
+@attrs.frozen
+class ShadowStats:
+    """Mirrored requests and how they compared with the primary.
+
+    ``sent`` went to the candidate (each ends agreed, disagreed or in error); ``dropped`` never
+    did, because the shadow queue was full (or still held them at close).
+    """
+
+    sent: int
+    dropped: int
+    agreed: int
+    disagreed: int
+    errors: int
+
+
+@attrs.frozen
+class RouterStats:
+    """Per-arm predictor stats, how many requests each arm got, shadow counts and the policy."""
+
+    routed: Mapping[str, int]
+    arms: Mapping[str, Any]
+    shadow: ShadowStats
+    policy: str
+
+
+def _point(key: Hashable) -> float:
+    """A stable point in [0, 1) for a key, the same in every process."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def _agree(a: Any, b: Any) -> bool:
+    """Default shadow comparison: same keys and close arrays (rtol 1e-4, atol 1e-5)."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_agree(a[k], b[k]) for k in a)
+    try:
+        x, y = np.asarray(a), np.asarray(b)
+        if x.shape != y.shape:
+            return False
+        if x.dtype.kind in "fc" or y.dtype.kind in "fc":
+            return bool(np.allclose(x, y, rtol=1e-4, atol=1e-5))
+        return bool(np.array_equal(x, y))
+    except (TypeError, ValueError):
+        return False
+
+
+class Router:
+    """Split requests between named predictors with a :class:`~inferkit.policies.Policy`.
+
+    ``key`` makes assignment sticky (one key, one arm, stable across canary steps); without
+    it a seedable RNG decides. ``attributes`` feed :class:`~inferkit.policies.Match`.
+    ``record(value, key=...)`` or ``record(value, request_id=...)`` credits a business
+    outcome to the arm that served that key or request; :meth:`report` compares the arms.
+    """
+
+    def __init__(
+        self,
+        arms: Mapping[str, Predictive],
+        policy: Policy | None = None,
+        *,
+        seed: int | None = None,
+        name: str = "router",
+        on_route: Callable[[str], None] | None = None,
+        observers: Sequence[Observer] = (),
+        compare: Callable[[Any, Any], bool] = _agree,
+        shadow_queue_size: int = 64,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not arms:
+            msg = "a router needs at least one arm"
+            raise ValueError(msg)
+        self.name = name
+        self._arms = dict(arms)
+        self._rng = random.Random(seed)
+        self._on_route = on_route
+        self._observers = (*observers, LogObserver())
+        self._compare = compare
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._routed = dict.fromkeys(self._arms, 0)
+        self._by_key: OrderedDict[Hashable, str] = OrderedDict()
+        self._by_id: OrderedDict[int, str] = OrderedDict()
+        self._experiment = Experiment(list(self._arms))
+        self._shadow_queue: queue.Queue[tuple[str, Any, Future[Any]] | None] = queue.Queue(shadow_queue_size)
+        self._shadow_thread: threading.Thread | None = None
+        self._shadow = {"sent": 0, "dropped": 0, "agreed": 0, "disagreed": 0, "errors": 0}
+        self._closed = False
+        self._policy: Policy = Fixed(next(iter(self._arms)))
+        self.set_policy(policy if policy is not None else ABTest(dict.fromkeys(self._arms, 1.0)))
+
+    # -- routing ---------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> Policy:
+        """The policy in force."""
+        return self._policy
+
+    def set_policy(self, policy: Policy) -> None:
+        """Replace the policy while serving; requests already routed are not affected."""
+        unknown = policy.arms() - self._arms.keys()
+        if unknown:
+            msg = f"policy routes to unknown arms {sorted(unknown)}; the router has {sorted(self._arms)}"
+            raise ValueError(msg)
+        canary = find_canary(policy)
+        if canary is not None:
+            canary.emit, canary.name = self._emit, self.name
+        self._policy = policy
+
+    def _route(self, key: Hashable | None, attributes: Mapping[str, str] | None) -> Route:
+        if self._closed:
+            msg = f"router {self.name!r} is closed"
+            raise Closed(msg)
+        u = _point(key) if key is not None else self._rng.random()
+        route = self._policy.route(u, attributes or {})
+        with self._lock:
+            self._routed[route.arm] += 1
+        if self._on_route is not None:
+            self._on_route(route.arm)
+        return route
+
+    def predict(
+        self,
+        x: Any,
+        *,
+        key: Hashable | None = None,
+        attributes: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        priority: int = 0,
+    ) -> Any:
+        """Route ``x`` and return the chosen arm's result, exactly as that arm returns it."""
+        route = self._route(key, attributes)
+        start = self._clock()
+        try:
+            result = self._call(route.arm, "predict", x, timeout, priority)
+        except Exception as error:
+            self._served(route.arm, start, error)
+            raise
+        self._served(route.arm, start, None)
+        if key is not None:
+            self._remember(self._by_key, key, route.arm)
+        if route.shadow is not None:
+            done: Future[Any] = Future()
+            done.set_result(result)
+            self._mirror(route.shadow, x, done)
+        return result
+
+    def submit(
+        self,
+        x: Any,
+        *,
+        key: Hashable | None = None,
+        attributes: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        priority: int = 0,
+    ) -> RoutedFuture:
+        """Route ``x`` and return a future of the arm's result; ``future.arm`` names the arm."""
+        route = self._route(key, attributes)
+        outer = RoutedFuture(route.arm, next(self._ids))
+        start = self._clock()
+        inner: Future[Any] = self._call(route.arm, "submit", x, timeout, priority)
+        outer._inner = inner
+        self._remember(self._by_id, outer.request_id, route.arm)
+        if key is not None:
+            self._remember(self._by_key, key, route.arm)
+
+        def relay(done: Future[Any]) -> None:
+            if done.cancelled():
+                outer.cancel()
+                return
+            error = done.exception()
+            self._served(route.arm, start, error)
+            if outer.set_running_or_notify_cancel():
+                if error is None:
+                    outer.set_result(done.result())
+                else:
+                    outer.set_exception(error)
+
+        inner.add_done_callback(relay)
+        if route.shadow is not None:
+            self._mirror(route.shadow, x, outer)
+        return outer
+
+    async def apredict(
+        self,
+        x: Any,
+        *,
+        key: Hashable | None = None,
+        attributes: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        priority: int = 0,
+    ) -> Any:
+        """:meth:`predict` for asyncio."""
+        future = self.submit(x, key=key, attributes=attributes, timeout=timeout, priority=priority)
+        return await asyncio.wrap_future(future)
+
+    def _call(self, arm: str, method: str, x: Any, timeout: float | None, priority: int) -> Any:
+        """Call the arm's predictor, again on its replacement when it was swapped meanwhile."""
+        while True:
+            target = self._arms[arm]
+            try:
+                return getattr(target, method)(x, timeout=timeout, priority=priority)
+            except Closed:
+                if self._arms[arm] is target or self._closed:
+                    raise
+
+    def _served(self, arm: str, start: float, error: BaseException | None) -> None:
+        now = self._clock()
+        failed = isinstance(error, _FAILURES)
+        self._experiment.observe(arm, now - start, failed)
+        self._policy.feedback(Feedback("served", arm, now, latency_s=now - start, failed=failed))
+
+    def _remember(self, table: OrderedDict[Any, str], key: Any, arm: str) -> None:
+        with self._lock:
+            table[key] = arm
+            table.move_to_end(key)
+            if len(table) > _REMEMBER:
+                table.popitem(last=False)
+
+    # -- shadow traffic --------------------------------------------------------------------
+
+    def _mirror(self, arm: str, x: Any, primary: Future[Any]) -> None:
+        try:
+            self._shadow_queue.put_nowait((arm, x, primary))
+        except queue.Full:
+            with self._lock:
+                self._shadow["dropped"] += 1
+            return
+        with self._lock:
+            self._shadow["sent"] += 1
+            if self._shadow_thread is None and not self._closed:
+                self._shadow_thread = threading.Thread(
+                    target=self._shadow_loop, name=f"inferkit-shadow-{self.name}", daemon=True
+                )
+                self._shadow_thread.start()
+
+    def _shadow_loop(self) -> None:
+        while True:
+            item = self._shadow_queue.get()
+            if item is None:
+                return
+            arm, x, primary = item
+            try:
+                mirrored = self._arms[arm].submit(x).result()
+                expected = primary.result()
+            except BaseException:  # noqa: BLE001 (a failing shadow or primary is counted, never raised)
+                self._count_shadow("errors")
+                continue
+            agreed = self._compare(mirrored, expected)
+            self._count_shadow("agreed" if agreed else "disagreed")
+            self._policy.feedback(Feedback("shadow", arm, self._clock(), agreed=agreed))
+
+    def _count_shadow(self, what: str) -> None:
+        with self._lock:
+            self._shadow[what] += 1
+
+    # -- experiments -----------------------------------------------------------------------
+
+    def record(self, value: float, *, key: Hashable | None = None, request_id: int | None = None) -> str:
+        """Credit a business outcome to the arm that served ``key`` (or ``request_id``); return the arm.
+
+        Raises ``KeyError`` when the router has not served (or no longer remembers) that key or id.
+        """
+        with self._lock:
+            arm = self._by_key.get(key) if key is not None else self._by_id.get(request_id)  # type: ignore[arg-type]
+        if arm is None:
+            msg = f"no request served for key={key!r} request_id={request_id!r}"
+            raise KeyError(msg)
+        self._experiment.record(arm, value)
+        self._policy.feedback(Feedback("outcome", arm, self._clock(), value=value))
+        return arm
+
+    def report(self) -> Report:
+        """Per-arm requests, errors, latency and outcomes, compared with the baseline."""
+        canary = find_canary(self._policy)
+        return self._experiment.report(baseline=canary.baseline if canary is not None else None)
+
+    def _canary(self) -> Canary:
+        canary = find_canary(self._policy)
+        if canary is None:
+            msg = f"the policy {self._policy!r} has no Canary"
+            raise TypeError(msg)
+        return canary
+
+    def promote(self) -> None:
+        """Promote the policy's canary now."""
+        self._canary().promote()
+
+    def rollback(self) -> None:
+        """Roll the policy's canary back now."""
+        self._canary().rollback()
+
+    def pause(self) -> None:
+        """Hold the policy's canary at its current weight."""
+        self._canary().pause()
+
+    def resume(self) -> None:
+        """Let a paused canary step forward again."""
+        self._canary().resume()
+
+    # -- arms and lifecycle ----------------------------------------------------------------
+
+    @property
+    def arms(self) -> Mapping[str, Predictive]:
+        """The arms by name (a copy)."""
+        return dict(self._arms)
+
+    def swap(self, arm: str, predictor: Predictive, *, close_old: bool = True, timeout: float | None = None) -> None:
+        """Replace an arm's model while serving; requests the old one accepted still finish there."""
+        if arm not in self._arms:
+            msg = f"unknown arm {arm!r}; the router has {sorted(self._arms)}"
+            raise KeyError(msg)
+        old = self._arms[arm]
+        self._arms[arm] = predictor
+        if close_old and old is not predictor:
+            old.close(timeout)
+
+    def stats(self) -> RouterStats:
+        """Each arm's own stats, the split so far, shadow counts and the policy."""
+        with self._lock:
+            shadow = ShadowStats(**self._shadow)
+            routed = dict(self._routed)
+        return RouterStats(routed, {a: p.stats() for a, p in self._arms.items()}, shadow, repr(self._policy))
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop routing, let the shadow work and every arm drain, then stop their threads."""
+        if self._closed:
+            return
+        self._closed = True
+        thread = self._shadow_thread
+        if thread is not None:
+            while True:  # make room for the stop sentinel: unsent mirrors are dropped
+                try:
+                    self._shadow_queue.put_nowait(None)
+                    break
+                except queue.Full:
+                    try:
+                        self._shadow_queue.get_nowait()
+                    except queue.Empty:
+                        continue
+                    with self._lock:
+                        self._shadow["sent"] -= 1
+                        self._shadow["dropped"] += 1
+        for predictor in {id(p): p for p in self._arms.values()}.values():
+            predictor.close(timeout)
+        if thread is not None:
+            thread.join(timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _emit(self, event: Event) -> None:
+        for observer in self._observers:
+            try:
+                observer(event)
+            except Exception:  # noqa: BLE001, S112 (an observer must never break routing)
+                continue

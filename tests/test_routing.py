@@ -1,0 +1,398 @@
+"""The Router and its policies, with real predictors and real threads."""
+
+from __future__ import annotations
+
+import random
+import threading
+from concurrent.futures import wait
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from inferkit import (
+    ABTest,
+    Canary,
+    CanaryState,
+    Fixed,
+    Guard,
+    Match,
+    ModelError,
+    Predictor,
+    Router,
+    Shadow,
+)
+
+WAIT = 30
+
+
+def arm(factor: float = 2.0, **kw: Any) -> Predictor:
+    """A predictor computing ``factor * x``."""
+    return Predictor.from_callable(lambda x: x * factor, **kw)
+
+
+def x(value: float = 1.0) -> np.ndarray:
+    return np.full((1, 2), value)
+
+
+class FakeClock:
+    """A clock that only moves when told to, so latency guards never race the machine."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.lock = threading.Lock()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self.lock:
+            self.now += seconds
+
+
+class Flaky:
+    """``2 x``, raising on every ``every``-th call (deterministic failure rate 1/every)."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, a: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.calls += 1
+            fail = self.calls % self.every == 0
+        if fail:
+            msg = "candidate bug"
+            raise RuntimeError(msg)
+        return a * 2
+
+
+class TestSplit:
+    """Weighted and sticky assignment."""
+
+    def test_split_accuracy(self) -> None:
+        """100,000 unkeyed decisions at 10/90 land within the chi-square bound (p = 0.001)."""
+        seen = {"a": 0, "b": 0}
+
+        def count(name: str) -> None:
+            seen[name] += 1
+
+        with Router({"a": arm(), "b": arm()}, ABTest({"a": 0.1, "b": 0.9}), seed=7, on_route=count) as r:
+            for _ in range(100_000):
+                r.predict(x())
+        expected = {"a": 10_000, "b": 90_000}
+        chi2 = sum((seen[k] - e) ** 2 / e for k, e in expected.items())
+        assert chi2 < 10.83
+        assert r.stats().routed == seen
+
+    def test_keys_are_sticky(self) -> None:
+        """The same key always gets the same arm, and keys spread over both arms."""
+        with Router({"a": arm(), "b": arm()}, ABTest({"a": 1, "b": 1})) as r:
+            first = {k: r.submit(x(), key=f"user-{k}").arm for k in range(500)}
+            again = {k: r.submit(x(), key=f"user-{k}").arm for k in range(500)}
+        assert first == again
+        assert 150 < sum(a == "a" for a in first.values()) < 350
+
+    def test_canary_step_only_moves_keys_into_the_candidate(self) -> None:
+        """Raising a canary's weight moves baseline keys into the candidate and never the reverse."""
+        canary = Canary("v1", "v2", steps=(0.05, 0.25, 1.0), min_requests_per_step=5, guard=Guard())
+        with Router({"v1": arm(), "v2": arm()}, canary) as r:
+            r.pause()  # hold the weight while the keys are mapped
+            futures = {k: r.submit(x(), key=k) for k in range(2000)}
+            wait(futures.values(), WAIT)  # their feedback is in before the canary moves on
+            before = {k: f.arm for k, f in futures.items()}
+            r.resume()
+            while canary.step == 0:
+                r.predict(x(), key=next(k for k, a in before.items() if a == "v2"))
+            r.pause()
+            assert canary.weight == 0.25
+            after = {k: r.submit(x(), key=k).arm for k in range(2000)}
+        moved = {k for k in before if before[k] != after[k]}
+        assert moved
+        assert all(before[k] == "v1" and after[k] == "v2" for k in moved)
+        assert 0.18 < sum(a == "v2" for a in after.values()) / 2000 < 0.32
+
+    def test_match_routes_by_attribute_first(self) -> None:
+        """Internal users always reach the candidate; everyone else follows the weights."""
+        policy = Match("tenant", {"internal": "v2"}, otherwise=Fixed("v1"))
+        with Router({"v1": arm(2), "v2": arm(3)}, policy) as r:
+            assert all(r.submit(x(), attributes={"tenant": "internal"}).arm == "v2" for _ in range(50))
+            assert all(r.submit(x(), attributes={"tenant": "acme"}).arm == "v1" for _ in range(50))
+            np.testing.assert_array_equal(r.predict(x(), attributes={"tenant": "internal"}), x() * 3)
+
+    def test_unknown_arm_is_refused(self) -> None:
+        """A policy naming an arm the router does not have fails at once, naming it."""
+        with Router({"v1": arm()}) as r, pytest.raises(ValueError, match="'v9'"):
+            r.set_policy(Fixed("v9"))
+
+
+class TestFaces:
+    """The router answers like a predictor."""
+
+    def test_predict_returns_what_the_arm_returns(self) -> None:
+        """predict gives the arm's own result; submit's future names the arm; routers nest."""
+        routes: list[str] = []
+        inner = Router({"p": arm(3)}, Fixed("p"))
+        with Router({"v1": arm(2), "v2": inner}, Fixed("v2"), on_route=routes.append) as r:
+            np.testing.assert_array_equal(r.predict(x(4)), x(4) * 3)
+            future = r.submit(x(5))
+            np.testing.assert_array_equal(future.result(WAIT), x(5) * 3)
+            assert future.arm == "v2"
+            assert routes == ["v2", "v2"]
+
+    def test_record_and_report(self) -> None:
+        """Outcomes are credited to the arm that served the key or request; the report compares arms."""
+        with Router({"v1": arm(), "v2": arm()}, ABTest({"v1": 1, "v2": 1}), seed=1) as r:
+            rng = random.Random(3)
+            for user in range(400):
+                served = r.submit(x(), key=user)
+                served.result(WAIT)
+                rate = 0.2 if served.arm == "v1" else 0.6
+                assert r.record(float(rng.random() < rate), key=user) == served.arm
+            by_id = r.submit(x())
+            by_id.result(WAIT)
+            assert r.record(1.0, request_id=by_id.request_id) == by_id.arm
+            with pytest.raises(KeyError):
+                r.record(1.0, key="never-seen")
+            report = r.report()
+        assert {a.arm for a in report.arms} == {"v1", "v2"}
+        comparison = report.comparisons[0]
+        assert comparison.test == "two-proportion z-test"
+        assert comparison.significant
+        assert "v2" in str(report)
+
+
+class TestCanary:
+    """Automatic promotion and rollback."""
+
+    def test_failing_candidate_is_rolled_back_in_its_first_step(self) -> None:
+        """A candidate failing 5% of requests is rolled back before its first step passes; then all
+        traffic returns to the baseline and no request is lost."""
+        decisions = []
+        canary = Canary(
+            "v1",
+            "v2",
+            steps=(0.2, 0.5, 1.0),
+            min_requests_per_step=200,
+            guard=Guard(max_error_rate=0.01),
+            on_decision=decisions.append,
+        )
+        candidate = Predictor.from_callable(Flaky(every=20))
+        outcomes = {"ok": 0, "model_error": 0}
+        with Router({"v1": arm(), "v2": candidate}, canary, seed=5) as r:
+            for i in range(3000):
+                try:
+                    np.testing.assert_array_equal(r.predict(x(i)), x(i) * 2)
+                    outcomes["ok"] += 1
+                except ModelError:
+                    outcomes["model_error"] += 1
+            stats = r.stats()
+        assert [d.action for d in decisions] == ["rollback"]
+        assert decisions[0].step == 0
+        assert decisions[0].reason == "max_error_rate"
+        assert decisions[0].numbers["candidate_requests"] < 200
+        assert canary.state is CanaryState.ROLLED_BACK
+        assert sum(outcomes.values()) == 3000
+        assert stats.arms["v2"].completed + sum(stats.arms["v2"].failed.values()) == stats.routed["v2"]
+        assert stats.routed["v2"] < 200  # nothing reached it after the rollback
+
+    def test_healthy_candidate_is_promoted_through_every_step(self) -> None:
+        """A healthy candidate steps through every weight and is promoted, guards on latency included."""
+        clock = FakeClock()
+        decisions = []
+        canary = Canary(
+            "v1",
+            "v2",
+            steps=(0.1, 0.5, 1.0),
+            min_requests_per_step=50,
+            guard=Guard(max_error_rate=0.0, max_p99_ratio=1.5),
+            on_decision=decisions.append,
+        )
+        with Router({"v1": arm(), "v2": arm()}, canary, seed=2, clock=clock) as r:
+            for i in range(2000):
+                r.predict(x(i))
+                if canary.state is CanaryState.PROMOTED:
+                    break
+            assert all(r.submit(x(), key=k).arm == "v2" for k in range(100))
+        assert [(d.action, d.weight) for d in decisions] == [("step", 0.5), ("step", 1.0), ("promote", 1.0)]
+
+    def test_slow_candidate_is_rolled_back_on_p99(self) -> None:
+        """A candidate 20x slower than the baseline (injected through a fake clock) fails max_p99_ratio."""
+        clock = FakeClock()
+
+        def timed(seconds: float, factor: float) -> Predictor:
+            def fn(a: np.ndarray) -> np.ndarray:
+                clock.advance(seconds)
+                return a * factor
+
+            return Predictor.from_callable(fn, max_delay_ms=0)
+
+        canary = Canary("v1", "v2", steps=(0.5, 1.0), min_requests_per_step=40, guard=Guard(max_p99_ratio=1.5))
+        with Router({"v1": timed(0.001, 2), "v2": timed(0.02, 2)}, canary, seed=3, clock=clock) as r:
+            for i in range(500):
+                r.predict(x(i))
+        assert canary.state is CanaryState.ROLLED_BACK
+
+    def test_manual_controls(self) -> None:
+        """promote, rollback, pause and resume move the canary and its weight at once."""
+        canary = Canary("v1", "v2", steps=(0.1, 1.0), min_requests_per_step=1)
+        with Router({"v1": arm(), "v2": arm()}, canary) as r:
+            r.pause()
+            for i in range(50):
+                r.predict(x(i))
+            assert canary.state is CanaryState.PAUSED
+            assert canary.weight == 0.1
+            r.resume()
+            r.promote()
+            assert canary.weight == 1.0
+            r.rollback()
+            assert canary.weight == 0.0
+            assert all(r.submit(x(), key=k).arm == "v1" for k in range(50))
+
+
+class TestShadow:
+    """Mirrored traffic never touches the caller."""
+
+    def test_raising_and_disagreeing_candidates_are_counted(self) -> None:
+        """A shadow that raises or disagrees changes neither results nor errors; both are counted."""
+        broken = Predictor.from_callable(Flaky(every=2))  # every other call raises
+        with Router({"v1": arm(2), "v2": broken, "v3": arm(3)}, Shadow(Shadow(Fixed("v1"), "v2"), "v3")) as r:
+            for i in range(20):
+                np.testing.assert_array_equal(r.predict(x(i)), x(i) * 2)
+            futures = [r.submit(x(i)) for i in range(20)]
+            wait(futures, WAIT)
+        shadow = r.stats().shadow
+        assert all(f.result() is not None for f in futures)
+        assert shadow.sent + shadow.dropped == 40
+        assert shadow.agreed + shadow.disagreed + shadow.errors == shadow.sent
+
+    def test_blocked_candidate_drops_instead_of_backing_up(self) -> None:
+        """A candidate that blocks until released: the caller is served, and the overflow is dropped and counted."""
+        gate = threading.Event()
+
+        def stuck(a: np.ndarray) -> np.ndarray:
+            assert gate.wait(WAIT)
+            return a * 2
+
+        r = Router({"v1": arm(2), "v2": Predictor.from_callable(stuck)}, Shadow(Fixed("v1"), "v2"), shadow_queue_size=2)
+        for i in range(30):
+            np.testing.assert_array_equal(r.predict(x(i)), x(i) * 2)
+        assert r.stats().shadow.dropped >= 30 - 2 - 1
+        gate.set()
+        r.close(WAIT)
+        shadow = r.stats().shadow
+        assert shadow.sent + shadow.dropped == 30
+        assert shadow.disagreed == 0
+
+
+class TestHotSwap:
+    """Models and policies change under load without losing a request."""
+
+    def test_swap_and_policy_change_under_load(self) -> None:
+        """32 threads: two hot swaps and two policy changes, every request answered exactly once."""
+        errors: list[BaseException] = []
+        answered = [0]
+        lock = threading.Lock()
+        stop = threading.Event()
+        r = Router({"v1": arm(2), "v2": arm(2)}, ABTest({"v1": 1, "v2": 1}))
+
+        def client(seed: int) -> None:
+            rng = random.Random(seed)
+            for i in range(400):
+                if stop.is_set():
+                    return
+                v = float(seed * 1000 + i)
+                try:
+                    y = r.predict(x(v)) if rng.random() < 0.5 else r.submit(x(v)).result(WAIT)
+                    assert np.array_equal(y, x(v) * 2)
+                    with lock:
+                        answered[0] += 1
+                except BaseException as exc:  # asserted below
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+        for t in threads:
+            t.start()
+        r.swap("v2", arm(2))
+        r.set_policy(Fixed("v2"))
+        r.swap("v1", arm(2))
+        r.set_policy(ABTest({"v1": 3, "v2": 1}))
+        stop.set()
+        for t in threads:
+            t.join(WAIT)
+        stats = r.stats()
+        r.close(WAIT)
+        assert errors == []
+        assert sum(stats.routed.values()) == answered[0]
+
+
+class RouterMachine(RuleBasedStateMachine):
+    """Random interleavings of requests, promotions, rollbacks, pauses, weights and swaps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.canary = Canary("v1", "v2", steps=(0.1, 0.5, 1.0), min_requests_per_step=3)
+        self.router = Router({"v1": arm(2), "v2": arm(2)}, self.canary, seed=0)
+        self.sent = 0
+        self.answered = 0
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.background, args=(i,)) for i in range(3)]
+        for t in self.threads:
+            t.start()
+
+    def background(self, seed: int) -> None:
+        for i in range(10_000):
+            if self.stop.is_set():
+                return
+            self.request(float(seed * 10_000 + i))
+
+    def request(self, v: float) -> None:
+        with self.lock:
+            self.sent += 1
+        y = self.router.submit(x(v), key=int(v) % 17).result(WAIT)
+        assert np.array_equal(y, x(v) * 2)
+        with self.lock:
+            self.answered += 1
+
+    @rule(n=st.integers(1, 5))
+    def requests(self, n: int) -> None:
+        for i in range(n):
+            self.request(float(i))
+
+    @rule(action=st.sampled_from(["promote", "rollback", "pause", "resume"]))
+    def control(self, action: str) -> None:
+        target = self.router if self.router.policy is self.canary else self.canary
+        getattr(target, action)()
+
+    @rule(w=st.floats(0.0, 1.0))
+    def weights(self, w: float) -> None:
+        self.router.set_policy(ABTest({"v1": 1.0 - w + 1e-9, "v2": w}))
+
+    @rule()
+    def back_to_canary(self) -> None:
+        self.router.set_policy(self.canary)
+
+    @rule(target_arm=st.sampled_from(["v1", "v2"]))
+    def swap(self, target_arm: str) -> None:
+        self.router.swap(target_arm, arm(2))
+
+    @invariant()
+    def valid(self) -> None:
+        assert 0.0 <= self.canary.weight <= 1.0
+        assert self.router.policy.arms() <= set(self.router.arms)
+
+    def teardown(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(WAIT)
+        self.router.close(WAIT)
+        assert self.sent == self.answered
+
+
+TestRouterMachine = RouterMachine.TestCase
+TestRouterMachine.settings = settings(max_examples=10, stateful_step_count=15, deadline=None)
