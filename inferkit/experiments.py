@@ -54,8 +54,8 @@ class Window:
 
     def observe(self, latency_s: float, failed: bool) -> None:
         """Count one request that took ``latency_s`` seconds."""
-        if not latency_s >= 0:  # also refuses NaN
-            raise ValueError(f"latency_s must be >= 0, got {latency_s!r}")
+        if not 0 <= latency_s < math.inf:  # also refuses NaN
+            raise ValueError(f"latency_s must be finite and >= 0, got {latency_s!r}")
         self._ring[self.requests % len(self._ring)] = latency_s
         self.requests += 1
         self.failures += failed
@@ -90,6 +90,10 @@ class _Outcomes:
         self.m2 += delta * (value - self.mean)
         self.total += value
         self.binary = self.binary and value in (0.0, 1.0)
+
+    @property
+    def average(self) -> float:
+        return self.total / self.count if self.binary else self.mean  # a rate is exact as successes / n
 
     @property
     def variance(self) -> float:
@@ -285,7 +289,7 @@ class Experiment:
         else:
             test = "Welch's t-test"
             statistic, _, p = welch_t_test(a.mean, a.variance, a.count, b.mean, b.variance, b.count)
-        return Comparison(arm, base, test, a.mean - b.mean, statistic, p, p < self._alpha, warning)
+        return Comparison(arm, base, test, a.average - b.average, statistic, p, p < self._alpha, warning)
 
 
 def _copy(state: _Arm) -> _Arm:
@@ -299,7 +303,7 @@ def _arm_report(name: str, state: _Arm) -> ArmReport:
     low: float | None = None
     high: float | None = None
     if o.binary and o.count >= 1:  # Wilson score interval
-        n, p, z2 = o.count, o.mean, _Z95 * _Z95
+        n, p, z2 = o.count, o.average, _Z95 * _Z95
         centre = (p + z2 / (2 * n)) / (1 + z2 / n)
         half = _Z95 / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
         low, high = centre - half, centre + half
@@ -309,7 +313,7 @@ def _arm_report(name: str, state: _Arm) -> ArmReport:
     w = state.window
     p50, p95, p99 = (w.latency_quantile(q) * 1000.0 for q in (0.5, 0.95, 0.99))
     histogram = dict(zip(_EDGES_MS, state.histogram, strict=True))
-    mean = o.mean if o.count else None
+    mean = o.average if o.count else None
     return ArmReport(name, w.requests, w.failures, w.error_rate, p50, p95, p99, histogram, o.count, mean, low, high)
 
 
