@@ -189,7 +189,7 @@ class _Batch:
 
 
 _Outcome = tuple[Request, Any, BaseException | None]
-_Result = tuple[list[_Outcome], bool, float]  # outcomes, whether all failed, when the call ended
+_Result = tuple[list[_Outcome], bool, float, float]  # outcomes, all failed, when the call ended, its time
 
 
 class Batcher:
@@ -242,6 +242,8 @@ class Batcher:
         self._rejected: dict[str, int] = {}
         self._batches = 0
         self._rows = 0
+        self._request_seconds = 0.0
+        self._compute_seconds = 0.0
         self._sizes: dict[int, int] = {}
         self._reasons: dict[str, int] = {}
         for _ in range(pool.replicas):
@@ -543,13 +545,13 @@ class Batcher:
                     tuple(r.id for r, _, e in outcomes if e is not None),
                 )
             )
-        return outcomes, failed == len(batch.requests), end
+        return outcomes, failed == len(batch.requests), end, end - start
 
     def _finish(self, batch: _Batch, replica: Replica, result: _Result | None) -> list[Request]:
         """Count a batch's outcomes and free its replica (under the lock); return what to settle."""
         if result is None:  # the watchdog took over; the replica is gone
             return []
-        outcomes, all_failed, now = result
+        outcomes, all_failed, now, spent = result
         done = self._tally(outcomes)
         self._batches += 1
         self._rows += batch.rows
@@ -557,7 +559,10 @@ class Batcher:
         self._reasons[batch.reason] = self._reasons.get(batch.reason, 0) + 1
         replica.batches += 1
         replica.requests += len(batch.requests)
-        replica.record_latencies([now - r.t0 for r in batch.requests])
+        latencies = [now - r.t0 for r in batch.requests]
+        replica.record_latencies(latencies)
+        self._request_seconds += sum(latencies)
+        self._compute_seconds += spent
         unchanged = not all_failed and not replica.consecutive_failures and replica.state is ReplicaState.HEALTHY
         if not unchanged and record_batch(replica, not all_failed, now, self.pool, self._replicas):
             cooldown = replica.ejected_until - now
@@ -895,6 +900,8 @@ class Batcher:
                 queued_rows=sum(ln.rows for ln in self._lanes),
                 batches=self._batches,
                 rows=self._rows,
+                request_seconds=self._request_seconds,
+                compute_seconds=self._compute_seconds,
                 batch_sizes=dict(sorted(self._sizes.items())),
                 dispatch_reasons=dict(self._reasons),
                 replicas=replicas,

@@ -9,7 +9,8 @@
     ├── ModelError                       the model raised, or returned something malformed
     │   └── ExecutionTimeout (TimeoutError)  the model call ran past ``execution_timeout``
     ├── NoHealthyReplica                 every replica is ejected or gone
-    └── Closed                           the predictor is draining or closed
+    ├── Closed                           the predictor is draining or closed
+    └── ModelNotFound (LookupError)      a server has no model (or version) by that name
 
 ``InvalidInput``, ``Overloaded``, ``Closed``, ``NoHealthyReplica`` and ``DeadlineExceeded`` for a
 ``timeout <= 0`` raise from ``submit``/``predict`` directly; everything after admission arrives
@@ -25,6 +26,7 @@ __all__ = [
     "InferkitError",
     "InvalidInput",
     "ModelError",
+    "ModelNotFound",
     "NoHealthyReplica",
     "Overloaded",
 ]
@@ -69,3 +71,7 @@ class NoHealthyReplica(InferkitError):
 
 class Closed(InferkitError):
     """The predictor is draining or closed and takes no new requests."""
+
+
+class ModelNotFound(InferkitError, LookupError):
+    """A server has no model, or no version of it, by the name asked for."""

@@ -36,7 +36,8 @@ class Stats:
     ``batch_sizes`` maps rows per batch to how many batches had that many;
     ``dispatch_reasons`` says why each batch went: ``"full"`` (``max_batch_size`` reached),
     ``"delay"`` (``max_delay_ms`` ran out) or ``"idle"`` (a replica was free and waiting would
-    not have grown the batch).
+    not have grown the batch). ``request_seconds`` adds up the time from arrival to result of
+    every request that ran, ``compute_seconds`` the time of every model call.
     """
 
     state: str
@@ -50,6 +51,8 @@ class Stats:
     queued_rows: int
     batches: int
     rows: int
+    request_seconds: float
+    compute_seconds: float
     batch_sizes: Mapping[int, int]
     dispatch_reasons: Mapping[str, int]
     replicas: tuple[ReplicaStats, ...]
