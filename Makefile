@@ -18,7 +18,7 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	touch $@
 
 demo: $(VENV)/.demo
-	cd examples && ../$(BIN)/python quickstart.py
+	cd examples && ../$(BIN)/python quickstart.py && ../$(BIN)/python canary_rollout.py
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check inferkit tests examples benchmarks

@@ -87,12 +87,15 @@ def _pick(layout: Sequence[tuple[str, float]], u: float) -> str:
 class Fixed:
     """Every request to one arm."""
 
+    observes = False  # the router skips building feedback nobody reads
+
     def __init__(self, arm: str) -> None:
         self.arm = arm
+        self._route = Route(arm)
 
     def route(self, u: float, attributes: Mapping[str, str]) -> Route:  # noqa: ARG002 (protocol)
         """Always :attr:`arm`."""
-        return Route(self.arm)
+        return self._route
 
     def arms(self) -> frozenset[str]:
         """The one arm."""
@@ -112,6 +115,8 @@ class ABTest:
     at the boundaries that shift.
     """
 
+    observes = False
+
     def __init__(self, weights: Mapping[str, float]) -> None:
         if not weights:
             msg = "weights must name at least one arm"
@@ -122,10 +127,12 @@ class ABTest:
             raise ValueError(msg)
         total = sum(weights.values())
         self.weights = {arm: w / total for arm, w in weights.items()}
+        self._layout = tuple(self.weights.items())
+        self._routes = {arm: Route(arm) for arm in self.weights}
 
     def route(self, u: float, attributes: Mapping[str, str]) -> Route:  # noqa: ARG002 (protocol)
         """The arm whose share of ``[0, 1)`` holds ``u``."""
-        return Route(_pick(tuple(self.weights.items()), u))
+        return self._routes[_pick(self._layout, u)]
 
     def arms(self) -> frozenset[str]:
         """The weighted arms."""
@@ -160,9 +167,17 @@ class Match:
         """The matched arms and those of ``otherwise``."""
         return frozenset(self.routes.values()) | self.otherwise.arms()
 
+    @property
+    def observes(self) -> bool:
+        """Whether ``otherwise`` reads feedback."""
+        return bool(getattr(self.otherwise, "observes", True))
+
     def feedback(self, feedback: Feedback) -> None:
         """Passed on to ``otherwise``."""
         self.otherwise.feedback(feedback)
+
+    def __repr__(self) -> str:
+        return f"Match({self.attribute!r}, {self.routes!r}, otherwise={self.otherwise!r})"
 
 
 class Shadow:
@@ -196,6 +211,9 @@ class Shadow:
     def feedback(self, feedback: Feedback) -> None:
         """Passed on to the wrapped policy."""
         self.policy.feedback(feedback)
+
+    def __repr__(self) -> str:
+        return f"Shadow({self.policy!r}, {self.candidate!r}, fraction={self.fraction})"
 
 
 @attrs.frozen

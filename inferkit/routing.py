@@ -23,7 +23,7 @@ from typing import Any, Protocol, Self, runtime_checkable
 import attrs
 import numpy as np
 
-from inferkit.errors import Closed, ModelError, NoHealthyReplica
+from inferkit.errors import Closed, InvalidInput, ModelError, NoHealthyReplica, Overloaded
 from inferkit.events import Event, LogObserver, Observer
 from inferkit.experiments import Experiment, Report
 from inferkit.policies import ABTest, Canary, Feedback, Fixed, Policy, Route, find_canary
@@ -31,6 +31,7 @@ from inferkit.policies import ABTest, Canary, Feedback, Fixed, Policy, Route, fi
 __all__ = ["Predictive", "RoutedFuture", "Router", "RouterStats", "ShadowStats"]
 
 _FAILURES = (ModelError, NoHealthyReplica)  # what counts against an arm: never the caller's mistakes
+_REFUSALS = (InvalidInput, Overloaded, Closed)  # turned away before the model saw them
 _REMEMBER = 100_000  # keys and request ids remembered for record()
 
 
@@ -152,7 +153,9 @@ class Router:
         self._by_key: OrderedDict[Hashable, str] = OrderedDict()
         self._by_id: OrderedDict[int, str] = OrderedDict()
         self._experiment = Experiment(list(self._arms))
-        self._shadow_queue: queue.Queue[tuple[str, Any, Future[Any]] | None] = queue.Queue(shadow_queue_size)
+        self._shadow_queue: queue.SimpleQueue[tuple[str, Any, Future[Any]] | None] = queue.SimpleQueue()
+        self._shadow_limit = shadow_queue_size
+        self._shadow_pending = 0  # mirrors queued or running on the candidate
         self._shadow_thread: threading.Thread | None = None
         self._shadow = {"sent": 0, "dropped": 0, "agreed": 0, "disagreed": 0, "errors": 0}
         self._closed = False
@@ -228,7 +231,11 @@ class Router:
         route = self._route(key, attributes)
         outer = RoutedFuture(route.arm, next(self._ids))
         start = self._clock()
-        inner: Future[Any] = self._call(route.arm, "submit", x, timeout, priority)
+        try:
+            inner: Future[Any] = self._call(route.arm, "submit", x, timeout, priority)
+        except Exception as error:
+            self._served(route.arm, start, error)
+            raise
         outer._inner = inner
         self._remember(self._by_id, outer.request_id, route.arm)
         if key is not None:
@@ -275,10 +282,14 @@ class Router:
                     raise
 
     def _served(self, arm: str, start: float, error: BaseException | None) -> None:
+        if isinstance(error, _REFUSALS):
+            return  # never reached the model: neither a request nor a failure of the arm
         now = self._clock()
         failed = isinstance(error, _FAILURES)
         self._experiment.observe(arm, now - start, failed)
-        self._policy.feedback(Feedback("served", arm, now, latency_s=now - start, failed=failed))
+        policy = self._policy
+        if getattr(policy, "observes", True):
+            policy.feedback(Feedback("served", arm, now, latency_s=now - start, failed=failed))
 
     def _remember(self, table: OrderedDict[Any, str], key: Any, arm: str) -> None:
         with self._lock:
@@ -290,35 +301,50 @@ class Router:
     # -- shadow traffic --------------------------------------------------------------------
 
     def _mirror(self, arm: str, x: Any, primary: Future[Any]) -> None:
-        try:
-            self._shadow_queue.put_nowait((arm, x, primary))
-        except queue.Full:
-            with self._lock:
-                self._shadow["dropped"] += 1
-            return
         with self._lock:
+            if self._shadow_pending >= self._shadow_limit or self._closed:
+                self._shadow["dropped"] += 1
+                return
+            self._shadow_pending += 1
             self._shadow["sent"] += 1
-            if self._shadow_thread is None and not self._closed:
+            if self._shadow_thread is None:
                 self._shadow_thread = threading.Thread(
                     target=self._shadow_loop, name=f"inferkit-shadow-{self.name}", daemon=True
                 )
                 self._shadow_thread.start()
+        self._shadow_queue.put((arm, x, primary))
 
     def _shadow_loop(self) -> None:
+        """Hand mirrors to their arm without waiting, so the candidate batches them like live traffic."""
         while True:
             item = self._shadow_queue.get()
             if item is None:
                 return
             arm, x, primary = item
             try:
-                mirrored = self._arms[arm].submit(x).result()
-                expected = primary.result()
-            except BaseException:  # noqa: BLE001 (a failing shadow or primary is counted, never raised)
-                self._count_shadow("errors")
+                mirrored = self._arms[arm].submit(x)
+            except Exception:  # noqa: BLE001 (a refused mirror is counted, never raised)
+                self._shadow_done(arm, None, primary)
                 continue
-            agreed = self._compare(mirrored, expected)
-            self._count_shadow("agreed" if agreed else "disagreed")
-            self._policy.feedback(Feedback("shadow", arm, self._clock(), agreed=agreed))
+            self._when_both(arm, mirrored, primary)
+
+    def _when_both(self, arm: str, mirrored: Future[Any], primary: Future[Any]) -> None:
+        def mirrored_done(_: Future[Any]) -> None:
+            primary.add_done_callback(lambda _: self._shadow_done(arm, mirrored, primary))
+
+        mirrored.add_done_callback(mirrored_done)
+
+    def _shadow_done(self, arm: str, mirrored: Future[Any] | None, primary: Future[Any]) -> None:
+        if any(f is None or f.cancelled() or f.exception() is not None for f in (mirrored, primary)):
+            outcome = "errors"
+        else:
+            assert mirrored is not None
+            outcome = "agreed" if self._compare(mirrored.result(), primary.result()) else "disagreed"
+        with self._lock:
+            self._shadow_pending -= 1
+            self._shadow[outcome] += 1
+        if outcome != "errors":
+            self._policy.feedback(Feedback("shadow", arm, self._clock(), agreed=outcome == "agreed"))
 
     def _count_shadow(self, what: str) -> None:
         with self._lock:
@@ -393,28 +419,17 @@ class Router:
         return RouterStats(routed, {a: p.stats() for a, p in self._arms.items()}, shadow, repr(self._policy))
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop routing, let the shadow work and every arm drain, then stop their threads."""
+        """Stop routing, hand the queued shadow work over, then let every arm drain and stop."""
         if self._closed:
             return
-        self._closed = True
-        thread = self._shadow_thread
+        with self._lock:
+            self._closed = True
+            thread = self._shadow_thread
         if thread is not None:
-            while True:  # make room for the stop sentinel: unsent mirrors are dropped
-                try:
-                    self._shadow_queue.put_nowait(None)
-                    break
-                except queue.Full:
-                    try:
-                        self._shadow_queue.get_nowait()
-                    except queue.Empty:
-                        continue
-                    with self._lock:
-                        self._shadow["sent"] -= 1
-                        self._shadow["dropped"] += 1
+            self._shadow_queue.put(None)
+            thread.join(timeout)
         for predictor in {id(p): p for p in self._arms.values()}.values():
             predictor.close(timeout)
-        if thread is not None:
-            thread.join(timeout)
 
     def __enter__(self) -> Self:
         return self

@@ -20,11 +20,16 @@ from inferkit.predictor import Predictor
 from inferkit.routing import Predictive, Router
 from inferkit.server.protocol import datatype_of
 from inferkit.signature import Signature
+from inferkit.stats import Stats
 
 __all__ = ["InferResult", "Repository", "ServedModel"]
 
 Array = np.ndarray[Any, Any]
 _DEFAULT_OUTPUT = "output"  # the name of an unnamed single output (an untyped callable's)
+
+
+def _as_dict(value: Mapping[str, Predictive]) -> dict[str, Predictive]:
+    return dict(value)
 
 
 @attrs.frozen
@@ -37,7 +42,7 @@ class ServedModel:
 
     name: str
     target: Predictive
-    versions: Mapping[str, Predictive] = attrs.field(factory=dict, converter=dict)
+    versions: Mapping[str, Predictive] = attrs.field(factory=dict, converter=_as_dict)
 
 
 @attrs.frozen
@@ -72,6 +77,8 @@ class Repository:
             msg = "a repository needs at least one model"
             raise ValueError(msg)
         self.started = time.time()
+        self.draining = False
+        """Set by a server that is shutting down: readiness turns false at once."""
 
     def names(self) -> list[str]:
         """Every model name, sorted."""
@@ -98,6 +105,8 @@ class Repository:
 
     def ready(self, name: str | None = None, version: str | None = None) -> bool:
         """Whether one model (or every model) is loaded, warmed and has a healthy replica."""
+        if self.draining:
+            return False
         if name is None:
             return all(_ready(m.target) for m in self._models.values())
         return _ready(self.resolve(name, version))
@@ -162,13 +171,25 @@ class Repository:
                 entries.append(_triton_stats(model_name, label, target))
         return {"model_stats": entries}
 
-    def close(self, timeout: float | None = None) -> None:
-        """Close every model (each object once)."""
+    def _targets(self) -> list[Predictive]:
+        """Every model object, routers and the predictors behind them, each once."""
         seen: dict[int, Predictive] = {}
-        for model in self._models.values():
-            for target in (model.target, *model.versions.values()):
-                seen.setdefault(id(target), target)
-        for target in seen.values():
+        pending: list[Predictive] = [t for m in self._models.values() for t in (m.target, *m.versions.values())]
+        while pending:
+            target = pending.pop(0)
+            if id(target) not in seen:
+                seen[id(target)] = target
+                if isinstance(target, Router):
+                    pending.extend(target.arms.values())
+        return list(seen.values())
+
+    def predictor_stats(self) -> dict[str, Stats]:
+        """Every Predictor's own stats, by predictor name."""
+        return {t.name: t.stats() for t in self._targets() if isinstance(t, Predictor)}
+
+    def close(self, timeout: float | None = None) -> None:
+        """Close every model (each object once; a router closes its arms)."""
+        for target in self._targets():
             target.close(timeout)
 
 
