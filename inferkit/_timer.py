@@ -47,7 +47,7 @@ class Timer:
                     continue
                 wait = self._heap[0][0] - time.monotonic()
                 if wait > 0:
-                    self._cond.wait(wait)
+                    self._cond.wait(min(wait, threading.TIMEOUT_MAX))
                     continue
                 fn = heapq.heappop(self._heap)[2]
                 self._cond.release()

@@ -19,6 +19,7 @@ from typing import Self
 
 import attrs
 
+from inferkit._validators import fraction, integer, number
 from inferkit.events import Event, LogObserver, Observer
 from inferkit.pool import ReplicaState
 from inferkit.predictor import Predictor, State
@@ -28,35 +29,6 @@ __all__ = ["AutoscaleConfig", "Autoscaler", "AutoscalerStats", "ScalingDecision"
 
 _LIVE = frozenset({ReplicaState.HEALTHY.value, ReplicaState.EJECTED.value})  # draining and dead ones are leaving
 _DECISIONS = 100  # decisions kept for stats()
-
-
-def _positive_int(_: object, attribute: attrs.Attribute[int], value: int) -> None:
-    # bool is an int subclass; True replicas is a mistake, not 1
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        msg = f"{attribute.name} must be an int >= 1, got {value!r}"
-        raise ValueError(msg)
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive(_: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not _number(value) or not value > 0:
-        msg = f"{attribute.name} must be a finite number > 0, got {value!r}"
-        raise ValueError(msg)
-
-
-def _non_negative(_: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not _number(value) or not value >= 0:
-        msg = f"{attribute.name} must be a finite number >= 0, got {value!r}"
-        raise ValueError(msg)
-
-
-def _weight(_: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not _number(value) or not 0 < value <= 1:
-        msg = f"{attribute.name} must be in (0, 1], got {value!r}"
-        raise ValueError(msg)
 
 
 @attrs.frozen
@@ -74,13 +46,13 @@ class AutoscaleConfig:
     =====================  ===================================================================
     """
 
-    min_replicas: int = attrs.field(default=1, validator=_positive_int)
-    max_replicas: int = attrs.field(default=4, validator=_positive_int)
-    target_in_flight: float = attrs.field(default=8.0, validator=_positive)
-    upscale_delay_s: float = attrs.field(default=0.0, validator=_non_negative)
-    downscale_delay_s: float = attrs.field(default=30.0, validator=_non_negative)
-    smoothing: float = attrs.field(default=0.5, validator=_weight)
-    interval_s: float = attrs.field(default=0.5, validator=_positive)
+    min_replicas: int = attrs.field(default=1, validator=integer(1))
+    max_replicas: int = attrs.field(default=4, validator=integer(1))
+    target_in_flight: float = attrs.field(default=8.0, validator=number(0, inclusive=False))
+    upscale_delay_s: float = attrs.field(default=0.0, validator=number(0))
+    downscale_delay_s: float = attrs.field(default=30.0, validator=number(0))
+    smoothing: float = attrs.field(default=0.5, validator=fraction)
+    interval_s: float = attrs.field(default=0.5, validator=number(0, inclusive=False))
 
     def __attrs_post_init__(self) -> None:
         if self.max_replicas < self.min_replicas:

@@ -31,6 +31,7 @@ import attrs
 import numpy as np
 
 from inferkit._timer import Timer
+from inferkit._validators import integer, number
 from inferkit.backends.base import Backend, BackendFactory
 from inferkit.errors import (
     Closed,
@@ -65,11 +66,9 @@ class BatchConfig:
     ==================  ===================================================================
     """
 
-    max_batch_size: int = attrs.field(default=64, validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)])
-    max_delay_ms: float = attrs.field(default=2.0, converter=float, validator=attrs.validators.ge(0))
-    max_queue_size: int = attrs.field(
-        default=4096, validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)]
-    )
+    max_batch_size: int = attrs.field(default=64, validator=integer(1))
+    max_delay_ms: float = attrs.field(default=2.0, validator=number(0))
+    max_queue_size: int = attrs.field(default=4096, validator=integer(1))
 
 
 class RequestFuture(Future[Any]):

@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import attrs
 import numpy as np
 
+from inferkit._validators import fraction, integer, number, optional_positive
 from inferkit.backends.base import Backend
 
 __all__ = [
@@ -81,12 +82,6 @@ BALANCERS: dict[str, Callable[[], Balancer]] = {
 }
 
 
-def _positive_or_none(_: object, attribute: attrs.Attribute[float | None], value: float | None) -> None:
-    if value is not None and not value > 0:
-        msg = f"{attribute.name} must be > 0 or None, got {value!r}"
-        raise ValueError(msg)
-
-
 def _balancing(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value != "shared" and value not in BALANCERS and not isinstance(value, Balancer):
         msg = f"{attribute.name} must be 'shared', one of {sorted(BALANCERS)} or a Balancer, got {value!r}"
@@ -112,13 +107,13 @@ class PoolConfig:
     =========================  ==============================================================
     """
 
-    replicas: int = attrs.field(default=1, validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)])
+    replicas: int = attrs.field(default=1, validator=integer(1))
     balancing: str | Balancer = attrs.field(default="shared", validator=_balancing)
-    execution_timeout: float | None = attrs.field(default=None, validator=_positive_or_none)
-    eject_after: int = attrs.field(default=5, validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)])
-    cooldown: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
-    max_cooldown: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
-    max_ejected_fraction: float = attrs.field(default=0.5, validator=[attrs.validators.gt(0), attrs.validators.le(1)])
+    execution_timeout: float | None = attrs.field(default=None, validator=optional_positive)
+    eject_after: int = attrs.field(default=5, validator=integer(1))
+    cooldown: float = attrs.field(default=5.0, validator=number(0, inclusive=False))
+    max_cooldown: float = attrs.field(default=60.0, validator=number(0, inclusive=False))
+    max_ejected_fraction: float = attrs.field(default=0.5, validator=fraction)
 
     def balancer(self) -> Balancer | None:
         """A fresh balancer, or ``None`` for the shared queue."""

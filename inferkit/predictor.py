@@ -186,7 +186,7 @@ class Predictor:
             self._batcher.run_inline(*inline)
         if request.deadline is None:
             waiter.acquire()
-        elif not waiter.acquire(timeout=max(request.deadline - time.monotonic(), 0.0)):
+        elif not waiter.acquire(timeout=min(max(request.deadline - time.monotonic(), 0.0), threading.TIMEOUT_MAX)):
             if self._batcher.withdraw(request):
                 raise request.error  # type: ignore[misc]
             waiter.acquire()  # it started before its deadline: it finishes

@@ -109,14 +109,14 @@ class TestPoolConfig:
     @pytest.mark.parametrize(
         ("kwargs", "message"),
         [
-            ({"replicas": 0}, "'replicas' must be >= 1: 0"),
+            ({"replicas": 0}, "replicas must be an int >= 1, got 0"),
             ({"execution_timeout": 0}, "execution_timeout must be > 0 or None, got 0"),
             ({"execution_timeout": -1.5}, "execution_timeout must be > 0 or None, got -1.5"),
-            ({"max_ejected_fraction": 0}, "'max_ejected_fraction' must be > 0: 0"),
-            ({"max_ejected_fraction": 1.5}, "'max_ejected_fraction' must be <= 1: 1.5"),
-            ({"eject_after": 0}, "'eject_after' must be >= 1: 0"),
-            ({"cooldown": 0}, "'cooldown' must be > 0: 0"),
-            ({"max_cooldown": -1}, "'max_cooldown' must be > 0: -1"),
+            ({"max_ejected_fraction": 0}, "max_ejected_fraction must be in (0, 1], got 0"),
+            ({"max_ejected_fraction": 1.5}, "max_ejected_fraction must be in (0, 1], got 1.5"),
+            ({"eject_after": 0}, "eject_after must be an int >= 1, got 0"),
+            ({"cooldown": 0}, "cooldown must be a finite number > 0, got 0"),
+            ({"max_cooldown": -1}, "max_cooldown must be a finite number > 0, got -1"),
         ],
     )
     def test_rejects_out_of_range_values(self, kwargs: dict[str, object], message: str) -> None:
@@ -137,8 +137,8 @@ class TestPoolConfig:
         assert message.endswith("got 'bogus'")
 
     def test_rejects_a_non_int_replica_count(self) -> None:
-        """A float replica count raises TypeError naming the field and the value."""
-        with pytest.raises(TypeError, match=r"'replicas' must be <class 'int'> \(got 1\.5"):
+        """A float replica count raises ValueError naming the field and the value."""
+        with pytest.raises(ValueError, match=r"replicas must be an int >= 1, got 1\.5"):
             PoolConfig(replicas=1.5)  # type: ignore[arg-type]
 
     def test_defaults(self) -> None:

@@ -503,3 +503,26 @@ class TestChaos:
         assert stats.rejected.get("InvalidInput", 0) == counts["invalid"]
         assert stats.in_flight == 0
         assert _balanced(stats)
+
+
+class TestTimer:
+    """Deadlines far in the future."""
+
+    def test_huge_timeout_is_harmless(self) -> None:
+        """A deadline beyond what a thread can wait for neither breaks the timer nor later deadlines."""
+        p, model = _gated()
+        with p:
+            blocker = _block(p, model)
+            far = p.submit(rows(1.0), timeout=1e12)
+            late = p.submit(rows(2.0), timeout=0.05)
+            with pytest.raises(DeadlineExceeded):
+                late.result(WAIT)
+            model.release.set()
+            np.testing.assert_array_equal(far.result(WAIT), rows(1.0) * 2)
+            blocker.result(WAIT)
+
+    def test_huge_predict_timeout_is_harmless(self) -> None:
+        """predict with a deadline beyond what a lock can wait for still answers."""
+        p, _ = _gated()
+        with p:
+            np.testing.assert_array_equal(p.predict(rows(3.0), timeout=1e12), rows(3.0) * 2)

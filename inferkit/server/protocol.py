@@ -8,6 +8,7 @@ both faces convert through :data:`DTYPES` and map inferkit's errors to status co
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -24,11 +25,13 @@ from inferkit.errors import (
 
 __all__ = [
     "DTYPES",
+    "NO_DEADLINE_S",
     "datatype_of",
     "dtype_of",
     "grpc_code",
     "http_status",
     "pack_bytes",
+    "request_options",
     "unpack_bytes",
 ]
 
@@ -73,6 +76,9 @@ def datatype_of(dtype: np.dtype[Any]) -> str:
 def unpack_bytes(buffer: bytes | memoryview, count: int, name: str) -> np.ndarray[Any, Any]:
     """``count`` BYTES elements, each a 4-byte little-endian length then that many bytes."""
     view = memoryview(buffer)
+    if count * 4 > len(view):  # before allocating: a client may claim any count
+        msg = f"input {name!r}: {len(view)} bytes cannot hold {count} BYTES elements"
+        raise InvalidInput(msg, input_name=name)
     out = np.empty(count, dtype=object)
     offset = 0
     for i in range(count):
@@ -100,6 +106,50 @@ def pack_bytes(array: np.ndarray[Any, Any]) -> bytes:
         parts.append(struct.pack("<I", len(data)))
         parts.append(data)
     return b"".join(parts)
+
+
+NO_DEADLINE_S = 365 * 86400.0
+"""A deadline further out than a year is treated as none (timers cannot wait arbitrarily long)."""
+
+_WIRE_PRIORITY_TOP = 2**31  # wire priority p >= 1 becomes TOP - p: any explicit level outranks the default
+
+
+def request_options(
+    parameters: Mapping[str, Any], *, key: str | None = None, remaining_s: float | None = None
+) -> tuple[float | None, int, str | None]:
+    """``(deadline in seconds or None, inferkit priority, sticky key or None)`` of a request.
+
+    ``parameters`` are the request's protocol parameters, already plain Python values.
+    ``timeout`` is in microseconds as tritonclient sends it (0: none); ``remaining_s`` is a
+    transport deadline (gRPC's), and the earlier of the two wins. ``priority`` follows Triton on
+    the wire: 0 (or absent) is the default level, 1 the most urgent, larger less urgent; every
+    explicit level runs before the default. ``key`` (a header or metadata value) wins over the
+    ``key`` parameter, a string or an int taken as its string so both faces route alike.
+    ``InvalidInput`` names a bad value.
+    """
+    timeout_us = parameters.get("timeout")
+    timeout = None
+    if timeout_us is not None:
+        if isinstance(timeout_us, bool) or not isinstance(timeout_us, int | float) or not timeout_us >= 0:
+            msg = f"parameter 'timeout' must be microseconds >= 0 (0: none), got {timeout_us!r:.100}"
+            raise InvalidInput(msg)
+        timeout = timeout_us / 1e6 if timeout_us else None
+    if remaining_s is not None:
+        timeout = remaining_s if timeout is None else min(timeout, remaining_s)
+    if timeout is not None and timeout > NO_DEADLINE_S:
+        timeout = None
+    wire = parameters.get("priority", 0)
+    if isinstance(wire, bool) or not isinstance(wire, int) or wire < 0:
+        msg = f"parameter 'priority' must be an integer >= 0 (1 is the most urgent), got {wire!r:.100}"
+        raise InvalidInput(msg)
+    priority = _WIRE_PRIORITY_TOP - wire if wire else 0
+    if key is None:
+        value = parameters.get("key")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, str | int)):
+            msg = f"parameter 'key' must be a string or an integer, got {value!r:.100}"
+            raise InvalidInput(msg)
+        key = None if value is None else str(value)
+    return timeout, priority, key
 
 
 def http_status(error: BaseException, *, overload_status: int = 503) -> int:

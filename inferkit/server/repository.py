@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from inferkit.errors import ModelNotFound
+from inferkit.errors import InferkitError, ModelNotFound
 from inferkit.predictor import Predictor
 from inferkit.routing import Predictive, Router
 from inferkit.server.protocol import datatype_of
@@ -151,7 +151,11 @@ class Repository:
             future = target.submit(inputs, key=key, timeout=timeout, priority=priority)
         else:
             future = target.submit(inputs, timeout=timeout, priority=priority)
-        value = await asyncio.wrap_future(future)
+        try:
+            value = await asyncio.wrap_future(future)
+        except InferkitError as error:
+            error.arm = getattr(future, "arm", None)  # type: ignore[attr-defined]  # for metrics by arm
+            raise
         if isinstance(value, np.ndarray):
             sig = _signature(target)
             out_name = sig.outputs[0].name if sig is not None and len(sig.outputs) == 1 else _DEFAULT_OUTPUT

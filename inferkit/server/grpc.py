@@ -1,0 +1,417 @@
+"""The gRPC face: the KServe Open Inference Protocol v2 over ``grpc.aio``, as Triton speaks it.
+
+:func:`create_server` serves a :class:`~inferkit.server.Repository` as Triton's
+``inference.GRPCInferenceService`` (ServerLive, ServerReady, ModelReady, ServerMetadata,
+ModelMetadata, ModelInfer), so Triton's clients (``tritonclient.grpc``) work unchanged::
+
+    server, port = create_server(repository, port=8001)
+    await server.start()
+    ...
+    await server.stop(grace=5)
+
+ModelInfer, beyond the protocol:
+
+- Inputs come from ``raw_input_contents`` (one entry per input, in input order) or from each
+  input's typed ``contents``; outputs always go out in ``raw_output_contents``, in the order of
+  the request's ``outputs`` (every output when it names none).
+- The sticky key of a :class:`~inferkit.Router` is the ``inferkit-key`` metadata, else the
+  request parameter ``key`` (a string, or an integer taken as its string, as over REST). The arm
+  that served the request is the response parameter ``arm`` and the trailing metadata
+  ``inferkit-arm``.
+- ``model_version`` pins that version; empty, the model's target (a Router) decides.
+- The request parameters ``timeout`` (microseconds; the gRPC deadline bounds it too),
+  ``priority`` (Triton's levels) and ``key`` are read by
+  :func:`inferkit.server.protocol.request_options`, as over REST.
+- A client that cancels, or whose deadline passes, cancels its request if it is still queued.
+- Errors map as :func:`inferkit.server.protocol.grpc_code` says: a bad request is
+  INVALID_ARGUMENT (a message that does not parse included), an unknown model or version
+  NOT_FOUND, overload UNAVAILABLE, a passed deadline DEADLINE_EXCEEDED, a model failure INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Hashable, Sequence
+from importlib import metadata as _metadata
+from typing import Any, NoReturn
+
+import grpc
+import numpy as np
+
+from inferkit.errors import InferkitError, InvalidInput
+from inferkit.server import proto as pb
+from inferkit.server.protocol import datatype_of, dtype_of, grpc_code, pack_bytes, request_options, unpack_bytes
+from inferkit.server.repository import Repository
+
+__all__ = ["ARM_METADATA", "KEY_METADATA", "create_server"]
+
+Array = np.ndarray[Any, Any]
+
+KEY_METADATA = "inferkit-key"
+"""The gRPC metadata key that carries a request's sticky routing key."""
+ARM_METADATA = "inferkit-arm"
+"""The trailing metadata key that names the arm which served a request."""
+
+_INT32_MAX = 2**31 - 1
+_log = logging.getLogger(__name__)
+
+# The InferTensorContents field that carries each datatype, and the dtype protobuf gives its
+# values. FP16 has none: it travels in raw_input_contents only.
+_CONTENTS: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+_WIDE: dict[str, np.dtype[Any]] = {
+    "bool_contents": np.dtype(np.bool_),
+    "int_contents": np.dtype(np.int32),
+    "int64_contents": np.dtype(np.int64),
+    "uint_contents": np.dtype(np.uint32),
+    "uint64_contents": np.dtype(np.uint64),
+    "fp32_contents": np.dtype(np.float32),
+    "fp64_contents": np.dtype(np.float64),
+}
+_UNSUPPORTED_PARAMETERS = {
+    "sequence_id": "sequence batching",
+    "classification": "classification outputs",
+    "shared_memory_region": "shared memory",
+}
+
+
+def create_server(
+    repository: Repository,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8001,
+    metrics: Any = None,
+    max_message_bytes: int = 256 * 2**20,
+) -> tuple[grpc.aio.Server, int]:
+    """A ``grpc.aio`` server for ``repository``, not yet started, and the port it is bound to.
+
+    ``port=0`` picks a free port. Call it in the event loop that will run the server, then
+    ``await server.start()`` and, to finish, ``await server.stop(grace)``. ``metrics``, when
+    given, has ``observe(model, arm, outcome, seconds)`` called once per ModelInfer with the
+    outcome ``"success"`` or the error's class name. ``max_message_bytes`` bounds a request and
+    a response (both ways; gRPC's default is 4 MiB), at most ``2**31 - 1``.
+    """
+    if type(max_message_bytes) is not int or not 1 <= max_message_bytes <= _INT32_MAX:
+        msg = f"max_message_bytes must be an int in [1, {_INT32_MAX}], got {max_message_bytes!r}"
+        raise ValueError(msg)
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a port another server holds is an error, not a silent share
+    ]
+    server = grpc.aio.server(options=options)
+    server.add_generic_rpc_handlers((_Servicer(repository, metrics).handler(),))
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    return server, bound
+
+
+class _Malformed:
+    """A request message that did not parse; the handler answers INVALID_ARGUMENT."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _parser(message: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except Exception as error:  # noqa: BLE001 (protobuf's DecodeError, or worse, on client bytes)
+            return _Malformed(error)
+
+    return parse
+
+
+def _server_version() -> str:
+    try:
+        return _metadata.version("inferkit")
+    except _metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class _Servicer:
+    """The RPC handlers over one repository."""
+
+    def __init__(self, repository: Repository, metrics: Any) -> None:
+        self._repository = repository
+        self._metrics = metrics
+        self._version = _server_version()
+
+    def handler(self) -> Any:
+        """The generic handler that routes the service's methods to this object."""
+        methods = {
+            "ServerLive": (self.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
+            "ServerReady": (self.server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse),
+            "ModelReady": (self.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
+            "ServerMetadata": (self.server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+            "ModelMetadata": (self.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+            "ModelInfer": (self.model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
+        }
+        return grpc.method_handlers_generic_handler(
+            pb.SERVICE,
+            {
+                name: grpc.unary_unary_rpc_method_handler(
+                    behavior, request_deserializer=_parser(request), response_serializer=response.SerializeToString
+                )
+                for name, (behavior, request, response) in methods.items()
+            },
+        )
+
+    # -- health and metadata ---------------------------------------------------------------
+
+    async def server_live(self, request: Any, context: Any) -> Any:
+        """The server answers, so it is live."""
+        await _check_parsed(request, context)
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(self, request: Any, context: Any) -> Any:
+        """Ready when every model is."""
+        await _check_parsed(request, context)
+        return pb.ServerReadyResponse(ready=self._repository.ready())
+
+    async def model_ready(self, request: Any, context: Any) -> Any:
+        """Whether one model (or version) is ready; NOT_FOUND for an unknown one."""
+        await _check_parsed(request, context)
+        try:
+            return pb.ModelReadyResponse(ready=self._repository.ready(request.name, request.version or None))
+        except InferkitError as error:
+            await _abort(context, grpc_code(error), str(error))
+
+    async def server_metadata(self, request: Any, context: Any) -> Any:
+        """The server's name and version; it lists no protocol extensions."""
+        await _check_parsed(request, context)
+        return pb.ServerMetadataResponse(name="inferkit", version=self._version)
+
+    async def model_metadata(self, request: Any, context: Any) -> Any:
+        """A model's versions, platform and tensors (none for an untyped callable)."""
+        await _check_parsed(request, context)
+        try:
+            meta = self._repository.metadata(request.name, request.version or None)
+        except InferkitError as error:
+            await _abort(context, grpc_code(error), str(error))
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=meta["name"],
+            versions=meta["versions"],
+            platform=meta["platform"],
+            inputs=[tensor(**t) for t in meta["inputs"]],
+            outputs=[tensor(**t) for t in meta["outputs"]],
+        )
+
+    # -- inference -------------------------------------------------------------------------
+
+    async def model_infer(self, request: Any, context: Any) -> Any:
+        """Decode, run through the repository (batched with every other caller), encode."""
+        start = time.monotonic()
+        if isinstance(request, _Malformed):
+            self._observe("", None, InvalidInput.__name__, start)
+            await _check_parsed(request, context)
+        model, version = request.model_name, request.model_version or None
+        arm: str | None = None
+        try:
+            inputs = _decode_inputs(request)
+            requested = _requested_outputs(request)
+            if requested:
+                self._check_outputs(model, version, requested)
+            key, timeout, priority = _options(request, context)
+            result = await self._repository.infer(model, version, inputs, key=key, timeout=timeout, priority=priority)
+            arm = result.arm
+            response = _encode_response(request, result.outputs, requested)
+        except InferkitError as error:
+            self._observe(model, arm, type(error).__name__, start)
+            await _abort(context, grpc_code(error), str(error))
+        except asyncio.CancelledError:  # the client cancelled, or its deadline passed
+            self._observe(model, arm, "ClientDisconnected", start)  # the name REST counts it under
+            raise
+        except Exception as error:  # noqa: BLE001 (a bug here still answers, with INTERNAL, and is logged)
+            _log.exception("ModelInfer failed unexpectedly for model %r", model)
+            self._observe(model, arm, type(error).__name__, start)
+            await _abort(context, grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+        if arm is not None:
+            response.parameters["arm"].string_param = arm
+            context.set_trailing_metadata(((ARM_METADATA, arm),))
+        self._observe(model, arm, "success", start)
+        return response
+
+    def _check_outputs(self, model: str, version: str | None, requested: Sequence[str]) -> None:
+        """Refuse unknown outputs before the model runs, when it declares its outputs."""
+        declared = [t["name"] for t in self._repository.metadata(model, version)["outputs"]]
+        if declared:
+            _check_known(requested, declared)
+
+    def _observe(self, model: str, arm: str | None, outcome: str, start: float) -> None:
+        if self._metrics is not None:
+            self._metrics.observe(model, arm, outcome, time.monotonic() - start)
+
+
+async def _check_parsed(request: Any, context: Any) -> None:
+    if isinstance(request, _Malformed):
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"the request message does not parse: {request.error}")
+
+
+async def _abort(context: Any, code: Any, details: str) -> NoReturn:
+    await context.abort(code, details)
+    msg = "grpc.aio's context.abort returned instead of raising"
+    raise AssertionError(msg)  # unreachable: abort ends the RPC by raising
+
+
+# -- request options -------------------------------------------------------------------------
+
+
+def _parameter(parameter: Any) -> bool | int | str | float | None:
+    which = parameter.WhichOneof("parameter_choice")
+    return None if which is None else getattr(parameter, which)
+
+
+def _options(request: Any, context: Any) -> tuple[Hashable | None, float | None, int]:
+    """The sticky key, the deadline in seconds and the priority of a ModelInfer request."""
+    params = request.parameters
+    for name, what in _UNSUPPORTED_PARAMETERS.items():
+        if name in params:
+            msg = f"parameter {name!r}: {what} is not supported"
+            raise InvalidInput(msg)
+    header = next((str(v) for k, v in context.invocation_metadata() or () if k == KEY_METADATA), None)
+    plain = {name: _parameter(params[name]) for name in ("timeout", "priority", "key") if name in params}
+    timeout, priority, key = request_options(plain, key=header, remaining_s=context.time_remaining())
+    return key, timeout, priority
+
+
+def _requested_outputs(request: Any) -> list[str]:
+    names = []
+    for output in request.outputs:
+        for name, what in _UNSUPPORTED_PARAMETERS.items():
+            if name in output.parameters:
+                msg = f"output {output.name!r}: {what} is not supported"
+                raise InvalidInput(msg)
+        if output.name in names:
+            msg = f"output {output.name!r} is requested twice"
+            raise InvalidInput(msg)
+        names.append(output.name)
+    return names
+
+
+def _check_known(requested: Sequence[str], available: Sequence[str]) -> None:
+    for name in requested:
+        if name not in available:
+            msg = f"unknown output {name!r}; the model has {sorted(available)}"
+            raise InvalidInput(msg)
+
+
+# -- tensors ---------------------------------------------------------------------------------
+
+
+def _decode_inputs(request: Any) -> dict[str, Array]:
+    """The input arrays of a ModelInferRequest by name; ``InvalidInput`` naming the bad one."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        msg = f"the request has {len(request.inputs)} inputs but {len(raw)} raw_input_contents; send one per input"
+        raise InvalidInput(msg)
+    arrays: dict[str, Array] = {}
+    for i, tensor in enumerate(request.inputs):
+        name = tensor.name
+        if name in arrays:
+            msg = f"input {name!r} appears twice"
+            raise InvalidInput(msg, input_name=name)
+        arrays[name] = _decode(tensor, raw[i] if raw else None)
+    return arrays
+
+
+def _invalid(name: str, message: str) -> InvalidInput:
+    return InvalidInput(f"input {name!r}: {message}", input_name=name)
+
+
+def _decode(tensor: Any, raw: bytes | None) -> Array:
+    name, datatype = tensor.name, tensor.datatype
+    for parameter, what in _UNSUPPORTED_PARAMETERS.items():
+        if parameter in tensor.parameters:
+            raise _invalid(name, f"{what} is not supported")
+    try:
+        dtype = dtype_of(datatype)
+    except InvalidInput as error:
+        raise _invalid(name, str(error)) from None
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise _invalid(name, f"shape {list(shape)} has a negative dimension")
+    count = math.prod(shape)
+    if raw is not None:
+        if tensor.HasField("contents"):
+            raise _invalid(name, "has both raw_input_contents and contents; send one")
+        flat = _from_raw(name, datatype, dtype, count, raw)
+    else:
+        flat = _from_contents(name, datatype, dtype, count, tensor.contents)
+    try:
+        return flat.reshape(shape)
+    except ValueError as error:  # more dimensions than NumPy allows, or too large an array
+        raise _invalid(name, f"shape {list(shape)}: {error}") from None
+
+
+def _from_raw(name: str, datatype: str, dtype: np.dtype[Any], count: int, raw: bytes) -> Array:
+    if dtype.kind == "O":
+        if count > len(raw) // 4:  # each element takes at least its 4-byte length
+            raise _invalid(name, f"{len(raw)} bytes of BYTES data cannot hold {count} elements")
+        return unpack_bytes(raw, count, name)
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise _invalid(name, f"raw content has {len(raw)} bytes, but {count} {datatype} elements take {expected}")
+    if dtype.kind == "b" and raw.count(b"\x00") + raw.count(b"\x01") != len(raw):
+        raise _invalid(name, "BOOL data must be bytes 0 or 1")
+    array = np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
+    return array if array.flags.aligned else array.copy()  # models may assume aligned data
+
+
+def _from_contents(name: str, datatype: str, dtype: np.dtype[Any], count: int, contents: Any) -> Array:
+    field = _CONTENTS.get(datatype)
+    if field is None:
+        raise _invalid(name, f"{datatype} data must come in raw_input_contents")
+    for descriptor, _ in contents.ListFields():
+        if descriptor.name != field:
+            raise _invalid(name, f"{datatype} data goes in {field}, got {descriptor.name}")
+    values = getattr(contents, field)
+    if len(values) != count:
+        raise _invalid(name, f"has {len(values)} values in {field}, but shape needs {count}")
+    if dtype.kind == "O":
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+        return array
+    wide = np.array(values, dtype=_WIDE[field])
+    if wide.dtype == dtype:
+        return wide
+    info = np.iinfo(dtype)
+    if wide.size and (int(wide.min()) < info.min or int(wide.max()) > info.max):
+        raise _invalid(name, f"values {int(wide.min())}..{int(wide.max())} do not fit {datatype}")
+    return wide.astype(dtype)
+
+
+def _encode_response(request: Any, outputs: dict[str, Array], requested: Sequence[str]) -> Any:
+    """A ModelInferResponse with ``outputs`` (only ``requested`` ones, in order, when given)."""
+    if requested:
+        _check_known(requested, list(outputs))
+    response = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
+    for name in requested or outputs:
+        array = np.asarray(outputs[name])
+        datatype = datatype_of(array.dtype)
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        response.raw_output_contents.append(_to_raw(array, datatype))
+    return response
+
+
+def _to_raw(array: Array, datatype: str) -> bytes:
+    if datatype == "BYTES":
+        return pack_bytes(array)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()

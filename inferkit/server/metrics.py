@@ -1,0 +1,174 @@
+"""Prometheus metrics for the servers: request outcomes and latency, and each predictor's gauges.
+
+Two kinds of numbers, from two places:
+
+- **Per request**, pushed by the REST and gRPC faces through :meth:`Metrics.observe`:
+  ``inferkit_requests_total{model,arm,outcome}`` (a counter; ``outcome`` is ``"success"`` or
+  the error's class name, e.g. ``"Overloaded"``) and ``inferkit_request_duration_seconds{model,arm}``
+  (a histogram of the time from the request's arrival to its answer, successful requests only,
+  so fast refusals do not drag the latency down). ``arm`` is the Router arm that served the
+  request, ``""`` without a Router.
+- **Per predictor**, read from :meth:`Predictor.stats() <inferkit.Predictor.stats>` when
+  Prometheus scrapes, so nothing is counted twice and in-process traffic shows up too:
+
+  ================================================  ==============================================
+  ``inferkit_queue_depth{model,predictor}``          requests waiting for a batch (gauge)
+  ``inferkit_replicas{model,predictor,state}``       replicas by state: healthy, ejected,
+                                                     draining, dead (gauge)
+  ``inferkit_batches_total{model,predictor}``        batches run (counter)
+  ``inferkit_batch_size{model,predictor}``           rows per batch, as a histogram with
+                                                     power-of-two buckets (``le``) built from the
+                                                     exact per-size counts; ``_sum`` is the rows
+                                                     run, ``_count`` the batches
+  ================================================  ==============================================
+
+  ``predictor`` is the Router arm (``outer/inner`` for nested routers), else the version
+  label, else the predictor's own name. A predictor that serves both as an arm and as a
+  version is reported once, under its arm name.
+
+Every name starts with ``inferkit_``. Metrics go to a caller's
+:class:`prometheus_client.CollectorRegistry` when one is given (to embed them beside the host's
+own metrics), else to a fresh one: never to prometheus-client's global registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import prometheus_client
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from inferkit.predictor import Predictor
+from inferkit.routing import Predictive, Router
+from inferkit.server.repository import Repository
+from inferkit.stats import Stats
+
+__all__ = ["BATCH_SIZE_BUCKETS", "LATENCY_BUCKETS", "Metrics"]
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Upper bounds (seconds) of ``inferkit_request_duration_seconds``."""
+
+BATCH_SIZE_BUCKETS = tuple(2**i for i in range(13))  # 1 .. 4096 rows
+"""Upper bounds (rows) of ``inferkit_batch_size``; larger batches count in ``+Inf``."""
+
+_REPLICA_STATES = ("healthy", "ejected", "draining", "dead")  # always reported, so a 0 is visible
+
+
+class Metrics:
+    """The server's Prometheus metrics over one :class:`~inferkit.server.Repository`.
+
+    Both faces call :meth:`observe` once per inference request; the predictor gauges are read
+    at scrape time. :meth:`render` gives the text exposition for a ``/metrics`` endpoint.
+    Thread-safe.
+    """
+
+    def __init__(self, repository: Repository, registry: prometheus_client.CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else prometheus_client.CollectorRegistry()
+        """Where the metrics are registered."""
+        self._requests = prometheus_client.Counter(
+            "inferkit_requests",
+            "Inference requests answered, by model, Router arm and outcome (success or the error class).",
+            ["model", "arm", "outcome"],
+            registry=self.registry,
+        )
+        self._duration = prometheus_client.Histogram(
+            "inferkit_request_duration_seconds",
+            "Time from a successful request's arrival to its answer, by model and Router arm.",
+            ["model", "arm"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._collector = _PredictorCollector(repository)
+        self.registry.register(self._collector)
+
+    def observe(self, model: str, arm: str | None, outcome: str, seconds: float) -> None:
+        """Count one request: ``outcome`` is ``"success"`` or the error class name."""
+        arm_label = arm or ""
+        self._requests.labels(model, arm_label, outcome).inc()
+        if outcome == "success":
+            self._duration.labels(model, arm_label).observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition of every metric in :attr:`registry`, and its content type."""
+        return prometheus_client.generate_latest(self.registry), prometheus_client.CONTENT_TYPE_LATEST
+
+
+def _predictors(repository: Repository) -> Iterator[tuple[str, str, Predictor]]:
+    """``(model, predictor label, predictor)`` for every Predictor behind every model, each once per model."""
+    for name in repository.names():
+        model = repository.model(name)
+        seen: set[int] = set()
+        pending: list[tuple[str, Predictive]] = [("", model.target)]
+        pending += list(model.versions.items())
+        while pending:
+            label, target = pending.pop(0)
+            if id(target) in seen:
+                continue
+            seen.add(id(target))
+            if isinstance(target, Router):
+                prefix = f"{label}/" if label else ""
+                pending[:0] = [(prefix + arm, p) for arm, p in target.arms.items()]
+            elif isinstance(target, Predictor):
+                yield name, label or target.name, target
+
+
+def _families() -> dict[str, Metric]:
+    return {
+        "queue": GaugeMetricFamily(
+            "inferkit_queue_depth", "Requests queued for a batch.", labels=["model", "predictor"]
+        ),
+        "replicas": GaugeMetricFamily(
+            "inferkit_replicas", "Replicas by state.", labels=["model", "predictor", "state"]
+        ),
+        "batches": CounterMetricFamily(
+            "inferkit_batches", "Batches run by the model.", labels=["model", "predictor"]
+        ),
+        "sizes": HistogramMetricFamily(
+            "inferkit_batch_size", "Rows per batch run.", labels=["model", "predictor"]
+        ),
+    }  # fmt: skip
+
+
+class _PredictorCollector(Collector):
+    """Reads every predictor's :class:`~inferkit.Stats` when the registry is collected."""
+
+    def __init__(self, repository: Repository) -> None:
+        self._repository = repository
+
+    def describe(self) -> list[Metric]:
+        """The families, without samples (so registering checks names without a scrape)."""
+        return list(_families().values())
+
+    def collect(self) -> Iterator[Metric]:
+        """One sample set per predictor, from a fresh stats snapshot."""
+        families = _families()
+        for model, label, predictor in _predictors(self._repository):
+            try:
+                stats = predictor.stats()
+            except Exception:  # noqa: BLE001, S112 (a scrape must never fail because one model did)
+                continue
+            _add(families, [model, label], stats)
+        yield from families.values()
+
+
+def _add(families: dict[str, Any], labels: list[str], stats: Stats) -> None:
+    families["queue"].add_metric(labels, stats.queue_depth)
+    states = dict.fromkeys(_REPLICA_STATES, 0)
+    for replica in stats.replicas:
+        states[replica.state] = states.get(replica.state, 0) + 1
+    for state, count in states.items():
+        families["replicas"].add_metric([*labels, state], count)
+    families["batches"].add_metric(labels, stats.batches)
+    buckets: list[tuple[str, float]] = []
+    cumulative = 0
+    sizes = sorted(stats.batch_sizes.items())
+    i = 0
+    for bound in BATCH_SIZE_BUCKETS:
+        while i < len(sizes) and sizes[i][0] <= bound:
+            cumulative += sizes[i][1]
+            i += 1
+        buckets.append((repr(float(bound)), cumulative))  # le="1.0", as the client library writes it
+    buckets.append(("+Inf", sum(stats.batch_sizes.values())))
+    families["sizes"].add_metric(labels, buckets, sum_value=sum(s * n for s, n in stats.batch_sizes.items()))

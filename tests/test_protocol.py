@@ -1,0 +1,84 @@
+"""The rules both server faces share: request options, BYTES framing, status codes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inferkit.errors import Closed, DeadlineExceeded, InvalidInput, ModelError, ModelNotFound, Overloaded
+from inferkit.server.protocol import http_status, pack_bytes, request_options, unpack_bytes
+
+
+class TestRequestOptions:
+    """timeout, priority and key as tritonclient sends them."""
+
+    def test_timeout_is_microseconds_and_the_earlier_deadline_wins(self) -> None:
+        """timeout is read in microseconds, 0 is none, and a transport deadline can only shorten it."""
+        assert request_options({"timeout": 250_000})[0] == 0.25
+        assert request_options({"timeout": 0})[0] is None
+        assert request_options({"timeout": 250_000}, remaining_s=0.1)[0] == 0.1
+        assert request_options({}, remaining_s=0.1)[0] == 0.1
+        assert request_options({"timeout": 1e30})[0] is None
+
+    def test_priority_follows_triton_levels(self) -> None:
+        """Level 1 outranks level 2, and every explicit level outranks the default (0 or absent)."""
+        default = request_options({})[1]
+        one = request_options({"priority": 1})[1]
+        two = request_options({"priority": 2})[1]
+        assert default == request_options({"priority": 0})[1] == 0
+        assert one > two > default
+
+    def test_header_key_wins_and_keys_are_strings(self) -> None:
+        """A header or metadata key wins over the parameter; an int key routes as its string."""
+        assert request_options({"key": 42})[2] == "42"
+        assert request_options({"key": "a"}, key="b")[2] == "b"
+        assert request_options({})[2] is None
+
+    @pytest.mark.parametrize(
+        ("parameters", "name"),
+        [
+            ({"timeout": -1}, "timeout"),
+            ({"timeout": "soon"}, "timeout"),
+            ({"priority": 1.5}, "priority"),
+            ({"priority": -1}, "priority"),
+            ({"priority": True}, "priority"),
+            ({"key": [1]}, "key"),
+        ],
+    )
+    def test_bad_values_are_invalid_input(self, parameters: dict[str, object], name: str) -> None:
+        """A malformed option is InvalidInput naming the parameter."""
+        with pytest.raises(InvalidInput, match=f"parameter '{name}'"):
+            request_options(parameters)
+
+
+class TestBytes:
+    """BYTES framing: a 4-byte little-endian length before each element."""
+
+    def test_round_trip(self) -> None:
+        """pack then unpack gives the elements back."""
+        items = np.array([b"", b"a", "h\u00e9".encode(), b"\x00" * 300], dtype=object)
+        np.testing.assert_array_equal(unpack_bytes(pack_bytes(items), 4, "t"), items)
+
+    @pytest.mark.parametrize(
+        ("data", "count", "message"),
+        [
+            (b"\x01\x00\x00\x00", 1, "claims 1 bytes"),
+            (b"\x00\x00\x00\x00extra", 1, "left over"),
+            (b"", 2**40, "cannot hold"),
+        ],
+    )
+    def test_malformed_framing(self, data: bytes, count: int, message: str) -> None:
+        """Truncated, overlong or impossible framing is InvalidInput, before any large allocation."""
+        with pytest.raises(InvalidInput, match=message):
+            unpack_bytes(data, count, "t")
+
+
+def test_status_codes() -> None:
+    """Each error maps to its HTTP status."""
+    assert http_status(InvalidInput("x")) == 400
+    assert http_status(ModelNotFound("x")) == 404
+    assert http_status(Overloaded(1, 1)) == 503
+    assert http_status(Overloaded(1, 1), overload_status=429) == 429
+    assert http_status(DeadlineExceeded("x")) == 504
+    assert http_status(Closed("x")) == 503
+    assert http_status(ModelError("x")) == 500
