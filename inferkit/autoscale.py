@@ -20,7 +20,7 @@ from typing import Self
 import attrs
 
 from inferkit._validators import fraction, integer, number
-from inferkit.events import Event, LogObserver, Observer
+from inferkit.events import Event, LogObserver, Observer, deliver
 from inferkit.pool import ReplicaState
 from inferkit.predictor import Predictor, State
 from inferkit.stats import Stats
@@ -286,8 +286,4 @@ class Autoscaler:
         return f"<Autoscaler {self.predictor.name!r} {config.min_replicas}..{config.max_replicas} replicas>"
 
     def _emit(self, event: Event) -> None:
-        for observer in self._observers:
-            try:
-                observer(event)
-            except Exception:  # noqa: BLE001, S112 (an observer must never break scaling)
-                continue
+        deliver(self._observers, event)

@@ -8,6 +8,7 @@ which has a ``NullHandler`` and so prints nothing unless the host configures log
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
@@ -77,6 +78,17 @@ class StateChanged(Event):
     """The predictor's lifecycle moved (``starting``, ``ready``, ``draining``, ``closed``)."""
 
     state: str
+
+
+def deliver(observers: Iterable[Callable[[Event], None] | None], event: Event) -> None:
+    """Give ``event`` to each observer; one that raises is skipped and never breaks the caller."""
+    for observer in observers:
+        if observer is None:
+            continue
+        try:
+            observer(event)
+        except Exception:  # noqa: BLE001, S112 (an observer must never break serving)
+            continue
 
 
 @runtime_checkable

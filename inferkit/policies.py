@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
-from inferkit.events import Event
+from inferkit.events import Event, deliver
 from inferkit.experiments import Window
 
 __all__ = [
@@ -441,12 +441,7 @@ class Canary:
         return CanaryDecision(self.name, action, self._step, weight, reason, numbers)
 
     def _announce(self, decision: CanaryDecision) -> None:
-        for hook in (self.emit, self.on_decision):
-            if hook is not None:
-                try:
-                    hook(decision)
-                except Exception:  # noqa: BLE001, S112 (a hook must never break routing)
-                    continue
+        deliver((self.emit, self.on_decision), decision)  # type: ignore[arg-type]
 
     def _manual(self, state: CanaryState, weight: float | None, action: str) -> None:
         with self._lock:

@@ -17,7 +17,7 @@ from inferkit.backends.base import Backend, BackendFactory
 from inferkit.backends.callable import CallableBackend
 from inferkit.batching import BatchConfig, Batcher, Request, RequestFuture
 from inferkit.errors import DeadlineExceeded, InferkitError
-from inferkit.events import Event, LogObserver, Observer, StateChanged
+from inferkit.events import Event, LogObserver, Observer, StateChanged, deliver
 from inferkit.pool import Balancer, PoolConfig
 from inferkit.signature import Signature, TensorSpec, batch_key, normalize_untyped
 from inferkit.stats import Stats
@@ -312,11 +312,7 @@ class Predictor:
         return self._user_observers or self._log.enabled()
 
     def _emit(self, event: Event) -> None:
-        for observer in self._observers:
-            try:
-                observer(event)
-            except Exception:  # noqa: BLE001, S112 (an observer must never break serving)
-                continue
+        deliver(self._observers, event)
 
 
 def _warmup_sizes(max_batch_size: int) -> tuple[int, ...]:

@@ -24,7 +24,7 @@ import attrs
 import numpy as np
 
 from inferkit.errors import Closed, InvalidInput, ModelError, NoHealthyReplica, Overloaded
-from inferkit.events import Event, LogObserver, Observer
+from inferkit.events import Event, LogObserver, Observer, deliver
 from inferkit.experiments import Experiment, Report
 from inferkit.policies import ABTest, Canary, Feedback, Fixed, Policy, Route, find_canary
 
@@ -438,8 +438,4 @@ class Router:
         self.close()
 
     def _emit(self, event: Event) -> None:
-        for observer in self._observers:
-            try:
-                observer(event)
-            except Exception:  # noqa: BLE001, S112 (an observer must never break routing)
-                continue
+        deliver(self._observers, event)
