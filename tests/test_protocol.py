@@ -34,6 +34,12 @@ class TestRequestOptions:
         assert request_options({"key": "a"}, key="b")[2] == "b"
         assert request_options({})[2] is None
 
+    def test_sequence_batching_is_refused(self) -> None:
+        """A request that belongs to a sequence is refused, on both faces alike; a zero id is no sequence."""
+        with pytest.raises(InvalidInput, match="sequence batching"):
+            request_options({"sequence_id": 7})
+        assert request_options({"sequence_id": 0}) == (None, 0, None)
+
     @pytest.mark.parametrize(
         ("parameters", "name"),
         [

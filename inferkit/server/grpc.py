@@ -84,7 +84,6 @@ _WIDE: dict[str, np.dtype[Any]] = {
     "fp64_contents": np.dtype(np.float64),
 }
 _UNSUPPORTED_PARAMETERS = {
-    "sequence_id": "sequence batching",
     "classification": "classification outputs",
     "shared_memory_region": "shared memory",
 }
@@ -234,6 +233,9 @@ class _Servicer:
             arm = result.arm
             response = _encode_response(request, result.outputs, requested)
         except InferkitError as error:
+            arm = getattr(error, "arm", None)  # set by Repository.infer when a Router served it
+            if arm is not None:
+                context.set_trailing_metadata(((ARM_METADATA, arm),))
             self._observe(model, arm, type(error).__name__, start)
             await _abort(context, grpc_code(error), str(error))
         except asyncio.CancelledError:  # the client cancelled, or its deadline passed
@@ -287,7 +289,8 @@ def _options(request: Any, context: Any) -> tuple[Hashable | None, float | None,
             msg = f"parameter {name!r}: {what} is not supported"
             raise InvalidInput(msg)
     header = next((str(v) for k, v in context.invocation_metadata() or () if k == KEY_METADATA), None)
-    plain = {name: _parameter(params[name]) for name in ("timeout", "priority", "key") if name in params}
+    names = ("timeout", "priority", "key", "sequence_id", "sequence_start", "sequence_end")
+    plain = {name: _parameter(params[name]) for name in names if name in params}
     timeout, priority, key = request_options(plain, key=header, remaining_s=context.time_remaining())
     return key, timeout, priority
 

@@ -111,6 +111,7 @@ def pack_bytes(array: np.ndarray[Any, Any]) -> bytes:
 NO_DEADLINE_S = 365 * 86400.0
 """A deadline further out than a year is treated as none (timers cannot wait arbitrarily long)."""
 
+_SEQUENCE = ("sequence_id", "sequence_start", "sequence_end")
 _WIRE_PRIORITY_TOP = 2**31  # wire priority p >= 1 becomes TOP - p: any explicit level outranks the default
 
 
@@ -125,8 +126,12 @@ def request_options(
     the wire: 0 (or absent) is the default level, 1 the most urgent, larger less urgent; every
     explicit level runs before the default. ``key`` (a header or metadata value) wins over the
     ``key`` parameter, a string or an int taken as its string so both faces route alike.
-    ``InvalidInput`` names a bad value.
+    ``InvalidInput`` names a bad value, and refuses sequence batching (``sequence_id``, ...).
     """
+    for name in _SEQUENCE:
+        if parameters.get(name):
+            msg = f"parameter {name!r}: sequence batching is not supported"
+            raise InvalidInput(msg)
     timeout_us = parameters.get("timeout")
     timeout = None
     if timeout_us is not None:

@@ -46,7 +46,9 @@ class InferenceServer:
         grpc_port: int | None = 8001,
         metrics: Metrics | None = None,
         max_request_bytes: int = 64 * 2**20,
+        max_message_bytes: int = 256 * 2**20,
         overload_status: int = 503,
+        retry_after_s: float = 1.0,
         grace: float = 30.0,
         log_level: str = "warning",
     ) -> None:
@@ -56,8 +58,13 @@ class InferenceServer:
         self.grpc_port = grpc_port
         self.grace = grace
         self.metrics = metrics if metrics is not None else Metrics(repository)
+        self.max_message_bytes = max_message_bytes
         app = create_app(
-            repository, metrics=self.metrics, max_request_bytes=max_request_bytes, overload_status=overload_status
+            repository,
+            metrics=self.metrics,
+            max_request_bytes=max_request_bytes,
+            overload_status=overload_status,
+            retry_after_s=retry_after_s,
         )
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="off")
         self._http = _Uvicorn(config)
@@ -78,7 +85,11 @@ class InferenceServer:
         grpc_server = None
         if self.grpc_port is not None:
             grpc_server, self.grpc_port = create_server(
-                self.repository, host=self.host, port=self.grpc_port, metrics=self.metrics
+                self.repository,
+                host=self.host,
+                port=self.grpc_port,
+                metrics=self.metrics,
+                max_message_bytes=self.max_message_bytes,
             )
             await grpc_server.start()
         http = asyncio.create_task(self._http.serve())
@@ -132,7 +143,8 @@ def serve(
     """Serve a Predictor, a Router, a mapping of them by name, or a Repository until SIGTERM/SIGINT.
 
     Blocks. ``options`` go to :class:`InferenceServer` (``max_request_bytes``,
-    ``overload_status``, ``grace``, ``log_level``, ``metrics``).
+    ``max_message_bytes``, ``overload_status``, ``retry_after_s``, ``grace``, ``log_level``,
+    ``metrics``).
     """
     if isinstance(target, Repository):
         repository = target
