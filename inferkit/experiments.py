@@ -222,6 +222,11 @@ class Experiment:
             state.window.observe(latency_s, failed)
             state.histogram[bisect.bisect_left(_EDGES_MS, latency_s * 1000.0)] += 1
 
+    def requests(self) -> dict[str, int]:
+        """Requests counted per arm so far (cheap: no statistics are computed)."""
+        with self._lock:
+            return {arm: state.window.requests for arm, state in self._arms.items()}
+
     def record(self, arm: str, value: float) -> None:
         """Credit a business outcome to ``arm``: 0/1 for conversions, any finite number otherwise."""
         if not math.isfinite(value):

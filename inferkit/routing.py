@@ -15,7 +15,6 @@ import queue
 import random
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, Protocol, Self, runtime_checkable
@@ -86,7 +85,7 @@ class ShadowStats:
 
 @attrs.frozen
 class RouterStats:
-    """Per-arm predictor stats, how many requests each arm got, shadow counts and the policy."""
+    """Per-arm predictor stats, requests each arm answered (refusals not counted), shadow counts, the policy."""
 
     routed: Mapping[str, int]
     arms: Mapping[str, Any]
@@ -149,9 +148,8 @@ class Router:
         self._clock = clock
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._routed = dict.fromkeys(self._arms, 0)
-        self._by_key: OrderedDict[Hashable, str] = OrderedDict()
-        self._by_id: OrderedDict[int, str] = OrderedDict()
+        self._by_key: dict[Hashable, str] = {}
+        self._by_id: dict[int, str] = {}
         self._experiment = Experiment(list(self._arms))
         self._shadow_queue: queue.SimpleQueue[tuple[str, Any, Future[Any]] | None] = queue.SimpleQueue()
         self._shadow_limit = shadow_queue_size
@@ -186,8 +184,6 @@ class Router:
             raise Closed(msg)
         u = _point(key) if key is not None else self._rng.random()
         route = self._policy.route(u, attributes or {})
-        with self._lock:
-            self._routed[route.arm] += 1
         if self._on_route is not None:
             self._on_route(route.arm)
         return route
@@ -291,12 +287,12 @@ class Router:
         if getattr(policy, "observes", True):
             policy.feedback(Feedback("served", arm, now, latency_s=now - start, failed=failed))
 
-    def _remember(self, table: OrderedDict[Any, str], key: Any, arm: str) -> None:
-        with self._lock:
-            table[key] = arm
-            table.move_to_end(key)
-            if len(table) > _REMEMBER:
-                table.popitem(last=False)
+    def _remember(self, table: dict[Any, str], key: Any, arm: str) -> None:
+        table[key] = arm  # one dict store: atomic, no lock on the request path
+        if len(table) > _REMEMBER:
+            with self._lock:  # forget the oldest tenth in one go
+                for old in list(itertools.islice(table, _REMEMBER // 10)):
+                    table.pop(old, None)
 
     # -- shadow traffic --------------------------------------------------------------------
 
@@ -415,7 +411,7 @@ class Router:
         """Each arm's own stats, the split so far, shadow counts and the policy."""
         with self._lock:
             shadow = ShadowStats(**self._shadow)
-            routed = dict(self._routed)
+            routed = self._experiment.requests()
         return RouterStats(routed, {a: p.stats() for a, p in self._arms.items()}, shadow, repr(self._policy))
 
     def close(self, timeout: float | None = None) -> None:
