@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint types bench clean
+.PHONY: demo test lint types bench bench-server clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: lint types
 bench: $(VENV)/.dev
 	$(BIN)/python -m pip install -q batched
 	$(BIN)/python benchmarks/bench_batching.py
+
+# Opt-in: installs wrk and the peers' own venvs (.venv-pytriton, .venv-litserve); never part of make test.
+bench-server: $(VENV)/.dev
+	PYTHON=$(PYTHON) benchmarks/server/setup_peers.sh
+	$(BIN)/python benchmarks/server/bench_server.py $(BENCH_SERVER_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -23,6 +23,7 @@ import heapq
 import itertools
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
@@ -95,6 +96,7 @@ class Request:
     """One accepted request, or one part of a request split to fit ``max_batch_size``."""
 
     __slots__ = (
+        "__weakref__",
         "deadline",
         "error",
         "future",
@@ -146,6 +148,7 @@ class Request:
         """Deliver ``value`` or ``error`` to whoever waits (called once, outside any lock)."""
         fut = self.future
         if fut is not None:
+            fut._on_cancel = None  # break the request <-> future cycle so the GC never has to
             try:
                 if self.error is None:
                     fut.set_result(self.value)
@@ -418,7 +421,14 @@ class Batcher:
 
     def expire_at(self, request: Request, deadline: float) -> None:
         """Settle a queued ``request`` with ``DeadlineExceeded`` at ``deadline``, promptly."""
-        self._timer.schedule(deadline, lambda: self._expire(request))
+        ref = weakref.ref(request)  # the timer must not keep a finished request (and its arrays) alive
+
+        def expire() -> None:
+            alive = ref()
+            if alive is not None:
+                self._expire(alive)
+
+        self._timer.schedule(deadline, expire)
 
     def _expire(self, request: Request) -> None:
         if self.withdraw(request):

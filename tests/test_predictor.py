@@ -526,3 +526,24 @@ class TestTimer:
         p, _ = _gated()
         with p:
             np.testing.assert_array_equal(p.predict(rows(3.0), timeout=1e12), rows(3.0) * 2)
+
+
+class TestMemory:
+    """Finished requests are freed at once."""
+
+    def test_finished_requests_with_deadlines_are_not_kept(self) -> None:
+        """Neither a pending deadline timer nor the future keeps a finished request (and its arrays) alive."""
+        import gc
+
+        from inferkit.batching import Request
+
+        p, _ = _gated()
+        with p:
+            gc.disable()  # only plain reference counting may free them: no cycles allowed
+            try:
+                for i in range(50):
+                    assert p.submit(rows(float(i)), timeout=60).result(WAIT) is not None
+                alive = sum(isinstance(o, Request) for o in gc.get_objects())
+            finally:
+                gc.enable()
+        assert alive <= 2
