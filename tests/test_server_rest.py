@@ -654,7 +654,8 @@ MALFORMED: list[tuple[str, str, bytes, dict[str, str], str]] = [
     ("ints", "float for INT64", _ji("a", "INT64", [1.5]), {}, "must be integers, got 1.5"),
     ("ints", "null for INT64", _ji("a", "INT64", [1, None]), {}, "must be integers, got None"),
     ("ints", "INT8 out of range", _ji("a", "INT8", [300]), {}, "do not fit"),
-    ("ints", "beyond UINT64", _ji("a", "UINT64", [2**70, 1]), {}, "do not fit"),
+    # orjson reads 2**70 as a float, the stdlib as an int: a 400 naming the input either way
+    ("ints", "beyond UINT64", _ji("a", "UINT64", [2**70, 1]), {}, "input 'a': UINT64"),
     ("text", "number for BYTES", _ji("text", "BYTES", [1]), {}, "strings"),
     ("mlp", "bad id", _j(id=5), {}, "id must be a string"),
     ("mlp", "bad parameters", _j(parameters=[]), {}, "parameters"),
