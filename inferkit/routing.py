@@ -342,10 +342,6 @@ class Router:
         if outcome != "errors":
             self._policy.feedback(Feedback("shadow", arm, self._clock(), agreed=outcome == "agreed"))
 
-    def _count_shadow(self, what: str) -> None:
-        with self._lock:
-            self._shadow[what] += 1
-
     # -- experiments -----------------------------------------------------------------------
 
     def record(self, value: float, *, key: Hashable | None = None, request_id: int | None = None) -> str:
