@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import sys
 from collections.abc import Sequence
@@ -14,6 +13,14 @@ if TYPE_CHECKING:
     from inferkit.server.run import InferenceServer
 
 __all__ = ["main"]
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        msg = f"must be >= 1, got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +43,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--replicas", type=int, default=1)
     serve.add_argument("--overload-status", type=int, choices=(429, 503), default=503)
     serve.add_argument("--grace", type=float, default=30.0, help="seconds to finish in-flight requests on shutdown")
+    serve.add_argument(
+        "--grpc-listeners",
+        type=_at_least_one,
+        default=None,
+        help="gRPC servers sharing the port, each accepting calls (default 2 on Linux, else 1)",
+    )
+    serve.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop (default auto: uvloop when installed)",
+    )
     return parser
 
 
@@ -44,8 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         from inferkit.server.config import ConfigError, load  # noqa: PLC0415 (the server extra)
+        from inferkit.server.grpc import DEFAULT_LISTENERS  # noqa: PLC0415
         from inferkit.server.repository import Repository  # noqa: PLC0415
-        from inferkit.server.run import InferenceServer  # noqa: PLC0415
+        from inferkit.server.run import InferenceServer, run_loop  # noqa: PLC0415
     except ImportError as error:
         print(f"inferkit serve needs the server extra (pip install 'inferkit[server]'): {error}", file=sys.stderr)
         return 2
@@ -85,8 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         grpc_port=None if grpc_port < 0 else grpc_port,
         overload_status=args.overload_status,
         grace=args.grace,
+        grpc_listeners=args.grpc_listeners if args.grpc_listeners is not None else DEFAULT_LISTENERS,
+        loop=args.loop,
     )
-    asyncio.run(server.run(handle_signals=True, on_start=_announce))
+    run_loop(server.run(handle_signals=True, on_start=_announce), args.loop)
     for name, stats in repository.predictor_stats().items():
         failed = sum(stats.failed.values())
         print(

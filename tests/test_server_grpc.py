@@ -930,12 +930,54 @@ class TestCreateServer:
         assert served.port > 0
         good(served)
 
-    @pytest.mark.parametrize("size", [0, -1, 2**31, 1.5])
-    def test_bad_message_size(self, size: Any) -> None:
-        """``max_message_bytes`` outside [1, 2**31 - 1] fails at once, naming the field."""
+    def test_listeners_share_the_port(self, serve: Callable[..., Served]) -> None:
+        """Three listeners on one port: 24 separate connections (the kernel spreads them over the
+        listeners, so all landing on one has odds 3**-24) are each answered correctly."""
+        served = serve({"m": scaled(2)}, listeners=3)
+        assert len(served.server.servers) == 3
+        # A channel of its own subchannel pool is a connection of its own.
+        options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+        channels = [grpc.insecure_channel(served.url, options=options) for _ in range(24)]
+        try:
+            for i, channel in enumerate(channels):
+                infer = channel.unary_unary(
+                    f"/{pb.SERVICE}/ModelInfer",
+                    request_serializer=lambda m: m.SerializeToString(),
+                    response_deserializer=pb.ModelInferResponse.FromString,
+                )
+                x = X + i
+                np.testing.assert_array_equal(outputs_of(infer(infer_request("m", {"x": x}), timeout=WAIT))["y"], x * 2)
+        finally:
+            for channel in channels:
+                channel.close()
+
+    @pytest.mark.parametrize("listeners", [1, 2])
+    def test_a_port_in_use_is_an_error(self, serve: Callable[..., Served], listeners: int) -> None:
+        """A port something else listens on is refused, even another inferkit server's SO_REUSEPORT
+        listeners, which a second set of SO_REUSEPORT listeners could otherwise silently join."""
+        held = serve({"m": scaled(2)}, listeners=2)
+        repository = Repository({"m": scaled(3)})
+
+        async def bind() -> None:  # in a loop, as grpc.aio servers are made
+            create_server(repository, port=held.port, listeners=listeners)
+
+        try:
+            with pytest.raises(RuntimeError, match="bind"):
+                asyncio.run(bind())
+        finally:
+            repository.close(WAIT)
+        good(held)
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [("max_message_bytes", v) for v in (0, -1, 2**31, 1.5)] + [("listeners", v) for v in (0, -1, 1.5, True)],
+    )
+    def test_bad_arguments(self, field: str, value: Any) -> None:
+        """``max_message_bytes`` outside [1, 2**31 - 1], or ``listeners`` not an int >= 1, fails at
+        once, naming the field."""
         repository = Repository({"m": scaled(2)})
         try:
-            with pytest.raises(ValueError, match="max_message_bytes"):
-                create_server(repository, port=0, max_message_bytes=size)
+            with pytest.raises(ValueError, match=field):
+                create_server(repository, port=0, **{field: value})
         finally:
             repository.close(WAIT)

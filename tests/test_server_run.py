@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -18,11 +19,12 @@ import onnx
 import pytest
 import tritonclient.grpc as grpcclient
 from onnx import TensorProto, helper
+from tritonclient.utils import InferenceServerException
 
 from inferkit import Predictor, Router, TensorSpec
 from inferkit.server import Repository
 from inferkit.server.config import ConfigError, load
-from inferkit.server.run import InferenceServer
+from inferkit.server.run import InferenceServer, run_loop
 
 WAIT = 60
 
@@ -151,10 +153,14 @@ def _start_cli(*args: str) -> tuple[subprocess.Popen[str], int, int]:
 class TestCli:
     """``inferkit serve`` as a real process."""
 
-    def test_serve_answers_http_and_grpc_then_stops_on_sigterm_under_load(self, tmp_path: Path) -> None:
-        """Under load from 8 HTTP clients, SIGTERM stops the server gracefully: every accepted request
-        is answered (the client's successes equal the server's completions) and none fails."""
-        proc, port, grpc_port = _start_cli(str(_model(tmp_path / "scale.onnx")), "--max-batch-size", "16")
+    @pytest.mark.parametrize("options", [[], ["--grpc-listeners", "1", "--loop", "asyncio"]])
+    def test_serve_answers_http_and_grpc_then_stops_on_sigterm_under_load(
+        self, tmp_path: Path, options: list[str]
+    ) -> None:
+        """Under load from 8 HTTP and 4 gRPC clients, SIGTERM stops the server gracefully: every
+        accepted request is answered (the clients' successes equal the server's completions) and
+        none fails; with the default listeners and loop, and with one listener on asyncio's loop."""
+        proc, port, grpc_port = _start_cli(str(_model(tmp_path / "scale.onnx")), "--max-batch-size", "16", *options)
         try:
             x = np.arange(8, dtype=np.float32).reshape(2, 4)
             with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as g:
@@ -182,7 +188,27 @@ class TestCli:
                             else:
                                 bad.append(f"{r.status_code} {r.text[:200]}")
 
+            def grpc_client() -> None:
+                with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as g:
+                    inp = grpcclient.InferInput("x", [2, 4], "FP32")
+                    inp.set_data_from_numpy(x)
+                    for _ in range(100_000):
+                        if stop.is_set():
+                            return
+                        try:
+                            y = g.infer("scale", [inp]).as_numpy("y")
+                        except InferenceServerException as error:
+                            if error.status() in ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"):
+                                return  # refused once shutdown began: never accepted
+                            raise
+                        with lock:
+                            if np.array_equal(y, x * 2):
+                                ok[0] += 1
+                            else:
+                                bad.append(f"grpc {y}")
+
             threads = [threading.Thread(target=client) for _ in range(8)]
+            threads += [threading.Thread(target=grpc_client) for _ in range(4)]
             for t in threads:
                 t.start()
             deadline = time.monotonic() + WAIT
@@ -208,17 +234,25 @@ class TestCli:
         assert (failed, cancelled, in_flight) == (0, 0, 0)
         assert accepted == completed == ok[0] + 1  # + the gRPC request
 
-    def test_bad_arguments(self, tmp_path: Path) -> None:
-        """A missing model file or a bad config exits 2 with a message."""
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (["none.onnx"], "inferkit serve: no model file"),
+            (["scale.onnx", "--grpc-listeners", "0"], "--grpc-listeners: must be >= 1, got 0"),
+        ],
+    )
+    def test_bad_arguments(self, tmp_path: Path, args: list[str], message: str) -> None:
+        """A missing model file or a bad flag exits 2 with a message."""
+        _model(tmp_path / "scale.onnx")
         run = subprocess.run(
-            [sys.executable, "-m", "inferkit.cli", "serve", str(tmp_path / "none.onnx")],
+            [sys.executable, "-m", "inferkit.cli", "serve", str(tmp_path / args[0]), *args[1:]],
             capture_output=True,
             text=True,
             timeout=WAIT,
             check=False,
         )
         assert run.returncode == 2
-        assert "inferkit serve:" in run.stderr
+        assert message in run.stderr
 
 
 class TestMixedClients:
@@ -270,3 +304,27 @@ class TestMixedClients:
         assert errors == []
         assert sum(len(b) for b in batches) == 640
         assert any((b > 0).any() and (b < 0).any() for b in batches)
+
+
+class TestLoop:
+    """The event loop the server runs on."""
+
+    @pytest.mark.parametrize(("loop", "module"), [("asyncio", "asyncio"), ("auto", "uvloop"), ("uvloop", "uvloop")])
+    def test_run_loop_picks_the_loop(self, loop: str, module: str) -> None:
+        """``auto`` and ``uvloop`` run on uvloop (installed with the server extra), ``asyncio`` on asyncio's own."""
+        if module == "uvloop":
+            pytest.importorskip("uvloop", reason="uvloop is not built for this platform")
+
+        async def which() -> str:
+            return type(asyncio.get_running_loop()).__module__
+
+        assert run_loop(which(), loop).split(".")[0] == module
+
+    def test_an_unknown_loop_is_refused(self) -> None:
+        """A loop name outside LOOPS fails at construction, naming the choices."""
+        predictor = Predictor.from_callable(lambda x: x, inputs=[TensorSpec("x", np.float32, (None, 4))])
+        try:
+            with pytest.raises(ValueError, match="loop must be one of"):
+                InferenceServer(Repository({"m": predictor}), loop="trio")
+        finally:
+            predictor.close(WAIT)

@@ -4,7 +4,7 @@
 ``inference.GRPCInferenceService`` (ServerLive, ServerReady, ModelReady, ServerMetadata,
 ModelMetadata, ModelInfer), so Triton's clients (``tritonclient.grpc``) work unchanged::
 
-    server, port = create_server(repository, port=8001)
+    server, port = create_server(repository, port=8001)  # a GrpcServer: grpc.aio listeners on one port
     await server.start()
     ...
     await server.stop(grace=5)
@@ -33,6 +33,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import socket
+import sys
 import time
 from collections.abc import Callable, Hashable, Sequence
 from importlib import metadata as _metadata
@@ -46,7 +48,7 @@ from inferkit.server import proto as pb
 from inferkit.server.protocol import datatype_of, dtype_of, grpc_code, pack_bytes, request_options, unpack_bytes
 from inferkit.server.repository import Repository
 
-__all__ = ["ARM_METADATA", "KEY_METADATA", "create_server"]
+__all__ = ["ARM_METADATA", "DEFAULT_LISTENERS", "KEY_METADATA", "GrpcServer", "create_server"]
 
 Array = np.ndarray[Any, Any]
 
@@ -87,6 +89,38 @@ _UNSUPPORTED_PARAMETERS = {
     "classification": "classification outputs",
     "shared_memory_region": "shared memory",
 }
+_OPTION_PARAMETERS = ("timeout", "priority", "key", "sequence_id", "sequence_start", "sequence_end")
+
+
+DEFAULT_LISTENERS = 2 if sys.platform == "linux" else 1
+"""Listeners :func:`create_server` opens by default: 2 where SO_REUSEPORT spreads connections (Linux)."""
+
+
+class GrpcServer:
+    """The ``grpc.aio`` servers listening on one port, started and stopped together.
+
+    ``grpc.aio`` accepts one call per event-loop round trip, which caps a busy server well
+    below what its handlers can do; each extra listener adds an accept loop, and the kernel
+    spreads connections across them (SO_REUSEPORT). ``servers`` are the underlying
+    ``grpc.aio.Server`` objects, for adding other services to each.
+    """
+
+    def __init__(self, servers: Sequence[grpc.aio.Server]) -> None:
+        self.servers = tuple(servers)
+
+    async def start(self) -> None:
+        """Start every listener."""
+        for server in self.servers:
+            await server.start()
+
+    async def stop(self, grace: float | None) -> None:
+        """Stop accepting; calls in flight get ``grace`` seconds to finish, then are cancelled."""
+        await asyncio.gather(*(server.stop(grace) for server in self.servers))
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Wait until every listener has stopped (or ``timeout`` passes); whether they all did."""
+        done = await asyncio.gather(*(server.wait_for_termination(timeout) for server in self.servers))
+        return all(done)
 
 
 def create_server(
@@ -96,28 +130,53 @@ def create_server(
     port: int = 8001,
     metrics: Any = None,
     max_message_bytes: int = 256 * 2**20,
-) -> tuple[grpc.aio.Server, int]:
-    """A ``grpc.aio`` server for ``repository``, not yet started, and the port it is bound to.
+    listeners: int = DEFAULT_LISTENERS,
+) -> tuple[GrpcServer, int]:
+    """A gRPC server for ``repository``, not yet started, and the port it is bound to.
 
     ``port=0`` picks a free port. Call it in the event loop that will run the server, then
     ``await server.start()`` and, to finish, ``await server.stop(grace)``. ``metrics``, when
     given, has ``observe(model, arm, outcome, seconds)`` called once per ModelInfer with the
     outcome ``"success"`` or the error's class name. ``max_message_bytes`` bounds a request and
-    a response (both ways; gRPC's default is 4 MiB), at most ``2**31 - 1``.
+    a response (both ways; gRPC's default is 4 MiB), at most ``2**31 - 1``. ``listeners``
+    ``grpc.aio`` servers share the port (see :class:`GrpcServer`); a port that another
+    process listens on is an error (``RuntimeError``) either way, never a silent share.
     """
     if type(max_message_bytes) is not int or not 1 <= max_message_bytes <= _INT32_MAX:
         msg = f"max_message_bytes must be an int in [1, {_INT32_MAX}], got {max_message_bytes!r}"
         raise ValueError(msg)
+    if type(listeners) is not int or listeners < 1:
+        msg = f"listeners must be an int >= 1, got {listeners!r}"
+        raise ValueError(msg)
+    shared = listeners > 1
+    if shared and port != 0:
+        _check_free(host, port)  # SO_REUSEPORT would otherwise join a listener of the same user
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),  # a port another server holds is an error, not a silent share
+        ("grpc.so_reuseport", int(shared)),
     ]
-    server = grpc.aio.server(options=options)
-    server.add_generic_rpc_handlers((_Servicer(repository, metrics).handler(),))
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
-    return server, bound
+    servers = []
+    for _ in range(listeners):
+        server = grpc.aio.server(options=options)
+        server.add_generic_rpc_handlers((_Servicer(repository, metrics).handler(),))
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        port = server.add_insecure_port(address)  # port 0 picks one; the other listeners join it
+        servers.append(server)
+    return GrpcServer(servers), port
+
+
+def _check_free(host: str, port: int) -> None:
+    """``RuntimeError`` when something listens on ``host:port`` (as grpc raises when it cannot bind)."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        for family, kind, proto, _, address in addresses:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle
+                probe.bind(address)
+    except OSError as error:
+        msg = f"Failed to bind to address {host}:{port}: {error}"
+        raise RuntimeError(msg) from None
 
 
 class _Malformed:
@@ -253,7 +312,7 @@ class _Servicer:
 
     def _check_outputs(self, model: str, version: str | None, requested: Sequence[str]) -> None:
         """Refuse unknown outputs before the model runs, when it declares its outputs."""
-        declared = [t["name"] for t in self._repository.metadata(model, version)["outputs"]]
+        declared = self._repository.output_names(model, version)
         if declared:
             _check_known(requested, declared)
 
@@ -284,13 +343,14 @@ def _parameter(parameter: Any) -> bool | int | str | float | None:
 def _options(request: Any, context: Any) -> tuple[Hashable | None, float | None, int]:
     """The sticky key, the deadline in seconds and the priority of a ModelInfer request."""
     params = request.parameters
-    for name, what in _UNSUPPORTED_PARAMETERS.items():
-        if name in params:
-            msg = f"parameter {name!r}: {what} is not supported"
-            raise InvalidInput(msg)
+    plain = {}
+    if params:
+        for name, what in _UNSUPPORTED_PARAMETERS.items():
+            if name in params:
+                msg = f"parameter {name!r}: {what} is not supported"
+                raise InvalidInput(msg)
+        plain = {name: _parameter(params[name]) for name in _OPTION_PARAMETERS if name in params}
     header = next((str(v) for k, v in context.invocation_metadata() or () if k == KEY_METADATA), None)
-    names = ("timeout", "priority", "key", "sequence_id", "sequence_start", "sequence_end")
-    plain = {name: _parameter(params[name]) for name in names if name in params}
     timeout, priority, key = request_options(plain, key=header, remaining_s=context.time_remaining())
     return key, timeout, priority
 
@@ -298,10 +358,11 @@ def _options(request: Any, context: Any) -> tuple[Hashable | None, float | None,
 def _requested_outputs(request: Any) -> list[str]:
     names = []
     for output in request.outputs:
-        for name, what in _UNSUPPORTED_PARAMETERS.items():
-            if name in output.parameters:
-                msg = f"output {output.name!r}: {what} is not supported"
-                raise InvalidInput(msg)
+        if output.parameters:
+            for name, what in _UNSUPPORTED_PARAMETERS.items():
+                if name in output.parameters:
+                    msg = f"output {output.name!r}: {what} is not supported"
+                    raise InvalidInput(msg)
         if output.name in names:
             msg = f"output {output.name!r} is requested twice"
             raise InvalidInput(msg)
@@ -341,15 +402,16 @@ def _invalid(name: str, message: str) -> InvalidInput:
 
 def _decode(tensor: Any, raw: bytes | None) -> Array:
     name, datatype = tensor.name, tensor.datatype
-    for parameter, what in _UNSUPPORTED_PARAMETERS.items():
-        if parameter in tensor.parameters:
-            raise _invalid(name, f"{what} is not supported")
+    if tensor.parameters:
+        for parameter, what in _UNSUPPORTED_PARAMETERS.items():
+            if parameter in tensor.parameters:
+                raise _invalid(name, f"{what} is not supported")
     try:
         dtype = dtype_of(datatype)
     except InvalidInput as error:
         raise _invalid(name, str(error)) from None
     shape = tuple(tensor.shape)
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise _invalid(name, f"shape {list(shape)} has a negative dimension")
     count = math.prod(shape)
     if raw is not None:
@@ -417,4 +479,6 @@ def _encode_response(request: Any, outputs: dict[str, Array], requested: Sequenc
 def _to_raw(array: Array, datatype: str) -> bytes:
     if datatype == "BYTES":
         return pack_bytes(array)
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array.tobytes()  # C order, whatever the array's layout

@@ -82,13 +82,24 @@ class Metrics:
         )
         self._collector = _PredictorCollector(repository)
         self.registry.register(self._collector)
+        # Children by label values: ``labels()`` validates and locks on every call. The label
+        # sets are bounded (known models, arms and error classes), so these stay small.
+        self._counters: dict[tuple[str, str, str], Any] = {}
+        self._histograms: dict[tuple[str, str], Any] = {}
 
     def observe(self, model: str, arm: str | None, outcome: str, seconds: float) -> None:
         """Count one request: ``outcome`` is ``"success"`` or the error class name."""
         arm_label = arm or ""
-        self._requests.labels(model, arm_label, outcome).inc()
+        key = (model, arm_label, outcome)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters.setdefault(key, self._requests.labels(*key))
+        counter.inc()
         if outcome == "success":
-            self._duration.labels(model, arm_label).observe(seconds)
+            histogram = self._histograms.get(key[:2])
+            if histogram is None:
+                histogram = self._histograms.setdefault(key[:2], self._duration.labels(model, arm_label))
+            histogram.observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of every metric in :attr:`registry`, and its content type."""

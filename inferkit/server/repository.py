@@ -6,7 +6,6 @@ protocol are batched together by the same Predictor (or split by the same Router
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Hashable, Iterable, Mapping
 from concurrent.futures import Future
@@ -18,6 +17,7 @@ import numpy as np
 from inferkit.errors import InferkitError, ModelNotFound
 from inferkit.predictor import Predictor
 from inferkit.routing import Predictive, Router
+from inferkit.server._bridge import await_future
 from inferkit.server.protocol import datatype_of
 from inferkit.signature import Signature
 from inferkit.stats import Stats
@@ -134,6 +134,11 @@ class Repository:
             **tensors,
         }
 
+    def output_names(self, name: str, version: str | None = None) -> tuple[str, ...]:
+        """The outputs ``name`` declares, in order; empty when it declares none (an untyped callable)."""
+        sig = _signature(self.resolve(name, version))
+        return () if sig is None else tuple(s.name for s in sig.outputs)
+
     async def infer(
         self,
         name: str,
@@ -152,7 +157,7 @@ class Repository:
         else:
             future = target.submit(inputs, timeout=timeout, priority=priority)
         try:
-            value = await asyncio.wrap_future(future)
+            value = await await_future(future)
         except InferkitError as error:
             error.arm = getattr(future, "arm", None)  # type: ignore[attr-defined]  # for metrics by arm
             raise

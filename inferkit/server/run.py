@@ -6,18 +6,22 @@ import asyncio
 import contextlib
 import signal
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from typing import Any, TypeVar
 
 import uvicorn
 
 from inferkit.routing import Predictive
-from inferkit.server.grpc import create_server
+from inferkit.server.grpc import DEFAULT_LISTENERS, create_server
 from inferkit.server.metrics import Metrics
 from inferkit.server.repository import Repository
 from inferkit.server.rest import create_app
 
-__all__ = ["InferenceServer", "serve"]
+__all__ = ["LOOPS", "InferenceServer", "run_loop", "serve"]
+
+T = TypeVar("T")
+LOOPS = ("auto", "asyncio", "uvloop")
+"""Event loops :class:`InferenceServer` runs on: uvloop when installed (``auto``), or the one named."""
 
 
 class _Uvicorn(uvicorn.Server):
@@ -35,6 +39,8 @@ class InferenceServer:
     shutdown is graceful: readiness turns false, both listeners stop accepting, requests in
     flight are answered, then every model is closed. ``grpc_port=None`` serves REST only;
     port 0 picks a free port (see :attr:`port` and :attr:`grpc_port` once :attr:`started`).
+    ``grpc_listeners`` is :func:`~inferkit.server.grpc.create_server`'s ``listeners``;
+    ``loop`` picks the event loop of :meth:`start` and :func:`serve` (one of :data:`LOOPS`).
     """
 
     def __init__(
@@ -51,7 +57,12 @@ class InferenceServer:
         retry_after_s: float = 1.0,
         grace: float = 30.0,
         log_level: str = "warning",
+        grpc_listeners: int = DEFAULT_LISTENERS,
+        loop: str = "auto",
     ) -> None:
+        if loop not in LOOPS:
+            msg = f"loop must be one of {LOOPS}, got {loop!r}"
+            raise ValueError(msg)
         self.repository = repository
         self.host = host
         self.port = port
@@ -59,6 +70,8 @@ class InferenceServer:
         self.grace = grace
         self.metrics = metrics if metrics is not None else Metrics(repository)
         self.max_message_bytes = max_message_bytes
+        self.grpc_listeners = grpc_listeners
+        self.loop = loop
         app = create_app(
             repository,
             metrics=self.metrics,
@@ -90,6 +103,7 @@ class InferenceServer:
                 port=self.grpc_port,
                 metrics=self.metrics,
                 max_message_bytes=self.max_message_bytes,
+                listeners=self.grpc_listeners,
             )
             await grpc_server.start()
         http = asyncio.create_task(self._http.serve())
@@ -117,7 +131,9 @@ class InferenceServer:
 
     def start(self, timeout: float = 30.0) -> InferenceServer:
         """Serve on a background thread (for embedding and tests); returns once both listen."""
-        self._thread = threading.Thread(target=lambda: asyncio.run(self.run()), name="inferkit-server", daemon=True)
+        self._thread = threading.Thread(
+            target=lambda: run_loop(self.run(), self.loop), name="inferkit-server", daemon=True
+        )
         self._thread.start()
         if not self.started.wait(timeout):
             msg = "the server did not start in time"
@@ -144,7 +160,7 @@ def serve(
 
     Blocks. ``options`` go to :class:`InferenceServer` (``max_request_bytes``,
     ``max_message_bytes``, ``overload_status``, ``retry_after_s``, ``grace``, ``log_level``,
-    ``metrics``).
+    ``metrics``, ``grpc_listeners``, ``loop``).
     """
     if isinstance(target, Repository):
         repository = target
@@ -154,4 +170,19 @@ def serve(
         repository = Repository({name: target})
     server = InferenceServer(repository, host=host, port=port, grpc_port=grpc_port, **options)
     main = threading.current_thread() is threading.main_thread()
-    asyncio.run(server.run(handle_signals=main))
+    run_loop(server.run(handle_signals=main), server.loop)
+
+
+def run_loop(main: Coroutine[Any, Any, T], loop: str = "auto") -> T:
+    """Run ``main`` to completion on a new event loop: uvloop with ``"auto"`` when it is installed."""
+    factory = None
+    if loop != "asyncio":
+        try:
+            import uvloop  # noqa: PLC0415 (optional: part of the server extra where it builds)
+        except ImportError:
+            if loop == "uvloop":
+                raise
+        else:
+            factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)

@@ -1,0 +1,84 @@
+"""Awaiting thread-settled futures from an event loop: every outcome delivered once, cancellation both ways."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+
+from inferkit.errors import ModelError
+from inferkit.server._bridge import await_future
+
+WAIT = 30  # seconds: a bound on every wait, never expected to be reached
+
+
+def _settle(futures: list[Future[Any]]) -> None:
+    """Results, errors and cancellations by index, back to back."""
+    for i, future in enumerate(futures):
+        if i % 7 == 3:
+            future.set_exception(ModelError(f"failed {i}"))
+        elif i % 7 == 5:
+            future.cancel()
+        else:
+            future.set_result(i)
+
+
+def test_a_burst_of_outcomes_each_reaches_its_own_awaiter() -> None:
+    """200 futures settled back to back by one thread: each awaiter gets its own result, its own
+    exception (the same object) or CancelledError, whichever its future ended with."""
+
+    async def main() -> list[Any]:
+        futures: list[Future[Any]] = [Future() for _ in range(200)]
+        tasks = [asyncio.ensure_future(await_future(f)) for f in futures]
+        await asyncio.sleep(0)  # every task now awaits
+        settler = threading.Thread(target=_settle, args=(futures,))
+        settler.start()
+        _, pending = await asyncio.wait(tasks, timeout=WAIT)
+        settler.join(WAIT)
+        assert not pending
+        outcomes: list[Any] = []
+        for task in tasks:
+            if task.cancelled():
+                outcomes.append("cancelled")
+            elif task.exception() is not None:
+                outcomes.append(str(task.exception()))
+            else:
+                outcomes.append(task.result())
+        return outcomes
+
+    outcomes = asyncio.run(main())
+    expected = [f"failed {i}" if i % 7 == 3 else "cancelled" if i % 7 == 5 else i for i in range(200)]
+    assert outcomes == expected
+
+
+def test_cancelling_the_awaiter_cancels_the_future() -> None:
+    """A task cancelled while it awaits cancels the request's future (so a queued request is dropped)."""
+
+    async def main() -> Future[Any]:
+        future: Future[Any] = Future()
+        task = asyncio.ensure_future(await_future(future))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return future
+
+    assert asyncio.run(main()).cancelled()
+
+
+def test_an_outcome_after_the_loop_closed_is_dropped_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    """A future settled once its loop is closed: nothing raises in the settling thread's callback
+    (concurrent.futures would log it) and nothing is delivered."""
+    loop = asyncio.new_event_loop()
+    future: Future[Any] = Future()
+    task = loop.create_task(await_future(future))
+    loop.run_until_complete(asyncio.sleep(0))  # the task now awaits the future
+    loop.close()
+    with caplog.at_level(logging.ERROR, logger="concurrent.futures"):
+        future.set_result(1)
+    assert [r.getMessage() for r in caplog.records if r.name == "concurrent.futures"] == []
+    assert not task.done()
