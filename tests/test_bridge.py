@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
+import weakref
 from concurrent.futures import Future
 from typing import Any
 
@@ -82,3 +84,16 @@ def test_an_outcome_after_the_loop_closed_is_dropped_quietly(caplog: pytest.LogC
         future.set_result(1)
     assert [r.getMessage() for r in caplog.records if r.name == "concurrent.futures"] == []
     assert not task.done()
+
+
+def test_a_finished_loop_is_not_kept_alive() -> None:
+    """Awaiting once on a loop leaves nothing behind that holds the loop after it is closed."""
+    loop = asyncio.new_event_loop()
+    future: Future[Any] = Future()
+    future.set_result(1)
+    assert loop.run_until_complete(await_future(future)) == 1
+    loop.close()
+    ref = weakref.ref(loop)
+    del loop
+    gc.collect()
+    assert ref() is None

@@ -21,7 +21,7 @@ class _Inbox:
     """Settled futures waiting for their loop, and whether a drain is already scheduled."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self._loop = weakref.ref(loop)  # weakly: the inbox is the value of a weak-keyed dict
         self._lock = threading.Lock()
         self._items: deque[tuple[asyncio.Future[Any], Future[Any]]] = deque()
         self._scheduled = False
@@ -32,9 +32,13 @@ class _Inbox:
             if self._scheduled:
                 return
             self._scheduled = True
-        try:
-            self._loop.call_soon_threadsafe(self._drain)
-        except RuntimeError:  # the loop is closed: nobody is left to await these
+        loop = self._loop()
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # closed
+                loop = None
+        if loop is None:  # nobody is left to await these
             with self._lock:
                 self._items.clear()
                 self._scheduled = False
