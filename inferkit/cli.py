@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         "--grpc-listeners",
         type=_at_least_one,
         default=None,
-        help="gRPC servers sharing the port, each accepting calls (default 4 on Linux, else 1)",
+        help="gRPC servers sharing the port, each accepting calls (default 8 on Linux, else 1)",
     )
     serve.add_argument(
         "--loop",

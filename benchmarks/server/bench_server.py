@@ -120,6 +120,8 @@ class Cell:
     note: str = ""
     rounds: list[float | None] = field(default_factory=list)
     """req/s of every round, in round order (None: that round failed)."""
+    p99_rounds: list[float | None] = field(default_factory=list)
+    """p99 ms of every round, in round order."""
 
 
 def _median_cell(cells: list[Cell]) -> Cell:
@@ -128,6 +130,7 @@ def _median_cell(cells: list[Cell]) -> Cell:
         return cells[-1]
     mid = measured[(len(measured) - 1) // 2]
     mid.rounds = [c.rps for c in cells]
+    mid.p99_rounds = [c.p99_ms for c in cells]
     mid.errors = max(c.errors for c in measured)
     return mid
 
@@ -715,6 +718,7 @@ def render(results: dict[str, dict[str, Cell]], clients: list[str], servers: lis
             if len(cell.rounds) > 1:
                 shown = ", ".join("failed" if r is None else f"{r:,.0f}" for r in cell.rounds)
                 note = (note + "; " if note else "") + "req/s by round: " + shown
+                note += "; p99 ms: " + ", ".join("-" if p is None else f"{p:.1f}" for p in cell.p99_rounds)
             lines.append(
                 f"| {CLIENTS[client]} | {SERVERS[key]} | {_fmt(cell.rps, 0)} | {_fmt(cell.p50_ms)} | "
                 f"{_fmt(cell.p99_ms)} | {cell.errors if cell.rps is not None else '-'} | "
