@@ -43,7 +43,7 @@ A warning follows the table when "other" is above 0.15 cores: someone else was u
 
 This machine is a VM on a shared host: identical runs differ by 10-25%. ``--rounds N``
 repeats everything N times (each round starts with a different server) and reports each
-cell's median round, with every round's req/s in the notes and inferkit's ratio round by
+cell's median round, with every round's req/s and p99 in the notes and inferkit's ratio round by
 round (servers measured minutes apart, so the per-round ratios are the steadier figure).
 
 ``--inferkit-cmd CMD`` runs ``CMD serve ...`` instead of the venv's ``inferkit``, to measure a
