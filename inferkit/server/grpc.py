@@ -160,10 +160,11 @@ def create_server(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", int(shared)),
     ]
+    handler = _Servicer(repository, metrics).handler()
     servers = []
     for _ in range(listeners):
         server = grpc.aio.server(options=options)
-        server.add_generic_rpc_handlers((_Servicer(repository, metrics).handler(),))
+        server.add_generic_rpc_handlers((handler,))
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         port = server.add_insecure_port(address)  # port 0 picks one; the other listeners join it
         servers.append(server)
