@@ -1,4 +1,4 @@
-"""The rules both server faces share: request options, BYTES framing, status codes."""
+"""The rules both server faces share: request options, raw tensor bytes, BYTES framing, status codes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from inferkit.errors import Closed, DeadlineExceeded, InvalidInput, ModelError, ModelNotFound, Overloaded
-from inferkit.server.protocol import http_status, pack_bytes, request_options, unpack_bytes
+from inferkit.server.protocol import (
+    check_outputs,
+    from_raw,
+    http_status,
+    pack_bytes,
+    request_options,
+    to_raw,
+    unpack_bytes,
+)
 
 
 class TestRequestOptions:
@@ -77,6 +85,46 @@ class TestBytes:
         """Truncated, overlong or impossible framing is InvalidInput, before any large allocation."""
         with pytest.raises(InvalidInput, match=message):
             unpack_bytes(data, count, "t")
+
+
+class TestRawTensors:
+    """Raw little-endian tensor bytes, as both faces send and receive them."""
+
+    @pytest.mark.parametrize("dtype", ["<f4", ">f4", "<i8", ">u2", "?"])
+    def test_round_trip_is_little_endian(self, dtype: str) -> None:
+        """Any byte order goes out little-endian and C-ordered, and comes back equal."""
+        array = np.arange(6).reshape(2, 3).astype(dtype).T  # not C-contiguous either
+        raw = to_raw(array)
+        assert raw == np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+        datatype = {"f": "FP32", "i": "INT64", "u": "UINT16", "b": "BOOL"}[array.dtype.kind]
+        np.testing.assert_array_equal(from_raw(raw, datatype, 6, "x").reshape(3, 2), array)
+
+    def test_bytes_tensors_are_framed(self) -> None:
+        """BYTES (and str) arrays use the BYTES framing."""
+        array = np.array([b"a", "bc"], dtype=object)
+        assert to_raw(array) == pack_bytes(array)
+        assert list(from_raw(to_raw(array), "BYTES", 2, "s")) == [b"a", b"bc"]
+
+    @pytest.mark.parametrize(
+        ("raw", "datatype", "count", "message"),
+        [
+            (b"\0" * 7, "FP32", 2, "7 bytes of raw data, but 2 FP32 elements take 8"),
+            (b"\0" * 9, "FP32", 2, "9 bytes of raw data"),
+            (b"\x00\x02", "BOOL", 2, "BOOL data must be bytes 0 or 1"),
+            (b"", "BYTES", 2**40, "cannot hold"),
+        ],
+    )
+    def test_malformed_raw_data(self, raw: bytes, datatype: str, count: int, message: str) -> None:
+        """A size that does not match, or BOOL bytes other than 0/1, is InvalidInput naming the input."""
+        with pytest.raises(InvalidInput, match=message) as caught:
+            from_raw(raw, datatype, count, "x")
+        assert caught.value.input_name == "x"
+
+    def test_unknown_outputs(self) -> None:
+        """A requested output the model does not have is InvalidInput naming it and the known ones."""
+        check_outputs(["y"], ("y", "z"))
+        with pytest.raises(InvalidInput, match=r"unknown output 'q'; the model has \['y', 'z'\]"):
+            check_outputs(["y", "q"], ("z", "y"))
 
 
 def test_status_codes() -> None:

@@ -680,6 +680,15 @@ MALFORMED: list[tuple[str, str, bytes, dict[str, str], str]] = [
     ("text", "BYTES truncated", *_header({"inputs": [_bytes_input(9, 2)]}, b"\x03\0\0\0abc\x09\0"), "ends after 1"),
     ("text", "BYTES length lies", *_header({"inputs": [_bytes_input(6, 1)]}, b"\xff\0\0\0ab"), "claims 255"),
     ("text", "BYTES count lies", *_header({"inputs": [_bytes_input(4, 2**40)]}, b"\0" * 4), "cannot hold"),
+    (
+        "echo",
+        "BOOL bytes not 0/1",
+        *_header(
+            {"inputs": [{"name": "b", "shape": [2], "datatype": "BOOL", "parameters": {"binary_data_size": 2}}]},
+            b"\x01\x02",
+        ),
+        "BOOL data must be bytes 0 or 1",
+    ),
     ("mlp", "bad gzip", b"not gzip", {"Content-Encoding": "gzip"}, "decompress"),
     ("mlp", "truncated gzip", gzip.compress(_good())[:-12], {"Content-Encoding": "gzip"}, "truncated"),
 ]

@@ -45,7 +45,15 @@ import numpy as np
 
 from inferkit.errors import InferkitError, InvalidInput
 from inferkit.server import proto as pb
-from inferkit.server.protocol import datatype_of, dtype_of, grpc_code, pack_bytes, request_options, unpack_bytes
+from inferkit.server.protocol import (
+    check_outputs,
+    datatype_of,
+    dtype_of,
+    from_raw,
+    grpc_code,
+    request_options,
+    to_raw,
+)
 from inferkit.server.repository import Repository
 
 __all__ = ["ARM_METADATA", "DEFAULT_LISTENERS", "KEY_METADATA", "GrpcServer", "create_server"]
@@ -319,7 +327,7 @@ class _Servicer:
         """Refuse unknown outputs before the model runs, when it declares its outputs."""
         declared = self._repository.output_names(model, version)
         if declared:
-            _check_known(requested, declared)
+            check_outputs(requested, declared)
 
     def _observe(self, model: str, arm: str | None, outcome: str, start: float) -> None:
         if self._metrics is not None:
@@ -375,13 +383,6 @@ def _requested_outputs(request: Any) -> list[str]:
     return names
 
 
-def _check_known(requested: Sequence[str], available: Sequence[str]) -> None:
-    for name in requested:
-        if name not in available:
-            msg = f"unknown output {name!r}; the model has {sorted(available)}"
-            raise InvalidInput(msg)
-
-
 # -- tensors ---------------------------------------------------------------------------------
 
 
@@ -422,27 +423,13 @@ def _decode(tensor: Any, raw: bytes | None) -> Array:
     if raw is not None:
         if tensor.HasField("contents"):
             raise _invalid(name, "has both raw_input_contents and contents; send one")
-        flat = _from_raw(name, datatype, dtype, count, raw)
+        flat = from_raw(raw, datatype, count, name)
     else:
         flat = _from_contents(name, datatype, dtype, count, tensor.contents)
     try:
         return flat.reshape(shape)
     except ValueError as error:  # more dimensions than NumPy allows, or too large an array
         raise _invalid(name, f"shape {list(shape)}: {error}") from None
-
-
-def _from_raw(name: str, datatype: str, dtype: np.dtype[Any], count: int, raw: bytes) -> Array:
-    if dtype.kind == "O":
-        if count > len(raw) // 4:  # each element takes at least its 4-byte length
-            raise _invalid(name, f"{len(raw)} bytes of BYTES data cannot hold {count} elements")
-        return unpack_bytes(raw, count, name)
-    expected = count * dtype.itemsize
-    if len(raw) != expected:
-        raise _invalid(name, f"raw content has {len(raw)} bytes, but {count} {datatype} elements take {expected}")
-    if dtype.kind == "b" and raw.count(b"\x00") + raw.count(b"\x01") != len(raw):
-        raise _invalid(name, "BOOL data must be bytes 0 or 1")
-    array = np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
-    return array if array.flags.aligned else array.copy()  # models may assume aligned data
 
 
 def _from_contents(name: str, datatype: str, dtype: np.dtype[Any], count: int, contents: Any) -> Array:
@@ -471,19 +458,11 @@ def _from_contents(name: str, datatype: str, dtype: np.dtype[Any], count: int, c
 def _encode_response(request: Any, outputs: dict[str, Array], requested: Sequence[str]) -> Any:
     """A ModelInferResponse with ``outputs`` (only ``requested`` ones, in order, when given)."""
     if requested:
-        _check_known(requested, list(outputs))
+        check_outputs(requested, outputs)
     response = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
     for name in requested or outputs:
         array = np.asarray(outputs[name])
         datatype = datatype_of(array.dtype)
         response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        response.raw_output_contents.append(_to_raw(array, datatype))
+        response.raw_output_contents.append(to_raw(array))
     return response
-
-
-def _to_raw(array: Array, datatype: str) -> bytes:
-    if datatype == "BYTES":
-        return pack_bytes(array)
-    if array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"))
-    return array.tobytes()  # C order, whatever the array's layout

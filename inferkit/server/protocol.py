@@ -1,4 +1,4 @@
-"""What the REST and gRPC faces share: datatypes, BYTES framing and the error mapping.
+"""What the REST and gRPC faces share: datatypes, raw tensor bytes and the error mapping.
 
 The KServe Open Inference Protocol v2 names tensor types as strings (``FP32``, ``BYTES``, ...);
 both faces convert through :data:`DTYPES` and map inferkit's errors to status codes through
@@ -8,7 +8,7 @@ both faces convert through :data:`DTYPES` and map inferkit's errors to status co
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -26,12 +26,15 @@ from inferkit.errors import (
 __all__ = [
     "DTYPES",
     "NO_DEADLINE_S",
+    "check_outputs",
     "datatype_of",
     "dtype_of",
+    "from_raw",
     "grpc_code",
     "http_status",
     "pack_bytes",
     "request_options",
+    "to_raw",
     "unpack_bytes",
 ]
 
@@ -106,6 +109,43 @@ def pack_bytes(array: np.ndarray[Any, Any]) -> bytes:
         parts.append(struct.pack("<I", len(data)))
         parts.append(data)
     return b"".join(parts)
+
+
+def from_raw(raw: bytes | memoryview, datatype: str, count: int, name: str) -> np.ndarray[Any, Any]:
+    """``count`` elements of a known ``datatype`` from their raw little-endian bytes, flat.
+
+    ``InvalidInput`` naming input ``name`` when the bytes do not hold exactly that: a wrong
+    size, BOOL bytes other than 0 and 1, BYTES framing that does not add up.
+    """
+    dtype = DTYPES[datatype]
+    if dtype.kind == "O":
+        return unpack_bytes(raw, count, name)
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        msg = f"input {name!r}: {len(raw)} bytes of raw data, but {count} {datatype} elements take {expected}"
+        raise InvalidInput(msg, input_name=name)
+    array = np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
+    if dtype.kind == "b" and array.size and array.view(np.uint8).max() > 1:
+        msg = f"input {name!r}: BOOL data must be bytes 0 or 1"
+        raise InvalidInput(msg, input_name=name)
+    return array if array.flags.aligned else array.copy()  # models may assume aligned data
+
+
+def to_raw(array: np.ndarray[Any, Any]) -> bytes:
+    """An array's raw protocol bytes: C order and little-endian, BYTES framed by :func:`pack_bytes`."""
+    if array.dtype.kind in "OSU":
+        return pack_bytes(array)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array.tobytes()  # C order, whatever the array's layout
+
+
+def check_outputs(requested: Iterable[str], available: Collection[str]) -> None:
+    """``InvalidInput`` for the first requested output name the model does not have."""
+    for name in requested:
+        if name not in available:
+            msg = f"unknown output {name!r}; the model has {sorted(available)}"
+            raise InvalidInput(msg)
 
 
 NO_DEADLINE_S = 365 * 86400.0

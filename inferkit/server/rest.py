@@ -64,7 +64,7 @@ from starlette.types import Receive
 
 from inferkit.errors import InferkitError, InvalidInput, ModelNotFound
 from inferkit.server.metrics import Metrics
-from inferkit.server.protocol import DTYPES, datatype_of, http_status, pack_bytes, request_options, unpack_bytes
+from inferkit.server.protocol import DTYPES, check_outputs, datatype_of, from_raw, http_status, request_options, to_raw
 from inferkit.server.repository import InferResult, Repository
 
 try:  # orjson parses and writes JSON several times faster; the stdlib stands in without it
@@ -255,17 +255,7 @@ def _json_tensor(data: object, shape: tuple[int, ...], datatype: str, name: str)
 
 def _binary_tensor(raw: memoryview, shape: tuple[int, ...], datatype: str, name: str) -> Array:
     """A tensor from its raw bytes (the binary tensor data extension)."""
-    dtype = DTYPES[datatype]
-    count = _count(shape)
-    if dtype.kind == "O":
-        if 4 * count > len(raw):  # before unpack_bytes allocates count elements
-            raise _invalid(f"shape {list(shape)} needs {count} BYTES elements, {len(raw)} bytes cannot hold them", name)
-        return unpack_bytes(raw, count, name).reshape(shape)
-    if len(raw) != count * dtype.itemsize:
-        want = count * dtype.itemsize
-        raise _invalid(f"binary_data_size is {len(raw)} bytes, shape {list(shape)} of {datatype} needs {want}", name)
-    arr = np.frombuffer(raw, dtype=dtype).reshape(shape)
-    return arr if arr.flags.aligned else arr.copy()  # models may assume aligned data
+    return from_raw(raw, datatype, _count(shape), name).reshape(shape)
 
 
 def _outputs(value: object) -> tuple[tuple[str, ...] | None, dict[str, bool]]:
@@ -383,23 +373,11 @@ def _json_data(arr: Array) -> list[Any] | None:
     return out
 
 
-def _raw(arr: Array) -> bytes:
-    if datatype_of(arr.dtype) == "BYTES":
-        return pack_bytes(arr)
-    return np.ascontiguousarray(arr).tobytes()
-
-
-def _check_outputs(asked: tuple[str, ...], known: list[str]) -> None:
-    for name in asked:
-        if name not in known:
-            raise _invalid(f"unknown output {name!r}; the model returns {sorted(known)}")
-
-
 def encode_response(model: str, request: InferRequest, result: InferResult) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers (content type, binary header length, arm)."""
     outputs = result.outputs
     names = request.outputs if request.outputs is not None else tuple(outputs)
-    _check_outputs(names, list(outputs))
+    check_outputs(names, outputs)
     tensors = []
     chunks: list[bytes] = []
     for name in names:
@@ -407,7 +385,7 @@ def encode_response(model: str, request: InferRequest, result: InferResult) -> t
         tensor: dict[str, Any] = {"name": name, "datatype": datatype_of(arr.dtype), "shape": list(arr.shape)}
         data = None if request.binary.get(name, request.binary_default) else _json_data(arr)
         if data is None:
-            raw = _raw(arr)
+            raw = to_raw(arr)
             chunks.append(raw)
             tensor["parameters"] = {"binary_data_size": len(raw)}
         else:
@@ -541,9 +519,9 @@ class _App:
             raw = await self._body(request)
             decoded = await _off_loop(len(raw), decode_request, raw, _header_length(request))
             if decoded.outputs is not None:  # refuse unknown outputs before the model runs, where we can
-                known = [o["name"] for o in self.repository.metadata(name, version)["outputs"]]
+                known = self.repository.output_names(name, version)
                 if known:
-                    _check_outputs(decoded.outputs, known)
+                    check_outputs(decoded.outputs, known)
             key = request.headers.get(KEY_HEADER, decoded.key)
             result = await self._unless_disconnected(
                 request.receive,
