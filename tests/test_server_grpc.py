@@ -551,6 +551,7 @@ def _output(name: str, **params: Any) -> Callable[[Any], None]:
 MALFORMED = {
     "wrong shape": (_tensor(shape=[4, 2]), CODE.INVALID_ARGUMENT, "'x'"),
     "negative dimension": (_tensor(shape=[-2, -4]), CODE.INVALID_ARGUMENT, "'x'"),
+    "70 dimensions": (_tensor(shape=[1] * 69 + [2 * 4]), CODE.INVALID_ARGUMENT, "maximum supported dimension"),
     "unknown datatype": (_tensor(datatype="FP33"), CODE.INVALID_ARGUMENT, "'x'"),
     "lower-case datatype": (_tensor(datatype="fp32"), CODE.INVALID_ARGUMENT, "'x'"),
     "wrong datatype for the model": (_tensor(datatype="INT32"), CODE.INVALID_ARGUMENT, "'x'"),

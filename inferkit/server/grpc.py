@@ -52,6 +52,7 @@ from inferkit.server.protocol import (
     from_raw,
     grpc_code,
     request_options,
+    shaped,
     to_raw,
 )
 from inferkit.server.repository import Repository
@@ -426,10 +427,7 @@ def _decode(tensor: Any, raw: bytes | None) -> Array:
         flat = from_raw(raw, datatype, count, name)
     else:
         flat = _from_contents(name, datatype, dtype, count, tensor.contents)
-    try:
-        return flat.reshape(shape)
-    except ValueError as error:  # more dimensions than NumPy allows, or too large an array
-        raise _invalid(name, f"shape {list(shape)}: {error}") from None
+    return shaped(flat, shape, name)
 
 
 def _from_contents(name: str, datatype: str, dtype: np.dtype[Any], count: int, contents: Any) -> Array:

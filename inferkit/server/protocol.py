@@ -34,6 +34,7 @@ __all__ = [
     "http_status",
     "pack_bytes",
     "request_options",
+    "shaped",
     "to_raw",
     "unpack_bytes",
 ]
@@ -129,6 +130,15 @@ def from_raw(raw: bytes | memoryview, datatype: str, count: int, name: str) -> n
         msg = f"input {name!r}: BOOL data must be bytes 0 or 1"
         raise InvalidInput(msg, input_name=name)
     return array if array.flags.aligned else array.copy()  # models may assume aligned data
+
+
+def shaped(flat: np.ndarray[Any, Any], shape: tuple[int, ...], name: str) -> np.ndarray[Any, Any]:
+    """``flat`` in ``shape``; ``InvalidInput`` naming input ``name`` where NumPy cannot (over 64 dimensions)."""
+    try:
+        return flat.reshape(shape)
+    except ValueError as error:
+        msg = f"input {name!r}: shape {list(shape)}: {error}"
+        raise InvalidInput(msg, input_name=name) from None
 
 
 def to_raw(array: np.ndarray[Any, Any]) -> bytes:

@@ -64,7 +64,16 @@ from starlette.types import Receive
 
 from inferkit.errors import InferkitError, InvalidInput, ModelNotFound
 from inferkit.server.metrics import Metrics
-from inferkit.server.protocol import DTYPES, check_outputs, datatype_of, from_raw, http_status, request_options, to_raw
+from inferkit.server.protocol import (
+    DTYPES,
+    check_outputs,
+    datatype_of,
+    from_raw,
+    http_status,
+    request_options,
+    shaped,
+    to_raw,
+)
 from inferkit.server.repository import InferResult, Repository
 
 try:  # orjson parses and writes JSON several times faster; the stdlib stands in without it
@@ -203,7 +212,7 @@ def _json_bytes(data: list[Any], shape: tuple[int, ...], name: str) -> Array:
         if not isinstance(item, str):
             raise _invalid(f"BYTES data must be strings, element {i} is {type(item).__name__}", name)
         out[i] = item.encode()
-    return out.reshape(shape)
+    return shaped(out, shape, name)
 
 
 _KINDS = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}  # JSON number kinds each datatype takes
@@ -248,14 +257,15 @@ def _json_tensor(data: object, shape: tuple[int, ...], datatype: str, name: str)
             raise _invalid(f"values {lo}..{hi} do not fit {datatype} [{info.min}, {info.max}]", name)
     try:
         with np.errstate(over="raise", invalid="raise"):
-            return arr.astype(dtype, copy=False).reshape(shape)
+            flat = arr.astype(dtype, copy=False).reshape(-1)
     except FloatingPointError:
         raise _invalid(f"values overflow {datatype}", name) from None
+    return shaped(flat, shape, name)
 
 
 def _binary_tensor(raw: memoryview, shape: tuple[int, ...], datatype: str, name: str) -> Array:
     """A tensor from its raw bytes (the binary tensor data extension)."""
-    return from_raw(raw, datatype, _count(shape), name).reshape(shape)
+    return shaped(from_raw(raw, datatype, _count(shape), name), shape, name)
 
 
 def _outputs(value: object) -> tuple[tuple[str, ...] | None, dict[str, bool]]:
