@@ -74,11 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.model is None) == (args.config is None):
         print("inferkit serve: give a model file or --config, not both", file=sys.stderr)
         return 2
-    host, port, grpc_port = "127.0.0.1", 8000, 8001
+    host, port = "127.0.0.1", 8000
+    grpc_port: int | None = 8001  # None: REST only
     try:
         if args.config is not None:
             config = load(args.config)
-            repository, host, port, grpc_port = config.repository, config.host, config.port, config.grpc_port or -1
+            repository, host, port, grpc_port = config.repository, config.host, config.port, config.grpc_port
         elif not args.model.is_file():
             print(f"inferkit serve: no model file at {args.model}", file=sys.stderr)
             return 2
@@ -97,18 +98,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     host = args.host or host
     port = args.port if args.port is not None else port
-    grpc_port = args.grpc_port if args.grpc_port is not None else grpc_port
+    if args.grpc_port is not None:
+        grpc_port = None if args.grpc_port < 0 else args.grpc_port
     server = InferenceServer(
         repository,
         host=host,
         port=port,
-        grpc_port=None if grpc_port < 0 else grpc_port,
+        grpc_port=grpc_port,
         overload_status=args.overload_status,
         grace=args.grace,
         grpc_listeners=args.grpc_listeners if args.grpc_listeners is not None else DEFAULT_LISTENERS,
         loop=args.loop,
     )
-    run_loop(server.run(handle_signals=True, on_start=_announce), args.loop)
+    run_loop(server.run(handle_signals=True, on_start=_announce), server.loop)
     for name, stats in repository.predictor_stats().items():
         failed = sum(stats.failed.values())
         print(

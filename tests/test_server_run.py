@@ -119,21 +119,11 @@ split = { policy = "canary", baseline = "1", candidate = "2", steps = [0.5, 1.0]
             load(tmp_path / "a.toml")
 
 
-def _start_cli(*args: str) -> tuple[subprocess.Popen[str], int, int]:
+def _start_cli(
+    *args: str, ports: tuple[str, ...] = ("--port", "0", "--grpc-port", "0")
+) -> tuple[subprocess.Popen[str], int, int]:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "inferkit.cli",
-            "serve",
-            *args,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--grpc-port",
-            "0",
-        ],
+        [sys.executable, "-m", "inferkit.cli", "serve", *args, "--host", "127.0.0.1", *ports],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
@@ -233,6 +223,24 @@ class TestCli:
         assert bad == []
         assert (failed, cancelled, in_flight) == (0, 0, 0)
         assert accepted == completed == ok[0] + 1  # + the gRPC request
+
+    def test_config_grpc_port_zero_picks_a_free_port(self, tmp_path: Path) -> None:
+        """``grpc_port = 0`` in a config serves gRPC on a free port (``false`` is what turns it off)."""
+        _model(tmp_path / "scale.onnx")
+        config = tmp_path / "models.toml"
+        config.write_text('[server]\nport = 0\ngrpc_port = 0\n\n[[models]]\nname = "scale"\npath = "scale.onnx"\n')
+        proc, _, grpc_port = _start_cli("--config", str(config), ports=())
+        try:
+            with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as g:
+                assert g.is_model_ready("scale")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(WAIT) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(WAIT)
+            if proc.stderr is not None:
+                proc.stderr.close()
 
     @pytest.mark.parametrize(
         ("args", "message"),
