@@ -350,7 +350,6 @@ class Canary:
         self._lock = threading.Lock()
         self._state = CanaryState.RUNNING
         self._step = 0
-        self._weight = self.steps[0]
         self._since: float | None = None
         self._new_step()
 
@@ -403,18 +402,18 @@ class Canary:
     def _decide(self, feedback: Feedback) -> CanaryDecision | None:
         base, cand = self._windows[self.baseline], self._windows[self.candidate]
         served = cand.window.requests
-        step_done = served >= self.min_requests_per_step and (
-            feedback.now - (self._since or feedback.now) >= self.min_seconds_per_step
-        )
+        since = feedback.now if self._since is None else self._since  # feedback() has set it
+        step_done = served >= self.min_requests_per_step and feedback.now - since >= self.min_seconds_per_step
+        if not step_done:
+            # Mid-step only a certain failure counts; relative checks (and their quantiles, on the
+            # request path) wait for a full step's data.
+            limit = self.guard.max_error_rate
+            if limit is None or cand.window.error_rate <= limit or not self._cannot_pass(cand):
+                return None
         broken = self.guard.check(base, cand)
         if broken is not None:
-            reason, numbers = broken
-            # Mid-step only a certain failure counts; relative checks wait for a full step's data.
-            doomed = reason == "max_error_rate" and self._cannot_pass(cand)
-            if step_done or doomed:
-                return self._move(CanaryState.ROLLED_BACK, 0.0, "rollback", reason, numbers)
-            return None
-        if not step_done or self._state is CanaryState.PAUSED:
+            return self._move(CanaryState.ROLLED_BACK, 0.0, "rollback", *broken)
+        if self._state is CanaryState.PAUSED:
             return None
         numbers = {"candidate_requests": float(served), "candidate_error_rate": cand.window.error_rate}
         if self._step + 1 >= len(self.steps):

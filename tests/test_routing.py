@@ -17,6 +17,7 @@ from inferkit import (
     ABTest,
     Canary,
     CanaryState,
+    Feedback,
     Fixed,
     Guard,
     Match,
@@ -168,6 +169,17 @@ class TestFaces:
 
 class TestCanary:
     """Automatic promotion and rollback."""
+
+    @pytest.mark.parametrize("start", [0.0, 5.0])
+    def test_min_seconds_per_step_counts_from_the_steps_first_request(self, start: float) -> None:
+        """A step ends once ``min_seconds_per_step`` passed since its first request, whatever the
+        clock read then (0.0 included) and not before."""
+        canary = Canary("v1", "v2", steps=(0.1, 1.0), min_requests_per_step=1, min_seconds_per_step=10)
+        canary.feedback(Feedback("served", "v2", now=start, latency_s=0.001))
+        canary.feedback(Feedback("served", "v2", now=start + 9.9, latency_s=0.001))
+        assert canary.step == 0
+        canary.feedback(Feedback("served", "v2", now=start + 10.0, latency_s=0.001))
+        assert (canary.step, canary.weight) == (1, 1.0)
 
     def test_failing_candidate_is_rolled_back_in_its_first_step(self) -> None:
         """A candidate failing 5% of requests is rolled back before its first step passes; then all
