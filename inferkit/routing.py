@@ -25,7 +25,7 @@ import numpy as np
 from inferkit.errors import Closed, InvalidInput, ModelError, NoHealthyReplica, Overloaded
 from inferkit.events import Event, LogObserver, Observer, deliver
 from inferkit.experiments import Experiment, Report
-from inferkit.policies import ABTest, Canary, Feedback, Fixed, Policy, Route, find_canary
+from inferkit.policies import ABTest, Canary, Feedback, Policy, Route, find_canary
 
 __all__ = ["Predictive", "RoutedFuture", "Router", "RouterStats", "ShadowStats"]
 
@@ -157,7 +157,7 @@ class Router:
         self._shadow_thread: threading.Thread | None = None
         self._shadow = {"sent": 0, "dropped": 0, "agreed": 0, "disagreed": 0, "errors": 0}
         self._closed = False
-        self._policy: Policy = Fixed(next(iter(self._arms)))
+        self._policy: Policy
         self.set_policy(policy if policy is not None else ABTest(dict.fromkeys(self._arms, 1.0)))
 
     # -- routing ---------------------------------------------------------------------------

@@ -37,7 +37,6 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Hashable, Sequence
-from importlib import metadata as _metadata
 from typing import Any, NoReturn
 
 import grpc
@@ -52,6 +51,7 @@ from inferkit.server.protocol import (
     from_raw,
     grpc_code,
     request_options,
+    server_version,
     shaped,
     to_raw,
 )
@@ -210,20 +210,12 @@ def _parser(message: Any) -> Callable[[bytes], Any]:
     return parse
 
 
-def _server_version() -> str:
-    try:
-        return _metadata.version("inferkit")
-    except _metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
 class _Servicer:
     """The RPC handlers over one repository."""
 
     def __init__(self, repository: Repository, metrics: Any) -> None:
         self._repository = repository
         self._metrics = metrics
-        self._version = _server_version()
 
     def handler(self) -> Any:
         """The generic handler that routes the service's methods to this object."""
@@ -268,7 +260,7 @@ class _Servicer:
     async def server_metadata(self, request: Any, context: Any) -> Any:
         """The server's name and version; it lists no protocol extensions."""
         await _check_parsed(request, context)
-        return pb.ServerMetadataResponse(name="inferkit", version=self._version)
+        return pb.ServerMetadataResponse(name="inferkit", version=server_version())
 
     async def model_metadata(self, request: Any, context: Any) -> Any:
         """A model's versions, platform and tensors (none for an untyped callable)."""

@@ -7,6 +7,8 @@ both faces convert through :data:`DTYPES` and map inferkit's errors to status co
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import struct
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
@@ -34,6 +36,7 @@ __all__ = [
     "http_status",
     "pack_bytes",
     "request_options",
+    "server_version",
     "shaped",
     "to_raw",
     "unpack_bytes",
@@ -110,6 +113,15 @@ def pack_bytes(array: np.ndarray[Any, Any]) -> bytes:
         parts.append(struct.pack("<I", len(data)))
         parts.append(data)
     return b"".join(parts)
+
+
+@functools.cache
+def server_version() -> str:
+    """Inferkit's version, as both faces' server metadata report it."""
+    try:
+        return importlib.metadata.version("inferkit")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "0+unknown"
 
 
 def from_raw(raw: bytes | memoryview, datatype: str, count: int, name: str) -> np.ndarray[Any, Any]:

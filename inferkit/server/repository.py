@@ -6,7 +6,6 @@ protocol are batched together by the same Predictor (or split by the same Router
 
 from __future__ import annotations
 
-import time
 from collections.abc import Hashable, Iterable, Mapping
 from concurrent.futures import Future
 from typing import Any
@@ -76,7 +75,6 @@ class Repository:
         if not self._models:
             msg = "a repository needs at least one model"
             raise ValueError(msg)
-        self.started = time.time()
         self.draining = False
         """Set by a server that is shutting down: readiness turns false at once."""
 

@@ -43,7 +43,6 @@ so a model called ``stats`` has no metadata endpoint.
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import json
 import math
 import time
@@ -71,6 +70,7 @@ from inferkit.server.protocol import (
     from_raw,
     http_status,
     request_options,
+    server_version,
     shaped,
     to_raw,
 )
@@ -492,7 +492,7 @@ class _App:
     async def server_metadata(self, _request: Request) -> Response:
         """Server name, version and the protocol extensions it speaks."""
         extensions = ["binary_tensor_data", "statistics"]
-        return JSONResponse({"name": "inferkit", "version": _version(), "extensions": extensions})
+        return JSONResponse({"name": "inferkit", "version": server_version(), "extensions": extensions})
 
     async def model_metadata(self, request: Request) -> Response:
         """A model's name, versions, platform, inputs and outputs."""
@@ -587,13 +587,6 @@ class _App:
         if not task.done():
             raise ClientDisconnected("the client disconnected before its answer was ready")
         return task.result()
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("inferkit")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree
-        return "unknown"
 
 
 def _header_length(request: Request) -> int | None:
