@@ -675,6 +675,8 @@ MALFORMED: list[tuple[str, str, bytes, dict[str, str], str]] = [
     ("mlp", "unknown output", _j(outputs=[{"name": "q"}]), {}, "unknown output 'q'"),
     ("mlp", "outputs not a list", _j(outputs="y"), {}, "outputs"),
     ("mlp", "class_count", _j(outputs=[{"name": "y", "parameters": {"class_count": 2}}]), {}, "classification"),
+    # what tritonclient.http sends for InferRequestedOutput(..., class_count=2)
+    ("mlp", "classification", _j(outputs=[{"name": "y", "parameters": {"classification": 2}}]), {}, "classification"),
     ("mlp", "shared memory", _j({"data": _DROP, "parameters": {"shared_memory_region": "r"}}), {}, "shared memory"),
     ("mlp", "truncated binary", *_header({"inputs": [_BINX]}, b"\0" * 10), "only 10 remain"),
     ("mlp", "extra binary", *_header({"inputs": [_BINX]}, b"\0" * 20), "4 bytes after"),

@@ -50,6 +50,7 @@ from inferkit.server.protocol import (
     dtype_of,
     from_raw,
     grpc_code,
+    refuse_unsupported,
     request_options,
     server_version,
     shaped,
@@ -93,10 +94,6 @@ _WIDE: dict[str, np.dtype[Any]] = {
     "uint64_contents": np.dtype(np.uint64),
     "fp32_contents": np.dtype(np.float32),
     "fp64_contents": np.dtype(np.float64),
-}
-_UNSUPPORTED_PARAMETERS = {
-    "classification": "classification outputs",
-    "shared_memory_region": "shared memory",
 }
 _OPTION_PARAMETERS = ("timeout", "priority", "key", "sequence_id", "sequence_start", "sequence_end")
 
@@ -351,10 +348,7 @@ def _options(request: Any, context: Any) -> tuple[Hashable | None, float | None,
     params = request.parameters
     plain = {}
     if params:
-        for name, what in _UNSUPPORTED_PARAMETERS.items():
-            if name in params:
-                msg = f"parameter {name!r}: {what} is not supported"
-                raise InvalidInput(msg)
+        refuse_unsupported(params, "the request's parameters")
         plain = {name: _parameter(params[name]) for name in _OPTION_PARAMETERS if name in params}
     header = next((str(v) for k, v in context.invocation_metadata() or () if k == KEY_METADATA), None)
     timeout, priority, key = request_options(plain, key=header, remaining_s=context.time_remaining())
@@ -365,10 +359,7 @@ def _requested_outputs(request: Any) -> list[str]:
     names = []
     for output in request.outputs:
         if output.parameters:
-            for name, what in _UNSUPPORTED_PARAMETERS.items():
-                if name in output.parameters:
-                    msg = f"output {output.name!r}: {what} is not supported"
-                    raise InvalidInput(msg)
+            refuse_unsupported(output.parameters, f"output {output.name!r}")
         if output.name in names:
             msg = f"output {output.name!r} is requested twice"
             raise InvalidInput(msg)
@@ -402,9 +393,7 @@ def _invalid(name: str, message: str) -> InvalidInput:
 def _decode(tensor: Any, raw: bytes | None) -> Array:
     name, datatype = tensor.name, tensor.datatype
     if tensor.parameters:
-        for parameter, what in _UNSUPPORTED_PARAMETERS.items():
-            if parameter in tensor.parameters:
-                raise _invalid(name, f"{what} is not supported")
+        refuse_unsupported(tensor.parameters, f"input {name!r}", name)
     try:
         dtype = dtype_of(datatype)
     except InvalidInput as error:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import struct
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Container, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,7 @@ __all__ = [
     "grpc_code",
     "http_status",
     "pack_bytes",
+    "refuse_unsupported",
     "request_options",
     "server_version",
     "shaped",
@@ -113,6 +114,23 @@ def pack_bytes(array: np.ndarray[Any, Any]) -> bytes:
         parts.append(struct.pack("<I", len(data)))
         parts.append(data)
     return b"".join(parts)
+
+
+_UNSUPPORTED = {  # parameters of protocol extensions inferkit does not implement, on either face
+    "shared_memory_region": "shared memory",
+    "shared_memory_byte_size": "shared memory",
+    "shared_memory_offset": "shared memory",
+    "classification": "the classification extension",  # what tritonclient sends for class_count
+    "class_count": "the classification extension",
+}
+
+
+def refuse_unsupported(parameters: Container[str], where: str, input_name: str | None = None) -> None:
+    """``InvalidInput`` (``where`` says for what) when ``parameters`` use an extension inferkit lacks."""
+    for key, what in _UNSUPPORTED.items():
+        if key in parameters:
+            msg = f"{where}: {what} is not supported"
+            raise InvalidInput(msg, input_name=input_name)
 
 
 @functools.cache

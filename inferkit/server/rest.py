@@ -69,6 +69,7 @@ from inferkit.server.protocol import (
     datatype_of,
     from_raw,
     http_status,
+    refuse_unsupported,
     request_options,
     server_version,
     shaped,
@@ -115,7 +116,6 @@ _T = TypeVar("_T")
 _JSON = "application/json"
 _BINARY = "application/octet-stream"
 _OFFLOAD_BYTES = 2**20  # decode and encode bigger requests off the event loop, so others are not held up
-_UNSUPPORTED = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
 # Failures only the REST face has; their class names are the ``outcome`` label in the metrics.
@@ -283,10 +283,7 @@ def _outputs(value: object) -> tuple[tuple[str, ...] | None, dict[str, bool]]:
         if name in names:
             raise _invalid(f"output {name!r} is asked for twice")
         params = _mapping(out.get("parameters"), f"output {name!r} parameters")
-        if any(k in params for k in _UNSUPPORTED):
-            raise _invalid(f"output {name!r}: shared memory is not supported")
-        if params.get("class_count"):
-            raise _invalid(f"output {name!r}: the classification extension is not supported")
+        refuse_unsupported(params, f"output {name!r}")
         flag = params.get("binary_data")
         if flag is not None:
             if not isinstance(flag, bool):
@@ -340,8 +337,7 @@ def decode_request(body: bytes | bytearray, header_length: int | None = None) ->
         if not isinstance(datatype, str) or datatype not in DTYPES:
             raise _invalid(f"unknown datatype {datatype!r:.100}; expected one of {sorted(DTYPES)}", name)
         params = _mapping(tensor.get("parameters"), "parameters", name)
-        if any(k in params for k in _UNSUPPORTED):
-            raise _invalid("shared memory is not supported", name)
+        refuse_unsupported(params, f"input {name!r}", name)
         size = params.get("binary_data_size")
         if size is None:
             if "data" not in tensor:
