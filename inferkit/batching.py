@@ -290,6 +290,7 @@ class Batcher:
                 lane = self._lanes[0]
                 if not lane.count and lane.idle and not self._busy:
                     # Nothing queued and every replica idle: skip the queue altogether.
+                    self._arrived(lane, now)
                     replica = lane.idle.pop()
                     request.state = _RUNNING
                     batch = _Batch([request], request.rows, "idle")
@@ -358,12 +359,17 @@ class Batcher:
         lanes = [ln for ln in self._lanes if any(r.usable(now) for r in ln.replicas)] or self._lanes
         return lanes[self._balancer.choose([ln.load() for ln in lanes])]
 
-    def _push(self, lane: _Lane, request: Request, now: float) -> None:
-        if lane.count == 0:
-            lane.since = now
+    @staticmethod
+    def _arrived(lane: _Lane, now: float) -> None:
+        """Track the smoothed gap between arrivals, which tells when arrivals went quiet."""
         if lane.last_arrival:
             lane.gap += 0.1 * (now - lane.last_arrival - lane.gap)
         lane.last_arrival = now
+
+    def _push(self, lane: _Lane, request: Request, now: float) -> None:
+        if lane.count == 0:
+            lane.since = now
+        self._arrived(lane, now)
         request.lane = lane
         heapq.heappush(lane.heap, (-request.priority, next(self._seq), request))
         lane.count += 1

@@ -105,3 +105,19 @@ def test_threads_get_their_own_rows(
     assert sorted(model.seen()) == sorted(
         float(t * 100 + j) for t, ns in enumerate(sizes) for j, n in enumerate(ns) for _ in range(n)
     )
+
+
+def test_arrivals_that_skip_the_queue_still_count_for_the_quiet_rule() -> None:
+    """Synchronous calls that find every replica idle run without queueing, but still update the
+    smoothed arrival gap that decides when arrivals went quiet (the lane's private bookkeeping)."""
+    with Predictor.from_callable(lambda a: a * 2, max_batch_size=8) as predictor:
+        lane = predictor._batcher._lanes[0]  # the state under test
+        arrivals = []
+        for i in range(5):
+            np.testing.assert_array_equal(predictor.predict(rows(float(i))), rows(float(i)) * 2)
+            arrivals.append(lane.last_arrival)
+        assert lane.count == 0  # nothing was ever queued
+        assert arrivals == sorted(arrivals)
+        assert arrivals[0] > 0
+        assert len(set(arrivals)) == 5
+        assert lane.gap > 0
