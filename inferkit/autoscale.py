@@ -21,13 +21,13 @@ import attrs
 
 from inferkit._validators import fraction, integer, number
 from inferkit.events import Event, LogObserver, Observer, deliver
-from inferkit.pool import ReplicaState
+from inferkit.pool import LIVE_STATES
 from inferkit.predictor import Predictor, State
 from inferkit.stats import Stats
 
 __all__ = ["AutoscaleConfig", "Autoscaler", "AutoscalerStats", "ScalingDecision", "ScalingFailed"]
 
-_LIVE = frozenset({ReplicaState.HEALTHY.value, ReplicaState.EJECTED.value})  # draining and dead ones are leaving
+_LIVE = frozenset(state.value for state in LIVE_STATES)  # Stats report states by value
 _DECISIONS = 100  # decisions kept for stats()
 
 

@@ -44,7 +44,7 @@ from inferkit.errors import (
     Overloaded,
 )
 from inferkit.events import BatchDone, Event, ReplicaEjected, ReplicaReplaced, RequestsExpired
-from inferkit.pool import Balancer, PoolConfig, Replica, ReplicaState, record_batch
+from inferkit.pool import LIVE_STATES, Balancer, PoolConfig, Replica, ReplicaState, record_batch
 from inferkit.stats import ReplicaStats, Stats
 
 __all__ = ["BatchConfig", "Batcher", "Request", "RequestFuture"]
@@ -578,8 +578,7 @@ class Batcher:
         replica.record_latencies(latencies)
         self._request_seconds += sum(latencies)
         self._compute_seconds += spent
-        unchanged = not all_failed and not replica.consecutive_failures and replica.state is ReplicaState.HEALTHY
-        if not unchanged and record_batch(replica, not all_failed, now, self.pool, self._replicas):
+        if record_batch(replica, not all_failed, now, self.pool, self._replicas):
             cooldown = replica.ejected_until - now
             self._event(ReplicaEjected(self.name, replica.name, replica.consecutive_failures, cooldown))
             self._after_ejection(replica)
@@ -812,7 +811,7 @@ class Batcher:
         with self._lock:
             if self._closing:
                 raise Closed(f"predictor {self.name!r} is closed")
-            live = [r for r in self._replicas if r.state in (ReplicaState.HEALTHY, ReplicaState.EJECTED)]
+            live = [r for r in self._replicas if r.state in LIVE_STATES]
             extra = len(live) - replicas
         if extra < 0:
             backends = [self._factory() for _ in range(-extra)]

@@ -134,6 +134,8 @@ class ReplicaState(enum.Enum):
     DEAD = "dead"  # hung past execution_timeout or closed; its thread is abandoned or gone
 
 
+LIVE_STATES = frozenset({ReplicaState.HEALTHY, ReplicaState.EJECTED})  # draining and dead ones are leaving
+
 _LATENCIES = 2048  # recent request latencies kept per replica for percentiles
 
 
@@ -184,7 +186,7 @@ class Replica:
 
 def may_eject(replicas: Sequence[Replica], fraction: float) -> bool:
     """Whether one more replica may be ejected without passing ``fraction`` of the pool."""
-    live = [r for r in replicas if r.state in (ReplicaState.HEALTHY, ReplicaState.EJECTED)]
+    live = [r for r in replicas if r.state in LIVE_STATES]
     ejected = sum(r.state is ReplicaState.EJECTED for r in live)
     return ejected == 0 or ejected + 1 <= fraction * len(live)
 
@@ -197,7 +199,7 @@ def record_batch(replica: Replica, ok: bool, now: float, config: PoolConfig, rep
         return False
     replica.failed_batches += 1
     replica.consecutive_failures += 1
-    if replica.state not in (ReplicaState.HEALTHY, ReplicaState.EJECTED):
+    if replica.state not in LIVE_STATES:
         return False
     probing = replica.state is ReplicaState.EJECTED
     if replica.state is ReplicaState.HEALTHY and replica.consecutive_failures < config.eject_after:
