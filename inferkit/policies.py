@@ -208,6 +208,11 @@ class Shadow:
         """The wrapped policy's arms and the candidate."""
         return self.policy.arms() | {self.candidate}
 
+    @property
+    def observes(self) -> bool:
+        """Whether the wrapped policy reads feedback."""
+        return bool(getattr(self.policy, "observes", True))
+
     def feedback(self, feedback: Feedback) -> None:
         """Passed on to the wrapped policy."""
         self.policy.feedback(feedback)

@@ -176,6 +176,7 @@ class Router:
         canary = find_canary(policy)
         if canary is not None:
             canary.emit, canary.name = self._emit, self.name
+        self._observes = bool(getattr(policy, "observes", True))  # read once: policies are fixed once built
         self._policy = policy
 
     def _route(self, key: Hashable | None, attributes: Mapping[str, str] | None) -> Route:
@@ -283,9 +284,8 @@ class Router:
         now = self._clock()
         failed = isinstance(error, _FAILURES)
         self._experiment.observe(arm, now - start, failed)
-        policy = self._policy
-        if getattr(policy, "observes", True):
-            policy.feedback(Feedback("served", arm, now, latency_s=now - start, failed=failed))
+        if self._observes:
+            self._policy.feedback(Feedback("served", arm, now, latency_s=now - start, failed=failed))
 
     def _remember(self, table: dict[Any, str], key: Any, arm: str) -> None:
         table[key] = arm  # one dict store: atomic, no lock on the request path

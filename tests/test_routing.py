@@ -269,6 +269,14 @@ class TestCanary:
 class TestShadow:
     """Mirrored traffic never touches the caller."""
 
+    def test_shadow_observes_what_it_wraps(self) -> None:
+        """Shadow reads feedback only when the wrapped policy does, so the router builds none for
+        a shadowed fixed split and keeps feeding a shadowed canary."""
+        assert Shadow(Fixed("v1"), "v2").observes is False
+        assert Shadow(ABTest({"v1": 1.0, "v2": 1.0}), "v2").observes is False
+        assert Shadow(Canary("v1", "v2"), "v3").observes is True
+        assert Shadow(Match("tier", {"gold": "v2"}, otherwise=Fixed("v1")), "v3").observes is False
+
     def test_raising_and_disagreeing_candidates_are_counted(self) -> None:
         """A shadow that raises or disagrees changes neither results nor errors; both are counted."""
         broken = Predictor.from_callable(Flaky(every=2))  # every other call raises
