@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
+from inferkit._validators import integer, number, optional_positive
 from inferkit.events import Event, deliver
 from inferkit.experiments import Window
 
@@ -221,6 +222,15 @@ class Shadow:
         return f"Shadow({self.policy!r}, {self.candidate!r}, fraction={self.fraction})"
 
 
+_share = number(0)
+
+
+def _optional_share(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """``None``, or a rate >= 0 (0 allowed: no failure at all)."""
+    if value is not None:
+        _share(instance, attribute, value)
+
+
 @attrs.frozen
 class Guard:
     """Limits a canary's candidate must stay within; ``None`` switches a check off.
@@ -238,12 +248,12 @@ class Guard:
     ===========================  ===========================================================
     """
 
-    max_error_rate: float | None = attrs.field(default=0.01)
-    max_error_rate_increase: float | None = None
-    max_p99_ratio: float | None = None
-    max_disagreement: float | None = None
-    min_outcome_ratio: float | None = None
-    min_baseline_requests: int = 20
+    max_error_rate: float | None = attrs.field(default=0.01, validator=_optional_share)
+    max_error_rate_increase: float | None = attrs.field(default=None, validator=_optional_share)
+    max_p99_ratio: float | None = attrs.field(default=None, validator=optional_positive)
+    max_disagreement: float | None = attrs.field(default=None, validator=_optional_share)
+    min_outcome_ratio: float | None = attrs.field(default=None, validator=optional_positive)
+    min_baseline_requests: int = attrs.field(default=20, validator=integer(0))
 
     def check(self, baseline: _StepWindow, candidate: _StepWindow) -> tuple[str, dict[str, float]] | None:
         """The first limit the candidate breaks, with the numbers that broke it; None if none."""

@@ -170,6 +170,23 @@ class TestFaces:
 class TestCanary:
     """Automatic promotion and rollback."""
 
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [
+            ("max_error_rate", -0.1),
+            ("max_error_rate_increase", float("nan")),
+            ("max_p99_ratio", 0),
+            ("max_disagreement", "0.1"),
+            ("min_outcome_ratio", -1.0),
+            ("min_baseline_requests", 2.5),
+            ("min_baseline_requests", -1),
+        ],
+    )
+    def test_guard_validates_at_construction(self, field: str, value: object) -> None:
+        """A limit that cannot mean anything fails when the Guard is built, naming the field."""
+        with pytest.raises(ValueError, match=field):
+            Guard(**{field: value})
+
     @pytest.mark.parametrize("start", [0.0, 5.0])
     def test_min_seconds_per_step_counts_from_the_steps_first_request(self, start: float) -> None:
         """A step ends once ``min_seconds_per_step`` passed since its first request, whatever the
