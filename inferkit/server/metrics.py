@@ -41,7 +41,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from inferkit.predictor import Predictor
-from inferkit.routing import Predictive, Router
 from inferkit.server.repository import Repository
 from inferkit.stats import Stats
 
@@ -109,19 +108,8 @@ class Metrics:
 def _predictors(repository: Repository) -> Iterator[tuple[str, str, Predictor]]:
     """``(model, predictor label, predictor)`` for every Predictor behind every model, each once per model."""
     for name in repository.names():
-        model = repository.model(name)
-        seen: set[int] = set()
-        pending: list[tuple[str, Predictive]] = [("", model.target)]
-        pending += list(model.versions.items())
-        while pending:
-            label, target = pending.pop(0)
-            if id(target) in seen:
-                continue
-            seen.add(id(target))
-            if isinstance(target, Router):
-                prefix = f"{label}/" if label else ""
-                pending[:0] = [(prefix + arm, p) for arm, p in target.arms.items()]
-            elif isinstance(target, Predictor):
+        for label, target in repository.walk(name):
+            if isinstance(target, Predictor):
                 yield name, label or target.name, target
 
 

@@ -6,7 +6,7 @@ protocol are batched together by the same Predictor (or split by the same Router
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any
 
@@ -178,17 +178,28 @@ class Repository:
                 entries.append(_triton_stats(model_name, label, target))
         return {"model_stats": entries}
 
+    def walk(self, name: str) -> Iterator[tuple[str, Predictive]]:
+        """``(label, object)`` for model ``name``'s target, versions and Router arms, each once.
+
+        A label is the arm path (``outer/inner``), else the version, else ``""``. Arms come
+        before versions, so an object that is both is labelled as the arm.
+        """
+        model = self.model(name)
+        seen: set[int] = set()
+        pending: list[tuple[str, Predictive]] = [("", model.target), *model.versions.items()]
+        while pending:
+            label, target = pending.pop(0)
+            if id(target) in seen:
+                continue
+            seen.add(id(target))
+            yield label, target
+            if isinstance(target, Router):
+                prefix = f"{label}/" if label else ""
+                pending[:0] = [(prefix + arm, inner) for arm, inner in target.arms.items()]
+
     def _targets(self) -> list[Predictive]:
         """Every model object, routers and the predictors behind them, each once."""
-        seen: dict[int, Predictive] = {}
-        pending: list[Predictive] = [t for m in self._models.values() for t in (m.target, *m.versions.values())]
-        while pending:
-            target = pending.pop(0)
-            if id(target) not in seen:
-                seen[id(target)] = target
-                if isinstance(target, Router):
-                    pending.extend(target.arms.values())
-        return list(seen.values())
+        return list({id(t): t for name in self._models for _, t in self.walk(name)}.values())
 
     def predictor_stats(self) -> dict[str, Stats]:
         """Every Predictor's own stats, by predictor name."""
