@@ -48,8 +48,10 @@ from inferkit.server.protocol import (
     check_outputs,
     datatype_of,
     dtype_of,
+    fit,
     from_raw,
     grpc_code,
+    invalid,
     refuse_unsupported,
     request_options,
     server_version,
@@ -386,10 +388,6 @@ def _decode_inputs(request: Any) -> dict[str, Array]:
     return arrays
 
 
-def _invalid(name: str, message: str) -> InvalidInput:
-    return InvalidInput(f"input {name!r}: {message}", input_name=name)
-
-
 def _decode(tensor: Any, raw: bytes | None) -> Array:
     name, datatype = tensor.name, tensor.datatype
     if tensor.parameters:
@@ -397,14 +395,14 @@ def _decode(tensor: Any, raw: bytes | None) -> Array:
     try:
         dtype = dtype_of(datatype)
     except InvalidInput as error:
-        raise _invalid(name, str(error)) from None
+        raise invalid(str(error), name) from None
     shape = tuple(tensor.shape)
     if shape and min(shape) < 0:
-        raise _invalid(name, f"shape {list(shape)} has a negative dimension")
+        raise invalid(f"shape {list(shape)} has a negative dimension", name)
     count = math.prod(shape)
     if raw is not None:
         if tensor.HasField("contents"):
-            raise _invalid(name, "has both raw_input_contents and contents; send one")
+            raise invalid("has both raw_input_contents and contents; send one", name)
         flat = from_raw(raw, datatype, count, name)
     else:
         flat = _from_contents(name, datatype, dtype, count, tensor.contents)
@@ -414,24 +412,19 @@ def _decode(tensor: Any, raw: bytes | None) -> Array:
 def _from_contents(name: str, datatype: str, dtype: np.dtype[Any], count: int, contents: Any) -> Array:
     field = _CONTENTS.get(datatype)
     if field is None:
-        raise _invalid(name, f"{datatype} data must come in raw_input_contents")
+        raise invalid(f"{datatype} data must come in raw_input_contents", name)
     for descriptor, _ in contents.ListFields():
         if descriptor.name != field:
-            raise _invalid(name, f"{datatype} data goes in {field}, got {descriptor.name}")
+            raise invalid(f"{datatype} data goes in {field}, got {descriptor.name}", name)
     values = getattr(contents, field)
     if len(values) != count:
-        raise _invalid(name, f"has {len(values)} values in {field}, but shape needs {count}")
+        raise invalid(f"has {len(values)} values in {field}, but shape needs {count}", name)
     if dtype.kind == "O":
         array = np.empty(count, dtype=object)
         array[:] = list(values)
         return array
     wide = np.array(values, dtype=_WIDE[field])
-    if wide.dtype == dtype:
-        return wide
-    info = np.iinfo(dtype)
-    if wide.size and (int(wide.min()) < info.min or int(wide.max()) > info.max):
-        raise _invalid(name, f"values {int(wide.min())}..{int(wide.max())} do not fit {datatype}")
-    return wide.astype(dtype)
+    return wide if wide.dtype == dtype else fit(wide, datatype, name)
 
 
 def _encode_response(request: Any, outputs: dict[str, Array], requested: Sequence[str]) -> Any:

@@ -31,9 +31,11 @@ __all__ = [
     "check_outputs",
     "datatype_of",
     "dtype_of",
+    "fit",
     "from_raw",
     "grpc_code",
     "http_status",
+    "invalid",
     "pack_bytes",
     "refuse_unsupported",
     "request_options",
@@ -81,28 +83,40 @@ def datatype_of(dtype: np.dtype[Any]) -> str:
         raise ModelError(msg) from None
 
 
+def invalid(message: str, name: str | None = None) -> InvalidInput:
+    """An ``InvalidInput`` whose message starts with the input it is about, when there is one."""
+    label = f"input {name!r}: " if name is not None else ""
+    return InvalidInput(label + message, input_name=name)
+
+
+def fit(array: np.ndarray[Any, Any], datatype: str, name: str) -> np.ndarray[Any, Any]:
+    """Integers ``array`` as ``datatype``'s dtype; ``InvalidInput`` when a value does not fit it."""
+    dtype = DTYPES[datatype]
+    if array.size and array.dtype != dtype:
+        info, lo, hi = np.iinfo(dtype), int(array.min()), int(array.max())
+        if lo < info.min or hi > info.max:
+            raise invalid(f"values {lo}..{hi} do not fit {datatype} [{info.min}, {info.max}]", name)
+    return array.astype(dtype, copy=False)
+
+
 def unpack_bytes(buffer: bytes | memoryview, count: int, name: str) -> np.ndarray[Any, Any]:
     """``count`` BYTES elements, each a 4-byte little-endian length then that many bytes."""
     view = memoryview(buffer)
     if count * 4 > len(view):  # before allocating: a client may claim any count
-        msg = f"input {name!r}: {len(view)} bytes cannot hold {count} BYTES elements"
-        raise InvalidInput(msg, input_name=name)
+        raise invalid(f"{len(view)} bytes cannot hold {count} BYTES elements", name)
     out = np.empty(count, dtype=object)
     offset = 0
     for i in range(count):
         if offset + 4 > len(view):
-            msg = f"input {name!r}: BYTES data ends after {i} of {count} elements"
-            raise InvalidInput(msg, input_name=name)
+            raise invalid(f"BYTES data ends after {i} of {count} elements", name)
         (length,) = struct.unpack_from("<I", view, offset)
         offset += 4
         if offset + length > len(view):
-            msg = f"input {name!r}: BYTES element {i} claims {length} bytes, {len(view) - offset} remain"
-            raise InvalidInput(msg, input_name=name)
+            raise invalid(f"BYTES element {i} claims {length} bytes, {len(view) - offset} remain", name)
         out[i] = bytes(view[offset : offset + length])
         offset += length
     if offset != len(view):
-        msg = f"input {name!r}: {len(view) - offset} bytes left over after {count} BYTES elements"
-        raise InvalidInput(msg, input_name=name)
+        raise invalid(f"{len(view) - offset} bytes left over after {count} BYTES elements", name)
     return out
 
 
@@ -153,12 +167,10 @@ def from_raw(raw: bytes | memoryview, datatype: str, count: int, name: str) -> n
         return unpack_bytes(raw, count, name)
     expected = count * dtype.itemsize
     if len(raw) != expected:
-        msg = f"input {name!r}: {len(raw)} bytes of raw data, but {count} {datatype} elements take {expected}"
-        raise InvalidInput(msg, input_name=name)
+        raise invalid(f"{len(raw)} bytes of raw data, but {count} {datatype} elements take {expected}", name)
     array = np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
     if dtype.kind == "b" and array.size and array.view(np.uint8).max() > 1:
-        msg = f"input {name!r}: BOOL data must be bytes 0 or 1"
-        raise InvalidInput(msg, input_name=name)
+        raise invalid("BOOL data must be bytes 0 or 1", name)
     return array if array.flags.aligned else array.copy()  # models may assume aligned data
 
 
@@ -167,8 +179,7 @@ def shaped(flat: np.ndarray[Any, Any], shape: tuple[int, ...], name: str) -> np.
     try:
         return flat.reshape(shape)
     except ValueError as error:
-        msg = f"input {name!r}: shape {list(shape)}: {error}"
-        raise InvalidInput(msg, input_name=name) from None
+        raise invalid(f"shape {list(shape)}: {error}", name) from None
 
 
 def to_raw(array: np.ndarray[Any, Any]) -> bytes:

@@ -61,14 +61,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive
 
-from inferkit.errors import InferkitError, InvalidInput, ModelNotFound
+from inferkit.errors import InferkitError, ModelNotFound
 from inferkit.server.metrics import Metrics
 from inferkit.server.protocol import (
     DTYPES,
     check_outputs,
     datatype_of,
+    fit,
     from_raw,
     http_status,
+    invalid,
     refuse_unsupported,
     request_options,
     server_version,
@@ -161,11 +163,6 @@ class InferRequest:
     priority: int = 0
 
 
-def _invalid(message: str, name: str | None = None) -> InvalidInput:
-    label = f"input {name!r}: " if name is not None else ""
-    return InvalidInput(label + message, input_name=name)
-
-
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -174,13 +171,13 @@ def _mapping(value: object, what: str, name: str | None = None) -> dict[str, Any
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _invalid(f"{what} must be a JSON object, got {type(value).__name__}", name)
+        raise invalid(f"{what} must be a JSON object, got {type(value).__name__}", name)
     return value
 
 
 def _shape(value: object, name: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(_is_int(d) and d >= 0 for d in value):
-        raise _invalid(f"shape must be a list of integers >= 0, got {value!r:.100}", name)
+        raise invalid(f"shape must be a list of integers >= 0, got {value!r:.100}", name)
     return tuple(value)
 
 
@@ -206,11 +203,11 @@ def _flatten(data: list[Any]) -> list[Any]:
 def _json_bytes(data: list[Any], shape: tuple[int, ...], name: str) -> Array:
     leaves = _flatten(data)
     if len(leaves) != _count(shape):
-        raise _invalid(f"shape {list(shape)} needs {_count(shape)} elements, data has {len(leaves)}", name)
+        raise invalid(f"shape {list(shape)} needs {_count(shape)} elements, data has {len(leaves)}", name)
     out = np.empty(len(leaves), dtype=object)
     for i, item in enumerate(leaves):
         if not isinstance(item, str):
-            raise _invalid(f"BYTES data must be strings, element {i} is {type(item).__name__}", name)
+            raise invalid(f"BYTES data must be strings, element {i} is {type(item).__name__}", name)
         out[i] = item.encode()
     return shaped(out, shape, name)
 
@@ -223,12 +220,12 @@ def _big_ints(data: list[Any], dtype: np.dtype[Any], datatype: str, name: str) -
     leaves = _flatten(data)
     for item in leaves:
         if type(item) is not int:
-            raise _invalid(f"{datatype} data must be integers, got {item!r:.50}", name)
+            raise invalid(f"{datatype} data must be integers, got {item!r:.50}", name)
     try:
         return np.array(leaves, dtype=dtype)
     except OverflowError:
         info = np.iinfo(dtype)
-        raise _invalid(
+        raise invalid(
             f"values {min(leaves)}..{max(leaves)} do not fit {datatype} [{info.min}, {info.max}]", name
         ) from None
 
@@ -236,30 +233,28 @@ def _big_ints(data: list[Any], dtype: np.dtype[Any], datatype: str, name: str) -
 def _json_tensor(data: object, shape: tuple[int, ...], datatype: str, name: str) -> Array:
     """A tensor from JSON ``data`` (flat or nested lists), checked against shape and datatype."""
     if not isinstance(data, list):
-        raise _invalid(f"data must be a JSON list, got {type(data).__name__}", name)
+        raise invalid(f"data must be a JSON list, got {type(data).__name__}", name)
     dtype = DTYPES[datatype]
     if dtype.kind == "O":
         return _json_bytes(data, shape, name)
     try:
         arr = np.asarray(data)
     except (ValueError, TypeError, OverflowError) as exc:  # ragged nesting, mixed items
-        raise _invalid(f"data is not a regular array of {datatype} values ({exc})", name) from None
+        raise invalid(f"data is not a regular array of {datatype} values ({exc})", name) from None
     if arr.size != _count(shape):
-        raise _invalid(f"shape {list(shape)} needs {_count(shape)} elements, data has {arr.size}", name)
+        raise invalid(f"shape {list(shape)} needs {_count(shape)} elements, data has {arr.size}", name)
     if dtype.kind in "iu" and arr.dtype.kind in "fO":  # NumPy turns ints past int64 into floats or objects
         arr = _big_ints(data, dtype, datatype, name)
     if arr.size and arr.dtype.kind not in _KINDS[dtype.kind]:
         got = {"U": "strings", "O": "mixed or out-of-range values", "b": "booleans", "f": "floats"}
-        raise _invalid(f"{datatype} data cannot hold {got.get(arr.dtype.kind, str(arr.dtype))}", name)
-    if dtype.kind in "iu" and arr.size and arr.dtype != dtype:
-        info, lo, hi = np.iinfo(dtype), int(arr.min()), int(arr.max())
-        if lo < info.min or hi > info.max:
-            raise _invalid(f"values {lo}..{hi} do not fit {datatype} [{info.min}, {info.max}]", name)
+        raise invalid(f"{datatype} data cannot hold {got.get(arr.dtype.kind, str(arr.dtype))}", name)
+    if dtype.kind in "iu":
+        arr = fit(arr, datatype, name)
     try:
         with np.errstate(over="raise", invalid="raise"):
             flat = arr.astype(dtype, copy=False).reshape(-1)
     except FloatingPointError:
-        raise _invalid(f"values overflow {datatype}", name) from None
+        raise invalid(f"values overflow {datatype}", name) from None
     return shaped(flat, shape, name)
 
 
@@ -272,22 +267,22 @@ def _outputs(value: object) -> tuple[tuple[str, ...] | None, dict[str, bool]]:
     if value is None:
         return None, {}
     if not isinstance(value, list):
-        raise _invalid(f"outputs must be a list, got {type(value).__name__}")
+        raise invalid(f"outputs must be a list, got {type(value).__name__}")
     names: list[str] = []
     binary: dict[str, bool] = {}
     for item in value:
         out = _mapping(item, "each output")
         name = out.get("name")
         if not isinstance(name, str):
-            raise _invalid(f"each output needs a string name, got {name!r:.100}")
+            raise invalid(f"each output needs a string name, got {name!r:.100}")
         if name in names:
-            raise _invalid(f"output {name!r} is asked for twice")
+            raise invalid(f"output {name!r} is asked for twice")
         params = _mapping(out.get("parameters"), f"output {name!r} parameters")
         refuse_unsupported(params, f"output {name!r}")
         flag = params.get("binary_data")
         if flag is not None:
             if not isinstance(flag, bool):
-                raise _invalid(f"output {name!r}: parameters.binary_data must be true or false, got {flag!r:.100}")
+                raise invalid(f"output {name!r}: parameters.binary_data must be true or false, got {flag!r:.100}")
             binary[name] = flag
         names.append(name)
     return tuple(names), binary
@@ -304,23 +299,23 @@ def decode_request(body: bytes | bytearray, header_length: int | None = None) ->
     if header_length is None:
         header_length = len(body)
     elif not 0 <= header_length <= len(body):
-        raise _invalid(f"{HEADER_LENGTH} is {header_length}, the body has {len(body)} bytes")
+        raise invalid(f"{HEADER_LENGTH} is {header_length}, the body has {len(body)} bytes")
     try:
         header = _loads(body if header_length == len(body) else view[:header_length])
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise _invalid(f"the request is not valid JSON ({str(exc)[:200]})") from None
+        raise invalid(f"the request is not valid JSON ({str(exc)[:200]})") from None
     header = _mapping(header, "the request")
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
-        raise _invalid("the request needs a non-empty list of inputs")
+        raise invalid("the request needs a non-empty list of inputs")
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise _invalid(f"id must be a string, got {request_id!r:.100}")
+        raise invalid(f"id must be a string, got {request_id!r:.100}")
     parameters = _mapping(header.get("parameters"), "parameters")
     timeout, priority, key = request_options(parameters)
     binary_default = parameters.get("binary_data_output", False)
     if not isinstance(binary_default, bool):
-        raise _invalid(f"parameters.binary_data_output must be true or false, got {binary_default!r:.100}")
+        raise invalid(f"parameters.binary_data_output must be true or false, got {binary_default!r:.100}")
     outputs, binary = _outputs(header.get("outputs"))
 
     arrays: dict[str, Array] = {}
@@ -329,33 +324,33 @@ def decode_request(body: bytes | bytearray, header_length: int | None = None) ->
         tensor = _mapping(item, "each input")
         name = tensor.get("name")
         if not isinstance(name, str):
-            raise _invalid(f"each input needs a string name, got {name!r:.100}")
+            raise invalid(f"each input needs a string name, got {name!r:.100}")
         if name in arrays:
-            raise _invalid("is given twice", name)
+            raise invalid("is given twice", name)
         shape = _shape(tensor.get("shape"), name)
         datatype = tensor.get("datatype")
         if not isinstance(datatype, str) or datatype not in DTYPES:
-            raise _invalid(f"unknown datatype {datatype!r:.100}; expected one of {sorted(DTYPES)}", name)
+            raise invalid(f"unknown datatype {datatype!r:.100}; expected one of {sorted(DTYPES)}", name)
         params = _mapping(tensor.get("parameters"), "parameters", name)
         refuse_unsupported(params, f"input {name!r}", name)
         size = params.get("binary_data_size")
         if size is None:
             if "data" not in tensor:
-                raise _invalid("has neither data nor parameters.binary_data_size", name)
+                raise invalid("has neither data nor parameters.binary_data_size", name)
             arrays[name] = _json_tensor(tensor["data"], shape, datatype, name)
             continue
         if not _is_int(size) or size < 0:
-            raise _invalid(f"parameters.binary_data_size must be an integer >= 0, got {size!r:.100}", name)
+            raise invalid(f"parameters.binary_data_size must be an integer >= 0, got {size!r:.100}", name)
         if "data" in tensor:
-            raise _invalid("has both data and parameters.binary_data_size", name)
+            raise invalid("has both data and parameters.binary_data_size", name)
         if offset + size > len(body):
             left = len(body) - offset
-            raise _invalid(f"binary_data_size is {size} bytes, only {left} remain in the body", name)
+            raise invalid(f"binary_data_size is {size} bytes, only {left} remain in the body", name)
         arrays[name] = _binary_tensor(view[offset : offset + size], shape, datatype, name)
         offset += size
     if offset != len(body):
         extra = len(body) - offset
-        raise _invalid(f"{extra} bytes after the JSON header are not claimed by any input's binary_data_size")
+        raise invalid(f"{extra} bytes after the JSON header are not claimed by any input's binary_data_size")
     return InferRequest(arrays, request_id, outputs, binary, binary_default, key, timeout, priority)
 
 
@@ -447,11 +442,11 @@ def _decompress(body: bytearray, encoding: str, limit: int) -> bytearray:
     try:
         out = inflater.decompress(body, limit + 1)
     except zlib.error as exc:
-        raise _invalid(f"the {encoding} body does not decompress ({exc})") from None
+        raise invalid(f"the {encoding} body does not decompress ({exc})") from None
     if len(out) > limit or inflater.unconsumed_tail:
         raise RequestTooLarge(f"the decompressed body is larger than max_request_bytes={limit}")
     if not inflater.eof:
-        raise _invalid(f"the {encoding} body is truncated")
+        raise invalid(f"the {encoding} body is truncated")
     return bytearray(out)
 
 
@@ -552,7 +547,7 @@ class _App:
         length = request.headers.get("content-length")
         if length is not None:
             if not length.isdigit():
-                raise _invalid(f"Content-Length must be a number, got {length!r:.100}")
+                raise invalid(f"Content-Length must be a number, got {length!r:.100}")
             if int(length) > self.limit:
                 raise RequestTooLarge(f"the body is {length} bytes, more than max_request_bytes={self.limit}")
         body = bytearray()
@@ -591,7 +586,7 @@ def _header_length(request: Request) -> int | None:
         return None
     value = value.strip()
     if not value.isdigit():
-        raise _invalid(f"{HEADER_LENGTH} must be a number, got {value!r:.100}")
+        raise invalid(f"{HEADER_LENGTH} must be a number, got {value!r:.100}")
     return int(value)
 
 
