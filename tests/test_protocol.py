@@ -8,6 +8,7 @@ import pytest
 from inferkit.errors import Closed, DeadlineExceeded, InvalidInput, ModelError, ModelNotFound, Overloaded
 from inferkit.server.protocol import (
     check_outputs,
+    fit,
     from_raw,
     http_status,
     pack_bytes,
@@ -119,6 +120,14 @@ class TestRawTensors:
         with pytest.raises(InvalidInput, match=message) as caught:
             from_raw(raw, datatype, count, "x")
         assert caught.value.input_name == "x"
+
+    def test_fit_narrows_integers_or_names_the_range(self) -> None:
+        """Integers that fit the datatype are cast; one that does not is InvalidInput with the bounds."""
+        fitted = fit(np.array([-128, 127], dtype=np.int32), "INT8", "x")
+        assert fitted.dtype == np.int8
+        assert fitted.tolist() == [-128, 127]
+        with pytest.raises(InvalidInput, match=r"input 'x': values 0\.\.300 do not fit UINT8 \[0, 255\]"):
+            fit(np.array([0, 300], dtype=np.uint32), "UINT8", "x")
 
     def test_unknown_outputs(self) -> None:
         """A requested output the model does not have is InvalidInput naming it and the known ones."""
