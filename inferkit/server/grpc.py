@@ -45,6 +45,8 @@ import numpy as np
 from inferkit.errors import InferkitError, InvalidInput
 from inferkit.server import proto as pb
 from inferkit.server.protocol import (
+    ARM,
+    KEY,
     check_outputs,
     datatype_of,
     dtype_of,
@@ -64,9 +66,9 @@ __all__ = ["ARM_METADATA", "DEFAULT_LISTENERS", "KEY_METADATA", "GrpcServer", "c
 
 Array = np.ndarray[Any, Any]
 
-KEY_METADATA = "inferkit-key"
+KEY_METADATA = KEY
 """The gRPC metadata key that carries a request's sticky routing key."""
-ARM_METADATA = "inferkit-arm"
+ARM_METADATA = ARM
 """The trailing metadata key that names the arm which served a request."""
 
 _INT32_MAX = 2**31 - 1

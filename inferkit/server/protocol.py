@@ -26,7 +26,9 @@ from inferkit.errors import (
 )
 
 __all__ = [
+    "ARM",
     "DTYPES",
+    "KEY",
     "NO_DEADLINE_S",
     "check_outputs",
     "datatype_of",
@@ -44,6 +46,11 @@ __all__ = [
     "to_raw",
     "unpack_bytes",
 ]
+
+KEY = "inferkit-key"
+"""The HTTP header and gRPC metadata key that carry a Router's sticky key."""
+ARM = "inferkit-arm"
+"""The HTTP header and gRPC trailing metadata key that name the arm which served a request."""
 
 DTYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),

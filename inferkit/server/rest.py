@@ -64,7 +64,9 @@ from starlette.types import Receive
 from inferkit.errors import InferkitError, ModelNotFound
 from inferkit.server.metrics import Metrics
 from inferkit.server.protocol import (
+    ARM,
     DTYPES,
+    KEY,
     check_outputs,
     datatype_of,
     fit,
@@ -108,9 +110,9 @@ __all__ = [
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 """The binary tensor data extension's header: how many bytes of the body are the JSON header."""
-KEY_HEADER = "inferkit-key"
+KEY_HEADER = KEY
 """The request header that carries a Router's sticky key."""
-ARM_HEADER = "inferkit-arm"
+ARM_HEADER = ARM
 """The response header that names the Router arm that served the request."""
 
 Array = np.ndarray[Any, Any]
