@@ -154,7 +154,6 @@ class Autoscaler:
         self._decisions: collections.deque[ScalingDecision] = collections.deque(maxlen=_DECISIONS)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._closed = False
 
     # -- scaling ---------------------------------------------------------------------------
 
@@ -224,14 +223,14 @@ class Autoscaler:
         first resize raises here and starts no thread; later failures are :class:`ScalingFailed` events.
         """
         with self._lock:
-            if self._closed:
+            if self._stop.is_set():
                 msg = "the autoscaler is closed"
                 raise RuntimeError(msg)
             if self._thread is not None:
                 return self
         self.step()
         with self._lock:
-            if self._closed or self._thread is not None:  # closed or started by another caller meanwhile
+            if self._stop.is_set() or self._thread is not None:  # closed or started by another caller meanwhile
                 return self
             self._thread = threading.Thread(
                 target=self._run, name=f"inferkit-autoscaler-{self.predictor.name}", daemon=True
@@ -256,10 +255,9 @@ class Autoscaler:
 
         A resize already under way finishes first. The predictor is left open.
         """
-        with self._lock:
-            self._closed = True
+        with self._lock:  # with start()'s checks: a thread starts before this or not at all
+            self._stop.set()
             thread = self._thread
-        self._stop.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
