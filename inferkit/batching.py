@@ -637,14 +637,15 @@ class Batcher:
         replica.lane = lane
         lane.replicas.append(replica)
         self._replicas.append(replica)
-        thread = threading.Thread(target=self._work, args=(replica, lane), name=f"inferkit-{replica.name}", daemon=True)
+        thread = threading.Thread(target=self._work, args=(replica,), name=f"inferkit-{replica.name}", daemon=True)
         replica.thread = thread
         self._threads = [t for t in self._threads if t.is_alive()]
         self._threads.append(thread)
         thread.start()
         return replica
 
-    def _work(self, replica: Replica, lane: _Lane) -> None:
+    def _work(self, replica: Replica) -> None:
+        lane: _Lane = replica.lane
         done: list[Request] = []
         self._lock.acquire()
         try:
@@ -692,14 +693,15 @@ class Batcher:
             if replica in lane.idle:
                 lane.idle.remove(replica)
             if replica.state is not ReplicaState.DEAD or not replica.busy:
-                self._retire(replica, lane)
+                self._retire(replica)
             done.extend(self._settle_later)
             self._settle_later = []
             self._lock.release()
             _settle_all(done)
 
-    def _retire(self, replica: Replica, lane: _Lane) -> None:
+    def _retire(self, replica: Replica) -> None:
         """Drop a replica whose worker has stopped (under the lock) and free its model."""
+        lane: _Lane = replica.lane
         if replica in lane.replicas:
             lane.replicas.remove(replica)
         if replica in self._replicas:
@@ -770,7 +772,7 @@ class Batcher:
             if not self._closing:
                 self._loading += 1
                 thread = threading.Thread(
-                    target=self._replace, args=(replica, lane), name=f"inferkit-replace-{replica.name}", daemon=True
+                    target=self._replace, args=(replica,), name=f"inferkit-replace-{replica.name}", daemon=True
                 )
                 self._threads.append(thread)
                 thread.start()
@@ -778,7 +780,7 @@ class Batcher:
         _settle_all(done)
         self._event(ReplicaReplaced(self.name, replica.name, tuple(r.id for r in batch.requests), not self._closing))
 
-    def _replace(self, dead: Replica, lane: _Lane) -> None:
+    def _replace(self, dead: Replica) -> None:
         try:
             backend: Backend | None = self._factory()
         except Exception:  # noqa: BLE001 (a replacement that cannot load leaves the pool smaller)
@@ -790,8 +792,8 @@ class Batcher:
             elif self._closing:
                 backend.close()
             else:
-                self._add_replica(backend, lane if self._balancer is not None else None)
-                self._wake(lane)
+                self._add_replica(backend, dead.lane if self._balancer is not None else None)
+                self._wake(dead.lane)
         self._flush()
 
     # -- runtime changes -------------------------------------------------------------------
