@@ -45,7 +45,7 @@ class Window:
     Failed requests' latencies count too: one that hangs until a timeout is a latency problem as well.
     """
 
-    def __init__(self, max_samples: int = 4096) -> None:
+    def __init__(self, max_samples: int = _SAMPLES) -> None:
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples!r}")
         self.requests = 0
@@ -102,7 +102,7 @@ class _Outcomes:
 
 @attrs.define
 class _Arm:
-    window: Window = attrs.field(factory=lambda: Window(_SAMPLES))
+    window: Window = attrs.field(factory=Window)
     histogram: list[int] = attrs.field(factory=lambda: [0] * len(_EDGES_MS))
     outcomes: _Outcomes = attrs.field(factory=_Outcomes)
 

@@ -349,8 +349,7 @@ class Router:
 
         Raises ``KeyError`` when the router has not served (or no longer remembers) that key or id.
         """
-        with self._lock:
-            arm = self._by_key.get(key) if key is not None else self._by_id.get(request_id)  # type: ignore[arg-type]
+        arm = self._by_key.get(key) if key is not None else self._by_id.get(request_id)  # type: ignore[arg-type]
         if arm is None:
             msg = f"no request served for key={key!r} request_id={request_id!r}"
             raise KeyError(msg)
@@ -407,7 +406,7 @@ class Router:
         """Each arm's own stats, the split so far, shadow counts and the policy."""
         with self._lock:
             shadow = ShadowStats(**self._shadow)
-            routed = self._experiment.requests()
+        routed = self._experiment.requests()  # under the experiment's own lock
         return RouterStats(routed, {a: p.stats() for a, p in self._arms.items()}, shadow, repr(self._policy))
 
     def close(self, timeout: float | None = None) -> None:
