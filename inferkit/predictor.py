@@ -101,6 +101,7 @@ class Predictor:
         warmup: bool = True,
         name: str | None = None,
         observers: Sequence[Observer] = (),
+        pool: PoolConfig | None = None,
     ) -> Predictor:
         """Serve an ONNX model (a path or its bytes) with ONNX Runtime.
 
@@ -108,15 +109,17 @@ class Predictor:
         ``replicas`` sessions from oversubscribing the cores (one core is left to the callers
         when there are several). ``warmup`` runs each power-of-two batch size up to
         ``max_batch_size`` once per replica before the predictor is ready. ``providers`` and
-        ``session_options`` go to ``onnxruntime.InferenceSession`` as they are.
+        ``session_options`` go to ``onnxruntime.InferenceSession`` as they are. ``pool`` is a
+        whole :class:`PoolConfig` (ejection settings included) in place of ``replicas``,
+        ``balancing`` and ``execution_timeout``.
         """
         from inferkit.backends.onnx import OnnxBackend, default_intra_op_threads  # noqa: PLC0415
 
         batching = BatchConfig(max_batch_size, max_delay_ms, max_queue_size)
-        pool = PoolConfig(replicas, balancing, execution_timeout)
+        pool = _pool(pool, replicas, balancing, execution_timeout)
         threads = intra_op_threads
         if threads is None and session_options is None:
-            threads = default_intra_op_threads(replicas)
+            threads = default_intra_op_threads(pool.replicas)
         sizes = _warmup_sizes(max_batch_size) if warmup else ()
         if name is None:
             name = "model" if isinstance(model, bytes) else Path(model).stem
@@ -144,6 +147,7 @@ class Predictor:
         execution_timeout: float | None = None,
         name: str = "model",
         observers: Sequence[Observer] = (),
+        pool: PoolConfig | None = None,
     ) -> Predictor:
         """Serve a Python function over NumPy arrays.
 
@@ -154,7 +158,7 @@ class Predictor:
         like an ONNX model's; without, they only need to be arrays whose leading dimensions
         agree, and requests batch together when their other dimensions and dtypes match.
         Replicas share the GIL, so only functions that release it (NumPy, native code) run in
-        parallel.
+        parallel. ``pool`` is a whole :class:`PoolConfig`, as in :meth:`from_onnx`.
         """
         if (fn is None) == (factory is None):
             msg = "give exactly one of fn and factory"
@@ -165,7 +169,7 @@ class Predictor:
             return CallableBackend(fn if fn is not None else factory(), signature)  # type: ignore[misc]
 
         batching = BatchConfig(max_batch_size, max_delay_ms, max_queue_size)
-        pool = PoolConfig(replicas, balancing, execution_timeout)
+        pool = _pool(pool, replicas, balancing, execution_timeout)
         return cls(make, batching=batching, pool=pool, signature=signature, name=name, observers=observers)
 
     # -- requests --------------------------------------------------------------------------
@@ -313,6 +317,17 @@ class Predictor:
 
     def _emit(self, event: Event) -> None:
         deliver(self._observers, event)
+
+
+def _pool(
+    pool: PoolConfig | None, replicas: int, balancing: str | Balancer, execution_timeout: float | None
+) -> PoolConfig:
+    if pool is None:
+        return PoolConfig(replicas, balancing, execution_timeout)
+    if (replicas, balancing, execution_timeout) != (1, "shared", None):
+        msg = "give pool= or replicas/balancing/execution_timeout, not both"
+        raise TypeError(msg)
+    return pool
 
 
 def _warmup_sizes(max_batch_size: int) -> tuple[int, ...]:

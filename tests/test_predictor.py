@@ -552,3 +552,14 @@ class TestMemory:
             finally:
                 gc.enable()
         assert after - before <= 2
+
+
+class TestPoolArgument:
+    def test_from_callable_takes_a_whole_pool_config(self):
+        """pool= carries every pool setting, ejection included, and excludes the separate keywords."""
+        pool = inferkit.PoolConfig(replicas=2, eject_after=3, cooldown=1.0)
+        with inferkit.Predictor.from_callable(lambda x: x, pool=pool) as p:
+            assert len(p.stats().replicas) == 2
+            assert p._batcher.pool == pool
+        with pytest.raises(TypeError, match="not both"):
+            inferkit.Predictor.from_callable(lambda x: x, pool=pool, replicas=3)
