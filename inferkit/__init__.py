@@ -5,7 +5,7 @@ validated, batched with every other caller's and run on a pool of replicas.
 """
 
 from inferkit.autoscale import AutoscaleConfig, Autoscaler, AutoscalerStats, ScalingDecision, ScalingFailed
-from inferkit.backends.base import Backend, BackendFactory
+from inferkit.backends.base import Backend, BackendFactory, ReplicaFault
 from inferkit.backends.callable import CallableBackend
 from inferkit.batching import BatchConfig, RequestFuture
 from inferkit.errors import (
@@ -87,6 +87,7 @@ __all__ = [
     "Predictive",
     "Predictor",
     "ReplicaEjected",
+    "ReplicaFault",
     "ReplicaReplaced",
     "ReplicaStats",
     "Report",

@@ -33,12 +33,13 @@ import numpy as np
 
 from inferkit._timer import Timer
 from inferkit._validators import integer, number
-from inferkit.backends.base import Backend, BackendFactory
+from inferkit.backends.base import Backend, BackendFactory, ReplicaFault
 from inferkit.errors import (
     Closed,
     DeadlineExceeded,
     ExecutionTimeout,
     InferkitError,
+    InvalidInput,
     ModelError,
     NoHealthyReplica,
     Overloaded,
@@ -89,7 +90,20 @@ class RequestFuture(Future[Any]):
             return False
         if self._on_cancel is not None:
             self._on_cancel()
+        notify_cancelled(self)
         return True
+
+
+def notify_cancelled(future: Future[Any]) -> bool:
+    """Move ``future`` to RUNNING, or tell ``wait()``/``as_completed()`` it was cancelled; whether it runs.
+
+    Both the canceller and the batcher call this, in either order: the second finds the
+    cancellation already announced (a RuntimeError from the stdlib), which is the same answer.
+    """
+    try:
+        return future.set_running_or_notify_cancel()
+    except RuntimeError:  # already announced
+        return False
 
 
 class Request:
@@ -97,8 +111,11 @@ class Request:
 
     __slots__ = (
         "__weakref__",
+        "avoid",
+        "blame",
         "deadline",
         "error",
+        "expiry",
         "future",
         "id",
         "index",
@@ -106,8 +123,10 @@ class Request:
         "key",
         "lane",
         "parent",
+        "part_rows",
         "parts",
         "parts_left",
+        "parts_n",
         "priority",
         "rows",
         "state",
@@ -140,12 +159,23 @@ class Request:
         self.value: Any = None
         self.error: BaseException | None = None
         self.parent: Request | None = None
-        self.index = 0
-        self.parts: list[Request] = []
+        self.index = 0  # a part's place in its parent's result (a chunk's: its next part's)
+        self.parts: list[Request] = []  # a split request's chunks
         self.parts_left = 0  # parts not yet done; -1 once a split request is settled
+        # A chunk is a queued run of parts of one split request, carved a part at a time as
+        # batches form, so a request's size never costs work before it runs.
+        self.parts_n = 1
+        self.part_rows = rows
+        self.avoid: Replica | None = None  # the replica it failed on; it is retried elsewhere once
+        self.blame = False  # whether success elsewhere is a fault of ``avoid`` (not yet counted)
+        self.expiry: tuple[Timer, list[object]] | None = None  # its deadline's timer entry
 
     def settle(self) -> None:
         """Deliver ``value`` or ``error`` to whoever waits (called once, outside any lock)."""
+        if self.expiry is not None:
+            timer, entry = self.expiry
+            self.expiry = None
+            timer.cancel(entry)
         fut = self.future
         if fut is not None:
             fut._on_cancel = None  # break the request <-> future cycle so the GC never has to
@@ -191,7 +221,7 @@ class _Batch:
 
 
 _Outcome = tuple[Request, Any, BaseException | None]
-_Result = tuple[list[_Outcome], bool, float, float]  # outcomes, all failed, when the call ended, its time
+_Result = tuple[list[_Outcome], bool, float, float]  # outcomes, replica fault, when the call ended, its time
 
 
 class Batcher:
@@ -244,6 +274,7 @@ class Batcher:
         self._rejected: dict[str, int] = {}
         self._batches = 0
         self._rows = 0
+        self._retried = 0
         self._request_seconds = 0.0
         self._compute_seconds = 0.0
         self._sizes: dict[int, int] = {}
@@ -276,16 +307,29 @@ class Batcher:
         replica are returned, already claimed, for the caller to :meth:`run_inline`.
         """
         max_rows = self.config.max_batch_size
-        parts = [request] if request.rows <= max_rows else self._split(request, max_rows)
+        if request.rows <= max_rows:
+            parts, count = [request], 1
+        else:
+            count = -(-request.rows // max_rows)
+            limit = self.config.max_queue_size
+            if count > limit:  # no queue could ever hold it: refuse before any work per part
+                too_big = InvalidInput(
+                    f"request {request.id} has {request.rows} rows, {count} batches of max_batch_size={max_rows}; "
+                    f"max_queue_size={limit} batches is the most one request can take "
+                    f"(send at most {max_rows * limit} rows per request)"
+                )
+                self.reject(too_big)
+                raise too_big
+            parts = self._split(request, max_rows, count)
         with self._lock:
-            error = self._admit(len(parts))
+            error = self._admit(count)
             if error is not None:
                 kind = type(error).__name__
                 self._rejected[kind] = self._rejected.get(kind, 0) + 1
                 raise error
             self._accepted += 1
             now = self._clock()
-            inline = inline and len(parts) == 1 and self.pool.execution_timeout is None
+            inline = inline and count == 1 and self.pool.execution_timeout is None
             if inline and self._balancer is None:
                 lane = self._lanes[0]
                 if not lane.count and lane.idle and not self._busy:
@@ -300,7 +344,7 @@ class Batcher:
                 lane = self._choose_lane()
                 self._push(lane, part, now)
                 if part is not parts[-1]:
-                    self._wake(lane)  # parts may run on several replicas at once
+                    self._wake(lane, part.parts_n)  # parts may run on several replicas at once
             if inline and lane.idle:
                 replica = lane.idle[-1]
                 formed, _ = self._form(lane, replica, now)
@@ -308,7 +352,7 @@ class Batcher:
                     lane.idle.pop()
                     self._start(replica, formed)
                     return formed, replica
-            self._wake(lane)
+            self._wake(lane, parts[-1].parts_n)
         if self._settle_later:
             self._flush()
         return None
@@ -333,20 +377,25 @@ class Batcher:
             return NoHealthyReplica(f"no healthy replica of {self.name!r}")
         return None
 
-    def _split(self, request: Request, max_rows: int) -> list[Request]:
+    def _split(self, request: Request, max_rows: int, count: int) -> list[Request]:
+        """Chunks of ``request``'s ``count`` parts: one per lane at most, each carved as batches form."""
         assert request.inputs is not None
+        chunks = min(count, len(self._lanes) if self._balancer is not None else 1)
         parts = []
-        for i, start in enumerate(range(0, request.rows, max_rows)):
-            stop = min(start + max_rows, request.rows)
+        first = 0
+        for c in range(chunks):
+            n = count // chunks + (c < count % chunks)
+            start, stop = first * max_rows, min((first + n) * max_rows, request.rows)
             inputs = {k: v[start:stop] for k, v in request.inputs.items()}
             part = Request(
                 request.id, inputs, stop - start, request.key, request.priority, request.deadline, request.t0
             )
-            part.parent, part.index = request, i
+            part.parent, part.index, part.parts_n, part.part_rows = request, first, n, max_rows
             parts.append(part)
+            first += n
         request.parts = parts
-        request.parts_left = len(parts)
-        request.value = [None] * len(parts)
+        request.parts_left = count
+        request.value = [None] * count
         request.inputs = None
         if request.future is not None:
             request.future._on_cancel = lambda: self._cancel_parts(parts)
@@ -372,17 +421,17 @@ class Batcher:
         self._arrived(lane, now)
         request.lane = lane
         heapq.heappush(lane.heap, (-request.priority, next(self._seq), request))
-        lane.count += 1
+        lane.count += request.parts_n
         lane.rows += request.rows
-        self._queued += 1
+        self._queued += request.parts_n
         if request.future is not None and request.parent is None:
             req = request
             request.future._on_cancel = lambda: self._cancel_parts([req])
 
-    def _wake(self, lane: _Lane) -> None:
-        """Wake one idle worker of ``lane`` so it can form a batch or start its delay timer."""
-        if lane.idle:
-            lane.idle[-1].cond.notify()
+    def _wake(self, lane: _Lane, count: int = 1) -> None:
+        """Wake ``count`` idle workers of ``lane`` so they can form batches or start their delay timers."""
+        for replica in lane.idle[-count:]:
+            replica.cond.notify()
 
     # -- cancellation and deadlines --------------------------------------------------------
 
@@ -401,9 +450,9 @@ class Batcher:
     def _unqueue(self, request: Request) -> None:
         lane = request.lane
         assert lane is not None
-        lane.count -= 1
+        lane.count -= request.parts_n
         lane.rows -= request.rows
-        self._queued -= 1
+        self._queued -= request.parts_n
 
     def withdraw(self, request: Request) -> bool:
         """Fail ``request`` with ``DeadlineExceeded`` if it (every part of it) is still queued.
@@ -412,7 +461,7 @@ class Batcher:
         """
         parts = request.parts or [request]
         with self._lock:
-            if any(p.state != _QUEUED for p in parts) or request.parts_left < 0:
+            if request.state != _QUEUED or request.parts_left < 0:  # a split request runs from its first part
                 return False
             for part in parts:
                 self._unqueue(part)
@@ -434,7 +483,10 @@ class Batcher:
             if alive is not None:
                 self._expire(alive)
 
-        self._timer.schedule(deadline, expire)
+        entry = self._timer.schedule(deadline, expire)
+        request.expiry = (self._timer, entry)
+        if request.future is not None and request.future.done():  # settled before the line above
+            self._timer.cancel(entry)
 
     def _expire(self, request: Request) -> None:
         if self.withdraw(request):
@@ -470,6 +522,7 @@ class Batcher:
         skipped: list[tuple[int, int, Request]] = []
         rows = 0
         key: Hashable = None
+        others: bool | None = None  # whether another replica could take a retry this one failed
         while heap and rows < max_rows:
             req = heap[0][2]
             if req.state != _QUEUED:
@@ -481,18 +534,30 @@ class Batcher:
                 req.state = _DONE
                 expired.append(req)
                 continue
+            if req.avoid is replica:
+                if others is None:
+                    others = any(r is not replica and r.usable(now) for r in lane.replicas)
+                if others:
+                    skipped.append(heapq.heappop(heap))
+                    continue
             if batch and req.key != key:
                 skipped.append(heapq.heappop(heap))
                 continue
-            if batch and rows + req.rows > max_rows:
+            size = req.part_rows if req.parts_n > 1 else req.rows
+            if batch and rows + size > max_rows:
                 break
-            heapq.heappop(heap)
-            self._unqueue(req)
-            fut = req.future
-            if fut is not None and req.parent is None and not fut.set_running_or_notify_cancel():
-                req.state = _DONE
-                self._cancelled += 1
-                continue
+            top = req.parent or req
+            if top.state == _QUEUED and top.avoid is None:  # its first part to run: the future starts running
+                top.state = _RUNNING
+                fut = top.future
+                if fut is not None and not notify_cancelled(fut):
+                    self._drop_cancelled(top)
+                    continue
+            if req.parts_n > 1:
+                req = self._carve(req)
+            else:
+                heapq.heappop(heap)
+                self._unqueue(req)
             req.state = _RUNNING
             key = req.key
             batch.append(req)
@@ -506,6 +571,37 @@ class Batcher:
         if not batch:
             return None, None
         return _Batch(batch, rows, reason), None
+
+    def _carve(self, chunk: Request) -> Request:
+        """Take the next part off a queued chunk of a split request (the chunk stays queued)."""
+        assert chunk.inputs is not None
+        assert chunk.parent is not None
+        n = chunk.part_rows
+        part = Request(chunk.id, {k: v[:n] for k, v in chunk.inputs.items()}, n, chunk.key, chunk.priority,
+                       chunk.deadline, chunk.t0)  # fmt: skip
+        part.parent, part.index = chunk.parent, chunk.index
+        chunk.inputs = {k: v[n:] for k, v in chunk.inputs.items()}
+        chunk.rows -= n
+        chunk.index += 1
+        chunk.parts_n -= 1
+        lane = chunk.lane
+        assert lane is not None
+        lane.count -= 1
+        lane.rows -= n
+        self._queued -= 1
+        return part
+
+    def _drop_cancelled(self, top: Request) -> None:
+        """Unqueue every queued piece of a request whose future was cancelled before it ran."""
+        for piece in top.parts or [top]:
+            if piece.state == _QUEUED:
+                self._unqueue(piece)
+                piece.state = _DONE
+        top.state = _DONE
+        if top.parts:
+            top.parts_left = -1
+        self._cancelled += 1
+        self._drained.notify_all()
 
     def _expired(self, requests: list[Request]) -> None:
         """Settle expired requests; called under the lock, settles on the timer thread."""
@@ -541,11 +637,20 @@ class Batcher:
         """Run ``batch`` on ``replica`` (no lock held); None when the watchdog settled it first."""
         timeout = self.pool.execution_timeout
         start = self._clock()
+        watchdog = None
         if timeout is not None:
-            self._timer.schedule(start + timeout, lambda: self._on_hang(batch, replica))
+            watchdog = self._timer.schedule(start + timeout, lambda: self._on_hang(batch, replica))
         outcomes: list[_Outcome] = []
-        failed = _run(batch.requests, replica.backend, outcomes)
+        fault = False
+        try:
+            _run(batch.requests, replica.backend, outcomes)
+        except ReplicaFault as exc:  # the replica is broken: what has not run yet is retried elsewhere
+            fault = True
+            ran = {id(r) for r, _, _ in outcomes}
+            outcomes.extend((r, None, exc) for r in batch.requests if id(r) not in ran)
         end = self._clock()
+        if watchdog is not None:
+            self._timer.cancel(watchdog)  # it holds the batch, arrays and all
         if not batch.claim.acquire(blocking=False):
             return None
         if self._emit is not None and self._verbose():
@@ -560,28 +665,45 @@ class Batcher:
                     tuple(r.id for r, _, e in outcomes if e is not None),
                 )
             )
-        return outcomes, failed == len(batch.requests), end, end - start
+        return outcomes, fault, end, end - start
 
     def _finish(self, batch: _Batch, replica: Replica, result: _Result | None) -> list[Request]:
         """Count a batch's outcomes and free its replica (under the lock); return what to settle."""
         if result is None:  # the watchdog took over; the replica is gone
             return []
-        outcomes, all_failed, now, spent = result
-        done = self._tally(outcomes)
+        outcomes, fault, now, spent = result
+        final: list[_Outcome] = []
+        blamed: list[Replica] = []
+        worked = False
+        for req, value, failure in outcomes:
+            error = failure
+            if error is None:
+                worked = True
+                if req.blame and req.avoid is not None:  # it failed there and worked here: that replica's fault
+                    blamed.append(req.avoid)
+            elif self._retry(req, replica, error, fault, now):
+                continue
+            elif fault:
+                error = _model_error(req, error)
+            final.append((req, value, error))
+        done = self._tally(final)
         self._batches += 1
         self._rows += batch.rows
         self._sizes[batch.rows] = self._sizes.get(batch.rows, 0) + 1
         self._reasons[batch.reason] = self._reasons.get(batch.reason, 0) + 1
         replica.batches += 1
         replica.requests += len(batch.requests)
-        latencies = [now - r.t0 for r in batch.requests]
+        latencies = [now - r.t0 for r, _, _ in final]
         replica.record_latencies(latencies)
         self._request_seconds += sum(latencies)
         self._compute_seconds += spent
-        if record_batch(replica, not all_failed, now, self.pool, self._replicas):
-            cooldown = replica.ejected_until - now
-            self._event(ReplicaEjected(self.name, replica.name, replica.consecutive_failures, cooldown))
-            self._after_ejection(replica)
+        # A request's own failure says nothing of the replica; only a fault, or a failure that
+        # another replica did not repeat, counts against it.
+        if fault or worked:
+            self._health(replica, ok=not fault, now=now)
+        for bad in blamed:  # unless ejected since: what failed before the ejection is no failed probe
+            if bad in self._replicas and (bad.state is not ReplicaState.EJECTED or now >= bad.ejected_until):
+                self._health(bad, ok=False, now=now)
         self._running.pop(replica.name, None)
         replica.busy = False
         replica.running_rows = 0
@@ -589,6 +711,36 @@ class Batcher:
         if self._closing:
             self._drained.notify_all()
         return done
+
+    def _retry(self, req: Request, replica: Replica, error: BaseException, fault: bool, now: float) -> bool:
+        """Queue a request that failed on ``replica`` for one try on another replica; whether it was."""
+        if req.avoid is not None or self._closing:
+            return False
+        if not fault and (not isinstance(error, ModelError) or isinstance(error, ExecutionTimeout)):
+            return False  # the request's own error (InvalidInput from the backend): no retry
+        if self._balancer is None:
+            lane = replica.lane
+            if not any(r is not replica and r.usable(now) for r in lane.replicas):
+                return False
+        else:
+            lanes = [ln for ln in self._lanes if ln is not replica.lane and any(r.usable(now) for r in ln.replicas)]
+            if not lanes:
+                return False
+            lane = lanes[self._balancer.choose([ln.load() for ln in lanes])]
+        req.avoid = replica
+        req.blame = not fault  # a fault is counted already
+        req.state = _QUEUED
+        self._push(lane, req, now)
+        self._wake(lane)
+        self._retried += 1
+        return True
+
+    def _health(self, replica: Replica, *, ok: bool, now: float) -> None:
+        """Record a batch's verdict on ``replica``; eject it when that is the verdict's consequence."""
+        if record_batch(replica, ok, now, self.pool, self._replicas):
+            cooldown = replica.ejected_until - now
+            self._event(ReplicaEjected(self.name, replica.name, replica.consecutive_failures, cooldown))
+            self._after_ejection(replica)
 
     def _tally(self, outcomes: list[_Outcome]) -> list[Request]:
         """Count outcomes and assemble split requests; return the top-level requests now done."""
@@ -605,12 +757,12 @@ class Batcher:
                 top.value[req.index] = value
                 if error is not None and top.error is None:
                     top.error = error
-                top.parts_left -= 1
+                top.parts_left -= req.parts_n  # a chunk that never ran ends all its parts at once
                 if top.parts_left:
                     continue
                 top.state = _DONE
                 if top.error is None:
-                    top.value = _concat_results(top.value)
+                    top.value, top.error = _join(top)
                 top.parts_left = -1  # settled from now on
             if top.error is None:
                 self._completed += 1
@@ -743,7 +895,7 @@ class Batcher:
                 if req.state == _QUEUED:
                     self._unqueue(req)
                     if req.future is not None and req.parent is None:
-                        req.future.set_running_or_notify_cancel()
+                        notify_cancelled(req.future)
                     outcomes.append((req, None, make_error()))
             lane.heap.clear()
         self._settle_later.extend(self._tally(outcomes))
@@ -921,6 +1073,7 @@ class Batcher:
                 batch_sizes=dict(sorted(self._sizes.items())),
                 dispatch_reasons=dict(self._reasons),
                 replicas=replicas,
+                retried=self._retried,
             )
 
     def first_backend(self) -> Backend:
@@ -940,18 +1093,22 @@ def _settle_all(requests: list[Request]) -> None:
         request.settle()
 
 
-def _run(requests: list[Request], backend: Backend, outcomes: list[_Outcome]) -> int:
-    """Run ``requests`` as one batch, bisecting on failure; return how many failed."""
+def _run(requests: list[Request], backend: Backend, outcomes: list[_Outcome]) -> None:
+    """Run ``requests`` as one batch, bisecting on failure; ``ReplicaFault`` stops it and propagates."""
     try:
         outputs = _call(requests, backend)
+    except ReplicaFault:
+        raise
     except Exception as exc:  # noqa: BLE001 (any model failure is isolated and typed below)
         if len(requests) == 1:
-            outcomes.append((requests[0], None, _model_error(requests[0], exc)))
-            return 1
+            error = exc if isinstance(exc, InvalidInput) else _model_error(requests[0], exc)
+            outcomes.append((requests[0], None, error))
+            return
         mid = len(requests) // 2
-        return _run(requests[:mid], backend, outcomes) + _run(requests[mid:], backend, outcomes)
+        _run(requests[:mid], backend, outcomes)
+        _run(requests[mid:], backend, outcomes)
+        return
     outcomes.extend(outputs)
-    return 0
 
 
 def _call(requests: list[Request], backend: Backend) -> list[_Outcome]:
@@ -990,7 +1147,7 @@ def _call(requests: list[Request], backend: Backend) -> list[_Outcome]:
     return result
 
 
-def _model_error(request: Request, exc: Exception) -> ModelError:
+def _model_error(request: Request, exc: BaseException) -> ModelError:
     if isinstance(exc, ModelError):
         error = ModelError(f"request {request.id}: {exc}")
     else:
@@ -999,7 +1156,18 @@ def _model_error(request: Request, exc: Exception) -> ModelError:
     return error
 
 
-def _concat_results(values: list[Any]) -> Any:
-    if isinstance(values[0], np.ndarray):
-        return np.concatenate(values)
-    return {k: np.concatenate([v[k] for v in values]) for k in values[0]}
+def _join(request: Request) -> tuple[Any, ModelError | None]:
+    """The parts' results of a split request joined along the batch, or why they cannot be."""
+    values = request.value
+    try:
+        if isinstance(values[0], np.ndarray):
+            return np.concatenate(values), None
+        return {k: np.concatenate([v[k] for v in values]) for k in values[0]}, None
+    except Exception as exc:  # noqa: BLE001 (a model whose output shape depends on the batch)
+        error = ModelError(
+            f"request {request.id} was split into {len(values)} batches and their outputs cannot be joined "
+            f"({type(exc).__name__}: {exc}); the model's output shape depends on the batch, so send at most "
+            "max_batch_size rows per request"
+        )
+        error.__cause__ = exc
+        return None, error

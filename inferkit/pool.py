@@ -2,9 +2,13 @@
 
 The pool is passive: it owns the replicas and decides which may take work; the batcher's
 workers drive it. Ejection follows Envoy's outlier detection: ``eject_after`` consecutive
-failed batches eject a replica for ``cooldown`` seconds, doubled on each repeat up to
-``max_cooldown``; then one batch probes it back. At most ``max_ejected_fraction`` of the
-replicas are ejected at once, but always at least one may be.
+failures of a replica eject it for ``cooldown`` seconds, doubled on each repeat up to
+``max_cooldown``; then one batch probes it back. Only faults of the replica count: a
+:class:`~inferkit.ReplicaFault` from its backend, or a request that failed on it and then
+succeeded on another replica. A request that fails wherever it runs is that request's error.
+At most ``max_ejected_fraction`` of the replicas are ejected at once (at least one may be),
+and, like Envoy's healthy panic threshold, never the last healthy one: a model is never
+taken out of service for failures.
 """
 
 from __future__ import annotations
@@ -100,7 +104,8 @@ class PoolConfig:
                                :class:`Balancer`: a queue per replica, chosen per request
     ``execution_timeout``      seconds a model call may take before its replica is replaced
                                and its requests fail with ``ExecutionTimeout`` (None: no limit)
-    ``eject_after``            consecutive failed batches that eject a replica
+    ``eject_after``            consecutive faults of a replica that eject it (its own
+                               faults only, never a request's: see the module docstring)
     ``cooldown``               seconds of the first ejection, doubled on each repeat
     ``max_cooldown``           the longest ejection
     ``max_ejected_fraction``   share of replicas that may be ejected at once (at least one)
@@ -129,7 +134,7 @@ class ReplicaState(enum.Enum):
     """Where a replica is in its life."""
 
     HEALTHY = "healthy"  # takes work
-    EJECTED = "ejected"  # failed repeatedly; takes work again (one probe batch) after its cooldown
+    EJECTED = "ejected"  # faulted repeatedly; takes work again (one probe batch) after its cooldown
     DRAINING = "draining"  # removed by resize: finishes what it holds, takes nothing new
     DEAD = "dead"  # hung past execution_timeout or closed; its thread is abandoned or gone
 
@@ -185,14 +190,19 @@ class Replica:
 
 
 def may_eject(replicas: Sequence[Replica], fraction: float) -> bool:
-    """Whether one more replica may be ejected without passing ``fraction`` of the pool."""
+    """Whether one more healthy replica may be ejected: one stays healthy, and ``fraction`` holds.
+
+    At least one replica may always be ejected when another stays healthy, whatever ``fraction``.
+    """
     live = [r for r in replicas if r.state in LIVE_STATES]
     ejected = sum(r.state is ReplicaState.EJECTED for r in live)
+    if len(live) - ejected < 2:  # the panic threshold: never eject the last healthy replica
+        return False
     return ejected == 0 or ejected + 1 <= fraction * len(live)
 
 
 def record_batch(replica: Replica, ok: bool, now: float, config: PoolConfig, replicas: Sequence[Replica]) -> bool:
-    """Update a replica's health after a batch; return True when this ejects it."""
+    """Update a replica's health with a verdict (ok, or a fault of its own); return True when this ejects it."""
     if ok:
         replica.consecutive_failures = 0
         replica.state = ReplicaState.HEALTHY if replica.state is ReplicaState.EJECTED else replica.state

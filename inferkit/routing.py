@@ -22,6 +22,7 @@ from typing import Any, Protocol, Self, runtime_checkable
 import attrs
 import numpy as np
 
+from inferkit.batching import notify_cancelled
 from inferkit.errors import Closed, InvalidInput, ModelError, NoHealthyReplica, Overloaded
 from inferkit.events import Event, LogObserver, Observer, deliver
 from inferkit.experiments import Experiment, Report
@@ -65,7 +66,10 @@ class RoutedFuture(Future[Any]):
         inner = self._inner
         if inner is not None and not inner.cancel():
             return False
-        return super().cancel()
+        if not super().cancel():
+            return False
+        notify_cancelled(self)  # so concurrent.futures.wait() and as_completed() see it
+        return True
 
 
 @attrs.frozen

@@ -37,7 +37,8 @@ class Stats:
     ``dispatch_reasons`` says why each batch went: ``"full"`` (``max_batch_size`` reached),
     ``"delay"`` (``max_delay_ms`` ran out) or ``"idle"`` (a replica was free and waiting would
     not have grown the batch). ``request_seconds`` adds up the time from arrival to result of
-    every request that ran, ``compute_seconds`` the time of every model call.
+    every request that ran, ``compute_seconds`` the time of every model call. ``retried``
+    counts requests that failed on one replica and were tried once more on another.
     """
 
     state: str
@@ -56,6 +57,7 @@ class Stats:
     batch_sizes: Mapping[int, int]
     dispatch_reasons: Mapping[str, int]
     replicas: tuple[ReplicaStats, ...]
+    retried: int = 0
 
     @property
     def mean_batch_size(self) -> float:

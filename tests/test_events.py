@@ -21,7 +21,6 @@ from inferkit import (
     DeadlineExceeded,
     Event,
     ModelError,
-    NoHealthyReplica,
     Predictor,
     ReplicaEjected,
     RequestsExpired,
@@ -87,6 +86,22 @@ def double_non_negative(x: np.ndarray) -> np.ndarray:
 def always_fails(x: np.ndarray) -> np.ndarray:
     """A model that fails every batch."""
     raise RuntimeError("broken model")
+
+
+def broken_then_good(name: str) -> Predictor:
+    """Two replicas, round robin: ``{name}-0`` raises ReplicaFault on every call, ``{name}-1`` doubles."""
+    functions = iter([always_faults, double])
+    return Predictor(
+        lambda: inferkit.CallableBackend(next(functions)),
+        pool=inferkit.PoolConfig(replicas=2, balancing="round_robin"),
+        name=name,
+        observers=(),
+    )
+
+
+def always_faults(x: np.ndarray) -> np.ndarray:
+    """A replica whose device is gone."""
+    raise inferkit.ReplicaFault("device lost")
 
 
 def rows(n: int, value: float = 1.0) -> np.ndarray:
@@ -229,18 +244,38 @@ class TestOtherEvents:
         assert all(late.request_id not in e.request_ids for e in recorder.of(BatchDone))
 
     def test_ejection(self) -> None:
-        """A replica that fails ``eject_after`` batches in a row is reported ejected."""
+        """A replica that faults ``eject_after`` times in a row is reported ejected; its requests ran elsewhere."""
         recorder = Recorder()
-        with Predictor.from_callable(always_fails, name="m", observers=[recorder]) as predictor:
-            for _ in range(inferkit.PoolConfig().eject_after):
-                with pytest.raises(ModelError, match="RuntimeError: broken model"):
-                    predictor.predict(rows(1))
-            with pytest.raises(NoHealthyReplica, match="no healthy replica of 'm'"):
-                predictor.predict(rows(1))
+        functions = iter([always_faults, double])
+        pool = inferkit.PoolConfig(replicas=2, balancing="round_robin")
+        with Predictor(
+            lambda: inferkit.CallableBackend(next(functions)), pool=pool, name="m", observers=[recorder]
+        ) as predictor:
+            for i in range(40):
+                np.testing.assert_array_equal(predictor.predict(rows(1, i)), rows(1, i) * 2)
+                if recorder.of(ReplicaEjected):
+                    break
+            stats = predictor.stats()
         (ejected,) = recorder.of(ReplicaEjected)
         assert (ejected.name, ejected.replica, ejected.consecutive_failures) == ("m", "m-0", 5)
         assert ejected.cooldown_s == pytest.approx(inferkit.PoolConfig().cooldown)
-        assert [len(e.failed_request_ids) for e in recorder.of(BatchDone)] == [1] * 5
+        failed_on_m0 = [e for e in recorder.of(BatchDone) if e.failed_request_ids]
+        assert [(e.replica, len(e.failed_request_ids)) for e in failed_on_m0] == [("m-0", 1)] * 5
+        assert stats.retried == 5
+        assert stats.failed == {}
+
+    def test_a_request_that_fails_everywhere_ejects_nothing(self) -> None:
+        """A model error that every replica repeats is the request's own: no replica is ejected, ever."""
+        recorder = Recorder()
+        pool = inferkit.PoolConfig(replicas=2, eject_after=1)
+        with Predictor.from_callable(always_fails, pool=pool, name="m", observers=[recorder]) as predictor:
+            for _ in range(10):
+                with pytest.raises(ModelError, match="RuntimeError: broken model"):
+                    predictor.predict(rows(1))
+            stats = predictor.stats()
+        assert not recorder.of(ReplicaEjected)
+        assert [r.state for r in stats.replicas] == ["healthy", "healthy"]
+        assert stats.failed == {"ModelError": 10}
 
 
 class TestFailingObserver:
@@ -295,10 +330,9 @@ class TestLogObserver:
     def test_ejections_log_at_warning(self, caplog: pytest.LogCaptureFixture) -> None:
         """An ejection is logged at WARNING, naming the replica."""
         caplog.set_level(logging.WARNING, logger="inferkit")
-        with Predictor.from_callable(always_fails, name="m") as predictor:
-            for _ in range(inferkit.PoolConfig().eject_after):
-                with pytest.raises(ModelError):
-                    predictor.predict(rows(1))
+        with broken_then_good("m") as predictor:
+            for _ in range(2 * inferkit.PoolConfig().eject_after):  # round robin: every other call faults
+                predictor.predict(rows(1))
         (record,) = [r for r in caplog.records if r.name == "inferkit"]
         assert record.levelno == logging.WARNING
         assert logged(caplog, "ReplicaEjected") == [record]
@@ -311,17 +345,17 @@ class TestLogObserver:
             import inferkit
 
             def fails(x):
-                raise RuntimeError("broken model")
+                raise inferkit.ReplicaFault("device lost")
 
             with inferkit.Predictor.from_callable(lambda x: x * 2) as ok:
                 ok.predict(np.ones((2, 3)))
                 ok.submit(np.ones((1, 3))).result(10)
-            with inferkit.Predictor.from_callable(fails) as bad:
-                for _ in range(inferkit.PoolConfig().eject_after):
-                    try:
-                        bad.predict(np.ones((1, 3)))
-                    except inferkit.ModelError:
-                        pass
+            functions = iter([fails, lambda x: x * 2])
+            pool = inferkit.PoolConfig(replicas=2, balancing="round_robin")
+            with inferkit.Predictor(lambda: inferkit.CallableBackend(next(functions)), pool=pool) as bad:
+                for _ in range(2 * pool.eject_after):
+                    bad.predict(np.ones((1, 3)))
+                assert bad.stats().replicas[0].state == "ejected"
         """
         proc = subprocess.run(
             [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60, check=False

@@ -191,7 +191,7 @@ class TestEjection:
     def test_probe_failure_re_ejects_at_once(self) -> None:
         """A failed probe batch ejects again straight away, without another ``eject_after`` failures."""
         config = PoolConfig(eject_after=4, cooldown=1.0, max_cooldown=100.0)
-        replicas = make_pool(1)
+        replicas = make_pool(2)  # another stays healthy: the last healthy one is never ejected
         replica = replicas[0]
         assert fail(replica, 4, 0.0, config, replicas)[-1]
         assert replica.ejected_until == 1.0
@@ -202,7 +202,7 @@ class TestEjection:
     def test_probe_success_restores_the_replica(self) -> None:
         """A good probe batch makes an ejected replica healthy with a clean failure count."""
         config = PoolConfig(eject_after=1, cooldown=1.0)
-        replicas = make_pool(1)
+        replicas = make_pool(2)  # another stays healthy: the last healthy one is never ejected
         replica = replicas[0]
         assert record_batch(replica, False, 0.0, config, replicas)
         assert not record_batch(replica, True, 1.0, config, replicas)
@@ -213,7 +213,7 @@ class TestEjection:
     def test_cooldown_doubles_and_caps(self) -> None:
         """Each repeated ejection doubles the cooldown until it reaches ``max_cooldown``."""
         config = PoolConfig(eject_after=2, cooldown=1.0, max_cooldown=5.0)
-        replicas = make_pool(1)
+        replicas = make_pool(2)  # another stays healthy: the last healthy one is never ejected
         replica = replicas[0]
         now = 10.0
         assert fail(replica, 2, now, config, replicas) == [False, True]
@@ -256,11 +256,23 @@ class TestEjection:
         assert not may_eject(replicas, 0.01)
         assert fail(replicas[1], 1, 0.0, config, replicas) == [False]
 
-    def test_a_lone_replica_may_be_ejected(self) -> None:
-        """A pool of one may eject its only replica (at least one may always be ejected)."""
-        config = PoolConfig(eject_after=1, max_ejected_fraction=0.5)
+    def test_a_lone_replica_is_never_ejected(self) -> None:
+        """A pool of one keeps its only replica in service, however often it fails (the panic threshold)."""
+        config = PoolConfig(eject_after=1, max_ejected_fraction=1.0)
         replicas = make_pool(1)
+        assert fail(replicas[0], 10, 0.0, config, replicas) == [False] * 10
+        assert replicas[0].state is ReplicaState.HEALTHY
+        assert replicas[0].failed_batches == 10
+
+    def test_the_last_healthy_replica_is_never_ejected(self) -> None:
+        """Even with max_ejected_fraction=1.0, one replica of a pool stays in service."""
+        config = PoolConfig(eject_after=1, max_ejected_fraction=1.0)
+        replicas = make_pool(3)
         assert fail(replicas[0], 1, 0.0, config, replicas) == [True]
+        assert fail(replicas[1], 1, 0.0, config, replicas) == [True]
+        assert not may_eject(replicas, 1.0)
+        assert fail(replicas[2], 3, 0.0, config, replicas) == [False] * 3
+        assert replicas[2].state is ReplicaState.HEALTHY
 
     def test_draining_and_dead_replicas_do_not_count(self) -> None:
         """The fraction is of the live replicas: draining and dead ones are neither counted nor ejected."""

@@ -9,7 +9,16 @@ import numpy as np
 
 from inferkit.signature import Signature
 
-__all__ = ["Backend", "BackendFactory"]
+__all__ = ["Backend", "BackendFactory", "ReplicaFault"]
+
+
+class ReplicaFault(Exception):
+    """Raised by :meth:`Backend.run` when the instance itself is broken, whatever the input.
+
+    A lost device, a session that can no longer run: the batch is retried on another replica
+    and the fault counts against this one, where an ordinary exception is the request's own
+    failure and never does.
+    """
 
 
 @runtime_checkable
