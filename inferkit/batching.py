@@ -1121,6 +1121,9 @@ def _call(requests: list[Request], backend: Backend) -> list[_Outcome]:
         inputs = {n: np.concatenate([r.inputs[n] for r in requests]) for n in names}  # type: ignore[index]
         rows = sum(r.rows for r in requests)
     outputs = backend.run(inputs)
+    signature = backend.signature
+    if signature is not None:
+        outputs = signature.check_outputs(outputs)
     arrays = list(outputs.values())
     for name, arr in outputs.items():
         if not isinstance(arr, np.ndarray) or arr.ndim == 0 or arr.shape[0] != rows:

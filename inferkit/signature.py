@@ -16,7 +16,7 @@ import attrs
 import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
-from inferkit.errors import InvalidInput
+from inferkit.errors import InvalidInput, ModelError
 
 __all__ = [
     "SINGLE",
@@ -154,16 +154,47 @@ class Signature:
         _check_rows(arrays)
         return arrays
 
+    def check_outputs(self, outputs: Mapping[str, Any]) -> Mapping[str, NDArray[Any]]:
+        """Check a batch's outputs against the declared ones; return them cast where needed.
+
+        Each declared output must be there, an ndarray of the declared rank and fixed dims; a
+        dtype of the same kind is cast to the declared one (values checked to fit), any other
+        is a :class:`ModelError` naming the output. No declared outputs: returned as they are.
+        """
+        specs = self.outputs
+        if not specs:
+            return outputs
+        if len(outputs) != len(specs) or any(spec.name not in outputs for spec in specs):
+            msg = f"the model returned outputs {sorted(outputs)}, but it declares {_names(specs)}"
+            raise ModelError(msg)
+        checked = dict(outputs)
+        for spec in specs:
+            arr = outputs[spec.name]
+            if type(arr) is np.ndarray and arr.dtype == spec.dtype and _fits(arr.shape, spec.shape):
+                continue
+            checked[spec.name] = _output(spec, arr)
+        return checked
+
     @classmethod
     def from_onnx(cls, session: Any) -> Signature:
         """Read the signature of an ``onnxruntime.InferenceSession``.
 
         Anything with its ``get_inputs()``/``get_outputs()`` works. Symbolic or
         unknown dims become ``None``; axis 0 is always the batch. Raises ``ValueError``
-        for an input that is not a supported tensor or has no batch axis. If an output
-        is not one (skl2onnx's ZipMap, a scalar), ``outputs`` is left empty: unknown.
+        for an input that is not a supported tensor or has no batch axis, and for an output
+        that is no tensor at all (a sequence or a map, such as skl2onnx's ZipMap), which
+        inferkit could never return. If an output is a tensor without a batch axis (a
+        scalar), ``outputs`` is left empty: unknown.
         """
         inputs = [_onnx_spec(arg, "input") for arg in session.get_inputs()]
+        for arg in session.get_outputs():
+            if not str(arg.type).startswith("tensor("):
+                msg = (
+                    f"model output {arg.name!r} is a {arg.type}, not a tensor, and cannot be returned; "
+                    "export the model with tensor outputs only (skl2onnx: "
+                    "to_onnx(model, X, options={'zipmap': False}) gives probabilities as a float tensor)"
+                )
+                raise ValueError(msg)
         try:
             outputs = [_onnx_spec(arg, "output") for arg in session.get_outputs()]
         except ValueError:  # a partial list of outputs would read as complete
@@ -182,6 +213,33 @@ def _onnx_spec(arg: Any, role: str) -> TensorSpec:
     # A str is a symbolic dim; None (or -1 from some exporters) an unknown one.
     tail = (d if type(d) is int and d >= 0 else None for d in dims[1:])
     return TensorSpec(arg.name, dtype, (None, *tail))
+
+
+def _fits(shape: tuple[int, ...], spec: tuple[int | None, ...]) -> bool:
+    return len(shape) == len(spec) and all(want is None or got == want for got, want in zip(shape, spec, strict=True))
+
+
+def _output(spec: TensorSpec, value: object) -> NDArray[Any]:
+    """An output that is not exactly as declared, cast within its kind; ``ModelError`` otherwise."""
+    if not isinstance(value, np.ndarray):
+        msg = f"output {spec.name!r}: the model returned {type(value).__name__}, not an array"
+        raise ModelError(msg)
+    src, dst = value.dtype, spec.dtype
+    if not _fits(value.shape, spec.shape) or src.kind not in _FAMILY[dst.kind]:
+        got = f"{src} with shape {value.shape}"
+        msg = f"output {spec.name!r}: the model returned {got}, but it declares {spec.describe()}"
+        raise ModelError(msg)
+    if dst.kind in "iu" and value.size and not np.can_cast(src, dst):
+        info, lo, hi = np.iinfo(dst), int(value.min()), int(value.max())
+        if lo < info.min or hi > info.max:
+            msg = f"output {spec.name!r}: values {lo}..{hi} do not fit the declared {dst}"
+            raise ModelError(msg)
+    try:
+        with np.errstate(over="raise"):
+            return value.astype(dst, copy=False)
+    except FloatingPointError:
+        msg = f"output {spec.name!r}: values overflow the declared {dst}"
+        raise ModelError(msg) from None
 
 
 def _names(specs: Iterable[TensorSpec]) -> str:
@@ -212,10 +270,7 @@ def _coerce(spec: TensorSpec, value: object) -> NDArray[Any]:
     src, dst, rank = arr.dtype, spec.dtype, len(spec.shape)
     # A literal list of ints given to a float input is plainly meant as floats.
     kinds = _FAMILY[dst.kind] + ("biu" if seq and dst.kind == "f" else "")
-    fits = arr.ndim == rank and all(
-        want is None or got == want for got, want in zip(arr.shape, spec.shape, strict=True)
-    )
-    if not (fits and src.kind in kinds):
+    if not (_fits(arr.shape, spec.shape) and src.kind in kinds):
         got = "string" if src.kind in "US" else str(src)
         hint = "; add a batch axis, e.g. x[None]" if arr.ndim == rank - 1 else ""
         msg = f"expected {spec.describe()}, got {got} with shape {arr.shape}{hint}"
@@ -249,6 +304,12 @@ def _untyped(name: str, value: object) -> NDArray[Any]:
     if arr.dtype.kind == "O":  # its items can't be vetted cheaply
         raise _invalid(name, "expected numbers or strings, got dtype object")
     _check_batch(name, arr)
+    if arr.ndim == 1:  # rows of what? one sample of n values, or n samples: refuse to guess
+        msg = (
+            f"got shape {arr.shape}: without declared inputs a request needs a batch axis and a sample "
+            "shape, e.g. [[1.0, 2.0]] for one row; declare inputs= with shape (None,) for a batch of scalars"
+        )
+        raise _invalid(name, msg)
     return arr
 
 
@@ -263,12 +324,13 @@ def normalize_untyped(request: object) -> dict[str, NDArray[Any]]:
     """Normalize a request for a callable without a signature.
 
     A bare array-like becomes ``{SINGLE: array}``; a mapping of ``str`` to array-like
-    keeps its names. Each array needs a batch axis with at least one row, and all the
-    same number of rows. Nothing is cast. Raises :class:`InvalidInput`.
+    keeps its names. Each array needs a batch axis with at least one row and at least one
+    more axis (a 1-D array could be one sample or many), and all the same number of rows.
+    Nothing is cast. Raises :class:`InvalidInput`.
     """
     if type(request) is np.ndarray:  # the fast path
         shape = request.shape
-        if shape and shape[0] and request.dtype.kind != "O":
+        if len(shape) > 1 and shape[0] and request.dtype.kind != "O":
             return {SINGLE: request}
     if not isinstance(request, Mapping):
         return {SINGLE: _untyped(SINGLE, request)}

@@ -183,8 +183,8 @@ def mixed() -> Predictor:
 
 
 def echo() -> Predictor:
-    """An untyped callable that returns its inputs under their own names."""
-    return Predictor.from_callable(dict)
+    """An untyped callable that returns its inputs under their own names (one input: as ``output``)."""
+    return Predictor.from_callable(lambda x: x if isinstance(x, np.ndarray) else dict(x))
 
 
 def gated(**kw: Any) -> tuple[Predictor, Model]:

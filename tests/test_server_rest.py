@@ -103,7 +103,9 @@ def _text() -> Predictor:
     )
 
 
-def _echo(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _echo(inputs: np.ndarray | dict[str, np.ndarray]) -> np.ndarray | dict[str, np.ndarray]:
+    if isinstance(inputs, np.ndarray):  # one input reaches an untyped function as a bare array
+        return inputs
     return {f"{name}_out": array for name, array in inputs.items()}
 
 

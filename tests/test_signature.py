@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper
 
+import inferkit
 from inferkit import signature
 from inferkit.errors import InvalidInput
 from inferkit.signature import (
@@ -476,8 +477,8 @@ class TestFromOnnx:
         ):
             Signature.from_onnx(session_for([seq]))
 
-    def test_non_tensor_output_leaves_outputs_unknown(self) -> None:
-        """If any output is not a tensor, outputs is empty rather than partial."""
+    def test_non_tensor_output_is_refused_at_load(self) -> None:
+        """An output that is no tensor (a sequence) is refused with what to do, not served to fail every request."""
         x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])
         y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])
         seq = helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, None)
@@ -488,9 +489,23 @@ class TestFromOnnx:
         graph = helper.make_graph(nodes, "g", [x], [y, seq])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
         session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        sig = Signature.from_onnx(session)
-        assert sig.inputs == (TensorSpec("x", "float32", (None, 2)),)
-        assert sig.outputs == ()
+        with pytest.raises(ValueError, match=r"model output 'seq' is a seq\(tensor\(float\)\), not a tensor"):
+            Signature.from_onnx(session)
+
+    def test_skl2onnx_default_classifier_is_refused_with_the_fix(self) -> None:
+        """skl2onnx's default classifier (ZipMap: a sequence of maps) fails at load, naming zipmap=False."""
+        from skl2onnx import to_onnx
+        from sklearn.linear_model import LogisticRegression
+
+        rng = np.random.default_rng(0)
+        x, labels = rng.normal(size=(40, 3)).astype(np.float32), rng.integers(0, 2, 40)
+        onx = to_onnx(LogisticRegression().fit(x, labels), x[:1])
+        with pytest.raises(ValueError, match=r"'output_probability' is a seq\(map.*'zipmap': False"):
+            inferkit.Predictor.from_onnx(onx.SerializeToString())
+        fixed = to_onnx(LogisticRegression().fit(x, labels), x[:1], options={"zipmap": False})
+        with inferkit.Predictor.from_onnx(fixed.SerializeToString()) as predictor:
+            out = predictor.predict(x[:5])
+        assert out["probabilities"].shape == (5, 2)
 
 
 class TestUntyped:
@@ -510,7 +525,7 @@ class TestUntyped:
 
     def test_mapping_keeps_names_and_arrays(self) -> None:
         """A mapping of str to arrays keeps its names, order and array objects."""
-        a, b = np.zeros((2, 1), np.int8), np.array(["p", "q"])
+        a, b = np.zeros((2, 1), np.int8), np.array([["p"], ["q"]])
         out = normalize_untyped({"b": b, "a": a})
         assert list(out) == ["b", "a"]
         assert out["a"] is a
@@ -567,7 +582,14 @@ class TestUntyped:
     def test_string_arrays_are_kept(self) -> None:
         """Arrays of str or bytes pass as they are."""
         assert normalize_untyped([["a", "b"]])[SINGLE].dtype.kind == "U"
-        assert normalize_untyped(np.array([b"a"]))[SINGLE].dtype.kind == "S"
+        assert normalize_untyped(np.array([[b"a"]]))[SINGLE].dtype.kind == "S"
+
+    def test_a_1d_array_is_refused(self) -> None:
+        """Without declared inputs a 1-D array is ambiguous (one sample or many) and refused with the fix."""
+        with pytest.raises(InvalidInput, match=r"shape \(3,\).*\[\[1.0, 2.0\]\] for one row"):
+            normalize_untyped(np.array([1.0, 2.0, 3.0]))
+        with pytest.raises(InvalidInput, match=r"input 'a': got shape \(2,\)"):
+            normalize_untyped({"a": [1, 2]})
 
 
 class TestBatchKey:

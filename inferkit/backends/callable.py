@@ -18,10 +18,10 @@ Array = np.ndarray[Any, Any]
 class CallableBackend:
     """Runs ``fn`` on each batch.
 
-    ``fn`` takes one array when the model declares one input (or the caller sent a bare array to
-    an untyped function), otherwise a dict of arrays by name, and returns one array or a dict of
-    arrays. Replicas share the GIL: a function that spends its time in Python gains nothing
-    from more replicas, one that releases the GIL (NumPy, most native libraries) does.
+    ``fn`` takes one array when the request has one input (whatever its name), otherwise a dict
+    of arrays by name, and returns one array or a dict of arrays. Replicas share the GIL: a
+    function that spends its time in Python gains nothing from more replicas, one that releases
+    the GIL (NumPy, most native libraries) does.
     """
 
     def __init__(self, fn: Callable[[Any], Any], signature: Signature | None = None) -> None:
@@ -42,8 +42,7 @@ class CallableBackend:
 
     def run(self, inputs: Mapping[str, Array]) -> Mapping[str, Array]:
         """Call the function on one batch and name its outputs."""
-        bare = len(inputs) == 1 and (SINGLE in inputs or self._signature is not None)
-        arg: Any = next(iter(inputs.values())) if bare else dict(inputs)
+        arg: Any = next(iter(inputs.values())) if len(inputs) == 1 else dict(inputs)
         out = self._fn(arg)
         if isinstance(out, np.ndarray):
             return {self._out_name: out}
