@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from inferkit.errors import InvalidInput
 from inferkit.signature import Signature
 
 __all__ = ["OnnxBackend", "default_intra_op_threads"]
@@ -64,6 +65,7 @@ class OnnxBackend:
         self.session = ort.InferenceSession(source, sess_options=options, providers=list(providers))
         self._signature = Signature.from_onnx(self.session)
         self._outputs = [o.name for o in self._signature.outputs]
+        self._strings = [s.name for s in self._signature.inputs if s.dtype.kind == "O"]
         first = self.session.get_providers()[0]
         self._device = _DEVICES.get(first, "cpu")
         if self._device == "cuda":
@@ -92,8 +94,30 @@ class OnnxBackend:
 
     def run(self, inputs: Mapping[str, Array]) -> Mapping[str, Array]:
         """Run the session on one batch."""
-        return dict(zip(self._outputs, self.session.run(self._outputs, dict(inputs)), strict=True))
+        feeds = dict(inputs)
+        for name in self._strings:
+            feeds[name] = _text(name, feeds[name])
+        return dict(zip(self._outputs, self.session.run(self._outputs, feeds), strict=True))
 
     def close(self) -> None:
         """Drop the session."""
         self.session = None
+
+
+def _text(name: str, array: Array) -> Array:
+    """A string input as ONNX Runtime reads it: ``str`` elements (it would store ``repr`` of ``bytes``).
+
+    ``InvalidInput`` for bytes that are not UTF-8, which its string tensors cannot hold.
+    """
+    out = np.empty(array.shape, dtype=object)
+    flat, target = array.reshape(-1), out.reshape(-1)
+    for i, item in enumerate(flat):
+        if isinstance(item, bytes | np.bytes_):
+            try:
+                target[i] = item.decode()
+            except UnicodeDecodeError:
+                msg = f"input {name!r}: {item[:32]!r} is not UTF-8; ONNX Runtime string tensors hold UTF-8 text only"
+                raise InvalidInput(msg, input_name=name) from None
+        else:
+            target[i] = str(item)
+    return out

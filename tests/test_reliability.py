@@ -1,0 +1,380 @@
+"""What a hostile or unlucky caller cannot do to a Predictor: freeze it, take it down, change answers, leak.
+
+Each class is one item of the reliability issue, tested through the public faces with real
+threads and real ONNX Runtime sessions.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, as_completed, wait
+
+import numpy as np
+import onnx
+import pytest
+from fakes import BLOCK, Model, rows
+from onnx import TensorProto, helper, numpy_helper
+
+import inferkit
+from inferkit import (
+    BatchConfig,
+    CallableBackend,
+    InvalidInput,
+    ModelError,
+    PoolConfig,
+    Predictor,
+    TensorSpec,
+)
+from inferkit._timer import Timer
+
+WAIT = 30  # seconds: a bound on every wait, never expected to be reached
+
+
+def _onnx(nodes: list[onnx.NodeProto], inputs: list, outputs: list, init: list | None = None) -> bytes:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=init or [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    return model.SerializeToString()
+
+
+def _reduce_sum() -> bytes:
+    """x float [N, D] (D dynamic) -> y = row sums [N]."""
+    return _onnx(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=0)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "D"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])],
+        [numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")],
+    )
+
+
+def _gather() -> bytes:
+    """ids int64 [N, 2] -> the rows of a 5x3 table; an id outside [-5, 5) makes ONNX Runtime raise."""
+    table = np.arange(15, dtype=np.float32).reshape(5, 3)
+    return _onnx(
+        [helper.make_node("Gather", ["table", "ids"], ["y"], axis=0)],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 3])],
+        [numpy_helper.from_array(table, "table")],
+    )
+
+
+def _matmul() -> bytes:
+    """x float [N, K] (K dynamic) times a fixed [4, 3]: any K but 4 makes ONNX Runtime raise."""
+    w = np.ones((4, 3), dtype=np.float32)
+    return _onnx(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "K"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(w, "w")],
+    )
+
+
+def _gram() -> bytes:
+    """Y = X Xᵀ: an output whose width is the batch's row count, so split parts cannot be joined."""
+    return _onnx(
+        [helper.make_node("Transpose", ["x"], ["xt"]), helper.make_node("MatMul", ["x", "xt"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "M"])],
+    )
+
+
+def _strings() -> bytes:
+    """s string [N] -> the same strings."""
+    return _onnx(
+        [helper.make_node("Identity", ["s"], ["t"])],
+        [helper.make_tensor_value_info("s", TensorProto.STRING, ["N"])],
+        [helper.make_tensor_value_info("t", TensorProto.STRING, ["N"])],
+    )
+
+
+class TestWorkBeforeAdmission:
+    """A request is bounded by what it carries and the configured limits before any work per part."""
+
+    def test_a_huge_zero_width_request_is_refused_at_once(self) -> None:
+        """2**40 rows of nothing: InvalidInput naming the limit, in far less time than one part per batch."""
+        with Predictor.from_onnx(_reduce_sum(), max_batch_size=64) as p:
+            x = np.empty((2**40, 0), dtype=np.float32)
+            start = time.monotonic()
+            with pytest.raises(InvalidInput, match=r"1099511627776 rows.*max_queue_size=4096.*at most 262144 rows"):
+                p.predict(x)
+            assert time.monotonic() - start < 1.0  # 2**34 parts would take hours and terabytes
+            stats = p.stats()
+            assert stats.rejected == {"InvalidInput": 1}
+            assert stats.accepted == 0
+            np.testing.assert_allclose(p.predict(np.ones((3, 2), np.float32)), [2, 2, 2])
+
+    def test_the_largest_request_that_fits_runs(self) -> None:
+        """max_batch_size x max_queue_size rows is accepted and answered in order, split lazily."""
+        with Predictor.from_callable(lambda x: x * 2, max_batch_size=4, max_queue_size=8) as p:
+            x = np.arange(32, dtype=np.float64).reshape(32, 1)
+            np.testing.assert_array_equal(p.predict(x), x * 2)
+            with pytest.raises(InvalidInput, match="at most 32 rows"):
+                p.predict(np.ones((33, 1)))
+            stats = p.stats()
+            assert stats.batch_sizes == {4: 8}
+            assert (stats.queue_depth, stats.queued_rows) == (0, 0)
+
+    @pytest.mark.parametrize("balancing", ["shared", "round_robin", "least_outstanding"])
+    def test_split_requests_spread_over_replicas(self, balancing: str) -> None:
+        """A request of many batches runs on several replicas at once, and comes back in order."""
+        lock = threading.Lock()
+        active, most = [0], [0]
+
+        def fn(x: np.ndarray) -> np.ndarray:
+            with lock:
+                active[0] += 1
+                most[0] = max(most[0], active[0])
+            time.sleep(0.02)  # the model's work, long enough for the other replicas to start theirs
+            with lock:
+                active[0] -= 1
+            return x + 1
+
+        pool = PoolConfig(replicas=3, balancing=balancing)
+        with Predictor.from_callable(fn, max_batch_size=4, pool=pool) as p:
+            x = np.arange(40, dtype=np.float64).reshape(40, 1)
+            np.testing.assert_array_equal(p.predict(x), x + 1)
+            assert p.stats().batch_sizes == {4: 10}
+        assert most[0] >= 2
+
+    def test_a_cancelled_split_request_never_runs(self) -> None:
+        """Cancelling a queued request of many parts drops them all; the queue is empty after."""
+        p, model = _gated(max_batch_size=2)
+        with p:
+            blocker = p.submit(rows(BLOCK))
+            assert model.entered.wait(WAIT)
+            big = p.submit(rows(5.0, n=9))
+            assert p.stats().queue_depth == 5
+            assert big.cancel()
+            assert p.stats().queue_depth == 0
+            model.release.set()
+            blocker.result(WAIT)
+            assert 5.0 not in model.seen()
+            stats = p.stats()
+            assert (stats.cancelled, stats.completed) == (1, 1)
+
+    def test_a_split_request_past_its_deadline_never_runs(self) -> None:
+        """A queued split request whose deadline passes ends in DeadlineExceeded with no part run."""
+        p, model = _gated(max_batch_size=2)
+        with p:
+            blocker = p.submit(rows(BLOCK))
+            assert model.entered.wait(WAIT)
+            late = p.submit(rows(6.0, n=7), timeout=0.05)
+            with pytest.raises(inferkit.DeadlineExceeded):
+                late.result(WAIT)
+            assert p.stats().queue_depth == 0
+            model.release.set()
+            blocker.result(WAIT)
+            assert 6.0 not in model.seen()
+
+
+class TestBadRequestsNeverTakeAModelDown:
+    """A request the model rejects at run time is that request's error, never the replica's."""
+
+    @pytest.mark.parametrize("replicas", [1, 2])
+    def test_out_of_range_ids_under_load(self, replicas: int) -> None:
+        """Bad Gather ids among 1,000 good requests from 8 threads: only the bad ones fail, nothing is ejected."""
+        with Predictor.from_onnx(_gather(), replicas=replicas) as p:
+            errors: list[BaseException] = []
+            good = np.array([[1, 2]], dtype=np.int64)
+            expected = np.arange(15, dtype=np.float32).reshape(5, 3)[[1, 2]][None]
+
+            def client(bad: bool) -> None:
+                for _ in range(125):
+                    try:
+                        if bad:
+                            with pytest.raises(ModelError, match="the model failed on request"):
+                                p.predict(np.array([[1, 99]], dtype=np.int64))
+                        else:
+                            np.testing.assert_array_equal(p.predict(good), expected)
+                    except BaseException as error:
+                        errors.append(error)
+
+            threads = [threading.Thread(target=client, args=(i % 4 == 0,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(WAIT)
+            assert not errors, errors[:3]
+            stats = p.stats()
+            assert all(r.state == "healthy" and r.ejections == 0 for r in stats.replicas)
+            assert stats.completed == 750
+            assert stats.failed == {"ModelError": 250}
+            assert p.ready
+
+    def test_a_wrong_inner_size_fails_alone(self) -> None:
+        """A MatMul fed the wrong inner size fails that request; good ones batched beside it succeed."""
+        pool = PoolConfig(eject_after=1)
+        with Predictor.from_onnx(_matmul(), max_delay_ms=50, pool=pool) as p:
+            good = [p.submit(np.ones((1, 4), np.float32)) for _ in range(6)]
+            bad = p.submit(np.ones((1, 5), np.float32))
+            for f in good:
+                np.testing.assert_array_equal(f.result(WAIT), [[4, 4, 4]])
+            with pytest.raises(ModelError):
+                bad.result(WAIT)
+            assert p.stats().replicas[0].state == "healthy"
+
+
+class TestOutputs:
+    """What a model returns is checked against what it declares, per batch."""
+
+    def test_a_same_kind_output_is_cast_to_the_declared_dtype(self) -> None:
+        """float64 from a function declared float32 is served as float32, as its metadata says."""
+        spec = [TensorSpec("x", np.float32, (None, 2))]
+        with Predictor.from_callable(
+            lambda x: x.astype(np.float64) * 2, inputs=spec, outputs=[TensorSpec("y", np.float32, (None, 2))]
+        ) as p:
+            out = p.predict(np.ones((3, 2), np.float32))
+        assert out.dtype == np.float32
+        np.testing.assert_array_equal(out, np.full((3, 2), 2, np.float32))
+
+    def test_an_output_of_another_kind_is_a_model_error_naming_it(self) -> None:
+        """Strings where floats are declared: a ModelError that names the output and both types."""
+        spec = [TensorSpec("x", np.float32, (None, 2))]
+        out = [TensorSpec("y", np.float32, (None, 2))]
+        with Predictor.from_callable(lambda x: x.astype(str), inputs=spec, outputs=out) as p:
+            with pytest.raises(ModelError, match=r"output 'y': the model returned <U32 .*declares float32"):
+                p.predict(np.ones((1, 2), np.float32))
+
+    def test_one_request_with_a_wrong_width_does_not_change_its_neighbours(self) -> None:
+        """The request that makes the output too wide fails; the others in its batch get correct answers."""
+
+        def fn(x: np.ndarray) -> np.ndarray:
+            y = x * 2
+            return np.concatenate([y, y], axis=1) if (x[:, 0] == 7).any() else y
+
+        spec = [TensorSpec("x", np.float64, (None, 2))]
+        out = [TensorSpec("y", np.float64, (None, 2))]
+        with Predictor.from_callable(fn, inputs=spec, outputs=out, max_delay_ms=50) as p:
+            good = [p.submit(np.full((1, 2), float(i))) for i in range(5)]
+            bad = p.submit(np.full((1, 2), 7.0))
+            for i, f in enumerate(good):
+                np.testing.assert_array_equal(f.result(WAIT), np.full((1, 2), 2.0 * i))
+            with pytest.raises(ModelError, match=r"output 'y'.*shape \(\d+, 4\)"):
+                bad.result(WAIT)
+
+    def test_int_overflow_on_cast_is_an_error(self) -> None:
+        """An int64 output whose values do not fit the declared int8 is refused, not wrapped."""
+        spec = [TensorSpec("x", np.int64, (None, 1))]
+        out = [TensorSpec("y", np.int8, (None, 1))]
+        with Predictor.from_callable(lambda x: x * 100, inputs=spec, outputs=out) as p:
+            np.testing.assert_array_equal(p.predict(np.ones((1, 1), np.int64)), [[100]])
+            with pytest.raises(ModelError, match=r"values 300\.\.300 do not fit the declared int8"):
+                p.predict(np.full((1, 1), 3, np.int64))
+
+
+class TestSplitJoin:
+    """A split request whose outputs cannot be joined fails alone; the model keeps serving."""
+
+    def test_gram_model_split_request(self) -> None:
+        """Y = X·Xᵀ with 5 rows and max_batch_size 4: a ModelError that says why; then it still serves."""
+        with Predictor.from_onnx(_gram(), max_batch_size=4) as p:
+            with pytest.raises(ModelError, match=r"cannot be joined.*send at most max_batch_size rows"):
+                p.submit(np.ones((5, 2), np.float32)).result(WAIT)
+            with pytest.raises(ModelError, match="cannot be joined"):
+                p.predict(np.ones((5, 2), np.float32))
+            np.testing.assert_array_equal(p.predict(np.ones((2, 2), np.float32)), np.full((2, 2), 2.0))
+            stats = p.stats()
+            assert [r.state for r in stats.replicas] == ["healthy"]
+            assert stats.failed == {"ModelError": 2}
+            assert stats.in_flight == 0
+
+
+class TestStrings:
+    """BYTES reach ONNX Runtime with their exact content."""
+
+    def test_bytes_and_str_round_trip_exactly(self) -> None:
+        """bytes (NUL and multi-byte UTF-8 included) reach the model as text, not as their repr."""
+        with Predictor.from_onnx(_strings()) as p:
+            out = p.predict(np.array([b"hello", b"a\x00b", "é".encode(), b"42"], dtype=object))
+            assert list(out) == ["hello", "a\x00b", "é", "42"]
+            assert list(p.predict(np.array(["x", "y"], dtype=object))) == ["x", "y"]
+
+    def test_non_utf8_bytes_are_invalid_input(self) -> None:
+        """Bytes ONNX Runtime cannot hold are the request's InvalidInput; its neighbours are unaffected."""
+        with Predictor.from_onnx(_strings(), max_delay_ms=50) as p:
+            good = p.submit(np.array([b"ok"], dtype=object))
+            bad = p.submit(np.array([b"\xff\xfe"], dtype=object))
+            assert list(good.result(WAIT)) == ["ok"]
+            with pytest.raises(InvalidInput, match=r"input 's': b'\\xff\\xfe' is not UTF-8"):
+                bad.result(WAIT)
+            assert p.stats().replicas[0].state == "healthy"
+
+
+class TestUntypedCallables:
+    def test_a_one_key_dict_reaches_the_function_as_an_array(self) -> None:
+        """As the docs say: what an Open Inference Protocol client sends (a named input) works unchanged."""
+        with Predictor.from_callable(lambda x: x * 2) as p:
+            np.testing.assert_array_equal(p.predict({"INPUT0": np.ones((2, 3))}), np.full((2, 3), 2.0))
+            with pytest.raises(InvalidInput, match="needs a batch axis"):
+                p.predict([1.0, 2.0])
+
+
+class TestNothingOutlivesItsRequest:
+    def test_finished_requests_leave_no_deadline_entries(self) -> None:
+        """2,000 requests with a one-hour deadline, all answered: the timer holds none of them."""
+        with Predictor.from_callable(lambda x: x, max_batch_size=8) as p:
+            futures = [p.submit(np.ones((1, 2)), timeout=3600) for _ in range(2000)]
+            for f in futures:
+                f.result(WAIT)
+            timer = p._batcher._timer
+            assert timer.pending() == 0
+            assert len(timer._heap) <= 130  # shells of cancelled entries, compacted as they pile up
+
+    def test_execution_timeout_watchdogs_go_with_their_batch(self) -> None:
+        """A batch that finished in time leaves no watchdog entry (which would hold its arrays)."""
+        with Predictor.from_callable(lambda x: x, pool=PoolConfig(execution_timeout=600)) as p:
+            for _ in range(50):
+                p.predict(np.ones((1, 2)))
+            assert p._batcher._timer.pending() == 0
+
+    def test_timer_cancel_and_compaction(self) -> None:
+        """A cancelled callback never runs, and cancelled entries never pile up past the live ones."""
+        timer = Timer("inferkit-test-timer")
+        ran = threading.Event()
+        try:
+            handles = [timer.schedule(time.monotonic() + 3600, ran.set) for _ in range(10_000)]
+            for h in handles:
+                timer.cancel(h)
+            assert timer.pending() == 0
+            assert len(timer._heap) <= 65
+            soon = timer.schedule(time.monotonic(), ran.set)
+            assert ran.wait(WAIT)
+            timer.cancel(soon)  # after it ran: a no-op
+        finally:
+            timer.close(WAIT)
+
+
+class TestCancelledFuturesAreSeen:
+    """concurrent.futures.wait() and as_completed() see a request cancelled while queued."""
+
+    def test_wait_and_as_completed(self) -> None:
+        p, model = _gated()
+        with p:
+            blocker = p.submit(rows(BLOCK))
+            assert model.entered.wait(WAIT)
+            queued = p.submit(rows(1.0))
+            assert queued.cancel()
+            done, _ = wait([queued], timeout=WAIT, return_when=FIRST_COMPLETED)
+            assert done == {queued}
+            assert list(as_completed([queued], timeout=WAIT)) == [queued]
+            model.release.set()
+            blocker.result(WAIT)
+
+    def test_a_routed_future(self) -> None:
+        """The same through a Router's future."""
+        p, model = _gated()
+        router = inferkit.Router({"a": p})
+        with router:
+            blocker = router.submit(rows(BLOCK))
+            assert model.entered.wait(WAIT)
+            queued = router.submit(rows(1.0))
+            assert queued.cancel()
+            done, _ = wait([queued], timeout=WAIT)
+            assert done == {queued}
+            model.release.set()
+            blocker.result(WAIT)
+
+
+def _gated(**batching: int) -> tuple[Predictor, Model]:
+    model = Model()
+    return Predictor(lambda: CallableBackend(model), batching=BatchConfig(**batching)), model
