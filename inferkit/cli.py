@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import attrs
+
 if TYPE_CHECKING:
     from inferkit.server.run import InferenceServer
 
@@ -19,6 +21,22 @@ def _at_least_one(text: str) -> int:
     value = int(text)
     if value < 1:
         msg = f"must be >= 1, got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        msg = f"must be a finite number > 0, got {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        msg = f"must be in (0, 1], got {text}"
         raise argparse.ArgumentTypeError(msg)
     return value
 
@@ -41,8 +59,39 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-delay-ms", type=float, default=2.0)
     serve.add_argument("--max-queue-size", type=int, default=4096)
     serve.add_argument("--replicas", type=int, default=1)
+    ejection = serve.add_argument_group("replica health (a model file; a config sets them per model)")
+    ejection.add_argument(
+        "--execution-timeout", type=_positive, default=None, help="seconds a model call may take (default: no limit)"
+    )
+    ejection.add_argument(
+        "--eject-after", type=_at_least_one, default=5, help="consecutive failed batches that eject a replica"
+    )
+    ejection.add_argument("--eject-cooldown", type=_positive, default=5.0, help="seconds of a first ejection")
+    ejection.add_argument("--eject-max-cooldown", type=_positive, default=60.0, help="seconds of the longest ejection")
+    ejection.add_argument(
+        "--max-ejected-fraction", type=_fraction, default=0.5, help="share of replicas ejected at once (at least one)"
+    )
     serve.add_argument("--overload-status", type=int, choices=(429, 503), default=503)
-    serve.add_argument("--grace", type=float, default=30.0, help="seconds to finish in-flight requests on shutdown")
+    serve.add_argument(
+        "--grace",
+        type=float,
+        default=None,
+        help="seconds the shutdown may take: in-flight requests finish, then everything closes (default 30)",
+    )
+    limits = serve.add_argument_group("connection limits (docs/security.md; override a config's [server])")
+    limits.add_argument("--header-timeout-s", type=_positive, help="seconds to send a request head (default 10)")
+    limits.add_argument("--body-timeout-s", type=_positive, help="seconds a request body may stall (default 30)")
+    limits.add_argument("--keep-alive-s", type=_positive, help="seconds an idle HTTP connection stays (default 5)")
+    limits.add_argument(
+        "--max-header-bytes", type=_at_least_one, help="bytes of a request head or gRPC metadata (default 32768)"
+    )
+    limits.add_argument(
+        "--max-connections", type=_at_least_one, help="open HTTP connections (default: half the open-file limit)"
+    )
+    limits.add_argument("--grpc-idle-s", type=_positive, help="seconds a gRPC connection without calls stays (300)")
+    limits.add_argument(
+        "--grpc-max-concurrent-streams", type=_at_least_one, help="gRPC calls at once per connection (default 1024)"
+    )
     serve.add_argument(
         "--grpc-listeners",
         type=_at_least_one,
@@ -62,24 +111,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        from inferkit.server.config import ConfigError, load  # noqa: PLC0415 (the server extra)
+        from inferkit.server.config import ConfigError, ConnectionLimits, load  # noqa: PLC0415 (the server extra)
         from inferkit.server.grpc import DEFAULT_LISTENERS  # noqa: PLC0415
         from inferkit.server.repository import Repository  # noqa: PLC0415
-        from inferkit.server.run import InferenceServer, run_loop  # noqa: PLC0415
+        from inferkit.server.run import InferenceServer, raise_open_file_limit, run_loop  # noqa: PLC0415
     except ImportError as error:
         print(f"inferkit serve needs the server extra (pip install 'inferkit[server]'): {error}", file=sys.stderr)
         return 2
+    from inferkit.pool import PoolConfig  # noqa: PLC0415
     from inferkit.predictor import Predictor  # noqa: PLC0415
 
     if (args.model is None) == (args.config is None):
         print("inferkit serve: give a model file or --config, not both", file=sys.stderr)
         return 2
+    raise_open_file_limit()  # before models open files and threads (InferenceServer.run checks it again)
     host, port = "127.0.0.1", 8000
     grpc_port: int | None = 8001  # None: REST only
+    limits, grace = ConnectionLimits(), 30.0
     try:
         if args.config is not None:
             config = load(args.config)
             repository, host, port, grpc_port = config.repository, config.host, config.port, config.grpc_port
+            limits, grace = config.limits, config.grace_s
         elif not args.model.is_file():
             print(f"inferkit serve: no model file at {args.model}", file=sys.stderr)
             return 2
@@ -89,10 +142,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_batch_size=args.max_batch_size,
                 max_delay_ms=args.max_delay_ms,
                 max_queue_size=args.max_queue_size,
-                replicas=args.replicas,
+                pool=PoolConfig(
+                    replicas=args.replicas,
+                    execution_timeout=args.execution_timeout,
+                    eject_after=args.eject_after,
+                    cooldown=args.eject_cooldown,
+                    max_cooldown=args.eject_max_cooldown,
+                    max_ejected_fraction=args.max_ejected_fraction,
+                ),
                 name=args.name,
             )
             repository = Repository({predictor.name: predictor})
+        overrides = {name: getattr(args, name) for name in attrs.fields_dict(ConnectionLimits)}
+        limits = attrs.evolve(limits, **{k: v for k, v in overrides.items() if v is not None})
     except (ConfigError, OSError, ValueError) as error:
         print(f"inferkit serve: {error}", file=sys.stderr)
         return 2
@@ -106,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=port,
         grpc_port=grpc_port,
         overload_status=args.overload_status,
-        grace=args.grace,
+        grace=args.grace if args.grace is not None else grace,
+        limits=limits,
         grpc_listeners=args.grpc_listeners if args.grpc_listeners is not None else DEFAULT_LISTENERS,
         loop=args.loop,
     )

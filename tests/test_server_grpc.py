@@ -27,6 +27,7 @@ from tritonclient.utils import InferenceServerException
 from inferkit import ABTest, DeadlineExceeded, Predictor, Router, TensorSpec
 from inferkit.server import Repository, ServedModel
 from inferkit.server import proto as pb
+from inferkit.server.config import ConnectionLimits
 from inferkit.server.grpc import ARM_METADATA, KEY_METADATA, create_server
 from inferkit.server.protocol import DTYPES, datatype_of, dtype_of, pack_bytes, unpack_bytes
 
@@ -982,3 +983,30 @@ class TestCreateServer:
                 create_server(repository, port=0, **{field: value})
         finally:
             repository.close(WAIT)
+
+
+class TestLimitsAndDrain:
+    """Connection limits and the graceful stop."""
+
+    def test_metadata_over_max_header_bytes_is_refused(self, serve: Callable[..., Served]) -> None:
+        """A call whose metadata is over max_header_bytes fails; the next normal call is answered."""
+        served = serve({"m": scaled(2)}, limits=ConnectionLimits(max_header_bytes=4096))
+        with pytest.raises(grpc.RpcError) as info:
+            served.call("ModelInfer", infer_request("m", {"x": X}), metadata=(("x-big", "a" * 8192),), timeout=WAIT)
+        assert info.value.code() == CODE.RESOURCE_EXHAUSTED, info.value
+        good(served)
+
+    def test_stop_refuses_new_calls_and_finishes_running_ones(self, serve: Callable[..., Served]) -> None:
+        """Once stop begins, a new ModelInfer is UNAVAILABLE at once, and a call already running
+        is answered (not CANCELLED) when its model finishes."""
+        predictor, model = gated()
+        served = serve({"m": predictor})
+        running = served.stub("ModelInfer").future(infer_request("m", {"x": rows(BLOCK)}), timeout=WAIT)
+        assert model.entered.wait(WAIT)
+        stopping = asyncio.run_coroutine_threadsafe(served.server.stop(WAIT), served._loop)
+        with pytest.raises(grpc.RpcError) as info:
+            served.call("ModelInfer", infer_request("m", {"x": rows(1.0)}), timeout=WAIT)
+        assert info.value.code() == CODE.UNAVAILABLE
+        model.release.set()
+        np.testing.assert_array_equal(outputs_of(running.result(WAIT))["y"], rows(BLOCK) * 2)
+        stopping.result(WAIT)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +25,10 @@ import tritonclient.grpc as grpcclient
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
-from inferkit import Predictor, Router, TensorSpec
+from inferkit import PoolConfig, Predictor, Router, TensorSpec
 from inferkit.server import Repository
-from inferkit.server.config import ConfigError, load
-from inferkit.server.run import InferenceServer, run_loop
+from inferkit.server.config import ConfigError, ConnectionLimits, load
+from inferkit.server.run import InferenceServer, default_max_connections, raise_open_file_limit, run_loop
 
 WAIT = 60
 
@@ -87,6 +91,51 @@ split = { policy = "canary", baseline = "1", candidate = "2", steps = [0.5, 1.0]
         finally:
             config.repository.close()
 
+    def test_ejection_and_connection_settings(self, tmp_path: Path) -> None:
+        """Ejection settings per model and per version, and connection limits and grace in [server]."""
+        _model(tmp_path / "a.onnx")
+        (tmp_path / "models.toml").write_text(
+            """
+[server]
+grace_s = 7
+header_timeout_s = 2.5
+max_connections = 100
+
+[[models]]
+name = "plain"
+path = "a.onnx"
+replicas = 2
+execution_timeout = 3.0
+eject_after = 2
+cooldown = 1.5
+max_cooldown = 9.0
+max_ejected_fraction = 1.0
+
+[[models]]
+name = "clf"
+versions.1 = { path = "a.onnx", eject_after = 7 }
+"""
+        )
+        config = load(tmp_path / "models.toml")
+        try:
+            assert config.grace_s == 7
+            assert config.limits == ConnectionLimits(header_timeout_s=2.5, max_connections=100)
+            plain = config.repository.resolve("plain")
+            assert isinstance(plain, Predictor)
+            assert plain._batcher.pool == PoolConfig(
+                replicas=2,
+                execution_timeout=3.0,
+                eject_after=2,
+                cooldown=1.5,
+                max_cooldown=9.0,
+                max_ejected_fraction=1.0,
+            )
+            version = config.repository.resolve("clf", "1")
+            assert isinstance(version, Predictor)
+            assert version._batcher.pool == PoolConfig(eject_after=7)
+        finally:
+            config.repository.close()
+
     @pytest.mark.parametrize(
         ("body", "message"),
         [
@@ -109,6 +158,23 @@ split = { policy = "canary", baseline = "1", candidate = "2", steps = [0.5, 1.0]
             ('[[models]]\nname = "m"\npath = "a.onnx"\n[[models]]\nname = "m"\npath = "a.onnx"\n', "unique"),
             ("models = 3\n", r"models must be a non-empty array"),
             ("[[models]\n", "a.toml"),
+            (
+                '[[models]]\nname = "m"\npath = "a.onnx"\neject_after = 0\n',
+                r"models\[0\]: eject_after must be an int >= 1, got 0",
+            ),
+            (
+                '[[models]]\nname = "m"\nversions.1 = { path = "a.onnx", max_ejected_fraction = 2 }\n',
+                r"models\[0\].versions.1: max_ejected_fraction must be in \(0, 1\], got 2",
+            ),
+            (
+                '[server]\nheader_timeout_s = -1\n[[models]]\nname = "m"\npath = "a.onnx"\n',
+                r"server: header_timeout_s must be a finite number > 0, got -1",
+            ),
+            (
+                '[server]\nbogus = 1\n[[models]]\nname = "m"\npath = "a.onnx"\n',
+                r"server: unknown field\(s\) \['bogus'\]",
+            ),
+            ('[server]\ngrace_s = "x"\n[[models]]\nname = "m"\npath = "a.onnx"\n', r"server: grace_s must be"),
         ],
     )
     def test_errors_name_the_field(self, tmp_path: Path, body: str, message: str) -> None:
@@ -120,7 +186,9 @@ split = { policy = "canary", baseline = "1", candidate = "2", steps = [0.5, 1.0]
 
 
 def _start_cli(
-    *args: str, ports: tuple[str, ...] = ("--port", "0", "--grpc-port", "0")
+    *args: str,
+    ports: tuple[str, ...] = ("--port", "0", "--grpc-port", "0"),
+    preexec_fn: Callable[[], None] | None = None,
 ) -> tuple[subprocess.Popen[str], int, int]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "inferkit.cli", "serve", *args, "--host", "127.0.0.1", *ports],
@@ -128,6 +196,7 @@ def _start_cli(
         stdout=subprocess.DEVNULL,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=preexec_fn,  # noqa: PLW1509 (it only sets a resource limit)
     )
     assert proc.stderr is not None
     line = proc.stderr.readline()
@@ -147,71 +216,101 @@ class TestCli:
     def test_serve_answers_http_and_grpc_then_stops_on_sigterm_under_load(
         self, tmp_path: Path, options: list[str]
     ) -> None:
-        """Under load from 8 HTTP and 4 gRPC clients, SIGTERM stops the server gracefully: every
-        accepted request is answered (the clients' successes equal the server's completions) and
-        none fails; with the default listeners and loop, and with one listener on asyncio's loop."""
-        proc, port, grpc_port = _start_cli(str(_model(tmp_path / "scale.onnx")), "--max-batch-size", "16", *options)
+        """Under load from 8 HTTP and 4 gRPC clients and one slow upload, SIGTERM drains both
+        protocols within the grace period: every accepted request is answered (the clients'
+        successes equal the server's completions), a request sent before the signal is never
+        reset and no gRPC call ends CANCELLED (later ones get 503 or UNAVAILABLE), and the
+        process exits although the upload never finishes; with the default listeners and loop,
+        and with one listener on asyncio's loop."""
+        grace = 3.0
+        args = (str(_model(tmp_path / "scale.onnx")), "--max-batch-size", "16", "--grace", str(grace), *options)
+        proc, port, grpc_port = _start_cli(*args)
+        x = np.arange(8, dtype=np.float32).reshape(2, 4)
+        ok = [0]
+        bad: list[str] = []
+        lock = threading.Lock()
+        signalled = threading.Event()
+        stop = threading.Event()
+
+        def client() -> None:
+            with httpx.Client(timeout=WAIT) as c:
+                for _ in range(100_000):
+                    if stop.is_set():
+                        return
+                    before = not signalled.is_set()
+                    try:
+                        r = _infer_json(c, port, "scale", x)
+                    except httpx.TransportError as error:
+                        if before:
+                            with lock:
+                                bad.append(f"reset although sent before SIGTERM: {error!r}")
+                        return  # later: refused or closed once shutdown began, never accepted
+                    with lock:
+                        if r.status_code == 200 and r.json()["outputs"][0]["data"] == (x * 2).ravel().tolist():
+                            ok[0] += 1
+                        elif r.status_code == 503 and r.headers.get("connection") == "close" and signalled.is_set():
+                            return  # an explicit "shutting down"
+                        else:
+                            bad.append(f"{r.status_code} {r.text[:200]}")
+
+        def grpc_client() -> None:
+            with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as g:
+                inp = grpcclient.InferInput("x", [2, 4], "FP32")
+                inp.set_data_from_numpy(x)
+                for _ in range(100_000):
+                    if stop.is_set():
+                        return
+                    try:
+                        y = g.infer("scale", [inp]).as_numpy("y")
+                    except InferenceServerException as error:
+                        if error.status() == "StatusCode.UNAVAILABLE" and signalled.is_set():
+                            return  # refused once shutdown began: never accepted
+                        with lock:
+                            bad.append(f"grpc {error.status()} {error.message()}")
+                        return
+                    with lock:
+                        if np.array_equal(y, x * 2):
+                            ok[0] += 1
+                        else:
+                            bad.append(f"grpc {y}")
+
+        def slow_upload() -> None:
+            with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+                head = f"POST /v2/models/scale/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {10**6}\r\n\r\n{{"
+                sock.sendall(head.encode())
+                uploading.set()
+                with contextlib.suppress(OSError):
+                    for _ in range(100_000):  # a byte at a time, never the whole body
+                        if stop.wait(0.1):
+                            return
+                        sock.sendall(b" ")
+
+        uploading = threading.Event()
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        threads += [threading.Thread(target=grpc_client) for _ in range(4)]
+        threads.append(threading.Thread(target=slow_upload))
         try:
-            x = np.arange(8, dtype=np.float32).reshape(2, 4)
             with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as g:
                 assert g.is_server_ready()
                 inp = grpcclient.InferInput("x", [2, 4], "FP32")
                 inp.set_data_from_numpy(x)
                 np.testing.assert_allclose(g.infer("scale", [inp]).as_numpy("y"), x * 2)
-            ok = [0]
-            bad: list[str] = []
-            lock = threading.Lock()
-            stop = threading.Event()
-
-            def client() -> None:
-                with httpx.Client(timeout=WAIT) as c:
-                    for _ in range(100_000):
-                        if stop.is_set():
-                            return
-                        try:
-                            r = _infer_json(c, port, "scale", x)
-                        except httpx.TransportError:
-                            return  # refused or closed once shutdown began: never accepted
-                        with lock:
-                            if r.status_code == 200 and r.json()["outputs"][0]["data"] == (x * 2).ravel().tolist():
-                                ok[0] += 1
-                            else:
-                                bad.append(f"{r.status_code} {r.text[:200]}")
-
-            def grpc_client() -> None:
-                with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as g:
-                    inp = grpcclient.InferInput("x", [2, 4], "FP32")
-                    inp.set_data_from_numpy(x)
-                    for _ in range(100_000):
-                        if stop.is_set():
-                            return
-                        try:
-                            y = g.infer("scale", [inp]).as_numpy("y")
-                        except InferenceServerException as error:
-                            if error.status() in ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"):
-                                return  # refused once shutdown began: never accepted
-                            raise
-                        with lock:
-                            if np.array_equal(y, x * 2):
-                                ok[0] += 1
-                            else:
-                                bad.append(f"grpc {y}")
-
-            threads = [threading.Thread(target=client) for _ in range(8)]
-            threads += [threading.Thread(target=grpc_client) for _ in range(4)]
             for t in threads:
                 t.start()
+            assert uploading.wait(WAIT)
             deadline = time.monotonic() + WAIT
             while ok[0] < 200 and time.monotonic() < deadline:
                 time.sleep(0.01)
+            signalled.set()
             proc.send_signal(signal.SIGTERM)
-            assert proc.wait(WAIT) == 0
+            assert proc.wait(grace + WAIT / 4) == 0  # bounded by the grace period, not by the upload
             stop.set()
             for t in threads:
                 t.join(WAIT)
             assert proc.stderr is not None
             tail = proc.stderr.read()
         finally:
+            stop.set()
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(WAIT)
@@ -247,6 +346,10 @@ class TestCli:
         [
             (["none.onnx"], "inferkit serve: no model file"),
             (["scale.onnx", "--grpc-listeners", "0"], "--grpc-listeners: must be >= 1, got 0"),
+            (["scale.onnx", "--eject-after", "0"], "--eject-after: must be >= 1, got 0"),
+            (["scale.onnx", "--max-ejected-fraction", "2"], "--max-ejected-fraction: must be in (0, 1], got 2"),
+            (["scale.onnx", "--header-timeout-s", "0"], "--header-timeout-s: must be a finite number > 0, got 0"),
+            (["scale.onnx", "--max-header-bytes", "10"], "max_header_bytes must be an int >= 1024, got 10"),
         ],
     )
     def test_bad_arguments(self, tmp_path: Path, args: list[str], message: str) -> None:
@@ -336,3 +439,144 @@ class TestLoop:
                 InferenceServer(Repository({"m": predictor}), loop="trio")
         finally:
             predictor.close(WAIT)
+
+
+def _echo_server(**limits: Any) -> InferenceServer:
+    predictor = Predictor.from_callable(lambda x: x * 2, inputs=[TensorSpec("x", np.float32, (None, 4))])
+    return InferenceServer(
+        Repository({"m": predictor}), port=0, grpc_port=None, grace=WAIT, limits=ConnectionLimits(**limits)
+    ).start()
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    sock.settimeout(WAIT)
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def _live(port: int) -> int:
+    with httpx.Client(timeout=WAIT) as c:
+        return c.get(f"http://127.0.0.1:{port}/v2/health/live").status_code
+
+
+class TestConnectionLimits:
+    """What one HTTP client may hold: no client can lock the others out."""
+
+    def test_a_head_that_never_finishes_gets_408(self) -> None:
+        """A connection that sends part of its head and stops (slowloris) is answered 408 and
+        closed after header_timeout_s, while other clients are answered meanwhile."""
+        server = _echo_server(header_timeout_s=0.5)
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as sock:
+                sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                assert _live(server.port) == 200
+                answer = _read_response(sock)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert b"header_timeout_s" in answer
+        finally:
+            server.join(WAIT)
+
+    @pytest.mark.parametrize("chunk", [1024, 2**20])
+    def test_a_huge_head_gets_431(self, chunk: int) -> None:
+        """A head past max_header_bytes is answered 431 (in small pieces or in one), not buffered."""
+        server = _echo_server(max_header_bytes=16 * 1024)
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as sock:
+                sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: ")
+                with contextlib.suppress(OSError):  # the server stops reading: sending may fail
+                    for _ in range(50 * 2**20 // chunk):  # up to 50 MB
+                        sock.sendall(b"a" * chunk)
+                        if chunk == 2**20:
+                            sock.sendall(b"\r\n\r\n")
+                            break
+                answer = _read_response(sock)
+            assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+            assert b"max_header_bytes=16384" in answer
+            assert _live(server.port) == 200
+        finally:
+            server.join(WAIT)
+
+    def test_a_stalled_body_gets_408(self) -> None:
+        """A request whose body stops arriving is answered 408 after body_timeout_s."""
+        server = _echo_server(body_timeout_s=0.5)
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as sock:
+                sock.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+                answer = _read_response(sock)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert b"body_timeout_s" in answer
+        finally:
+            server.join(WAIT)
+
+    def test_idle_connections_make_room_for_a_new_client(self) -> None:
+        """Past max_connections, the oldest idle connections are closed so a new client gets in."""
+        server = _echo_server(max_connections=4)
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) for _ in range(8)]
+        try:
+            x = np.ones((1, 4), np.float32)
+            with httpx.Client(timeout=WAIT) as c:
+                for _ in range(3):
+                    assert _infer_json(c, server.port, "m", x).status_code == 200
+            assert _read_response(idle[0]) == b""  # the oldest was closed to make room
+        finally:
+            for sock in idle:
+                sock.close()
+            server.join(WAIT)
+
+    def test_limits_are_validated(self) -> None:
+        """A bad limit fails at construction and names the field."""
+        with pytest.raises(ValueError, match="max_header_bytes must be an int >= 1024, got 10"):
+            ConnectionLimits(max_header_bytes=10)
+        with pytest.raises(ValueError, match="header_timeout_s must be a finite number > 0"):
+            ConnectionLimits(header_timeout_s=0)
+
+
+class TestOpenFiles:
+    """The open-file limit."""
+
+    def test_raise_open_file_limit_reaches_the_hard_limit(self) -> None:
+        """The soft limit is raised to the hard one, and the connection default stays below it."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+            now = raise_open_file_limit()
+            assert now == (hard if hard != resource.RLIM_INFINITY else now)
+            assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == now
+            assert default_max_connections(256) == 128
+            assert default_max_connections(10**7) == 10_000
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    def test_many_idle_connections_at_a_low_limit_lock_no_one_out(self, tmp_path: Path) -> None:
+        """At a hard open-file limit of 256, one client holding 400 idle connections does not
+        keep another client from being answered."""
+
+        def low_limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+        proc, port, _ = _start_cli(str(_model(tmp_path / "scale.onnx")), preexec_fn=low_limit)
+        idle: list[socket.socket] = []
+        try:
+            for _ in range(400):
+                with contextlib.suppress(OSError):
+                    idle.append(socket.create_connection(("127.0.0.1", port), timeout=WAIT))
+            x = np.ones((1, 4), np.float32)
+            with httpx.Client(timeout=WAIT) as c:
+                for _ in range(5):
+                    assert _infer_json(c, port, "scale", x).status_code == 200
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(WAIT) == 0
+            assert proc.stderr is not None
+            assert "Too many open files" not in proc.stderr.read()
+        finally:
+            for sock in idle:
+                sock.close()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(WAIT)
+            if proc.stderr is not None:
+                proc.stderr.close()

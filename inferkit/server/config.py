@@ -6,6 +6,9 @@
     host = "127.0.0.1"
     port = 8000
     grpc_port = 8001          # or false: REST only
+    grace_s = 30              # shutdown drain bound
+    header_timeout_s = 10     # any ConnectionLimits field (docs/security.md)
+    max_connections = 1000
 
     [[models]]
     name = "digits"
@@ -13,6 +16,7 @@
     max_batch_size = 64
     max_delay_ms = 2
     replicas = 2
+    execution_timeout = 5.0   # and eject_after, cooldown, max_cooldown, max_ejected_fraction
 
     [[models]]
     name = "clf"
@@ -24,8 +28,11 @@ A model has either ``path`` or ``versions``; with versions, ``split`` says how r
 without a version are divided: ``{policy = "fixed", version = "1"}``,
 ``{policy = "ab", weights = {"1" = 0.9, "2" = 0.1}}`` or ``{policy = "canary", ...}``
 (``baseline``, ``candidate``, ``steps``, ``min_requests_per_step``, ``max_error_rate``,
-``max_p99_ratio``). Without ``split``, the highest version answers. Every error names the
-field it is about (``models[1].versions.2.replicas``).
+``max_p99_ratio``). Without ``split``, the highest version answers. A model (or a version)
+takes :class:`~inferkit.PoolConfig`'s ejection settings under their own names
+(``execution_timeout``, ``eject_after``, ``cooldown``, ``max_cooldown``,
+``max_ejected_fraction``); ``[server]`` takes ``grace_s`` and every :class:`ConnectionLimits`
+field. Every error names the field it is about (``models[1].versions.2.replicas``).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from inferkit._validators import integer, number
 from inferkit.batching import BatchConfig
 from inferkit.policies import ABTest, Canary, Fixed, Guard, Policy
 from inferkit.pool import PoolConfig
@@ -44,24 +52,63 @@ from inferkit.predictor import Predictor
 from inferkit.routing import Predictive, Router
 from inferkit.server.repository import Repository, ServedModel
 
-__all__ = ["ConfigError", "ServerConfig", "load"]
+__all__ = ["ConfigError", "ConnectionLimits", "ServerConfig", "load"]
 
 T = TypeVar("T")
-_MODEL_KEYS = {"path", "max_batch_size", "max_delay_ms", "max_queue_size", "replicas", "intra_op_threads"}
+_POOL_KEYS = ("replicas", "execution_timeout", "eject_after", "cooldown", "max_cooldown", "max_ejected_fraction")
+_MODEL_KEYS = {"path", "max_batch_size", "max_delay_ms", "max_queue_size", "intra_op_threads", *_POOL_KEYS}
 
 
 class ConfigError(ValueError):
     """The configuration file is invalid; the message names the field."""
 
 
+def _optional_connections(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        integer(1)(_, attribute, value)
+
+
+@attrs.frozen
+class ConnectionLimits:
+    """What one client connection may hold, so that no client can lock others out.
+
+    ==============================  ===========================================================
+    ``header_timeout_s``            seconds a new connection, or a started request, has to send
+                                    its whole request head (HTTP 408 and close after it)
+    ``body_timeout_s``              seconds a request body may stall between two reads (408)
+    ``keep_alive_s``                seconds an idle HTTP keep-alive connection stays open
+    ``max_header_bytes``            bytes of an HTTP request head (URL and headers; 431 past
+                                    it), and of a gRPC call's metadata
+    ``max_connections``             open HTTP connections; past it the oldest idle one is
+                                    closed, or the new one gets 503 when none is idle. ``None``:
+                                    half the open-file limit, at most 10,000
+    ``grpc_idle_s``                 seconds a gRPC connection without calls stays open
+    ``grpc_max_concurrent_streams`` gRPC calls in progress on one connection
+    ==============================  ===========================================================
+    """
+
+    header_timeout_s: float = attrs.field(default=10.0, validator=number(0, inclusive=False))
+    body_timeout_s: float = attrs.field(default=30.0, validator=number(0, inclusive=False))
+    keep_alive_s: float = attrs.field(default=5.0, validator=number(0, inclusive=False))
+    max_header_bytes: int = attrs.field(default=32 * 2**10, validator=integer(1024))
+    max_connections: int | None = attrs.field(default=None, validator=_optional_connections)
+    grpc_idle_s: float = attrs.field(default=300.0, validator=number(0, inclusive=False))
+    grpc_max_concurrent_streams: int = attrs.field(default=1024, validator=integer(1))
+
+
+_SERVER_KEYS = {"host", "port", "grpc_port", "grace_s", *attrs.fields_dict(ConnectionLimits)}
+
+
 @attrs.frozen
 class ServerConfig:
-    """Where to listen, and the repository of models to serve."""
+    """Where to listen, how to bound connections and shutdown, and the repository of models to serve."""
 
     host: str
     port: int
     grpc_port: int | None
     repository: Repository
+    limits: ConnectionLimits = attrs.field(factory=ConnectionLimits)
+    grace_s: float = 30.0
 
 
 def _field(where: str, build: Callable[[], T]) -> T:
@@ -103,7 +150,7 @@ def _predictor(spec: Mapping[str, Any], where: str, base: Path, name: str) -> Pr
             spec.get("max_batch_size", 64), spec.get("max_delay_ms", 2.0), spec.get("max_queue_size", 4096)
         ),
     )
-    pool = _field(where, lambda: PoolConfig(spec.get("replicas", 1)))
+    pool = _field(where, lambda: PoolConfig(**{k: spec[k] for k in _POOL_KEYS if k in spec}))
     return _field(
         where,
         lambda: Predictor.from_onnx(
@@ -111,7 +158,7 @@ def _predictor(spec: Mapping[str, Any], where: str, base: Path, name: str) -> Pr
             max_batch_size=batching.max_batch_size,
             max_delay_ms=batching.max_delay_ms,
             max_queue_size=batching.max_queue_size,
-            replicas=pool.replicas,
+            pool=pool,
             intra_op_threads=spec.get("intra_op_threads"),
             name=name,
         ),
@@ -197,7 +244,12 @@ def load(path: str | Path) -> ServerConfig:
         raise ConfigError(msg) from error
     _unknown(data, {"server", "models"}, str(path))
     server = _table(data.get("server", {}), "server")
-    _unknown(server, {"host", "port", "grpc_port"}, "server")
+    _unknown(server, _SERVER_KEYS, "server")
+    limits = _field(
+        "server",
+        lambda: ConnectionLimits(**{k: v for k, v in server.items() if k in attrs.fields_dict(ConnectionLimits)}),
+    )
+    grace_s = _field("server", lambda: _grace(server.get("grace_s", 30.0)))
     models = data.get("models")
     if not isinstance(models, list) or not models:
         msg = "models must be a non-empty array of tables ([[models]])"
@@ -216,4 +268,13 @@ def load(path: str | Path) -> ServerConfig:
         int(server.get("port", 8000)),
         None if grpc_port is False else int(grpc_port),
         Repository(served),
+        limits,
+        grace_s,
     )
+
+
+def _grace(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+        msg = f"grace_s must be a finite number >= 0, got {value!r}"
+        raise ValueError(msg)
+    return float(value)

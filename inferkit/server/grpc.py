@@ -23,6 +23,8 @@ ModelInfer, beyond the protocol:
   ``priority`` (Triton's levels) and ``key`` are read by
   :func:`inferkit.server.protocol.request_options`, as over REST.
 - A client that cancels, or whose deadline passes, cancels its request if it is still queued.
+- Once :meth:`GrpcServer.stop` begins, ModelInfer answers UNAVAILABLE ("shutting down") while
+  calls already running finish.
 - Errors map as :func:`inferkit.server.protocol.grpc_code` says: a bad request is
   INVALID_ARGUMENT (a message that does not parse included), an unknown model or version
   NOT_FOUND, overload UNAVAILABLE, a passed deadline DEADLINE_EXCEEDED, a model failure INTERNAL.
@@ -42,8 +44,9 @@ from typing import Any, NoReturn
 import grpc
 import numpy as np
 
-from inferkit.errors import InferkitError, InvalidInput
+from inferkit.errors import Closed, InferkitError, InvalidInput
 from inferkit.server import proto as pb
+from inferkit.server.config import ConnectionLimits
 from inferkit.server.protocol import (
     ARM,
     KEY,
@@ -102,6 +105,10 @@ _WIDE: dict[str, np.dtype[Any]] = {
 _OPTION_PARAMETERS = ("timeout", "priority", "key", "sequence_id", "sequence_start", "sequence_end")
 
 
+_QUIET_S = 0.1  # on stop: no new call for this long, and calls in transit have all been answered
+_KEEPALIVE_MS = 60_000  # ping idle clients this often: a dead peer's connection is closed
+_KEEPALIVE_TIMEOUT_MS = 20_000
+
 DEFAULT_LISTENERS = 8 if sys.platform == "linux" else 1
 """Listeners :func:`create_server` opens by default: 8 where SO_REUSEPORT spreads connections (Linux)."""
 
@@ -119,8 +126,9 @@ class GrpcServer:
     for adding other services to each.
     """
 
-    def __init__(self, servers: Sequence[grpc.aio.Server]) -> None:
+    def __init__(self, servers: Sequence[grpc.aio.Server], servicer: _Servicer | None = None) -> None:
         self.servers = tuple(servers)
+        self._servicer = servicer
 
     async def start(self) -> None:
         """Start every listener."""
@@ -128,8 +136,26 @@ class GrpcServer:
             await server.start()
 
     async def stop(self, grace: float | None) -> None:
-        """Stop accepting; calls in flight get ``grace`` seconds to finish, then are cancelled."""
-        await asyncio.gather(*(server.stop(grace) for server in self.servers))
+        """Drain, then stop: all of it within ``grace`` seconds (``None``: cancel calls at once).
+
+        New ModelInfer calls are answered UNAVAILABLE at once while running ones go on; once no
+        call has arrived for a moment (at most half of ``grace``), the listeners stop: GOAWAY
+        to clients, and calls still running get the rest of ``grace``, then are cancelled.
+        grpc cancels calls that reached a server but no handler yet, so stopping while clients
+        still send would end calls sent before the shutdown CANCELLED instead of UNAVAILABLE.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (grace or 0.0)
+        servicer = self._servicer
+        if servicer is not None and grace:
+            servicer.draining = True
+            servicer.last_call = loop.time()
+            quiet_until = min(loop.time() + grace / 2, deadline)
+            # a timer, not a poll: each call that arrives moves the end of the quiet window on
+            while (wake := min(servicer.last_call + _QUIET_S, quiet_until)) > loop.time():  # noqa: ASYNC110
+                await asyncio.sleep(wake - loop.time())
+        left = None if grace is None else max(0.0, deadline - loop.time())
+        await asyncio.gather(*(server.stop(left) for server in self.servers))
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
         """Wait until every listener has stopped (or ``timeout`` passes); whether they all did."""
@@ -145,6 +171,7 @@ def create_server(
     metrics: Any = None,
     max_message_bytes: int = 256 * 2**20,
     listeners: int = DEFAULT_LISTENERS,
+    limits: ConnectionLimits | None = None,
 ) -> tuple[GrpcServer, int]:
     """A gRPC server for ``repository``, not yet started, and the port it is bound to.
 
@@ -155,7 +182,11 @@ def create_server(
     a response (both ways; gRPC's default is 4 MiB), at most ``2**31 - 1``. ``listeners``
     ``grpc.aio`` servers share the port (see :class:`GrpcServer`); a port that another
     process listens on is an error (``RuntimeError``) either way, never a silent share.
+    ``limits`` bounds metadata (``max_header_bytes``), idle connections (``grpc_idle_s``) and
+    calls per connection (``grpc_max_concurrent_streams``); clients are pinged every 60 s so
+    that a vanished one's connection is closed.
     """
+    limits = limits if limits is not None else ConnectionLimits()
     if type(max_message_bytes) is not int or not 1 <= max_message_bytes <= _INT32_MAX:
         msg = f"max_message_bytes must be an int in [1, {_INT32_MAX}], got {max_message_bytes!r}"
         raise ValueError(msg)
@@ -169,8 +200,15 @@ def create_server(
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", int(shared)),
+        ("grpc.max_metadata_size", limits.max_header_bytes),
+        ("grpc.absolute_max_metadata_size", limits.max_header_bytes),
+        ("grpc.max_connection_idle_ms", int(limits.grpc_idle_s * 1000)),
+        ("grpc.max_concurrent_streams", limits.grpc_max_concurrent_streams),
+        ("grpc.keepalive_time_ms", _KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
     ]
-    handler = _Servicer(repository, metrics).handler()
+    servicer = _Servicer(repository, metrics)
+    handler = servicer.handler()
     servers = []
     for _ in range(listeners):
         server = grpc.aio.server(options=options)
@@ -178,7 +216,7 @@ def create_server(
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         port = server.add_insecure_port(address)  # port 0 picks one; the other listeners join it
         servers.append(server)
-    return GrpcServer(servers), port
+    return GrpcServer(servers, servicer), port
 
 
 def _check_free(host: str, port: int) -> None:
@@ -217,6 +255,8 @@ class _Servicer:
     def __init__(self, repository: Repository, metrics: Any) -> None:
         self._repository = repository
         self._metrics = metrics
+        self.draining = False
+        self.last_call = 0.0  # loop time of the latest ModelInfer, for the drain's quiet window
 
     def handler(self) -> Any:
         """The generic handler that routes the service's methods to this object."""
@@ -284,6 +324,12 @@ class _Servicer:
     async def model_infer(self, request: Any, context: Any) -> Any:
         """Decode, run through the repository (batched with every other caller), encode."""
         start = time.monotonic()
+        if self.draining:
+            self.last_call = asyncio.get_running_loop().time()
+            self._observe(
+                request.model_name if not isinstance(request, _Malformed) else "", None, Closed.__name__, start
+            )
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another")
         if isinstance(request, _Malformed):
             self._observe("", None, InvalidInput.__name__, start)
             await _check_parsed(request, context)
