@@ -299,10 +299,13 @@ def _check_rows(arrays: dict[str, NDArray[Any]]) -> None:
                 raise InvalidInput(msg, input_name=name)
 
 
+_TEXT: Final = (bytes, str)
+
+
 def _untyped(name: str, value: object) -> NDArray[Any]:
     arr, _ = _as_array(name, value)
-    if arr.dtype.kind == "O":  # its items can't be vetted cheaply
-        raise _invalid(name, "expected numbers or strings, got dtype object")
+    if arr.dtype.kind == "O" and not all(type(item) in _TEXT for item in arr.flat):  # BYTES are bytes or str
+        raise _invalid(name, "expected numbers or strings, got dtype object holding other objects")
     _check_batch(name, arr)
     if arr.ndim == 1:  # rows of what? one sample of n values, or n samples: refuse to guess
         msg = (

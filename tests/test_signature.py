@@ -569,9 +569,14 @@ class TestUntyped:
 
     @pytest.mark.parametrize("value", [np.array([1, None]), [None, 1], np.array([[1.0]], dtype=object)])
     def test_object_arrays_are_refused(self, value: Any) -> None:
-        """Object arrays, which could hold anything, are refused."""
+        """Object arrays holding anything but bytes and str are refused."""
         with pytest.raises(InvalidInput, match="expected numbers or strings, got dtype object"):
             normalize_untyped(value)
+
+    def test_object_arrays_of_bytes_pass(self) -> None:
+        """BYTES as the protocol decodes them (an object array of bytes) pass as they are."""
+        x = np.array([[b"\xff"], ["s"]], dtype=object)
+        assert normalize_untyped(x)[SINGLE] is x
 
     @pytest.mark.parametrize("value", [None, "abc", {"a": {"b": 1}}])
     def test_non_arrays_are_refused(self, value: Any) -> None:
