@@ -54,6 +54,7 @@ Array = np.ndarray[Any, Any]
 Inputs = Mapping[str, Array]
 
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
+_MAX_SKIPPED = 64  # queued requests of other shapes looked past while filling one batch
 
 
 @attrs.frozen
@@ -541,6 +542,8 @@ class Batcher:
                     skipped.append(heapq.heappop(heap))
                     continue
             if batch and req.key != key:
+                if len(skipped) >= _MAX_SKIPPED:  # requests of many shapes must not make each batch cost a scan
+                    break
                 skipped.append(heapq.heappop(heap))
                 continue
             size = req.part_rows if req.parts_n > 1 else req.rows

@@ -152,7 +152,7 @@ class Router:
         self._clock = clock
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._by_key: dict[Hashable, str] = {}
+        self._by_key: dict[int, str] = {}  # by hash(key): a client's long keys are not kept alive
         self._by_id: dict[int, str] = {}
         self._experiment = Experiment(list(self._arms))
         self._shadow_queue: queue.SimpleQueue[tuple[str, Any, Future[Any]] | None] = queue.SimpleQueue()
@@ -212,7 +212,7 @@ class Router:
             raise
         self._served(route.arm, start, None)
         if key is not None:
-            self._remember(self._by_key, key, route.arm)
+            self._remember(self._by_key, hash(key), route.arm)
         if route.shadow is not None:
             done: Future[Any] = Future()
             done.set_result(result)
@@ -240,7 +240,7 @@ class Router:
         outer._inner = inner
         self._remember(self._by_id, outer.request_id, route.arm)
         if key is not None:
-            self._remember(self._by_key, key, route.arm)
+            self._remember(self._by_key, hash(key), route.arm)
 
         def relay(done: Future[Any]) -> None:
             if done.cancelled():
@@ -353,7 +353,7 @@ class Router:
 
         Raises ``KeyError`` when the router has not served (or no longer remembers) that key or id.
         """
-        arm = self._by_key.get(key) if key is not None else self._by_id.get(request_id)  # type: ignore[arg-type]
+        arm = self._by_key.get(hash(key)) if key is not None else self._by_id.get(request_id)  # type: ignore[arg-type]
         if arm is None:
             msg = f"no request served for key={key!r} request_id={request_id!r}"
             raise KeyError(msg)

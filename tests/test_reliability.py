@@ -378,3 +378,38 @@ class TestCancelledFuturesAreSeen:
 def _gated(**batching: int) -> tuple[Predictor, Model]:
     model = Model()
     return Predictor(lambda: CallableBackend(model), batching=BatchConfig(**batching)), model
+
+
+class TestNoClientDegradesAnother:
+    def test_long_sticky_keys_are_not_kept(self) -> None:
+        """A Router remembers keys for record() by hash: 2,000 keys of 10 KB cost it no 20 MB."""
+        import tracemalloc
+
+        with Predictor.from_callable(lambda x: x) as p, inferkit.Router({"a": p}) as router:
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                for i in range(2000):  # a fresh key per request, as a server decodes them
+                    router.predict(np.ones((1, 2)), key=f"{i:010d}" + "k" * 10_000)
+                grown = tracemalloc.get_traced_memory()[0] - before
+            finally:
+                tracemalloc.stop()
+            assert router.record(1.0, key=f"{1999:010d}" + "k" * 10_000) == "a"
+        assert grown < 5_000_000, grown
+
+    def test_many_shapes_in_the_queue_are_all_served(self) -> None:
+        """Requests of 200 distinct shapes queued together are each answered (the scan per batch is bounded)."""
+        p, model = _gated_untyped()
+        with p:
+            blocker = p.submit(np.full((1, 1), BLOCK))
+            assert model.entered.wait(WAIT)
+            futures = [p.submit(np.full((1, w), float(w))) for w in range(2, 202)]
+            model.release.set()
+            blocker.result(WAIT)
+            for w, f in zip(range(2, 202), futures, strict=True):
+                np.testing.assert_array_equal(f.result(WAIT), np.full((1, w), 2.0 * w))
+
+
+def _gated_untyped() -> tuple[Predictor, Model]:
+    model = Model()
+    return Predictor(lambda: CallableBackend(model)), model
