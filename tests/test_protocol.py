@@ -7,12 +7,15 @@ import pytest
 
 from inferkit.errors import Closed, DeadlineExceeded, InvalidInput, ModelError, ModelNotFound, Overloaded
 from inferkit.server.protocol import (
+    MAX_DIMS,
     check_outputs,
+    element_count,
     fit,
     from_raw,
     http_status,
     pack_bytes,
     request_options,
+    shaped,
     to_raw,
     unpack_bytes,
 )
@@ -134,6 +137,32 @@ class TestRawTensors:
         check_outputs(["y"], ("y", "z"))
         with pytest.raises(InvalidInput, match=r"unknown output 'q'; the model has \['y', 'z'\]"):
             check_outputs(["y", "q"], ("z", "y"))
+
+
+class TestShapes:
+    """A client's shape is checked before any work in proportion to what it claims."""
+
+    def test_element_count(self) -> None:
+        """The product of the dimensions, as a Python int (a lying shape cannot overflow)."""
+        assert element_count((2, 3), "x") == 6
+        assert element_count((), "x") == 1
+        assert element_count((2**62, 2**62), "x") == 2**124
+
+    def test_a_million_dimensions_are_refused_before_their_product(self) -> None:
+        """Counting 10**6 dims of 2**63 - 1 would take minutes; the dimension count is checked first."""
+        with pytest.raises(
+            InvalidInput, match=f"1000000 dimensions, over the maximum supported dimension count {MAX_DIMS}"
+        ):
+            element_count((2**63 - 1,) * 10**6, "x")
+        with pytest.raises(InvalidInput, match="negative dimension") as caught:
+            element_count((2, -1), "x")
+        assert caught.value.input_name == "x"
+
+    def test_shaped_quotes_a_bounded_part_of_a_long_shape(self) -> None:
+        """NumPy's refusal of 70 dimensions is InvalidInput, and the message does not grow with the shape."""
+        with pytest.raises(InvalidInput, match="maximum supported dimension") as caught:
+            shaped(np.zeros(1), (1,) * 10_000, "x")
+        assert len(str(caught.value)) < 400
 
 
 def test_status_codes() -> None:

@@ -688,6 +688,15 @@ MALFORMED: list[tuple[str, str, bytes, dict[str, str], str]] = [
     ("mlp", "header length past body", *_header({"inputs": [_BINX]}, b"\0" * 16, length=10**6), HEADER_LENGTH),
     ("mlp", "header length short", *_header({"inputs": [_BINX]}, b"\0" * 16, length=5), "not valid JSON"),
     ("mlp", "header length not a number", _good(), {HEADER_LENGTH: "ten"}, HEADER_LENGTH),
+    # str.isdigit() took these; int() then raised: a 500 before
+    (
+        "mlp",
+        "header length a non-ASCII digit",
+        _good(),
+        {HEADER_LENGTH: b"\xb2"},
+        HEADER_LENGTH,
+    ),  # a latin-1 superscript two
+    ("mlp", "header length of 5,000 digits", _good(), {HEADER_LENGTH: "1" * 5000}, HEADER_LENGTH),
     ("mlp", "binary without header length", _header({"inputs": [_BINX]}, b"\0" * 16)[0], {}, "not valid JSON"),
     ("text", "BYTES truncated", *_header({"inputs": [_bytes_input(9, 2)]}, b"\x03\0\0\0abc\x09\0"), "ends after 1"),
     ("text", "BYTES length lies", *_header({"inputs": [_bytes_input(6, 1)]}, b"\xff\0\0\0ab"), "claims 255"),
@@ -769,6 +778,143 @@ class TestMalformedRequests:
         finally:
             server.stop()
             repository.close()
+
+
+class TestDecodingLimits:
+    """JSON bodies, concurrent decoding and encoding are bounded in bytes; claims cost no work."""
+
+    def test_a_json_body_over_max_json_bytes_is_413_and_binary_is_not(self) -> None:
+        """The JSON limit names itself and says to send binary; the same tensor in binary is served."""
+        repository = Repository({"m": _scale(1.0, "m", width=256)})
+        server = Server(create_app(repository, max_json_bytes=2**16))
+        try:
+            with httpx.Client(base_url=server.url, timeout=WAIT) as http:
+                x = np.ones((64, 256), np.float32)
+                response = _infer(http, "m", _json_body({"x": x}))
+                assert response.status_code == 413
+                assert "max_json_bytes=65536" in response.json()["error"]
+                assert "binary" in response.json()["error"]
+                body, headers = _binary_body({"x": x})
+                assert len(body) > 2**16
+                np.testing.assert_array_equal(_decode(_infer(http, "m", body, headers))[1]["y"], x)
+                response = _infer(http, "m", *_header({"inputs": [_BINX]}, b"\0" * 16, length=2**16 + 1))
+                assert response.status_code == 413  # a header length past the limit: refused before reading
+        finally:
+            server.stop()
+            repository.close()
+
+    def test_a_body_that_can_never_be_decoded_within_the_budget_is_413(self) -> None:
+        """Over max_decode_bytes on its own: 413 naming the limit; small bodies skip the budget."""
+        repository = Repository({"m": _scale(1.0, "m", width=256)})
+        server = Server(create_app(repository, max_decode_bytes=2**20))
+        try:
+            with httpx.Client(base_url=server.url, timeout=WAIT) as http:
+                big = _json_body({"x": np.ones((1024, 256), np.float32)})
+                response = _infer(http, "m", big)
+                assert response.status_code == 413
+                assert "max_decode_bytes=1048576" in response.json()["error"]
+                assert _infer(http, "m", _json_body({"x": np.ones((4, 256), np.float32)})).status_code == 200
+        finally:
+            server.stop()
+            repository.close()
+
+    def test_a_busy_budget_refuses_with_the_overload_status_and_is_given_back(self) -> None:
+        """Two large bodies, room for one: one waits for a thread holding the budget, the other gets 429."""
+        import anyio.to_thread
+
+        repository = Repository({"m": _scale(1.0, "m", width=256)})
+        x = np.ones((1024, 256), np.float32)
+        body, headers = _binary_body({"x": x}, parameters={"binary_data_output": True})  # 2 MiB of budget
+        app = create_app(repository, max_decode_bytes=3 * 2**20, overload_status=429, retry_after_s=2)
+        gate = threading.Event()
+
+        async def scenario(client: httpx.AsyncClient) -> None:
+            loop, started = asyncio.get_running_loop(), asyncio.Event()
+
+            def blocker() -> None:  # holds the only worker thread, so a decode waits holding its budget
+                loop.call_soon_threadsafe(started.set)
+                assert gate.wait(WAIT)
+
+            anyio.to_thread.current_default_thread_limiter().total_tokens = 1
+            blocked = asyncio.ensure_future(anyio.to_thread.run_sync(blocker))
+            await asyncio.wait_for(started.wait(), WAIT)
+            posts = [
+                asyncio.ensure_future(client.post("/v2/models/m/infer", content=body, headers=headers))
+                for _ in range(2)
+            ]
+            try:
+                done, _ = await asyncio.wait(posts, timeout=WAIT, return_when=asyncio.FIRST_COMPLETED)
+                refused = done.pop().result()
+                assert refused.status_code == 429
+                assert refused.headers["Retry-After"] == "2"
+                assert "max_decode_bytes" in refused.json()["error"]
+            finally:
+                gate.set()
+                await blocked
+            statuses = sorted(r.status_code for r in await asyncio.gather(*posts))
+            assert statuses == [200, 429]
+            for _ in range(3):  # every hold was given back, also by the refused request
+                response = await client.post("/v2/models/m/infer", content=body, headers=headers)
+                np.testing.assert_array_equal(_decode(response)[1]["y"], x)
+
+        try:
+            _run_in_process(app, scenario)
+        finally:
+            repository.close()
+
+    def test_failed_decodes_give_the_budget_back(self) -> None:
+        """Large malformed bodies are 400 one after another, never 503: a failing decode releases its hold."""
+        repository = Repository({"m": _scale(1.0, "m", width=256)})
+        app = create_app(repository, max_request_bytes=16 * 2**20, max_decode_bytes=64 * 2**20)
+        server = Server(app)
+        try:
+            with httpx.Client(base_url=server.url, timeout=WAIT) as http:
+                bad = _json_body({"x": np.ones((1024, 256), np.float32)})[:-3] + b"]]}"  # 1.3 MB, 42 MB held
+                for _ in range(5):
+                    assert _infer(http, "m", bad).status_code == 400
+                bomb = gzip.compress(b" " * (3 * 2**19))  # inflated on a thread, under a hold of 16 MiB
+                for _ in range(3):
+                    assert _infer(http, "m", bomb, {"Content-Encoding": "gzip"}).status_code == 400
+                good = gzip.compress(_json_body({"x": np.ones((1024, 256), np.float32)}))
+                assert _infer(http, "m", good, {"Content-Encoding": "gzip"}).status_code == 200
+        finally:
+            server.stop()
+            repository.close()
+
+    def test_an_answer_too_large_to_encode_as_json_is_413_and_binary_is_served(self) -> None:
+        """Encoding is budgeted too: JSON outputs cost a Python object per element; binary ones do not."""
+        repository = Repository({"m": _scale(1.0, "m", width=4096, max_batch_size=256)})
+        server = Server(create_app(repository, max_decode_bytes=32 * 2**20))
+        try:
+            with httpx.Client(base_url=server.url, timeout=WAIT) as http:
+                x = np.ones((256, 4096), np.float32)
+                body, headers = _binary_body({"x": x})
+                response = _infer(http, "m", body, headers)
+                assert response.status_code == 413
+                assert "binary_data_output" in response.json()["error"]
+                body, headers = _binary_body({"x": x}, parameters={"binary_data_output": True})
+                np.testing.assert_array_equal(_decode(_infer(http, "m", body, headers))[1]["y"], x)
+        finally:
+            server.stop()
+            repository.close()
+
+    @pytest.mark.parametrize(
+        ("label", "body", "message"),
+        [
+            # the product of 200,000 dimensions of 2**62 took minutes on the event loop
+            ("many huge dims", _j({"shape": [2**62] * 200_000, "data": []}), "maximum supported dimension"),
+            ("a dim past int64", _j({"shape": [2**63, 0], "data": []}), "[0, 2**63)"),
+            # a repeat was looked for in a list: 200,000 outputs took minutes
+            ("many outputs", _j(outputs=[{"name": f"o{i}"} for i in range(200_000)]), "unknown output 'o0'"),
+        ],
+    )
+    def test_claims_cost_no_work(self, http: httpx.Client, label: str, body: bytes, message: str) -> None:
+        """A claim in the JSON header (dimensions, outputs) is refused in time linear in its text."""
+        response = _infer(http, "mlp", body)
+        assert response.status_code == 400, label
+        assert message in response.json()["error"]
+        assert len(response.content) < 1000  # the error quotes the claim, bounded
+        _decode(_infer(http, "mlp", _good()))
 
 
 # -- overload, deadlines, failures, disconnects --------------------------------------------

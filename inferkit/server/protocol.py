@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import math
 import struct
-from collections.abc import Collection, Container, Iterable, Mapping
+from collections.abc import Collection, Container, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,10 +30,12 @@ __all__ = [
     "ARM",
     "DTYPES",
     "KEY",
+    "MAX_DIMS",
     "NO_DEADLINE_S",
     "check_outputs",
     "datatype_of",
     "dtype_of",
+    "element_count",
     "fit",
     "from_raw",
     "grpc_code",
@@ -68,6 +71,8 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "BYTES": np.dtype(object),
 }
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
+MAX_DIMS = 64
+"""The most dimensions a tensor may have (NumPy's limit)."""
 
 
 def dtype_of(datatype: str) -> np.dtype[Any]:
@@ -181,12 +186,26 @@ def from_raw(raw: bytes | memoryview, datatype: str, count: int, name: str) -> n
     return array if array.flags.aligned else array.copy()  # models may assume aligned data
 
 
+def element_count(shape: Sequence[int], name: str) -> int:
+    """The number of elements of a client's ``shape``; ``InvalidInput`` for a negative dimension or too many.
+
+    The dimensions are counted first: the product of a million large dimensions is a number of
+    millions of digits, and computing it would hold the caller (an event loop) for minutes.
+    """
+    if len(shape) > MAX_DIMS:
+        msg = f"shape has {len(shape)} dimensions, over the maximum supported dimension count {MAX_DIMS}"
+        raise invalid(msg, name)
+    if shape and min(shape) < 0:
+        raise invalid(f"shape {list(shape)} has a negative dimension", name)
+    return math.prod(shape)  # Python ints: a lying shape cannot overflow
+
+
 def shaped(flat: np.ndarray[Any, Any], shape: tuple[int, ...], name: str) -> np.ndarray[Any, Any]:
     """``flat`` in ``shape``; ``InvalidInput`` naming input ``name`` where NumPy cannot (over 64 dimensions)."""
     try:
         return flat.reshape(shape)
-    except ValueError as error:
-        raise invalid(f"shape {list(shape)}: {error}", name) from None
+    except ValueError as error:  # the shape is a client's: quote a bounded part of it
+        raise invalid(f"shape {list(shape)!s:.200}: {error}", name) from None
 
 
 def to_raw(array: np.ndarray[Any, Any]) -> bytes:

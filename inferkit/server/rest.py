@@ -31,10 +31,20 @@ and ``key`` are read by :func:`inferkit.server.protocol.request_options`, as ove
 parameters are ignored.
 
 Errors are ``{"error": "..."}``: 400 for a malformed request (never a 5xx for a client's
-mistake), 404 unknown model or version, 413 a body over ``max_request_bytes``, 415 an
-unsupported ``Content-Encoding``, 429 or 503 with ``Retry-After`` when a queue is full (503
-also when no replica is healthy or the model is closing), 504 when the ``timeout`` passed
-before the request ran, 500 when the model failed. A client that disconnects while its
+mistake), 404 unknown model or version, 413 a body over ``max_request_bytes``, a JSON part
+over ``max_json_bytes``, or a request (or answer) that could never be decoded (encoded) within
+``max_decode_bytes``, 415 an unsupported ``Content-Encoding``, 429 or 503 with ``Retry-After``
+when a queue is full or other large requests hold ``max_decode_bytes`` (503 also when no
+replica is healthy or the model is closing), 504 when the ``timeout`` passed before the
+request ran, 500 when the model failed.
+
+Decoding is bounded before it starts: a body under 1 MiB is decoded on the event loop (a
+few milliseconds); a larger one first reserves its estimated memory (see
+:data:`JSON_COST_PER_BYTE` and its neighbours) from ``max_decode_bytes``, then is decoded on a
+worker thread; large answers and compressed bodies past their first MiB likewise. A size
+header (``Content-Length``, ``Inference-Header-Content-Length``) must be ASCII digits.
+
+A client that disconnects while its
 request is queued has it cancelled: the model never runs it (counted with the outcome
 ``ClientDisconnected``). As in Triton, ``GET /v2/models/stats`` means every model's statistics,
 so a model called ``stats`` has no metadata endpoint.
@@ -45,10 +55,11 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 import numpy as np
@@ -67,6 +78,7 @@ from inferkit.server.protocol import (
     ARM,
     DTYPES,
     KEY,
+    MAX_DIMS,
     check_outputs,
     datatype_of,
     fit,
@@ -100,9 +112,17 @@ except ImportError:  # pragma: no cover (the server extra installs orjson)
 
 __all__ = [
     "ARM_HEADER",
+    "BINARY_COST_PER_BYTE",
+    "BYTES_ELEMENT_COST",
     "HEADER_LENGTH",
+    "JSON_COST_PER_BYTE",
+    "JSON_OUTPUT_ELEMENT_COST",
     "KEY_HEADER",
+    "ClientDisconnected",
+    "DecodingBusy",
     "InferRequest",
+    "RequestTooLarge",
+    "UnsupportedEncoding",
     "create_app",
     "decode_request",
     "encode_response",
@@ -116,10 +136,25 @@ ARM_HEADER = ARM
 """The response header that names the Router arm that served the request."""
 
 Array = np.ndarray[Any, Any]
-_T = TypeVar("_T")
 _JSON = "application/json"
 _BINARY = "application/octet-stream"
 _OFFLOAD_BYTES = 2**20  # decode and encode bigger requests off the event loop, so others are not held up
+_INT64_MAX = 2**63 - 1
+_MAX_HEADER_DIGITS = 18  # any byte count fits; int() of a longer string is work a client chooses
+
+# What decoding or encoding costs in memory, per byte of the body or element of a tensor, as
+# measured (peak RSS over the body, see the module's tests): JSON tensors 3.5x their text for
+# full-precision floats, 15x for short numbers, 23x for BYTES strings, 26x for rows of one, 35x
+# for rows of none. Binary tensors are a view of the body, copied once when unaligned; BYTES
+# elements are one Python object each.
+JSON_COST_PER_BYTE = 32
+"""Bytes of memory reserved per byte of a body's JSON part while it is decoded."""
+BINARY_COST_PER_BYTE = 2
+"""Bytes of memory reserved per byte of a body's binary part while it is decoded."""
+BYTES_ELEMENT_COST = 64
+"""Bytes of memory reserved per BYTES element while it is decoded or encoded (a Python object)."""
+JSON_OUTPUT_ELEMENT_COST = 64
+"""Bytes of memory reserved per element of an output sent as JSON (a Python number and its text)."""
 
 
 # Failures only the REST face has; their class names are the ``outcome`` label in the metrics.
@@ -131,6 +166,10 @@ class RequestTooLarge(InferkitError):
 
 class UnsupportedEncoding(InferkitError):
     """The body's ``Content-Encoding`` is neither gzip, deflate nor identity (415)."""
+
+
+class DecodingBusy(InferkitError):
+    """Large requests being decoded (or answers encoded) already hold ``max_decode_bytes``; try again (429/503)."""
 
 
 class ClientDisconnected(InferkitError):
@@ -178,8 +217,13 @@ def _mapping(value: object, what: str, name: str | None = None) -> dict[str, Any
 
 
 def _shape(value: object, name: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(_is_int(d) and d >= 0 for d in value):
+    if not isinstance(value, list):
         raise invalid(f"shape must be a list of integers >= 0, got {value!r:.100}", name)
+    if len(value) > MAX_DIMS:  # before looking at each: a client may send a million dimensions
+        msg = f"shape has {len(value)} dimensions, over the maximum supported dimension count {MAX_DIMS}"
+        raise invalid(msg, name)
+    if not all(_is_int(d) and 0 <= d <= _INT64_MAX for d in value):
+        raise invalid(f"shape must be a list of integers in [0, 2**63), got {value!r:.100}", name)
     return tuple(value)
 
 
@@ -270,7 +314,7 @@ def _outputs(value: object) -> tuple[tuple[str, ...] | None, dict[str, bool]]:
         return None, {}
     if not isinstance(value, list):
         raise invalid(f"outputs must be a list, got {type(value).__name__}")
-    names: list[str] = []
+    names: dict[str, None] = {}  # ordered, and a set: a repeat is found in O(1)
     binary: dict[str, bool] = {}
     for item in value:
         out = _mapping(item, "each output")
@@ -286,16 +330,20 @@ def _outputs(value: object) -> tuple[tuple[str, ...] | None, dict[str, bool]]:
             if not isinstance(flag, bool):
                 raise invalid(f"output {name!r}: parameters.binary_data must be true or false, got {flag!r:.100}")
             binary[name] = flag
-        names.append(name)
+        names[name] = None
     return tuple(names), binary
 
 
-def decode_request(body: bytes | bytearray, header_length: int | None = None) -> InferRequest:
+def decode_request(
+    body: bytes | bytearray, header_length: int | None = None, reserve: Callable[[int], None] | None = None
+) -> InferRequest:
     """Decode an inference request body; ``header_length`` is ``Inference-Header-Content-Length``.
 
     Raises :class:`~inferkit.InvalidInput` (naming the input where there is one) for anything
     malformed: bad JSON, a shape that does not match the data, an unknown datatype, binary
-    sizes that do not add up to the body.
+    sizes that do not add up to the body. ``reserve(n)``, when given, is called before a binary
+    BYTES input is unpacked with the bytes of memory its elements will take (it may raise to
+    refuse them): unlike numbers, they are not a view of the body.
     """
     view = memoryview(body)
     if header_length is None:
@@ -348,6 +396,8 @@ def decode_request(body: bytes | bytearray, header_length: int | None = None) ->
         if offset + size > len(body):
             left = len(body) - offset
             raise invalid(f"binary_data_size is {size} bytes, only {left} remain in the body", name)
+        if reserve is not None and datatype == "BYTES":  # at most one element per 4 bytes of framing
+            reserve(min(_count(shape), size // 4) * BYTES_ELEMENT_COST)
         arrays[name] = _binary_tensor(view[offset : offset + size], shape, datatype, name)
         offset += size
     if offset != len(body):
@@ -418,13 +468,6 @@ def _error(status: int, message: str, headers: Mapping[str, str] | None = None) 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def _off_loop(size: int, fn: Callable[..., _T], *args: Any) -> _T:
-    """``fn(*args)``, on a worker thread when ``size`` bytes of tensors make it slow enough to stall the loop."""
-    if size < _OFFLOAD_BYTES:
-        return fn(*args)
-    return await run_in_threadpool(fn, *args)
-
-
 def _discard(task: asyncio.Future[Any]) -> None:
     """Retrieve a cancelled request's outcome, so asyncio does not log it as never retrieved."""
     if not task.cancelled():
@@ -436,35 +479,107 @@ async def _until_disconnected(receive: Receive) -> None:
         pass
 
 
-def _decompress(body: bytearray, encoding: str, limit: int) -> bytearray:
+class _Budget:
+    """Bytes of memory that large requests being decoded, and large answers being encoded, hold at once.
+
+    Refuses instead of waiting, as a full queue does: what can never fit is a 413, what does
+    not fit now gets the overload status with ``Retry-After``. Thread-safe, because a decoding
+    thread adds what binary BYTES inputs take once it has read their shapes.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int, what: str) -> None:
+        """Hold ``nbytes`` for ``what``; ``RequestTooLarge`` or ``DecodingBusy`` when they do not fit."""
+        if nbytes > self.capacity:
+            msg = (
+                f"{what} needs about {nbytes} bytes of memory, more than max_decode_bytes={self.capacity} "
+                f"(JSON tensors take about {JSON_COST_PER_BYTE}x their text); send tensors as binary data "
+                "(the binary tensor data extension, tritonclient's default) or split the request"
+            )
+            raise RequestTooLarge(msg)
+        with self._lock:
+            if self.used + nbytes > self.capacity:
+                msg = (
+                    f"other large requests hold {self.used} of max_decode_bytes={self.capacity} bytes "
+                    f"and {what} needs about {nbytes}; retry later"
+                )
+                raise DecodingBusy(msg)
+            self.used += nbytes
+
+    def give(self, nbytes: int) -> None:
+        """Return ``nbytes`` taken earlier."""
+        with self._lock:
+            self.used -= nbytes
+
+
+class _Hold:
+    """What one request holds of the budget, given back at once by :meth:`release`."""
+
+    def __init__(self, budget: _Budget, what: str) -> None:
+        self.budget = budget
+        self.what = what
+        self.held = 0
+
+    def take(self, nbytes: int) -> None:
+        self.budget.take(nbytes, self.what)
+        self.held += nbytes
+
+    def release(self) -> None:
+        self.budget.give(self.held)
+        self.held = 0
+
+
+def _inflater(encoding: str) -> Any:
     wbits = {"gzip": 31, "deflate": 15}.get(encoding)
     if wbits is None:
         raise UnsupportedEncoding(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or identity")
-    inflater = zlib.decompressobj(wbits)
+    return zlib.decompressobj(wbits)
+
+
+def _inflate(inflater: Any, data: bytes | bytearray, max_length: int, encoding: str) -> bytes:
     try:
-        out = inflater.decompress(body, limit + 1)
+        return bytes(inflater.decompress(data, max_length))
     except zlib.error as exc:
         raise invalid(f"the {encoding} body does not decompress ({exc})") from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise RequestTooLarge(f"the decompressed body is larger than max_request_bytes={limit}")
-    if not inflater.eof:
-        raise invalid(f"the {encoding} body is truncated")
-    return bytearray(out)
+
+
+def _encode_cost(request: InferRequest, outputs: Mapping[str, Any]) -> int:
+    """About the bytes of memory encoding ``outputs`` takes: a few integer operations per output."""
+    cost = 0
+    for name in request.outputs if request.outputs is not None else outputs:
+        if name not in outputs:
+            continue  # an unknown output: encode_response refuses it
+        arr = np.asarray(outputs[name])
+        if arr.dtype.kind in "OSU" or not request.binary.get(name, request.binary_default):
+            cost += arr.size * max(BYTES_ELEMENT_COST, JSON_OUTPUT_ELEMENT_COST)
+        else:
+            cost += arr.nbytes * BINARY_COST_PER_BYTE
+    return cost
 
 
 class _App:
     """The endpoints, over one repository."""
 
-    def __init__(self, repository: Repository, metrics: Metrics, limit: int, overload: int, retry_after: str) -> None:
+    def __init__(
+        self, repository: Repository, metrics: Metrics, limits: tuple[int, int, int], overload: int, retry_after: str
+    ) -> None:
         self.repository = repository
         self.metrics = metrics
-        self.limit = limit
+        self.limit, self.json_limit, capacity = limits
+        self.budget = _Budget(capacity)
         self.overload = overload
         self.retry_after = retry_after
 
     def fail(self, error: BaseException) -> JSONResponse:
         """The error response for ``error``."""
-        status = _STATUS.get(type(error)) or http_status(error, overload_status=self.overload)
+        if isinstance(error, DecodingBusy):
+            status = self.overload
+        else:
+            status = _STATUS.get(type(error)) or http_status(error, overload_status=self.overload)
         headers = {"Retry-After": self.retry_after} if status in {429, 503} else None
         message = str(error) if isinstance(error, InferkitError) else f"internal error: {type(error).__name__}: {error}"
         return _error(status, message or type(error).__name__, headers)
@@ -519,8 +634,7 @@ class _App:
         except ModelNotFound as error:
             return self.fail(error)  # not counted: a label per unknown name would let clients grow the metrics
         try:
-            raw = await self._body(request)
-            decoded = await _off_loop(len(raw), decode_request, raw, _header_length(request))
+            decoded = await self._decode(request)
             if decoded.outputs is not None:  # refuse unknown outputs before the model runs, where we can
                 known = self.repository.output_names(name, version)
                 if known:
@@ -533,8 +647,7 @@ class _App:
                 ),
             )
             arm = result.arm
-            size = sum(np.asarray(o).nbytes for o in result.outputs.values())
-            body, headers = await _off_loop(size, encode_response, name, decoded, result)
+            body, headers = await self._encode(name, decoded, result)
         except Exception as error:  # noqa: BLE001 (every failure becomes an answer and a count)
             arm = getattr(error, "arm", arm)
             self.metrics.observe(name, arm, type(error).__name__, time.perf_counter() - start)
@@ -545,13 +658,52 @@ class _App:
         self.metrics.observe(name, arm, "success", time.perf_counter() - start)
         return Response(body, headers=headers)
 
-    async def _body(self, request: Request) -> bytearray:
-        length = request.headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                raise invalid(f"Content-Length must be a number, got {length!r:.100}")
-            if int(length) > self.limit:
-                raise RequestTooLarge(f"the body is {length} bytes, more than max_request_bytes={self.limit}")
+    def _too_much_json(self, nbytes: int | str) -> RequestTooLarge:
+        return RequestTooLarge(
+            f"the JSON part of the body is {nbytes} bytes, more than max_json_bytes={self.json_limit}; "
+            "send tensors as binary data (the binary tensor data extension, tritonclient's default)"
+        )
+
+    async def _decode(self, request: Request) -> InferRequest:
+        """The request, decoded: small bodies on the loop, large ones on a thread within the budget."""
+        header_length = _header_int(request, HEADER_LENGTH)
+        if header_length is not None and header_length > self.json_limit:
+            raise self._too_much_json(header_length)
+        body = await self._body(request, json_only=header_length is None)
+        if len(body) < _OFFLOAD_BYTES:  # the fast path: under a few dozen MB at most, one at a time
+            return decode_request(body, header_length)
+        json_bytes = len(body) if header_length is None else min(header_length, len(body))
+        if json_bytes > self.json_limit:
+            raise self._too_much_json(json_bytes)
+        hold = _Hold(self.budget, "decoding this request")
+        hold.take(len(body) * BINARY_COST_PER_BYTE + json_bytes * (JSON_COST_PER_BYTE - BINARY_COST_PER_BYTE))
+        try:  # a started thread is not abandoned on cancel: the hold lasts as long as the work
+            return await run_in_threadpool(decode_request, body, header_length, hold.take)
+        finally:
+            hold.release()
+
+    async def _encode(self, model: str, request: InferRequest, result: InferResult) -> tuple[bytes, dict[str, str]]:
+        """The response: small ones on the loop, large ones on a thread within the budget."""
+        cost = _encode_cost(request, result.outputs)
+        if cost < _OFFLOAD_BYTES:
+            return encode_response(model, request, result)
+        hold = _Hold(self.budget, "encoding the answer (ask for binary outputs: parameters.binary_data_output)")
+        hold.take(cost)
+        try:
+            return await run_in_threadpool(encode_response, model, request, result)
+        finally:
+            hold.release()
+
+    async def _body(self, request: Request, *, json_only: bool) -> bytes | bytearray:
+        """The body, inflated; 413 past ``max_request_bytes`` (or ``max_json_bytes`` for a JSON-only body)."""
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        plain = encoding in {"", "identity"}
+        inflater = None if plain else _inflater(encoding)  # 415 before reading the body
+        length = _header_int(request, "content-length")
+        if length is not None and length > self.limit:
+            raise RequestTooLarge(f"the body is {length} bytes, more than max_request_bytes={self.limit}")
+        if length is not None and plain and json_only and length > self.json_limit:
+            raise self._too_much_json(length)
         body = bytearray()
         try:
             async for chunk in request.stream():
@@ -560,10 +712,28 @@ class _App:
                     raise RequestTooLarge(f"the body is more than max_request_bytes={self.limit}")
         except ClientDisconnect:
             raise ClientDisconnected("the client disconnected while sending its request") from None
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
-        if encoding not in {"", "identity"}:
-            body = _decompress(body, encoding, self.limit)
-        return body
+        if inflater is None:
+            return body
+        return await self._inflate(inflater, body, encoding)
+
+    async def _inflate(self, inflater: Any, body: bytearray, encoding: str) -> bytes:
+        """A compressed body inflated: the first MiB on the loop, the rest on a thread within the budget."""
+        out = _inflate(inflater, body, _OFFLOAD_BYTES, encoding)
+        if not inflater.eof and (inflater.unconsumed_tail or len(out) == _OFFLOAD_BYTES):
+            hold = _Hold(self.budget, f"inflating a {encoding} body (at most max_request_bytes)")
+            hold.take(self.limit)  # all it may inflate to, before inflating it
+            try:
+                rest = await run_in_threadpool(
+                    _inflate, inflater, inflater.unconsumed_tail, self.limit + 1 - len(out), encoding
+                )
+            finally:
+                hold.release()
+            out += rest
+        if len(out) > self.limit or inflater.unconsumed_tail:
+            raise RequestTooLarge(f"the decompressed body is larger than max_request_bytes={self.limit}")
+        if not inflater.eof:
+            raise invalid(f"the {encoding} body is truncated")
+        return out
 
     @staticmethod
     async def _unless_disconnected(receive: Receive, infer: Awaitable[InferResult]) -> InferResult:
@@ -582,13 +752,15 @@ class _App:
         return task.result()
 
 
-def _header_length(request: Request) -> int | None:
-    value = request.headers.get(HEADER_LENGTH)
+def _header_int(request: Request, name: str) -> int | None:
+    """A byte-count header as an int; ``InvalidInput`` unless it is a short run of ASCII digits."""
+    value = request.headers.get(name)
     if value is None:
         return None
     value = value.strip()
-    if not value.isdigit():
-        raise invalid(f"{HEADER_LENGTH} must be a number, got {value!r:.100}")
+    # str.isdigit() takes any script's digits ('٣'), and int() of a 5,000-digit string raises
+    if not (value.isascii() and value.isdigit()) or len(value) > _MAX_HEADER_DIGITS:
+        raise invalid(f"{name} must be a decimal number of at most {_MAX_HEADER_DIGITS} digits, got {value!r:.100}")
     return int(value)
 
 
@@ -602,6 +774,8 @@ def create_app(
     *,
     metrics: Metrics | None = None,
     max_request_bytes: int = 64 * 2**20,
+    max_json_bytes: int = 16 * 2**20,
+    max_decode_bytes: int = 2**30,
     overload_status: int = 503,
     retry_after_s: float = 1.0,
 ) -> Starlette:
@@ -609,14 +783,30 @@ def create_app(
 
     ``metrics`` (default: a :class:`~inferkit.server.metrics.Metrics` on a fresh registry) is
     served at ``/metrics``; pass one to share it with the gRPC server or the host's registry.
-    A body larger than ``max_request_bytes`` (also once decompressed) is refused with 413.
+
+    Limits, each refused with 413 and a message that names it:
+
+    - ``max_request_bytes``: a body (also once decompressed).
+    - ``max_json_bytes``: the JSON part of a body (all of it without binary tensor data);
+      JSON tensors take 4-35 times their size in memory while decoded.
+    - ``max_decode_bytes``: the memory that large bodies (1 MiB and more) being decoded and
+      large answers being encoded may hold at once, estimated before the work starts (JSON at
+      :data:`JSON_COST_PER_BYTE` per byte, binary at :data:`BINARY_COST_PER_BYTE`, BYTES
+      elements at :data:`BYTES_ELEMENT_COST`). A request that could never fit is a 413; one
+      that does not fit beside those under way is refused like a full queue, below.
+
     A full queue answers ``overload_status`` (429 or 503) with ``Retry-After: retry_after_s``
     (rounded up to whole seconds). The app does not own the repository: closing the models
     is the caller's part.
     """
-    if not _is_int(max_request_bytes) or max_request_bytes < 1:
-        msg = f"max_request_bytes must be an int >= 1, got {max_request_bytes!r}"
-        raise ValueError(msg)
+    for option, value in [
+        ("max_request_bytes", max_request_bytes),
+        ("max_json_bytes", max_json_bytes),
+        ("max_decode_bytes", max_decode_bytes),
+    ]:
+        if not _is_int(value) or value < 1:
+            msg = f"{option} must be an int >= 1, got {value!r}"
+            raise ValueError(msg)
     if overload_status not in {429, 503}:
         msg = f"overload_status must be 429 or 503, got {overload_status!r}"
         raise ValueError(msg)
@@ -625,7 +815,8 @@ def create_app(
         raise ValueError(msg)
     if metrics is None:
         metrics = Metrics(repository, prometheus_client.CollectorRegistry())
-    app = _App(repository, metrics, max_request_bytes, overload_status, str(math.ceil(retry_after_s)))
+    limits = (max_request_bytes, max_json_bytes, max_decode_bytes)
+    app = _App(repository, metrics, limits, overload_status, str(math.ceil(retry_after_s)))
     model = "/v2/models/{model}"
     version = model + "/versions/{version}"
     routes = [
