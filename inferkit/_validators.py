@@ -18,12 +18,15 @@ def _finite(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def integer(minimum: int) -> Validator:
-    """An int (not a bool) of at least ``minimum``."""
+def integer(minimum: int, maximum: int | None = None) -> Validator:
+    """An int (not a bool) of at least ``minimum`` (and at most ``maximum``)."""
 
     def check(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             msg = f"{attribute.name} must be an int >= {minimum}, got {value!r}"
+            raise ValueError(msg)
+        if maximum is not None and value > maximum:
+            msg = f"{attribute.name} must be an int <= {maximum}, got {value!r}"
             raise ValueError(msg)
 
     return check

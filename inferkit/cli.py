@@ -89,6 +89,16 @@ def _parser() -> argparse.ArgumentParser:
         "--max-connections", type=_at_least_one, help="open HTTP connections (default: half the open-file limit)"
     )
     limits.add_argument("--grpc-idle-s", type=_positive, help="seconds a gRPC connection without calls stays (300)")
+    limits.add_argument("--max-request-bytes", type=_at_least_one, help="bytes of a REST body (default 64 MiB)")
+    limits.add_argument(
+        "--max-json-bytes", type=_at_least_one, help="bytes of a REST body's JSON part (default 16 MiB)"
+    )
+    limits.add_argument(
+        "--max-decode-bytes",
+        type=_at_least_one,
+        help="estimated bytes held by large REST bodies being decoded at once (default 1 GiB)",
+    )
+    limits.add_argument("--max-message-bytes", type=_at_least_one, help="bytes of a gRPC message (default 256 MiB)")
     limits.add_argument(
         "--grpc-max-concurrent-streams", type=_at_least_one, help="gRPC calls at once per connection (default 1024)"
     )

@@ -18,6 +18,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from onnx import TensorProto, helper
+from test_server_rest import TritonClient  # closed explicitly: its __del__ raises off its thread
 
 from inferkit import Predictor
 from inferkit.server import proto as pb
@@ -96,7 +97,7 @@ class TestRest:
 
     def test_non_utf8_to_onnx_is_a_400(self, server: InferenceServer) -> None:
         """Bytes an ONNX string tensor cannot hold are the client's error, with the reason."""
-        client = triton_http.InferenceServerClient(f"127.0.0.1:{server.port}")
+        client = TritonClient(f"127.0.0.1:{server.port}")
         try:
             tensor = triton_http.InferInput("s", [1], "BYTES")
             tensor.set_data_from_numpy(np.array([b"\xff\xfe"], dtype=object))
@@ -117,7 +118,7 @@ class TestRest:
 
     def test_tritonclient_http(self, server: InferenceServer) -> None:
         """tritonclient.http (binary by default) through the ONNX model."""
-        client = triton_http.InferenceServerClient(f"127.0.0.1:{server.port}")
+        client = TritonClient(f"127.0.0.1:{server.port}")
         try:
             tensor = triton_http.InferInput("s", [len(TEXT)], "BYTES")
             tensor.set_data_from_numpy(np.array(TEXT, dtype=object))

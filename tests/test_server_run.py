@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import resource
@@ -533,6 +534,35 @@ class TestConnectionLimits:
             ConnectionLimits(max_header_bytes=10)
         with pytest.raises(ValueError, match="header_timeout_s must be a finite number > 0"):
             ConnectionLimits(header_timeout_s=0)
+        with pytest.raises(ValueError, match="max_message_bytes must be an int <= 2147483647"):
+            ConnectionLimits(max_message_bytes=2**31)
+
+    def test_body_limits_reach_the_rest_face(self) -> None:
+        """max_request_bytes and max_json_bytes set on the server answer 413 naming them; binary still fits."""
+        server = _echo_server(max_json_bytes=1024, max_request_bytes=4096)
+        try:
+            url = f"http://127.0.0.1:{server.port}/v2/models/m/infer"
+            rows = 64
+            body = {"inputs": [{"name": "x", "shape": [rows, 4], "datatype": "FP32", "data": [1.5] * (rows * 4)}]}
+            with httpx.Client(timeout=WAIT) as client:
+                too_much_json = client.post(url, json=body)
+                assert too_much_json.status_code == 413
+                assert "max_json_bytes=1024" in too_much_json.json()["error"]
+                too_big = client.post(url, content=b"x" * 5000)
+                assert too_big.status_code == 413
+                assert "max_request_bytes=4096" in too_big.json()["error"]
+                raw = np.full((rows, 4), 1.5, np.float32).tobytes()
+                tensor = {
+                    "name": "x",
+                    "shape": [rows, 4],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+                head = json.dumps({"inputs": [tensor]}).encode()
+                ok = client.post(url, content=head + raw, headers={"Inference-Header-Content-Length": str(len(head))})
+                assert ok.status_code == 200, ok.text
+        finally:
+            server.join(WAIT)
 
 
 class TestOpenFiles:

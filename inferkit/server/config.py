@@ -84,6 +84,12 @@ class ConnectionLimits:
                                     half the open-file limit, at most 10,000
     ``grpc_idle_s``                 seconds a gRPC connection without calls stays open
     ``grpc_max_concurrent_streams`` gRPC calls in progress on one connection
+    ``max_request_bytes``           bytes of a REST body, also once decompressed (413 past it)
+    ``max_json_bytes``              bytes of a REST body's JSON part (413: send binary data)
+    ``max_decode_bytes``            estimated memory of the large REST bodies being decoded,
+                                    answers being encoded and bodies being inflated at once
+                                    (413 for one that never fits, 429/503 while busy)
+    ``max_message_bytes``           bytes of a gRPC message, both ways (at most 2**31 - 1)
     ==============================  ===========================================================
     """
 
@@ -94,6 +100,10 @@ class ConnectionLimits:
     max_connections: int | None = attrs.field(default=None, validator=_optional_connections)
     grpc_idle_s: float = attrs.field(default=300.0, validator=number(0, inclusive=False))
     grpc_max_concurrent_streams: int = attrs.field(default=1024, validator=integer(1))
+    max_request_bytes: int = attrs.field(default=64 * 2**20, validator=integer(1))
+    max_json_bytes: int = attrs.field(default=16 * 2**20, validator=integer(1))
+    max_decode_bytes: int = attrs.field(default=2**30, validator=integer(1))
+    max_message_bytes: int = attrs.field(default=256 * 2**20, validator=integer(1, 2**31 - 1))
 
 
 _SERVER_KEYS = {"host", "port", "grpc_port", "grace_s", *attrs.fields_dict(ConnectionLimits)}

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import socket
 import sys
 import time
@@ -53,6 +52,7 @@ from inferkit.server.protocol import (
     check_outputs,
     datatype_of,
     dtype_of,
+    element_count,
     fit,
     from_raw,
     grpc_code,
@@ -75,6 +75,7 @@ ARM_METADATA = ARM
 """The trailing metadata key that names the arm which served a request."""
 
 _INT32_MAX = 2**31 - 1
+_OFFLOAD_BYTES = 2**20  # decode and encode larger messages on a worker thread, as REST does
 _log = logging.getLogger(__name__)
 
 # The InferTensorContents field that carries each datatype, and the dtype protobuf gives its
@@ -336,14 +337,18 @@ class _Servicer:
         model, version = request.model_name, request.model_version or None
         arm: str | None = None
         try:
-            inputs = _decode_inputs(request)
+            large = request.ByteSize() >= _OFFLOAD_BYTES  # decoded off the loop, so others are not held up
+            inputs = await asyncio.to_thread(_decode_inputs, request) if large else _decode_inputs(request)
             requested = _requested_outputs(request)
             if requested:
                 self._check_outputs(model, version, requested)
             key, timeout, priority = _options(request, context)
             result = await self._repository.infer(model, version, inputs, key=key, timeout=timeout, priority=priority)
             arm = result.arm
-            response = _encode_response(request, result.outputs, requested)
+            if sum(np.asarray(o).nbytes for o in result.outputs.values()) >= _OFFLOAD_BYTES:
+                response = await asyncio.to_thread(_encode_response, request, result.outputs, requested)
+            else:
+                response = _encode_response(request, result.outputs, requested)
         except InferkitError as error:
             arm = getattr(error, "arm", None)  # set by Repository.infer when a Router served it
             if arm is not None:
@@ -406,15 +411,15 @@ def _options(request: Any, context: Any) -> tuple[Hashable | None, float | None,
 
 
 def _requested_outputs(request: Any) -> list[str]:
-    names = []
+    names: dict[str, None] = {}  # ordered, and a repeat found in O(1)
     for output in request.outputs:
         if output.parameters:
             refuse_unsupported(output.parameters, f"output {output.name!r}")
         if output.name in names:
-            msg = f"output {output.name!r} is requested twice"
+            msg = f"output {output.name!r:.200} is requested twice"
             raise InvalidInput(msg)
-        names.append(output.name)
-    return names
+        names[output.name] = None
+    return list(names)
 
 
 # -- tensors ---------------------------------------------------------------------------------
@@ -445,9 +450,7 @@ def _decode(tensor: Any, raw: bytes | None) -> Array:
     except InvalidInput as error:
         raise invalid(str(error), name) from None
     shape = tuple(tensor.shape)
-    if shape and min(shape) < 0:
-        raise invalid(f"shape {list(shape)} has a negative dimension", name)
-    count = math.prod(shape)
+    count = element_count(shape, name)
     if raw is not None:
         if tensor.HasField("contents"):
             raise invalid("has both raw_input_contents and contents; send one", name)

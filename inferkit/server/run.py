@@ -296,8 +296,6 @@ class InferenceServer:
         port: int = 8000,
         grpc_port: int | None = 8001,
         metrics: Metrics | None = None,
-        max_request_bytes: int = 64 * 2**20,
-        max_message_bytes: int = 256 * 2**20,
         overload_status: int = 503,
         retry_after_s: float = 1.0,
         grace: float = 30.0,
@@ -315,7 +313,6 @@ class InferenceServer:
         self.grpc_port = grpc_port
         self.grace = grace
         self.metrics = metrics if metrics is not None else Metrics(repository)
-        self.max_message_bytes = max_message_bytes
         self.grpc_listeners = grpc_listeners
         self.loop = loop
         self.limits = limits if limits is not None else ConnectionLimits()
@@ -324,7 +321,9 @@ class InferenceServer:
         app = create_app(
             repository,
             metrics=self.metrics,
-            max_request_bytes=max_request_bytes,
+            max_request_bytes=self.limits.max_request_bytes,
+            max_json_bytes=self.limits.max_json_bytes,
+            max_decode_bytes=self.limits.max_decode_bytes,
             overload_status=overload_status,
             retry_after_s=retry_after_s,
         )
@@ -362,7 +361,7 @@ class InferenceServer:
                 host=self.host,
                 port=self.grpc_port,
                 metrics=self.metrics,
-                max_message_bytes=self.max_message_bytes,
+                max_message_bytes=self.limits.max_message_bytes,
                 listeners=self.grpc_listeners,
                 limits=self.limits,
             )
@@ -439,9 +438,8 @@ def serve(
 ) -> None:
     """Serve a Predictor, a Router, a mapping of them by name, or a Repository until SIGTERM/SIGINT.
 
-    Blocks. ``options`` go to :class:`InferenceServer` (``max_request_bytes``,
-    ``max_message_bytes``, ``overload_status``, ``retry_after_s``, ``grace``, ``log_level``,
-    ``metrics``, ``grpc_listeners``, ``loop``).
+    Blocks. ``options`` go to :class:`InferenceServer` (``limits``, ``overload_status``,
+    ``retry_after_s``, ``grace``, ``log_level``, ``metrics``, ``grpc_listeners``, ``loop``).
     """
     if isinstance(target, Repository):
         repository = target
