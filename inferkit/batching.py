@@ -465,8 +465,9 @@ class Batcher:
             if request.state != _QUEUED or request.parts_left < 0:  # a split request runs from its first part
                 return False
             for part in parts:
-                self._unqueue(part)
-                part.state = _DONE
+                if part.state == _QUEUED:  # another queue's worker may have expired a chunk already
+                    self._unqueue(part)
+                    part.state = _DONE
             request.state = _DONE
             request.parts_left = -1 if request.parts else 0
             request.error = DeadlineExceeded(f"request {request.id} waited past its deadline")
@@ -828,6 +829,8 @@ class Batcher:
                 else:
                     batch, wait = None, replica.ejected_until - now
                 if batch is None:
+                    if self._settle_later:  # requests that expired in _form: deliver them before sleeping
+                        continue
                     listed = replica.usable(now)
                     if listed and replica not in lane.idle:
                         lane.idle.append(replica)

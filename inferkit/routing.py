@@ -23,7 +23,15 @@ import attrs
 import numpy as np
 
 from inferkit.batching import notify_cancelled
-from inferkit.errors import Closed, InvalidInput, ModelError, NoHealthyReplica, Overloaded
+from inferkit.errors import (
+    Closed,
+    DeadlineExceeded,
+    ExecutionTimeout,
+    InvalidInput,
+    ModelError,
+    NoHealthyReplica,
+    Overloaded,
+)
 from inferkit.events import Event, LogObserver, Observer, deliver
 from inferkit.experiments import Experiment, Report
 from inferkit.policies import ABTest, Canary, Feedback, Policy, Route, find_canary
@@ -31,7 +39,7 @@ from inferkit.policies import ABTest, Canary, Feedback, Policy, Route, find_cana
 __all__ = ["Predictive", "RoutedFuture", "Router", "RouterStats", "ShadowStats"]
 
 _FAILURES = (ModelError, NoHealthyReplica)  # what counts against an arm: never the caller's mistakes
-_REFUSALS = (InvalidInput, Overloaded, Closed)  # turned away before the model saw them
+_REFUSALS = (InvalidInput, Overloaded, Closed, DeadlineExceeded)  # the model never saw them
 _REMEMBER = 100_000  # keys and request ids remembered for record()
 
 
@@ -97,10 +105,9 @@ class RouterStats:
     policy: str
 
 
-def _point(key: Hashable) -> float:
-    """A stable point in [0, 1) for a key, the same in every process."""
-    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0**64
+def _key_id(key: Hashable) -> int:
+    """A stable 64-bit digest of a key, the same in every process (unlike ``hash()``: ``hash(-1) == hash(-2)``)."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "big")
 
 
 def _agree(a: Any, b: Any) -> bool:
@@ -152,11 +159,12 @@ class Router:
         self._clock = clock
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._by_key: dict[int, str] = {}  # by hash(key): a client's long keys are not kept alive
+        self._by_key: dict[int, str] = {}  # by _key_id(key): a client's long keys are not kept alive
         self._by_id: dict[int, str] = {}
         self._experiment = Experiment(list(self._arms))
         self._shadow_queue: queue.SimpleQueue[tuple[str, Any, Future[Any]] | None] = queue.SimpleQueue()
         self._shadow_limit = shadow_queue_size
+        self._confirming = 0  # candidate failures being checked against the baseline
         self._shadow_pending = 0  # mirrors queued or running on the candidate
         self._shadow_thread: threading.Thread | None = None
         self._shadow = {"sent": 0, "dropped": 0, "agreed": 0, "disagreed": 0, "errors": 0}
@@ -183,11 +191,11 @@ class Router:
         self._observes = bool(getattr(policy, "observes", True))  # read once: policies are fixed once built
         self._policy = policy
 
-    def _route(self, key: Hashable | None, attributes: Mapping[str, str] | None) -> Route:
+    def _route(self, key_id: int | None, attributes: Mapping[str, str] | None) -> Route:
         if self._closed:
             msg = f"router {self.name!r} is closed"
             raise Closed(msg)
-        u = _point(key) if key is not None else self._rng.random()
+        u = key_id / 2.0**64 if key_id is not None else self._rng.random()  # a key's stable point in [0, 1)
         route = self._policy.route(u, attributes or {})
         if self._on_route is not None:
             self._on_route(route.arm)
@@ -203,16 +211,17 @@ class Router:
         priority: int = 0,
     ) -> Any:
         """Route ``x`` and return the chosen arm's result, exactly as that arm returns it."""
-        route = self._route(key, attributes)
+        key_id = None if key is None else _key_id(key)
+        route = self._route(key_id, attributes)
         start = self._clock()
         try:
             result = self._call(route.arm, "predict", x, timeout, priority)
         except Exception as error:
-            self._served(route.arm, start, error)
+            self._served(route.arm, start, error, x)
             raise
         self._served(route.arm, start, None)
-        if key is not None:
-            self._remember(self._by_key, hash(key), route.arm)
+        if key_id is not None:
+            self._remember(self._by_key, key_id, route.arm)
         if route.shadow is not None:
             done: Future[Any] = Future()
             done.set_result(result)
@@ -229,7 +238,8 @@ class Router:
         priority: int = 0,
     ) -> RoutedFuture:
         """Route ``x`` and return a future of the arm's result; ``future.arm`` names the arm."""
-        route = self._route(key, attributes)
+        key_id = None if key is None else _key_id(key)
+        route = self._route(key_id, attributes)
         outer = RoutedFuture(route.arm, next(self._ids))
         start = self._clock()
         try:
@@ -239,15 +249,15 @@ class Router:
             raise
         outer._inner = inner
         self._remember(self._by_id, outer.request_id, route.arm)
-        if key is not None:
-            self._remember(self._by_key, hash(key), route.arm)
+        if key_id is not None:
+            self._remember(self._by_key, key_id, route.arm)
 
         def relay(done: Future[Any]) -> None:
             if done.cancelled():
                 outer.cancel()
                 return
             error = done.exception()
-            self._served(route.arm, start, error)
+            self._served(route.arm, start, error, x)
             if outer.set_running_or_notify_cancel():
                 if error is None:
                     outer.set_result(done.result())
@@ -282,14 +292,47 @@ class Router:
                 if self._arms[arm] is target or self._closed:
                     raise
 
-    def _served(self, arm: str, start: float, error: BaseException | None) -> None:
+    def _served(self, arm: str, start: float, error: BaseException | None, x: Any = None) -> None:
         if isinstance(error, _REFUSALS):
-            return  # never reached the model: neither a request nor a failure of the arm
+            return  # never ran on the model: neither a request nor a failure of the arm
         now = self._clock()
-        failed = isinstance(error, _FAILURES)
-        self._experiment.observe(arm, now - start, failed)
+        if x is not None and isinstance(error, ModelError) and not isinstance(error, ExecutionTimeout):
+            canary = find_canary(self._policy)
+            if canary is not None and arm == canary.candidate and canary.baseline in self._arms:
+                self._confirm(canary.baseline, arm, x, now - start)
+                return
+        self._count(arm, now - start, failed=isinstance(error, _FAILURES), now=now)
+
+    def _count(self, arm: str, latency: float, *, failed: bool, now: float) -> None:
+        self._experiment.observe(arm, latency, failed)
         if self._observes:
-            self._policy.feedback(Feedback("served", arm, now, latency_s=now - start, failed=failed))
+            self._policy.feedback(Feedback("served", arm, now, latency_s=latency, failed=failed))
+
+    def _confirm(self, baseline: str, arm: str, x: Any, latency: float) -> None:
+        """Count a candidate's model error only if the baseline does not repeat it on the same input.
+
+        A request that fails on both is the request's own error (bad input), and a client must not
+        be able to roll a healthy canary back with it; it counts for neither arm. Confirmations are
+        bounded like shadow mirrors; past the bound the failure is not counted.
+        """
+        with self._lock:
+            if self._confirming >= self._shadow_limit or self._closed:
+                return
+            self._confirming += 1
+
+        def judged(check: Future[Any] | None) -> None:
+            with self._lock:
+                self._confirming -= 1
+            repeated = check is not None and not check.cancelled() and isinstance(check.exception(), ModelError)
+            if not repeated:
+                self._count(arm, latency, failed=True, now=self._clock())
+
+        try:
+            check: Future[Any] = self._arms[baseline].submit(x)
+        except Exception:  # noqa: BLE001 (a baseline that refuses says nothing of the request)
+            judged(None)
+            return
+        check.add_done_callback(judged)
 
     def _remember(self, table: dict[Any, str], key: Any, arm: str) -> None:
         table[key] = arm  # one dict store: atomic, no lock on the request path
@@ -353,7 +396,7 @@ class Router:
 
         Raises ``KeyError`` when the router has not served (or no longer remembers) that key or id.
         """
-        arm = self._by_key.get(hash(key)) if key is not None else self._by_id.get(request_id)  # type: ignore[arg-type]
+        arm = self._by_key.get(_key_id(key)) if key is not None else self._by_id.get(request_id)  # type: ignore[arg-type]
         if arm is None:
             msg = f"no request served for key={key!r} request_id={request_id!r}"
             raise KeyError(msg)

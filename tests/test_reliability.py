@@ -6,6 +6,7 @@ threads and real ONNX Runtime sessions.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, as_completed, wait
@@ -413,3 +414,118 @@ class TestNoClientDegradesAnother:
 def _gated_untyped() -> tuple[Predictor, Model]:
     model = Model()
     return Predictor(lambda: CallableBackend(model)), model
+
+
+class TestFoundByProbing:
+    """Regressions found by a hostile probe after the first round of fixes."""
+
+    def test_requests_expired_at_the_head_are_answered_on_a_quiet_model(self) -> None:
+        """A request whose deadline passed while queued is answered promptly, with no later request to flush it."""
+        with Predictor.from_callable(lambda x: x * 2) as p:
+            futures = []
+            for _ in range(100):
+                futures.append(p.submit(np.ones((1, 4), np.float32), timeout=1e-9))
+                time.sleep(0.001)  # an idle worker between arrivals: it meets each one expired
+            done, pending = wait(futures, timeout=WAIT)
+            assert not pending
+            assert all(isinstance(f.exception(), inferkit.DeadlineExceeded) for f in done)
+
+    def test_a_split_request_expiring_in_several_queues_is_unqueued_once(self) -> None:
+        """With a queue per replica, chunks of one split request expire apart; the counters stay whole."""
+
+        def slow(x: np.ndarray) -> np.ndarray:
+            time.sleep(0.005)
+            return x * 2
+
+        pool = PoolConfig(replicas=2, balancing="round_robin")
+        p = Predictor.from_callable(slow, max_batch_size=4, max_queue_size=64, pool=pool)
+        futures = []
+        for _ in range(150):
+            with contextlib.suppress(inferkit.Overloaded):
+                futures.append(p.submit(np.ones((16, 4), np.float32), timeout=0.005))
+            time.sleep(0.001)
+        _, pending = wait(futures, timeout=WAIT)
+        assert not pending
+        stats = p.stats()
+        assert (stats.queue_depth, stats.queued_rows, stats.in_flight) == (0, 0, 0)
+        closer = threading.Thread(target=p.close)
+        closer.start()
+        closer.join(WAIT)
+        assert not closer.is_alive()
+
+
+class TestCanaryAgainstClients:
+    """A client cannot steer a canary: neither with requests that never run nor with its own bad input."""
+
+    @staticmethod
+    def _model(x: np.ndarray) -> np.ndarray:
+        if (x < 0).any():
+            raise ValueError("negative input")  # the request's own error, on every version
+        return x * 2
+
+    def _predictor(self, name: str) -> Predictor:
+        spec = [TensorSpec("x", np.float32, (None, 4))]
+        return Predictor.from_callable(self._model, inputs=spec, name=name, replicas=2)
+
+    def test_requests_that_expire_unrun_do_not_advance_a_step(self) -> None:
+        """400 requests that expired before running count for nothing: no promotion, no step."""
+        decisions: list[inferkit.CanaryDecision] = []
+        canary = inferkit.Canary(
+            "base", "cand", steps=(0.5, 1.0), min_requests_per_step=50, on_decision=decisions.append
+        )
+        with inferkit.Router({"base": self._predictor("base"), "cand": self._predictor("cand")}, canary) as router:
+            futures = [router.submit(np.ones((1, 4), np.float32), timeout=1e-9) for _ in range(400)]
+            wait(futures, timeout=WAIT)
+            assert not decisions
+            assert canary.state is inferkit.CanaryState.RUNNING
+
+    def test_bad_input_that_the_baseline_repeats_does_not_roll_back(self) -> None:
+        """Bad requests that fail on both versions never count against the candidate."""
+        decisions: list[inferkit.CanaryDecision] = []
+        canary = inferkit.Canary(
+            "base", "cand", steps=(0.05, 1.0), min_requests_per_step=500, on_decision=decisions.append
+        )
+        base, cand = self._predictor("base"), self._predictor("cand")
+        with inferkit.Router({"base": base, "cand": cand}, canary, seed=1) as router:
+            for _ in range(100):
+                router.predict(np.ones((1, 4), np.float32))
+            for i in range(200):
+                with pytest.raises(ModelError):
+                    router.predict(-np.ones((1, 4), np.float32), key=f"k{i}")
+            base.close(WAIT)  # lets every confirmation finish before the state is read
+            assert not [d for d in decisions if d.action == "rollback"]
+            assert canary.state is inferkit.CanaryState.RUNNING
+
+    def test_a_candidate_that_fails_alone_is_rolled_back(self) -> None:
+        """A failure the baseline does not repeat is the candidate's: the guard rolls it back."""
+        decisions: list[inferkit.CanaryDecision] = []
+        canary = inferkit.Canary(
+            "base", "cand", steps=(0.5, 1.0), min_requests_per_step=50, on_decision=decisions.append
+        )
+
+        def broken(x: np.ndarray) -> np.ndarray:
+            raise RuntimeError("candidate bug")
+
+        cand = Predictor.from_callable(broken, inputs=[TensorSpec("x", np.float32, (None, 4))], name="cand")
+        with inferkit.Router({"base": self._predictor("base"), "cand": cand}, canary, seed=0) as router:
+            for i in range(200):
+                if canary.state is not inferkit.CanaryState.RUNNING:
+                    break
+                with contextlib.suppress(ModelError):
+                    router.predict(np.ones((1, 4), np.float32), key=i)
+                time.sleep(0.001)  # lets the baseline's confirmations land between requests
+            deadline = time.monotonic() + WAIT
+            while canary.state is inferkit.CanaryState.RUNNING and time.monotonic() < deadline:
+                time.sleep(0.01)  # confirmations are asynchronous
+            assert canary.state is inferkit.CanaryState.ROLLED_BACK
+
+    def test_sticky_keys_that_python_hashes_alike_are_kept_apart(self) -> None:
+        """record() credits the arm of exactly that key: hash(-1) == hash(-2) in Python, not here."""
+        a, b = Predictor.from_callable(lambda x: x), Predictor.from_callable(lambda x: x)
+        with inferkit.Router({"a": a, "b": b}, inferkit.ABTest({"a": 0.5, "b": 0.5})) as router:
+            served = {}
+            for key in range(-200, 0):
+                router.predict(np.ones((1, 2)), key=key)
+                served[key] = router.record(1.0, key=key)
+            pairs = [(k, k - 1) for k in range(-199, 0) if served[k] != served[k - 1]]
+            assert pairs  # some neighbours went to different arms, and each kept its own
