@@ -181,22 +181,7 @@ class Predictor:
         when the request is refused, and ``DeadlineExceeded``, ``ModelError`` (or its
         ``ExecutionTimeout``) when it fails after it was accepted.
         """
-        request = self._request(x, timeout, priority)
-        waiter = threading.Lock()
-        waiter.acquire()
-        request.waiter = waiter
-        inline = self._batcher.put(request, inline=True)
-        if inline is not None:
-            self._batcher.run_inline(*inline)
-        if request.deadline is None:
-            waiter.acquire()
-        elif not waiter.acquire(timeout=min(max(request.deadline - time.monotonic(), 0.0), threading.TIMEOUT_MAX)):
-            if self._batcher.withdraw(request):
-                raise request.error  # type: ignore[misc]
-            waiter.acquire()  # it started before its deadline: it finishes
-        if request.error is not None:
-            raise request.error
-        return request.value
+        return self._batcher.call(self._request(x, timeout, priority))
 
     def submit(self, x: Any, *, timeout: float | None = None, priority: int = 0) -> RequestFuture:
         """Queue ``x`` and return a :class:`concurrent.futures.Future` of its result.

@@ -111,7 +111,7 @@ def test_arrivals_that_skip_the_queue_still_count_for_the_quiet_rule() -> None:
     """Synchronous calls that find every replica idle run without queueing, but still update the
     smoothed arrival gap that decides when arrivals went quiet (the lane's private bookkeeping)."""
     with Predictor.from_callable(lambda a: a * 2, max_batch_size=8) as predictor:
-        lane = predictor._batcher._lanes[0]  # the state under test
+        lane = predictor._batcher._set.lanes[0]  # the state under test
         arrivals = []
         for i in range(5):
             np.testing.assert_array_equal(predictor.predict(rows(float(i))), rows(float(i)) * 2)

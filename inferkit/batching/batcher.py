@@ -1,0 +1,621 @@
+"""The batcher: admission, the worker loop, and what happens when a batch ends.
+
+Locking rule: one lock per batcher guards every lane, replica and counter. It is held for
+microseconds at a time, never across a model call, a backend load or the settling of a
+caller's future: outcomes decided under the lock are collected and delivered after it
+(``_settle_later`` for what other threads decide, a worker's ``done`` list for its own batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from inferkit._timer import Timer
+from inferkit.backends.base import Backend, BackendFactory
+from inferkit.batching import assembly
+from inferkit.batching.config import BatchConfig
+from inferkit.batching.counters import Counters
+from inferkit.batching.execute import Outcome, model_error, run_batch
+from inferkit.batching.lane import Batch, Lane, drop
+from inferkit.batching.replicas import ReplicaSet
+from inferkit.batching.request import DONE, QUEUED, RUNNING, Request, notify_cancelled, settle_all
+from inferkit.errors import (
+    Closed,
+    DeadlineExceeded,
+    ExecutionTimeout,
+    InferkitError,
+    InvalidInput,
+    ModelError,
+    NoHealthyReplica,
+    Overloaded,
+)
+from inferkit.events import BatchDone, Event, ReplicaEjected, ReplicaReplaced, RequestsExpired
+from inferkit.pool import PoolConfig, Replica, ReplicaState, record_batch
+from inferkit.stats import ReplicaStats, Stats
+
+__all__ = ["Batcher"]
+
+_Result = tuple[list[Outcome], bool, float, float]  # outcomes, replica fault, when the call ended, its time
+
+
+class Batcher:
+    """Queues requests and runs them in batches on a pool of replicas. Thread-safe."""
+
+    def __init__(
+        self,
+        factory: BackendFactory,
+        batching: BatchConfig,
+        pool: PoolConfig,
+        *,
+        name: str = "model",
+        emit: Callable[[Event], None] | None = None,
+        verbose: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.config = batching
+        self.pool = pool
+        self._factory = factory
+        self._emit = emit
+        self._verbose = verbose
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._set = ReplicaSet(name, pool.balancer(), self._lock)
+        self._timer = Timer(f"inferkit-{name}-timer")
+        self._ids = itertools.count(1)
+        self._closing = False
+        self._stopped = False
+        self._settle_later: list[Request] = []  # settled under the lock by another thread, delivered after it
+        self._running: dict[str, Batch] = {}  # by replica name
+        self._counts = Counters()
+        for _ in range(pool.replicas):
+            self._set.add(factory(), self._work)
+
+    # -- admission -----------------------------------------------------------------------
+
+    def next_id(self) -> int:
+        """A fresh request id."""
+        return next(self._ids)
+
+    def reject(self, error: InferkitError) -> None:
+        """Count a request refused before admission (e.g. ``InvalidInput``)."""
+        with self._lock:
+            self._counts.reject(error)
+
+    def call(self, request: Request) -> Any:
+        """Run ``request`` for a synchronous caller and return its result (or raise its error).
+
+        The fast path: when a replica is idle and nothing is queued, the caller's own thread
+        runs the batch, with no hand-off. Past its deadline a request still queued is withdrawn.
+        """
+        waiter = threading.Lock()
+        waiter.acquire()
+        request.waiter = waiter
+        inline = self.put(request, inline=True)
+        if inline is not None:
+            self.run_inline(*inline)
+        if request.deadline is None:
+            waiter.acquire()
+        elif not waiter.acquire(timeout=min(max(request.deadline - time.monotonic(), 0.0), threading.TIMEOUT_MAX)):
+            if self.withdraw(request):
+                raise request.error  # type: ignore[misc]
+            waiter.acquire()  # it started before its deadline: it finishes
+        if request.error is not None:
+            raise request.error
+        return request.value
+
+    def put(self, request: Request, *, inline: bool = False) -> tuple[Batch, Replica] | None:
+        """Queue ``request`` (split into parts when it has more rows than a batch).
+
+        Raises ``InvalidInput`` (a request no queue could ever hold), ``Closed``, ``Overloaded``
+        or ``NoHealthyReplica`` without queueing anything. With ``inline``, when a replica is
+        idle and a batch should go now, the batch and the replica are returned, already claimed,
+        for the caller to :meth:`run_inline`.
+        """
+        max_rows = self.config.max_batch_size
+        count = 1 if request.rows <= max_rows else -(-request.rows // max_rows)
+        if count > self.config.max_queue_size:  # refused before any work per part
+            limit = self.config.max_queue_size
+            error = InvalidInput(
+                f"request {request.id} has {request.rows} rows, {count} batches of max_batch_size={max_rows}; "
+                f"max_queue_size={limit} batches is the most one request can take "
+                f"(send at most {max_rows * limit} rows per request)"
+            )
+            self.reject(error)
+            raise error
+        chunks = min(count, len(self._set.lanes)) if self._set.balancer is not None else 1
+        parts = [request] if count == 1 else assembly.split(request, max_rows, count, chunks)
+        with self._lock:
+            now = self._clock()
+            refusal = self._refusal(count, now)
+            if refusal is not None:
+                self._counts.reject(refusal)
+                raise refusal
+            self._counts.accepted += 1
+            inline = inline and count == 1 and self.pool.execution_timeout is None
+            if inline and self._set.balancer is None:
+                lane = self._set.lanes[0]
+                if not lane.count and lane.idle and not self._running:
+                    # Nothing queued and every replica idle: skip the queue altogether.
+                    lane.arrived(now)
+                    replica = lane.idle.pop()
+                    request.state = RUNNING
+                    batch = Batch([request], request.rows, "idle")
+                    self._start(replica, batch)
+                    return batch, replica
+            if request.future is not None:
+                top = request
+                request.future._on_cancel = lambda: self._cancel(top)
+            for part in parts:
+                lane = self._set.lane_for(now)
+                lane.push(part, now)
+                if part is not parts[-1]:
+                    lane.wake(part.parts_n)  # parts may run on several replicas at once
+            if inline and lane.idle:
+                replica = lane.idle[-1]
+                formed, _ = self._form(lane, replica, now)
+                if formed is not None:
+                    lane.idle.pop()
+                    self._start(replica, formed)
+                    return formed, replica
+            lane.wake(parts[-1].parts_n)
+        if self._settle_later:
+            self._flush()
+        return None
+
+    def _refusal(self, parts: int, now: float) -> InferkitError | None:
+        if self._closing:
+            return Closed(f"predictor {self.name!r} is closed")
+        limit = self.config.max_queue_size
+        queued = self._set.queued()
+        if queued + parts > limit:
+            return Overloaded(queued, limit)
+        if not self._set.can_serve(now):
+            return NoHealthyReplica(f"no healthy replica of {self.name!r}")
+        return None
+
+    def _flush(self) -> None:
+        """Deliver what other threads settled under the lock (expired, failed on ejection)."""
+        with self._lock:
+            done, self._settle_later = self._settle_later, []
+        settle_all(done)
+
+    # -- cancellation and deadlines --------------------------------------------------------
+
+    def _cancel(self, top: Request) -> None:
+        """The caller cancelled ``top``'s future: take whatever of it is queued off the queues."""
+        with self._lock:
+            if top.state is QUEUED and top.avoid is None and drop(top):
+                self._counts.cancelled += 1
+            self._drained.notify_all()
+
+    def withdraw(self, request: Request) -> bool:
+        """Fail ``request`` with ``DeadlineExceeded`` if none of it has started; whether it was."""
+        with self._lock:
+            if request.state is not QUEUED or request.avoid is not None:  # a split request runs from its first part
+                return False
+            drop(request)
+            request.error = DeadlineExceeded(f"request {request.id} waited past its deadline")
+            self._counts.ended(request.error)
+            self._drained.notify_all()
+        self._event(RequestsExpired(self.name, (request.id,)))
+        return True
+
+    def expire_at(self, request: Request, deadline: float) -> None:
+        """Settle a queued ``request`` with ``DeadlineExceeded`` at ``deadline``, promptly."""
+        ref = weakref.ref(request)  # the timer must not keep a finished request (and its arrays) alive
+
+        def expire() -> None:
+            alive = ref()
+            if alive is not None and self.withdraw(alive):
+                alive.settle()
+
+        entry = self._timer.schedule(deadline, expire)
+        request.expiry = (self._timer, entry)
+        if request.future is not None and request.future.done():  # settled before the line above
+            self._timer.cancel(entry)
+
+    # -- batches ---------------------------------------------------------------------------
+
+    def _form(self, lane: Lane, replica: Replica, now: float) -> tuple[Batch | None, float | None]:
+        """``lane.form`` plus what it cleared: expired requests settled later, cancellations counted."""
+        formed = lane.form(replica, now, self.config)
+        self._counts.cancelled += formed.cancelled
+        if formed.cancelled:
+            self._drained.notify_all()
+        if formed.expired:
+            self._fail(formed.expired, lambda r: DeadlineExceeded(f"request {r.id} waited past its deadline"))
+            self._event(RequestsExpired(self.name, tuple(r.id for r in formed.expired)))
+        return formed.batch, formed.wait
+
+    def _fail(self, requests: list[Request], make_error: Callable[[Request], InferkitError]) -> None:
+        """Settle requests taken off the queue with an error each (under the lock; delivered after it)."""
+        self._settle_later.extend(self._tally([(r, None, make_error(r)) for r in requests]))
+
+    def _start(self, replica: Replica, batch: Batch) -> None:
+        replica.busy = True
+        replica.running_rows = batch.rows
+        self._running[replica.name] = batch
+
+    def run_inline(self, batch: Batch, replica: Replica) -> None:
+        """Run a batch returned by :meth:`put` on the caller's thread, then free the replica."""
+        result = self._execute(batch, replica)
+        with self._lock:
+            done = self._finish(batch, replica, result)
+            lane = replica.lane
+            if lane.count or self._closing or not replica.usable(self._clock()):
+                replica.cond.notify()  # its worker takes over: work is queued, or a cooldown to time
+            elif replica not in lane.idle:
+                lane.idle.append(replica)
+        settle_all(done)
+        if self._settle_later:
+            self._flush()
+
+    def _execute(self, batch: Batch, replica: Replica) -> _Result | None:
+        """Run ``batch`` on ``replica`` (no lock held); None when the watchdog settled it first."""
+        timeout = self.pool.execution_timeout
+        start = self._clock()
+        watchdog = None
+        if timeout is not None:
+            watchdog = self._timer.schedule(start + timeout, lambda: self._on_hang(batch, replica))
+        outcomes, fault = run_batch(batch.requests, replica.backend)
+        end = self._clock()
+        if watchdog is not None:
+            self._timer.cancel(watchdog)  # it holds the batch, arrays and all
+        if not batch.claim.acquire(blocking=False):
+            return None
+        if self._emit is not None and self._verbose():
+            failed = tuple(r.id for r, _, e in outcomes if e is not None)
+            ids = tuple(r.id for r in batch.requests)
+            self._event(BatchDone(self.name, replica.name, ids, batch.rows, batch.reason, end - start, failed))
+        return outcomes, fault, end, end - start
+
+    def _finish(self, batch: Batch, replica: Replica, result: _Result | None) -> list[Request]:
+        """Count a batch's outcomes and free its replica (under the lock); return what to settle."""
+        if result is None:  # the watchdog took over; the replica is gone
+            return []
+        outcomes, fault, now, spent = result
+        final: list[Outcome] = []
+        blamed: list[Replica] = []
+        worked = False
+        for req, value, failure in outcomes:
+            error = failure
+            if error is None:
+                worked = True
+                if req.blame and req.avoid is not None:  # it failed there and worked here: that replica's fault
+                    blamed.append(req.avoid)
+            elif self._retry(req, replica, error, fault=fault, now=now):
+                continue
+            elif fault:
+                error = model_error(req, error)
+            final.append((req, value, error))
+        done = self._tally(final)
+        latencies = [now - r.t0 for r, _, _ in final]
+        self._counts.batch(batch.rows, batch.reason, latencies, spent)
+        replica.batches += 1
+        replica.requests += len(batch.requests)
+        replica.record_latencies(latencies)
+        # A request's own failure says nothing of the replica; only a fault, or a failure that
+        # another replica did not repeat, counts against it.
+        if fault or worked:
+            self._health(replica, ok=not fault, now=now)
+        for bad in blamed:  # unless ejected since: what failed before the ejection is no failed probe
+            if bad in self._set.all and (bad.state is not ReplicaState.EJECTED or now >= bad.ejected_until):
+                self._health(bad, ok=False, now=now)
+        self._running.pop(replica.name, None)
+        replica.busy = False
+        replica.running_rows = 0
+        if self._closing:
+            self._drained.notify_all()
+        return done
+
+    def _retry(self, req: Request, replica: Replica, error: BaseException, *, fault: bool, now: float) -> bool:
+        """Queue a request that failed on ``replica`` for one try on another replica; whether it was."""
+        if req.avoid is not None or self._closing:
+            return False
+        if not fault and (not isinstance(error, ModelError) or isinstance(error, ExecutionTimeout)):
+            return False  # the request's own error (InvalidInput from the backend): no retry
+        if self._set.balancer is None:
+            lane = replica.lane
+            if not lane.usable_besides(replica, now):
+                return False
+        else:
+            lanes = self._set.other_lanes(replica.lane, now)
+            if not lanes:
+                return False
+            lane = self._set.choose(lanes)
+        req.avoid = replica
+        req.blame = not fault  # a fault is counted already
+        req.state = QUEUED
+        lane.push(req, now)
+        lane.wake()
+        self._counts.retried += 1
+        return True
+
+    def _health(self, replica: Replica, *, ok: bool, now: float) -> None:
+        """Record a verdict on ``replica``; eject it when that is the verdict's consequence."""
+        if record_batch(replica, ok, now, self.pool, self._set.all):
+            cooldown = replica.ejected_until - now
+            self._event(ReplicaEjected(self.name, replica.name, replica.consecutive_failures, cooldown))
+            self._after_ejection(replica)
+
+    def _tally(self, outcomes: list[Outcome]) -> list[Request]:
+        """File outcomes (parts into their request); count and return the requests now settled."""
+        done = []
+        for req, value, error in outcomes:
+            req.state = DONE
+            if req.parent is None:
+                req.value, req.error = value, error
+                top = req
+            else:
+                whole = assembly.complete(req, value, error)
+                if whole is None:
+                    continue
+                top = whole
+            self._counts.ended(top.error)
+            done.append(top)
+        if self._closing:
+            self._drained.notify_all()
+        return done
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def _work(self, replica: Replica) -> None:
+        lane: Lane = replica.lane
+        done: list[Request] = []
+        self._lock.acquire()
+        try:
+            while True:
+                if done or self._settle_later:
+                    done.extend(self._settle_later)
+                    self._settle_later = []
+                    self._lock.release()
+                    settle_all(done)
+                    done = []
+                    self._lock.acquire()
+                state = replica.state
+                if state is ReplicaState.DEAD or (self._stopped and not replica.busy):
+                    break
+                if replica.busy:  # lent to a caller's thread
+                    replica.cond.wait()
+                    continue
+                now = self._clock()
+                if state is ReplicaState.DRAINING and (self._set.balancer is None or lane.count == 0):
+                    break
+                if state is ReplicaState.DRAINING or replica.usable(now):
+                    batch, wait = self._form(lane, replica, now)
+                else:
+                    batch, wait = None, replica.ejected_until - now
+                if batch is None:
+                    if self._settle_later:  # requests that expired in _form: deliver them before sleeping
+                        continue
+                    if replica.usable(now) and replica not in lane.idle:
+                        lane.idle.append(replica)
+                    replica.cond.wait(wait)
+                    if replica in lane.idle and not replica.busy:
+                        lane.idle.remove(replica)
+                    continue
+                self._start(replica, batch)
+                self._lock.release()
+                try:
+                    result = self._execute(batch, replica)
+                finally:
+                    self._lock.acquire()
+                if result is None:  # the watchdog gave up on this call and replaced the replica
+                    break
+                done = self._finish(batch, replica, result)
+        finally:
+            if replica in lane.idle:
+                lane.idle.remove(replica)
+            if replica.state is not ReplicaState.DEAD or not replica.busy:
+                self._retire(replica)
+            done.extend(self._settle_later)
+            self._settle_later = []
+            self._lock.release()
+            settle_all(done)
+
+    # -- replica lifecycle -----------------------------------------------------------------
+
+    def _retire(self, replica: Replica) -> None:
+        """Drop a replica whose worker has stopped (under the lock) and free its model."""
+        self._set.remove(replica, keep_lane=self._stopped)
+        with contextlib.suppress(Exception):  # a failing close must not break the worker's cleanup
+            replica.backend.close()
+        self._drained.notify_all()
+
+    def _after_ejection(self, replica: Replica) -> None:
+        """Move a lane's queue elsewhere, or fail it when no replica can serve it."""
+        now = self._clock()
+        if self._set.balancer is not None:
+            others = self._set.other_lanes(replica.lane, now)
+            if others:
+                self._migrate(replica.lane, others)
+                return
+        if not self._set.usable(now) and not self._set.loading:
+            self._fail_queued(lambda: NoHealthyReplica(f"no healthy replica of {self.name!r}"))
+
+    def _migrate(self, lane: Lane, others: list[Lane]) -> None:
+        now = self._clock()
+        entries = [e for e in lane.heap if e[2].state is QUEUED]
+        lane.heap.clear()
+        for _, _, req in entries:
+            lane.unqueue(req)
+            target = self._set.choose(others)
+            target.push(req, now)
+            target.wake()
+
+    def _fail_queued(self, make_error: Callable[[], InferkitError]) -> None:
+        """Settle every queued request with a fresh error (under the lock; delivered after it)."""
+        queued = []
+        for lane in self._set.lanes:
+            for _, _, req in lane.heap:
+                if req.state is QUEUED:
+                    lane.unqueue(req)
+                    if req.future is not None and req.parent is None:
+                        notify_cancelled(req.future)
+                    queued.append(req)
+            lane.heap.clear()
+        self._fail(queued, lambda _: make_error())
+
+    def _on_hang(self, batch: Batch, replica: Replica) -> None:
+        """The watchdog: the model call outlived ``execution_timeout``; fail it and replace the replica."""
+        if not batch.claim.acquire(blocking=False):
+            return
+        timeout = self.pool.execution_timeout
+        outcomes: list[Outcome] = [
+            (r, None, ExecutionTimeout(f"the model call holding request {r.id} ran past {timeout} s"))
+            for r in batch.requests
+        ]
+        with self._lock:
+            done = self._tally(outcomes)
+            replica.state = ReplicaState.DEAD
+            self._running.pop(replica.name, None)
+            self._set.remove(replica, keep_lane=True)
+            if not self._closing:
+                self._set.loading += 1
+                self._set.start(
+                    threading.Thread(
+                        target=self._replace, args=(replica,), name=f"inferkit-replace-{replica.name}", daemon=True
+                    )
+                )
+            self._drained.notify_all()
+        settle_all(done)
+        self._event(ReplicaReplaced(self.name, replica.name, tuple(r.id for r in batch.requests), not self._closing))
+
+    def _replace(self, dead: Replica) -> None:
+        try:
+            backend: Backend | None = self._factory()
+        except Exception:  # noqa: BLE001 (a replacement that cannot load leaves the pool smaller)
+            backend = None
+        with self._lock:
+            self._set.loading -= 1
+            if backend is None:
+                self._after_ejection(dead)
+            elif self._closing:
+                backend.close()
+            else:
+                self._set.add(backend, self._work, dead.lane if self._set.balancer is not None else None)
+                dead.lane.wake()
+        self._flush()
+
+    def reconfigure(self, config: BatchConfig) -> None:
+        """Change batching at run time; queued requests are batched under the new settings."""
+        with self._lock:
+            self.config = config
+            for lane in self._set.lanes:
+                lane.wake()
+
+    def resize(self, replicas: int) -> None:
+        """Grow or shrink the pool; a removed replica finishes what it holds and drains its queue."""
+        if replicas < 1:
+            msg = f"replicas must be >= 1, got {replicas}"
+            raise ValueError(msg)
+        with self._lock:
+            if self._closing:
+                raise Closed(f"predictor {self.name!r} is closed")
+            live = self._set.live()
+            extra = len(live) - replicas
+        if extra < 0:
+            backends = [self._factory() for _ in range(-extra)]
+            with self._lock:
+                for backend in backends:
+                    self._set.add(backend, self._work)
+                return
+        with self._lock:
+            # Remove ejected, then idle, then busy replicas (never a busy one before an idle one).
+            order = sorted(live, key=lambda r: (r.state is not ReplicaState.EJECTED, r.busy, r.running_rows))
+            for replica in order[:extra]:
+                replica.state = ReplicaState.DRAINING
+                if self._set.balancer is not None:
+                    self._migrate(replica.lane, self._set.other_lanes(replica.lane, self._clock()))
+                replica.cond.notify()
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking requests, let queued and running ones finish, then stop every thread.
+
+        What is still queued when ``timeout`` runs out ends in ``Closed``; a model call that is
+        still running gets until the workers are joined (another ``timeout``), then its
+        requests end in ``Closed`` too.
+        """
+        end = None if timeout is None else self._clock() + timeout
+        with self._lock:
+            self._closing = True
+            for lane in self._set.lanes:
+                for replica in lane.idle:
+                    replica.cond.notify()
+            while self._set.queued() or self._running:
+                left = None if end is None else end - self._clock()
+                if left is not None and left <= 0:
+                    break
+                self._drained.wait(left)
+            self._fail_queued(lambda: Closed(f"predictor {self.name!r} closed before the request ran"))
+            self._stopped = True
+            for replica in list(self._set.all):
+                replica.cond.notify_all()
+            threads = [r.thread for r in self._set.all if r.thread is not None]
+            threads += [t for t in self._set.threads if t.name.startswith("inferkit-replace")]
+        self._flush()
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout)
+        self._abandon_running()
+        self._timer.close(timeout)
+
+    def _abandon_running(self) -> None:
+        """Settle with ``Closed`` what still runs on workers that did not stop in time."""
+        with self._lock:
+            batches = list(self._running.values())
+        for batch in batches:
+            if batch.claim.acquire(blocking=False):
+                outcomes: list[Outcome] = [
+                    (r, None, Closed(f"predictor {self.name!r} closed while request {r.id} ran"))
+                    for r in batch.requests
+                ]
+                with self._lock:
+                    done = self._tally(outcomes)
+                settle_all(done)
+
+    # -- observability ---------------------------------------------------------------------
+
+    def _event(self, event: Event) -> None:
+        if self._emit is not None:
+            self._emit(event)
+
+    def stats(self, state: str) -> Stats:
+        """A consistent snapshot of the counters."""
+        with self._lock:
+            replicas = tuple(
+                ReplicaStats(
+                    r.name,
+                    r.state.value,
+                    r.backend.device,
+                    r.batches,
+                    r.requests,
+                    r.failed_batches,
+                    r.ejections,
+                    *r.percentiles(),
+                )
+                for r in self._set.all
+            )
+            queued_rows = sum(ln.rows for ln in self._set.lanes)
+            return self._counts.snapshot(state, self._set.queued(), queued_rows, replicas)
+
+    def first_backend(self) -> Backend:
+        """The first replica's backend (to read the signature and device from)."""
+        with self._lock:
+            return self._set.all[0].backend
+
+    def healthy(self) -> bool:
+        """Whether at least one replica can take work now."""
+        now = self._clock()
+        with self._lock:
+            return self._set.usable(now)

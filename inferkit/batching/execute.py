@@ -1,0 +1,99 @@
+"""One batch through a backend: concatenate, call, check, split the outputs; bisect on failure.
+
+Runs with no lock held, on a replica's worker or a caller's thread. A model call that raises is
+retried on halves of the batch until the failing requests are isolated, so one bad request
+never fails its neighbours; a :class:`~inferkit.ReplicaFault` stops that (the replica is
+broken, not the requests).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from inferkit.backends.base import Backend, ReplicaFault
+from inferkit.batching.request import Request
+from inferkit.errors import InvalidInput, ModelError
+
+__all__ = ["Outcome", "model_error", "run_batch"]
+
+Outcome = tuple[Request, Any, BaseException | None]
+
+
+def run_batch(requests: list[Request], backend: Backend) -> tuple[list[Outcome], bool]:
+    """Every request's outcome, and whether the backend reported a fault of its own."""
+    outcomes: list[Outcome] = []
+    try:
+        _run(requests, backend, outcomes)
+    except ReplicaFault as exc:  # what has not run yet is retried elsewhere
+        ran = {id(r) for r, _, _ in outcomes}
+        outcomes.extend((r, None, exc) for r in requests if id(r) not in ran)
+        return outcomes, True
+    return outcomes, False
+
+
+def _run(requests: list[Request], backend: Backend, outcomes: list[Outcome]) -> None:
+    try:
+        outputs = _call(requests, backend)
+    except ReplicaFault:
+        raise
+    except Exception as exc:  # noqa: BLE001 (any model failure is isolated and typed below)
+        if len(requests) == 1:
+            error = exc if isinstance(exc, InvalidInput) else model_error(requests[0], exc)
+            outcomes.append((requests[0], None, error))
+            return
+        mid = len(requests) // 2
+        _run(requests[:mid], backend, outcomes)
+        _run(requests[mid:], backend, outcomes)
+        return
+    outcomes.extend(outputs)
+
+
+def _call(requests: list[Request], backend: Backend) -> list[Outcome]:
+    if len(requests) == 1:
+        inputs = requests[0].inputs
+        assert inputs is not None
+        rows = requests[0].rows
+    else:
+        names = requests[0].inputs or {}
+        inputs = {n: np.concatenate([r.inputs[n] for r in requests]) for n in names}  # type: ignore[index]
+        rows = sum(r.rows for r in requests)
+    outputs = backend.run(inputs)
+    signature = backend.signature
+    if signature is not None:
+        outputs = signature.check_outputs(outputs)
+    arrays = list(outputs.values())
+    for name, arr in outputs.items():
+        if not isinstance(arr, np.ndarray) or arr.ndim == 0 or arr.shape[0] != rows:
+            got = arr.shape if isinstance(arr, np.ndarray) else type(arr).__name__
+            msg = f"output {name!r} must have {rows} rows (one per input row), got {got}"
+            raise ModelError(msg)
+    single = len(arrays) == 1
+    if len(requests) == 1:
+        return [(requests[0], arrays[0] if single else dict(outputs), None)]
+    result: list[Outcome] = []
+    start = 0
+    if single:
+        arr = arrays[0]
+        for r in requests:
+            stop = start + r.rows
+            result.append((r, arr[start:stop], None))
+            start = stop
+    else:
+        items = list(outputs.items())
+        for r in requests:
+            stop = start + r.rows
+            result.append((r, {k: v[start:stop] for k, v in items}, None))
+            start = stop
+    return result
+
+
+def model_error(request: Request, exc: BaseException) -> ModelError:
+    """The ``ModelError`` a request gets for the model's exception ``exc``."""
+    if isinstance(exc, ModelError):
+        error = ModelError(f"request {request.id}: {exc}")
+    else:
+        error = ModelError(f"the model failed on request {request.id}: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error

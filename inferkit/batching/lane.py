@@ -1,0 +1,197 @@
+"""A lane: a priority queue of requests, and the rule that forms a batch from it.
+
+The lane owns no lock and counts nothing for ``stats()``: the batcher calls it under its lock
+and does the counting. With the shared queue there is one lane for every replica; with a
+balancer, one per replica.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from collections.abc import Hashable
+from typing import TYPE_CHECKING
+
+from inferkit.batching.assembly import carve
+from inferkit.batching.request import DONE, QUEUED, RUNNING, Request, notify_cancelled
+
+if TYPE_CHECKING:
+    from inferkit.batching.config import BatchConfig
+    from inferkit.pool import Replica
+
+__all__ = ["Batch", "Formed", "Lane"]
+
+_MAX_SKIPPED = 64  # queued requests of other shapes looked past while filling one batch
+
+
+class Batch:
+    """Requests that run together in one model call."""
+
+    __slots__ = ("claim", "reason", "requests", "rows")
+
+    def __init__(self, requests: list[Request], rows: int, reason: str) -> None:
+        self.requests = requests
+        self.rows = rows
+        self.reason = reason
+        # Exactly one of the worker and the execution-timeout watchdog settles the batch.
+        self.claim = threading.Lock()
+
+
+class Formed:
+    """What :meth:`Lane.form` found: a batch or how long to wait, and what it cleared off the queue."""
+
+    __slots__ = ("batch", "cancelled", "expired", "wait")
+
+    def __init__(self) -> None:
+        self.batch: Batch | None = None
+        self.wait: float | None = None  # with no batch: seconds until one may be due (None: until woken)
+        self.expired: list[Request] = []  # queued past their deadline, now off the queue
+        self.cancelled = 0  # requests whose caller cancelled them, now off the queue
+
+
+class Lane:
+    """A priority queue (highest first, then oldest) served by one or more replicas."""
+
+    __slots__ = ("count", "gap", "heap", "idle", "last_arrival", "replicas", "rows", "seq", "since")
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[int, int, Request]] = []
+        self.seq = itertools.count()
+        self.count = 0  # queued parts (the heap may hold settled entries, skipped lazily)
+        self.rows = 0
+        self.since = 0.0  # arrival of the oldest queued request (FIFO head)
+        self.last_arrival = 0.0
+        self.gap = 0.0  # smoothed time between arrivals
+        self.replicas: list[Replica] = []
+        self.idle: list[Replica] = []  # replicas whose worker waits for work
+
+    def load(self) -> int:
+        """Rows queued here and running on its replicas (what a balancer compares)."""
+        return self.rows + sum(r.running_rows for r in self.replicas)
+
+    def arrived(self, now: float) -> None:
+        """Track the smoothed gap between arrivals, which tells when arrivals went quiet."""
+        if self.last_arrival:
+            self.gap += 0.1 * (now - self.last_arrival - self.gap)
+        self.last_arrival = now
+
+    def push(self, request: Request, now: float) -> None:
+        """Queue a request (or a chunk of parts)."""
+        if self.count == 0:
+            self.since = now
+        self.arrived(now)
+        request.lane = self
+        heapq.heappush(self.heap, (-request.priority, next(self.seq), request))
+        self.count += request.parts_n
+        self.rows += request.rows
+
+    def unqueue(self, request: Request) -> None:
+        """Uncount a queued request; its heap entry is skipped when it reaches the head."""
+        self.count -= request.parts_n
+        self.rows -= request.rows
+
+    def wake(self, count: int = 1) -> None:
+        """Wake ``count`` idle workers so they can form batches or start their delay timers."""
+        for replica in self.idle[-count:]:
+            replica.cond.notify()
+
+    def usable_besides(self, replica: Replica, now: float) -> bool:
+        """Whether another replica of this lane can take work now."""
+        return any(r is not replica and r.usable(now) for r in self.replicas)
+
+    def form(self, replica: Replica, now: float, config: BatchConfig) -> Formed:
+        """A batch for ``replica`` if one should go now, else how long to wait.
+
+        A batch goes when full, when its oldest request waited ``max_delay_ms``, or when waiting
+        cannot grow it (no other replica of the lane is busy, or arrivals went quiet). Expired and
+        cancelled requests met on the way are taken off the queue and reported.
+        """
+        formed = Formed()
+        if self.count == 0:
+            return formed
+        max_rows = config.max_batch_size
+        delay = config.max_delay_ms / 1000.0
+        if self.rows >= max_rows:
+            reason = "full"
+        elif now - self.since >= delay:
+            reason = "delay"
+        elif not any(r.busy for r in self.replicas if r is not replica):
+            reason = "idle"
+        else:
+            quiet = min(delay, 4 * self.gap)
+            if now - self.last_arrival < quiet:
+                formed.wait = min(self.since + delay, self.last_arrival + quiet) - now
+                return formed
+            reason = "idle"
+        heap = self.heap
+        batch: list[Request] = []
+        skipped: list[tuple[int, int, Request]] = []
+        rows = 0
+        key: Hashable = None
+        others: bool | None = None  # whether another replica could take a retry this one failed
+        while heap and rows < max_rows:
+            req = heap[0][2]
+            if req.state is not QUEUED:
+                heapq.heappop(heap)
+                continue
+            if req.deadline is not None and req.deadline <= now:
+                heapq.heappop(heap)
+                self.unqueue(req)
+                req.state = DONE
+                formed.expired.append(req)
+                continue
+            if req.avoid is replica:
+                if others is None:
+                    others = self.usable_besides(replica, now)
+                if others:
+                    skipped.append(heapq.heappop(heap))
+                    continue
+            if batch and req.key != key:
+                if len(skipped) >= _MAX_SKIPPED:  # requests of many shapes must not make each batch cost a scan
+                    break
+                skipped.append(heapq.heappop(heap))
+                continue
+            size = req.part_rows if req.parts_n > 1 else req.rows
+            if batch and rows + size > max_rows:
+                break
+            top = req.parent or req
+            if top.state is QUEUED and top.avoid is None:  # its first part to run: the future starts running
+                if top.future is not None and not notify_cancelled(top.future):
+                    drop(top)
+                    formed.cancelled += 1
+                    continue
+                top.state = RUNNING
+            if req.parts_n > 1:
+                req = carve(req)
+                self.count -= 1
+                self.rows -= req.rows
+            else:
+                heapq.heappop(heap)
+                self.unqueue(req)
+            req.state = RUNNING
+            key = req.key
+            batch.append(req)
+            rows += req.rows
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+        if self.count:
+            self.since = heap[0][2].t0 if heap else now
+        if batch:
+            formed.batch = Batch(batch, rows, reason)
+        return formed
+
+
+def drop(top: Request) -> bool:
+    """Take every queued piece of ``top`` off its queue and settle nothing; whether any was queued."""
+    found = False
+    for piece in top.split.chunks if top.split is not None else (top,):
+        if piece.state is QUEUED:
+            assert piece.lane is not None
+            piece.lane.unqueue(piece)
+            piece.state = DONE
+            found = True
+    top.state = DONE
+    if top.split is not None:
+        top.split.open = False
+    return found

@@ -1,0 +1,99 @@
+"""The replicas of a batcher and the lanes they serve: who exists, who can take work, where a request goes.
+
+Plain bookkeeping under the batcher's lock; the batcher drives replicas' lives (start, drain,
+eject, replace) and this keeps the lists consistent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+
+from inferkit.backends.base import Backend
+from inferkit.batching.lane import Lane
+from inferkit.pool import LIVE_STATES, Balancer, Replica, ReplicaState
+
+__all__ = ["ReplicaSet"]
+
+
+class ReplicaSet:
+    """Replicas, their lanes (one shared, or one each with a balancer) and their threads."""
+
+    def __init__(self, name: str, balancer: Balancer | None, lock: threading.Lock) -> None:
+        self.name = name
+        self.balancer = balancer
+        self.lanes: list[Lane] = [] if balancer is not None else [Lane()]
+        self.all: list[Replica] = []
+        self.threads: list[threading.Thread] = []  # workers and replacement loaders
+        self.loading = 0  # replacement replicas being loaded
+        self._lock = lock
+        self._names = itertools.count()
+
+    def add(self, backend: Backend, work: Callable[[Replica], None], lane: Lane | None = None) -> Replica:
+        """A new replica of ``backend`` with its worker thread running ``work``."""
+        replica = Replica(f"{self.name}-{next(self._names)}", backend, threading.Condition(self._lock))
+        if lane is None:
+            if self.balancer is None:
+                lane = self.lanes[0]
+            else:
+                lane = Lane()
+                self.lanes.append(lane)
+        replica.lane = lane
+        lane.replicas.append(replica)
+        self.all.append(replica)
+        thread = threading.Thread(target=work, args=(replica,), name=f"inferkit-{replica.name}", daemon=True)
+        replica.thread = thread
+        self.start(thread)
+        return replica
+
+    def start(self, thread: threading.Thread) -> None:
+        """Start a thread of this set, so that close() can join it."""
+        self.threads = [t for t in self.threads if t.is_alive()]
+        self.threads.append(thread)
+        thread.start()
+
+    def remove(self, replica: Replica, *, keep_lane: bool) -> None:
+        """Take a replica out; its own lane goes too (with a balancer) unless ``keep_lane``."""
+        lane: Lane = replica.lane
+        if replica in lane.replicas:
+            lane.replicas.remove(replica)
+        if replica in self.all:
+            self.all.remove(replica)
+        if self.balancer is not None and not lane.replicas and lane in self.lanes and not keep_lane:
+            self.lanes.remove(lane)
+
+    def live(self) -> list[Replica]:
+        """Replicas that are healthy or ejected (not draining, not dead)."""
+        return [r for r in self.all if r.state in LIVE_STATES]
+
+    def usable(self, now: float) -> bool:
+        """Whether any replica can take a batch now."""
+        return any(r.usable(now) for r in self.all)
+
+    def can_serve(self, now: float) -> bool:
+        """Whether a new request may be admitted: a replica can take it now or soon."""
+        for replica in self.all:
+            if replica.state is ReplicaState.HEALTHY:
+                return True
+        return bool(self.loading) or self.usable(now)
+
+    def other_lanes(self, lane: Lane, now: float) -> list[Lane]:
+        """Lanes besides ``lane`` with a replica that can take work now."""
+        return [ln for ln in self.lanes if ln is not lane and any(r.usable(now) for r in ln.replicas)]
+
+    def choose(self, lanes: list[Lane]) -> Lane:
+        """The balancer's pick among ``lanes``."""
+        assert self.balancer is not None
+        return lanes[self.balancer.choose([ln.load() for ln in lanes])]
+
+    def lane_for(self, now: float) -> Lane:
+        """Where a new request goes: the shared lane, or the balancer's pick of the usable ones."""
+        if self.balancer is None:
+            return self.lanes[0]
+        lanes = [ln for ln in self.lanes if any(r.usable(now) for r in ln.replicas)] or self.lanes
+        return self.choose(lanes)
+
+    def queued(self) -> int:
+        """Parts queued in every lane."""
+        return sum(ln.count for ln in self.lanes)

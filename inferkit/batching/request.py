@@ -1,0 +1,170 @@
+"""One request on its way through the batcher, and the future its caller holds."""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Callable, Hashable, Mapping
+from concurrent.futures import Future, InvalidStateError
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from inferkit._timer import Timer
+    from inferkit.batching.lane import Lane
+    from inferkit.pool import Replica
+
+__all__ = ["Request", "RequestFuture", "RequestState", "Split", "notify_cancelled", "settle_all"]
+
+Inputs = Mapping[str, np.ndarray[Any, Any]]
+
+
+class RequestState(enum.Enum):
+    """Where a request (or a queued part of one) is."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+
+
+QUEUED, RUNNING, DONE = RequestState.QUEUED, RequestState.RUNNING, RequestState.DONE
+
+
+class RequestFuture(Future[Any]):
+    """A :class:`concurrent.futures.Future` for one request; ``request_id`` names it in events.
+
+    Cancelling it while the request is queued means the request never runs.
+    """
+
+    def __init__(self, request_id: int) -> None:
+        super().__init__()
+        self.request_id = request_id
+        self._on_cancel: Callable[[], None] | None = None
+
+    def cancel(self) -> bool:
+        """Cancel the request if it has not started; return whether it was cancelled."""
+        if not super().cancel():
+            return False
+        if self._on_cancel is not None:
+            self._on_cancel()
+        notify_cancelled(self)
+        return True
+
+
+def notify_cancelled(future: Future[Any]) -> bool:
+    """Move ``future`` to RUNNING, or tell ``wait()``/``as_completed()`` it was cancelled; whether it runs.
+
+    Both the canceller and the batcher call this, in either order: the second finds the
+    cancellation already announced (a RuntimeError from the stdlib), which is the same answer.
+    """
+    try:
+        return future.set_running_or_notify_cancel()
+    except RuntimeError:  # already announced
+        return False
+
+
+class Split:
+    """The parts of a request too big for one batch, and their results as they come back.
+
+    ``chunks`` are what is queued: runs of parts, carved a part at a time as batches form.
+    ``open`` turns false once the request is settled (done, cancelled or withdrawn): parts
+    still running then count for nothing.
+    """
+
+    __slots__ = ("chunks", "left", "open", "values")
+
+    def __init__(self, count: int) -> None:
+        self.values: list[Any] = [None] * count
+        self.left = count
+        self.open = True
+        self.chunks: list[Request] = []
+
+
+class Request:
+    """One accepted request, or one part (or chunk of parts) of a request split to fit a batch.
+
+    A plain record on the hot path: one allocation per request, so its fields are flat.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "avoid",
+        "blame",
+        "deadline",
+        "error",
+        "expiry",
+        "future",
+        "id",
+        "index",
+        "inputs",
+        "key",
+        "lane",
+        "parent",
+        "part_rows",
+        "parts_n",
+        "priority",
+        "rows",
+        "split",
+        "state",
+        "t0",
+        "value",
+        "waiter",
+    )
+
+    def __init__(
+        self,
+        request_id: int,
+        inputs: Inputs | None,
+        rows: int,
+        key: Hashable,
+        priority: int,
+        deadline: float | None,
+        t0: float,
+    ) -> None:
+        self.id = request_id
+        self.inputs = inputs
+        self.rows = rows
+        self.key = key
+        self.priority = priority
+        self.deadline = deadline
+        self.t0 = t0
+        self.state = QUEUED
+        self.lane: Lane | None = None
+        self.future: RequestFuture | None = None
+        self.waiter: threading.Lock | None = None
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.split: Split | None = None  # set on a request too big for one batch
+        self.parent: Request | None = None  # set on its parts and chunks
+        self.index = 0  # a part's place in its parent's result (a chunk's: its next part's)
+        self.parts_n = 1  # parts a chunk still holds
+        self.part_rows = rows
+        self.avoid: Replica | None = None  # the replica it failed on; it is retried elsewhere once
+        self.blame = False  # whether success elsewhere is a fault of ``avoid`` (not yet counted)
+        self.expiry: tuple[Timer, list[object]] | None = None  # its deadline's timer entry
+
+    def settle(self) -> None:
+        """Deliver ``value`` or ``error`` to whoever waits (called once, outside any lock)."""
+        if self.expiry is not None:
+            timer, entry = self.expiry
+            self.expiry = None
+            timer.cancel(entry)
+        fut = self.future
+        if fut is not None:
+            fut._on_cancel = None  # break the request <-> future cycle so the GC never has to
+            try:
+                if self.error is None:
+                    fut.set_result(self.value)
+                else:
+                    fut.set_exception(self.error)
+            except InvalidStateError:  # cancelled by the caller meanwhile
+                pass
+        elif self.waiter is not None:
+            self.waiter.release()
+
+
+def settle_all(requests: list[Request]) -> None:
+    """Deliver each request's outcome (outside any lock)."""
+    for request in requests:
+        request.settle()
