@@ -1,0 +1,246 @@
+"""Triton parity, driven by tritonclient itself over HTTP and gRPC against one live server.
+
+Statistics and model configuration on both protocols, Triton's error wording, the extensions
+the server lists, and models loaded, swapped and unloaded while 32 threads send traffic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+from tritonclient.utils import InferenceServerException
+
+from inferkit import PoolConfig, Predictor, Router, TensorSpec
+from inferkit.server import Repository, ServedModel
+from inferkit.server.control import RepositoryControl
+from inferkit.server.run import InferenceServer
+
+WAIT = 30  # seconds: a bound on every wait, never expected to be reached
+TOKEN = "an-operator-token-of-some-length"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+def scaled(factor: float, name: str = "m", **kw: Any) -> Predictor:
+    """``y = factor * x`` over float32 rows of 4."""
+    return Predictor.from_callable(
+        lambda x: x * np.float32(factor),
+        inputs=[TensorSpec("x", np.float32, (None, 4))],
+        outputs=[TensorSpec("y", np.float32, (None, 4))],
+        name=name,
+        **kw,
+    )
+
+
+class HttpClient(thttp.InferenceServerClient):  # type: ignore[misc]
+    """tritonclient.http's client, closed explicitly (its ``__del__`` raises from other threads)."""
+
+    def __del__(self) -> None:
+        pass
+
+
+class Clients:
+    """A running InferenceServer and a tritonclient of each kind."""
+
+    def __init__(self, server: InferenceServer) -> None:
+        self.server = server
+        self.http = HttpClient(f"127.0.0.1:{server.port}", network_timeout=WAIT)
+        self.grpc = tgrpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+
+    def infer(self, protocol: str, model: str, x: np.ndarray, version: str = "") -> np.ndarray:
+        """``y`` for ``x`` through the tritonclient of ``protocol``."""
+        module: Any = thttp if protocol == "http" else tgrpc
+        client: Any = self.http if protocol == "http" else self.grpc
+        tensor = module.InferInput("x", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        result = client.infer(model, [tensor], model_version=version)
+        return np.asarray(result.as_numpy("y"))
+
+
+@pytest.fixture(name="start")
+def _start() -> Iterator[Callable[..., Clients]]:
+    """Start servers (REST and gRPC on free ports) for a test; stop them after it."""
+    started: list[Clients] = []
+
+    def start(repository: Repository, **options: Any) -> Clients:
+        server = InferenceServer(repository, port=0, grpc_port=0, grace=WAIT, grpc_listeners=1, **options).start()
+        clients = Clients(server)
+        started.append(clients)
+        return clients
+
+    yield start
+    for clients in started:
+        clients.http.close()
+        clients.grpc.close()
+        clients.server.join(WAIT)
+
+
+def _grpc_error(call: Callable[[], Any]) -> InferenceServerException:
+    with pytest.raises(InferenceServerException) as info:
+        call()
+    return info.value
+
+
+class TestStatistics:
+    """ModelStatistics answers over gRPC what /stats answers over REST, with the right counts."""
+
+    def test_counts_after_traffic_on_both_protocols(self, start: Callable[..., Clients]) -> None:
+        """Three requests of 2 rows on each protocol: 6 successes, 12 rows, per-size batch counts."""
+        c = start(Repository({"m": scaled(2, max_batch_size=2)}))
+        x = np.ones((2, 4), np.float32)
+        for protocol in ("http", "grpc") * 3:
+            np.testing.assert_array_equal(c.infer(protocol, "m", x), x * 2)
+        over_http = c.http.get_inference_statistics("m")["model_stats"][0]
+        over_grpc = c.grpc.get_inference_statistics("m", as_json=True)["model_stats"][0]
+        for stats in (over_http, over_grpc):
+            assert stats["name"] == "m"
+            assert int(stats["inference_count"]) == 12
+            assert int(stats["execution_count"]) == 6
+            assert int(stats["inference_stats"]["success"]["count"]) == 6
+            assert int(stats["inference_stats"]["success"]["ns"]) > 0
+            assert int(stats["inference_stats"]["compute_infer"]["count"]) == 6
+            assert [(int(b["batch_size"]), int(b["compute_infer"]["count"])) for b in stats["batch_stats"]] == [(2, 6)]
+        typed = c.grpc.get_inference_statistics("m")  # the protobuf message, parsed by tritonclient
+        assert typed.model_stats[0].inference_count == 12
+
+    def test_every_model_and_versions(self, start: Callable[..., Clients]) -> None:
+        """Without a name, every model; a model with versions has an entry per version."""
+        v1, v2 = scaled(1, "clf-1"), scaled(2, "clf-2")
+        router = Router({"1": v1, "2": v2}, name="clf")
+        c = start(Repository([ServedModel("m", scaled(2)), ServedModel("clf", router, {"1": v1, "2": v2})]))
+        entries = c.grpc.get_inference_statistics(as_json=True)["model_stats"]
+        assert [(e["name"], e.get("version", "")) for e in entries] == [
+            ("clf", ""),
+            ("clf", "1"),
+            ("clf", "2"),
+            ("m", ""),
+        ]
+        c.infer("grpc", "clf", np.ones((1, 4), np.float32), version="2")
+        pinned = c.grpc.get_inference_statistics("clf", "2", as_json=True)["model_stats"]
+        assert [(e["version"], int(e["inference_count"])) for e in pinned] == [("2", 1)]
+
+    def test_unknown_model_in_tritons_words(self, start: Callable[..., Clients]) -> None:
+        """Statistics of an unknown model: NOT_FOUND (404) starting with Triton's message."""
+        c = start(Repository({"m": scaled(2)}))
+        for call in (lambda: c.grpc.get_inference_statistics("nope"), lambda: c.http.get_inference_statistics("nope")):
+            assert "Request for unknown model: 'nope' is not found" in _grpc_error(call).message()
+
+
+class TestModelConfig:
+    """GET /v2/models/{m}/config and ModelConfig: a Triton-shaped config that matches the model."""
+
+    def test_config_matches_the_model(self, start: Callable[..., Clients]) -> None:
+        """Name, max_batch_size, tensors without the batch axis, batching settings, instance group."""
+        model = scaled(2, max_batch_size=8, max_delay_ms=1.5, max_queue_size=100, pool=PoolConfig(replicas=2))
+        c = start(Repository({"m": model}))
+        expected = {
+            "name": "m",
+            "max_batch_size": 8,
+            "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}],
+            "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [4]}],
+            "dynamic_batching": {"max_queue_delay_microseconds": 1500, "default_queue_policy": {"max_queue_size": 100}},
+            "instance_group": [{"name": "m_0", "kind": "KIND_CPU", "count": 2}],
+        }
+        over_http = c.http.get_model_config("m")
+        over_grpc = c.grpc.get_model_config("m", as_json=True)["config"]
+        typed = c.grpc.get_model_config("m").config
+        for config in (over_http, over_grpc):
+            for key in ("name", "input", "output", "instance_group"):
+                assert _plain(config[key]) == _plain(expected[key]), key
+            assert int(config["max_batch_size"]) == 8
+            batching = config["dynamic_batching"]
+            assert int(batching["max_queue_delay_microseconds"]) == 1500
+            assert int(batching["default_queue_policy"]["max_queue_size"]) == 100
+        assert typed.max_batch_size == 8
+        assert list(typed.input[0].dims) == [4]
+        assert typed.WhichOneof("scheduling_choice") == "dynamic_batching"
+
+    def test_dynamic_dims_bytes_and_unknown_model(self, start: Callable[..., Clients]) -> None:
+        """A dynamic dimension is -1, BYTES is TYPE_STRING; an unknown model is Triton's NOT_FOUND."""
+        text = Predictor.from_callable(
+            lambda x: x,
+            inputs=[TensorSpec("s", object, (None, None))],
+            outputs=[TensorSpec("t", object, (None, None))],
+        )
+        c = start(Repository({"text": text}))
+        config = c.grpc.get_model_config("text", as_json=True)["config"]
+        assert config["input"] == [{"name": "s", "data_type": "TYPE_STRING", "dims": ["-1"]}]
+        error = _grpc_error(lambda: c.grpc.get_model_config("nope"))
+        assert error.status() == str(grpc.StatusCode.NOT_FOUND)
+        assert error.message().startswith("Request for unknown model: 'nope' is not found")
+
+
+def _plain(value: Any) -> Any:
+    """JSON with integers as ints and without the fields proto3 JSON leaves out when empty."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if v not in ([], "", 0, {})}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
+class TestWording:
+    """The messages Triton's clients match on start with Triton's words, on both protocols."""
+
+    def test_unknown_model_and_versions(self, start: Callable[..., Clients]) -> None:
+        """Unknown model, unknown integral version, unparseable version string: Triton's prefixes."""
+        v1 = scaled(1, "clf-1")
+        c = start(Repository([ServedModel("m", scaled(2)), ServedModel("clf", Router({"1": v1}), {"1": v1})]))
+        x = np.ones((1, 4), np.float32)
+        cases = [
+            ("nope", "", "Request for unknown model: 'nope' is not found"),
+            ("clf", "7", "Request for unknown model: 'clf' version 7 is not found"),
+            ("clf", "v7", "failed to get model version from specified version string 'v7'"),
+        ]
+        for protocol in ("http", "grpc"):
+            for model, version, prefix in cases:
+                error = _grpc_error(lambda p=protocol, m=model, v=version: c.infer(p, m, x, v))
+                assert error.message().startswith(prefix), (protocol, error.message())
+
+    def test_contents_beside_raw_input_contents(self, start: Callable[..., Clients]) -> None:
+        """gRPC typed contents beside raw_input_contents: Triton's sentence, naming input and model."""
+        c = start(Repository({"simple": scaled(2)}))
+        request = tgrpc.service_pb2.ModelInferRequest(model_name="simple")
+        tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 4])
+        tensor.contents.fp32_contents.extend([1.0] * 4)
+        request.raw_input_contents.append(np.ones(4, np.float32).tobytes())
+        with pytest.raises(grpc.RpcError) as info:
+            c.grpc._client_stub.ModelInfer(request, timeout=WAIT)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith(
+            "contents field must not be specified when using raw_input_contents for 'INPUT0' for model 'simple'"
+        )
+
+    def test_unknown_output(self, start: Callable[..., Clients]) -> None:
+        """An output the model lacks: Triton's ``unexpected inference output``, on both protocols."""
+        c = start(Repository({"m": scaled(2)}))
+        x = np.ones((1, 4), np.float32)
+        for module, client in ((thttp, c.http), (tgrpc, c.grpc)):
+            tensor = module.InferInput("x", [1, 4], "FP32")
+            tensor.set_data_from_numpy(x)
+            outputs = [module.InferRequestedOutput("z")]
+            error = _grpc_error(lambda cl=client, t=tensor, o=outputs: cl.infer("m", [t], outputs=o))
+            assert error.message().startswith("unexpected inference output 'z' for model 'm'"), error.message()
+
+
+class TestServerMetadata:
+    """Server metadata lists exactly the extensions served, on each protocol."""
+
+    def test_extensions_without_and_with_repository_control(self, start: Callable[..., Clients]) -> None:
+        """binary_tensor_data is HTTP's alone; model_repository only where load and unload are on."""
+        off = start(Repository({"m": scaled(2)}))
+        on = start(Repository({"m": scaled(2)}), control=RepositoryControl(enabled=True, token=TOKEN))
+        common = ["model_configuration", "parameters", "statistics"]
+        assert off.http.get_server_metadata()["extensions"] == sorted(["binary_tensor_data", *common])
+        assert off.grpc.get_server_metadata(as_json=True)["extensions"] == common
+        assert on.http.get_server_metadata()["extensions"] == sorted(
+            ["binary_tensor_data", "model_repository", *common]
+        )
+        assert on.grpc.get_server_metadata(as_json=True)["extensions"] == sorted(["model_repository", *common])
