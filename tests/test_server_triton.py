@@ -6,7 +6,10 @@ the server lists, and models loaded, swapped and unloaded while 32 threads send 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -244,3 +247,161 @@ class TestServerMetadata:
             ["binary_tensor_data", "model_repository", *common]
         )
         assert on.grpc.get_server_metadata(as_json=True)["extensions"] == sorted(["model_repository", *common])
+
+
+class Factory:
+    """A loader: ``scaled(factor)`` where the load's config says ``parameters.factor``; records what it built."""
+
+    def __init__(self) -> None:
+        self.built: list[Predictor] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, name: str, config: Mapping[str, Any]) -> ServedModel:
+        factor = float(config.get("parameters", {}).get("factor", {}).get("string_value", "1"))
+        predictor = scaled(factor, f"{name}-{factor}", max_batch_size=8)
+        with self.lock:
+            self.built.append(predictor)
+        return ServedModel(name, predictor)
+
+
+def _factor(value: float) -> str:
+    return json.dumps({"parameters": {"factor": {"string_value": str(value)}}})
+
+
+UNLOADED = "Request for unknown model: 'm' has no available versions"
+
+
+class TestRepositoryControl:
+    """Load, hot swap and unload through tritonclient, guarded by the operator's token."""
+
+    def test_off_by_default_and_token_checked(self, start: Callable[..., Clients]) -> None:
+        """Off: 403 on both protocols. On: no token 401/UNAUTHENTICATED, a wrong one 403/PERMISSION_DENIED."""
+        off = start(Repository({"m": scaled(1)}))
+        on = start(Repository({"m": scaled(1)}), control=RepositoryControl(enabled=True, token=TOKEN, loader=Factory()))
+        cases = [
+            (off, AUTH, "403", grpc.StatusCode.PERMISSION_DENIED, "explicit model load / unload is not allowed"),
+            (on, None, "401", grpc.StatusCode.UNAUTHENTICATED, "needs the operator's token"),
+            (on, {"authorization": "Bearer wrong"}, "403", grpc.StatusCode.PERMISSION_DENIED, "not valid"),
+            (on, {"authorization": TOKEN}, "403", grpc.StatusCode.PERMISSION_DENIED, "not valid"),
+        ]
+        for clients, headers, http_status, code, words in cases:
+            for call in (
+                lambda c=clients, h=headers: c.http.load_model("m", headers=h),
+                lambda c=clients, h=headers: c.http.unload_model("m", headers=h),
+            ):
+                error = _grpc_error(call)
+                assert (error.status(), words in error.message()) == (http_status, True), error.message()
+            for call in (
+                lambda c=clients, h=headers: c.grpc.load_model("m", headers=h),
+                lambda c=clients, h=headers: c.grpc.unload_model("m", headers=h),
+            ):
+                error = _grpc_error(call)
+                assert (error.status(), words in error.message()) == (str(code), True), error.message()
+            assert clients.grpc.is_model_ready("m")  # nothing changed
+        assert [m["name"] for m in off.http.get_model_repository_index()] == ["m"]  # the index needs no token
+
+    def test_load_unload_and_index(self, start: Callable[..., Clients]) -> None:
+        """Unload: Triton's unloaded answer and UNAVAILABLE in the index; load brings it back, swapped."""
+        factory = Factory()
+        c = start(Repository({"m": scaled(1)}), control=RepositoryControl(enabled=True, token=TOKEN, loader=factory))
+        x = np.ones((1, 4), np.float32)
+        c.grpc.unload_model("m", headers=AUTH)
+        for protocol in ("http", "grpc"):
+            assert _grpc_error(lambda p=protocol: c.infer(p, "m", x)).message().startswith(UNLOADED)
+        index = c.grpc.get_model_repository_index(as_json=True)["models"]
+        assert [(m["name"], m["state"]) for m in index] == [("m", "UNAVAILABLE")]
+        assert c.http.get_model_repository_index() == [
+            {"name": "m", "version": "", "state": "UNAVAILABLE", "reason": "unloaded"}
+        ]
+        c.http.load_model("m", headers=AUTH, config=_factor(3))
+        np.testing.assert_array_equal(c.infer("grpc", "m", x), x * 3)
+        c.grpc.load_model("m", headers=AUTH, config=_factor(5))  # a hot swap of a served model
+        np.testing.assert_array_equal(c.infer("http", "m", x), x * 5)
+        assert [(m["name"], m["state"]) for m in c.http.get_model_repository_index()] == [("m", "READY")]
+        assert factory.built[0].state.value == "closed"  # the swapped-out model drained and closed
+
+    def test_bad_load_parameters_change_nothing(self, start: Callable[..., Clients]) -> None:
+        """Files, unknown parameters and bad JSON are refused (400/INVALID_ARGUMENT); the model still serves."""
+        c = start(Repository({"m": scaled(1)}), control=RepositoryControl(enabled=True, token=TOKEN, loader=Factory()))
+        error = _grpc_error(lambda: c.grpc.load_model("m", headers=AUTH, config="{", files={"file:1/model.onnx": b"x"}))
+        assert error.status() == str(grpc.StatusCode.INVALID_ARGUMENT)
+        error = _grpc_error(lambda: c.http.load_model("m", headers=AUTH, config="[1]"))
+        assert error.status() == "400"
+        np.testing.assert_array_equal(c.infer("http", "m", np.ones((1, 4), np.float32)), np.ones((1, 4)))
+
+    def test_swap_and_unload_under_traffic(self, start: Callable[..., Clients]) -> None:
+        """32 threads on both protocols while the model is swapped, unloaded and loaded: nothing lost.
+
+        Every request is answered by one of the loaded models, correctly, or (only while the
+        model is unloaded) with Triton's unloaded-model error; every model swapped out
+        answered all it accepted.
+        """
+        factory = Factory()
+        first = scaled(1, "m-1", max_batch_size=8)
+        control = RepositoryControl(enabled=True, token=TOKEN, loader=factory)
+        c = start(Repository({"m": first}), control=control)
+        stop = threading.Event()
+        errors: list[str] = []
+        answers: dict[float, int] = {}
+        lock = threading.Lock()
+
+        def client(i: int) -> None:
+            protocol = "http" if i % 2 else "grpc"
+            url = f"127.0.0.1:{c.server.port if protocol == 'http' else c.server.grpc_port}"
+            module: Any = thttp if protocol == "http" else tgrpc
+            own: Any = HttpClient(url, network_timeout=WAIT) if protocol == "http" else tgrpc.InferenceServerClient(url)
+            try:
+                for j in range(400):
+                    if stop.is_set():
+                        break
+                    x = np.full((1, 4), float(i * 1000 + j + 1), np.float32)
+                    tensor = module.InferInput("x", [1, 4], "FP32")
+                    tensor.set_data_from_numpy(x)
+                    try:
+                        y = own.infer("m", [tensor]).as_numpy("y")
+                    except InferenceServerException as error:
+                        if not error.message().startswith(UNLOADED):
+                            with lock:
+                                errors.append(f"{protocol}: {error.status()} {error.message()}")
+                        continue
+                    factor = float(y[0, 0] / x[0, 0])
+                    if factor not in {1.0, 2.0, 3.0} or not np.array_equal(y, x * factor):
+                        with lock:
+                            errors.append(f"{protocol}: wrong answer {y} for {x}")
+                    with lock:
+                        answers[factor] = answers.get(factor, 0) + 1
+            finally:
+                own.close()
+
+        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(32)]
+        for thread in threads:
+            thread.start()
+        try:
+            seen = _wait_for(lambda: answers.get(1.0, 0) >= 32, lock)
+            assert seen, answers
+            c.http.load_model("m", headers=AUTH, config=_factor(2))  # swap under traffic
+            assert _wait_for(lambda: answers.get(2.0, 0) >= 32, lock), answers
+            c.grpc.unload_model("m", headers=AUTH)
+            c.grpc.load_model("m", headers=AUTH, config=_factor(3))
+            assert _wait_for(lambda: answers.get(3.0, 0) >= 32, lock), answers
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(WAIT)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        for old in (first, factory.built[0]):  # swapped out or unloaded: drained, nothing failed or cancelled
+            stats = old.stats()
+            assert old.state.value == "closed"
+            assert (stats.accepted, sum(stats.failed.values()), stats.cancelled) == (stats.completed, 0, 0)
+
+
+def _wait_for(condition: Callable[[], bool], lock: threading.Lock) -> bool:
+    """Whether ``condition`` (read under ``lock``) came true within WAIT seconds; polls other threads' progress."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        with lock:
+            if condition():
+                return True
+        time.sleep(0.01)
+    return False
