@@ -10,17 +10,22 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
+import onnx
 import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
+from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
 from inferkit import PoolConfig, Predictor, Router, TensorSpec
+from inferkit.cli import main
 from inferkit.server import Repository, ServedModel
+from inferkit.server.config import load
 from inferkit.server.control import RepositoryControl
 from inferkit.server.run import InferenceServer
 
@@ -405,3 +410,75 @@ def _wait_for(condition: Callable[[], bool], lock: threading.Lock) -> bool:
                 return True
         time.sleep(0.01)
     return False
+
+
+def _onnx(path: Path, scale: float) -> Path:
+    """An ONNX model y = scale * x over float32 [N, 4]."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "k"], ["y"])],
+        "scale",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [onnx.numpy_helper.from_array(np.array(scale, dtype=np.float32), "k")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+    return path
+
+
+class TestConfigLoader:
+    """``[server] repository_control``: a load rebuilds a model of the config, within its directory."""
+
+    def test_new_path_version_and_settings(
+        self, start: Callable[..., Clients], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A new path and batching settings for a model; a new file for one version; paths stay under the config."""
+        monkeypatch.setenv("INFERKIT_ADMIN_TOKEN", TOKEN)
+        for name, scale in (("one", 1), ("two", 2), ("three", 3)):
+            _onnx(tmp_path / f"{name}.onnx", scale)
+        (tmp_path / "inside").mkdir()
+        config = tmp_path / "models.toml"
+        config.write_text(
+            "[server]\nrepository_control = true\n"
+            '[[models]]\nname = "m"\npath = "one.onnx"\n'
+            '[[models]]\nname = "clf"\nversions.1 = { path = "one.onnx" }\nversions.2 = { path = "two.onnx" }\n'
+        )
+        loaded = load(config)
+        assert loaded.control.enabled
+        c = start(loaded.repository, control=loaded.control)
+        x = np.ones((1, 4), np.float32)
+        settings = {
+            "max_batch_size": 4,
+            "dynamic_batching": {"max_queue_delay_microseconds": 500},
+            "parameters": {"path": {"string_value": "three.onnx"}},
+        }
+        c.http.load_model("m", headers=AUTH, config=json.dumps(settings))
+        np.testing.assert_array_equal(c.infer("grpc", "m", x), x * 3)
+        config_now = c.http.get_model_config("m")
+        assert (config_now["max_batch_size"], config_now["dynamic_batching"]["max_queue_delay_microseconds"]) == (
+            4,
+            500,
+        )
+        version = {"parameters": {"path": {"string_value": "three.onnx"}, "version": {"string_value": "2"}}}
+        c.grpc.load_model("clf", headers=AUTH, config=json.dumps(version))
+        np.testing.assert_array_equal(c.infer("http", "clf", x, version="2"), x * 3)
+        np.testing.assert_array_equal(c.infer("http", "clf", x), x * 3)  # the highest version answers unpinned
+        np.testing.assert_array_equal(c.infer("http", "clf", x, version="1"), x)
+        for path in ("../../etc/passwd", "/etc/passwd", "inside/../../x.onnx"):
+            escape = {"parameters": {"path": {"string_value": path}}}
+            error = _grpc_error(lambda e=escape: c.grpc.load_model("m", headers=AUTH, config=json.dumps(e)))
+            assert error.status() == str(grpc.StatusCode.INVALID_ARGUMENT)
+            assert error.message().startswith("failed to load 'm'"), error.message()
+            assert "must lie under" in error.message()
+        error = _grpc_error(lambda: c.http.load_model("new", headers=AUTH))
+        assert "failed to load 'new', failed to poll from model repository" in error.message()
+        np.testing.assert_array_equal(c.infer("grpc", "m", x), x * 3)  # refusals changed nothing
+
+    def test_cli_needs_a_token(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+        """``--repository-control`` without INFERKIT_ADMIN_TOKEN (or a short one) refuses to start."""
+        monkeypatch.delenv("INFERKIT_ADMIN_TOKEN", raising=False)
+        model = _onnx(tmp_path / "m.onnx", 1)
+        assert main(["serve", str(model), "--repository-control", "--grpc-port", "-1", "--port", "0"]) == 2
+        assert "INFERKIT_ADMIN_TOKEN" in capsys.readouterr().err
+        monkeypatch.setenv("INFERKIT_ADMIN_TOKEN", "short")
+        assert main(["serve", str(model), "--repository-control", "--grpc-port", "-1", "--port", "0"]) == 2
+        assert "at least 16 characters" in capsys.readouterr().err
