@@ -109,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
         help="gRPC servers sharing the port, each accepting calls (default 8 on Linux, else 1)",
     )
     serve.add_argument(
+        "--repository-control",
+        action="store_true",
+        help="allow loading and unloading models over REST and gRPC, with the token in INFERKIT_ADMIN_TOKEN",
+    )
+    serve.add_argument(
         "--loop",
         choices=("auto", "asyncio", "uvloop"),
         default="auto",
@@ -121,7 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        from inferkit.server.config import ConfigError, ConnectionLimits, load  # noqa: PLC0415 (the server extra)
+        from inferkit.server.config import (  # noqa: PLC0415 (the server extra)
+            ConfigError,
+            ConnectionLimits,
+            ModelLoader,
+            load,
+            repository_control,
+        )
         from inferkit.server.grpc import DEFAULT_LISTENERS  # noqa: PLC0415
         from inferkit.server.repository import Repository  # noqa: PLC0415
         from inferkit.server.run import InferenceServer, raise_open_file_limit, run_loop  # noqa: PLC0415
@@ -138,11 +149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     host, port = "127.0.0.1", 8000
     grpc_port: int | None = 8001  # None: REST only
     limits, grace = ConnectionLimits(), 30.0
+    opened: Repository | None = None
     try:
         if args.config is not None:
             config = load(args.config)
             repository, host, port, grpc_port = config.repository, config.host, config.port, config.grpc_port
-            limits, grace = config.limits, config.grace_s
+            opened = repository
+            limits, grace, control = config.limits, config.grace_s, config.control
         elif not args.model.is_file():
             print(f"inferkit serve: no model file at {args.model}", file=sys.stderr)
             return 2
@@ -162,11 +175,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ),
                 name=args.name,
             )
-            repository = Repository({predictor.name: predictor})
+            repository = opened = Repository({predictor.name: predictor})
+            spec = {
+                "path": args.model.name,
+                "max_batch_size": args.max_batch_size,
+                "max_delay_ms": args.max_delay_ms,
+                "max_queue_size": args.max_queue_size,
+                "replicas": args.replicas,
+                "execution_timeout": args.execution_timeout,
+                "eject_after": args.eject_after,
+                "cooldown": args.eject_cooldown,
+                "max_cooldown": args.eject_max_cooldown,
+                "max_ejected_fraction": args.max_ejected_fraction,
+            }
+            loader = ModelLoader(args.model.parent, {predictor.name: {k: v for k, v in spec.items() if v is not None}})
+            control = repository_control(args.repository_control, None, loader)
+        if args.repository_control and not control.enabled:
+            control = attrs.evolve(control, enabled=True)  # checks that there is a token
         overrides = {name: getattr(args, name) for name in attrs.fields_dict(ConnectionLimits)}
         limits = attrs.evolve(limits, **{k: v for k, v in overrides.items() if v is not None})
     except (ConfigError, OSError, ValueError) as error:
         print(f"inferkit serve: {error}", file=sys.stderr)
+        if opened is not None:  # the models loaded before a later setting was refused
+            opened.close()
         return 2
     host = args.host or host
     port = args.port if args.port is not None else port
@@ -182,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         limits=limits,
         grpc_listeners=args.grpc_listeners if args.grpc_listeners is not None else DEFAULT_LISTENERS,
         loop=args.loop,
+        control=control,
     )
     run_loop(server.run(handle_signals=True, on_start=_announce), server.loop)
     for name, stats in repository.predictor_stats().items():

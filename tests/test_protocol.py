@@ -135,7 +135,9 @@ class TestRawTensors:
     def test_unknown_outputs(self) -> None:
         """A requested output the model does not have is InvalidInput naming it and the known ones."""
         check_outputs(["y"], ("y", "z"))
-        with pytest.raises(InvalidInput, match=r"unknown output 'q'; the model has \['y', 'z'\]"):
+        with pytest.raises(
+            InvalidInput, match=r"unexpected inference output 'q' for model ''; the model has \['y', 'z'\]"
+        ):
             check_outputs(["y", "q"], ("z", "y"))
 
 

@@ -21,6 +21,7 @@ import pytest
 import tritonclient.grpc as triton
 from fakes import BLOCK, POISON, Model, rows
 from google.protobuf import descriptor_pb2
+from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.utils import InferenceServerException
 
@@ -50,6 +51,31 @@ MESSAGES = [
     "InferTensorContents",
     "ModelInferRequest",
     "ModelInferResponse",
+    "ModelConfigRequest",
+    "ModelConfigResponse",
+    "ModelStatisticsRequest",
+    "ModelStatisticsResponse",
+    "StatisticDuration",
+    "InferStatistics",
+    "InferBatchStatistics",
+    "MemoryUsage",
+    "ModelStatistics",
+    "ModelRepositoryParameter",
+    "RepositoryIndexRequest",
+    "RepositoryIndexResponse",
+    "RepositoryModelLoadRequest",
+    "RepositoryModelLoadResponse",
+    "RepositoryModelUnloadRequest",
+    "RepositoryModelUnloadResponse",
+]
+CONFIG_MESSAGES = [  # from Triton's model_config.proto: only the fields inferkit fills
+    "ModelConfig",
+    "ModelInput",
+    "ModelOutput",
+    "ModelDynamicBatching",
+    "ModelQueuePolicy",
+    "ModelInstanceGroup",
+    "ModelParameter",
 ]
 
 
@@ -560,7 +586,11 @@ MALFORMED = {
     "raw size too large": (_raw(X.tobytes() + b"\0" * 4), CODE.INVALID_ARGUMENT, "'x'"),
     "too few raw contents": (_second_input, CODE.INVALID_ARGUMENT, "raw_input_contents"),
     "too many raw contents": (_raw(X.tobytes(), X.tobytes()), CODE.INVALID_ARGUMENT, "raw_input_contents"),
-    "raw and typed contents": (_typed_too, CODE.INVALID_ARGUMENT, "'x'"),
+    "raw and typed contents": (
+        _typed_too,
+        CODE.INVALID_ARGUMENT,
+        "contents field must not be specified when using raw_input_contents for 'x' for model 'm'",
+    ),
     "no data": (_raw(), CODE.INVALID_ARGUMENT, "'x'"),
     "typed count mismatch": (_typed("fp32_contents", [1.0] * 7), CODE.INVALID_ARGUMENT, "'x'"),
     "typed field for another datatype": (_typed("fp64_contents", [1.0] * 8), CODE.INVALID_ARGUMENT, "'x'"),
@@ -569,9 +599,18 @@ MALFORMED = {
     "duplicate input": (_duplicate, CODE.INVALID_ARGUMENT, "'x'"),
     "no inputs": (lambda r: (r.ClearField("inputs"), r.ClearField("raw_input_contents")), CODE.INVALID_ARGUMENT, "x"),
     "unknown input": (_tensor(name="q"), CODE.INVALID_ARGUMENT, "'q'"),
-    "unknown model": (_set(model_name="nope"), CODE.NOT_FOUND, "nope"),
-    "unknown version": (_set(model_version="9"), CODE.NOT_FOUND, "'9'"),
-    "unknown output": (_output("zz"), CODE.INVALID_ARGUMENT, "'zz'"),
+    "unknown model": (_set(model_name="nope"), CODE.NOT_FOUND, "Request for unknown model: 'nope' is not found"),
+    "unknown version": (
+        _set(model_version="9"),
+        CODE.NOT_FOUND,
+        "Request for unknown model: 'm' version 9 is not found",
+    ),
+    "unknown version string": (
+        _set(model_version="v9"),
+        CODE.NOT_FOUND,
+        "failed to get model version from specified version string 'v9'",
+    ),
+    "unknown output": (_output("zz"), CODE.INVALID_ARGUMENT, "unexpected inference output 'zz' for model 'm'"),
     "output twice": (lambda r: (_output("y")(r), _output("y")(r)), CODE.INVALID_ARGUMENT, "'y'"),
     "classification": (_output("y", classification=3), CODE.INVALID_ARGUMENT, "classification"),
     "negative timeout": (_param("timeout", "int64_param", -1), CODE.INVALID_ARGUMENT, "timeout"),
@@ -610,7 +649,7 @@ class TestErrors:
         """Triton methods outside the subset are UNIMPLEMENTED."""
         served = serve({"m": scaled(2)})
         with pytest.raises(InferenceServerException) as info:
-            served.triton.get_model_config("m")
+            served.triton.get_trace_settings()
         assert status(info.value) == CODE.UNIMPLEMENTED
 
     def test_model_failure_is_internal(self, serve: Callable[..., Served]) -> None:
@@ -847,6 +886,24 @@ class TestWire:
         assert _fields(_proto(ours)) == _fields(_proto(theirs))
         assert _proto(ours) == _proto(theirs)
 
+    @pytest.mark.parametrize("name", CONFIG_MESSAGES)
+    def test_config_fields_are_a_subset_of_tritonclient(self, name: str) -> None:
+        """Each model-config field we declare is Triton's field, with the same number, type and oneof."""
+        ours = _fields(_proto(pb.POOL.FindMessageTypeByName(f"inference.{name}")))
+        theirs = set(_fields(_proto(model_config_pb2.DESCRIPTOR.message_types_by_name[name])))
+        assert ours
+        assert [f for f in ours if f not in theirs] == []
+
+    def test_enums_match_tritonclient(self) -> None:
+        """DataType and the nested enums have Triton's names and numbers."""
+        ours = pb.POOL.FindEnumTypeByName("inference.DataType")
+        theirs = model_config_pb2.DESCRIPTOR.enum_types_by_name["DataType"]
+        assert [(v.name, v.number) for v in ours.values] == [(v.name, v.number) for v in theirs.values]
+        for message, enum in [("ModelInstanceGroup", "Kind"), ("ModelQueuePolicy", "TimeoutAction")]:
+            mine = pb.POOL.FindMessageTypeByName(f"inference.{message}").enum_types_by_name[enum]
+            other = model_config_pb2.DESCRIPTOR.message_types_by_name[message].enum_types_by_name[enum]
+            assert [(v.name, v.number) for v in mine.values] == [(v.name, v.number) for v in other.values]
+
     def test_service_methods_match_tritonclient(self) -> None:
         """Each method of our service is Triton's, with the same request and response types."""
         ours = pb.POOL.FindServiceByName(pb.SERVICE)
@@ -893,7 +950,19 @@ class TestWire:
         assert triton_pb2.ModelInferRequest.FromString(ours.SerializeToString()) == theirs
 
 
-MESSAGES_BY_METHOD = ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"]
+MESSAGES_BY_METHOD = [
+    "ServerLive",
+    "ServerReady",
+    "ModelReady",
+    "ServerMetadata",
+    "ModelMetadata",
+    "ModelInfer",
+    "ModelConfig",
+    "ModelStatistics",
+    "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
+]
 
 
 def _proto(message: Any) -> Any:

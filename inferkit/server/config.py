@@ -7,6 +7,8 @@
     port = 8000
     grpc_port = 8001          # or false: REST only
     grace_s = 30              # shutdown drain bound
+    repository_control = false  # true: load and unload models over REST and gRPC (with a token)
+    admin_token = "..."       # the token they need (better: the INFERKIT_ADMIN_TOKEN variable)
     header_timeout_s = 10     # any ConnectionLimits field (docs/security.md)
     max_connections = 1000
 
@@ -33,10 +35,17 @@ takes :class:`~inferkit.PoolConfig`'s ejection settings under their own names
 (``execution_timeout``, ``eject_after``, ``cooldown``, ``max_cooldown``,
 ``max_ejected_fraction``); ``[server]`` takes ``grace_s`` and every :class:`ConnectionLimits`
 field. Every error names the field it is about (``models[1].versions.2.replicas``).
+
+With ``repository_control = true``, :class:`ModelLoader` rebuilds a model of this file on a
+load request, with what the load's Triton model config changes: ``max_batch_size``,
+``dynamic_batching.max_queue_delay_microseconds`` and ``.default_queue_policy.max_queue_size``,
+``instance_group[0].count`` (replicas), and inferkit's ``parameters.path`` and
+``parameters.version`` (``{"string_value": ...}``). A path must lie under this file's directory.
 """
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -50,9 +59,10 @@ from inferkit.policies import ABTest, Canary, Fixed, Guard, Policy
 from inferkit.pool import PoolConfig
 from inferkit.predictor import Predictor
 from inferkit.routing import Predictive, Router
+from inferkit.server.control import TOKEN_ENV, LoadedVersion, LoadFailed, RepositoryControl
 from inferkit.server.repository import Repository, ServedModel
 
-__all__ = ["ConfigError", "ConnectionLimits", "ServerConfig", "load"]
+__all__ = ["ConfigError", "ConnectionLimits", "ModelLoader", "ServerConfig", "load"]
 
 T = TypeVar("T")
 _POOL_KEYS = ("replicas", "execution_timeout", "eject_after", "cooldown", "max_cooldown", "max_ejected_fraction")
@@ -106,7 +116,15 @@ class ConnectionLimits:
     max_message_bytes: int = attrs.field(default=256 * 2**20, validator=integer(1, 2**31 - 1))
 
 
-_SERVER_KEYS = {"host", "port", "grpc_port", "grace_s", *attrs.fields_dict(ConnectionLimits)}
+_SERVER_KEYS = {
+    "host",
+    "port",
+    "grpc_port",
+    "grace_s",
+    "repository_control",
+    "admin_token",
+    *attrs.fields_dict(ConnectionLimits),
+}
 
 
 @attrs.frozen
@@ -119,6 +137,7 @@ class ServerConfig:
     repository: Repository
     limits: ConnectionLimits = attrs.field(factory=ConnectionLimits)
     grace_s: float = 30.0
+    control: RepositoryControl = attrs.field(factory=RepositoryControl)
 
 
 def _field(where: str, build: Callable[[], T]) -> T:
@@ -273,6 +292,14 @@ def load(path: str | Path) -> ServerConfig:
             predictor.close()
         raise
     grpc_port = server.get("grpc_port", 8001)
+    specs = {str(m["name"]): m for m in models if isinstance(m, Mapping)}
+    loader = ModelLoader(path.parent, specs)
+    try:
+        control = repository_control(server.get("repository_control", False), server.get("admin_token"), loader)
+    except ConfigError:
+        for predictor in opened:
+            predictor.close()
+        raise
     return ServerConfig(
         str(server.get("host", "127.0.0.1")),
         int(server.get("port", 8000)),
@@ -280,7 +307,112 @@ def load(path: str | Path) -> ServerConfig:
         Repository(served),
         limits,
         grace_s,
+        control,
     )
+
+
+def repository_control(enabled: object, token: object, loader: ModelLoader) -> RepositoryControl:
+    """The repository control of ``[server]``: the token comes from ``INFERKIT_ADMIN_TOKEN``, else ``admin_token``."""
+    if not isinstance(enabled, bool):
+        msg = f"server.repository_control must be true or false, got {enabled!r}"
+        raise ConfigError(msg)
+    if token is not None and not isinstance(token, str):
+        msg = "server.admin_token must be a string"
+        raise ConfigError(msg)
+    token = os.environ.get(TOKEN_ENV) or token
+    try:
+        return RepositoryControl(enabled=enabled, token=token, loader=loader)
+    except ValueError as error:
+        msg = f"server.repository_control: {error}"
+        raise ConfigError(msg) from None
+
+
+_LOAD_FIELDS = "max_batch_size, dynamic_batching, instance_group[0].count, parameters.path, parameters.version"
+
+
+class ModelLoader:
+    """Builds models of a config file (or a model file) again, for a load request.
+
+    ``specs`` are the ``[[models]]`` tables by name; ``base`` is the directory their paths are
+    relative to, and the only one a load may name a path under (resolved: no ``..`` or
+    symbolic link leads out of it). Loading a model without a spec needs ``parameters.path``.
+    """
+
+    def __init__(self, base: Path, specs: Mapping[str, Mapping[str, Any]]) -> None:
+        self.base = base.resolve()
+        self.specs = dict(specs)
+
+    def __call__(self, name: str, config: Mapping[str, Any]) -> ServedModel | LoadedVersion:
+        """The model ``name`` as its spec says, changed by ``config`` (Triton's model config JSON)."""
+        try:
+            return self._build(name, config)
+        except Exception as error:  # noqa: BLE001 (a model file that does not load: ONNX Runtime's errors too)
+            msg = f"failed to load {name!r}, {error}"  # Triton's prefix
+            raise LoadFailed(msg) from None
+
+    def _build(self, name: str, config: Mapping[str, Any]) -> ServedModel | LoadedVersion:
+        spec = {k: v for k, v in self.specs.get(name, {}).items() if k != "name"}
+        overrides, path, version = _load_overrides(config)
+        if path is not None:
+            overrides["path"] = self._checked(path)
+        if version is not None:
+            versions = spec.get("versions")
+            if not isinstance(versions, Mapping) or version not in versions:
+                msg = f"the config has no version {version!r} of {name!r} (a new version needs a restart)"
+                raise ConfigError(msg)
+            where = f"{name}.versions.{version}"
+            predictor = _predictor({**versions[version], **overrides}, where, self.base, f"{name}-{version}")
+            return LoadedVersion(version, predictor)
+        if "versions" in spec:
+            if "path" in overrides:
+                msg = "parameters.path needs parameters.version for a model with versions"
+                raise ConfigError(msg)
+            versions = {str(k): {**v, **overrides} for k, v in _table(spec["versions"], f"{name}.versions").items()}
+            opened: list[Predictive] = []
+            try:
+                return _model({**spec, "name": name, "versions": versions}, name, self.base, opened)
+            except ConfigError:
+                for target in opened:
+                    target.close()
+                raise
+        if "path" not in spec and "path" not in overrides:
+            msg = f"failed to poll from model repository: the config has no model {name!r}; give parameters.path"
+            raise ConfigError(msg)
+        return ServedModel(name, _predictor({**spec, **overrides}, name, self.base, name))
+
+    def _checked(self, path: str) -> str:
+        resolved = (self.base / path).resolve()
+        if not resolved.is_relative_to(self.base):
+            msg = f"parameters.path must lie under {self.base}, got {path!r:.200}"
+            raise ConfigError(msg)
+        return str(resolved.relative_to(self.base))
+
+
+def _load_overrides(config: Mapping[str, Any]) -> tuple[dict[str, Any], str | None, str | None]:
+    """``(model spec fields, path, version)`` from a load's Triton model config; other fields are ignored."""
+    try:
+        overrides: dict[str, Any] = {}
+        if "max_batch_size" in config:
+            overrides["max_batch_size"] = config["max_batch_size"]
+        batching = config.get("dynamic_batching") or {}
+        if "max_queue_delay_microseconds" in batching:
+            overrides["max_delay_ms"] = int(batching["max_queue_delay_microseconds"]) / 1000
+        queue = batching.get("default_queue_policy") or {}
+        if "max_queue_size" in queue:
+            overrides["max_queue_size"] = int(queue["max_queue_size"])
+        groups = config.get("instance_group") or []
+        if groups and "count" in groups[0]:
+            overrides["replicas"] = groups[0]["count"]
+        params = config.get("parameters") or {}
+        path, version = (params.get(key, {}).get("string_value") for key in ("path", "version"))
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError) as error:
+        msg = f"the load's model config does not have the shape of Triton's ({_LOAD_FIELDS}): {error}"
+        raise ConfigError(msg) from None
+    for what, value in (("parameters.path", path), ("parameters.version", version)):
+        if value is not None and not isinstance(value, str):
+            msg = f"{what}.string_value must be a string"
+            raise ConfigError(msg)
+    return overrides, path, version
 
 
 def _grace(value: object) -> float:

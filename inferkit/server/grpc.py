@@ -2,7 +2,9 @@
 
 :func:`create_server` serves a :class:`~inferkit.server.Repository` as Triton's
 ``inference.GRPCInferenceService`` (ServerLive, ServerReady, ModelReady, ServerMetadata,
-ModelMetadata, ModelInfer), so Triton's clients (``tritonclient.grpc``) work unchanged::
+ModelMetadata, ModelInfer, ModelConfig, ModelStatistics, RepositoryIndex,
+RepositoryModelLoad, RepositoryModelUnload), so Triton's clients (``tritonclient.grpc``) work
+unchanged::
 
     server, port = create_server(repository, port=8001)  # a GrpcServer: grpc.aio listeners on one port
     await server.start()
@@ -28,6 +30,12 @@ ModelInfer, beyond the protocol:
 - Errors map as :func:`inferkit.server.protocol.grpc_code` says: a bad request is
   INVALID_ARGUMENT (a message that does not parse included), an unknown model or version
   NOT_FOUND, overload UNAVAILABLE, a passed deadline DEADLINE_EXCEEDED, a model failure INTERNAL.
+
+ModelConfig and ModelStatistics answer what REST's ``/config`` and ``/stats`` answer
+(:meth:`Repository.config <inferkit.server.Repository.config>`, :meth:`Repository.stats
+<inferkit.server.Repository.stats>`). RepositoryModelLoad and RepositoryModelUnload follow
+:mod:`inferkit.server.control`: off unless enabled, then the ``authorization`` metadata must
+carry ``Bearer <token>`` (UNAUTHENTICATED without, PERMISSION_DENIED when wrong).
 """
 
 from __future__ import annotations
@@ -42,10 +50,12 @@ from typing import Any, NoReturn
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 
 from inferkit.errors import Closed, InferkitError, InvalidInput
 from inferkit.server import proto as pb
 from inferkit.server.config import ConnectionLimits
+from inferkit.server.control import Controller, RepositoryControl, load_parameters
 from inferkit.server.protocol import (
     ARM,
     KEY,
@@ -53,6 +63,7 @@ from inferkit.server.protocol import (
     datatype_of,
     dtype_of,
     element_count,
+    extensions,
     fit,
     from_raw,
     grpc_code,
@@ -173,6 +184,7 @@ def create_server(
     max_message_bytes: int = 256 * 2**20,
     listeners: int = DEFAULT_LISTENERS,
     limits: ConnectionLimits | None = None,
+    control: RepositoryControl | None = None,
 ) -> tuple[GrpcServer, int]:
     """A gRPC server for ``repository``, not yet started, and the port it is bound to.
 
@@ -185,7 +197,8 @@ def create_server(
     process listens on is an error (``RuntimeError``) either way, never a silent share.
     ``limits`` bounds metadata (``max_header_bytes``), idle connections (``grpc_idle_s``) and
     calls per connection (``grpc_max_concurrent_streams``); clients are pinged every 60 s so
-    that a vanished one's connection is closed.
+    that a vanished one's connection is closed. ``control`` turns on RepositoryModelLoad and
+    RepositoryModelUnload (see :mod:`inferkit.server.control`); off by default.
     """
     limits = limits if limits is not None else ConnectionLimits()
     if type(max_message_bytes) is not int or not 1 <= max_message_bytes <= _INT32_MAX:
@@ -208,7 +221,7 @@ def create_server(
         ("grpc.keepalive_time_ms", _KEEPALIVE_MS),
         ("grpc.keepalive_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
     ]
-    servicer = _Servicer(repository, metrics)
+    servicer = _Servicer(repository, metrics, control if control is not None else RepositoryControl())
     handler = servicer.handler()
     servers = []
     for _ in range(listeners):
@@ -253,9 +266,11 @@ def _parser(message: Any) -> Callable[[bytes], Any]:
 class _Servicer:
     """The RPC handlers over one repository."""
 
-    def __init__(self, repository: Repository, metrics: Any) -> None:
+    def __init__(self, repository: Repository, metrics: Any, control: RepositoryControl) -> None:
         self._repository = repository
         self._metrics = metrics
+        self._control = control
+        self._controller = Controller(repository, control)
         self.draining = False
         self.last_call = 0.0  # loop time of the latest ModelInfer, for the drain's quiet window
 
@@ -268,6 +283,15 @@ class _Servicer:
             "ServerMetadata": (self.server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
             "ModelMetadata": (self.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
             "ModelInfer": (self.model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
+            "ModelConfig": (self.model_config, pb.ModelConfigRequest, pb.ModelConfigResponse),
+            "ModelStatistics": (self.model_statistics, pb.ModelStatisticsRequest, pb.ModelStatisticsResponse),
+            "RepositoryIndex": (self.repository_index, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
+            "RepositoryModelLoad": (self.model_load, pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse),
+            "RepositoryModelUnload": (
+                self.model_unload,
+                pb.RepositoryModelUnloadRequest,
+                pb.RepositoryModelUnloadResponse,
+            ),
         }
         return grpc.method_handlers_generic_handler(
             pb.SERVICE,
@@ -300,9 +324,10 @@ class _Servicer:
             await _abort(context, grpc_code(error), str(error))
 
     async def server_metadata(self, request: Any, context: Any) -> Any:
-        """The server's name and version; it lists no protocol extensions."""
+        """The server's name, version and the protocol extensions served over gRPC."""
         await _check_parsed(request, context)
-        return pb.ServerMetadataResponse(name="inferkit", version=server_version())
+        served = extensions("grpc", repository_control=self._control.enabled)
+        return pb.ServerMetadataResponse(name="inferkit", version=server_version(), extensions=served)
 
     async def model_metadata(self, request: Any, context: Any) -> Any:
         """A model's versions, platform and tensors (none for an untyped callable)."""
@@ -319,6 +344,61 @@ class _Servicer:
             inputs=[tensor(**t) for t in meta["inputs"]],
             outputs=[tensor(**t) for t in meta["outputs"]],
         )
+
+    async def model_config(self, request: Any, context: Any) -> Any:
+        """A model's Triton-shaped configuration (as REST's ``/config``)."""
+        await _check_parsed(request, context)
+        try:
+            config = self._repository.config(request.name, request.version or None)
+        except InferkitError as error:
+            await _abort(context, grpc_code(error), str(error))
+        return pb.ModelConfigResponse(config=json_format.ParseDict(config, pb.ModelConfig()))
+
+    async def model_statistics(self, request: Any, context: Any) -> Any:
+        """Triton-shaped statistics of one model (or version), or of every model (as REST's ``/stats``)."""
+        await _check_parsed(request, context)
+        try:
+            stats = self._repository.stats(request.name or None, request.version or None)
+        except InferkitError as error:
+            await _abort(context, grpc_code(error), str(error))
+        return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
+
+    # -- model repository ------------------------------------------------------------------
+
+    async def repository_index(self, request: Any, context: Any) -> Any:
+        """Every model the server knows, with its state (only the ready ones when asked)."""
+        await _check_parsed(request, context)
+        await _one_repository(request, context)
+        entries = [e for e in self._repository.index() if not request.ready or e["state"] == "READY"]
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**e) for e in entries])
+
+    async def model_load(self, request: Any, context: Any) -> Any:
+        """Load (or hot-swap) a model; needs the operator's token."""
+        await self._authorize(request, context)
+        try:
+            params = {key: _parameter(value) for key, value in request.parameters.items()}
+            await self._controller.load(request.model_name, load_parameters(params))
+        except InferkitError as error:
+            await _abort(context, grpc_code(error), str(error))
+        return pb.RepositoryModelLoadResponse()
+
+    async def model_unload(self, request: Any, context: Any) -> Any:
+        """Unload a model once what it accepted is answered; needs the operator's token."""
+        await self._authorize(request, context)
+        try:
+            await self._controller.unload(request.model_name)
+        except InferkitError as error:
+            await _abort(context, grpc_code(error), str(error))
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _authorize(self, request: Any, context: Any) -> None:
+        await _check_parsed(request, context)
+        header = next((str(v) for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+        try:
+            self._control.authorize(header)
+        except InferkitError as error:
+            await _abort(context, grpc_code(error), str(error))
+        await _one_repository(request, context)
 
     # -- inference -------------------------------------------------------------------------
 
@@ -372,11 +452,16 @@ class _Servicer:
         """Refuse unknown outputs before the model runs, when it declares its outputs."""
         declared = self._repository.output_names(model, version)
         if declared:
-            check_outputs(requested, declared)
+            check_outputs(requested, declared, model)
 
     def _observe(self, model: str, arm: str | None, outcome: str, start: float) -> None:
         if self._metrics is not None:
             self._metrics.observe(model, arm, outcome, time.monotonic() - start)
+
+
+async def _one_repository(request: Any, context: Any) -> None:
+    if request.repository_name:
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "'repository_name' specification is not supported")
 
 
 async def _check_parsed(request: Any, context: Any) -> None:
@@ -437,11 +522,11 @@ def _decode_inputs(request: Any) -> dict[str, Array]:
         if name in arrays:
             msg = f"input {name!r} appears twice"
             raise InvalidInput(msg, input_name=name)
-        arrays[name] = _decode(tensor, raw[i] if raw else None)
+        arrays[name] = _decode(tensor, raw[i] if raw else None, request.model_name)
     return arrays
 
 
-def _decode(tensor: Any, raw: bytes | None) -> Array:
+def _decode(tensor: Any, raw: bytes | None, model: str) -> Array:
     name, datatype = tensor.name, tensor.datatype
     if tensor.parameters:
         refuse_unsupported(tensor.parameters, f"input {name!r}", name)
@@ -453,7 +538,11 @@ def _decode(tensor: Any, raw: bytes | None) -> Array:
     count = element_count(shape, name)
     if raw is not None:
         if tensor.HasField("contents"):
-            raise invalid("has both raw_input_contents and contents; send one", name)
+            msg = (
+                f"contents field must not be specified when using raw_input_contents for {name!r:.200} "
+                f"for model {model!r:.200}; send one or the other"
+            )
+            raise InvalidInput(msg, input_name=name)
         flat = from_raw(raw, datatype, count, name)
     else:
         flat = _from_contents(name, datatype, dtype, count, tensor.contents)
@@ -481,7 +570,7 @@ def _from_contents(name: str, datatype: str, dtype: np.dtype[Any], count: int, c
 def _encode_response(request: Any, outputs: dict[str, Array], requested: Sequence[str]) -> Any:
     """A ModelInferResponse with ``outputs`` (only ``requested`` ones, in order, when given)."""
     if requested:
-        check_outputs(requested, outputs)
+        check_outputs(requested, outputs, request.model_name)
     response = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
     for name in requested or outputs:
         array = np.asarray(outputs[name])

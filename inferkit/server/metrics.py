@@ -40,6 +40,7 @@ import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from inferkit.errors import ModelNotFound
 from inferkit.predictor import Predictor
 from inferkit.server.repository import Repository
 from inferkit.stats import Stats
@@ -108,7 +109,11 @@ class Metrics:
 def _predictors(repository: Repository) -> Iterator[tuple[str, str, Predictor]]:
     """``(model, predictor label, predictor)`` for every Predictor behind every model, each once per model."""
     for name in repository.names():
-        for label, target in repository.walk(name):
+        try:
+            walked = list(repository.walk(name))
+        except ModelNotFound:  # unloaded since names() was read
+            continue
+        for label, target in walked:
             if isinstance(target, Predictor):
                 yield name, label or target.name, target
 

@@ -19,6 +19,7 @@ import numpy as np
 from inferkit.errors import (
     Closed,
     DeadlineExceeded,
+    InferkitError,
     InvalidInput,
     ModelError,
     ModelNotFound,
@@ -36,6 +37,7 @@ __all__ = [
     "datatype_of",
     "dtype_of",
     "element_count",
+    "extensions",
     "fit",
     "from_raw",
     "grpc_code",
@@ -217,12 +219,26 @@ def to_raw(array: np.ndarray[Any, Any]) -> bytes:
     return array.tobytes()  # C order, whatever the array's layout
 
 
-def check_outputs(requested: Iterable[str], available: Collection[str]) -> None:
-    """``InvalidInput`` for the first requested output name the model does not have."""
+def check_outputs(requested: Iterable[str], available: Collection[str], model: str = "") -> None:
+    """``InvalidInput`` (in Triton's words) for the first requested output name the model does not have."""
     for name in requested:
         if name not in available:
-            msg = f"unknown output {name!r}; the model has {sorted(available)}"
+            msg = f"unexpected inference output {name!r:.200} for model {model!r}; the model has {sorted(available)}"
             raise InvalidInput(msg)
+
+
+def extensions(protocol: str, *, repository_control: bool) -> list[str]:
+    """The Triton protocol extensions served over ``protocol`` (``"http"`` or ``"grpc"``), sorted.
+
+    ``model_repository`` only where load and unload are enabled; ``binary_tensor_data`` is
+    HTTP's alone (gRPC always carries raw bytes).
+    """
+    names = {"model_configuration", "parameters", "statistics"}
+    if protocol == "http":
+        names.add("binary_tensor_data")
+    if repository_control:
+        names.add("model_repository")
+    return sorted(names)
 
 
 NO_DEADLINE_S = 365 * 86400.0
@@ -275,11 +291,15 @@ def request_options(
 
 
 def http_status(error: BaseException, *, overload_status: int = 503) -> int:
-    """The HTTP status for an error: 400 input, 404 model, 429/503 overload, 504 deadline, 500 model."""
-    if isinstance(error, InvalidInput):
-        return 400
-    if isinstance(error, ModelNotFound):
-        return 404
+    """The HTTP status for an error: 400 input, 404 model, 429/503 overload, 504 deadline, 500 model.
+
+    An error class may carry its own ``status`` (the repository control's 401 and 403).
+    """
+    own = getattr(type(error), "status", None)
+    if isinstance(error, InferkitError) and isinstance(own, int):
+        return own
+    if isinstance(error, InvalidInput | ModelNotFound):
+        return 400 if isinstance(error, InvalidInput) else 404
     if isinstance(error, Overloaded):
         return overload_status
     if isinstance(error, DeadlineExceeded):
@@ -295,6 +315,8 @@ def grpc_code(error: BaseException) -> Any:
 
     codes = {
         400: grpc.StatusCode.INVALID_ARGUMENT,
+        401: grpc.StatusCode.UNAUTHENTICATED,
+        403: grpc.StatusCode.PERMISSION_DENIED,
         404: grpc.StatusCode.NOT_FOUND,
         503: grpc.StatusCode.UNAVAILABLE,
         504: grpc.StatusCode.DEADLINE_EXCEEDED,

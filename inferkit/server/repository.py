@@ -2,10 +2,16 @@
 
 The REST and gRPC faces both go through :meth:`Repository.infer`, so requests from either
 protocol are batched together by the same Predictor (or split by the same Router).
+
+Messages about unknown models and versions start with Triton's words (clients match on them):
+``Request for unknown model: 'm' is not found``, ``Request for unknown model: 'm' version 3 is
+not found``, ``failed to get model version from specified version string 'v'``, and, for a model
+that was unloaded, ``Request for unknown model: 'm' has no available versions``.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Hashable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any
@@ -13,7 +19,9 @@ from typing import Any
 import attrs
 import numpy as np
 
-from inferkit.errors import InferkitError, ModelNotFound
+from inferkit.batching import BatchConfig
+from inferkit.errors import Closed, InferkitError, ModelNotFound
+from inferkit.pool import PoolConfig
 from inferkit.predictor import Predictor
 from inferkit.routing import Predictive, Router
 from inferkit.server._bridge import await_future
@@ -21,7 +29,7 @@ from inferkit.server.protocol import datatype_of
 from inferkit.signature import Signature
 from inferkit.stats import Stats
 
-__all__ = ["InferResult", "Repository", "ServedModel"]
+__all__ = ["InferResult", "Repository", "ServedModel", "pool_config"]
 
 Array = np.ndarray[Any, Any]
 _DEFAULT_OUTPUT = "output"  # the name of an unnamed single output (an untyped callable's)
@@ -65,16 +73,33 @@ def _ready(target: Predictive) -> bool:
     return bool(getattr(target, "ready", True))
 
 
+def pool_config(predictor: Predictor) -> PoolConfig:
+    """The pool settings ``predictor`` was built with (read through its batcher; the default if hidden)."""
+    pool = getattr(getattr(predictor, "_batcher", None), "pool", None)
+    return pool if isinstance(pool, PoolConfig) else PoolConfig()
+
+
+def _version_order(label: str) -> tuple[int, str]:
+    return (len(label), label)  # "10" after "9", as the config orders versions
+
+
 class Repository:
-    """The served models, by name. Thread-safe to read; built once at start-up."""
+    """The served models, by name.
+
+    Reads are lock-free: every change (:meth:`install`, :meth:`remove`, :meth:`swap_version`)
+    builds a new table and replaces the old one in one assignment, under a lock that only
+    writers take.
+    """
 
     def __init__(self, models: Iterable[ServedModel] | Mapping[str, Predictive]) -> None:
         if isinstance(models, Mapping):
             models = [ServedModel(name, target) for name, target in models.items()]
-        self._models = {m.name: m for m in models}
+        self._models: dict[str, ServedModel] = {m.name: m for m in models}
         if not self._models:
             msg = "a repository needs at least one model"
             raise ValueError(msg)
+        self._unloaded: frozenset[str] = frozenset()
+        self._write = threading.Lock()
         self.draining = False
         """Set by a server that is shutting down: readiness turns false at once."""
 
@@ -82,12 +107,20 @@ class Repository:
         """Every model name, sorted."""
         return sorted(self._models)
 
+    def unloaded(self) -> list[str]:
+        """Models that were unloaded (and not loaded again), sorted."""
+        return sorted(self._unloaded)
+
     def model(self, name: str) -> ServedModel:
-        """The model called ``name``; ``ModelNotFound`` when there is none."""
+        """The model called ``name``; ``ModelNotFound`` (in Triton's words) when there is none."""
+        models = self._models
         try:
-            return self._models[name]
+            return models[name]
         except KeyError:
-            msg = f"unknown model {name!r}; this server has {self.names()}"
+            if name in self._unloaded:
+                msg = f"Request for unknown model: {name!r} has no available versions; it was unloaded"
+            else:
+                msg = f"Request for unknown model: {name!r} is not found; this server has {sorted(models)}"
             raise ModelNotFound(msg) from None
 
     def resolve(self, name: str, version: str | None = None) -> Predictive:
@@ -98,8 +131,56 @@ class Repository:
         try:
             return model.versions[version]
         except KeyError:
-            msg = f"model {name!r} has no version {version!r}; it has {sorted(model.versions)}"
+            known = sorted(model.versions, key=_version_order)
+            if version.isascii() and version.isdigit():
+                msg = f"Request for unknown model: {name!r} version {version} is not found; it has versions {known}"
+            else:
+                msg = (
+                    f"failed to get model version from specified version string {version!r:.100} "
+                    f"(model {name!r} has versions {known})"
+                )
             raise ModelNotFound(msg) from None
+
+    # -- changes while serving ---------------------------------------------------------------
+
+    def install(self, model: ServedModel) -> list[Predictive]:
+        """Serve ``model`` under its name, replacing what was there; the objects it replaced.
+
+        The caller closes what is returned (a drain: requests they accepted still finish).
+        """
+        with self._write:
+            old = self._models.get(model.name)
+            self._models = {**self._models, model.name: model}
+            self._unloaded = self._unloaded - {model.name}
+        if old is None:
+            return []
+        keep = {id(t) for _, t in _walk(model)}
+        return [t for _, t in _walk(old) if id(t) not in keep]
+
+    def remove(self, name: str) -> ServedModel:
+        """Stop serving ``name`` (``ModelNotFound`` if it is not served); the caller closes what is returned."""
+        with self._write:
+            old = self.model(name)
+            self._models = {k: v for k, v in self._models.items() if k != name}
+            self._unloaded = self._unloaded | {name}
+        return old
+
+    def swap_version(self, name: str, version: str, predictor: Predictive) -> Predictive:
+        """Serve ``predictor`` as ``version`` of ``name`` (a Router's arm too); the one it replaced.
+
+        ``ModelNotFound`` unless ``name`` has that version. The caller closes what is returned.
+        """
+        with self._write:
+            model = self.model(name)
+            if version not in model.versions:
+                self.resolve(name, version)  # raises, in Triton's words
+            old = model.versions[version]
+            if isinstance(model.target, Router) and version in model.target.arms:
+                model.target.swap(version, predictor, close_old=False)
+            target = predictor if model.target is old else model.target
+            versions = {**model.versions, version: predictor}
+            self._models = {**self._models, name: ServedModel(name, target, versions)}
+        return old
 
     def ready(self, name: str | None = None, version: str | None = None) -> bool:
         """Whether one model (or every model) is loaded, warmed and has a healthy replica."""
@@ -149,11 +230,16 @@ class Repository:
     ) -> InferResult:
         """Run one request; cancelling the awaiting task cancels the request if it is still queued."""
         target = self.resolve(name, version)
-        future: Future[Any]
-        if isinstance(target, Router):
-            future = target.submit(inputs, key=key, timeout=timeout, priority=priority)
-        else:
-            future = target.submit(inputs, timeout=timeout, priority=priority)
+        try:
+            future = _submit(target, inputs, key, timeout, priority)
+        except Closed:
+            # A load or unload replaced the target between resolve and submit; a closing
+            # predictor refuses at the door, so the request was never accepted: resolve again.
+            again = self.resolve(name, version)
+            if again is target and not isinstance(target, Router):
+                raise
+            target = again
+            future = _submit(target, inputs, key, timeout, priority)
         try:
             value = await await_future(future)
         except InferkitError as error:
@@ -166,17 +252,65 @@ class Repository:
         return InferResult(dict(value), getattr(future, "arm", None), version)
 
     def stats(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
-        """Per-model statistics in the shape of Triton's ``/v2/models/{m}/stats``."""
-        names = [name] if name is not None else self.names()
+        """Per-model statistics in the shape of Triton's ``/v2/models/{m}/stats``.
+
+        Without ``version``, an entry for what answers unpinned requests (version ``""``) and
+        one per version. ``queue`` stays zero: inferkit times each request from arrival to
+        result (``success``) and each batch's model call (``compute_infer``), and a request's
+        share of its batch's call is not recorded, so its queueing time cannot be told apart.
+        """
+        models = self._models
+        names = [name] if name else sorted(models)
         entries = []
         for model_name in names:
             model = self.model(model_name)
             pairs = [(version, self.resolve(model_name, version))] if version else [("", model.target)]
-            if version is None:
-                pairs += list(model.versions.items())
+            if not version:
+                pairs += sorted(model.versions.items(), key=lambda item: _version_order(item[0]))
             for label, target in pairs:
                 entries.append(_triton_stats(model_name, label, target))
         return {"model_stats": entries}
+
+    def config(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """A Triton-shaped model configuration (the JSON of Triton's ``ModelConfig``).
+
+        Without ``version``, a model with versions shows its highest. ``dims`` leave out the
+        batch axis (-1: any size); ``dynamic_batching`` carries ``max_delay_ms`` (as
+        microseconds) and ``max_queue_size``; one instance group per device the replicas run on.
+        """
+        model = self.model(name)
+        target = self.resolve(name, version)
+        if not version and model.versions:
+            target = model.versions[max(model.versions, key=_version_order)]
+        predictor = next((p for p in _predictors(target) if isinstance(p, Predictor)), None)
+        sig = _signature(target)
+        config: dict[str, Any] = {"name": name, "platform": "inferkit", "backend": "inferkit"}
+        if predictor is not None:
+            config["max_batch_size"] = predictor.batching.max_batch_size
+        if sig is not None:
+            config["input"] = [_triton_tensor(s) for s in sig.inputs]
+            config["output"] = [_triton_tensor(s) for s in sig.outputs]
+        if predictor is not None:
+            config["dynamic_batching"] = _dynamic_batching(predictor.batching)
+            config["instance_group"] = _instance_groups(name, predictor)
+        return config
+
+    def index(self) -> list[dict[str, str]]:
+        """Triton's repository index: every served model (READY or UNAVAILABLE) and every unloaded one."""
+        models, unloaded = self._models, self._unloaded
+        entries = []
+        for name in sorted({*models, *unloaded}):
+            model = models.get(name)
+            if model is None:
+                entries.append({"name": name, "version": "", "state": "UNAVAILABLE", "reason": "unloaded"})
+                continue
+            versions = sorted(model.versions, key=_version_order) or [""]
+            for label in versions:
+                target = model.versions.get(label, model.target)
+                ready = not self.draining and _ready(target)
+                state, reason = ("READY", "") if ready else ("UNAVAILABLE", "not ready")
+                entries.append({"name": name, "version": label, "state": state, "reason": reason})
+        return entries
 
     def walk(self, name: str) -> Iterator[tuple[str, Predictive]]:
         """``(label, object)`` for model ``name``'s target, versions and Router arms, each once.
@@ -184,22 +318,12 @@ class Repository:
         A label is the arm path (``outer/inner``), else the version, else ``""``. Arms come
         before versions, so an object that is both is labelled as the arm.
         """
-        model = self.model(name)
-        seen: set[int] = set()
-        pending: list[tuple[str, Predictive]] = [("", model.target), *model.versions.items()]
-        while pending:
-            label, target = pending.pop(0)
-            if id(target) in seen:
-                continue
-            seen.add(id(target))
-            yield label, target
-            if isinstance(target, Router):
-                prefix = f"{label}/" if label else ""
-                pending[:0] = [(prefix + arm, inner) for arm, inner in target.arms.items()]
+        return _walk(self.model(name))
 
     def _targets(self) -> list[Predictive]:
         """Every model object, routers and the predictors behind them, each once."""
-        return list({id(t): t for name in self._models for _, t in self.walk(name)}.values())
+        models = self._models
+        return list({id(t): t for model in models.values() for _, t in _walk(model)}.values())
 
     def predictor_stats(self) -> dict[str, Stats]:
         """Every Predictor's own stats, by predictor name."""
@@ -211,8 +335,74 @@ class Repository:
             target.close(timeout)
 
 
+def _submit(
+    target: Predictive, inputs: dict[str, Array], key: Hashable | None, timeout: float | None, priority: int
+) -> Future[Any]:
+    if isinstance(target, Router):
+        return target.submit(inputs, key=key, timeout=timeout, priority=priority)
+    return target.submit(inputs, timeout=timeout, priority=priority)
+
+
+def _walk(model: ServedModel) -> Iterator[tuple[str, Predictive]]:
+    seen: set[int] = set()
+    pending: list[tuple[str, Predictive]] = [("", model.target), *model.versions.items()]
+    while pending:
+        label, target = pending.pop(0)
+        if id(target) in seen:
+            continue
+        seen.add(id(target))
+        yield label, target
+        if isinstance(target, Router):
+            prefix = f"{label}/" if label else ""
+            pending[:0] = [(prefix + arm, inner) for arm, inner in target.arms.items()]
+
+
+def _predictors(target: Predictive) -> list[Predictive]:
+    """The predictors behind ``target``: a Router's arms (nested ones too), else ``target``."""
+    if isinstance(target, Router):
+        return [p for arm in target.arms.values() for p in _predictors(arm)]
+    return [target]
+
+
+def _triton_type(spec_dtype: np.dtype[Any]) -> str:
+    datatype = datatype_of(spec_dtype)
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
+def _triton_tensor(spec: Any) -> dict[str, Any]:
+    dims = [-1 if d is None else d for d in spec.shape[1:]]  # the batch axis is max_batch_size's
+    return {"name": spec.name, "data_type": _triton_type(spec.dtype), "dims": dims}
+
+
+def _dynamic_batching(batching: BatchConfig) -> dict[str, Any]:
+    return {
+        "max_queue_delay_microseconds": round(batching.max_delay_ms * 1000),
+        "default_queue_policy": {"max_queue_size": batching.max_queue_size},
+    }
+
+
+def _instance_groups(name: str, predictor: Predictor) -> list[dict[str, Any]]:
+    """One group per device the replicas run on (``cuda:N`` is KIND_GPU on GPU N, else KIND_CPU)."""
+    devices = [r.device for r in predictor.stats().replicas] or [predictor.device]
+    if len(devices) < pool_config(predictor).replicas:  # replicas still loading run where the first does
+        devices += [devices[0]] * (pool_config(predictor).replicas - len(devices))
+    counts: dict[str, int] = {}
+    for device in devices:
+        counts[device] = counts.get(device, 0) + 1
+    groups = []
+    for i, (device, count) in enumerate(sorted(counts.items())):
+        group: dict[str, Any] = {"name": f"{name}_{i}", "count": count}
+        kind, _, index = device.partition(":")
+        if kind == "cuda":
+            group.update(kind="KIND_GPU", gpus=[int(index or 0)])
+        else:
+            group.update(kind="KIND_CPU", gpus=[])
+        groups.append(group)
+    return groups
+
+
 def _triton_stats(name: str, version: str, target: Predictive) -> dict[str, Any]:
-    predictors = list(target.arms.values()) if isinstance(target, Router) else [target]
+    predictors = _predictors(target)
     success = fail = execution = inference = 0
     request_ns = compute_ns = 0
     batch_sizes: dict[int, int] = {}
@@ -237,7 +427,7 @@ def _triton_stats(name: str, version: str, target: Predictive) -> dict[str, Any]
         "inference_stats": {
             "success": {"count": success, "ns": request_ns},
             "fail": {"count": fail, "ns": 0},
-            "queue": {"count": 0, "ns": 0},  # not tracked apart from the request time
+            "queue": {"count": 0, "ns": 0},  # not tracked apart from the request time (see Repository.stats)
             "compute_input": {"count": 0, "ns": 0},
             "compute_infer": {"count": execution, "ns": compute_ns},
             "compute_output": {"count": 0, "ns": 0},

@@ -9,6 +9,10 @@
     GET  /v2/models/{m}[/versions/{v}]/ready    200 or 503 (404 for an unknown model or version)
     POST /v2/models/{m}[/versions/{v}]/infer    inference
     GET  /v2/models[/{m}[/versions/{v}]]/stats  Triton-shaped statistics (``Repository.stats``)
+    GET  /v2/models/{m}[/versions/{v}]/config   Triton-shaped model configuration (``Repository.config``)
+    POST /v2/repository/index                   the models and their state
+    POST /v2/repository/models/{m}/load         load, or hot-swap, a model (repository control)
+    POST /v2/repository/models/{m}/unload       unload a model once it drains (repository control)
     GET  /metrics                               Prometheus text format
 
 Every request goes through :meth:`Repository.infer <inferkit.server.Repository.infer>`, so
@@ -44,6 +48,10 @@ few milliseconds); a larger one first reserves its estimated memory (see
 worker thread; large answers and compressed bodies past their first MiB likewise. A size
 header (``Content-Length``, ``Inference-Header-Content-Length``) must be ASCII digits.
 
+Load and unload are off unless ``control`` enables them, and then need the operator's token,
+``Authorization: Bearer <token>`` (401 without, 403 when wrong; see
+:mod:`inferkit.server.control`).
+
 A client that disconnects while its
 request is queued has it cancelled: the model never runs it (counted with the outcome
 ``ClientDisconnected``). As in Triton, ``GET /v2/models/stats`` means every model's statistics,
@@ -73,6 +81,7 @@ from starlette.routing import Route
 from starlette.types import Receive
 
 from inferkit.errors import InferkitError, ModelNotFound
+from inferkit.server.control import Controller, RepositoryControl, Unauthenticated, load_parameters
 from inferkit.server.metrics import Metrics
 from inferkit.server.protocol import (
     ARM,
@@ -81,6 +90,7 @@ from inferkit.server.protocol import (
     MAX_DIMS,
     check_outputs,
     datatype_of,
+    extensions,
     fit,
     from_raw,
     http_status,
@@ -430,7 +440,7 @@ def encode_response(model: str, request: InferRequest, result: InferResult) -> t
     """The response body and its headers (content type, binary header length, arm)."""
     outputs = result.outputs
     names = request.outputs if request.outputs is not None else tuple(outputs)
-    check_outputs(names, outputs)
+    check_outputs(names, outputs, model)
     tensors = []
     chunks: list[bytes] = []
     for name in names:
@@ -565,9 +575,17 @@ class _App:
     """The endpoints, over one repository."""
 
     def __init__(
-        self, repository: Repository, metrics: Metrics, limits: tuple[int, int, int], overload: int, retry_after: str
+        self,
+        repository: Repository,
+        metrics: Metrics,
+        limits: tuple[int, int, int],
+        overload: int,
+        retry_after: str,
+        control: RepositoryControl,
     ) -> None:
         self.repository = repository
+        self.control = control
+        self.controller = Controller(repository, control)
         self.metrics = metrics
         self.limit, self.json_limit, capacity = limits
         self.budget = _Budget(capacity)
@@ -581,6 +599,8 @@ class _App:
         else:
             status = _STATUS.get(type(error)) or http_status(error, overload_status=self.overload)
         headers = {"Retry-After": self.retry_after} if status in {429, 503} else None
+        if isinstance(error, Unauthenticated):
+            headers = {"WWW-Authenticate": "Bearer"}
         message = str(error) if isinstance(error, InferkitError) else f"internal error: {type(error).__name__}: {error}"
         return _error(status, message or type(error).__name__, headers)
 
@@ -599,8 +619,8 @@ class _App:
 
     async def server_metadata(self, _request: Request) -> Response:
         """Server name, version and the protocol extensions it speaks."""
-        extensions = ["binary_tensor_data", "statistics"]
-        return JSONResponse({"name": "inferkit", "version": server_version(), "extensions": extensions})
+        served = extensions("http", repository_control=self.control.enabled)
+        return JSONResponse({"name": "inferkit", "version": server_version(), "extensions": served})
 
     async def model_metadata(self, request: Request) -> Response:
         """A model's name, versions, platform, inputs and outputs."""
@@ -617,6 +637,60 @@ class _App:
         except ModelNotFound as error:
             return self.fail(error)
         return JSONResponse(stats)
+
+    async def config(self, request: Request) -> Response:
+        """A model's Triton-shaped configuration."""
+        try:
+            config = self.repository.config(request.path_params["model"], request.path_params.get("version"))
+        except ModelNotFound as error:
+            return self.fail(error)
+        return JSONResponse(config)
+
+    async def repository_index(self, request: Request) -> Response:
+        """Every model the server knows and its state; ``{"ready": true}`` keeps the ready ones."""
+        try:
+            body = await self._small_json(request)
+            ready = body.get("ready", False)
+            if not isinstance(ready, bool):
+                raise invalid("Invalid value for 'ready': expected a boolean")
+        except InferkitError as error:
+            return self.fail(error)
+        return JSONResponse([e for e in self.repository.index() if not ready or e["state"] == "READY"])
+
+    async def load(self, request: Request) -> Response:
+        """Load (or hot-swap) a model: the operator's token, then the build on a worker thread."""
+        try:
+            self.control.authorize(request.headers.get("authorization"))
+            body = await self._small_json(request)
+            params = _mapping(body.get("parameters"), "parameters")
+            await self.controller.load(request.path_params["model"], load_parameters(params))
+        except InferkitError as error:
+            return self.fail(error)
+        return JSONResponse({})
+
+    async def unload(self, request: Request) -> Response:
+        """Unload a model once what it accepted is answered (``unload_dependents`` has no meaning here)."""
+        try:
+            self.control.authorize(request.headers.get("authorization"))
+            body = await self._small_json(request)
+            params = _mapping(body.get("parameters"), "parameters")
+            if not isinstance(params.get("unload_dependents", False), bool):
+                raise invalid("invalid value type for 'unload_dependents' parameter, expected bool_param.")
+            await self.controller.unload(request.path_params["model"])
+        except InferkitError as error:
+            return self.fail(error)
+        return JSONResponse({})
+
+    async def _small_json(self, request: Request) -> dict[str, Any]:
+        """A JSON object body (at most ``max_json_bytes``; empty: ``{}``)."""
+        body = await self._body(request, json_only=True)
+        if not body.strip():
+            return {}
+        try:
+            value = _loads(body)
+        except ValueError as error:
+            raise invalid(f"the body is not JSON: {error}") from None
+        return _mapping(value, "the body")
 
     async def metrics_text(self, _request: Request) -> Response:
         """Prometheus metrics."""
@@ -638,7 +712,7 @@ class _App:
             if decoded.outputs is not None:  # refuse unknown outputs before the model runs, where we can
                 known = self.repository.output_names(name, version)
                 if known:
-                    check_outputs(decoded.outputs, known)
+                    check_outputs(decoded.outputs, known, name)
             key = request.headers.get(KEY_HEADER, decoded.key)
             result = await self._unless_disconnected(
                 request.receive,
@@ -778,6 +852,7 @@ def create_app(
     max_decode_bytes: int = 2**30,
     overload_status: int = 503,
     retry_after_s: float = 1.0,
+    control: RepositoryControl | None = None,
 ) -> Starlette:
     """The REST app over ``repository``: run it with uvicorn, or mount it in a Starlette/FastAPI app.
 
@@ -797,7 +872,8 @@ def create_app(
 
     A full queue answers ``overload_status`` (429 or 503) with ``Retry-After: retry_after_s``
     (rounded up to whole seconds). The app does not own the repository: closing the models
-    is the caller's part.
+    is the caller's part. ``control`` turns on load and unload (see
+    :mod:`inferkit.server.control`); off by default.
     """
     for option, value in [
         ("max_request_bytes", max_request_bytes),
@@ -816,7 +892,8 @@ def create_app(
     if metrics is None:
         metrics = Metrics(repository, prometheus_client.CollectorRegistry())
     limits = (max_request_bytes, max_json_bytes, max_decode_bytes)
-    app = _App(repository, metrics, limits, overload_status, str(math.ceil(retry_after_s)))
+    control = control if control is not None else RepositoryControl()
+    app = _App(repository, metrics, limits, overload_status, str(math.ceil(retry_after_s)), control)
     model = "/v2/models/{model}"
     version = model + "/versions/{version}"
     routes = [
@@ -825,12 +902,16 @@ def create_app(
         Route("/v2", app.server_metadata, methods=["GET"]),
         Route("/v2/models/stats", app.stats, methods=["GET"]),
         Route("/metrics", app.metrics_text, methods=["GET"]),
+        Route("/v2/repository/index", app.repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{model}/load", app.load, methods=["POST"]),
+        Route("/v2/repository/models/{model}/unload", app.unload, methods=["POST"]),
     ]
     for base in (model, version):
         routes += [
             Route(base, app.model_metadata, methods=["GET"]),
             Route(base + "/ready", app.ready, methods=["GET"]),
             Route(base + "/stats", app.stats, methods=["GET"]),
+            Route(base + "/config", app.config, methods=["GET"]),
             Route(base + "/infer", app.infer, methods=["POST"]),
         ]
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {HTTPException: _http_error}

@@ -16,6 +16,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from inferkit.routing import Predictive
 from inferkit.server.config import ConnectionLimits
+from inferkit.server.control import RepositoryControl
 from inferkit.server.grpc import DEFAULT_LISTENERS, create_server
 from inferkit.server.metrics import Metrics
 from inferkit.server.repository import Repository
@@ -286,6 +287,8 @@ class InferenceServer:
     port 0 picks a free port (see :attr:`port` and :attr:`grpc_port` once :attr:`started`).
     ``grpc_listeners`` is :func:`~inferkit.server.grpc.create_server`'s ``listeners``;
     ``loop`` picks the event loop of :meth:`start` and :func:`serve` (one of :data:`LOOPS`).
+    ``control`` turns on loading and unloading models over both protocols (Triton's model
+    repository extension, see :mod:`inferkit.server.control`); off by default.
     """
 
     def __init__(
@@ -303,6 +306,7 @@ class InferenceServer:
         grpc_listeners: int = DEFAULT_LISTENERS,
         loop: str = "auto",
         limits: ConnectionLimits | None = None,
+        control: RepositoryControl | None = None,
     ) -> None:
         if loop not in LOOPS:
             msg = f"loop must be one of {LOOPS}, got {loop!r}"
@@ -316,6 +320,7 @@ class InferenceServer:
         self.grpc_listeners = grpc_listeners
         self.loop = loop
         self.limits = limits if limits is not None else ConnectionLimits()
+        self.control = control if control is not None else RepositoryControl()
         self._connections = _Connections(self.limits)
         protocol = type("Guarded", (_Guarded,), {"shared": self._connections})
         app = create_app(
@@ -326,6 +331,7 @@ class InferenceServer:
             max_decode_bytes=self.limits.max_decode_bytes,
             overload_status=overload_status,
             retry_after_s=retry_after_s,
+            control=self.control,
         )
         config = uvicorn.Config(
             app,
@@ -364,6 +370,7 @@ class InferenceServer:
                 max_message_bytes=self.limits.max_message_bytes,
                 listeners=self.grpc_listeners,
                 limits=self.limits,
+                control=self.control,
             )
             await grpc_server.start()
         http = asyncio.create_task(self._http.serve())
@@ -439,7 +446,8 @@ def serve(
     """Serve a Predictor, a Router, a mapping of them by name, or a Repository until SIGTERM/SIGINT.
 
     Blocks. ``options`` go to :class:`InferenceServer` (``limits``, ``overload_status``,
-    ``retry_after_s``, ``grace``, ``log_level``, ``metrics``, ``grpc_listeners``, ``loop``).
+    ``retry_after_s``, ``grace``, ``log_level``, ``metrics``, ``grpc_listeners``, ``loop``,
+    ``control``).
     """
     if isinstance(target, Repository):
         repository = target

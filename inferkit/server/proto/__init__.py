@@ -1,9 +1,10 @@
 """The messages of the KServe v2 / Triton gRPC service, built in a private descriptor pool.
 
-``inference.proto`` (beside this file) is the source: the health, metadata and inference part of
-Triton's ``grpc_service.proto``, with Triton's package, service, message and field names, numbers
-and types. ``inference.binpb`` is what protoc compiles from it (a ``FileDescriptorSet``), committed
-as a generated file. After editing the ``.proto``, regenerate it in this directory with::
+``inference.proto`` (beside this file) is the source: the part of Triton's ``grpc_service.proto``
+and ``model_config.proto`` that inferkit serves, with Triton's package, service, message and field
+names, numbers and types. ``inference.binpb`` is what protoc compiles from it (a
+``FileDescriptorSet``), committed as a generated file. After editing the ``.proto``, regenerate
+it in this directory with::
 
     python -m grpc_tools.protoc -I. --descriptor_set_out=inference.binpb inference.proto
 
@@ -32,12 +33,23 @@ __all__ = [
     "SERVICE",
     "InferParameter",
     "InferTensorContents",
+    "ModelConfig",
+    "ModelConfigRequest",
+    "ModelConfigResponse",
     "ModelInferRequest",
     "ModelInferResponse",
     "ModelMetadataRequest",
     "ModelMetadataResponse",
     "ModelReadyRequest",
     "ModelReadyResponse",
+    "ModelStatisticsRequest",
+    "ModelStatisticsResponse",
+    "RepositoryIndexRequest",
+    "RepositoryIndexResponse",
+    "RepositoryModelLoadRequest",
+    "RepositoryModelLoadResponse",
+    "RepositoryModelUnloadRequest",
+    "RepositoryModelUnloadResponse",
     "ServerLiveRequest",
     "ServerLiveResponse",
     "ServerMetadataRequest",
@@ -75,3 +87,14 @@ InferParameter: Any = _message("InferParameter")
 InferTensorContents: Any = _message("InferTensorContents")
 ModelInferRequest: Any = _message("ModelInferRequest")
 ModelInferResponse: Any = _message("ModelInferResponse")
+ModelConfigRequest: Any = _message("ModelConfigRequest")
+ModelConfigResponse: Any = _message("ModelConfigResponse")
+ModelConfig: Any = _message("ModelConfig")
+ModelStatisticsRequest: Any = _message("ModelStatisticsRequest")
+ModelStatisticsResponse: Any = _message("ModelStatisticsResponse")
+RepositoryIndexRequest: Any = _message("RepositoryIndexRequest")
+RepositoryIndexResponse: Any = _message("RepositoryIndexResponse")
+RepositoryModelLoadRequest: Any = _message("RepositoryModelLoadRequest")
+RepositoryModelLoadResponse: Any = _message("RepositoryModelLoadResponse")
+RepositoryModelUnloadRequest: Any = _message("RepositoryModelUnloadRequest")
+RepositoryModelUnloadResponse: Any = _message("RepositoryModelUnloadResponse")
