@@ -222,6 +222,7 @@ def create_server(
         ("grpc.keepalive_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
     ]
     servicer = _Servicer(repository, metrics, control if control is not None else RepositoryControl())
+    servicer.typed_limit = limits.max_json_bytes
     handler = servicer.handler()
     servers = []
     for _ in range(listeners):
@@ -273,6 +274,7 @@ class _Servicer:
         self._controller = Controller(repository, control)
         self.draining = False
         self.last_call = 0.0  # loop time of the latest ModelInfer, for the drain's quiet window
+        self.typed_limit = ConnectionLimits().max_json_bytes  # bytes of typed contents per request
 
     def handler(self) -> Any:
         """The generic handler that routes the service's methods to this object."""
@@ -297,7 +299,10 @@ class _Servicer:
             pb.SERVICE,
             {
                 name: grpc.unary_unary_rpc_method_handler(
-                    behavior, request_deserializer=_parser(request), response_serializer=response.SerializeToString
+                    behavior,
+                    # ModelInfer parses in model_infer: a large message off the event loop
+                    request_deserializer=None if name == "ModelInfer" else _parser(request),
+                    response_serializer=response.SerializeToString,
                 )
                 for name, (behavior, request, response) in methods.items()
             },
@@ -402,9 +407,16 @@ class _Servicer:
 
     # -- inference -------------------------------------------------------------------------
 
-    async def model_infer(self, request: Any, context: Any) -> Any:
-        """Decode, run through the repository (batched with every other caller), encode."""
+    async def model_infer(self, data: bytes, context: Any) -> Any:
+        """Parse, decode, run through the repository (batched with every other caller), encode."""
         start = time.monotonic()
+        large = len(data) >= _OFFLOAD_BYTES  # parsed and decoded off the loop, so others are not held up
+        request: Any
+        if len(data) > self.typed_limit and not _has_raw_contents(data):
+            request = _Malformed(_typed_too_large(len(data), self.typed_limit))  # refused before parsing it
+        else:
+            parse = _parser(pb.ModelInferRequest)
+            request = await asyncio.to_thread(parse, data) if large else parse(data)
         if self.draining:
             self.last_call = asyncio.get_running_loop().time()
             self._observe(
@@ -417,7 +429,6 @@ class _Servicer:
         model, version = request.model_name, request.model_version or None
         arm: str | None = None
         try:
-            large = request.ByteSize() >= _OFFLOAD_BYTES  # decoded off the loop, so others are not held up
             inputs = await asyncio.to_thread(_decode_inputs, request) if large else _decode_inputs(request)
             requested = _requested_outputs(request)
             if requested:
@@ -466,7 +477,9 @@ async def _one_repository(request: Any, context: Any) -> None:
 
 async def _check_parsed(request: Any, context: Any) -> None:
     if isinstance(request, _Malformed):
-        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"the request message does not parse: {request.error}")
+        error = request.error
+        detail = str(error) if isinstance(error, InvalidInput) else f"the request message does not parse: {error}"
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, detail)
 
 
 async def _abort(context: Any, code: Any, details: str) -> NoReturn:
@@ -508,6 +521,56 @@ def _requested_outputs(request: Any) -> list[str]:
 
 
 # -- tensors ---------------------------------------------------------------------------------
+
+
+_RAW_INPUT_CONTENTS = 7  # ModelInferRequest's field number
+
+
+def _has_raw_contents(data: bytes) -> bool:
+    """Whether a serialized ModelInferRequest has ``raw_input_contents``, read from its top-level tags only.
+
+    Typed ``contents`` become a Python object per value (~30x their bytes, like JSON over REST),
+    and even parsing them costs that much: a large message without raw contents is refused
+    before it is parsed. Reads a handful of tags and lengths; a message it cannot walk is left
+    to the parser (True).
+    """
+    view, i = memoryview(data), 0
+    try:
+        while i < len(view):
+            tag, i = _varint(view, i)
+            field, kind = tag >> 3, tag & 7
+            if field == _RAW_INPUT_CONTENTS:
+                return True
+            if kind == 0:
+                _, i = _varint(view, i)
+            elif kind == 2:
+                length, i = _varint(view, i)
+                i += length
+            else:
+                i += {1: 8, 5: 4}[kind]
+    except (IndexError, KeyError):
+        return True
+    return False
+
+
+def _varint(view: memoryview, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = view[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+        if shift > 63:
+            raise IndexError
+
+
+def _typed_too_large(size: int, limit: int) -> InvalidInput:
+    return InvalidInput(
+        f"a {size}-byte request with typed contents, more than max_json_bytes={limit}; "
+        "send the tensors in raw_input_contents (as tritonclient does)"
+    )
 
 
 def _decode_inputs(request: Any) -> dict[str, Array]:
@@ -563,7 +626,7 @@ def _from_contents(name: str, datatype: str, dtype: np.dtype[Any], count: int, c
         array = np.empty(count, dtype=object)
         array[:] = list(values)
         return array
-    wide = np.array(values, dtype=_WIDE[field])
+    wide = np.fromiter(values, dtype=_WIDE[field], count=count)  # no list of Python numbers in between
     return wide if wide.dtype == dtype else fit(wide, datatype, name)
 
 

@@ -67,6 +67,7 @@ class Metrics:
     def __init__(self, repository: Repository, registry: prometheus_client.CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else prometheus_client.CollectorRegistry()
         """Where the metrics are registered."""
+        self._repository = repository
         self._requests = prometheus_client.Counter(
             "inferkit_requests",
             "Inference requests answered, by model, Router arm and outcome (success or the error class).",
@@ -88,7 +89,13 @@ class Metrics:
         self._histograms: dict[tuple[str, str], Any] = {}
 
     def observe(self, model: str, arm: str | None, outcome: str, seconds: float) -> None:
-        """Count one request: ``outcome`` is ``"success"`` or the error class name."""
+        """Count one request: ``outcome`` is ``"success"`` or the error class name.
+
+        A model name the repository does not serve is not counted (``""``, a request that did not
+        parse, is): a label per name a client makes up would let any client grow the metrics.
+        """
+        if model and not self._repository.serves(model):
+            return
         arm_label = arm or ""
         key = (model, arm_label, outcome)
         counter = self._counters.get(key)

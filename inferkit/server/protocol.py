@@ -188,6 +188,11 @@ def from_raw(raw: bytes | memoryview, datatype: str, count: int, name: str) -> n
     return array if array.flags.aligned else array.copy()  # models may assume aligned data
 
 
+MAX_EMPTY_CLAIM = 2**20
+"""The most positions (the product of the non-zero dimensions) an empty tensor may claim: [N, 0] is
+a real request, [1, 2**40, 0] carries nothing yet makes a model allocate terabytes."""
+
+
 def element_count(shape: Sequence[int], name: str) -> int:
     """The number of elements of a client's ``shape``; ``InvalidInput`` for a negative dimension or too many.
 
@@ -199,7 +204,16 @@ def element_count(shape: Sequence[int], name: str) -> int:
         raise invalid(msg, name)
     if shape and min(shape) < 0:
         raise invalid(f"shape {list(shape)} has a negative dimension", name)
-    return math.prod(shape)  # Python ints: a lying shape cannot overflow
+    count = math.prod(shape)  # Python ints: a lying shape cannot overflow
+    if count == 0 and shape:
+        claimed = math.prod(d for d in shape if d)
+        if claimed > MAX_EMPTY_CLAIM:  # no data, but a model may still allocate what the shape says
+            msg = (
+                f"shape {list(shape)} holds no data but claims {claimed} positions; "
+                f"an empty tensor may claim at most {MAX_EMPTY_CLAIM}"
+            )
+            raise invalid(msg, name)
+    return count
 
 
 def shaped(flat: np.ndarray[Any, Any], shape: tuple[int, ...], name: str) -> np.ndarray[Any, Any]:

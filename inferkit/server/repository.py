@@ -111,6 +111,10 @@ class Repository:
         """Models that were unloaded (and not loaded again), sorted."""
         return sorted(self._unloaded)
 
+    def serves(self, name: str) -> bool:
+        """Whether a model called ``name`` is served now (a dict lookup: safe on the request path)."""
+        return name in self._models
+
     def model(self, name: str) -> ServedModel:
         """The model called ``name``; ``ModelNotFound`` (in Triton's words) when there is none."""
         models = self._models

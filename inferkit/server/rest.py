@@ -90,6 +90,7 @@ from inferkit.server.protocol import (
     MAX_DIMS,
     check_outputs,
     datatype_of,
+    element_count,
     extensions,
     fit,
     from_raw,
@@ -237,10 +238,6 @@ def _shape(value: object, name: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _count(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)  # Python ints: a lying shape cannot overflow
-
-
 def _flatten(data: list[Any]) -> list[Any]:
     """The leaves of nested lists, row-major (iteratively: no recursion limit to hit)."""
     out: list[Any] = []
@@ -258,8 +255,9 @@ def _flatten(data: list[Any]) -> list[Any]:
 
 def _json_bytes(data: list[Any], shape: tuple[int, ...], name: str) -> Array:
     leaves = _flatten(data)
-    if len(leaves) != _count(shape):
-        raise invalid(f"shape {list(shape)} needs {_count(shape)} elements, data has {len(leaves)}", name)
+    count = element_count(shape, name)
+    if len(leaves) != count:
+        raise invalid(f"shape {list(shape)} needs {count} elements, data has {len(leaves)}", name)
     out = np.empty(len(leaves), dtype=object)
     for i, item in enumerate(leaves):
         if not isinstance(item, str):
@@ -297,8 +295,9 @@ def _json_tensor(data: object, shape: tuple[int, ...], datatype: str, name: str)
         arr = np.asarray(data)
     except (ValueError, TypeError, OverflowError) as exc:  # ragged nesting, mixed items
         raise invalid(f"data is not a regular array of {datatype} values ({exc})", name) from None
-    if arr.size != _count(shape):
-        raise invalid(f"shape {list(shape)} needs {_count(shape)} elements, data has {arr.size}", name)
+    count = element_count(shape, name)
+    if arr.size != count:
+        raise invalid(f"shape {list(shape)} needs {count} elements, data has {arr.size}", name)
     if dtype.kind in "iu" and arr.dtype.kind in "fO":  # NumPy turns ints past int64 into floats or objects
         arr = _big_ints(data, dtype, datatype, name)
     if arr.size and arr.dtype.kind not in _KINDS[dtype.kind]:
@@ -316,7 +315,7 @@ def _json_tensor(data: object, shape: tuple[int, ...], datatype: str, name: str)
 
 def _binary_tensor(raw: memoryview, shape: tuple[int, ...], datatype: str, name: str) -> Array:
     """A tensor from its raw bytes (the binary tensor data extension)."""
-    return shaped(from_raw(raw, datatype, _count(shape), name), shape, name)
+    return shaped(from_raw(raw, datatype, element_count(shape, name), name), shape, name)
 
 
 def _outputs(value: object) -> tuple[tuple[str, ...] | None, dict[str, bool]]:
@@ -407,7 +406,7 @@ def decode_request(
             left = len(body) - offset
             raise invalid(f"binary_data_size is {size} bytes, only {left} remain in the body", name)
         if reserve is not None and datatype == "BYTES":  # at most one element per 4 bytes of framing
-            reserve(min(_count(shape), size // 4) * BYTES_ELEMENT_COST)
+            reserve(min(element_count(shape, name), size // 4) * BYTES_ELEMENT_COST)
         arrays[name] = _binary_tensor(view[offset : offset + size], shape, datatype, name)
         offset += size
     if offset != len(body):
