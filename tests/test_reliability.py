@@ -529,3 +529,50 @@ class TestCanaryAgainstClients:
                 served[key] = router.record(1.0, key=key)
             pairs = [(k, k - 1) for k in range(-199, 0) if served[k] != served[k - 1]]
             assert pairs  # some neighbours went to different arms, and each kept its own
+
+
+class TestPluggablePartsNeverBreakServing:
+    @pytest.mark.parametrize("pick", ["raise", 99, -1, "x"])
+    def test_a_broken_balancer_falls_back_to_the_least_loaded(self, pick: object) -> None:
+        """A user's Balancer that raises or answers out of range: every request still runs, on a replica."""
+
+        class Broken:
+            def choose(self, loads: object) -> object:
+                if pick == "raise":
+                    raise RuntimeError("balancer bug")
+                return pick
+
+        pool = PoolConfig(replicas=2, balancing=Broken())
+        with Predictor.from_callable(lambda x: x * 2, pool=pool, max_batch_size=4) as p:
+            futures = [p.submit(np.full((6, 2), float(i))) for i in range(20)]  # split too: several lanes
+            for i, f in enumerate(futures):
+                np.testing.assert_array_equal(f.result(WAIT), np.full((6, 2), 2.0 * i))
+            assert p.stats().completed == 20
+
+
+class TestWorkersSurviveBugs:
+    def test_a_bug_finishing_a_batch_answers_its_requests_and_keeps_the_replica(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A bug of inferkit's own while a worker finishes a batch (injected in the counters): the batch's
+        requests get a ModelError, the replica keeps serving, nothing hangs."""
+        from inferkit.batching.counters import Counters
+
+        real = Counters.ended
+        calls = []
+
+        def buggy(self: Counters, error: BaseException | None) -> None:
+            calls.append(error)
+            if len(calls) == 1:
+                raise RuntimeError("injected bug")
+            real(self, error)
+
+        monkeypatch.setattr(Counters, "ended", buggy)
+        with Predictor.from_callable(lambda x: x * 2) as p:
+            first = p.submit(np.ones((1, 2)))  # submit: runs on the worker, not the caller's thread
+            with pytest.raises(ModelError, match="inferkit failed finishing the batch"):
+                first.result(WAIT)
+            np.testing.assert_array_equal(p.submit(np.ones((1, 2))).result(WAIT), np.full((1, 2), 2.0))
+            stats = p.stats()
+            assert [r.state for r in stats.replicas] == ["healthy"]
+            assert stats.in_flight == 0

@@ -278,9 +278,22 @@ class Batcher:
         return outcomes, fault, end, end - start
 
     def _finish(self, batch: Batch, replica: Replica, result: _Result | None) -> list[Request]:
-        """Count a batch's outcomes and free its replica (under the lock); return what to settle."""
+        """Count a batch's outcomes and free its replica (under the lock); return what to settle.
+
+        Never raises: after a bug of inferkit's own the batch's requests are still answered and
+        the replica freed (``_salvage``).
+        """
+        done: list[Request] = []
+        try:
+            self._account(batch, replica, result, done)
+        except Exception as bug:  # noqa: BLE001 (never leave a request unanswered or a replica gone)
+            done += self._salvage(batch, replica, bug, done)
+        return done
+
+    def _account(self, batch: Batch, replica: Replica, result: _Result | None, done: list[Request]) -> None:
+        """``_finish``'s work; what it settles goes into ``done`` as it goes."""
         if result is None:  # the watchdog took over; the replica is gone
-            return []
+            return
         outcomes, fault, now, spent = result
         final: list[Outcome] = []
         blamed: list[Replica] = []
@@ -296,7 +309,7 @@ class Batcher:
             elif fault:
                 error = model_error(req, error)
             final.append((req, value, error))
-        done = self._tally(final)
+        done += self._tally(final)
         latencies = [now - r.t0 for r, _, _ in final]
         self._counts.batch(batch.rows, batch.reason, latencies, spent)
         replica.batches += 1
@@ -314,7 +327,30 @@ class Batcher:
         replica.running_rows = 0
         if self._closing:
             self._drained.notify_all()
-        return done
+
+    def _salvage(self, batch: Batch, replica: Replica, bug: Exception, done: list[Request]) -> list[Request]:
+        """After a bug of inferkit's own in ``_finish``: fail the batch's undelivered requests, free the replica."""
+        delivered = {id(r) for r in done}
+        ended = []
+        for req in batch.requests:
+            top = req.parent or req
+            if req.state is QUEUED or id(top) in delivered:  # queued again for a retry, or answered
+                continue
+            delivered.add(id(top))
+            if top.split is not None:
+                if not top.split.open:
+                    continue
+                top.split.open = False
+            top.state = DONE
+            top.value, top.error = None, ModelError(f"inferkit failed finishing the batch of request {top.id}")
+            top.error.__cause__ = bug
+            self._counts.ended(top.error)
+            ended.append(top)
+        self._running.pop(replica.name, None)
+        replica.busy = False
+        replica.running_rows = 0
+        self._drained.notify_all()
+        return ended
 
     def _retry(self, req: Request, replica: Replica, error: BaseException, *, fault: bool, now: float) -> bool:
         """Queue a request that failed on ``replica`` for one try on another replica; whether it was."""

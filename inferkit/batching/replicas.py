@@ -83,9 +83,16 @@ class ReplicaSet:
         return [ln for ln in self.lanes if ln is not lane and any(r.usable(now) for r in ln.replicas)]
 
     def choose(self, lanes: list[Lane]) -> Lane:
-        """The balancer's pick among ``lanes``."""
+        """The balancer's pick among ``lanes``; the least loaded if a (user's) balancer raises or misses."""
         assert self.balancer is not None
-        return lanes[self.balancer.choose([ln.load() for ln in lanes])]
+        loads = [ln.load() for ln in lanes]
+        try:
+            pick = self.balancer.choose(loads)
+            if type(pick) is int and 0 <= pick < len(lanes):
+                return lanes[pick]
+        except Exception:  # noqa: BLE001, S110 (a pluggable part must never break serving)
+            pass
+        return lanes[loads.index(min(loads))]
 
     def lane_for(self, now: float) -> Lane:
         """Where a new request goes: the shared lane, or the balancer's pick of the usable ones."""
