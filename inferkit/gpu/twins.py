@@ -114,7 +114,7 @@ def image_to_tensor(images: Array, plan: ImagePlan, *, layout: str = "NCHW", dty
         inside = in_y[:, None] & in_x[None, :]
         out = np.where(inside[None, :, :, None], out, np.array(plan.pad, F32))
     out = out.astype(dtype, copy=False)
-    return np.ascontiguousarray(out.transpose(0, 3, 1, 2)) if layout == "NCHW" else out
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2) if layout == "NCHW" else out)
 
 
 def softmax(x: Array, axis: int = -1) -> Array:
