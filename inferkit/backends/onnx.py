@@ -186,7 +186,7 @@ class OnnxBackend:
             for name, value in inputs.items():
                 arr = cp.ascontiguousarray(value)
                 held.append(arr)
-                binding.bind_input(name, "cuda", gpu, arr.dtype, list(arr.shape), arr.data.ptr)
+                binding.bind_input(name, "cuda", gpu, arr.dtype.type, list(arr.shape), arr.data.ptr)
             for name in self._outputs:
                 binding.bind_output(name, "cuda", gpu)
             current = cp.cuda.get_current_stream()

@@ -154,7 +154,7 @@ class PipelineBackend:
         memory = cp.cuda.alloc_pinned_memory(max(src.nbytes, 1))
         # The result owns its pinned buffer (np.frombuffer keeps it), so it is never reused under the caller.
         host = np.frombuffer(memory, src.dtype, src.size).reshape(src.shape)
-        src.get(stream=self.stream, out=host)
+        src.get(stream=self.stream, out=host, blocking=False)  # into pinned memory: asynchronous until the sync
         staged.append(src)
         self.transfers.d2h += 1
         self.transfers.d2h_bytes += src.nbytes
