@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint types bench bench-server clean
+.PHONY: demo test lint types bench bench-server bench-gpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ bench: $(VENV)/.dev
 bench-server: $(VENV)/.dev
 	PYTHON=$(PYTHON) benchmarks/server/setup_peers.sh
 	$(BIN)/python benchmarks/server/bench_server.py $(BENCH_SERVER_ARGS)
+
+# Opt-in, on a GPU machine with CuPy and onnxruntime-gpu in the venv (docs/gpu.md: installing onnxruntime-gpu
+# beside the dev extra's onnxruntime breaks both, so it is not installed here). Without a GPU it says so and exits 0.
+bench-gpu: $(VENV)/.dev
+	$(BIN)/python benchmarks/bench_gpu.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

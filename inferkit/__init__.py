@@ -2,11 +2,18 @@
 
 Wrap a model in a :class:`Predictor` and call it from any number of threads; requests are
 validated, batched with every other caller's and run on a pool of replicas.
+
+:mod:`inferkit.gpu` (pre- and post-processing pipelines) is imported on first use of
+``inferkit.gpu``, never by ``import inferkit``.
 """
+
+import importlib as _importlib
+from types import ModuleType as _ModuleType
 
 from inferkit.autoscale import AutoscaleConfig, Autoscaler, AutoscalerStats, ScalingDecision, ScalingFailed
 from inferkit.backends.base import Backend, BackendFactory, ReplicaFault
 from inferkit.backends.callable import CallableBackend
+from inferkit.backends.device import DeviceFallbackWarning, DeviceLost, DeviceOutOfMemory, DeviceUnavailable
 from inferkit.batching import BatchConfig, RequestFuture
 from inferkit.errors import (
     Closed,
@@ -66,6 +73,10 @@ __all__ = [
     "Closed",
     "Comparison",
     "DeadlineExceeded",
+    "DeviceFallbackWarning",
+    "DeviceLost",
+    "DeviceOutOfMemory",
+    "DeviceUnavailable",
     "Event",
     "ExecutionTimeout",
     "Experiment",
@@ -108,3 +119,11 @@ __all__ = [
     "Stats",
     "TensorSpec",
 ]
+
+
+def __getattr__(name: str) -> _ModuleType:
+    # inferkit.gpu loads on first use, so `import inferkit` stays light.
+    if name == "gpu":
+        return _importlib.import_module("inferkit.gpu")
+    msg = f"module 'inferkit' has no attribute {name!r}"
+    raise AttributeError(msg)

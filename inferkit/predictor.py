@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import enum
+import itertools
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import attrs
 
@@ -21,6 +23,9 @@ from inferkit.events import Event, LogObserver, Observer, StateChanged, deliver
 from inferkit.pool import Balancer, PoolConfig
 from inferkit.signature import Signature, TensorSpec, batch_key, normalize_untyped
 from inferkit.stats import Stats
+
+if TYPE_CHECKING:
+    from inferkit.gpu.pipeline import Pipeline
 
 __all__ = ["Predictor", "State"]
 
@@ -102,8 +107,25 @@ class Predictor:
         name: str | None = None,
         observers: Sequence[Observer] = (),
         pool: PoolConfig | None = None,
+        device: str | Sequence[str] | None = None,
+        strict: bool = False,
+        provider_options: Mapping[str, Mapping[str, Any]] | None = None,
+        tensorrt: bool = False,
+        pipeline: Pipeline | None = None,
+        preprocess: Callable[[Any], Any] | None = None,
+        postprocess: Callable[[Any], Any] | None = None,
     ) -> Predictor:
         """Serve an ONNX model (a path or its bytes) with ONNX Runtime.
+
+        ``device`` places the replicas: ``"cpu"``, ``"cuda:N"``, ``"cuda"`` (replica *i* on
+        visible GPU *i mod n*) or a list of devices cycled the same way; ``None`` keeps ONNX
+        Runtime's choice (CUDA when it offers it). ``tensorrt`` puts TensorRT before CUDA;
+        ``provider_options`` maps a provider name to its options. A GPU that cannot be used is a
+        :class:`~inferkit.DeviceFallbackWarning` and the replica runs on the CPU, or with
+        ``strict=True`` a :class:`~inferkit.DeviceUnavailable` error. ``pipeline`` (an
+        :class:`inferkit.gpu.Pipeline`) or ``preprocess``/``postprocess`` (functions of a batch)
+        run on each batch on the replica's device, and the predictor's :attr:`signature` is then
+        what callers send (uint8 images for :class:`inferkit.gpu.ImageToTensor`).
 
         Each replica opens its own session. ``intra_op_threads`` defaults to what keeps
         ``replicas`` sessions from oversubscribing the cores (one core is left to the callers
@@ -124,12 +146,74 @@ class Predictor:
         if name is None:
             name = "model" if isinstance(model, bytes) else Path(model).stem
 
+        devices = _devices(device)
+        pipe = _pipeline(pipeline, preprocess, postprocess)
+        turn = itertools.count()
+
         def factory() -> Backend:
-            return OnnxBackend(
-                model, providers=providers, session_options=session_options, intra_op_threads=threads, warmup=sizes
+            backend = OnnxBackend(
+                model,
+                device=None if devices is None else devices[next(turn) % len(devices)],
+                providers=providers,
+                provider_options=provider_options,
+                tensorrt=tensorrt,
+                strict=strict,
+                session_options=session_options,
+                intra_op_threads=threads,
+                warmup=sizes,
             )
+            return _wrap(backend, pipe)
 
         return cls(factory, batching=batching, pool=pool, name=name, observers=observers)
+
+    @classmethod
+    def from_torch(
+        cls,
+        module: Any = None,
+        *,
+        factory: Callable[[], Any] | None = None,
+        inputs: Sequence[TensorSpec] | None = None,
+        outputs: Sequence[TensorSpec] = (),
+        device: str | Sequence[str] = "cpu",
+        compile: bool | Mapping[str, Any] = False,  # noqa: A002  (torch's own word)
+        max_batch_size: int = 64,
+        max_delay_ms: float = 2.0,
+        max_queue_size: int = 4096,
+        replicas: int = 1,
+        balancing: str | Balancer = "shared",
+        execution_timeout: float | None = None,
+        name: str = "model",
+        observers: Sequence[Observer] = (),
+        pool: PoolConfig | None = None,
+        pipeline: Pipeline | None = None,
+        preprocess: Callable[[Any], Any] | None = None,
+        postprocess: Callable[[Any], Any] | None = None,
+    ) -> Predictor:
+        """Serve a PyTorch ``nn.Module`` (the ``torch`` extra), in eval and inference mode.
+
+        Give ``module`` (each replica gets its own deep copy, moved to its device) or
+        ``factory`` (called once per replica). ``inputs``/``outputs`` declare the signature as
+        in :meth:`from_callable`; the module takes the inputs positionally in that order.
+        ``device``, ``pipeline``, ``preprocess`` and ``postprocess`` as in :meth:`from_onnx`;
+        ``compile`` as in :class:`~inferkit.backends.torch.TorchBackend`.
+        """
+        from inferkit.backends.torch import TorchBackend  # noqa: PLC0415  (optional extra)
+
+        if (module is None) == (factory is None):
+            msg = "give exactly one of module and factory"
+            raise TypeError(msg)
+        devices = _devices(device) or ("cpu",)
+        pipe = _pipeline(pipeline, preprocess, postprocess)
+        turn = itertools.count()
+
+        def make() -> Backend:
+            net = copy.deepcopy(module) if factory is None else factory()
+            where = devices[next(turn) % len(devices)]
+            return _wrap(TorchBackend(net, device=where, inputs=inputs, outputs=outputs, compile=compile), pipe)
+
+        batching = BatchConfig(max_batch_size, max_delay_ms, max_queue_size)
+        pool = _pool(pool, replicas, balancing, execution_timeout)
+        return cls(make, batching=batching, pool=pool, name=name, observers=observers)
 
     @classmethod
     def from_callable(
@@ -148,6 +232,9 @@ class Predictor:
         name: str = "model",
         observers: Sequence[Observer] = (),
         pool: PoolConfig | None = None,
+        pipeline: Pipeline | None = None,
+        preprocess: Callable[[Any], Any] | None = None,
+        postprocess: Callable[[Any], Any] | None = None,
     ) -> Predictor:
         """Serve a Python function over NumPy arrays.
 
@@ -158,19 +245,23 @@ class Predictor:
         like an ONNX model's; without, they only need to be arrays whose leading dimensions
         agree, and requests batch together when their other dimensions and dtypes match.
         Replicas share the GIL, so only functions that release it (NumPy, native code) run in
-        parallel. ``pool`` is a whole :class:`PoolConfig`, as in :meth:`from_onnx`.
+        parallel. ``pool`` is a whole :class:`PoolConfig`, as in :meth:`from_onnx`. ``pipeline``,
+        ``preprocess`` and ``postprocess`` as in :meth:`from_onnx`, on the CPU (the NumPy twins);
+        ``inputs``/``outputs`` then describe the function, and callers send what the pipeline takes.
         """
         if (fn is None) == (factory is None):
             msg = "give exactly one of fn and factory"
             raise TypeError(msg)
         signature = Signature(tuple(inputs), tuple(outputs)) if inputs is not None else None
+        pipe = _pipeline(pipeline, preprocess, postprocess)
 
         def make() -> Backend:
-            return CallableBackend(fn if fn is not None else factory(), signature)  # type: ignore[misc]
+            return _wrap(CallableBackend(fn if fn is not None else factory(), signature), pipe)  # type: ignore[misc]
 
         batching = BatchConfig(max_batch_size, max_delay_ms, max_queue_size)
         pool = _pool(pool, replicas, balancing, execution_timeout)
-        return cls(make, batching=batching, pool=pool, signature=signature, name=name, observers=observers)
+        caller = signature if pipe is None else None  # read from the wrapped backend: the pipeline's view
+        return cls(make, batching=batching, pool=pool, signature=caller, name=name, observers=observers)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -313,6 +404,40 @@ def _pool(
         msg = "give pool= or replicas/balancing/execution_timeout, not both"
         raise TypeError(msg)
     return pool
+
+
+def _devices(device: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    if device is None:
+        return None
+    from inferkit.backends.device import placement  # noqa: PLC0415
+
+    return placement(device)
+
+
+def _pipeline(
+    pipeline: Pipeline | None, preprocess: Callable[[Any], Any] | None, postprocess: Callable[[Any], Any] | None
+) -> Pipeline | None:
+    """The pipeline to wrap replicas in, or ``None``; ``inferkit.gpu`` is imported only here, on use."""
+    if pipeline is not None and (preprocess is not None or postprocess is not None):
+        msg = "give pipeline= or preprocess=/postprocess=, not both (a Pipeline takes functions as steps)"
+        raise TypeError(msg)
+    if pipeline is not None:
+        return pipeline
+    if preprocess is None and postprocess is None:
+        return None
+    from inferkit.gpu.pipeline import Pipeline  # noqa: PLC0415
+
+    pre, post = (() if f is None else (f,) for f in (preprocess, postprocess))
+    return Pipeline(pre=pre, post=post)
+
+
+def _wrap(backend: Backend, pipeline: Pipeline | None) -> Backend:
+    """``backend`` behind its pipeline, and on a GPU behind the wrapper that halves out-of-memory batches."""
+    if pipeline is None and backend.device == "cpu":
+        return backend
+    from inferkit.backends.pipeline import PipelineBackend  # noqa: PLC0415
+
+    return PipelineBackend(backend, pipeline)
 
 
 def _warmup_sizes(max_batch_size: int) -> tuple[int, ...]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from inferkit.backends.device import DeviceFallbackWarning, DeviceUnavailable, device_id
 from inferkit.errors import InvalidInput
 from inferkit.signature import Signature
 
@@ -16,6 +18,7 @@ __all__ = ["OnnxBackend", "default_intra_op_threads"]
 
 Array = np.ndarray[Any, Any]
 _DEVICES = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
+_CUDA, _TRT, _CPU = "CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider"
 
 
 def default_intra_op_threads(replicas: int) -> int:
@@ -34,33 +37,52 @@ def default_intra_op_threads(replicas: int) -> int:
 class OnnxBackend:
     """One ``onnxruntime.InferenceSession``.
 
-    ``model`` is a path or the model's bytes. ``providers`` defaults to CUDA then CPU when the
-    installed onnxruntime offers CUDA, else CPU; the device is read back from
+    ``model`` is a path or the model's bytes. ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``)
+    picks the providers: on a GPU, TensorRT (with ``tensorrt=True``) then CUDA with
+    ``device_id=N`` and ``provider_options`` (``{"TensorrtExecutionProvider": {...},
+    "CUDAExecutionProvider": {...}}``), then the CPU for the nodes they do not cover. With neither
+    ``device`` nor ``providers`` it is CUDA then CPU when the installed onnxruntime offers CUDA,
+    else CPU; ``providers`` goes to ONNX Runtime as it is. The device is read back from
     ``session.get_providers()`` once the session is built, so a provider that failed to load is
-    never reported as used. ``warmup`` runs zeros at each batch size once so that the first real
-    request is not the slow one (skipped when a non-batch dimension is dynamic).
+    never reported as used. When a GPU was asked for and the session is on the CPU, that is a
+    :class:`DeviceFallbackWarning`, or with ``strict=True`` a :class:`DeviceUnavailable` error.
+
+    On a GPU, when CuPy is installed, the session computes on a CUDA stream of its own,
+    :attr:`stream`, handed to ONNX Runtime as its ``user_compute_stream``; :meth:`run` given CuPy
+    arrays binds them and the outputs through I/O binding (no host copy) and returns CuPy arrays.
+    ``warmup`` runs zeros at each batch size once so that the first real request is not the slow
+    one (skipped when a non-batch dimension is dynamic).
     """
 
     def __init__(
         self,
         model: str | os.PathLike[str] | bytes,
         *,
+        device: str | None = None,
         providers: Sequence[Any] | None = None,
+        provider_options: Mapping[str, Mapping[str, Any]] | None = None,
+        tensorrt: bool = False,
+        strict: bool = False,
         session_options: Any = None,
         intra_op_threads: int | None = None,
         warmup: Sequence[int] = (),
     ) -> None:
         import onnxruntime as ort  # noqa: PLC0415  (optional extra)
 
+        if device is not None and providers is not None:
+            msg = "give device= (with provider_options=) or providers=, not both"
+            raise TypeError(msg)
         options = session_options if session_options is not None else ort.SessionOptions()
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads
         if session_options is None:
             options.inter_op_num_threads = 1
+        self.stream: Any = None
+        """The CuPy stream ONNX Runtime computes on (GPU with CuPy installed), else ``None``."""
+        self._gpu = None if device is None else device_id(device)
+        self._run_options: Any = None
         if providers is None:
-            available = ort.get_available_providers()
-            providers = [p for p in ("CUDAExecutionProvider",) if p in available]
-            providers.append("CPUExecutionProvider")
+            providers = self._providers(ort, provider_options or {}, tensorrt=tensorrt, strict=strict)
         source = model if isinstance(model, bytes) else str(Path(model))
         self.session = ort.InferenceSession(source, sess_options=options, providers=list(providers))
         self._signature = Signature.from_onnx(self.session)
@@ -70,8 +92,56 @@ class OnnxBackend:
         self._device = _DEVICES.get(first, "cpu")
         if self._device == "cuda":
             self._device += f":{self.session.get_provider_options()[first].get('device_id', 0)}"
+        wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        if self._gpu is not None and wanted not in {_CPU, first}:
+            where = "the CPU" if self._device == "cpu" else first
+            why = f"ONNX Runtime could not load {wanted} (the session runs on {self.session.get_providers()})"
+            self._fallback(why, where, strict=strict)
+        if self._device == "cpu":
+            self.stream = None
         for rows in warmup:
             self._warmup(rows)
+
+    def _providers(
+        self, ort: Any, options: Mapping[str, Mapping[str, Any]], *, tensorrt: bool, strict: bool
+    ) -> list[Any]:
+        available = ort.get_available_providers()
+        if self._gpu is None:
+            return [_CUDA, _CPU] if _CUDA in available else [_CPU]
+        if _CUDA not in available:  # asking for it anyway would only add ORT's own warning
+            self._fallback(f"the installed onnxruntime offers {available}, not {_CUDA}", "the CPU", strict=strict)
+            return [_CPU]
+        stream = self._make_stream()
+        chosen: list[Any] = []
+        names = [_TRT, _CUDA] if tensorrt else [_CUDA]
+        for name in names:
+            if name not in available:
+                self._fallback(f"the installed onnxruntime offers {available}, not {name}", _CUDA, strict=strict)
+                continue
+            opts = {"device_id": self._gpu, **options.get(name, {})}
+            if stream is not None and "user_compute_stream" not in opts:
+                opts |= {"has_user_compute_stream": "1", "user_compute_stream": str(stream.ptr)}
+            chosen.append((name, {k: str(v) for k, v in opts.items()}))
+        if stream is not None and all(dict(o).get("user_compute_stream") == str(stream.ptr) for _, o in chosen):
+            self.stream = stream
+            # ORT computes on our stream, so the caller's next kernels are ordered after it: no sync.
+            self._run_options = ort.RunOptions()
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        return [*chosen, _CPU]
+
+    def _make_stream(self) -> Any:
+        try:
+            import cupy  # noqa: PLC0415  (optional: without it, no I/O binding to device memory)
+        except ImportError:
+            return None
+        with cupy.cuda.Device(self._gpu):
+            return cupy.cuda.Stream(non_blocking=True)
+
+    def _fallback(self, why: str, where: str, *, strict: bool) -> None:
+        msg = f"device cuda:{self._gpu} was asked for, but {why}"
+        if strict:
+            raise DeviceUnavailable(f"{msg} (strict=True)")
+        warnings.warn(DeviceFallbackWarning(f"{msg}; the model runs on {where}"), stacklevel=4)
 
     def _warmup(self, rows: int) -> None:
         feeds = {}
@@ -93,15 +163,62 @@ class OnnxBackend:
         return self._device
 
     def run(self, inputs: Mapping[str, Array]) -> Mapping[str, Array]:
-        """Run the session on one batch."""
+        """Run the session on one batch: NumPy in, NumPy out; CuPy in, CuPy out (I/O binding on a GPU)."""
+        if not all(type(a) is np.ndarray for a in inputs.values()) and any(
+            hasattr(a, "__cuda_array_interface__") for a in inputs.values()
+        ):
+            return self._run_device(inputs)
         feeds = dict(inputs)
         for name in self._strings:
             feeds[name] = _text(name, feeds[name])
         return dict(zip(self._outputs, self.session.run(self._outputs, feeds), strict=True))
 
+    def _run_device(self, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+        import cupy as cp  # noqa: PLC0415  (CuPy arrays came in, so it is installed)
+
+        if self._gpu is None or self._device == "cpu":  # the session is on the CPU: copy, and say where
+            host = {n: cp.asnumpy(a) if hasattr(a, "__cuda_array_interface__") else a for n, a in inputs.items()}
+            return {n: cp.asarray(a) for n, a in self.run(host).items()}
+        gpu = int(self._device.split(":")[1])
+        with cp.cuda.Device(gpu):
+            binding = self.session.io_binding()
+            held = []  # the bound arrays must outlive the run
+            for name, value in inputs.items():
+                arr = cp.ascontiguousarray(value)
+                held.append(arr)
+                binding.bind_input(name, "cuda", gpu, arr.dtype.type, list(arr.shape), arr.data.ptr)
+            for name in self._outputs:
+                binding.bind_output(name, "cuda", gpu)
+            current = cp.cuda.get_current_stream()
+            if self.stream is None or current.ptr != self.stream.ptr:
+                # ORT reads the inputs on its own stream: what the caller's stream wrote must be done.
+                current.synchronize()
+                self.session.run_with_iobinding(binding)  # ORT synchronises its stream at the end
+            else:
+                self.session.run_with_iobinding(binding, self._run_options)
+            values = binding.get_outputs()
+            return {name: _cupy_view(cp, value, gpu) for name, value in zip(self._outputs, values, strict=True)}
+
     def close(self) -> None:
         """Drop the session."""
         self.session = None
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
+}  # fmt: skip
+
+
+def _cupy_view(cp: Any, value: Any, gpu: int) -> Any:
+    """A CuPy array over an ``OrtValue``'s device memory, no copy; the array keeps the value alive."""
+    dtype = np.dtype(_ORT_TYPES[value.data_type()])
+    shape = tuple(value.shape())
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    memory = cp.cuda.UnownedMemory(value.data_ptr(), nbytes, value, gpu)
+    return cp.ndarray(shape, dtype, cp.cuda.MemoryPointer(memory, 0))
 
 
 def _text(name: str, array: Array) -> Array:

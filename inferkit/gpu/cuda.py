@@ -1,0 +1,168 @@
+"""The CUDA kernels of ``kernels.cu`` behind the same functions as :mod:`inferkit.gpu.twins`.
+
+Imported only on a GPU replica (it imports CuPy). Every function takes and returns CuPy arrays
+on the current device and launches on CuPy's current stream, so a caller that enters its
+replica's stream (``with stream:``) orders pre-processing, the model and post-processing on it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+from typing import Any
+
+import cupy as cp
+import numpy as np
+
+from inferkit.gpu.twins import ImagePlan
+
+__all__ = ["argmax", "image_to_tensor", "module", "nms", "sigmoid", "softmax", "threshold", "topk"]
+
+Array = Any  # cupy.ndarray
+OPTIONS = ("--std=c++17", "--fmad=false")
+"""NVRTC options; ``--fmad=false`` keeps float results equal to the NumPy twins'."""
+
+_THREADS = 256
+_ROWS_PER_BLOCK = _THREADS // 32
+_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
+
+
+def source() -> str:
+    """The CUDA source of every kernel."""
+    return importlib.resources.files("inferkit.gpu").joinpath("kernels.cu").read_text()
+
+
+@functools.cache
+def _module(device_id: int) -> Any:  # noqa: ARG001  (the cache key: a module is loaded per device)
+    return cp.RawModule(code=source(), options=OPTIONS)
+
+
+def module() -> Any:
+    """The compiled kernels for the current device (built once per device)."""
+    return _module(cp.cuda.Device().id)
+
+
+def _kernel(name: str) -> Any:
+    return module().get_function(name)
+
+
+def _blocks(n: int, per_block: int = _THREADS) -> int:
+    # Grid-stride kernels: enough blocks to fill the device, never more than the work needs.
+    return max(1, min((n + per_block - 1) // per_block, 65535 * 8))
+
+
+def _suffix(x: Array) -> str:
+    name = _NAMES.get(np.dtype(x.dtype))
+    if name is None:
+        msg = f"the GPU kernels take float32 or float16, got {x.dtype}"
+        raise TypeError(msg)
+    return name
+
+
+def _norm(plan: ImagePlan) -> tuple[np.float32, ...]:
+    # NORM_PARAMS: scale, bias and pad per channel, nine float32 arguments.
+    return (*plan.scale, *plan.bias, *plan.pad)
+
+
+def image_to_tensor(images: Array, plan: ImagePlan, *, layout: str = "NCHW", dtype: Any = np.float32) -> Array:
+    """uint8 images (N, H, W, 3) to a normalised float tensor, in one kernel."""
+    x = cp.ascontiguousarray(images)
+    n = x.shape[0]
+    dt = np.dtype(dtype)
+    shape = (n, 3, plan.out_h, plan.out_w) if layout == "NCHW" else (n, plan.out_h, plan.out_w, 3)
+    out = cp.empty(shape, dtype=dt)
+    suffix = f"{_NAMES[dt]}_{layout.lower()}"
+    norm = _norm(plan)
+    plane = plan.out_h * plan.out_w
+    if plan.direct and plane % 4 == 0 and x.data.ptr % 4 == 0 and out.data.ptr % 16 == 0:
+        groups = n * plane // 4
+        args_direct = (x, out, np.int64(groups), np.int64(plane), *norm)
+        _kernel(f"image_direct_{suffix}")((_blocks(groups),), (_THREADS,), args_direct)
+        return out
+    args = (
+        x, out, np.int32(n), np.int32(plan.in_h), np.int32(plan.in_w), np.int32(plan.out_h), np.int32(plan.out_w),
+        np.int32(plan.top), np.int32(plan.left), np.int32(plan.inner_h), np.int32(plan.inner_w),
+        plan.scale_y, plan.scale_x, *norm,
+    )  # fmt: skip
+    _kernel(f"image_resize_{suffix}")((_blocks(n * plane),), (_THREADS,), args)
+    return out
+
+
+def _rows(x: Array, axis: int) -> tuple[Array, int, int]:
+    moved = cp.ascontiguousarray(cp.moveaxis(x, axis, -1))
+    cols = moved.shape[-1]
+    return moved, moved.size // max(cols, 1), cols
+
+
+def softmax(x: Array, axis: int = -1) -> Array:
+    """Softmax along ``axis``, one warp per row."""
+    moved, rows, cols = _rows(x, axis)
+    out = cp.empty_like(moved)
+    grid = ((rows + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK,)
+    if rows:
+        _kernel(f"softmax_{_suffix(x)}")(grid, (_THREADS,), (moved, out, np.int64(rows), np.int32(cols)))
+    return cp.moveaxis(out, -1, axis)
+
+
+def argmax(x: Array, axis: int = -1) -> Array:
+    """Index of the largest value along ``axis`` (NaN largest, ties to the lower index), int64."""
+    moved, rows, cols = _rows(x, axis)
+    out = cp.empty(moved.shape[:-1], dtype=cp.int64)
+    grid = ((rows + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK,)
+    if rows:
+        _kernel(f"argmax_{_suffix(x)}")(grid, (_THREADS,), (moved, out, np.int64(rows), np.int32(cols)))
+    return out
+
+
+def topk(x: Array, k: int, axis: int = -1) -> tuple[Array, Array]:
+    """The ``k`` largest values along ``axis`` and their int64 indices, largest first."""
+    moved, rows, cols = _rows(x, axis)
+    values = cp.empty((*moved.shape[:-1], k), dtype=x.dtype)
+    indices = cp.empty((*moved.shape[:-1], k), dtype=cp.int64)
+    grid = ((rows + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK,)
+    if rows:
+        args = (moved, values, indices, np.int64(rows), np.int32(cols), np.int32(k))
+        _kernel(f"topk_{_suffix(x)}")(grid, (_THREADS,), args)
+    return cp.moveaxis(values, -1, axis), cp.moveaxis(indices, -1, axis)
+
+
+def sigmoid(x: Array) -> Array:
+    """Elementwise 1 / (1 + exp(-x))."""
+    src = cp.ascontiguousarray(x)
+    out = cp.empty_like(src)
+    if src.size:
+        _kernel(f"sigmoid_{_suffix(x)}")((_blocks(src.size),), (_THREADS,), (src, out, np.int64(src.size)))
+    return out
+
+
+def threshold(x: Array, t: float) -> Array:
+    """Elementwise ``x > t`` as bool."""
+    src = cp.ascontiguousarray(x)
+    out = cp.empty(src.shape, dtype=cp.bool_)
+    if src.size:
+        args = (src, out, np.int64(src.size), np.float32(t))
+        _kernel(f"threshold_{_suffix(x)}")((_blocks(src.size),), (_THREADS,), args)
+    return out
+
+
+def nms(boxes: Array, scores: Array, *, iou_threshold: float, score_threshold: float, max_detections: int) -> Array:
+    """Greedy NMS per image, as :func:`inferkit.gpu.twins.nms`: kept indices (N, max_detections), -1 padded."""
+    s = scores.astype(cp.float32, copy=False)
+    n, b = s.shape
+    keep = cp.empty((n, max_detections), dtype=cp.int64)
+    if n == 0:
+        return keep
+    valid = s > np.float32(score_threshold)
+    keys = cp.where(valid, s, np.float32(-np.inf))
+    order = cp.argsort(-keys, axis=-1).astype(cp.int64)  # CuPy sorts stably: ties keep the lower index first
+    counts = valid.sum(axis=-1).astype(cp.int64)
+    boxes32 = boxes.astype(cp.float32, copy=False)
+    sorted_boxes = cp.ascontiguousarray(cp.take_along_axis(boxes32, order[..., None], axis=1))
+    words = (b + 63) // 64
+    mask = cp.empty((n, b, words), dtype=cp.uint64)
+    if b:
+        args = (sorted_boxes, np.int32(b), np.float32(iou_threshold), mask)
+        _kernel("nms_mask")((words, words, n), (64,), args)
+    args2 = (mask, order, counts, np.int32(b), np.int32(max_detections), keep)
+    _kernel("nms_reduce")((n,), (128,), args2, shared_mem=max(words, 1) * 8)
+    return keep

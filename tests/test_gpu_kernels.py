@@ -1,0 +1,170 @@
+"""Tests for inferkit.gpu.cuda: the CUDA kernels compile anywhere nvcc is; on a GPU each equals its twin.
+
+The equality tests need a CUDA GPU and CuPy and skip with the reason otherwise (mark ``gpu``).
+"Equal": exact for integer and bool outputs (argmax, top-k indices, threshold, NMS keep lists)
+and for pre-processing (the module is built with ``--fmad=false``, so each float operation rounds
+as NumPy's does); softmax and sigmoid to a few float32 ulps (``expf``).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from inferkit.gpu import twins
+
+NVCC = shutil.which("nvcc")
+SOURCE = importlib.resources.files("inferkit.gpu").joinpath("kernels.cu")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _gpu_reason() -> str | None:
+    try:
+        import cupy
+    except ImportError:
+        return "needs CuPy (the gpu extra)"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "needs a CUDA GPU (none visible)"
+    except Exception as exc:
+        return f"needs a CUDA GPU ({type(exc).__name__}: {exc})"
+    return None
+
+
+GPU_REASON = _gpu_reason()
+gpu = [pytest.mark.gpu, pytest.mark.skipif(GPU_REASON is not None, reason=GPU_REASON or "")]
+
+
+class TestCompile:
+    @pytest.mark.skipif(NVCC is None, reason="needs nvcc (CUDA toolkit) on PATH")
+    @pytest.mark.parametrize("arch", ["sm_90"])
+    def test_every_kernel_compiles_with_nvcc(self, tmp_path: Path, arch: str) -> None:
+        """kernels.cu compiles for ``arch`` with the options the library uses, and holds every kernel it launches."""
+        src = tmp_path / "kernels.cu"
+        src.write_text(SOURCE.read_text())
+        cubin = tmp_path / "kernels.cubin"
+        proc = subprocess.run(
+            [NVCC, f"-arch={arch}", "--std=c++17", "--fmad=false", "-cubin", "-o", str(cubin), str(src)],  # type: ignore[list-item]
+            capture_output=True,
+            text=True,
+            timeout=110,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "warning" not in proc.stderr.lower(), proc.stderr
+        symbols = cubin.read_bytes()
+        names = [
+            *(
+                f"image_{kind}_{dt}_{layout}"
+                for kind in ("resize", "direct")
+                for dt in ("float32", "float16")
+                for layout in ("nchw", "nhwc")
+            ),
+            *(
+                f"{op}_{dt}"
+                for op in ("softmax", "argmax", "topk", "sigmoid", "threshold")
+                for dt in ("float32", "float16")
+            ),
+            "nms_mask",
+            "nms_reduce",
+        ]
+        missing = [n for n in names if n.encode() not in symbols]
+        assert missing == []
+
+    def test_the_source_ships_with_the_package(self) -> None:
+        """The kernels are package data, found without a source checkout."""
+        assert 'extern "C" __global__' in SOURCE.read_text()
+
+
+def _cp() -> Any:
+    import cupy
+
+    return cupy
+
+
+def _images(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return rng.integers(0, 256, shape, dtype=np.uint8)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize(
+    ("in_hw", "size", "letterbox"),
+    [((224, 224), None, False), ((17, 23), (224, 224), False), ((480, 640), (320, 320), True), ((7, 5), (5, 7), True)],
+)
+class TestImageKernel:
+    pytestmark = gpu
+
+    def test_equals_its_twin_bit_for_bit(
+        self, layout: str, dtype: type, in_hw: tuple[int, int], size: tuple[int, int] | None, letterbox: bool
+    ) -> None:
+        """Resize, letterbox and normalise give the twin's exact numbers (unresized: the 4-pixel path)."""
+        from inferkit.gpu import cuda
+
+        cp = _cp()
+        x = _images(np.random.default_rng(0), (3, *in_hw, 3))
+        plan = twins.image_plan(in_hw, size, MEAN, STD, letterbox=letterbox, pad_value=114)
+        got = cuda.image_to_tensor(cp.asarray(x), plan, layout=layout, dtype=dtype)
+        want = twins.image_to_tensor(x, plan, layout=layout, dtype=dtype)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(cp.asnumpy(got), want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 31), (64, 1000), (5, 33, 7)])
+class TestRowKernels:
+    pytestmark = gpu
+
+    def test_softmax_sigmoid_threshold(self, dtype: type, shape: tuple[int, ...]) -> None:
+        """Float results within float32 ulps of the twins' (float16: one half ulp); threshold exact."""
+        from inferkit.gpu import cuda
+
+        cp = _cp()
+        x = (np.random.default_rng(1).standard_normal(shape) * 8).astype(dtype)
+        tol = 1e-6 if dtype == np.float32 else 1e-3
+        d = cp.asarray(x)
+        np.testing.assert_allclose(cp.asnumpy(cuda.softmax(d)), twins.softmax(x), rtol=tol * 4, atol=tol)
+        np.testing.assert_allclose(
+            cp.asnumpy(cuda.softmax(d, axis=1)), twins.softmax(x, axis=1), rtol=tol * 4, atol=tol
+        )
+        np.testing.assert_allclose(cp.asnumpy(cuda.sigmoid(d)), twins.sigmoid(x), rtol=tol * 4, atol=tol)
+        np.testing.assert_array_equal(cp.asnumpy(cuda.threshold(d, 0.25)), twins.threshold(x, 0.25))
+
+    def test_argmax_and_topk_are_exact(self, dtype: type, shape: tuple[int, ...]) -> None:
+        """Indices exactly the twins', ties and NaN included."""
+        from inferkit.gpu import cuda
+
+        cp = _cp()
+        rng = np.random.default_rng(2)
+        x = rng.choice(np.array([0.0, 1.0, -1.0, 2.0, np.nan, np.inf], dtype), shape)  # many ties
+        d = cp.asarray(x)
+        np.testing.assert_array_equal(cp.asnumpy(cuda.argmax(d)), twins.argmax(x))
+        k = min(5, shape[-1])
+        values, indices = cuda.topk(d, k)
+        want_values, want_indices = twins.topk(x, k)
+        np.testing.assert_array_equal(cp.asnumpy(indices), want_indices)
+        np.testing.assert_array_equal(cp.asnumpy(values), want_values)
+
+
+class TestNmsKernel:
+    pytestmark = gpu
+
+    @pytest.mark.parametrize(("n", "b"), [(1, 1), (2, 63), (3, 64), (2, 65), (1, 1000)])
+    def test_keep_lists_equal_the_twin(self, n: int, b: int) -> None:
+        """Kept indices exactly the twin's, across word boundaries of the mask."""
+        from inferkit.gpu import cuda
+
+        cp = _cp()
+        rng = np.random.default_rng(b)
+        xy = rng.uniform(0, 200, (n, b, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(1, 60, (n, b, 2))], axis=-1).astype(np.float32)
+        scores = rng.choice(np.linspace(0, 1, 21), (n, b)).astype(np.float32)
+        kw = {"iou_threshold": 0.5, "score_threshold": 0.1, "max_detections": 50}
+        got = cuda.nms(cp.asarray(boxes), cp.asarray(scores), **kw)
+        np.testing.assert_array_equal(cp.asnumpy(got), twins.nms(boxes, scores, **kw))

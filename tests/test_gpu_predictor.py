@@ -1,0 +1,86 @@
+"""GPU-only tests of the Predictor's device path: I/O binding, streams, replicas (skip without a GPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from test_pipeline import PIPE, by_hand, classifier, images
+
+from inferkit import Predictor
+from inferkit.backends.onnx import OnnxBackend
+
+
+def _reason() -> str | None:
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "needs onnxruntime-gpu (CUDAExecutionProvider)"
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "needs a CUDA GPU"
+    except Exception as exc:
+        return f"needs CuPy and a CUDA GPU ({type(exc).__name__})"
+    return None
+
+
+REASON = _reason()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+
+
+class TestIoBinding:
+    def test_cupy_in_cupy_out_equals_the_cpu(self) -> None:
+        """Bound CuPy inputs and outputs give the CPU session's numbers, and stay on the device."""
+        import cupy as cp
+
+        x = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
+        gpu = OnnxBackend(classifier(), device="cuda:0", strict=True)
+        cpu = OnnxBackend(classifier(), device="cpu")
+        assert gpu.device == "cuda:0"
+        assert gpu.stream is not None
+        with gpu.stream:
+            out = gpu.run({"x": cp.asarray(x)})["logits"]
+            assert isinstance(out, cp.ndarray)
+            got = cp.asnumpy(out)
+        np.testing.assert_allclose(got, cpu.run({"x": x})["logits"], rtol=1e-4, atol=1e-5)
+
+    def test_from_another_stream_is_synchronised(self) -> None:
+        """Inputs written on a stream that is not ORT's are complete before ORT reads them."""
+        import cupy as cp
+
+        gpu = OnnxBackend(classifier(), device="cuda:0", strict=True)
+        other = cp.cuda.Stream(non_blocking=True)
+        x = np.random.default_rng(1).standard_normal((256, 3, 8, 8)).astype(np.float32)
+        with other:
+            d = cp.zeros((256, 3, 8, 8), cp.float32)
+            d += cp.asarray(x)  # queued on `other`, maybe not done when run() is called
+            got = cp.asnumpy(gpu.run({"x": d})["logits"])
+        np.testing.assert_allclose(
+            got, OnnxBackend(classifier(), device="cpu").run({"x": x})["logits"], rtol=1e-4, atol=1e-5
+        )
+
+
+class TestPredictorOnGpu:
+    def test_pipeline_on_gpu_equals_cpu(self) -> None:
+        """Same pipeline, GPU and CPU: identical indices, values within float tolerance; 1 upload, 2 downloads."""
+        x = images(8)
+        with Predictor.from_onnx(classifier(), device="cuda:0", strict=True, pipeline=PIPE, warmup=False) as gpu:
+            got = gpu.predict(x)
+            backend = gpu._batcher.first_backend()
+            assert (backend.transfers.h2d, backend.transfers.d2h) == (1, 2)  # type: ignore[attr-defined]
+        values, indices = by_hand(x)
+        np.testing.assert_array_equal(got["indices"], indices)
+        np.testing.assert_allclose(got["values"], values, rtol=1e-4)
+
+    def test_two_replicas_on_two_streams_answer_as_one(self) -> None:
+        """Concurrent batches on two replicas (two streams, maybe two GPUs) give one replica's answers."""
+        inputs = [images(4, seed=i) for i in range(40)]
+        with Predictor.from_onnx(classifier(), device="cuda:0", pipeline=PIPE, warmup=False) as one:
+            want = [one.predict(x)["indices"] for x in inputs]
+        with Predictor.from_onnx(classifier(), device="cuda", pipeline=PIPE, replicas=2, warmup=False) as two:
+            futures = [two.submit(x) for x in inputs]
+            got = [f.result(timeout=60)["indices"] for f in futures]
+            streams = {r.backend.stream.ptr for r in two._batcher._replicas}  # type: ignore[attr-defined]
+        assert len(streams) == 2
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
