@@ -124,6 +124,7 @@ ROW_NAMES = (
     "inferkit-8-intra2",
     "inferkit-shared2",
     "inferkit-rr",
+    "inferkit-noop",
     "latency",
 )
 THROUGHPUT_ROWS = frozenset(ROW_NAMES) - {"limit", "latency"}
@@ -141,6 +142,7 @@ class CellResult:
     p99_ms: float
     requests: int
     window_s: float
+    cpu_us: float | None = None  # process CPU (every thread: clients, batcher, model) per request
 
 
 @dataclass(frozen=True)
@@ -201,8 +203,12 @@ def run_closed_loop(
     _sleep_until(window_start, stop)
     if on_window is not None and not stop.is_set():
         on_window("start")
+    cpu_start = time.process_time()
+    done_at_start = next(counted)
     stop.wait(max(0.0, window_start + cfg.seconds - time.perf_counter()))
     stop_times.append(time.perf_counter())
+    cpu_window = time.process_time() - cpu_start
+    done_in_cpu_window = next(counted) - done_at_start - 1
     stop.set()
     if on_window is not None:
         on_window("end")
@@ -233,6 +239,7 @@ def run_closed_loop(
         p99_ms=float(np.percentile(lat, 99)),
         requests=len(latencies),
         window_s=span,
+        cpu_us=cpu_window / done_in_cpu_window * 1e6 if done_in_cpu_window > 0 else None,
     )
 
 
@@ -494,6 +501,18 @@ class Bench:
             row.notes.append(f"replicas={replicas}, balancing={balancing!r}")
         return row
 
+    def noop(self) -> Row:
+        """inferkit around a function that returns its input: the CPU per request spent outside any model."""
+        import inferkit
+
+        load = f"{CLIENTS} x 1"
+        self.log("inferkit no-op model")
+        with inferkit.Predictor.from_callable(lambda x: x, max_batch_size=MAX_BATCH, max_delay_ms=MAX_DELAY_MS) as p:
+            res = run_closed_loop(p.predict, client_inputs(1), self.cfg)
+        row = Row("inferkit no-op model", load, "-", res, throughput=False)
+        row.notes.append("CPU µs/req here is inferkit's own cost per request (target <= 10)")
+        return row
+
     # ---- latency at concurrency 1
 
     def latency(self) -> list[Row]:
@@ -627,13 +646,14 @@ def _dist_version(dist: str) -> str:
 
 def render(rows: list[Row], limit: float | None) -> str:
     header = (
-        "| row | clients x rows/req | ORT intra_op | rows/s | share of limit | p50 ms | p99 ms | mean batch | notes |"
+        "| row | clients x rows/req | ORT intra_op | rows/s | share of limit | p50 ms | p99 ms | CPU µs/req "
+        "| mean batch | notes |"
     )
-    lines = [header, "|" + "---|" * 9]
+    lines = [header, "|" + "---|" * 10]
     for r in rows:
         res = r.result
         if res is None:
-            cells = ["-"] * 4
+            cells = ["-"] * 5
         else:
             share = f"{100 * res.rows_per_s / limit:.0f}%" if limit and r.throughput else "-"
             cells = [
@@ -641,6 +661,7 @@ def render(rows: list[Row], limit: float | None) -> str:
                 share,
                 f"{res.p50_ms:.3f}",
                 f"{res.p99_ms:.3f}",
+                "-" if res.cpu_us is None else f"{res.cpu_us:.1f}",
             ]
         mean_batch = "-" if r.mean_batch is None else f"{r.mean_batch:.1f}"
         notes = "; ".join(r.notes)
@@ -724,6 +745,7 @@ def main(argv: list[str] | None = None) -> int:
         "inferkit-8-intra2": lambda: [bench.inferkit("inferkit 8-row intra 2", 8, intra=2)],
         "inferkit-shared2": lambda: [bench.inferkit("inferkit 1-row shared r2", 1, replicas=2, balancing="shared")],
         "inferkit-rr": lambda: [bench.inferkit("inferkit 1-row rr", 1, replicas=2, balancing="round_robin")],
+        "inferkit-noop": lambda: [bench.noop()],
         "latency": bench.latency,
     }
     load_before = os.getloadavg()[0]

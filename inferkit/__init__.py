@@ -22,6 +22,7 @@ from inferkit.errors import (
     InferkitError,
     InvalidInput,
     ModelError,
+    ModelNotFound,
     NoHealthyReplica,
     Overloaded,
 )
@@ -89,6 +90,7 @@ __all__ = [
     "LogObserver",
     "Match",
     "ModelError",
+    "ModelNotFound",
     "NoHealthyReplica",
     "Observer",
     "Overloaded",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import enum
 import itertools
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import attrs
 
+from inferkit._bridge import await_future
 from inferkit.backends.base import Backend, BackendFactory
 from inferkit.backends.callable import CallableBackend
 from inferkit.batching import BatchConfig, Batcher, Request, RequestFuture
@@ -288,8 +288,12 @@ class Predictor:
         return request.future
 
     async def apredict(self, x: Any, *, timeout: float | None = None, priority: int = 0) -> Any:
-        """:meth:`predict` for asyncio: awaits the result without blocking the event loop."""
-        return await asyncio.wrap_future(self.submit(x, timeout=timeout, priority=priority))
+        """:meth:`predict` for asyncio: awaits the result without blocking the event loop.
+
+        A finished batch wakes the loop once for all of its requests awaited on that loop, not
+        once per request; cancelling the awaiting task cancels a request still queued.
+        """
+        return await await_future(self.submit(x, timeout=timeout, priority=priority))
 
     def _request(self, x: Any, timeout: float | None, priority: int) -> Request:
         try:

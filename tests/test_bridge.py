@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from inferkit.errors import ModelError
-from inferkit.server._bridge import await_future
+from inferkit._bridge import await_future
 
 WAIT = 30  # seconds: a bound on every wait, never expected to be reached
 

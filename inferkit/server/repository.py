@@ -19,12 +19,12 @@ from typing import Any
 import attrs
 import numpy as np
 
+from inferkit._bridge import await_future
 from inferkit.batching import BatchConfig
 from inferkit.errors import Closed, InferkitError, ModelNotFound
 from inferkit.pool import PoolConfig
 from inferkit.predictor import Predictor
 from inferkit.routing import Predictive, Router
-from inferkit.server._bridge import await_future
 from inferkit.server.protocol import datatype_of
 from inferkit.signature import Signature
 from inferkit.stats import Stats
