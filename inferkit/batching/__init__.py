@@ -17,6 +17,7 @@ that finishes a batch forms and runs the next one itself.
 The pieces, each in its own module::
 
     batcher    Batcher: the lock, admission, the worker loop, what a finished batch means
+    lifecycle  replicas retired, replaced after a hang, resized; closing
     lane       Lane: a priority queue and the rule that forms a batch from it
     assembly   requests too big for one batch: cut into parts as batches form, joined back
     execute    one batch through a backend, bisected on failure

@@ -1,0 +1,220 @@
+"""Replicas coming and going: retiring, ejection's consequences, hangs and replacements, resizing, closing.
+
+A mixin of :class:`~inferkit.batching.batcher.Batcher`, kept apart so that each file reads in
+one sitting; every method here runs under (or takes) the batcher's one lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+
+from inferkit._timer import Timer
+from inferkit.backends.base import Backend, BackendFactory
+from inferkit.batching.config import BatchConfig
+from inferkit.batching.execute import Outcome
+from inferkit.batching.lane import Batch, Lane
+from inferkit.batching.replicas import ReplicaSet
+from inferkit.batching.request import QUEUED, Request, notify_cancelled, settle_all
+from inferkit.errors import Closed, ExecutionTimeout, InferkitError, NoHealthyReplica
+from inferkit.events import Event, ReplicaReplaced
+from inferkit.pool import PoolConfig, Replica, ReplicaState
+
+__all__ = ["Lifecycle"]
+
+
+class Lifecycle:
+    """Replica lifecycle and shutdown, over the state the batcher owns."""
+
+    name: str
+    config: BatchConfig
+    pool: PoolConfig
+    _factory: BackendFactory
+    _clock: Callable[[], float]
+    _lock: threading.Lock
+    _drained: threading.Condition
+    _set: ReplicaSet
+    _timer: Timer
+    _closing: bool
+    _stopped: bool
+    _running: dict[str, Batch]
+
+    # Provided by the batcher.
+    def _work(self, replica: Replica) -> None:
+        raise NotImplementedError
+
+    def _fail(self, requests: list[Request], make_error: Callable[[Request], InferkitError]) -> None:
+        raise NotImplementedError
+
+    def _tally(self, outcomes: list[Outcome]) -> list[Request]:
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+    def _event(self, event: Event) -> None:
+        raise NotImplementedError
+
+    # -- replica lifecycle -----------------------------------------------------------------
+
+    def _retire(self, replica: Replica) -> None:
+        """Drop a replica whose worker has stopped (under the lock) and free its model."""
+        self._set.remove(replica, keep_lane=self._stopped)
+        with contextlib.suppress(Exception):  # a failing close must not break the worker's cleanup
+            replica.backend.close()
+        self._drained.notify_all()
+
+    def _after_ejection(self, replica: Replica) -> None:
+        """Move a lane's queue elsewhere, or fail it when no replica can serve it."""
+        now = self._clock()
+        if self._set.balancer is not None:
+            others = self._set.other_lanes(replica.lane, now)
+            if others:
+                self._migrate(replica.lane, others)
+                return
+        if not self._set.usable(now) and not self._set.loading:
+            self._fail_queued(lambda: NoHealthyReplica(f"no healthy replica of {self.name!r}"))
+
+    def _migrate(self, lane: Lane, others: list[Lane]) -> None:
+        now = self._clock()
+        entries = [e for e in lane.heap if e[2].state is QUEUED]
+        lane.heap.clear()
+        for _, _, req in entries:
+            lane.unqueue(req)
+            target = self._set.choose(others)
+            target.push(req, now)
+            target.wake()
+
+    def _fail_queued(self, make_error: Callable[[], InferkitError]) -> None:
+        """Settle every queued request with a fresh error (under the lock; delivered after it)."""
+        queued = []
+        for lane in self._set.lanes:
+            for _, _, req in lane.heap:
+                if req.state is QUEUED:
+                    lane.unqueue(req)
+                    if req.future is not None and req.parent is None:
+                        notify_cancelled(req.future)
+                    queued.append(req)
+            lane.heap.clear()
+        self._fail(queued, lambda _: make_error())
+
+    def _on_hang(self, batch: Batch, replica: Replica) -> None:
+        """The watchdog: the model call outlived ``execution_timeout``; fail it and replace the replica."""
+        if not batch.claim.acquire(blocking=False):
+            return
+        timeout = self.pool.execution_timeout
+        outcomes: list[Outcome] = [
+            (r, None, ExecutionTimeout(f"the model call holding request {r.id} ran past {timeout} s"))
+            for r in batch.requests
+        ]
+        with self._lock:
+            done = self._tally(outcomes)
+            replica.state = ReplicaState.DEAD
+            self._running.pop(replica.name, None)
+            self._set.remove(replica, keep_lane=True)
+            if not self._closing:
+                self._set.loading += 1
+                self._set.start(
+                    threading.Thread(
+                        target=self._replace, args=(replica,), name=f"inferkit-replace-{replica.name}", daemon=True
+                    )
+                )
+            self._drained.notify_all()
+        settle_all(done)
+        self._event(ReplicaReplaced(self.name, replica.name, tuple(r.id for r in batch.requests), not self._closing))
+
+    def _replace(self, dead: Replica) -> None:
+        try:
+            backend: Backend | None = self._factory()
+        except Exception:  # noqa: BLE001 (a replacement that cannot load leaves the pool smaller)
+            backend = None
+        with self._lock:
+            self._set.loading -= 1
+            if backend is None:
+                self._after_ejection(dead)
+            elif self._closing:
+                backend.close()
+            else:
+                self._set.add(backend, self._work, dead.lane if self._set.balancer is not None else None)
+                dead.lane.wake()
+        self._flush()
+
+    def reconfigure(self, config: BatchConfig) -> None:
+        """Change batching at run time; queued requests are batched under the new settings."""
+        with self._lock:
+            self.config = config
+            for lane in self._set.lanes:
+                lane.wake()
+
+    def resize(self, replicas: int) -> None:
+        """Grow or shrink the pool; a removed replica finishes what it holds and drains its queue."""
+        if replicas < 1:
+            msg = f"replicas must be >= 1, got {replicas}"
+            raise ValueError(msg)
+        with self._lock:
+            if self._closing:
+                raise Closed(f"predictor {self.name!r} is closed")
+            live = self._set.live()
+            extra = len(live) - replicas
+        if extra < 0:
+            backends = [self._factory() for _ in range(-extra)]
+            with self._lock:
+                for backend in backends:
+                    self._set.add(backend, self._work)
+                return
+        with self._lock:
+            # Remove ejected, then idle, then busy replicas (never a busy one before an idle one).
+            order = sorted(live, key=lambda r: (r.state is not ReplicaState.EJECTED, r.busy, r.running_rows))
+            for replica in order[:extra]:
+                replica.state = ReplicaState.DRAINING
+                if self._set.balancer is not None:
+                    self._migrate(replica.lane, self._set.other_lanes(replica.lane, self._clock()))
+                replica.cond.notify()
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking requests, let queued and running ones finish, then stop every thread.
+
+        What is still queued when ``timeout`` runs out ends in ``Closed``; a model call that is
+        still running gets until the workers are joined (another ``timeout``), then its
+        requests end in ``Closed`` too.
+        """
+        end = None if timeout is None else self._clock() + timeout
+        with self._lock:
+            self._closing = True
+            for lane in self._set.lanes:
+                for replica in lane.idle:
+                    replica.cond.notify()
+            while self._set.queued() or self._running:
+                left = None if end is None else end - self._clock()
+                if left is not None and left <= 0:
+                    break
+                self._drained.wait(left)
+            self._fail_queued(lambda: Closed(f"predictor {self.name!r} closed before the request ran"))
+            self._stopped = True
+            for replica in list(self._set.all):
+                replica.cond.notify_all()
+            threads = [r.thread for r in self._set.all if r.thread is not None]
+            threads += [t for t in self._set.threads if t.name.startswith("inferkit-replace")]
+        self._flush()
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout)
+        self._abandon_running()
+        self._timer.close(timeout)
+
+    def _abandon_running(self) -> None:
+        """Settle with ``Closed`` what still runs on workers that did not stop in time."""
+        with self._lock:
+            batches = list(self._running.values())
+        for batch in batches:
+            if batch.claim.acquire(blocking=False):
+                outcomes: list[Outcome] = [
+                    (r, None, Closed(f"predictor {self.name!r} closed while request {r.id} ran"))
+                    for r in batch.requests
+                ]
+                with self._lock:
+                    done = self._tally(outcomes)
+                settle_all(done)
