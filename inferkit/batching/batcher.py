@@ -9,7 +9,6 @@ caller's future: outcomes decided under the lock are collected and delivered aft
 from __future__ import annotations
 
 import contextlib
-import itertools
 import threading
 import time
 import weakref
@@ -35,7 +34,7 @@ from inferkit.errors import (
     NoHealthyReplica,
     Overloaded,
 )
-from inferkit.events import BatchDone, Event, ReplicaEjected, ReplicaReplaced, RequestsExpired
+from inferkit.events import BatchDone, Event, ReplicaEjected, ReplicaReplaced, RequestsExpired, new_request_id
 from inferkit.pool import PoolConfig, Replica, ReplicaState, record_batch
 from inferkit.stats import ReplicaStats, Stats
 
@@ -69,7 +68,6 @@ class Batcher:
         self._drained = threading.Condition(self._lock)
         self._set = ReplicaSet(name, pool.balancer(), self._lock)
         self._timer = Timer(f"inferkit-{name}-timer")
-        self._ids = itertools.count(1)
         self._closing = False
         self._stopped = False
         self._settle_later: list[Request] = []  # settled under the lock by another thread, delivered after it
@@ -81,8 +79,8 @@ class Batcher:
     # -- admission -----------------------------------------------------------------------
 
     def next_id(self) -> int:
-        """A fresh request id."""
-        return next(self._ids)
+        """A fresh request id, unique across models and processes (see :func:`~inferkit.events.new_request_id`)."""
+        return new_request_id(self.name)
 
     def reject(self, error: InferkitError) -> None:
         """Count a request refused before admission (e.g. ``InvalidInput``)."""
