@@ -113,6 +113,15 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow loading and unloading models over REST and gRPC, with the token in INFERKIT_ADMIN_TOKEN",
     )
+    logs = serve.add_argument_group("logging")
+    logs.add_argument(
+        "--log-format",
+        choices=("console", "json"),
+        default=None,
+        help="console (readable) or json (one object a line); default: console on a terminal, else json",
+    )
+    logs.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning")
+    logs.add_argument("--access-log", action="store_true", help="one line per inference request")
     serve.add_argument(
         "--loop",
         choices=("auto", "asyncio", "uvloop"),
@@ -141,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from inferkit.pool import PoolConfig  # noqa: PLC0415
     from inferkit.predictor import Predictor  # noqa: PLC0415
+    from inferkit.server.logs import configure  # noqa: PLC0415
+
+    configure(args.log_format or "auto", args.log_level)
 
     if (args.model is None) == (args.config is None):
         print("inferkit serve: give a model file or --config, not both", file=sys.stderr)
@@ -214,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         grpc_listeners=args.grpc_listeners if args.grpc_listeners is not None else DEFAULT_LISTENERS,
         loop=args.loop,
         control=control,
+        access_log=args.access_log,
     )
     run_loop(server.run(handle_signals=True, on_start=_announce), server.loop)
     for name, stats in repository.predictor_stats().items():

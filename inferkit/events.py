@@ -3,11 +3,20 @@
 The core never calls a logger directly: each layer emits an :class:`Event` to its observers.
 :class:`LogObserver` turns events into structlog events on the stdlib logger ``"inferkit"``,
 which has a ``NullHandler`` and so prints nothing unless the host configures logging.
+
+Every predictor, router and autoscaler has a :class:`LogObserver`, so an observer registered
+with :func:`tap` sees every event of the process (tracing and the server's access log use it),
+plus a :class:`Submitted` event per request id, on the caller's thread as it submits.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import secrets
+import threading
+import time
+import traceback
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
@@ -18,11 +27,16 @@ __all__ = [
     "BatchDone",
     "Event",
     "LogObserver",
+    "ModelFailed",
     "Observer",
     "ReplicaEjected",
     "ReplicaReplaced",
     "RequestsExpired",
     "StateChanged",
+    "Submitted",
+    "new_request_id",
+    "tap",
+    "untap",
 ]
 
 _LOGGER = "inferkit"
@@ -53,6 +67,21 @@ class RequestsExpired(Event):
     """Queued requests whose deadline passed; the model never saw them."""
 
     request_ids: tuple[int, ...]
+
+
+@attrs.frozen
+class Submitted(Event):
+    """A request got its id; delivered only to :func:`tap` observers, on the submitting thread."""
+
+    request_id: int
+
+
+@attrs.frozen
+class ModelFailed(Event):
+    """The model raised ``error`` for these requests (a :class:`LogObserver` logs each distinct error once)."""
+
+    request_ids: tuple[int, ...]
+    error: BaseException
 
 
 @attrs.frozen
@@ -99,26 +128,143 @@ class Observer(Protocol):
         """Handle one event."""
 
 
+# Process-wide observers. Replaced whole (never mutated) so readers need no lock.
+_taps: tuple[Observer, ...] = ()
+_taps_lock = threading.Lock()
+
+# Request ids: a random 31-bit prefix per process above one process-wide 32-bit counter, so two
+# models (or two processes) never share an id while ids stay ints that fit an int64.
+_ID_PREFIX = secrets.randbits(31) << 32
+_id_counter = itertools.count(1)
+
+
+def new_request_id(name: str) -> int:
+    """A request id unique across the process's models (and, by its random prefix, across processes).
+
+    With :func:`tap` observers, each gets a :class:`Submitted` event on the calling thread.
+    """
+    request_id = _ID_PREFIX | (next(_id_counter) & 0xFFFF_FFFF)
+    if _taps:
+        deliver(_taps, Submitted(name, request_id))
+    return request_id
+
+
+def tap(observer: Observer) -> None:
+    """Give ``observer`` every event of every predictor, router and autoscaler in the process.
+
+    While any observer is tapped, predictors emit :class:`BatchDone` even without observers of
+    their own. Remove it with :func:`untap`.
+    """
+    global _taps  # noqa: PLW0603 (one registry per process, swapped whole)
+    with _taps_lock:
+        _taps = (*_taps, observer)
+
+
+def untap(observer: Observer) -> None:
+    """Stop giving events to ``observer`` (no-op when it was not tapped)."""
+    global _taps  # noqa: PLW0603
+    with _taps_lock:
+        taps = list(_taps)
+        if observer in taps:
+            taps.remove(observer)
+        _taps = tuple(taps)
+
+
+class _Repeats:
+    """Counts a distinct error after its first report, for a summary once per window."""
+
+    __slots__ = ("count", "first", "window_start")
+
+    def __init__(self, now: float) -> None:
+        self.count = 0
+        self.window_start = now
+        self.first = now
+
+
+_WARNINGS = frozenset({"ReplicaEjected", "ReplicaReplaced", "ScalingFailed", "ModelFailed"})
+
+
 class LogObserver:
     """Logs events through structlog on the stdlib logger ``"inferkit"``.
 
-    Batches log at DEBUG, ejections and replacements at WARNING, the rest at INFO. Nothing is
-    formatted unless the stdlib logger is enabled for that level.
+    Batches log at DEBUG; ejections, replacements, failed resizes, canary rollbacks and model
+    errors at WARNING; the rest (scaling, canary steps, lifecycle) at INFO. A model's error is
+    logged with its traceback once per distinct error (model, type, message); its repeats are
+    counted and summed up at most once per ``repeat_window_s`` ("... repeated N times in the
+    last 60 s"). Nothing is formatted unless the stdlib logger is enabled for that level.
+    It also forwards every event to the :func:`tap` observers.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, repeat_window_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if not repeat_window_s > 0:
+            msg = f"repeat_window_s must be > 0, got {repeat_window_s!r}"
+            raise ValueError(msg)
         self._std = logging.getLogger(_LOGGER)
         self._log: Any = structlog.wrap_logger(self._std)
+        self._window = repeat_window_s
+        self._clock = clock
+        self._seen: dict[tuple[str, str, str], _Repeats] = {}
+        self._lock = threading.Lock()
 
     def enabled(self) -> bool:
-        """Whether any event would be logged at all (DEBUG enabled)."""
-        return self._std.isEnabledFor(logging.DEBUG)
+        """Whether per-batch events are wanted: DEBUG enabled, or an observer tapped."""
+        return bool(_taps) or self._std.isEnabledFor(logging.DEBUG)
 
     def __call__(self, event: Event) -> None:
-        """Log ``event`` at its level."""
-        level = logging.DEBUG if isinstance(event, BatchDone) else logging.INFO
-        if isinstance(event, ReplicaEjected | ReplicaReplaced):
-            level = logging.WARNING
-        if self._std.isEnabledFor(level):
-            fields = attrs.asdict(event)
-            self._log.log(level, type(event).__name__, **fields)
+        """Log ``event`` at its level, then hand it to the tapped observers."""
+        if isinstance(event, ModelFailed):
+            self._model_failed(event)
+        else:
+            level = self._level(event)
+            if self._std.isEnabledFor(level):
+                fields = attrs.asdict(event)
+                self._log.log(level, type(event).__name__, **fields)
+        if _taps:
+            deliver(_taps, event)
+
+    @staticmethod
+    def _level(event: Event) -> int:
+        kind = type(event).__name__
+        if kind == "BatchDone":
+            return logging.DEBUG
+        if kind in _WARNINGS or (kind == "CanaryDecision" and getattr(event, "action", None) == "rollback"):
+            return logging.WARNING
+        return logging.INFO
+
+    def _model_failed(self, event: ModelFailed) -> None:
+        if not self._std.isEnabledFor(logging.WARNING):
+            return
+        error = event.error
+        key = (event.name, type(error).__qualname__, str(error)[:200])
+        now = self._clock()
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is None:
+                if len(self._seen) >= _MAX_DISTINCT:  # a model raising endless distinct messages
+                    self._seen.clear()
+                self._seen[key] = _Repeats(now)
+                summary = None
+            else:
+                seen.count += 1
+                if now - seen.window_start < self._window:
+                    return
+                summary, seen.count, seen.window_start = seen.count, 0, now
+        if summary is None:
+            tb = "".join(traceback.format_exception(error))
+            self._log.warning(
+                "ModelFailed",
+                name=event.name,
+                request_ids=event.request_ids,
+                error=f"{type(error).__name__}: {error}",
+                traceback=tb,
+            )
+        else:
+            self._log.warning(
+                f"ModelFailed: {type(error).__name__}: {error} repeated {summary:,} times "
+                f"in the last {self._window:g} s",
+                name=event.name,
+                repeated=summary,
+            )
+
+
+_MAX_DISTINCT = 1024

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from inferkit.errors import ModelError
 from inferkit._bridge import await_future
+from inferkit.errors import ModelError
 
 WAIT = 30  # seconds: a bound on every wait, never expected to be reached
 

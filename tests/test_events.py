@@ -333,10 +333,11 @@ class TestLogObserver:
         with broken_then_good("m") as predictor:
             for _ in range(2 * inferkit.PoolConfig().eject_after):  # round robin: every other call faults
                 predictor.predict(rows(1))
-        (record,) = [r for r in caplog.records if r.name == "inferkit"]
+        (record,) = logged(caplog, "ReplicaEjected")
         assert record.levelno == logging.WARNING
-        assert logged(caplog, "ReplicaEjected") == [record]
         assert "replica=m-0" in plain(record)
+        (failed,) = logged(caplog, "ModelFailed")  # the fault behind it, logged once, then counted
+        assert failed.levelno == logging.WARNING
 
     def test_silent_when_logging_is_not_configured(self) -> None:
         """Without logging configured, serving (even through an ejection) prints nothing at all."""

@@ -8,7 +8,6 @@ caller's future: outcomes decided under the lock are collected and delivered aft
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 import weakref
@@ -16,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from inferkit._timer import Timer
-from inferkit.backends.base import Backend, BackendFactory
+from inferkit.backends.base import Backend, BackendFactory, ReplicaFault
 from inferkit.batching import assembly
 from inferkit.batching.config import BatchConfig
 from inferkit.batching.counters import Counters
@@ -35,7 +34,7 @@ from inferkit.errors import (
     NoHealthyReplica,
     Overloaded,
 )
-from inferkit.events import BatchDone, Event, ReplicaEjected, RequestsExpired
+from inferkit.events import BatchDone, Event, ModelFailed, ReplicaEjected, RequestsExpired, new_request_id
 from inferkit.pool import PoolConfig, Replica, ReplicaState, record_batch
 from inferkit.stats import ReplicaStats, Stats
 
@@ -69,7 +68,6 @@ class Batcher(Lifecycle):
         self._drained = threading.Condition(self._lock)
         self._set = ReplicaSet(name, pool.balancer(), self._lock)
         self._timer = Timer(f"inferkit-{name}-timer")
-        self._ids = itertools.count(1)
         self._closing = False
         self._stopped = False
         self._settle_later: list[Request] = []  # settled under the lock by another thread, delivered after it
@@ -81,8 +79,8 @@ class Batcher(Lifecycle):
     # -- admission -----------------------------------------------------------------------
 
     def next_id(self) -> int:
-        """A fresh request id."""
-        return next(self._ids)
+        """A fresh request id, unique across models and processes (see :func:`~inferkit.events.new_request_id`)."""
+        return new_request_id(self.name)
 
     def reject(self, error: InferkitError) -> None:
         """Count a request refused before admission (e.g. ``InvalidInput``)."""
@@ -275,7 +273,19 @@ class Batcher(Lifecycle):
             failed = tuple(r.id for r, _, e in outcomes if e is not None)
             ids = tuple(r.id for r in batch.requests)
             self._event(BatchDone(self.name, replica.name, ids, batch.rows, batch.reason, end - start, failed))
+        if self._emit is not None:
+            self._failures(outcomes)
         return outcomes, fault, end, end - start
+
+    def _failures(self, outcomes: list[Outcome]) -> None:
+        """One ``ModelFailed`` per distinct model error of a batch (a LogObserver logs each error once)."""
+        by_error: dict[tuple[type, str], tuple[BaseException, list[int]]] = {}
+        for req, _, error in outcomes:
+            if isinstance(error, ModelError | ReplicaFault):
+                cause = error.__cause__ or error
+                by_error.setdefault((type(cause), str(cause)), (cause, []))[1].append(req.id)
+        for cause, ids in by_error.values():
+            self._event(ModelFailed(self.name, tuple(ids), cause))
 
     def _finish(self, batch: Batch, replica: Replica, result: _Result | None) -> list[Request]:
         """Count a batch's outcomes and free its replica (under the lock); return what to settle.

@@ -56,6 +56,7 @@ from inferkit.errors import Closed, InferkitError, InvalidInput
 from inferkit.server import proto as pb
 from inferkit.server.config import ConnectionLimits
 from inferkit.server.control import Controller, RepositoryControl, load_parameters
+from inferkit.server.logs import RequestLog
 from inferkit.server.protocol import (
     ARM,
     KEY,
@@ -185,6 +186,7 @@ def create_server(
     listeners: int = DEFAULT_LISTENERS,
     limits: ConnectionLimits | None = None,
     control: RepositoryControl | None = None,
+    request_log: RequestLog | None = None,
 ) -> tuple[GrpcServer, int]:
     """A gRPC server for ``repository``, not yet started, and the port it is bound to.
 
@@ -223,6 +225,8 @@ def create_server(
     ]
     servicer = _Servicer(repository, metrics, control if control is not None else RepositoryControl())
     servicer.typed_limit = limits.max_json_bytes
+    if request_log is not None:
+        servicer.log = request_log
     handler = servicer.handler()
     servers = []
     for _ in range(listeners):
@@ -271,6 +275,7 @@ class _Servicer:
         self._repository = repository
         self._metrics = metrics
         self._control = control
+        self.log = RequestLog()  # create_server's request_log replaces it
         self._controller = Controller(repository, control)
         self.draining = False
         self.last_call = 0.0  # loop time of the latest ModelInfer, for the drain's quiet window
@@ -410,6 +415,7 @@ class _Servicer:
     async def model_infer(self, data: bytes, context: Any) -> Any:
         """Parse, decode, run through the repository (batched with every other caller), encode."""
         start = time.monotonic()
+        self.log.begin("grpc", context.invocation_metadata)
         large = len(data) >= _OFFLOAD_BYTES  # parsed and decoded off the loop, so others are not held up
         request: Any
         if len(data) > self.typed_limit and not _has_raw_contents(data):
@@ -430,6 +436,7 @@ class _Servicer:
         arm: str | None = None
         try:
             inputs = await asyncio.to_thread(_decode_inputs, request) if large else _decode_inputs(request)
+            self.log.rows(inputs)
             requested = _requested_outputs(request)
             if requested:
                 self._check_outputs(model, version, requested)
@@ -466,6 +473,7 @@ class _Servicer:
             check_outputs(requested, declared, model)
 
     def _observe(self, model: str, arm: str | None, outcome: str, start: float) -> None:
+        self.log.finish(model, None, arm, outcome)  # once per ModelInfer, as the metrics
         if self._metrics is not None:
             self._metrics.observe(model, arm, outcome, time.monotonic() - start)
 

@@ -82,6 +82,7 @@ from starlette.types import Receive
 
 from inferkit.errors import InferkitError, ModelNotFound
 from inferkit.server.control import Controller, RepositoryControl, Unauthenticated, load_parameters
+from inferkit.server.logs import RequestLog
 from inferkit.server.metrics import Metrics
 from inferkit.server.protocol import (
     ARM,
@@ -590,6 +591,7 @@ class _App:
         self.budget = _Budget(capacity)
         self.overload = overload
         self.retry_after = retry_after
+        self.log = RequestLog()  # create_app's request_log replaces it
 
     def fail(self, error: BaseException) -> JSONResponse:
         """The error response for ``error``."""
@@ -702,12 +704,14 @@ class _App:
         name = request.path_params["model"]
         version = request.path_params.get("version")
         arm: str | None = None
+        self.log.begin("rest", request.headers)
         try:
             self.repository.resolve(name, version)  # 404 before reading the body
         except ModelNotFound as error:
             return self.fail(error)  # not counted: a label per unknown name would let clients grow the metrics
         try:
             decoded = await self._decode(request)
+            self.log.rows(decoded.inputs)
             if decoded.outputs is not None:  # refuse unknown outputs before the model runs, where we can
                 known = self.repository.output_names(name, version)
                 if known:
@@ -724,11 +728,13 @@ class _App:
         except Exception as error:  # noqa: BLE001 (every failure becomes an answer and a count)
             arm = getattr(error, "arm", arm)
             self.metrics.observe(name, arm, type(error).__name__, time.perf_counter() - start)
+            self.log.finish(name, version, arm, type(error).__name__)
             response = self.fail(error)
             if arm is not None:
                 response.headers[ARM_HEADER] = arm
             return response
         self.metrics.observe(name, arm, "success", time.perf_counter() - start)
+        self.log.finish(name, version, arm, "success")
         return Response(body, headers=headers)
 
     def _too_much_json(self, nbytes: int | str) -> RequestTooLarge:
@@ -852,6 +858,7 @@ def create_app(
     overload_status: int = 503,
     retry_after_s: float = 1.0,
     control: RepositoryControl | None = None,
+    request_log: RequestLog | None = None,
 ) -> Starlette:
     """The REST app over ``repository``: run it with uvicorn, or mount it in a Starlette/FastAPI app.
 
@@ -893,6 +900,8 @@ def create_app(
     limits = (max_request_bytes, max_json_bytes, max_decode_bytes)
     control = control if control is not None else RepositoryControl()
     app = _App(repository, metrics, limits, overload_status, str(math.ceil(retry_after_s)), control)
+    if request_log is not None:
+        app.log = request_log
     model = "/v2/models/{model}"
     version = model + "/versions/{version}"
     routes = [

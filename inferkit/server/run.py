@@ -18,6 +18,7 @@ from inferkit.routing import Predictive
 from inferkit.server.config import ConnectionLimits
 from inferkit.server.control import RepositoryControl
 from inferkit.server.grpc import DEFAULT_LISTENERS, create_server
+from inferkit.server.logs import RequestLog
 from inferkit.server.metrics import Metrics
 from inferkit.server.repository import Repository
 from inferkit.server.rest import create_app
@@ -307,6 +308,7 @@ class InferenceServer:
         loop: str = "auto",
         limits: ConnectionLimits | None = None,
         control: RepositoryControl | None = None,
+        access_log: bool = False,
     ) -> None:
         if loop not in LOOPS:
             msg = f"loop must be one of {LOOPS}, got {loop!r}"
@@ -322,6 +324,7 @@ class InferenceServer:
         self.limits = limits if limits is not None else ConnectionLimits()
         self.control = control if control is not None else RepositoryControl()
         self._connections = _Connections(self.limits)
+        self.request_log = RequestLog(access=access_log)  # model errors always; access lines when asked
         protocol = type("Guarded", (_Guarded,), {"shared": self._connections})
         app = create_app(
             repository,
@@ -332,6 +335,7 @@ class InferenceServer:
             overload_status=overload_status,
             retry_after_s=retry_after_s,
             control=self.control,
+            request_log=self.request_log,
         )
         config = uvicorn.Config(
             app,
@@ -371,6 +375,7 @@ class InferenceServer:
                 listeners=self.grpc_listeners,
                 limits=self.limits,
                 control=self.control,
+                request_log=self.request_log,
             )
             await grpc_server.start()
         http = asyncio.create_task(self._http.serve())
@@ -410,6 +415,7 @@ class InferenceServer:
                 raise stop.exception()  # type: ignore[misc]
         left = max(0.0, deadline - loop.time())
         await loop.run_in_executor(None, self.repository.close, left)
+        self.request_log.close()
 
     def stop(self) -> None:
         """Begin a graceful shutdown; safe from any thread."""
