@@ -114,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
         help="allow loading and unloading models over REST and gRPC, with the token in INFERKIT_ADMIN_TOKEN",
     )
     serve.add_argument(
+        "--status-page",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve the status page at / (default: on when bound to a loopback address such as 127.0.0.1)",
+    )
+    serve.add_argument(
         "--loop",
         choices=("auto", "asyncio", "uvloop"),
         default="auto",
@@ -214,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         grpc_listeners=args.grpc_listeners if args.grpc_listeners is not None else DEFAULT_LISTENERS,
         loop=args.loop,
         control=control,
+        status_page=args.status_page,
     )
     run_loop(server.run(handle_signals=True, on_start=_announce), server.loop)
     for name, stats in repository.predictor_stats().items():
