@@ -126,7 +126,7 @@ function ciChart(arms) {
   const lows = rows.map((a) => (a.ci_low ?? a.outcome_mean)), highs = rows.map((a) => (a.ci_high ?? a.outcome_mean));
   let lo = Math.min(...lows), hi = Math.max(...highs);
   if (hi - lo < 1e-9) { lo -= 0.5; hi += 0.5; }
-  const w = 420, rowH = 22, labelW = 80, span = w - labelW - 80;
+  const w = 460, rowH = 22, labelW = 80, span = w - labelW - 120;
   const x = (v) => labelW + (span * (v - lo)) / (hi - lo);
   const svg = s("svg", { width: w, height: rows.length * rowH + 4, role: "img", "aria-label": "outcomes" });
   rows.forEach((a, i) => {
