@@ -278,3 +278,22 @@ class TestSetting:
         script = files.joinpath("status.js").read_text()
         assert 'fetch("/v2/status"' in script
         assert "innerHTML" not in script  # names from the server never become markup
+
+
+@pytest.mark.parametrize(("flag", "status"), [((), 200), (("--no-status-page",), 404), (("--status-page",), 200)])
+def test_the_cli_setting(tmp_path: Any, flag: tuple[str, ...], status: int) -> None:
+    """``inferkit serve`` on 127.0.0.1 serves the page unless ``--no-status-page``."""
+    import signal
+
+    from test_server_run import _model, _start_cli
+
+    proc, port, _ = _start_cli(str(_model(tmp_path / "a.onnx")), *flag)
+    try:
+        with httpx.Client(timeout=WAIT) as c:
+            assert c.get(f"http://127.0.0.1:{port}/").status_code == status
+            assert c.get(f"http://127.0.0.1:{port}/v2/openapi.json").status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(WAIT)
+        assert proc.stderr is not None
+        proc.stderr.close()
