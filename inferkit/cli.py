@@ -123,6 +123,12 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning")
     logs.add_argument("--access-log", action="store_true", help="one line per inference request")
     serve.add_argument(
+        "--status-page",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve the status page at / (default: on when bound to a loopback address such as 127.0.0.1)",
+    )
+    serve.add_argument(
         "--loop",
         choices=("auto", "asyncio", "uvloop"),
         default="auto",
@@ -227,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         loop=args.loop,
         control=control,
         access_log=args.access_log,
+        status_page=args.status_page,
     )
     run_loop(server.run(handle_signals=True, on_start=_announce), server.loop)
     for name, stats in repository.predictor_stats().items():

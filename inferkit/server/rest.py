@@ -14,6 +14,8 @@
     POST /v2/repository/models/{m}/load         load, or hot-swap, a model (repository control)
     POST /v2/repository/models/{m}/unload       unload a model once it drains (repository control)
     GET  /metrics                               Prometheus text format
+    GET  /v2/openapi.json                       the OpenAPI document of these routes
+    GET  /, /v2/status, /docs                   the status page, its snapshot, the API page (``status_page``)
 
 Every request goes through :meth:`Repository.infer <inferkit.server.Repository.infer>`, so
 HTTP callers are batched with gRPC and in-process callers, and a Router's split applies.
@@ -104,6 +106,7 @@ from inferkit.server.protocol import (
     to_raw,
 )
 from inferkit.server.repository import InferResult, Repository
+from inferkit.server.status import status_routes
 
 try:  # orjson parses and writes JSON several times faster; the stdlib stands in without it
     import orjson
@@ -859,6 +862,7 @@ def create_app(
     retry_after_s: float = 1.0,
     control: RepositoryControl | None = None,
     request_log: RequestLog | None = None,
+    status_page: bool = False,
 ) -> Starlette:
     """The REST app over ``repository``: run it with uvicorn, or mount it in a Starlette/FastAPI app.
 
@@ -880,6 +884,9 @@ def create_app(
     (rounded up to whole seconds). The app does not own the repository: closing the models
     is the caller's part. ``control`` turns on load and unload (see
     :mod:`inferkit.server.control`); off by default.
+
+    ``GET /v2/openapi.json`` describes the routes served. ``status_page`` adds the status
+    page at ``/``, its snapshot at ``/v2/status`` and ``/docs`` (see :mod:`inferkit.server.status`).
     """
     for option, value in [
         ("max_request_bytes", max_request_bytes),
@@ -922,6 +929,7 @@ def create_app(
             Route(base + "/config", app.config, methods=["GET"]),
             Route(base + "/infer", app.infer, methods=["POST"]),
         ]
+    routes += status_routes(repository, page=status_page, served=lambda: starlette.routes)
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {HTTPException: _http_error}
     starlette = Starlette(routes=routes, exception_handlers=handlers)
     starlette.state.metrics = metrics

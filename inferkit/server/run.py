@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import signal
 import threading
@@ -23,7 +24,7 @@ from inferkit.server.metrics import Metrics
 from inferkit.server.repository import Repository
 from inferkit.server.rest import create_app
 
-__all__ = ["LOOPS", "InferenceServer", "raise_open_file_limit", "run_loop", "serve"]
+__all__ = ["LOOPS", "InferenceServer", "loopback", "raise_open_file_limit", "run_loop", "serve"]
 
 T = TypeVar("T")
 LOOPS = ("auto", "asyncio", "uvloop")
@@ -53,6 +54,16 @@ def raise_open_file_limit() -> int | None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
     return None if soft == resource.RLIM_INFINITY else soft
+
+
+def loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine (``127.0.0.1``, ``::1``, ``localhost``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name other than localhost: it may resolve to anything
+        return False
 
 
 def default_max_connections(open_files: int | None) -> int:
@@ -290,6 +301,8 @@ class InferenceServer:
     ``loop`` picks the event loop of :meth:`start` and :func:`serve` (one of :data:`LOOPS`).
     ``control`` turns on loading and unloading models over both protocols (Triton's model
     repository extension, see :mod:`inferkit.server.control`); off by default.
+    ``status_page`` serves the status page at ``/`` (see :mod:`inferkit.server.status`);
+    ``None`` (the default) turns it on only when ``host`` is a loopback address.
     """
 
     def __init__(
@@ -309,6 +322,7 @@ class InferenceServer:
         limits: ConnectionLimits | None = None,
         control: RepositoryControl | None = None,
         access_log: bool = False,
+        status_page: bool | None = None,
     ) -> None:
         if loop not in LOOPS:
             msg = f"loop must be one of {LOOPS}, got {loop!r}"
@@ -323,8 +337,9 @@ class InferenceServer:
         self.loop = loop
         self.limits = limits if limits is not None else ConnectionLimits()
         self.control = control if control is not None else RepositoryControl()
+        self.status_page = loopback(host) if status_page is None else status_page
         self._connections = _Connections(self.limits)
-        self.request_log = RequestLog(access=access_log)  # model errors always; access lines when asked
+        self.request_log = RequestLog(access=access_log)  # request scopes always; access lines when asked
         protocol = type("Guarded", (_Guarded,), {"shared": self._connections})
         app = create_app(
             repository,
@@ -336,6 +351,7 @@ class InferenceServer:
             retry_after_s=retry_after_s,
             control=self.control,
             request_log=self.request_log,
+            status_page=self.status_page,
         )
         config = uvicorn.Config(
             app,
@@ -453,7 +469,7 @@ def serve(
 
     Blocks. ``options`` go to :class:`InferenceServer` (``limits``, ``overload_status``,
     ``retry_after_s``, ``grace``, ``log_level``, ``metrics``, ``grpc_listeners``, ``loop``,
-    ``control``).
+    ``control``, ``status_page``).
     """
     if isinstance(target, Repository):
         repository = target
