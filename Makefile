@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint types bench bench-server bench-gpu clean
+.PHONY: demo test test-ray lint types bench bench-server bench-gpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ types: $(VENV)/.dev
 
 test: lint types
 	$(BIN)/pytest -q
+
+# Opt-in: Ray (about 80 MB of wheels) is kept out of the dev extra; its tests skip without it.
+test-ray: $(VENV)/.dev
+	$(BIN)/python -m pip install -q -e '.[dev,ray]'
+	$(BIN)/pytest -q -m ray tests/test_integrations_ray.py
 
 bench: $(VENV)/.dev
 	$(BIN)/python -m pip install -q batched

@@ -134,12 +134,16 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="event loop (default auto: uvloop when installed)",
     )
+    _predict_parser(commands)
+    _bench_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command in _COMMANDS:
+        return _COMMANDS[args.command](args)
     try:
         from inferkit.server.config import (  # noqa: PLC0415 (the server extra)
             ConfigError,
@@ -252,6 +256,146 @@ def _announce(server: InferenceServer) -> None:
     grpc = f", grpc {server.host}:{server.grpc_port}" if server.grpc_port is not None else ""
     names = server.repository.names()
     print(f"inferkit: serving {names} on http://{server.host}:{server.port}{grpc}", file=sys.stderr, flush=True)
+
+
+def _predict_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    predict = commands.add_parser(
+        "predict",
+        help="run a model over a file of rows (bulk, offline), resumable",
+        description=(
+            "Run an ONNX model over every row of a .npy, .parquet or .csv file and write the results "
+            "to a .npy or .parquet file. Interrupted (SIGINT, SIGTERM, a crash), the same command resumes "
+            "after the last finished chunk; the output only appears once it is whole."
+        ),
+    )
+    predict.add_argument("model", type=Path, help="an .onnx file")
+    predict.add_argument("--input", type=Path, required=True, help="a .npy, .parquet or .csv file")
+    predict.add_argument("--output", type=Path, required=True, help="a .npy or .parquet file")
+    predict.add_argument("--batch-size", type=_at_least_one, default=256, help="rows per request (default 256)")
+    predict.add_argument(
+        "--chunk-rows", type=_at_least_one, default=65536, help="rows per resumable chunk (default 65536)"
+    )
+    predict.add_argument("--in-flight", type=_at_least_one, default=8, help="batches queued or running at once")
+    predict.add_argument("--replicas", type=_at_least_one, default=1)
+    predict.add_argument("--max-batch-size", type=_at_least_one, default=None, help="default: --batch-size")
+    predict.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress line (default: when stderr is a terminal)",
+    )
+
+
+class _Terminated(Exception):
+    """SIGTERM, raised in the main thread so the job stops between chunks like on Ctrl-C."""
+
+
+def _on_sigterm(_signum: int, _frame: object) -> None:
+    raise _Terminated
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import signal  # noqa: PLC0415
+
+    from inferkit.bulk import JobMismatch, run_job  # noqa: PLC0415
+    from inferkit.predictor import Predictor  # noqa: PLC0415
+
+    for what, path in (("model", args.model), ("input", args.input)):
+        if not path.is_file():
+            print(f"inferkit predict: no {what} file at {path}", file=sys.stderr)
+            return 2
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    signal.signal(signal.SIGTERM, _on_sigterm)  # the CLI owns its process; the library never does this
+    try:
+        with Predictor.from_onnx(
+            args.model, max_batch_size=args.max_batch_size or args.batch_size, replicas=args.replicas
+        ) as predictor:
+            rows = run_job(
+                predictor,
+                args.input,
+                args.output,
+                batch_size=args.batch_size,
+                chunk_rows=args.chunk_rows,
+                in_flight=args.in_flight,
+                progress=progress,
+            )
+    except (KeyboardInterrupt, _Terminated) as stop:
+        print(
+            "inferkit predict: interrupted; run the same command again to resume after the last finished chunk",
+            file=sys.stderr,
+        )
+        return 130 if isinstance(stop, KeyboardInterrupt) else 143
+    except (JobMismatch, ImportError, OSError, ValueError) as error:
+        print(f"inferkit predict: {error}", file=sys.stderr)
+        return 2
+    print(f"inferkit predict: wrote {rows} rows to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="measure throughput and latency, and recommend settings under a p99 target",
+        description=(
+            "Load an ONNX model under a grid of batching settings, at each concurrency and request size, "
+            "and print throughput, p50/p99 and the settings that give the most throughput under --p99-ms."
+        ),
+    )
+    bench.add_argument("model", type=Path, help="an .onnx file")
+    bench.add_argument("--concurrency", type=_int_list, default=(1, 8, 32), help="callers at once (default 1,8,32)")
+    bench.add_argument("--rows", type=_int_list, default=(1, 8, 64), help="rows per request (default 1,8,64)")
+    bench.add_argument("--p99-ms", type=_positive, default=10.0, help="the p99 latency target (default 10)")
+    bench.add_argument("--max-batch-size", type=_int_list, default=None, help="to try (default 16,64,256)")
+    bench.add_argument("--max-delay-ms", type=_float_list, default=None, help="to try (default 0.5,2)")
+    bench.add_argument("--replicas", type=_int_list, default=None, help="to try (default 1,2)")
+    bench.add_argument("--intra-op-threads", type=_int_list, default=None, help="to try (default: inferkit's)")
+    bench.add_argument("--duration-s", type=_positive, default=0.25, help="seconds per measurement (default 0.25)")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    values = tuple(_at_least_one(part) for part in text.split(",") if part.strip())
+    if not values:
+        msg = f"give comma-separated integers >= 1, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return values
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    values = tuple(float(part) for part in text.split(",") if part.strip())
+    if not values or not all(0 <= v < float("inf") for v in values):
+        msg = f"give comma-separated numbers >= 0, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return values
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from inferkit.tune import BenchConfig, bench, render  # noqa: PLC0415
+
+    if not args.model.is_file():
+        print(f"inferkit bench: no model file at {args.model}", file=sys.stderr)
+        return 2
+    options = {
+        "max_batch_sizes": args.max_batch_size,
+        "max_delays_ms": args.max_delay_ms,
+        "replicas": args.replicas,
+        "intra_op_threads": args.intra_op_threads,
+    }
+    try:
+        config = BenchConfig(
+            concurrency=args.concurrency,
+            rows=args.rows,
+            p99_ms=args.p99_ms,
+            duration_s=args.duration_s,
+            **{k: v for k, v in options.items() if v is not None},
+        )
+    except ValueError as error:
+        print(f"inferkit bench: {error}", file=sys.stderr)
+        return 2
+    print(render(bench(args.model, config), config))
+    return 0
+
+
+_COMMANDS = {"predict": _predict, "bench": _bench}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
@@ -25,6 +25,7 @@ from inferkit.signature import Signature, TensorSpec, batch_key, normalize_untyp
 from inferkit.stats import Stats
 
 if TYPE_CHECKING:
+    from inferkit.bulk import OnError, Progress
     from inferkit.gpu.pipeline import Pipeline
 
 __all__ = ["Predictor", "State"]
@@ -313,6 +314,65 @@ class Predictor:
         key = batch_key(arrays) if self._keyed else None
         deadline = None if timeout is None else now + timeout
         return Request(self._batcher.next_id(), arrays, rows, key, priority, deadline, now)
+
+    def map(
+        self,
+        data: Any,
+        *,
+        batch_size: int = 256,
+        in_flight: int = 8,
+        on_error: OnError = "raise",
+        progress: bool | Progress = False,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run every row of ``data`` and return all the results, in input order.
+
+        ``data`` is an array or dict of arrays, a ``.npy`` path (memory-mapped), a ``.parquet``
+        or ``.csv`` path (the ``bulk`` extra), or any iterable of batches. Batches of
+        ``batch_size`` rows are read while earlier ones run, with at most ``in_flight`` queued
+        or running at once, on every replica. ``on_error`` is ``"raise"``, ``"skip"`` (failing
+        rows left out) or ``"collect"`` (left out, and a :class:`~inferkit.bulk.BulkResult`
+        returned with each row's error); see :mod:`inferkit.bulk`. ``progress=True`` shows rows/s
+        and the time left on stderr when it is a terminal. ``timeout`` applies to each batch.
+        """
+        from inferkit.bulk import map_batches  # noqa: PLC0415  (pyarrow and files only on use)
+
+        return map_batches(
+            self,
+            data,
+            batch_size=batch_size,
+            in_flight=in_flight,
+            on_error=on_error,
+            progress=progress,
+            timeout=timeout,
+        )
+
+    def stream(
+        self,
+        data: Any,
+        *,
+        batch_size: int = 256,
+        in_flight: int = 8,
+        on_error: OnError = "raise",
+        progress: bool | Progress = False,
+        timeout: float | None = None,
+    ) -> Iterator[Any]:
+        """:meth:`map` as an iterator: one result per batch, in input order, memory bounded by ``in_flight``.
+
+        Stopping early cancels the batches still queued. With ``on_error="collect"`` each item
+        is a :class:`~inferkit.bulk.BulkPart`.
+        """
+        from inferkit.bulk import stream_batches  # noqa: PLC0415
+
+        return stream_batches(
+            self,
+            data,
+            batch_size=batch_size,
+            in_flight=in_flight,
+            on_error=on_error,
+            progress=progress,
+            timeout=timeout,
+        )
 
     # -- run-time changes ------------------------------------------------------------------
 

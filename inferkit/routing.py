@@ -432,6 +432,18 @@ class Router:
         """Let a paused canary step forward again."""
         self._canary().resume()
 
+    def map(self, data: Any, **options: Any) -> Any:
+        """Bulk inference through the router, every batch routed like a request; as :meth:`Predictor.map`."""
+        from inferkit.bulk import map_batches  # noqa: PLC0415
+
+        return map_batches(self, data, **options)
+
+    def stream(self, data: Any, **options: Any) -> Any:
+        """An iterator of results, one per batch, in input order; as :meth:`Predictor.stream`."""
+        from inferkit.bulk import stream_batches  # noqa: PLC0415
+
+        return stream_batches(self, data, **options)
+
     # -- arms and lifecycle ----------------------------------------------------------------
 
     @property

@@ -1,0 +1,99 @@
+"""Ray: bulk inference on Ray Data and online serving on Ray Serve, with inferkit inside (the ``ray`` extra).
+
+Nothing here is imported by ``import inferkit``; ``ray`` is imported when a deployment is built.
+
+- :class:`BatchPredictor` is a callable class for ``Dataset.map_batches``: each Ray actor
+  builds one :class:`~inferkit.Predictor` and runs every batch Ray hands it through
+  :meth:`~inferkit.Predictor.map`.
+- :func:`deployment` wraps a Predictor or Router in a Ray Serve deployment that answers the
+  same Open Inference Protocol REST paths as ``inferkit serve``, through the server's own app
+  (:func:`inferkit.server.rest.create_app`), so ``tritonclient.http`` works against it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = ["BatchPredictor", "deployment"]
+
+
+class BatchPredictor:
+    """A Ray Data ``map_batches`` class: one Predictor per actor, built once.
+
+    ``model`` is an ONNX path (or bytes) given to :meth:`Predictor.from_onnx` with
+    ``options``, or a callable returning a ready Predictor. Columns named after the model's
+    inputs feed them; a one-input model with no such column takes every column stacked as
+    features. Each output is added to the batch as a column of its name.
+    """
+
+    def __init__(self, model: str | os.PathLike[str] | bytes | Callable[[], Any], **options: Any) -> None:
+        from inferkit.predictor import Predictor  # noqa: PLC0415
+
+        self._batch_size = int(options.pop("map_batch_size", 1024))
+        self._predictor = model() if callable(model) else Predictor.from_onnx(model, **options)
+
+    def __call__(self, batch: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, Any]:
+        """The batch's columns with the model's outputs added."""
+        signature = self._predictor.signature
+        names = [s.name for s in signature.inputs] if signature is not None else []
+        if names and all(n in batch for n in names):
+            x: Any = {n: np.stack(list(batch[n])) if batch[n].dtype == object else batch[n] for n in names}
+            x = x if len(x) > 1 else next(iter(x.values()))
+        else:
+            x = np.column_stack([batch[k] for k in batch])
+        out = self._predictor.map(x, batch_size=self._batch_size)
+        if not isinstance(out, Mapping):
+            single = signature.outputs[0].name if signature is not None and len(signature.outputs) == 1 else "output"
+            out = {single: out}
+        return {**batch, **out}  # Ray Data keeps 2-D outputs as tensor columns
+
+
+async def _call_asgi(app: Any, request: Any) -> Any:
+    """Run one Starlette request through ``app`` and return its response."""
+    from starlette.responses import Response  # noqa: PLC0415
+
+    status, headers, body = 500, [], bytearray()
+
+    async def send(message: Mapping[str, Any]) -> None:
+        nonlocal status, headers
+        if message["type"] == "http.response.start":
+            status, headers = message["status"], message.get("headers", [])
+        elif message["type"] == "http.response.body":
+            body.extend(message.get("body", b""))
+
+    await app(request.scope, request.receive, send)
+    response = Response(bytes(body), status_code=status)
+    response.raw_headers = [(k, v) for k, v in headers if k.lower() != b"content-length"] + [
+        (b"content-length", str(len(body)).encode())
+    ]
+    return response
+
+
+def deployment(factory: Callable[[], Any], *, name: str | None = None, **options: Any) -> Any:
+    """A Ray Serve application serving ``factory()`` (a Predictor or Router) over the Open Inference Protocol.
+
+    ``factory`` runs once per Serve replica. ``name`` is the model's name on the wire (default:
+    the predictor's). ``options`` go to ``serve.deployment`` as they are (``autoscaling_config``,
+    ``num_replicas``, ``ray_actor_options``, ...). Run it with ``serve.run(app)``; the paths are
+    ``/v2/models/<name>/infer`` and the rest of ``inferkit serve``'s REST face.
+    """
+    from ray import serve  # noqa: PLC0415  (the ray extra)
+
+    @serve.deployment(**options)
+    class InferkitDeployment:
+        def __init__(self) -> None:
+            from inferkit.server.repository import Repository  # noqa: PLC0415
+            from inferkit.server.rest import create_app  # noqa: PLC0415
+
+            target = factory()
+            self._repository = Repository({name or getattr(target, "name", "model"): target})
+            self._app = create_app(self._repository)
+
+        async def __call__(self, request: Any) -> Any:
+            return await _call_asgi(self._app, request)
+
+    return InferkitDeployment.bind()  # type: ignore[attr-defined]

@@ -1,0 +1,217 @@
+"""``inferkit bench``: throughput and latency under a grid of settings, and the best under a p99 target.
+
+Like Triton's Model Analyzer, on the user's own machine in seconds: the model's own best
+batched throughput is measured first (one session, large batches, no batching layer), then
+every combination of ``max_batch_size``, ``max_delay_ms``, ``replicas`` and intra-op threads
+is loaded by ``concurrency`` callers sending requests of ``rows`` rows for ``duration_s``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+
+from inferkit.signature import Signature
+
+__all__ = ["BenchConfig", "BenchReport", "Measurement", "Settings", "bench", "render"]
+
+
+def _positive_ints(_instance: object, attribute: attrs.Attribute[Any], value: tuple[int, ...]) -> None:
+    if not value or not all(isinstance(v, int) and v >= 1 for v in value):
+        msg = f"{attribute.name} must be a non-empty tuple of ints >= 1, got {value!r}"
+        raise ValueError(msg)
+
+
+def _default_replicas() -> tuple[int, ...]:
+    return (1, 2) if (os.cpu_count() or 1) >= 4 else (1,)
+
+
+@attrs.frozen
+class Settings:
+    """One point of the grid."""
+
+    max_batch_size: int
+    max_delay_ms: float
+    replicas: int
+    intra_op_threads: int | None  # None: inferkit's default for that many replicas
+
+
+@attrs.frozen
+class BenchConfig:
+    """What ``inferkit bench`` measures; the defaults run in seconds."""
+
+    concurrency: tuple[int, ...] = attrs.field(default=(1, 8, 32), converter=tuple, validator=_positive_ints)
+    rows: tuple[int, ...] = attrs.field(default=(1, 8, 64), converter=tuple, validator=_positive_ints)
+    p99_ms: float = attrs.field(default=10.0)
+    duration_s: float = attrs.field(default=0.25)
+    max_batch_sizes: tuple[int, ...] = attrs.field(default=(16, 64), converter=tuple, validator=_positive_ints)
+    max_delays_ms: tuple[float, ...] = attrs.field(default=(0.5, 2.0), converter=tuple)
+    replicas: tuple[int, ...] = attrs.field(factory=_default_replicas, converter=tuple, validator=_positive_ints)
+    intra_op_threads: tuple[int | None, ...] = attrs.field(default=(None,), converter=tuple)
+
+    @p99_ms.validator
+    @duration_s.validator
+    def _check_positive(self, attribute: attrs.Attribute[float], value: float) -> None:
+        if not 0 < value < float("inf"):
+            msg = f"{attribute.name} must be a finite number > 0, got {value!r}"
+            raise ValueError(msg)
+
+    @max_delays_ms.validator
+    def _check_delays(self, attribute: attrs.Attribute[tuple[float, ...]], value: tuple[float, ...]) -> None:
+        if not value or not all(0 <= v < float("inf") for v in value):
+            msg = f"{attribute.name} must be a non-empty tuple of numbers >= 0, got {value!r}"
+            raise ValueError(msg)
+
+    def grid(self) -> Iterator[Settings]:
+        """Every combination of the settings to try."""
+        for size in self.max_batch_sizes:
+            for delay in self.max_delays_ms:
+                for replicas in self.replicas:
+                    for threads in self.intra_op_threads:
+                        yield Settings(size, delay, replicas, threads)
+
+
+@attrs.frozen
+class Measurement:
+    """One settings point under one load."""
+
+    settings: Settings
+    concurrency: int
+    rows: int
+    rows_per_s: float
+    p50_ms: float
+    p99_ms: float
+    ratio: float  # rows_per_s over the model's own best batched throughput
+
+
+@attrs.frozen
+class BenchReport:
+    """Every measurement, the model's own best throughput, and the recommendation."""
+
+    best_batched_rows_per_s: float
+    measurements: tuple[Measurement, ...]
+    recommended: Settings | None  # the most total throughput with every load's p99 under the target
+
+
+def _inputs(signature: Signature, rows: int) -> dict[str, np.ndarray[Any, Any]]:
+    return {s.name: np.ones((rows, *(d or 1 for d in s.shape[1:])), dtype=s.dtype) for s in signature.inputs}
+
+
+def _best_batched(model: Path, duration_s: float) -> tuple[float, Signature]:
+    from inferkit.backends.onnx import OnnxBackend  # noqa: PLC0415
+
+    backend = OnnxBackend(model)
+    try:
+        best = 0.0
+        for size in (64, 256, 1024):
+            x = _inputs(backend.signature, size)
+            backend.run(x)  # warm-up
+            done, start = 0, time.monotonic()
+            while (elapsed := time.monotonic() - start) < duration_s:
+                backend.run(x)
+                done += size
+            best = max(best, done / max(elapsed, 1e-9))
+        return best, backend.signature
+    finally:
+        backend.close()
+
+
+def _load(predictor: Any, x: Any, concurrency: int, duration_s: float) -> tuple[float, list[float]]:
+    """``concurrency`` closed-loop callers for ``duration_s``: rows per second and every latency."""
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    rows = len(next(iter(x.values())))
+    gate = threading.Barrier(concurrency + 1)
+    end = [0.0]
+
+    def caller(mine: list[float]) -> None:
+        gate.wait()
+        while (now := time.monotonic()) < end[0]:
+            predictor.predict(x)
+            mine.append(time.monotonic() - now)
+
+    threads = [threading.Thread(target=caller, args=(m,), name="bench-caller") for m in latencies]
+    for thread in threads:
+        thread.start()
+    start = time.monotonic()
+    end[0] = start + duration_s
+    gate.wait()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - start
+    flat = [v for m in latencies for v in m]
+    return rows * len(flat) / elapsed, flat
+
+
+def bench(model: str | os.PathLike[str], config: BenchConfig | None = None) -> BenchReport:
+    """Measure ``model`` (an ONNX file) over ``config``'s grid and loads."""
+    from inferkit.predictor import Predictor  # noqa: PLC0415
+
+    config = config or BenchConfig()
+    best, signature = _best_batched(Path(model), config.duration_s)
+    measurements: list[Measurement] = []
+    for settings in config.grid():
+        with Predictor.from_onnx(
+            model,
+            max_batch_size=settings.max_batch_size,
+            max_delay_ms=settings.max_delay_ms,
+            replicas=settings.replicas,
+            intra_op_threads=settings.intra_op_threads,
+        ) as predictor:
+            for concurrency in config.concurrency:
+                for rows in config.rows:
+                    rate, latencies = _load(predictor, _inputs(signature, rows), concurrency, config.duration_s)
+                    p50, p99 = (float(np.percentile(latencies, q)) * 1e3 for q in (50, 99))
+                    measurements.append(Measurement(settings, concurrency, rows, rate, p50, p99, rate / best))
+    return BenchReport(best, tuple(measurements), _recommend(measurements, config.p99_ms))
+
+
+def _recommend(measurements: list[Measurement], p99_ms: float) -> Settings | None:
+    by_settings: dict[Settings, list[Measurement]] = {}
+    for m in measurements:
+        by_settings.setdefault(m.settings, []).append(m)
+    fitting = {s: ms for s, ms in by_settings.items() if all(m.p99_ms <= p99_ms for m in ms)}
+    if not fitting:
+        return None
+    return max(fitting, key=lambda s: sum(m.rows_per_s for m in fitting[s]))
+
+
+def render(report: BenchReport, config: BenchConfig) -> str:
+    """The report as a table: per load, the best settings under the target, then the recommendation."""
+    lines = [
+        f"model's own best batched throughput: {report.best_batched_rows_per_s:,.0f} rows/s",
+        "",
+        (
+            f"{'conc':>5} {'rows':>5} {'max_batch':>9} {'delay_ms':>8} {'replicas':>8} {'threads':>7} "
+            f"{'rows/s':>12} {'p50_ms':>8} {'p99_ms':>8} {'ratio':>6}"
+        ),
+    ]
+    for concurrency in config.concurrency:
+        for rows in config.rows:
+            load = [m for m in report.measurements if (m.concurrency, m.rows) == (concurrency, rows)]
+            under = [m for m in load if m.p99_ms <= config.p99_ms]
+            m = max(under or load, key=lambda m: m.rows_per_s)
+            s = m.settings
+            mark = "" if under else "  (none under the p99 target; fastest shown)"
+            threads = "auto" if s.intra_op_threads is None else str(s.intra_op_threads)
+            lines.append(
+                f"{concurrency:>5} {rows:>5} {s.max_batch_size:>9} {s.max_delay_ms:>8g} {s.replicas:>8} {threads:>7} "
+                f"{m.rows_per_s:>12,.0f} {m.p50_ms:>8.2f} {m.p99_ms:>8.2f} {m.ratio:>6.2f}{mark}"
+            )
+    lines.append("")
+    r = report.recommended
+    if r is None:
+        lines.append(f"recommended: no settings kept p99 <= {config.p99_ms:g} ms under every load")
+    else:
+        threads = "" if r.intra_op_threads is None else f" --intra-op-threads {r.intra_op_threads}"
+        lines.append(
+            f"recommended (p99 <= {config.p99_ms:g} ms under every load, most throughput): "
+            f"--max-batch-size {r.max_batch_size} --max-delay-ms {r.max_delay_ms:g} --replicas {r.replicas}{threads}"
+        )
+    return "\n".join(lines)

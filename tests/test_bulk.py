@@ -1,0 +1,234 @@
+"""Bulk inference: ``Predictor.map``/``stream`` over arrays, iterables and files, errors, progress."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import inferkit
+from inferkit.bulk import BulkPart, BulkResult, Progress
+
+ROWS = 1_000_000
+POISON = -777.0
+
+
+def _direct(model: bytes, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"x": x})[0])
+
+
+def _poisoned(x: np.ndarray) -> np.ndarray:
+    if (x[:, 0] == POISON).any():
+        msg = "poisoned row"
+        raise ValueError(msg)
+    return x * 2
+
+
+def _rss() -> int:
+    with Path("/proc/self/statm").open() as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.fixture(name="predictor")
+def _predictor(mlp_model: bytes) -> Iterator[inferkit.Predictor]:
+    with inferkit.Predictor.from_onnx(mlp_model, max_batch_size=1024, replicas=2) as predictor:
+        yield predictor
+
+
+class TestMap:
+    """``map`` returns every result, in input order, equal to the model called directly."""
+
+    def test_million_rows_equal_direct(self, predictor: inferkit.Predictor, mlp_model: bytes) -> None:
+        """A million rows through map give the direct session's values, row for row."""
+        x = np.random.default_rng(0).standard_normal((ROWS, 4)).astype(np.float32)
+        out = predictor.map(x, batch_size=1024)
+        np.testing.assert_array_equal(out, _direct(mlp_model, x))
+
+    def test_stream_million_rows_in_order(self, predictor: inferkit.Predictor, mlp_model: bytes) -> None:
+        """stream over a generator of uneven batches yields results in order, each no bigger than batch_size."""
+        x = np.random.default_rng(1).standard_normal((ROWS, 4)).astype(np.float32)
+        edges = np.random.default_rng(2).integers(0, ROWS, 200)
+        pieces = np.split(x, np.sort(edges))
+        parts = list(predictor.stream((p for p in pieces), batch_size=4096))
+        assert max(len(p) for p in parts) <= 4096
+        np.testing.assert_array_equal(np.concatenate(parts), _direct(mlp_model, x))
+
+    def test_dict_of_arrays_and_npy(self, predictor: inferkit.Predictor, mlp_model: bytes, tmp_path: Path) -> None:
+        """A dict by input name and a memory-mapped .npy file give the same results as the array."""
+        x = np.random.default_rng(3).standard_normal((10_001, 4)).astype(np.float32)
+        np.save(tmp_path / "x.npy", x)
+        want = _direct(mlp_model, x)
+        np.testing.assert_array_equal(predictor.map({"x": x}, batch_size=300), want)
+        np.testing.assert_array_equal(predictor.map(tmp_path / "x.npy", batch_size=300), want)
+        np.testing.assert_array_equal(predictor.map(str(tmp_path / "x.npy"), batch_size=300, in_flight=1), want)
+
+    def test_router_map(self, mlp_model: bytes) -> None:
+        """A Router maps like a Predictor, every batch routed to an arm."""
+        x = np.random.default_rng(4).standard_normal((5000, 4)).astype(np.float32)
+        with (
+            inferkit.Predictor.from_onnx(mlp_model) as a,
+            inferkit.Predictor.from_onnx(mlp_model) as b,
+            inferkit.Router({"a": a, "b": b}) as router,
+        ):
+            np.testing.assert_array_equal(router.map(x, batch_size=100), _direct(mlp_model, x))
+            assert sum(1 for _ in router.stream(x, batch_size=1000)) == 5
+
+    def test_bad_settings_refused(self, predictor: inferkit.Predictor) -> None:
+        """batch_size, in_flight and on_error are checked before any work, with the bad value named."""
+        x = np.zeros((4, 4), np.float32)
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+            predictor.map(x, batch_size=0)
+        with pytest.raises(ValueError, match="in_flight must be an int >= 1, got 0"):
+            predictor.map(x, in_flight=0)
+        with pytest.raises(ValueError, match="on_error must be"):
+            predictor.map(x, on_error="ignore")  # type: ignore[arg-type]
+
+    def test_stopping_early_cancels_the_rest(self, predictor: inferkit.Predictor) -> None:
+        """Breaking out of stream leaves nothing running and the predictor serving."""
+        x = np.ones((100_000, 4), np.float32)
+        for _ in predictor.stream(x, batch_size=100):
+            break
+        assert predictor.predict(x[:2]).shape == (2, 3)
+
+
+class TestErrors:
+    """Poisoned rows end the job, are skipped, or are collected with their index."""
+
+    @pytest.fixture(name="poisoned")
+    def _poisoned_predictor(self) -> Iterator[inferkit.Predictor]:
+        with inferkit.Predictor.from_callable(_poisoned, max_batch_size=64) as predictor:
+            yield predictor
+
+    @staticmethod
+    def _data() -> tuple[np.ndarray, list[int]]:
+        x = np.arange(4000, dtype=np.float32).reshape(1000, 4)
+        bad = [0, 7, 500, 501, 999]
+        x[bad, 0] = POISON
+        return x, bad
+
+    def test_raise(self, poisoned: inferkit.Predictor) -> None:
+        """on_error='raise' (default) ends the job with the model's error."""
+        x, _ = self._data()
+        with pytest.raises(inferkit.ModelError):
+            poisoned.map(x, batch_size=100)
+
+    def test_skip(self, poisoned: inferkit.Predictor) -> None:
+        """on_error='skip' gives every other row's result, in order."""
+        x, bad = self._data()
+        keep = np.setdiff1d(np.arange(1000), bad)
+        np.testing.assert_array_equal(poisoned.map(x, batch_size=100, on_error="skip"), x[keep] * 2)
+
+    def test_collect(self, poisoned: inferkit.Predictor) -> None:
+        """on_error='collect' names each failing row's index and error, and the kept rows' indices."""
+        x, bad = self._data()
+        result = poisoned.map(x, batch_size=100, on_error="collect")
+        assert isinstance(result, BulkResult)
+        assert [e.index for e in result.errors] == bad
+        assert all(isinstance(e.error, inferkit.ModelError) for e in result.errors)
+        np.testing.assert_array_equal(result.rows, np.setdiff1d(np.arange(1000), bad))
+        np.testing.assert_array_equal(result.outputs, x[result.rows] * 2)
+
+    def test_invalid_batch_collected_per_row(self, predictor: inferkit.Predictor) -> None:
+        """A batch refused at submission (wrong width) is collected row by row, stream giving BulkParts."""
+        parts = list(predictor.stream([np.zeros((3, 5), np.float32)], on_error="collect"))
+        assert len(parts) == 1
+        assert isinstance(parts[0], BulkPart)
+        assert [e.index for e in parts[0].errors] == [0, 1, 2]
+        assert all(isinstance(e.error, inferkit.InvalidInput) for e in parts[0].errors)
+
+
+class TestProgress:
+    """A progress line on terminals only."""
+
+    class _Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    def test_terminal_gets_rows_and_rate(self, predictor: inferkit.Predictor) -> None:
+        """On a terminal the line shows rows done of the total and a rate."""
+        out = self._Tty()
+        predictor.map(np.ones((5000, 4), np.float32), batch_size=500, progress=Progress(5000, stream=out))
+        assert "5000/5000 rows (100%)" in out.getvalue()
+        assert "rows/s" in out.getvalue()
+
+    def test_not_a_terminal_prints_nothing(self, predictor: inferkit.Predictor) -> None:
+        """progress=True with a stream that is not a terminal writes nothing."""
+        out = io.StringIO()
+        predictor.map(np.ones((5000, 4), np.float32), batch_size=500, progress=Progress(5000, stream=out))
+        assert out.getvalue() == ""
+
+
+class TestFiles:
+    """Parquet and CSV through pyarrow, in bounded memory."""
+
+    def test_parquet_and_csv(self, predictor: inferkit.Predictor, mlp_model: bytes, tmp_path: Path) -> None:
+        """Feature columns (float64 in the file) stacked in order give the array's results; so does a list column."""
+        pa = pytest.importorskip("pyarrow")
+        pq = pytest.importorskip("pyarrow.parquet")
+        pcsv = pytest.importorskip("pyarrow.csv")
+        x = np.random.default_rng(5).standard_normal((3001, 4)).astype(np.float32)
+        table = pa.table({f"f{i}": x[:, i].astype(np.float64) for i in range(4)})
+        pq.write_table(table, tmp_path / "x.parquet", row_group_size=700)
+        pcsv.write_csv(table, tmp_path / "x.csv")
+        listed = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 4)})
+        pq.write_table(listed, tmp_path / "list.parquet", row_group_size=1000)
+        want = _direct(mlp_model, x)
+        np.testing.assert_array_equal(predictor.map(tmp_path / "x.parquet", batch_size=256), want)
+        np.testing.assert_array_equal(predictor.map(tmp_path / "list.parquet", batch_size=256), want)
+        got = predictor.map(tmp_path / "x.csv", batch_size=256)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # CSV text round-trips float64, not bits
+
+    @pytest.mark.slow
+    def test_streaming_parquet_rss_bounded(self, predictor: inferkit.Predictor, tmp_path: Path) -> None:
+        """Streaming a Parquet file of 128 MB of values grows RSS by far less than the file holds."""
+        pa = pytest.importorskip("pyarrow")
+        pq = pytest.importorskip("pyarrow.parquet")
+        rows, chunk = 4_000_000, 250_000
+        rng = np.random.default_rng(6)
+        schema = pa.schema([(f"f{i}", pa.float64()) for i in range(4)])
+        with pq.ParquetWriter(tmp_path / "big.parquet", schema) as writer:
+            for _ in range(rows // chunk):
+                x = rng.standard_normal((chunk, 4))
+                writer.write_table(pa.table({f"f{i}": x[:, i] for i in range(4)}, schema=schema), row_group_size=chunk)
+        del x
+        payload = rows * 4 * 8
+        base = _rss()
+        peak, seen = base, 0
+        for part in predictor.stream(tmp_path / "big.parquet", batch_size=8192, in_flight=4):
+            seen += len(part)
+            peak = max(peak, _rss())
+        assert seen == rows
+        assert peak - base < payload // 3, f"RSS grew {(peak - base) >> 20} MiB streaming {payload >> 20} MiB"
+
+
+def test_map_is_thread_safe_beside_predict(predictor: inferkit.Predictor) -> None:
+    """Other callers' predict calls are served while a map runs on the same predictor."""
+    x = np.ones((200_000, 4), np.float32)
+    errors: list[Any] = []
+    stop = threading.Event()
+
+    def other() -> None:
+        try:
+            for _ in range(200):
+                if stop.is_set():
+                    return
+                assert predictor.predict(x[:3]).shape == (3, 3)
+        except Exception as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        assert predictor.map(x, batch_size=512).shape == (200_000, 3)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not errors

@@ -1,0 +1,149 @@
+"""``inferkit predict`` (resumable bulk jobs) and ``inferkit bench`` as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+WAIT = 60
+ROWS, CHUNK = 400_000, 2_000
+
+
+def _model(path: Path) -> Path:
+    """y = 2 * x over float32 [N, 4]."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "k"], ["y"])],
+        "scale",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [onnx.numpy_helper.from_array(np.array(2.0, dtype=np.float32), "k")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+    return path
+
+
+def _cli(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "inferkit.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _predict(model: Path, data: Path, out: Path) -> list[str]:
+    return ["predict", str(model), "--input", str(data), "--output", str(out), "--chunk-rows", str(CHUNK)]
+
+
+def _finished_chunks(manifest: Path) -> int:
+    try:
+        return len(json.loads(manifest.read_text())["chunks"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+@pytest.fixture(name="job")
+def _job(tmp_path: Path) -> tuple[Path, Path]:
+    data = np.random.default_rng(0).standard_normal((ROWS, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", data)
+    return _model(tmp_path / "m.onnx"), tmp_path / "x.npy"
+
+
+class TestPredict:
+    """A bulk job writes the whole output once, and resumes after an interruption."""
+
+    def test_uninterrupted(self, job: tuple[Path, Path], tmp_path: Path) -> None:
+        """The output holds every row's result, and the parts folder is gone."""
+        model, data = job
+        proc = _cli(*_predict(model, data, tmp_path / "y.npy"))
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0, err
+        np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), np.load(data) * 2)
+        assert not (tmp_path / "y.npy.parts").exists()
+        assert "\r" not in err  # stderr is a pipe: no progress line
+
+    @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+    def test_interrupted_then_resumed(self, job: tuple[Path, Path], tmp_path: Path, sig: signal.Signals) -> None:
+        """Stopped mid-job, no output exists; run again, it resumes and writes the same bytes as one run."""
+        model, data = job
+        whole = _cli(*_predict(model, data, tmp_path / "whole.npy"))
+        whole.communicate(timeout=WAIT)
+        assert whole.returncode == 0
+        out = tmp_path / "y.npy"
+        manifest = tmp_path / "y.npy.parts" / "manifest.json"
+        proc = _cli(*_predict(model, data, out))
+        deadline = time.monotonic() + WAIT
+        while _finished_chunks(manifest) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)  # polling another process's file: there is no event to await
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode != 0, f"the job finished before the signal: {err}"
+        assert not out.exists()
+        done = _finished_chunks(manifest)
+        assert 3 <= done < ROWS // CHUNK
+        resumed = _cli(*_predict(model, data, out))
+        _, err = resumed.communicate(timeout=WAIT)
+        assert resumed.returncode == 0, err
+        assert out.read_bytes() == (tmp_path / "whole.npy").read_bytes()
+
+    def test_parquet_in_and_out(self, job: tuple[Path, Path], tmp_path: Path) -> None:
+        """Parquet in, Parquet out (a fixed-size list column per output)."""
+        pa = pytest.importorskip("pyarrow")
+        pq = pytest.importorskip("pyarrow.parquet")
+        model, _ = job
+        x = np.random.default_rng(1).standard_normal((5000, 4)).astype(np.float32)
+        pq.write_table(pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 4)}), tmp_path / "x.pq")
+        (tmp_path / "x.parquet").write_bytes((tmp_path / "x.pq").read_bytes())
+        proc = _cli(*_predict(model, tmp_path / "x.parquet", tmp_path / "y.parquet"))
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0, err
+        y = pq.read_table(tmp_path / "y.parquet").column("y").combine_chunks()
+        np.testing.assert_array_equal(np.stack(y.to_numpy(zero_copy_only=False)), x * 2)
+
+    def test_other_settings_refused(self, job: tuple[Path, Path], tmp_path: Path) -> None:
+        """Resuming with another chunk size is refused with a message, not mixed into the output."""
+        model, data = job
+        parts = tmp_path / "y.npy.parts"
+        parts.mkdir()
+        settings = {"input": str(data.resolve()), "chunk_rows": 7}
+        (parts / "manifest.json").write_text(json.dumps({"settings": settings, "chunks": []}))
+        proc = _cli(*_predict(model, data, tmp_path / "y.npy"))
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 2
+        assert "unfinished job" in err
+
+
+class TestBench:
+    """``inferkit bench`` prints a table and a recommendation."""
+
+    def test_table_and_recommendation(self, tmp_path: Path) -> None:
+        """A tiny grid gives one row per load and recommended settings under a generous p99."""
+        model = _model(tmp_path / "m.onnx")
+        args = ["bench", str(model), "--concurrency", "1,2", "--rows", "1,4", "--p99-ms", "1000"]
+        args += ["--max-batch-size", "8", "--max-delay-ms", "0.5", "--replicas", "1", "--duration-s", "0.05"]
+        proc = _cli(*args)
+        out, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0, err
+        rows = [line.split() for line in out.splitlines() if line[:5].strip().isdigit()]
+        assert [(r[0], r[1]) for r in rows] == [("1", "1"), ("1", "4"), ("2", "1"), ("2", "4")]
+        assert all(float(r[6].replace(",", "")) > 0 for r in rows)
+        assert "recommended (p99 <= 1000 ms" in out
+        assert "--max-batch-size 8 --max-delay-ms 0.5 --replicas 1" in out
+
+    def test_bad_list_refused(self, tmp_path: Path) -> None:
+        """A concurrency of 0 is refused by the parser."""
+        proc = _cli("bench", str(_model(tmp_path / "m.onnx")), "--concurrency", "0")
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 2
+        assert "must be >= 1" in err

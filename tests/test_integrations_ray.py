@@ -1,0 +1,75 @@
+"""Ray Data and Ray Serve with inferkit inside: the same predictions as the local Predictor (``make test-ray``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # Ray's own
+ray = pytest.importorskip("ray", reason="Ray is not in the dev extra (about 80 MB): run `make test-ray`")
+
+import inferkit  # noqa: E402
+from inferkit.integrations import ray as ik_ray  # noqa: E402
+
+
+@pytest.fixture(name="cluster", scope="module")
+def _cluster() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(name="model_file")
+def _model_file(mlp_model: bytes, tmp_path: Path) -> Path:
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(mlp_model)
+    return path
+
+
+def test_ray_data_matches_local(cluster: None, model_file: Path) -> None:
+    """map_batches with BatchPredictor gives the local Predictor's outputs, row for row."""
+    x = np.random.default_rng(0).standard_normal((5000, 4)).astype(np.float32)
+    ds = ray.data.from_numpy(x).map_batches(
+        ik_ray.BatchPredictor, fn_constructor_kwargs={"model": str(model_file)}, concurrency=2, batch_size=1024
+    )
+    rows = ds.take_all()
+    with inferkit.Predictor.from_onnx(model_file) as local:
+        want = local.map(x)
+    got = {tuple(r["data"]): r["y"] for r in rows}
+    assert len(rows) == len(x)
+    for xi, yi in zip(x, want, strict=True):
+        np.testing.assert_array_equal(got[tuple(xi)], yi)
+
+
+def test_ray_serve_speaks_open_inference_protocol(cluster: None, model_file: Path) -> None:
+    """tritonclient.http against the Ray Serve deployment gets the local Predictor's outputs."""
+    from ray import serve
+    from tritonclient import http as triton
+
+    app = ik_ray.deployment(
+        lambda: inferkit.Predictor.from_onnx(model_file, name="mlp"),
+        autoscaling_config={"min_replicas": 1, "max_replicas": 2},
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": 0})
+    try:
+        serve.run(app, route_prefix="/")
+        port: Any = serve.context._get_global_client().http_config.port  # the port Serve bound
+        x = np.random.default_rng(1).standard_normal((7, 4)).astype(np.float32)
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        try:
+            assert client.is_model_ready("mlp")
+            tensor = triton.InferInput("x", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x, binary_data=True)
+            result = client.infer("mlp", [tensor])
+        finally:
+            client.close()
+        with inferkit.Predictor.from_onnx(model_file) as local:
+            np.testing.assert_array_equal(result.as_numpy("y"), local.predict(x))
+    finally:
+        serve.shutdown()
