@@ -81,6 +81,7 @@ from starlette.routing import Route
 from starlette.types import Receive
 
 from inferkit.errors import InferkitError, ModelNotFound
+from inferkit.server import admin
 from inferkit.server.control import Controller, RepositoryControl, Unauthenticated, load_parameters
 from inferkit.server.metrics import Metrics
 from inferkit.server.protocol import (
@@ -632,7 +633,9 @@ class _App:
     async def stats(self, request: Request) -> Response:
         """Triton-shaped statistics of one model (or version), or of every model."""
         try:
-            stats = self.repository.stats(request.path_params.get("model"), request.path_params.get("version"))
+            stats = self.repository.stats(
+                request.path_params.get("model"), request.path_params.get("version"), split=True
+            )
         except ModelNotFound as error:
             return self.fail(error)
         return JSONResponse(stats)
@@ -913,6 +916,7 @@ def create_app(
             Route(base + "/config", app.config, methods=["GET"]),
             Route(base + "/infer", app.infer, methods=["POST"]),
         ]
+    routes += admin.routes(repository, control.token, app.fail)  # canary control: on with a token only
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {HTTPException: _http_error}
     starlette = Starlette(routes=routes, exception_handlers=handlers)
     starlette.state.metrics = metrics
