@@ -75,7 +75,7 @@ from inferkit.routing import Predictive, Router
 from inferkit.server.control import TOKEN_ENV, LoadedVersion, LoadFailed, RepositoryControl
 from inferkit.server.repository import Repository, ServedModel
 
-__all__ = ["ConfigError", "ConnectionLimits", "ModelLoader", "ServerConfig", "load"]
+__all__ = ["ConfigError", "ConnectionLimits", "ModelLoader", "ServerConfig", "check_admin_token", "load"]
 
 T = TypeVar("T")
 _POOL_KEYS = ("replicas", "execution_timeout", "eject_after", "cooldown", "max_cooldown", "max_ejected_fraction")
@@ -398,11 +398,8 @@ def repository_control(enabled: object, token: object, loader: ModelLoader) -> R
         msg = "server.admin_token must be a string"
         raise ConfigError(msg)
     token = os.environ.get(TOKEN_ENV) or token
-    if token is not None and (len(token) < _MIN_TOKEN_CHARS or not token.isprintable()):  # canary admin uses it too
-        msg = (
-            f"server.admin_token (or {TOKEN_ENV}) must be a printable string of at least {_MIN_TOKEN_CHARS} characters"
-        )
-        raise ConfigError(msg)
+    if token is not None:
+        check_admin_token(token, f"server.admin_token (or {TOKEN_ENV})")
     try:
         return RepositoryControl(enabled=enabled, token=token, loader=loader)
     except ValueError as error:
@@ -411,6 +408,15 @@ def repository_control(enabled: object, token: object, loader: ModelLoader) -> R
 
 
 _MIN_TOKEN_CHARS = 16  # as repository control's
+
+
+def check_admin_token(token: str, where: str) -> None:
+    """``ConfigError`` unless ``token`` is printable and at least 16 characters (the value is never shown)."""
+    if len(token) < _MIN_TOKEN_CHARS or not token.isprintable():  # canary admin uses it too
+        msg = f"{where} must be a printable string of at least {_MIN_TOKEN_CHARS} characters"
+        raise ConfigError(msg)
+
+
 _LOAD_FIELDS = "max_batch_size, dynamic_batching, instance_group[0].count, parameters.path, parameters.version"
 
 
