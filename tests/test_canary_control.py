@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,12 @@ import httpx
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_server_run import _model, _start_cli
 
 from inferkit import Predictor, Router, TensorSpec
 from inferkit.policies import Canary, CanaryState, Feedback, FileStore, Guard
 from inferkit.server import Repository, ServedModel
+from inferkit.server.config import ConfigError, load
 from inferkit.server.control import RepositoryControl
 from inferkit.server.run import InferenceServer
 
@@ -178,3 +181,89 @@ class TestMetricsAndStats:
             assert entry["split"] == {"1": 0.75, "2": 0.25}
             assert entry["canary"] == {"state": "paused", "step": 0, "weight": 0.25}
             assert all("split" not in e for e in stats if e["version"])
+
+
+class TestConfig:
+    """Per-model autoscaling and canary state in the TOML, autoscaling and the admin token on the CLI."""
+
+    def test_autoscale_per_model(self, tmp_path: Path) -> None:
+        """``autoscale`` brings a model's pool within its bounds at once; the other model keeps its size."""
+        _model(tmp_path / "a.onnx")
+        (tmp_path / "m.toml").write_text(
+            '[[models]]\nname = "scaled"\npath = "a.onnx"\nautoscale = { min_replicas = 2, max_replicas = 3 }\n'
+            '[[models]]\nname = "fixed"\npath = "a.onnx"\n'
+        )
+        config = load(tmp_path / "m.toml")
+        try:
+            scaled, fixed = config.repository.resolve("scaled"), config.repository.resolve("fixed")
+            assert isinstance(scaled, Predictor)
+            assert isinstance(fixed, Predictor)
+            assert len(scaled.stats().replicas) == 2
+            assert len(fixed.stats().replicas) == 1
+        finally:
+            config.repository.close()
+
+    @pytest.mark.parametrize(
+        ("extra", "message"),
+        [
+            ('autoscale = { max_replicas = 0 }\npath = "a.onnx"', r"models\[0\].autoscale: max_replicas must be"),
+            ('autoscale = { spare = 1 }\npath = "a.onnx"', r"models\[0\].autoscale: .*spare"),
+        ],
+    )
+    def test_autoscale_errors_name_the_field(self, tmp_path: Path, extra: str, message: str) -> None:
+        """A bad autoscale table is a ConfigError about models[0].autoscale."""
+        _model(tmp_path / "a.onnx")
+        (tmp_path / "m.toml").write_text(f'[[models]]\nname = "m"\n{extra}\n')
+        with pytest.raises(ConfigError, match=message):
+            load(tmp_path / "m.toml")
+
+    def test_canary_state_path_and_errors(self, tmp_path: Path) -> None:
+        """``state_path`` is relative to the file; state_path with redis_url, or a short admin token, is refused."""
+        _model(tmp_path / "a.onnx")
+        versions = 'versions.1 = { path = "a.onnx" }\nversions.2 = { path = "a.onnx" }\n'
+        split = 'split = { policy = "canary", baseline = "1", candidate = "2", steps = [0.5, 1.0], '
+        (tmp_path / "m.toml").write_text(f'[[models]]\nname = "m"\n{versions}{split}state_path = "s/m.json" }}\n')
+        config = load(tmp_path / "m.toml")
+        try:
+            assert json.loads((tmp_path / "s" / "m.json").read_text())["weight"] == 0.5
+        finally:
+            config.repository.close()
+        both = 'state_path = "m.json", redis_url = "redis://127.0.0.1:1" }\n'
+        (tmp_path / "m.toml").write_text(f'[[models]]\nname = "m"\n{versions}{split}{both}')
+        with pytest.raises(ConfigError, match=r"models\[0\].split: give state_path or redis_url, not both"):
+            load(tmp_path / "m.toml")
+        (tmp_path / "m.toml").write_text('[server]\nadmin_token = "short"\n[[models]]\nname = "m"\npath = "a.onnx"\n')
+        with pytest.raises(ConfigError, match=r"server.admin_token .* at least 16 characters"):
+            load(tmp_path / "m.toml")
+
+    def test_unreachable_redis_refuses_to_start(self, tmp_path: Path) -> None:
+        """A new process cannot start a shared canary it cannot read (it has no last known weights)."""
+        _model(tmp_path / "a.onnx")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]  # nothing listens once closed
+        (tmp_path / "m.toml").write_text(
+            '[[models]]\nname = "m"\nversions.1 = { path = "a.onnx" }\nversions.2 = { path = "a.onnx" }\n'
+            'split = { policy = "canary", baseline = "1", candidate = "2", '
+            f'redis_url = "redis://127.0.0.1:{port}/0" }}\n'
+        )
+        with pytest.raises(ConfigError, match=r"models\[0\].split: the canary's state cannot be read"):
+            load(tmp_path / "m.toml")
+
+    def test_cli_autoscaler_and_admin_token_file(self, tmp_path: Path) -> None:
+        """``--max-replicas`` turns the autoscaler on (the pool grows to --min-replicas); the token file
+        turns the admin endpoints on."""
+        (tmp_path / "token").write_text(TOKEN + "\n")
+        args = (str(_model(tmp_path / "a.onnx")), "--min-replicas", "2", "--max-replicas", "3")
+        proc, port, _ = _start_cli(*args, "--admin-token-file", str(tmp_path / "token"), "--grpc-listeners", "1")
+        try:
+            with httpx.Client(timeout=WAIT) as client:
+                groups = client.get(f"http://127.0.0.1:{port}/v2/models/a/config").json()["instance_group"]
+                assert sum(g["count"] for g in groups) == 2
+                no_canary = client.get(f"http://127.0.0.1:{port}/v2/admin/models/a/canary", headers=AUTH)
+                assert no_canary.status_code == 409  # authorized: the token from the file is in force
+        finally:
+            proc.terminate()
+            proc.wait(WAIT)
+            assert proc.stderr is not None
+            proc.stderr.close()
