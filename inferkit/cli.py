@@ -1,10 +1,19 @@
-"""The ``inferkit`` command: ``inferkit serve model.onnx`` or ``inferkit serve --config models.toml``."""
+"""The ``inferkit`` command: ``inferkit serve model.onnx`` or ``inferkit serve --config models.toml``.
+
+``inferkit canary status|promote|rollback|pause|resume --url URL MODEL`` steers a served canary
+with the operator's token from ``INFERKIT_ADMIN_TOKEN``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -129,6 +138,22 @@ def _parser() -> argparse.ArgumentParser:
         help="serve the status page at / (default: on when bound to a loopback address such as 127.0.0.1)",
     )
     serve.add_argument(
+        "--admin-token-file",
+        type=Path,
+        help="a file holding the admin token (e.g. a mounted secret); default: INFERKIT_ADMIN_TOKEN",
+    )
+    scaling = serve.add_argument_group("autoscaling (a model file; a config sets autoscale per model)")
+    scaling.add_argument(
+        "--max-replicas", type=_at_least_one, help="turn the autoscaler on, growing the pool up to this many"
+    )
+    scaling.add_argument("--min-replicas", type=_at_least_one, default=1, help="the fewest replicas (default 1)")
+    scaling.add_argument(
+        "--target-in-flight", type=_positive, default=8.0, help="requests in flight per replica to aim for (8)"
+    )
+    scaling.add_argument(
+        "--downscale-delay-s", type=float, default=30.0, help="seconds fewer replicas must be wanted (default 30)"
+    )
+    serve.add_argument(
         "--loop",
         choices=("auto", "asyncio", "uvloop"),
         default="auto",
@@ -136,7 +161,47 @@ def _parser() -> argparse.ArgumentParser:
     )
     _predict_parser(commands)
     _bench_parser(commands)
+    canary = commands.add_parser(
+        "canary",
+        help="show or steer a served model's canary",
+        description="Call a server's canary admin endpoints with the token in INFERKIT_ADMIN_TOKEN.",
+    )
+    canary.add_argument("action", choices=("status", "promote", "rollback", "pause", "resume"))
+    canary.add_argument("model", help="the model whose canary to show or steer")
+    canary.add_argument("--url", required=True, help="the server's HTTP address, e.g. http://127.0.0.1:8000")
+    canary.add_argument("--timeout-s", type=_positive, default=10.0, help="seconds to wait for the answer")
     return parser
+
+
+def _canary(args: argparse.Namespace) -> int:
+    """One admin call; prints the canary's status as JSON. 0 on success, 1 when refused, 2 when unreachable."""
+    token = os.environ.get("INFERKIT_ADMIN_TOKEN")
+    if not token:
+        print("inferkit canary: set INFERKIT_ADMIN_TOKEN to the server's admin token", file=sys.stderr)
+        return 2
+    url = f"{args.url.rstrip('/')}/v2/admin/models/{urllib.parse.quote(args.model, safe='')}/canary"
+    method = "GET"
+    if args.action != "status":
+        url, method = f"{url}/{args.action}", "POST"
+    if not url.startswith(("http://", "https://")):
+        print(f"inferkit canary: --url must start with http:// or https://, got {args.url!r}", file=sys.stderr)
+        return 2
+    request = urllib.request.Request(url, method=method, headers={"authorization": f"Bearer {token}"})  # noqa: S310 (checked above)
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout_s) as response:  # noqa: S310 (checked above)
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        try:
+            message = json.loads(error.read()).get("error", "")
+        except ValueError:
+            message = ""
+        print(f"inferkit canary: {error.code} {message}".rstrip(), file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        print(f"inferkit canary: cannot reach {args.url}: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(body, indent=2))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ConfigError,
             ConnectionLimits,
             ModelLoader,
+            check_admin_token,
             load,
             repository_control,
         )
@@ -156,8 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from inferkit.server.repository import Repository  # noqa: PLC0415
         from inferkit.server.run import InferenceServer, raise_open_file_limit, run_loop  # noqa: PLC0415
     except ImportError as error:
-        print(f"inferkit serve needs the server extra (pip install 'inferkit[server]'): {error}", file=sys.stderr)
+        print(f"inferkit serve needs the server extra (pip install 'inferkit-serve[server]'): {error}", file=sys.stderr)
         return 2
+    from inferkit.autoscale import AutoscaleConfig, Autoscaler  # noqa: PLC0415
     from inferkit.pool import PoolConfig  # noqa: PLC0415
     from inferkit.predictor import Predictor  # noqa: PLC0415
     from inferkit.server.logs import configure  # noqa: PLC0415
@@ -198,6 +265,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 name=args.name,
             )
             repository = opened = Repository({predictor.name: predictor})
+            if args.max_replicas is not None:
+                scaling = AutoscaleConfig(
+                    min_replicas=args.min_replicas,
+                    max_replicas=args.max_replicas,
+                    target_in_flight=args.target_in_flight,
+                    downscale_delay_s=args.downscale_delay_s,
+                )
+                Autoscaler(predictor, scaling).start()  # its thread ends once the predictor is closed
             spec = {
                 "path": args.model.name,
                 "max_batch_size": args.max_batch_size,
@@ -212,6 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
             loader = ModelLoader(args.model.parent, {predictor.name: {k: v for k, v in spec.items() if v is not None}})
             control = repository_control(args.repository_control, None, loader)
+        if args.admin_token_file is not None:
+            token = args.admin_token_file.read_text().strip()
+            check_admin_token(token, f"--admin-token-file {args.admin_token_file}")
+            control = attrs.evolve(control, token=token)
         if args.repository_control and not control.enabled:
             control = attrs.evolve(control, enabled=True)  # checks that there is a token
         overrides = {name: getattr(args, name) for name in attrs.fields_dict(ConnectionLimits)}
@@ -395,7 +474,7 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"predict": _predict, "bench": _bench}
+_COMMANDS = {"predict": _predict, "bench": _bench, "canary": _canary}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,14 +9,22 @@ into the candidate; no other key changes arm.
 
 from __future__ import annotations
 
+import collections
 import enum
+import json
+import logging
+import os
+import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
 from inferkit._validators import integer, number, optional_positive
+from inferkit.errors import InferkitError
 from inferkit.events import Event, deliver
 from inferkit.experiments import Window
 
@@ -25,14 +33,21 @@ __all__ = [
     "Canary",
     "CanaryDecision",
     "CanaryState",
+    "CanaryStore",
     "Feedback",
+    "FileStore",
     "Fixed",
     "Guard",
     "Match",
     "Policy",
     "Route",
     "Shadow",
+    "StoreUnavailable",
+    "split_weights",
 ]
+
+_log = logging.getLogger("inferkit")
+_HISTORY = 100  # decisions kept in a canary's state
 
 
 @attrs.frozen
@@ -323,6 +338,120 @@ class CanaryDecision(Event):
     numbers: Mapping[str, float]
 
 
+class StoreUnavailable(InferkitError):
+    """The canary's shared store cannot be reached: the canary keeps its last known weights (503)."""
+
+    status = 503
+
+
+@runtime_checkable
+class CanaryStore(Protocol):
+    """**Protocol**: where a :class:`Canary` keeps its state, so that it survives a restart or is shared.
+
+    A state is a JSON-able mapping with an integer ``"revision"`` that every decision raises by
+    one. :class:`FileStore` keeps one process's canary in a file;
+    :class:`inferkit.integrations.redis.RedisStore` shares one canary between processes.
+    """
+
+    pooled: bool
+    """Whether :meth:`totals` adds up every process's requests (the guard then judges those)."""
+
+    def load(self) -> Mapping[str, Any] | None:
+        """The saved state, or None when there is none."""
+
+    def transition(self, expected: int, state: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """Save ``state`` if the saved revision is ``expected`` (or nothing is saved), atomically.
+
+        Returns None when saved, else the saved state that won (another process decided first).
+        Raises :class:`StoreUnavailable` when the store cannot be reached.
+        """
+
+    def count(self, epoch: int, arm: str, *, failed: bool) -> None:
+        """Add one served request of ``arm`` in step ``epoch`` to the pooled counts."""
+
+    def totals(self, epoch: int) -> Mapping[str, tuple[int, int]]:
+        """``{arm: (requests, failures)}`` of step ``epoch`` over every process (empty when not pooled)."""
+
+    def attach(self, canary: Canary) -> None:
+        """Called once by the canary that uses this store (a shared store starts following it)."""
+
+    def close(self) -> None:
+        """Stop any background work; idempotent."""
+
+
+class FileStore:
+    """A canary's state in a JSON file, replaced atomically (written beside it, then renamed).
+
+    For one process: two processes must not share a file (use Redis for that).
+    """
+
+    pooled = False
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def load(self) -> Mapping[str, Any] | None:
+        """The saved state; None when the file does not exist."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None
+        state = json.loads(text)
+        if not isinstance(state, dict):
+            msg = f"{self.path}: a canary state must be a JSON object"
+            raise TypeError(msg)
+        return state
+
+    def transition(self, expected: int, state: Mapping[str, Any]) -> Mapping[str, Any] | None:  # noqa: ARG002 (protocol: one writer)
+        """Write ``state``: a temporary file in the same directory, flushed, then renamed over the old one."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "w") as out:
+                    json.dump(state, out)
+                    out.flush()
+                    os.fsync(out.fileno())
+                Path(tmp).replace(self.path)  # atomic: a reader sees the old state or the new, never half
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as error:
+            msg = f"cannot write the canary state to {self.path}: {error}"
+            raise StoreUnavailable(msg) from error
+        return None
+
+    def count(self, epoch: int, arm: str, *, failed: bool) -> None:
+        """Nothing pooled: the canary counts its own requests."""
+
+    def totals(self, epoch: int) -> Mapping[str, tuple[int, int]]:  # noqa: ARG002 (protocol)
+        """Nothing pooled."""
+        return {}
+
+    def attach(self, canary: Canary) -> None:
+        """Nothing to follow."""
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+    def __repr__(self) -> str:
+        return f"FileStore({str(self.path)!r})"
+
+
+class _PooledWindow(Window):
+    """Every process's request and failure counts, with this process's latencies."""
+
+    def __init__(self, local: Window, requests: int, failures: int) -> None:
+        super().__init__(1)
+        self.local = local
+        self.requests = max(requests, local.requests)
+        self.failures = max(failures, local.failures)
+
+    def latency_quantile(self, q: float) -> float:
+        """Latencies of this process only: they are not pooled."""
+        return self.local.latency_quantile(q)
+
+
 class Canary:
     """Roll a candidate forward through ``steps`` of traffic, rolling back when a guard fails.
 
@@ -331,6 +460,13 @@ class Canary:
     step, and after the last one the candidate is promoted. The guard is also checked on every
     candidate failure, so a broken candidate is rolled back as soon as the step can no longer
     pass. ``on_decision`` (and the router's observers) receive each :class:`CanaryDecision`.
+
+    With a ``store`` (a :class:`CanaryStore`), the step, weight and decision history are saved
+    at every decision and read back at construction, so a restarted process resumes the same
+    step. A shared store (Redis) makes every decision a compare-and-set on the state's
+    revision: of two processes deciding at once one wins and the other adopts its decision, so
+    a canary is never promoted or rolled back twice. While the store cannot be reached the
+    canary keeps its last known weights and makes no decision.
     """
 
     def __init__(
@@ -343,6 +479,7 @@ class Canary:
         min_seconds_per_step: float = 0.0,
         guard: Guard | None = None,
         on_decision: Callable[[CanaryDecision], None] | None = None,
+        store: CanaryStore | None = None,
     ) -> None:
         if not steps or any(not 0 < s <= 1 for s in steps) or list(steps) != sorted(steps):
             msg = f"steps must be increasing weights in (0, 1], got {tuple(steps)!r}"
@@ -355,18 +492,50 @@ class Canary:
             raise ValueError(msg)
         self.baseline = baseline
         self.candidate = candidate
-        self.steps = tuple(steps)
+        self.steps = tuple(float(s) for s in steps)
         self.min_requests_per_step = min_requests_per_step
         self.min_seconds_per_step = min_seconds_per_step
         self.guard = guard if guard is not None else Guard()
         self.on_decision = on_decision
+        self.store = store
         self.emit: Callable[[Event], None] | None = None  # set by the router that uses it
         self.name = "router"
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # adopt() may run inside a decision's store call
         self._state = CanaryState.RUNNING
         self._step = 0
+        self._weight = self.steps[0]
+        self._revision = 0  # raised by one at every decision; the store's compare-and-set key
+        self._epoch = 0  # raised at every new step: pooled counts are kept per epoch
+        self._history: collections.deque[dict[str, Any]] = collections.deque(maxlen=_HISTORY)
+        self._decisions: dict[str, int] = {}
+        self._store_ok = True
         self._since: float | None = None
         self._new_step()
+        if store is not None:
+            self._open(store)
+
+    def _open(self, store: CanaryStore) -> None:
+        saved = store.load()
+        if saved is not None and self._matches(saved):
+            self.restore(saved)
+        else:  # nothing saved, or a different rollout: this one starts over from the saved revision
+            revision = int(saved.get("revision", 0)) if saved is not None else 0
+            self._revision = revision
+            won = store.transition(revision, self._snapshot(self._revision + 1, self._epoch + 1))
+            if won is None:
+                self._revision, self._epoch = self._revision + 1, self._epoch + 1
+            else:
+                self.restore(won)
+        store.attach(self)
+
+    def _matches(self, saved: Mapping[str, Any]) -> bool:
+        return (saved.get("baseline"), saved.get("candidate"), [float(s) for s in saved.get("steps", ())]) == (
+            self.baseline,
+            self.candidate,
+            list(self.steps),
+        )
+
+    # -- state -----------------------------------------------------------------------------
 
     @property
     def state(self) -> CanaryState:
@@ -382,6 +551,82 @@ class Canary:
     def weight(self) -> float:
         """Share of traffic the candidate gets now."""
         return self._weight
+
+    @property
+    def store_ok(self) -> bool:
+        """False while the store cannot be reached (the canary then holds its last known weights)."""
+        return self._store_ok
+
+    def snapshot(self) -> dict[str, Any]:
+        """The canary's state as JSON-able data: what a store keeps and :meth:`restore` takes."""
+        with self._lock:
+            return self._snapshot(self._revision, self._epoch)
+
+    def _snapshot(self, revision: int, epoch: int, **changes: Any) -> dict[str, Any]:
+        state = {
+            "baseline": self.baseline,
+            "candidate": self.candidate,
+            "steps": list(self.steps),
+            "state": self._state.value,
+            "step": self._step,
+            "weight": self._weight,
+            "revision": revision,
+            "epoch": epoch,
+            "history": list(self._history),
+            "decisions": dict(self._decisions),
+        }
+        state.update(changes)
+        return state
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Take a saved state (from :meth:`snapshot`) when it is newer than this canary's.
+
+        A new step (or rollout) starts its counts afresh; the same step keeps them.
+        """
+        if not self._matches(state):
+            msg = (
+                f"the state is of a canary {state.get('baseline')!r} -> {state.get('candidate')!r} "
+                f"with steps {state.get('steps')!r}, not of {self!r}"
+            )
+            raise ValueError(msg)
+        with self._lock:
+            revision = int(state["revision"])
+            if revision <= self._revision and self._revision:
+                return
+            epoch = int(state.get("epoch", 0))
+            new_step = epoch != self._epoch
+            self._state = CanaryState(state["state"])
+            self._step = int(state["step"])
+            self._weight = float(state["weight"])
+            self._revision, self._epoch = revision, epoch
+            self._history = collections.deque(state.get("history", ()), maxlen=_HISTORY)
+            self._decisions = {str(k): int(v) for k, v in state.get("decisions", {}).items()}
+            if new_step:
+                self._new_step()
+
+    def status(self) -> dict[str, Any]:
+        """What an operator asks: state, step, weight, steps, the decision history and the store's health."""
+        state = self.snapshot()
+        state["store"] = None if self.store is None else {"kind": type(self.store).__name__, "ok": self._store_ok}
+        return state
+
+    def store_failed(self, error: BaseException | None) -> None:
+        """Called by a store: whether it can be reached (``None``: it can again). Logged on each change."""
+        ok = error is None
+        if ok == self._store_ok:
+            return
+        self._store_ok = ok
+        if ok:
+            _log.warning("canary %s: store reachable again at revision %d", self.name, self._revision)
+        else:
+            _log.warning(
+                "canary %s: store unreachable (%s); keeping the last known weight %s, making no decision",
+                self.name,
+                error,
+                self._weight,
+            )
+
+    # -- routing ---------------------------------------------------------------------------
 
     def route(self, u: float, attributes: Mapping[str, str]) -> Route:  # noqa: ARG002 (protocol)
         """The candidate for ``u`` below the current weight, else the baseline."""
@@ -404,21 +649,49 @@ class Canary:
                 return
             if feedback.kind == "served":
                 side.window.observe(feedback.latency_s, feedback.failed)
+                if self.store is not None and self.store.pooled:
+                    self.store.count(self._epoch, feedback.arm, failed=feedback.failed)
             elif feedback.kind == "shadow":
                 side.compared += 1
                 side.disagreed += not feedback.agreed
             elif feedback.kind == "outcome":
                 side.outcomes += 1
                 side.outcome_sum += feedback.value
-            decision = self._decide(feedback)
+            decision = self._decide(feedback.now)
         if decision is not None:
             self._announce(decision)
 
-    def _decide(self, feedback: Feedback) -> CanaryDecision | None:
+    def evaluate(self, now: float | None = None) -> None:
+        """Decide on the counts so far without a new request (a shared store calls it after pooling)."""
+        with self._lock:
+            if self._state in (CanaryState.PROMOTED, CanaryState.ROLLED_BACK) or self._since is None:
+                return
+            decision = self._decide(time.monotonic() if now is None else now)
+        if decision is not None:
+            self._announce(decision)
+
+    def _sides(self) -> tuple[_StepWindow, _StepWindow]:
         base, cand = self._windows[self.baseline], self._windows[self.candidate]
+        if self.store is None or not self.store.pooled:
+            return base, cand
+        totals = self.store.totals(self._epoch)
+        pooled = []
+        for arm, side in ((self.baseline, base), (self.candidate, cand)):
+            requests, failures = totals.get(arm, (0, 0))
+            view = _StepWindow()
+            view.window = _PooledWindow(side.window, requests, failures)
+            view.compared, view.disagreed = side.compared, side.disagreed
+            view.outcomes, view.outcome_sum = side.outcomes, side.outcome_sum
+            pooled.append(view)
+        return pooled[0], pooled[1]
+
+    def _decide(self, now: float) -> CanaryDecision | None:
+        if not self._store_ok:
+            return None  # the last known weights hold until the store is back
+        base, cand = self._sides()
         served = cand.window.requests
-        since = feedback.now if self._since is None else self._since  # feedback() has set it
-        step_done = served >= self.min_requests_per_step and feedback.now - since >= self.min_seconds_per_step
+        since = now if self._since is None else self._since  # feedback() has set it
+        step_done = served >= self.min_requests_per_step and now - since >= self.min_seconds_per_step
         if not step_done:
             # Mid-step only a certain failure counts; relative checks (and their quantiles, on the
             # request path) wait for a full step's data.
@@ -427,15 +700,14 @@ class Canary:
                 return None
         broken = self.guard.check(base, cand)
         if broken is not None:
-            return self._move(CanaryState.ROLLED_BACK, 0.0, "rollback", *broken)
+            return self._move(CanaryState.ROLLED_BACK, self._step, 0.0, "rollback", *broken)
         if self._state is CanaryState.PAUSED:
             return None
         numbers = {"candidate_requests": float(served), "candidate_error_rate": cand.window.error_rate}
         if self._step + 1 >= len(self.steps):
-            return self._move(CanaryState.PROMOTED, 1.0, "promote", "guard passed", numbers)
-        self._step += 1
-        self._new_step()
-        return self._move(CanaryState.RUNNING, self.steps[self._step], "step", "guard passed", numbers)
+            return self._move(CanaryState.PROMOTED, self._step, 1.0, "promote", "guard passed", numbers)
+        step = self._step + 1
+        return self._move(CanaryState.RUNNING, step, self.steps[step], "step", "guard passed", numbers)
 
     def _cannot_pass(self, cand: _StepWindow) -> bool:
         """Whether the failures so far already exceed what a whole step may hold."""
@@ -445,22 +717,74 @@ class Canary:
     def _new_step(self) -> None:
         self._windows = {self.baseline: _StepWindow(), self.candidate: _StepWindow()}
         self._since = None
-        self._weight = self.steps[self._step]
 
     def _move(
-        self, state: CanaryState, weight: float, action: str, reason: str, numbers: dict[str, float]
-    ) -> CanaryDecision:
-        self._state = state
-        self._weight = weight
-        return CanaryDecision(self.name, action, self._step, weight, reason, numbers)
+        self,
+        state: CanaryState,
+        step: int,
+        weight: float,
+        action: str,
+        reason: str,
+        numbers: Mapping[str, float],
+        *,
+        manual: bool = False,
+    ) -> CanaryDecision | None:
+        """Make a decision: saved first (when a store wins the race, its decision is adopted instead)."""
+        decision = CanaryDecision(self.name, action, step, weight, reason, numbers)
+        record = {
+            "action": action,
+            "step": step,
+            "weight": weight,
+            "reason": reason,
+            "numbers": dict(numbers),
+            "at": time.time(),  # wall clock: read by people, never used for intervals
+        }
+        epoch = self._epoch + (step != self._step)
+        decisions = self._decisions | {action: self._decisions.get(action, 0) + 1}
+        if self.store is not None:
+            if manual and not self._store_ok:
+                msg = f"canary {self.name}: the store cannot be reached; the weight stays {self._weight}"
+                raise StoreUnavailable(msg)
+            new = self._snapshot(
+                self._revision + 1,
+                epoch,
+                state=state.value,
+                step=step,
+                weight=weight,
+                history=[*self._history, record][-_HISTORY:],
+                decisions=decisions,
+            )
+            try:
+                won = self.store.transition(self._revision, new)
+            except StoreUnavailable as error:
+                self.store_failed(error)
+                if manual:
+                    raise
+                return None
+            if won is not None:
+                self.restore(won)  # another process decided first: follow it
+                if manual:
+                    msg = f"canary {self.name}: another process decided first; now {self._state.value}"
+                    raise StoreUnavailable(msg)
+                return None
+        self._state, self._weight, self._revision = state, weight, self._revision + 1
+        self._history.append(record)
+        self._decisions = decisions
+        if epoch != self._epoch:
+            self._step, self._epoch = step, epoch
+            self._new_step()
+        return decision
 
     def _announce(self, decision: CanaryDecision) -> None:
         deliver((self.emit, self.on_decision), decision)  # type: ignore[arg-type]
 
     def _manual(self, state: CanaryState, weight: float | None, action: str) -> None:
         with self._lock:
-            decision = self._move(state, self._weight if weight is None else weight, action, "manual", {})
-        self._announce(decision)
+            decision = self._move(
+                state, self._step, self._weight if weight is None else weight, action, "manual", {}, manual=True
+            )
+        if decision is not None:
+            self._announce(decision)
 
     def promote(self) -> None:
         """Send all traffic to the candidate now."""
@@ -478,6 +802,11 @@ class Canary:
         """Let a paused rollout step forward again."""
         self._manual(CanaryState.RUNNING, None, "resume")
 
+    def close(self) -> None:
+        """Stop the store's background work (a shared store's follower thread); idempotent."""
+        if self.store is not None:
+            self.store.close()
+
     def __repr__(self) -> str:
         return f"Canary({self.baseline!r} -> {self.candidate!r}, {self._state.value}, weight={self._weight})"
 
@@ -489,3 +818,20 @@ def find_canary(policy: Any) -> Canary | None:
             return policy
         policy = getattr(policy, "policy", None) or getattr(policy, "otherwise", None)
     return None
+
+
+def split_weights(policy: Any) -> dict[str, float]:
+    """The share of traffic each arm gets now under ``policy`` (a mirror is not a share); ``{}`` if unknown.
+
+    A :class:`Match` shows what ``otherwise`` splits (matched requests are not a share of it).
+    """
+    while isinstance(policy, Shadow | Match):
+        policy = policy.policy if isinstance(policy, Shadow) else policy.otherwise
+    if isinstance(policy, Canary):
+        weight = policy.weight
+        return {policy.baseline: 1.0 - weight, policy.candidate: weight}
+    if isinstance(policy, ABTest):
+        return dict(policy.weights)
+    if isinstance(policy, Fixed):
+        return {policy.arm: 1.0}
+    return {}

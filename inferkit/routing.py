@@ -478,6 +478,9 @@ class Router:
         if thread is not None:
             self._shadow_queue.put(None)
             thread.join(timeout)
+        canary = find_canary(self._policy)
+        if canary is not None:
+            canary.close()  # a shared store's follower thread
         for predictor in {id(p): p for p in self._arms.values()}.values():
             predictor.close(timeout)
 

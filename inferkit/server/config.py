@@ -24,16 +24,28 @@
     name = "clf"
     versions.1 = { path = "v1.onnx" }
     versions.2 = { path = "v2.onnx", replicas = 2 }
-    split = { policy = "canary", baseline = "1", candidate = "2", steps = [0.05, 0.25, 1.0] }
+    split = { policy = "canary", baseline = "1", candidate = "2", steps = [0.05, 0.25, 1.0],
+              state_path = "clf-canary.json" }   # or redis_url = "redis://host:6379/0"
+
+    [[models]]
+    name = "busy"
+    path = "busy.onnx"
+    autoscale = { min_replicas = 1, max_replicas = 8, target_in_flight = 8 }
 
 A model has either ``path`` or ``versions``; with versions, ``split`` says how requests
 without a version are divided: ``{policy = "fixed", version = "1"}``,
 ``{policy = "ab", weights = {"1" = 0.9, "2" = 0.1}}`` or ``{policy = "canary", ...}``
 (``baseline``, ``candidate``, ``steps``, ``min_requests_per_step``, ``max_error_rate``,
-``max_p99_ratio``). Without ``split``, the highest version answers. A model (or a version)
+``max_p99_ratio``, ``min_seconds_per_step``, and where its state lives: ``state_path``, a
+JSON file relative to this file, written atomically at every decision so that a restart
+resumes the same step; or ``redis_url`` (and ``redis_key``, default
+``inferkit:canary:<model>``), one canary shared by every process on that Redis; see
+docs/operations.md). Without ``split``, the highest version answers. A model (or a version)
 takes :class:`~inferkit.PoolConfig`'s ejection settings under their own names
 (``execution_timeout``, ``eject_after``, ``cooldown``, ``max_cooldown``,
-``max_ejected_fraction``); ``[server]`` takes ``grace_s`` and every :class:`ConnectionLimits`
+``max_ejected_fraction``), and ``autoscale``, a table of
+:class:`~inferkit.AutoscaleConfig` fields that resizes its pool on load (``replicas`` is then
+the starting size); ``[server]`` takes ``grace_s`` and every :class:`ConnectionLimits`
 field. Every error names the field it is about (``models[1].versions.2.replicas``).
 
 With ``repository_control = true``, :class:`ModelLoader` rebuilds a model of this file on a
@@ -54,19 +66,28 @@ from typing import Any, TypeVar
 import attrs
 
 from inferkit._validators import integer, number
+from inferkit.autoscale import AutoscaleConfig, Autoscaler
 from inferkit.batching import BatchConfig
-from inferkit.policies import ABTest, Canary, Fixed, Guard, Policy
+from inferkit.policies import ABTest, Canary, CanaryStore, FileStore, Fixed, Guard, Policy, StoreUnavailable
 from inferkit.pool import PoolConfig
 from inferkit.predictor import Predictor
 from inferkit.routing import Predictive, Router
 from inferkit.server.control import TOKEN_ENV, LoadedVersion, LoadFailed, RepositoryControl
 from inferkit.server.repository import Repository, ServedModel
 
-__all__ = ["ConfigError", "ConnectionLimits", "ModelLoader", "ServerConfig", "load"]
+__all__ = ["ConfigError", "ConnectionLimits", "ModelLoader", "ServerConfig", "check_admin_token", "load"]
 
 T = TypeVar("T")
 _POOL_KEYS = ("replicas", "execution_timeout", "eject_after", "cooldown", "max_cooldown", "max_ejected_fraction")
-_MODEL_KEYS = {"path", "max_batch_size", "max_delay_ms", "max_queue_size", "intra_op_threads", *_POOL_KEYS}
+_MODEL_KEYS = {
+    "path",
+    "max_batch_size",
+    "max_delay_ms",
+    "max_queue_size",
+    "intra_op_threads",
+    "autoscale",
+    *_POOL_KEYS,
+}
 
 
 class ConfigError(ValueError):
@@ -180,7 +201,11 @@ def _predictor(spec: Mapping[str, Any], where: str, base: Path, name: str) -> Pr
         ),
     )
     pool = _field(where, lambda: PoolConfig(**{k: spec[k] for k in _POOL_KEYS if k in spec}))
-    return _field(
+    autoscale = None
+    if "autoscale" in spec:
+        table = _table(spec["autoscale"], f"{where}.autoscale")
+        autoscale = _field(f"{where}.autoscale", lambda: AutoscaleConfig(**table))
+    predictor = _field(
         where,
         lambda: Predictor.from_onnx(
             path,
@@ -192,9 +217,68 @@ def _predictor(spec: Mapping[str, Any], where: str, base: Path, name: str) -> Pr
             name=name,
         ),
     )
+    if autoscale is not None:
+        Autoscaler(predictor, autoscale).start()  # its thread ends once the predictor is closed
+    return predictor
 
 
-def _policy(split: Mapping[str, Any], versions: list[str], where: str) -> Policy:
+def _store(split: Mapping[str, Any], where: str, base: Path, model: str) -> CanaryStore | None:
+    """Where a canary's state lives: a file (``state_path``), Redis (``redis_url``), or nowhere."""
+    if "state_path" in split and "redis_url" in split:
+        msg = f"{where}: give state_path or redis_url, not both"
+        raise ConfigError(msg)
+    if "redis_key" in split and "redis_url" not in split:
+        msg = f"{where}.redis_key needs redis_url"
+        raise ConfigError(msg)
+    if "state_path" in split:
+        if not isinstance(split["state_path"], str) or not split["state_path"]:
+            msg = f"{where}.state_path must be a non-empty string"
+            raise ConfigError(msg)
+        return FileStore(base / split["state_path"])
+    if "redis_url" not in split:
+        return None
+    url, key = split["redis_url"], split.get("redis_key", f"inferkit:canary:{model}")
+    if not isinstance(url, str) or not isinstance(key, str) or not key:
+        msg = f"{where}.redis_url and redis_key must be strings"
+        raise ConfigError(msg)
+    try:
+        from inferkit.integrations.redis import RedisStore  # noqa: PLC0415 (the redis extra)
+    except ImportError as error:
+        msg = f"{where}.redis_url needs the redis extra (pip install 'inferkit-serve[redis]'): {error}"
+        raise ConfigError(msg) from None
+    return _field(f"{where}.redis_url", lambda: RedisStore(url, key))
+
+
+def _canary(split: Mapping[str, Any], where: str, base: Path, model: str) -> Canary:
+    guard = _field(where, lambda: Guard(split.get("max_error_rate", 0.01), max_p99_ratio=split.get("max_p99_ratio")))
+    store = _store(split, where, base, model)
+    try:
+        return _field(
+            where,
+            lambda: Canary(
+                str(split["baseline"]),
+                str(split["candidate"]),
+                tuple(split.get("steps", (0.01, 0.05, 0.25, 1.0))),
+                min_requests_per_step=split.get("min_requests_per_step", 500),
+                min_seconds_per_step=split.get("min_seconds_per_step", 0.0),
+                guard=guard,
+                store=store,
+            ),
+        )
+    except StoreUnavailable as error:  # a new process has no last known weights to hold
+        if store is not None:
+            store.close()
+        msg = f"{where}: the canary's state cannot be read: {error}"
+        raise ConfigError(msg) from None
+    except ConfigError:
+        if store is not None:
+            store.close()
+        raise
+
+
+def _policy(
+    split: Mapping[str, Any], versions: list[str], where: str, base: Path = Path(), model: str = "model"
+) -> Policy:
     kind = split.get("policy")
     if kind == "fixed":
         _unknown(split, {"policy", "version"}, where)
@@ -210,23 +294,15 @@ def _policy(split: Mapping[str, Any], versions: list[str], where: str) -> Policy
             "candidate",
             "steps",
             "min_requests_per_step",
+            "min_seconds_per_step",
             "max_error_rate",
             "max_p99_ratio",
+            "state_path",
+            "redis_url",
+            "redis_key",
         }
         _unknown(split, allowed, where)
-        guard = _field(
-            where, lambda: Guard(split.get("max_error_rate", 0.01), max_p99_ratio=split.get("max_p99_ratio"))
-        )
-        return _field(
-            where,
-            lambda: Canary(
-                str(split["baseline"]),
-                str(split["candidate"]),
-                tuple(split.get("steps", (0.01, 0.05, 0.25, 1.0))),
-                min_requests_per_step=split.get("min_requests_per_step", 500),
-                guard=guard,
-            ),
-        )
+        return _canary(split, where, base, model)
     msg = f"{where}.policy must be 'fixed', 'ab' or 'canary', got {kind!r}"
     raise ConfigError(msg)
 
@@ -252,7 +328,9 @@ def _model(spec: Mapping[str, Any], where: str, base: Path, opened: list[Predict
         opened.append(versions[str(label)])
     order = sorted(versions, key=lambda v: (len(v), v))
     split = spec.get("split")
-    policy = _policy(_table(split, f"{where}.split"), order, f"{where}.split") if split else Fixed(order[-1])
+    policy = (
+        _policy(_table(split, f"{where}.split"), order, f"{where}.split", base, name) if split else Fixed(order[-1])
+    )
     router = _field(f"{where}.split", lambda: Router(versions, policy, name=name))
     return ServedModel(name, router, versions)
 
@@ -320,11 +398,23 @@ def repository_control(enabled: object, token: object, loader: ModelLoader) -> R
         msg = "server.admin_token must be a string"
         raise ConfigError(msg)
     token = os.environ.get(TOKEN_ENV) or token
+    if token is not None:
+        check_admin_token(token, f"server.admin_token (or {TOKEN_ENV})")
     try:
         return RepositoryControl(enabled=enabled, token=token, loader=loader)
     except ValueError as error:
         msg = f"server.repository_control: {error}"
         raise ConfigError(msg) from None
+
+
+_MIN_TOKEN_CHARS = 16  # as repository control's
+
+
+def check_admin_token(token: str, where: str) -> None:
+    """``ConfigError`` unless ``token`` is printable and at least 16 characters (the value is never shown)."""
+    if len(token) < _MIN_TOKEN_CHARS or not token.isprintable():  # canary admin uses it too
+        msg = f"{where} must be a printable string of at least {_MIN_TOKEN_CHARS} characters"
+        raise ConfigError(msg)
 
 
 _LOAD_FIELDS = "max_batch_size, dynamic_batching, instance_group[0].count, parameters.path, parameters.version"

@@ -22,6 +22,21 @@ Two kinds of numbers, from two places:
                                                      run, ``_count`` the batches
   ================================================  ==============================================
 
+- **Per routed model**, read from its Router's policy at scrape time:
+
+  ================================================  ==============================================
+  ``inferkit_split_weight{model,arm}``               the arm's share of traffic now (gauge)
+  ``inferkit_canary_state{model,state}``             1 for the canary's state (running, paused,
+                                                     promoted, rolled_back), 0 for the others
+  ``inferkit_canary_step{model}``                    index of the canary's step (gauge)
+  ``inferkit_canary_decisions_total{model,kind}``    decisions by kind: step, promote, rollback,
+                                                     pause, resume (counter; from the canary's
+                                                     saved state, so shared by every process of
+                                                     a shared canary and kept over restarts)
+  ``inferkit_canary_store_up{model}``                0 while the canary's store cannot be reached
+                                                     (the last known weights hold), else 1
+  ================================================  ==============================================
+
   ``predictor`` is the Router arm (``outer/inner`` for nested routers), else the version
   label, else the predictor's own name. A predictor that serves both as an arm and as a
   version is reported once, under its arm name.
@@ -41,7 +56,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from inferkit.errors import ModelNotFound
+from inferkit.policies import CanaryState, find_canary, split_weights
 from inferkit.predictor import Predictor
+from inferkit.routing import Router
 from inferkit.server.repository import Repository
 from inferkit.stats import Stats
 
@@ -83,6 +100,7 @@ class Metrics:
         )
         self._collector = _PredictorCollector(repository)
         self.registry.register(self._collector)
+        self.registry.register(_SplitCollector(repository))
         # Children by label values: ``labels()`` validates and locks on every call. The label
         # sets are bounded (known models, arms and error classes), so these stay small.
         self._counters: dict[tuple[str, str, str], Any] = {}
@@ -183,3 +201,60 @@ def _add(families: dict[str, Any], labels: list[str], stats: Stats) -> None:
         buckets.append((repr(float(bound)), cumulative))  # le="1.0", as the client library writes it
     buckets.append(("+Inf", sum(stats.batch_sizes.values())))
     families["sizes"].add_metric(labels, buckets, sum_value=sum(s * n for s, n in stats.batch_sizes.items()))
+
+
+_DECISION_KINDS = ("step", "promote", "rollback", "pause", "resume")  # always reported, so a 0 is visible
+
+
+def _split_families() -> dict[str, Metric]:
+    return {
+        "weight": GaugeMetricFamily(
+            "inferkit_split_weight", "Share of a routed model's traffic each arm gets now.", labels=["model", "arm"]
+        ),
+        "state": GaugeMetricFamily(
+            "inferkit_canary_state", "1 for the canary's state, 0 for the others.", labels=["model", "state"]
+        ),
+        "step": GaugeMetricFamily("inferkit_canary_step", "Index of the canary's step.", labels=["model"]),
+        "decisions": CounterMetricFamily(
+            "inferkit_canary_decisions", "Canary decisions by kind.", labels=["model", "kind"]
+        ),
+        "store": GaugeMetricFamily(
+            "inferkit_canary_store_up", "0 while the canary's store cannot be reached.", labels=["model"]
+        ),
+    }
+
+
+class _SplitCollector(Collector):
+    """Reads each routed model's split and canary when the registry is collected."""
+
+    def __init__(self, repository: Repository) -> None:
+        self._repository = repository
+
+    def describe(self) -> list[Metric]:
+        """The families, without samples."""
+        return list(_split_families().values())
+
+    def collect(self) -> Iterator[Metric]:
+        """The split of every routed model; the canary's state, step, decisions and store of those with one."""
+        families: dict[str, Any] = _split_families()
+        for name in self._repository.names():
+            try:
+                target = self._repository.model(name).target
+            except ModelNotFound:
+                continue
+            if not isinstance(target, Router):
+                continue
+            for arm, weight in split_weights(target.policy).items():
+                families["weight"].add_metric([name, arm], weight)
+            canary = find_canary(target.policy)
+            if canary is None:
+                continue
+            for state in CanaryState:
+                families["state"].add_metric([name, state.value], float(state is canary.state))
+            families["step"].add_metric([name], canary.step)
+            counts = canary.snapshot()["decisions"]
+            for kind in sorted({*_DECISION_KINDS, *counts}):
+                families["decisions"].add_metric([name, kind], counts.get(kind, 0))
+            if canary.store is not None:
+                families["store"].add_metric([name], float(canary.store_ok))
+        yield from families.values()

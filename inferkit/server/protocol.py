@@ -165,7 +165,7 @@ def refuse_unsupported(parameters: Container[str], where: str, input_name: str |
 def server_version() -> str:
     """Inferkit's version, as both faces' server metadata report it."""
     try:
-        return importlib.metadata.version("inferkit")
+        return importlib.metadata.version("inferkit-serve")
     except importlib.metadata.PackageNotFoundError:  # run from a source tree
         return "0+unknown"
 

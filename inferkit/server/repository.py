@@ -22,6 +22,7 @@ import numpy as np
 from inferkit._bridge import await_future
 from inferkit.batching import BatchConfig
 from inferkit.errors import Closed, InferkitError, ModelNotFound
+from inferkit.policies import find_canary, split_weights
 from inferkit.pool import PoolConfig
 from inferkit.predictor import Predictor
 from inferkit.routing import Predictive, Router
@@ -255,8 +256,12 @@ class Repository:
             value = {out_name: value}
         return InferResult(dict(value), getattr(future, "arm", None), version)
 
-    def stats(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
+    def stats(self, name: str | None = None, version: str | None = None, *, split: bool = False) -> dict[str, Any]:
         """Per-model statistics in the shape of Triton's ``/v2/models/{m}/stats``.
+
+        ``split=True`` (the REST face) adds to a routed model's unpinned entry ``split``, each
+        arm's share of traffic now, and ``canary``, its state, step and weight; gRPC clients
+        parse the entries into Triton's message, which has no such fields.
 
         Without ``version``, an entry for what answers unpinned requests (version ``""``) and
         one per version. ``queue`` stays zero: inferkit times each request from arrival to
@@ -273,6 +278,8 @@ class Repository:
                 pairs += sorted(model.versions.items(), key=lambda item: _version_order(item[0]))
             for label, target in pairs:
                 entries.append(_triton_stats(model_name, label, target))
+                if split and not label and isinstance(target, Router):
+                    entries[-1].update(_split(target))
         return {"model_stats": entries}
 
     def config(self, name: str, version: str | None = None) -> dict[str, Any]:
@@ -441,3 +448,12 @@ def _triton_stats(name: str, version: str, target: Predictive) -> dict[str, Any]
             for size, count in sorted(batch_sizes.items())
         ],
     }
+
+
+def _split(router: Router) -> dict[str, Any]:
+    """Additions to Triton's stats of a routed model: each arm's share now, and the canary's state."""
+    extra: dict[str, Any] = {"split": split_weights(router.policy)}
+    canary = find_canary(router.policy)
+    if canary is not None:
+        extra["canary"] = {"state": canary.state.value, "step": canary.step, "weight": canary.weight}
+    return extra

@@ -83,6 +83,7 @@ from starlette.routing import Route
 from starlette.types import Receive
 
 from inferkit.errors import InferkitError, ModelNotFound
+from inferkit.server import admin
 from inferkit.server.control import Controller, RepositoryControl, Unauthenticated, load_parameters
 from inferkit.server.logs import RequestLog
 from inferkit.server.metrics import Metrics
@@ -637,7 +638,9 @@ class _App:
     async def stats(self, request: Request) -> Response:
         """Triton-shaped statistics of one model (or version), or of every model."""
         try:
-            stats = self.repository.stats(request.path_params.get("model"), request.path_params.get("version"))
+            stats = self.repository.stats(
+                request.path_params.get("model"), request.path_params.get("version"), split=True
+            )
         except ModelNotFound as error:
             return self.fail(error)
         return JSONResponse(stats)
@@ -929,6 +932,7 @@ def create_app(
             Route(base + "/config", app.config, methods=["GET"]),
             Route(base + "/infer", app.infer, methods=["POST"]),
         ]
+    routes += admin.routes(repository, control.token, app.fail)  # canary control: on with a token only
     routes += status_routes(repository, page=status_page, served=lambda: starlette.routes)
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {HTTPException: _http_error}
     starlette = Starlette(routes=routes, exception_handlers=handlers)
