@@ -8,9 +8,24 @@
     ├── DeadlineExceeded (TimeoutError)  the request's deadline passed before it could run
     ├── ModelError                       the model raised, or returned something malformed
     │   └── ExecutionTimeout (TimeoutError)  the model call ran past ``execution_timeout``
+    │   └── DeviceOutOfMemory            the device ran out of memory even for this request alone
     ├── NoHealthyReplica                 every replica is ejected or gone
     ├── Closed                           the predictor is draining or closed
-    └── ModelNotFound (LookupError)      a server has no model (or version) by that name
+    ├── DeviceUnavailable (RuntimeError) ``strict=True`` and the device asked for cannot be used
+    ├── ModelNotFound (LookupError)      a server has no model (or version) by that name
+    ├── ConfigError (ValueError)         a server's configuration file is invalid
+    ├── RequestTooLarge                  a body past ``max_request_bytes`` / ``max_json_bytes`` (413)
+    ├── UnsupportedEncoding              a ``Content-Encoding`` other than gzip, deflate, identity (415)
+    ├── DecodingBusy                     large bodies being decoded hold ``max_decode_bytes`` (429/503)
+    ├── ClientDisconnected               the client left before its answer (499)
+    ├── Unauthenticated                  an admin call without the operator's token (401)
+    ├── Forbidden                        an admin call with a wrong token, or while it is off (403)
+    ├── LoadFailed                       a model could not be loaded; the old one still serves (400)
+    ├── NoCanary                         a canary operation on a model without one (409)
+    └── StoreUnavailable                 a canary's shared store cannot be reached (503)
+
+Errors a server answers with carry their HTTP status as ``status`` where it is not one of the
+protocol's usual mapping (:func:`inferkit.server.protocol.http_status`).
 
 ``InvalidInput``, ``Overloaded``, ``Closed``, ``NoHealthyReplica`` and ``DeadlineExceeded`` for a
 ``timeout <= 0`` raise from ``submit``/``predict`` directly; everything after admission arrives
@@ -20,15 +35,27 @@ through the request's future.
 from __future__ import annotations
 
 __all__ = [
+    "ClientDisconnected",
     "Closed",
+    "ConfigError",
     "DeadlineExceeded",
+    "DecodingBusy",
+    "DeviceOutOfMemory",
+    "DeviceUnavailable",
     "ExecutionTimeout",
+    "Forbidden",
     "InferkitError",
     "InvalidInput",
+    "LoadFailed",
     "ModelError",
     "ModelNotFound",
+    "NoCanary",
     "NoHealthyReplica",
     "Overloaded",
+    "RequestTooLarge",
+    "StoreUnavailable",
+    "Unauthenticated",
+    "UnsupportedEncoding",
 ]
 
 
@@ -75,3 +102,61 @@ class Closed(InferkitError):
 
 class ModelNotFound(InferkitError, LookupError):
     """A server has no model, or no version of it, by the name asked for."""
+
+
+class DeviceOutOfMemory(ModelError):
+    """The device ran out of memory even for this request on its own (after halving its batch)."""
+
+
+class DeviceUnavailable(InferkitError, RuntimeError):
+    """``strict=True`` and the device asked for cannot be used (CUDA will not load, no such GPU)."""
+
+
+class ConfigError(InferkitError, ValueError):
+    """The configuration file is invalid; the message names the field."""
+
+
+class RequestTooLarge(InferkitError):
+    """The body is larger than ``max_request_bytes`` (or its JSON part than ``max_json_bytes``) (413)."""
+
+
+class UnsupportedEncoding(InferkitError):
+    """The body's ``Content-Encoding`` is neither gzip, deflate nor identity (415)."""
+
+
+class DecodingBusy(InferkitError):
+    """Large requests being decoded (or answers encoded) already hold ``max_decode_bytes``; try again (429/503)."""
+
+
+class ClientDisconnected(InferkitError):
+    """The client went away before its answer was ready; a queued request was cancelled (499)."""
+
+
+class Unauthenticated(InferkitError):
+    """An admin call (model load or unload, canary control) without the operator's token (401, UNAUTHENTICATED)."""
+
+    status = 401
+
+
+class Forbidden(InferkitError):
+    """An admin call with a wrong token, or while that control is off (403, PERMISSION_DENIED)."""
+
+    status = 403
+
+
+class LoadFailed(InferkitError):
+    """A model could not be loaded (Triton's ``failed to load 'm', ...``): the old one still serves (400)."""
+
+    status = 400
+
+
+class NoCanary(InferkitError):
+    """The model is served but not behind a canary (409)."""
+
+    status = 409
+
+
+class StoreUnavailable(InferkitError):
+    """The canary's shared store cannot be reached: the canary keeps its last known weights (503)."""
+
+    status = 503

@@ -24,7 +24,9 @@ from typing import Any, Protocol, runtime_checkable
 import attrs
 
 from inferkit._validators import integer, number, optional_positive
-from inferkit.errors import InferkitError
+from inferkit.errors import (
+    StoreUnavailable,  # defined in the one error tree; importable here too
+)
 from inferkit.events import Event, deliver
 from inferkit.experiments import Window
 
@@ -336,12 +338,6 @@ class CanaryDecision(Event):
     weight: float
     reason: str
     numbers: Mapping[str, float]
-
-
-class StoreUnavailable(InferkitError):
-    """The canary's shared store cannot be reached: the canary keeps its last known weights (503)."""
-
-    status = 503
 
 
 @runtime_checkable

@@ -6,7 +6,11 @@ import re
 from collections.abc import Sequence
 
 from inferkit.backends.base import ReplicaFault
-from inferkit.errors import InferkitError, ModelError
+from inferkit.errors import (  # defined in the one error tree; importable here too
+    DeviceOutOfMemory,
+    DeviceUnavailable,
+    InferkitError,
+)
 
 __all__ = [
     "DeviceFallbackWarning",
@@ -24,14 +28,6 @@ _DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 
 class DeviceFallbackWarning(RuntimeWarning):
     """A GPU was asked for but the model runs (or pre/post-processing runs) on the CPU instead."""
-
-
-class DeviceUnavailable(InferkitError, RuntimeError):
-    """``strict=True`` and the device asked for cannot be used (CUDA will not load, no such GPU)."""
-
-
-class DeviceOutOfMemory(ModelError):
-    """The device ran out of memory even for this request on its own (after halving its batch)."""
 
 
 class DeviceLost(ReplicaFault):

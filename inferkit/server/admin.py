@@ -25,7 +25,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from inferkit.errors import InferkitError, ModelNotFound
+from inferkit.errors import (
+    InferkitError,
+    ModelNotFound,
+    NoCanary,  # defined in the one error tree; importable here too
+)
 from inferkit.policies import Canary, find_canary
 from inferkit.routing import Router
 from inferkit.server.control import TOKEN_ENV, Forbidden, Unauthenticated
@@ -36,12 +40,6 @@ __all__ = ["ACTIONS", "CanaryAdmin", "NoCanary", "routes"]
 ACTIONS = ("promote", "rollback", "pause", "resume")
 """What ``POST /v2/admin/models/{m}/canary/{action}`` may ask."""
 _MIN_TOKEN_CHARS = 16  # as repository control's
-
-
-class NoCanary(InferkitError):
-    """The model is served but not behind a canary (409)."""
-
-    status = 409
 
 
 class CanaryAdmin:

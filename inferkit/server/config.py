@@ -68,6 +68,7 @@ import attrs
 from inferkit._validators import integer, number
 from inferkit.autoscale import AutoscaleConfig, Autoscaler
 from inferkit.batching import BatchConfig
+from inferkit.errors import ConfigError  # defined in the one error tree; importable here too
 from inferkit.policies import ABTest, Canary, CanaryStore, FileStore, Fixed, Guard, Policy, StoreUnavailable
 from inferkit.pool import PoolConfig
 from inferkit.predictor import Predictor
@@ -88,10 +89,6 @@ _MODEL_KEYS = {
     "autoscale",
     *_POOL_KEYS,
 }
-
-
-class ConfigError(ValueError):
-    """The configuration file is invalid; the message names the field."""
 
 
 def _optional_connections(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:

@@ -25,7 +25,13 @@ from typing import Any, Protocol
 
 import attrs
 
-from inferkit.errors import InferkitError, InvalidInput, ModelNotFound
+from inferkit.errors import (  # defined in the one error tree; importable here too
+    Forbidden,
+    InvalidInput,
+    LoadFailed,
+    ModelNotFound,
+    Unauthenticated,
+)
 from inferkit.routing import Predictive
 from inferkit.server.repository import Repository, ServedModel
 
@@ -48,24 +54,6 @@ _DISABLED = (
     "explicit model load / unload is not allowed: repository control is off "
     "(enable it with [server] repository_control = true or --repository-control)"
 )
-
-
-class Unauthenticated(InferkitError):
-    """A load or unload without the operator's token (401, UNAUTHENTICATED)."""
-
-    status = 401
-
-
-class Forbidden(InferkitError):
-    """A load or unload with a wrong token, or while repository control is off (403, PERMISSION_DENIED)."""
-
-    status = 403
-
-
-class LoadFailed(InferkitError):
-    """A model could not be loaded (Triton's ``failed to load 'm', ...``): the old one still serves (400)."""
-
-    status = 400
 
 
 @attrs.frozen

@@ -82,7 +82,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive
 
-from inferkit.errors import InferkitError, ModelNotFound
+from inferkit.errors import (  # defined in the one error tree; importable here too
+    ClientDisconnected,
+    DecodingBusy,
+    InferkitError,
+    ModelNotFound,
+    RequestTooLarge,
+    UnsupportedEncoding,
+)
 from inferkit.server import admin
 from inferkit.server.control import Controller, RepositoryControl, Unauthenticated, load_parameters
 from inferkit.server.logs import RequestLog
@@ -174,22 +181,6 @@ JSON_OUTPUT_ELEMENT_COST = 64
 
 
 # Failures only the REST face has; their class names are the ``outcome`` label in the metrics.
-
-
-class RequestTooLarge(InferkitError):
-    """The body is larger than ``max_request_bytes`` (413)."""
-
-
-class UnsupportedEncoding(InferkitError):
-    """The body's ``Content-Encoding`` is neither gzip, deflate nor identity (415)."""
-
-
-class DecodingBusy(InferkitError):
-    """Large requests being decoded (or answers encoded) already hold ``max_decode_bytes``; try again (429/503)."""
-
-
-class ClientDisconnected(InferkitError):
-    """The client went away before its answer was ready; a queued request was cancelled (499)."""
 
 
 _STATUS: dict[type[BaseException], int] = {
