@@ -20,10 +20,17 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from inferkit.batching.config import BatchConfig
+from inferkit.pool import PoolConfig
+
 if TYPE_CHECKING:
     from inferkit.server.run import InferenceServer
 
 __all__ = ["main"]
+
+
+_BATCHING = BatchConfig()  # the command's defaults are the library's, written once
+_POOL = PoolConfig()
 
 
 def _at_least_one(text: str) -> int:
@@ -64,21 +71,28 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     serve.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 8001; -1 disables gRPC)")
-    serve.add_argument("--max-batch-size", type=int, default=64)
-    serve.add_argument("--max-delay-ms", type=float, default=2.0)
-    serve.add_argument("--max-queue-size", type=int, default=4096)
-    serve.add_argument("--replicas", type=int, default=1)
+    serve.add_argument("--max-batch-size", type=int, default=_BATCHING.max_batch_size)
+    serve.add_argument("--max-delay-ms", type=float, default=_BATCHING.max_delay_ms)
+    serve.add_argument("--max-queue-size", type=int, default=_BATCHING.max_queue_size)
+    serve.add_argument("--replicas", type=int, default=_POOL.replicas)
     ejection = serve.add_argument_group("replica health (a model file; a config sets them per model)")
     ejection.add_argument(
         "--execution-timeout", type=_positive, default=None, help="seconds a model call may take (default: no limit)"
     )
     ejection.add_argument(
-        "--eject-after", type=_at_least_one, default=5, help="consecutive failed batches that eject a replica"
+        "--eject-after", type=_at_least_one, default=_POOL.eject_after, help="consecutive faults that eject a replica"
     )
-    ejection.add_argument("--eject-cooldown", type=_positive, default=5.0, help="seconds of a first ejection")
-    ejection.add_argument("--eject-max-cooldown", type=_positive, default=60.0, help="seconds of the longest ejection")
     ejection.add_argument(
-        "--max-ejected-fraction", type=_fraction, default=0.5, help="share of replicas ejected at once (at least one)"
+        "--eject-cooldown", type=_positive, default=_POOL.cooldown, help="seconds of a first ejection"
+    )
+    ejection.add_argument(
+        "--eject-max-cooldown", type=_positive, default=_POOL.max_cooldown, help="seconds of the longest ejection"
+    )
+    ejection.add_argument(
+        "--max-ejected-fraction",
+        type=_fraction,
+        default=_POOL.max_ejected_fraction,
+        help="share of replicas ejected at once (at least one; never the last healthy one)",
     )
     serve.add_argument("--overload-status", type=int, choices=(429, 503), default=503)
     serve.add_argument(

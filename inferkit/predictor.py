@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Predictor", "State"]
 
+_BATCHING = BatchConfig()  # every batching and pool default is the config class's, written once
+_POOL = PoolConfig()
+
 
 class State(enum.Enum):
     """A predictor's lifecycle."""
@@ -95,12 +98,12 @@ class Predictor:
         cls,
         model: str | os.PathLike[str] | bytes,
         *,
-        max_batch_size: int = 64,
-        max_delay_ms: float = 2.0,
-        max_queue_size: int = 4096,
-        replicas: int = 1,
-        balancing: str | Balancer = "shared",
-        execution_timeout: float | None = None,
+        max_batch_size: int = _BATCHING.max_batch_size,
+        max_delay_ms: float = _BATCHING.max_delay_ms,
+        max_queue_size: int = _BATCHING.max_queue_size,
+        replicas: int = _POOL.replicas,
+        balancing: str | Balancer = _POOL.balancing,
+        execution_timeout: float | None = _POOL.execution_timeout,
         providers: Sequence[Any] | None = None,
         session_options: Any = None,
         intra_op_threads: int | None = None,
@@ -108,6 +111,7 @@ class Predictor:
         name: str | None = None,
         observers: Sequence[Observer] = (),
         pool: PoolConfig | None = None,
+        batching: BatchConfig | None = None,
         device: str | Sequence[str] | None = None,
         strict: bool = False,
         provider_options: Mapping[str, Mapping[str, Any]] | None = None,
@@ -134,16 +138,17 @@ class Predictor:
         ``max_batch_size`` once per replica before the predictor is ready. ``providers`` and
         ``session_options`` go to ``onnxruntime.InferenceSession`` as they are. ``pool`` is a
         whole :class:`PoolConfig` (ejection settings included) in place of ``replicas``,
-        ``balancing`` and ``execution_timeout``.
+        ``balancing`` and ``execution_timeout``, and ``batching`` a whole :class:`BatchConfig`
+        in place of ``max_batch_size``, ``max_delay_ms`` and ``max_queue_size``.
         """
         from inferkit.backends.onnx import OnnxBackend, default_intra_op_threads  # noqa: PLC0415
 
-        batching = BatchConfig(max_batch_size, max_delay_ms, max_queue_size)
+        batching = _batching(batching, max_batch_size, max_delay_ms, max_queue_size)
         pool = _pool(pool, replicas, balancing, execution_timeout)
         threads = intra_op_threads
         if threads is None and session_options is None:
             threads = default_intra_op_threads(pool.replicas)
-        sizes = _warmup_sizes(max_batch_size) if warmup else ()
+        sizes = _warmup_sizes(batching.max_batch_size) if warmup else ()
         if name is None:
             name = "model" if isinstance(model, bytes) else Path(model).stem
 
@@ -177,15 +182,16 @@ class Predictor:
         outputs: Sequence[TensorSpec] = (),
         device: str | Sequence[str] = "cpu",
         compile: bool | Mapping[str, Any] = False,  # noqa: A002  (torch's own word)
-        max_batch_size: int = 64,
-        max_delay_ms: float = 2.0,
-        max_queue_size: int = 4096,
-        replicas: int = 1,
-        balancing: str | Balancer = "shared",
-        execution_timeout: float | None = None,
+        max_batch_size: int = _BATCHING.max_batch_size,
+        max_delay_ms: float = _BATCHING.max_delay_ms,
+        max_queue_size: int = _BATCHING.max_queue_size,
+        replicas: int = _POOL.replicas,
+        balancing: str | Balancer = _POOL.balancing,
+        execution_timeout: float | None = _POOL.execution_timeout,
         name: str = "model",
         observers: Sequence[Observer] = (),
         pool: PoolConfig | None = None,
+        batching: BatchConfig | None = None,
         pipeline: Pipeline | None = None,
         preprocess: Callable[[Any], Any] | None = None,
         postprocess: Callable[[Any], Any] | None = None,
@@ -212,7 +218,7 @@ class Predictor:
             where = devices[next(turn) % len(devices)]
             return _wrap(TorchBackend(net, device=where, inputs=inputs, outputs=outputs, compile=compile), pipe)
 
-        batching = BatchConfig(max_batch_size, max_delay_ms, max_queue_size)
+        batching = _batching(batching, max_batch_size, max_delay_ms, max_queue_size)
         pool = _pool(pool, replicas, balancing, execution_timeout)
         return cls(make, batching=batching, pool=pool, name=name, observers=observers)
 
@@ -224,15 +230,16 @@ class Predictor:
         factory: Callable[[], Callable[[Any], Any]] | None = None,
         inputs: Sequence[TensorSpec] | None = None,
         outputs: Sequence[TensorSpec] = (),
-        max_batch_size: int = 64,
-        max_delay_ms: float = 2.0,
-        max_queue_size: int = 4096,
-        replicas: int = 1,
-        balancing: str | Balancer = "shared",
-        execution_timeout: float | None = None,
+        max_batch_size: int = _BATCHING.max_batch_size,
+        max_delay_ms: float = _BATCHING.max_delay_ms,
+        max_queue_size: int = _BATCHING.max_queue_size,
+        replicas: int = _POOL.replicas,
+        balancing: str | Balancer = _POOL.balancing,
+        execution_timeout: float | None = _POOL.execution_timeout,
         name: str = "model",
         observers: Sequence[Observer] = (),
         pool: PoolConfig | None = None,
+        batching: BatchConfig | None = None,
         pipeline: Pipeline | None = None,
         preprocess: Callable[[Any], Any] | None = None,
         postprocess: Callable[[Any], Any] | None = None,
@@ -259,7 +266,7 @@ class Predictor:
         def make() -> Backend:
             return _wrap(CallableBackend(fn if fn is not None else factory(), signature), pipe)  # type: ignore[misc]
 
-        batching = BatchConfig(max_batch_size, max_delay_ms, max_queue_size)
+        batching = _batching(batching, max_batch_size, max_delay_ms, max_queue_size)
         pool = _pool(pool, replicas, balancing, execution_timeout)
         caller = signature if pipe is None else None  # read from the wrapped backend: the pipeline's view
         return cls(make, batching=batching, pool=pool, signature=caller, name=name, observers=observers)
@@ -459,12 +466,24 @@ class Predictor:
         deliver(self._observers, event)
 
 
+def _batching(
+    batching: BatchConfig | None, max_batch_size: int, max_delay_ms: float, max_queue_size: int
+) -> BatchConfig:
+    given = (max_batch_size, max_delay_ms, max_queue_size)
+    if batching is None:
+        return BatchConfig(*given)
+    if given != (_BATCHING.max_batch_size, _BATCHING.max_delay_ms, _BATCHING.max_queue_size):
+        msg = "give batching= or max_batch_size/max_delay_ms/max_queue_size, not both"
+        raise TypeError(msg)
+    return batching
+
+
 def _pool(
     pool: PoolConfig | None, replicas: int, balancing: str | Balancer, execution_timeout: float | None
 ) -> PoolConfig:
     if pool is None:
         return PoolConfig(replicas, balancing, execution_timeout)
-    if (replicas, balancing, execution_timeout) != (1, "shared", None):
+    if (replicas, balancing, execution_timeout) != (_POOL.replicas, _POOL.balancing, _POOL.execution_timeout):
         msg = "give pool= or replicas/balancing/execution_timeout, not both"
         raise TypeError(msg)
     return pool

@@ -80,11 +80,10 @@ __all__ = ["ConfigError", "ConnectionLimits", "ModelLoader", "ServerConfig", "ch
 
 T = TypeVar("T")
 _POOL_KEYS = ("replicas", "execution_timeout", "eject_after", "cooldown", "max_cooldown", "max_ejected_fraction")
+_BATCH_KEYS = tuple(attrs.fields_dict(BatchConfig))
 _MODEL_KEYS = {
     "path",
-    "max_batch_size",
-    "max_delay_ms",
-    "max_queue_size",
+    *_BATCH_KEYS,
     "intra_op_threads",
     "autoscale",
     *_POOL_KEYS,
@@ -191,12 +190,7 @@ def _predictor(spec: Mapping[str, Any], where: str, base: Path, name: str) -> Pr
     if not path.is_file():
         msg = f"{where}.path: no model file at {path}"
         raise ConfigError(msg)
-    batching = _field(
-        where,
-        lambda: BatchConfig(
-            spec.get("max_batch_size", 64), spec.get("max_delay_ms", 2.0), spec.get("max_queue_size", 4096)
-        ),
-    )
+    batching = _field(where, lambda: BatchConfig(**{k: spec[k] for k in _BATCH_KEYS if k in spec}))
     pool = _field(where, lambda: PoolConfig(**{k: spec[k] for k in _POOL_KEYS if k in spec}))
     autoscale = None
     if "autoscale" in spec:
@@ -206,9 +200,7 @@ def _predictor(spec: Mapping[str, Any], where: str, base: Path, name: str) -> Pr
         where,
         lambda: Predictor.from_onnx(
             path,
-            max_batch_size=batching.max_batch_size,
-            max_delay_ms=batching.max_delay_ms,
-            max_queue_size=batching.max_queue_size,
+            batching=batching,
             pool=pool,
             intra_op_threads=spec.get("intra_op_threads"),
             name=name,
