@@ -32,6 +32,7 @@ __all__ = [
     "ReplicaEjected",
     "ReplicaReplaced",
     "RequestsExpired",
+    "Routed",
     "StateChanged",
     "Submitted",
     "new_request_id",
@@ -74,6 +75,13 @@ class Submitted(Event):
     """A request got its id; delivered only to :func:`tap` observers, on the submitting thread."""
 
     request_id: int
+
+
+@attrs.frozen
+class Routed(Event):
+    """A router (``name``) chose ``arm``; delivered only to :func:`tap` observers, on the routing thread."""
+
+    arm: str
 
 
 @attrs.frozen

@@ -22,6 +22,7 @@ from typing import Any, Protocol, Self, runtime_checkable
 import attrs
 import numpy as np
 
+from inferkit import events
 from inferkit.batching import notify_cancelled
 from inferkit.errors import (
     Closed,
@@ -32,7 +33,7 @@ from inferkit.errors import (
     NoHealthyReplica,
     Overloaded,
 )
-from inferkit.events import Event, LogObserver, Observer, deliver
+from inferkit.events import Event, LogObserver, Observer, Routed, deliver
 from inferkit.experiments import Experiment, Report
 from inferkit.policies import ABTest, Canary, Feedback, Policy, Route, find_canary
 
@@ -197,6 +198,8 @@ class Router:
             raise Closed(msg)
         u = key_id / 2.0**64 if key_id is not None else self._rng.random()  # a key's stable point in [0, 1)
         route = self._policy.route(u, attributes or {})
+        if events._taps:  # tracing: to tapped observers only, never logged per request
+            deliver(events._taps, Routed(self.name, route.arm))
         if self._on_route is not None:
             self._on_route(route.arm)
         return route

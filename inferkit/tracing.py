@@ -1,0 +1,207 @@
+"""OpenTelemetry tracing of requests, batches and routing, built from inferkit's events (the ``otel`` extra).
+
+Nothing here is imported by ``import inferkit``; until :func:`instrument` is called, tracing
+costs nothing. Once instrumented, a tapped observer (:func:`inferkit.events.tap`) turns the
+core's events into spans with explicit start and end times, so the batcher itself holds no
+OpenTelemetry code:
+
+``inferkit.route``
+    A router's choice of arm (``inferkit.router``, ``inferkit.arm``), a child of the caller's context.
+``inferkit.request``
+    One request, from submission to its end, a child of the caller's current context (or of the
+    W3C ``traceparent`` a server request carried, see :func:`attach_remote`); ``inferkit.model``,
+    ``inferkit.request_id`` and, behind a router, ``inferkit.router`` and ``inferkit.arm``.
+``inferkit.queue``
+    A child of the request: from submission to the start of its batch.
+``inferkit.batch``
+    One batch, the root of its own trace, linked to each of its requests' spans; ``inferkit.model``,
+    ``inferkit.replica``, ``inferkit.batch_size`` (requests), ``inferkit.rows``, ``inferkit.reason``.
+``inferkit.model_call``
+    A child of the batch: the backend's call on its rows.
+
+A request split over several batches ends with its first batch (later batches are still
+linked to it while it is remembered). Requests refused at admission or cancelled while queued
+emit no event that ends them; their spans are dropped, never exported, once
+``max_pending`` newer requests are waiting.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib.metadata
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Link, Span, StatusCode, TracerProvider
+
+from inferkit.events import BatchDone, Event, RequestsExpired, Routed, Submitted, tap, untap
+
+__all__ = ["active", "attach_remote", "instrument", "uninstrument"]
+
+_MAX_PENDING = 100_000  # requests whose spans are open; past it the oldest are dropped unexported
+
+# The arm a router just chose on this thread or task, for the request its arm submits next.
+_routed: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("inferkit_routed", default=None)
+
+
+@attrs.define
+class _Pending:
+    span: Span
+    submitted_ns: int
+
+
+class _Tracer:
+    """The tapped observer: one open span per request id, bounded by ``max_pending``."""
+
+    def __init__(self, tracer: trace.Tracer, max_pending: int) -> None:
+        self._tracer = tracer
+        self._max = max_pending
+        self._lock = threading.Lock()
+        self._pending: OrderedDict[int, _Pending] = OrderedDict()
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Submitted):
+            self._submitted(event)
+        elif isinstance(event, BatchDone):
+            self._batch(event)
+        elif isinstance(event, RequestsExpired):
+            self._expired(event)
+        elif isinstance(event, Routed):
+            self._route(event)
+
+    def _route(self, event: Routed) -> None:
+        now = time.time_ns()
+        attributes = {"inferkit.router": event.name, "inferkit.arm": event.arm}
+        self._tracer.start_span("inferkit.route", start_time=now, attributes=attributes).end(end_time=now)
+        _routed.set((event.name, event.arm))
+
+    def _submitted(self, event: Submitted) -> None:
+        now = time.time_ns()
+        attributes: dict[str, str | int] = {"inferkit.model": event.name, "inferkit.request_id": event.request_id}
+        routed = _routed.get()
+        if routed is not None:
+            _routed.set(None)  # the choice belongs to this request only
+            attributes["inferkit.router"], attributes["inferkit.arm"] = routed
+        span = self._tracer.start_span("inferkit.request", start_time=now, attributes=attributes)
+        with self._lock:
+            self._pending[event.request_id] = _Pending(span, now)
+            if len(self._pending) > self._max:
+                self._pending.popitem(last=False)
+
+    def _take(self, request_ids: Iterable[int]) -> list[tuple[int, _Pending]]:
+        with self._lock:
+            return [(i, p) for i, p in ((i, self._pending.pop(i, None)) for i in request_ids) if p is not None]
+
+    def _batch(self, event: BatchDone) -> None:
+        end = time.time_ns()
+        start = end - int(event.duration_s * 1e9)
+        failed = set(event.failed_request_ids)
+        taken = self._take(event.request_ids)
+        for request_id, pending in taken:
+            self._queued(pending, event.name, max(start, pending.submitted_ns))
+            if request_id in failed:
+                pending.span.set_status(StatusCode.ERROR, "the model failed on this request")
+            pending.span.end(end_time=end)
+        attributes: dict[str, str | int] = {
+            "inferkit.model": event.name,
+            "inferkit.replica": event.replica,
+            "inferkit.batch_size": len(event.request_ids),
+            "inferkit.rows": event.rows,
+            "inferkit.reason": event.reason,
+        }
+        links = [Link(p.span.get_span_context()) for _, p in taken]
+        batch = self._tracer.start_span(
+            "inferkit.batch", context=otel_context.Context(), links=links, start_time=start, attributes=attributes
+        )
+        call = self._tracer.start_span(
+            "inferkit.model_call",
+            context=trace.set_span_in_context(batch),
+            start_time=start,
+            attributes={"inferkit.model": event.name, "inferkit.replica": event.replica, "inferkit.rows": event.rows},
+        )
+        if failed:
+            batch.set_attribute("inferkit.failed", len(failed))
+            if len(failed) == len(event.request_ids):
+                call.set_status(StatusCode.ERROR, "the model failed on the batch")
+        call.end(end_time=end)
+        batch.end(end_time=end)
+
+    def _expired(self, event: RequestsExpired) -> None:
+        now = time.time_ns()
+        for _, pending in self._take(event.request_ids):
+            self._queued(pending, event.name, now)
+            pending.span.set_status(StatusCode.ERROR, "deadline exceeded while queued")
+            pending.span.end(end_time=now)
+
+    def _queued(self, pending: _Pending, model: str, until_ns: int) -> None:
+        span = self._tracer.start_span(
+            "inferkit.queue",
+            context=trace.set_span_in_context(pending.span),
+            start_time=pending.submitted_ns,
+            attributes={"inferkit.model": model},
+        )
+        span.end(end_time=until_ns)
+
+
+_lock = threading.Lock()
+_current: _Tracer | None = None
+
+
+def instrument(tracer_provider: TracerProvider | None = None, *, max_pending: int = _MAX_PENDING) -> None:
+    """Trace every predictor and router of the process into ``tracer_provider`` (the global one by default).
+
+    Calling it again replaces the previous instrumentation. ``max_pending`` bounds the requests
+    whose spans are open at once.
+    """
+    global _current
+    if max_pending < 1:
+        msg = f"max_pending must be >= 1, got {max_pending!r}"
+        raise ValueError(msg)
+    tracer = trace.get_tracer("inferkit", _version(), tracer_provider=tracer_provider)
+    with _lock:
+        old, _current = _current, _Tracer(tracer, max_pending)
+        if old is not None:
+            untap(old)
+        tap(_current)
+
+
+def _version() -> str | None:
+    try:
+        return importlib.metadata.version("inferkit-serve")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def uninstrument() -> None:
+    """Stop tracing (no-op when not instrumented); spans still open are dropped."""
+    global _current
+    with _lock:
+        old, _current = _current, None
+        if old is not None:
+            untap(old)
+
+
+def active() -> bool:
+    """Whether :func:`instrument` is in force."""
+    return _current is not None
+
+
+def attach_remote(carrier: Any) -> None:
+    """Make the trace context a server request carries (W3C ``traceparent``) current for its handling.
+
+    ``carrier`` is a mapping of HTTP headers, or gRPC metadata (pairs of key and value). It is
+    extracted with the global propagator (W3C trace context and baggage unless configured
+    otherwise) and attached to the current context, which a server gives each request its own
+    (an asyncio task); without a ``traceparent`` the request's spans start a new trace.
+    """
+    if isinstance(carrier, Mapping):
+        headers = {str(k).lower(): v for k, v in carrier.items() if isinstance(v, str)}
+    else:
+        headers = {str(k).lower(): v for k, v in (carrier or ()) if isinstance(v, str)}
+    otel_context.attach(propagate.extract(headers, context=otel_context.Context()))
