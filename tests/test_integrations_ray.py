@@ -57,6 +57,28 @@ def test_ray_data_matches_local(cluster: None, model_file: Path) -> None:
         np.testing.assert_array_equal(got[tuple(xi)], yi)
 
 
+def test_ray_data_parquet_feature_columns(cluster: None, model_file: Path, tmp_path: Path) -> None:
+    """read_parquet + BatchPredictor: a one-input model takes the file's columns as features, in order."""
+    import pyarrow as pa  # in the ray extra, through bulk
+    import pyarrow.parquet as pq
+
+    x = np.random.default_rng(2).standard_normal((600, 4)).astype(np.float32)
+    pq.write_table(pa.table({c: x[:, i] for i, c in enumerate("abcd")}), tmp_path / "x.parquet")
+    ds = ray.data.read_parquet(str(tmp_path / "x.parquet")).map_batches(
+        ik_ray.BatchPredictor,
+        fn_constructor_kwargs={"model": str(model_file)},
+        compute=ray.data.ActorPoolStrategy(size=1),  # one file may be one block: see above
+        batch_size=256,
+    )
+    rows = ds.take_all()
+    with inferkit.Predictor.from_onnx(model_file) as local:
+        want = local.map(x)
+    got = {(r["a"], r["b"], r["c"], r["d"]): r["y"] for r in rows}
+    assert len(rows) == len(x)
+    for xi, yi in zip(x, want, strict=True):
+        np.testing.assert_array_equal(got[tuple(xi)], yi)
+
+
 def test_ray_serve_speaks_open_inference_protocol(cluster: None, model_file: Path) -> None:
     """tritonclient.http against the Ray Serve deployment gets the local Predictor's outputs."""
     from ray import serve
