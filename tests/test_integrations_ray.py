@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +25,12 @@ def _cluster() -> Iterator[None]:
         ray.shutdown()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @pytest.fixture(name="model_file")
 def _model_file(mlp_model: bytes, tmp_path: Path) -> Path:
     path = tmp_path / "mlp.onnx"
@@ -35,13 +41,39 @@ def _model_file(mlp_model: bytes, tmp_path: Path) -> Path:
 def test_ray_data_matches_local(cluster: None, model_file: Path) -> None:
     """map_batches with BatchPredictor gives the local Predictor's outputs, row for row."""
     x = np.random.default_rng(0).standard_normal((5000, 4)).astype(np.float32)
-    ds = ray.data.from_numpy(x).map_batches(
-        ik_ray.BatchPredictor, fn_constructor_kwargs={"model": str(model_file)}, concurrency=2, batch_size=1024
+    # Four blocks, so both actors get work: Ray warns (an error here) when a pool outnumbers its blocks.
+    ds = ray.data.from_numpy(np.array_split(x, 4)).map_batches(
+        ik_ray.BatchPredictor,
+        fn_constructor_kwargs={"model": str(model_file)},
+        compute=ray.data.ActorPoolStrategy(size=2),
+        batch_size=1024,
     )
     rows = ds.take_all()
     with inferkit.Predictor.from_onnx(model_file) as local:
         want = local.map(x)
     got = {tuple(r["data"]): r["y"] for r in rows}
+    assert len(rows) == len(x)
+    for xi, yi in zip(x, want, strict=True):
+        np.testing.assert_array_equal(got[tuple(xi)], yi)
+
+
+def test_ray_data_parquet_feature_columns(cluster: None, model_file: Path, tmp_path: Path) -> None:
+    """read_parquet + BatchPredictor: a one-input model takes the file's columns as features, in order."""
+    import pyarrow as pa  # in the ray extra, through bulk
+    import pyarrow.parquet as pq
+
+    x = np.random.default_rng(2).standard_normal((600, 4)).astype(np.float32)
+    pq.write_table(pa.table({c: x[:, i] for i, c in enumerate("abcd")}), tmp_path / "x.parquet")
+    ds = ray.data.read_parquet(str(tmp_path / "x.parquet")).map_batches(
+        ik_ray.BatchPredictor,
+        fn_constructor_kwargs={"model": str(model_file)},
+        compute=ray.data.ActorPoolStrategy(size=1),  # one file may be one block: see above
+        batch_size=256,
+    )
+    rows = ds.take_all()
+    with inferkit.Predictor.from_onnx(model_file) as local:
+        want = local.map(x)
+    got = {(r["a"], r["b"], r["c"], r["d"]): r["y"] for r in rows}
     assert len(rows) == len(x)
     for xi, yi in zip(x, want, strict=True):
         np.testing.assert_array_equal(got[tuple(xi)], yi)
@@ -56,10 +88,10 @@ def test_ray_serve_speaks_open_inference_protocol(cluster: None, model_file: Pat
         lambda: inferkit.Predictor.from_onnx(model_file, name="mlp"),
         autoscaling_config={"min_replicas": 1, "max_replicas": 2},
     )
-    serve.start(http_options={"host": "127.0.0.1", "port": 0})
+    port = _free_port()  # Serve's proxy takes `port` as it is: 0 is not "any free port"
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(app, route_prefix="/")
-        port: Any = serve.context._get_global_client().http_config.port  # the port Serve bound
         x = np.random.default_rng(1).standard_normal((7, 4)).astype(np.float32)
         client = triton.InferenceServerClient(f"127.0.0.1:{port}")
         try:

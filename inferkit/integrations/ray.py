@@ -25,9 +25,10 @@ class BatchPredictor:
     """A Ray Data ``map_batches`` class: one Predictor per actor, built once.
 
     ``model`` is an ONNX path (or bytes) given to :meth:`Predictor.from_onnx` with
-    ``options``, or a callable returning a ready Predictor. Columns named after the model's
-    inputs feed them; a one-input model with no such column takes every column stacked as
-    features. Each output is added to the batch as a column of its name.
+    ``options`` (``map_batch_size``, default 1024, is the batch size of its
+    :meth:`~inferkit.Predictor.map`), or a callable returning a ready Predictor. Columns named
+    after the model's inputs feed them; a one-input model with no such column takes every
+    column stacked as features. Each output is added to the batch as a column of its name.
     """
 
     def __init__(self, model: str | os.PathLike[str] | bytes | Callable[[], Any], **options: Any) -> None:
@@ -79,7 +80,9 @@ def deployment(factory: Callable[[], Any], *, name: str | None = None, **options
     ``factory`` runs once per Serve replica. ``name`` is the model's name on the wire (default:
     the predictor's). ``options`` go to ``serve.deployment`` as they are (``autoscaling_config``,
     ``num_replicas``, ``ray_actor_options``, ...). Run it with ``serve.run(app)``; the paths are
-    ``/v2/models/<name>/infer`` and the rest of ``inferkit serve``'s REST face.
+    ``/v2/models/<name>/infer`` and the rest of ``inferkit serve``'s REST face. Give Serve's
+    proxy a fixed port (``serve.start(http_options={"port": 8000})``): it does not read 0 as
+    "any free port".
     """
     from ray import serve  # noqa: PLC0415  (the ray extra)
 
