@@ -121,7 +121,7 @@ def _needs_pyarrow(what: str) -> Any:
     try:
         import pyarrow as pa  # noqa: PLC0415  (the bulk extra)
     except ImportError as error:
-        msg = f"reading {what} needs pyarrow: pip install 'inferkit[bulk]'"
+        msg = f"reading {what} needs pyarrow: pip install 'inferkit-serve[bulk]'"
         raise ImportError(msg) from error
     return pa
 
