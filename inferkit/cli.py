@@ -14,7 +14,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -145,6 +145,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     logs.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning")
     logs.add_argument("--access-log", action="store_true", help="one line per inference request")
+    logs.add_argument(
+        "--trace",
+        choices=("off", "console", "otlp"),
+        default="off",
+        help="OpenTelemetry spans (the otel extra): to stderr, or over OTLP/HTTP to OTEL_EXPORTER_OTLP_ENDPOINT "
+        "(needs opentelemetry-exporter-otlp-proto-http); W3C traceparent is always honoured",
+    )
     serve.add_argument(
         "--status-page",
         action=argparse.BooleanOptionalAction,
@@ -221,8 +228,11 @@ def _canary(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    if args.command in _COMMANDS:
-        return _COMMANDS[args.command](args)
+    return _COMMANDS[args.command](args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """``inferkit serve``: load the models, serve until SIGTERM or SIGINT, print the final counters."""
     try:
         from inferkit.server.config import (  # noqa: PLC0415 (the server extra)
             ConfigError,
@@ -332,7 +342,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         access_log=args.access_log,
         status_page=args.status_page,
     )
-    run_loop(server.run(handle_signals=True, on_start=_announce), server.loop)
+    try:
+        flush = _tracing(args.trace)
+    except ImportError as error:
+        print(f"inferkit serve: --trace {args.trace} needs {error.name}: {error}", file=sys.stderr)
+        repository.close()
+        return 2
+    try:
+        run_loop(server.run(handle_signals=True, on_start=_announce), server.loop)
+    finally:
+        flush()
     for name, stats in repository.predictor_stats().items():
         failed = sum(stats.failed.values())
         print(
@@ -342,6 +361,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
     return 0
+
+
+def _tracing(kind: str) -> Callable[[], None]:
+    """Instrument this process for ``--trace``; return what exports the last spans at exit."""
+    if kind == "off":
+        return lambda: None
+    from opentelemetry.sdk.resources import Resource  # noqa: PLC0415 (the otel extra)
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter  # noqa: PLC0415
+
+    from inferkit import tracing  # noqa: PLC0415
+
+    exporter: SpanExporter
+    if kind == "console":
+        exporter = ConsoleSpanExporter(out=sys.stderr)
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: PLC0415
+
+        exporter = OTLPSpanExporter()  # endpoint, headers, timeout: the standard OTEL_EXPORTER_OTLP_* variables
+    provider = TracerProvider(resource=Resource.create({"service.name": "inferkit"}))  # OTEL_SERVICE_NAME wins
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    tracing.instrument(provider)
+    return provider.shutdown
 
 
 def _announce(server: InferenceServer) -> None:
@@ -488,7 +530,7 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"predict": _predict, "bench": _bench, "canary": _canary}
+_COMMANDS = {"serve": _serve, "predict": _predict, "bench": _bench, "canary": _canary}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -610,3 +610,59 @@ class TestOpenFiles:
                 proc.wait(WAIT)
             if proc.stderr is not None:
                 proc.stderr.close()
+
+
+class TestTraceFlag:
+    """``inferkit serve --trace console`` exports spans that continue the client's trace."""
+
+    def test_console_spans_carry_the_callers_trace(self, tmp_path: Path) -> None:
+        """A request with a W3C traceparent: the exported request span has its trace id and parent."""
+        pytest.importorskip("opentelemetry.sdk")
+        proc, port, _ = _start_cli(str(_model(tmp_path / "scale.onnx")), "--trace", "console")
+        trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+        try:
+            with httpx.Client(timeout=WAIT) as client:
+                x = np.ones((1, 4), np.float32)
+                response = _infer_json(client, port, "scale", x, traceparent=f"00-{trace_id}-{parent}-01")
+                assert response.status_code == 200, response.text
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0, err
+        spans = [json.loads(block) for block in re.findall(r"^\{\n.*?^\}", err, re.DOTALL | re.MULTILINE)]
+        requests = [s for s in spans if s["name"] == "inferkit.request"]
+        assert requests, err[-2000:]
+        assert requests[0]["context"]["trace_id"] == "0x" + trace_id
+        assert requests[0]["parent_id"] == "0x" + parent
+        assert {s["name"] for s in spans} >= {"inferkit.request", "inferkit.queue", "inferkit.batch"}
+
+    def test_otlp_without_its_exporter_is_refused(self, tmp_path: Path) -> None:
+        """--trace otlp without the OTLP exporter installed exits 2 and names what to install."""
+        try:
+            import opentelemetry.exporter.otlp.proto.http  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            pytest.skip("the OTLP exporter is installed here")
+        pytest.importorskip("opentelemetry.sdk")
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "inferkit.cli",
+                "serve",
+                str(_model(tmp_path / "m.onnx")),
+                "--trace",
+                "otlp",
+                "--port",
+                "0",
+                "--grpc-port",
+                "0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            check=False,
+        )
+        assert done.returncode == 2
+        assert "--trace otlp needs opentelemetry" in done.stderr
