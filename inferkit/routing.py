@@ -35,7 +35,7 @@ from inferkit.errors import (
 )
 from inferkit.events import Event, LogObserver, Observer, Routed, deliver
 from inferkit.experiments import Experiment, Report
-from inferkit.policies import ABTest, Canary, Feedback, Policy, Route, find_canary
+from inferkit.policies import ABTest, Canary, Feedback, Policy, Route, find_canary, observes_of
 
 __all__ = ["Predictive", "RoutedFuture", "Router", "RouterStats", "ShadowStats"]
 
@@ -188,8 +188,8 @@ class Router:
             raise ValueError(msg)
         canary = find_canary(policy)
         if canary is not None:
-            canary.emit, canary.name = self._emit, self.name
-        self._observes = bool(getattr(policy, "observes", True))  # read once: policies are fixed once built
+            canary.bind(self.name, self._emit)
+        self._observes = observes_of(policy)  # read once: policies are fixed once built
         self._policy = policy
 
     def _route(self, key_id: int | None, attributes: Mapping[str, str] | None) -> Route:
