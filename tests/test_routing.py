@@ -28,8 +28,10 @@ from inferkit import (
     Route,
     Router,
     Shadow,
+    TensorSpec,
 )
 from inferkit.policies import find_canary
+from inferkit.routing import Predictive
 from inferkit.server import Repository
 from inferkit.server.status import StatusBoard
 
@@ -373,6 +375,25 @@ class TestPolicyProtocol:
             r.predict(x())
         assert [f.kind for f in fed] == ["served"]
         assert find_canary(Old()) is None  # type: ignore[arg-type]
+
+
+class TestArmProtocol:
+    """An arm declares its signature and readiness; a Router is an arm like a Predictor."""
+
+    def test_a_router_answers_for_its_arms(self) -> None:
+        """A router's signature is its first arm's; it is ready only while every arm is."""
+        spec = TensorSpec("x", np.float32, (None, 2))
+        typed = Predictor.from_callable(
+            lambda a: a * 2, inputs=[spec], outputs=[TensorSpec("y", np.float32, (None, 2))]
+        )
+        late = arm(3)
+        with Router({"v1": typed, "v2": late}) as r:
+            assert isinstance(r, Predictive)
+            assert isinstance(typed, Predictive)
+            assert r.signature is typed.signature is not None
+            assert r.ready
+            late.close()
+            assert not r.ready
 
 
 class TestShadow:
