@@ -80,7 +80,18 @@ class Feedback:
 
 @runtime_checkable
 class Policy(Protocol):
-    """**Protocol**: picks an arm for each request and learns from what happened."""
+    """**Protocol**: picks an arm for each request and learns from what happened.
+
+    Besides routing, a policy tells the router two things: whether it ``observes`` (reads
+    ``"served"`` feedback; the router skips building feedback nobody reads) and its
+    :meth:`children`, the policies it wraps, through which the router and the server find a
+    :class:`Canary` to drive and show. A wrapper of your own that returns what it wraps from
+    ``children()`` works with canary discovery like :class:`Shadow` and :class:`Match` do.
+    """
+
+    @property
+    def observes(self) -> bool:
+        """Whether :meth:`feedback` reads served requests (read once, when the router takes the policy)."""
 
     def route(self, u: float, attributes: Mapping[str, str]) -> Route:
         """The route for a request at point ``u`` of ``[0, 1)`` with the caller's attributes."""
@@ -90,6 +101,20 @@ class Policy(Protocol):
 
     def feedback(self, feedback: Feedback) -> None:
         """Take note of a served request, a shadow comparison or a recorded outcome."""
+
+    def children(self) -> Sequence[Policy]:
+        """The policies this one wraps, in the order it consults them; ``()`` for a leaf."""
+
+
+def children_of(policy: Policy) -> Sequence[Policy]:
+    """``policy.children()``; ``()`` for a policy written before the protocol declared it."""
+    of = getattr(policy, "children", None)
+    return () if of is None else of()
+
+
+def observes_of(policy: Policy) -> bool:
+    """``policy.observes``; ``True`` for a policy written before the protocol declared it (always fed)."""
+    return bool(getattr(policy, "observes", True))
 
 
 def _pick(layout: Sequence[tuple[str, float]], u: float) -> str:
@@ -121,6 +146,10 @@ class Fixed:
 
     def feedback(self, feedback: Feedback) -> None:
         """Nothing to learn."""
+
+    def children(self) -> Sequence[Policy]:
+        """None: a leaf."""
+        return ()
 
     def __repr__(self) -> str:
         return f"Fixed({self.arm!r})"
@@ -159,6 +188,10 @@ class ABTest:
     def feedback(self, feedback: Feedback) -> None:
         """Nothing to learn."""
 
+    def children(self) -> Sequence[Policy]:
+        """None: a leaf."""
+        return ()
+
     def __repr__(self) -> str:
         return f"ABTest({self.weights!r})"
 
@@ -188,7 +221,11 @@ class Match:
     @property
     def observes(self) -> bool:
         """Whether ``otherwise`` reads feedback."""
-        return bool(getattr(self.otherwise, "observes", True))
+        return observes_of(self.otherwise)
+
+    def children(self) -> Sequence[Policy]:
+        """``otherwise``."""
+        return (self.otherwise,)
 
     def feedback(self, feedback: Feedback) -> None:
         """Passed on to ``otherwise``."""
@@ -229,7 +266,11 @@ class Shadow:
     @property
     def observes(self) -> bool:
         """Whether the wrapped policy reads feedback."""
-        return bool(getattr(self.policy, "observes", True))
+        return observes_of(self.policy)
+
+    def children(self) -> Sequence[Policy]:
+        """The wrapped policy."""
+        return (self.policy,)
 
     def feedback(self, feedback: Feedback) -> None:
         """Passed on to the wrapped policy."""
@@ -465,6 +506,8 @@ class Canary:
     canary keeps its last known weights and makes no decision.
     """
 
+    observes = True  # served requests move it through its steps
+
     def __init__(
         self,
         baseline: str,
@@ -494,8 +537,9 @@ class Canary:
         self.guard = guard if guard is not None else Guard()
         self.on_decision = on_decision
         self.store = store
-        self.emit: Callable[[Event], None] | None = None  # set by the router that uses it
-        self.name = "router"
+        self._router = "router"  # the name of the router that uses it (bind)
+        self._emit: Callable[[Event], None] | None = None
+        self._listeners: tuple[Callable[[CanaryDecision], None], ...] = ()  # bind and subscribe
         self._lock = threading.RLock()  # adopt() may run inside a decision's store call
         self._state = CanaryState.RUNNING
         self._step = 0
@@ -509,6 +553,26 @@ class Canary:
         self._new_step()
         if store is not None:
             self._open(store)
+
+    @property
+    def name(self) -> str:
+        """The name of the router this canary steers (in decisions and logs); ``"router"`` until bound."""
+        return self._router
+
+    def bind(self, router: str, emit: Callable[[Event], None]) -> None:
+        """Called by the :class:`~inferkit.Router` that takes this canary: its name, and where its events go.
+
+        A canary moved to another router follows the latest one (its decisions go to that
+        router's observers, no longer to the previous router's).
+        """
+        with self._lock:
+            self._router = router
+            self._emit = emit
+
+    def subscribe(self, listener: Callable[[CanaryDecision], None]) -> None:
+        """Deliver every later decision to ``listener`` too, after ``on_decision`` (one that raises is skipped)."""
+        with self._lock:
+            self._listeners = (*self._listeners, listener)
 
     def _open(self, store: CanaryStore) -> None:
         saved = store.load()
@@ -772,7 +836,7 @@ class Canary:
         return decision
 
     def _announce(self, decision: CanaryDecision) -> None:
-        deliver((self.emit, self.on_decision), decision)  # type: ignore[arg-type]
+        deliver((self._emit, self.on_decision, *self._listeners), decision)  # type: ignore[arg-type]
 
     def _manual(self, state: CanaryState, weight: float | None, action: str) -> None:
         with self._lock:
@@ -803,16 +867,25 @@ class Canary:
         if self.store is not None:
             self.store.close()
 
+    def children(self) -> Sequence[Policy]:
+        """None: a leaf."""
+        return ()
+
     def __repr__(self) -> str:
         return f"Canary({self.baseline!r} -> {self.candidate!r}, {self._state.value}, weight={self._weight})"
 
 
-def find_canary(policy: Any) -> Canary | None:
-    """The first :class:`Canary` in a tree of policies (through ``Shadow`` and ``Match``)."""
-    while policy is not None:
+def find_canary(policy: Policy | None) -> Canary | None:
+    """The first :class:`Canary` in a tree of policies, depth first through each policy's ``children()``."""
+    pending = [] if policy is None else [policy]
+    seen: set[int] = set()  # a policy tree that loops back on itself still ends
+    while pending:
+        policy = pending.pop()
         if isinstance(policy, Canary):
             return policy
-        policy = getattr(policy, "policy", None) or getattr(policy, "otherwise", None)
+        if id(policy) not in seen:
+            seen.add(id(policy))
+            pending.extend(reversed(children_of(policy)))
     return None
 
 
@@ -822,7 +895,7 @@ def split_weights(policy: Any) -> dict[str, float]:
     A :class:`Match` shows what ``otherwise`` splits (matched requests are not a share of it).
     """
     while isinstance(policy, Shadow | Match):
-        policy = policy.policy if isinstance(policy, Shadow) else policy.otherwise
+        policy = policy.policy if isinstance(policy, Shadow) else policy.otherwise  # what it splits, not its children
     if isinstance(policy, Canary):
         weight = policy.weight
         return {policy.baseline: 1.0 - weight, policy.candidate: weight}

@@ -35,7 +35,8 @@ from inferkit.errors import (
 )
 from inferkit.events import Event, LogObserver, Observer, Routed, deliver
 from inferkit.experiments import Experiment, Report
-from inferkit.policies import ABTest, Canary, Feedback, Policy, Route, find_canary
+from inferkit.policies import ABTest, Canary, Feedback, Policy, Route, find_canary, observes_of
+from inferkit.signature import Signature
 
 __all__ = ["Predictive", "RoutedFuture", "Router", "RouterStats", "ShadowStats"]
 
@@ -48,6 +49,14 @@ _REMEMBER = 100_000  # keys and request ids remembered for record()
 class Predictive(Protocol):
     """**Protocol**: what an arm offers; :class:`~inferkit.Predictor` and :class:`Router` both do."""
 
+    @property
+    def signature(self) -> Signature | None:
+        """The inputs and outputs it takes and gives; ``None`` when it declares none (an untyped callable)."""
+
+    @property
+    def ready(self) -> bool:
+        """Whether it can serve now (loaded, warmed, a healthy replica): what a readiness probe asks."""
+
     def predict(self, x: Any, *, timeout: float | None = None, priority: int = 0) -> Any:
         """The result for ``x``."""
 
@@ -59,6 +68,16 @@ class Predictive(Protocol):
 
     def close(self, timeout: float | None = None) -> None:
         """Finish what was accepted and stop."""
+
+
+def signature_of(arm: Predictive) -> Signature | None:
+    """``arm.signature``; ``None`` for an arm written before :class:`Predictive` declared it."""
+    return getattr(arm, "signature", None)
+
+
+def ready_of(arm: Predictive) -> bool:
+    """``arm.ready``; ``True`` for an arm written before :class:`Predictive` declared it."""
+    return bool(getattr(arm, "ready", True))
 
 
 class RoutedFuture(Future[Any]):
@@ -188,8 +207,8 @@ class Router:
             raise ValueError(msg)
         canary = find_canary(policy)
         if canary is not None:
-            canary.emit, canary.name = self._emit, self.name
-        self._observes = bool(getattr(policy, "observes", True))  # read once: policies are fixed once built
+            canary.bind(self.name, self._emit)
+        self._observes = observes_of(policy)  # read once: policies are fixed once built
         self._policy = policy
 
     def _route(self, key_id: int | None, attributes: Mapping[str, str] | None) -> Route:
@@ -448,6 +467,16 @@ class Router:
         return stream_batches(self, data, **options)
 
     # -- arms and lifecycle ----------------------------------------------------------------
+
+    @property
+    def signature(self) -> Signature | None:
+        """The first arm's signature (the arms of one router serve one model, so they agree)."""
+        return next((signature_of(arm) for arm in self._arms.values()), None)
+
+    @property
+    def ready(self) -> bool:
+        """Whether every arm is ready: any of them may be routed a request."""
+        return all(ready_of(arm) for arm in self._arms.values())
 
     @property
     def arms(self) -> Mapping[str, Predictive]:

@@ -16,16 +16,24 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from inferkit import (
     ABTest,
     Canary,
+    CanaryDecision,
     CanaryState,
     Feedback,
     Fixed,
     Guard,
     Match,
     ModelError,
+    Policy,
     Predictor,
+    Route,
     Router,
     Shadow,
+    TensorSpec,
 )
+from inferkit.policies import find_canary
+from inferkit.routing import Predictive
+from inferkit.server import Repository
+from inferkit.server.status import StatusBoard
 
 WAIT = 30
 
@@ -281,6 +289,111 @@ class TestCanary:
             r.rollback()
             assert canary.weight == 0.0
             assert all(r.submit(x(), key=k).arm == "v1" for k in range(50))
+
+
+class Sticky:
+    """A user's own wrapper policy: pins one tenant to an arm, leaves the rest to ``inner``."""
+
+    def __init__(self, inner: Any, tenant: str, arm: str) -> None:
+        self.inner, self.tenant, self.arm = inner, tenant, arm
+
+    @property
+    def observes(self) -> bool:
+        return bool(self.inner.observes)
+
+    def route(self, u: float, attributes: Any) -> Route:
+        return Route(self.arm) if attributes.get("tenant") == self.tenant else self.inner.route(u, attributes)
+
+    def arms(self) -> frozenset[str]:
+        return self.inner.arms() | {self.arm}
+
+    def feedback(self, feedback: Feedback) -> None:
+        self.inner.feedback(feedback)
+
+    def children(self) -> tuple[Any, ...]:
+        return (self.inner,)
+
+
+class TestPolicyProtocol:
+    """What the router needs from a policy is declared: its children and whether it observes."""
+
+    def test_built_in_policies_implement_the_protocol(self) -> None:
+        """Every built-in policy is a Policy, and its children are what it wraps."""
+        canary, fixed = Canary("v1", "v2"), Fixed("v1")
+        for policy in (fixed, ABTest({"v1": 1.0}), canary, Shadow(canary, "v3"), Match("t", {}, otherwise=fixed)):
+            assert isinstance(policy, Policy)
+        assert Shadow(canary, "v3").children() == (canary,)
+        assert Match("t", {}, otherwise=fixed).children() == (fixed,)
+        assert canary.children() == fixed.children() == ()
+
+    def test_a_users_wrapper_finds_its_canary(self) -> None:
+        """A wrapper of the user's own, nested in a built-in one, reaches its canary through
+        ``children()``: the router drives it, and its decisions reach the router's observers
+        under the router's name."""
+        seen: list[Any] = []
+        canary = Canary("v1", "v2", steps=(0.5, 1.0), min_requests_per_step=1)
+        policy = Shadow(Sticky(canary, "internal", "v3"), "v3")
+        assert find_canary(policy) is canary
+        with Router({"v1": arm(2), "v2": arm(3), "v3": arm(4)}, policy, name="clf", observers=[seen.append]) as r:
+            r.pause()
+            assert canary.state is CanaryState.PAUSED
+            r.promote()
+            assert canary.weight == 1.0
+            assert r.report().baseline == "v1"
+        decisions = [e for e in seen if isinstance(e, CanaryDecision)]
+        assert [(d.name, d.action) for d in decisions] == [("clf", "pause"), ("clf", "promote")]
+
+    def test_the_router_writes_nothing_onto_the_canary(self) -> None:
+        """The router tells the canary its name through ``bind``; ``on_decision`` stays the user's."""
+        mine: list[CanaryDecision] = []
+        canary = Canary("v1", "v2", on_decision=mine.append)
+        before = set(vars(canary))
+        with Router({"v1": arm(2), "v2": arm(3)}, canary, name="clf") as r:
+            board = StatusBoard(Repository({"clf": r}))  # the status page subscribes, never replaces
+            assert canary.name == "clf"
+            r.rollback()
+            assert set(vars(canary)) == before
+            assert canary.on_decision == mine.append
+            assert [d.action for d in mine] == ["rollback"]
+            assert [d["action"] for d in board.snapshot()["splits"][0]["canary"]["decisions"]] == ["rollback"]
+
+    def test_a_policy_without_the_new_members_still_routes(self) -> None:
+        """A policy written before ``children``/``observes`` were declared is fed and has no children."""
+
+        class Old:
+            def route(self, u: float, attributes: Any) -> Route:
+                return Route("v1")
+
+            def arms(self) -> frozenset[str]:
+                return frozenset({"v1"})
+
+            def feedback(self, feedback: Feedback) -> None:
+                fed.append(feedback)
+
+        fed: list[Feedback] = []
+        with Router({"v1": arm(2)}, Old()) as r:  # type: ignore[arg-type]
+            r.predict(x())
+        assert [f.kind for f in fed] == ["served"]
+        assert find_canary(Old()) is None  # type: ignore[arg-type]
+
+
+class TestArmProtocol:
+    """An arm declares its signature and readiness; a Router is an arm like a Predictor."""
+
+    def test_a_router_answers_for_its_arms(self) -> None:
+        """A router's signature is its first arm's; it is ready only while every arm is."""
+        spec = TensorSpec("x", np.float32, (None, 2))
+        typed = Predictor.from_callable(
+            lambda a: a * 2, inputs=[spec], outputs=[TensorSpec("y", np.float32, (None, 2))]
+        )
+        late = arm(3)
+        with Router({"v1": typed, "v2": late}) as r:
+            assert isinstance(r, Predictive)
+            assert isinstance(typed, Predictive)
+            assert r.signature is typed.signature is not None
+            assert r.ready
+            late.close()
+            assert not r.ready
 
 
 class TestShadow:

@@ -75,7 +75,7 @@ from inferkit.server.protocol import (
     shaped,
     to_raw,
 )
-from inferkit.server.repository import Repository
+from inferkit.server.repository import Failed, Repository
 
 __all__ = ["ARM_METADATA", "DEFAULT_LISTENERS", "KEY_METADATA", "GrpcServer", "create_server"]
 
@@ -447,8 +447,8 @@ class _Servicer:
                 response = await asyncio.to_thread(_encode_response, request, result.outputs, requested)
             else:
                 response = _encode_response(request, result.outputs, requested)
-        except InferkitError as error:
-            arm = getattr(error, "arm", None)  # set by Repository.infer when a Router served it
+        except (Failed, InferkitError) as raised:
+            error, arm = (raised.error, raised.arm) if isinstance(raised, Failed) else (raised, None)
             if arm is not None:
                 context.set_trailing_metadata(((ARM_METADATA, arm),))
             self._observe(model, arm, type(error).__name__, start)

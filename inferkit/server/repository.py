@@ -25,12 +25,11 @@ from inferkit.errors import Closed, InferkitError, ModelNotFound
 from inferkit.policies import find_canary, split_weights
 from inferkit.pool import PoolConfig
 from inferkit.predictor import Predictor
-from inferkit.routing import Predictive, Router
+from inferkit.routing import Predictive, RoutedFuture, Router, ready_of, signature_of
 from inferkit.server.protocol import datatype_of
-from inferkit.signature import Signature
 from inferkit.stats import Stats
 
-__all__ = ["InferResult", "Repository", "ServedModel", "pool_config"]
+__all__ = ["Failed", "InferResult", "Repository", "ServedModel", "pool_config"]
 
 Array = np.ndarray[Any, Any]
 _DEFAULT_OUTPUT = "output"  # the name of an unnamed single output (an untyped callable's)
@@ -62,16 +61,17 @@ class InferResult:
     version: str | None
 
 
-def _signature(target: Predictive) -> Signature | None:
-    if isinstance(target, Router):
-        return next((_signature(arm) for arm in target.arms.values()), None)
-    return getattr(target, "signature", None)
+class Failed(Exception):
+    """A request that failed: ``error`` says why, ``arm`` names the Router arm that had it (``None`` without one).
 
+    The faces unwrap it: the answer and the metrics come from ``error``, the ``arm`` goes to the
+    ``inferkit-arm`` header (REST) or trailer (gRPC) and the ``arm`` label.
+    """
 
-def _ready(target: Predictive) -> bool:
-    if isinstance(target, Router):
-        return all(_ready(arm) for arm in target.arms.values())
-    return bool(getattr(target, "ready", True))
+    def __init__(self, error: InferkitError, arm: str | None) -> None:
+        super().__init__(error, arm)
+        self.error = error
+        self.arm = arm
 
 
 def pool_config(predictor: Predictor) -> PoolConfig:
@@ -192,14 +192,14 @@ class Repository:
         if self.draining:
             return False
         if name is None:
-            return all(_ready(m.target) for m in self._models.values())
-        return _ready(self.resolve(name, version))
+            return all(ready_of(m.target) for m in self._models.values())
+        return ready_of(self.resolve(name, version))
 
     def metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
         """The protocol's model metadata: name, versions, platform, inputs and outputs."""
         model = self.model(name)
         target = self.resolve(name, version)
-        sig = _signature(target)
+        sig = signature_of(target)
         tensors: dict[str, list[dict[str, Any]]] = {"inputs": [], "outputs": []}
         if sig is not None:
             for key, specs in (("inputs", sig.inputs), ("outputs", sig.outputs)):
@@ -220,7 +220,7 @@ class Repository:
 
     def output_names(self, name: str, version: str | None = None) -> tuple[str, ...]:
         """The outputs ``name`` declares, in order; empty when it declares none (an untyped callable)."""
-        sig = _signature(self.resolve(name, version))
+        sig = signature_of(self.resolve(name, version))
         return () if sig is None else tuple(s.name for s in sig.outputs)
 
     async def infer(
@@ -245,16 +245,16 @@ class Repository:
                 raise
             target = again
             future = _submit(target, inputs, key, timeout, priority)
+        arm = future.arm if isinstance(future, RoutedFuture) else None
         try:
             value = await await_future(future)
         except InferkitError as error:
-            error.arm = getattr(future, "arm", None)  # type: ignore[attr-defined]  # for metrics by arm
-            raise
+            raise Failed(error, arm) from error
         if isinstance(value, np.ndarray):
-            sig = _signature(target)
+            sig = signature_of(target)
             out_name = sig.outputs[0].name if sig is not None and len(sig.outputs) == 1 else _DEFAULT_OUTPUT
             value = {out_name: value}
-        return InferResult(dict(value), getattr(future, "arm", None), version)
+        return InferResult(dict(value), arm, version)
 
     def stats(self, name: str | None = None, version: str | None = None, *, split: bool = False) -> dict[str, Any]:
         """Per-model statistics in the shape of Triton's ``/v2/models/{m}/stats``.
@@ -294,7 +294,7 @@ class Repository:
         if not version and model.versions:
             target = model.versions[max(model.versions, key=_version_order)]
         predictor = next((p for p in _predictors(target) if isinstance(p, Predictor)), None)
-        sig = _signature(target)
+        sig = signature_of(target)
         config: dict[str, Any] = {"name": name, "platform": "inferkit", "backend": "inferkit"}
         if predictor is not None:
             config["max_batch_size"] = predictor.batching.max_batch_size
@@ -318,7 +318,7 @@ class Repository:
             versions = sorted(model.versions, key=_version_order) or [""]
             for label in versions:
                 target = model.versions.get(label, model.target)
-                ready = not self.draining and _ready(target)
+                ready = not self.draining and ready_of(target)
                 state, reason = ("READY", "") if ready else ("UNAVAILABLE", "not ready")
                 entries.append({"name": name, "version": label, "state": state, "reason": reason})
         return entries

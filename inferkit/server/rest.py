@@ -113,7 +113,7 @@ from inferkit.server.protocol import (
     shaped,
     to_raw,
 )
-from inferkit.server.repository import InferResult, Repository
+from inferkit.server.repository import Failed, InferResult, Repository
 from inferkit.server.status import status_routes
 
 try:  # orjson parses and writes JSON several times faster; the stdlib stands in without it
@@ -722,11 +722,11 @@ class _App:
             )
             arm = result.arm
             body, headers = await self._encode(name, decoded, result)
-        except Exception as error:  # noqa: BLE001 (every failure becomes an answer and a count)
-            arm = getattr(error, "arm", arm)
-            self.metrics.observe(name, arm, type(error).__name__, time.perf_counter() - start)
-            self.log.finish(name, version, arm, type(error).__name__)
-            response = self.fail(error)
+        except Exception as raised:  # noqa: BLE001 (every failure becomes an answer and a count)
+            failure, arm = (raised.error, raised.arm) if isinstance(raised, Failed) else (raised, arm)
+            self.metrics.observe(name, arm, type(failure).__name__, time.perf_counter() - start)
+            self.log.finish(name, version, arm, type(failure).__name__)
+            response = self.fail(failure)
             if arm is not None:
                 response.headers[ARM_HEADER] = arm
             return response

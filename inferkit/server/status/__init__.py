@@ -113,13 +113,12 @@ class StatusBoard:
                     self._hook(target)
 
     def _hook(self, router: Router) -> None:
-        """Record the canary's decisions by chaining its ``on_decision`` (once per canary)."""
+        """Record the canary's decisions by subscribing (once per canary; ``on_decision`` stays the user's)."""
         canary = find_canary(router.policy)
         if canary is None or id(canary) in self._hooked:
             return
         self._hooked.add(id(canary))
         kept: deque[dict[str, Any]] = self._decisions.setdefault(id(canary), deque(maxlen=_DECISIONS))
-        previous = canary.on_decision
         clock = self._clock
 
         def record(decision: CanaryDecision) -> None:
@@ -132,10 +131,8 @@ class StatusBoard:
                 "numbers": {k: _number(v) for k, v in decision.numbers.items()},
             }
             kept.append(entry)  # deque.append is atomic; the bound keeps it small
-            if previous is not None:
-                previous(decision)
 
-        canary.on_decision = record
+        canary.subscribe(record)
 
     def snapshot(self) -> dict[str, Any]:
         """Every model (versions, predictors, replicas, rates) and every split (weights, canary, experiment)."""
