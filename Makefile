@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-ray lint types bench bench-server bench-gpu clean
+.PHONY: demo test test-ray lint types bench bench-bulk bench-server bench-gpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ test-ray: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(BIN)/python -m pip install -q batched
 	$(BIN)/python benchmarks/bench_batching.py
+
+# Opt-in, installs the ray extra as test-ray does: predictor.map against the model's own batched throughput
+# and Ray Data, and inferkit's Ray Serve deployment against @serve.batch (about two minutes).
+bench-bulk: $(VENV)/.dev
+	$(BIN)/python -m pip install -q -e '.[dev,ray]'
+	$(BIN)/python benchmarks/bench_bulk.py $(BENCH_BULK_ARGS)
 
 # Opt-in: installs wrk and the peers' own venvs (.venv-pytriton, .venv-litserve); never part of make test.
 bench-server: $(VENV)/.dev
