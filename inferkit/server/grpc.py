@@ -41,10 +41,9 @@ carry ``Bearer <token>`` (UNAUTHENTICATED without, PERMISSION_DENIED when wrong)
 from __future__ import annotations
 
 import asyncio
-import logging
+import functools
 import socket
 import sys
-import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NoReturn
 
@@ -57,6 +56,7 @@ from inferkit.server import proto as pb
 from inferkit.server.config import ConnectionLimits
 from inferkit.server.control import Controller, RepositoryControl, load_parameters
 from inferkit.server.logs import RequestLog
+from inferkit.server.pipeline import Call, Pipeline, describe
 from inferkit.server.protocol import (
     ARM,
     KEY,
@@ -75,7 +75,7 @@ from inferkit.server.protocol import (
     shaped,
     to_raw,
 )
-from inferkit.server.repository import Failed, Repository
+from inferkit.server.repository import Failed, InferResult, Repository
 
 __all__ = ["ARM_METADATA", "DEFAULT_LISTENERS", "KEY_METADATA", "GrpcServer", "create_server"]
 
@@ -88,7 +88,6 @@ ARM_METADATA = ARM
 
 _INT32_MAX = 2**31 - 1
 _OFFLOAD_BYTES = 2**20  # decode and encode larger messages on a worker thread, as REST does
-_log = logging.getLogger(__name__)
 
 # The InferTensorContents field that carries each datatype, and the dtype protobuf gives its
 # values. FP16 has none: it travels in raw_input_contents only.
@@ -226,7 +225,7 @@ def create_server(
     servicer = _Servicer(repository, metrics, control if control is not None else RepositoryControl())
     servicer.typed_limit = limits.max_json_bytes
     if request_log is not None:
-        servicer.log = request_log
+        servicer.pipeline.log = request_log
     handler = servicer.handler()
     servers = []
     for _ in range(listeners):
@@ -273,9 +272,8 @@ class _Servicer:
 
     def __init__(self, repository: Repository, metrics: Any, control: RepositoryControl) -> None:
         self._repository = repository
-        self._metrics = metrics
         self._control = control
-        self.log = RequestLog()  # create_server's request_log replaces it
+        self.pipeline = Pipeline(repository, "grpc", metrics)
         self._controller = Controller(repository, control)
         self.draining = False
         self.last_call = 0.0  # loop time of the latest ModelInfer, for the drain's quiet window
@@ -413,9 +411,8 @@ class _Servicer:
     # -- inference -------------------------------------------------------------------------
 
     async def model_infer(self, data: bytes, context: Any) -> Any:
-        """Parse, decode, run through the repository (batched with every other caller), encode."""
-        start = time.monotonic()
-        self.log.begin("grpc", context.invocation_metadata)
+        """Parse, then decode, run through the pipeline (batched with every other caller), encode."""
+        start = self.pipeline.begin(context.invocation_metadata)
         large = len(data) >= _OFFLOAD_BYTES  # parsed and decoded off the loop, so others are not held up
         request: Any
         if len(data) > self.typed_limit and not _has_raw_contents(data):
@@ -425,57 +422,48 @@ class _Servicer:
             request = await asyncio.to_thread(parse, data) if large else parse(data)
         if self.draining:
             self.last_call = asyncio.get_running_loop().time()
-            self._observe(
-                request.model_name if not isinstance(request, _Malformed) else "", None, Closed.__name__, start
-            )
+            model = request.model_name if not isinstance(request, _Malformed) else ""
+            self.pipeline.record(start, model, None, None, Closed.__name__)
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another")
         if isinstance(request, _Malformed):
-            self._observe("", None, InvalidInput.__name__, start)
+            self.pipeline.record(start, "", None, None, InvalidInput.__name__)
             await _check_parsed(request, context)
-        model, version = request.model_name, request.model_version or None
-        arm: str | None = None
         try:
-            inputs = await asyncio.to_thread(_decode_inputs, request) if large else _decode_inputs(request)
-            self.log.rows(inputs)
-            requested = _requested_outputs(request)
-            if requested:
-                self._check_outputs(model, version, requested)
-            key, timeout, priority = _options(request, context)
-            result = await self._repository.infer(model, version, inputs, key=key, timeout=timeout, priority=priority)
-            arm = result.arm
-            if sum(np.asarray(o).nbytes for o in result.outputs.values()) >= _OFFLOAD_BYTES:
-                response = await asyncio.to_thread(_encode_response, request, result.outputs, requested)
-            else:
-                response = _encode_response(request, result.outputs, requested)
-        except (Failed, InferkitError) as raised:
-            error, arm = (raised.error, raised.arm) if isinstance(raised, Failed) else (raised, None)
-            if arm is not None:
-                context.set_trailing_metadata(((ARM_METADATA, arm),))
-            self._observe(model, arm, type(error).__name__, start)
-            await _abort(context, grpc_code(error), str(error))
-        except asyncio.CancelledError:  # the client cancelled, or its deadline passed
-            self._observe(model, arm, "ClientDisconnected", start)  # the name REST counts it under
-            raise
-        except Exception as error:  # noqa: BLE001 (a bug here still answers, with INTERNAL, and is logged)
-            _log.exception("ModelInfer failed unexpectedly for model %r", model)
-            self._observe(model, arm, type(error).__name__, start)
-            await _abort(context, grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+            response, arm = await self.pipeline.run(
+                start,
+                request.model_name,
+                request.model_version or None,
+                functools.partial(_call, request, context, large=large),
+                _answer,
+            )
+        except Failed as failed:
+            if failed.arm is not None:
+                context.set_trailing_metadata(((ARM_METADATA, failed.arm),))
+            error = failed.error
+            code = grpc_code(error) if isinstance(error, InferkitError) else grpc.StatusCode.INTERNAL
+            await _abort(context, code, describe(error))
         if arm is not None:
-            response.parameters["arm"].string_param = arm
             context.set_trailing_metadata(((ARM_METADATA, arm),))
-        self._observe(model, arm, "success", start)
         return response
 
-    def _check_outputs(self, model: str, version: str | None, requested: Sequence[str]) -> None:
-        """Refuse unknown outputs before the model runs, when it declares its outputs."""
-        declared = self._repository.output_names(model, version)
-        if declared:
-            check_outputs(requested, declared, model)
 
-    def _observe(self, model: str, arm: str | None, outcome: str, start: float) -> None:
-        self.log.finish(model, None, arm, outcome)  # once per ModelInfer, as the metrics
-        if self._metrics is not None:
-            self._metrics.observe(model, arm, outcome, time.monotonic() - start)
+async def _call(request: Any, context: Any, *, large: bool) -> Call:
+    """The pipeline's view of a parsed ModelInferRequest (its tensors decoded off the loop when ``large``)."""
+    inputs = await asyncio.to_thread(_decode_inputs, request) if large else _decode_inputs(request)
+    requested = _requested_outputs(request)
+    key, timeout, priority = _options(request, context)
+    return Call(inputs, requested, key, timeout, priority, request)
+
+
+async def _answer(call: Call, result: InferResult) -> tuple[Any, str | None]:
+    """The ModelInferResponse for ``result`` (encoded off the loop when large) and the arm that served it."""
+    if sum(np.asarray(o).nbytes for o in result.outputs.values()) >= _OFFLOAD_BYTES:
+        response = await asyncio.to_thread(_encode_response, call.request, result.outputs, call.outputs)
+    else:
+        response = _encode_response(call.request, result.outputs, call.outputs)
+    if result.arm is not None:
+        response.parameters["arm"].string_param = result.arm
+    return response, result.arm
 
 
 async def _one_repository(request: Any, context: Any) -> None:

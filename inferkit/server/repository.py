@@ -65,10 +65,14 @@ class Failed(Exception):
     """A request that failed: ``error`` says why, ``arm`` names the Router arm that had it (``None`` without one).
 
     The faces unwrap it: the answer and the metrics come from ``error``, the ``arm`` goes to the
-    ``inferkit-arm`` header (REST) or trailer (gRPC) and the ``arm`` label.
+    ``inferkit-arm`` header (REST) or trailer (gRPC) and the ``arm`` label. ``error`` is an
+    :class:`~inferkit.InferkitError`, except out of the server's pipeline
+    (:mod:`inferkit.server.pipeline`), where a bug's own exception rides in it too (a 500).
+    A refusal at the door (a full queue, a closing model) has no arm: a Router names the
+    arm on the future it returns, and a refused request gets none.
     """
 
-    def __init__(self, error: InferkitError, arm: str | None) -> None:
+    def __init__(self, error: Exception, arm: str | None) -> None:
         super().__init__(error, arm)
         self.error = error
         self.arm = arm
@@ -229,22 +233,31 @@ class Repository:
         version: str | None,
         inputs: dict[str, Array],
         *,
+        target: Predictive | None = None,
         key: Hashable | None = None,
         timeout: float | None = None,
         priority: int = 0,
     ) -> InferResult:
-        """Run one request; cancelling the awaiting task cancels the request if it is still queued."""
-        target = self.resolve(name, version)
+        """Run one request; cancelling the awaiting task cancels the request if it is still queued.
+
+        ``target`` is what :meth:`resolve` gave for ``name`` and ``version``, when the caller
+        already has it (the server's pipeline resolves once). Every failure, a refusal at the
+        door included, raises :class:`Failed`; ``ModelNotFound`` comes as it is.
+        """
+        if target is None:
+            target = self.resolve(name, version)
         try:
             future = _submit(target, inputs, key, timeout, priority)
-        except Closed:
+        except Closed as closed:
             # A load or unload replaced the target between resolve and submit; a closing
             # predictor refuses at the door, so the request was never accepted: resolve again.
             again = self.resolve(name, version)
             if again is target and not isinstance(target, Router):
-                raise
+                raise Failed(closed, None) from closed
             target = again
-            future = _submit(target, inputs, key, timeout, priority)
+            future = _refused_or(target, inputs, key, timeout, priority)
+        except InferkitError as refused:
+            raise Failed(refused, None) from refused
         arm = future.arm if isinstance(future, RoutedFuture) else None
         try:
             value = await await_future(future)
@@ -352,6 +365,16 @@ def _submit(
     if isinstance(target, Router):
         return target.submit(inputs, key=key, timeout=timeout, priority=priority)
     return target.submit(inputs, timeout=timeout, priority=priority)
+
+
+def _refused_or(
+    target: Predictive, inputs: dict[str, Array], key: Hashable | None, timeout: float | None, priority: int
+) -> Future[Any]:
+    """:func:`_submit`, a refusal raised as :class:`Failed` (it never reached an arm)."""
+    try:
+        return _submit(target, inputs, key, timeout, priority)
+    except InferkitError as refused:
+        raise Failed(refused, None) from refused
 
 
 def _walk(model: ServedModel) -> Iterator[tuple[str, Predictive]]:

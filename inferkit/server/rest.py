@@ -63,10 +63,10 @@ so a model called ``stats`` has no metadata endpoint.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import threading
-import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -94,6 +94,7 @@ from inferkit.server import admin
 from inferkit.server.control import Controller, RepositoryControl, Unauthenticated, load_parameters
 from inferkit.server.logs import RequestLog
 from inferkit.server.metrics import Metrics
+from inferkit.server.pipeline import Call, Pipeline, describe
 from inferkit.server.protocol import (
     ARM,
     DTYPES,
@@ -586,7 +587,16 @@ class _App:
         self.budget = _Budget(capacity)
         self.overload = overload
         self.retry_after = retry_after
-        self.log = RequestLog()  # create_app's request_log replaces it
+        self.pipeline = Pipeline(repository, "rest", metrics)
+
+    @property
+    def log(self) -> RequestLog:
+        """The request log (create_app's ``request_log`` replaces the default)."""
+        return self.pipeline.log
+
+    @log.setter
+    def log(self, log: RequestLog) -> None:
+        self.pipeline.log = log
 
     def fail(self, error: BaseException) -> JSONResponse:
         """The error response for ``error``."""
@@ -597,8 +607,7 @@ class _App:
         headers = {"Retry-After": self.retry_after} if status in {429, 503} else None
         if isinstance(error, Unauthenticated):
             headers = {"WWW-Authenticate": "Bearer"}
-        message = str(error) if isinstance(error, InferkitError) else f"internal error: {type(error).__name__}: {error}"
-        return _error(status, message or type(error).__name__, headers)
+        return _error(status, describe(error), headers)
 
     async def live(self, _request: Request) -> Response:
         """Liveness: the process answers."""
@@ -696,43 +705,32 @@ class _App:
         return Response(body, headers={"content-type": content_type})
 
     async def infer(self, request: Request) -> Response:
-        """Decode, run through the repository, encode; count the outcome."""
-        start = time.perf_counter()
+        """Decode, run through the pipeline (find, check, infer, record), encode."""
+        start = self.pipeline.begin(request.headers)
         name = request.path_params["model"]
-        version = request.path_params.get("version")
-        arm: str | None = None
-        self.log.begin("rest", request.headers)
         try:
-            self.repository.resolve(name, version)  # 404 before reading the body
-        except ModelNotFound as error:
-            return self.fail(error)  # not counted: a label per unknown name would let clients grow the metrics
-        try:
-            decoded = await self._decode(request)
-            self.log.rows(decoded.inputs)
-            if decoded.outputs is not None:  # refuse unknown outputs before the model runs, where we can
-                known = self.repository.output_names(name, version)
-                if known:
-                    check_outputs(decoded.outputs, known, name)
-            key = request.headers.get(KEY_HEADER, decoded.key)
-            result = await self._unless_disconnected(
-                request.receive,
-                self.repository.infer(
-                    name, version, decoded.inputs, key=key, timeout=decoded.timeout, priority=decoded.priority
-                ),
+            body, headers = await self.pipeline.run(
+                start,
+                name,
+                request.path_params.get("version"),
+                functools.partial(self._call, request),
+                functools.partial(self._answer, name),
+                wait=functools.partial(self._unless_disconnected, request.receive),
             )
-            arm = result.arm
-            body, headers = await self._encode(name, decoded, result)
-        except Exception as raised:  # noqa: BLE001 (every failure becomes an answer and a count)
-            failure, arm = (raised.error, raised.arm) if isinstance(raised, Failed) else (raised, arm)
-            self.metrics.observe(name, arm, type(failure).__name__, time.perf_counter() - start)
-            self.log.finish(name, version, arm, type(failure).__name__)
-            response = self.fail(failure)
-            if arm is not None:
-                response.headers[ARM_HEADER] = arm
+        except Failed as failed:
+            response = self.fail(failed.error)
+            if failed.arm is not None:
+                response.headers[ARM_HEADER] = failed.arm
             return response
-        self.metrics.observe(name, arm, "success", time.perf_counter() - start)
-        self.log.finish(name, version, arm, "success")
         return Response(body, headers=headers)
+
+    async def _call(self, request: Request) -> Call:
+        decoded = await self._decode(request)
+        key = request.headers.get(KEY_HEADER, decoded.key)
+        return Call(decoded.inputs, decoded.outputs or (), key, decoded.timeout, decoded.priority, decoded)
+
+    async def _answer(self, model: str, call: Call, result: InferResult) -> tuple[bytes, dict[str, str]]:
+        return await self._encode(model, call.request, result)
 
     def _too_much_json(self, nbytes: int | str) -> RequestTooLarge:
         return RequestTooLarge(
