@@ -88,3 +88,26 @@ def _no_leaked_threads() -> Iterator[None]:
         thread.join(max(end - time.monotonic(), 0.0))
     alive = sorted(t.name for t in leaked if t.is_alive())
     assert not alive, f"inferkit threads still running {THREAD_EXIT_S} s after the test: {alive}"
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """Undo what a test's in-process ``inferkit serve`` (``cli.main``) did to global logging.
+
+    The command configures structlog and the root logger, as an application may; the test
+    process must not keep that configuration for the tests that follow.
+    """
+    import logging
+
+    import structlog
+
+    config = structlog.get_config()
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    levels = {name: logging.getLogger(name).level for name in ("", "inferkit", "inferkit.access")}
+    yield
+    structlog.configure(**config)
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
