@@ -8,7 +8,6 @@ arm is visible through ``on_route`` and on the future that ``submit`` returns (`
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import itertools
 import queue
@@ -23,6 +22,7 @@ import attrs
 import numpy as np
 
 from inferkit import events
+from inferkit._bridge import await_future
 from inferkit.batching import notify_cancelled
 from inferkit.errors import (
     Closed,
@@ -302,7 +302,7 @@ class Router:
     ) -> Any:
         """:meth:`predict` for asyncio."""
         future = self.submit(x, key=key, attributes=attributes, timeout=timeout, priority=priority)
-        return await asyncio.wrap_future(future)
+        return await await_future(future)  # one loop wake-up per finished batch, as Predictor.apredict
 
     def _call(self, arm: str, method: str, x: Any, timeout: float | None, priority: int) -> Any:
         """Call the arm's predictor, again on its replacement when it was swapped meanwhile."""
