@@ -576,3 +576,28 @@ class TestWorkersSurviveBugs:
             stats = p.stats()
             assert [r.state for r in stats.replicas] == ["healthy"]
             assert stats.in_flight == 0
+
+
+class TestRouterApredict:
+    def test_results_and_cancellation(self) -> None:
+        """Router.apredict awaits the arm's result; cancelling the awaiting task cancels a request still queued."""
+        import asyncio
+
+        p, model = _gated()
+        with inferkit.Router({"a": p}) as router:
+
+            async def main() -> None:
+                blocker = router.submit(rows(BLOCK))
+                assert model.entered.wait(WAIT)
+                waiting = asyncio.ensure_future(router.apredict(rows(3.0)))
+                await asyncio.sleep(0)  # let it submit
+                waiting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiting
+                model.release.set()
+                blocker.result(WAIT)
+                np.testing.assert_array_equal(await router.apredict(rows(2.0)), rows(2.0) * 2)
+
+            asyncio.run(main())
+            assert 3.0 not in model.seen()
+            assert p.stats().cancelled == 1
