@@ -200,7 +200,7 @@ class Batcher(Lifecycle):
             if request.state is not QUEUED or request.avoid is not None:  # a split request runs from its first part
                 return False
             drop(request)
-            request.error = DeadlineExceeded(f"request {request.id} waited past its deadline")
+            request.error = _expired(request)
             self._counts.ended(request.error)
             self._drained.notify_all()
         self._event(RequestsExpired(self.name, (request.id,)))
@@ -229,7 +229,7 @@ class Batcher(Lifecycle):
         if formed.cancelled:
             self._drained.notify_all()
         if formed.expired:
-            self._fail(formed.expired, lambda r: DeadlineExceeded(f"request {r.id} waited past its deadline"))
+            self._fail(formed.expired, _expired)
             self._event(RequestsExpired(self.name, tuple(r.id for r in formed.expired)))
         return formed.batch, formed.wait
 
@@ -502,3 +502,8 @@ class Batcher(Lifecycle):
         now = self._clock()
         with self._lock:
             return self._set.usable(now)
+
+
+def _expired(request: Request) -> DeadlineExceeded:
+    """The error of a request whose deadline passed while it was queued (by the timer or at the queue's head)."""
+    return DeadlineExceeded(f"request {request.id} waited past its deadline")
