@@ -297,3 +297,39 @@ def test_the_cli_setting(tmp_path: Any, flag: tuple[str, ...], status: int) -> N
         proc.wait(WAIT)
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+class TestPollingCost:
+    def test_many_pollers_share_one_snapshot(
+        self, served: tuple[InferenceServer, list[Any]], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """40 clients polling /v2/status at once cost one snapshot, not forty (the work is bounded per second)."""
+        import threading
+
+        server, _ = served
+        computed = []
+        real = StatusBoard.snapshot
+
+        def counted(self: StatusBoard) -> dict[str, Any]:
+            computed.append(1)
+            return real(self)
+
+        monkeypatch.setattr(StatusBoard, "snapshot", counted)
+        bodies: list[bytes] = []
+        start = threading.Barrier(40, timeout=WAIT)
+
+        def poll() -> None:
+            with httpx.Client(timeout=WAIT) as c:
+                start.wait()
+                response = c.get(f"http://127.0.0.1:{server.port}/v2/status")
+                assert response.status_code == 200
+                bodies.append(response.content)
+
+        threads = [threading.Thread(target=poll) for _ in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+        assert len(bodies) == 40
+        assert len(computed) <= 2  # one, or two if the polls straddle the freshness window
+        assert len(set(bodies)) == len(computed)

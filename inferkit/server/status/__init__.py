@@ -54,6 +54,7 @@ _HISTORY_S = 600.0  # samples kept: ten minutes
 _RATE_WINDOW_S = 60.0  # requests/s and errors/s over the last minute
 _DECISIONS = 100  # canary decisions kept per router
 _NO_STORE = {"cache-control": "no-store"}
+_FRESH_S = 1.0  # a snapshot is served again for this long (the page polls every 2 s)
 
 
 def _number(value: float | None) -> float | None:
@@ -107,6 +108,8 @@ class StatusBoard:
         self._rates: dict[str, _Rates] = {}
         self._decisions: dict[int, deque[dict[str, Any]]] = {}
         self._hooked: set[int] = set()
+        self._render = threading.Lock()  # one snapshot computed at a time; callers meanwhile share it
+        self._latest: tuple[float, bytes] | None = None  # (monotonic time, rendered JSON)
         for name in repository.names():
             for _, target in repository.walk(name):
                 if isinstance(target, Router):
@@ -133,6 +136,18 @@ class StatusBoard:
             kept.append(entry)  # deque.append is atomic; the bound keeps it small
 
         canary.subscribe(record)
+
+    def latest(self) -> bytes:
+        """The snapshot as JSON, computed at most once per ``_FRESH_S`` however many clients poll.
+
+        Reading every model's stats and report costs milliseconds: without this, clients polling
+        ``/v2/status`` in a loop would take CPU from inference.
+        """
+        with self._render:
+            latest = self._latest
+            if latest is None or time.monotonic() - latest[0] >= _FRESH_S:
+                latest = self._latest = (time.monotonic(), bytes(JSONResponse(self.snapshot()).body))
+            return latest[1]
 
     def snapshot(self) -> dict[str, Any]:
         """Every model (versions, predictors, replicas, rates) and every split (weights, canary, experiment)."""
@@ -438,7 +453,8 @@ def status_routes(repository: Repository, *, page: bool, served: Callable[[], Se
     async def status(_request: Request) -> Response:
         """The status page's snapshot."""
         # Off the event loop: reading every model's stats is not the loop's work while requests wait.
-        return JSONResponse(await run_in_threadpool(board.snapshot), headers=_NO_STORE)
+        body = await run_in_threadpool(board.latest)
+        return Response(body, media_type="application/json", headers=_NO_STORE)
 
     async def docs(_request: Request) -> Response:
         """The OpenAPI document as a page."""
