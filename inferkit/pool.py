@@ -153,6 +153,7 @@ class Replica:
     cond: threading.Condition
     state: ReplicaState = ReplicaState.HEALTHY
     busy: bool = False  # running a batch, on its worker or a caller's thread
+    cpu_threads: int = 0  # cores a batch keeps busy (see inferkit.backends.base.cpu_threads)
     running_rows: int = 0
     consecutive_failures: int = 0
     ejections: int = 0

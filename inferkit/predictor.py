@@ -134,20 +134,22 @@ class Predictor:
 
         Each replica opens its own session. ``intra_op_threads`` defaults to what keeps
         ``replicas`` sessions from oversubscribing the cores (one core is left to the callers
-        when there are several). ``warmup`` runs each power-of-two batch size up to
+        when there are several); with that default, batches of at least half ``max_batch_size``
+        rows run on a second session of the replica that uses every core (the callers are
+        waiting then, not computing), for models up to 512 MiB. ``warmup`` runs each power-of-two batch size up to
         ``max_batch_size`` once per replica before the predictor is ready. ``providers`` and
         ``session_options`` go to ``onnxruntime.InferenceSession`` as they are. ``pool`` is a
         whole :class:`PoolConfig` (ejection settings included) in place of ``replicas``,
         ``balancing`` and ``execution_timeout``, and ``batching`` a whole :class:`BatchConfig`
         in place of ``max_batch_size``, ``max_delay_ms`` and ``max_queue_size``.
         """
-        from inferkit.backends.onnx import OnnxBackend, default_intra_op_threads  # noqa: PLC0415
+        from inferkit.backends import onnx  # noqa: PLC0415
 
         batching = _batching(batching, max_batch_size, max_delay_ms, max_queue_size)
         pool = _pool(pool, replicas, balancing, execution_timeout)
-        threads = intra_op_threads
+        threads, wide = intra_op_threads, None
         if threads is None and session_options is None:
-            threads = default_intra_op_threads(pool.replicas)
+            threads, wide = onnx.default_intra_op_threads(pool.replicas), onnx.default_wide_threads(pool.replicas)
         sizes = _warmup_sizes(batching.max_batch_size) if warmup else ()
         if name is None:
             name = "model" if isinstance(model, bytes) else Path(model).stem
@@ -157,7 +159,7 @@ class Predictor:
         turn = itertools.count()
 
         def factory() -> Backend:
-            backend = OnnxBackend(
+            backend = onnx.OnnxBackend(
                 model,
                 device=None if devices is None else devices[next(turn) % len(devices)],
                 providers=providers,
@@ -167,6 +169,8 @@ class Predictor:
                 session_options=session_options,
                 intra_op_threads=threads,
                 warmup=sizes,
+                wide_threads=wide,
+                wide_rows=max(2, batching.max_batch_size // 2),
             )
             return _wrap(backend, pipe)
 

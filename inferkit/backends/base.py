@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -9,7 +11,7 @@ import numpy as np
 
 from inferkit.signature import Signature
 
-__all__ = ["Backend", "BackendFactory", "ReplicaFault"]
+__all__ = ["Backend", "BackendFactory", "ReplicaFault", "cpu_threads", "usable_cores", "worker_thread"]
 
 
 class ReplicaFault(Exception):
@@ -47,3 +49,40 @@ class Backend(Protocol):
 
 BackendFactory = Callable[[], Backend]
 """Called once per replica (and again to replace one) to load a fresh :class:`Backend`."""
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_threads(backend: Backend) -> int:
+    """The cores one :meth:`Backend.run` of ``backend`` keeps busy: its ``cpu_threads``, else 0.
+
+    A backend that computes on the CPU says how many threads it uses (an ONNX Runtime session its
+    intra-op threads); one that waits on a device or on I/O, or does not know, says nothing.
+    The batcher uses it to keep replicas from taking the cores its callers need.
+    """
+    threads = getattr(backend, "cpu_threads", 0)
+    return threads if isinstance(threads, int) and threads > 0 else 0
+
+
+class _Thread(threading.local):
+    batcher = False  # whether this thread is a batcher's worker
+
+
+_THREAD = _Thread()
+
+
+def worker_thread(mark: bool | None = None) -> bool:
+    """Whether the calling thread is a replica's worker (``mark`` sets it, on the worker).
+
+    A backend may read it in :meth:`Backend.run`: a batch run on any other thread is run by
+    its own caller, which waits on it rather than computing, so the cores are the model's.
+    """
+    if mark is not None:
+        _THREAD.batcher = mark
+    return _THREAD.batcher

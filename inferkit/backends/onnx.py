@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from inferkit.backends.base import usable_cores, worker_thread
 from inferkit.backends.device import DeviceFallbackWarning, DeviceUnavailable, device_id
 from inferkit.errors import InvalidInput
 from inferkit.signature import Signature
@@ -27,11 +28,21 @@ def default_intra_op_threads(replicas: int) -> int:
     One core is left to the callers and the batcher when there is more than one: on a busy
     machine their wake-ups compete with the model for the same cores.
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     return max(1, (cores - 1) // replicas) if cores > 1 else 1
+
+
+def default_wide_threads(replicas: int) -> int:
+    """Intra-op threads per session for full batches: every core, shared by ``replicas``.
+
+    A full batch means callers queue faster than the model serves them, so they are waiting,
+    not computing: the core kept for them in :func:`default_intra_op_threads` would sit idle.
+    """
+    return max(1, usable_cores() // replicas)
+
+
+WIDE_MAX_BYTES = 512 * 2**20
+"""Models bigger than this get no second, wide session (it holds its own copy of the weights)."""
 
 
 class OnnxBackend:
@@ -52,6 +63,13 @@ class OnnxBackend:
     arrays binds them and the outputs through I/O binding (no host copy) and returns CuPy arrays.
     ``warmup`` runs zeros at each batch size once so that the first real request is not the slow
     one (skipped when a non-batch dimension is dynamic).
+
+    On the CPU, ``wide_threads`` (more than ``intra_op_threads``) opens a second session with
+    that many intra-op threads for batches of ``wide_rows`` rows or more: small batches mean the
+    callers are the bound and need a core of their own, full ones that the model is and should
+    have them all; so does a batch run on its caller's own thread (not a replica's worker, see
+    :func:`~inferkit.backends.base.worker_thread`), which waits on it. The second session holds
+    its own copy of the weights, so models over :data:`WIDE_MAX_BYTES` do without it.
     """
 
     def __init__(
@@ -66,6 +84,8 @@ class OnnxBackend:
         session_options: Any = None,
         intra_op_threads: int | None = None,
         warmup: Sequence[int] = (),
+        wide_threads: int | None = None,
+        wide_rows: int = 0,
     ) -> None:
         import onnxruntime as ort  # noqa: PLC0415  (optional extra)
 
@@ -99,6 +119,16 @@ class OnnxBackend:
             self._fallback(why, where, strict=strict)
         if self._device == "cpu":
             self.stream = None
+        self.cpu_threads = 0 if self._device != "cpu" else options.intra_op_num_threads or usable_cores()
+        """Cores a run keeps busy: its intra-op threads (0 on a GPU); see :func:`.base.cpu_threads`."""
+        self._wide: Any = None
+        self._wide_rows = wide_rows
+        narrow = intra_op_threads or 0
+        if session_options is None and wide_threads is not None and wide_threads > narrow > 0 and self._device == "cpu":
+            size = len(model) if isinstance(model, bytes) else Path(model).stat().st_size
+            if size <= WIDE_MAX_BYTES:
+                options.intra_op_num_threads = wide_threads
+                self._wide = ort.InferenceSession(source, sess_options=options, providers=list(providers))
         for rows in warmup:
             self._warmup(rows)
 
@@ -151,6 +181,8 @@ class OnnxBackend:
             dims = tuple(d for d in spec.shape[1:] if d is not None)
             feeds[spec.name] = np.zeros((rows, *dims), dtype=spec.dtype)
         self.session.run(self._outputs, feeds)
+        if self._wide is not None:
+            self._wide.run(self._outputs, feeds)
 
     @property
     def signature(self) -> Signature:
@@ -171,7 +203,10 @@ class OnnxBackend:
         feeds = dict(inputs)
         for name in self._strings:
             feeds[name] = _text(name, feeds[name])
-        return dict(zip(self._outputs, self.session.run(self._outputs, feeds), strict=True))
+        session = self.session
+        if self._wide is not None and (not worker_thread() or next(iter(feeds.values())).shape[0] >= self._wide_rows):
+            session = self._wide  # a full batch, or one its caller runs and waits on: every core is the model's
+        return dict(zip(self._outputs, session.run(self._outputs, feeds), strict=True))
 
     def _run_device(self, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
         import cupy as cp  # noqa: PLC0415  (CuPy arrays came in, so it is installed)
@@ -200,8 +235,8 @@ class OnnxBackend:
             return {name: _cupy_view(cp, value, gpu) for name, value in zip(self._outputs, values, strict=True)}
 
     def close(self) -> None:
-        """Drop the session."""
-        self.session = None
+        """Drop the session(s)."""
+        self.session = self._wide = None
 
 
 _ORT_TYPES = {

@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from inferkit.backends.base import Backend
+from inferkit.backends.base import Backend, cpu_threads
 from inferkit.backends.device import DeviceFallbackWarning, DeviceLost, DeviceOutOfMemory, classify, device_id
 from inferkit.gpu.pipeline import CPU, Kit, Pipeline
 from inferkit.signature import Signature
@@ -48,6 +48,8 @@ class PipelineBackend:
         self.transfers = Transfers()
         """Counts of the copies between host and device (none on the CPU)."""
         self._device = inner.device
+        self.cpu_threads = cpu_threads(inner)
+        """The model's, as the inner backend reports them (see :func:`~inferkit.backends.base.cpu_threads`)."""
         self._signature = self.pipeline.signature(inner.signature)
         model = inner.signature
         self._model_inputs = tuple(s.name for s in model.inputs) if model is not None else ()

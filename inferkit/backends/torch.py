@@ -49,6 +49,8 @@ class TorchBackend:
         if compile:
             module = torch.compile(module, **(dict(compile) if isinstance(compile, Mapping) else {}))
         self.module = module
+        self.cpu_threads = torch.get_num_threads() if gpu is None else 0
+        """Cores a run keeps busy: torch's intra-op threads (0 on a GPU); see :func:`.base.cpu_threads`."""
 
     @property
     def signature(self) -> Signature | None:

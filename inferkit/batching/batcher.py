@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from inferkit._timer import Timer
-from inferkit.backends.base import Backend, BackendFactory, ReplicaFault
+from inferkit.backends.base import Backend, BackendFactory, ReplicaFault, worker_thread
 from inferkit.batching import assembly
 from inferkit.batching.config import BatchConfig
 from inferkit.batching.counters import Counters
@@ -40,6 +40,7 @@ from inferkit.stats import ReplicaStats, Stats
 
 __all__ = ["Batcher"]
 
+_MAIN_THREAD = threading.main_thread().ident
 _Result = tuple[list[Outcome], bool, float, float]  # outcomes, replica fault, when the call ended, its time
 
 
@@ -96,6 +97,7 @@ class Batcher(Lifecycle):
         waiter = threading.Lock()
         waiter.acquire()
         request.waiter = waiter
+        request.chainable = threading.get_ident() != _MAIN_THREAD
         inline = self.put(request, inline=True)
         if inline is not None:
             self.run_inline(*inline)
@@ -105,6 +107,9 @@ class Batcher(Lifecycle):
             if self.withdraw(request):
                 raise request.error  # type: ignore[misc]
             waiter.acquire()  # it started before its deadline: it finishes
+        if request.chain is not None:  # the batch's other callers are for this thread to wake (see settle_all)
+            for other in request.chain:
+                other.release()
         if request.error is not None:
             raise request.error
         return request.value
@@ -224,7 +229,7 @@ class Batcher(Lifecycle):
 
     def _form(self, lane: Lane, replica: Replica, now: float) -> tuple[Batch | None, float | None]:
         """``lane.form`` plus what it cleared: expired requests settled later, cancellations counted."""
-        formed = lane.form(replica, now, self.config)
+        formed = lane.form(replica, now, self.config, crowded=self._set.crowded(replica))
         self._counts.cancelled += formed.cancelled
         if formed.cancelled:
             self._drained.notify_all()
@@ -335,6 +340,7 @@ class Batcher(Lifecycle):
         self._running.pop(replica.name, None)
         replica.busy = False
         replica.running_rows = 0
+        self._set.uncrowd(replica)
         if self._closing:
             self._drained.notify_all()
 
@@ -414,43 +420,54 @@ class Batcher(Lifecycle):
     # -- workers ---------------------------------------------------------------------------
 
     def _work(self, replica: Replica) -> None:
+        worker_thread(mark=True)
         lane: Lane = replica.lane
-        done: list[Request] = []
+        done: list[Request] = []  # settled by this worker, delivered once the lock is released
         self._lock.acquire()
         try:
             while True:
-                if done or self._settle_later:
+                if self._settle_later:
                     done.extend(self._settle_later)
                     self._settle_later = []
-                    self._lock.release()
-                    settle_all(done)
-                    done = []
-                    self._lock.acquire()
                 state = replica.state
                 if state is ReplicaState.DEAD or (self._stopped and not replica.busy):
                     break
-                if replica.busy:  # lent to a caller's thread
-                    replica.cond.wait()
-                    continue
                 now = self._clock()
-                if state is ReplicaState.DRAINING and (self._set.balancer is None or lane.count == 0):
-                    break
-                if state is ReplicaState.DRAINING or replica.usable(now):
+                drained = state is ReplicaState.DRAINING and (self._set.balancer is None or lane.count == 0)
+                if replica.busy or drained:
+                    batch, wait = None, None
+                elif state is ReplicaState.DRAINING or replica.usable(now):
                     batch, wait = self._form(lane, replica, now)
                 else:
                     batch, wait = None, replica.ejected_until - now
                 if batch is None:
-                    if self._settle_later:  # requests that expired in _form: deliver them before sleeping
+                    if done or self._settle_later:  # deliver before sleeping (or stopping)
+                        done.extend(self._settle_later)
+                        self._settle_later = []
+                        self._lock.release()
+                        settle_all(done)
+                        done = []
+                        self._lock.acquire()
                         continue
+                    if replica.busy:  # lent to a caller's thread
+                        replica.cond.wait()
+                        continue
+                    if drained:
+                        break
                     if replica.usable(now) and replica not in lane.idle:
                         lane.idle.append(replica)
                     replica.cond.wait(wait)
                     if replica in lane.idle and not replica.busy:
                         lane.idle.remove(replica)
                     continue
+                # The next batch is claimed before the last one's callers are woken: the model
+                # starts again without waiting for them.
                 self._start(replica, batch)
                 self._lock.release()
                 try:
+                    if done:
+                        settle_all(done)
+                        done = []
                     result = self._execute(batch, replica)
                 finally:
                     self._lock.acquire()

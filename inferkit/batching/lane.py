@@ -100,12 +100,13 @@ class Lane:
         """Whether another replica of this lane can take work now."""
         return any(r is not replica and r.usable(now) for r in self.replicas)
 
-    def form(self, replica: Replica, now: float, config: BatchConfig) -> Formed:
+    def form(self, replica: Replica, now: float, config: BatchConfig, *, crowded: bool = False) -> Formed:
         """A batch for ``replica`` if one should go now, else how long to wait.
 
         A batch goes when full, when its oldest request waited ``max_delay_ms``, or when waiting
-        cannot grow it (no other replica of the lane is busy, or arrivals went quiet). Expired and
-        cancelled requests met on the way are taken off the queue and reported.
+        cannot grow it (no other replica of the lane is busy, or arrivals went quiet) unless the
+        cores are ``crowded`` (see :meth:`ReplicaSet.crowded`). Expired and cancelled requests met
+        on the way are taken off the queue and reported.
         """
         formed = Formed()
         if self.count == 0:
@@ -116,6 +117,9 @@ class Lane:
             reason = "full"
         elif now - self.since >= delay:
             reason = "delay"
+        elif crowded:
+            formed.wait = self.since + delay - now
+            return formed
         elif not any(r.busy for r in self.replicas if r is not replica):
             reason = "idle"
         else:

@@ -10,7 +10,7 @@ import itertools
 import threading
 from collections.abc import Callable
 
-from inferkit.backends.base import Backend
+from inferkit.backends.base import Backend, cpu_threads, usable_cores
 from inferkit.batching.lane import Lane
 from inferkit.pool import LIVE_STATES, Balancer, Replica, ReplicaState
 
@@ -27,12 +27,14 @@ class ReplicaSet:
         self.all: list[Replica] = []
         self.threads: list[threading.Thread] = []  # workers and replacement loaders
         self.loading = 0  # replacement replicas being loaded
+        self.cores = max(1, usable_cores() - 1)  # what replicas may keep busy: one core is the callers'
         self._lock = lock
         self._names = itertools.count()
 
     def add(self, backend: Backend, work: Callable[[Replica], None], lane: Lane | None = None) -> Replica:
         """A new replica of ``backend`` with its worker thread running ``work``."""
         replica = Replica(f"{self.name}-{next(self._names)}", backend, threading.Condition(self._lock))
+        replica.cpu_threads = cpu_threads(backend)
         if lane is None:
             if self.balancer is None:
                 lane = self.lanes[0]
@@ -100,6 +102,25 @@ class ReplicaSet:
             return self.lanes[0]
         lanes = [ln for ln in self.lanes if any(r.usable(now) for r in ln.replicas)] or self.lanes
         return self.choose(lanes)
+
+    def crowded(self, replica: Replica) -> bool:
+        """Whether a batch on ``replica`` now, beside the busy replicas, would take the callers' core.
+
+        Then only a full batch or one whose delay ran out goes: a small batch started on a
+        crowded machine slows the busy replicas and the callers more than it gains.
+        """
+        need = replica.cpu_threads
+        if not need:
+            return False
+        busy = sum(r.cpu_threads for r in self.all if r.busy and r is not replica)
+        return busy > 0 and busy + need > self.cores
+
+    def uncrowd(self, replica: Replica) -> None:
+        """``replica`` finished a batch: wake the other lanes' replicas that waited for its cores."""
+        if replica.cpu_threads and self.balancer is not None:
+            for lane in self.lanes:
+                if lane is not replica.lane and lane.count:
+                    lane.wake()
 
     def queued(self) -> int:
         """Parts queued in every lane."""
