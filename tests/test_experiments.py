@@ -10,16 +10,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from inferkit.experiments import (
-    _EDGES_MS,
-    Experiment,
-    Report,
-    Window,
-    _t_two_sided_p,
-    _t_two_sided_quantile,
-    two_proportion_z_test,
-    welch_t_test,
-)
+from inferkit.experiments import _EDGES_MS, Experiment, Report, Window
+from inferkit.significance import _t_two_sided_p, _t_two_sided_quantile, two_proportion_z_test, welch_t_test
 
 # (n_a, n_b): Welch df from about 1 (two samples each) to about a million.
 SIZES = [(2, 2), (2, 3), (3, 3), (3, 5), (4, 6), (5, 5), (2, 1000), (30, 40), (1000, 1000), (10**5, 10**6)]

@@ -1,65 +1,32 @@
-"""The ``inferkit`` command: ``inferkit serve model.onnx`` or ``inferkit serve --config models.toml``.
+"""``inferkit serve``: its options, and serving the models until SIGTERM or SIGINT."""
 
-``inferkit canary status|promote|rollback|pause|resume --url URL MODEL`` steers a served canary
-with the operator's token from ``INFERKIT_ADMIN_TOKEN``.
-"""
+# A command line prints (the per-file T201 exemption of the old inferkit/cli.py).
+# ruff: noqa: T201
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import attrs
 
 from inferkit.batching.config import BatchConfig
+from inferkit.cli.args import _at_least_one, _fraction, _positive
 from inferkit.pool import PoolConfig
 
 if TYPE_CHECKING:
     from inferkit.server.run import InferenceServer
-
-__all__ = ["main"]
 
 
 _BATCHING = BatchConfig()  # the command's defaults are the library's, written once
 _POOL = PoolConfig()
 
 
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        msg = f"must be >= 1, got {value}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        msg = f"must be a finite number > 0, got {text}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        msg = f"must be in (0, 1], got {text}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="inferkit", description="Serve models with dynamic batching.")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = commands.add_parser(
         "serve",
         help="serve models over REST and gRPC (KServe Open Inference Protocol v2)",
@@ -180,55 +147,6 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="event loop (default auto: uvloop when installed)",
     )
-    _predict_parser(commands)
-    _bench_parser(commands)
-    canary = commands.add_parser(
-        "canary",
-        help="show or steer a served model's canary",
-        description="Call a server's canary admin endpoints with the token in INFERKIT_ADMIN_TOKEN.",
-    )
-    canary.add_argument("action", choices=("status", "promote", "rollback", "pause", "resume"))
-    canary.add_argument("model", help="the model whose canary to show or steer")
-    canary.add_argument("--url", required=True, help="the server's HTTP address, e.g. http://127.0.0.1:8000")
-    canary.add_argument("--timeout-s", type=_positive, default=10.0, help="seconds to wait for the answer")
-    return parser
-
-
-def _canary(args: argparse.Namespace) -> int:
-    """One admin call; prints the canary's status as JSON. 0 on success, 1 when refused, 2 when unreachable."""
-    token = os.environ.get("INFERKIT_ADMIN_TOKEN")
-    if not token:
-        print("inferkit canary: set INFERKIT_ADMIN_TOKEN to the server's admin token", file=sys.stderr)
-        return 2
-    url = f"{args.url.rstrip('/')}/v2/admin/models/{urllib.parse.quote(args.model, safe='')}/canary"
-    method = "GET"
-    if args.action != "status":
-        url, method = f"{url}/{args.action}", "POST"
-    if not url.startswith(("http://", "https://")):
-        print(f"inferkit canary: --url must start with http:// or https://, got {args.url!r}", file=sys.stderr)
-        return 2
-    request = urllib.request.Request(url, method=method, headers={"authorization": f"Bearer {token}"})  # noqa: S310 (checked above)
-    try:
-        with urllib.request.urlopen(request, timeout=args.timeout_s) as response:  # noqa: S310 (checked above)
-            body = json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        try:
-            message = json.loads(error.read()).get("error", "")
-        except ValueError:
-            message = ""
-        print(f"inferkit canary: {error.code} {message}".rstrip(), file=sys.stderr)
-        return 1
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        print(f"inferkit canary: cannot reach {args.url}: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(body, indent=2))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
-    args = _parser().parse_args(argv)
-    return _COMMANDS[args.command](args)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -391,147 +309,3 @@ def _announce(server: InferenceServer) -> None:
     grpc = f", grpc {server.host}:{server.grpc_port}" if server.grpc_port is not None else ""
     names = server.repository.names()
     print(f"inferkit: serving {names} on http://{server.host}:{server.port}{grpc}", file=sys.stderr, flush=True)
-
-
-def _predict_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    predict = commands.add_parser(
-        "predict",
-        help="run a model over a file of rows (bulk, offline), resumable",
-        description=(
-            "Run an ONNX model over every row of a .npy, .parquet or .csv file and write the results "
-            "to a .npy or .parquet file. Interrupted (SIGINT, SIGTERM, a crash), the same command resumes "
-            "after the last finished chunk; the output only appears once it is whole."
-        ),
-    )
-    predict.add_argument("model", type=Path, help="an .onnx file")
-    predict.add_argument("--input", type=Path, required=True, help="a .npy, .parquet or .csv file")
-    predict.add_argument("--output", type=Path, required=True, help="a .npy or .parquet file")
-    predict.add_argument("--batch-size", type=_at_least_one, default=256, help="rows per request (default 256)")
-    predict.add_argument(
-        "--chunk-rows", type=_at_least_one, default=65536, help="rows per resumable chunk (default 65536)"
-    )
-    predict.add_argument("--in-flight", type=_at_least_one, default=8, help="batches queued or running at once")
-    predict.add_argument("--replicas", type=_at_least_one, default=1)
-    predict.add_argument("--max-batch-size", type=_at_least_one, default=None, help="default: --batch-size")
-    predict.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="a progress line (default: when stderr is a terminal)",
-    )
-
-
-class _Terminated(Exception):
-    """SIGTERM, raised in the main thread so the job stops between chunks like on Ctrl-C."""
-
-
-def _on_sigterm(_signum: int, _frame: object) -> None:
-    raise _Terminated
-
-
-def _predict(args: argparse.Namespace) -> int:
-    import signal  # noqa: PLC0415
-
-    from inferkit.bulk import JobMismatch, run_job  # noqa: PLC0415
-    from inferkit.predictor import Predictor  # noqa: PLC0415
-
-    for what, path in (("model", args.model), ("input", args.input)):
-        if not path.is_file():
-            print(f"inferkit predict: no {what} file at {path}", file=sys.stderr)
-            return 2
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
-    signal.signal(signal.SIGTERM, _on_sigterm)  # the CLI owns its process; the library never does this
-    try:
-        with Predictor.from_onnx(
-            args.model, max_batch_size=args.max_batch_size or args.batch_size, replicas=args.replicas
-        ) as predictor:
-            rows = run_job(
-                predictor,
-                args.input,
-                args.output,
-                batch_size=args.batch_size,
-                chunk_rows=args.chunk_rows,
-                in_flight=args.in_flight,
-                progress=progress,
-            )
-    except (KeyboardInterrupt, _Terminated) as stop:
-        print(
-            "inferkit predict: interrupted; run the same command again to resume after the last finished chunk",
-            file=sys.stderr,
-        )
-        return 130 if isinstance(stop, KeyboardInterrupt) else 143
-    except (JobMismatch, ImportError, OSError, ValueError) as error:
-        print(f"inferkit predict: {error}", file=sys.stderr)
-        return 2
-    print(f"inferkit predict: wrote {rows} rows to {args.output}", file=sys.stderr)
-    return 0
-
-
-def _bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    bench = commands.add_parser(
-        "bench",
-        help="measure throughput and latency, and recommend settings under a p99 target",
-        description=(
-            "Load an ONNX model under a grid of batching settings, at each concurrency and request size, "
-            "and print throughput, p50/p99 and the settings that give the most throughput under --p99-ms."
-        ),
-    )
-    bench.add_argument("model", type=Path, help="an .onnx file")
-    bench.add_argument("--concurrency", type=_int_list, default=(1, 8, 32), help="callers at once (default 1,8,32)")
-    bench.add_argument("--rows", type=_int_list, default=(1, 8, 64), help="rows per request (default 1,8,64)")
-    bench.add_argument("--p99-ms", type=_positive, default=10.0, help="the p99 latency target (default 10)")
-    bench.add_argument("--max-batch-size", type=_int_list, default=None, help="to try (default 16,64,256)")
-    bench.add_argument("--max-delay-ms", type=_float_list, default=None, help="to try (default 0.5,2)")
-    bench.add_argument("--replicas", type=_int_list, default=None, help="to try (default 1,2)")
-    bench.add_argument("--intra-op-threads", type=_int_list, default=None, help="to try (default: inferkit's)")
-    bench.add_argument("--duration-s", type=_positive, default=0.25, help="seconds per measurement (default 0.25)")
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    values = tuple(_at_least_one(part) for part in text.split(",") if part.strip())
-    if not values:
-        msg = f"give comma-separated integers >= 1, got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return values
-
-
-def _float_list(text: str) -> tuple[float, ...]:
-    values = tuple(float(part) for part in text.split(",") if part.strip())
-    if not values or not all(0 <= v < float("inf") for v in values):
-        msg = f"give comma-separated numbers >= 0, got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return values
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from inferkit.tune import BenchConfig, bench, render  # noqa: PLC0415
-
-    if not args.model.is_file():
-        print(f"inferkit bench: no model file at {args.model}", file=sys.stderr)
-        return 2
-    options = {
-        "max_batch_sizes": args.max_batch_size,
-        "max_delays_ms": args.max_delay_ms,
-        "replicas": args.replicas,
-        "intra_op_threads": args.intra_op_threads,
-    }
-    try:
-        config = BenchConfig(
-            concurrency=args.concurrency,
-            rows=args.rows,
-            p99_ms=args.p99_ms,
-            duration_s=args.duration_s,
-            **{k: v for k, v in options.items() if v is not None},
-        )
-    except ValueError as error:
-        print(f"inferkit bench: {error}", file=sys.stderr)
-        return 2
-    print(render(bench(args.model, config), config))
-    return 0
-
-
-_COMMANDS = {"serve": _serve, "predict": _predict, "bench": _bench, "canary": _canary}
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -1,0 +1,198 @@
+"""Bulk inference: :func:`map_batches` and :func:`stream_batches`; failing batches bisected to their rows."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from typing import Any, Literal, Protocol
+
+import attrs
+import numpy as np
+
+from inferkit.bulk.progress import Progress
+from inferkit.bulk.reading import _concat, _rows, _slice, read, total_rows
+from inferkit.errors import InvalidInput, ModelError
+from inferkit.signature import Signature
+
+OnError = Literal["raise", "skip", "collect"]
+_ROW_FAULTS = (InvalidInput, ModelError)  # the rows' own fault: bisected, then per on_error
+
+
+class Submitter(Protocol):
+    """What bulk inference runs on: a :class:`~inferkit.Predictor` or :class:`~inferkit.Router`."""
+
+    def submit(self, x: Any, *, timeout: float | None = None, priority: int = 0) -> Future[Any]:
+        """Queue ``x`` and return a future of its result."""
+        ...
+
+
+@attrs.frozen
+class RowError:
+    """A row left out of the output: its index in the input and why."""
+
+    index: int
+    error: BaseException
+
+
+@attrs.frozen
+class BulkPart:
+    """One part of a ``stream(..., on_error="collect")``: kept rows' outputs, their input indices, errors."""
+
+    outputs: Any
+    rows: np.ndarray[Any, Any]
+    errors: tuple[RowError, ...]
+
+
+@attrs.frozen
+class BulkResult:
+    """What ``map(..., on_error="collect")`` returns: outputs of the kept rows in order, their input indices, errors."""
+
+    outputs: Any
+    rows: np.ndarray[Any, Any]
+    errors: tuple[RowError, ...]
+
+
+@attrs.frozen
+class _Done:
+    outputs: Any  # None when no row of the batch survived
+    rows: np.ndarray[Any, Any]
+    errors: tuple[RowError, ...]
+
+
+def _bisect(target: Submitter, batch: Any, first: int, timeout: float | None) -> _Done:
+    """Run ``batch`` in halves, then rows, to keep what runs and name what fails."""
+    n = _rows(batch)
+    try:
+        out = target.submit(batch, timeout=timeout).result()
+    except _ROW_FAULTS as error:
+        if n == 1:
+            return _Done(None, np.empty(0, dtype=np.int64), (RowError(first, error),))
+        mid = n // 2
+        left = _bisect(target, _slice(batch, 0, mid), first, timeout)
+        right = _bisect(target, _slice(batch, mid, n), first + mid, timeout)
+        kept = [d.outputs for d in (left, right) if d.outputs is not None]
+        return _Done(
+            _concat(kept) if kept else None, np.concatenate([left.rows, right.rows]), left.errors + right.errors
+        )
+    return _Done(out, np.arange(first, first + n, dtype=np.int64), ())
+
+
+def _parts(
+    target: Submitter,
+    batches: Iterable[Any],
+    in_flight: int,
+    on_error: OnError,
+    timeout: float | None,
+    progress: Progress | None,
+) -> Iterator[_Done]:
+    """Keep ``in_flight`` batches submitted; yield each batch's result in input order."""
+    pending: collections.deque[tuple[int, Any, Future[Any] | BaseException]] = collections.deque()
+    source = iter(batches)
+    first = 0
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(pending) < in_flight:
+                batch = next(source, None)
+                if batch is None:
+                    exhausted = True
+                    break
+                try:
+                    job: Future[Any] | BaseException = target.submit(batch, timeout=timeout)
+                except _ROW_FAULTS as error:  # refused whole at submit: bisected when its turn comes
+                    job = error
+                pending.append((first, batch, job))
+                first += _rows(batch)
+            if not pending:
+                return
+            start, batch, job = pending.popleft()
+            n = _rows(batch)
+            try:
+                if isinstance(job, BaseException):
+                    raise job
+                done = _Done(job.result(), np.arange(start, start + n, dtype=np.int64), ())
+            except _ROW_FAULTS:
+                if on_error == "raise":
+                    raise
+                done = _bisect(target, batch, start, timeout)
+            if progress is not None:
+                progress.update(n)
+            yield done
+    finally:
+        for _, _, job in pending:  # the caller stopped early or a batch failed: drop what is queued
+            if isinstance(job, Future):
+                job.cancel()
+        if progress is not None:
+            progress.close()
+
+
+def _check(batch_size: int, in_flight: int, on_error: str) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        msg = f"batch_size must be an int >= 1, got {batch_size!r}"
+        raise ValueError(msg)
+    if not isinstance(in_flight, int) or in_flight < 1:
+        msg = f"in_flight must be an int >= 1, got {in_flight!r}"
+        raise ValueError(msg)
+    if on_error not in {"raise", "skip", "collect"}:
+        msg = f"on_error must be 'raise', 'skip' or 'collect', got {on_error!r}"
+        raise ValueError(msg)
+
+
+def _progress(progress: bool | Progress, data: Any) -> Progress | None:
+    if isinstance(progress, Progress):
+        return progress
+    return Progress(total_rows(data)) if progress else None
+
+
+def stream_batches(
+    target: Submitter,
+    data: Any,
+    *,
+    batch_size: int = 256,
+    in_flight: int = 8,
+    on_error: OnError = "raise",
+    progress: bool | Progress = False,
+    timeout: float | None = None,
+) -> Iterator[Any]:
+    """Results of ``data`` run on ``target``, one per batch of ``batch_size`` rows, in input order.
+
+    See :meth:`inferkit.Predictor.stream`.
+    """
+    _check(batch_size, in_flight, on_error)
+    signature = getattr(target, "signature", None)
+    batches = read(data, batch_size, signature=signature if isinstance(signature, Signature) else None)
+    for done in _parts(target, batches, in_flight, on_error, timeout, _progress(progress, data)):
+        if on_error == "collect":
+            yield BulkPart(done.outputs, done.rows, done.errors)
+        elif done.outputs is not None:
+            yield done.outputs
+
+
+def map_batches(
+    target: Submitter,
+    data: Any,
+    *,
+    batch_size: int = 256,
+    in_flight: int = 8,
+    on_error: OnError = "raise",
+    progress: bool | Progress = False,
+    timeout: float | None = None,
+) -> Any:
+    """Every result of ``data`` run on ``target``, joined in input order. See :meth:`inferkit.Predictor.map`."""
+    _check(batch_size, in_flight, on_error)
+    signature = getattr(target, "signature", None)
+    batches = read(data, batch_size, signature=signature if isinstance(signature, Signature) else None)
+    kept: list[Any] = []
+    rows: list[np.ndarray[Any, Any]] = []
+    errors: list[RowError] = []
+    for done in _parts(target, batches, in_flight, on_error, timeout, _progress(progress, data)):
+        if done.outputs is not None:
+            kept.append(done.outputs)
+        rows.append(done.rows)
+        errors.extend(done.errors)
+    outputs = _concat(kept)
+    if on_error == "collect":
+        index = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
+        return BulkResult(outputs, index, tuple(errors))
+    return outputs

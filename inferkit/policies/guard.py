@@ -1,0 +1,100 @@
+"""A canary's :class:`Guard` (the limits its candidate must stay within) and the per-step numbers it judges."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from inferkit._validators import integer, number, optional_positive
+from inferkit.experiments import Window
+
+_share = number(0)
+
+
+def _optional_share(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """``None``, or a rate >= 0 (0 allowed: no failure at all)."""
+    if value is not None:
+        _share(instance, attribute, value)
+
+
+@attrs.frozen
+class Guard:
+    """Limits a canary's candidate must stay within; ``None`` switches a check off.
+
+    Only failures of the model or its replicas count as errors, never the caller's
+    ``InvalidInput`` or ``Overloaded``.
+
+    ===========================  ===========================================================
+    ``max_error_rate``           the candidate's error rate in the step
+    ``max_error_rate_increase``  candidate error rate minus the baseline's
+    ``max_p99_ratio``            candidate p99 latency over the baseline's
+    ``max_disagreement``         share of shadow comparisons that disagreed
+    ``min_outcome_ratio``        candidate's mean recorded outcome over the baseline's
+    ``min_baseline_requests``    baseline requests needed before relative checks apply
+    ===========================  ===========================================================
+    """
+
+    max_error_rate: float | None = attrs.field(default=0.01, validator=_optional_share)
+    max_error_rate_increase: float | None = attrs.field(default=None, validator=_optional_share)
+    max_p99_ratio: float | None = attrs.field(default=None, validator=optional_positive)
+    max_disagreement: float | None = attrs.field(default=None, validator=_optional_share)
+    min_outcome_ratio: float | None = attrs.field(default=None, validator=optional_positive)
+    min_baseline_requests: int = attrs.field(default=20, validator=integer(0))
+
+    def check(self, baseline: _StepWindow, candidate: _StepWindow) -> tuple[str, dict[str, float]] | None:
+        """The first limit the candidate breaks, with the numbers that broke it; None if none."""
+        cand_rate = candidate.window.error_rate
+        numbers = {"candidate_requests": float(candidate.window.requests), "candidate_error_rate": cand_rate}
+        if self.max_error_rate is not None and cand_rate > self.max_error_rate:
+            return "max_error_rate", numbers | {"limit": self.max_error_rate}
+        base_ok = baseline.window.requests >= self.min_baseline_requests
+        if self.max_error_rate_increase is not None and base_ok:
+            increase = cand_rate - baseline.window.error_rate
+            if increase > self.max_error_rate_increase:
+                return "max_error_rate_increase", numbers | {
+                    "increase": increase,
+                    "limit": self.max_error_rate_increase,
+                }
+        if self.max_p99_ratio is not None and base_ok:
+            base_p99 = baseline.window.latency_quantile(0.99)
+            cand_p99 = candidate.window.latency_quantile(0.99)
+            if base_p99 > 0 and cand_p99 / base_p99 > self.max_p99_ratio:
+                ratio = cand_p99 / base_p99
+                return "max_p99_ratio", numbers | {"p99_ratio": ratio, "limit": self.max_p99_ratio}
+        if self.max_disagreement is not None and candidate.compared:
+            share = candidate.disagreed / candidate.compared
+            if share > self.max_disagreement:
+                return "max_disagreement", numbers | {"disagreement": share, "limit": self.max_disagreement}
+        if self.min_outcome_ratio is not None and candidate.outcomes and baseline.outcomes:
+            base_mean = baseline.outcome_sum / baseline.outcomes
+            cand_mean = candidate.outcome_sum / candidate.outcomes
+            if base_mean > 0 and cand_mean / base_mean < self.min_outcome_ratio:
+                ratio = cand_mean / base_mean
+                return "min_outcome_ratio", numbers | {"outcome_ratio": ratio, "limit": self.min_outcome_ratio}
+        return None
+
+
+class _StepWindow:
+    """One arm's numbers within the current canary step."""
+
+    def __init__(self) -> None:
+        self.window = Window()
+        self.compared = 0
+        self.disagreed = 0
+        self.outcomes = 0
+        self.outcome_sum = 0.0
+
+
+class _PooledWindow(Window):
+    """Every process's request and failure counts, with this process's latencies."""
+
+    def __init__(self, local: Window, requests: int, failures: int) -> None:
+        super().__init__(1)
+        self.local = local
+        self.requests = max(requests, local.requests)
+        self.failures = max(failures, local.failures)
+
+    def latency_quantile(self, q: float) -> float:
+        """Latencies of this process only: they are not pooled."""
+        return self.local.latency_quantile(q)
