@@ -19,7 +19,7 @@ from inferkit.server.grpc import _has_raw_contents
 from inferkit.server.metrics import Metrics
 from inferkit.server.protocol import MAX_EMPTY_CLAIM, element_count
 from inferkit.server.repository import Repository
-from inferkit.server.rest import decode_request
+from inferkit.server.rest_decode import decode_request
 
 CODE = grpc.StatusCode
 WAIT = 30
