@@ -14,8 +14,8 @@ from test_server_grpc import Served, _serve, good, scaled  # noqa: F401 (_serve:
 
 from inferkit.errors import InvalidInput
 from inferkit.server import proto as pb
-from inferkit.server.config import ConnectionLimits
 from inferkit.server.grpc_messages import has_raw_contents
+from inferkit.server.limits import ConnectionLimits
 from inferkit.server.metrics import Metrics
 from inferkit.server.protocol import MAX_EMPTY_CLAIM, element_count
 from inferkit.server.repository import Repository

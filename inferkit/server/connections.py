@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from inferkit.server.config import ConnectionLimits
+from inferkit.server.limits import ConnectionLimits
 
 __all__ = ["Connections", "default_max_connections", "guarded_protocol"]
 

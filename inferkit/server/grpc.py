@@ -48,9 +48,9 @@ from typing import Any
 
 import grpc
 
-from inferkit.server.config import ConnectionLimits
 from inferkit.server.control import RepositoryControl
 from inferkit.server.grpc_servicer import Servicer
+from inferkit.server.limits import ConnectionLimits
 from inferkit.server.logs import RequestLog
 from inferkit.server.protocol import ARM, KEY
 from inferkit.server.repository import Repository

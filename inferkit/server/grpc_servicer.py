@@ -11,7 +11,6 @@ from google.protobuf import json_format
 
 from inferkit.errors import Closed, InferkitError, InvalidInput
 from inferkit.server import proto as pb
-from inferkit.server.config import ConnectionLimits
 from inferkit.server.control import Controller, RepositoryControl, load_parameters
 from inferkit.server.grpc_messages import (
     OFFLOAD_BYTES,
@@ -23,6 +22,7 @@ from inferkit.server.grpc_messages import (
     parser,
     typed_too_large,
 )
+from inferkit.server.limits import ConnectionLimits
 from inferkit.server.pipeline import Pipeline, describe
 from inferkit.server.protocol import ARM, extensions, grpc_code, server_version
 from inferkit.server.repository import Failed, Repository

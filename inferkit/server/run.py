@@ -16,10 +16,10 @@ from typing import Any, TypeVar
 import uvicorn
 
 from inferkit.routing import Predictive
-from inferkit.server.config import ConnectionLimits
 from inferkit.server.connections import Connections, default_max_connections, guarded_protocol
 from inferkit.server.control import RepositoryControl
 from inferkit.server.grpc import DEFAULT_LISTENERS, create_server
+from inferkit.server.limits import ConnectionLimits
 from inferkit.server.logs import RequestLog
 from inferkit.server.metrics import Metrics
 from inferkit.server.repository import Repository
