@@ -28,7 +28,7 @@ from inferkit import Predictor
 from inferkit.server import Repository, ServedModel
 from inferkit.server import proto as pb
 from inferkit.server.protocol import pack_bytes
-from inferkit.server.rest import HEADER_LENGTH
+from inferkit.server.rest_decode import HEADER_LENGTH
 from inferkit.server.run import InferenceServer
 
 WAIT = 30  # seconds: a bound on every wait, never expected to be reached

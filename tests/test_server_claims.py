@@ -14,12 +14,12 @@ from test_server_grpc import Served, _serve, good, scaled  # noqa: F401 (_serve:
 
 from inferkit.errors import InvalidInput
 from inferkit.server import proto as pb
-from inferkit.server.config import ConnectionLimits
-from inferkit.server.grpc import _has_raw_contents
+from inferkit.server.grpc_messages import has_raw_contents
+from inferkit.server.limits import ConnectionLimits
 from inferkit.server.metrics import Metrics
 from inferkit.server.protocol import MAX_EMPTY_CLAIM, element_count
 from inferkit.server.repository import Repository
-from inferkit.server.rest import decode_request
+from inferkit.server.rest_decode import decode_request
 
 CODE = grpc.StatusCode
 WAIT = 30
@@ -96,7 +96,7 @@ class TestTypedContents:
         request = pb.ModelInferRequest(model_name="m", id="r")
         request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
         request.parameters["priority"].int64_param = 3
-        assert not _has_raw_contents(request.SerializeToString())
+        assert not has_raw_contents(request.SerializeToString())
         request.raw_input_contents.append(b"\0" * 16)
-        assert _has_raw_contents(request.SerializeToString())
-        assert _has_raw_contents(b"\xff\xff\xff")  # not a message: the parser reports it
+        assert has_raw_contents(request.SerializeToString())
+        assert has_raw_contents(b"\xff\xff\xff")  # not a message: the parser reports it

@@ -28,8 +28,8 @@ from tritonclient.utils import InferenceServerException
 from inferkit import ABTest, DeadlineExceeded, Predictor, Router, TensorSpec
 from inferkit.server import Repository, ServedModel
 from inferkit.server import proto as pb
-from inferkit.server.config import ConnectionLimits
 from inferkit.server.grpc import ARM_METADATA, KEY_METADATA, create_server
+from inferkit.server.limits import ConnectionLimits
 from inferkit.server.protocol import DTYPES, datatype_of, dtype_of, pack_bytes, unpack_bytes
 
 WAIT = 30  # seconds: a bound on every wait, never expected to be reached

@@ -28,7 +28,8 @@ from inferkit import Predictor, Router, TensorSpec
 from inferkit.server import Repository, ServedModel
 from inferkit.server.metrics import Metrics
 from inferkit.server.protocol import DTYPES, pack_bytes
-from inferkit.server.rest import HEADER_LENGTH, create_app
+from inferkit.server.rest import create_app
+from inferkit.server.rest_decode import HEADER_LENGTH
 
 WAIT = 30  # seconds: a bound on every wait, never expected to be reached
 W = (np.arange(12, dtype=np.float32).reshape(4, 3) - 5.5) / 4

@@ -28,8 +28,10 @@ from tritonclient.utils import InferenceServerException
 
 from inferkit import PoolConfig, Predictor, Router, TensorSpec
 from inferkit.server import Repository
-from inferkit.server.config import ConfigError, ConnectionLimits, load
-from inferkit.server.run import InferenceServer, default_max_connections, raise_open_file_limit, run_loop
+from inferkit.server.config import ConfigError, load
+from inferkit.server.connections import default_max_connections
+from inferkit.server.limits import ConnectionLimits
+from inferkit.server.run import InferenceServer, raise_open_file_limit, run_loop
 
 WAIT = 60
 

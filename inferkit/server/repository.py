@@ -20,13 +20,12 @@ import attrs
 import numpy as np
 
 from inferkit._bridge import await_future
-from inferkit.batching import BatchConfig
 from inferkit.errors import Closed, InferkitError, ModelNotFound
-from inferkit.policies import find_canary, split_weights
 from inferkit.pool import PoolConfig
 from inferkit.predictor import Predictor
 from inferkit.routing import Predictive, RoutedFuture, Router, ready_of, signature_of
 from inferkit.server.protocol import datatype_of
+from inferkit.server.triton_shapes import dynamic_batching, predictors_behind, split_stats, triton_stats, triton_tensor
 from inferkit.stats import Stats
 
 __all__ = ["Failed", "InferResult", "Repository", "ServedModel", "pool_config"]
@@ -290,9 +289,9 @@ class Repository:
             if not version:
                 pairs += sorted(model.versions.items(), key=lambda item: _version_order(item[0]))
             for label, target in pairs:
-                entries.append(_triton_stats(model_name, label, target))
+                entries.append(triton_stats(model_name, label, target))
                 if split and not label and isinstance(target, Router):
-                    entries[-1].update(_split(target))
+                    entries[-1].update(split_stats(target))
         return {"model_stats": entries}
 
     def config(self, name: str, version: str | None = None) -> dict[str, Any]:
@@ -306,16 +305,16 @@ class Repository:
         target = self.resolve(name, version)
         if not version and model.versions:
             target = model.versions[max(model.versions, key=_version_order)]
-        predictor = next((p for p in _predictors(target) if isinstance(p, Predictor)), None)
+        predictor = next((p for p in predictors_behind(target) if isinstance(p, Predictor)), None)
         sig = signature_of(target)
         config: dict[str, Any] = {"name": name, "platform": "inferkit", "backend": "inferkit"}
         if predictor is not None:
             config["max_batch_size"] = predictor.batching.max_batch_size
         if sig is not None:
-            config["input"] = [_triton_tensor(s) for s in sig.inputs]
-            config["output"] = [_triton_tensor(s) for s in sig.outputs]
+            config["input"] = [triton_tensor(s) for s in sig.inputs]
+            config["output"] = [triton_tensor(s) for s in sig.outputs]
         if predictor is not None:
-            config["dynamic_batching"] = _dynamic_batching(predictor.batching)
+            config["dynamic_batching"] = dynamic_batching(predictor.batching)
             config["instance_group"] = _instance_groups(name, predictor)
         return config
 
@@ -391,30 +390,6 @@ def _walk(model: ServedModel) -> Iterator[tuple[str, Predictive]]:
             pending[:0] = [(prefix + arm, inner) for arm, inner in target.arms.items()]
 
 
-def _predictors(target: Predictive) -> list[Predictive]:
-    """The predictors behind ``target``: a Router's arms (nested ones too), else ``target``."""
-    if isinstance(target, Router):
-        return [p for arm in target.arms.values() for p in _predictors(arm)]
-    return [target]
-
-
-def _triton_type(spec_dtype: np.dtype[Any]) -> str:
-    datatype = datatype_of(spec_dtype)
-    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
-
-
-def _triton_tensor(spec: Any) -> dict[str, Any]:
-    dims = [-1 if d is None else d for d in spec.shape[1:]]  # the batch axis is max_batch_size's
-    return {"name": spec.name, "data_type": _triton_type(spec.dtype), "dims": dims}
-
-
-def _dynamic_batching(batching: BatchConfig) -> dict[str, Any]:
-    return {
-        "max_queue_delay_microseconds": round(batching.max_delay_ms * 1000),
-        "default_queue_policy": {"max_queue_size": batching.max_queue_size},
-    }
-
-
 def _instance_groups(name: str, predictor: Predictor) -> list[dict[str, Any]]:
     """One group per device the replicas run on (``cuda:N`` is KIND_GPU on GPU N, else KIND_CPU)."""
     devices = [r.device for r in predictor.stats().replicas] or [predictor.device]
@@ -433,50 +408,3 @@ def _instance_groups(name: str, predictor: Predictor) -> list[dict[str, Any]]:
             group.update(kind="KIND_CPU", gpus=[])
         groups.append(group)
     return groups
-
-
-def _triton_stats(name: str, version: str, target: Predictive) -> dict[str, Any]:
-    predictors = _predictors(target)
-    success = fail = execution = inference = 0
-    request_ns = compute_ns = 0
-    batch_sizes: dict[int, int] = {}
-    for predictor in predictors:
-        if not isinstance(predictor, Predictor):
-            continue
-        s = predictor.stats()
-        success += s.completed
-        fail += sum(s.failed.values())
-        execution += s.batches
-        inference += s.rows
-        request_ns += int(s.request_seconds * 1e9)
-        compute_ns += int(s.compute_seconds * 1e9)
-        for size, count in s.batch_sizes.items():
-            batch_sizes[size] = batch_sizes.get(size, 0) + count
-    return {
-        "name": name,
-        "version": version,
-        "last_inference": 0,
-        "inference_count": inference,
-        "execution_count": execution,
-        "inference_stats": {
-            "success": {"count": success, "ns": request_ns},
-            "fail": {"count": fail, "ns": 0},
-            "queue": {"count": 0, "ns": 0},  # not tracked apart from the request time (see Repository.stats)
-            "compute_input": {"count": 0, "ns": 0},
-            "compute_infer": {"count": execution, "ns": compute_ns},
-            "compute_output": {"count": 0, "ns": 0},
-        },
-        "batch_stats": [
-            {"batch_size": size, "compute_infer": {"count": count, "ns": 0}}
-            for size, count in sorted(batch_sizes.items())
-        ],
-    }
-
-
-def _split(router: Router) -> dict[str, Any]:
-    """Additions to Triton's stats of a routed model: each arm's share now, and the canary's state."""
-    extra: dict[str, Any] = {"split": split_weights(router.policy)}
-    canary = find_canary(router.policy)
-    if canary is not None:
-        extra["canary"] = {"state": canary.state.value, "step": canary.step, "weight": canary.weight}
-    return extra

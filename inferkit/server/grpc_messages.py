@@ -1,0 +1,260 @@
+"""ModelInfer messages: parsing a request (malformed bytes included), its options and tensors, the response.
+
+Inputs come from ``raw_input_contents`` or each input's typed ``contents``; outputs always go
+out in ``raw_output_contents``. Large messages are decoded and encoded on a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import numpy as np
+
+from inferkit.errors import InvalidInput
+from inferkit.server import proto as pb
+from inferkit.server.pipeline import Call
+from inferkit.server.protocol import (
+    KEY,
+    check_outputs,
+    datatype_of,
+    dtype_of,
+    element_count,
+    fit,
+    from_raw,
+    invalid,
+    refuse_unsupported,
+    request_options,
+    shaped,
+    to_raw,
+)
+from inferkit.server.repository import InferResult
+
+__all__ = ["OFFLOAD_BYTES", "Malformed", "answer", "call", "has_raw_contents", "parameter", "parser", "typed_too_large"]
+
+Array = np.ndarray[Any, Any]
+
+OFFLOAD_BYTES = 2**20  # decode and encode larger messages on a worker thread, as REST does
+
+# The InferTensorContents field that carries each datatype, and the dtype protobuf gives its
+# values. FP16 has none: it travels in raw_input_contents only.
+_CONTENTS: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+_WIDE: dict[str, np.dtype[Any]] = {
+    "bool_contents": np.dtype(np.bool_),
+    "int_contents": np.dtype(np.int32),
+    "int64_contents": np.dtype(np.int64),
+    "uint_contents": np.dtype(np.uint32),
+    "uint64_contents": np.dtype(np.uint64),
+    "fp32_contents": np.dtype(np.float32),
+    "fp64_contents": np.dtype(np.float64),
+}
+_OPTION_PARAMETERS = ("timeout", "priority", "key", "sequence_id", "sequence_start", "sequence_end")
+
+
+class Malformed:
+    """A request message that did not parse; the handler answers INVALID_ARGUMENT."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def parser(message: Any) -> Callable[[bytes], Any]:
+    """A deserializer for ``message`` that returns a :class:`Malformed` instead of raising."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except Exception as error:  # noqa: BLE001 (protobuf's DecodeError, or worse, on client bytes)
+            return Malformed(error)
+
+    return parse
+
+
+async def call(request: Any, context: Any, *, large: bool) -> Call:
+    """The pipeline's view of a parsed ModelInferRequest (its tensors decoded off the loop when ``large``)."""
+    inputs = await asyncio.to_thread(_decode_inputs, request) if large else _decode_inputs(request)
+    requested = _requested_outputs(request)
+    key, timeout, priority = _options(request, context)
+    return Call(inputs, requested, key, timeout, priority, request)
+
+
+async def answer(call: Call, result: InferResult) -> tuple[Any, str | None]:
+    """The ModelInferResponse for ``result`` (encoded off the loop when large) and the arm that served it."""
+    if sum(np.asarray(o).nbytes for o in result.outputs.values()) >= OFFLOAD_BYTES:
+        response = await asyncio.to_thread(_encode_response, call.request, result.outputs, call.outputs)
+    else:
+        response = _encode_response(call.request, result.outputs, call.outputs)
+    if result.arm is not None:
+        response.parameters["arm"].string_param = result.arm
+    return response, result.arm
+
+
+# -- request options -------------------------------------------------------------------------
+
+
+def parameter(value: Any) -> bool | int | str | float | None:
+    """The value an InferParameter holds (None when it holds none)."""
+    which = value.WhichOneof("parameter_choice")
+    return None if which is None else getattr(value, which)
+
+
+def _options(request: Any, context: Any) -> tuple[Hashable | None, float | None, int]:
+    """The sticky key, the deadline in seconds and the priority of a ModelInfer request."""
+    params = request.parameters
+    plain = {}
+    if params:
+        refuse_unsupported(params, "the request's parameters")
+        plain = {name: parameter(params[name]) for name in _OPTION_PARAMETERS if name in params}
+    header = next((str(v) for k, v in context.invocation_metadata() or () if k == KEY), None)
+    timeout, priority, key = request_options(plain, key=header, remaining_s=context.time_remaining())
+    return key, timeout, priority
+
+
+def _requested_outputs(request: Any) -> list[str]:
+    names: dict[str, None] = {}  # ordered, and a repeat found in O(1)
+    for output in request.outputs:
+        if output.parameters:
+            refuse_unsupported(output.parameters, f"output {output.name!r}")
+        if output.name in names:
+            msg = f"output {output.name!r:.200} is requested twice"
+            raise InvalidInput(msg)
+        names[output.name] = None
+    return list(names)
+
+
+# -- tensors ---------------------------------------------------------------------------------
+
+
+_RAW_INPUT_CONTENTS = 7  # ModelInferRequest's field number
+
+
+def has_raw_contents(data: bytes) -> bool:
+    """Whether a serialized ModelInferRequest has ``raw_input_contents``, read from its top-level tags only.
+
+    Typed ``contents`` become a Python object per value (~30x their bytes, like JSON over REST),
+    and even parsing them costs that much: a large message without raw contents is refused
+    before it is parsed. Reads a handful of tags and lengths; a message it cannot walk is left
+    to the parser (True).
+    """
+    view, i = memoryview(data), 0
+    try:
+        while i < len(view):
+            tag, i = _varint(view, i)
+            field, kind = tag >> 3, tag & 7
+            if field == _RAW_INPUT_CONTENTS:
+                return True
+            if kind == 0:
+                _, i = _varint(view, i)
+            elif kind == 2:
+                length, i = _varint(view, i)
+                i += length
+            else:
+                i += {1: 8, 5: 4}[kind]
+    except (IndexError, KeyError):
+        return True
+    return False
+
+
+def _varint(view: memoryview, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = view[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+        if shift > 63:
+            raise IndexError
+
+
+def typed_too_large(size: int, limit: int) -> InvalidInput:
+    """The error for a message over ``limit`` bytes without raw contents."""
+    return InvalidInput(
+        f"a {size}-byte request with typed contents, more than max_json_bytes={limit}; "
+        "send the tensors in raw_input_contents (as tritonclient does)"
+    )
+
+
+def _decode_inputs(request: Any) -> dict[str, Array]:
+    """The input arrays of a ModelInferRequest by name; ``InvalidInput`` naming the bad one."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        msg = f"the request has {len(request.inputs)} inputs but {len(raw)} raw_input_contents; send one per input"
+        raise InvalidInput(msg)
+    arrays: dict[str, Array] = {}
+    for i, tensor in enumerate(request.inputs):
+        name = tensor.name
+        if name in arrays:
+            msg = f"input {name!r} appears twice"
+            raise InvalidInput(msg, input_name=name)
+        arrays[name] = _decode(tensor, raw[i] if raw else None, request.model_name)
+    return arrays
+
+
+def _decode(tensor: Any, raw: bytes | None, model: str) -> Array:
+    name, datatype = tensor.name, tensor.datatype
+    if tensor.parameters:
+        refuse_unsupported(tensor.parameters, f"input {name!r}", name)
+    try:
+        dtype = dtype_of(datatype)
+    except InvalidInput as error:
+        raise invalid(str(error), name) from None
+    shape = tuple(tensor.shape)
+    count = element_count(shape, name)
+    if raw is not None:
+        if tensor.HasField("contents"):
+            msg = (
+                f"contents field must not be specified when using raw_input_contents for {name!r:.200} "
+                f"for model {model!r:.200}; send one or the other"
+            )
+            raise InvalidInput(msg, input_name=name)
+        flat = from_raw(raw, datatype, count, name)
+    else:
+        flat = _from_contents(name, datatype, dtype, count, tensor.contents)
+    return shaped(flat, shape, name)
+
+
+def _from_contents(name: str, datatype: str, dtype: np.dtype[Any], count: int, contents: Any) -> Array:
+    field = _CONTENTS.get(datatype)
+    if field is None:
+        raise invalid(f"{datatype} data must come in raw_input_contents", name)
+    for descriptor, _ in contents.ListFields():
+        if descriptor.name != field:
+            raise invalid(f"{datatype} data goes in {field}, got {descriptor.name}", name)
+    values = getattr(contents, field)
+    if len(values) != count:
+        raise invalid(f"has {len(values)} values in {field}, but shape needs {count}", name)
+    if dtype.kind == "O":
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+        return array
+    wide = np.fromiter(values, dtype=_WIDE[field], count=count)  # no list of Python numbers in between
+    return wide if wide.dtype == dtype else fit(wide, datatype, name)
+
+
+def _encode_response(request: Any, outputs: dict[str, Array], requested: Sequence[str]) -> Any:
+    """A ModelInferResponse with ``outputs`` (only ``requested`` ones, in order, when given)."""
+    if requested:
+        check_outputs(requested, outputs, request.model_name)
+    response = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
+    for name in requested or outputs:
+        array = np.asarray(outputs[name])
+        datatype = datatype_of(array.dtype)
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        response.raw_output_contents.append(to_raw(array))
+    return response

@@ -1,0 +1,228 @@
+"""The RPC handlers of Triton's ``inference.GRPCInferenceService`` over one repository (:mod:`inferkit.server.grpc`)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import json_format
+
+from inferkit.errors import Closed, InferkitError, InvalidInput
+from inferkit.server import proto as pb
+from inferkit.server.control import Controller, RepositoryControl, load_parameters
+from inferkit.server.grpc_messages import (
+    OFFLOAD_BYTES,
+    Malformed,
+    answer,
+    call,
+    has_raw_contents,
+    parameter,
+    parser,
+    typed_too_large,
+)
+from inferkit.server.limits import ConnectionLimits
+from inferkit.server.pipeline import Pipeline, describe
+from inferkit.server.protocol import ARM, extensions, grpc_code, server_version
+from inferkit.server.repository import Failed, Repository
+
+__all__ = ["Servicer"]
+
+
+class Servicer:
+    """The RPC handlers over one repository."""
+
+    def __init__(self, repository: Repository, metrics: Any, control: RepositoryControl) -> None:
+        self._repository = repository
+        self._control = control
+        self.pipeline = Pipeline(repository, "grpc", metrics)
+        self._controller = Controller(repository, control)
+        self.draining = False
+        self.last_call = 0.0  # loop time of the latest ModelInfer, for the drain's quiet window
+        self.typed_limit = ConnectionLimits().max_json_bytes  # bytes of typed contents per request
+
+    def handler(self) -> Any:
+        """The generic handler that routes the service's methods to this object."""
+        methods = {
+            "ServerLive": (self.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
+            "ServerReady": (self.server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse),
+            "ModelReady": (self.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
+            "ServerMetadata": (self.server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+            "ModelMetadata": (self.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+            "ModelInfer": (self.model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
+            "ModelConfig": (self.model_config, pb.ModelConfigRequest, pb.ModelConfigResponse),
+            "ModelStatistics": (self.model_statistics, pb.ModelStatisticsRequest, pb.ModelStatisticsResponse),
+            "RepositoryIndex": (self.repository_index, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
+            "RepositoryModelLoad": (self.model_load, pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse),
+            "RepositoryModelUnload": (
+                self.model_unload,
+                pb.RepositoryModelUnloadRequest,
+                pb.RepositoryModelUnloadResponse,
+            ),
+        }
+        return grpc.method_handlers_generic_handler(
+            pb.SERVICE,
+            {
+                name: grpc.unary_unary_rpc_method_handler(
+                    behavior,
+                    # ModelInfer parses in model_infer: a large message off the event loop
+                    request_deserializer=None if name == "ModelInfer" else parser(request),
+                    response_serializer=response.SerializeToString,
+                )
+                for name, (behavior, request, response) in methods.items()
+            },
+        )
+
+    # -- health and metadata ---------------------------------------------------------------
+
+    async def server_live(self, request: Any, context: Any) -> Any:
+        """The server answers, so it is live."""
+        await check_parsed(request, context)
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(self, request: Any, context: Any) -> Any:
+        """Ready when every model is."""
+        await check_parsed(request, context)
+        return pb.ServerReadyResponse(ready=self._repository.ready())
+
+    async def model_ready(self, request: Any, context: Any) -> Any:
+        """Whether one model (or version) is ready; NOT_FOUND for an unknown one."""
+        await check_parsed(request, context)
+        try:
+            return pb.ModelReadyResponse(ready=self._repository.ready(request.name, request.version or None))
+        except InferkitError as error:
+            await abort(context, grpc_code(error), str(error))
+
+    async def server_metadata(self, request: Any, context: Any) -> Any:
+        """The server's name, version and the protocol extensions served over gRPC."""
+        await check_parsed(request, context)
+        served = extensions("grpc", repository_control=self._control.enabled)
+        return pb.ServerMetadataResponse(name="inferkit", version=server_version(), extensions=served)
+
+    async def model_metadata(self, request: Any, context: Any) -> Any:
+        """A model's versions, platform and tensors (none for an untyped callable)."""
+        await check_parsed(request, context)
+        try:
+            meta = self._repository.metadata(request.name, request.version or None)
+        except InferkitError as error:
+            await abort(context, grpc_code(error), str(error))
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=meta["name"],
+            versions=meta["versions"],
+            platform=meta["platform"],
+            inputs=[tensor(**t) for t in meta["inputs"]],
+            outputs=[tensor(**t) for t in meta["outputs"]],
+        )
+
+    async def model_config(self, request: Any, context: Any) -> Any:
+        """A model's Triton-shaped configuration (as REST's ``/config``)."""
+        await check_parsed(request, context)
+        try:
+            config = self._repository.config(request.name, request.version or None)
+        except InferkitError as error:
+            await abort(context, grpc_code(error), str(error))
+        return pb.ModelConfigResponse(config=json_format.ParseDict(config, pb.ModelConfig()))
+
+    async def model_statistics(self, request: Any, context: Any) -> Any:
+        """Triton-shaped statistics of one model (or version), or of every model (as REST's ``/stats``)."""
+        await check_parsed(request, context)
+        try:
+            stats = self._repository.stats(request.name or None, request.version or None)
+        except InferkitError as error:
+            await abort(context, grpc_code(error), str(error))
+        return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
+
+    # -- model repository ------------------------------------------------------------------
+
+    async def repository_index(self, request: Any, context: Any) -> Any:
+        """Every model the server knows, with its state (only the ready ones when asked)."""
+        await check_parsed(request, context)
+        await one_repository(request, context)
+        entries = [e for e in self._repository.index() if not request.ready or e["state"] == "READY"]
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**e) for e in entries])
+
+    async def model_load(self, request: Any, context: Any) -> Any:
+        """Load (or hot-swap) a model; needs the operator's token."""
+        await self._authorize(request, context)
+        try:
+            params = {key: parameter(value) for key, value in request.parameters.items()}
+            await self._controller.load(request.model_name, load_parameters(params))
+        except InferkitError as error:
+            await abort(context, grpc_code(error), str(error))
+        return pb.RepositoryModelLoadResponse()
+
+    async def model_unload(self, request: Any, context: Any) -> Any:
+        """Unload a model once what it accepted is answered; needs the operator's token."""
+        await self._authorize(request, context)
+        try:
+            await self._controller.unload(request.model_name)
+        except InferkitError as error:
+            await abort(context, grpc_code(error), str(error))
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _authorize(self, request: Any, context: Any) -> None:
+        await check_parsed(request, context)
+        header = next((str(v) for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+        try:
+            self._control.authorize(header)
+        except InferkitError as error:
+            await abort(context, grpc_code(error), str(error))
+        await one_repository(request, context)
+
+    # -- inference -------------------------------------------------------------------------
+
+    async def model_infer(self, data: bytes, context: Any) -> Any:
+        """Parse, then decode, run through the pipeline (batched with every other caller), encode."""
+        start = self.pipeline.begin(context.invocation_metadata)
+        large = len(data) >= OFFLOAD_BYTES  # parsed and decoded off the loop, so others are not held up
+        request: Any
+        if len(data) > self.typed_limit and not has_raw_contents(data):
+            request = Malformed(typed_too_large(len(data), self.typed_limit))  # refused before parsing it
+        else:
+            parse = parser(pb.ModelInferRequest)
+            request = await asyncio.to_thread(parse, data) if large else parse(data)
+        if self.draining:
+            self.last_call = asyncio.get_running_loop().time()
+            model = request.model_name if not isinstance(request, Malformed) else ""
+            self.pipeline.record(start, model, None, None, Closed.__name__)
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another")
+        if isinstance(request, Malformed):
+            self.pipeline.record(start, "", None, None, InvalidInput.__name__)
+            await check_parsed(request, context)
+        try:
+            response, arm = await self.pipeline.run(
+                start,
+                request.model_name,
+                request.model_version or None,
+                functools.partial(call, request, context, large=large),
+                answer,
+            )
+        except Failed as failed:
+            if failed.arm is not None:
+                context.set_trailing_metadata(((ARM, failed.arm),))
+            error = failed.error
+            code = grpc_code(error) if isinstance(error, InferkitError) else grpc.StatusCode.INTERNAL
+            await abort(context, code, describe(error))
+        if arm is not None:
+            context.set_trailing_metadata(((ARM, arm),))
+        return response
+
+
+async def one_repository(request: Any, context: Any) -> None:
+    if request.repository_name:
+        await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "'repository_name' specification is not supported")
+
+
+async def check_parsed(request: Any, context: Any) -> None:
+    if isinstance(request, Malformed):
+        error = request.error
+        detail = str(error) if isinstance(error, InvalidInput) else f"the request message does not parse: {error}"
+        await abort(context, grpc.StatusCode.INVALID_ARGUMENT, detail)
+
+
+async def abort(context: Any, code: Any, details: str) -> NoReturn:
+    await context.abort(code, details)
+    msg = "grpc.aio's context.abort returned instead of raising"
+    raise AssertionError(msg)  # unreachable: abort ends the RPC by raising

@@ -1,0 +1,54 @@
+"""How much one client connection may hold: :class:`ConnectionLimits`, for both faces."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from inferkit._validators import integer, number
+
+__all__ = ["ConnectionLimits"]
+
+
+def _optional_connections(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        integer(1)(_, attribute, value)
+
+
+@attrs.frozen
+class ConnectionLimits:
+    """What one client connection may hold, so that no client can lock others out.
+
+    ==============================  ===========================================================
+    ``header_timeout_s``            seconds a new connection, or a started request, has to send
+                                    its whole request head (HTTP 408 and close after it)
+    ``body_timeout_s``              seconds a request body may stall between two reads (408)
+    ``keep_alive_s``                seconds an idle HTTP keep-alive connection stays open
+    ``max_header_bytes``            bytes of an HTTP request head (URL and headers; 431 past
+                                    it), and of a gRPC call's metadata
+    ``max_connections``             open HTTP connections; past it the oldest idle one is
+                                    closed, or the new one gets 503 when none is idle. ``None``:
+                                    half the open-file limit, at most 10,000
+    ``grpc_idle_s``                 seconds a gRPC connection without calls stays open
+    ``grpc_max_concurrent_streams`` gRPC calls in progress on one connection
+    ``max_request_bytes``           bytes of a REST body, also once decompressed (413 past it)
+    ``max_json_bytes``              bytes of a REST body's JSON part (413: send binary data)
+    ``max_decode_bytes``            estimated memory of the large REST bodies being decoded,
+                                    answers being encoded and bodies being inflated at once
+                                    (413 for one that never fits, 429/503 while busy)
+    ``max_message_bytes``           bytes of a gRPC message, both ways (at most 2**31 - 1)
+    ==============================  ===========================================================
+    """
+
+    header_timeout_s: float = attrs.field(default=10.0, validator=number(0, inclusive=False))
+    body_timeout_s: float = attrs.field(default=30.0, validator=number(0, inclusive=False))
+    keep_alive_s: float = attrs.field(default=5.0, validator=number(0, inclusive=False))
+    max_header_bytes: int = attrs.field(default=32 * 2**10, validator=integer(1024))
+    max_connections: int | None = attrs.field(default=None, validator=_optional_connections)
+    grpc_idle_s: float = attrs.field(default=300.0, validator=number(0, inclusive=False))
+    grpc_max_concurrent_streams: int = attrs.field(default=1024, validator=integer(1))
+    max_request_bytes: int = attrs.field(default=64 * 2**20, validator=integer(1))
+    max_json_bytes: int = attrs.field(default=16 * 2**20, validator=integer(1))
+    max_decode_bytes: int = attrs.field(default=2**30, validator=integer(1))
+    max_message_bytes: int = attrs.field(default=256 * 2**20, validator=integer(1, 2**31 - 1))

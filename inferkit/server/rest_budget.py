@@ -1,0 +1,91 @@
+"""The memory that large REST bodies hold while decoded or encoded: what each byte costs, and the budget.
+
+A large request reserves its estimated memory before it is decoded on a worker thread, and a
+large answer before it is encoded; what can never fit is refused outright, what does not fit
+now is refused like a full queue.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from inferkit.errors import DecodingBusy, RequestTooLarge
+
+__all__ = [
+    "BINARY_COST_PER_BYTE",
+    "BYTES_ELEMENT_COST",
+    "JSON_COST_PER_BYTE",
+    "JSON_OUTPUT_ELEMENT_COST",
+    "Budget",
+    "Hold",
+]
+
+# What decoding or encoding costs in memory, per byte of the body or element of a tensor, as
+# measured (peak RSS over the body, see the module's tests): JSON tensors 3.5x their text for
+# full-precision floats, 15x for short numbers, 23x for BYTES strings, 26x for rows of one, 35x
+# for rows of none. Binary tensors are a view of the body, copied once when unaligned; BYTES
+# elements are one Python object each.
+JSON_COST_PER_BYTE = 32
+"""Bytes of memory reserved per byte of a body's JSON part while it is decoded."""
+BINARY_COST_PER_BYTE = 2
+"""Bytes of memory reserved per byte of a body's binary part while it is decoded."""
+BYTES_ELEMENT_COST = 64
+"""Bytes of memory reserved per BYTES element while it is decoded or encoded (a Python object)."""
+JSON_OUTPUT_ELEMENT_COST = 64
+"""Bytes of memory reserved per element of an output sent as JSON (a Python number and its text)."""
+
+
+class Budget:
+    """Bytes of memory that large requests being decoded, and large answers being encoded, hold at once.
+
+    Refuses instead of waiting, as a full queue does: what can never fit is a 413, what does
+    not fit now gets the overload status with ``Retry-After``. Thread-safe, because a decoding
+    thread adds what binary BYTES inputs take once it has read their shapes.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int, what: str) -> None:
+        """Hold ``nbytes`` for ``what``; ``RequestTooLarge`` or ``DecodingBusy`` when they do not fit."""
+        if nbytes > self.capacity:
+            msg = (
+                f"{what} needs about {nbytes} bytes of memory, more than max_decode_bytes={self.capacity} "
+                f"(JSON tensors take about {JSON_COST_PER_BYTE}x their text); send tensors as binary data "
+                "(the binary tensor data extension, tritonclient's default) or split the request"
+            )
+            raise RequestTooLarge(msg)
+        with self._lock:
+            if self.used + nbytes > self.capacity:
+                msg = (
+                    f"other large requests hold {self.used} of max_decode_bytes={self.capacity} bytes "
+                    f"and {what} needs about {nbytes}; retry later"
+                )
+                raise DecodingBusy(msg)
+            self.used += nbytes
+
+    def give(self, nbytes: int) -> None:
+        """Return ``nbytes`` taken earlier."""
+        with self._lock:
+            self.used -= nbytes
+
+
+class Hold:
+    """What one request holds of the budget, given back at once by :meth:`release`."""
+
+    def __init__(self, budget: Budget, what: str) -> None:
+        self.budget = budget
+        self.what = what
+        self.held = 0
+
+    def take(self, nbytes: int) -> None:
+        """Hold ``nbytes`` more for this request (may raise, as :meth:`Budget.take`)."""
+        self.budget.take(nbytes, self.what)
+        self.held += nbytes
+
+    def release(self) -> None:
+        """Give back all this request holds."""
+        self.budget.give(self.held)
+        self.held = 0

@@ -1,0 +1,268 @@
+"""Decoding a REST inference request: the JSON header, JSON tensors and binary tensor data.
+
+The body is JSON, or with the binary tensor data extension a JSON header of
+``Inference-Header-Content-Length`` bytes followed by each binary input's raw bytes, in input
+order (see :mod:`inferkit.server.rest`). Every mistake is an :class:`~inferkit.InvalidInput`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import numpy as np
+
+from inferkit.server.protocol import (
+    DTYPES,
+    MAX_DIMS,
+    element_count,
+    fit,
+    from_raw,
+    invalid,
+    refuse_unsupported,
+    request_options,
+    shaped,
+)
+from inferkit.server.rest_budget import BYTES_ELEMENT_COST
+
+try:  # orjson parses JSON several times faster; the stdlib stands in without it
+    import orjson
+
+    loads: Callable[[Any], Any] = orjson.loads
+
+except ImportError:  # pragma: no cover (the server extra installs orjson)
+
+    def loads(data: Any) -> Any:
+        """JSON ``data`` (bytes or a view of them) parsed."""
+        return json.loads(bytes(data))
+
+
+__all__ = ["HEADER_LENGTH", "InferRequest", "decode_request", "is_int", "loads", "mapping"]
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+"""The binary tensor data extension's header: how many bytes of the body are the JSON header."""
+
+Array = np.ndarray[Any, Any]
+_INT64_MAX = 2**63 - 1
+
+
+@attrs.frozen
+class InferRequest:
+    """A decoded inference request: input arrays by name and what the client asked for."""
+
+    inputs: dict[str, Array]
+    id: str | None = None
+    outputs: tuple[str, ...] | None = None
+    """Output names asked for, in order; None: every output."""
+    binary: Mapping[str, bool] = attrs.field(factory=dict)
+    """Per requested output, whether it goes back as binary data."""
+    binary_default: bool = False
+    """``parameters.binary_data_output``: binary for outputs not listed in :attr:`binary`."""
+    key: str | None = None
+    timeout: float | None = None
+    """The deadline in seconds (the request's ``timeout`` is in microseconds)."""
+    priority: int = 0
+
+
+def is_int(value: object) -> bool:
+    """Whether ``value`` is a JSON integer (an int, not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def mapping(value: object, what: str, name: str | None = None) -> dict[str, Any]:
+    """``value`` as a JSON object (None: empty); ``InvalidInput`` naming ``what`` otherwise."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise invalid(f"{what} must be a JSON object, got {type(value).__name__}", name)
+    return value
+
+
+def _shape(value: object, name: str) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise invalid(f"shape must be a list of integers >= 0, got {value!r:.100}", name)
+    if len(value) > MAX_DIMS:  # before looking at each: a client may send a million dimensions
+        msg = f"shape has {len(value)} dimensions, over the maximum supported dimension count {MAX_DIMS}"
+        raise invalid(msg, name)
+    if not all(is_int(d) and 0 <= d <= _INT64_MAX for d in value):
+        raise invalid(f"shape must be a list of integers in [0, 2**63), got {value!r:.100}", name)
+    return tuple(value)
+
+
+def _flatten(data: list[Any]) -> list[Any]:
+    """The leaves of nested lists, row-major (iteratively: no recursion limit to hit)."""
+    out: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            out.append(item)
+        else:
+            stack.pop()
+    return out
+
+
+def _json_bytes(data: list[Any], shape: tuple[int, ...], name: str) -> Array:
+    leaves = _flatten(data)
+    count = element_count(shape, name)
+    if len(leaves) != count:
+        raise invalid(f"shape {list(shape)} needs {count} elements, data has {len(leaves)}", name)
+    out = np.empty(len(leaves), dtype=object)
+    for i, item in enumerate(leaves):
+        if not isinstance(item, str):
+            raise invalid(f"BYTES data must be strings, element {i} is {type(item).__name__}", name)
+        out[i] = item.encode()
+    return shaped(out, shape, name)
+
+
+_KINDS = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}  # JSON number kinds each datatype takes
+
+
+def _big_ints(data: list[Any], dtype: np.dtype[Any], datatype: str, name: str) -> Array:
+    """Integers that NumPy would not infer exactly (e.g. UINT64 past 2**63), converted one by one."""
+    leaves = _flatten(data)
+    for item in leaves:
+        if type(item) is not int:
+            raise invalid(f"{datatype} data must be integers, got {item!r:.50}", name)
+    try:
+        return np.array(leaves, dtype=dtype)
+    except OverflowError:
+        info = np.iinfo(dtype)
+        raise invalid(
+            f"values {min(leaves)}..{max(leaves)} do not fit {datatype} [{info.min}, {info.max}]", name
+        ) from None
+
+
+def _json_tensor(data: object, shape: tuple[int, ...], datatype: str, name: str) -> Array:
+    """A tensor from JSON ``data`` (flat or nested lists), checked against shape and datatype."""
+    if not isinstance(data, list):
+        raise invalid(f"data must be a JSON list, got {type(data).__name__}", name)
+    dtype = DTYPES[datatype]
+    if dtype.kind == "O":
+        return _json_bytes(data, shape, name)
+    try:
+        arr = np.asarray(data)
+    except (ValueError, TypeError, OverflowError) as exc:  # ragged nesting, mixed items
+        raise invalid(f"data is not a regular array of {datatype} values ({exc})", name) from None
+    count = element_count(shape, name)
+    if arr.size != count:
+        raise invalid(f"shape {list(shape)} needs {count} elements, data has {arr.size}", name)
+    if dtype.kind in "iu" and arr.dtype.kind in "fO":  # NumPy turns ints past int64 into floats or objects
+        arr = _big_ints(data, dtype, datatype, name)
+    if arr.size and arr.dtype.kind not in _KINDS[dtype.kind]:
+        got = {"U": "strings", "O": "mixed or out-of-range values", "b": "booleans", "f": "floats"}
+        raise invalid(f"{datatype} data cannot hold {got.get(arr.dtype.kind, str(arr.dtype))}", name)
+    if dtype.kind in "iu":
+        arr = fit(arr, datatype, name)
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            flat = arr.astype(dtype, copy=False).reshape(-1)
+    except FloatingPointError:
+        raise invalid(f"values overflow {datatype}", name) from None
+    return shaped(flat, shape, name)
+
+
+def _binary_tensor(raw: memoryview, shape: tuple[int, ...], datatype: str, name: str) -> Array:
+    """A tensor from its raw bytes (the binary tensor data extension)."""
+    return shaped(from_raw(raw, datatype, element_count(shape, name), name), shape, name)
+
+
+def _outputs(value: object) -> tuple[tuple[str, ...] | None, dict[str, bool]]:
+    if value is None:
+        return None, {}
+    if not isinstance(value, list):
+        raise invalid(f"outputs must be a list, got {type(value).__name__}")
+    names: dict[str, None] = {}  # ordered, and a set: a repeat is found in O(1)
+    binary: dict[str, bool] = {}
+    for item in value:
+        out = mapping(item, "each output")
+        name = out.get("name")
+        if not isinstance(name, str):
+            raise invalid(f"each output needs a string name, got {name!r:.100}")
+        if name in names:
+            raise invalid(f"output {name!r} is asked for twice")
+        params = mapping(out.get("parameters"), f"output {name!r} parameters")
+        refuse_unsupported(params, f"output {name!r}")
+        flag = params.get("binary_data")
+        if flag is not None:
+            if not isinstance(flag, bool):
+                raise invalid(f"output {name!r}: parameters.binary_data must be true or false, got {flag!r:.100}")
+            binary[name] = flag
+        names[name] = None
+    return tuple(names), binary
+
+
+def decode_request(
+    body: bytes | bytearray, header_length: int | None = None, reserve: Callable[[int], None] | None = None
+) -> InferRequest:
+    """Decode an inference request body; ``header_length`` is ``Inference-Header-Content-Length``.
+
+    Raises :class:`~inferkit.InvalidInput` (naming the input where there is one) for anything
+    malformed: bad JSON, a shape that does not match the data, an unknown datatype, binary
+    sizes that do not add up to the body. ``reserve(n)``, when given, is called before a binary
+    BYTES input is unpacked with the bytes of memory its elements will take (it may raise to
+    refuse them): unlike numbers, they are not a view of the body.
+    """
+    view = memoryview(body)
+    if header_length is None:
+        header_length = len(body)
+    elif not 0 <= header_length <= len(body):
+        raise invalid(f"{HEADER_LENGTH} is {header_length}, the body has {len(body)} bytes")
+    try:
+        header = loads(body if header_length == len(body) else view[:header_length])
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise invalid(f"the request is not valid JSON ({str(exc)[:200]})") from None
+    header = mapping(header, "the request")
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise invalid("the request needs a non-empty list of inputs")
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise invalid(f"id must be a string, got {request_id!r:.100}")
+    parameters = mapping(header.get("parameters"), "parameters")
+    timeout, priority, key = request_options(parameters)
+    binary_default = parameters.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise invalid(f"parameters.binary_data_output must be true or false, got {binary_default!r:.100}")
+    outputs, binary = _outputs(header.get("outputs"))
+
+    arrays: dict[str, Array] = {}
+    offset = header_length
+    for item in inputs:
+        tensor = mapping(item, "each input")
+        name = tensor.get("name")
+        if not isinstance(name, str):
+            raise invalid(f"each input needs a string name, got {name!r:.100}")
+        if name in arrays:
+            raise invalid("is given twice", name)
+        shape = _shape(tensor.get("shape"), name)
+        datatype = tensor.get("datatype")
+        if not isinstance(datatype, str) or datatype not in DTYPES:
+            raise invalid(f"unknown datatype {datatype!r:.100}; expected one of {sorted(DTYPES)}", name)
+        params = mapping(tensor.get("parameters"), "parameters", name)
+        refuse_unsupported(params, f"input {name!r}", name)
+        size = params.get("binary_data_size")
+        if size is None:
+            if "data" not in tensor:
+                raise invalid("has neither data nor parameters.binary_data_size", name)
+            arrays[name] = _json_tensor(tensor["data"], shape, datatype, name)
+            continue
+        if not is_int(size) or size < 0:
+            raise invalid(f"parameters.binary_data_size must be an integer >= 0, got {size!r:.100}", name)
+        if "data" in tensor:
+            raise invalid("has both data and parameters.binary_data_size", name)
+        if offset + size > len(body):
+            left = len(body) - offset
+            raise invalid(f"binary_data_size is {size} bytes, only {left} remain in the body", name)
+        if reserve is not None and datatype == "BYTES":  # at most one element per 4 bytes of framing
+            reserve(min(element_count(shape, name), size // 4) * BYTES_ELEMENT_COST)
+        arrays[name] = _binary_tensor(view[offset : offset + size], shape, datatype, name)
+        offset += size
+    if offset != len(body):
+        extra = len(body) - offset
+        raise invalid(f"{extra} bytes after the JSON header are not claimed by any input's binary_data_size")
+    return InferRequest(arrays, request_id, outputs, binary, binary_default, key, timeout, priority)

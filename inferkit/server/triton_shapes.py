@@ -1,0 +1,93 @@
+"""Triton-shaped descriptions of a served model: its tensors, its batching, and its statistics entries.
+
+:meth:`Repository.config <inferkit.server.Repository.config>` and :meth:`Repository.stats
+<inferkit.server.Repository.stats>` assemble them; both faces serve what those return.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from inferkit.batching import BatchConfig
+from inferkit.policies import find_canary, split_weights
+from inferkit.predictor import Predictor
+from inferkit.routing import Predictive, Router
+from inferkit.server.protocol import datatype_of
+
+__all__ = ["dynamic_batching", "predictors_behind", "split_stats", "triton_stats", "triton_tensor"]
+
+
+def predictors_behind(target: Predictive) -> list[Predictive]:
+    """The predictors behind ``target``: a Router's arms (nested ones too), else ``target``."""
+    if isinstance(target, Router):
+        return [p for arm in target.arms.values() for p in predictors_behind(arm)]
+    return [target]
+
+
+def _triton_type(spec_dtype: np.dtype[Any]) -> str:
+    datatype = datatype_of(spec_dtype)
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
+def triton_tensor(spec: Any) -> dict[str, Any]:
+    """A tensor of Triton's model config (``dims`` without the batch axis; -1: any size)."""
+    dims = [-1 if d is None else d for d in spec.shape[1:]]  # the batch axis is max_batch_size's
+    return {"name": spec.name, "data_type": _triton_type(spec.dtype), "dims": dims}
+
+
+def dynamic_batching(batching: BatchConfig) -> dict[str, Any]:
+    """Triton's ``dynamic_batching`` of a model config, from a BatchConfig."""
+    return {
+        "max_queue_delay_microseconds": round(batching.max_delay_ms * 1000),
+        "default_queue_policy": {"max_queue_size": batching.max_queue_size},
+    }
+
+
+def triton_stats(name: str, version: str, target: Predictive) -> dict[str, Any]:
+    """One entry of Triton's ``model_stats``: the predictors behind ``target`` added up."""
+    predictors = predictors_behind(target)
+    success = fail = execution = inference = 0
+    request_ns = compute_ns = 0
+    batch_sizes: dict[int, int] = {}
+    for predictor in predictors:
+        if not isinstance(predictor, Predictor):
+            continue
+        s = predictor.stats()
+        success += s.completed
+        fail += sum(s.failed.values())
+        execution += s.batches
+        inference += s.rows
+        request_ns += int(s.request_seconds * 1e9)
+        compute_ns += int(s.compute_seconds * 1e9)
+        for size, count in s.batch_sizes.items():
+            batch_sizes[size] = batch_sizes.get(size, 0) + count
+    return {
+        "name": name,
+        "version": version,
+        "last_inference": 0,
+        "inference_count": inference,
+        "execution_count": execution,
+        "inference_stats": {
+            "success": {"count": success, "ns": request_ns},
+            "fail": {"count": fail, "ns": 0},
+            "queue": {"count": 0, "ns": 0},  # not tracked apart from the request time (see Repository.stats)
+            "compute_input": {"count": 0, "ns": 0},
+            "compute_infer": {"count": execution, "ns": compute_ns},
+            "compute_output": {"count": 0, "ns": 0},
+        },
+        "batch_stats": [
+            {"batch_size": size, "compute_infer": {"count": count, "ns": 0}}
+            for size, count in sorted(batch_sizes.items())
+        ],
+    }
+
+
+def split_stats(router: Router) -> dict[str, Any]:
+    """Additions to Triton's stats of a routed model: each arm's share now, and the canary's state."""
+    extra: dict[str, Any] = {"split": split_weights(router.policy)}
+    canary = find_canary(router.policy)
+    if canary is not None:
+        extra["canary"] = {"state": canary.state.value, "step": canary.step, "weight": canary.weight}
+    return extra
