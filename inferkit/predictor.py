@@ -82,7 +82,7 @@ class Predictor:
             emit=self._emit,
             verbose=self._verbose,
         )
-        first = self._batcher.first_backend()
+        first = self._batcher.backends()[0]
         self.signature: Signature | None = signature if signature is not None else first.signature
         """The input and output specs requests are checked against (None: untyped callable)."""
         self.device: str = first.device
