@@ -56,7 +56,13 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         name: str = "model",
         emit: Callable[[Event], None] | None = None,
         verbose: Callable[[], bool] = lambda: True,
+        timer: Timer | None = None,
     ) -> None:
+        """Load ``pool.replicas`` backends from ``factory`` and start their workers.
+
+        ``emit`` receives the batcher's events (``verbose()``: whether per-batch ones are wanted
+        too); ``timer`` runs deadlines and watchdogs (default: one of its own, closed with it).
+        """
         self.config = batching
         self.pool = pool
         self._factory = factory
@@ -64,7 +70,7 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
         self._set = ReplicaSet(name, pool.balancer(), self._lock)
-        self._timer = Timer(f"inferkit-{name}-timer")
+        self._timer = timer if timer is not None else Timer(f"inferkit-{name}-timer")
         self._closing = False
         self._stopped = False
         self._settle_later: list[Request] = []  # settled under the lock by another thread, delivered after it

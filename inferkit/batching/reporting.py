@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from inferkit.backends.base import Backend
     from inferkit.batching.counters import Counters
+    from inferkit.batching.lane import Lane
     from inferkit.batching.replicas import ReplicaSet
     from inferkit.events import Event
 
@@ -64,6 +65,12 @@ class Reporting:
             )
             queued_rows = sum(ln.rows for ln in self._set.lanes)
             return self._counts.snapshot(state, self._set.queued(), queued_rows, replicas)
+
+    @property
+    def lanes(self) -> tuple[Lane, ...]:
+        """The queues, for inspection: one shared by every replica, or one each with a balancer."""
+        with self._lock:
+            return tuple(self._set.lanes)
 
     def backends(self) -> tuple[Backend, ...]:
         """The backends of the replicas now in the pool, in the order of ``stats().replicas``."""
