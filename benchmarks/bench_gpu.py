@@ -218,7 +218,7 @@ def predictor_vs_iobinding() -> None:
     raw_numpy = wall(raw_host)
     with inferkit.Predictor.from_onnx(model, device="cuda:0", max_batch_size=batch, warmup=False) as predictor:
         ours = wall(lambda: predictor.predict(x))
-        backend = predictor._batcher.first_backend()
+        backend = predictor.backends()[0]
     row(
         "raw run_with_iobinding, CuPy in/out (batch 512)",
         f"{raw_device * batch:,.0f} rows/s",
@@ -245,7 +245,7 @@ def end_to_end() -> None:
     model = classifier_model()
     with inferkit.Predictor.from_onnx(model, device="cuda:0", pipeline=pipe, max_batch_size=batch, warmup=False) as gpu:
         on_gpu = wall(lambda: gpu.predict(images))
-        backend = gpu._batcher.first_backend()
+        backend = gpu.backends()[0]
         before = (backend.transfers.h2d, backend.transfers.d2h)
         gpu.predict(images)
         copies = (backend.transfers.h2d - before[0], backend.transfers.d2h - before[1])

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
-import copy
 import enum
-import itertools
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 import attrs
 
 from inferkit._bridge import await_future
+from inferkit._bulk_faces import BulkFaces
+from inferkit._factories import (
+    BATCHING,
+    POOL,
+    batching_config,
+    callable_factory,
+    onnx_factory,
+    pool_config,
+    torch_factory,
+)
 from inferkit.backends.base import Backend, BackendFactory
-from inferkit.backends.callable import CallableBackend
 from inferkit.batching import BatchConfig, Batcher, Request, RequestFuture
 from inferkit.errors import DeadlineExceeded, InferkitError
 from inferkit.events import Event, LogObserver, Observer, StateChanged, deliver
@@ -25,13 +32,9 @@ from inferkit.signature import Signature, TensorSpec, batch_key, normalize_untyp
 from inferkit.stats import Stats
 
 if TYPE_CHECKING:
-    from inferkit.bulk import OnError, Progress
     from inferkit.gpu.pipeline import Pipeline
 
 __all__ = ["Predictor", "State"]
-
-_BATCHING = BatchConfig()  # every batching and pool default is the config class's, written once
-_POOL = PoolConfig()
 
 
 class State(enum.Enum):
@@ -43,7 +46,7 @@ class State(enum.Enum):
     CLOSED = "closed"  # every thread stopped
 
 
-class Predictor:
+class Predictor(BulkFaces):
     """A model served in-process: validated, batched with every other caller, run on replicas.
 
     Build one with :meth:`from_onnx` or :meth:`from_callable`, call :meth:`predict` from any
@@ -82,7 +85,7 @@ class Predictor:
             emit=self._emit,
             verbose=self._verbose,
         )
-        first = self._batcher.first_backend()
+        first = self._batcher.backends()[0]
         self.signature: Signature | None = signature if signature is not None else first.signature
         """The input and output specs requests are checked against (None: untyped callable)."""
         self.device: str = first.device
@@ -98,12 +101,12 @@ class Predictor:
         cls,
         model: str | os.PathLike[str] | bytes,
         *,
-        max_batch_size: int = _BATCHING.max_batch_size,
-        max_delay_ms: float = _BATCHING.max_delay_ms,
-        max_queue_size: int = _BATCHING.max_queue_size,
-        replicas: int = _POOL.replicas,
-        balancing: str | Balancer = _POOL.balancing,
-        execution_timeout: float | None = _POOL.execution_timeout,
+        max_batch_size: int = BATCHING.max_batch_size,
+        max_delay_ms: float = BATCHING.max_delay_ms,
+        max_queue_size: int = BATCHING.max_queue_size,
+        replicas: int = POOL.replicas,
+        balancing: str | Balancer = POOL.balancing,
+        execution_timeout: float | None = POOL.execution_timeout,
         providers: Sequence[Any] | None = None,
         session_options: Any = None,
         intra_op_threads: int | None = None,
@@ -135,45 +138,35 @@ class Predictor:
         Each replica opens its own session. ``intra_op_threads`` defaults to what keeps
         ``replicas`` sessions from oversubscribing the cores (one core is left to the callers
         when there are several); with that default, batches of at least half ``max_batch_size``
-        rows run on a second session of the replica that uses every core (the callers are
-        waiting then, not computing), for models up to 512 MiB. ``warmup`` runs each power-of-two batch size up to
-        ``max_batch_size`` once per replica before the predictor is ready. ``providers`` and
-        ``session_options`` go to ``onnxruntime.InferenceSession`` as they are. ``pool`` is a
-        whole :class:`PoolConfig` (ejection settings included) in place of ``replicas``,
+        rows, and batches run on their caller's own thread, run on a second session of the
+        replica that uses every core (the callers are waiting then, not computing), for models
+        up to 512 MiB. ``warmup`` runs each power-of-two batch size up to ``max_batch_size``
+        once per replica before the predictor is ready. ``providers`` and ``session_options``
+        go to ``onnxruntime.InferenceSession`` as they are. ``pool`` is a whole
+        :class:`PoolConfig` (ejection settings included) in place of ``replicas``,
         ``balancing`` and ``execution_timeout``, and ``batching`` a whole :class:`BatchConfig`
         in place of ``max_batch_size``, ``max_delay_ms`` and ``max_queue_size``.
         """
-        from inferkit.backends import onnx  # noqa: PLC0415
-
-        batching = _batching(batching, max_batch_size, max_delay_ms, max_queue_size)
-        pool = _pool(pool, replicas, balancing, execution_timeout)
-        threads, wide = intra_op_threads, None
-        if threads is None and session_options is None:
-            threads, wide = onnx.default_intra_op_threads(pool.replicas), onnx.default_wide_threads(pool.replicas)
-        sizes = _warmup_sizes(batching.max_batch_size) if warmup else ()
+        batching = batching_config(batching, max_batch_size, max_delay_ms, max_queue_size)
+        pool = pool_config(pool, replicas, balancing, execution_timeout)
         if name is None:
             name = "model" if isinstance(model, bytes) else Path(model).stem
-
-        devices = _devices(device)
-        pipe = _pipeline(pipeline, preprocess, postprocess)
-        turn = itertools.count()
-
-        def factory() -> Backend:
-            backend = onnx.OnnxBackend(
-                model,
-                device=None if devices is None else devices[next(turn) % len(devices)],
-                providers=providers,
-                provider_options=provider_options,
-                tensorrt=tensorrt,
-                strict=strict,
-                session_options=session_options,
-                intra_op_threads=threads,
-                warmup=sizes,
-                wide_threads=wide,
-                wide_rows=max(2, batching.max_batch_size // 2),
-            )
-            return _wrap(backend, pipe)
-
+        factory = onnx_factory(
+            model,
+            replicas=pool.replicas,
+            max_batch_size=batching.max_batch_size,
+            warmup=warmup,
+            device=device,
+            pipeline=pipeline,
+            preprocess=preprocess,
+            postprocess=postprocess,
+            intra_op_threads=intra_op_threads,
+            session_options=session_options,
+            providers=providers,
+            provider_options=provider_options,
+            tensorrt=tensorrt,
+            strict=strict,
+        )
         return cls(factory, batching=batching, pool=pool, name=name, observers=observers)
 
     @classmethod
@@ -186,12 +179,12 @@ class Predictor:
         outputs: Sequence[TensorSpec] = (),
         device: str | Sequence[str] = "cpu",
         compile: bool | Mapping[str, Any] = False,  # noqa: A002  (torch's own word)
-        max_batch_size: int = _BATCHING.max_batch_size,
-        max_delay_ms: float = _BATCHING.max_delay_ms,
-        max_queue_size: int = _BATCHING.max_queue_size,
-        replicas: int = _POOL.replicas,
-        balancing: str | Balancer = _POOL.balancing,
-        execution_timeout: float | None = _POOL.execution_timeout,
+        max_batch_size: int = BATCHING.max_batch_size,
+        max_delay_ms: float = BATCHING.max_delay_ms,
+        max_queue_size: int = BATCHING.max_queue_size,
+        replicas: int = POOL.replicas,
+        balancing: str | Balancer = POOL.balancing,
+        execution_timeout: float | None = POOL.execution_timeout,
         name: str = "model",
         observers: Sequence[Observer] = (),
         pool: PoolConfig | None = None,
@@ -208,22 +201,11 @@ class Predictor:
         ``device``, ``pipeline``, ``preprocess`` and ``postprocess`` as in :meth:`from_onnx`;
         ``compile`` as in :class:`~inferkit.backends.torch.TorchBackend`.
         """
-        from inferkit.backends.torch import TorchBackend  # noqa: PLC0415  (optional extra)
-
-        if (module is None) == (factory is None):
-            msg = "give exactly one of module and factory"
-            raise TypeError(msg)
-        devices = _devices(device) or ("cpu",)
-        pipe = _pipeline(pipeline, preprocess, postprocess)
-        turn = itertools.count()
-
-        def make() -> Backend:
-            net = copy.deepcopy(module) if factory is None else factory()
-            where = devices[next(turn) % len(devices)]
-            return _wrap(TorchBackend(net, device=where, inputs=inputs, outputs=outputs, compile=compile), pipe)
-
-        batching = _batching(batching, max_batch_size, max_delay_ms, max_queue_size)
-        pool = _pool(pool, replicas, balancing, execution_timeout)
+        make = torch_factory(
+            module, factory, device, pipeline, preprocess, postprocess, inputs=inputs, outputs=outputs, compile=compile
+        )
+        batching = batching_config(batching, max_batch_size, max_delay_ms, max_queue_size)
+        pool = pool_config(pool, replicas, balancing, execution_timeout)
         return cls(make, batching=batching, pool=pool, name=name, observers=observers)
 
     @classmethod
@@ -234,12 +216,12 @@ class Predictor:
         factory: Callable[[], Callable[[Any], Any]] | None = None,
         inputs: Sequence[TensorSpec] | None = None,
         outputs: Sequence[TensorSpec] = (),
-        max_batch_size: int = _BATCHING.max_batch_size,
-        max_delay_ms: float = _BATCHING.max_delay_ms,
-        max_queue_size: int = _BATCHING.max_queue_size,
-        replicas: int = _POOL.replicas,
-        balancing: str | Balancer = _POOL.balancing,
-        execution_timeout: float | None = _POOL.execution_timeout,
+        max_batch_size: int = BATCHING.max_batch_size,
+        max_delay_ms: float = BATCHING.max_delay_ms,
+        max_queue_size: int = BATCHING.max_queue_size,
+        replicas: int = POOL.replicas,
+        balancing: str | Balancer = POOL.balancing,
+        execution_timeout: float | None = POOL.execution_timeout,
         name: str = "model",
         observers: Sequence[Observer] = (),
         pool: PoolConfig | None = None,
@@ -261,18 +243,9 @@ class Predictor:
         ``preprocess`` and ``postprocess`` as in :meth:`from_onnx`, on the CPU (the NumPy twins);
         ``inputs``/``outputs`` then describe the function, and callers send what the pipeline takes.
         """
-        if (fn is None) == (factory is None):
-            msg = "give exactly one of fn and factory"
-            raise TypeError(msg)
-        signature = Signature(tuple(inputs), tuple(outputs)) if inputs is not None else None
-        pipe = _pipeline(pipeline, preprocess, postprocess)
-
-        def make() -> Backend:
-            return _wrap(CallableBackend(fn if fn is not None else factory(), signature), pipe)  # type: ignore[misc]
-
-        batching = _batching(batching, max_batch_size, max_delay_ms, max_queue_size)
-        pool = _pool(pool, replicas, balancing, execution_timeout)
-        caller = signature if pipe is None else None  # read from the wrapped backend: the pipeline's view
+        make, caller = callable_factory(fn, factory, inputs, outputs, pipeline, preprocess, postprocess)
+        batching = batching_config(batching, max_batch_size, max_delay_ms, max_queue_size)
+        pool = pool_config(pool, replicas, balancing, execution_timeout)
         return cls(make, batching=batching, pool=pool, signature=caller, name=name, observers=observers)
 
     # -- requests --------------------------------------------------------------------------
@@ -326,65 +299,6 @@ class Predictor:
         deadline = None if timeout is None else now + timeout
         return Request(self._batcher.next_id(), arrays, rows, key, priority, deadline, now)
 
-    def map(
-        self,
-        data: Any,
-        *,
-        batch_size: int = 256,
-        in_flight: int = 8,
-        on_error: OnError = "raise",
-        progress: bool | Progress = False,
-        timeout: float | None = None,
-    ) -> Any:
-        """Run every row of ``data`` and return all the results, in input order.
-
-        ``data`` is an array or dict of arrays, a ``.npy`` path (memory-mapped), a ``.parquet``
-        or ``.csv`` path (the ``bulk`` extra), or any iterable of batches. Batches of
-        ``batch_size`` rows are read while earlier ones run, with at most ``in_flight`` queued
-        or running at once, on every replica. ``on_error`` is ``"raise"``, ``"skip"`` (failing
-        rows left out) or ``"collect"`` (left out, and a :class:`~inferkit.bulk.BulkResult`
-        returned with each row's error); see :mod:`inferkit.bulk`. ``progress=True`` shows rows/s
-        and the time left on stderr when it is a terminal. ``timeout`` applies to each batch.
-        """
-        from inferkit.bulk import map_batches  # noqa: PLC0415  (pyarrow and files only on use)
-
-        return map_batches(
-            self,
-            data,
-            batch_size=batch_size,
-            in_flight=in_flight,
-            on_error=on_error,
-            progress=progress,
-            timeout=timeout,
-        )
-
-    def stream(
-        self,
-        data: Any,
-        *,
-        batch_size: int = 256,
-        in_flight: int = 8,
-        on_error: OnError = "raise",
-        progress: bool | Progress = False,
-        timeout: float | None = None,
-    ) -> Iterator[Any]:
-        """:meth:`map` as an iterator: one result per batch, in input order, memory bounded by ``in_flight``.
-
-        Stopping early cancels the batches still queued. With ``on_error="collect"`` each item
-        is a :class:`~inferkit.bulk.BulkPart`.
-        """
-        from inferkit.bulk import stream_batches  # noqa: PLC0415
-
-        return stream_batches(
-            self,
-            data,
-            batch_size=batch_size,
-            in_flight=in_flight,
-            on_error=on_error,
-            progress=progress,
-            timeout=timeout,
-        )
-
     # -- run-time changes ------------------------------------------------------------------
 
     def configure(
@@ -408,8 +322,21 @@ class Predictor:
 
     @property
     def batching(self) -> BatchConfig:
-        """The batching settings in force."""
+        """The batching settings in force (changed by :meth:`configure`)."""
         return self._batcher.config
+
+    @property
+    def pool(self) -> PoolConfig:
+        """The pool settings it was built with: replicas at start, balancing, timeouts, ejection."""
+        return self._batcher.pool
+
+    def backends(self) -> tuple[Backend, ...]:
+        """The loaded backends of the replicas now in the pool, in the order of ``stats().replicas``.
+
+        For inspection (device, a GPU backend's stream and transfer counts): a backend's ``run``
+        belongs to its replica's worker, and is not to be called from outside.
+        """
+        return self._batcher.backends()
 
     def resize(self, replicas: int) -> None:
         """Grow or shrink the pool; removed replicas finish what they hold first."""
@@ -468,69 +395,3 @@ class Predictor:
 
     def _emit(self, event: Event) -> None:
         deliver(self._observers, event)
-
-
-def _batching(
-    batching: BatchConfig | None, max_batch_size: int, max_delay_ms: float, max_queue_size: int
-) -> BatchConfig:
-    given = (max_batch_size, max_delay_ms, max_queue_size)
-    if batching is None:
-        return BatchConfig(*given)
-    if given != (_BATCHING.max_batch_size, _BATCHING.max_delay_ms, _BATCHING.max_queue_size):
-        msg = "give batching= or max_batch_size/max_delay_ms/max_queue_size, not both"
-        raise TypeError(msg)
-    return batching
-
-
-def _pool(
-    pool: PoolConfig | None, replicas: int, balancing: str | Balancer, execution_timeout: float | None
-) -> PoolConfig:
-    if pool is None:
-        return PoolConfig(replicas, balancing, execution_timeout)
-    if (replicas, balancing, execution_timeout) != (_POOL.replicas, _POOL.balancing, _POOL.execution_timeout):
-        msg = "give pool= or replicas/balancing/execution_timeout, not both"
-        raise TypeError(msg)
-    return pool
-
-
-def _devices(device: str | Sequence[str] | None) -> tuple[str, ...] | None:
-    if device is None:
-        return None
-    from inferkit.backends.device import placement  # noqa: PLC0415
-
-    return placement(device)
-
-
-def _pipeline(
-    pipeline: Pipeline | None, preprocess: Callable[[Any], Any] | None, postprocess: Callable[[Any], Any] | None
-) -> Pipeline | None:
-    """The pipeline to wrap replicas in, or ``None``; ``inferkit.gpu`` is imported only here, on use."""
-    if pipeline is not None and (preprocess is not None or postprocess is not None):
-        msg = "give pipeline= or preprocess=/postprocess=, not both (a Pipeline takes functions as steps)"
-        raise TypeError(msg)
-    if pipeline is not None:
-        return pipeline
-    if preprocess is None and postprocess is None:
-        return None
-    from inferkit.gpu.pipeline import Pipeline  # noqa: PLC0415
-
-    pre, post = (() if f is None else (f,) for f in (preprocess, postprocess))
-    return Pipeline(pre=pre, post=post)
-
-
-def _wrap(backend: Backend, pipeline: Pipeline | None) -> Backend:
-    """``backend`` behind its pipeline, and on a GPU behind the wrapper that halves out-of-memory batches."""
-    if pipeline is None and backend.device == "cpu":
-        return backend
-    from inferkit.backends.pipeline import PipelineBackend  # noqa: PLC0415
-
-    return PipelineBackend(backend, pipeline)
-
-
-def _warmup_sizes(max_batch_size: int) -> tuple[int, ...]:
-    sizes = {1, max_batch_size}
-    size = 2
-    while size < max_batch_size:
-        sizes.add(size)
-        size *= 2
-    return tuple(sorted(sizes))

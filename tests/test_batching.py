@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import CancelledError, wait
 
 import numpy as np
@@ -12,6 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inferkit import BatchConfig, CallableBackend, DeadlineExceeded, PoolConfig, Predictor
+from inferkit.batching import Batcher, Request
+from inferkit.signature import batch_key, normalize_untyped
 
 WAIT = 30
 
@@ -109,15 +112,22 @@ def test_threads_get_their_own_rows(
 
 def test_arrivals_that_skip_the_queue_still_count_for_the_quiet_rule() -> None:
     """Synchronous calls that find every replica idle run without queueing, but still update the
-    smoothed arrival gap that decides when arrivals went quiet (the lane's private bookkeeping)."""
-    with Predictor.from_callable(lambda a: a * 2, max_batch_size=8) as predictor:
-        lane = predictor._batcher._set.lanes[0]  # the state under test
+    smoothed arrival gap that decides when arrivals went quiet (read on the batcher's lane)."""
+    batcher = Batcher(lambda: CallableBackend(lambda a: a * 2), BatchConfig(max_batch_size=8), PoolConfig())
+    try:
+        (lane,) = batcher.lanes
         arrivals = []
         for i in range(5):
-            np.testing.assert_array_equal(predictor.predict(rows(float(i))), rows(float(i)) * 2)
+            arrays = normalize_untyped(rows(float(i)))
+            now = time.monotonic()
+            request = Request(batcher.next_id(), arrays, 1, batch_key(arrays), 0, None, now)
+            np.testing.assert_array_equal(batcher.call(request), rows(float(i)) * 2)
             arrivals.append(lane.last_arrival)
         assert lane.count == 0  # nothing was ever queued
+        assert batcher.stats("ready").dispatch_reasons == {"idle": 5}
         assert arrivals == sorted(arrivals)
         assert arrivals[0] > 0
         assert len(set(arrivals)) == 5
         assert lane.gap > 0
+    finally:
+        batcher.close(WAIT)

@@ -66,7 +66,7 @@ class TestPredictorOnGpu:
         x = images(8)
         with Predictor.from_onnx(classifier(), device="cuda:0", strict=True, pipeline=PIPE, warmup=False) as gpu:
             got = gpu.predict(x)
-            backend = gpu._batcher.first_backend()
+            backend = gpu.backends()[0]
             assert (backend.transfers.h2d, backend.transfers.d2h) == (1, 2)  # type: ignore[attr-defined]
         values, indices = by_hand(x)
         np.testing.assert_array_equal(got["indices"], indices)
@@ -80,7 +80,7 @@ class TestPredictorOnGpu:
         with Predictor.from_onnx(classifier(), device="cuda", pipeline=PIPE, replicas=2, warmup=False) as two:
             futures = [two.submit(x) for x in inputs]
             got = [f.result(timeout=60)["indices"] for f in futures]
-            streams = {r.backend.stream.ptr for r in two._batcher._replicas}  # type: ignore[attr-defined]
+            streams = {b.stream.ptr for b in two.backends()}  # type: ignore[attr-defined]
         assert len(streams) == 2
         for g, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(g, w)

@@ -568,6 +568,25 @@ class TestPoolArgument:
         pool = inferkit.PoolConfig(replicas=2, eject_after=3, cooldown=1.0)
         with inferkit.Predictor.from_callable(lambda x: x, pool=pool) as p:
             assert len(p.stats().replicas) == 2
-            assert p._batcher.pool == pool
+            assert p.pool == pool
         with pytest.raises(TypeError, match="not both"):
             inferkit.Predictor.from_callable(lambda x: x, pool=pool, replicas=3)
+
+
+class TestPublicViews:
+    def test_batching_pool_and_backends_are_read_without_privates(self):
+        """batching follows configure(), pool is the one given, backends() follows resize() in stats() order."""
+        pool = inferkit.PoolConfig(replicas=2, eject_after=4)
+        factory = inferkit.CallableBackend
+        with inferkit.Predictor(lambda: factory(lambda x: x), pool=pool, batching=BatchConfig(max_batch_size=4)) as p:
+            assert p.pool is pool
+            assert p.batching.max_batch_size == 4
+            p.configure(max_batch_size=16)
+            assert p.batching == BatchConfig(max_batch_size=16)
+            backends = p.backends()
+            assert len(backends) == 2
+            assert len({id(b) for b in backends}) == 2  # one loaded backend per replica
+            assert [b.device for b in backends] == [r.device for r in p.stats().replicas]
+            p.resize(3)
+            assert len(p.backends()) == 3
+            assert backends == p.backends()[:2]

@@ -28,6 +28,8 @@ from inferkit import (
     TensorSpec,
 )
 from inferkit._timer import Timer
+from inferkit.batching import Batcher, Request, RequestFuture
+from inferkit.signature import batch_key, normalize_untyped
 
 WAIT = 30  # seconds: a bound on every wait, never expected to be reached
 
@@ -310,23 +312,49 @@ class TestUntypedCallables:
                 p.predict([1.0, 2.0])
 
 
+def _batcher(timer: Timer, pool: PoolConfig | None = None) -> Batcher:
+    """A batcher of an identity function built directly, its deadline timer the test's own."""
+    return Batcher(
+        lambda: CallableBackend(lambda x: x), BatchConfig(max_batch_size=8), pool or PoolConfig(), timer=timer
+    )
+
+
+def _request(batcher: Batcher, timeout: float | None) -> Request:
+    arrays = normalize_untyped(np.ones((1, 2)))
+    now = time.monotonic()
+    return Request(batcher.next_id(), arrays, 1, batch_key(arrays), 0, None if timeout is None else now + timeout, now)
+
+
 class TestNothingOutlivesItsRequest:
     def test_finished_requests_leave_no_deadline_entries(self) -> None:
         """2,000 requests with a one-hour deadline, all answered: the timer holds none of them."""
-        with Predictor.from_callable(lambda x: x, max_batch_size=8) as p:
-            futures = [p.submit(np.ones((1, 2)), timeout=3600) for _ in range(2000)]
+        timer = Timer("inferkit-test-timer")
+        batcher = _batcher(timer)
+        try:
+            futures = []
+            for _ in range(2000):  # as Predictor.submit queues a request with a deadline
+                request = _request(batcher, timeout=3600)
+                request.future = future = RequestFuture(request.id)
+                batcher.put(request)
+                batcher.expire_at(request, request.deadline)  # type: ignore[arg-type]
+                futures.append(future)
             for f in futures:
                 f.result(WAIT)
-            timer = p._batcher._timer
             assert timer.pending() == 0
             assert len(timer._heap) <= 130  # shells of cancelled entries, compacted as they pile up
+        finally:
+            batcher.close(WAIT)
 
     def test_execution_timeout_watchdogs_go_with_their_batch(self) -> None:
         """A batch that finished in time leaves no watchdog entry (which would hold its arrays)."""
-        with Predictor.from_callable(lambda x: x, pool=PoolConfig(execution_timeout=600)) as p:
+        timer = Timer("inferkit-test-timer")
+        batcher = _batcher(timer, PoolConfig(execution_timeout=600))
+        try:
             for _ in range(50):
-                p.predict(np.ones((1, 2)))
-            assert p._batcher._timer.pending() == 0
+                np.testing.assert_array_equal(batcher.call(_request(batcher, timeout=None)), np.ones((1, 2)))
+            assert timer.pending() == 0
+        finally:
+            batcher.close(WAIT)
 
     def test_timer_cancel_and_compaction(self) -> None:
         """A cancelled callback never runs, and cancelled entries never pile up past the live ones."""

@@ -125,7 +125,7 @@ versions.1 = { path = "a.onnx", eject_after = 7 }
             assert config.limits == ConnectionLimits(header_timeout_s=2.5, max_connections=100)
             plain = config.repository.resolve("plain")
             assert isinstance(plain, Predictor)
-            assert plain._batcher.pool == PoolConfig(
+            assert plain.pool == PoolConfig(
                 replicas=2,
                 execution_timeout=3.0,
                 eject_after=2,
@@ -135,7 +135,7 @@ versions.1 = { path = "a.onnx", eject_after = 7 }
             )
             version = config.repository.resolve("clf", "1")
             assert isinstance(version, Predictor)
-            assert version._batcher.pool == PoolConfig(eject_after=7)
+            assert version.pool == PoolConfig(eject_after=7)
         finally:
             config.repository.close()
 

@@ -16,7 +16,10 @@ that finishes a batch forms and runs the next one itself.
 
 The pieces, each in its own module::
 
-    batcher    Batcher: the lock, admission, the worker loop, what a finished batch means
+    batcher    Batcher: the lock, admission, the worker loop, accounting for a finished batch
+    deadlines  requests that leave the queue unrun: cancelled, or past their deadline
+    failures   what a failed batch means: retry elsewhere, health verdicts, salvage
+    reporting  events out; stats(), backends(), healthy(), lanes
     lifecycle  replicas retired, replaced after a hang, resized; closing
     lane       Lane: a priority queue and the rule that forms a batch from it
     assembly   requests too big for one batch: cut into parts as batches form, joined back

@@ -10,33 +10,25 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 from inferkit._timer import Timer
-from inferkit.backends.base import Backend, BackendFactory, ReplicaFault, worker_thread
+from inferkit.backends.base import BackendFactory, worker_thread
 from inferkit.batching import assembly
 from inferkit.batching.config import BatchConfig
 from inferkit.batching.counters import Counters
+from inferkit.batching.deadlines import Deadlines, expired
 from inferkit.batching.execute import Outcome, model_error, run_batch
-from inferkit.batching.lane import Batch, Lane, drop
+from inferkit.batching.failures import Failures
+from inferkit.batching.lane import Batch, Lane
 from inferkit.batching.lifecycle import Lifecycle
 from inferkit.batching.replicas import ReplicaSet
-from inferkit.batching.request import DONE, QUEUED, RUNNING, Request, settle_all
-from inferkit.errors import (
-    Closed,
-    DeadlineExceeded,
-    ExecutionTimeout,
-    InferkitError,
-    InvalidInput,
-    ModelError,
-    NoHealthyReplica,
-    Overloaded,
-)
-from inferkit.events import BatchDone, Event, ModelFailed, ReplicaEjected, RequestsExpired, new_request_id
-from inferkit.pool import PoolConfig, Replica, ReplicaState, record_batch
-from inferkit.stats import ReplicaStats, Stats
+from inferkit.batching.reporting import Events, Reporting
+from inferkit.batching.request import DONE, RUNNING, Request, settle_all
+from inferkit.errors import Closed, InferkitError, InvalidInput, NoHealthyReplica, Overloaded
+from inferkit.events import BatchDone, Event, RequestsExpired, new_request_id
+from inferkit.pool import PoolConfig, Replica, ReplicaState
 
 __all__ = ["Batcher"]
 
@@ -44,8 +36,17 @@ _MAIN_THREAD = threading.main_thread().ident
 _Result = tuple[list[Outcome], bool, float, float]  # outcomes, replica fault, when the call ended, its time
 
 
-class Batcher(Lifecycle):
-    """Queues requests and runs them in batches on a pool of replicas. Thread-safe."""
+class Batcher(Deadlines, Failures, Reporting, Lifecycle):
+    """Queues requests and runs them in batches on a pool of replicas. Thread-safe.
+
+    The hot path is here: admission, batch formation, the worker loop and the accounting of a
+    finished batch. Cancellation and deadlines (:class:`~inferkit.batching.deadlines.Deadlines`),
+    what a failure means (:class:`~inferkit.batching.failures.Failures`), events and read-only
+    views (:class:`~inferkit.batching.reporting.Reporting`) and the replicas' lives and closing
+    (:class:`~inferkit.batching.lifecycle.Lifecycle`) are its parts in their own modules.
+    """
+
+    _clock: Callable[[], float] = staticmethod(time.monotonic)  # the one clock of queues, health and watchdogs
 
     def __init__(
         self,
@@ -56,19 +57,21 @@ class Batcher(Lifecycle):
         name: str = "model",
         emit: Callable[[Event], None] | None = None,
         verbose: Callable[[], bool] = lambda: True,
-        clock: Callable[[], float] = time.monotonic,
+        timer: Timer | None = None,
     ) -> None:
-        self.name = name
+        """Load ``pool.replicas`` backends from ``factory`` and start their workers.
+
+        ``emit`` receives the batcher's events (``verbose()``: whether per-batch ones are wanted
+        too); ``timer`` runs deadlines and watchdogs (default: one of its own, closed with it).
+        """
         self.config = batching
         self.pool = pool
         self._factory = factory
-        self._emit = emit
-        self._verbose = verbose
-        self._clock = clock
+        self._events = Events(emit, verbose)
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
         self._set = ReplicaSet(name, pool.balancer(), self._lock)
-        self._timer = Timer(f"inferkit-{name}-timer")
+        self._timer = timer if timer is not None else Timer(f"inferkit-{name}-timer")
         self._closing = False
         self._stopped = False
         self._settle_later: list[Request] = []  # settled under the lock by another thread, delivered after it
@@ -76,6 +79,11 @@ class Batcher(Lifecycle):
         self._counts = Counters()
         for _ in range(pool.replicas):
             self._set.add(factory(), self._work)
+
+    @property
+    def name(self) -> str:
+        """The model's name, in events, errors and thread names."""
+        return self._set.name
 
     # -- admission -----------------------------------------------------------------------
 
@@ -190,41 +198,6 @@ class Batcher(Lifecycle):
             done, self._settle_later = self._settle_later, []
         settle_all(done)
 
-    # -- cancellation and deadlines --------------------------------------------------------
-
-    def _cancel(self, top: Request) -> None:
-        """The caller cancelled ``top``'s future: take whatever of it is queued off the queues."""
-        with self._lock:
-            if top.state is QUEUED and top.avoid is None and drop(top):
-                self._counts.cancelled += 1
-            self._drained.notify_all()
-
-    def withdraw(self, request: Request) -> bool:
-        """Fail ``request`` with ``DeadlineExceeded`` if none of it has started; whether it was."""
-        with self._lock:
-            if request.state is not QUEUED or request.avoid is not None:  # a split request runs from its first part
-                return False
-            drop(request)
-            request.error = _expired(request)
-            self._counts.ended(request.error)
-            self._drained.notify_all()
-        self._event(RequestsExpired(self.name, (request.id,)))
-        return True
-
-    def expire_at(self, request: Request, deadline: float) -> None:
-        """Settle a queued ``request`` with ``DeadlineExceeded`` at ``deadline``, promptly."""
-        ref = weakref.ref(request)  # the timer must not keep a finished request (and its arrays) alive
-
-        def expire() -> None:
-            alive = ref()
-            if alive is not None and self.withdraw(alive):
-                alive.settle()
-
-        entry = self._timer.schedule(deadline, expire)
-        request.expiry = (self._timer, entry)
-        if request.future is not None and request.future.done():  # settled before the line above
-            self._timer.cancel(entry)
-
     # -- batches ---------------------------------------------------------------------------
 
     def _form(self, lane: Lane, replica: Replica, now: float) -> tuple[Batch | None, float | None]:
@@ -234,7 +207,7 @@ class Batcher(Lifecycle):
         if formed.cancelled:
             self._drained.notify_all()
         if formed.expired:
-            self._fail(formed.expired, _expired)
+            self._fail(formed.expired, expired)
             self._event(RequestsExpired(self.name, tuple(r.id for r in formed.expired)))
         return formed.batch, formed.wait
 
@@ -274,23 +247,13 @@ class Batcher(Lifecycle):
             self._timer.cancel(watchdog)  # it holds the batch, arrays and all
         if not batch.claim.acquire(blocking=False):
             return None
-        if self._emit is not None and self._verbose():
+        if self._events.emit is not None and self._events.verbose():
             failed = tuple(r.id for r, _, e in outcomes if e is not None)
             ids = tuple(r.id for r in batch.requests)
             self._event(BatchDone(self.name, replica.name, ids, batch.rows, batch.reason, end - start, failed))
-        if self._emit is not None:
+        if self._events.emit is not None:
             self._failures(outcomes)
         return outcomes, fault, end, end - start
-
-    def _failures(self, outcomes: list[Outcome]) -> None:
-        """One ``ModelFailed`` per distinct model error of a batch (a LogObserver logs each error once)."""
-        by_error: dict[tuple[type, str], tuple[BaseException, list[int]]] = {}
-        for req, _, error in outcomes:
-            if isinstance(error, ModelError | ReplicaFault):
-                cause = error.__cause__ or error
-                by_error.setdefault((type(cause), str(cause)), (cause, []))[1].append(req.id)
-        for cause, ids in by_error.values():
-            self._event(ModelFailed(self.name, tuple(ids), cause))
 
     def _finish(self, batch: Batch, replica: Replica, result: _Result | None) -> list[Request]:
         """Count a batch's outcomes and free its replica (under the lock); return what to settle.
@@ -343,60 +306,6 @@ class Batcher(Lifecycle):
         self._set.uncrowd(replica)
         if self._closing:
             self._drained.notify_all()
-
-    def _salvage(self, batch: Batch, replica: Replica, bug: Exception, done: list[Request]) -> list[Request]:
-        """After a bug of inferkit's own in ``_finish``: fail the batch's undelivered requests, free the replica."""
-        delivered = {id(r) for r in done}
-        ended = []
-        for req in batch.requests:
-            top = req.parent or req
-            if req.state is QUEUED or id(top) in delivered:  # queued again for a retry, or answered
-                continue
-            delivered.add(id(top))
-            if top.split is not None:
-                if not top.split.open:
-                    continue
-                top.split.open = False
-            top.state = DONE
-            top.value, top.error = None, ModelError(f"inferkit failed finishing the batch of request {top.id}")
-            top.error.__cause__ = bug
-            self._counts.ended(top.error)
-            ended.append(top)
-        self._running.pop(replica.name, None)
-        replica.busy = False
-        replica.running_rows = 0
-        self._drained.notify_all()
-        return ended
-
-    def _retry(self, req: Request, replica: Replica, error: BaseException, *, fault: bool, now: float) -> bool:
-        """Queue a request that failed on ``replica`` for one try on another replica; whether it was."""
-        if req.avoid is not None or self._closing:
-            return False
-        if not fault and (not isinstance(error, ModelError) or isinstance(error, ExecutionTimeout)):
-            return False  # the request's own error (InvalidInput from the backend): no retry
-        if self._set.balancer is None:
-            lane = replica.lane
-            if not lane.usable_besides(replica, now):
-                return False
-        else:
-            lanes = self._set.other_lanes(replica.lane, now)
-            if not lanes:
-                return False
-            lane = self._set.choose(lanes)
-        req.avoid = replica
-        req.blame = not fault  # a fault is counted already
-        req.state = QUEUED
-        lane.push(req, now)
-        lane.wake()
-        self._counts.retried += 1
-        return True
-
-    def _health(self, replica: Replica, *, ok: bool, now: float) -> None:
-        """Record a verdict on ``replica``; eject it when that is the verdict's consequence."""
-        if record_batch(replica, ok, now, self.pool, self._set.all):
-            cooldown = replica.ejected_until - now
-            self._event(ReplicaEjected(self.name, replica.name, replica.consecutive_failures, cooldown))
-            self._after_ejection(replica)
 
     def _tally(self, outcomes: list[Outcome]) -> list[Request]:
         """File outcomes (parts into their request); count and return the requests now settled."""
@@ -483,44 +392,3 @@ class Batcher(Lifecycle):
             self._settle_later = []
             self._lock.release()
             settle_all(done)
-
-    # -- observability ---------------------------------------------------------------------
-
-    def _event(self, event: Event) -> None:
-        if self._emit is not None:
-            self._emit(event)
-
-    def stats(self, state: str) -> Stats:
-        """A consistent snapshot of the counters."""
-        with self._lock:
-            replicas = tuple(
-                ReplicaStats(
-                    r.name,
-                    r.state.value,
-                    r.backend.device,
-                    r.batches,
-                    r.requests,
-                    r.failed_batches,
-                    r.ejections,
-                    *r.percentiles(),
-                )
-                for r in self._set.all
-            )
-            queued_rows = sum(ln.rows for ln in self._set.lanes)
-            return self._counts.snapshot(state, self._set.queued(), queued_rows, replicas)
-
-    def first_backend(self) -> Backend:
-        """The first replica's backend (to read the signature and device from)."""
-        with self._lock:
-            return self._set.all[0].backend
-
-    def healthy(self) -> bool:
-        """Whether at least one replica can take work now."""
-        now = self._clock()
-        with self._lock:
-            return self._set.usable(now)
-
-
-def _expired(request: Request) -> DeadlineExceeded:
-    """The error of a request whose deadline passed while it was queued (by the timer or at the queue's head)."""
-    return DeadlineExceeded(f"request {request.id} waited past its deadline")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from inferkit._timer import Timer
 from inferkit.backends.base import Backend, BackendFactory
@@ -27,7 +28,6 @@ __all__ = ["Lifecycle"]
 class Lifecycle:
     """Replica lifecycle and shutdown, over the state the batcher owns."""
 
-    name: str
     config: BatchConfig
     pool: PoolConfig
     _factory: BackendFactory
@@ -40,21 +40,22 @@ class Lifecycle:
     _stopped: bool
     _running: dict[str, Batch]
 
-    # Provided by the batcher.
-    def _work(self, replica: Replica) -> None:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by the batcher and its other parts
 
-    def _fail(self, requests: list[Request], make_error: Callable[[Request], InferkitError]) -> None:
-        raise NotImplementedError
+        @property
+        def name(self) -> str:
+            """The model's name."""
 
-    def _tally(self, outcomes: list[Outcome]) -> list[Request]:
-        raise NotImplementedError
+        def _work(self, replica: Replica) -> None: ...
 
-    def _flush(self) -> None:
-        raise NotImplementedError
+        def _fail(self, requests: list[Request], make_error: Callable[[Request], InferkitError]) -> None: ...
 
-    def _event(self, event: Event) -> None:
-        raise NotImplementedError
+        def _tally(self, outcomes: list[Outcome]) -> list[Request]:
+            raise NotImplementedError
+
+        def _flush(self) -> None: ...
+
+        def _event(self, event: Event) -> None: ...
 
     # -- replica lifecycle -----------------------------------------------------------------
 

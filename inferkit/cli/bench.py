@@ -1,8 +1,5 @@
 """``inferkit bench``: throughput and latency over a grid of settings (:mod:`inferkit.tune`)."""
 
-# A command line prints (the per-file T201 exemption of the old inferkit/cli.py).
-# ruff: noqa: T201
-
 from __future__ import annotations
 
 import argparse

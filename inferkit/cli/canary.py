@@ -1,8 +1,5 @@
 """``inferkit canary``: show or steer a served model's canary through the admin endpoints."""
 
-# A command line prints (the per-file T201 exemption of the old inferkit/cli.py).
-# ruff: noqa: T201
-
 from __future__ import annotations
 
 import argparse

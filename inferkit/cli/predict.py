@@ -1,8 +1,5 @@
 """``inferkit predict``: a model over a file of rows, resumable (:func:`inferkit.bulk.run_job`)."""
 
-# A command line prints (the per-file T201 exemption of the old inferkit/cli.py).
-# ruff: noqa: T201
-
 from __future__ import annotations
 
 import argparse

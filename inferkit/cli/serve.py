@@ -1,8 +1,5 @@
 """``inferkit serve``: its options, and serving the models until SIGTERM or SIGINT."""
 
-# A command line prints (the per-file T201 exemption of the old inferkit/cli.py).
-# ruff: noqa: T201
-
 from __future__ import annotations
 
 import argparse

@@ -78,8 +78,8 @@ class Failed(Exception):
 
 
 def pool_config(predictor: Predictor) -> PoolConfig:
-    """The pool settings ``predictor`` was built with (read through its batcher; the default if hidden)."""
-    pool = getattr(getattr(predictor, "_batcher", None), "pool", None)
+    """The pool settings ``predictor`` was built with (the default for a stand-in without ``pool``)."""
+    pool = getattr(predictor, "pool", None)
     return pool if isinstance(pool, PoolConfig) else PoolConfig()
 
 
