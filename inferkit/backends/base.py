@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -11,7 +10,7 @@ import numpy as np
 
 from inferkit.signature import Signature
 
-__all__ = ["Backend", "BackendFactory", "ReplicaFault", "cpu_threads", "usable_cores", "worker_thread"]
+__all__ = ["Backend", "BackendFactory", "ReplicaFault", "cpu_threads", "usable_cores"]
 
 
 class ReplicaFault(Exception):
@@ -68,21 +67,3 @@ def cpu_threads(backend: Backend) -> int:
     """
     threads = getattr(backend, "cpu_threads", 0)
     return threads if isinstance(threads, int) and threads > 0 else 0
-
-
-class _Thread(threading.local):
-    batcher = False  # whether this thread is a batcher's worker
-
-
-_THREAD = _Thread()
-
-
-def worker_thread(mark: bool | None = None) -> bool:
-    """Whether the calling thread is a replica's worker (``mark`` sets it, on the worker).
-
-    A backend may read it in :meth:`Backend.run`: a batch run on any other thread is run by
-    its own caller, which waits on it rather than computing, so the cores are the model's.
-    """
-    if mark is not None:
-        _THREAD.batcher = mark
-    return _THREAD.batcher

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from inferkit.backends.base import usable_cores, worker_thread
+from inferkit.backends.base import usable_cores
 from inferkit.backends.device import DeviceFallbackWarning, DeviceUnavailable, device_id
 from inferkit.errors import InvalidInput
 from inferkit.signature import Signature
@@ -67,9 +67,8 @@ class OnnxBackend:
     On the CPU, ``wide_threads`` (more than ``intra_op_threads``) opens a second session with
     that many intra-op threads for batches of ``wide_rows`` rows or more: small batches mean the
     callers are the bound and need a core of their own, full ones that the model is and should
-    have them all; so does a batch run on its caller's own thread (not a replica's worker, see
-    :func:`~inferkit.backends.base.worker_thread`), which waits on it. The second session holds
-    its own copy of the weights, so models over :data:`WIDE_MAX_BYTES` do without it.
+    have them all. The second session holds its own copy of the weights, so models over
+    :data:`WIDE_MAX_BYTES` do without it.
     """
 
     def __init__(
@@ -128,6 +127,8 @@ class OnnxBackend:
             size = len(model) if isinstance(model, bytes) else Path(model).stat().st_size
             if size <= WIDE_MAX_BYTES:
                 options.intra_op_num_threads = wide_threads
+                # Its threads must not spin between batches: the callers need those cores then.
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 self._wide = ort.InferenceSession(source, sess_options=options, providers=list(providers))
         for rows in warmup:
             self._warmup(rows)
@@ -204,8 +205,8 @@ class OnnxBackend:
         for name in self._strings:
             feeds[name] = _text(name, feeds[name])
         session = self.session
-        if self._wide is not None and (not worker_thread() or next(iter(feeds.values())).shape[0] >= self._wide_rows):
-            session = self._wide  # a full batch, or one its caller runs and waits on: every core is the model's
+        if self._wide is not None and next(iter(feeds.values())).shape[0] >= self._wide_rows:
+            session = self._wide  # a full batch: the callers wait on the model, every core is its
         return dict(zip(self._outputs, session.run(self._outputs, feeds), strict=True))
 
     def _run_device(self, inputs: Mapping[str, Any]) -> Mapping[str, Any]:

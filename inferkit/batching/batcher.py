@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from inferkit._timer import Timer
-from inferkit.backends.base import BackendFactory, worker_thread
+from inferkit.backends.base import BackendFactory
 from inferkit.batching import assembly
 from inferkit.batching.config import BatchConfig
 from inferkit.batching.counters import Counters
@@ -32,7 +32,6 @@ from inferkit.pool import PoolConfig, Replica, ReplicaState
 
 __all__ = ["Batcher"]
 
-_MAIN_THREAD = threading.main_thread().ident
 _Result = tuple[list[Outcome], bool, float, float]  # outcomes, replica fault, when the call ended, its time
 
 
@@ -105,7 +104,6 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         waiter = threading.Lock()
         waiter.acquire()
         request.waiter = waiter
-        request.chainable = threading.get_ident() != _MAIN_THREAD
         inline = self.put(request, inline=True)
         if inline is not None:
             self.run_inline(*inline)
@@ -115,9 +113,6 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
             if self.withdraw(request):
                 raise request.error  # type: ignore[misc]
             waiter.acquire()  # it started before its deadline: it finishes
-        if request.chain is not None:  # the batch's other callers are for this thread to wake (see settle_all)
-            for other in request.chain:
-                other.release()
         if request.error is not None:
             raise request.error
         return request.value
@@ -329,7 +324,6 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
     # -- workers ---------------------------------------------------------------------------
 
     def _work(self, replica: Replica) -> None:
-        worker_thread(mark=True)
         lane: Lane = replica.lane
         done: list[Request] = []  # settled by this worker, delivered once the lock is released
         self._lock.acquire()

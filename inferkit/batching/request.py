@@ -91,8 +91,6 @@ class Request:
         "__weakref__",
         "avoid",
         "blame",
-        "chain",
-        "chainable",
         "deadline",
         "error",
         "expiry",
@@ -135,8 +133,6 @@ class Request:
         self.lane: Lane | None = None
         self.future: RequestFuture | None = None
         self.waiter: threading.Lock | None = None
-        self.chainable = False  # a blocked caller off the main thread (see settle_all)
-        self.chain: list[threading.Lock] | None = None  # other callers' waiters this caller releases when woken
         self.value: Any = None
         self.error: BaseException | None = None
         self.split: Split | None = None  # set on a request too big for one batch
@@ -169,24 +165,6 @@ class Request:
 
 
 def settle_all(requests: list[Request]) -> None:
-    """Deliver each request's outcome (outside any lock).
-
-    Of the callers blocked in :meth:`Batcher.call <inferkit.batching.batcher.Batcher.call>`,
-    this thread wakes only the first; that caller wakes the others. The thread that ends a
-    batch (a replica's worker) then pays one wake-up, not one per request, before it starts the
-    model on the next batch. The main thread can be interrupted by a signal between waking and
-    waking the others, so it is never the one who wakes others.
-    """
-    head: Request | None = None
-    rest: list[threading.Lock] = []
+    """Deliver each request's outcome (outside any lock)."""
     for request in requests:
-        if request.chainable:
-            if head is None:
-                head = request
-            else:
-                rest.append(request.waiter)  # type: ignore[arg-type]
-        else:
-            request.settle()
-    if head is not None:
-        head.chain = rest or None
-        head.waiter.release()  # type: ignore[union-attr]
+        request.settle()
