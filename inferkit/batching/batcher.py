@@ -357,7 +357,10 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
                         continue
                     if drained:
                         break
-                    if replica.usable(now) and replica not in lane.idle:
+                    # Waiting (a delay at most) for the busy replicas' cores, not for arrivals:
+                    # arrivals need not wake it.
+                    parked = lane.count > 0 and self._set.crowded(replica)
+                    if replica.usable(now) and replica not in lane.idle and not parked:
                         lane.idle.append(replica)
                     replica.cond.wait(wait)
                     if replica in lane.idle and not replica.busy:

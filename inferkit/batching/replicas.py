@@ -120,7 +120,9 @@ class ReplicaSet:
         if replica.cpu_threads and self.balancer is not None:
             for lane in self.lanes:
                 if lane is not replica.lane and lane.count:
-                    lane.wake()
+                    for other in lane.replicas:
+                        if not other.busy:
+                            other.cond.notify()
 
     def queued(self) -> int:
         """Parts queued in every lane."""
