@@ -10,6 +10,7 @@ import contextlib
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, as_completed, wait
+from typing import Any
 
 import numpy as np
 import onnx
@@ -582,20 +583,20 @@ class TestWorkersSurviveBugs:
     def test_a_bug_finishing_a_batch_answers_its_requests_and_keeps_the_replica(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """A bug of inferkit's own while a worker finishes a batch (injected in the counters): the batch's
-        requests get a ModelError, the replica keeps serving, nothing hangs."""
-        from inferkit.batching.counters import Counters
+        """A bug of inferkit's own while a worker finishes a batch (injected where outcomes are filed): the
+        batch's requests get a ModelError, the replica keeps serving, nothing hangs."""
+        from inferkit.batching.batcher import Batcher
 
-        real = Counters.ended
+        real = Batcher._tally
         calls = []
 
-        def buggy(self: Counters, error: BaseException | None) -> None:
-            calls.append(error)
+        def buggy(self: Batcher, outcomes: list[Any]) -> list[Any]:
+            calls.append(outcomes)
             if len(calls) == 1:
                 raise RuntimeError("injected bug")
-            real(self, error)
+            return real(self, outcomes)
 
-        monkeypatch.setattr(Counters, "ended", buggy)
+        monkeypatch.setattr(Batcher, "_tally", buggy)
         with Predictor.from_callable(lambda x: x * 2) as p:
             first = p.submit(np.ones((1, 2)))  # submit: runs on the worker, not the caller's thread
             with pytest.raises(ModelError, match="inferkit failed finishing the batch"):

@@ -96,6 +96,8 @@ class OnnxBackend:
             options.intra_op_num_threads = intra_op_threads
         if session_options is None:
             options.inter_op_num_threads = 1
+            # Its threads spin within a run (fast) but not between runs: the callers need the cores then.
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         self.stream: Any = None
         """The CuPy stream ONNX Runtime computes on (GPU with CuPy installed), else ``None``."""
         self._gpu = None if device is None else device_id(device)
@@ -127,8 +129,6 @@ class OnnxBackend:
             size = len(model) if isinstance(model, bytes) else Path(model).stat().st_size
             if size <= WIDE_MAX_BYTES:
                 options.intra_op_num_threads = wide_threads
-                # Its threads must not spin between batches: the callers need those cores then.
-                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 self._wide = ort.InferenceSession(source, sess_options=options, providers=list(providers))
         for rows in warmup:
             self._warmup(rows)

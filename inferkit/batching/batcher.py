@@ -136,8 +136,11 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
             )
             self.reject(error)
             raise error
-        chunks = min(count, len(self._set.lanes)) if self._set.balancer is not None else 1
-        parts = [request] if count == 1 else assembly.split(request, max_rows, count, chunks)
+        if count == 1:
+            parts = [request]
+        else:
+            chunks = min(count, len(self._set.lanes)) if self._set.balancer is not None else 1
+            parts = assembly.split(request, max_rows, count, chunks)
         with self._lock:
             now = self._clock()
             refusal = self._refusal(count, now)
@@ -177,6 +180,11 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         return None
 
     def _refusal(self, parts: int, now: float) -> InferkitError | None:
+        lanes = self._set.lanes
+        if len(lanes) == 1 and lanes[0].count + parts <= self.config.max_queue_size and not self._closing:
+            replicas = lanes[0].replicas
+            if replicas and replicas[0].state is ReplicaState.HEALTHY:
+                return None  # the common case, decided without a scan
         if self._closing:
             return Closed(f"predictor {self.name!r} is closed")
         limit = self.config.max_queue_size
@@ -221,7 +229,11 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         with self._lock:
             done = self._finish(batch, replica, result)
             lane = replica.lane
-            if lane.count or self._closing or not replica.usable(self._clock()):
+            if (
+                lane.count
+                or self._closing
+                or (replica.state is not ReplicaState.HEALTHY and not replica.usable(self._clock()))
+            ):
                 replica.cond.notify()  # its worker takes over: work is queued, or a cooldown to time
             elif replica not in lane.idle:
                 lane.idle.append(replica)
@@ -242,12 +254,22 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
             self._timer.cancel(watchdog)  # it holds the batch, arrays and all
         if not batch.claim.acquire(blocking=False):
             return None
-        if self._events.emit is not None and self._events.verbose():
-            failed = tuple(r.id for r, _, e in outcomes if e is not None)
-            ids = tuple(r.id for r in batch.requests)
-            self._event(BatchDone(self.name, replica.name, ids, batch.rows, batch.reason, end - start, failed))
         if self._events.emit is not None:
-            self._failures(outcomes)
+            failed = [o for o in outcomes if o[2] is not None]
+            if self._events.verbose():
+                ids = tuple(r.id for r in batch.requests)
+                done = BatchDone(
+                    self.name,
+                    replica.name,
+                    ids,
+                    batch.rows,
+                    batch.reason,
+                    end - start,
+                    tuple(r.id for r, _, _ in failed),
+                )
+                self._event(done)
+            if failed:
+                self._failures(failed)
         return outcomes, fault, end, end - start
 
     def _finish(self, batch: Batch, replica: Replica, result: _Result | None) -> list[Request]:
@@ -290,7 +312,7 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         replica.record_latencies(latencies)
         # A request's own failure says nothing of the replica; only a fault, or a failure that
         # another replica did not repeat, counts against it.
-        if fault or worked:
+        if fault or (worked and (replica.consecutive_failures or replica.state is not ReplicaState.HEALTHY)):
             self._health(replica, ok=not fault, now=now)
         for bad in blamed:  # unless ejected since: what failed before the ejection is no failed probe
             if bad in self._set.all and (bad.state is not ReplicaState.EJECTED or now >= bad.ejected_until):
@@ -305,6 +327,7 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
     def _tally(self, outcomes: list[Outcome]) -> list[Request]:
         """File outcomes (parts into their request); count and return the requests now settled."""
         done = []
+        worked = 0
         for req, value, error in outcomes:
             req.state = DONE
             if req.parent is None:
@@ -315,8 +338,12 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
                 if whole is None:
                     continue
                 top = whole
-            self._counts.ended(top.error)
+            if top.error is None:
+                worked += 1
+            else:
+                self._counts.ended(top.error)
             done.append(top)
+        self._counts.completed += worked
         if self._closing:
             self._drained.notify_all()
         return done
