@@ -14,8 +14,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import inferkit
-from inferkit import CallableBackend, ModelError, Signature, TensorSpec
-from inferkit.backends.onnx import OnnxBackend, default_intra_op_threads
+from inferkit import CallableBackend, ModelError, Predictor, Signature, TensorSpec
+from inferkit.backends import onnx as onnx_backend
+from inferkit.backends.onnx import OnnxBackend, default_intra_op_threads, default_wide_threads
 
 CPU = ["CPUExecutionProvider"]
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -195,6 +196,50 @@ class TestDefaultIntraOpThreads:
             expected = max(1, (cores - 1) // replicas) if cores > 1 else 1
             assert default_intra_op_threads(replicas) == expected
             assert default_intra_op_threads(replicas) * replicas <= max(cores - 1, replicas)
+
+
+class TestWideSession:
+    def test_full_batches_run_on_every_core(self, mlp_model: bytes) -> None:
+        """With ``wide_threads``, batches of ``wide_rows`` or more run on a second session with that many
+        threads, smaller ones on the narrow session; both give the same answers."""
+        backend = OnnxBackend(mlp_model, providers=CPU, intra_op_threads=1, wide_threads=2, wide_rows=8)
+        narrow, wide = backend.session_for(7), backend.session_for(8)
+        assert narrow is backend.session
+        assert wide is not narrow
+        assert narrow.get_session_options().intra_op_num_threads == 1
+        assert wide.get_session_options().intra_op_num_threads == 2
+        assert backend.cpu_threads == 1  # what a batch keeps busy beside the callers
+        x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+        reference = OnnxBackend(mlp_model, providers=CPU).run({"x": x})["y"]
+        np.testing.assert_allclose(backend.run({"x": x})["y"], reference, rtol=1e-5)
+        np.testing.assert_allclose(backend.run({"x": x[:7]})["y"], reference[:7], rtol=1e-5)
+
+    def test_none_without_more_threads_or_for_a_big_model(
+        self, mlp_model: bytes, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """No second session when it would have no more threads, when the caller set the session options,
+        or when the model is bigger than ``WIDE_MAX_BYTES`` (it would hold a second copy of the weights)."""
+        same = OnnxBackend(mlp_model, providers=CPU, intra_op_threads=2, wide_threads=2, wide_rows=8)
+        assert same.session_for(64) is same.session
+        options = OnnxBackend(mlp_model, providers=CPU, session_options=ort.SessionOptions(), wide_threads=2)
+        assert options.session_for(64) is options.session
+        monkeypatch.setattr(onnx_backend, "WIDE_MAX_BYTES", len(mlp_model) - 1)
+        big = OnnxBackend(mlp_model, providers=CPU, intra_op_threads=1, wide_threads=2, wide_rows=8)
+        assert big.session_for(64) is big.session
+
+    def test_the_default_predictor_has_one_when_there_are_cores_to_spare(self, mlp_model: bytes) -> None:
+        """``from_onnx`` with default threads opens the wide session for half-full batches and more when
+        this machine has more cores than the narrow session uses; explicit threads open none."""
+        with Predictor.from_onnx(mlp_model, max_batch_size=16, warmup=False) as p:
+            (backend,) = p.backends()
+            assert isinstance(backend, OnnxBackend)
+            has_wide = backend.session_for(8) is not backend.session
+            assert has_wide == (default_wide_threads(1) > default_intra_op_threads(1))
+            assert backend.session_for(7) is backend.session
+        with Predictor.from_onnx(mlp_model, intra_op_threads=1, warmup=False) as p:
+            (backend,) = p.backends()
+            assert isinstance(backend, OnnxBackend)
+            assert backend.session_for(64) is backend.session
 
 
 class TestCallableBackend:

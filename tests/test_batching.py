@@ -13,7 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inferkit import BatchConfig, CallableBackend, DeadlineExceeded, PoolConfig, Predictor
+from inferkit.backends.base import usable_cores
 from inferkit.batching import Batcher, Request
+from inferkit.batching.replicas import ReplicaSet
 from inferkit.signature import batch_key, normalize_untyped
 
 WAIT = 30
@@ -131,3 +133,58 @@ def test_arrivals_that_skip_the_queue_still_count_for_the_quiet_rule() -> None:
         assert lane.gap > 0
     finally:
         batcher.close(WAIT)
+
+
+class _CpuModel(CallableBackend):
+    """A callable backend that says it keeps every core of the machine busy while it runs."""
+
+    cpu_threads = usable_cores()
+
+
+def test_a_replica_leaves_the_callers_core_alone_unless_the_batch_is_full() -> None:
+    """While a replica that keeps the cores busy runs, a second replica starts no small batch (it
+    would take the callers' core); the request waits for the first replica. Without ``cpu_threads``
+    the second replica starts it at once."""
+    for crowded in (True, False):
+        model = Model()
+        second = threading.Event()
+
+        def run(x: np.ndarray, model: Model = model, second: threading.Event = second) -> np.ndarray:
+            if x[0, 0] != BLOCK:
+                second.set()
+            return model(x)
+
+        backend = _CpuModel if crowded else CallableBackend
+        batching = BatchConfig(max_batch_size=8, max_delay_ms=60_000)
+        with Predictor(lambda b=backend, f=run: b(f), batching=batching, pool=PoolConfig(replicas=2)) as p:
+            blocker = p.submit(rows(BLOCK))
+            assert model.entered.wait(WAIT)
+            waiting = p.submit(rows(1.0))
+            assert second.wait(0.5) is not crowded  # crowded: it did not start beside the busy replica
+            model.release.set()
+            np.testing.assert_array_equal(waiting.result(WAIT), rows(1.0) * 2)
+            blocker.result(WAIT)
+
+
+def test_crowded_counts_the_busy_replicas_cores() -> None:
+    """``ReplicaSet.crowded``: another replica busy and the cores taken beyond what the callers keep;
+    a replica that says nothing of its cores (a device, I/O) is never crowded."""
+    lock = threading.Lock()
+    replicas = ReplicaSet("m", None, lock)
+    replicas.cores = 2
+    cpu = [replicas.add(_backend(threads), lambda r: None) for threads in (1, 1, 1, 0)]
+    a, b, c, device = cpu
+    assert not replicas.crowded(a)  # nothing busy
+    a.busy = True
+    assert not replicas.crowded(b)  # 1 + 1 <= 2
+    b.busy = True
+    assert replicas.crowded(c)  # 2 + 1 > 2
+    assert not replicas.crowded(device)
+    a.busy = b.busy = False
+    assert not replicas.crowded(c)
+
+
+def _backend(threads: int) -> CallableBackend:
+    backend = CallableBackend(lambda x: x)
+    backend.cpu_threads = threads  # type: ignore[attr-defined]
+    return backend

@@ -204,10 +204,14 @@ class OnnxBackend:
         feeds = dict(inputs)
         for name in self._strings:
             feeds[name] = _text(name, feeds[name])
-        session = self.session
-        if self._wide is not None and next(iter(feeds.values())).shape[0] >= self._wide_rows:
-            session = self._wide  # a full batch: the callers wait on the model, every core is its
+        session = self.session_for(next(iter(feeds.values())).shape[0])
         return dict(zip(self._outputs, session.run(self._outputs, feeds), strict=True))
+
+    def session_for(self, rows: int) -> Any:
+        """The session a batch of ``rows`` rows runs on: the wide one for a full batch, when there is one."""
+        if self._wide is not None and rows >= self._wide_rows:
+            return self._wide  # a full batch: the callers wait on the model, every core is its
+        return self.session
 
     def _run_device(self, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
         import cupy as cp  # noqa: PLC0415  (CuPy arrays came in, so it is installed)
