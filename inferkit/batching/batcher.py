@@ -205,7 +205,7 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
 
     def _form(self, lane: Lane, replica: Replica, now: float) -> tuple[Batch | None, float | None]:
         """``lane.form`` plus what it cleared: expired requests settled later, cancellations counted."""
-        formed = lane.form(replica, now, self.config, crowded=self._set.crowded(replica))
+        formed = lane.form(replica, now, self.config, crowded=self._set.yields(replica, now))
         self._counts.cancelled += formed.cancelled
         if formed.cancelled:
             self._drained.notify_all()
@@ -386,7 +386,7 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
                         break
                     # Waiting (a delay at most) for the busy replicas' cores, not for arrivals:
                     # arrivals need not wake it.
-                    parked = lane.count > 0 and self._set.crowded(replica)
+                    parked = lane.count > 0 and self._set.yields(replica, now)
                     if replica.usable(now) and replica not in lane.idle and not parked:
                         lane.idle.append(replica)
                     replica.cond.wait(wait)

@@ -115,6 +115,24 @@ class ReplicaSet:
         busy = sum(r.cpu_threads for r in self.all if r.busy and r is not replica)
         return busy > 0 and busy + need > self.cores
 
+    def yields(self, replica: Replica, now: float) -> bool:
+        """Whether ``replica`` starts no small batch now: the cores are :meth:`crowded`, or they would be
+        beside another lane's idle replica whose queue waited longer (which then goes first).
+        """
+        if self.crowded(replica):
+            return True
+        if self.balancer is None or not replica.cpu_threads:
+            return False
+        mine = replica.lane
+        busy = sum(r.cpu_threads for r in self.all if r.busy)
+        for lane in self.lanes:
+            if lane is mine or not lane.count or (mine.count and lane.since >= mine.since):
+                continue
+            for other in lane.replicas:
+                if not other.busy and other.usable(now) and busy + replica.cpu_threads + other.cpu_threads > self.cores:
+                    return True
+        return False
+
     def uncrowd(self, replica: Replica) -> None:
         """``replica`` finished a batch: wake the other lanes' replicas that waited for its cores."""
         if replica.cpu_threads and self.balancer is not None:
