@@ -5,12 +5,18 @@ for a callable without a signature) before it is queued, so a bad request fails 
 caller's thread with :class:`~inferkit.errors.InvalidInput` and never reaches a batch.
 The common case, one correctly typed ndarray for a one-input model, costs a few
 attribute checks and no copy.
+
+Device arrays (anything exposing ``__cuda_array_interface__``: CuPy, torch on CUDA) are
+validated from their own ``dtype`` and ``shape`` and never converted to NumPy; a cast within
+a dtype family runs on the device (see :func:`array_module`). Their checks come after the
+NumPy ones, so NumPy requests pay nothing for them.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Hashable, Iterable, Mapping
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import attrs
 import numpy as np
@@ -22,13 +28,18 @@ __all__ = [
     "SINGLE",
     "Signature",
     "TensorSpec",
+    "array_module",
     "batch_key",
+    "is_device_array",
     "normalize_untyped",
     "rows",
 ]
 
 SINGLE: Final = ""
 """The input name under which :func:`normalize_untyped` files a bare (unnamed) array."""
+
+# Where a request's array came from (_as_array): NumPy's, a Python sequence, or a device's.
+_NDARRAY, _SEQUENCE, _DEVICE = 0, 1, 2
 
 # For each spec dtype kind, the array kinds cast to it implicitly (lossless in meaning).
 _FAMILY: Final = {"f": "f", "i": "iu", "u": "iu", "b": "b", "O": "OUS"}
@@ -219,9 +230,10 @@ def _fits(shape: tuple[int, ...], spec: tuple[int | None, ...]) -> bool:
     return len(shape) == len(spec) and all(want is None or got == want for got, want in zip(shape, spec, strict=True))
 
 
-def _output(spec: TensorSpec, value: object) -> NDArray[Any]:
+def _output(spec: TensorSpec, value: Any) -> NDArray[Any]:
     """An output that is not exactly as declared, cast within its kind; ``ModelError`` otherwise."""
-    if not isinstance(value, np.ndarray):
+    device = not isinstance(value, np.ndarray)
+    if device and not is_device_array(value):
         msg = f"output {spec.name!r}: the model returned {type(value).__name__}, not an array"
         raise ModelError(msg)
     src, dst = value.dtype, spec.dtype
@@ -234,9 +246,16 @@ def _output(spec: TensorSpec, value: object) -> NDArray[Any]:
         if lo < info.min or hi > info.max:
             msg = f"output {spec.name!r}: values {lo}..{hi} do not fit the declared {dst}"
             raise ModelError(msg)
+    if device:
+        out = _device_cast(value, dst)
+        if out is None:
+            msg = f"output {spec.name!r}: values overflow the declared {dst}"
+            raise ModelError(msg)
+        return out
     try:
         with np.errstate(over="raise"):
-            return value.astype(dst, copy=False)
+            cast_value: NDArray[Any] = value.astype(dst, copy=False)
+            return cast_value
     except FloatingPointError:
         msg = f"output {spec.name!r}: values overflow the declared {dst}"
         raise ModelError(msg) from None
@@ -251,25 +270,30 @@ def _invalid(name: str, message: str) -> InvalidInput:
     return InvalidInput(f"{label}: {message}", input_name=name)
 
 
-def _as_array(name: str, value: object) -> tuple[NDArray[Any], bool]:
-    """Return ``value`` as an ndarray, and whether it came from a Python list/tuple."""
+def _as_array(name: str, value: object) -> tuple[NDArray[Any], int]:
+    """Return ``value`` as an array, and where it came from: ``_NDARRAY``, ``_SEQUENCE`` or ``_DEVICE``.
+
+    A device array is returned as it is (never copied to the host).
+    """
     if isinstance(value, np.ndarray):
-        return value, False
+        return value, _NDARRAY
     if isinstance(value, list | tuple):
         try:
-            return np.asarray(value), True
+            return np.asarray(value), _SEQUENCE
         except (ValueError, TypeError) as exc:  # ragged nesting, unconvertible items
             got = type(value).__name__
             raise _invalid(name, f"expected an array, got a {got} ({exc})") from None
+    if is_device_array(value):
+        return cast("NDArray[Any]", value), _DEVICE  # duck-typed: dtype, shape, astype, min, max
     got = type(value).__name__
     raise _invalid(name, f"expected an array (np.ndarray, list or tuple), got {got}")
 
 
 def _coerce(spec: TensorSpec, value: object) -> NDArray[Any]:
-    arr, seq = _as_array(spec.name, value)
+    arr, origin = _as_array(spec.name, value)
     src, dst, rank = arr.dtype, spec.dtype, len(spec.shape)
     # A literal list of ints given to a float input is plainly meant as floats.
-    kinds = _FAMILY[dst.kind] + ("biu" if seq and dst.kind == "f" else "")
+    kinds = _FAMILY[dst.kind] + ("biu" if origin == _SEQUENCE and dst.kind == "f" else "")
     if not (_fits(arr.shape, spec.shape) and src.kind in kinds):
         got = "string" if src.kind in "US" else str(src)
         hint = "; add a batch axis, e.g. x[None]" if arr.ndim == rank - 1 else ""
@@ -283,6 +307,11 @@ def _coerce(spec: TensorSpec, value: object) -> NDArray[Any]:
         if lo < info.min or hi > info.max:
             msg = f"values {lo}..{hi} do not fit {dst} [{info.min}, {info.max}]"
             raise _invalid(spec.name, msg)
+    if origin == _DEVICE:
+        out = _device_cast(arr, dst)
+        if out is None:
+            raise _invalid(spec.name, f"values overflow {dst}")
+        return out
     try:  # so float64 -> float16 cannot turn values into inf quietly
         with np.errstate(over="raise"):
             return arr.astype(dst, copy=False)
@@ -346,6 +375,32 @@ def normalize_untyped(request: object) -> dict[str, NDArray[Any]]:
         arrays[name] = _untyped(name, value)
     _check_rows(arrays)
     return arrays
+
+
+def is_device_array(value: object) -> bool:
+    """Whether ``value`` is an array in device memory: it exposes ``__cuda_array_interface__`` (CuPy, torch)."""
+    return hasattr(value, "__cuda_array_interface__")
+
+
+def array_module(array: Any) -> Any:
+    """The array library of a device array (``cupy`` for a CuPy array), for ``concatenate`` and the like.
+
+    Read from the array's type, so nothing is imported: the library is loaded since one of its
+    arrays exists. ``import inferkit`` never imports CuPy.
+    """
+    return sys.modules[type(array).__module__.partition(".")[0]]
+
+
+def _device_cast(arr: Any, dst: np.dtype[Any]) -> NDArray[Any] | None:
+    """``arr`` cast to ``dst`` on its device; ``None`` where finite floats overflow to inf (as NumPy's errstate)."""
+    if arr.dtype == dst:
+        return cast("NDArray[Any]", arr)
+    out = arr.astype(dst)
+    if dst.kind == "f" and arr.dtype.kind == "f" and dst.itemsize < arr.dtype.itemsize:
+        xp = array_module(arr)
+        if bool(xp.any(xp.isinf(out) & ~xp.isinf(arr))):  # one scalar back to the host, not the data
+            return None
+    return cast("NDArray[Any]", out)
 
 
 def batch_key(arrays: dict[str, NDArray[Any]]) -> Hashable:

@@ -84,3 +84,26 @@ class TestPredictorOnGpu:
         assert len(streams) == 2
         for g, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(g, w)
+
+
+class TestCupyInCupyOut:
+    def test_cupy_requests_batched_come_back_as_cupy_without_a_host_copy(self) -> None:
+        """CuPy images (queued together, so batches may join them with cupy.concatenate) come back as
+        CuPy arrays equal to the NumPy answers, with no host copy at all (transfers stay 0 both ways)."""
+        import cupy as cp
+
+        inputs = [images(i + 1, seed=i) for i in range(6)]
+        with Predictor.from_onnx(classifier(), device="cpu", pipeline=PIPE, warmup=False) as cpu:
+            want = [cpu.predict(x) for x in inputs]
+        with Predictor.from_onnx(
+            classifier(), device="cuda:0", strict=True, pipeline=PIPE, warmup=False, max_delay_ms=50
+        ) as gpu:
+            futures = [gpu.submit(cp.asarray(x)) for x in inputs]
+            got = [f.result(timeout=60) for f in futures]
+            backend = gpu.backends()[0]
+            assert (backend.transfers.h2d, backend.transfers.d2h) == (0, 0)  # type: ignore[attr-defined]
+        for g, w in zip(got, want, strict=True):
+            assert isinstance(g["indices"], cp.ndarray)
+            assert isinstance(g["values"], cp.ndarray)
+            np.testing.assert_array_equal(cp.asnumpy(g["indices"]), w["indices"])
+            np.testing.assert_allclose(cp.asnumpy(g["values"]), w["values"], rtol=1e-4)

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 
+import httpx
 import numpy as np
 import prometheus_client
 import pytest
 from fakes import BLOCK, Model, rows
 from prometheus_client.parser import text_string_to_metric_families
+from test_server_rest import Server, _json_body
 
-from inferkit import Predictor, Router, TensorSpec
+from inferkit import PoolConfig, Predictor, Router, TensorSpec
 from inferkit.server import Repository, ServedModel
 from inferkit.server.metrics import BATCH_SIZE_BUCKETS, Metrics
+from inferkit.server.rest import create_app
 
 WAIT = 30  # seconds: a bound on every wait, never expected to be reached
 
@@ -183,3 +187,70 @@ class TestPredictorGauges:
             samples = _samples(Metrics(Repository({"ok": ok, "bad": bad})))
         models = {dict(labels)["model"] for name, labels in samples if name == "inferkit_queue_depth"}
         assert models == {"ok"}
+
+
+class _Placed:
+    """A backend that answers ``x * 2`` and reports a device it was placed on."""
+
+    signature = None
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        return {name: x * 2 for name, x in inputs.items()}
+
+    def close(self) -> None:
+        pass
+
+
+class TestReplicaInfo:
+    """``inferkit_replica_info``: each replica's device and state, on a real server's /metrics."""
+
+    def test_each_replica_shows_its_device_on_a_real_server(self) -> None:
+        """Two replicas placed on two devices give one series each, value 1, naming the device and state;
+        requests do not add series."""
+        devices = iter(["cuda:0", "cuda:1"])
+        with Predictor(lambda: _Placed(next(devices)), pool=PoolConfig(replicas=2), name="placed") as predictor:
+            repository = Repository({"m": predictor})
+            server = Server(create_app(repository))
+            try:
+                with httpx.Client(base_url=server.url, timeout=WAIT) as http:
+                    for _ in range(5):
+                        response = http.post("/v2/models/m/infer", content=_json_body({"x": np.ones((1, 3))}))
+                        assert response.status_code == 200, response.text
+                    body = http.get("/metrics").text
+            finally:
+                server.stop()
+        info = [
+            (s.labels, s.value)
+            for family in text_string_to_metric_families(body)
+            for s in family.samples
+            if s.name == "inferkit_replica_info"
+        ]
+        assert sorted((labels["device"], labels["replica"], labels["state"], value) for labels, value in info) == [
+            ("cuda:0", "placed-0", "healthy", 1.0),
+            ("cuda:1", "placed-1", "healthy", 1.0),
+        ]
+        assert {(labels["model"], labels["predictor"]) for labels, _ in info} == {("m", "placed")}
+
+    def test_a_replica_that_is_gone_leaves_no_series(self) -> None:
+        """After scaling down to one replica, one series is left: the label set follows the pool's size."""
+        with _double(name="d", replicas=2) as predictor:
+            metrics = Metrics(Repository({"m": predictor}))
+            assert len(_info(metrics)) == 2
+            predictor.resize(1)
+            end = time.monotonic() + WAIT
+            while len(predictor.stats().replicas) > 1:
+                assert time.monotonic() < end, "the second replica did not leave"
+                time.sleep(0.01)
+            (left,) = predictor.stats().replicas
+            assert _info(metrics) == [(left.name, "cpu", "healthy", 1.0)]
+
+
+def _info(metrics: Metrics) -> list[tuple[str, str, str, float]]:
+    return sorted(
+        (dict(labels)["replica"], dict(labels)["device"], dict(labels)["state"], value)
+        for (name, labels), value in _samples(metrics).items()
+        if name == "inferkit_replica_info"
+    )

@@ -650,7 +650,9 @@ def test_public_names() -> None:
         "SINGLE",
         "Signature",
         "TensorSpec",
+        "array_module",
         "batch_key",
+        "is_device_array",
         "normalize_untyped",
         "rows",
     ]

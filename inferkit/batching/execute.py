@@ -15,6 +15,7 @@ import numpy as np
 from inferkit.backends.base import Backend, ReplicaFault
 from inferkit.batching.request import Request
 from inferkit.errors import InvalidInput, ModelError
+from inferkit.signature import array_module, is_device_array
 
 __all__ = ["Outcome", "model_error", "run_batch"]
 
@@ -57,7 +58,10 @@ def _call(requests: list[Request], backend: Backend) -> list[Outcome]:
         rows = requests[0].rows
     else:
         names = requests[0].inputs or {}
-        inputs = {n: np.concatenate([r.inputs[n] for r in requests]) for n in names}  # type: ignore[index]
+        try:
+            inputs = {n: np.concatenate([r.inputs[n] for r in requests]) for n in names}  # type: ignore[index]
+        except (TypeError, ValueError):  # device arrays refuse NumPy: join them with their own library
+            inputs = _on_device(requests, names)
         rows = sum(r.rows for r in requests)
     outputs = backend.run(inputs)
     signature = backend.signature
@@ -66,7 +70,9 @@ def _call(requests: list[Request], backend: Backend) -> list[Outcome]:
     arrays = list(outputs.values())
     for name, arr in outputs.items():
         if not isinstance(arr, np.ndarray) or arr.ndim == 0 or arr.shape[0] != rows:
-            got = arr.shape if isinstance(arr, np.ndarray) else type(arr).__name__
+            if is_device_array(arr) and arr.ndim and arr.shape[0] == rows:
+                continue  # a device array (CuPy) comes back as the backend returned it
+            got = arr.shape if isinstance(arr, np.ndarray) or is_device_array(arr) else type(arr).__name__
             msg = f"output {name!r} must have {rows} rows (one per input row), got {got}"
             raise ModelError(msg)
     single = len(arrays) == 1
@@ -87,6 +93,22 @@ def _call(requests: list[Request], backend: Backend) -> list[Outcome]:
             result.append((r, {k: v[start:stop] for k, v in items}, None))
             start = stop
     return result
+
+
+def _on_device(requests: list[Request], names: Any) -> dict[str, Any]:
+    """The batch's inputs joined by their own array library (CuPy's ``concatenate``), never copied to the host.
+
+    Raises the ``TypeError`` it meets where the parts are not all device arrays of one library
+    (NumPy and CuPy requests in one batch): the batch is then split and its requests run apart.
+    """
+    inputs = {}
+    for n in names:
+        parts = [r.inputs[n] for r in requests]  # type: ignore[index]
+        if not is_device_array(parts[0]):
+            msg = f"input {n!r}: the requests' arrays cannot be joined (NumPy and device arrays in one batch)"
+            raise TypeError(msg)
+        inputs[n] = array_module(parts[0]).concatenate(parts)
+    return inputs
 
 
 def model_error(request: Request, exc: BaseException) -> ModelError:

@@ -25,6 +25,7 @@ __all__ = [
     "ImageToTensor",
     "Kit",
     "Pipeline",
+    "PipelineMismatch",
     "PostStep",
     "PreStep",
     "Sigmoid",
@@ -32,6 +33,14 @@ __all__ = [
     "Threshold",
     "TopK",
 ]
+
+
+class PipelineMismatch(ValueError):
+    """A step of a pipeline cannot fit the model; ``step`` says which, e.g. ``"post[1]"``."""
+
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 @attrs.frozen
@@ -63,6 +72,13 @@ class Custom:
         return {next(iter(arrays)) if single else SINGLE: out}
 
 
+def _fit(step: str, specs_of: Callable[[Specs], Specs], specs: Specs) -> Specs:
+    try:
+        return specs_of(specs)
+    except ValueError as error:
+        raise PipelineMismatch(step, str(error)) from None
+
+
 def _steps(value: Any) -> tuple[Any, ...]:
     return tuple(step if isinstance(step, PreStep | PostStep | Custom) else Custom(step) for step in value)
 
@@ -80,18 +96,19 @@ class Pipeline:
     def signature(self, model: Signature | None) -> Signature | None:
         """What callers send and get back, from the model's signature; ``None`` when unknown.
 
-        Raises ``ValueError`` where a step cannot fit the model (wrong dtype, layout, size).
+        Raises :class:`PipelineMismatch` (a ``ValueError``) where a step cannot fit the model
+        (wrong dtype, layout, size).
         """
         if model is None:
             return None
         inputs: Specs = {s.name: s for s in model.inputs}
-        for step in reversed(self.pre):
-            inputs = step.caller_specs(inputs)
+        for i, step in reversed(list(enumerate(self.pre))):
+            inputs = _fit(f"pre[{i}]", step.caller_specs, inputs)
             if not inputs:
                 return None
         outputs: Specs = {s.name: s for s in model.outputs}
-        for step in self.post:
-            outputs = step.output_specs(outputs)
+        for i, step in enumerate(self.post):
+            outputs = _fit(f"post[{i}]", step.output_specs, outputs)
         return Signature(tuple(inputs.values()), tuple(outputs.values()))
 
     def preprocess(self, arrays: Arrays, kit: Kit, model_inputs: Sequence[str] = ()) -> Arrays:

@@ -32,6 +32,17 @@
     path = "busy.onnx"
     autoscale = { min_replicas = 1, max_replicas = 8, target_in_flight = 8 }
 
+    [[models]]
+    name = "resnet"
+    path = "resnet.onnx"
+    device = "cuda"           # and strict = true: as Predictor.from_onnx
+    [[models.pipeline.pre]]   # an inferkit.gpu.Pipeline: built-in steps by class name
+    step = "ImageToTensor"
+    size = [224, 224]
+    [[models.pipeline.post]]
+    step = "TopK"
+    k = 5
+
 A model has either ``path`` or ``versions``; with versions, ``split`` says how requests
 without a version are divided: ``{policy = "fixed", version = "1"}``,
 ``{policy = "ab", weights = {"1" = 0.9, "2" = 0.1}}`` or ``{policy = "canary", ...}``
@@ -46,7 +57,10 @@ takes :class:`~inferkit.PoolConfig`'s ejection settings under their own names
 ``max_ejected_fraction``), and ``autoscale``, a table of
 :class:`~inferkit.AutoscaleConfig` fields that resizes its pool on load (``replicas`` is then
 the starting size); ``[server]`` takes ``grace_s`` and every :class:`ConnectionLimits`
-field. Every error names the field it is about (``models[1].versions.2.replicas``).
+field. ``pipeline`` (a model's or a version's) has ``pre`` and ``post``, arrays of tables
+each with ``step`` (``ImageToTensor``; ``Softmax``, ``Sigmoid``, ``ArgMax``, ``TopK``,
+``Threshold``, ``NMS``) and that step's arguments. Every error names the field it is about
+(``models[1].versions.2.replicas``, ``models[0].pipeline.post[1]``).
 
 With ``repository_control = true``, :class:`ModelLoader` rebuilds a model of this file on a
 load request, with what the load's Triton model config changes: ``max_batch_size``,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
@@ -22,6 +22,9 @@ from inferkit.routing import Predictive, Router
 from inferkit.server.control import LoadedVersion, LoadFailed
 from inferkit.server.repository import ServedModel
 
+if TYPE_CHECKING:
+    from inferkit.gpu import Pipeline
+
 __all__ = ["ModelLoader", "as_table", "checked", "refuse_unknown", "served_model"]
 
 T = TypeVar("T")
@@ -32,8 +35,13 @@ _MODEL_KEYS = {
     *_BATCH_KEYS,
     "intra_op_threads",
     "autoscale",
+    "pipeline",
+    "device",
+    "strict",
     *_POOL_KEYS,
 }
+_PRE_STEPS = ("ImageToTensor",)  # the built-ins only: a config file names no code to import
+_POST_STEPS = ("ArgMax", "NMS", "Sigmoid", "Softmax", "Threshold", "TopK")
 
 
 def checked(where: str, build: Callable[[], T]) -> T:
@@ -78,19 +86,73 @@ def _predictor(spec: Mapping[str, Any], where: str, base: Path, name: str) -> Pr
     if "autoscale" in spec:
         table = as_table(spec["autoscale"], f"{where}.autoscale")
         autoscale = checked(f"{where}.autoscale", lambda: AutoscaleConfig(**table))
-    predictor = checked(
-        where,
-        lambda: Predictor.from_onnx(
-            path,
-            batching=batching,
-            pool=pool,
-            intra_op_threads=spec.get("intra_op_threads"),
-            name=name,
-        ),
-    )
+    pipeline = _pipeline(spec["pipeline"], f"{where}.pipeline") if "pipeline" in spec else None
+    device = _device(spec.get("device"), f"{where}.device")
+    strict = spec.get("strict", False)
+    if not isinstance(strict, bool):
+        msg = f"{where}.strict must be true or false, got {strict!r}"
+        raise ConfigError(msg)
+    try:
+        predictor = checked(
+            where,
+            lambda: Predictor.from_onnx(
+                path,
+                batching=batching,
+                pool=pool,
+                intra_op_threads=spec.get("intra_op_threads"),
+                name=name,
+                pipeline=pipeline,
+                device=device,
+                strict=strict,
+            ),
+        )
+    except ConfigError as error:
+        step = getattr(error.__cause__, "step", None)  # a PipelineMismatch: name the step that does not fit
+        if step is None:
+            raise
+        msg = f"{where}.pipeline.{step}: {error.__cause__}"
+        raise ConfigError(msg) from error.__cause__
     if autoscale is not None:
         Autoscaler(predictor, autoscale).start()  # its thread ends once the predictor is closed
     return predictor
+
+
+def _device(value: object, where: str) -> str | list[str] | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(d, str) for d in value):
+        return value
+    msg = f'{where} must be a device string ("cpu", "cuda", "cuda:N") or a non-empty array of them, got {value!r}'
+    raise ConfigError(msg)
+
+
+def _pipeline(value: object, where: str) -> Pipeline:
+    """The :class:`inferkit.gpu.Pipeline` of a model's ``pipeline`` table: built-in steps by name."""
+    from inferkit import gpu  # noqa: PLC0415  (only a model with a pipeline needs it)
+
+    table = as_table(value, where)
+    refuse_unknown(table, {"pre", "post"}, where)
+    sides = {}
+    for side, names in (("pre", _PRE_STEPS), ("post", _POST_STEPS)):
+        steps = table.get(side, [])
+        if not isinstance(steps, list):
+            msg = f'{where}.{side} must be an array of tables ({{ step = "...", ... }}), got {type(steps).__name__}'
+            raise ConfigError(msg)
+        sides[side] = [
+            _step(gpu, as_table(s, f"{where}.{side}[{i}]"), names, f"{where}.{side}[{i}]") for i, s in enumerate(steps)
+        ]
+    return gpu.Pipeline(pre=sides["pre"], post=sides["post"])
+
+
+def _step(gpu: Any, table: Mapping[str, Any], names: tuple[str, ...], where: str) -> Any:
+    kind = table.get("step")
+    if kind not in names:
+        msg = f"{where}.step must be one of {list(names)}, got {kind!r}"
+        raise ConfigError(msg)
+    cls = getattr(gpu, kind)
+    refuse_unknown(table, {"step", *attrs.fields_dict(cls)}, where)
+    fields = {k: v for k, v in table.items() if k != "step"}
+    return checked(f"{where} ({kind})", lambda: cls(**fields))
 
 
 def _store(split: Mapping[str, Any], where: str, base: Path, model: str) -> CanaryStore | None:

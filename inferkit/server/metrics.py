@@ -15,6 +15,9 @@ Two kinds of numbers, from two places:
   ``inferkit_queue_depth{model,predictor}``          requests waiting for a batch (gauge)
   ``inferkit_replicas{model,predictor,state}``       replicas by state: healthy, ejected,
                                                      draining, dead (gauge)
+  ``inferkit_replica_info{model,predictor,``         1 per replica, naming its device (``cpu``,
+  ``replica,device,state}``                          ``cuda:0``, ...) and state; the series of a
+                                                     replica that is gone disappears
   ``inferkit_batches_total{model,predictor}``        batches run (counter)
   ``inferkit_batch_size{model,predictor}``           rows per batch, as a histogram with
                                                      power-of-two buckets (``le``) built from the
@@ -151,6 +154,11 @@ def _families() -> dict[str, Metric]:
         "replicas": GaugeMetricFamily(
             "inferkit_replicas", "Replicas by state.", labels=["model", "predictor", "state"]
         ),
+        "replica": GaugeMetricFamily(
+            "inferkit_replica_info",
+            "1 per replica: its device and state.",
+            labels=["model", "predictor", "replica", "device", "state"],
+        ),
         "batches": CounterMetricFamily(
             "inferkit_batches", "Batches run by the model.", labels=["model", "predictor"]
         ),
@@ -187,6 +195,8 @@ def _add(families: dict[str, Any], labels: list[str], stats: Stats) -> None:
     states = dict.fromkeys(_REPLICA_STATES, 0)
     for replica in stats.replicas:
         states[replica.state] = states.get(replica.state, 0) + 1
+        # Bounded: one series per live replica (a pool's size), its device one of a few strings.
+        families["replica"].add_metric([*labels, replica.name, replica.device, replica.state], 1)
     for state, count in states.items():
         families["replicas"].add_metric([*labels, state], count)
     families["batches"].add_metric(labels, stats.batches)
