@@ -116,8 +116,10 @@ class ReplicaSet:
         return busy > 0 and busy + need > self.cores
 
     def yields(self, replica: Replica, now: float) -> bool:
-        """Whether ``replica`` starts no small batch now: the cores are :meth:`crowded`, or they would be
-        beside another lane's idle replica whose queue waited longer (which then goes first).
+        """Whether ``replica`` starts no small batch now.
+
+        It does not when the cores are :meth:`crowded`, or would be beside another lane's idle
+        replica whose queue waited longer (which then goes first).
         """
         if self.crowded(replica):
             return True
