@@ -298,11 +298,6 @@ class TestBatching:
             predictor.predict(dev(np.ones((2, 4))))
 
     @pytest.mark.usefixtures("lib")
-    @pytest.mark.xfail(
-        strict=True,
-        raises=ModelError,
-        reason="a split request's parts are joined with NumPy (inferkit/batching/assembly.py _join), not yet here",
-    )
     def test_a_device_request_larger_than_a_batch_is_split_and_joined(self) -> None:
         """A device request of more rows than max_batch_size runs in parts whose outputs are joined on the device."""
         with Predictor(lambda: OnDevice(lambda x: x * 2, SIG, []), batching=BatchConfig(max_batch_size=2)) as predictor:

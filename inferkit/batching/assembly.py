@@ -14,6 +14,7 @@ import numpy as np
 
 from inferkit.batching.request import DONE, Request, Split
 from inferkit.errors import ModelError
+from inferkit.signature import array_module, is_device_array
 
 __all__ = ["carve", "complete", "split"]
 
@@ -76,7 +77,9 @@ def _join(request_id: int, values: list[Any]) -> tuple[Any, ModelError | None]:
     try:
         if isinstance(values[0], np.ndarray):
             return np.concatenate(values), None
-        return {k: np.concatenate([v[k] for v in values]) for k in values[0]}, None
+        if is_device_array(values[0]):  # a device request's parts stay on the device
+            return array_module(values[0]).concatenate(values), None
+        return {k: _concatenate([v[k] for v in values]) for k in values[0]}, None
     except Exception as exc:  # noqa: BLE001 (a model whose output shape depends on the batch)
         error = ModelError(
             f"request {request_id} was split into {len(values)} batches and their outputs cannot be joined "
@@ -85,3 +88,7 @@ def _join(request_id: int, values: list[Any]) -> tuple[Any, ModelError | None]:
         )
         error.__cause__ = exc
         return None, error
+
+
+def _concatenate(parts: list[Any]) -> Any:
+    return array_module(parts[0]).concatenate(parts) if is_device_array(parts[0]) else np.concatenate(parts)
