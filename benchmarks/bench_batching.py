@@ -35,6 +35,12 @@ next, so the offered load adapts to the server and nothing queues without bound.
     the shared queue / per-replica round-robin queues; intra-op threads are
     inferkit's default. Mean batch and dispatch reasons come from
     ``Predictor.stats()`` over the measured window.
+``inferkit no-op model``
+    inferkit around a function that returns its input: process CPU per request is
+    what inferkit itself costs (the 32 client threads' own loop included).
+``inferkit 1-row apredict``
+    32 asyncio tasks on one event loop awaiting ``Predictor.apredict``, closed
+    loop; its note gives its throughput as a share of ``inferkit 1-row``'s 32 threads.
 ``latency ...``
     One client (concurrency 1), 1-row requests: ``session.run`` directly (intra-op
     1 and 2, the lower p50 is shown) against ``Predictor.predict`` with
@@ -85,6 +91,7 @@ is added whenever a throughput row is selected, since ``share`` needs it).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import itertools
 import os
@@ -92,7 +99,7 @@ import platform
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,6 +132,7 @@ ROW_NAMES = (
     "inferkit-shared2",
     "inferkit-rr",
     "inferkit-noop",
+    "inferkit-async",
     "latency",
 )
 THROUGHPUT_ROWS = frozenset(ROW_NAMES) - {"limit", "latency"}
@@ -240,6 +248,48 @@ def run_closed_loop(
         requests=len(latencies),
         window_s=span,
         cpu_us=cpu_window / done_in_cpu_window * 1e6 if done_in_cpu_window > 0 else None,
+    )
+
+
+async def async_closed_loop(
+    call: Callable[[FloatArray], Awaitable[object]], inputs: list[FloatArray], cfg: CellConfig
+) -> CellResult:
+    """:func:`run_closed_loop` for coroutines: ``len(inputs)`` tasks on the running event loop."""
+    loop = asyncio.get_running_loop()
+    window_start = loop.time() + cfg.warmup
+    window_end = window_start + cfg.seconds
+    latencies: list[float] = []
+    last: list[float] = [window_end]
+    cpu: list[float] = []
+
+    async def client(x: FloatArray) -> None:
+        while (now := loop.time()) < window_end and len(latencies) < cfg.max_requests:
+            await call(x)
+            end = loop.time()
+            if window_start <= end <= window_end:
+                latencies.append(end - now)
+                if len(latencies) >= cfg.max_requests:
+                    last[0] = end
+
+    async def clock() -> None:
+        await asyncio.sleep(max(0.0, window_start - loop.time()))
+        cpu.append(time.process_time())
+        await asyncio.sleep(max(0.0, window_end - loop.time()))
+        cpu.append(time.process_time())
+
+    await asyncio.gather(clock(), *(client(x) for x in inputs))
+    if not latencies:
+        raise RuntimeError("no request finished inside the measured window")
+    lat = np.asarray(latencies) * 1000.0
+    rows = len(latencies) * len(inputs[0])
+    span = last[0] - window_start
+    return CellResult(
+        rows_per_s=rows / span,
+        p50_ms=float(np.percentile(lat, 50)),
+        p99_ms=float(np.percentile(lat, 99)),
+        requests=len(latencies),
+        window_s=span,
+        cpu_us=(cpu[1] - cpu[0]) / len(latencies) * 1e6 if len(cpu) == 2 else None,
     )
 
 
@@ -513,6 +563,16 @@ class Bench:
         row.notes.append("CPU µs/req here is inferkit's own cost per request (target <= 10)")
         return row
 
+    def inferkit_async(self) -> Row:
+        """32 asyncio tasks on one event loop awaiting ``apredict`` (1 row each), closed loop."""
+        import inferkit
+
+        load = f"{CLIENTS} tasks x 1"
+        self.log("inferkit apredict, 32 asyncio tasks")
+        with inferkit.Predictor.from_onnx(self.model, max_batch_size=MAX_BATCH, max_delay_ms=MAX_DELAY_MS) as p:
+            res = asyncio.run(async_closed_loop(p.apredict, client_inputs(1), self.cfg))
+        return Row("inferkit 1-row apredict", load, _inferkit_intra_label(1), res)
+
     # ---- latency at concurrency 1
 
     def latency(self) -> list[Row]:
@@ -597,6 +657,15 @@ def _rate(row: Row) -> float:
 
 def _p50(row: Row) -> float:
     return row.result.p50_ms if row.result is not None else float("inf")
+
+
+def add_async_ratio(rows: list[Row]) -> None:
+    """Note on the asyncio row its throughput as a share of 32 threads calling ``predict``."""
+    by_name = {r.name: r for r in rows}
+    threads, tasks = by_name.get("inferkit 1-row"), by_name.get("inferkit 1-row apredict")
+    if threads and tasks and threads.result and tasks.result:
+        ratio = tasks.result.rows_per_s / threads.result.rows_per_s
+        tasks.notes.append(f"{ratio:.2f}x the 32 threads of inferkit 1-row (target >= 0.95)")
 
 
 def add_latency_delta(rows: list[Row]) -> None:
@@ -746,6 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         "inferkit-shared2": lambda: [bench.inferkit("inferkit 1-row shared r2", 1, replicas=2, balancing="shared")],
         "inferkit-rr": lambda: [bench.inferkit("inferkit 1-row rr", 1, replicas=2, balancing="round_robin")],
         "inferkit-noop": lambda: [bench.noop()],
+        "inferkit-async": lambda: [bench.inferkit_async()],
         "latency": bench.latency,
     }
     load_before = os.getloadavg()[0]
@@ -758,6 +828,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds.append(round_rows)
     rows = combine_rounds(rounds)
     add_latency_delta(rows)
+    add_async_ratio(rows)
     limit_row = next((r for r in rows if r.name == "limit"), None)
     limit: float | None = None
     drift: float | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import os
 import threading
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import attrs
 
-from inferkit._bridge import await_future
+from inferkit._bridge import deliver_to
 from inferkit._bulk_faces import BulkFaces
 from inferkit._factories import (
     BATCHING,
@@ -278,7 +279,17 @@ class Predictor(BulkFaces):
         A finished batch wakes the loop once for all of its requests awaited on that loop, not
         once per request; cancelling the awaiting task cancels a request still queued.
         """
-        return await await_future(self.submit(x, timeout=timeout, priority=priority))
+        request = self._request(x, timeout, priority)
+        waiter = asyncio.get_running_loop().create_future()
+        request.awaiter = deliver_to(waiter)  # no concurrent.futures.Future in between
+        self._batcher.put(request)
+        if request.deadline is not None:
+            self._batcher.expire_at(request, request.deadline)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            self._batcher.cancel(request)
+            raise
 
     def _request(self, x: Any, timeout: float | None, priority: int) -> Request:
         try:

@@ -10,8 +10,11 @@ import weakref
 from concurrent.futures import Future
 from typing import Any
 
+import numpy as np
 import pytest
+from fakes import BLOCK, Model, rows
 
+from inferkit import CallableBackend, DeadlineExceeded, Predictor
 from inferkit._bridge import await_future
 from inferkit.errors import ModelError
 
@@ -97,3 +100,34 @@ def test_a_finished_loop_is_not_kept_alive() -> None:
     del loop
     gc.collect()
     assert ref() is None
+
+
+def test_predictor_apredict_results_deadlines_and_cancellation() -> None:
+    """``Predictor.apredict`` hands outcomes straight to the loop: 64 concurrent tasks each get their own
+    rows; behind a busy replica a request past its deadline ends in DeadlineExceeded and a cancelled one
+    never runs; the counters balance."""
+    model = Model()
+
+    async def main(p: Predictor) -> None:
+        results = await asyncio.gather(*(p.apredict(rows(float(i))) for i in range(64)))
+        for i, got in enumerate(results):
+            np.testing.assert_array_equal(got, rows(float(i)) * 2)
+        blocker = asyncio.ensure_future(p.apredict(rows(BLOCK)))
+        assert await asyncio.to_thread(model.entered.wait, WAIT)
+        late = asyncio.ensure_future(p.apredict(rows(107.0), timeout=0.05))
+        dropped = asyncio.ensure_future(p.apredict(rows(108.0)))
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(late, WAIT)
+        await asyncio.sleep(0)
+        dropped.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await dropped
+        model.release.set()
+        np.testing.assert_array_equal(await asyncio.wait_for(blocker, WAIT), rows(BLOCK) * 2)
+
+    with Predictor(lambda: CallableBackend(model)) as p:
+        asyncio.run(main(p))
+        stats = p.stats()
+    assert 108.0 not in model.seen()
+    assert 107.0 not in model.seen()
+    assert (stats.completed, stats.cancelled, stats.failed, stats.in_flight) == (65, 1, {"DeadlineExceeded": 1}, 0)

@@ -161,7 +161,7 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
                     return batch, replica
             if request.future is not None:
                 top = request
-                request.future._on_cancel = lambda: self._cancel(top)
+                request.future._on_cancel = lambda: self.cancel(top)
             for part in parts:
                 lane = self._set.lane_for(now)
                 lane.push(part, now)

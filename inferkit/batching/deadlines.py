@@ -10,7 +10,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from inferkit.batching.lane import drop
-from inferkit.batching.request import QUEUED, Request
+from inferkit.batching.request import DONE, QUEUED, Request
 from inferkit.errors import DeadlineExceeded
 from inferkit.events import RequestsExpired
 
@@ -40,8 +40,8 @@ class Deadlines:
 
         def _event(self, event: Event) -> None: ...
 
-    def _cancel(self, top: Request) -> None:
-        """The caller cancelled ``top``'s future: take whatever of it is queued off the queues."""
+    def cancel(self, top: Request) -> None:
+        """The caller gave up on ``top`` (cancelled its future or task): take what of it is queued off the queues."""
         with self._lock:
             if top.state is QUEUED and top.avoid is None and drop(top):
                 self._counts.cancelled += 1
@@ -70,7 +70,7 @@ class Deadlines:
 
         entry = self._timer.schedule(deadline, expire)
         request.expiry = (self._timer, entry)
-        if request.future is not None and request.future.done():  # settled before the line above
+        if request.state is DONE or (request.future is not None and request.future.done()):  # settled already
             self._timer.cancel(entry)
 
 

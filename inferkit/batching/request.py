@@ -90,6 +90,7 @@ class Request:
     __slots__ = (
         "__weakref__",
         "avoid",
+        "awaiter",
         "blame",
         "deadline",
         "error",
@@ -133,6 +134,7 @@ class Request:
         self.lane: Lane | None = None
         self.future: RequestFuture | None = None
         self.waiter: threading.Lock | None = None
+        self.awaiter: Callable[[Any, BaseException | None], None] | None = None  # hands the outcome to asyncio
         self.value: Any = None
         self.error: BaseException | None = None
         self.split: Split | None = None  # set on a request too big for one batch
@@ -160,6 +162,8 @@ class Request:
                     fut.set_exception(self.error)
             except InvalidStateError:  # cancelled by the caller meanwhile
                 pass
+        elif self.awaiter is not None:
+            self.awaiter(self.value, self.error)
         elif self.waiter is not None:
             self.waiter.release()
 
