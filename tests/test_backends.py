@@ -200,12 +200,16 @@ class TestDefaultIntraOpThreads:
 
 class TestWideSession:
     def test_full_batches_run_on_every_core(self, mlp_model: bytes) -> None:
-        """With ``wide_threads``, batches of ``wide_rows`` or more run on a second session with that many
-        threads, smaller ones on the narrow session; both give the same answers."""
+        """With ``wide_threads``, a batch of ``wide_rows`` or more after another such batch runs on a second
+        session with that many threads; a lone full batch and smaller ones on the narrow session; both give
+        the same answers."""
         backend = OnnxBackend(mlp_model, providers=CPU, intra_op_threads=1, wide_threads=2, wide_rows=8)
-        narrow, wide = backend.session_for(7), backend.session_for(8)
+        narrow = backend.session_for(7)
         assert narrow is backend.session
+        assert backend.session_for(8) is narrow  # a burst: one full batch among small ones
+        wide = backend.session_for(9)
         assert wide is not narrow
+        assert backend.session_for(7) is narrow
         assert narrow.get_session_options().intra_op_num_threads == 1
         assert wide.get_session_options().intra_op_num_threads == 2
         assert backend.cpu_threads == 1  # what a batch keeps busy beside the callers
@@ -220,12 +224,12 @@ class TestWideSession:
         """No second session when it would have no more threads, when the caller set the session options,
         or when the model is bigger than ``WIDE_MAX_BYTES`` (it would hold a second copy of the weights)."""
         same = OnnxBackend(mlp_model, providers=CPU, intra_op_threads=2, wide_threads=2, wide_rows=8)
-        assert same.session_for(64) is same.session
+        assert same.session_for(64) is same.session_for(64) is same.session
         options = OnnxBackend(mlp_model, providers=CPU, session_options=ort.SessionOptions(), wide_threads=2)
-        assert options.session_for(64) is options.session
+        assert options.session_for(64) is options.session_for(64) is options.session
         monkeypatch.setattr(onnx_backend, "WIDE_MAX_BYTES", len(mlp_model) - 1)
         big = OnnxBackend(mlp_model, providers=CPU, intra_op_threads=1, wide_threads=2, wide_rows=8)
-        assert big.session_for(64) is big.session
+        assert big.session_for(64) is big.session_for(64) is big.session
 
     def test_the_default_predictor_has_one_when_there_are_cores_to_spare(self, mlp_model: bytes) -> None:
         """``from_onnx`` with default threads opens the wide session for half-full batches and more when
@@ -233,13 +237,14 @@ class TestWideSession:
         with Predictor.from_onnx(mlp_model, max_batch_size=16, warmup=False) as p:
             (backend,) = p.backends()
             assert isinstance(backend, OnnxBackend)
+            backend.session_for(8)
             has_wide = backend.session_for(8) is not backend.session
             assert has_wide == (default_wide_threads(1) > default_intra_op_threads(1))
             assert backend.session_for(7) is backend.session
         with Predictor.from_onnx(mlp_model, intra_op_threads=1, warmup=False) as p:
             (backend,) = p.backends()
             assert isinstance(backend, OnnxBackend)
-            assert backend.session_for(64) is backend.session
+            assert backend.session_for(64) is backend.session_for(64) is backend.session
 
 
 class TestCallableBackend:

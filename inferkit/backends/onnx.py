@@ -65,10 +65,10 @@ class OnnxBackend:
     one (skipped when a non-batch dimension is dynamic).
 
     On the CPU, ``wide_threads`` (more than ``intra_op_threads``) opens a second session with
-    that many intra-op threads for batches of ``wide_rows`` rows or more: small batches mean the
-    callers are the bound and need a core of their own, full ones that the model is and should
-    have them all. The second session holds its own copy of the weights, so models over
-    :data:`WIDE_MAX_BYTES` do without it.
+    that many intra-op threads for batches of ``wide_rows`` rows or more that follow another
+    such batch: small batches mean the callers are the bound and need a core of their own, a
+    run of full ones that the model is and should have them all. The second session holds its
+    own copy of the weights, so models over :data:`WIDE_MAX_BYTES` do without it.
     """
 
     def __init__(
@@ -96,8 +96,6 @@ class OnnxBackend:
             options.intra_op_num_threads = intra_op_threads
         if session_options is None:
             options.inter_op_num_threads = 1
-            # Its threads spin within a run (fast) but not between runs: the callers need the cores then.
-            options.add_session_config_entry("session.force_spinning_stop", "1")
         self.stream: Any = None
         """The CuPy stream ONNX Runtime computes on (GPU with CuPy installed), else ``None``."""
         self._gpu = None if device is None else device_id(device)
@@ -124,6 +122,7 @@ class OnnxBackend:
         """Cores a run keeps busy: its intra-op threads (0 on a GPU); see :func:`.base.cpu_threads`."""
         self._wide: Any = None
         self._wide_rows = wide_rows
+        self._full = False  # whether the last batch was full
         narrow = intra_op_threads or 0
         if session_options is None and wide_threads is not None and wide_threads > narrow > 0 and self._device == "cpu":
             size = len(model) if isinstance(model, bytes) else Path(model).stat().st_size
@@ -208,10 +207,14 @@ class OnnxBackend:
         return dict(zip(self._outputs, session.run(self._outputs, feeds), strict=True))
 
     def session_for(self, rows: int) -> Any:
-        """The session a batch of ``rows`` rows runs on: the wide one for a full batch, when there is one."""
-        if self._wide is not None and rows >= self._wide_rows:
-            return self._wide  # a full batch: the callers wait on the model, every core is its
-        return self.session
+        """The session a batch of ``rows`` rows runs on: the wide one for a full batch after a full batch.
+
+        One full batch among small ones is a burst, not a model that is the bound; waking the wide
+        session's threads for it would take the callers' cores.
+        """
+        full = rows >= self._wide_rows
+        streak, self._full = self._full and full, full
+        return self._wide if streak and self._wide is not None else self.session
 
     def _run_device(self, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
         import cupy as cp  # noqa: PLC0415  (CuPy arrays came in, so it is installed)
