@@ -205,7 +205,7 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
 
     def _form(self, lane: Lane, replica: Replica, now: float) -> tuple[Batch | None, float | None]:
         """``lane.form`` plus what it cleared: expired requests settled later, cancellations counted."""
-        formed = lane.form(replica, now, self.config, crowded=self._set.yields(replica, now))
+        formed = lane.form(replica, now, self.config, crowded=self._set.crowded(replica))
         self._counts.cancelled += formed.cancelled
         if formed.cancelled:
             self._drained.notify_all()
@@ -320,7 +320,6 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         self._running.pop(replica.name, None)
         replica.busy = False
         replica.running_rows = 0
-        self._set.uncrowd(replica)
         if self._closing:
             self._drained.notify_all()
 
@@ -386,7 +385,7 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
                         break
                     # Waiting (a delay at most) for the busy replicas' cores, not for arrivals:
                     # arrivals need not wake it.
-                    parked = lane.count > 0 and self._set.yields(replica, now)
+                    parked = lane.count > 0 and self._set.crowded(replica)
                     if replica.usable(now) and replica not in lane.idle and not parked:
                         lane.idle.append(replica)
                     replica.cond.wait(wait)

@@ -107,42 +107,15 @@ class ReplicaSet:
         """Whether a batch on ``replica`` now, beside the busy replicas, would take the callers' core.
 
         Then only a full batch or one whose delay ran out goes: a small batch started on a
-        crowded machine slows the busy replicas and the callers more than it gains.
+        crowded machine slows the busy replicas and the callers more than it gains. Only on the
+        shared queue, where the busy replica takes the waiting batch when it is free; a queue of
+        its own would make the requests wait for their replica's delay instead.
         """
         need = replica.cpu_threads
-        if not need:
+        if not need or self.balancer is not None:
             return False
         busy = sum(r.cpu_threads for r in self.all if r.busy and r is not replica)
         return busy > 0 and busy + need > self.cores
-
-    def yields(self, replica: Replica, now: float) -> bool:
-        """Whether ``replica`` starts no small batch now.
-
-        It does not when the cores are :meth:`crowded`, or would be beside another lane's idle
-        replica whose queue waited longer (which then goes first).
-        """
-        if self.crowded(replica):
-            return True
-        if self.balancer is None or not replica.cpu_threads:
-            return False
-        mine = replica.lane
-        busy = sum(r.cpu_threads for r in self.all if r.busy)
-        for lane in self.lanes:
-            if lane is mine or not lane.count or (mine.count and lane.since >= mine.since):
-                continue
-            for other in lane.replicas:
-                if not other.busy and other.usable(now) and busy + replica.cpu_threads + other.cpu_threads > self.cores:
-                    return True
-        return False
-
-    def uncrowd(self, replica: Replica) -> None:
-        """``replica`` finished a batch: wake the other lanes' replicas that waited for its cores."""
-        if replica.cpu_threads and self.balancer is not None:
-            for lane in self.lanes:
-                if lane is not replica.lane and lane.count:
-                    for other in lane.replicas:
-                        if not other.busy:
-                            other.cond.notify()
 
     def queued(self) -> int:
         """Parts queued in every lane."""
