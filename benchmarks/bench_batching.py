@@ -237,17 +237,22 @@ def run_closed_loop(
             if window_start <= t1 <= window_end:
                 latencies.append(t1 - t0)
                 rows += n_rows
+    cpu_us = cpu_window / done_in_cpu_window * 1e6 if done_in_cpu_window > 0 else None
+    return cell_result(latencies, rows, window_end - window_start, cpu_us)
+
+
+def cell_result(latencies: list[float], rows: int, span: float, cpu_us: float | None) -> CellResult:
+    """A cell's figures from the latencies (seconds) of the requests that finished in its window."""
     if not latencies:
         raise RuntimeError("no request finished inside the measured window")
     lat = np.asarray(latencies) * 1000.0
-    span = window_end - window_start
     return CellResult(
         rows_per_s=rows / span,
         p50_ms=float(np.percentile(lat, 50)),
         p99_ms=float(np.percentile(lat, 99)),
         requests=len(latencies),
         window_s=span,
-        cpu_us=cpu_window / done_in_cpu_window * 1e6 if done_in_cpu_window > 0 else None,
+        cpu_us=cpu_us,
     )
 
 
@@ -278,19 +283,8 @@ async def async_closed_loop(
         cpu.append(time.process_time())
 
     await asyncio.gather(clock(), *(client(x) for x in inputs))
-    if not latencies:
-        raise RuntimeError("no request finished inside the measured window")
-    lat = np.asarray(latencies) * 1000.0
-    rows = len(latencies) * len(inputs[0])
-    span = last[0] - window_start
-    return CellResult(
-        rows_per_s=rows / span,
-        p50_ms=float(np.percentile(lat, 50)),
-        p99_ms=float(np.percentile(lat, 99)),
-        requests=len(latencies),
-        window_s=span,
-        cpu_us=(cpu[1] - cpu[0]) / len(latencies) * 1e6 if len(cpu) == 2 else None,
-    )
+    cpu_us = (cpu[1] - cpu[0]) / len(latencies) * 1e6 if len(cpu) == 2 and latencies else None
+    return cell_result(latencies, len(latencies) * len(inputs[0]), last[0] - window_start, cpu_us)
 
 
 def _sleep_until(deadline: float, stop: threading.Event) -> None:
