@@ -274,6 +274,20 @@ class TestCanary:
                 r.predict(x(i))
         assert canary.state is CanaryState.ROLLED_BACK
 
+    def test_a_canary_keeps_its_state_in_a_few_parts(self) -> None:
+        """Issue 11's bar: at most ~12 instance attributes (the rollout position, the step's counts
+        and who hears the decisions are each one part), and a decision changes none of the set."""
+        heard: list[CanaryDecision] = []
+        canary = Canary("v1", "v2", steps=(0.1, 1.0), min_requests_per_step=1)
+        before = set(vars(canary))
+        assert len(before) <= 12, sorted(before)
+        canary.on_decision = heard.append
+        canary.feedback(Feedback("served", "v2", now=0.0, latency_s=0.001))
+        canary.pause()
+        assert set(vars(canary)) == before
+        assert [(d.action, d.step, d.weight) for d in heard] == [("step", 1, 1.0), ("pause", 1, 1.0)]
+        assert canary.snapshot()["decisions"] == {"step": 1, "pause": 1}
+
     def test_manual_controls(self) -> None:
         """promote, rollback, pause and resume move the canary and its weight at once."""
         canary = Canary("v1", "v2", steps=(0.1, 1.0), min_requests_per_step=1)

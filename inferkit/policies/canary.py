@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import attrs
+
 from inferkit.errors import StoreUnavailable
-from inferkit.events import Event, deliver
-from inferkit.policies.guard import Guard, _PooledWindow, _StepWindow
+from inferkit.events import Event
+from inferkit.policies.guard import Guard, _StepWindow
 from inferkit.policies.protocol import Feedback, Policy, Route
+from inferkit.policies.rollout import Binding, Position, StepCounts
 from inferkit.policies.state import CanaryDecision, CanaryState, CanaryStore
 
 _log = logging.getLogger("inferkit")
-_HISTORY = 100  # decisions kept in a canary's state
 
 
 class Canary:
@@ -65,29 +66,30 @@ class Canary:
         self.min_requests_per_step = min_requests_per_step
         self.min_seconds_per_step = min_seconds_per_step
         self.guard = guard if guard is not None else Guard()
-        self.on_decision = on_decision
         self.store = store
-        self._router = "router"  # the name of the router that uses it (bind)
-        self._emit: Callable[[Event], None] | None = None
-        self._listeners: tuple[Callable[[CanaryDecision], None], ...] = ()  # bind and subscribe
-        self._lock = threading.RLock()  # adopt() may run inside a decision's store call
-        self._state = CanaryState.RUNNING
-        self._step = 0
-        self._weight = self.steps[0]
-        self._revision = 0  # raised by one at every decision; the store's compare-and-set key
-        self._epoch = 0  # raised at every new step: pooled counts are kept per epoch
-        self._history: collections.deque[dict[str, Any]] = collections.deque(maxlen=_HISTORY)
-        self._decisions: dict[str, int] = {}
-        self._store_ok = True
-        self._since: float | None = None
-        self._new_step()
+        # One lock guards the three parts below; restore() may run inside a decision's store call.
+        self._lock = threading.RLock()
+        self._binding = Binding(on_decision=on_decision)  # replaced whole: bind, subscribe
+        self._position = Position(weight=self.steps[0])  # replaced whole at every decision
+        self._counts = StepCounts((self.baseline, self.candidate))  # a fresh one at every new step
+        self._store_ok = True  # store_failed() sets it with or without the lock: one bool
         if store is not None:
             self._open(store)
 
     @property
     def name(self) -> str:
         """The name of the router this canary steers (in decisions and logs); ``"router"`` until bound."""
-        return self._router
+        return self._binding.router
+
+    @property
+    def on_decision(self) -> Callable[[CanaryDecision], None] | None:
+        """The callback given at construction: receives each decision, after the router's observers."""
+        return self._binding.on_decision
+
+    @on_decision.setter
+    def on_decision(self, callback: Callable[[CanaryDecision], None] | None) -> None:
+        with self._lock:
+            self._binding = attrs.evolve(self._binding, on_decision=callback)
 
     def bind(self, router: str, emit: Callable[[Event], None]) -> None:
         """Called by the :class:`~inferkit.Router` that takes this canary: its name, and where its events go.
@@ -96,13 +98,12 @@ class Canary:
         router's observers, no longer to the previous router's).
         """
         with self._lock:
-            self._router = router
-            self._emit = emit
+            self._binding = attrs.evolve(self._binding, router=router, emit=emit)
 
     def subscribe(self, listener: Callable[[CanaryDecision], None]) -> None:
         """Deliver every later decision to ``listener`` too, after ``on_decision`` (one that raises is skipped)."""
         with self._lock:
-            self._listeners = (*self._listeners, listener)
+            self._binding = attrs.evolve(self._binding, listeners=(*self._binding.listeners, listener))
 
     def _open(self, store: CanaryStore) -> None:
         saved = store.load()
@@ -110,10 +111,11 @@ class Canary:
             self.restore(saved)
         else:  # nothing saved, or a different rollout: this one starts over from the saved revision
             revision = int(saved.get("revision", 0)) if saved is not None else 0
-            self._revision = revision
-            won = store.transition(revision, self._snapshot(self._revision + 1, self._epoch + 1))
+            self._position = attrs.evolve(self._position, revision=revision)
+            fresh = attrs.evolve(self._position, revision=revision + 1, epoch=self._position.epoch + 1)
+            won = store.transition(revision, self._snapshot(fresh))
             if won is None:
-                self._revision, self._epoch = self._revision + 1, self._epoch + 1
+                self._position = fresh
             else:
                 self.restore(won)
         store.attach(self)
@@ -130,17 +132,17 @@ class Canary:
     @property
     def state(self) -> CanaryState:
         """Where the rollout is."""
-        return self._state
+        return self._position.state
 
     @property
     def step(self) -> int:
         """Index of the current step in :attr:`steps`."""
-        return self._step
+        return self._position.step
 
     @property
     def weight(self) -> float:
         """Share of traffic the candidate gets now."""
-        return self._weight
+        return self._position.weight
 
     @property
     def store_ok(self) -> bool:
@@ -150,23 +152,10 @@ class Canary:
     def snapshot(self) -> dict[str, Any]:
         """The canary's state as JSON-able data: what a store keeps and :meth:`restore` takes."""
         with self._lock:
-            return self._snapshot(self._revision, self._epoch)
+            return self._snapshot(self._position)
 
-    def _snapshot(self, revision: int, epoch: int, **changes: Any) -> dict[str, Any]:
-        state = {
-            "baseline": self.baseline,
-            "candidate": self.candidate,
-            "steps": list(self.steps),
-            "state": self._state.value,
-            "step": self._step,
-            "weight": self._weight,
-            "revision": revision,
-            "epoch": epoch,
-            "history": list(self._history),
-            "decisions": dict(self._decisions),
-        }
-        state.update(changes)
-        return state
+    def _snapshot(self, position: Position) -> dict[str, Any]:
+        return {"baseline": self.baseline, "candidate": self.candidate, "steps": list(self.steps), **position.data()}
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """Take a saved state (from :meth:`snapshot`) when it is newer than this canary's.
@@ -180,19 +169,12 @@ class Canary:
             )
             raise ValueError(msg)
         with self._lock:
-            revision = int(state["revision"])
-            if revision <= self._revision and self._revision:
+            current = self._position
+            if int(state["revision"]) <= current.revision and current.revision:
                 return
-            epoch = int(state.get("epoch", 0))
-            new_step = epoch != self._epoch
-            self._state = CanaryState(state["state"])
-            self._step = int(state["step"])
-            self._weight = float(state["weight"])
-            self._revision, self._epoch = revision, epoch
-            self._history = collections.deque(state.get("history", ()), maxlen=_HISTORY)
-            self._decisions = {str(k): int(v) for k, v in state.get("decisions", {}).items()}
-            if new_step:
-                self._new_step()
+            self._position = Position.load(state)
+            if self._position.epoch != current.epoch:
+                self._counts = StepCounts((self.baseline, self.candidate))
 
     def status(self) -> dict[str, Any]:
         """What an operator asks: state, step, weight, steps, the decision history and the store's health."""
@@ -207,20 +189,20 @@ class Canary:
             return
         self._store_ok = ok
         if ok:
-            _log.warning("canary %s: store reachable again at revision %d", self.name, self._revision)
+            _log.warning("canary %s: store reachable again at revision %d", self.name, self._position.revision)
         else:
             _log.warning(
                 "canary %s: store unreachable (%s); keeping the last known weight %s, making no decision",
                 self.name,
                 error,
-                self._weight,
+                self._position.weight,
             )
 
     # -- routing ---------------------------------------------------------------------------
 
     def route(self, u: float, attributes: Mapping[str, str]) -> Route:  # noqa: ARG002 (protocol)
         """The candidate for ``u`` below the current weight, else the baseline."""
-        return Route(self.candidate if u < self._weight else self.baseline)
+        return Route(self.candidate if u < self._position.weight else self.baseline)
 
     def arms(self) -> frozenset[str]:
         """Baseline and candidate."""
@@ -230,23 +212,12 @@ class Canary:
         """Count what happened in this step and decide whether to step, promote or roll back."""
         decision = None
         with self._lock:
-            if self._state in (CanaryState.PROMOTED, CanaryState.ROLLED_BACK):
+            if self._position.state in (CanaryState.PROMOTED, CanaryState.ROLLED_BACK):
                 return
-            if self._since is None:
-                self._since = feedback.now
-            side = self._windows.get(feedback.arm)
-            if side is None:
+            if not self._counts.count(feedback):
                 return
-            if feedback.kind == "served":
-                side.window.observe(feedback.latency_s, feedback.failed)
-                if self.store is not None and self.store.pooled:
-                    self.store.count(self._epoch, feedback.arm, failed=feedback.failed)
-            elif feedback.kind == "shadow":
-                side.compared += 1
-                side.disagreed += not feedback.agreed
-            elif feedback.kind == "outcome":
-                side.outcomes += 1
-                side.outcome_sum += feedback.value
+            if feedback.kind == "served" and self.store is not None and self.store.pooled:
+                self.store.count(self._position.epoch, feedback.arm, failed=feedback.failed)
             decision = self._decide(feedback.now)
         if decision is not None:
             self._announce(decision)
@@ -254,33 +225,19 @@ class Canary:
     def evaluate(self, now: float | None = None) -> None:
         """Decide on the counts so far without a new request (a shared store calls it after pooling)."""
         with self._lock:
-            if self._state in (CanaryState.PROMOTED, CanaryState.ROLLED_BACK) or self._since is None:
+            if self._position.state in (CanaryState.PROMOTED, CanaryState.ROLLED_BACK) or self._counts.since is None:
                 return
             decision = self._decide(time.monotonic() if now is None else now)
         if decision is not None:
             self._announce(decision)
 
-    def _sides(self) -> tuple[_StepWindow, _StepWindow]:
-        base, cand = self._windows[self.baseline], self._windows[self.candidate]
-        if self.store is None or not self.store.pooled:
-            return base, cand
-        totals = self.store.totals(self._epoch)
-        pooled = []
-        for arm, side in ((self.baseline, base), (self.candidate, cand)):
-            requests, failures = totals.get(arm, (0, 0))
-            view = _StepWindow()
-            view.window = _PooledWindow(side.window, requests, failures)
-            view.compared, view.disagreed = side.compared, side.disagreed
-            view.outcomes, view.outcome_sum = side.outcomes, side.outcome_sum
-            pooled.append(view)
-        return pooled[0], pooled[1]
-
     def _decide(self, now: float) -> CanaryDecision | None:
         if not self._store_ok:
             return None  # the last known weights hold until the store is back
-        base, cand = self._sides()
+        totals = self.store.totals(self._position.epoch) if self.store is not None and self.store.pooled else None
+        base, cand = self._counts.sides(self.baseline, self.candidate, totals)
         served = cand.window.requests
-        since = now if self._since is None else self._since  # feedback() has set it
+        since = now if self._counts.since is None else self._counts.since  # feedback() has set it
         step_done = served >= self.min_requests_per_step and now - since >= self.min_seconds_per_step
         if not step_done:
             # Mid-step only a certain failure counts; relative checks (and their quantiles, on the
@@ -290,23 +247,19 @@ class Canary:
                 return None
         broken = self.guard.check(base, cand)
         if broken is not None:
-            return self._move(CanaryState.ROLLED_BACK, self._step, 0.0, "rollback", *broken)
-        if self._state is CanaryState.PAUSED:
+            return self._move(CanaryState.ROLLED_BACK, self._position.step, 0.0, "rollback", *broken)
+        if self._position.state is CanaryState.PAUSED:
             return None
         numbers = {"candidate_requests": float(served), "candidate_error_rate": cand.window.error_rate}
-        if self._step + 1 >= len(self.steps):
-            return self._move(CanaryState.PROMOTED, self._step, 1.0, "promote", "guard passed", numbers)
-        step = self._step + 1
+        if self._position.step + 1 >= len(self.steps):
+            return self._move(CanaryState.PROMOTED, self._position.step, 1.0, "promote", "guard passed", numbers)
+        step = self._position.step + 1
         return self._move(CanaryState.RUNNING, step, self.steps[step], "step", "guard passed", numbers)
 
     def _cannot_pass(self, cand: _StepWindow) -> bool:
         """Whether the failures so far already exceed what a whole step may hold."""
         limit = self.guard.max_error_rate or 0.0
         return cand.window.failures > limit * self.min_requests_per_step
-
-    def _new_step(self) -> None:
-        self._windows = {self.baseline: _StepWindow(), self.candidate: _StepWindow()}
-        self._since = None
 
     def _move(
         self,
@@ -329,23 +282,14 @@ class Canary:
             "numbers": dict(numbers),
             "at": time.time(),  # wall clock: read by people, never used for intervals
         }
-        epoch = self._epoch + (step != self._step)
-        decisions = self._decisions | {action: self._decisions.get(action, 0) + 1}
+        current = self._position
+        after = current.after(state, step, weight, record)
         if self.store is not None:
             if manual and not self._store_ok:
-                msg = f"canary {self.name}: the store cannot be reached; the weight stays {self._weight}"
+                msg = f"canary {self.name}: the store cannot be reached; the weight stays {current.weight}"
                 raise StoreUnavailable(msg)
-            new = self._snapshot(
-                self._revision + 1,
-                epoch,
-                state=state.value,
-                step=step,
-                weight=weight,
-                history=[*self._history, record][-_HISTORY:],
-                decisions=decisions,
-            )
             try:
-                won = self.store.transition(self._revision, new)
+                won = self.store.transition(current.revision, self._snapshot(after))
             except StoreUnavailable as error:
                 self.store_failed(error)
                 if manual:
@@ -354,24 +298,22 @@ class Canary:
             if won is not None:
                 self.restore(won)  # another process decided first: follow it
                 if manual:
-                    msg = f"canary {self.name}: another process decided first; now {self._state.value}"
+                    msg = f"canary {self.name}: another process decided first; now {self._position.state.value}"
                     raise StoreUnavailable(msg)
                 return None
-        self._state, self._weight, self._revision = state, weight, self._revision + 1
-        self._history.append(record)
-        self._decisions = decisions
-        if epoch != self._epoch:
-            self._step, self._epoch = step, epoch
-            self._new_step()
+        self._position = after
+        if after.epoch != current.epoch:
+            self._counts = StepCounts((self.baseline, self.candidate))
         return decision
 
     def _announce(self, decision: CanaryDecision) -> None:
-        deliver((self._emit, self.on_decision, *self._listeners), decision)  # type: ignore[arg-type]
+        self._binding.announce(decision)
 
     def _manual(self, state: CanaryState, weight: float | None, action: str) -> None:
         with self._lock:
+            at = self._position
             decision = self._move(
-                state, self._step, self._weight if weight is None else weight, action, "manual", {}, manual=True
+                state, at.step, at.weight if weight is None else weight, action, "manual", {}, manual=True
             )
         if decision is not None:
             self._announce(decision)
@@ -402,4 +344,5 @@ class Canary:
         return ()
 
     def __repr__(self) -> str:
-        return f"Canary({self.baseline!r} -> {self.candidate!r}, {self._state.value}, weight={self._weight})"
+        position = self._position
+        return f"Canary({self.baseline!r} -> {self.candidate!r}, {position.state.value}, weight={position.weight})"

@@ -1,0 +1,136 @@
+"""A :class:`~inferkit.policies.canary.Canary`'s parts: where it stands, the current step's counts, who hears it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from inferkit.events import Event, deliver
+from inferkit.policies.guard import _PooledWindow, _StepWindow
+from inferkit.policies.protocol import Feedback
+from inferkit.policies.state import CanaryDecision, CanaryState
+
+HISTORY = 100  # decisions kept in a canary's state
+
+
+@attrs.frozen
+class Position:
+    """Where a rollout stands, as a store keeps it (less the rollout's identity).
+
+    Replaced whole under the canary's lock at every decision and restore, never mutated, so
+    a reader without the lock (``route``, the ``state``/``weight`` properties) sees one whole
+    position.
+    """
+
+    state: CanaryState = CanaryState.RUNNING
+    step: int = 0
+    weight: float = 0.0
+    revision: int = 0  # raised by one at every decision; the store's compare-and-set key
+    epoch: int = 0  # raised at every new step: pooled counts are kept per epoch
+    history: tuple[Mapping[str, Any], ...] = ()  # the records of the last HISTORY decisions
+    decisions: Mapping[str, int] = attrs.field(factory=dict)  # decisions by action, never mutated
+
+    @classmethod
+    def load(cls, state: Mapping[str, Any]) -> Position:
+        """The position in a saved state (from :meth:`data` or a store)."""
+        return cls(
+            CanaryState(state["state"]),
+            int(state["step"]),
+            float(state["weight"]),
+            int(state["revision"]),
+            int(state.get("epoch", 0)),
+            tuple(state.get("history", ()))[-HISTORY:],
+            {str(k): int(v) for k, v in state.get("decisions", {}).items()},
+        )
+
+    def data(self) -> dict[str, Any]:
+        """JSON-able data, in the order a saved state lists it."""
+        return {
+            "state": self.state.value,
+            "step": self.step,
+            "weight": self.weight,
+            "revision": self.revision,
+            "epoch": self.epoch,
+            "history": list(self.history),
+            "decisions": dict(self.decisions),
+        }
+
+    def after(self, state: CanaryState, step: int, weight: float, record: Mapping[str, Any]) -> Position:
+        """The position a decision (``record``) leads to: the next revision, a new epoch when the step changes."""
+        action = str(record["action"])
+        return Position(
+            state,
+            step,
+            weight,
+            self.revision + 1,
+            self.epoch + (step != self.step),
+            (*self.history, record)[-HISTORY:],
+            {**self.decisions, action: self.decisions.get(action, 0) + 1},
+        )
+
+
+class StepCounts:
+    """The current step's numbers per arm, and when its first request came.
+
+    Guarded by the canary's lock; a new step takes a fresh one.
+    """
+
+    __slots__ = ("since", "windows")
+
+    def __init__(self, arms: Iterable[str]) -> None:
+        self.windows = {arm: _StepWindow() for arm in arms}
+        self.since: float | None = None  # the first feedback's time in this step
+
+    def count(self, feedback: Feedback) -> bool:
+        """Add ``feedback`` to its arm's numbers; False when the arm is neither baseline nor candidate."""
+        if self.since is None:
+            self.since = feedback.now
+        side = self.windows.get(feedback.arm)
+        if side is None:
+            return False
+        if feedback.kind == "served":
+            side.window.observe(feedback.latency_s, feedback.failed)
+        elif feedback.kind == "shadow":
+            side.compared += 1
+            side.disagreed += not feedback.agreed
+        elif feedback.kind == "outcome":
+            side.outcomes += 1
+            side.outcome_sum += feedback.value
+        return True
+
+    def sides(
+        self, baseline: str, candidate: str, totals: Mapping[str, tuple[int, int]] | None
+    ) -> tuple[_StepWindow, _StepWindow]:
+        """Baseline's and candidate's numbers; with ``totals`` (a pooled store's), every process's counts."""
+        base, cand = self.windows[baseline], self.windows[candidate]
+        if totals is None:
+            return base, cand
+        pooled = []
+        for arm, side in ((baseline, base), (candidate, cand)):
+            requests, failures = totals.get(arm, (0, 0))
+            view = _StepWindow()
+            view.window = _PooledWindow(side.window, requests, failures)
+            view.compared, view.disagreed = side.compared, side.disagreed
+            view.outcomes, view.outcome_sum = side.outcomes, side.outcome_sum
+            pooled.append(view)
+        return pooled[0], pooled[1]
+
+
+@attrs.frozen
+class Binding:
+    """Who hears a canary's decisions: the router it steers (its name and event sink), ``on_decision``, subscribers.
+
+    Replaced whole under the canary's lock (``bind``, ``subscribe``), never mutated, so a
+    decision is announced outside the lock to one whole binding.
+    """
+
+    router: str = "router"  # the name of the router that uses the canary; "router" until bound
+    emit: Callable[[Event], None] | None = None
+    on_decision: Callable[[CanaryDecision], None] | None = None
+    listeners: tuple[Callable[[CanaryDecision], None], ...] = ()
+
+    def announce(self, decision: CanaryDecision) -> None:
+        """Give ``decision`` to the router, then ``on_decision``, then each listener (one that raises is skipped)."""
+        deliver((self.emit, self.on_decision, *self.listeners), decision)  # type: ignore[arg-type]
