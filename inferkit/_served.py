@@ -5,12 +5,12 @@ from __future__ import annotations
 import itertools
 import threading
 
-__all__ = ["Served"]
+__all__ = ["ServedBy"]
 
 _REMEMBER = 100_000  # keys and request ids remembered for record()
 
 
-class Served:
+class ServedBy:
     """Which arm served each sticky key (by its digest) and each submitted request id, for ``record``.
 
     A store is one dict assignment (atomic), so the request path takes no lock; ``_lock`` only

@@ -13,14 +13,14 @@ import random
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Future
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import Any, Self
 
 import attrs
 
 from inferkit import events
 from inferkit._bridge import await_future
 from inferkit._confirm import Confirmations
-from inferkit._served import Served
+from inferkit._served import ServedBy
 from inferkit.batching import notify_cancelled
 from inferkit.errors import (
     Closed,
@@ -34,48 +34,14 @@ from inferkit.errors import (
 from inferkit.events import Event, LogObserver, Observer, Routed, deliver
 from inferkit.experiments import Experiment, Report
 from inferkit.policies import ABTest, Canary, Feedback, Policy, Route, find_canary, observes_of
+from inferkit.predictive import Predictive, ready_of, signature_of
 from inferkit.shadow import ShadowStats, ShadowTraffic, agree
 from inferkit.signature import Signature
 
-__all__ = ["Predictive", "RoutedFuture", "Router", "RouterStats", "ShadowStats"]
+__all__ = ["Predictive", "RoutedFuture", "Router", "RouterStats", "ShadowStats", "ready_of", "signature_of"]
 
 _FAILURES = (ModelError, NoHealthyReplica)  # what counts against an arm: never the caller's mistakes
 _REFUSALS = (InvalidInput, Overloaded, Closed, DeadlineExceeded)  # the model never saw them
-
-
-@runtime_checkable
-class Predictive(Protocol):
-    """**Protocol**: what an arm offers; :class:`~inferkit.Predictor` and :class:`Router` both do."""
-
-    @property
-    def signature(self) -> Signature | None:
-        """The inputs and outputs it takes and gives; ``None`` when it declares none (an untyped callable)."""
-
-    @property
-    def ready(self) -> bool:
-        """Whether it can serve now (loaded, warmed, a healthy replica): what a readiness probe asks."""
-
-    def predict(self, x: Any, *, timeout: float | None = None, priority: int = 0) -> Any:
-        """The result for ``x``."""
-
-    def submit(self, x: Any, *, timeout: float | None = None, priority: int = 0) -> Future[Any]:
-        """A future of the result for ``x``."""
-
-    def stats(self) -> Any:
-        """A snapshot of the arm's counters."""
-
-    def close(self, timeout: float | None = None) -> None:
-        """Finish what was accepted and stop."""
-
-
-def signature_of(arm: Predictive) -> Signature | None:
-    """``arm.signature``; ``None`` for an arm written before :class:`Predictive` declared it."""
-    return getattr(arm, "signature", None)
-
-
-def ready_of(arm: Predictive) -> bool:
-    """``arm.ready``; ``True`` for an arm written before :class:`Predictive` declared it."""
-    return bool(getattr(arm, "ready", True))
 
 
 class RoutedFuture(Future[Any]):
@@ -152,7 +118,7 @@ class Router:
         self._on_route = on_route
         self._observers = (*observers, LogObserver())
         self._clock = clock
-        self._served_by = Served()
+        self._served_by = ServedBy()
         self._experiment = Experiment(list(self._arms))
         self._shadow = ShadowTraffic(name, self._submit_to, compare, self._shadow_feedback, shadow_queue_size)
         self._confirmations = Confirmations(self._submit_to, self._failed, shadow_queue_size)
@@ -304,8 +270,7 @@ class Router:
 
     def _submit_to(self, arm: str, x: Any) -> Future[Any]:
         """Side traffic (a mirror, a confirmation) to the arm in force now."""
-        future: Future[Any] = self._arms[arm].submit(x)
-        return future
+        return self._arms[arm].submit(x)
 
     def _shadow_feedback(self, arm: str, agreed: bool) -> None:
         self._in_force.policy.feedback(Feedback("shadow", arm, self._clock(), agreed=agreed))
