@@ -9,20 +9,18 @@ arm is visible through ``on_route`` and on the future that ``submit`` returns (`
 from __future__ import annotations
 
 import hashlib
-import itertools
-import queue
 import random
-import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Future
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import Any, Self
 
 import attrs
-import numpy as np
 
 from inferkit import events
 from inferkit._bridge import await_future
+from inferkit._confirm import Confirmations
+from inferkit._served import ServedBy
 from inferkit.batching import notify_cancelled
 from inferkit.errors import (
     Closed,
@@ -36,48 +34,14 @@ from inferkit.errors import (
 from inferkit.events import Event, LogObserver, Observer, Routed, deliver
 from inferkit.experiments import Experiment, Report
 from inferkit.policies import ABTest, Canary, Feedback, Policy, Route, find_canary, observes_of
+from inferkit.predictive import Predictive, ready_of, signature_of
+from inferkit.shadow import ShadowStats, ShadowTraffic, agree
 from inferkit.signature import Signature
 
-__all__ = ["Predictive", "RoutedFuture", "Router", "RouterStats", "ShadowStats"]
+__all__ = ["Predictive", "RoutedFuture", "Router", "RouterStats", "ShadowStats", "ready_of", "signature_of"]
 
 _FAILURES = (ModelError, NoHealthyReplica)  # what counts against an arm: never the caller's mistakes
 _REFUSALS = (InvalidInput, Overloaded, Closed, DeadlineExceeded)  # the model never saw them
-_REMEMBER = 100_000  # keys and request ids remembered for record()
-
-
-@runtime_checkable
-class Predictive(Protocol):
-    """**Protocol**: what an arm offers; :class:`~inferkit.Predictor` and :class:`Router` both do."""
-
-    @property
-    def signature(self) -> Signature | None:
-        """The inputs and outputs it takes and gives; ``None`` when it declares none (an untyped callable)."""
-
-    @property
-    def ready(self) -> bool:
-        """Whether it can serve now (loaded, warmed, a healthy replica): what a readiness probe asks."""
-
-    def predict(self, x: Any, *, timeout: float | None = None, priority: int = 0) -> Any:
-        """The result for ``x``."""
-
-    def submit(self, x: Any, *, timeout: float | None = None, priority: int = 0) -> Future[Any]:
-        """A future of the result for ``x``."""
-
-    def stats(self) -> Any:
-        """A snapshot of the arm's counters."""
-
-    def close(self, timeout: float | None = None) -> None:
-        """Finish what was accepted and stop."""
-
-
-def signature_of(arm: Predictive) -> Signature | None:
-    """``arm.signature``; ``None`` for an arm written before :class:`Predictive` declared it."""
-    return getattr(arm, "signature", None)
-
-
-def ready_of(arm: Predictive) -> bool:
-    """``arm.ready``; ``True`` for an arm written before :class:`Predictive` declared it."""
-    return bool(getattr(arm, "ready", True))
 
 
 class RoutedFuture(Future[Any]):
@@ -101,21 +65,6 @@ class RoutedFuture(Future[Any]):
 
 
 @attrs.frozen
-class ShadowStats:
-    """Mirrored requests and how they compared with the primary.
-
-    ``sent`` went to the candidate (each ends agreed, disagreed or in error); ``dropped`` never
-    did, because the shadow queue was full (or still held them at close).
-    """
-
-    sent: int
-    dropped: int
-    agreed: int
-    disagreed: int
-    errors: int
-
-
-@attrs.frozen
 class RouterStats:
     """Per-arm predictor stats, requests each arm answered (refusals not counted), shadow counts, the policy."""
 
@@ -130,19 +79,12 @@ def _key_id(key: Hashable) -> int:
     return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "big")
 
 
-def _agree(a: Any, b: Any) -> bool:
-    """Default shadow comparison: same keys and close arrays (rtol 1e-4, atol 1e-5)."""
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return a.keys() == b.keys() and all(_agree(a[k], b[k]) for k in a)
-    try:
-        x, y = np.asarray(a), np.asarray(b)
-        if x.shape != y.shape:
-            return False
-        if x.dtype.kind in "fc" or y.dtype.kind in "fc":
-            return bool(np.allclose(x, y, rtol=1e-4, atol=1e-5))
-        return bool(np.array_equal(x, y))
-    except (TypeError, ValueError):
-        return False
+@attrs.frozen
+class _InForce:
+    """The policy in force and whether it reads feedback: replaced whole by ``set_policy``, read without a lock."""
+
+    policy: Policy
+    observes: bool  # read once: policies are fixed once built
 
 
 class Router:
@@ -163,7 +105,7 @@ class Router:
         name: str = "router",
         on_route: Callable[[str], None] | None = None,
         observers: Sequence[Observer] = (),
-        compare: Callable[[Any, Any], bool] = _agree,
+        compare: Callable[[Any, Any], bool] = agree,
         shadow_queue_size: int = 64,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -175,21 +117,13 @@ class Router:
         self._rng = random.Random(seed)
         self._on_route = on_route
         self._observers = (*observers, LogObserver())
-        self._compare = compare
         self._clock = clock
-        self._lock = threading.Lock()
-        self._ids = itertools.count(1)
-        self._by_key: dict[int, str] = {}  # by _key_id(key): a client's long keys are not kept alive
-        self._by_id: dict[int, str] = {}
+        self._served_by = ServedBy()
         self._experiment = Experiment(list(self._arms))
-        self._shadow_queue: queue.SimpleQueue[tuple[str, Any, Future[Any]] | None] = queue.SimpleQueue()
-        self._shadow_limit = shadow_queue_size
-        self._confirming = 0  # candidate failures being checked against the baseline
-        self._shadow_pending = 0  # mirrors queued or running on the candidate
-        self._shadow_thread: threading.Thread | None = None
-        self._shadow = {"sent": 0, "dropped": 0, "agreed": 0, "disagreed": 0, "errors": 0}
+        self._shadow = ShadowTraffic(name, self._submit_to, compare, self._shadow_feedback, shadow_queue_size)
+        self._confirmations = Confirmations(self._submit_to, self._failed, shadow_queue_size)
         self._closed = False
-        self._policy: Policy
+        self._in_force: _InForce
         self.set_policy(policy if policy is not None else ABTest(dict.fromkeys(self._arms, 1.0)))
 
     # -- routing ---------------------------------------------------------------------------
@@ -197,7 +131,7 @@ class Router:
     @property
     def policy(self) -> Policy:
         """The policy in force."""
-        return self._policy
+        return self._in_force.policy
 
     def set_policy(self, policy: Policy) -> None:
         """Replace the policy while serving; requests already routed are not affected."""
@@ -208,15 +142,14 @@ class Router:
         canary = find_canary(policy)
         if canary is not None:
             canary.bind(self.name, self._emit)
-        self._observes = observes_of(policy)  # read once: policies are fixed once built
-        self._policy = policy
+        self._in_force = _InForce(policy, observes_of(policy))
 
     def _route(self, key_id: int | None, attributes: Mapping[str, str] | None) -> Route:
         if self._closed:
             msg = f"router {self.name!r} is closed"
             raise Closed(msg)
         u = key_id / 2.0**64 if key_id is not None else self._rng.random()  # a key's stable point in [0, 1)
-        route = self._policy.route(u, attributes or {})
+        route = self._in_force.policy.route(u, attributes or {})
         if events._taps:  # tracing: to tapped observers only, never logged per request
             deliver(events._taps, Routed(self.name, route.arm))
         if self._on_route is not None:
@@ -243,11 +176,11 @@ class Router:
             raise
         self._served(route.arm, start, None)
         if key_id is not None:
-            self._remember(self._by_key, key_id, route.arm)
+            self._served_by.key(key_id, route.arm)
         if route.shadow is not None:
             done: Future[Any] = Future()
             done.set_result(result)
-            self._mirror(route.shadow, x, done)
+            self._shadow.mirror(route.shadow, x, done)
         return result
 
     def submit(
@@ -262,7 +195,7 @@ class Router:
         """Route ``x`` and return a future of the arm's result; ``future.arm`` names the arm."""
         key_id = None if key is None else _key_id(key)
         route = self._route(key_id, attributes)
-        outer = RoutedFuture(route.arm, next(self._ids))
+        outer = RoutedFuture(route.arm, self._served_by.next_id())
         start = self._clock()
         try:
             inner: Future[Any] = self._call(route.arm, "submit", x, timeout, priority)
@@ -270,9 +203,9 @@ class Router:
             self._served(route.arm, start, error)
             raise
         outer._inner = inner
-        self._remember(self._by_id, outer.request_id, route.arm)
+        self._served_by.request(outer.request_id, route.arm)
         if key_id is not None:
-            self._remember(self._by_key, key_id, route.arm)
+            self._served_by.key(key_id, route.arm)
 
         def relay(done: Future[Any]) -> None:
             if done.cancelled():
@@ -288,7 +221,7 @@ class Router:
 
         inner.add_done_callback(relay)
         if route.shadow is not None:
-            self._mirror(route.shadow, x, outer)
+            self._shadow.mirror(route.shadow, x, outer)
         return outer
 
     async def apredict(
@@ -319,97 +252,28 @@ class Router:
             return  # never ran on the model: neither a request nor a failure of the arm
         now = self._clock()
         if x is not None and isinstance(error, ModelError) and not isinstance(error, ExecutionTimeout):
-            canary = find_canary(self._policy)
+            canary = find_canary(self._in_force.policy)
             if canary is not None and arm == canary.candidate and canary.baseline in self._arms:
-                self._confirm(canary.baseline, arm, x, now - start)
+                self._confirmations.check(canary.baseline, arm, x, now - start)
                 return
         self._count(arm, now - start, failed=isinstance(error, _FAILURES), now=now)
 
     def _count(self, arm: str, latency: float, *, failed: bool, now: float) -> None:
         self._experiment.observe(arm, latency, failed)
-        if self._observes:
-            self._policy.feedback(Feedback("served", arm, now, latency_s=latency, failed=failed))
+        in_force = self._in_force
+        if in_force.observes:
+            in_force.policy.feedback(Feedback("served", arm, now, latency_s=latency, failed=failed))
 
-    def _confirm(self, baseline: str, arm: str, x: Any, latency: float) -> None:
-        """Count a candidate's model error only if the baseline does not repeat it on the same input.
+    def _failed(self, arm: str, latency: float) -> None:
+        """A candidate's failure the baseline did not repeat."""
+        self._count(arm, latency, failed=True, now=self._clock())
 
-        A request that fails on both is the request's own error (bad input), and a client must not
-        be able to roll a healthy canary back with it; it counts for neither arm. Confirmations are
-        bounded like shadow mirrors; past the bound the failure is not counted.
-        """
-        with self._lock:
-            if self._confirming >= self._shadow_limit or self._closed:
-                return
-            self._confirming += 1
+    def _submit_to(self, arm: str, x: Any) -> Future[Any]:
+        """Side traffic (a mirror, a confirmation) to the arm in force now."""
+        return self._arms[arm].submit(x)
 
-        def judged(check: Future[Any] | None) -> None:
-            with self._lock:
-                self._confirming -= 1
-            repeated = check is not None and not check.cancelled() and isinstance(check.exception(), ModelError)
-            if not repeated:
-                self._count(arm, latency, failed=True, now=self._clock())
-
-        try:
-            check: Future[Any] = self._arms[baseline].submit(x)
-        except Exception:  # noqa: BLE001 (a baseline that refuses says nothing of the request)
-            judged(None)
-            return
-        check.add_done_callback(judged)
-
-    def _remember(self, table: dict[Any, str], key: Any, arm: str) -> None:
-        table[key] = arm  # one dict store: atomic, no lock on the request path
-        if len(table) > _REMEMBER:
-            with self._lock:  # forget the oldest tenth in one go
-                for old in list(itertools.islice(table, _REMEMBER // 10)):
-                    table.pop(old, None)
-
-    # -- shadow traffic --------------------------------------------------------------------
-
-    def _mirror(self, arm: str, x: Any, primary: Future[Any]) -> None:
-        with self._lock:
-            if self._shadow_pending >= self._shadow_limit or self._closed:
-                self._shadow["dropped"] += 1
-                return
-            self._shadow_pending += 1
-            self._shadow["sent"] += 1
-            if self._shadow_thread is None:
-                self._shadow_thread = threading.Thread(
-                    target=self._shadow_loop, name=f"inferkit-shadow-{self.name}", daemon=True
-                )
-                self._shadow_thread.start()
-        self._shadow_queue.put((arm, x, primary))
-
-    def _shadow_loop(self) -> None:
-        """Hand mirrors to their arm without waiting, so the candidate batches them like live traffic."""
-        while True:
-            item = self._shadow_queue.get()
-            if item is None:
-                return
-            arm, x, primary = item
-            try:
-                mirrored = self._arms[arm].submit(x)
-            except Exception:  # noqa: BLE001 (a refused mirror is counted, never raised)
-                self._shadow_done(arm, None, primary)
-                continue
-            self._when_both(arm, mirrored, primary)
-
-    def _when_both(self, arm: str, mirrored: Future[Any], primary: Future[Any]) -> None:
-        def mirrored_done(_: Future[Any]) -> None:
-            primary.add_done_callback(lambda _: self._shadow_done(arm, mirrored, primary))
-
-        mirrored.add_done_callback(mirrored_done)
-
-    def _shadow_done(self, arm: str, mirrored: Future[Any] | None, primary: Future[Any]) -> None:
-        if any(f is None or f.cancelled() or f.exception() is not None for f in (mirrored, primary)):
-            outcome = "errors"
-        else:
-            assert mirrored is not None
-            outcome = "agreed" if self._compare(mirrored.result(), primary.result()) else "disagreed"
-        with self._lock:
-            self._shadow_pending -= 1
-            self._shadow[outcome] += 1
-        if outcome != "errors":
-            self._policy.feedback(Feedback("shadow", arm, self._clock(), agreed=outcome == "agreed"))
+    def _shadow_feedback(self, arm: str, agreed: bool) -> None:
+        self._in_force.policy.feedback(Feedback("shadow", arm, self._clock(), agreed=agreed))
 
     # -- experiments -----------------------------------------------------------------------
 
@@ -418,23 +282,23 @@ class Router:
 
         Raises ``KeyError`` when the router has not served (or no longer remembers) that key or id.
         """
-        arm = self._by_key.get(_key_id(key)) if key is not None else self._by_id.get(request_id)  # type: ignore[arg-type]
+        arm = self._served_by.arm(None if key is None else _key_id(key), request_id)
         if arm is None:
             msg = f"no request served for key={key!r} request_id={request_id!r}"
             raise KeyError(msg)
         self._experiment.record(arm, value)
-        self._policy.feedback(Feedback("outcome", arm, self._clock(), value=value))
+        self._in_force.policy.feedback(Feedback("outcome", arm, self._clock(), value=value))
         return arm
 
     def report(self) -> Report:
         """Per-arm requests, errors, latency and outcomes, compared with the baseline."""
-        canary = find_canary(self._policy)
+        canary = find_canary(self._in_force.policy)
         return self._experiment.report(baseline=canary.baseline if canary is not None else None)
 
     def _canary(self) -> Canary:
-        canary = find_canary(self._policy)
+        canary = find_canary(self._in_force.policy)
         if canary is None:
-            msg = f"the policy {self._policy!r} has no Canary"
+            msg = f"the policy {self._in_force.policy!r} has no Canary"
             raise TypeError(msg)
         return canary
 
@@ -495,22 +359,19 @@ class Router:
 
     def stats(self) -> RouterStats:
         """Each arm's own stats, the split so far, shadow counts and the policy."""
-        with self._lock:
-            shadow = ShadowStats(**self._shadow)
+        shadow = self._shadow.stats()
         routed = self._experiment.requests()  # under the experiment's own lock
-        return RouterStats(routed, {a: p.stats() for a, p in self._arms.items()}, shadow, repr(self._policy))
+        arms = {a: p.stats() for a, p in self._arms.items()}
+        return RouterStats(routed, arms, shadow, repr(self._in_force.policy))
 
     def close(self, timeout: float | None = None) -> None:
         """Stop routing, hand the queued shadow work over, then let every arm drain and stop."""
         if self._closed:
             return
-        with self._lock:
-            self._closed = True
-            thread = self._shadow_thread
-        if thread is not None:
-            self._shadow_queue.put(None)
-            thread.join(timeout)
-        canary = find_canary(self._policy)
+        self._closed = True
+        self._confirmations.close()
+        self._shadow.close(timeout)
+        canary = find_canary(self._in_force.policy)
         if canary is not None:
             canary.close()  # a shared store's follower thread
         for predictor in {id(p): p for p in self._arms.values()}.values():

@@ -30,6 +30,7 @@ from inferkit import (
     Shadow,
     TensorSpec,
 )
+from inferkit._served import _REMEMBER, ServedBy
 from inferkit.policies import find_canary
 from inferkit.routing import Predictive
 from inferkit.server import Repository
@@ -173,6 +174,17 @@ class TestFaces:
         assert comparison.test == "two-proportion z-test"
         assert comparison.significant
         assert "v2" in str(report)
+
+    def test_record_forgets_the_oldest_past_its_bound(self) -> None:
+        """The key/id memory behind ``record`` stays bounded: past it, the oldest tenth is forgotten."""
+        served = ServedBy()
+        for i in range(_REMEMBER + 1):
+            served.request(i, "v1")
+        served.key(7, "v2")
+        assert served.arm(None, 0) is None  # the oldest went
+        assert served.arm(None, _REMEMBER) == "v1"
+        assert served.arm(7, None) == "v2"
+        assert served.arm(8, None) is None
 
 
 class TestCanary:

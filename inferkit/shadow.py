@@ -1,0 +1,154 @@
+"""Shadow traffic: the router's mirrors carried to their candidate arm and compared with the primary.
+
+The :class:`~inferkit.policies.Shadow` policy decides which requests are mirrored;
+:class:`ShadowTraffic` carries them off the caller's thread and counts how they compared.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from typing import Any
+
+import attrs
+import numpy as np
+
+__all__ = ["ShadowStats", "ShadowTraffic", "agree"]
+
+
+@attrs.frozen
+class ShadowStats:
+    """Mirrored requests and how they compared with the primary.
+
+    ``sent`` went to the candidate (each ends agreed, disagreed or in error); ``dropped`` never
+    did, because the shadow queue was full (or still held them at close).
+    """
+
+    sent: int
+    dropped: int
+    agreed: int
+    disagreed: int
+    errors: int
+
+
+def agree(a: Any, b: Any) -> bool:
+    """Default shadow comparison: same keys and close arrays (rtol 1e-4, atol 1e-5)."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(agree(a[k], b[k]) for k in a)
+    try:
+        x, y = np.asarray(a), np.asarray(b)
+        if x.shape != y.shape:
+            return False
+        if x.dtype.kind in "fc" or y.dtype.kind in "fc":
+            return bool(np.allclose(x, y, rtol=1e-4, atol=1e-5))
+        return bool(np.array_equal(x, y))
+    except (TypeError, ValueError):
+        return False
+
+
+def _plus_one(stats: ShadowStats, field: str) -> ShadowStats:
+    return attrs.evolve(stats, **{field: getattr(stats, field) + 1})
+
+
+class ShadowTraffic:
+    """A router's mirrored requests: a bounded queue, one sender thread, and the comparison counts.
+
+    ``submit(arm, x)`` sends to the arm in force when the mirror is sent (so a swapped arm gets
+    its mirrors); ``feedback(arm, agreed)`` reports each comparison to the router's policy.
+    ``_lock`` guards ``_pending``, ``_stats`` (a frozen value, replaced whole on each change, so
+    :meth:`stats` reads it without the lock), ``_thread`` and ``_closed``; the queue locks itself.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_compare",
+        "_feedback",
+        "_limit",
+        "_lock",
+        "_name",
+        "_pending",
+        "_queue",
+        "_stats",
+        "_submit",
+        "_thread",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        submit: Callable[[str, Any], Future[Any]],
+        compare: Callable[[Any, Any], bool],
+        feedback: Callable[[str, bool], None],
+        limit: int,
+    ) -> None:
+        self._name = name
+        self._submit = submit
+        self._compare = compare
+        self._feedback = feedback
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[tuple[str, Any, Future[Any]] | None] = queue.SimpleQueue()
+        self._pending = 0  # mirrors queued or running on the candidate
+        self._thread: threading.Thread | None = None
+        self._stats = ShadowStats(sent=0, dropped=0, agreed=0, disagreed=0, errors=0)
+        self._closed = False
+
+    def stats(self) -> ShadowStats:
+        """The counts so far."""
+        return self._stats
+
+    def mirror(self, arm: str, x: Any, primary: Future[Any]) -> None:
+        """Queue ``x`` for ``arm`` to compare with ``primary``; drop (and count) it when the queue is full."""
+        with self._lock:
+            if self._pending >= self._limit or self._closed:
+                self._stats = _plus_one(self._stats, "dropped")
+                return
+            self._pending += 1
+            self._stats = _plus_one(self._stats, "sent")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=f"inferkit-shadow-{self._name}", daemon=True)
+                self._thread.start()
+        self._queue.put((arm, x, primary))
+
+    def close(self, timeout: float | None = None) -> None:
+        """Take no more mirrors; hand the queued ones to their arm, then stop the thread."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout)
+
+    def _loop(self) -> None:
+        """Hand mirrors to their arm without waiting, so the candidate batches them like live traffic."""
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            arm, x, primary = item
+            try:
+                mirrored = self._submit(arm, x)
+            except Exception:  # noqa: BLE001 (a refused mirror is counted, never raised)
+                self._done(arm, None, primary)
+                continue
+            self._when_both(arm, mirrored, primary)
+
+    def _when_both(self, arm: str, mirrored: Future[Any], primary: Future[Any]) -> None:
+        def mirrored_done(_: Future[Any]) -> None:
+            primary.add_done_callback(lambda _: self._done(arm, mirrored, primary))
+
+        mirrored.add_done_callback(mirrored_done)
+
+    def _done(self, arm: str, mirrored: Future[Any] | None, primary: Future[Any]) -> None:
+        if any(f is None or f.cancelled() or f.exception() is not None for f in (mirrored, primary)):
+            outcome = "errors"
+        else:
+            assert mirrored is not None
+            outcome = "agreed" if self._compare(mirrored.result(), primary.result()) else "disagreed"
+        with self._lock:
+            self._pending -= 1
+            self._stats = _plus_one(self._stats, outcome)
+        if outcome != "errors":
+            self._feedback(arm, outcome == "agreed")
