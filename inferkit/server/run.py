@@ -8,17 +8,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import signal
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any, TypeVar
 
+import attrs
 import uvicorn
 
 from inferkit.routing import Predictive
 from inferkit.server.connections import Connections, default_max_connections, guarded_protocol
 from inferkit.server.control import RepositoryControl
 from inferkit.server.grpc import DEFAULT_LISTENERS, create_server
+from inferkit.server.lifecycle import Lifecycle
 from inferkit.server.limits import ConnectionLimits
 from inferkit.server.logs import RequestLog
 from inferkit.server.metrics import Metrics
@@ -71,6 +72,46 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
+def _known_loop(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value not in LOOPS:
+        msg = f"{attribute.name} must be one of {LOOPS}, got {value!r}"
+        raise ValueError(msg)
+
+
+@attrs.frozen(kw_only=True)
+class _Settings:
+    """What :class:`InferenceServer` was asked for, under its constructor's names, defaults filled in.
+
+    Frozen, so no lock: read from any thread.
+    """
+
+    host: str
+    port: int
+    grpc_port: int | None
+    grace: float
+    log_level: str
+    grpc_listeners: int
+    loop: str = attrs.field(validator=_known_loop)
+    limits: ConnectionLimits
+    control: RepositoryControl
+    status_page: bool
+    access_log: bool
+    overload_status: int
+    retry_after_s: float
+
+
+@attrs.frozen(kw_only=True)
+class _Ports:
+    """The ports served on: those asked for, then the bound ones (port 0 picks a free one).
+
+    Replaced whole by :meth:`InferenceServer.run` on the serving loop, no lock: it is final
+    before ``started`` is set, and that :class:`threading.Event` publishes it to other threads.
+    """
+
+    rest: int
+    grpc: int | None
+
+
 class InferenceServer:
     """The REST app (uvicorn) and the gRPC server over one :class:`Repository`, on one event loop.
 
@@ -111,99 +152,150 @@ class InferenceServer:
         access_log: bool = False,
         status_page: bool | None = None,
     ) -> None:
-        if loop not in LOOPS:
-            msg = f"loop must be one of {LOOPS}, got {loop!r}"
-            raise ValueError(msg)
+        settings = _Settings(
+            host=host,
+            port=port,
+            grpc_port=grpc_port,
+            grace=grace,
+            log_level=log_level,
+            grpc_listeners=grpc_listeners,
+            loop=loop,
+            limits=limits if limits is not None else ConnectionLimits(),
+            control=control if control is not None else RepositoryControl(),
+            status_page=loopback(host) if status_page is None else status_page,
+            access_log=access_log,
+            overload_status=overload_status,
+            retry_after_s=retry_after_s,
+        )
         self.repository = repository
-        self.host = host
-        self.port = port
-        self.grpc_port = grpc_port
-        self.grace = grace
         self.metrics = metrics if metrics is not None else Metrics(repository)
-        self.grpc_listeners = grpc_listeners
-        self.loop = loop
-        self.limits = limits if limits is not None else ConnectionLimits()
-        self.control = control if control is not None else RepositoryControl()
-        self.status_page = loopback(host) if status_page is None else status_page
-        self._connections = Connections(self.limits)
-        self.request_log = RequestLog(access=access_log)  # request scopes always; access lines when asked
-        protocol = guarded_protocol(self._connections)
+        self._settings = settings
+        self._ports = _Ports(rest=settings.port, grpc=settings.grpc_port)
+        self._lifecycle = Lifecycle()
+        self._connections = Connections(settings.limits)
+        self.request_log = RequestLog(access=settings.access_log)  # request scopes always; access lines when asked
         app = create_app(
             repository,
             metrics=self.metrics,
-            max_request_bytes=self.limits.max_request_bytes,
-            max_json_bytes=self.limits.max_json_bytes,
-            max_decode_bytes=self.limits.max_decode_bytes,
-            overload_status=overload_status,
-            retry_after_s=retry_after_s,
-            control=self.control,
+            max_request_bytes=settings.limits.max_request_bytes,
+            max_json_bytes=settings.limits.max_json_bytes,
+            max_decode_bytes=settings.limits.max_decode_bytes,
+            overload_status=settings.overload_status,
+            retry_after_s=settings.retry_after_s,
+            control=settings.control,
             request_log=self.request_log,
-            status_page=self.status_page,
+            status_page=settings.status_page,
         )
         config = uvicorn.Config(
             app,
-            host=host,
-            port=port,
-            log_level=log_level,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
             access_log=False,
             lifespan="off",
-            http=protocol,
-            timeout_graceful_shutdown=max(1, int(grace)),  # run() bounds it exactly
+            http=guarded_protocol(self._connections),
+            timeout_graceful_shutdown=max(1, int(settings.grace)),  # run() bounds it exactly
         )
         self._http = _Uvicorn(config)
-        self.started = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread: threading.Thread | None = None
+
+    # The settings under their constructor's names; port and grpc_port are the bound ones once started.
+    @property
+    def host(self) -> str:
+        """The address both faces listen on."""
+        return self._settings.host
+
+    @property
+    def port(self) -> int:
+        """The REST port: the one asked for, and once :attr:`started` the one bound (port 0 picks one)."""
+        return self._ports.rest
+
+    @property
+    def grpc_port(self) -> int | None:
+        """The gRPC port (``None``: REST only): the one asked for, and once :attr:`started` the one bound."""
+        return self._ports.grpc
+
+    @property
+    def grace(self) -> float:
+        """Seconds a graceful shutdown may take."""
+        return self._settings.grace
+
+    @property
+    def grpc_listeners(self) -> int:
+        """:func:`~inferkit.server.grpc.create_server`'s ``listeners``."""
+        return self._settings.grpc_listeners
+
+    @property
+    def loop(self) -> str:
+        """The event loop of :meth:`start` and :func:`serve`, one of :data:`LOOPS`."""
+        return self._settings.loop
+
+    @property
+    def limits(self) -> ConnectionLimits:
+        """What each client connection may hold."""
+        return self._settings.limits
+
+    @property
+    def control(self) -> RepositoryControl:
+        """Loading and unloading models over both protocols."""
+        return self._settings.control
+
+    @property
+    def status_page(self) -> bool:
+        """Whether ``/`` serves the status page."""
+        return self._settings.status_page
+
+    @property
+    def started(self) -> threading.Event:
+        """Set once both faces listen."""
+        return self._lifecycle.started
 
     async def run(
         self, *, handle_signals: bool = False, on_start: Callable[[InferenceServer], None] | None = None
     ) -> None:
         """Serve until stopped, then shut down gracefully; ``on_start`` is called once both listen."""
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        if self.limits.max_connections is None:
+        stop = self._lifecycle.begin(handle_signals=handle_signals)
+        settings = self._settings
+        if settings.limits.max_connections is None:
             self._connections.max_connections = default_max_connections(raise_open_file_limit())
-        if handle_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._loop.add_signal_handler(sig, self._stop.set)
         grpc_server = None
-        if self.grpc_port is not None:
-            grpc_server, self.grpc_port = create_server(
+        if settings.grpc_port is not None:
+            grpc_server, grpc_port = create_server(
                 self.repository,
-                host=self.host,
-                port=self.grpc_port,
+                host=settings.host,
+                port=settings.grpc_port,
                 metrics=self.metrics,
-                max_message_bytes=self.limits.max_message_bytes,
-                listeners=self.grpc_listeners,
-                limits=self.limits,
-                control=self.control,
+                max_message_bytes=settings.limits.max_message_bytes,
+                listeners=settings.grpc_listeners,
+                limits=settings.limits,
+                control=settings.control,
                 request_log=self.request_log,
             )
+            self._ports = attrs.evolve(self._ports, grpc=grpc_port)
             await grpc_server.start()
         http = asyncio.create_task(self._http.serve())
         while not self._http.started and not http.done():  # noqa: ASYNC110 (uvicorn has no start event)
             await asyncio.sleep(0.005)
         if http.done():
             await http  # raises why it could not start
-        self.port = self._http.servers[0].sockets[0].getsockname()[1]
-        self.started.set()
+        self._ports = attrs.evolve(self._ports, rest=self._http.servers[0].sockets[0].getsockname()[1])
+        self._lifecycle.started.set()  # publishes the bound ports to the threads waiting on it
         if on_start is not None:
             on_start(self)
-        await self._stop.wait()
+        await stop.wait()
         await self._shutdown(http, grpc_server)
 
     async def _shutdown(self, http: asyncio.Task[None], grpc_server: Any) -> None:
         """Drain both faces within ``grace``, force what is left, then close the models."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.grace
+        grace = self._settings.grace
+        deadline = loop.time() + grace
         self.repository.draining = True
         self._connections.draining = True
         self._http.should_exit = True  # uvicorn closes its listener and calls shutdown() on each connection
         stops: list[asyncio.Future[None]] = [http]
         if grpc_server is not None:
-            stops.append(asyncio.ensure_future(grpc_server.stop(self.grace)))
-        _, pending = await asyncio.wait(stops, timeout=self.grace)
+            stops.append(asyncio.ensure_future(grpc_server.stop(grace)))
+        _, pending = await asyncio.wait(stops, timeout=grace)
         if pending:  # a slow upload, or a request still running: the grace period is over
             self._http.force_exit = True
             for connection in list(self._http.server_state.connections):
@@ -222,25 +314,16 @@ class InferenceServer:
 
     def stop(self) -> None:
         """Begin a graceful shutdown; safe from any thread."""
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
+        self._lifecycle.stop()
 
     def start(self, timeout: float = 30.0) -> InferenceServer:
         """Serve on a background thread (for embedding and tests); returns once both listen."""
-        self._thread = threading.Thread(
-            target=lambda: run_loop(self.run(), self.loop), name="inferkit-server", daemon=True
-        )
-        self._thread.start()
-        if not self.started.wait(timeout):
-            msg = "the server did not start in time"
-            raise TimeoutError(msg)
+        self._lifecycle.start_thread(lambda: run_loop(self.run(), self._settings.loop), timeout)
         return self
 
     def join(self, timeout: float | None = None) -> None:
         """Stop a background server and wait for its graceful shutdown."""
-        self.stop()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._lifecycle.join(timeout)
 
 
 def serve(

@@ -1,0 +1,75 @@
+"""Starting and stopping a server's event loop: :class:`Lifecycle`, from any thread.
+
+:class:`~inferkit.server.run.InferenceServer` keeps one: :meth:`Lifecycle.begin` on the loop
+that serves, :meth:`Lifecycle.stop` from anywhere, and :meth:`Lifecycle.start_thread` /
+:meth:`Lifecycle.join` to serve on a background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from collections.abc import Callable
+
+import attrs
+
+__all__ = ["Lifecycle", "Running"]
+
+
+@attrs.frozen
+class Running:
+    """The loop that serves and the event that ends its serving, published together.
+
+    Replaced whole (one reference store) so that :meth:`Lifecycle.stop` on another thread sees
+    both or neither; no lock.
+    """
+
+    loop: asyncio.AbstractEventLoop
+    stop: asyncio.Event
+
+
+class Lifecycle:
+    """When a server serves: the ``started`` event, its :class:`Running` loop, its background thread.
+
+    No lock guards it: ``running`` is stored once by the serving loop's thread and only read
+    elsewhere (:meth:`stop` hands the stop to that loop with ``call_soon_threadsafe``);
+    ``thread`` belongs to whoever calls :meth:`start_thread` and :meth:`join`; ``started`` is a
+    :class:`threading.Event`, which publishes what was written before it was set.
+    """
+
+    __slots__ = ("running", "started", "thread")
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.running: Running | None = None
+        self.thread: threading.Thread | None = None
+
+    def begin(self, *, handle_signals: bool) -> asyncio.Event:
+        """On the serving loop: the event that ends serving, set on SIGTERM/SIGINT with ``handle_signals``."""
+        running = Running(asyncio.get_running_loop(), asyncio.Event())
+        self.running = running
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                running.loop.add_signal_handler(sig, running.stop.set)
+        return running.stop
+
+    def stop(self) -> None:
+        """End serving; safe from any thread, a no-op before :meth:`begin`."""
+        running = self.running
+        if running is not None:
+            running.loop.call_soon_threadsafe(running.stop.set)
+
+    def start_thread(self, target: Callable[[], object], timeout: float) -> None:
+        """Run ``target`` on a daemon thread and wait up to ``timeout`` seconds for ``started``."""
+        self.thread = threading.Thread(target=target, name="inferkit-server", daemon=True)
+        self.thread.start()
+        if not self.started.wait(timeout):
+            msg = "the server did not start in time"
+            raise TimeoutError(msg)
+
+    def join(self, timeout: float | None) -> None:
+        """Stop, then wait up to ``timeout`` seconds for the background thread (if any) to finish."""
+        self.stop()
+        if self.thread is not None:
+            self.thread.join(timeout)
