@@ -170,7 +170,7 @@ def test_crowded_counts_the_busy_replicas_cores() -> None:
     """``ReplicaSet.crowded``: another replica busy and the cores taken beyond what the callers keep;
     a replica that says nothing of its cores (a device, I/O) is never crowded."""
     lock = threading.Lock()
-    replicas = ReplicaSet("m", None, lock)
+    replicas = ReplicaSet("m", lambda: CallableBackend(lambda x: x), None, lock)
     replicas.cores = 2
     cpu = [replicas.add(_backend(threads), lambda r: None) for threads in (1, 1, 1, 0)]
     a, b, c, device = cpu

@@ -65,11 +65,10 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         """
         self.config = batching
         self.pool = pool
-        self._factory = factory
         self._events = Events(emit, verbose)
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
-        self._set = ReplicaSet(name, pool.balancer(), self._lock)
+        self._set = ReplicaSet(name, factory, pool.balancer(), self._lock)
         self._timer = timer if timer is not None else Timer(f"inferkit-{name}-timer")
         self._closing = False
         self._stopped = False

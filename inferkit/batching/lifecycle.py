@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from inferkit._timer import Timer
-from inferkit.backends.base import Backend, BackendFactory
+from inferkit.backends.base import Backend
 from inferkit.batching.config import BatchConfig
 from inferkit.batching.execute import Outcome
 from inferkit.batching.lane import Batch, Lane
@@ -30,7 +30,6 @@ class Lifecycle:
 
     config: BatchConfig
     pool: PoolConfig
-    _factory: BackendFactory
     _clock: Callable[[], float]
     _lock: threading.Lock
     _drained: threading.Condition
@@ -127,7 +126,7 @@ class Lifecycle:
 
     def _replace(self, dead: Replica) -> None:
         try:
-            backend: Backend | None = self._factory()
+            backend: Backend | None = self._set.factory()
         except Exception:  # noqa: BLE001 (a replacement that cannot load leaves the pool smaller)
             backend = None
         with self._lock:
@@ -159,7 +158,7 @@ class Lifecycle:
             live = self._set.live()
             extra = len(live) - replicas
         if extra < 0:
-            backends = [self._factory() for _ in range(-extra)]
+            backends = [self._set.factory() for _ in range(-extra)]
             with self._lock:
                 for backend in backends:
                     self._set.add(backend, self._work)

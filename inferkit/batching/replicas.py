@@ -10,7 +10,7 @@ import itertools
 import threading
 from collections.abc import Callable
 
-from inferkit.backends.base import Backend, cpu_threads, usable_cores
+from inferkit.backends.base import Backend, BackendFactory, cpu_threads, usable_cores
 from inferkit.batching.lane import Lane
 from inferkit.pool import LIVE_STATES, Balancer, Replica, ReplicaState
 
@@ -20,8 +20,9 @@ __all__ = ["ReplicaSet"]
 class ReplicaSet:
     """Replicas, their lanes (one shared, or one each with a balancer) and their threads."""
 
-    def __init__(self, name: str, balancer: Balancer | None, lock: threading.Lock) -> None:
+    def __init__(self, name: str, factory: BackendFactory, balancer: Balancer | None, lock: threading.Lock) -> None:
         self.name = name
+        self.factory = factory  # loads a new replica's backend (at start, on resize, to replace a hung one)
         self.balancer = balancer
         self.lanes: list[Lane] = [] if balancer is not None else [Lane()]
         self.all: list[Replica] = []
