@@ -181,7 +181,7 @@ class OnnxBackend:
             dims = tuple(d for d in spec.shape[1:] if d is not None)
             feeds[spec.name] = np.zeros((rows, *dims), dtype=spec.dtype)
         self.session.run(self._outputs, feeds)
-        if self._wide is not None:
+        if self._wide is not None and rows >= self._wide_rows:
             self._wide.run(self._outputs, feeds)
 
     @property
