@@ -120,7 +120,7 @@ class InferenceServer:
     listeners stop accepting, new requests on open connections are answered unavailable
     (HTTP 503 with ``Connection: close``, gRPC UNAVAILABLE), requests in flight are answered,
     then every model is closed; what is still open at ``grace`` is closed. ``limits`` bounds
-    what each client connection may hold (see :class:`~inferkit.server.config.ConnectionLimits`);
+    what each client connection may hold (see :class:`~inferkit.server.limits.ConnectionLimits`);
     :meth:`run` raises the soft open-file limit first (:func:`raise_open_file_limit`) and,
     unless ``limits.max_connections`` is set, allows half of it to HTTP connections.
     ``grpc_port=None`` serves REST only;
