@@ -218,6 +218,16 @@ class TestWideSession:
         np.testing.assert_allclose(backend.run({"x": x})["y"], reference, rtol=1e-5)
         np.testing.assert_allclose(backend.run({"x": x[:7]})["y"], reference[:7], rtol=1e-5)
 
+    def test_one_caller_at_a_time_gets_every_core(self, mlp_model: bytes) -> None:
+        """Batches of one row, one after another (a lone caller waiting on the model), run wide; once
+        batches of several callers' rows come, small batches go back to the narrow session."""
+        backend = OnnxBackend(mlp_model, providers=CPU, intra_op_threads=1, wide_threads=2, wide_rows=32)
+        alone = [backend.session_for(1) for _ in range(20)]
+        assert all(s is not backend.session for s in alone)
+        busy = [backend.session_for(12) for _ in range(20)]
+        assert all(s is backend.session for s in busy)
+        assert backend.session_for(1) is backend.session
+
     def test_none_without_more_threads_or_for_a_big_model(
         self, mlp_model: bytes, monkeypatch: pytest.MonkeyPatch
     ) -> None:

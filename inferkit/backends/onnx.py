@@ -41,6 +41,8 @@ def default_wide_threads(replicas: int) -> int:
     return max(1, usable_cores() // replicas)
 
 
+_ALONE = 1.5  # smoothed rows per batch below which callers come one at a time and wait on the model
+
 WIDE_MAX_BYTES = 512 * 2**20
 """Models bigger than this get no second, wide session (it holds its own copy of the weights)."""
 
@@ -66,9 +68,11 @@ class OnnxBackend:
 
     On the CPU, ``wide_threads`` (more than ``intra_op_threads``) opens a second session with
     that many intra-op threads for batches of ``wide_rows`` rows or more that follow another
-    such batch: small batches mean the callers are the bound and need a core of their own, a
-    run of full ones that the model is and should have them all. The second session holds its
-    own copy of the weights, so models over :data:`WIDE_MAX_BYTES` do without it.
+    such batch, and while batches average under 1.5 rows: small batches of many callers mean
+    the callers are the bound and need a core of their own; a run of full ones that the model
+    is, and batches of one that a lone caller waits on it; either way every core is the
+    model's. The second session holds its own copy of the weights, so models over
+    :data:`WIDE_MAX_BYTES` do without it.
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class OnnxBackend:
         self._wide: Any = None
         self._wide_rows = wide_rows
         self._full = False  # whether the last batch was full
+        self._rows = 1.0  # rows per batch, smoothed
         narrow = intra_op_threads or 0
         if session_options is None and wide_threads is not None and wide_threads > narrow > 0 and self._device == "cpu":
             size = len(model) if isinstance(model, bytes) else Path(model).stat().st_size
@@ -207,14 +212,19 @@ class OnnxBackend:
         return dict(zip(self._outputs, session.run(self._outputs, feeds), strict=True))
 
     def session_for(self, rows: int) -> Any:
-        """The session a batch of ``rows`` rows runs on: the wide one for a full batch after a full batch.
+        """The session a batch of ``rows`` rows runs on: the narrow one, or the wide one.
 
-        One full batch among small ones is a burst, not a model that is the bound; waking the wide
-        session's threads for it would take the callers' cores.
+        The wide one for a full batch after a full batch, or while batches average under 1.5 rows
+        (callers one at a time, waiting on the model). One full batch among small ones is a burst,
+        not a model that is the bound; waking the wide session's threads for it would take the
+        callers' cores.
         """
         full = rows >= self._wide_rows
         streak, self._full = self._full and full, full
-        return self._wide if streak and self._wide is not None else self.session
+        self._rows += 0.1 * (rows - self._rows)
+        if self._wide is not None and (streak or self._rows < _ALONE):
+            return self._wide
+        return self.session
 
     def _run_device(self, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
         import cupy as cp  # noqa: PLC0415  (CuPy arrays came in, so it is installed)
