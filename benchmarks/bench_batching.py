@@ -46,6 +46,8 @@ next, so the offered load adapts to the server and nothing queues without bound.
     1 and 2, the lower p50 is shown) against ``Predictor.predict`` with
     ``max_delay_ms=0`` and that same intra-op setting, so the difference, noted
     as "added p50", is what inferkit's queueing and hand-off cost per request.
+    Then the same with nothing set on either side: ``session.run`` on ONNX
+    Runtime's defaults against ``Predictor.from_onnx(model)`` on inferkit's.
 
 For ``direct``, ``naive`` and ``batched`` both ``intra_op_num_threads=1`` and
 ``2`` are run; the table shows the better one (column ``ORT intra_op``) and the notes
@@ -610,7 +612,26 @@ class Bench:
             res = run_closed_loop(predictor.predict, x, self.cfg)
         row = Row(name, "1 x 1", str(intra), res, throughput=False)
         row.notes.append("max_delay_ms=0")
-        return [*rows, row]
+        rows.append(row)
+
+        # What a user who changes nothing sees: ONNX Runtime's defaults against inferkit's.
+        self.log("latency: session.run and inferkit predict, both with their defaults")
+        plain = ort.InferenceSession(self.model, providers=["CPUExecutionProvider"])
+        rows.append(
+            Row(
+                "latency: session.run, ORT defaults",
+                "1 x 1",
+                "ORT default",
+                run_closed_loop(session_call(plain), x, self.cfg),
+                throughput=False,
+            )
+        )
+        with predictor_cls.from_onnx(self.model) as predictor:
+            res = run_closed_loop(predictor.predict, x, self.cfg)
+        rows.append(
+            Row("latency: inferkit predict, defaults", "1 x 1", _inferkit_intra_label(1), res, throughput=False)
+        )
+        return rows
 
 
 def combine_rounds(rounds: list[list[Row]]) -> list[Row]:
@@ -663,12 +684,16 @@ def add_async_ratio(rows: list[Row]) -> None:
 
 
 def add_latency_delta(rows: list[Row]) -> None:
-    """Note on inferkit's latency row how much p50 it adds over ``session.run``."""
+    """Note on inferkit's latency rows how much p50 they add over ``session.run``."""
     by_name = {r.name: r for r in rows}
-    direct, ours = by_name.get("latency: session.run"), by_name.get("latency: inferkit predict")
-    if direct and ours and direct.result and ours.result:
-        added_us = round((ours.result.p50_ms - direct.result.p50_ms) * 1000.0)
-        ours.notes.append(f"added p50 {added_us:+d} µs vs session.run")
+    for direct_name, ours_name in (
+        ("latency: session.run", "latency: inferkit predict"),
+        ("latency: session.run, ORT defaults", "latency: inferkit predict, defaults"),
+    ):
+        direct, ours = by_name.get(direct_name), by_name.get(ours_name)
+        if direct and ours and direct.result and ours.result:
+            added_us = round((ours.result.p50_ms - direct.result.p50_ms) * 1000.0)
+            ours.notes.append(f"added p50 {added_us:+d} µs vs {direct_name.removeprefix('latency: ')}")
 
 
 def _inferkit_intra_label(replicas: int) -> str:
