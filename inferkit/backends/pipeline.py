@@ -11,7 +11,8 @@ import numpy as np
 
 from inferkit.backends.base import Backend, cpu_threads
 from inferkit.backends.device import DeviceFallbackWarning, DeviceLost, DeviceOutOfMemory, classify, device_id
-from inferkit.gpu.pipeline import CPU, Kit, Pipeline
+from inferkit.gpu.pipeline import Pipeline
+from inferkit.gpu.step import CPU, Kit
 from inferkit.signature import Signature
 
 __all__ = ["PipelineBackend", "Transfers"]

@@ -11,21 +11,10 @@ definition gives the same results on both devices (see :mod:`inferkit.gpu.twins`
     predictor = inferkit.Predictor.from_onnx("resnet.onnx", device="cuda", pipeline=pipe, replicas=4)
 """
 
-from inferkit.gpu.pipeline import (
-    NMS,
-    ArgMax,
-    Custom,
-    ImageToTensor,
-    Kit,
-    Pipeline,
-    PipelineMismatch,
-    PostStep,
-    PreStep,
-    Sigmoid,
-    Softmax,
-    Threshold,
-    TopK,
-)
+from inferkit.gpu.pipeline import Custom, Pipeline, PipelineMismatch
+from inferkit.gpu.post import NMS, ArgMax, Sigmoid, Softmax, Threshold, TopK
+from inferkit.gpu.pre import ImageToTensor
+from inferkit.gpu.step import Kit, PostStep, PreStep
 
 __all__ = [
     "NMS",

@@ -12,27 +12,10 @@ from typing import Any
 
 import attrs
 
-from inferkit.gpu.post import NMS, ArgMax, Sigmoid, Softmax, Threshold, TopK
-from inferkit.gpu.pre import ImageToTensor
-from inferkit.gpu.step import CPU, Arrays, Kit, PostStep, PreStep, Specs
+from inferkit.gpu.step import Arrays, Kit, PostStep, PreStep, Specs
 from inferkit.signature import SINGLE, Signature
 
-__all__ = [
-    "CPU",  # re-exported: inferkit.backends.pipeline imports it from here
-    "NMS",
-    "ArgMax",
-    "Custom",
-    "ImageToTensor",
-    "Kit",
-    "Pipeline",
-    "PipelineMismatch",
-    "PostStep",
-    "PreStep",
-    "Sigmoid",
-    "Softmax",
-    "Threshold",
-    "TopK",
-]
+__all__ = ["Custom", "Pipeline", "PipelineMismatch"]
 
 
 class PipelineMismatch(ValueError):
