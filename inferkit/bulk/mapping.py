@@ -139,6 +139,13 @@ def _check(batch_size: int, in_flight: int, on_error: str) -> None:
         raise ValueError(msg)
 
 
+def _batches(target: Submitter, data: Any, batch_size: int, in_flight: int, on_error: OnError) -> Iterator[Any]:
+    """``data`` read in batches of ``batch_size`` rows for ``target``, once the settings are checked."""
+    _check(batch_size, in_flight, on_error)
+    signature = getattr(target, "signature", None)
+    return read(data, batch_size, signature=signature if isinstance(signature, Signature) else None)
+
+
 def _progress(progress: bool | Progress, data: Any) -> Progress | None:
     if isinstance(progress, Progress):
         return progress
@@ -159,9 +166,7 @@ def stream_batches(
 
     See :meth:`inferkit.Predictor.stream`.
     """
-    _check(batch_size, in_flight, on_error)
-    signature = getattr(target, "signature", None)
-    batches = read(data, batch_size, signature=signature if isinstance(signature, Signature) else None)
+    batches = _batches(target, data, batch_size, in_flight, on_error)
     for done in _parts(target, batches, in_flight, on_error, timeout, _progress(progress, data)):
         if on_error == "collect":
             yield BulkPart(done.outputs, done.rows, done.errors)
@@ -180,9 +185,7 @@ def map_batches(
     timeout: float | None = None,
 ) -> Any:
     """Every result of ``data`` run on ``target``, joined in input order. See :meth:`inferkit.Predictor.map`."""
-    _check(batch_size, in_flight, on_error)
-    signature = getattr(target, "signature", None)
-    batches = read(data, batch_size, signature=signature if isinstance(signature, Signature) else None)
+    batches = _batches(target, data, batch_size, in_flight, on_error)
     kept: list[Any] = []
     rows: list[np.ndarray[Any, Any]] = []
     errors: list[RowError] = []
