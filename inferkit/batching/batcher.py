@@ -179,11 +179,6 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         return None
 
     def _refusal(self, parts: int, now: float) -> InferkitError | None:
-        lanes = self._set.lanes
-        if len(lanes) == 1 and lanes[0].count + parts <= self.config.max_queue_size and not self._closing:
-            replicas = lanes[0].replicas
-            if replicas and replicas[0].state is ReplicaState.HEALTHY:
-                return None  # the common case, decided without a scan
         if self._closing:
             return Closed(f"predictor {self.name!r} is closed")
         limit = self.config.max_queue_size
