@@ -306,7 +306,7 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         replica.record_latencies(latencies)
         # A request's own failure says nothing of the replica; only a fault, or a failure that
         # another replica did not repeat, counts against it.
-        if fault or (worked and (replica.consecutive_failures or replica.state is not ReplicaState.HEALTHY)):
+        if fault or worked:
             self._health(replica, ok=not fault, now=now)
         for bad in blamed:  # unless ejected since: what failed before the ejection is no failed probe
             if bad in self._set.all and (bad.state is not ReplicaState.EJECTED or now >= bad.ejected_until):
