@@ -320,25 +320,18 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
     def _tally(self, outcomes: list[Outcome]) -> list[Request]:
         """File outcomes (parts into their request); count and return the requests now settled."""
         done = []
-        worked = 0
-        try:
-            for req, value, error in outcomes:
-                req.state = DONE
-                if req.parent is None:
-                    req.value, req.error = value, error
-                    top = req
-                else:
-                    whole = assembly.complete(req, value, error)
-                    if whole is None:
-                        continue
-                    top = whole
-                if top.error is None:
-                    worked += 1
-                else:
-                    self._counts.ended(top.error)
-                done.append(top)
-        finally:  # what is in ``done`` is answered (even after a bug of ours): it is counted
-            self._counts.completed += worked
+        for req, value, error in outcomes:
+            req.state = DONE
+            if req.parent is None:
+                req.value, req.error = value, error
+                top = req
+            else:
+                whole = assembly.complete(req, value, error)
+                if whole is None:
+                    continue
+                top = whole
+            self._counts.ended(top.error)
+            done.append(top)
         if self._closing:
             self._drained.notify_all()
         return done
