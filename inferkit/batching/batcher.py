@@ -223,11 +223,7 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         with self._lock:
             done = self._finish(batch, replica, result)
             lane = replica.lane
-            if (
-                lane.count
-                or self._closing
-                or (replica.state is not ReplicaState.HEALTHY and not replica.usable(self._clock()))
-            ):
+            if lane.count or self._closing or not replica.usable(self._clock()):
                 replica.cond.notify()  # its worker takes over: work is queued, or a cooldown to time
             elif replica not in lane.idle:
                 lane.idle.append(replica)
