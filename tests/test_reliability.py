@@ -346,6 +346,40 @@ class TestNothingOutlivesItsRequest:
         finally:
             batcher.close(WAIT)
 
+    def test_cancelled_requests_leave_no_deadline_entries(self) -> None:
+        """Requests with a one-hour deadline cancelled while queued (a future's cancel, an awaiting task's
+        cancel): the timer holds none of them, though they are never settled."""
+        timer = Timer("inferkit-test-timer")
+        model = Model()
+        batcher = Batcher(lambda: CallableBackend(model), BatchConfig(max_batch_size=8), PoolConfig(), timer=timer)
+        try:
+            blocker = _request(batcher, timeout=None)
+            blocker.inputs = {"x": rows(BLOCK, 1, 2)}
+            blocker.future = blocked = RequestFuture(blocker.id)
+            batcher.put(blocker)
+            assert model.entered.wait(WAIT)
+            queued = []
+            for i in range(200):
+                request = _request(batcher, timeout=3600)
+                if i % 2:  # as Predictor.submit
+                    request.future = RequestFuture(request.id)
+                batcher.put(request)
+                batcher.expire_at(request, request.deadline)  # type: ignore[arg-type]
+                queued.append(request)
+            assert timer.pending() == 200
+            for request in queued:
+                if request.future is not None:
+                    assert request.future.cancel()
+                else:  # what Predictor.apredict does when its task is cancelled
+                    batcher.cancel(request)
+            assert timer.pending() == 0
+            model.release.set()
+            blocked.result(WAIT)
+            assert batcher.stats("open").cancelled == 200
+        finally:
+            model.release.set()
+            batcher.close(WAIT)
+
     def test_execution_timeout_watchdogs_go_with_their_batch(self) -> None:
         """A batch that finished in time leaves no watchdog entry (which would hold its arrays)."""
         timer = Timer("inferkit-test-timer")

@@ -46,6 +46,8 @@ class Deadlines:
             if top.state is QUEUED and top.avoid is None and drop(top):
                 self._counts.cancelled += 1
             self._drained.notify_all()
+        if top.state is DONE:  # never settled now: its deadline entry would hold the timer until it passes
+            top.forget_deadline()
 
     def withdraw(self, request: Request) -> bool:
         """Fail ``request`` with ``DeadlineExceeded`` if none of it has started; whether it was."""

@@ -146,12 +146,16 @@ class Request:
         self.blame = False  # whether success elsewhere is a fault of ``avoid`` (not yet counted)
         self.expiry: tuple[Timer, list[object]] | None = None  # its deadline's timer entry
 
-    def settle(self) -> None:
-        """Deliver ``value`` or ``error`` to whoever waits (called once, outside any lock)."""
+    def forget_deadline(self) -> None:
+        """Take the request's deadline off its timer: it is settled or given up (outside any lock)."""
         if self.expiry is not None:
             timer, entry = self.expiry
             self.expiry = None
             timer.cancel(entry)
+
+    def settle(self) -> None:
+        """Deliver ``value`` or ``error`` to whoever waits (called once, outside any lock)."""
+        self.forget_deadline()
         fut = self.future
         if fut is not None:
             fut._on_cancel = None  # break the request <-> future cycle so the GC never has to
