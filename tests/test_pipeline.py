@@ -148,6 +148,18 @@ class TestOnCpu:
         ):
             predictor.predict(images(1).astype(np.float32))
 
+    def test_empty_images_are_the_callers_error(self) -> None:
+        """An image with no pixels is an InvalidInput for that request (a 400 on the server), not a model
+        failure; the replica stays healthy and serves the next request."""
+        with Predictor.from_onnx(classifier(), pipeline=PIPE, warmup=False) as predictor:
+            for shape in [(1, 0, 0, 3), (1, 5, 0, 3), (2, 0, 7, 3)]:
+                with pytest.raises(InvalidInput, match="at least one pixel"):
+                    predictor.predict(np.zeros(shape, np.uint8))
+            np.testing.assert_array_equal(predictor.predict(images(1))["indices"], by_hand(images(1))[1])
+            stats = predictor.stats()
+        assert [r.state for r in stats.replicas] == ["healthy"]
+        assert stats.failed == {"InvalidInput": 3}
+
     def test_callable_with_user_pre_and_post(self) -> None:
         """``preprocess``/``postprocess`` functions run per batch, around the model, with its rows."""
         seen: list[int] = []

@@ -7,6 +7,7 @@ from typing import Any, cast
 import attrs
 import numpy as np
 
+from inferkit.errors import InvalidInput
 from inferkit.gpu import twins
 from inferkit.gpu.step import Arrays, Kit, Specs, _pick
 from inferkit.signature import TensorSpec
@@ -84,9 +85,13 @@ class ImageToTensor:
         """Convert the images of one batch."""
         name = _pick(list(arrays), self.input, "input", "ImageToTensor")
         x = arrays[name]
+        # What reaches here is what a caller sent: a bad image is that request's error, not the model's.
         if x.ndim != 4 or x.shape[3] != 3 or x.dtype != np.uint8:
             msg = f"ImageToTensor takes uint8 images (N, H, W, 3), got {x.dtype} with shape {x.shape}"
-            raise ValueError(msg)
+            raise InvalidInput(msg, input_name=name)
+        if not x.shape[1] or not x.shape[2]:
+            msg = f"ImageToTensor takes images of at least one pixel, got height {x.shape[1]} and width {x.shape[2]}"
+            raise InvalidInput(msg, input_name=name)
         plan = twins.image_plan(
             x.shape[1:3], self.size, self.mean, self.std, letterbox=self.letterbox, pad_value=self.pad_value
         )
