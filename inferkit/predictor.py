@@ -139,8 +139,8 @@ class Predictor(BulkFaces):
         Each replica opens its own session. ``intra_op_threads`` defaults to what keeps
         ``replicas`` sessions from oversubscribing the cores (one core is left to the callers
         when there are several); with that default, a run of batches of at least half
-        ``max_batch_size`` rows, and batches of one caller at a time, go to a second session of
-        the replica that uses every core (the callers are waiting then, not computing), for
+        ``max_batch_size`` rows, and batches a lone caller runs on its own thread, go to a second
+        session of the replica that uses every core (the callers are waiting then, not computing), for
         models up to 512 MiB. ``warmup``
         runs each power-of-two batch size up to ``max_batch_size`` once per replica before the
         predictor is ready. ``providers`` and ``session_options`` go to

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 import inferkit
 from inferkit import CallableBackend, ModelError, Predictor, Signature, TensorSpec
 from inferkit.backends import onnx as onnx_backend
+from inferkit.backends.base import on_caller_thread
 from inferkit.backends.onnx import OnnxBackend, default_intra_op_threads, default_wide_threads
 
 CPU = ["CPUExecutionProvider"]
@@ -227,6 +229,23 @@ class TestWideSession:
         busy = [backend.session_for(12) for _ in range(20)]
         assert all(s is backend.session for s in busy)
         assert backend.session_for(1) is backend.session
+
+    def test_one_row_batches_on_a_worker_stay_narrow(self, mlp_model: bytes) -> None:
+        """On a replica's worker thread the batch's callers may be busy (a server's event loop), so
+        one-row batches there stay on the narrow session however rarely they come."""
+        backend = OnnxBackend(mlp_model, providers=CPU, intra_op_threads=1, wide_threads=2, wide_rows=32)
+        seen: list[object] = []
+
+        def worker() -> None:
+            on_caller_thread(worker=True)
+            seen.extend(backend.session_for(1) for _ in range(20))
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join(30)
+        assert len(seen) == 20
+        assert all(s is backend.session for s in seen)
+        assert on_caller_thread()  # only that thread was marked
 
     def test_none_without_more_threads_or_for_a_big_model(
         self, mlp_model: bytes, monkeypatch: pytest.MonkeyPatch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from inferkit.signature import Signature
 
-__all__ = ["Backend", "BackendFactory", "ReplicaFault", "cpu_threads", "usable_cores"]
+__all__ = ["Backend", "BackendFactory", "ReplicaFault", "cpu_threads", "on_caller_thread", "usable_cores"]
 
 
 class ReplicaFault(Exception):
@@ -67,3 +68,22 @@ def cpu_threads(backend: Backend) -> int:
     """
     threads = getattr(backend, "cpu_threads", 0)
     return threads if isinstance(threads, int) and threads > 0 else 0
+
+
+class _Thread(threading.local):
+    worker = False  # a replica's worker thread (marked by the batcher)
+
+
+_THREAD = _Thread()
+
+
+def on_caller_thread(*, worker: bool | None = None) -> bool:
+    """Whether a batch now running runs on its caller's own thread (``predict``'s fast path).
+
+    Such a caller is blocked on the batch, computing nothing. A batch on a replica's worker may
+    have callers that are busy meanwhile (a server's event loop parsing the next requests).
+    The batcher marks its workers with ``worker=True``.
+    """
+    if worker is not None:
+        _THREAD.worker = worker
+    return not _THREAD.worker

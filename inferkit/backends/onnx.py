@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from inferkit.backends.base import usable_cores
+from inferkit.backends.base import on_caller_thread, usable_cores
 from inferkit.backends.device import DeviceFallbackWarning, DeviceUnavailable, device_id
 from inferkit.errors import InvalidInput
 from inferkit.signature import Signature
@@ -68,10 +68,10 @@ class OnnxBackend:
 
     On the CPU, ``wide_threads`` (more than ``intra_op_threads``) opens a second session with
     that many intra-op threads for batches of ``wide_rows`` rows or more that follow another
-    such batch, and while batches average under 1.5 rows: small batches of many callers mean
-    the callers are the bound and need a core of their own; a run of full ones that the model
-    is, and batches of one that a lone caller waits on it; either way every core is the
-    model's. The second session holds its own copy of the weights, so models over
+    such batch, and for batches run on their caller's own thread while batches average under
+    1.5 rows: small batches of many callers mean the callers are the bound and need a core of
+    their own; a run of full ones that the model is, and a lone blocked caller that it waits on
+    it; either way every core is the model's. The second session holds its own copy of the weights, so models over
     :data:`WIDE_MAX_BYTES` do without it.
     """
 
@@ -214,15 +214,16 @@ class OnnxBackend:
     def session_for(self, rows: int) -> Any:
         """The session a batch of ``rows`` rows runs on: the narrow one, or the wide one.
 
-        The wide one for a full batch after a full batch, or while batches average under 1.5 rows
-        (callers one at a time, waiting on the model). One full batch among small ones is a burst,
-        not a model that is the bound; waking the wide session's threads for it would take the
-        callers' cores.
+        The wide one for a full batch after a full batch, or for a batch its caller runs on its
+        own thread while batches average under 1.5 rows (callers one at a time, each blocked on
+        the model; a server's event loop is not, so batches on a worker thread never count). One
+        full batch among small ones is a burst, not a model that is the bound; waking the wide
+        session's threads for it would take the callers' cores.
         """
         full = rows >= self._wide_rows
         streak, self._full = self._full and full, full
         self._rows += 0.1 * (rows - self._rows)
-        if self._wide is not None and (streak or self._rows < _ALONE):
+        if self._wide is not None and (streak or (self._rows < _ALONE and on_caller_thread())):
             return self._wide
         return self.session
 

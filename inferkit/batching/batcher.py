@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from inferkit._timer import Timer
-from inferkit.backends.base import BackendFactory
+from inferkit.backends.base import BackendFactory, on_caller_thread
 from inferkit.batching import assembly
 from inferkit.batching.config import BatchConfig
 from inferkit.batching.counters import Counters
@@ -335,6 +335,7 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
     # -- workers ---------------------------------------------------------------------------
 
     def _work(self, replica: Replica) -> None:
+        on_caller_thread(worker=True)
         lane: Lane = replica.lane
         done: list[Request] = []  # settled by this worker, delivered once the lock is released
         self._lock.acquire()
