@@ -57,6 +57,22 @@ def test_ray_data_matches_local(cluster: None, model_file: Path) -> None:
         np.testing.assert_array_equal(got[tuple(xi)], yi)
 
 
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_batch_predictor_threads_follow_the_actors_cpus(cluster: None, model_file: Path, cpus: int) -> None:
+    """Actors share the machine: each session takes the CPUs Ray gave its actor, and no more."""
+
+    @ray.remote(num_cpus=cpus)
+    def threads(path: str, **options: object) -> list[int]:
+        batch = ik_ray.BatchPredictor(path, **options)
+        try:
+            return [b.cpu_threads for b in batch.predictor.backends()]  # type: ignore[attr-defined]
+        finally:
+            batch.predictor.close()
+
+    assert ray.get(threads.remote(str(model_file))) == [cpus]
+    assert ray.get(threads.remote(str(model_file), intra_op_threads=3)) == [3]  # given: as given
+
+
 def test_ray_data_parquet_feature_columns(cluster: None, model_file: Path, tmp_path: Path) -> None:
     """read_parquet + BatchPredictor: a one-input model takes the file's columns as features, in order."""
     import pyarrow as pa  # in the ray extra, through bulk

@@ -29,13 +29,27 @@ class BatchPredictor:
     :meth:`~inferkit.Predictor.map`), or a callable returning a ready Predictor. Columns named
     after the model's inputs feed them; a one-input model with no such column takes every
     column stacked as features. Each output is added to the batch as a column of its name.
+
+    Unless ``intra_op_threads`` or ``session_options`` is given, the session takes as many
+    threads as the CPUs Ray assigned the actor (``num_cpus``, 1 by default): the actors share
+    the machine, so inferkit's defaults, which assume a process has every core to itself,
+    would put several actors' threads on one core.
     """
 
     def __init__(self, model: str | os.PathLike[str] | bytes | Callable[[], Any], **options: Any) -> None:
         from inferkit.predictor import Predictor  # noqa: PLC0415
 
         self._batch_size = int(options.pop("map_batch_size", 1024))
+        if not callable(model) and "intra_op_threads" not in options and "session_options" not in options:
+            cpus = _assigned_cpus()
+            if cpus is not None:
+                options["intra_op_threads"] = cpus
         self._predictor = model() if callable(model) else Predictor.from_onnx(model, **options)
+
+    @property
+    def predictor(self) -> Any:
+        """The :class:`~inferkit.Predictor` this actor runs (for its ``stats()``)."""
+        return self._predictor
 
     def __call__(self, batch: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, Any]:
         """The batch's columns with the model's outputs added."""
@@ -51,6 +65,16 @@ class BatchPredictor:
             single = signature.outputs[0].name if signature is not None and len(signature.outputs) == 1 else "output"
             out = {single: out}
         return {**batch, **out}  # Ray Data keeps 2-D outputs as tensor columns
+
+
+def _assigned_cpus() -> int | None:
+    """Whole CPUs Ray assigned the current actor or task (at least 1), or None outside Ray."""
+    import ray  # noqa: PLC0415  (the ray extra: an actor runs this, so it is installed)
+
+    if not ray.is_initialized():
+        return None
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    return None if cpus is None else max(1, int(cpus))
 
 
 async def _call_asgi(app: Any, request: Any) -> Any:
