@@ -166,6 +166,34 @@ def test_a_replica_leaves_the_callers_core_alone_unless_the_batch_is_full() -> N
             blocker.result(WAIT)
 
 
+def test_round_robin_queues_behind_the_busy_replica_rather_than_crowd_the_cores() -> None:
+    """With a queue per replica, a request that would start an idle CPU replica beside a busy one
+    goes to the busy one's queue; once that queue holds a full batch, the idle replica takes the next."""
+    model = Model()
+    ran: list[float] = []
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if x[0, 0] != BLOCK:
+            ran.extend(x[:, 0].tolist())
+        return model(x)
+
+    batching = BatchConfig(max_batch_size=2, max_delay_ms=60_000)
+    pool = PoolConfig(replicas=2, balancing="round_robin")
+    with Predictor(lambda: _CpuModel(run), batching=batching, pool=pool) as p:
+        blocker = p.submit(rows(BLOCK))
+        assert model.entered.wait(WAIT)
+        queued = [p.submit(rows(1.0)), p.submit(rows(2.0))]  # round robin alone would start the idle one
+        time.sleep(0.3)
+        assert ran == []
+        third = p.submit(rows(3.0))  # the busy replica's queue is full: the idle one runs it now
+        np.testing.assert_array_equal(third.result(WAIT), rows(3.0) * 2)
+        assert ran == [3.0]
+        model.release.set()
+        for i, f in enumerate(queued, start=1):
+            np.testing.assert_array_equal(f.result(WAIT), rows(float(i)) * 2)
+        blocker.result(WAIT)
+
+
 def test_crowded_counts_the_busy_replicas_cores() -> None:
     """``ReplicaSet.crowded``: another replica busy and the cores taken beyond what the callers keep;
     a replica that says nothing of its cores (a device, I/O) is never crowded."""

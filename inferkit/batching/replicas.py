@@ -97,12 +97,29 @@ class ReplicaSet:
             pass
         return lanes[loads.index(min(loads))]
 
-    def lane_for(self, now: float) -> Lane:
-        """Where a new request goes: the shared lane, or the balancer's pick of the usable ones."""
+    def lane_for(self, now: float, full: int) -> Lane:
+        """Where a new request goes: the shared lane, or the balancer's pick of the usable ones.
+
+        The pick is among the lanes that would not crowd the cores (see :meth:`crowded`): while a
+        CPU replica is busy, an idle one beside it would take the callers' core, so the request
+        goes to a busy replica's queue, which it takes next, unless that queue holds ``full``
+        rows already (the model is then the bound, and every replica should run).
+        """
         if self.balancer is None:
             return self.lanes[0]
         lanes = [ln for ln in self.lanes if any(r.usable(now) for r in ln.replicas)] or self.lanes
+        busy = sum(r.cpu_threads for r in self.all if r.busy)
+        if busy:
+            short = [ln for ln in lanes if ln.rows < full]  # those not holding a full batch already
+            lanes = [ln for ln in short if not self._crowds(ln, busy)] or short or lanes
         return self.choose(lanes)
+
+    def _crowds(self, lane: Lane, busy: int) -> bool:
+        """Whether starting ``lane``'s idle replica beside ``busy`` busy cores would take the callers' core."""
+        if any(r.busy for r in lane.replicas):
+            return False
+        need = max((r.cpu_threads for r in lane.replicas), default=0)
+        return need > 0 and busy + need > self.cores
 
     def crowded(self, replica: Replica) -> bool:
         """Whether a batch on ``replica`` now, beside the busy replicas, would take the callers' core.
