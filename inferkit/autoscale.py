@@ -111,6 +111,44 @@ def _live_replicas(stats: Stats) -> int:
     return sum(r.state in _LIVE for r in stats.replicas)
 
 
+class _ScalingRule:
+    """The decision alone, with no predictor or thread: the load's EWMA and how long each way was wanted."""
+
+    def __init__(self, config: AutoscaleConfig) -> None:
+        self.config = config
+        self.smoothed: float | None = None
+        self._up_since: float | None = None
+        self._down_since: float | None = None
+
+    def observe(self, load: float) -> int:
+        """Fold a load sample into the EWMA; return the replicas it asks for."""
+        weight = self.config.smoothing
+        self.smoothed = load if self.smoothed is None else weight * load + (1 - weight) * self.smoothed
+        return self.config.desired(self.smoothed)
+
+    def target(self, now: float, current: int, desired: int) -> int | None:
+        """The size to resize to now, or None; keeps the since-when of each direction."""
+        config = self.config
+        if not config.min_replicas <= current <= config.max_replicas:
+            self._up_since = self._down_since = None
+            return min(max(current, config.min_replicas), config.max_replicas)
+        if desired > current:
+            self._down_since = None
+            self._up_since = now if self._up_since is None else self._up_since
+            if now - self._up_since >= config.upscale_delay_s:
+                self._up_since = None  # a failed resize waits out the delay again before retrying
+                return desired
+        elif desired < current:
+            self._up_since = None
+            self._down_since = now if self._down_since is None else self._down_since
+            if now - self._down_since >= config.downscale_delay_s:
+                self._down_since = None
+                return desired
+        else:
+            self._up_since = self._down_since = None
+        return None
+
+
 class Autoscaler:
     """Scales a :class:`~inferkit.Predictor` between min and max replicas on its in-flight requests.
 
@@ -146,9 +184,7 @@ class Autoscaler:
         self._observers = (*observers, LogObserver())
         self._step_lock = threading.Lock()  # one step at a time; held across a resize, which may load models
         self._lock = threading.Lock()  # guards what stats() reads, so it never waits for a resize
-        self._smoothed: float | None = None
-        self._up_since: float | None = None
-        self._down_since: float | None = None
+        self._rule = _ScalingRule(self.config)  # read and written under _step_lock; smoothed also under _lock
         self._current = _live_replicas(predictor.stats())
         self._desired = self._current
         self._decisions: collections.deque[ScalingDecision] = collections.deque(maxlen=_DECISIONS)
@@ -170,16 +206,15 @@ class Autoscaler:
             sample = self.predictor.stats()
             load = float(sample.in_flight)
             current = _live_replicas(sample)
-            weight = self.config.smoothing
-            smoothed = load if self._smoothed is None else weight * load + (1 - weight) * self._smoothed
-            desired = self.config.desired(smoothed)
-            target = self._target(now, current, desired)
             with self._lock:
-                self._smoothed = smoothed
+                desired = self._rule.observe(load)
                 self._desired = desired
                 self._current = current
+            target = self._rule.target(now, current, desired)
             if target is None:
                 return None
+            smoothed = self._rule.smoothed
+            assert smoothed is not None
             decision = ScalingDecision(
                 self.predictor.name, now, load, smoothed, current, target, "up" if target > current else "down"
             )
@@ -189,28 +224,6 @@ class Autoscaler:
                 self._decisions.append(decision)
         self._emit(decision)
         return decision
-
-    def _target(self, now: float, current: int, desired: int) -> int | None:
-        """The size to resize to now, or None; keeps the since-when of each direction."""
-        config = self.config
-        if not config.min_replicas <= current <= config.max_replicas:
-            self._up_since = self._down_since = None
-            return min(max(current, config.min_replicas), config.max_replicas)
-        if desired > current:
-            self._down_since = None
-            self._up_since = now if self._up_since is None else self._up_since
-            if now - self._up_since >= config.upscale_delay_s:
-                self._up_since = None  # a failed resize waits out the delay again before retrying
-                return desired
-        elif desired < current:
-            self._up_since = None
-            self._down_since = now if self._down_since is None else self._down_since
-            if now - self._down_since >= config.downscale_delay_s:
-                self._down_since = None
-                return desired
-        else:
-            self._up_since = self._down_since = None
-        return None
 
     # -- background thread -----------------------------------------------------------------
 
@@ -275,7 +288,7 @@ class Autoscaler:
             return AutoscalerStats(
                 current=self._current,
                 desired=self._desired,
-                smoothed_load=self._smoothed if self._smoothed is not None else 0.0,
+                smoothed_load=self._rule.smoothed if self._rule.smoothed is not None else 0.0,
                 decisions=tuple(self._decisions),
             )
 

@@ -12,7 +12,7 @@ import pytest
 from fakes import BLOCK, Model, rows
 
 from inferkit import BatchConfig, CallableBackend, Event, PoolConfig, Predictor
-from inferkit.autoscale import AutoscaleConfig, Autoscaler, ScalingDecision, ScalingFailed
+from inferkit.autoscale import AutoscaleConfig, Autoscaler, ScalingDecision, ScalingFailed, _ScalingRule
 
 WAIT = 30  # seconds: a bound on every wait, never expected to be reached
 POLL_S = 5.0  # how long a background thread gets to reach a state it should reach in milliseconds
@@ -344,3 +344,24 @@ class TestBackgroundThread:
             assert _live(predictor) == 1
             assert scaler.stats().decisions == ()
             _finish(model, futures)
+
+
+def test_scaling_rule_alone_smooths_and_waits_out_each_delay() -> None:
+    """The decision without a predictor or a thread: EWMA of the samples, a direction wanted for its
+    whole delay before it is taken (a break restarts the clock), a pool out of bounds fixed at once."""
+    config = AutoscaleConfig(
+        min_replicas=1, max_replicas=4, target_in_flight=2, upscale_delay_s=1, downscale_delay_s=5, smoothing=0.5
+    )
+    rule = _ScalingRule(config)
+    assert rule.observe(8) == 4  # the first sample is taken as it is
+    assert rule.observe(0) == 2  # 0.5 * 0 + 0.5 * 8 = 4 in flight: 2 replicas
+    assert rule.smoothed == 4
+    assert rule.target(0.0, 1, 2) is None  # wanted since 0
+    assert rule.target(0.5, 1, 2) is None
+    assert rule.target(0.9, 1, 1) is None  # the break restarts the clock
+    assert rule.target(1.0, 1, 2) is None
+    assert rule.target(2.0, 1, 2) == 2
+    assert rule.target(10.0, 3, 1) is None  # down: 5 s
+    assert rule.target(15.0, 3, 1) == 1
+    assert rule.target(15.0, 6, 4) == 4  # out of bounds: at once
+    assert rule.target(15.0, 0, 1) == 1
