@@ -13,7 +13,9 @@ actor below can be placed; the physical cores are the machine's).
     batched setting on this machine. Its throughput (rows / wall time of a whole pass) is then
     measured once just before and once just after the two ``predictor.map`` cells, and the
     round's limit is the mean of the two: each cell gets one pass, as the map cells do (the
-    best of six noisy passes would be biased up), and a drift during the round is split.
+    best of six noisy passes would be biased up), and a drift during the round is split. A
+    round whose two limit passes differ by more than 15% gives no map/limit ratios (the
+    machine changed speed under it; the output names such rounds).
 ``predictor.map``
     ``Predictor.from_onnx(model)`` with every default (``max_batch_size=256``, one replica,
     inferkit's default intra-op threads), then ``predictor.map(rows)`` with its defaults
@@ -82,6 +84,7 @@ SERVE_MAX_BATCH = 64
 SERVE_DELAY_MS = 2.0
 SERVE_MAX_ONGOING = 64
 MODEL_NAME = "mlp"
+MAX_DRIFT = 0.15  # the most the limit may move across a round's map cells for the round to give ratios
 
 
 @dataclass
@@ -327,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve @serve.batch", f"1 replica, max_batch {SERVE_MAX_BATCH}, wait {SERVE_DELAY_MS:g} ms, intra {intra}"
     )
     rows = [limit, bulk, tuned] if args.no_ray else [limit, bulk, tuned, rd_ort, rd_ik, sv_ik, sv_sb]
+    unsteady: list[str] = []
     ratios: dict[str, list[float]] = {
         "map/limit": [],
         "map/limit1": [],
@@ -394,9 +398,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"round {k + 1}: best batch {batch}, intra {threads}: {before.rows_per_s:,.0f} before the map cells, "
                 f"{after.rows_per_s:,.0f} after; best at intra 1 {best_intra1:,.0f} rows/s"
             )
-            ratios["map/limit"].append(bulk.results[-1].rows_per_s / res.rows_per_s)
-            ratios["map/limit1"].append(bulk.results[-1].rows_per_s / best_intra1)
-            ratios["tuned/limit"].append(tuned.results[-1].rows_per_s / res.rows_per_s)
+            drift = abs(before.rows_per_s - after.rows_per_s) / res.rows_per_s
+            if drift > MAX_DRIFT:  # the machine changed speed under the map cells: no ratio from them
+                unsteady.append(f"round {k + 1} ({drift:.0%})")
+            else:
+                ratios["map/limit"].append(bulk.results[-1].rows_per_s / res.rows_per_s)
+                ratios["map/limit1"].append(bulk.results[-1].rows_per_s / best_intra1)
+                ratios["tuned/limit"].append(tuned.results[-1].rows_per_s / res.rows_per_s)
             if args.no_ray:
                 continue
             rd_ort.results.append(measure_ray_data(ray, x, OrtBatch, {"model": model}, args.ray_actors))
@@ -431,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(render(rows, limit.median()))
     print("\n| ratio (within each round) | median | range | target |\n|---|---|---|---|")
+    if unsteady:
+        print(
+            f"WARNING: the limit moved more than {MAX_DRIFT:.0%} between before and after the map cells in "
+            f"{', '.join(unsteady)}: those rounds give no map/limit ratio"
+        )
     print(_ratio_line("predictor.map / limit", ratios["map/limit"], 0.9))
     print(_ratio_line("predictor.map / limit at intra 1", ratios["map/limit1"]))
     print(_ratio_line("predictor.map tuned / limit", ratios["tuned/limit"], 0.9))
