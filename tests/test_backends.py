@@ -163,6 +163,14 @@ class TestOnnxWarmup:
         events = profile_of(backend)
         assert [e["name"] for e in events].count("model_run") == 3
         assert batch_sizes_run(events, "MatMul") == [1, 2, 64]
+        assert backend.warmed == (1, 2, 64)
+
+    def test_stops_after_a_slow_call(self, mlp_model: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A call that took WARMUP_STOP_S ends the warm-up: a big model's big batches warm up on first use."""
+        monkeypatch.setattr(onnx_backend, "WARMUP_STOP_S", 0.0)  # every call counts as slow
+        backend = OnnxBackend(mlp_model, providers=CPU, session_options=profiled(tmp_path), warmup=(1, 2, 64))
+        assert batch_sizes_run(profile_of(backend), "MatMul") == [1]
+        assert backend.warmed == (1,)
 
     def test_no_warmup_by_default(self, mlp_model: bytes, tmp_path: Path) -> None:
         """Without warmup sizes the session does not run at all."""
@@ -173,6 +181,7 @@ class TestOnnxWarmup:
         """A model with a dynamic non-batch dim skips warmup instead of guessing a shape."""
         backend = OnnxBackend(ragged_model(), providers=CPU, session_options=profiled(tmp_path), warmup=(1, 8))
         assert [e["name"] for e in profile_of(backend)].count("model_run") == 0
+        assert backend.warmed == ()
 
     def test_ragged_model_runs(self) -> None:
         """A model with a dynamic non-batch dim still runs any width after skipping warmup."""

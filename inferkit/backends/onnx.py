@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,6 +44,9 @@ def default_wide_threads(replicas: int) -> int:
 
 _ALONE = 1.5  # smoothed rows per batch below which callers come one at a time and wait on the model
 
+WARMUP_STOP_S = 1.0
+"""A warm-up call this long ends the warm-up: a big model's largest batches warm up on first use."""
+
 WIDE_MAX_BYTES = 512 * 2**20
 """Models bigger than this get no second, wide session (it holds its own copy of the weights)."""
 
@@ -63,8 +67,10 @@ class OnnxBackend:
     On a GPU, when CuPy is installed, the session computes on a CUDA stream of its own,
     :attr:`stream`, handed to ONNX Runtime as its ``user_compute_stream``; :meth:`run` given CuPy
     arrays binds them and the outputs through I/O binding (no host copy) and returns CuPy arrays.
-    ``warmup`` runs zeros at each batch size once so that the first real request is not the slow
-    one (skipped when a non-batch dimension is dynamic).
+    ``warmup`` runs zeros at each batch size once, smallest first, so that the first real request
+    is not the slow one (skipped when a non-batch dimension is dynamic); it stops after a call
+    that took :data:`WARMUP_STOP_S` or more, where a first call's extra cost is a small part of
+    the call. :attr:`warmed` lists the sizes it ran.
 
     On the CPU, ``wide_threads`` (more than ``intra_op_threads``) opens a second session with
     that many intra-op threads for batches of ``wide_rows`` rows or more that follow another
@@ -134,8 +140,16 @@ class OnnxBackend:
             if size <= WIDE_MAX_BYTES:
                 options.intra_op_num_threads = wide_threads
                 self._wide = ort.InferenceSession(source, sess_options=options, providers=list(providers))
+        warmed = []
         for rows in warmup:
-            self._warmup(rows)
+            start = time.perf_counter()
+            if not self._warmup(rows):
+                break
+            warmed.append(rows)
+            if time.perf_counter() - start >= WARMUP_STOP_S:
+                break
+        self.warmed = tuple(warmed)
+        """The batch sizes the warm-up ran, in order."""
 
     def _providers(
         self, ort: Any, options: Mapping[str, Mapping[str, Any]], *, tensorrt: bool, strict: bool
@@ -178,16 +192,18 @@ class OnnxBackend:
             raise DeviceUnavailable(f"{msg} (strict=True)")
         warnings.warn(DeviceFallbackWarning(f"{msg}; the model runs on {where}"), stacklevel=4)
 
-    def _warmup(self, rows: int) -> None:
+    def _warmup(self, rows: int) -> bool:
+        """Run zeros of ``rows`` rows; False when the inputs' shapes or dtypes leave nothing to run."""
         feeds = {}
         for spec in self._signature.inputs:
             if any(d is None for d in spec.shape[1:]) or spec.dtype == np.dtype(object):
-                return
+                return False
             dims = tuple(d for d in spec.shape[1:] if d is not None)
             feeds[spec.name] = np.zeros((rows, *dims), dtype=spec.dtype)
         self.session.run(self._outputs, feeds)
         if self._wide is not None and rows >= self._wide_rows:
             self._wide.run(self._outputs, feeds)
+        return True
 
     @property
     def signature(self) -> Signature:
