@@ -232,3 +232,22 @@ def test_map_is_thread_safe_beside_predict(predictor: inferkit.Predictor) -> Non
         stop.set()
         thread.join(30)
     assert not errors
+
+
+def test_ray_batch_predictor_runs_where_ray_is_not(mlp_model: bytes) -> None:
+    """``integrations.ray.BatchPredictor`` built outside a Ray actor (Ray absent or not started)
+    keeps inferkit's own thread defaults and adds the model's outputs to the batch."""
+    from inferkit.backends.onnx import default_intra_op_threads
+    from inferkit.integrations.ray import BatchPredictor
+
+    model = mlp_model
+    x = np.random.default_rng(3).standard_normal((10, 4)).astype(np.float32)
+    batch = BatchPredictor(model, max_batch_size=4)
+    try:
+        out = batch({"x": x})
+        (backend,) = batch.predictor.backends()
+        assert backend.cpu_threads == default_intra_op_threads(1)  # type: ignore[attr-defined]
+    finally:
+        batch.predictor.close()
+    np.testing.assert_array_equal(out["x"], x)
+    np.testing.assert_array_equal(out["y"], _direct(model, x))

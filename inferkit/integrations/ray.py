@@ -69,8 +69,10 @@ class BatchPredictor:
 
 def _assigned_cpus() -> int | None:
     """Whole CPUs Ray assigned the current actor or task (at least 1), or None outside Ray."""
-    import ray  # noqa: PLC0415  (the ray extra: an actor runs this, so it is installed)
-
+    try:
+        import ray  # noqa: PLC0415  (the ray extra)
+    except ImportError:  # built outside Ray, where the extra need not be installed
+        return None
     if not ray.is_initialized():
         return None
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
