@@ -74,7 +74,7 @@ def onnx_factory(
             intra_op_threads=threads,
             warmup=sizes,
             wide_threads=wide,
-            wide_rows=max(2, max_batch_size // 2),
+            wide_rows=max(2, BatchConfig(max_batch_size=max_batch_size).full_rows // 2),
             **options,
         )
         return _wrap(backend, pipe)

@@ -120,11 +120,12 @@ class _ScalingRule:
         self._up_since: float | None = None
         self._down_since: float | None = None
 
-    def observe(self, load: float) -> int:
-        """Fold a load sample into the EWMA; return the replicas it asks for."""
+    def observe(self, load: float) -> float:
+        """Fold a load sample into the EWMA and return it."""
         weight = self.config.smoothing
-        self.smoothed = load if self.smoothed is None else weight * load + (1 - weight) * self.smoothed
-        return self.config.desired(self.smoothed)
+        smoothed = load if self.smoothed is None else weight * load + (1 - weight) * self.smoothed
+        self.smoothed = smoothed
+        return smoothed
 
     def target(self, now: float, current: int, desired: int) -> int | None:
         """The size to resize to now, or None; keeps the since-when of each direction."""
@@ -207,14 +208,12 @@ class Autoscaler:
             load = float(sample.in_flight)
             current = _live_replicas(sample)
             with self._lock:
-                desired = self._rule.observe(load)
-                self._desired = desired
+                smoothed = self._rule.observe(load)
+                desired = self._desired = self.config.desired(smoothed)
                 self._current = current
             target = self._rule.target(now, current, desired)
             if target is None:
                 return None
-            smoothed = self._rule.smoothed
-            assert smoothed is not None
             decision = ScalingDecision(
                 self.predictor.name, now, load, smoothed, current, target, "up" if target > current else "down"
             )

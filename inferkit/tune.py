@@ -51,7 +51,7 @@ class BenchConfig:
     rows: tuple[int, ...] = attrs.field(default=(1, 8, 64), converter=tuple, validator=_positive_ints)
     p99_ms: float = attrs.field(default=10.0)
     duration_s: float = attrs.field(default=0.25)
-    max_batch_sizes: tuple[int, ...] = attrs.field(default=(16, 64), converter=tuple, validator=_positive_ints)
+    max_batch_sizes: tuple[int, ...] = attrs.field(default=(64, 256), converter=tuple, validator=_positive_ints)
     max_delays_ms: tuple[float, ...] = attrs.field(default=(0.5, 2.0), converter=tuple)
     replicas: tuple[int, ...] = attrs.field(factory=_default_replicas, converter=tuple, validator=_positive_ints)
     intra_op_threads: tuple[int | None, ...] = attrs.field(default=(None,), converter=tuple)

@@ -353,15 +353,20 @@ def test_scaling_rule_alone_smooths_and_waits_out_each_delay() -> None:
         min_replicas=1, max_replicas=4, target_in_flight=2, upscale_delay_s=1, downscale_delay_s=5, smoothing=0.5
     )
     rule = _ScalingRule(config)
-    assert rule.observe(8) == 4  # the first sample is taken as it is
-    assert rule.observe(0) == 2  # 0.5 * 0 + 0.5 * 8 = 4 in flight: 2 replicas
-    assert rule.smoothed == 4
+    assert rule.observe(8) == 8  # the first sample is taken as it is
+    assert rule.observe(0) == 4  # 0.5 * 0 + 0.5 * 8
+    assert config.desired(4) == 2
     assert rule.target(0.0, 1, 2) is None  # wanted since 0
     assert rule.target(0.5, 1, 2) is None
     assert rule.target(0.9, 1, 1) is None  # the break restarts the clock
     assert rule.target(1.0, 1, 2) is None
     assert rule.target(2.0, 1, 2) == 2
+    assert rule.target(2.5, 1, 2) is None  # that resize failed (still 1): the delay is waited out again
+    assert rule.target(3.5, 1, 2) == 2
     assert rule.target(10.0, 3, 1) is None  # down: 5 s
-    assert rule.target(15.0, 3, 1) == 1
+    assert rule.target(12.0, 3, 4) is None  # up for a moment: the way down starts again after it
+    assert rule.target(14.0, 3, 1) is None
+    assert rule.target(18.9, 3, 1) is None
+    assert rule.target(19.0, 3, 1) == 1
     assert rule.target(15.0, 6, 4) == 4  # out of bounds: at once
     assert rule.target(15.0, 0, 1) == 1

@@ -169,8 +169,14 @@ class TestOnnxWarmup:
         """A call that took WARMUP_STOP_S ends the warm-up: a big model's big batches warm up on first use."""
         monkeypatch.setattr(onnx_backend, "WARMUP_STOP_S", 0.0)  # every call counts as slow
         backend = OnnxBackend(mlp_model, providers=CPU, session_options=profiled(tmp_path), warmup=(1, 2, 64))
-        assert batch_sizes_run(profile_of(backend), "MatMul") == [1]
+        assert batch_sizes_run(profile_of(backend), "MatMul") == [1, 2]  # the first call's time never counts
+        assert backend.warmed == (1, 2)
+
+    def test_stops_at_a_size_memory_cannot_hold(self, mlp_model: bytes) -> None:
+        """Out of memory at a size ends the warm-up there (serving splits such batches); the backend is built."""
+        backend = OnnxBackend(mlp_model, providers=CPU, warmup=(1, 2**42))  # 2^42 rows: no machine holds them
         assert backend.warmed == (1,)
+        np.testing.assert_array_equal(backend.run({"x": np.zeros((1, 4), np.float32)})["y"].shape, (1, 3))
 
     def test_no_warmup_by_default(self, mlp_model: bytes, tmp_path: Path) -> None:
         """Without warmup sizes the session does not run at all."""

@@ -16,6 +16,7 @@ from inferkit import BatchConfig, CallableBackend, DeadlineExceeded, PoolConfig,
 from inferkit.backends.base import usable_cores
 from inferkit.batching import Batcher, Request
 from inferkit.batching.replicas import ReplicaSet
+from inferkit.pool import RoundRobin
 from inferkit.signature import batch_key, normalize_untyped
 
 WAIT = 30
@@ -183,15 +184,28 @@ def test_round_robin_queues_behind_the_busy_replica_rather_than_crowd_the_cores(
         blocker = p.submit(rows(BLOCK))
         assert model.entered.wait(WAIT)
         queued = [p.submit(rows(1.0)), p.submit(rows(2.0))]  # round robin alone would start the idle one
-        time.sleep(0.3)
-        assert ran == []
         third = p.submit(rows(3.0))  # the busy replica's queue is full: the idle one runs it now
         np.testing.assert_array_equal(third.result(WAIT), rows(3.0) * 2)
-        assert ran == [3.0]
+        assert ran == [3.0]  # 1 and 2, sent first, waited for the busy replica
         model.release.set()
         for i, f in enumerate(queued, start=1):
             np.testing.assert_array_equal(f.result(WAIT), rows(float(i)) * 2)
         blocker.result(WAIT)
+
+
+def test_lane_for_picks_a_busy_queue_then_any_short_one_then_any() -> None:
+    """``ReplicaSet.lane_for`` with a balancer: a lane whose idle replica would crowd a busy one is
+    passed over; a lane holding ``full`` rows is passed over; when every lane is, any lane will do."""
+    replicas = ReplicaSet("m", lambda: CallableBackend(lambda x: x), RoundRobin(), threading.Lock())
+    replicas.cores = 1
+    a, b = (replicas.add(_backend(1), lambda r: None) for _ in range(2))
+    assert {id(replicas.lane_for(0.0, 4)) for _ in range(4)} == {id(a.lane), id(b.lane)}  # nothing busy: turns
+    a.busy = True
+    assert all(replicas.lane_for(0.0, 4) is a.lane for _ in range(4))  # b would crowd a
+    a.lane.rows = 4
+    assert all(replicas.lane_for(0.0, 4) is b.lane for _ in range(4))  # a's queue is full: b runs beside it
+    b.lane.rows = 4
+    assert {id(replicas.lane_for(0.0, 4)) for _ in range(4)} == {id(a.lane), id(b.lane)}  # all full: any
 
 
 def test_crowded_counts_the_busy_replicas_cores() -> None:

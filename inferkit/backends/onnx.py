@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from inferkit.backends.base import on_caller_thread, usable_cores
-from inferkit.backends.device import DeviceFallbackWarning, DeviceUnavailable, device_id
+from inferkit.backends.device import DeviceFallbackWarning, DeviceUnavailable, classify, device_id
 from inferkit.errors import InvalidInput
 from inferkit.signature import Signature
 
@@ -68,9 +68,10 @@ class OnnxBackend:
     :attr:`stream`, handed to ONNX Runtime as its ``user_compute_stream``; :meth:`run` given CuPy
     arrays binds them and the outputs through I/O binding (no host copy) and returns CuPy arrays.
     ``warmup`` runs zeros at each batch size once, smallest first, so that the first real request
-    is not the slow one (skipped when a non-batch dimension is dynamic); it stops after a call
-    that took :data:`WARMUP_STOP_S` or more, where a first call's extra cost is a small part of
-    the call. :attr:`warmed` lists the sizes it ran.
+    is not the slow one (skipped when a non-batch dimension is dynamic). On the CPU it stops after
+    a call (past the first) that took :data:`WARMUP_STOP_S` or more, where a first call's extra
+    cost is a small part of the call; on a device it stops at the first size the device cannot
+    hold (serving splits such batches). :attr:`warmed` lists the sizes it ran.
 
     On the CPU, ``wide_threads`` (more than ``intra_op_threads``) opens a second session with
     that many intra-op threads for batches of ``wide_rows`` rows or more that follow another
@@ -140,13 +141,20 @@ class OnnxBackend:
             if size <= WIDE_MAX_BYTES:
                 options.intra_op_num_threads = wide_threads
                 self._wide = ort.InferenceSession(source, sess_options=options, providers=list(providers))
-        warmed = []
+        warmed: list[int] = []
         for rows in warmup:
             start = time.perf_counter()
-            if not self._warmup(rows):
-                break
+            try:
+                if not self._warmup(rows):
+                    break
+            except Exception as exc:
+                if classify(exc) != "oom":
+                    raise
+                break  # the device holds fewer rows at once: serving splits such batches in halves
             warmed.append(rows)
-            if time.perf_counter() - start >= WARMUP_STOP_S:
+            # On the CPU only: a GPU's first calls of a size build engines and search algorithms.
+            slow = time.perf_counter() - start >= WARMUP_STOP_S
+            if slow and self._device == "cpu" and len(warmed) > 1:
                 break
         self.warmed = tuple(warmed)
         """The batch sizes the warm-up ran, in order."""

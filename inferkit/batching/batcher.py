@@ -162,7 +162,7 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
                 top = request
                 request.future._on_cancel = lambda: self.cancel(top)
             for part in parts:
-                lane = self._set.lane_for(now, max_rows)
+                lane = self._set.lane_for(now, self.config.full_rows)
                 lane.push(part, now)
                 if part is not parts[-1]:
                     lane.wake(part.parts_n)  # parts may run on several replicas at once

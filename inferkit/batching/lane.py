@@ -103,7 +103,8 @@ class Lane:
     def form(self, replica: Replica, now: float, config: BatchConfig, *, crowded: bool = False) -> Formed:
         """A batch for ``replica`` if one should go now, else how long to wait.
 
-        A batch goes when full, when its oldest request waited ``max_delay_ms``, or when waiting
+        A batch goes when full (``config.full_rows`` queued; it takes up to ``max_batch_size``),
+        when its oldest request waited ``max_delay_ms``, or when waiting
         cannot grow it (no other replica of the lane is busy, or arrivals went quiet) unless the
         cores are ``crowded`` (see :meth:`ReplicaSet.crowded`). Expired and cancelled requests met
         on the way are taken off the queue and reported.
@@ -113,7 +114,7 @@ class Lane:
             return formed
         max_rows = config.max_batch_size
         delay = config.max_delay_ms / 1000.0
-        if self.rows >= max_rows:
+        if self.rows >= config.full_rows:
             reason = "full"
         elif now - self.since >= delay:
             reason = "delay"

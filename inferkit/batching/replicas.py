@@ -126,8 +126,8 @@ class ReplicaSet:
 
         Then only a full batch or one whose delay ran out goes: a small batch started on a
         crowded machine slows the busy replicas and the callers more than it gains. Only on the
-        shared queue, where the busy replica takes the waiting batch when it is free; a queue of
-        its own would make the requests wait for their replica's delay instead.
+        shared queue, where the busy replica takes the waiting batch when it is free; with a
+        queue per replica, :meth:`lane_for` keeps requests off such a replica instead.
         """
         need = replica.cpu_threads
         if not need or self.balancer is not None:

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from inferkit.predictor import Predictor
 
 __all__ = ["BatchPredictor", "deployment"]
 
@@ -30,7 +33,7 @@ class BatchPredictor:
     after the model's inputs feed them; a one-input model with no such column takes every
     column stacked as features. Each output is added to the batch as a column of its name.
 
-    Unless ``intra_op_threads`` or ``session_options`` is given, the session takes as many
+    Unless ``intra_op_threads`` or ``session_options`` is given, the sessions share as many
     threads as the CPUs Ray assigned the actor (``num_cpus``, 1 by default): the actors share
     the machine, so inferkit's defaults, which assume a process has every core to itself,
     would put several actors' threads on one core.
@@ -43,11 +46,11 @@ class BatchPredictor:
         if not callable(model) and "intra_op_threads" not in options and "session_options" not in options:
             cpus = _assigned_cpus()
             if cpus is not None:
-                options["intra_op_threads"] = cpus
+                options["intra_op_threads"] = max(1, cpus // int(options.get("replicas", 1)))
         self._predictor = model() if callable(model) else Predictor.from_onnx(model, **options)
 
     @property
-    def predictor(self) -> Any:
+    def predictor(self) -> Predictor:
         """The :class:`~inferkit.Predictor` this actor runs (for its ``stats()``)."""
         return self._predictor
 
