@@ -72,10 +72,10 @@ class InvalidInput(InferkitError, ValueError):
 
 
 class Overloaded(InferkitError):
-    """The queue is full (``queue_size`` of ``max_queue_size`` requests); nothing was queued."""
+    """The queue is full (``queue_size`` of ``max_queue_size`` requests, or its inputs' bytes); nothing was queued."""
 
-    def __init__(self, queue_size: int, max_queue_size: int) -> None:
-        super().__init__(f"queue is full: {queue_size} of max_queue_size={max_queue_size} requests")
+    def __init__(self, queue_size: int, max_queue_size: int, why: str | None = None) -> None:
+        super().__init__(why or f"queue is full: {queue_size} of max_queue_size={max_queue_size} requests")
         self.queue_size = queue_size
         self.max_queue_size = max_queue_size
 

@@ -68,7 +68,7 @@ def _direct(model: bytes, x: np.ndarray) -> list[np.ndarray]:
 def _gated(**pool: object) -> tuple[Predictor, Model]:
     model = Model()
     batching = BatchConfig(
-        **{k: pool.pop(k) for k in ("max_batch_size", "max_delay_ms", "max_queue_size") if k in pool}
+        **{k: pool.pop(k) for k in ("max_batch_size", "max_delay_ms", "max_queue_size", "max_queue_bytes") if k in pool}
     )  # type: ignore[arg-type]
     predictor = Predictor(lambda: CallableBackend(model), batching=batching, pool=PoolConfig(**pool))  # type: ignore[arg-type]
     return predictor, model
@@ -248,6 +248,28 @@ class TestFailures:
             model.release.set()
             assert all(f.result(WAIT) is not None for f in [blocker, *queued])
             assert p.stats().rejected == {"Overloaded": 1}
+
+    def test_queue_bytes_bound_what_waits(self) -> None:
+        """``max_queue_bytes``: a request that would take the queued inputs past it is Overloaded, one
+        that never could is InvalidInput; whatever leaves the queue (run in parts, cancelled) gives back its bytes."""
+        row = rows(1.0).nbytes
+        p, model = _gated(max_batch_size=2, max_queue_bytes=10 * row)
+        with p:
+            blocker = _block(p, model)
+            with pytest.raises(InvalidInput, match="max_queue_bytes=240"):
+                p.submit(rows(1.0, n=11))
+            split = p.submit(rows(2.0, n=5))  # three parts; 5 rows' bytes queued
+            cancelled = p.submit(rows(3.0, n=4))  # 9
+            with pytest.raises(Overloaded, match="216 bytes of inputs and 48 more would pass max_queue_bytes=240"):
+                p.submit(rows(4.0, n=2))
+            assert cancelled.cancel()
+            last = p.submit(rows(5.0, n=5))  # the cancelled 4 rows' bytes came back: 10 rows, at the bound
+            model.release.set()
+            np.testing.assert_array_equal(split.result(WAIT), rows(2.0, n=5) * 2)
+            np.testing.assert_array_equal(last.result(WAIT), rows(5.0, n=5) * 2)
+            blocker.result(WAIT)
+            # Every part ran and left: a request of exactly the bound is admitted again.
+            np.testing.assert_array_equal(p.predict(rows(6.0, n=10)), rows(6.0, n=10) * 2)
 
     def test_deadline_expires_and_never_runs(self) -> None:
         """A queued request whose deadline passes ends in DeadlineExceeded promptly and never runs."""

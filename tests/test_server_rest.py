@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from tritonclient.utils import InferenceServerException
 
-from inferkit import Predictor, Router, TensorSpec
+from inferkit import BatchConfig, Predictor, Router, TensorSpec
 from inferkit.server import Repository, ServedModel
 from inferkit.server.metrics import Metrics
 from inferkit.server.protocol import DTYPES, pack_bytes
@@ -1009,6 +1009,38 @@ class TestOverloadDeadlinesFailures:
             gate.release.set()
             predictor.close()
         assert 6.0 not in gate.seen
+
+    def test_queued_bytes_past_max_queue_bytes_are_503_and_a_request_past_it_alone_400(self) -> None:
+        """``max_queue_bytes`` bounds the decoded inputs waiting: one more is refused like a full queue,
+        one that could never fit is the client's 400; what ran gives its bytes back."""
+        gate = Gate()
+        spec = [TensorSpec("x", np.float32, (None, 2))]
+        batching = BatchConfig(max_batch_size=1, max_queue_bytes=8)  # one row of 2 float32
+        predictor = Predictor.from_callable(gate, inputs=spec, name="g", batching=batching)
+        app = create_app(Repository({"g": predictor}))
+
+        async def scenario(client: httpx.AsyncClient) -> None:
+            first = asyncio.ensure_future(_post(client, _row(-1)))
+            await asyncio.to_thread(gate.entered.wait, WAIT)
+            second = asyncio.ensure_future(_post(client, _row(5)))
+            await asyncio.to_thread(_wait_for, lambda: predictor.stats().queue_depth == 1)
+            refused = await _post(client, _row(6))
+            assert refused.status_code == 503
+            assert "max_queue_bytes=8" in refused.json()["error"]
+            too_big = await _post(client, _json_body({"x": np.array([[7, 1], [8, 1]], np.float32)}))
+            assert too_big.status_code == 400
+            assert "16 bytes of inputs, more than max_queue_bytes=8" in too_big.json()["error"]
+            gate.release.set()
+            assert (await first).status_code == 200
+            assert (await second).status_code == 200
+            assert (await _post(client, _row(9))).status_code == 200
+
+        try:
+            _run_in_process(app, scenario)
+        finally:
+            gate.release.set()
+            predictor.close()
+        assert not {6.0, 7.0, 8.0} & set(gate.seen)
 
     def test_deadline_is_504(self) -> None:
         """``parameters.timeout`` (microseconds) is the deadline; a request still queued past it is a 504."""

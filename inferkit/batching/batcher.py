@@ -135,6 +135,14 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
             )
             self.reject(error)
             raise error
+        nbytes = request.nbytes
+        if nbytes > self.config.max_queue_bytes:  # could never be queued
+            error = InvalidInput(
+                f"request {request.id} holds {nbytes} bytes of inputs, more than "
+                f"max_queue_bytes={self.config.max_queue_bytes}; split it"
+            )
+            self.reject(error)
+            raise error
         if count == 1:
             parts = [request]
         else:
@@ -142,7 +150,7 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
             parts = assembly.split(request, max_rows, count, chunks)
         with self._lock:
             now = self._clock()
-            refusal = self._refusal(count, now)
+            refusal = self._refusal(count, nbytes, now)
             if refusal is not None:
                 self._counts.reject(refusal)
                 raise refusal
@@ -178,13 +186,20 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
             self._flush()
         return None
 
-    def _refusal(self, parts: int, now: float) -> InferkitError | None:
+    def _refusal(self, parts: int, nbytes: int, now: float) -> InferkitError | None:
         if self._closing:
             return Closed(f"predictor {self.name!r} is closed")
         limit = self.config.max_queue_size
         queued = self._set.queued()
         if queued + parts > limit:
             return Overloaded(queued, limit)
+        held = self._set.queued_bytes()
+        if held + nbytes > self.config.max_queue_bytes:
+            why = (
+                f"queue is full: its requests hold {held} bytes of inputs and {nbytes} more would pass "
+                f"max_queue_bytes={self.config.max_queue_bytes}"
+            )
+            return Overloaded(queued, limit, why)
         if not self._set.can_serve(now):
             return NoHealthyReplica(f"no healthy replica of {self.name!r}")
         return None

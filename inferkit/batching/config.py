@@ -24,12 +24,16 @@ class BatchConfig:
                         (``"full"``) with :attr:`full_rows` queued
     ``max_delay_ms``    the longest a request waits for companions (>= 0), never a fixed wait
     ``max_queue_size``  requests that may wait; one more raises ``Overloaded`` at once
+    ``max_queue_bytes`` bytes of inputs that may wait (>= 1, default 4 GiB); a request that
+                        would pass it raises ``Overloaded``, one larger than it
+                        ``InvalidInput``
     ==================  ===================================================================
     """
 
     max_batch_size: int = attrs.field(default=256, validator=integer(1))
     max_delay_ms: float = attrs.field(default=2.0, validator=number(0))
     max_queue_size: int = attrs.field(default=4096, validator=integer(1))
+    max_queue_bytes: int = attrs.field(default=4 * 2**30, validator=integer(1))
 
     @property
     def full_rows(self) -> int:

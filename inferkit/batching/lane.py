@@ -14,7 +14,7 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 from inferkit.batching.assembly import carve
-from inferkit.batching.request import DONE, QUEUED, RUNNING, Request, notify_cancelled
+from inferkit.batching.request import DONE, QUEUED, RUNNING, Request, input_bytes, notify_cancelled
 
 if TYPE_CHECKING:
     from inferkit.batching.config import BatchConfig
@@ -53,13 +53,14 @@ class Formed:
 class Lane:
     """A priority queue (highest first, then oldest) served by one or more replicas."""
 
-    __slots__ = ("count", "gap", "heap", "idle", "last_arrival", "replicas", "rows", "seq", "since")
+    __slots__ = ("bytes", "count", "gap", "heap", "idle", "last_arrival", "replicas", "rows", "seq", "since")
 
     def __init__(self) -> None:
         self.heap: list[tuple[int, int, Request]] = []
         self.seq = itertools.count()
         self.count = 0  # queued parts (the heap may hold settled entries, skipped lazily)
         self.rows = 0
+        self.bytes = 0  # of the queued inputs
         self.since = 0.0  # arrival of the oldest queued request (FIFO head)
         self.last_arrival = 0.0
         self.gap = 0.0  # smoothed time between arrivals
@@ -85,11 +86,13 @@ class Lane:
         heapq.heappush(self.heap, (-request.priority, next(self.seq), request))
         self.count += request.parts_n
         self.rows += request.rows
+        self.bytes += request.nbytes
 
     def unqueue(self, request: Request) -> None:
         """Uncount a queued request; its heap entry is skipped when it reaches the head."""
         self.count -= request.parts_n
         self.rows -= request.rows
+        self.bytes -= request.nbytes
 
     def wake(self, count: int = 1) -> None:
         """Wake ``count`` idle workers so they can form batches or start their delay timers."""
@@ -168,9 +171,12 @@ class Lane:
                     continue
                 top.state = RUNNING
             if req.parts_n > 1:
-                req = carve(req)
+                chunk, req = req, carve(req)
                 self.count -= 1
                 self.rows -= req.rows
+                left = input_bytes(chunk.inputs)
+                self.bytes -= chunk.nbytes - left
+                chunk.nbytes = left
             else:
                 heapq.heappop(heap)
                 self.unqueue(req)

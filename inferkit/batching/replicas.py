@@ -138,3 +138,8 @@ class ReplicaSet:
     def queued(self) -> int:
         """Parts queued in every lane."""
         return sum(ln.count for ln in self.lanes)
+
+    def queued_bytes(self) -> int:
+        """Bytes of the inputs queued in every lane."""
+        lanes = self.lanes
+        return lanes[0].bytes if len(lanes) == 1 else sum(ln.bytes for ln in lanes)

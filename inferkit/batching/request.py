@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from inferkit.batching.lane import Lane
     from inferkit.pool import Replica
 
-__all__ = ["Request", "RequestFuture", "RequestState", "Split", "notify_cancelled", "settle_all"]
+__all__ = ["Request", "RequestFuture", "RequestState", "Split", "input_bytes", "notify_cancelled", "settle_all"]
 
 Inputs = Mapping[str, np.ndarray[Any, Any]]
 
@@ -50,6 +50,15 @@ class RequestFuture(Future[Any]):
             self._on_cancel()
         notify_cancelled(self)
         return True
+
+
+def input_bytes(inputs: Inputs | None) -> int:
+    """Bytes of a request's input arrays (views count what they show)."""
+    total = 0
+    if inputs:
+        for a in inputs.values():  # a loop, not sum(generator): this runs for every request
+            total += getattr(a, "nbytes", 0)
+    return total
 
 
 def notify_cancelled(future: Future[Any]) -> bool:
@@ -101,6 +110,7 @@ class Request:
         "inputs",
         "key",
         "lane",
+        "nbytes",
         "parent",
         "part_rows",
         "parts_n",
@@ -132,6 +142,7 @@ class Request:
         self.t0 = t0
         self.state = QUEUED
         self.lane: Lane | None = None
+        self.nbytes = input_bytes(inputs)  # what it holds while queued (a chunk: what it still holds)
         self.future: RequestFuture | None = None
         self.waiter: threading.Lock | None = None
         self.awaiter: Callable[[Any, BaseException | None], None] | None = None  # hands the outcome to asyncio

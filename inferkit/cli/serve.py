@@ -38,6 +38,12 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument("--max-batch-size", type=int, default=_BATCHING.max_batch_size)
     serve.add_argument("--max-delay-ms", type=float, default=_BATCHING.max_delay_ms)
     serve.add_argument("--max-queue-size", type=int, default=_BATCHING.max_queue_size)
+    serve.add_argument(
+        "--max-queue-bytes",
+        type=int,
+        default=_BATCHING.max_queue_bytes,
+        help=f"bytes of inputs that may wait (default {_BATCHING.max_queue_bytes})",
+    )
     serve.add_argument("--replicas", type=int, default=_POOL.replicas)
     ejection = serve.add_argument_group("replica health (a model file; a config sets them per model)")
     ejection.add_argument(
@@ -190,9 +196,12 @@ def _serve(args: argparse.Namespace) -> int:
         else:
             predictor = Predictor.from_onnx(
                 args.model,
-                max_batch_size=args.max_batch_size,
-                max_delay_ms=args.max_delay_ms,
-                max_queue_size=args.max_queue_size,
+                batching=BatchConfig(
+                    max_batch_size=args.max_batch_size,
+                    max_delay_ms=args.max_delay_ms,
+                    max_queue_size=args.max_queue_size,
+                    max_queue_bytes=args.max_queue_bytes,
+                ),
                 pool=PoolConfig(
                     replicas=args.replicas,
                     execution_timeout=args.execution_timeout,
@@ -217,6 +226,7 @@ def _serve(args: argparse.Namespace) -> int:
                 "max_batch_size": args.max_batch_size,
                 "max_delay_ms": args.max_delay_ms,
                 "max_queue_size": args.max_queue_size,
+                "max_queue_bytes": args.max_queue_bytes,
                 "replicas": args.replicas,
                 "execution_timeout": args.execution_timeout,
                 "eject_after": args.eject_after,
