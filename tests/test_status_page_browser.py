@@ -84,7 +84,6 @@ class _Candidate:
 
 def test_the_page_shows_models_and_follows_a_canary_while_traffic_runs(browser: Any) -> None:
     """No console errors; the models shown; a canary step and a rollback each within one refresh; a screenshot."""
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     decisions: list[CanaryDecision] = []
@@ -130,16 +129,21 @@ def test_the_page_shows_models_and_follows_a_canary_while_traffic_runs(browser: 
     def polls() -> int:
         return int(browser.execute_script("return Number(document.body.dataset.polls || 0)"))
 
+    def texts(selector: str) -> list[str]:
+        # Found and read in one script: a refresh between a find and a read would leave a stale element.
+        script = "return Array.from(document.querySelectorAll(arguments[0]), e => e.innerText.trim())"
+        return [str(t) for t in browser.execute_script(script, selector)]
+
     def shown(selector: str) -> str:
-        found = browser.find_elements(By.CSS_SELECTOR, selector)
-        return found[0].text if found else ""
+        found = texts(selector)
+        return found[0] if found else ""
 
     thread = threading.Thread(target=traffic)
     try:
         browser.get(base + "/")
         wait = WebDriverWait(browser, WAIT)
         wait.until(lambda _: polls() >= 1)
-        names = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "[data-model] .model-name")]
+        names = texts("[data-model] .model-name")
         assert names == ["clf", "digits"]
         assert shown('[data-split="clf"] .canary-state') == "running"
         assert shown('[data-split="clf"] .canary-step') == "0"
