@@ -25,7 +25,7 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.utils import InferenceServerException
 
-from inferkit import ABTest, DeadlineExceeded, Predictor, Router, TensorSpec
+from inferkit import ABTest, BatchConfig, DeadlineExceeded, Predictor, Router, TensorSpec
 from inferkit.server import Repository, ServedModel
 from inferkit.server import proto as pb
 from inferkit.server.grpc import ARM_METADATA, KEY_METADATA, create_server
@@ -680,6 +680,34 @@ class TestErrors:
         blocker.result(WAIT)
         queued.result(WAIT)
         assert 6.0 not in model.seen()
+
+    def test_queued_bytes_past_the_bound_are_unavailable_and_a_request_past_it_alone_invalid(
+        self, serve: Callable[..., Served]
+    ) -> None:
+        """``max_queue_bytes`` over gRPC: one row more than the bound is UNAVAILABLE, a request that
+        alone holds more is INVALID_ARGUMENT; neither runs."""
+        model = Model()
+        spec = [TensorSpec("x", np.float64, (None, 3))]
+        batching = BatchConfig(max_batch_size=1, max_queue_bytes=rows(1.0).nbytes)  # one row waits
+        out = [TensorSpec("y", np.float64, (None, 3))]
+        predictor = Predictor.from_callable(model, inputs=spec, outputs=out, batching=batching)
+        served = serve({"g": predictor})
+        try:
+            blocker = predictor.submit(rows(BLOCK))
+            assert model.entered.wait(WAIT)
+            queued = predictor.submit(rows(5.0))
+            with pytest.raises(InferenceServerException) as info:
+                served.triton.infer("g", [triton_input("x", rows(6.0))])
+            assert status(info.value) == CODE.UNAVAILABLE
+            assert "max_queue_bytes" in info.value.message()
+            with pytest.raises(InferenceServerException) as info:
+                served.triton.infer("g", [triton_input("x", rows(7.0, n=2))])
+            assert status(info.value) == CODE.INVALID_ARGUMENT
+        finally:
+            model.release.set()
+        blocker.result(WAIT)
+        queued.result(WAIT)
+        assert not {6.0, 7.0} & set(model.seen().tolist())
 
     def test_grpc_deadline(self, serve: Callable[..., Served]) -> None:
         """A gRPC deadline that passes while the request is queued is DEADLINE_EXCEEDED; it never runs."""
