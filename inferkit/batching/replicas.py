@@ -88,6 +88,8 @@ class ReplicaSet:
     def choose(self, lanes: list[Lane]) -> Lane:
         """The balancer's pick among ``lanes``; the least loaded if a (user's) balancer raises or misses."""
         assert self.balancer is not None
+        if len(lanes) == 1:  # nothing to choose (often: the one busy queue while the cores are crowded)
+            return lanes[0]
         loads = [ln.load() for ln in lanes]
         try:
             pick = self.balancer.choose(loads)
@@ -107,18 +109,31 @@ class ReplicaSet:
         """
         if self.balancer is None:
             return self.lanes[0]
-        lanes = [ln for ln in self.lanes if any(r.usable(now) for r in ln.replicas)] or self.lanes
-        busy = sum(r.cpu_threads for r in self.all if r.busy)
+        # Loops, not generators: this runs for every request.
+        lanes = [ln for ln in self.lanes if self._usable(ln, now)] or self.lanes
+        busy = 0
+        for r in self.all:
+            if r.busy:
+                busy += r.cpu_threads
         if busy:
             short = [ln for ln in lanes if ln.rows < full]  # those not holding a full batch already
             lanes = [ln for ln in short if not self._crowds(ln, busy)] or short or lanes
         return self.choose(lanes)
 
+    @staticmethod
+    def _usable(lane: Lane, now: float) -> bool:
+        for r in lane.replicas:  # noqa: SIM110 (a loop: any() would build a generator per request)
+            if r.usable(now):
+                return True
+        return False
+
     def _crowds(self, lane: Lane, busy: int) -> bool:
         """Whether starting ``lane``'s idle replica beside ``busy`` busy cores would take the callers' core."""
-        if any(r.busy for r in lane.replicas):
-            return False
-        need = max((r.cpu_threads for r in lane.replicas), default=0)
+        need = 0
+        for r in lane.replicas:
+            if r.busy:
+                return False
+            need = max(need, r.cpu_threads)
         return need > 0 and busy + need > self.cores
 
     def crowded(self, replica: Replica) -> bool:
