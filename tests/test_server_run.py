@@ -614,6 +614,24 @@ class TestOpenFiles:
                 proc.stderr.close()
 
 
+class TestQueueBytesFlag:
+    """``inferkit serve --max-queue-bytes`` reaches the model's queue."""
+
+    def test_a_request_past_the_bound_is_400_naming_it(self, tmp_path: Path) -> None:
+        """One row of float32 [N, 4] is 16 bytes: with a bound of 16, one row runs and two are refused."""
+        proc, port, _ = _start_cli(str(_model(tmp_path / "scale.onnx")), "--max-queue-bytes", "16")
+        try:
+            with httpx.Client(timeout=WAIT) as client:
+                assert _infer_json(client, port, "scale", np.ones((1, 4), np.float32)).status_code == 200
+                refused = _infer_json(client, port, "scale", np.ones((2, 4), np.float32))
+                assert refused.status_code == 400
+                assert "32 bytes of inputs, more than max_queue_bytes=16" in refused.json()["error"]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0, err
+
+
 class TestTraceFlag:
     """``inferkit serve --trace console`` exports spans that continue the client's trace."""
 
