@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     limit = Row("limit", "fastest of batch 64/256/1024 x intra 1/2, mean of 2 passes")
     bulk = Row(
         "predictor.map",
-        f"defaults: max_batch {inferkit.BatchConfig().max_batch_size}, batch_size 256, in_flight 8, intra {intra}",
+        f"defaults: calls of {inferkit.BatchConfig().call_rows} rows, batch_size 256, in_flight 8, intra {intra}",
     )
     tuned = Row("predictor.map tuned", "max_batch 1024, batch_size 1024, intra 2")
     rd_ort = Row("ray data + ORT", f"{args.ray_actors} actors, intra 1, batch {RAY_BATCH}")

@@ -42,7 +42,7 @@ def onnx_factory(
     model: str | os.PathLike[str] | bytes,
     *,
     replicas: int,
-    max_batch_size: int,
+    batching: BatchConfig,
     warmup: bool,
     device: str | Sequence[str] | None,
     pipeline: Pipeline | None,
@@ -52,7 +52,7 @@ def onnx_factory(
     session_options: Any,
     **options: Any,
 ) -> BackendFactory:
-    """One ONNX Runtime replica per call, on the next device, warmed up to ``max_batch_size`` rows if ``warmup``.
+    """One ONNX Runtime replica per call, on the next device, warmed up to ``batching.call_rows`` rows if ``warmup``.
 
     ``options`` (providers, provider_options, tensorrt, strict) go to ``OnnxBackend`` as they are.
     """
@@ -61,7 +61,7 @@ def onnx_factory(
     threads, wide = intra_op_threads, None
     if threads is None and session_options is None:
         threads, wide = onnx.default_intra_op_threads(replicas), onnx.default_wide_threads(replicas)
-    sizes = _warmup_sizes(max_batch_size) if warmup else ()
+    sizes = _warmup_sizes(batching.call_rows) if warmup else ()
     devices = _devices(device)
     pipe = pipeline_of(pipeline, preprocess, postprocess)
     turn = itertools.count()
@@ -74,7 +74,7 @@ def onnx_factory(
             intra_op_threads=threads,
             warmup=sizes,
             wide_threads=wide,
-            wide_rows=max(2, BatchConfig(max_batch_size=max_batch_size).full_rows // 2),
+            wide_rows=max(2, batching.full_rows // 2),
             **options,
         )
         return _wrap(backend, pipe)
@@ -136,7 +136,7 @@ def callable_factory(
 
 
 def batching_config(
-    batching: BatchConfig | None, max_batch_size: int, max_delay_ms: float, max_queue_size: int
+    batching: BatchConfig | None, max_batch_size: int | None, max_delay_ms: float, max_queue_size: int
 ) -> BatchConfig:
     """``batching``, or a config of the separate keywords; never both."""
     given = (max_batch_size, max_delay_ms, max_queue_size)

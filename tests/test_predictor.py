@@ -225,6 +225,22 @@ class TestBatching:
             stats = p.stats()
         assert stats.batch_sizes == {1: 1, 4: 2, 2: 1}
 
+    def test_unset_max_batch_size_gathers_64_rows_and_calls_take_256(self) -> None:
+        """With ``max_batch_size`` unset, a batch gathers small requests up to 64 rows and a big request
+        runs in calls of 256; set, it is both (here 100)."""
+        for size, gathered, calls in ((None, 64, [256, 44]), (100, 100, [100, 100, 100])):
+            p, model = _gated(max_batch_size=size)
+            with p:
+                blocker = _block(p, model)
+                small = [p.submit(rows(1.0)) for _ in range(100)]
+                big = p.submit(rows(2.0, n=300))
+                model.release.set()
+                assert all(f.result(WAIT) is not None for f in [blocker, *small])
+                np.testing.assert_array_equal(big.result(WAIT), rows(2.0, n=300) * 2)
+            batches = model.batches[1:]
+            assert max(len(b) for b in batches if (b[:, 0] == 1.0).any()) == gathered
+            assert [int((b[:, 0] == 2.0).sum()) for b in batches if (b[:, 0] == 2.0).any()] == calls
+
     def test_config_is_validated(self) -> None:
         """A bad setting fails at construction naming the field and the value."""
         with pytest.raises(ValueError, match="max_batch_size"):

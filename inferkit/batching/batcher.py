@@ -124,7 +124,7 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         idle and a batch should go now, the batch and the replica are returned, already claimed,
         for the caller to :meth:`run_inline`.
         """
-        max_rows = self.config.max_batch_size
+        max_rows = self.config.call_rows
         count = 1 if request.rows <= max_rows else -(-request.rows // max_rows)
         if count > self.config.max_queue_size:  # refused before any work per part
             limit = self.config.max_queue_size

@@ -106,7 +106,8 @@ class Lane:
     def form(self, replica: Replica, now: float, config: BatchConfig, *, crowded: bool = False) -> Formed:
         """A batch for ``replica`` if one should go now, else how long to wait.
 
-        A batch goes when full (``config.full_rows`` queued; it takes up to ``max_batch_size``),
+        A batch gathers requests up to ``config.full_rows`` rows (its first request or part may hold
+        more, up to ``config.call_rows``, as it was split). It goes when full (that many queued),
         when its oldest request waited ``max_delay_ms``, or when waiting
         cannot grow it (no other replica of the lane is busy, or arrivals went quiet) unless the
         cores are ``crowded`` (see :meth:`ReplicaSet.crowded`). Expired and cancelled requests met
@@ -115,9 +116,9 @@ class Lane:
         formed = Formed()
         if self.count == 0:
             return formed
-        max_rows = config.max_batch_size
+        max_rows = config.full_rows
         delay = config.max_delay_ms / 1000.0
-        if self.rows >= config.full_rows:
+        if self.rows >= max_rows:
             reason = "full"
         elif now - self.since >= delay:
             reason = "delay"

@@ -35,7 +35,12 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     serve.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 8001; -1 disables gRPC)")
-    serve.add_argument("--max-batch-size", type=int, default=_BATCHING.max_batch_size)
+    serve.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=_BATCHING.max_batch_size,
+        help="rows per batch and per model call (default: unset, batches of up to 64 rows, calls of up to 256)",
+    )
     serve.add_argument("--max-delay-ms", type=float, default=_BATCHING.max_delay_ms)
     serve.add_argument("--max-queue-size", type=int, default=_BATCHING.max_queue_size)
     serve.add_argument(
