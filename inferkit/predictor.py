@@ -138,16 +138,16 @@ class Predictor(BulkFaces):
 
         Each replica opens its own session. ``intra_op_threads`` defaults to what keeps
         ``replicas`` sessions from oversubscribing the cores (one core is left to the callers
-        when there are several); with that default, a run of batches of at least half
-        ``max_batch_size`` rows, and batches a lone caller runs on its own thread, go to a second
-        session of the replica that uses every core (the callers are waiting then, not computing), for
-        models up to 512 MiB. ``warmup``
-        runs each power-of-two batch size up to ``max_batch_size`` once per replica before the
-        predictor is ready. ``providers`` and ``session_options`` go to
-        ``onnxruntime.InferenceSession`` as they are. ``pool`` is a whole :class:`PoolConfig`
-        (ejection settings included) in place of ``replicas``, ``balancing`` and
-        ``execution_timeout``, and ``batching`` a whole :class:`BatchConfig` in place of
-        ``max_batch_size``, ``max_delay_ms`` and ``max_queue_size``.
+        when there are several); with that default, a run of batches of at least half a full
+        batch (:attr:`BatchConfig.full_rows`), and batches a lone caller runs on its own thread, go
+        to a second session of the replica that uses every core (the callers are waiting then, not
+        computing), for models up to 512 MiB. ``warmup`` runs each power-of-two batch size up to a
+        call's most rows (:attr:`BatchConfig.call_rows`) once per replica before the predictor is
+        ready (see :class:`~inferkit.backends.onnx.OnnxBackend` for where it stops early).
+        ``providers`` and ``session_options`` go to ``onnxruntime.InferenceSession`` as they are.
+        ``pool`` is a whole :class:`PoolConfig` (ejection settings included) in place of
+        ``replicas``, ``balancing`` and ``execution_timeout``, and ``batching`` a whole
+        :class:`BatchConfig` in place of ``max_batch_size``, ``max_delay_ms`` and ``max_queue_size``.
         """
         batching = batching_config(batching, max_batch_size, max_delay_ms, max_queue_size)
         pool = pool_config(pool, replicas, balancing, execution_timeout)
