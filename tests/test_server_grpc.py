@@ -214,15 +214,14 @@ def echo() -> Predictor:
     return Predictor.from_callable(lambda x: x if isinstance(x, np.ndarray) else dict(x))
 
 
-def gated(**kw: Any) -> tuple[Predictor, Model]:
+def gated(**batching: Any) -> tuple[Predictor, Model]:
     """``y = 2 x`` over float64 rows of 3, one replica, one row a batch; BLOCK rows wait for release."""
     model = Model()
     predictor = Predictor.from_callable(
         model,
         inputs=[TensorSpec("x", np.float64, (None, 3))],
         outputs=[TensorSpec("y", np.float64, (None, 3))],
-        max_batch_size=1,
-        **kw,
+        batching=BatchConfig(max_batch_size=1, **batching),
     )
     return predictor, model
 
@@ -664,9 +663,11 @@ class TestErrors:
         np.testing.assert_array_equal(result.as_numpy("y"), rows(4.0) * 2)
         assert [o for _, _, o in served.metrics.outcomes()] == ["ModelError", "success"]
 
-    def test_overload_is_unavailable(self, serve: Callable[..., Served]) -> None:
-        """A full queue answers UNAVAILABLE at once."""
-        predictor, model = gated(max_queue_size=1)
+    @pytest.mark.parametrize("limit", ["max_queue_size", "max_queue_bytes"])
+    def test_a_full_queue_is_unavailable(self, serve: Callable[..., Served], limit: str) -> None:
+        """A full queue (one request, or one row's bytes, waiting) answers UNAVAILABLE at once; a
+        request holding more than ``max_queue_bytes`` alone is INVALID_ARGUMENT; neither runs."""
+        predictor, model = gated(**{limit: 1 if limit == "max_queue_size" else rows(1.0).nbytes})
         served = serve({"g": predictor})
         try:
             blocker = predictor.submit(rows(BLOCK))
@@ -675,34 +676,11 @@ class TestErrors:
             with pytest.raises(InferenceServerException) as info:
                 served.triton.infer("g", [triton_input("x", rows(6.0))])
             assert status(info.value) == CODE.UNAVAILABLE
-        finally:
-            model.release.set()
-        blocker.result(WAIT)
-        queued.result(WAIT)
-        assert 6.0 not in model.seen()
-
-    def test_queued_bytes_past_the_bound_are_unavailable_and_a_request_past_it_alone_invalid(
-        self, serve: Callable[..., Served]
-    ) -> None:
-        """``max_queue_bytes`` over gRPC: one row more than the bound is UNAVAILABLE, a request that
-        alone holds more is INVALID_ARGUMENT; neither runs."""
-        model = Model()
-        spec = [TensorSpec("x", np.float64, (None, 3))]
-        batching = BatchConfig(max_batch_size=1, max_queue_bytes=rows(1.0).nbytes)  # one row waits
-        out = [TensorSpec("y", np.float64, (None, 3))]
-        predictor = Predictor.from_callable(model, inputs=spec, outputs=out, batching=batching)
-        served = serve({"g": predictor})
-        try:
-            blocker = predictor.submit(rows(BLOCK))
-            assert model.entered.wait(WAIT)
-            queued = predictor.submit(rows(5.0))
-            with pytest.raises(InferenceServerException) as info:
-                served.triton.infer("g", [triton_input("x", rows(6.0))])
-            assert status(info.value) == CODE.UNAVAILABLE
-            assert "max_queue_bytes" in info.value.message()
-            with pytest.raises(InferenceServerException) as info:
-                served.triton.infer("g", [triton_input("x", rows(7.0, n=2))])
-            assert status(info.value) == CODE.INVALID_ARGUMENT
+            assert limit in info.value.message()
+            if limit == "max_queue_bytes":
+                with pytest.raises(InferenceServerException) as info:
+                    served.triton.infer("g", [triton_input("x", rows(7.0, n=2))])
+                assert status(info.value) == CODE.INVALID_ARGUMENT
         finally:
             model.release.set()
         blocker.result(WAIT)
