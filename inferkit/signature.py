@@ -383,7 +383,7 @@ def is_device_array(value: object) -> bool:
 
 
 def array_module(array: Any) -> Any:
-    """The array library of a device array (``cupy`` for a CuPy array), for ``concatenate`` and the like.
+    """The library of an array (``numpy``, or ``cupy`` for a CuPy array), for ``concatenate`` and the like.
 
     Read from the array's type, so nothing is imported: the library is loaded since one of its
     arrays exists. ``import inferkit`` never imports CuPy.

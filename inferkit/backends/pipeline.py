@@ -13,7 +13,7 @@ from inferkit.backends.base import Backend, cpu_threads
 from inferkit.backends.device import DeviceFallbackWarning, DeviceLost, DeviceOutOfMemory, classify, device_id
 from inferkit.gpu.pipeline import Pipeline
 from inferkit.gpu.step import CPU, Kit
-from inferkit.signature import Signature
+from inferkit.signature import Signature, array_module
 
 __all__ = ["PipelineBackend", "Transfers"]
 
@@ -112,7 +112,7 @@ class PipelineBackend:
         mid = rows // 2
         first = self._run({n: a[:mid] for n, a in inputs.items()}, mid)
         second = self._run({n: a[mid:] for n, a in inputs.items()}, rows - mid)
-        return {n: _xp(a).concatenate([a, second[n]]) for n, a in first.items()}
+        return {n: array_module(a).concatenate([a, second[n]]) for n, a in first.items()}
 
     def _free(self) -> None:
         if self._cp is not None:  # cached blocks of the failed attempt go back before the halves run
@@ -166,11 +166,3 @@ class PipelineBackend:
     def close(self) -> None:
         """Close the inner backend."""
         self.inner.close()
-
-
-def _xp(array: Any) -> Any:
-    if isinstance(array, np.ndarray):
-        return np
-    import cupy  # noqa: PLC0415  (a device array came back, so CuPy is installed)
-
-    return cupy

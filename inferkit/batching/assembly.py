@@ -75,11 +75,10 @@ def complete(piece: Request, value: Any, error: BaseException | None) -> Request
 def _join(request_id: int, values: list[Any]) -> tuple[Any, ModelError | None]:
     """The parts' results joined along the batch, or why they cannot be."""
     try:
-        if isinstance(values[0], np.ndarray):
-            return np.concatenate(values), None
-        if is_device_array(values[0]):  # a device request's parts stay on the device
-            return array_module(values[0]).concatenate(values), None
-        return {k: _concatenate([v[k] for v in values]) for k in values[0]}, None
+        first = values[0]
+        if isinstance(first, np.ndarray) or is_device_array(first):  # a device request's parts stay there
+            return array_module(first).concatenate(values), None
+        return {k: array_module(a).concatenate([v[k] for v in values]) for k, a in first.items()}, None
     except Exception as exc:  # noqa: BLE001 (a model whose output shape depends on the batch)
         error = ModelError(
             f"request {request_id} was split into {len(values)} batches and their outputs cannot be joined "
@@ -88,7 +87,3 @@ def _join(request_id: int, values: list[Any]) -> tuple[Any, ModelError | None]:
         )
         error.__cause__ = exc
         return None, error
-
-
-def _concatenate(parts: list[Any]) -> Any:
-    return array_module(parts[0]).concatenate(parts) if is_device_array(parts[0]) else np.concatenate(parts)
