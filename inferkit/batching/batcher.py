@@ -126,23 +126,11 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         """
         max_rows = self.config.call_rows
         count = 1 if request.rows <= max_rows else -(-request.rows // max_rows)
-        if count > self.config.max_queue_size:  # refused before any work per part
-            limit = self.config.max_queue_size
-            error = InvalidInput(
-                f"request {request.id} has {request.rows} rows, {count} batches of max_batch_size={max_rows}; "
-                f"max_queue_size={limit} batches is the most one request can take "
-                f"(send at most {max_rows * limit} rows per request)"
-            )
-            self.reject(error)
-            raise error
         nbytes = request.nbytes
-        if nbytes > self.config.max_queue_bytes:  # could never be queued
-            error = InvalidInput(
-                f"request {request.id} holds {nbytes} bytes of inputs, more than "
-                f"max_queue_bytes={self.config.max_queue_bytes}; split it"
-            )
-            self.reject(error)
-            raise error
+        never = self._never_fits(request, count)
+        if never is not None:  # refused before any work per part
+            self.reject(never)
+            raise never
         if count == 1:
             parts = [request]
         else:
@@ -184,6 +172,22 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
             lane.wake(parts[-1].parts_n)
         if self._settle_later:
             self._flush()
+        return None
+
+    def _never_fits(self, request: Request, parts: int) -> InvalidInput | None:
+        """Why no queue could ever hold ``request`` (of ``parts`` parts), or None."""
+        config = self.config
+        if parts > config.max_queue_size:
+            return InvalidInput(
+                f"request {request.id} has {request.rows} rows, {parts} batches of max_batch_size={config.call_rows}; "
+                f"max_queue_size={config.max_queue_size} batches is the most one request can take "
+                f"(send at most {config.call_rows * config.max_queue_size} rows per request)"
+            )
+        if request.nbytes > config.max_queue_bytes:
+            return InvalidInput(
+                f"request {request.id} holds {request.nbytes} bytes of inputs, more than "
+                f"max_queue_bytes={config.max_queue_bytes}; split it"
+            )
         return None
 
     def _refusal(self, parts: int, nbytes: int, now: float) -> InferkitError | None:
