@@ -127,8 +127,8 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         max_rows = self.config.call_rows
         count = 1 if request.rows <= max_rows else -(-request.rows // max_rows)
         nbytes = request.nbytes
-        never = self._never_fits(request, count)
-        if never is not None:  # refused before any work per part
+        if count > self.config.max_queue_size or nbytes > self.config.max_queue_bytes:  # before any work per part
+            never = self._never_fits(request, count)
             self.reject(never)
             raise never
         if count == 1:
@@ -174,8 +174,8 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
             self._flush()
         return None
 
-    def _never_fits(self, request: Request, parts: int) -> InvalidInput | None:
-        """Why no queue could ever hold ``request`` (of ``parts`` parts), or None."""
+    def _never_fits(self, request: Request, parts: int) -> InvalidInput:
+        """Why no queue could ever hold ``request`` (of ``parts`` parts)."""
         config = self.config
         if parts > config.max_queue_size:
             return InvalidInput(
@@ -183,21 +183,18 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
                 f"max_queue_size={config.max_queue_size} batches is the most one request can take "
                 f"(send at most {config.call_rows * config.max_queue_size} rows per request)"
             )
-        if request.nbytes > config.max_queue_bytes:
-            return InvalidInput(
-                f"request {request.id} holds {request.nbytes} bytes of inputs, more than "
-                f"max_queue_bytes={config.max_queue_bytes}; split it"
-            )
-        return None
+        return InvalidInput(
+            f"request {request.id} holds {request.nbytes} bytes of inputs, more than "
+            f"max_queue_bytes={config.max_queue_bytes}; split it"
+        )
 
     def _refusal(self, parts: int, nbytes: int, now: float) -> InferkitError | None:
         if self._closing:
             return Closed(f"predictor {self.name!r} is closed")
         limit = self.config.max_queue_size
-        queued = self._set.queued()
+        queued, held = self._set.queued()
         if queued + parts > limit:
             return Overloaded(queued, limit)
-        held = self._set.queued_bytes()
         if held + nbytes > self.config.max_queue_bytes:
             why = (
                 f"queue is full: its requests hold {held} bytes of inputs and {nbytes} more would pass "

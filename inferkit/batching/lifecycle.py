@@ -187,7 +187,7 @@ class Lifecycle:
             for lane in self._set.lanes:
                 for replica in lane.idle:
                     replica.cond.notify()
-            while self._set.queued() or self._running:
+            while self._set.queued()[0] or self._running:
                 left = None if end is None else end - self._clock()
                 if left is not None and left <= 0:
                     break

@@ -150,11 +150,10 @@ class ReplicaSet:
         busy = sum(r.cpu_threads for r in self.all if r.busy and r is not replica)
         return busy > 0 and busy + need > self.cores
 
-    def queued(self) -> int:
-        """Parts queued in every lane."""
-        return sum(ln.count for ln in self.lanes)
-
-    def queued_bytes(self) -> int:
-        """Bytes of the inputs queued in every lane."""
-        lanes = self.lanes
-        return lanes[0].bytes if len(lanes) == 1 else sum(ln.bytes for ln in lanes)
+    def queued(self) -> tuple[int, int]:
+        """Parts queued in every lane, and the bytes of their inputs."""
+        parts = held = 0
+        for ln in self.lanes:  # a loop: this runs for every request
+            parts += ln.count
+            held += ln.bytes
+        return parts, held
