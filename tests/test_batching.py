@@ -136,6 +136,31 @@ def test_arrivals_that_skip_the_queue_still_count_for_the_quiet_rule() -> None:
         batcher.close(WAIT)
 
 
+def test_the_worker_joins_its_next_batch_before_it_wakes_the_last_ones_callers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Woken callers compete for the GIL, so the worker joins the next batch's inputs first and
+    then wakes the finished batch's callers: the model starts again without waiting on them."""
+    log: list[str] = []
+    concatenate = np.concatenate
+
+    def join(arrays: list[np.ndarray], *args: object, **kwargs: object) -> np.ndarray:
+        log.append(f"join {len(arrays)}")
+        return concatenate(arrays, *args, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+    monkeypatch.setattr(np, "concatenate", join)
+    model = Model()
+    batching = BatchConfig(max_batch_size=8, max_delay_ms=60_000)
+    with Predictor(lambda: CallableBackend(model), batching=batching) as p:
+        first = p.submit(rows(BLOCK))
+        assert model.entered.wait(WAIT)
+        first.add_done_callback(lambda _: log.append("woken"))
+        queued = [p.submit(rows(1.0)), p.submit(rows(2.0))]
+        model.release.set()
+        np.testing.assert_array_equal(first.result(WAIT), rows(BLOCK) * 2)
+        for i, f in enumerate(queued, start=1):
+            np.testing.assert_array_equal(f.result(WAIT), rows(float(i)) * 2)
+    assert log.index("join 2") < log.index("woken"), log
+
+
 class _CpuModel(CallableBackend):
     """A callable backend that says it keeps every core of the machine busy while it runs."""
 

@@ -19,13 +19,13 @@ from inferkit.batching import assembly
 from inferkit.batching.config import BatchConfig
 from inferkit.batching.counters import Counters
 from inferkit.batching.deadlines import Deadlines, expired
-from inferkit.batching.execute import Outcome, model_error, run_batch
+from inferkit.batching.execute import Outcome, model_error, run_batch, try_join
 from inferkit.batching.failures import Failures
 from inferkit.batching.lane import Batch, Lane
 from inferkit.batching.lifecycle import Lifecycle
 from inferkit.batching.replicas import ReplicaSet
 from inferkit.batching.reporting import Events, Reporting
-from inferkit.batching.request import DONE, RUNNING, Request, settle_all
+from inferkit.batching.request import DONE, RUNNING, Inputs, Request, settle_all
 from inferkit.errors import Closed, InferkitError, InvalidInput, NoHealthyReplica, Overloaded
 from inferkit.events import BatchDone, Event, RequestsExpired, new_request_id
 from inferkit.pool import PoolConfig, Replica, ReplicaState
@@ -247,14 +247,17 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         if self._settle_later:
             self._flush()
 
-    def _execute(self, batch: Batch, replica: Replica) -> _Result | None:
-        """Run ``batch`` on ``replica`` (no lock held); None when the watchdog settled it first."""
+    def _execute(self, batch: Batch, replica: Replica, inputs: Inputs | None = None) -> _Result | None:
+        """Run ``batch`` on ``replica`` (no lock held); None when the watchdog settled it first.
+
+        ``inputs``: the batch's inputs when the worker joined them already.
+        """
         timeout = self.pool.execution_timeout
         start = self._clock()
         watchdog = None
         if timeout is not None:
             watchdog = self._timer.schedule(start + timeout, lambda: self._on_hang(batch, replica))
-        outcomes, fault = run_batch(batch.requests, replica.backend)
+        outcomes, fault = run_batch(batch.requests, replica.backend, inputs)
         end = self._clock()
         if watchdog is not None:
             self._timer.cancel(watchdog)  # it holds the batch, arrays and all
@@ -394,15 +397,17 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
                     if replica in lane.idle and not replica.busy:
                         lane.idle.remove(replica)
                     continue
-                # The next batch is claimed before the last one's callers are woken: the model
-                # starts again without waiting for them.
+                # The next batch is claimed and joined before the last one's callers are woken:
+                # the model starts again without waiting for them (woken, they take the GIL).
                 self._start(replica, batch)
                 self._lock.release()
                 try:
+                    inputs = None
                     if done:
+                        inputs = try_join(batch.requests)
                         settle_all(done)
                         done = []
-                    result = self._execute(batch, replica)
+                    result = self._execute(batch, replica, inputs)
                 finally:
                     self._lock.acquire()
                 if result is None:  # the watchdog gave up on this call and replaced the replica

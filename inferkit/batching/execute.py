@@ -13,20 +13,23 @@ from typing import Any
 import numpy as np
 
 from inferkit.backends.base import Backend, ReplicaFault
-from inferkit.batching.request import Request
+from inferkit.batching.request import Inputs, Request
 from inferkit.errors import InvalidInput, ModelError
 from inferkit.signature import array_module, is_device_array
 
-__all__ = ["Outcome", "model_error", "run_batch"]
+__all__ = ["Outcome", "model_error", "run_batch", "try_join"]
 
 Outcome = tuple[Request, Any, BaseException | None]
 
 
-def run_batch(requests: list[Request], backend: Backend) -> tuple[list[Outcome], bool]:
-    """Every request's outcome, and whether the backend reported a fault of its own."""
+def run_batch(requests: list[Request], backend: Backend, inputs: Inputs | None = None) -> tuple[list[Outcome], bool]:
+    """Every request's outcome, and whether the backend reported a fault of its own.
+
+    ``inputs``: the batch's inputs already joined (:func:`try_join`), or None to join them here.
+    """
     outcomes: list[Outcome] = []
     try:
-        _run(requests, backend, outcomes)
+        _run(requests, backend, outcomes, inputs)
     except ReplicaFault as exc:  # what has not run yet is retried elsewhere
         ran = {id(r) for r, _, _ in outcomes}
         outcomes.extend((r, None, exc) for r in requests if id(r) not in ran)
@@ -34,9 +37,9 @@ def run_batch(requests: list[Request], backend: Backend) -> tuple[list[Outcome],
     return outcomes, False
 
 
-def _run(requests: list[Request], backend: Backend, outcomes: list[Outcome]) -> None:
+def _run(requests: list[Request], backend: Backend, outcomes: list[Outcome], inputs: Inputs | None = None) -> None:
     try:
-        outputs = _call(requests, backend)
+        outputs = _call(requests, backend, inputs)
     except ReplicaFault:
         raise
     except Exception as exc:  # noqa: BLE001 (any model failure is isolated and typed below)
@@ -51,18 +54,30 @@ def _run(requests: list[Request], backend: Backend, outcomes: list[Outcome]) -> 
     outcomes.extend(outputs)
 
 
-def _call(requests: list[Request], backend: Backend) -> list[Outcome]:
+def try_join(requests: list[Request]) -> Inputs | None:
+    """The batch's inputs joined along the batch axis, or None where they cannot be (``run_batch`` then says why)."""
+    try:
+        return _join(requests)
+    except Exception:  # noqa: BLE001 (run_batch joins again and isolates the request at fault)
+        return None
+
+
+def _join(requests: list[Request]) -> Inputs:
     if len(requests) == 1:
         inputs = requests[0].inputs
         assert inputs is not None
-        rows = requests[0].rows
-    else:
-        names = requests[0].inputs or {}
-        try:
-            inputs = {n: np.concatenate([r.inputs[n] for r in requests]) for n in names}  # type: ignore[index]
-        except (TypeError, ValueError):  # device arrays refuse NumPy: join them with their own library
-            inputs = _on_device(requests, names)
-        rows = sum(r.rows for r in requests)
+        return inputs
+    names = requests[0].inputs or {}
+    try:
+        return {n: np.concatenate([r.inputs[n] for r in requests]) for n in names}  # type: ignore[index]
+    except (TypeError, ValueError):  # device arrays refuse NumPy: join them with their own library
+        return _on_device(requests, names)
+
+
+def _call(requests: list[Request], backend: Backend, inputs: Inputs | None) -> list[Outcome]:
+    if inputs is None:
+        inputs = _join(requests)
+    rows = requests[0].rows if len(requests) == 1 else sum(r.rows for r in requests)
     outputs = backend.run(inputs)
     signature = backend.signature
     if signature is not None:
