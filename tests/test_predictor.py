@@ -287,6 +287,34 @@ class TestFailures:
             # Every part ran and left: a request of exactly the bound is admitted again.
             np.testing.assert_array_equal(p.predict(rows(6.0, n=10)), rows(6.0, n=10) * 2)
 
+    def test_queue_bytes_count_what_strings_hold(self) -> None:
+        """An object array (strings, bytes) counts the bytes its elements hold, not only its pointers,
+        and a split one gives them all back as its parts leave the queue."""
+        entered, release = threading.Event(), threading.Event()
+
+        def text(*values: str) -> np.ndarray:
+            return np.array([[v] for v in values], dtype=object)
+
+        def lengths(x: np.ndarray) -> np.ndarray:
+            if x[0, 0] == "block":
+                entered.set()
+                assert release.wait(WAIT)
+            return np.array([[len(v)] for v in x[:, 0]])
+
+        batching = BatchConfig(max_batch_size=2, max_queue_bytes=200_000)
+        with Predictor(lambda: CallableBackend(lengths), batching=batching) as p:
+            with pytest.raises(InvalidInput, match="max_queue_bytes=200000"):
+                p.submit(text("x" * 300_000))  # 8 bytes of pointer, 300 kB of string
+            blocker = p.submit(text("block"))
+            assert entered.wait(WAIT)
+            split = p.submit(text(*["y" * 30_000] * 5))  # three parts, ~150 kB
+            with pytest.raises(Overloaded, match="max_queue_bytes=200000"):
+                p.submit(text("z" * 60_000))
+            release.set()
+            np.testing.assert_array_equal(split.result(WAIT), [[30_000]] * 5)
+            blocker.result(WAIT)
+            assert p.predict(text("z" * 190_000)).tolist() == [[190_000]]  # all of it came back
+
     def test_deadline_expires_and_never_runs(self) -> None:
         """A queued request whose deadline passes ends in DeadlineExceeded promptly and never runs."""
         p, model = _gated()

@@ -14,7 +14,7 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 from inferkit.batching.assembly import carve
-from inferkit.batching.request import DONE, QUEUED, RUNNING, Request, input_bytes, notify_cancelled
+from inferkit.batching.request import DONE, QUEUED, RUNNING, Request, notify_cancelled
 
 if TYPE_CHECKING:
     from inferkit.batching.config import BatchConfig
@@ -175,9 +175,9 @@ class Lane:
                 chunk, req = req, carve(req)
                 self.count -= 1
                 self.rows -= req.rows
-                left = input_bytes(chunk.inputs)
-                self.bytes -= chunk.nbytes - left
-                chunk.nbytes = left
+                taken = chunk.nbytes * req.rows // (chunk.rows + req.rows)  # by rows: no pass over what is left
+                self.bytes -= taken
+                chunk.nbytes -= taken
             else:
                 heapq.heappop(heap)
                 self.unqueue(req)

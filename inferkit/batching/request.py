@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import sys
 import threading
 from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import Future, InvalidStateError
@@ -53,12 +54,21 @@ class RequestFuture(Future[Any]):
 
 
 def input_bytes(inputs: Inputs | None) -> int:
-    """Bytes of a request's input arrays (views count what they show)."""
+    """Bytes of a request's input arrays (views count what they show).
+
+    An object array (strings, bytes) also counts what its elements hold, not just its pointers.
+    """
     total = 0
     if inputs:
         for a in inputs.values():  # a loop, not sum(generator): this runs for every request
             total += getattr(a, "nbytes", 0)
+            if getattr(a, "dtype", None) is _OBJECT:
+                for v in a.flat:
+                    total += sys.getsizeof(v)
     return total
+
+
+_OBJECT = np.dtype(object)
 
 
 def notify_cancelled(future: Future[Any]) -> bool:
