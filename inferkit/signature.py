@@ -175,12 +175,12 @@ class Signature:
         specs = self.outputs
         if not specs:
             return outputs
-        if len(outputs) != len(specs) or any(spec.name not in outputs for spec in specs):
-            msg = f"the model returned outputs {sorted(outputs)}, but it declares {_names(specs)}"
-            raise ModelError(msg)
         checked = dict(outputs)
-        for spec in specs:
-            arr = outputs[spec.name]
+        for spec in specs:  # loops, not generators: this runs for every batch
+            arr = outputs.get(spec.name, _MISSING)
+            if arr is _MISSING or len(outputs) != len(specs):
+                msg = f"the model returned outputs {sorted(outputs)}, but it declares {_names(specs)}"
+                raise ModelError(msg)
             if type(arr) is np.ndarray and arr.dtype == spec.dtype and _fits(arr.shape, spec.shape):
                 continue
             checked[spec.name] = _output(spec, arr)
@@ -227,7 +227,15 @@ def _onnx_spec(arg: Any, role: str) -> TensorSpec:
 
 
 def _fits(shape: tuple[int, ...], spec: tuple[int | None, ...]) -> bool:
-    return len(shape) == len(spec) and all(want is None or got == want for got, want in zip(shape, spec, strict=True))
+    if len(shape) != len(spec):
+        return False
+    for got, want in zip(shape, spec, strict=True):  # noqa: SIM110 (a loop, not all(generator): it runs per batch)
+        if want is not None and got != want:
+            return False
+    return True
+
+
+_MISSING: Final = object()
 
 
 def _output(spec: TensorSpec, value: Any) -> NDArray[Any]:

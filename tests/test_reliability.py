@@ -256,6 +256,26 @@ class TestOutputs:
             with pytest.raises(ModelError, match=r"output 'y'.*shape \(\d+, 4\)"):
                 bad.result(WAIT)
 
+    def test_missing_or_extra_outputs_are_a_model_error_naming_both_lists(self) -> None:
+        """A callable declared to return ``y`` that returns ``z``, or ``y`` and ``z``: a ModelError
+        that lists what it returned and what it declares; the predictor keeps serving."""
+        spec = [TensorSpec("x", np.float32, (None, 2))]
+        out = [TensorSpec("y", np.float32, (None, 2))]
+
+        def fn(x: np.ndarray) -> dict[str, np.ndarray]:
+            if x[0, 0] == 1:
+                return {"z": x}
+            if x[0, 0] == 2:
+                return {"y": x, "z": x}
+            return {"y": x}
+
+        with Predictor.from_callable(fn, inputs=spec, outputs=out) as p:
+            with pytest.raises(ModelError, match=r"returned outputs \['z'\], but it declares 'y'$"):
+                p.predict(np.ones((1, 2), np.float32))
+            with pytest.raises(ModelError, match=r"returned outputs \['y', 'z'\], but it declares 'y'$"):
+                p.predict(np.full((1, 2), 2, np.float32))
+            np.testing.assert_array_equal(p.predict(np.zeros((1, 2), np.float32)), np.zeros((1, 2), np.float32))
+
     def test_int_overflow_on_cast_is_an_error(self) -> None:
         """An int64 output whose values do not fit the declared int8 is refused, not wrapped."""
         spec = [TensorSpec("x", np.int64, (None, 1))]

@@ -225,10 +225,9 @@ class OnnxBackend:
 
     def run(self, inputs: Mapping[str, Array]) -> Mapping[str, Array]:
         """Run the session on one batch: NumPy in, NumPy out; CuPy in, CuPy out (I/O binding on a GPU)."""
-        if not all(type(a) is np.ndarray for a in inputs.values()) and any(
-            hasattr(a, "__cuda_array_interface__") for a in inputs.values()
-        ):
-            return self._run_device(inputs)
+        for a in inputs.values():  # a loop, not any(generator): this runs for every batch
+            if type(a) is not np.ndarray and hasattr(a, "__cuda_array_interface__"):
+                return self._run_device(inputs)
         feeds = dict(inputs)
         for name in self._strings:
             feeds[name] = _text(name, feeds[name])

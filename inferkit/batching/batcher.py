@@ -87,7 +87,7 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
 
     def next_id(self) -> int:
         """A fresh request id, unique across models and processes (see :func:`~inferkit.events.new_request_id`)."""
-        return new_request_id(self.name)
+        return new_request_id(self._set.name)
 
     def reject(self, error: InferkitError) -> None:
         """Count a request refused before admission (e.g. ``InvalidInput``)."""
