@@ -175,12 +175,13 @@ class Signature:
         specs = self.outputs
         if not specs:
             return outputs
-        checked = dict(outputs)
         for spec in specs:  # loops, not generators: this runs for every batch
-            arr = outputs.get(spec.name, _MISSING)
-            if arr is _MISSING or len(outputs) != len(specs):
+            if len(outputs) != len(specs) or spec.name not in outputs:
                 msg = f"the model returned outputs {sorted(outputs)}, but it declares {_names(specs)}"
                 raise ModelError(msg)
+        checked = dict(outputs)
+        for spec in specs:
+            arr = outputs[spec.name]
             if type(arr) is np.ndarray and arr.dtype == spec.dtype and _fits(arr.shape, spec.shape):
                 continue
             checked[spec.name] = _output(spec, arr)
@@ -233,9 +234,6 @@ def _fits(shape: tuple[int, ...], spec: tuple[int | None, ...]) -> bool:
         if want is not None and got != want:
             return False
     return True
-
-
-_MISSING: Final = object()
 
 
 def _output(spec: TensorSpec, value: Any) -> NDArray[Any]:

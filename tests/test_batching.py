@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from concurrent.futures import CancelledError, wait
 
 import numpy as np
@@ -159,6 +161,33 @@ def test_the_worker_joins_its_next_batch_before_it_wakes_the_last_ones_callers(m
         for i, f in enumerate(queued, start=1):
             np.testing.assert_array_equal(f.result(WAIT), rows(float(i)) * 2)
     assert log.index("join 2") < log.index("woken"), log
+
+
+def test_an_idle_worker_holds_no_batch_it_joined() -> None:
+    """The inputs a worker joined for a batch are dropped once the batch ran, not kept until the next one."""
+    joined: list[tuple[int, weakref.ref[np.ndarray]]] = []
+    model = Model()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        joined.append((len(x), weakref.ref(x)))
+        return model(x)
+
+    batching = BatchConfig(max_batch_size=1024, max_delay_ms=60_000)
+    with Predictor(lambda: CallableBackend(run), batching=batching) as p:
+        first = p.submit(rows(BLOCK))
+        assert model.entered.wait(WAIT)
+        queued = [p.submit(rows(1.0, n=500)), p.submit(rows(2.0, n=500))]
+        model.release.set()
+        for f in [first, *queued]:
+            f.result(WAIT)
+        del first, queued, f
+        deadline = time.monotonic() + WAIT
+        rows_run, batch = joined[-1]
+        assert rows_run == 1000  # the two requests' rows, joined by the worker
+        while batch() is not None and time.monotonic() < deadline:
+            gc.collect()
+            time.sleep(0.01)
+        assert batch() is None  # gone while the worker idles
 
 
 class _CpuModel(CallableBackend):

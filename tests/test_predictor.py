@@ -27,6 +27,7 @@ from inferkit import (
     Overloaded,
     PoolConfig,
     Predictor,
+    TensorSpec,
 )
 
 WAIT = 30  # seconds: a bound on every wait, never expected to be reached
@@ -314,6 +315,46 @@ class TestFailures:
             np.testing.assert_array_equal(split.result(WAIT), [[30_000]] * 5)
             blocker.result(WAIT)
             assert p.predict(text("z" * 190_000)).tolist() == [[190_000]]  # all of it came back
+
+    def test_queue_bytes_walk_object_elements_once_and_no_further_than_needed(self) -> None:
+        """Counting what an object array holds costs at most one pass over its elements, at admission:
+        a broadcast view is walked once per distinct element, the walk stops once the bound is passed,
+        batches cut parts by rows without measuring again, and an element whose size cannot be read
+        is an InvalidInput."""
+        sized = [0]
+
+        class Sized:
+            def __init__(self, size: int) -> None:
+                self.size = size
+
+            def __sizeof__(self) -> int:
+                sized[0] += 1
+                if self.size < 0:
+                    raise ValueError("no size")
+                return self.size
+
+        def column(values: list[object]) -> np.ndarray:
+            a = np.empty((len(values), 1), dtype=object)
+            a[:, 0] = values
+            return a
+
+        spec = [TensorSpec("x", object, (None, 1))]
+        batching = BatchConfig(max_batch_size=4, max_queue_bytes=1_000_000)
+        with Predictor.from_callable(lambda x: np.zeros((len(x), 1)), inputs=spec, batching=batching) as p:
+            view = np.broadcast_to(column([Sized(100)]), (16_000, 1))  # 16,000 elements, one distinct: 1.7 MB
+            with pytest.raises(InvalidInput, match="max_queue_bytes=1000000"):
+                p.predict(view)
+            assert sized[0] == 1
+            sized[0] = 0
+            with pytest.raises(InvalidInput, match="max_queue_bytes=1000000"):
+                p.predict(column([Sized(400_000) for _ in range(100)]))
+            assert sized[0] == 3  # 1.2 MB after three: refused without the other 97
+            sized[0] = 0
+            assert p.predict(column([Sized(1000) for _ in range(10)])).shape == (10, 1)  # three parts
+            assert sized[0] == 10  # once each, at admission
+            with pytest.raises(InvalidInput, match="size cannot be read"):
+                p.predict(column([Sized(-1)]))
+            assert p.stats().rejected == {"InvalidInput": 3}
 
     def test_deadline_expires_and_never_runs(self) -> None:
         """A queued request whose deadline passes ends in DeadlineExceeded promptly and never runs."""

@@ -26,6 +26,7 @@ from inferkit import (
     ModelError,
     PoolConfig,
     Predictor,
+    Signature,
     TensorSpec,
 )
 from inferkit._timer import Timer
@@ -275,6 +276,15 @@ class TestOutputs:
             with pytest.raises(ModelError, match=r"returned outputs \['y', 'z'\], but it declares 'y'$"):
                 p.predict(np.full((1, 2), 2, np.float32))
             np.testing.assert_array_equal(p.predict(np.zeros((1, 2), np.float32)), np.zeros((1, 2), np.float32))
+
+    def test_output_names_are_checked_before_any_output_is_cast(self) -> None:
+        """A renamed output is reported as such even when another output would also fail its check."""
+        sig = Signature(
+            [TensorSpec("x", np.float32, (None, 2))],
+            [TensorSpec("a", np.float32, (None, 2)), TensorSpec("b", np.float32, (None, 2))],
+        )
+        with pytest.raises(ModelError, match=r"returned outputs \['a', 'c'\], but it declares 'a', 'b'"):
+            sig.check_outputs({"a": np.zeros((1, 5), np.float32), "c": np.zeros((1, 2), np.float32)})
 
     def test_int_overflow_on_cast_is_an_error(self) -> None:
         """An int64 output whose values do not fit the declared int8 is refused, not wrapped."""

@@ -24,11 +24,15 @@ def split(request: Request, max_rows: int, count: int, chunks: int) -> list[Requ
     assert request.inputs is not None
     whole = request.split = Split(count)
     first = 0
+    left = request.nbytes  # shared by rows, the last chunk taking the rest: they sum to the request's
     for c in range(chunks):
         n = count // chunks + (c < count % chunks)
         start, stop = first * max_rows, min((first + n) * max_rows, request.rows)
         inputs = {k: v[start:stop] for k, v in request.inputs.items()}
-        chunk = Request(request.id, inputs, stop - start, request.key, request.priority, request.deadline, request.t0)
+        share = left if c == chunks - 1 else request.nbytes * (stop - start) // request.rows
+        left -= share
+        chunk = Request(request.id, inputs, stop - start, request.key, request.priority, request.deadline, request.t0,
+                        share)  # fmt: skip
         chunk.parent, chunk.index, chunk.parts_n, chunk.part_rows = request, first, n, max_rows
         whole.chunks.append(chunk)
         first += n
@@ -37,13 +41,15 @@ def split(request: Request, max_rows: int, count: int, chunks: int) -> list[Requ
 
 
 def carve(chunk: Request) -> Request:
-    """Take the next part off a chunk of several parts (the chunk keeps the rest)."""
+    """Take the next part off a chunk of several parts (the chunk keeps the rest, and its bytes by rows)."""
     assert chunk.inputs is not None
     n = chunk.part_rows
+    taken = chunk.nbytes * n // chunk.rows  # no pass over the elements: it runs under the batcher's lock
     part = Request(chunk.id, {k: v[:n] for k, v in chunk.inputs.items()}, n, chunk.key, chunk.priority,
-                   chunk.deadline, chunk.t0)  # fmt: skip
+                   chunk.deadline, chunk.t0, taken)  # fmt: skip
     part.parent, part.index = chunk.parent, chunk.index
     chunk.inputs = {k: v[n:] for k, v in chunk.inputs.items()}
+    chunk.nbytes -= taken
     chunk.rows -= n
     chunk.index += 1
     chunk.parts_n -= 1

@@ -25,7 +25,7 @@ from inferkit.batching.lane import Batch, Lane
 from inferkit.batching.lifecycle import Lifecycle
 from inferkit.batching.replicas import ReplicaSet
 from inferkit.batching.reporting import Events, Reporting
-from inferkit.batching.request import DONE, RUNNING, Inputs, Request, settle_all
+from inferkit.batching.request import DONE, RUNNING, Inputs, Request, object_bytes, settle_all
 from inferkit.errors import Closed, InferkitError, InvalidInput, NoHealthyReplica, Overloaded
 from inferkit.events import BatchDone, Event, RequestsExpired, new_request_id
 from inferkit.pool import PoolConfig, Replica, ReplicaState
@@ -124,11 +124,17 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         idle and a batch should go now, the batch and the replica are returned, already claimed,
         for the caller to :meth:`run_inline`.
         """
-        max_rows = self.config.call_rows
+        config = self.config
+        max_rows = config.call_rows
         count = 1 if request.rows <= max_rows else -(-request.rows // max_rows)
         nbytes = request.nbytes
-        if count > self.config.max_queue_size or nbytes > self.config.max_queue_bytes:  # before any work per part
+        never = None
+        if count > config.max_queue_size or nbytes > config.max_queue_bytes:  # before any work per part
             never = self._never_fits(request, count)
+        else:
+            never = self._measure(request, config.max_queue_bytes)
+            nbytes = request.nbytes
+        if never is not None:
             self.reject(never)
             raise never
         if count == 1:
@@ -173,6 +179,17 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         if self._settle_later:
             self._flush()
         return None
+
+    def _measure(self, request: Request, limit: int) -> InvalidInput | None:
+        """Add what ``request``'s strings hold to its bytes; why it can never be queued, if so."""
+        try:
+            held = object_bytes(request.inputs, limit - request.nbytes)
+        except Exception as exc:  # noqa: BLE001 (an element's __sizeof__ is the caller's code)
+            return InvalidInput(f"request {request.id}: an input element's size cannot be read ({exc!r})")
+        if not held:
+            return None
+        request.nbytes += held
+        return self._never_fits(request, 1) if request.nbytes > limit else None
 
     def _never_fits(self, request: Request, parts: int) -> InvalidInput:
         """Why no queue could ever hold ``request`` (of ``parts`` parts)."""
@@ -408,6 +425,7 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
                         settle_all(done)
                         done = []
                     result = self._execute(batch, replica, inputs)
+                    inputs = None  # not kept alive while the worker idles
                 finally:
                     self._lock.acquire()
                 if result is None:  # the watchdog gave up on this call and replaced the replica

@@ -172,12 +172,10 @@ class Lane:
                     continue
                 top.state = RUNNING
             if req.parts_n > 1:
-                chunk, req = req, carve(req)
+                req = carve(req)
                 self.count -= 1
                 self.rows -= req.rows
-                taken = chunk.nbytes * req.rows // (chunk.rows + req.rows)  # by rows: no pass over what is left
-                self.bytes -= taken
-                chunk.nbytes -= taken
+                self.bytes -= req.nbytes
             else:
                 heapq.heappop(heap)
                 self.unqueue(req)

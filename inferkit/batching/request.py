@@ -16,7 +16,16 @@ if TYPE_CHECKING:
     from inferkit.batching.lane import Lane
     from inferkit.pool import Replica
 
-__all__ = ["Request", "RequestFuture", "RequestState", "Split", "input_bytes", "notify_cancelled", "settle_all"]
+__all__ = [
+    "Request",
+    "RequestFuture",
+    "RequestState",
+    "Split",
+    "input_bytes",
+    "notify_cancelled",
+    "object_bytes",
+    "settle_all",
+]
 
 Inputs = Mapping[str, np.ndarray[Any, Any]]
 
@@ -54,21 +63,48 @@ class RequestFuture(Future[Any]):
 
 
 def input_bytes(inputs: Inputs | None) -> int:
-    """Bytes of a request's input arrays (views count what they show).
-
-    An object array (strings, bytes) also counts what its elements hold, not just its pointers.
-    """
+    """Bytes of a request's input arrays (views count what they show; object arrays their pointers)."""
     total = 0
     if inputs:
         for a in inputs.values():  # a loop, not sum(generator): this runs for every request
             total += getattr(a, "nbytes", 0)
-            if getattr(a, "dtype", None) is _OBJECT:
-                for v in a.flat:
-                    total += sys.getsizeof(v)
     return total
 
 
-_OBJECT = np.dtype(object)
+def object_bytes(inputs: Inputs | None, room: int) -> int:
+    """What the elements of a request's object arrays (strings, bytes) hold beyond their pointers.
+
+    ``sys.getsizeof`` each, an element counted wherever it appears; a broadcast axis is walked
+    once. The walk stops once the count passes ``room``: enough to refuse the request.
+    """
+    total = 0
+    if inputs:
+        for a in inputs.values():
+            dtype = getattr(a, "dtype", None)
+            if dtype is not None and dtype.kind == "O":
+                total += _held(a, room - total)
+                if total > room:
+                    break
+    return total
+
+
+def _held(a: np.ndarray[Any, Any], room: int) -> int:
+    repeat = 1
+    if 0 in a.strides:  # a broadcast view: its repeated elements are walked once
+        index = []
+        for n, stride in zip(a.shape, a.strides, strict=True):
+            if stride == 0 and n > 1:
+                repeat *= n
+                index.append(slice(0, 1))
+            else:
+                index.append(slice(None))
+        a = a[tuple(index)]
+    total = 0
+    for v in a.flat:
+        total += sys.getsizeof(v)
+        if total * repeat > room:
+            break
+    return total * repeat
 
 
 def notify_cancelled(future: Future[Any]) -> bool:
@@ -142,6 +178,7 @@ class Request:
         priority: int,
         deadline: float | None,
         t0: float,
+        nbytes: int | None = None,
     ) -> None:
         self.id = request_id
         self.inputs = inputs
@@ -152,7 +189,9 @@ class Request:
         self.t0 = t0
         self.state = QUEUED
         self.lane: Lane | None = None
-        self.nbytes = input_bytes(inputs)  # what it holds while queued (a chunk: what it still holds)
+        # What it holds while queued (a chunk: what it still holds); the batcher adds what the
+        # elements of object arrays hold at admission.
+        self.nbytes = input_bytes(inputs) if nbytes is None else nbytes
         self.future: RequestFuture | None = None
         self.waiter: threading.Lock | None = None
         self.awaiter: Callable[[Any, BaseException | None], None] | None = None  # hands the outcome to asyncio
