@@ -132,8 +132,15 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         if count > config.max_queue_size or nbytes > config.max_queue_bytes:  # before any work per part
             never = self._never_fits(request, count)
         else:
-            never = self._measure(request, config.max_queue_bytes)
-            nbytes = request.nbytes
+            try:  # then what strings hold, walked no further than needed to refuse
+                held = object_bytes(request.inputs, config.max_queue_bytes - nbytes)
+            except Exception as exc:  # noqa: BLE001 (an element's __sizeof__ is the caller's code)
+                never = InvalidInput(f"request {request.id}: an input element's size cannot be read ({exc!r})")
+            else:
+                if held:
+                    nbytes = request.nbytes = nbytes + held
+                    if nbytes > config.max_queue_bytes:
+                        never = self._never_fits(request, 1)
         if never is not None:
             self.reject(never)
             raise never
@@ -179,17 +186,6 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         if self._settle_later:
             self._flush()
         return None
-
-    def _measure(self, request: Request, limit: int) -> InvalidInput | None:
-        """Add what ``request``'s strings hold to its bytes; why it can never be queued, if so."""
-        try:
-            held = object_bytes(request.inputs, limit - request.nbytes)
-        except Exception as exc:  # noqa: BLE001 (an element's __sizeof__ is the caller's code)
-            return InvalidInput(f"request {request.id}: an input element's size cannot be read ({exc!r})")
-        if not held:
-            return None
-        request.nbytes += held
-        return self._never_fits(request, 1) if request.nbytes > limit else None
 
     def _never_fits(self, request: Request, parts: int) -> InvalidInput:
         """Why no queue could ever hold ``request`` (of ``parts`` parts)."""

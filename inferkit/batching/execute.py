@@ -75,9 +75,14 @@ def _join(requests: list[Request]) -> Inputs:
 
 
 def _call(requests: list[Request], backend: Backend, inputs: Inputs | None) -> list[Outcome]:
-    if inputs is None:
-        inputs = _join(requests)
-    rows = requests[0].rows if len(requests) == 1 else sum(r.rows for r in requests)
+    if len(requests) == 1:  # no join, no call: a lone caller's path
+        inputs = requests[0].inputs
+        assert inputs is not None
+        rows = requests[0].rows
+    else:
+        if inputs is None:
+            inputs = _join(requests)
+        rows = sum(r.rows for r in requests)
     outputs = backend.run(inputs)
     signature = backend.signature
     if signature is not None:
