@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 import time
 import weakref
@@ -18,6 +19,7 @@ from inferkit import BatchConfig, CallableBackend, DeadlineExceeded, PoolConfig,
 from inferkit.backends.base import usable_cores
 from inferkit.batching import Batcher, Request
 from inferkit.batching.replicas import ReplicaSet
+from inferkit.batching.request import object_bytes
 from inferkit.pool import RoundRobin
 from inferkit.signature import batch_key, normalize_untyped
 
@@ -188,6 +190,18 @@ def test_an_idle_worker_holds_no_batch_it_joined() -> None:
             gc.collect()
             time.sleep(0.01)
         assert batch() is None  # gone while the worker idles
+
+
+def test_object_bytes_counts_strings_and_passes_by_dtypes_that_are_not_numpys() -> None:
+    """What admission adds for object arrays: each element's ``sys.getsizeof``; a torch tensor (its
+    dtype has no ``kind``) or a numeric array adds nothing, and raises nothing."""
+
+    class TorchLike:
+        dtype = "torch.float32"
+
+    texts = np.array([["ab"], [b"cde"]], dtype=object)
+    inputs = {"t": TorchLike(), "x": np.ones((2, 3)), "s": texts}
+    assert object_bytes(inputs, 10**6) == sys.getsizeof("ab") + sys.getsizeof(b"cde")  # type: ignore[arg-type]
 
 
 class _CpuModel(CallableBackend):

@@ -80,8 +80,7 @@ def object_bytes(inputs: Inputs | None, room: int) -> int:
     total = 0
     if inputs:
         for a in inputs.values():
-            dtype = getattr(a, "dtype", None)
-            if dtype is not None and dtype.kind == "O":
+            if getattr(getattr(a, "dtype", None), "kind", None) == "O":  # a torch dtype has no kind
                 total += _held(a, room - total)
                 if total > room:
                     break
