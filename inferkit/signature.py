@@ -175,8 +175,9 @@ class Signature:
         specs = self.outputs
         if not specs:
             return outputs
+        renamed = len(outputs) != len(specs)
         for spec in specs:  # loops, not generators: this runs for every batch
-            if len(outputs) != len(specs) or spec.name not in outputs:
+            if renamed or spec.name not in outputs:
                 msg = f"the model returned outputs {sorted(outputs)}, but it declares {_names(specs)}"
                 raise ModelError(msg)
         checked = dict(outputs)

@@ -111,10 +111,7 @@ class ReplicaSet:
             return self.lanes[0]
         # Loops, not generators: this runs for every request.
         lanes = [ln for ln in self.lanes if self._usable(ln, now)] or self.lanes
-        busy = 0
-        for r in self.all:
-            if r.busy:
-                busy += r.cpu_threads
+        busy = self._busy_cores()
         if busy:
             short = [ln for ln in lanes if ln.rows < full]  # those not holding a full batch already
             lanes = [ln for ln in short if not self._crowds(ln, busy)] or short or lanes
@@ -147,8 +144,16 @@ class ReplicaSet:
         need = replica.cpu_threads
         if not need or self.balancer is not None:
             return False
-        busy = sum(r.cpu_threads for r in self.all if r.busy and r is not replica)
+        busy = self._busy_cores(replica)
         return busy > 0 and busy + need > self.cores
+
+    def _busy_cores(self, other_than: Replica | None = None) -> int:
+        """Cores the busy replicas (but ``other_than``) keep busy; a loop: it runs per request."""
+        busy = 0
+        for r in self.all:
+            if r.busy and r is not other_than:
+                busy += r.cpu_threads
+        return busy
 
     def queued(self) -> tuple[int, int]:
         """Parts queued in every lane, and the bytes of their inputs."""
