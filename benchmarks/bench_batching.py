@@ -48,6 +48,8 @@ next, so the offered load adapts to the server and nothing queues without bound.
     as "added p50", is what inferkit's queueing and hand-off cost per request.
     Then the same with nothing set on either side: ``session.run`` on ONNX
     Runtime's defaults against ``Predictor.from_onnx(model)`` on inferkit's.
+    The two sides of each pair alternate in blocks of 50 calls on one thread
+    over one window, so the machine's drift between cells stays out of "added".
 
 For ``direct``, ``naive`` and ``batched`` both ``intra_op_num_threads=1`` and
 ``2`` are run; the table shows the better one (column ``ORT intra_op``) and the notes
@@ -122,6 +124,7 @@ INTRA_CHOICES = (1, 2)
 LIMIT_BATCHES = (64, 256)
 DRIFT_WARNING = 0.15
 JOIN_TIMEOUT_S = 30.0
+PAIRED_BLOCK = 50  # calls in a row on one side of a paired latency cell
 
 ROW_NAMES = (
     "limit",
@@ -241,6 +244,35 @@ def run_closed_loop(
                 rows += n_rows
     cpu_us = cpu_window / done_in_cpu_window * 1e6 if done_in_cpu_window > 0 else None
     return cell_result(latencies, rows, window_end - window_start, cpu_us)
+
+
+def paired_loop(calls: list[Call], x: FloatArray, cfg: CellConfig) -> list[CellResult]:
+    """One caller alternating ``calls`` in blocks of :data:`PAIRED_BLOCK` calls: a result for each.
+
+    Side by side in one window, so the machine's drift between cells (10-35% here) does not
+    enter their difference. Each call's ``--warmup`` is run first, in turn, unmeasured.
+    """
+    lat: list[list[float]] = [[] for _ in calls]
+    cpu = [0.0 for _ in calls]
+    for call in calls:
+        until = time.perf_counter() + cfg.warmup / len(calls)
+        while time.perf_counter() < until:
+            call(x)
+    start = time.perf_counter()
+    end = start + cfg.seconds
+    while time.perf_counter() < end and sum(map(len, lat)) < cfg.max_requests:
+        for call, times, i in zip(calls, lat, itertools.count(), strict=False):
+            c0 = time.process_time()
+            for _ in range(PAIRED_BLOCK):
+                t0 = time.perf_counter()
+                call(x)
+                times.append(time.perf_counter() - t0)
+            cpu[i] += time.process_time() - c0
+    span = time.perf_counter() - start
+    return [
+        cell_result(times, len(times), span * len(times) / sum(map(len, lat)), c / len(times) * 1e6)
+        for times, c in zip(lat, cpu, strict=True)
+    ]
 
 
 def cell_result(latencies: list[float], rows: int, span: float, cpu_us: float | None) -> CellResult:
@@ -572,24 +604,13 @@ class Bench:
     # ---- latency at concurrency 1
 
     def latency(self) -> list[Row]:
-        x = client_inputs(1, clients=1)
-        direct: list[tuple[CellResult, int]] = []
-        for intra in INTRA_CHOICES:
-            self.log(f"latency: direct session.run, intra {intra}")
-            session = make_session(self.model, intra)
-            direct.append((run_closed_loop(session_call(session), x, self.cfg), intra))
-        best, intra = min(direct, key=lambda t: t[0].p50_ms)
-        d_row = Row(
-            "latency: session.run",
-            "1 x 1",
-            f"{intra} (best p50 of 1,2)",
-            best,
-            throughput=False,
-        )
-        for res, other in direct:
-            if res is not best:
-                d_row.notes.append(f"intra {other}: p50 {res.p50_ms * 1000:.0f} µs")
-        rows = [d_row]
+        x = client_inputs(1, clients=1)[0]
+        self.log("latency: direct session.run, intra 1 and 2")
+        sessions = {intra: make_session(self.model, intra) for intra in INTRA_CHOICES}
+        measured = paired_loop([session_call(s) for s in sessions.values()], x, self.cfg)
+        direct = dict(zip(INTRA_CHOICES, measured, strict=True))
+        intra = min(direct, key=lambda i: direct[i].p50_ms)
+        others = [f"intra {i}: p50 {r.p50_ms * 1000:.0f} µs" for i, r in direct.items() if i != intra]
 
         name = "latency: inferkit predict"
         try:
@@ -599,8 +620,9 @@ class Bench:
         except (ImportError, AttributeError) as exc:
             row = Row(name, "1 x 1", str(intra), throughput=False)
             row.notes.append(f"skipped: inferkit.Predictor unavailable ({exc})")
-            return [*rows, row]
-        self.log(f"latency: inferkit predict, max_delay_ms=0, intra {intra}")
+            best = Row("latency: session.run", "1 x 1", f"{intra} (best p50 of 1,2)", direct[intra], throughput=False)
+            return [best, row]
+        self.log(f"latency: session.run and inferkit predict (max_delay_ms=0), intra {intra}, alternated")
         with predictor_cls.from_onnx(
             self.model,
             max_batch_size=MAX_BATCH,
@@ -609,26 +631,20 @@ class Bench:
             balancing="shared",
             intra_op_threads=intra,
         ) as predictor:
-            res = run_closed_loop(predictor.predict, x, self.cfg)
-        row = Row(name, "1 x 1", str(intra), res, throughput=False)
+            plain, ours = paired_loop([session_call(sessions[intra]), predictor.predict], x, self.cfg)
+        d_row = Row("latency: session.run", "1 x 1", f"{intra} (best p50 of 1,2)", plain, throughput=False)
+        d_row.notes.extend(others)
+        row = Row(name, "1 x 1", str(intra), ours, throughput=False)
         row.notes.append("max_delay_ms=0")
-        rows.append(row)
+        rows = [d_row, row]
 
         # What a user who changes nothing sees: ONNX Runtime's defaults against inferkit's.
-        self.log("latency: session.run and inferkit predict, both with their defaults")
-        plain = ort.InferenceSession(self.model, providers=["CPUExecutionProvider"])
-        rows.append(
-            Row(
-                "latency: session.run, ORT defaults",
-                "1 x 1",
-                "ORT default",
-                run_closed_loop(session_call(plain), x, self.cfg),
-                throughput=False,
-            )
-        )
+        self.log("latency: session.run and inferkit predict, both with their defaults, alternated")
+        session = ort.InferenceSession(self.model, providers=["CPUExecutionProvider"])
         with predictor_cls.from_onnx(self.model) as predictor:
-            res = run_closed_loop(predictor.predict, x, self.cfg)
-        rows.append(Row("latency: inferkit predict, defaults", "1 x 1", "inferkit default", res, throughput=False))
+            plain, ours = paired_loop([session_call(session), predictor.predict], x, self.cfg)
+        rows.append(Row("latency: session.run, ORT defaults", "1 x 1", "ORT default", plain, throughput=False))
+        rows.append(Row("latency: inferkit predict, defaults", "1 x 1", "inferkit default", ours, throughput=False))
         return rows
 
 

@@ -119,6 +119,8 @@ class Signature:
     outputs: tuple[TensorSpec, ...] = attrs.field(default=(), converter=_to_specs)
     # (name, dtype, shape[1:]) when there is one input and no dynamic non-batch dim.
     _fast: tuple[str, np.dtype[Any], tuple[int | None, ...]] | None = attrs.field(init=False, repr=False, eq=False)
+    # Per output: (spec, shape[1:] when no non-batch dim is dynamic, else None).
+    _tails: tuple[tuple[TensorSpec, tuple[int, ...] | None], ...] = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
         if not self.inputs:
@@ -131,6 +133,8 @@ class Signature:
         spec = self.inputs[0]
         fast = len(self.inputs) == 1 and None not in spec.shape[1:]
         object.__setattr__(self, "_fast", (spec.name, spec.dtype, spec.shape[1:]) if fast else None)
+        tails = tuple((o, None if None in o.shape[1:] else o.shape[1:]) for o in self.outputs)
+        object.__setattr__(self, "_tails", tails)
 
     def normalize(self, request: object) -> dict[str, NDArray[Any]]:
         """Check ``request`` against the inputs; return ``{name: array}``, input order.
@@ -180,13 +184,19 @@ class Signature:
             if renamed or spec.name not in outputs:
                 msg = f"the model returned outputs {sorted(outputs)}, but it declares {_names(specs)}"
                 raise ModelError(msg)
-        checked = dict(outputs)
-        for spec in specs:
+        checked = None
+        for spec, tail in self._tails:
             arr = outputs[spec.name]
-            if type(arr) is np.ndarray and arr.dtype == spec.dtype and _fits(arr.shape, spec.shape):
-                continue
+            if type(arr) is np.ndarray and arr.dtype == spec.dtype:
+                if tail is None:
+                    if _fits(arr.shape, spec.shape):
+                        continue
+                elif arr.shape[1:] == tail and arr.ndim:  # a 0-d array has no rows, whatever the tail
+                    continue
+            if checked is None:
+                checked = dict(outputs)
             checked[spec.name] = _output(spec, arr)
-        return checked
+        return outputs if checked is None else checked
 
     @classmethod
     def from_onnx(cls, session: Any) -> Signature:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -144,11 +146,41 @@ class TestOnnxRun:
         np.testing.assert_array_equal(from_path.run({"x": x})["y"], from_bytes.run({"x": x})["y"])
 
     def test_close_drops_the_session(self, mlp_model: bytes) -> None:
-        """``close`` frees the session."""
-        backend = OnnxBackend(mlp_model, providers=CPU)
+        """``close`` frees the session: nothing of the backend keeps ONNX Runtime's compiled one alive."""
+        backend = OnnxBackend(mlp_model, providers=CPU, intra_op_threads=1, wide_threads=2)
+        assert backend._wide is not None
+        compiled = [weakref.ref(backend.session._sess), weakref.ref(backend._wide._sess)]
         backend.close()
         assert backend.session is None
         backend.close()
+        gc.collect()
+        assert [ref() for ref in compiled] == [None, None]
+
+    def test_runs_without_the_python_wrapper(self, mlp_model: bytes) -> None:
+        """A batch goes to the compiled session: the wrapper's ``run`` (checks the signature made) is never called."""
+        backend = OnnxBackend(mlp_model, providers=CPU, intra_op_threads=1, wide_threads=2, wide_rows=8)
+        x = np.ones((8, 4), dtype=np.float32)
+        expected = backend.session.run(None, {"x": x})[0]
+
+        def wrapper(*args: object) -> None:
+            raise AssertionError("the Python wrapper ran")
+
+        backend.session.run = backend._wide.run = wrapper
+        for _ in range(3):  # narrow, then wide for the second full batch in a row
+            np.testing.assert_array_equal(backend.run({"x": x})["y"], expected)
+
+    def test_a_session_without_a_compiled_one_keeps_its_run(self) -> None:
+        """Anything that is not an ``InferenceSession`` (no ``_sess`` inside) is called through its own ``run``."""
+        calls = []
+
+        class Session:
+            def run(self, names: list[str], feeds: dict[str, Any], options: Any) -> list[Any]:
+                calls.append((names, feeds, options))
+                return [feeds["x"]]
+
+        x = np.ones(2)
+        assert onnx_backend._compiled_run(Session())(["y"], {"x": x}, None) == [x]
+        assert calls == [(["y"], {"x": x}, None)]
 
     def test_intra_op_threads_reach_the_session(self, mlp_model: bytes) -> None:
         """``intra_op_threads`` is set on the session's options."""

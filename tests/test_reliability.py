@@ -286,6 +286,20 @@ class TestOutputs:
         with pytest.raises(ModelError, match=r"returned outputs \['a', 'c'\], but it declares 'a', 'b'"):
             sig.check_outputs({"a": np.zeros((1, 5), np.float32), "c": np.zeros((1, 2), np.float32)})
 
+    @pytest.mark.parametrize(
+        ("shape", "declared"),
+        [((), (None,)), ((3,), (None, 2)), ((3, 2, 1), (None, 2)), ((3, 3), (None, 2)), ((3,), (None, None))],
+    )
+    def test_an_output_of_another_shape_is_a_model_error(
+        self, shape: tuple[int, ...], declared: tuple[int | None, ...]
+    ) -> None:
+        """Rank and fixed dims are checked on the exact dtype too (a 0-d array has no rows), fixed or dynamic."""
+        sig = Signature([TensorSpec("x", np.float32, (None, 2))], [TensorSpec("y", np.float32, declared)])
+        with pytest.raises(ModelError, match=r"output 'y': the model returned float32 with shape"):
+            sig.check_outputs({"y": np.zeros(shape, np.float32)})
+        fits = np.zeros((3, *(d or 5 for d in declared[1:])), np.float32)
+        assert sig.check_outputs({"y": fits})["y"] is fits
+
     def test_int_overflow_on_cast_is_an_error(self) -> None:
         """An int64 output whose values do not fit the declared int8 is refused, not wrapped."""
         spec = [TensorSpec("x", np.int64, (None, 1))]

@@ -141,6 +141,8 @@ class OnnxBackend:
             if size <= WIDE_MAX_BYTES:
                 options.intra_op_num_threads = wide_threads
                 self._wide = ort.InferenceSession(source, sess_options=options, providers=list(providers))
+        self._narrow_run: Any = _compiled_run(self.session)
+        self._wide_run: Any = _compiled_run(self._wide) if self._wide is not None else None
         warmed: list[int] = []
         for rows in warmup:
             start = time.perf_counter()
@@ -225,14 +227,17 @@ class OnnxBackend:
 
     def run(self, inputs: Mapping[str, Array]) -> Mapping[str, Array]:
         """Run the session on one batch: NumPy in, NumPy out; CuPy in, CuPy out (I/O binding on a GPU)."""
+        feeds, rows = inputs, 0
         for a in inputs.values():  # a loop, not any(generator): this runs for every batch
             if type(a) is not np.ndarray and hasattr(a, "__cuda_array_interface__"):
                 return self._run_device(inputs)
-        feeds = dict(inputs)
-        for name in self._strings:
-            feeds[name] = _text(name, feeds[name])
-        session = self.session_for(next(iter(feeds.values())).shape[0])
-        return dict(zip(self._outputs, session.run(self._outputs, feeds), strict=True))
+            rows = a.shape[0]
+        if self._strings:
+            feeds = dict(inputs)
+            for name in self._strings:
+                feeds[name] = _text(name, feeds[name])
+        run = self._wide_run if self._widen(rows) else self._narrow_run
+        return dict(zip(self._outputs, run(self._outputs, feeds, None), strict=True))
 
     def session_for(self, rows: int) -> Any:
         """The session a batch of ``rows`` rows runs on: the narrow one, or the wide one.
@@ -243,12 +248,13 @@ class OnnxBackend:
         full batch among small ones is a burst, not a model that is the bound; waking the wide
         session's threads for it would take the callers' cores.
         """
+        return self._wide if self._widen(rows) else self.session
+
+    def _widen(self, rows: int) -> bool:
         full = rows >= self._wide_rows
         streak, self._full = self._full and full, full
         self._rows += 0.1 * (rows - self._rows)
-        if self._wide is not None and (streak or (self._rows < _ALONE and on_caller_thread())):
-            return self._wide
-        return self.session
+        return self._wide is not None and (streak or (self._rows < _ALONE and on_caller_thread()))
 
     def _run_device(self, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
         import cupy as cp  # noqa: PLC0415  (CuPy arrays came in, so it is installed)
@@ -278,7 +284,7 @@ class OnnxBackend:
 
     def close(self) -> None:
         """Drop the session(s)."""
-        self.session = self._wide = None
+        self.session = self._wide = self._narrow_run = self._wide_run = None
 
 
 _ORT_TYPES = {
@@ -287,6 +293,18 @@ _ORT_TYPES = {
     "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
     "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
 }  # fmt: skip
+
+
+def _compiled_run(session: Any) -> Any:
+    """``session.run`` without ONNX Runtime's Python wrapper, whose per-call checks the signature made already.
+
+    The wrapper would also retry a failed GPU provider on the CPU, silently; here that failure
+    is the batch's error. A session without the compiled one inside keeps its own ``run``.
+    """
+    compiled = getattr(session, "_sess", None)
+    if compiled is None or not callable(getattr(compiled, "run", None)):
+        return session.run
+    return compiled.run
 
 
 def _cupy_view(cp: Any, value: Any, gpu: int) -> Any:

@@ -270,14 +270,13 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         watchdog = None
         if timeout is not None:
             watchdog = self._timer.schedule(start + timeout, lambda: self._on_hang(batch, replica))
-        outcomes, fault = run_batch(batch.requests, replica.backend, inputs)
+        outcomes, failed, fault = run_batch(batch.requests, replica.backend, inputs)
         end = self._clock()
         if watchdog is not None:
             self._timer.cancel(watchdog)  # it holds the batch, arrays and all
         if not batch.claim.acquire(blocking=False):
             return None
         if self._events.emit is not None:
-            failed = [o for o in outcomes if o[2] is not None]
             if self._events.verbose():
                 ids = tuple(r.id for r in batch.requests)
                 done = BatchDone(
@@ -334,7 +333,8 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         replica.record_latencies(latencies)
         # A request's own failure says nothing of the replica; only a fault, or a failure that
         # another replica did not repeat, counts against it.
-        if fault or worked:
+        # (A success only resets the failure count and ends an ejection: else it changes nothing.)
+        if fault or (worked and (replica.consecutive_failures or replica.state is ReplicaState.EJECTED)):
             self._health(replica, ok=not fault, now=now)
         for bad in blamed:  # unless ejected since: what failed before the ejection is no failed probe
             if bad in self._set.all and (bad.state is not ReplicaState.EJECTED or now >= bad.ejected_until):

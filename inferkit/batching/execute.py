@@ -22,22 +22,31 @@ __all__ = ["Outcome", "model_error", "run_batch", "try_join"]
 Outcome = tuple[Request, Any, BaseException | None]
 
 
-def run_batch(requests: list[Request], backend: Backend, inputs: Inputs | None = None) -> tuple[list[Outcome], bool]:
-    """Every request's outcome, and whether the backend reported a fault of its own.
+def run_batch(
+    requests: list[Request], backend: Backend, inputs: Inputs | None = None
+) -> tuple[list[Outcome], list[Outcome], bool]:
+    """Every request's outcome, those of them that failed, and whether the backend reported a fault of its own.
 
     ``inputs``: the batch's inputs already joined (:func:`try_join`), or None to join them here.
     """
     outcomes: list[Outcome] = []
+    failed: list[Outcome] = []
     try:
-        _run(requests, backend, outcomes, inputs)
+        _run(requests, backend, outcomes, failed, inputs)
     except ReplicaFault as exc:  # what has not run yet is retried elsewhere
         ran = {id(r) for r, _, _ in outcomes}
-        outcomes.extend((r, None, exc) for r in requests if id(r) not in ran)
-        return outcomes, True
-    return outcomes, False
+        rest = [(r, None, exc) for r in requests if id(r) not in ran]
+        return outcomes + rest, failed + rest, True
+    return outcomes, failed, False
 
 
-def _run(requests: list[Request], backend: Backend, outcomes: list[Outcome], inputs: Inputs | None = None) -> None:
+def _run(
+    requests: list[Request],
+    backend: Backend,
+    outcomes: list[Outcome],
+    failed: list[Outcome],
+    inputs: Inputs | None = None,
+) -> None:
     try:
         outputs = _call(requests, backend, inputs)
     except ReplicaFault:
@@ -46,10 +55,11 @@ def _run(requests: list[Request], backend: Backend, outcomes: list[Outcome], inp
         if len(requests) == 1:
             error = exc if isinstance(exc, InvalidInput) else model_error(requests[0], exc)
             outcomes.append((requests[0], None, error))
+            failed.append(outcomes[-1])
             return
         mid = len(requests) // 2
-        _run(requests[:mid], backend, outcomes)
-        _run(requests[mid:], backend, outcomes)
+        _run(requests[:mid], backend, outcomes, failed)
+        _run(requests[mid:], backend, outcomes, failed)
         return
     outcomes.extend(outputs)
 

@@ -214,7 +214,8 @@ class Request:
 
     def settle(self) -> None:
         """Deliver ``value`` or ``error`` to whoever waits (called once, outside any lock)."""
-        self.forget_deadline()
+        if self.expiry is not None:
+            self.forget_deadline()
         fut = self.future
         if fut is not None:
             fut._on_cancel = None  # break the request <-> future cycle so the GC never has to
