@@ -148,8 +148,8 @@ class TestOnnxRun:
     def test_close_drops_the_session(self, mlp_model: bytes) -> None:
         """``close`` frees the session: nothing of the backend keeps ONNX Runtime's compiled one alive."""
         backend = OnnxBackend(mlp_model, providers=CPU, intra_op_threads=1, wide_threads=2)
-        assert backend._wide is not None
-        compiled = [weakref.ref(backend.session._sess), weakref.ref(backend._wide._sess)]
+        assert backend._sessions.wide is not None
+        compiled = [weakref.ref(backend.session._sess), weakref.ref(backend._sessions.wide._sess)]
         backend.close()
         assert backend.session is None
         backend.close()
@@ -165,22 +165,53 @@ class TestOnnxRun:
         def wrapper(*args: object) -> None:
             raise AssertionError("the Python wrapper ran")
 
-        backend.session.run = backend._wide.run = wrapper
+        backend.session.run = backend._sessions.wide.run = wrapper
         for _ in range(3):  # narrow, then wide for the second full batch in a row
             np.testing.assert_array_equal(backend.run({"x": x})["y"], expected)
 
-    def test_a_session_without_a_compiled_one_keeps_its_run(self) -> None:
-        """Anything that is not an ``InferenceSession`` (no ``_sess`` inside) is called through its own ``run``."""
-        calls = []
+    def test_runs_on_the_session_after_its_providers_are_reset(self, mlp_model: bytes) -> None:
+        """``set_providers`` (ONNX Runtime's fallback calls it too) builds a new compiled session: batches run on it."""
+        backend = OnnxBackend(mlp_model, providers=CPU)
+        x = np.ones((2, 4), dtype=np.float32)
+        expected = backend.run({"x": x})["y"]
+        old = weakref.ref(backend.session._sess)
+        backend.session.set_providers(CPU)
+        np.testing.assert_array_equal(backend.run({"x": x})["y"], expected)
+        gc.collect()
+        assert old() is None
 
-        class Session:
-            def run(self, names: list[str], feeds: dict[str, Any], options: Any) -> list[Any]:
-                calls.append((names, feeds, options))
-                return [feeds["x"]]
+    def test_a_provider_failure_gets_the_wrappers_fallback(self, mlp_model: bytes) -> None:
+        """A run that fails in its execution provider (``EPFail``) is retried by ONNX Runtime's wrapper, as before."""
+        backend = OnnxBackend(mlp_model, providers=CPU)
+        x = np.ones((2, 4), dtype=np.float32)
+        expected = backend.run({"x": x})["y"]
 
-        x = np.ones(2)
-        assert onnx_backend._compiled_run(Session())(["y"], {"x": x}, None) == [x]
-        assert calls == [(["y"], {"x": x}, None)]
+        class Failing:  # ONNX Runtime's compiled session, whose provider fails every run
+            def __init__(self, real: Any) -> None:
+                self.real = real
+
+            def run(self, *args: object) -> None:
+                raise ort.capi.onnxruntime_pybind11_state.EPFail("the provider failed")
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.real, name)
+
+        backend.session._sess = Failing(backend.session._sess)
+        np.testing.assert_array_equal(backend.run({"x": x})["y"], expected)  # the wrapper rebuilt it, on the CPU
+        assert not isinstance(backend.session._sess, Failing)
+
+    def test_inputs_not_named_as_the_models_get_the_wrappers_error(self) -> None:
+        """Missing (even one no node reads), extra or no inputs: ONNX Runtime's wrapper checks them and says which."""
+        spec = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3]) for n in ("a", "b")]
+        out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])]
+        graph = helper.make_graph([helper.make_node("Identity", ["a"], ["y"])], "unused_b", spec, out)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+        backend = OnnxBackend(model.SerializeToString(), providers=CPU)
+        a = np.ones((2, 3), dtype=np.float32)
+        np.testing.assert_array_equal(backend.run({"a": a, "b": a})["y"], a)
+        for feeds in ({}, {"a": a}, {"a": a, "c": a}, {"a": a, "b": a, "c": a}):
+            with pytest.raises((ValueError, ort.capi.onnxruntime_pybind11_state.InvalidArgument), match=r"[Ii]nput"):
+                backend.run(feeds)
 
     def test_intra_op_threads_reach_the_session(self, mlp_model: bytes) -> None:
         """``intra_op_threads`` is set on the session's options."""

@@ -117,6 +117,8 @@ class OnnxBackend:
         self.session = ort.InferenceSession(source, sess_options=options, providers=list(providers))
         self._signature = Signature.from_onnx(self.session)
         self._outputs = [o.name for o in self._signature.outputs]
+        self._inputs = {s.name for s in self._signature.inputs}
+        self._ep_fail: type[Exception] = ort.capi.onnxruntime_pybind11_state.EPFail
         self._strings = [s.name for s in self._signature.inputs if s.dtype.kind == "O"]
         first = self.session.get_providers()[0]
         self._device = _DEVICES.get(first, "cpu")
@@ -131,18 +133,14 @@ class OnnxBackend:
             self.stream = None
         self.cpu_threads = 0 if self._device != "cpu" else options.intra_op_num_threads or usable_cores()
         """Cores a run keeps busy: its intra-op threads (0 on a GPU); see :func:`.base.cpu_threads`."""
-        self._wide: Any = None
-        self._wide_rows = wide_rows
-        self._full = False  # whether the last batch was full
-        self._rows = 1.0  # rows per batch, smoothed
+        wide = None
         narrow = intra_op_threads or 0
         if session_options is None and wide_threads is not None and wide_threads > narrow > 0 and self._device == "cpu":
             size = len(model) if isinstance(model, bytes) else Path(model).stat().st_size
             if size <= WIDE_MAX_BYTES:
                 options.intra_op_num_threads = wide_threads
-                self._wide = ort.InferenceSession(source, sess_options=options, providers=list(providers))
-        self._narrow_run: Any = _compiled_run(self.session)
-        self._wide_run: Any = _compiled_run(self._wide) if self._wide is not None else None
+                wide = ort.InferenceSession(source, sess_options=options, providers=list(providers))
+        self._sessions: Any = _Widths(self.session, wide, wide_rows)
         warmed: list[int] = []
         for rows in warmup:
             start = time.perf_counter()
@@ -211,8 +209,9 @@ class OnnxBackend:
             dims = tuple(d for d in spec.shape[1:] if d is not None)
             feeds[spec.name] = np.zeros((rows, *dims), dtype=spec.dtype)
         self.session.run(self._outputs, feeds)
-        if self._wide is not None and rows >= self._wide_rows:
-            self._wide.run(self._outputs, feeds)
+        wide = self._sessions.wide
+        if wide is not None and rows >= self._sessions.wide_rows:
+            wide.run(self._outputs, feeds)
         return True
 
     @property
@@ -226,35 +225,33 @@ class OnnxBackend:
         return self._device
 
     def run(self, inputs: Mapping[str, Array]) -> Mapping[str, Array]:
-        """Run the session on one batch: NumPy in, NumPy out; CuPy in, CuPy out (I/O binding on a GPU)."""
-        feeds, rows = inputs, 0
+        """Run the session on one batch: NumPy in, NumPy out; CuPy in, CuPy out (I/O binding on a GPU).
+
+        Inputs named exactly as the model's go to ONNX Runtime's compiled session, past its
+        Python wrapper's per-call checks; other names go through the wrapper, which says what is
+        wrong. A provider failure (``EPFail``) is run again through the wrapper, which retries
+        it on its fallback providers, as it always did.
+        """
         for a in inputs.values():  # a loop, not any(generator): this runs for every batch
             if type(a) is not np.ndarray and hasattr(a, "__cuda_array_interface__"):
                 return self._run_device(inputs)
-            rows = a.shape[0]
+        if inputs.keys() != self._inputs:
+            return dict(zip(self._outputs, self.session.run(self._outputs, dict(inputs)), strict=True))
+        feeds = inputs
         if self._strings:
             feeds = dict(inputs)
             for name in self._strings:
                 feeds[name] = _text(name, feeds[name])
-        run = self._wide_run if self._widen(rows) else self._narrow_run
-        return dict(zip(self._outputs, run(self._outputs, feeds, None), strict=True))
+        session = self._sessions.session_for(next(iter(inputs.values())).shape[0])
+        try:
+            outputs = getattr(session, "_sess", session).run(self._outputs, feeds, None)
+        except self._ep_fail:
+            outputs = session.run(self._outputs, feeds)
+        return dict(zip(self._outputs, outputs, strict=True))
 
     def session_for(self, rows: int) -> Any:
-        """The session a batch of ``rows`` rows runs on: the narrow one, or the wide one.
-
-        The wide one for a full batch after a full batch, or for a batch its caller runs on its
-        own thread while batches average under 1.5 rows (callers one at a time, each blocked on
-        the model; a server's event loop is not, so batches on a worker thread never count). One
-        full batch among small ones is a burst, not a model that is the bound; waking the wide
-        session's threads for it would take the callers' cores.
-        """
-        return self._wide if self._widen(rows) else self.session
-
-    def _widen(self, rows: int) -> bool:
-        full = rows >= self._wide_rows
-        streak, self._full = self._full and full, full
-        self._rows += 0.1 * (rows - self._rows)
-        return self._wide is not None and (streak or (self._rows < _ALONE and on_caller_thread()))
+        """The session a batch of ``rows`` rows runs on: the narrow one, or the wide one (see :class:`_Widths`)."""
+        return self._sessions.session_for(rows)
 
     def _run_device(self, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
         import cupy as cp  # noqa: PLC0415  (CuPy arrays came in, so it is installed)
@@ -284,7 +281,7 @@ class OnnxBackend:
 
     def close(self) -> None:
         """Drop the session(s)."""
-        self.session = self._wide = self._narrow_run = self._wide_run = None
+        self.session = self._sessions = None
 
 
 _ORT_TYPES = {
@@ -295,16 +292,33 @@ _ORT_TYPES = {
 }  # fmt: skip
 
 
-def _compiled_run(session: Any) -> Any:
-    """``session.run`` without ONNX Runtime's Python wrapper, whose per-call checks the signature made already.
+class _Widths:
+    """A backend's narrow session and, on the CPU, a wide one: which of them runs each batch.
 
-    The wrapper would also retry a failed GPU provider on the CPU, silently; here that failure
-    is the batch's error. A session without the compiled one inside keeps its own ``run``.
+    The wide one for a full batch after a full batch, or for a batch its caller runs on its
+    own thread while batches average under 1.5 rows (callers one at a time, each blocked on
+    the model; a server's event loop is not, so batches on a worker thread never count). One
+    full batch among small ones is a burst, not a model that is the bound; waking the wide
+    session's threads for it would take the callers' cores.
     """
-    compiled = getattr(session, "_sess", None)
-    if compiled is None or not callable(getattr(compiled, "run", None)):
-        return session.run
-    return compiled.run
+
+    __slots__ = ("_full", "_rows", "narrow", "wide", "wide_rows")
+
+    def __init__(self, narrow: Any, wide: Any, wide_rows: int) -> None:
+        self.narrow = narrow
+        self.wide = wide
+        self.wide_rows = wide_rows
+        self._full = False  # whether the last batch was full
+        self._rows = 1.0  # rows per batch, smoothed
+
+    def session_for(self, rows: int) -> Any:
+        """The session a batch of ``rows`` rows runs on; counts the batch."""
+        full = rows >= self.wide_rows
+        streak, self._full = self._full and full, full
+        self._rows += 0.1 * (rows - self._rows)
+        if self.wide is not None and (streak or (self._rows < _ALONE and on_caller_thread())):
+            return self.wide
+        return self.narrow
 
 
 def _cupy_view(cp: Any, value: Any, gpu: int) -> Any:

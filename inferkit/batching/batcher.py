@@ -274,7 +274,7 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         end = self._clock()
         if watchdog is not None:
             self._timer.cancel(watchdog)  # it holds the batch, arrays and all
-        if not batch.claim.acquire(blocking=False):
+        if not batch.claim.acquire(False):  # noqa: FBT003 (a keyword costs a parse per batch)
             return None
         if self._events.emit is not None:
             if self._events.verbose():
