@@ -30,6 +30,7 @@ import bench_server as bs
 
 WARMUP_S = 1.0
 START_DELAY_S = 2.0  # client processes import tritonclient before the first scheduled send
+ANSWER_WAIT_S = 30.0  # after the last send, for the answers still due
 
 
 def client_main(url: str, rate: float, seconds: float, start_at: float) -> None:
@@ -51,7 +52,7 @@ def client_main(url: str, rate: float, seconds: float, start_at: float) -> None:
         due = t0 + i / rate
         time.sleep(max(0.0, due - time.perf_counter()))
 
-        def done(_result: Any, error: Any, due: float = due) -> None:
+        def done(result: Any, error: Any, due: float = due) -> None:  # noqa: ARG001 (passed by name)
             took = time.perf_counter() - due
             with lock:
                 if error is None:
@@ -61,7 +62,8 @@ def client_main(url: str, rate: float, seconds: float, start_at: float) -> None:
             answered.release()
 
         client.async_infer(bs.MODEL, [inp], done, outputs=outputs)
-    lost = sum(not answered.acquire(timeout=30) for _ in range(count))
+    wait_until = time.monotonic() + ANSWER_WAIT_S  # one bound for all: a lost answer costs no more
+    lost = sum(not answered.acquire(timeout=max(0.0, wait_until - time.monotonic())) for _ in range(count))
     client.close()
     print(json.dumps({"latencies_ms": latencies, "errors": errors[0] + lost}))
 
