@@ -6,7 +6,8 @@ slower server's. Here each server gets the same fixed rate of requests (``--rate
 total, spread over ``--procs`` client processes with ``tritonclient.grpc``'s ``async_infer``),
 sent on schedule whatever the answers do, and a request's latency runs from its scheduled send
 to its answer (no coordinated omission: a stalled server is charged for every request it
-delayed). Servers, model and batching are ``bench_server.py``'s; each (rate, server) cell
+delayed); "server CPU" is the server's whole process tree's CPU time over the measured
+requests. Servers, model and batching are ``bench_server.py``'s; each (rate, server) cell
 starts its own server, warms up for a second at the rate, then measures ``--seconds``; the two
 servers alternate, ``--rounds`` times.
 
@@ -84,15 +85,19 @@ def measure(key: str, rate: float, args: argparse.Namespace, work: Path) -> str:
             start_at = time.time() + START_DELAY_S
             argv = [sys.executable, __file__, "--client", url, repr(rate / args.procs), repr(seconds), repr(start_at)]
             procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(args.procs)]
+            cpu = server.cpu_s()
             results = [json.loads(p.communicate(timeout=seconds + 90)[0]) for p in procs]
+            cpu = server.cpu_s() - cpu
     finally:
         server.stop(10.0)
     latencies = np.array([ms for r in results for ms in r["latencies_ms"]])
     errors = sum(r["errors"] for r in results)
     if not len(latencies):
-        return f"| {rate:,.0f} | {bs.SERVERS[key]} | - | - | - | - | {errors} |"
+        return f"| {rate:,.0f} | {bs.SERVERS[key]} | - | - | - | - | - | {errors} |"
     p50, p90, p99 = np.percentile(latencies, [50, 90, 99])
-    return f"| {rate:,.0f} | {bs.SERVERS[key]} | {len(latencies):,} | {p50:.1f} | {p90:.1f} | {p99:.1f} | {errors} |"
+    per = cpu / len(latencies) * 1e6
+    cells = f"{len(latencies):,} | {p50:.1f} | {p90:.1f} | {p99:.1f} | {per:.0f} | {errors}"
+    return f"| {rate:,.0f} | {bs.SERVERS[key]} | {cells} |"
 
 
 def main() -> int:
@@ -107,8 +112,8 @@ def main() -> int:
     parser.add_argument("--startup-timeout", type=float, default=60.0)
     args = parser.parse_args()
     servers = [k for k in ("inferkit", "pytriton") if k == "inferkit" or bs.VENVS[k].exists()]
-    print("| offered req/s | server | answered | p50 ms | p90 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|")
+    print("| offered req/s | server | answered | p50 ms | p90 ms | p99 ms | server CPU µs/req | errors |")
+    print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as work:
         for _ in range(args.rounds):
             for rate in (float(r) for r in args.rates.split(",")):
