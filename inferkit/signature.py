@@ -204,10 +204,10 @@ class Signature:
 
         Anything with its ``get_inputs()``/``get_outputs()`` works. Symbolic or
         unknown dims become ``None``; axis 0 is always the batch. Raises ``ValueError``
-        for an input that is not a supported tensor or has no batch axis, and for an output
-        that is no tensor at all (a sequence or a map, such as skl2onnx's ZipMap), which
-        inferkit could never return. If an output is a tensor without a batch axis (a
-        scalar), ``outputs`` is left empty: unknown.
+        for an input or an output that is not a supported tensor or has no batch axis (a
+        scalar): an output that is no tensor at all (a sequence or a map, such as skl2onnx's
+        ZipMap) or that cannot be split into one result per request could never be returned,
+        so the model is refused at load rather than served to fail every request.
         """
         inputs = [_onnx_spec(arg, "input") for arg in session.get_inputs()]
         for arg in session.get_outputs():
@@ -218,10 +218,7 @@ class Signature:
                     "to_onnx(model, X, options={'zipmap': False}) gives probabilities as a float tensor)"
                 )
                 raise ValueError(msg)
-        try:
-            outputs = [_onnx_spec(arg, "output") for arg in session.get_outputs()]
-        except ValueError:  # a partial list of outputs would read as complete
-            outputs = []
+        outputs = [_onnx_spec(arg, "output") for arg in session.get_outputs()]
         return cls(inputs, outputs)
 
 

@@ -492,6 +492,28 @@ class TestFromOnnx:
         with pytest.raises(ValueError, match=r"model output 'seq' is a seq\(tensor\(float\)\), not a tensor"):
             Signature.from_onnx(session)
 
+    @pytest.mark.parametrize(("dims", "why"), [([], "has rank 0; inferkit needs a batch axis"), (["N", 2], None)])
+    def test_an_output_without_a_batch_axis_is_refused_at_load(self, dims: list[Any], why: str | None) -> None:
+        """A scalar output (a sum over the batch) cannot be split per request: refused at load, naming it."""
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])
+        s = helper.make_tensor_value_info("s", TensorProto.FLOAT, dims)
+        node = (
+            helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0)
+            if not dims
+            else helper.make_node("Identity", ["x"], ["s"])
+        )
+        model = helper.make_model(
+            helper.make_graph([node], "g", [x], [s]), opset_imports=[helper.make_opsetid("", 17)], ir_version=9
+        )
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        if why is None:
+            assert [o.name for o in Signature.from_onnx(session).outputs] == ["s"]
+            return
+        with pytest.raises(ValueError, match=f"model output 's' {why}"):
+            Signature.from_onnx(session)
+        with pytest.raises(ValueError, match=f"model output 's' {why}"):
+            inferkit.Predictor.from_onnx(model.SerializeToString())
+
     def test_skl2onnx_default_classifier_is_refused_with_the_fix(self) -> None:
         """skl2onnx's default classifier (ZipMap: a sequence of maps) fails at load, naming zipmap=False."""
         from skl2onnx import to_onnx
