@@ -228,7 +228,7 @@ def _onnx_spec(arg: Any, role: str) -> TensorSpec:
         raise ValueError(f"model {role} {arg.name!r} has unsupported type {arg.type}")
     dims = list(arg.shape or ())
     if not dims:
-        msg = f"model {role} {arg.name!r} has rank 0; inferkit needs a batch axis"
+        msg = f"model {role} {arg.name!r} has rank 0 (or a rank ONNX Runtime cannot tell); inferkit needs a batch axis"
         raise ValueError(msg)
     # A str is a symbolic dim; None (or -1 from some exporters) an unknown one.
     tail = (d if type(d) is int and d >= 0 else None for d in dims[1:])

@@ -141,6 +141,22 @@ class TestBench:
         assert "recommended (p99 <= 1000 ms" in out
         assert "--max-batch-size 8 --max-delay-ms 0.5 --replicas 1" in out
 
+    def test_a_model_it_cannot_serve_is_refused_with_why(self, tmp_path: Path) -> None:
+        """A model whose output has no batch axis: exit 2 and the reason, not a traceback."""
+        graph = helper.make_graph(
+            [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0)],
+            "sum",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+            [helper.make_tensor_value_info("s", TensorProto.FLOAT, [])],
+        )
+        model = tmp_path / "sum.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), model)
+        proc = _cli("bench", str(model), "--concurrency", "1", "--rows", "1", "--duration-s", "0.05")
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 2, err
+        assert err.startswith("inferkit bench: model output 's' has rank 0"), err
+        assert "Traceback" not in err
+
     def test_bad_list_refused(self, tmp_path: Path) -> None:
         """A concurrency of 0 is refused by the parser."""
         proc = _cli("bench", str(_model(tmp_path / "m.onnx")), "--concurrency", "0")

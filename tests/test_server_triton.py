@@ -26,7 +26,7 @@ from inferkit import PoolConfig, Predictor, Router, TensorSpec
 from inferkit.cli import main
 from inferkit.server import Repository, ServedModel
 from inferkit.server.config import load
-from inferkit.server.control import RepositoryControl
+from inferkit.server.control import LoadFailed, RepositoryControl
 from inferkit.server.run import InferenceServer
 
 WAIT = 30  # seconds: a bound on every wait, never expected to be reached
@@ -427,6 +427,28 @@ def _onnx(path: Path, scale: float) -> Path:
 
 class TestConfigLoader:
     """``[server] repository_control``: a load rebuilds a model of the config, within its directory."""
+
+    def test_a_version_that_does_not_load_leaves_nothing_open(self, tmp_path: Path) -> None:
+        """Version 2's file is no model: the load fails, and version 1, built first, is closed (its threads end)."""
+        _onnx(tmp_path / "one.onnx", 1)
+        (tmp_path / "two.onnx").write_bytes(b"not a model")
+        config = tmp_path / "models.toml"
+        config.write_text('[[models]]\nname = "m"\nversions.1 = { path = "one.onnx" }\n')
+        loaded = load(config)
+        loaded.repository.close()
+        loader = loaded.control.loader
+        assert loader is not None
+        loader.specs["m"] = {"name": "m", "versions": {"1": {"path": "one.onnx"}, "2": {"path": "two.onnx"}}}
+        with pytest.raises(LoadFailed, match=r"failed to load 'm', m\.versions\.2: .*two\.onnx does not load"):
+            loader("m", {})
+        # conftest's thread guard fails this test if the version 1 the load built outlives it
+
+    def test_serve_refuses_a_file_that_is_no_model(self, tmp_path: Path, capsys: Any) -> None:
+        """``inferkit serve bad.onnx``: exit 2 naming the file, not a traceback."""
+        bad = tmp_path / "bad.onnx"
+        bad.write_bytes(b"not a model")
+        assert main(["serve", str(bad), "--grpc-port", "-1", "--port", "0"]) == 2
+        assert "bad.onnx does not load: InvalidProtobuf" in capsys.readouterr().err
 
     def test_new_path_version_and_settings(
         self, start: Callable[..., Clients], tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -229,8 +229,8 @@ class OnnxBackend:
 
         Inputs named exactly as the model's go to ONNX Runtime's compiled session, past its
         Python wrapper's per-call checks; other names go through the wrapper, which says what is
-        wrong. A provider failure (``EPFail``) is run again through the wrapper, which retries
-        it on its fallback providers, as it always did.
+        wrong. A provider failure (``EPFail``) is run again through the wrapper while its
+        one fallback to other providers is still unused, as it always was.
         """
         for a in inputs.values():  # a loop, not any(generator): this runs for every batch
             if type(a) is not np.ndarray and hasattr(a, "__cuda_array_interface__"):
@@ -246,7 +246,9 @@ class OnnxBackend:
         try:
             outputs = getattr(session, "_sess", session).run(self._outputs, feeds, None)
         except self._ep_fail:
-            outputs = session.run(self._outputs, feeds)
+            if not getattr(session, "_enable_fallback", False):  # the wrapper would only fail again
+                raise
+            outputs = session.run(self._outputs, feeds)  # it retries once on its fallback providers
         return dict(zip(self._outputs, outputs, strict=True))
 
     def session_for(self, rows: int) -> Any:

@@ -49,8 +49,9 @@ def _bench(args: argparse.Namespace) -> int:
             duration_s=args.duration_s,
             **{k: v for k, v in options.items() if v is not None},
         )
-    except ValueError as error:
+        report = bench(args.model, config)
+    except ValueError as error:  # a bad option, or a model inferkit cannot serve (from_onnx says why)
         print(f"inferkit bench: {error}", file=sys.stderr)
         return 2
-    print(render(bench(args.model, config), config))
+    print(render(report, config))
     return 0

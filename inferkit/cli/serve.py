@@ -199,24 +199,30 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"inferkit serve: no model file at {args.model}", file=sys.stderr)
             return 2
         else:
-            predictor = Predictor.from_onnx(
-                args.model,
-                batching=BatchConfig(
-                    max_batch_size=args.max_batch_size,
-                    max_delay_ms=args.max_delay_ms,
-                    max_queue_size=args.max_queue_size,
-                    max_queue_bytes=args.max_queue_bytes,
-                ),
-                pool=PoolConfig(
-                    replicas=args.replicas,
-                    execution_timeout=args.execution_timeout,
-                    eject_after=args.eject_after,
-                    cooldown=args.eject_cooldown,
-                    max_cooldown=args.eject_max_cooldown,
-                    max_ejected_fraction=args.max_ejected_fraction,
-                ),
-                name=args.name,
-            )
+            try:
+                predictor = Predictor.from_onnx(
+                    args.model,
+                    batching=BatchConfig(
+                        max_batch_size=args.max_batch_size,
+                        max_delay_ms=args.max_delay_ms,
+                        max_queue_size=args.max_queue_size,
+                        max_queue_bytes=args.max_queue_bytes,
+                    ),
+                    pool=PoolConfig(
+                        replicas=args.replicas,
+                        execution_timeout=args.execution_timeout,
+                        eject_after=args.eject_after,
+                        cooldown=args.eject_cooldown,
+                        max_cooldown=args.eject_max_cooldown,
+                        max_ejected_fraction=args.max_ejected_fraction,
+                    ),
+                    name=args.name,
+                )
+            except (ValueError, OSError):
+                raise
+            except Exception as error:  # ONNX Runtime's own (InvalidProtobuf, Fail): a file that is no model it reads
+                msg = f"{args.model} does not load: {type(error).__name__}: {error}"
+                raise ConfigError(msg) from error
             repository = opened = Repository({predictor.name: predictor})
             if args.max_replicas is not None:
                 scaling = AutoscaleConfig(

@@ -112,6 +112,9 @@ def _predictor(spec: Mapping[str, Any], where: str, base: Path, name: str) -> Pr
             raise
         msg = f"{where}.pipeline.{step}: {error.__cause__}"
         raise ConfigError(msg) from error.__cause__
+    except Exception as error:  # ONNX Runtime's own (InvalidProtobuf, Fail): a file that is no model it reads
+        msg = f"{where}: {path} does not load: {type(error).__name__}: {error}"
+        raise ConfigError(msg) from error
     if autoscale is not None:
         Autoscaler(predictor, autoscale).start()  # its thread ends once the predictor is closed
     return predictor
@@ -313,7 +316,7 @@ class ModelLoader:
             opened: list[Predictive] = []
             try:
                 return served_model({**spec, "name": name, "versions": versions}, name, self.base, opened)
-            except ConfigError:
+            except Exception:  # a version that does not load: close the ones that did
                 for target in opened:
                     target.close()
                 raise
