@@ -246,6 +246,22 @@ class TestOnnxWarmup:
         backend = OnnxBackend(mlp_model, providers=CPU, session_options=profiled(tmp_path))
         assert [e["name"] for e in profile_of(backend)].count("model_run") == 0
 
+    def test_an_output_whose_first_axis_is_no_batch_axis_is_refused(self) -> None:
+        """A sum over the batch (shape [4] for any batch): the warm-up sees it and refuses the model, naming it."""
+        graph = helper.make_graph(
+            [helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=0)],
+            "column_sums",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+            [helper.make_tensor_value_info("s", TensorProto.FLOAT, [4])],
+            initializer=[numpy_helper.from_array(np.array([0], dtype=np.int64), "axes")],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
+        with pytest.raises(ValueError, match=r"model output 's' has shape \(4,\) for a batch of 1 rows"):
+            OnnxBackend(model, providers=CPU, warmup=(1, 2))
+        with pytest.raises(ValueError, match=r"model output 's'.*not a batch axis"):
+            Predictor.from_onnx(model)
+        assert OnnxBackend(model, providers=CPU).warmed == ()  # without a warm-up nothing is run
+
     def test_skipped_for_a_dynamic_non_batch_dim(self, tmp_path: Path) -> None:
         """A model with a dynamic non-batch dim skips warmup instead of guessing a shape."""
         backend = OnnxBackend(ragged_model(), providers=CPU, session_options=profiled(tmp_path), warmup=(1, 8))

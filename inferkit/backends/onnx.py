@@ -208,7 +208,13 @@ class OnnxBackend:
                 return False
             dims = tuple(d for d in spec.shape[1:] if d is not None)
             feeds[spec.name] = np.zeros((rows, *dims), dtype=spec.dtype)
-        self.session.run(self._outputs, feeds)
+        for name, out in zip(self._outputs, self.session.run(self._outputs, feeds), strict=True):
+            if out.ndim == 0 or out.shape[0] != rows:  # every request would fail: say so at load
+                msg = (
+                    f"model output {name!r} has shape {out.shape} for a batch of {rows} rows: its first axis is "
+                    "not a batch axis; inferkit returns one output row per input row"
+                )
+                raise ValueError(msg)
         wide = self._sessions.wide
         if wide is not None and rows >= self._sessions.wide_rows:
             wide.run(self._outputs, feeds)
