@@ -261,7 +261,8 @@ def paired_loop(calls: list[Call], x: FloatArray, cfg: CellConfig) -> list[CellR
     start = time.perf_counter()
     end = start + cfg.seconds
     while time.perf_counter() < end and sum(map(len, lat)) < cfg.max_requests:
-        for call, times, i in zip(calls, lat, itertools.count(), strict=False):
+        for i, call in enumerate(calls):
+            times = lat[i]
             c0 = time.process_time()
             for _ in range(PAIRED_BLOCK):
                 t0 = time.perf_counter()
