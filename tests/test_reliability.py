@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from fakes import BLOCK, Model, rows
+from fakes import BLOCK, POISON, Model, rows
 from onnx import TensorProto, helper, numpy_helper
 
 import inferkit
@@ -205,6 +205,40 @@ class TestBadRequestsNeverTakeAModelDown:
             assert stats.completed == 750
             assert stats.failed == {"ModelError": 250}
             assert p.ready
+
+    def test_a_retry_left_for_a_waiting_replica_is_run(self) -> None:
+        """A request retried away from one replica runs on the other, even one that waited for the cores.
+
+        A replica that found only requests it must leave to the other (they failed on it), on
+        a crowded machine, once slept unwoken: the next bad request failed on the other replica
+        was queued for it and never ran.
+        """
+        models = [Model(), Model()]
+        made = iter(models)
+
+        def backend() -> CallableBackend:
+            b = CallableBackend(next(made))
+            b.cpu_threads = 10_000  # type: ignore[attr-defined] (two running at once crowd any machine)
+            return b
+
+        # No delay: a replica that finds the queue holds only what it must leave sleeps at once.
+        with Predictor(backend, batching=BatchConfig(max_delay_ms=0), pool=PoolConfig(replicas=2)) as p:
+            blocker = p.submit(rows(BLOCK))
+            deadline = time.monotonic() + WAIT
+            while not any(m.entered.is_set() for m in models) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            first = p.submit(rows(POISON))  # fails on the free replica, then waits for the blocked one
+            while p.stats().retried < 1 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            models[0].release.set()
+            models[1].release.set()
+            blocker.result(WAIT)
+            with pytest.raises(ModelError):
+                first.result(WAIT)
+            again = p.submit(rows(POISON))  # fails on one replica, is retried on the other
+            with pytest.raises(ModelError):
+                again.result(WAIT)
+            assert p.stats().failed == {"ModelError": 2}
 
     def test_a_wrong_inner_size_fails_alone(self) -> None:
         """A MatMul fed the wrong inner size fails that request; good ones batched beside it succeed."""

@@ -402,8 +402,9 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
                     if drained:
                         break
                     # Waiting (a delay at most) for the busy replicas' cores, not for arrivals:
-                    # arrivals need not wake it.
-                    parked = lane.count > 0 and self._set.crowded(replica)
+                    # arrivals need not wake it. With no delay to wait, what is queued is only
+                    # what it must leave to another replica (a retry): it waits idle, to be woken.
+                    parked = wait is not None and lane.count > 0 and self._set.crowded(replica)
                     if replica.usable(now) and replica not in lane.idle and not parked:
                         lane.idle.append(replica)
                     replica.cond.wait(wait)
