@@ -30,6 +30,8 @@ from inferkit.errors import Closed, InferkitError, InvalidInput, NoHealthyReplic
 from inferkit.events import BatchDone, Event, RequestsExpired, new_request_id
 from inferkit.pool import PoolConfig, Replica, ReplicaState
 
+HEALTHY = ReplicaState.HEALTHY
+
 __all__ = ["Batcher"]
 
 _Result = tuple[list[Outcome], bool, float, float]  # outcomes, replica fault, when the call ended, its time
@@ -149,24 +151,26 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         else:
             chunks = min(count, len(self._set.lanes)) if self._set.balancer is not None else 1
             parts = assembly.split(request, max_rows, count, chunks)
+        inline = inline and count == 1 and self.pool.execution_timeout is None
         with self._lock:
             now = self._clock()
-            refusal = self._refusal(count, nbytes, now)
-            if refusal is not None:
-                self._counts.reject(refusal)
-                raise refusal
-            self._counts.accepted += 1
-            inline = inline and count == 1 and self.pool.execution_timeout is None
-            if inline and self._set.balancer is None:
+            if inline and self._set.balancer is None and not self._closing:
                 lane = self._set.lanes[0]
-                if not lane.count and lane.idle and not self._running:
-                    # Nothing queued and every replica idle: skip the queue altogether.
+                if not lane.count and lane.idle and not self._running and lane.idle[-1].state is HEALTHY:
+                    # Nothing queued, every replica idle, a healthy one free: nothing to refuse
+                    # (``nbytes`` fits, as checked above), and no queue to pass.
+                    self._counts.accepted += 1
                     lane.arrived(now)
                     replica = lane.idle.pop()
                     request.state = RUNNING
                     batch = Batch([request], request.rows, "idle")
                     self._start(replica, batch)
                     return batch, replica
+            refusal = self._refusal(count, nbytes, now)
+            if refusal is not None:
+                self._counts.reject(refusal)
+                raise refusal
+            self._counts.accepted += 1
             if request.future is not None:
                 top = request
                 request.future._on_cancel = lambda: self.cancel(top)
