@@ -6,7 +6,7 @@ import asyncio
 import random
 import threading
 import time
-from concurrent.futures import CancelledError, Future, wait
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 
 import numpy as np
 import onnx
@@ -447,6 +447,57 @@ class TestFailures:
         assert stats.retried == 2  # the two failures that ejected it; then it took no more work
         assert stats.completed == 40
         assert _balanced(stats)
+
+    def test_a_replica_ejected_while_idle_takes_no_work(self) -> None:
+        """A replica ejected while it waits idle (a request it failed worked on another) runs nothing in its cooldown.
+
+        Not even on a caller's own thread, which takes an idle replica when the others are busy.
+        """
+        broken: list[object] = []
+
+        class BreaksIfFirst:
+            """The first replica called fails every call; the other is ``model``."""
+
+            def __init__(self, model: Model) -> None:
+                self.model = model
+                self.calls = 0
+
+            def __call__(self, x: np.ndarray) -> np.ndarray:
+                self.calls += 1
+                if not broken:
+                    broken.append(self)
+                if broken[0] is self:
+                    msg = "replica broken"
+                    raise RuntimeError(msg)
+                return self.model(x)
+
+        replicas = [BreaksIfFirst(Model()), BreaksIfFirst(Model())]
+        made = iter(replicas)
+        pool = PoolConfig(replicas=2, eject_after=1, cooldown=60)
+        batching = BatchConfig(max_delay_ms=0)  # a batch goes at once, on whichever replica is idle
+        with (
+            Predictor(lambda: CallableBackend(next(made)), batching=batching, pool=pool) as p,
+            ThreadPoolExecutor(1) as caller,
+        ):
+            first = caller.submit(p.predict, rows(BLOCK))  # fails on one replica, held on the other
+            assert any(r.model.entered.wait(WAIT) for r in replicas if r is not broken[0])
+            bad = broken[0]
+            good = next(r for r in replicas if r is not bad)
+            time.sleep(0.05)  # the failed replica's worker goes back to waiting idle
+            good.model.release.set()
+            np.testing.assert_array_equal(first.result(WAIT), rows(BLOCK) * 2)
+            assert sorted(r.state for r in p.stats().replicas) == ["ejected", "healthy"]
+            good.model.entered.clear()
+            blocker = p.submit(rows(HANG))  # the healthy replica is busy; only the ejected one waits
+            assert good.model.entered.wait(WAIT)
+            late = caller.submit(p.predict, rows(2.0))
+            deadline = time.monotonic() + WAIT
+            while p.stats().accepted < 3 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            good.model.unhang.set()
+            blocker.result(WAIT)
+            np.testing.assert_array_equal(late.result(WAIT), rows(2.0) * 2)
+            assert bad.calls == 1  # type: ignore[attr-defined]
 
     def test_a_lone_failing_replica_stays_in_service(self) -> None:
         """Failures never take a model's only replica out: each request gets its error, and it heals at once."""

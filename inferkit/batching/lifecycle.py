@@ -67,6 +67,10 @@ class Lifecycle:
 
     def _after_ejection(self, replica: Replica) -> None:
         """Move a lane's queue elsewhere, or fail it when no replica can serve it."""
+        idle = replica.lane.idle
+        if replica in idle:  # ejected while waiting (blamed by another's success): it sleeps out its cooldown
+            idle.remove(replica)
+            replica.cond.notify()
         now = self._clock()
         if self._set.balancer is not None:
             others = self._set.other_lanes(replica.lane, now)
