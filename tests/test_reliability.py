@@ -240,6 +240,45 @@ class TestBadRequestsNeverTakeAModelDown:
                 again.result(WAIT)
             assert p.stats().failed == {"ModelError": 2}
 
+    def test_a_retry_left_to_a_replica_then_ejected_runs_at_once(self) -> None:
+        """A retry waiting for the other replica runs on this one as soon as that one is ejected.
+
+        It once waited out the whole cooldown: the idle replica that had left it was not woken.
+        """
+        tries: dict[float, int] = {}
+        lock = threading.Lock()
+        entered, gate = threading.Event(), threading.Event()
+
+        def model(x: np.ndarray) -> np.ndarray:
+            value = float(x[0, 0])
+            with lock:
+                n = tries[value] = tries.get(value, 0) + 1
+            if value == 10.0:  # fails where it first runs; held on the other replica, which then breaks
+                if n == 1:
+                    raise ValueError(value)
+                entered.set()
+                assert gate.wait(WAIT)
+                msg = "replica broken"
+                raise inferkit.ReplicaFault(msg)
+            if value == 20.0 and n == 1:  # fails where it first runs: left to the other replica
+                raise ValueError(value)
+            return x * 2
+
+        pool = PoolConfig(replicas=2, eject_after=1, cooldown=60, max_cooldown=60)
+        with Predictor(lambda: CallableBackend(model), batching=BatchConfig(max_batch_size=1), pool=pool) as p:
+            held = p.submit(rows(10.0))
+            assert entered.wait(WAIT)
+            left = p.submit(rows(20.0))
+            deadline = time.monotonic() + WAIT
+            while p.stats().retried < 2 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            time.sleep(0.05)  # the replica it failed on goes back to waiting idle
+            gate.set()
+            with pytest.raises(ModelError):
+                held.result(WAIT)
+            np.testing.assert_array_equal(left.result(WAIT), rows(20.0) * 2)
+            assert sorted(r.state for r in p.stats().replicas) == ["ejected", "healthy"]
+
     def test_a_wrong_inner_size_fails_alone(self) -> None:
         """A MatMul fed the wrong inner size fails that request; good ones batched beside it succeed."""
         pool = PoolConfig(eject_after=1)

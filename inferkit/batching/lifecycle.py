@@ -67,10 +67,12 @@ class Lifecycle:
 
     def _after_ejection(self, replica: Replica) -> None:
         """Move a lane's queue elsewhere, or fail it when no replica can serve it."""
-        idle = replica.lane.idle
-        if replica in idle:  # ejected while waiting (blamed by another's success): it sleeps out its cooldown
-            idle.remove(replica)
+        lane = replica.lane
+        if replica in lane.idle:  # ejected while waiting (blamed by another's success): it sleeps out its cooldown
+            lane.idle.remove(replica)
             replica.cond.notify()
+        if lane.count:  # what the others left to it (retries of what failed on them) is theirs now
+            lane.wake(len(lane.idle))
         now = self._clock()
         if self._set.balancer is not None:
             others = self._set.other_lanes(replica.lane, now)
