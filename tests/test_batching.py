@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from inferkit import BatchConfig, CallableBackend, DeadlineExceeded, PoolConfig, Predictor
 from inferkit.backends.base import usable_cores
-from inferkit.batching import Batcher, Request
+from inferkit.batching import Batcher, Request, RequestFuture
 from inferkit.batching.replicas import ReplicaSet
 from inferkit.batching.request import object_bytes
 from inferkit.pool import RoundRobin
@@ -136,6 +136,38 @@ def test_arrivals_that_skip_the_queue_still_count_for_the_quiet_rule() -> None:
         assert arrivals[0] > 0
         assert len(set(arrivals)) == 5
         assert lane.gap > 0
+    finally:
+        batcher.close(WAIT)
+
+
+def test_two_arrivals_wake_two_idle_replicas() -> None:
+    """Two requests queued back to back, one batch each, start on both idle replicas at once.
+
+    The second wake-up once went to the worker the first had woken (it still counted as idle
+    until it ran), so the second request waited for the first replica to finish.
+    """
+    models = [Model(), Model()]
+    made = iter(models)
+    batcher = Batcher(lambda: CallableBackend(next(made)), BatchConfig(max_batch_size=1), PoolConfig(replicas=2))
+    try:
+        (lane,) = batcher.lanes
+        deadline = time.monotonic() + WAIT
+        while len(lane.idle) < 2 and time.monotonic() < deadline:  # both workers waiting
+            time.sleep(0.001)
+        futures = []
+        for _ in range(2):  # as Predictor.submit queues a request
+            arrays = normalize_untyped(rows(BLOCK))
+            request = Request(batcher.next_id(), arrays, 1, batch_key(arrays), 0, None, time.monotonic())
+            request.future = future = RequestFuture(request.id)
+            batcher.put(request)
+            futures.append(future)
+        try:
+            assert all(m.entered.wait(WAIT) for m in models)
+        finally:
+            for m in models:
+                m.release.set()
+        for f in futures:
+            np.testing.assert_array_equal(f.result(WAIT), rows(BLOCK) * 2)
     finally:
         batcher.close(WAIT)
 

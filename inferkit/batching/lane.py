@@ -95,9 +95,14 @@ class Lane:
         self.bytes -= request.nbytes
 
     def wake(self, count: int = 1) -> None:
-        """Wake ``count`` idle workers so they can form batches or start their delay timers."""
-        for replica in self.idle[-count:]:
-            replica.cond.notify()
+        """Wake ``count`` idle workers so they can form batches or start their delay timers.
+
+        A woken worker leaves the idle ones at once: the next wake-up, before it runs, goes to
+        another (two arrivals wake two workers, not one twice).
+        """
+        idle = self.idle
+        for _ in range(min(count, len(idle))):
+            idle.pop().cond.notify()
 
     def usable_besides(self, replica: Replica, now: float) -> bool:
         """Whether another replica of this lane can take work now."""
