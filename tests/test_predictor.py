@@ -190,7 +190,7 @@ class TestBatching:
 
     def test_queued_requests_share_one_batch(self) -> None:
         """Requests queued behind a busy replica go together in the next batch ('full' when it fills)."""
-        p, model = _gated(max_batch_size=8)
+        p, model = _gated(max_batch_size=8, max_delay_ms=60_000)  # a worker woken late still finds it 'idle'
         with p:
             blocker = _block(p, model)
             futures = [p.submit(rows(float(i))) for i in range(8)]
