@@ -277,7 +277,9 @@ class TestBadRequestsNeverTakeAModelDown:
             with pytest.raises(ModelError):
                 held.result(WAIT)
             np.testing.assert_array_equal(left.result(WAIT), rows(20.0) * 2)
-            assert sorted(r.state for r in p.stats().replicas) == ["ejected", "healthy"]
+            states = {r.state: r for r in p.stats().replicas}
+            assert sorted(states) == ["ejected", "healthy"]
+            assert states["healthy"].failed_batches == 0  # its success is no failure of its own
 
     def test_a_wrong_inner_size_fails_alone(self) -> None:
         """A MatMul fed the wrong inner size fails that request; good ones batched beside it succeed."""

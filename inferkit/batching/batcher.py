@@ -322,7 +322,7 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
             error = failure
             if error is None:
                 worked = True
-                if req.blame and req.avoid is not None:  # it failed there and worked here: that replica's fault
+                if req.blame and req.avoid is not None and req.avoid is not replica:  # another replica's fault
                     blamed.append(req.avoid)
             elif self._retry(req, replica, error, fault=fault, now=now):
                 continue
