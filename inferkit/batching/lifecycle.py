@@ -66,7 +66,11 @@ class Lifecycle:
         self._drained.notify_all()
 
     def _after_ejection(self, replica: Replica) -> None:
-        """Move a lane's queue elsewhere, or fail it when no replica can serve it."""
+        """Hand an ejected replica's work to the others, or fail it when no replica can serve it.
+
+        It leaves its lane's idle ones, which are woken for what was left to it (retries); with
+        a queue per replica, its queue moves elsewhere.
+        """
         lane = replica.lane
         if replica in lane.idle:  # ejected while waiting (blamed by another's success): it sleeps out its cooldown
             lane.idle.remove(replica)
