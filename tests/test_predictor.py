@@ -480,9 +480,12 @@ class TestFailures:
             ThreadPoolExecutor(1) as caller,
         ):
             first = caller.submit(p.predict, rows(BLOCK))  # fails on one replica, held on the other
-            assert any(r.model.entered.wait(WAIT) for r in replicas if r is not broken[0])
+            deadline = time.monotonic() + WAIT
+            while not broken and time.monotonic() < deadline:
+                time.sleep(0.001)
             bad = broken[0]
             good = next(r for r in replicas if r is not bad)
+            assert good.model.entered.wait(WAIT)
             time.sleep(0.05)  # the failed replica's worker goes back to waiting idle
             good.model.release.set()
             np.testing.assert_array_equal(first.result(WAIT), rows(BLOCK) * 2)
@@ -491,7 +494,6 @@ class TestFailures:
             blocker = p.submit(rows(HANG))  # the healthy replica is busy; only the ejected one waits
             assert good.model.entered.wait(WAIT)
             late = caller.submit(p.predict, rows(2.0))
-            deadline = time.monotonic() + WAIT
             while p.stats().accepted < 3 and time.monotonic() < deadline:
                 time.sleep(0.001)
             good.model.unhang.set()
