@@ -154,13 +154,7 @@ def test_two_arrivals_wake_two_idle_replicas() -> None:
         deadline = time.monotonic() + WAIT
         while len(lane.idle) < 2 and time.monotonic() < deadline:  # both workers waiting
             time.sleep(0.001)
-        futures = []
-        for _ in range(2):  # as Predictor.submit queues a request
-            arrays = normalize_untyped(rows(BLOCK))
-            request = Request(batcher.next_id(), arrays, 1, batch_key(arrays), 0, None, time.monotonic())
-            request.future = future = RequestFuture(request.id)
-            batcher.put(request)
-            futures.append(future)
+        futures = [_submit(batcher, BLOCK), _submit(batcher, BLOCK)]
         try:
             assert all(m.entered.wait(WAIT) for m in models)
         finally:
@@ -170,6 +164,49 @@ def test_two_arrivals_wake_two_idle_replicas() -> None:
             np.testing.assert_array_equal(f.result(WAIT), rows(BLOCK) * 2)
     finally:
         batcher.close(WAIT)
+
+
+def test_a_replica_drained_while_idle_takes_no_wake_up_meant_for_the_others() -> None:
+    """``resize`` drains an idle replica: the next arrival wakes a replica that stays, and runs.
+
+    The drained one stayed among the idle ones until its worker ran; an arrival's wake-up went
+    to it, it exited, and the request waited beside an idle replica for the next arrival.
+    """
+
+    def make(i: int) -> CallableBackend:
+        def fn(x: np.ndarray) -> np.ndarray:
+            if x[0, 0] == 5.0 and i == 0:
+                time.sleep(0.05)  # replica 0 finishes last, so it is the newest idle one
+            return x * 2
+
+        return CallableBackend(fn)
+
+    for _ in range(5):  # the old code lost the request in most tries, not all: the order of the idle ones varies
+        made = iter(range(2))
+        batching = BatchConfig(max_batch_size=1, max_delay_ms=0)
+        batcher = Batcher(lambda made=made: make(next(made)), batching, PoolConfig(replicas=2))
+        try:
+            (lane,) = batcher.lanes
+            deadline = time.monotonic() + WAIT
+            while len(lane.idle) < 2 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            for f in [_submit(batcher, 5.0), _submit(batcher, 5.0)]:
+                f.result(WAIT)
+            while len(lane.idle) < 2 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            batcher.resize(1)  # drains the first replica, idle
+            np.testing.assert_array_equal(_submit(batcher, 7.0).result(WAIT), rows(7.0) * 2)
+        finally:
+            batcher.close(WAIT)
+
+
+def _submit(batcher: Batcher, value: float) -> RequestFuture:
+    """Queue a one-row request as ``Predictor.submit`` does."""
+    arrays = normalize_untyped(rows(value))
+    request = Request(batcher.next_id(), arrays, 1, batch_key(arrays), 0, None, time.monotonic())
+    request.future = future = RequestFuture(request.id)
+    batcher.put(request)
+    return future
 
 
 def test_the_worker_joins_its_next_batch_before_it_wakes_the_last_ones_callers(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -66,17 +66,8 @@ class Lifecycle:
         self._drained.notify_all()
 
     def _after_ejection(self, replica: Replica) -> None:
-        """Hand an ejected replica's work to the others, or fail it when no replica can serve it.
-
-        It leaves its lane's idle ones, which are woken for what was left to it (retries); with
-        a queue per replica, its queue moves elsewhere.
-        """
-        lane = replica.lane
-        if replica in lane.idle:  # ejected while waiting (blamed by another's success): it sleeps out its cooldown
-            lane.idle.remove(replica)
-            replica.cond.notify()
-        if lane.count:  # what the others left to it (retries of what failed on them) is theirs now
-            lane.wake(len(lane.idle))
+        """Hand an ejected replica's work to the others, or fail it when no replica can serve it."""
+        self._leave(replica)
         now = self._clock()
         if self._set.balancer is not None:
             others = self._set.other_lanes(replica.lane, now)
@@ -85,6 +76,19 @@ class Lifecycle:
                 return
         if not self._set.usable(now) and not self._set.loading:
             self._fail_queued(lambda: NoHealthyReplica(f"no healthy replica of {self.name!r}"))
+
+    def _leave(self, replica: Replica) -> None:
+        """A replica stops taking work (ejected, draining, hung): it leaves its lane's idle ones.
+
+        They are woken when work is queued: what was left to it (retries of what failed on them)
+        is theirs now.
+        """
+        lane = replica.lane
+        if replica in lane.idle:  # its worker, woken, sleeps out a cooldown or exits
+            lane.idle.remove(replica)
+            replica.cond.notify()
+        if lane.count:
+            lane.wake(len(lane.idle))
 
     def _migrate(self, lane: Lane, others: list[Lane]) -> None:
         now = self._clock()
@@ -123,6 +127,7 @@ class Lifecycle:
             replica.state = ReplicaState.DEAD
             self._running.pop(replica.name, None)
             self._set.remove(replica, keep_lane=True)
+            self._leave(replica)
             if not self._closing:
                 self._set.loading += 1
                 self._set.start(
@@ -180,6 +185,7 @@ class Lifecycle:
                 replica.state = ReplicaState.DRAINING
                 if self._set.balancer is not None:
                     self._migrate(replica.lane, self._set.other_lanes(replica.lane, self._clock()))
+                self._leave(replica)
                 replica.cond.notify()
 
     # -- closing -----------------------------------------------------------------------------
