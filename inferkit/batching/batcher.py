@@ -30,7 +30,7 @@ from inferkit.errors import Closed, InferkitError, InvalidInput, NoHealthyReplic
 from inferkit.events import BatchDone, Event, RequestsExpired, new_request_id
 from inferkit.pool import PoolConfig, Replica, ReplicaState
 
-HEALTHY = ReplicaState.HEALTHY
+_HEALTHY = ReplicaState.HEALTHY  # a global load, not an attribute lookup, per request
 
 __all__ = ["Batcher"]
 
@@ -156,7 +156,7 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
             now = self._clock()
             if inline and self._set.balancer is None and not self._closing:
                 lane = self._set.lanes[0]
-                if not lane.count and lane.idle and not self._running and lane.idle[-1].state is HEALTHY:
+                if not lane.count and lane.idle and not self._running and lane.idle[-1].state is _HEALTHY:
                     # Nothing queued, every replica idle, a healthy one free: nothing to refuse
                     # (``nbytes`` fits, as checked above), and no queue to pass.
                     self._counts.accepted += 1
