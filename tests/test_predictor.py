@@ -515,6 +515,26 @@ class TestFailures:
             model.fail.clear()
             np.testing.assert_array_equal(p.predict(rows(2.0)), rows(2.0) * 2)
 
+    def test_a_predict_that_fails_on_its_callers_thread_is_retried_and_answered(self) -> None:
+        """A lone predict runs on its caller's thread; failing there, it is retried on the other replica."""
+        first = threading.Event()
+
+        def fails_once(x: np.ndarray) -> np.ndarray:
+            if not first.is_set():
+                first.set()
+                msg = "first call anywhere fails"
+                raise RuntimeError(msg)
+            return x * 2
+
+        p = Predictor(lambda: CallableBackend(fails_once), pool=PoolConfig(replicas=2))
+        with p:
+            for i in range(4):  # then successes, the first of them maybe on the replica that failed once
+                np.testing.assert_array_equal(p.predict(rows(float(i))), rows(float(i)) * 2)
+            stats = p.stats()
+        assert (stats.retried, stats.failed, stats.completed) == (1, {}, 4)
+        assert sum(r.batches for r in stats.replicas) == 5
+        assert _balanced(stats)
+
     def test_ejected_replica_probed_back(self) -> None:
         """After its cooldown an ejected replica takes one probe batch; a good one restores it."""
         good, bad = Model(), Model()
@@ -564,6 +584,34 @@ class TestFailures:
             blocker.result(WAIT)
         assert _balanced(p.stats())
         model.release.set()
+
+    def test_close_timeout_answers_a_predict_running_on_its_callers_thread(self) -> None:
+        """A lone predict on its caller's thread that close() gave up on ends in Closed; its worker stops."""
+        p, model = _gated()
+        raised: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                p.predict(rows(BLOCK))
+            except Closed as exc:
+                raised.append(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        assert model.entered.wait(WAIT)
+        p.close(timeout=0.1)
+        model.release.set()
+        caller.join(WAIT)
+        assert not caller.is_alive()
+        assert len(raised) == 1
+        assert "while request" in str(raised[0])
+        deadline = time.monotonic() + WAIT  # its worker stops once the caller's thread frees the replica
+        while [t for t in threading.enumerate() if t.name.startswith("inferkit-")] and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert not [t for t in threading.enumerate() if t.name.startswith("inferkit-")]
+        stats = p.stats()
+        assert (stats.failed, stats.in_flight) == ({"Closed": 1}, 0)
+        assert _balanced(stats)
 
     def test_close_is_idempotent_across_threads(self, linear: bytes) -> None:
         """close() from 8 threads at once returns in all of them and leaves the predictor closed."""

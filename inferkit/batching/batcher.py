@@ -11,11 +11,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from inferkit._timer import Timer
 from inferkit.backends.base import BackendFactory, on_caller_thread
 from inferkit.batching import assembly
+from inferkit.batching.caller import CallerThread
 from inferkit.batching.config import BatchConfig
 from inferkit.batching.counters import Counters
 from inferkit.batching.deadlines import Deadlines, expired
@@ -25,23 +25,22 @@ from inferkit.batching.lane import Batch, Lane
 from inferkit.batching.lifecycle import Lifecycle
 from inferkit.batching.replicas import ReplicaSet
 from inferkit.batching.reporting import Events, Reporting
-from inferkit.batching.request import DONE, RUNNING, Inputs, Request, object_bytes, settle_all
+from inferkit.batching.request import DONE, Inputs, Request, object_bytes, settle_all
 from inferkit.errors import Closed, InferkitError, InvalidInput, NoHealthyReplica, Overloaded
 from inferkit.events import BatchDone, Event, RequestsExpired, new_request_id
 from inferkit.pool import PoolConfig, Replica, ReplicaState
-
-_HEALTHY = ReplicaState.HEALTHY  # a global load, not an attribute lookup, per request
 
 __all__ = ["Batcher"]
 
 _Result = tuple[list[Outcome], bool, float, float]  # outcomes, replica fault, when the call ended, its time
 
 
-class Batcher(Deadlines, Failures, Reporting, Lifecycle):
+class Batcher(CallerThread, Deadlines, Failures, Reporting, Lifecycle):
     """Queues requests and runs them in batches on a pool of replicas. Thread-safe.
 
     The hot path is here: admission, batch formation, the worker loop and the accounting of a
-    finished batch. Cancellation and deadlines (:class:`~inferkit.batching.deadlines.Deadlines`),
+    finished batch. A synchronous caller's path (:class:`~inferkit.batching.caller.CallerThread`),
+    cancellation and deadlines (:class:`~inferkit.batching.deadlines.Deadlines`),
     what a failure means (:class:`~inferkit.batching.failures.Failures`), events and read-only
     views (:class:`~inferkit.batching.reporting.Reporting`) and the replicas' lives and closing
     (:class:`~inferkit.batching.lifecycle.Lifecycle`) are its parts in their own modules.
@@ -77,6 +76,8 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         self._settle_later: list[Request] = []  # settled under the lock by another thread, delivered after it
         self._running: dict[str, Batch] = {}  # by replica name
         self._counts = Counters()
+        # A lone caller may run its request alone on its own thread (no queue, no watchdog to arm).
+        self._solo = self._set.balancer is None and pool.execution_timeout is None
         for _ in range(pool.replicas):
             self._set.add(factory(), self._work)
 
@@ -96,36 +97,16 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         with self._lock:
             self._counts.reject(error)
 
-    def call(self, request: Request) -> Any:
-        """Run ``request`` for a synchronous caller and return its result (or raise its error).
-
-        The fast path: when a replica is idle and nothing is queued, the caller's own thread
-        runs the batch, with no hand-off. Past its deadline a request still queued is withdrawn.
-        """
-        waiter = threading.Lock()
-        waiter.acquire()
-        request.waiter = waiter
-        inline = self.put(request, inline=True)
-        if inline is not None:
-            self.run_inline(*inline)
-        if request.deadline is None:
-            waiter.acquire()
-        elif not waiter.acquire(timeout=min(max(request.deadline - time.monotonic(), 0.0), threading.TIMEOUT_MAX)):
-            if self.withdraw(request):
-                raise request.error  # type: ignore[misc]
-            waiter.acquire()  # it started before its deadline: it finishes
-        if request.error is not None:
-            raise request.error
-        return request.value
-
-    def put(self, request: Request, *, inline: bool = False) -> tuple[Batch, Replica] | None:
+    def put(self, request: Request) -> None:
         """Queue ``request`` (split into parts when it has more rows than a batch).
 
         Raises ``InvalidInput`` (a request no queue could ever hold), ``Closed``, ``Overloaded``
-        or ``NoHealthyReplica`` without queueing anything. With ``inline``, when a replica is
-        idle and a batch should go now, the batch and the replica are returned, already claimed,
-        for the caller to :meth:`run_inline`.
+        or ``NoHealthyReplica`` without queueing anything.
         """
+        self._queue(request, self._admit(request), inline=False)
+
+    def _admit(self, request: Request) -> int:
+        """The parts ``request`` takes; raises ``InvalidInput`` (counted) when no queue could ever hold it."""
         config = self.config
         max_rows = config.call_rows
         count = 1 if request.rows <= max_rows else -(-request.rows // max_rows)
@@ -146,27 +127,23 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         if never is not None:
             self.reject(never)
             raise never
+        return count
+
+    def _queue(self, request: Request, count: int, *, inline: bool) -> tuple[Batch, Replica] | None:
+        """Queue ``request`` in ``count`` parts; raises ``Closed``, ``Overloaded`` or ``NoHealthyReplica``.
+
+        With ``inline``, when a replica is idle and a batch should go now, the batch and the
+        replica are returned, already claimed, for the caller to :meth:`run_inline`.
+        """
         if count == 1:
             parts = [request]
         else:
             chunks = min(count, len(self._set.lanes)) if self._set.balancer is not None else 1
-            parts = assembly.split(request, max_rows, count, chunks)
+            parts = assembly.split(request, self.config.call_rows, count, chunks)
         inline = inline and count == 1 and self.pool.execution_timeout is None
         with self._lock:
             now = self._clock()
-            if inline and self._set.balancer is None and not self._closing:
-                lane = self._set.lanes[0]
-                if not lane.count and lane.idle and not self._running and lane.idle[-1].state is _HEALTHY:
-                    # Nothing queued, every replica idle, a healthy one free: nothing to refuse
-                    # (``nbytes`` fits, as checked above), and no queue to pass.
-                    self._counts.accepted += 1
-                    lane.arrived(now)
-                    replica = lane.idle.pop()
-                    request.state = RUNNING
-                    batch = Batch([request], request.rows, "idle")
-                    self._start(replica, batch)
-                    return batch, replica
-            refusal = self._refusal(count, nbytes, now)
+            refusal = self._refusal(count, request.nbytes, now)
             if refusal is not None:
                 self._counts.reject(refusal)
                 raise refusal
@@ -250,20 +227,6 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         replica.running_rows = batch.rows
         self._running[replica.name] = batch
 
-    def run_inline(self, batch: Batch, replica: Replica) -> None:
-        """Run a batch returned by :meth:`put` on the caller's thread, then free the replica."""
-        result = self._execute(batch, replica)
-        with self._lock:
-            done = self._finish(batch, replica, result)
-            lane = replica.lane
-            if lane.count or self._closing or not replica.usable(self._clock()):
-                replica.cond.notify()  # its worker takes over: work is queued, or a cooldown to time
-            elif replica not in lane.idle:
-                lane.idle.append(replica)
-        settle_all(done)
-        if self._settle_later:
-            self._flush()
-
     def _execute(self, batch: Batch, replica: Replica, inputs: Inputs | None = None) -> _Result | None:
         """Run ``batch`` on ``replica`` (no lock held); None when the watchdog settled it first.
 
@@ -278,24 +241,36 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         end = self._clock()
         if watchdog is not None:
             self._timer.cancel(watchdog)  # it holds the batch, arrays and all
+        return self._executed(batch, replica, outcomes, failed, fault, start, end)
+
+    def _executed(
+        self,
+        batch: Batch,
+        replica: Replica,
+        outcomes: list[Outcome],
+        failed: list[Outcome],
+        fault: bool,
+        start: float,
+        end: float,
+    ) -> _Result | None:
+        """A batch's run, claimed and reported; None when the watchdog or close() settled it first."""
         if not batch.claim.acquire(False):  # noqa: FBT003 (a keyword costs a parse per batch)
             return None
         if self._events.emit is not None:
-            if self._events.verbose():
-                ids = tuple(r.id for r in batch.requests)
-                done = BatchDone(
-                    self.name,
-                    replica.name,
-                    ids,
-                    batch.rows,
-                    batch.reason,
-                    end - start,
-                    tuple(r.id for r, _, _ in failed),
-                )
-                self._event(done)
-            if failed:
-                self._failures(failed)
+            self._report(batch, replica, end - start, failed)
         return outcomes, fault, end, end - start
+
+    def _report(self, batch: Batch, replica: Replica, spent: float, failed: list[Outcome]) -> None:
+        """The events of a batch that ran for ``spent`` seconds."""
+        if self._events.verbose():
+            ids = tuple(r.id for r in batch.requests)
+            self._event(
+                BatchDone(
+                    self.name, replica.name, ids, batch.rows, batch.reason, spent, tuple(r.id for r, _, _ in failed)
+                )
+            )
+        if failed:
+            self._failures(failed)
 
     def _finish(self, batch: Batch, replica: Replica, result: _Result | None) -> list[Request]:
         """Count a batch's outcomes and free its replica (under the lock); return what to settle.
@@ -330,11 +305,7 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
                 error = model_error(req, error)
             final.append((req, value, error))
         done += self._tally(final)
-        latencies = [now - r.t0 for r, _, _ in final]
-        self._counts.batch(batch.rows, batch.reason, latencies, spent)
-        replica.batches += 1
-        replica.requests += len(batch.requests)
-        replica.record_latencies(latencies)
+        self._book(batch, replica, [now - r.t0 for r, _, _ in final], spent)
         # A request's own failure says nothing of the replica; only a fault, or a failure that
         # another replica did not repeat, counts against it.
         # (A success only resets the failure count and ends an ejection: else it changes nothing.)
@@ -343,6 +314,17 @@ class Batcher(Deadlines, Failures, Reporting, Lifecycle):
         for bad in blamed:  # unless ejected since: what failed before the ejection is no failed probe
             if bad in self._set.all and (bad.state is not ReplicaState.EJECTED or now >= bad.ejected_until):
                 self._health(bad, ok=False, now=now)
+        self._release(replica)
+
+    def _book(self, batch: Batch, replica: Replica, latencies: list[float], spent: float) -> None:
+        """Count a finished batch that ended requests of ``latencies`` seconds and took ``spent`` (under the lock)."""
+        self._counts.batch(batch.rows, batch.reason, latencies, spent)
+        replica.batches += 1
+        replica.requests += len(batch.requests)
+        replica.record_latencies(latencies)
+
+    def _release(self, replica: Replica) -> None:
+        """A replica's batch is over (under the lock)."""
         self._running.pop(replica.name, None)
         replica.busy = False
         replica.running_rows = 0

@@ -8,6 +8,7 @@ broken, not the requests).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from inferkit.batching.request import Inputs, Request
 from inferkit.errors import InvalidInput, ModelError
 from inferkit.signature import array_module, is_device_array
 
-__all__ = ["Outcome", "model_error", "run_batch", "try_join"]
+__all__ = ["Outcome", "lone_failure", "model_error", "run_batch", "run_one", "try_join"]
 
 Outcome = tuple[Request, Any, BaseException | None]
 
@@ -53,15 +54,22 @@ def _run(
         raise
     except Exception as exc:  # noqa: BLE001 (any model failure is isolated and typed below)
         if len(requests) == 1:
-            error = exc if isinstance(exc, InvalidInput) else model_error(requests[0], exc)
-            outcomes.append((requests[0], None, error))
-            failed.append(outcomes[-1])
+            outcome, _ = lone_failure(requests[0], exc)
+            outcomes.append(outcome)
+            failed.append(outcome)
             return
         mid = len(requests) // 2
         _run(requests[:mid], backend, outcomes, failed)
         _run(requests[mid:], backend, outcomes, failed)
         return
     outcomes.extend(outputs)
+
+
+def lone_failure(request: Request, exc: Exception) -> tuple[Outcome, bool]:
+    """The outcome of a lone request whose model call raised ``exc``, and whether that is the replica's fault."""
+    if isinstance(exc, ReplicaFault):
+        return (request, None, exc), True
+    return (request, None, exc if isinstance(exc, InvalidInput) else model_error(request, exc)), False
 
 
 def try_join(requests: list[Request]) -> Inputs | None:
@@ -84,34 +92,26 @@ def _join(requests: list[Request]) -> Inputs:
         return _on_device(requests, names)
 
 
+def run_one(request: Request, backend: Backend) -> Any:
+    """A lone request's result: its model call with no join and no split (raises what the call raises)."""
+    assert request.inputs is not None
+    outputs = _outputs(backend, request.inputs, request.rows)
+    if len(outputs) == 1:
+        for value in outputs.values():
+            return value
+    return dict(outputs)
+
+
 def _call(requests: list[Request], backend: Backend, inputs: Inputs | None) -> list[Outcome]:
-    if len(requests) == 1:  # no join, no call: a lone caller's path
-        inputs = requests[0].inputs
-        assert inputs is not None
-        rows = requests[0].rows
-    else:
-        if inputs is None:
-            inputs = _join(requests)
-        rows = sum(r.rows for r in requests)
-    outputs = backend.run(inputs)
-    signature = backend.signature
-    if signature is not None:
-        outputs = signature.check_outputs(outputs)
-    arrays = list(outputs.values())
-    for name, arr in outputs.items():
-        if not isinstance(arr, np.ndarray) or arr.ndim == 0 or arr.shape[0] != rows:
-            if is_device_array(arr) and arr.ndim and arr.shape[0] == rows:
-                continue  # a device array (CuPy) comes back as the backend returned it
-            got = arr.shape if isinstance(arr, np.ndarray) or is_device_array(arr) else type(arr).__name__
-            msg = f"output {name!r} must have {rows} rows (one per input row), got {got}"
-            raise ModelError(msg)
-    single = len(arrays) == 1
     if len(requests) == 1:
-        return [(requests[0], arrays[0] if single else dict(outputs), None)]
+        return [(requests[0], run_one(requests[0], backend), None)]
+    if inputs is None:
+        inputs = _join(requests)
+    outputs = _outputs(backend, inputs, sum(r.rows for r in requests))
     result: list[Outcome] = []
     start = 0
-    if single:
-        arr = arrays[0]
+    if len(outputs) == 1:
+        (arr,) = outputs.values()
         for r in requests:
             stop = start + r.rows
             result.append((r, arr[start:stop], None))
@@ -123,6 +123,22 @@ def _call(requests: list[Request], backend: Backend, inputs: Inputs | None) -> l
             result.append((r, {k: v[start:stop] for k, v in items}, None))
             start = stop
     return result
+
+
+def _outputs(backend: Backend, inputs: Inputs, rows: int) -> Mapping[str, Any]:
+    """The backend's outputs for ``inputs``, checked: the signature's, and one row out per row in."""
+    outputs = backend.run(inputs)
+    signature = backend.signature
+    if signature is not None:
+        outputs = signature.check_outputs(outputs)
+    for name, arr in outputs.items():
+        if not isinstance(arr, np.ndarray) or arr.ndim == 0 or arr.shape[0] != rows:
+            if is_device_array(arr) and arr.ndim and arr.shape[0] == rows:
+                continue  # a device array (CuPy) comes back as the backend returned it
+            got = arr.shape if isinstance(arr, np.ndarray) or is_device_array(arr) else type(arr).__name__
+            msg = f"output {name!r} must have {rows} rows (one per input row), got {got}"
+            raise ModelError(msg)
+    return outputs
 
 
 def _on_device(requests: list[Request], names: Any) -> dict[str, Any]:

@@ -1,0 +1,202 @@
+"""A synchronous caller's path: its request run on its own thread when a replica is idle.
+
+``call`` owns it end to end: admission, then either a replica claimed for the request alone
+(nothing queued or running: no queue to pass, no hand-off between threads), or the queue and a
+wait for the worker; a caller that finds a batch due and a replica idle runs that batch itself.
+A mixin of :class:`~inferkit.batching.batcher.Batcher`, under the batcher's locking rule.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from inferkit.batching.execute import lone_failure, run_one
+from inferkit.batching.lane import Batch
+from inferkit.batching.request import DONE, RUNNING, Request, settle_all
+from inferkit.pool import ReplicaState
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from inferkit.batching.counters import Counters
+    from inferkit.batching.execute import Outcome
+    from inferkit.batching.replicas import ReplicaSet
+    from inferkit.batching.reporting import Events
+    from inferkit.pool import Replica
+
+    _Result = tuple[list[Outcome], bool, float, float]
+
+__all__ = ["CallerThread"]
+
+_HEALTHY = ReplicaState.HEALTHY  # a global load, not an attribute lookup, per request
+
+
+def _locked() -> threading.Lock:
+    """A waiter: a lock held until the request's outcome releases it."""
+    waiter = threading.Lock()
+    waiter.acquire()
+    return waiter
+
+
+class CallerThread:
+    """``call`` and the batches a caller's thread runs, over the state the batcher owns."""
+
+    _lock: threading.Lock
+    _set: ReplicaSet
+    _closing: bool
+    _running: dict[str, Batch]
+    _counts: Counters
+    _events: Events
+    _settle_later: list[Request]
+    _solo: bool
+    _clock: Callable[[], float]
+
+    if TYPE_CHECKING:  # provided by the batcher
+
+        def _admit(self, request: Request) -> int: ...
+
+        def _queue(self, request: Request, count: int, *, inline: bool) -> tuple[Batch, Replica] | None: ...
+
+        def withdraw(self, request: Request) -> bool:
+            """Fail ``request`` with ``DeadlineExceeded`` if none of it has started; whether it was."""
+
+        def _start(self, replica: Replica, batch: Batch) -> None: ...
+
+        def _execute(self, batch: Batch, replica: Replica) -> _Result | None: ...
+
+        def _executed(
+            self,
+            batch: Batch,
+            replica: Replica,
+            outcomes: list[Outcome],
+            failed: list[Outcome],
+            fault: bool,
+            start: float,
+            end: float,
+        ) -> _Result | None: ...
+
+        def _report(self, batch: Batch, replica: Replica, spent: float, failed: list[Outcome]) -> None: ...
+
+        def _finish(self, batch: Batch, replica: Replica, result: _Result | None) -> list[Request]: ...
+
+        def _book(self, batch: Batch, replica: Replica, latencies: list[float], spent: float) -> None: ...
+
+        def _release(self, replica: Replica) -> None: ...
+
+        def _flush(self) -> None: ...
+
+    def call(self, request: Request) -> Any:
+        """Run ``request`` for a synchronous caller and return its result (or raise its error).
+
+        The fast path: when a replica is idle and nothing is queued or running, the caller's own
+        thread runs the request alone (:meth:`_run_solo`); when a replica is idle and a batch is
+        due, it runs that batch. Past its deadline a request still queued is withdrawn.
+        """
+        count = self._admit(request)
+        claimed = self._claim(request) if count == 1 and self._solo else None
+        if claimed is not None:
+            self._run_solo(request, *claimed)
+        else:
+            request.waiter = _locked()
+            inline = self._queue(request, count, inline=True)
+            if inline is not None:
+                self.run_inline(*inline)
+        waiter = request.waiter
+        if waiter is None:  # answered on this thread
+            pass
+        elif request.deadline is None:
+            waiter.acquire()
+        elif not waiter.acquire(timeout=min(max(request.deadline - time.monotonic(), 0.0), threading.TIMEOUT_MAX)):
+            if self.withdraw(request):
+                raise request.error  # type: ignore[misc]
+            waiter.acquire()  # it started before its deadline: it finishes
+        if request.error is not None:
+            raise request.error
+        return request.value
+
+    def _claim(self, request: Request) -> tuple[Batch, Replica] | None:
+        """An idle healthy replica, claimed for ``request`` alone, when nothing is queued or running.
+
+        Nothing could refuse the request then: its bytes fit (``_admit``), the queue is empty
+        and the replica is healthy; it passes no one.
+        """
+        with self._lock:
+            lane = self._set.lanes[0]
+            if self._closing or lane.count or self._running or not lane.idle or lane.idle[-1].state is not _HEALTHY:
+                return None
+            self._counts.accepted += 1
+            lane.arrived(self._clock())
+            replica = lane.idle.pop()
+            request.state = RUNNING
+            batch = Batch([request], request.rows, "idle")
+            self._start(replica, batch)
+        return batch, replica
+
+    def run_inline(self, batch: Batch, replica: Replica) -> None:
+        """Run a batch claimed by :meth:`_queue` on the caller's thread, then free the replica."""
+        self._finish_inline(batch, replica, self._execute(batch, replica))
+
+    def _run_solo(self, request: Request, batch: Batch, replica: Replica) -> None:
+        """:meth:`run_inline` for a request claimed alone (:meth:`_claim`), on its caller's thread.
+
+        A success on a healthy replica is booked here, without the lists of the general way;
+        anything else (a failure, a replica ejected or drained meanwhile, closing) goes the
+        general way, and a request not answered by it (retried elsewhere, or being answered by
+        ``close()``) gets a waiter.
+        """
+        start = self._clock()
+        try:
+            value = run_one(request, replica.backend)
+        except Exception as exc:  # noqa: BLE001 (run_batch's verdicts, for a lone request)
+            outcome, fault = lone_failure(request, exc)
+            end = self._clock()
+            result = self._executed(batch, replica, [outcome], [outcome], fault, start, end)
+            self._finish_inline(batch, replica, result, request)
+            return
+        end = self._clock()
+        if not batch.claim.acquire(False):  # noqa: FBT003 (close() gave up on it and answers it)
+            self._finish_inline(batch, replica, None, request)
+            return
+        if self._events.emit is not None:
+            self._report(batch, replica, end - start, [])
+        with self._lock:
+            booked = not self._closing and not replica.consecutive_failures and replica.state is _HEALTHY
+            if booked:
+                request.state = DONE
+                request.value = value
+                self._counts.completed += 1
+                self._book(batch, replica, [end - request.t0], end - start)
+                self._release(replica)
+                self._hand_back(replica)
+        if not booked:
+            self._finish_inline(batch, replica, ([(request, value, None)], False, end, end - start), request)
+        elif self._settle_later:
+            self._flush()
+
+    def _finish_inline(
+        self, batch: Batch, replica: Replica, result: _Result | None, alone: Request | None = None
+    ) -> None:
+        """Account a batch a caller's thread ran and hand the replica back to its worker.
+
+        ``alone``: the request :meth:`_run_solo` ran, given a waiter if it is not answered yet.
+        """
+        with self._lock:
+            if result is None:  # close() gave up on it and answered it (no watchdog runs inline): free the replica
+                self._release(replica)
+            done = self._finish(batch, replica, result)
+            self._hand_back(replica)
+            if alone is not None and alone.state is not DONE:  # settled after the lock: it reads the waiter then
+                alone.waiter = _locked()
+        settle_all(done)
+        if self._settle_later:
+            self._flush()
+
+    def _hand_back(self, replica: Replica) -> None:
+        """A replica a caller's thread ran a batch on, back to its worker (under the lock)."""
+        lane = replica.lane
+        if lane.count or self._closing or not replica.usable(self._clock()):
+            replica.cond.notify()  # its worker takes over: work is queued, or a cooldown to time
+        elif replica not in lane.idle:
+            lane.idle.append(replica)
