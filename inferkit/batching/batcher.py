@@ -25,7 +25,7 @@ from inferkit.batching.lane import Batch, Lane
 from inferkit.batching.lifecycle import Lifecycle
 from inferkit.batching.replicas import ReplicaSet
 from inferkit.batching.reporting import Events, Reporting
-from inferkit.batching.request import DONE, Inputs, Request, object_bytes, settle_all
+from inferkit.batching.request import DONE, Inputs, Request, new_waiter, object_bytes, settle_all
 from inferkit.errors import Closed, InferkitError, InvalidInput, NoHealthyReplica, Overloaded
 from inferkit.events import BatchDone, Event, RequestsExpired, new_request_id
 from inferkit.pool import PoolConfig, Replica, ReplicaState
@@ -76,8 +76,6 @@ class Batcher(CallerThread, Deadlines, Failures, Reporting, Lifecycle):
         self._settle_later: list[Request] = []  # settled under the lock by another thread, delivered after it
         self._running: dict[str, Batch] = {}  # by replica name
         self._counts = Counters()
-        # A lone caller may run its request alone on its own thread (no queue, no watchdog to arm).
-        self._solo = self._set.balancer is None and pool.execution_timeout is None
         for _ in range(pool.replicas):
             self._set.add(factory(), self._work)
 
@@ -103,7 +101,7 @@ class Batcher(CallerThread, Deadlines, Failures, Reporting, Lifecycle):
         Raises ``InvalidInput`` (a request no queue could ever hold), ``Closed``, ``Overloaded``
         or ``NoHealthyReplica`` without queueing anything.
         """
-        self._queue(request, self._admit(request), inline=False)
+        self._queue(request, self._admit(request), caller=False)
 
     def _admit(self, request: Request) -> int:
         """The parts ``request`` takes; raises ``InvalidInput`` (counted) when no queue could ever hold it."""
@@ -129,25 +127,33 @@ class Batcher(CallerThread, Deadlines, Failures, Reporting, Lifecycle):
             raise never
         return count
 
-    def _queue(self, request: Request, count: int, *, inline: bool) -> tuple[Batch, Replica] | None:
+    def _queue(self, request: Request, count: int, *, caller: bool) -> tuple[Batch, Replica] | None:
         """Queue ``request`` in ``count`` parts; raises ``Closed``, ``Overloaded`` or ``NoHealthyReplica``.
 
-        With ``inline``, when a replica is idle and a batch should go now, the batch and the
-        replica are returned, already claimed, for the caller to :meth:`run_inline`.
+        For a synchronous ``caller`` (:meth:`call`): an idle replica claimed for the request
+        alone (``_claim``), or else the request gets a waiter and, when a replica is idle and a
+        batch should go now, that batch and replica are returned, already claimed, for the
+        caller to run on its thread.
         """
         if count == 1:
             parts = [request]
         else:
             chunks = min(count, len(self._set.lanes)) if self._set.balancer is not None else 1
             parts = assembly.split(request, self.config.call_rows, count, chunks)
-        inline = inline and count == 1 and self.pool.execution_timeout is None
+        inline = caller and count == 1 and self.pool.execution_timeout is None  # no watchdog on a caller's thread
         with self._lock:
+            if inline and not self._running and self._set.balancer is None:
+                claimed = self._claim(request)
+                if claimed is not None:
+                    return claimed
             now = self._clock()
             refusal = self._refusal(count, request.nbytes, now)
             if refusal is not None:
                 self._counts.reject(refusal)
                 raise refusal
             self._counts.accepted += 1
+            if caller:
+                request.waiter = new_waiter()  # before a worker can take it
             if request.future is not None:
                 top = request
                 request.future._on_cancel = lambda: self.cancel(top)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from inferkit.batching.execute import lone_failure, run_one
 from inferkit.batching.lane import Batch
-from inferkit.batching.request import DONE, RUNNING, Request, settle_all
+from inferkit.batching.request import DONE, RUNNING, Request, new_waiter, settle_all
 from inferkit.pool import ReplicaState
 
 if TYPE_CHECKING:
@@ -33,13 +33,6 @@ __all__ = ["CallerThread"]
 _HEALTHY = ReplicaState.HEALTHY  # a global load, not an attribute lookup, per request
 
 
-def _locked() -> threading.Lock:
-    """A waiter: a lock held until the request's outcome releases it."""
-    waiter = threading.Lock()
-    waiter.acquire()
-    return waiter
-
-
 class CallerThread:
     """``call`` and the batches a caller's thread runs, over the state the batcher owns."""
 
@@ -50,14 +43,13 @@ class CallerThread:
     _counts: Counters
     _events: Events
     _settle_later: list[Request]
-    _solo: bool
     _clock: Callable[[], float]
 
     if TYPE_CHECKING:  # provided by the batcher
 
         def _admit(self, request: Request) -> int: ...
 
-        def _queue(self, request: Request, count: int, *, inline: bool) -> tuple[Batch, Replica] | None: ...
+        def _queue(self, request: Request, count: int, *, caller: bool) -> tuple[Batch, Replica] | None: ...
 
         def withdraw(self, request: Request) -> bool:
             """Fail ``request`` with ``DeadlineExceeded`` if none of it has started; whether it was."""
@@ -94,15 +86,13 @@ class CallerThread:
         thread runs the request alone (:meth:`_run_solo`); when a replica is idle and a batch is
         due, it runs that batch. Past its deadline a request still queued is withdrawn.
         """
-        count = self._admit(request)
-        claimed = self._claim(request) if count == 1 and self._solo else None
-        if claimed is not None:
+        claimed = self._queue(request, self._admit(request), caller=True)
+        if claimed is None:
+            pass
+        elif request.waiter is None:  # claimed for it alone (``_claim``)
             self._run_solo(request, *claimed)
         else:
-            request.waiter = _locked()
-            inline = self._queue(request, count, inline=True)
-            if inline is not None:
-                self.run_inline(*inline)
+            self.run_inline(*claimed)
         waiter = request.waiter
         if waiter is None:  # answered on this thread
             pass
@@ -117,21 +107,20 @@ class CallerThread:
         return request.value
 
     def _claim(self, request: Request) -> tuple[Batch, Replica] | None:
-        """An idle healthy replica, claimed for ``request`` alone, when nothing is queued or running.
+        """An idle healthy replica claimed for ``request`` alone, when nothing is queued or running (under the lock).
 
         Nothing could refuse the request then: its bytes fit (``_admit``), the queue is empty
-        and the replica is healthy; it passes no one.
+        and the replica is healthy; it passes no one. Only on the shared queue.
         """
-        with self._lock:
-            lane = self._set.lanes[0]
-            if self._closing or lane.count or self._running or not lane.idle or lane.idle[-1].state is not _HEALTHY:
-                return None
-            self._counts.accepted += 1
-            lane.arrived(self._clock())
-            replica = lane.idle.pop()
-            request.state = RUNNING
-            batch = Batch([request], request.rows, "idle")
-            self._start(replica, batch)
+        lane = self._set.lanes[0]
+        if self._closing or lane.count or self._running or not lane.idle or lane.idle[-1].state is not _HEALTHY:
+            return None
+        self._counts.accepted += 1
+        lane.arrived(self._clock())
+        replica = lane.idle.pop()
+        request.state = RUNNING
+        batch = Batch([request], request.rows, "idle")
+        self._start(replica, batch)
         return batch, replica
 
     def run_inline(self, batch: Batch, replica: Replica) -> None:
@@ -188,7 +177,7 @@ class CallerThread:
             done = self._finish(batch, replica, result)
             self._hand_back(replica)
             if alone is not None and alone.state is not DONE:  # settled after the lock: it reads the waiter then
-                alone.waiter = _locked()
+                alone.waiter = new_waiter()
         settle_all(done)
         if self._settle_later:
             self._flush()

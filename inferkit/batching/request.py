@@ -22,6 +22,7 @@ __all__ = [
     "RequestState",
     "Split",
     "input_bytes",
+    "new_waiter",
     "notify_cancelled",
     "object_bytes",
     "settle_all",
@@ -104,6 +105,13 @@ def _held(a: np.ndarray[Any, Any], room: int) -> int:
         if total * repeat > room:
             break
     return total * repeat
+
+
+def new_waiter() -> threading.Lock:
+    """What a synchronous caller waits on: a lock held until the request's outcome releases it."""
+    waiter = threading.Lock()
+    waiter.acquire()
+    return waiter
 
 
 def notify_cancelled(future: Future[Any]) -> bool:
