@@ -185,7 +185,7 @@ class CallerThread:
     def _hand_back(self, replica: Replica) -> None:
         """A replica a caller's thread ran a batch on, back to its worker (under the lock)."""
         lane = replica.lane
-        if lane.count or self._closing or not replica.usable(self._clock()):
+        if lane.count or self._closing or (replica.state is not _HEALTHY and not replica.usable(self._clock())):
             replica.cond.notify()  # its worker takes over: work is queued, or a cooldown to time
         elif replica not in lane.idle:
             lane.idle.append(replica)
