@@ -200,6 +200,36 @@ def test_a_replica_drained_while_idle_takes_no_wake_up_meant_for_the_others() ->
             batcher.close(WAIT)
 
 
+@pytest.mark.parametrize("resized_to", [2, 8])
+def test_a_batch_size_changed_during_admission_splits_a_request_as_it_was_counted(resized_to: int) -> None:
+    """A reconfigure() between a request's admission and its queueing (here from an element's
+    __sizeof__, the caller's code, which admission calls outside the lock) never loses or invents
+    rows: the request is split by the size it was counted with, and every row comes back."""
+    batcher = Batcher(lambda: CallableBackend(lambda a: a), BatchConfig(max_batch_size=4), PoolConfig())
+
+    class Resizes:
+        fired = False
+
+        def __sizeof__(self) -> int:
+            if not Resizes.fired:
+                Resizes.fired = True
+                batcher.reconfigure(BatchConfig(max_batch_size=resized_to))
+            return 8
+
+    try:
+        x = np.empty((10, 1), dtype=object)
+        x[:, 0] = list(range(10))
+        x[0, 0] = marker = Resizes()
+        request = Request(batcher.next_id(), {"x": x}, 10, None, 0, None, time.monotonic())
+        out = batcher.call(request)
+        assert Resizes.fired
+        assert out.shape == (10, 1)
+        assert out[0, 0] is marker
+        assert list(out[1:, 0]) == list(range(1, 10))
+    finally:
+        batcher.close(WAIT)
+
+
 def _submit(batcher: Batcher, value: float) -> RequestFuture:
     """Queue a one-row request as ``Predictor.submit`` does."""
     arrays = normalize_untyped(rows(value))

@@ -759,6 +759,35 @@ class TestWorkersSurviveBugs:
             assert [r.state for r in stats.replicas] == ["healthy"]
             assert stats.in_flight == 0
 
+    def test_a_bug_booking_a_predict_run_on_its_callers_thread_answers_it_and_keeps_the_replica(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A bug of inferkit's own while a lone predict's success is booked on its caller's thread
+        (injected where a batch is counted): the caller still gets its result, the replica is freed
+        and keeps serving, nothing hangs."""
+        from inferkit.batching.counters import Counters
+
+        real = Counters.batch
+        calls = []
+
+        def buggy(self: Counters, *args: Any) -> None:
+            calls.append(args)
+            if len(calls) == 1:
+                raise RuntimeError("injected bug")
+            real(self, *args)
+
+        monkeypatch.setattr(Counters, "batch", buggy)
+        p = Predictor.from_callable(lambda x: x * 2)
+        try:
+            np.testing.assert_array_equal(p.predict(np.ones((1, 2)), timeout=WAIT), np.full((1, 2), 2.0))
+            np.testing.assert_array_equal(p.predict(np.ones((1, 2)), timeout=5), np.full((1, 2), 2.0))
+            stats = p.stats()
+            assert len(calls) == 2
+            assert [r.state for r in stats.replicas] == ["healthy"]
+            assert (stats.completed, stats.in_flight) == (2, 0)
+        finally:
+            p.close(timeout=5)  # a replica left busy would hold close() for all of it
+
 
 class TestRouterApredict:
     def test_results_and_cancellation(self) -> None:

@@ -101,10 +101,14 @@ class Batcher(CallerThread, Deadlines, Failures, Reporting, Lifecycle):
         Raises ``InvalidInput`` (a request no queue could ever hold), ``Closed``, ``Overloaded``
         or ``NoHealthyReplica`` without queueing anything.
         """
-        self._queue(request, self._admit(request), caller=False)
+        self._queue(request, *self._admit(request), caller=False)
 
-    def _admit(self, request: Request) -> int:
-        """The parts ``request`` takes; raises ``InvalidInput`` (counted) when no queue could ever hold it."""
+    def _admit(self, request: Request) -> tuple[int, int]:
+        """The parts ``request`` takes and the rows of each; ``InvalidInput`` (counted) if no queue could hold it.
+
+        Both come from one read of the config: a ``reconfigure`` meanwhile must not split the
+        request into parts other than it was counted as.
+        """
         config = self.config
         max_rows = config.call_rows
         count = 1 if request.rows <= max_rows else -(-request.rows // max_rows)
@@ -125,10 +129,10 @@ class Batcher(CallerThread, Deadlines, Failures, Reporting, Lifecycle):
         if never is not None:
             self.reject(never)
             raise never
-        return count
+        return count, max_rows
 
-    def _queue(self, request: Request, count: int, *, caller: bool) -> tuple[Batch, Replica] | None:
-        """Queue ``request`` in ``count`` parts; raises ``Closed``, ``Overloaded`` or ``NoHealthyReplica``.
+    def _queue(self, request: Request, count: int, max_rows: int, *, caller: bool) -> tuple[Batch, Replica] | None:
+        """Queue ``request`` in ``count`` parts of ``max_rows`` rows, or refuse it (``Closed``, ``Overloaded``, ...).
 
         For a synchronous ``caller`` (:meth:`call`): an idle replica claimed for the request
         alone (``_claim``), or else the request gets a waiter and, when a replica is idle and a
@@ -139,7 +143,7 @@ class Batcher(CallerThread, Deadlines, Failures, Reporting, Lifecycle):
             parts = [request]
         else:
             chunks = min(count, len(self._set.lanes)) if self._set.balancer is not None else 1
-            parts = assembly.split(request, self.config.call_rows, count, chunks)
+            parts = assembly.split(request, max_rows, count, chunks)
         inline = caller and count == 1 and self.pool.execution_timeout is None  # no watchdog on a caller's thread
         with self._lock:
             if inline and not self._running and self._set.balancer is None:

@@ -47,9 +47,11 @@ class CallerThread:
 
     if TYPE_CHECKING:  # provided by the batcher
 
-        def _admit(self, request: Request) -> int: ...
+        def _admit(self, request: Request) -> tuple[int, int]: ...
 
-        def _queue(self, request: Request, count: int, *, caller: bool) -> tuple[Batch, Replica] | None: ...
+        def _queue(
+            self, request: Request, count: int, max_rows: int, *, caller: bool
+        ) -> tuple[Batch, Replica] | None: ...
 
         def withdraw(self, request: Request) -> bool:
             """Fail ``request`` with ``DeadlineExceeded`` if none of it has started; whether it was."""
@@ -77,6 +79,8 @@ class CallerThread:
 
         def _release(self, replica: Replica) -> None: ...
 
+        def _salvage(self, batch: Batch, replica: Replica, bug: Exception, done: list[Request]) -> list[Request]: ...
+
         def _flush(self) -> None: ...
 
     def call(self, request: Request) -> Any:
@@ -86,7 +90,7 @@ class CallerThread:
         thread runs the request alone (:meth:`_run_solo`); when a replica is idle and a batch is
         due, it runs that batch. Past its deadline a request still queued is withdrawn.
         """
-        claimed = self._queue(request, self._admit(request), caller=True)
+        claimed = self._queue(request, *self._admit(request), caller=True)
         if claimed is None:
             pass
         elif request.waiter is None:  # claimed for it alone (``_claim``)
@@ -156,8 +160,11 @@ class CallerThread:
                 request.state = DONE
                 request.value = value
                 self._counts.completed += 1
-                self._book(batch, replica, [end - request.t0], end - start)
-                self._release(replica)
+                try:
+                    self._book(batch, replica, [end - request.t0], end - start)
+                    self._release(replica)
+                except Exception as bug:  # noqa: BLE001 (as in ``_finish``: the request is answered, the replica freed)
+                    self._salvage(batch, replica, bug, [request])
                 self._hand_back(replica)
         if not booked:
             self._finish_inline(batch, replica, ([(request, value, None)], False, end, end - start), request)
