@@ -19,7 +19,7 @@ from inferkit.batching.caller import CallerThread
 from inferkit.batching.config import BatchConfig
 from inferkit.batching.counters import Counters
 from inferkit.batching.deadlines import Deadlines, expired
-from inferkit.batching.execute import Outcome, model_error, run_batch, try_join
+from inferkit.batching.execute import Outcome, Ran, model_error, run_batch, try_join
 from inferkit.batching.failures import Failures
 from inferkit.batching.lane import Batch, Lane
 from inferkit.batching.lifecycle import Lifecycle
@@ -247,23 +247,15 @@ class Batcher(CallerThread, Deadlines, Failures, Reporting, Lifecycle):
         watchdog = None
         if timeout is not None:
             watchdog = self._timer.schedule(start + timeout, lambda: self._on_hang(batch, replica))
-        outcomes, failed, fault = run_batch(batch.requests, replica.backend, inputs)
+        ran = run_batch(batch.requests, replica.backend, inputs)
         end = self._clock()
         if watchdog is not None:
             self._timer.cancel(watchdog)  # it holds the batch, arrays and all
-        return self._executed(batch, replica, outcomes, failed, fault, start, end)
+        return self._executed(batch, replica, ran, start, end)
 
-    def _executed(
-        self,
-        batch: Batch,
-        replica: Replica,
-        outcomes: list[Outcome],
-        failed: list[Outcome],
-        fault: bool,
-        start: float,
-        end: float,
-    ) -> _Result | None:
-        """A batch's run, claimed and reported; None when the watchdog or close() settled it first."""
+    def _executed(self, batch: Batch, replica: Replica, ran: Ran, start: float, end: float) -> _Result | None:
+        """A batch run from ``start`` to ``end``, claimed and reported; None if the watchdog or close() took it."""
+        outcomes, failed, fault = ran
         if not batch.claim.acquire(False):  # noqa: FBT003 (a keyword costs a parse per batch)
             return None
         if self._events.emit is not None:

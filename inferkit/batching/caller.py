@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from inferkit.batching.counters import Counters
-    from inferkit.batching.execute import Outcome
+    from inferkit.batching.execute import Outcome, Ran
     from inferkit.batching.replicas import ReplicaSet
     from inferkit.batching.reporting import Events
     from inferkit.pool import Replica
@@ -60,16 +60,7 @@ class CallerThread:
 
         def _execute(self, batch: Batch, replica: Replica) -> _Result | None: ...
 
-        def _executed(
-            self,
-            batch: Batch,
-            replica: Replica,
-            outcomes: list[Outcome],
-            failed: list[Outcome],
-            fault: bool,
-            start: float,
-            end: float,
-        ) -> _Result | None: ...
+        def _executed(self, batch: Batch, replica: Replica, ran: Ran, start: float, end: float) -> _Result | None: ...
 
         def _report(self, batch: Batch, replica: Replica, spent: float, failed: list[Outcome]) -> None: ...
 
@@ -145,7 +136,7 @@ class CallerThread:
         except Exception as exc:  # noqa: BLE001 (run_batch's verdicts, for a lone request)
             outcome, fault = lone_failure(request, exc)
             end = self._clock()
-            result = self._executed(batch, replica, [outcome], [outcome], fault, start, end)
+            result = self._executed(batch, replica, ([outcome], [outcome], fault), start, end)
             self._finish_inline(batch, replica, result, request)
             return
         end = self._clock()

@@ -18,14 +18,13 @@ from inferkit.batching.request import Inputs, Request
 from inferkit.errors import InvalidInput, ModelError
 from inferkit.signature import array_module, is_device_array
 
-__all__ = ["Outcome", "lone_failure", "model_error", "run_batch", "run_one", "try_join"]
+__all__ = ["Outcome", "Ran", "lone_failure", "model_error", "run_batch", "run_one", "try_join"]
 
 Outcome = tuple[Request, Any, BaseException | None]
+Ran = tuple[list[Outcome], list[Outcome], bool]  # every outcome, the failed ones, whether the replica faulted
 
 
-def run_batch(
-    requests: list[Request], backend: Backend, inputs: Inputs | None = None
-) -> tuple[list[Outcome], list[Outcome], bool]:
+def run_batch(requests: list[Request], backend: Backend, inputs: Inputs | None = None) -> Ran:
     """Every request's outcome, those of them that failed, and whether the backend reported a fault of its own.
 
     ``inputs``: the batch's inputs already joined (:func:`try_join`), or None to join them here.
