@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-ray lint types bench bench-bulk bench-server bench-gpu clean
+.PHONY: demo test test-ray lint types bench bench-counts bench-bulk bench-server bench-gpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test-ray: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(BIN)/python -m pip install -q batched
 	$(BIN)/python benchmarks/bench_batching.py
+
+# Deterministic: Python bytecodes per request on each path (and valgrind's instructions when installed).
+bench-counts: $(VENV)/.dev
+	$(BIN)/python benchmarks/hot_path.py --top 12 --callgrind
 
 # Opt-in, installs the ray extra as test-ray does: predictor.map against the model's own batched throughput
 # and Ray Data, and inferkit's Ray Serve deployment against @serve.batch (about two minutes).

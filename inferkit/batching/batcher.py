@@ -101,7 +101,7 @@ class Batcher(CallerThread, Deadlines, Failures, Reporting, Lifecycle):
         Raises ``InvalidInput`` (a request no queue could ever hold), ``Closed``, ``Overloaded``
         or ``NoHealthyReplica`` without queueing anything.
         """
-        self._queue(request, *self._admit(request), caller=False)
+        self._queue(request, caller=False)
 
     def _admit(self, request: Request) -> tuple[int, int]:
         """The parts ``request`` takes and the rows of each; ``InvalidInput`` (counted) if no queue could hold it.
@@ -131,14 +131,15 @@ class Batcher(CallerThread, Deadlines, Failures, Reporting, Lifecycle):
             raise never
         return count, max_rows
 
-    def _queue(self, request: Request, count: int, max_rows: int, *, caller: bool) -> tuple[Batch, Replica] | None:
-        """Queue ``request`` in ``count`` parts of ``max_rows`` rows, or refuse it (``Closed``, ``Overloaded``, ...).
+    def _queue(self, request: Request, *, caller: bool) -> tuple[Batch, Replica] | None:
+        """Admit and queue ``request``, or refuse it (``InvalidInput``, ``Closed``, ``Overloaded``, ...).
 
         For a synchronous ``caller`` (:meth:`call`): an idle replica claimed for the request
         alone (``_claim``), or else the request gets a waiter and, when a replica is idle and a
         batch should go now, that batch and replica are returned, already claimed, for the
         caller to run on its thread.
         """
+        count, max_rows = self._admit(request)
         if count == 1:
             parts = [request]
         else:

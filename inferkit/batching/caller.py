@@ -47,11 +47,7 @@ class CallerThread:
 
     if TYPE_CHECKING:  # provided by the batcher
 
-        def _admit(self, request: Request) -> tuple[int, int]: ...
-
-        def _queue(
-            self, request: Request, count: int, max_rows: int, *, caller: bool
-        ) -> tuple[Batch, Replica] | None: ...
+        def _queue(self, request: Request, *, caller: bool) -> tuple[Batch, Replica] | None: ...
 
         def withdraw(self, request: Request) -> bool:
             """Fail ``request`` with ``DeadlineExceeded`` if none of it has started; whether it was."""
@@ -81,7 +77,7 @@ class CallerThread:
         thread runs the request alone (:meth:`_run_solo`); when a replica is idle and a batch is
         due, it runs that batch. Past its deadline a request still queued is withdrawn.
         """
-        claimed = self._queue(request, *self._admit(request), caller=True)
+        claimed = self._queue(request, caller=True)
         if claimed is None:
             pass
         elif request.waiter is None:  # claimed for it alone (``_claim``)

@@ -1,0 +1,249 @@
+"""Deterministic cost of a request's path through inferkit: Python bytecodes per request.
+
+Times on these machines move 10-35% between runs; the bytecodes a request executes do not. So
+this counts them (``sys.settrace`` opcode events, in every thread the request touches) for:
+
+- ``lone``: ``predict`` at concurrency 1 on a no-op function: the caller's own thread runs it;
+- ``lone-onnx``: the same on an ONNX Runtime Identity model;
+- ``queued``: synchronous callers queued behind a busy replica, then run as one batch by its
+  worker: the count per request is the difference between 32 and 16 callers, divided by 16
+  (what every batch costs once cancels out);
+- ``queued-async``: the same with ``apredict`` tasks on one event loop (asyncio's own Python
+  machinery included: it runs per request too).
+
+Compare two trees with ``PYTHONPATH=<tree> python benchmarks/hot_path.py`` on each.
+``--callgrind`` adds valgrind's count of machine instructions per ``lone`` predict (native
+work included; the difference between 3,000 and 1,000 calls, hash seed fixed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+
+import inferkit
+
+Counts = collections.Counter[tuple[str, str]]
+WAIT = 10.0  # seconds: a bound on every wait here, never expected to be reached
+
+
+class Tracer:
+    """Counts opcodes per (file, function) while ``on``, in the threads it is installed in."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.counts: Counts = collections.Counter()
+
+    def __call__(self, frame: FrameType, event: str, _arg: object) -> Any:
+        if not self.on:
+            return self
+        if event == "call":
+            frame.f_trace_opcodes = True
+            frame.f_trace_lines = False
+        elif event == "opcode":
+            code = frame.f_code
+            self.counts[(Path(code.co_filename).name, code.co_name)] += 1
+        return self
+
+
+class Gate:
+    """A no-op model whose first row ``-1`` makes its call wait for ``release``."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        if x[0, 0] == -1:
+            self.entered.set()
+            self.release.wait(WAIT)
+        return x
+
+
+def lone(predictor: inferkit.Predictor, x: np.ndarray[Any, Any]) -> Counts:
+    """The opcodes of one ``predict`` at concurrency 1 (after a warm-up)."""
+    for _ in range(50):
+        predictor.predict(x)
+    tracer = Tracer()
+    sys.settrace(tracer)
+    tracer.on = True
+    predictor.predict(x)
+    tracer.on = False
+    sys.settrace(None)
+    return tracer.counts
+
+
+def _queued_batch(k: int, *, use_async: bool) -> Counts:
+    """The opcodes of ``k`` callers queued behind a busy replica and run as one batch, in all threads."""
+    tracer = Tracer()
+    gate = Gate()
+    threading.settrace(tracer)  # the worker thread starts traced
+    predictor = inferkit.Predictor.from_callable(gate, max_batch_size=64, max_delay_ms=2)
+    x = np.ones((1, 3))
+    try:
+        for _ in range(20):
+            predictor.predict(x)
+        blocker = predictor.submit(np.full((1, 3), -1.0))
+        assert gate.entered.wait(WAIT)
+
+        def queued(depth: int) -> bool:
+            return predictor.stats().queue_depth >= depth
+
+        if use_async:
+
+            async def main() -> None:
+                sys.settrace(tracer)
+                tracer.on = True
+                tasks = [asyncio.ensure_future(predictor.apredict(x)) for _ in range(k)]
+                await asyncio.sleep(0)  # one loop turn: each task runs to its await, its request queued
+                assert queued(k)
+                gate.release.set()
+                await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+                tracer.on = False
+
+            asyncio.run(main())
+        else:
+
+            def call() -> None:
+                sys.settrace(tracer)
+                predictor.predict(x)
+
+            callers = [threading.Thread(target=call) for _ in range(k)]
+            tracer.on = True
+            for t in callers:
+                t.start()
+            deadline = time.monotonic() + WAIT
+            while not queued(k) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            gate.release.set()
+            for t in callers:
+                t.join(WAIT)
+            tracer.on = False
+        blocker.result(WAIT)
+    finally:
+        tracer.on = False
+        gate.release.set()
+        threading.settrace(None)  # type: ignore[arg-type]
+        sys.settrace(None)
+        predictor.close(WAIT)
+    return tracer.counts
+
+
+def queued(*, use_async: bool = False) -> Counts:
+    """The opcodes per queued request: 32 callers' batch less 16 callers' batch, over 16."""
+    _queued_batch(4, use_async=use_async)  # first uses import and compile what they need: not per request
+    small, big = _queued_batch(16, use_async=use_async), _queued_batch(32, use_async=use_async)
+    per: Counts = collections.Counter()
+    for key in small.keys() | big.keys():
+        per[key] = round((big[key] - small[key]) / 16)
+    return per
+
+
+def identity_model(directory: Path) -> Path:
+    """An ONNX Identity model over float32 rows of 4, saved in ``directory``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    path = directory / "identity.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def measure(paths: list[str]) -> dict[str, Counts]:
+    """Opcode counts per request for each named path."""
+    x = np.zeros((1, 4), np.float32)
+    runs: dict[str, Callable[[], Counts]] = {
+        "queued": queued,
+        "queued-async": lambda: queued(use_async=True),
+    }
+    out: dict[str, Counts] = {}
+    for name in paths:
+        if name == "lone":
+            with inferkit.Predictor.from_callable(lambda a: a, max_delay_ms=0) as p:
+                out[name] = lone(p, x)
+        elif name == "lone-onnx":
+            with tempfile.TemporaryDirectory() as tmp, inferkit.Predictor.from_onnx(identity_model(Path(tmp))) as p:
+                out[name] = lone(p, x)
+        else:
+            out[name] = runs[name]()
+    return out
+
+
+def callgrind() -> str:
+    """Machine instructions per lone no-op predict under valgrind, or why there is no figure."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        return "skipped: valgrind is not installed"
+    totals = []
+    for n in (1000, 3000):
+        cmd = [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__, f"--loop={n}"]
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+        found = re.search(r"Collected : (\d+)", done.stderr)
+        if done.returncode or found is None:
+            return f"skipped: valgrind failed ({done.stderr.strip()[-200:]})"
+        totals.append(int(found.group(1)))
+    return f"{(totals[1] - totals[0]) / 2000:,.0f} instructions per lone no-op predict"
+
+
+def _loop(n: int) -> None:
+    x = np.zeros((1, 4), np.float32)
+    with inferkit.Predictor.from_callable(lambda a: a, max_delay_ms=0) as p:
+        for _ in range(200 + n):
+            p.predict(x)
+
+
+def main() -> None:
+    """Print the table (and the top functions of each path with ``--top``)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    choices = ["lone", "lone-onnx", "queued", "queued-async"]
+    parser.add_argument("--only", default=",".join(choices), help=f"paths, comma-separated: {', '.join(choices)}")
+    parser.add_argument("--top", type=int, default=0, help="also list each path's N costliest functions")
+    parser.add_argument("--callgrind", action="store_true", help="add valgrind's instructions per lone predict")
+    parser.add_argument("--loop", type=int, default=0, help=argparse.SUPPRESS)  # the process valgrind runs
+    args = parser.parse_args()
+    if args.loop:
+        _loop(args.loop)
+        return
+    paths = [p for p in args.only.split(",") if p]
+    unknown = set(paths) - set(choices)
+    if unknown:
+        parser.error(f"unknown paths {sorted(unknown)}; choose from {choices}")
+    counts = measure(paths)
+    print(f"inferkit from {Path(inferkit.__file__).parent} | Python {sys.version.split()[0]}")
+    print("\n| path | bytecodes per request | functions per request |\n|---|---:|---:|")
+    for name, c in counts.items():
+        print(f"| {name} | {sum(c.values()):,} | {sum(1 for v in c.values() if v)} |")
+    for name, c in counts.items():
+        if args.top:
+            print(f"\n{name}:")
+            for (file, fn), v in c.most_common(args.top):
+                print(f"  {v:6,} {file}:{fn}")
+    if args.callgrind:
+        print(f"\ncallgrind: {callgrind()}")
+
+
+if __name__ == "__main__":
+    main()

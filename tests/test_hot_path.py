@@ -1,0 +1,35 @@
+"""benchmarks/hot_path.py, the repeatable measure of a request's cost: it must count what it claims."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def hot_path() -> ModuleType:
+    path = Path(__file__).parent.parent / "benchmarks" / "hot_path.py"
+    spec = importlib.util.spec_from_file_location("hot_path", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_lone_predict_counts_the_same_every_time(hot_path: ModuleType) -> None:
+    """The lone path's count repeats exactly (so it can compare two trees); it ran on the caller's thread."""
+    first, second = hot_path.measure(["lone"])["lone"], hot_path.measure(["lone"])["lone"]
+    assert sum(first.values()) == sum(second.values()) > 0
+    assert first[("caller.py", "_run_solo")] > 0
+
+
+def test_a_queued_request_is_counted_in_the_workers_thread_too(hot_path: ModuleType) -> None:
+    """Per queued request, the batch formation and accounting done on the replica's worker thread count."""
+    for name, counts in hot_path.measure(["queued", "queued-async"]).items():
+        assert counts[("lane.py", "form")] > 0, name  # the worker's share
+        assert counts[("predictor.py", "_request")] > 0, name  # the caller's share
+        assert counts[("batcher.py", "_tally")] > 0, name
