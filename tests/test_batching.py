@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import sys
 import threading
 import time
@@ -19,7 +20,7 @@ from inferkit import BatchConfig, CallableBackend, DeadlineExceeded, PoolConfig,
 from inferkit.backends.base import usable_cores
 from inferkit.batching import Batcher, Request, RequestFuture
 from inferkit.batching.replicas import ReplicaSet
-from inferkit.batching.request import object_bytes
+from inferkit.batching.request import notify_cancelled, object_bytes
 from inferkit.pool import RoundRobin
 from inferkit.signature import batch_key, normalize_untyped
 
@@ -228,6 +229,20 @@ def test_a_batch_size_changed_during_admission_splits_a_request_as_it_was_counte
         assert list(out[1:, 0]) == list(range(1, 10))
     finally:
         batcher.close(WAIT)
+
+
+def test_a_cancellation_announced_a_second_time_is_a_quiet_no(caplog: pytest.LogCaptureFixture) -> None:
+    """The canceller and the batcher each announce a cancellation, in either order (a race of
+    ``future.cancel()`` with batch formation); the second announcement answers False and logs
+    nothing (the stdlib would log CRITICAL "in unexpected state" into the application's logs)."""
+    future = RequestFuture(1)
+    assert future.cancel()  # announces it
+    with caplog.at_level(logging.DEBUG):
+        assert notify_cancelled(future) is False
+    assert [r.getMessage() for r in caplog.records] == []
+    pending = RequestFuture(2)
+    assert notify_cancelled(pending) is True  # not cancelled: it starts running
+    assert pending.running()
 
 
 def _submit(batcher: Batcher, value: float) -> RequestFuture:

@@ -7,6 +7,7 @@ import sys
 import threading
 from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import Future, InvalidStateError
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -118,12 +119,16 @@ def notify_cancelled(future: Future[Any]) -> bool:
     """Move ``future`` to RUNNING, or tell ``wait()``/``as_completed()`` it was cancelled; whether it runs.
 
     Both the canceller and the batcher call this, in either order: the second finds the
-    cancellation already announced (a RuntimeError from the stdlib), which is the same answer.
+    cancellation already announced, which is the same answer. It is checked under the future's
+    own (reentrant) lock first: the stdlib logs a CRITICAL "unexpected state" before it raises.
     """
-    try:
-        return future.set_running_or_notify_cancel()
-    except RuntimeError:  # already announced
-        return False
+    with future._condition:
+        if future._state == CANCELLED_AND_NOTIFIED:
+            return False
+        try:
+            return future.set_running_or_notify_cancel()
+        except RuntimeError:  # running already: not ours to start twice
+            return False
 
 
 class Split:
