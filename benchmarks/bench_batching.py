@@ -292,7 +292,10 @@ def cell_result(latencies: list[float], rows: int, span: float, cpu_us: float | 
 
 
 async def async_closed_loop(
-    call: Callable[[FloatArray], Awaitable[object]], inputs: list[FloatArray], cfg: CellConfig
+    call: Callable[[FloatArray], Awaitable[object]],
+    inputs: list[FloatArray],
+    cfg: CellConfig,
+    on_window: Callable[[str], None] | None = None,
 ) -> CellResult:
     """:func:`run_closed_loop` for coroutines: ``len(inputs)`` tasks on the running event loop."""
     loop = asyncio.get_running_loop()
@@ -314,8 +317,12 @@ async def async_closed_loop(
     async def clock() -> None:
         await asyncio.sleep(max(0.0, window_start - loop.time()))
         cpu.append(time.process_time())
+        if on_window is not None:
+            on_window("start")
         await asyncio.sleep(max(0.0, window_end - loop.time()))
         cpu.append(time.process_time())
+        if on_window is not None:
+            on_window("end")
 
     await asyncio.gather(clock(), *(client(x) for x in inputs))
     cpu_us = (cpu[1] - cpu[0]) / len(latencies) * 1e6 if len(cpu) == 2 and latencies else None
@@ -598,9 +605,17 @@ class Bench:
 
         load = f"{CLIENTS} tasks x 1"
         self.log("inferkit apredict, 32 asyncio tasks")
+        sizes: dict[str, dict[int, int]] = {}
         with inferkit.Predictor.from_onnx(self.model, max_batch_size=MAX_BATCH, max_delay_ms=MAX_DELAY_MS) as p:
-            res = asyncio.run(async_closed_loop(p.apredict, client_inputs(1), self.cfg))
-        return Row("inferkit 1-row apredict", load, _inferkit_intra_label(1), res)
+
+            def on_window(when: str) -> None:
+                sizes[when] = dict(p.stats().batch_sizes)
+
+            res = asyncio.run(async_closed_loop(p.apredict, client_inputs(1), self.cfg, on_window))
+        row = Row("inferkit 1-row apredict", load, _inferkit_intra_label(1), res)
+        if "start" in sizes and "end" in sizes:
+            row.mean_batch = mean_batch_from(sizes["start"], sizes["end"])
+        return row
 
     # ---- latency at concurrency 1
 
