@@ -98,13 +98,14 @@ class CallerThread:
         return request.value
 
     def _claim(self, request: Request) -> tuple[Batch, Replica] | None:
-        """An idle healthy replica claimed for ``request`` alone, when nothing is queued or running (under the lock).
+        """An idle healthy replica claimed for ``request`` alone, when nothing is queued (under the lock).
 
-        Nothing could refuse the request then: its bytes fit (``_admit``), the queue is empty
-        and the replica is healthy; it passes no one. Only on the shared queue.
+        ``_queue`` asks only on the shared queue and when nothing runs. Nothing could refuse the
+        request then: its bytes fit (``_admit``), the queue is empty and the replica is healthy;
+        it passes no one.
         """
         lane = self._set.lanes[0]
-        if self._closing or lane.count or self._running or not lane.idle or lane.idle[-1].state is not _HEALTHY:
+        if self._closing or lane.count or not lane.idle or lane.idle[-1].state is not _HEALTHY:
             return None
         self._counts.accepted += 1
         lane.arrived(self._clock())
