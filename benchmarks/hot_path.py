@@ -26,7 +26,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from types import FrameType
 from typing import Any
 
 import numpy as np
+from models import identity_bytes
 
 import inferkit
 
@@ -154,23 +154,6 @@ def queued(*, use_async: bool = False) -> Counts:
     return per
 
 
-def identity_model(directory: Path) -> Path:
-    """An ONNX Identity model over float32 rows of 4, saved in ``directory``."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])],
-        "identity",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    path = directory / "identity.onnx"
-    onnx.save(model, path)
-    return path
-
-
 def measure(paths: list[str]) -> dict[str, Counts]:
     """Opcode counts per request for each named path."""
     x = np.zeros((1, 4), np.float32)
@@ -184,7 +167,7 @@ def measure(paths: list[str]) -> dict[str, Counts]:
             with inferkit.Predictor.from_callable(lambda a: a, max_delay_ms=0) as p:
                 out[name] = lone(p, x)
         elif name == "lone-onnx":
-            with tempfile.TemporaryDirectory() as tmp, inferkit.Predictor.from_onnx(identity_model(Path(tmp))) as p:
+            with inferkit.Predictor.from_onnx(identity_bytes(4)) as p:
                 out[name] = lone(p, x)
         else:
             out[name] = runs[name]()

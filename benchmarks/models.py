@@ -6,7 +6,10 @@ two ``MatMul + Add + Relu`` hidden layers and a ``MatMul + Add`` output layer
 any number of rows. Weights come from a fixed-seed generator and are scaled by
 ``1/sqrt(fan_in)`` so activations stay O(1) and outputs are finite.
 
-The model is small enough that one row costs tens to hundreds of microseconds
+``identity_bytes(width)`` returns an Identity model over float32 rows of ``width``: a model
+that costs next to nothing, for measuring what inferkit adds around a call.
+
+The MLP is small enough that one row costs tens to hundreds of microseconds
 and large enough (about 1.3 M multiply-adds per row, 5 MiB of weights) that
 batching rows into one ``session.run`` pays off clearly on a CPU, which is what
 the batching benchmarks need.
@@ -20,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["INPUT_DIM", "INPUT_NAME", "OUTPUT_DIM", "OUTPUT_NAME", "mlp_bytes"]
+__all__ = ["INPUT_DIM", "INPUT_NAME", "OUTPUT_DIM", "OUTPUT_NAME", "identity_bytes", "mlp_bytes"]
 
 INPUT_NAME = "x"
 OUTPUT_NAME = "y"
@@ -68,6 +71,23 @@ def mlp_bytes() -> bytes:
         graph,
         producer_name="inferkit-benchmarks",
         opset_imports=[helper.make_opsetid("", OPSET)],
+    )
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    data: bytes = model.SerializeToString()
+    return data
+
+
+def identity_bytes(width: int) -> bytes:
+    """Serialized ONNX Identity model over float32 rows of ``width`` (symbolic batch)."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [INPUT_NAME], [OUTPUT_NAME])],
+        "identity",
+        inputs=[helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", width])],
+        outputs=[helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", width])],
+    )
+    model = helper.make_model(
+        graph, producer_name="inferkit-benchmarks", opset_imports=[helper.make_opsetid("", OPSET)]
     )
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model, full_check=True)

@@ -11,12 +11,14 @@ import pytest
 
 @pytest.fixture(scope="module")
 def hot_path() -> ModuleType:
-    path = Path(__file__).parent.parent / "benchmarks" / "hot_path.py"
-    spec = importlib.util.spec_from_file_location("hot_path", path)
+    benchmarks = Path(__file__).parent.parent / "benchmarks"
+    spec = importlib.util.spec_from_file_location("hot_path", benchmarks / "hot_path.py")
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(benchmarks))  # as when run: its sibling models.py
+        spec.loader.exec_module(module)
     return module
 
 
