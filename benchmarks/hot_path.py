@@ -9,7 +9,10 @@ this counts them (``sys.settrace`` opcode events, in every thread the request to
   worker: the count per request is the difference between 32 and 16 callers, divided by 16
   (what every batch costs once cancels out);
 - ``queued-async``: the same with ``apredict`` tasks on one event loop (asyncio's own Python
-  machinery included: it runs per request too).
+  machinery included: it runs per request too);
+- ``queued-rr``: ``queued`` with two replicas and a queue each (``round_robin``), each run
+  keeping every core busy: every request goes to the busy replica's queue (the crowding rule),
+  so the balancer's choice is counted, not a second replica's batches.
 
 Compare two trees with ``PYTHONPATH=<tree> python benchmarks/hot_path.py`` on each.
 ``--callgrind`` adds valgrind's count of machine instructions per ``lone`` predict (native
@@ -37,6 +40,7 @@ import numpy as np
 from models import identity_bytes
 
 import inferkit
+from inferkit.backends.base import usable_cores
 
 Counts = collections.Counter[tuple[str, str]]
 WAIT = 10.0  # seconds: a bound on every wait here, never expected to be reached
@@ -88,12 +92,23 @@ def lone(predictor: inferkit.Predictor, x: np.ndarray[Any, Any]) -> Counts:
     return tracer.counts
 
 
-def _queued_batch(k: int, *, use_async: bool) -> Counts:
+class _EveryCore(inferkit.CallableBackend):
+    """A callable backend whose runs say they keep every core busy (see ``cpu_threads``)."""
+
+    cpu_threads = usable_cores()
+
+
+def _queued_batch(k: int, *, use_async: bool, balancing: str | None = None) -> Counts:
     """The opcodes of ``k`` callers queued behind a busy replica and run as one batch, in all threads."""
     tracer = Tracer()
     gate = Gate()
     threading.settrace(tracer)  # the worker thread starts traced
-    predictor = inferkit.Predictor.from_callable(gate, max_batch_size=64, max_delay_ms=2)
+    batching = inferkit.BatchConfig(max_batch_size=64, max_delay_ms=2)
+    if balancing is None:
+        predictor = inferkit.Predictor.from_callable(gate, batching=batching)
+    else:
+        pool = inferkit.PoolConfig(replicas=2, balancing=balancing)
+        predictor = inferkit.Predictor(lambda: _EveryCore(gate), batching=batching, pool=pool)
     x = np.ones((1, 3))
     try:
         for _ in range(20):
@@ -144,10 +159,11 @@ def _queued_batch(k: int, *, use_async: bool) -> Counts:
     return tracer.counts
 
 
-def queued(*, use_async: bool = False) -> Counts:
+def queued(*, use_async: bool = False, balancing: str | None = None) -> Counts:
     """The opcodes per queued request: 32 callers' batch less 16 callers' batch, over 16."""
-    _queued_batch(4, use_async=use_async)  # first uses import and compile what they need: not per request
-    small, big = _queued_batch(16, use_async=use_async), _queued_batch(32, use_async=use_async)
+    _queued_batch(4, use_async=use_async, balancing=balancing)  # first uses import and compile: not per request
+    small = _queued_batch(16, use_async=use_async, balancing=balancing)
+    big = _queued_batch(32, use_async=use_async, balancing=balancing)
     per: Counts = collections.Counter()
     for key in small.keys() | big.keys():
         per[key] = round((big[key] - small[key]) / 16)
@@ -160,6 +176,7 @@ def measure(paths: list[str]) -> dict[str, Counts]:
     runs: dict[str, Callable[[], Counts]] = {
         "queued": queued,
         "queued-async": lambda: queued(use_async=True),
+        "queued-rr": lambda: queued(balancing="round_robin"),
     }
     out: dict[str, Counts] = {}
     for name in paths:
@@ -201,7 +218,7 @@ def _loop(n: int) -> None:
 def main() -> None:
     """Print the table (and the top functions of each path with ``--top``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    choices = ["lone", "lone-onnx", "queued", "queued-async"]
+    choices = ["lone", "lone-onnx", "queued", "queued-async", "queued-rr"]
     parser.add_argument("--only", default=",".join(choices), help=f"paths, comma-separated: {', '.join(choices)}")
     parser.add_argument("--top", type=int, default=0, help="also list each path's N costliest functions")
     parser.add_argument("--callgrind", action="store_true", help="add valgrind's instructions per lone predict")

@@ -35,3 +35,12 @@ def test_a_queued_request_is_counted_in_the_workers_thread_too(hot_path: ModuleT
         assert counts[("lane.py", "form")] > 0, name  # the worker's share
         assert counts[("predictor.py", "_request")] > 0, name  # the caller's share
         assert counts[("batcher.py", "_tally")] > 0, name
+
+
+def test_the_round_robin_path_counts_the_balancers_choice_of_one_busy_queue(hot_path: ModuleType) -> None:
+    """Each queued request passes ``lane_for``; the idle second replica, which would crowd the
+    busy one, runs nothing (its share would make the count depend on timing)."""
+    counts = hot_path.measure(["queued-rr"])["queued-rr"]
+    assert counts[("replicas.py", "lane_for")] > 0
+    assert counts[("lane.py", "form")] > 0
+    assert counts[("caller.py", "run_inline")] == 0  # no caller ran a batch on the idle replica

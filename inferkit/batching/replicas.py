@@ -109,23 +109,39 @@ class ReplicaSet:
         """
         if self.balancer is None:
             return self.lanes[0]
-        # Loops, not generators: this runs for every request.
-        lanes = [ln for ln in self.lanes if self._usable(ln, now)] or self.lanes
-        busy = self._busy_cores()
-        if busy:
-            short = [ln for ln in lanes if ln.rows < full]  # those not holding a full batch already
-            lanes = [ln for ln in short if not self._crowds(ln, busy)] or short or lanes
-        return self.choose(lanes)
+        busy = 0
+        for r in self.all:  # a replica with work queued runs next, as one that runs now: its cores are taken
+            if r.busy or r.lane.count:
+                busy += r.cpu_threads
+        return self.choose(self._fitting(now, busy, full, usable=True) or self._fitting(now, busy, full, usable=False))
 
-    @staticmethod
-    def _usable(lane: Lane, now: float) -> bool:
-        for r in lane.replicas:  # noqa: SIM110 (a loop: any() would build a generator per request)
-            if r.usable(now):
-                return True
-        return False
+    def _fitting(self, now: float, busy: int, full: int, *, usable: bool) -> list[Lane]:
+        """The lanes :meth:`lane_for` picks among, of the usable ones (or of all).
+
+        Those that would not crowd ``busy`` busy cores, else those short of ``full`` rows, else
+        every one. One pass with plain loops: it runs for every request.
+        """
+        every: list[Lane] = []
+        short: list[Lane] = []
+        calm: list[Lane] = []
+        for lane in self.lanes:
+            if usable:
+                for r in lane.replicas:
+                    if r.state is ReplicaState.HEALTHY or r.usable(now):
+                        break
+                else:
+                    continue
+            every.append(lane)
+            if busy and lane.rows < full:
+                short.append(lane)
+                if not self._crowds(lane, busy):
+                    calm.append(lane)
+        return calm or short or every
 
     def _crowds(self, lane: Lane, busy: int) -> bool:
         """Whether starting ``lane``'s idle replica beside ``busy`` busy cores would take the callers' core."""
+        if lane.count:  # its replica runs next anyway
+            return False
         need = 0
         for r in lane.replicas:
             if r.busy:
