@@ -139,9 +139,10 @@ class Predictor(BulkFaces):
         Each replica opens its own session. ``intra_op_threads`` defaults to what keeps
         ``replicas`` sessions from oversubscribing the cores (one core is left to the callers
         when there are several); with that default, a run of batches of at least half a full
-        batch (:attr:`BatchConfig.full_rows`), and batches a lone caller runs on its own thread, go
-        to a second session of the replica that uses every core (the callers are waiting then, not
-        computing), for models up to 512 MiB. ``warmup`` runs each power-of-two batch size up to a
+        batch (:attr:`BatchConfig.full_rows`), and batches of one caller at a time, go to a second
+        session of the replica that uses every core (the callers are waiting then, not computing),
+        for models up to 512 MiB (a third, whose threads keep spinning between runs, serves a lone
+        caller on its own thread for models up to 64 MiB). ``warmup`` runs each power-of-two batch size up to a
         call's most rows (:attr:`BatchConfig.call_rows`) once per replica before the predictor is
         ready (see :class:`~inferkit.backends.onnx.OnnxBackend` for where it stops early).
         ``providers`` and ``session_options`` go to ``onnxruntime.InferenceSession`` as they are.

@@ -148,13 +148,16 @@ class TestOnnxRun:
     def test_close_drops_the_session(self, mlp_model: bytes) -> None:
         """``close`` frees the session: nothing of the backend keeps ONNX Runtime's compiled one alive."""
         backend = OnnxBackend(mlp_model, providers=CPU, intra_op_threads=1, wide_threads=2)
-        assert backend._sessions.wide is not None
-        compiled = [weakref.ref(backend.session._sess), weakref.ref(backend._sessions.wide._sess)]
+        sessions = backend._sessions
+        assert sessions.wide is not None
+        assert sessions.lone is not sessions.wide
+        compiled = [weakref.ref(s._sess) for s in (backend.session, sessions.wide, sessions.lone)]
+        del sessions
         backend.close()
         assert backend.session is None
         backend.close()
         gc.collect()
-        assert [ref() for ref in compiled] == [None, None]
+        assert [ref() for ref in compiled] == [None, None, None]
 
     def test_runs_without_the_python_wrapper(self, mlp_model: bytes) -> None:
         """A batch goes to the compiled session: the wrapper's ``run`` (checks the signature made) is never called."""
@@ -308,6 +311,8 @@ class TestWideSession:
         assert backend.session_for(7) is narrow
         assert narrow.get_session_options().intra_op_num_threads == 1
         assert wide.get_session_options().intra_op_num_threads == 2
+        assert _spin_stops(wide) == "1"
+        assert _spin_stops(narrow) is None
         assert backend.cpu_threads == 1  # what a batch keeps busy beside the callers
         x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
         reference = OnnxBackend(mlp_model, providers=CPU).run({"x": x})["y"]
@@ -315,18 +320,25 @@ class TestWideSession:
         np.testing.assert_allclose(backend.run({"x": x[:7]})["y"], reference[:7], rtol=1e-5)
 
     def test_one_caller_at_a_time_gets_every_core(self, mlp_model: bytes) -> None:
-        """Batches of one row, one after another (a lone caller waiting on the model), run wide; once
-        batches of several callers' rows come, small batches go back to the narrow session."""
+        """Batches of one row, one after another (a lone caller waiting on the model), run on every
+        core, on a session whose threads keep spinning between runs (the next call finds them awake);
+        once batches of several callers' rows come, small batches go back to the narrow session."""
         backend = OnnxBackend(mlp_model, providers=CPU, intra_op_threads=1, wide_threads=2, wide_rows=32)
         alone = [backend.session_for(1) for _ in range(20)]
-        assert all(s is not backend.session for s in alone)
+        lone = alone[0]
+        assert all(s is lone for s in alone)
+        assert lone is not backend.session
+        assert lone is not backend._sessions.wide
+        assert lone.get_session_options().intra_op_num_threads == 2
+        assert _spin_stops(lone) is None
         busy = [backend.session_for(12) for _ in range(20)]
         assert all(s is backend.session for s in busy)
         assert backend.session_for(1) is backend.session
 
-    def test_one_row_batches_on_a_worker_stay_narrow(self, mlp_model: bytes) -> None:
-        """On a replica's worker thread the batch's callers may be busy (a server's event loop), so
-        one-row batches there stay on the narrow session however rarely they come."""
+    def test_one_row_batches_on_a_worker_run_wide_and_stop_spinning(self, mlp_model: bytes) -> None:
+        """On a replica's worker thread the batch's callers may be busy between runs (a server's event
+        loop): one-row batches there run on the wide session, whose threads stop spinning when a run
+        returns (spinning, they took that core: 32 ``apredict`` tasks were 0.82x of 32 threads)."""
         backend = OnnxBackend(mlp_model, providers=CPU, intra_op_threads=1, wide_threads=2, wide_rows=32)
         seen: list[object] = []
 
@@ -338,8 +350,17 @@ class TestWideSession:
         thread.start()
         thread.join(30)
         assert len(seen) == 20
-        assert all(s is backend.session for s in seen)
+        assert all(s is backend._sessions.wide for s in seen)
+        assert _spin_stops(backend._sessions.wide) == "1"
         assert on_caller_thread()  # only that thread was marked
+
+    def test_no_spinning_session_for_a_model_whose_calls_are_long(
+        self, mlp_model: bytes, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Over ``SPIN_MAX_BYTES`` a lone caller runs on the wide session too (one copy of the weights fewer)."""
+        monkeypatch.setattr(onnx_backend, "SPIN_MAX_BYTES", len(mlp_model) - 1)
+        backend = OnnxBackend(mlp_model, providers=CPU, intra_op_threads=1, wide_threads=2, wide_rows=32)
+        assert backend.session_for(1) is backend._sessions.wide is backend._sessions.lone
 
     def test_none_without_more_threads_or_for_a_big_model(
         self, mlp_model: bytes, monkeypatch: pytest.MonkeyPatch
@@ -455,3 +476,11 @@ class TestBackendProtocol:
         """An object without the backend methods is not a ``Backend``."""
         assert not isinstance(object(), inferkit.Backend)
         assert not isinstance(lambda x: x, inferkit.Backend)
+
+
+def _spin_stops(session: ort.InferenceSession) -> str | None:
+    """The session's ``session.force_spinning_stop`` entry, None when unset."""
+    try:
+        return session.get_session_options().get_session_config_entry("session.force_spinning_stop")
+    except RuntimeError:  # ONNX Runtime's answer for an entry never set
+        return None

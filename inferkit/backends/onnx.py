@@ -50,6 +50,10 @@ WARMUP_STOP_S = 1.0
 WIDE_MAX_BYTES = 512 * 2**20
 """Models bigger than this get no second, wide session (it holds its own copy of the weights)."""
 
+SPIN_MAX_BYTES = 64 * 2**20
+"""Models bigger than this get no third, spinning session for a lone caller: their calls are long
+enough that waking the wide session's threads is lost in them."""
+
 
 class OnnxBackend:
     """One ``onnxruntime.InferenceSession``.
@@ -75,11 +79,15 @@ class OnnxBackend:
 
     On the CPU, ``wide_threads`` (more than ``intra_op_threads``) opens a second session with
     that many intra-op threads for batches of ``wide_rows`` rows or more that follow another
-    such batch, and for batches run on their caller's own thread while batches average under
-    1.5 rows: small batches of many callers mean the callers are the bound and need a core of
-    their own; a run of full ones that the model is, and a lone blocked caller that it waits on
-    it; either way every core is the model's. The second session holds its own copy of the weights, so models over
-    :data:`WIDE_MAX_BYTES` do without it.
+    such batch, and for batches while they average under 1.5 rows: small batches of many
+    callers mean the callers are the bound and need a core of their own; a run of full ones
+    that the model is, and lone callers that they wait on it; either way every core is the
+    model's. Its threads stop spinning when a run returns (``session.force_spinning_stop``): a
+    spinning thread would take the core that the callers, or a server's event loop, need
+    between runs. A lone caller blocked on its own thread runs on a third session, which keeps
+    spinning, when the model is at most :data:`SPIN_MAX_BYTES`: the next call finds its
+    threads awake (waking them costs a small model's call ~20 us). Each session holds its own
+    copy of the weights, so models over :data:`WIDE_MAX_BYTES` do without both.
     """
 
     def __init__(
@@ -133,14 +141,17 @@ class OnnxBackend:
             self.stream = None
         self.cpu_threads = 0 if self._device != "cpu" else options.intra_op_num_threads or usable_cores()
         """Cores a run keeps busy: its intra-op threads (0 on a GPU); see :func:`.base.cpu_threads`."""
-        wide = None
+        wide = lone = None
         narrow = intra_op_threads or 0
         if session_options is None and wide_threads is not None and wide_threads > narrow > 0 and self._device == "cpu":
             size = len(model) if isinstance(model, bytes) else Path(model).stat().st_size
             if size <= WIDE_MAX_BYTES:
                 options.intra_op_num_threads = wide_threads
+                if size <= SPIN_MAX_BYTES:
+                    lone = ort.InferenceSession(source, sess_options=options, providers=list(providers))
+                options.add_session_config_entry("session.force_spinning_stop", "1")
                 wide = ort.InferenceSession(source, sess_options=options, providers=list(providers))
-        self._sessions: Any = _Widths(self.session, wide, wide_rows)
+        self._sessions: Any = _Widths(self.session, wide, wide_rows, lone)
         warmed: list[int] = []
         for rows in warmup:
             start = time.perf_counter()
@@ -215,9 +226,11 @@ class OnnxBackend:
                     "not a batch axis; inferkit returns one output row per input row"
                 )
                 raise ValueError(msg)
-        wide = self._sessions.wide
-        if wide is not None and rows >= self._sessions.wide_rows:
-            wide.run(self._outputs, feeds)
+        sessions = self._sessions
+        if sessions.wide is not None and (rows >= sessions.wide_rows or rows == 1):
+            sessions.wide.run(self._outputs, feeds)
+            if rows == 1 and sessions.lone is not sessions.wide:
+                sessions.lone.run(self._outputs, feeds)
         return True
 
     @property
@@ -301,20 +314,21 @@ _ORT_TYPES = {
 
 
 class _Widths:
-    """A backend's narrow session and, on the CPU, a wide one: which of them runs each batch.
+    """A backend's narrow session and, on the CPU, a wide one (and a spinning one): which runs each batch.
 
-    The wide one for a full batch after a full batch, or for a batch its caller runs on its
-    own thread while batches average under 1.5 rows (callers one at a time, each blocked on
-    the model; a server's event loop is not, so batches on a worker thread never count). One
-    full batch among small ones is a burst, not a model that is the bound; waking the wide
-    session's threads for it would take the callers' cores.
+    The wide one for a full batch after a full batch, or while batches average under 1.5 rows
+    (callers one at a time, each waiting on the model); of those, a batch its caller runs on
+    its own thread goes to the spinning one (``lone``, else the wide one). One full batch among
+    small ones is a burst, not a model that is the bound; waking the wide session's threads for
+    it would take the callers' cores.
     """
 
-    __slots__ = ("_full", "_rows", "narrow", "wide", "wide_rows")
+    __slots__ = ("_full", "_rows", "lone", "narrow", "wide", "wide_rows")
 
-    def __init__(self, narrow: Any, wide: Any, wide_rows: int) -> None:
+    def __init__(self, narrow: Any, wide: Any, wide_rows: int, lone: Any = None) -> None:
         self.narrow = narrow
         self.wide = wide
+        self.lone = lone if lone is not None else wide
         self.wide_rows = wide_rows
         self._full = False  # whether the last batch was full
         self._rows = 1.0  # rows per batch, smoothed
@@ -324,9 +338,9 @@ class _Widths:
         full = rows >= self.wide_rows
         streak, self._full = self._full and full, full
         self._rows += 0.1 * (rows - self._rows)
-        if self.wide is not None and (streak or (self._rows < _ALONE and on_caller_thread())):
-            return self.wide
-        return self.narrow
+        if self.wide is None or not (streak or self._rows < _ALONE):
+            return self.narrow
+        return self.lone if not streak and on_caller_thread() else self.wide
 
 
 def _cupy_view(cp: Any, value: Any, gpu: int) -> Any:
