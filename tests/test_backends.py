@@ -20,6 +20,7 @@ import inferkit
 from inferkit import CallableBackend, ModelError, Predictor, Signature, TensorSpec
 from inferkit.backends import onnx as onnx_backend
 from inferkit.backends.base import on_caller_thread
+from inferkit.backends.model_size import model_bytes
 from inferkit.backends.onnx import OnnxBackend, default_intra_op_threads, default_wide_threads
 
 CPU = ["CPUExecutionProvider"]
@@ -374,6 +375,29 @@ class TestWideSession:
         monkeypatch.setattr(onnx_backend, "WIDE_MAX_BYTES", len(mlp_model) - 1)
         big = OnnxBackend(mlp_model, providers=CPU, intra_op_threads=1, wide_threads=2, wide_rows=8)
         assert big.session_for(64) is big.session_for(64) is big.session
+
+    def test_a_model_with_external_data_counts_its_data_files(
+        self, mlp_model: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A model whose weights are in external data files (any model over 2 GiB) is as big as those
+        files: past ``WIDE_MAX_BYTES`` it gets one session, not three copies of the weights."""
+        path = tmp_path / "mlp.onnx"
+        model = onnx.load_from_string(mlp_model)
+        onnx.save(model, path, save_as_external_data=True, location="w.bin", size_threshold=0)
+        data = (tmp_path / "w.bin").stat().st_size
+        assert data > 0
+        assert model_bytes(path) == path.stat().st_size + data
+        monkeypatch.setattr(onnx_backend, "WIDE_MAX_BYTES", path.stat().st_size)  # the .onnx alone fits
+        backend = OnnxBackend(path, providers=CPU, intra_op_threads=1, wide_threads=2, wide_rows=8)
+        assert backend._sessions.wide is None
+        assert backend.session_for(1) is backend.session_for(64) is backend.session_for(64) is backend.session
+
+    def test_model_bytes_of_a_file_it_cannot_read_as_onnx_is_its_size(self, tmp_path: Path) -> None:
+        """Not a model, or a truncated one: the file's own size (ONNX Runtime then says what is wrong)."""
+        for name, data in {"junk": b"\xff" * 100, "empty": b"", "varint": b"\x80" * 20}.items():
+            path = tmp_path / name
+            path.write_bytes(data)
+            assert model_bytes(path) == len(data)
 
     def test_the_default_predictor_has_one_when_there_are_cores_to_spare(self, mlp_model: bytes) -> None:
         """``from_onnx`` with default threads opens the wide session for half-full batches and more when

@@ -13,6 +13,7 @@ import numpy as np
 
 from inferkit.backends.base import on_caller_thread, usable_cores
 from inferkit.backends.device import DeviceFallbackWarning, DeviceUnavailable, classify, device_id
+from inferkit.backends.model_size import model_bytes
 from inferkit.errors import InvalidInput
 from inferkit.signature import Signature
 
@@ -87,7 +88,8 @@ class OnnxBackend:
     between runs. A lone caller blocked on its own thread runs on a third session, which keeps
     spinning, when the model is at most :data:`SPIN_MAX_BYTES`: the next call finds its
     threads awake (waking them costs a small model's call ~20 us). Each session holds its own
-    copy of the weights, so models over :data:`WIDE_MAX_BYTES` do without both.
+    copy of the weights, so models over :data:`WIDE_MAX_BYTES` (external data files included) do
+    without both.
     """
 
     def __init__(
@@ -144,7 +146,7 @@ class OnnxBackend:
         wide = lone = None
         narrow = intra_op_threads or 0
         if session_options is None and wide_threads is not None and wide_threads > narrow > 0 and self._device == "cpu":
-            size = len(model) if isinstance(model, bytes) else Path(model).stat().st_size
+            size = model_bytes(model)
             if size <= WIDE_MAX_BYTES:
                 options.intra_op_num_threads = wide_threads
                 if size <= SPIN_MAX_BYTES:
