@@ -355,6 +355,18 @@ class TestWideSession:
         assert _spin_stops(backend._sessions.wide) == "1"
         assert on_caller_thread()  # only that thread was marked
 
+    def test_each_session_keeps_its_own_options_when_rebuilt(self, mlp_model: bytes) -> None:
+        """ONNX Runtime rebuilds a session from the options it was built with on ``set_providers``
+        (its provider fallback does that too): the narrow session stays narrow and spinning, the
+        lone one spinning, the wide one not."""
+        backend = OnnxBackend(mlp_model, providers=CPU, intra_op_threads=1, wide_threads=2, wide_rows=32)
+        sessions = backend._sessions
+        for session in (sessions.narrow, sessions.lone, sessions.wide):
+            session.set_providers(CPU)
+        assert sessions.narrow.get_session_options().intra_op_num_threads == backend.cpu_threads == 1
+        assert [_spin_stops(s) for s in (sessions.narrow, sessions.lone, sessions.wide)] == [None, None, "1"]
+        assert sessions.lone.get_session_options().intra_op_num_threads == 2
+
     def test_no_spinning_session_for_a_model_whose_calls_are_long(
         self, mlp_model: bytes, monkeypatch: pytest.MonkeyPatch
     ) -> None:

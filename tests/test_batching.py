@@ -394,7 +394,8 @@ def test_lane_for_counts_a_replica_with_work_queued_as_busy() -> None:
     """A replica whose queue holds requests runs next, as if running now: a new request joins that
     queue rather than start the idle replica beside it (two small batches at once on a crowded
     machine; round robin was 0.91x of one replica at 32 threads on the MLP, 16 paired runs, for
-    this). A replica cooling off after an ejection takes nothing while another can."""
+    this). A replica cooling off after an ejection takes nothing while another can; one probing
+    after it, its probe queued, does not draw every arrival."""
     replicas = ReplicaSet("m", lambda: CallableBackend(lambda x: x), RoundRobin(), threading.Lock())
     replicas.cores = 1
     a, b = (replicas.add(_backend(1), lambda r: None) for _ in range(2))
@@ -406,6 +407,8 @@ def test_lane_for_counts_a_replica_with_work_queued_as_busy() -> None:
     a.state, a.ejected_until = ReplicaState.EJECTED, 10.0
     assert all(replicas.lane_for(5.0, 4) is b.lane for _ in range(4))  # a cools off until 10
     assert {id(replicas.lane_for(10.0, 4)) for _ in range(4)} == {id(a.lane), id(b.lane)}  # a probes
+    a.lane.count, a.lane.rows = 1, 1  # its probe queued: arrivals do not pile up behind it
+    assert {id(replicas.lane_for(10.0, 4)) for _ in range(4)} == {id(a.lane), id(b.lane)}
 
 
 def test_crowded_counts_the_busy_replicas_cores() -> None:

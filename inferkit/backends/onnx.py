@@ -148,9 +148,12 @@ class OnnxBackend:
         if session_options is None and wide_threads is not None and wide_threads > narrow > 0 and self._device == "cpu":
             size = model_bytes(model)
             if size <= WIDE_MAX_BYTES:
-                options.intra_op_num_threads = wide_threads
+                # Options of their own: ONNX Runtime keeps a session's options object and rebuilds
+                # the session from it on ``set_providers`` (its provider fallback does that too).
                 if size <= SPIN_MAX_BYTES:
+                    options = _wide_options(ort, wide_threads)
                     lone = ort.InferenceSession(source, sess_options=options, providers=list(providers))
+                options = _wide_options(ort, wide_threads)
                 options.add_session_config_entry("session.force_spinning_stop", "1")
                 wide = ort.InferenceSession(source, sess_options=options, providers=list(providers))
         self._sessions: Any = _Widths(self.session, wide, wide_rows, lone)
@@ -313,6 +316,14 @@ _ORT_TYPES = {
     "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
     "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
 }  # fmt: skip
+
+
+def _wide_options(ort: Any, threads: int) -> Any:
+    """Fresh session options for a wide session of ``threads`` intra-op threads."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return options
 
 
 class _Widths:

@@ -110,8 +110,8 @@ class ReplicaSet:
         if self.balancer is None:
             return self.lanes[0]
         busy = 0
-        for r in self.all:  # a replica with work queued runs next, as one that runs now: its cores are taken
-            if r.busy or r.lane.count:
+        for r in self.all:
+            if r.busy or self._next(r, r.lane):
                 busy += r.cpu_threads
         return self.choose(self._fitting(now, busy, full, usable=True) or self._fitting(now, busy, full, usable=False))
 
@@ -140,14 +140,21 @@ class ReplicaSet:
 
     def _crowds(self, lane: Lane, busy: int) -> bool:
         """Whether starting ``lane``'s idle replica beside ``busy`` busy cores would take the callers' core."""
-        if lane.count:  # its replica runs next anyway
-            return False
         need = 0
         for r in lane.replicas:
-            if r.busy:
+            if r.busy or self._next(r, lane):
                 return False
             need = max(need, r.cpu_threads)
         return need > 0 and busy + need > self.cores
+
+    @staticmethod
+    def _next(replica: Replica, lane: Lane) -> bool:
+        """Whether a healthy replica's queue holds work: it runs next, so its cores count as taken.
+
+        Not a probing one (ejected, cooled off): arrivals must not pile up behind a replica that
+        may fail again.
+        """
+        return lane.count > 0 and replica.state is ReplicaState.HEALTHY
 
     def crowded(self, replica: Replica) -> bool:
         """Whether a batch on ``replica`` now, beside the busy replicas, would take the callers' core.
