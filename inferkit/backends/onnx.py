@@ -151,11 +151,11 @@ class OnnxBackend:
                 # Options of their own: ONNX Runtime keeps a session's options object and rebuilds
                 # the session from it on ``set_providers`` (its provider fallback does that too).
                 if size <= SPIN_MAX_BYTES:
-                    options = _wide_options(ort, wide_threads)
-                    lone = ort.InferenceSession(source, sess_options=options, providers=list(providers))
-                options = _wide_options(ort, wide_threads)
-                options.add_session_config_entry("session.force_spinning_stop", "1")
-                wide = ort.InferenceSession(source, sess_options=options, providers=list(providers))
+                    spinning = _wide_options(ort, wide_threads)
+                    lone = ort.InferenceSession(source, sess_options=spinning, providers=list(providers))
+                stopping = _wide_options(ort, wide_threads)
+                stopping.add_session_config_entry("session.force_spinning_stop", "1")
+                wide = ort.InferenceSession(source, sess_options=stopping, providers=list(providers))
         self._sessions: Any = _Widths(self.session, wide, wide_rows, lone)
         warmed: list[int] = []
         for rows in warmup:
