@@ -111,7 +111,7 @@ class ReplicaSet:
             return self.lanes[0]
         busy = 0
         for r in self.all:
-            if r.busy or self._next(r, r.lane):
+            if r.busy or self._next(r):
                 busy += r.cpu_threads
         return self.choose(self._fitting(now, busy, full, usable=True) or self._fitting(now, busy, full, usable=False))
 
@@ -142,19 +142,19 @@ class ReplicaSet:
         """Whether starting ``lane``'s idle replica beside ``busy`` busy cores would take the callers' core."""
         need = 0
         for r in lane.replicas:
-            if r.busy or self._next(r, lane):
+            if r.busy or self._next(r):
                 return False
             need = max(need, r.cpu_threads)
         return need > 0 and busy + need > self.cores
 
     @staticmethod
-    def _next(replica: Replica, lane: Lane) -> bool:
+    def _next(replica: Replica) -> bool:
         """Whether a healthy replica's queue holds work: it runs next, so its cores count as taken.
 
         Not a probing one (ejected, cooled off): arrivals must not pile up behind a replica that
         may fail again.
         """
-        return lane.count > 0 and replica.state is ReplicaState.HEALTHY
+        return replica.lane.count > 0 and replica.state is ReplicaState.HEALTHY
 
     def crowded(self, replica: Replica) -> bool:
         """Whether a batch on ``replica`` now, beside the busy replicas, would take the callers' core.
