@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 __all__ = ["Predictor", "State"]
 
 
+def _always() -> bool:
+    return True
+
+
 class State(enum.Enum):
     """A predictor's lifecycle."""
 
@@ -73,7 +77,6 @@ class Predictor(BulkFaces):
         self.name = name
         self._log = LogObserver()
         self._observers = (*observers, self._log)
-        self._user_observers = bool(observers)
         self._close_lock = threading.Lock()
         self._closed = threading.Event()
         self._closing = False
@@ -84,7 +87,7 @@ class Predictor(BulkFaces):
             pool or PoolConfig(),
             name=name,
             emit=self._emit,
-            verbose=self._verbose,
+            verbose=_always if observers else self._log.enabled,  # the user's observers get every event
         )
         first = self._batcher.backends()[0]
         self.signature: Signature | None = signature if signature is not None else first.signature
@@ -402,9 +405,6 @@ class Predictor(BulkFaces):
     def _set_state(self, state: State) -> None:
         self._state = state
         self._emit(StateChanged(self.name, state.value))
-
-    def _verbose(self) -> bool:
-        return self._user_observers or self._log.enabled()
 
     def _emit(self, event: Event) -> None:
         deliver(self._observers, event)

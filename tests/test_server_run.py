@@ -148,6 +148,10 @@ versions.1 = { path = "a.onnx", eject_after = 7 }
                 r"models\[0\]: replicas must be an int >= 1, got 0",
             ),
             ('[[models]]\nname = "m"\npath = "a.onnx"\nbogus = 1\n', r"models\[0\]: unknown field\(s\) \['bogus'\]"),
+            (  # derived from max_batch_size, not a setting
+                '[[models]]\nname = "m"\npath = "a.onnx"\ncall_rows = 8\n',
+                r"models\[0\]: unknown field\(s\) \['call_rows'\]",
+            ),
             ('[[models]]\nname = "m"\npath = "missing.onnx"\n', r"models\[0\].path: no model file"),
             ('[[models]]\npath = "a.onnx"\n', r"models\[0\].name must be a non-empty string"),
             (

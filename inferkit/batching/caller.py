@@ -140,7 +140,7 @@ class CallerThread:
         if not batch.claim.acquire(False):  # noqa: FBT003 (close() gave up on it and answers it)
             self._finish_inline(batch, replica, None, request)
             return
-        if self._events.emit is not None:
+        if self._events.emit is not None and self._events.verbose():
             self._report(batch, replica, end - start, [])
         with self._lock:
             booked = not self._closing and not replica.consecutive_failures and replica.state is _HEALTHY

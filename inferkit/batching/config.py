@@ -39,13 +39,16 @@ class BatchConfig:
     max_delay_ms: float = attrs.field(default=2.0, validator=number(0))
     max_queue_size: int = attrs.field(default=4096, validator=integer(1))
     max_queue_bytes: int = attrs.field(default=4 * 2**30, validator=integer(1))
+    # Derived once, not per request (both are read for every request).
+    call_rows: int = attrs.field(init=False, eq=False, repr=False)
+    """The most rows one model call takes: ``max_batch_size``, else :data:`CALL_ROWS`."""
+    full_rows: int = attrs.field(init=False, eq=False, repr=False)
+    """Rows a batch gathers from several requests (queued, it goes): ``max_batch_size``, else ``FULL_ROWS``."""
 
-    @property
-    def call_rows(self) -> int:
-        """The most rows one model call takes: ``max_batch_size``, else :data:`CALL_ROWS`."""
+    @call_rows.default
+    def _call_rows(self) -> int:
         return self.max_batch_size if self.max_batch_size is not None else CALL_ROWS
 
-    @property
-    def full_rows(self) -> int:
-        """Rows a batch gathers from several requests (queued, it goes): ``max_batch_size``, else ``FULL_ROWS``."""
+    @full_rows.default
+    def _full_rows(self) -> int:
         return self.max_batch_size if self.max_batch_size is not None else FULL_ROWS

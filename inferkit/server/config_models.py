@@ -29,7 +29,7 @@ __all__ = ["ModelLoader", "as_table", "checked", "refuse_unknown", "served_model
 
 T = TypeVar("T")
 _POOL_KEYS = ("replicas", "execution_timeout", "eject_after", "cooldown", "max_cooldown", "max_ejected_fraction")
-_BATCH_KEYS = tuple(attrs.fields_dict(BatchConfig))
+_BATCH_KEYS = tuple(f.name for f in attrs.fields(BatchConfig) if f.init)
 _MODEL_KEYS = {
     "path",
     *_BATCH_KEYS,
