@@ -181,6 +181,14 @@ class Replica:
             n += 1
         self.latency_count = n
 
+    def record_one(self, latency: float) -> None:
+        """Count a batch of one request that took ``latency`` seconds (``record_latencies`` for one)."""
+        self.batches += 1
+        self.requests += 1
+        n = self.latency_count
+        self.latencies[n % _LATENCIES] = latency
+        self.latency_count = n + 1
+
     def percentiles(self) -> tuple[float, float, float]:
         """p50, p95 and p99 of the recent request latencies in milliseconds (0 when none)."""
         n = min(self.latency_count, _LATENCIES)

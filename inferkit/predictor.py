@@ -95,7 +95,8 @@ class Predictor(BulkFaces):
         self.device: str = first.device
         """Where the model runs, read from the loaded backend."""
         sig = self.signature
-        self._keyed = sig is None or any(d is None for s in sig.inputs for d in s.shape[1:])
+        if sig is None or any(d is None for s in sig.inputs for d in s.shape[1:]):  # requests may differ
+            self._batcher.key_by(batch_key)
         self._set_state(State.READY)
 
     # -- construction ----------------------------------------------------------------------
@@ -311,9 +312,8 @@ class Predictor(BulkFaces):
             raise TypeError(msg)
         now = time.monotonic()
         rows = next(iter(arrays.values())).shape[0]
-        key = batch_key(arrays) if self._keyed else None
         deadline = None if timeout is None else now + timeout
-        return Request(self._batcher.next_id(), arrays, rows, key, priority, deadline, now)
+        return Request(self._batcher.next_id(), arrays, rows, None, priority, deadline, now)
 
     # -- run-time changes ------------------------------------------------------------------
 

@@ -417,7 +417,7 @@ def _device_cast(arr: Any, dst: np.dtype[Any]) -> NDArray[Any] | None:
     return cast("NDArray[Any]", out)
 
 
-def batch_key(arrays: dict[str, NDArray[Any]]) -> Hashable:
+def batch_key(arrays: Mapping[str, NDArray[Any]]) -> Hashable:
     """Key of a normalized request; requests with equal keys concatenate along axis 0.
 
     It holds ``(name, dtype, shape[1:])`` per input, sorted by name.

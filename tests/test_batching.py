@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from inferkit import BatchConfig, CallableBackend, DeadlineExceeded, PoolConfig, Predictor
 from inferkit.backends.base import usable_cores
 from inferkit.batching import Batcher, Request, RequestFuture
+from inferkit.batching.counters import Counters
 from inferkit.batching.replicas import ReplicaSet
 from inferkit.batching.request import notify_cancelled, object_bytes
 from inferkit.pool import ReplicaState, RoundRobin
@@ -245,6 +246,48 @@ def test_a_cancellation_announced_a_second_time_is_a_quiet_no(caplog: pytest.Log
     assert pending.running()
 
 
+def test_only_a_request_that_is_queued_is_keyed() -> None:
+    """A lone ``call`` run on its caller's thread is never keyed; a queued request is, once, and so
+    is a lone one that failed and was queued for its retry (it batches only with its own kind)."""
+    first = threading.Event()
+
+    def fails_once(a: np.ndarray) -> np.ndarray:
+        if not first.is_set():
+            first.set()
+            msg = "first call anywhere fails"
+            raise RuntimeError(msg)
+        return a * 2
+
+    keyed: list[int] = []
+
+    def key(arrays: dict[str, np.ndarray]) -> object:
+        keyed.append(len(arrays))
+        return batch_key(arrays)
+
+    batcher = Batcher(lambda: CallableBackend(fails_once), BatchConfig(), PoolConfig(replicas=2))
+    batcher.key_by(key)
+    try:
+
+        def call(value: float) -> np.ndarray:
+            arrays = normalize_untyped(rows(value))
+            return batcher.call(Request(batcher.next_id(), arrays, 1, None, 0, None, time.monotonic()))
+
+        np.testing.assert_array_equal(call(1.0), rows(1.0) * 2)  # failed alone, retried through the queue
+        assert keyed == [1]
+        np.testing.assert_array_equal(call(2.0), rows(2.0) * 2)
+        assert keyed == [1]
+        arrays = normalize_untyped(rows(3.0))
+        request = Request(batcher.next_id(), arrays, 1, None, 0, None, time.monotonic())
+        request.future = RequestFuture(request.id)
+        batcher.put(request)
+        np.testing.assert_array_equal(request.future.result(WAIT), rows(3.0) * 2)
+        assert keyed == [1, 1]
+        stats = batcher.stats("ready")
+        assert (stats.retried, stats.completed) == (1, 3)
+    finally:
+        batcher.close()
+
+
 def _submit(batcher: Batcher, value: float) -> RequestFuture:
     """Queue a one-row request as ``Predictor.submit`` does."""
     arrays = normalize_untyped(rows(value))
@@ -304,6 +347,17 @@ def test_an_idle_worker_holds_no_batch_it_joined() -> None:
             gc.collect()
             time.sleep(0.01)
         assert batch() is None  # gone while the worker idles
+
+
+def test_a_batch_of_one_is_counted_as_any_batch() -> None:
+    """``Counters.one`` (a lone request's booking) counts what ``batch`` of one latency counts."""
+    one, general = Counters(), Counters()
+    batches = [(1, "idle", 0.002, 0.001), (3, "idle", 0.004, 0.003), (1, "full", 0.001, 0.0)]
+    for rows_, reason, latency, spent in batches:
+        one.one(rows_, reason, latency, spent)
+        general.batch(rows_, reason, [latency], spent)
+    assert one.snapshot("ready", 0, 0, ()) == general.snapshot("ready", 0, 0, ())
+    assert one.snapshot("ready", 0, 0, ()).batch_sizes == {1: 2, 3: 1}
 
 
 def test_object_bytes_counts_strings_and_passes_by_dtypes_that_are_not_numpys() -> None:

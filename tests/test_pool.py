@@ -329,6 +329,19 @@ class TestReplicaLatencies:
         assert np.array_equal(ring[:10], last[_LATENCIES - 10 :])
         assert replica.percentiles() == pytest.approx(tuple(np.percentile(last, [50, 95, 99]) * 1000.0))
 
+    def test_a_batch_of_one_is_recorded_as_any_batch(self) -> None:
+        """``record_one`` (a lone request's booking) leaves what ``record_latencies`` of one value
+        and the batch counts leave, wrapping included."""
+        one, general = make_replica(), make_replica()
+        values = np.random.default_rng(1).random(_LATENCIES + 7).tolist()
+        for value in values:
+            one.record_one(value)
+            general.batches += 1
+            general.requests += 1
+            general.record_latencies([value])
+        assert (one.batches, one.requests, one.latency_count) == (general.batches, general.requests, len(values))
+        assert one.latencies == general.latencies
+
     def test_any_sequence_of_batches(self) -> None:
         """Whatever the batch sizes, the buffer holds exactly the most recent latencies."""
         rng = np.random.default_rng(0)

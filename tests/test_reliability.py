@@ -763,11 +763,11 @@ class TestWorkersSurviveBugs:
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """A bug of inferkit's own while a lone predict's success is booked on its caller's thread
-        (injected where a batch is counted): the caller still gets its result, the replica is freed
+        (injected where it is counted): the caller still gets its result, the replica is freed
         and keeps serving, nothing hangs."""
         from inferkit.batching.counters import Counters
 
-        real = Counters.batch
+        real = Counters.one
         calls = []
 
         def buggy(self: Counters, *args: Any) -> None:
@@ -776,7 +776,7 @@ class TestWorkersSurviveBugs:
                 raise RuntimeError("injected bug")
             real(self, *args)
 
-        monkeypatch.setattr(Counters, "batch", buggy)
+        monkeypatch.setattr(Counters, "one", buggy)
         p = Predictor.from_callable(lambda x: x * 2)
         try:
             np.testing.assert_array_equal(p.predict(np.ones((1, 2)), timeout=WAIT), np.full((1, 2), 2.0))

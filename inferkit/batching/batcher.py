@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from inferkit._timer import Timer
 from inferkit.backends.base import BackendFactory, on_caller_thread
@@ -76,6 +76,7 @@ class Batcher(CallerThread, Deadlines, Failures, Reporting, Lifecycle):
         self._settle_later: list[Request] = []  # settled under the lock by another thread, delivered after it
         self._running: dict[str, Batch] = {}  # by replica name
         self._counts = Counters()
+        self._key: Callable[[Inputs], Hashable] | None = None  # see ``key_by``
         for _ in range(pool.replicas):
             self._set.add(factory(), self._work)
 
@@ -85,6 +86,19 @@ class Batcher(CallerThread, Deadlines, Failures, Reporting, Lifecycle):
         return self._set.name
 
     # -- admission -----------------------------------------------------------------------
+
+    def key_by(self, key: Callable[[Inputs], Hashable] | None) -> None:
+        """Key the requests that get queued by ``key(inputs)``: only equal keys batch together.
+
+        ``None`` (the default): every request batches with every other (or by the keys requests
+        were given). A request run alone on an idle replica is never keyed.
+        """
+        self._key = key
+
+    def _keyed(self, request: Request) -> None:
+        """Give ``request`` its batch key before it is queued (see ``key_by``)."""
+        if self._key is not None and request.key is None and request.inputs is not None:
+            request.key = self._key(request.inputs)
 
     def next_id(self) -> int:
         """A fresh request id, unique across models and processes (see :func:`~inferkit.events.new_request_id`)."""
@@ -140,17 +154,23 @@ class Batcher(CallerThread, Deadlines, Failures, Reporting, Lifecycle):
         caller to run on its thread.
         """
         count, max_rows = self._admit(request)
+        inline = caller and count == 1 and self.pool.execution_timeout is None  # no watchdog on a caller's thread
+        solo = inline and not self._running and self._set.balancer is None  # read again under the lock
+        key = self._key
+        if key is not None and not solo:  # keyed outside the lock; a request run alone never needs a key
+            request.key = key(request.inputs)  # type: ignore[arg-type]  # admitted: it has inputs
         if count == 1:
             parts = [request]
         else:
             chunks = min(count, len(self._set.lanes)) if self._set.balancer is not None else 1
             parts = assembly.split(request, max_rows, count, chunks)
-        inline = caller and count == 1 and self.pool.execution_timeout is None  # no watchdog on a caller's thread
         with self._lock:
-            if inline and not self._running and self._set.balancer is None:
-                claimed = self._claim(request)
+            if solo:
+                claimed = None if self._running else self._claim(request)
                 if claimed is not None:
                     return claimed
+                if key is not None:  # not claimed after all: it queues
+                    request.key = key(request.inputs)  # type: ignore[arg-type]
             now = self._clock()
             refusal = self._refusal(count, request.nbytes, now)
             if refusal is not None:

@@ -62,8 +62,6 @@ class CallerThread:
 
         def _finish(self, batch: Batch, replica: Replica, result: _Result | None) -> list[Request]: ...
 
-        def _book(self, batch: Batch, replica: Replica, latencies: list[float], spent: float) -> None: ...
-
         def _release(self, replica: Replica) -> None: ...
 
         def _salvage(self, batch: Batch, replica: Replica, bug: Exception, done: list[Request]) -> list[Request]: ...
@@ -149,7 +147,8 @@ class CallerThread:
                 request.value = value
                 self._counts.completed += 1
                 try:
-                    self._book(batch, replica, [end - request.t0], end - start)
+                    self._counts.one(batch.rows, batch.reason, end - request.t0, end - start)
+                    replica.record_one(end - request.t0)
                     self._release(replica)
                 except Exception as bug:  # noqa: BLE001 (as in ``_finish``: the request is answered, the replica freed)
                     self._salvage(batch, replica, bug, [request])

@@ -48,6 +48,15 @@ class Counters:
         self.request_seconds += sum(latencies)
         self.compute_seconds += spent
 
+    def one(self, rows: int, reason: str, latency: float, spent: float) -> None:
+        """``batch(rows, reason, [latency], spent)`` without the list: a batch of one request."""
+        self.batches += 1
+        self.rows += rows
+        self.sizes[rows] = self.sizes.get(rows, 0) + 1
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        self.request_seconds += latency
+        self.compute_seconds += spent
+
     def snapshot(self, state: str, queue_depth: int, queued_rows: int, replicas: tuple[ReplicaStats, ...]) -> Stats:
         """A :class:`Stats` of the counters as they are."""
         done = self.completed + sum(self.failed.values()) + self.cancelled

@@ -48,6 +48,8 @@ class Failures:
 
         def _event(self, event: Event) -> None: ...
 
+        def _keyed(self, request: Request) -> None: ...
+
         def _after_ejection(self, replica: Replica) -> None: ...
 
     def _failures(self, outcomes: list[Outcome]) -> None:
@@ -102,6 +104,7 @@ class Failures:
         req.avoid = replica
         req.blame = not fault  # a fault is counted already
         req.state = QUEUED
+        self._keyed(req)  # run alone on its caller's thread, it had none
         lane.push(req, now)
         lane.wake()
         self._counts.retried += 1
