@@ -1,4 +1,4 @@
-"""The batcher: admission, the worker loop, and what happens when a batch ends.
+"""The batcher: queueing, the worker loop, and what happens when a batch ends.
 
 Locking rule: one lock per batcher guards every lane, replica and counter. It is held for
 microseconds at a time, never across a model call, a backend load or the settling of a
@@ -15,6 +15,7 @@ from collections.abc import Callable, Hashable
 from inferkit._timer import Timer
 from inferkit.backends.base import BackendFactory, on_caller_thread
 from inferkit.batching import assembly
+from inferkit.batching.admission import Admission
 from inferkit.batching.caller import CallerThread
 from inferkit.batching.config import BatchConfig
 from inferkit.batching.counters import Counters
@@ -25,9 +26,9 @@ from inferkit.batching.lane import Batch, Lane
 from inferkit.batching.lifecycle import Lifecycle
 from inferkit.batching.replicas import ReplicaSet
 from inferkit.batching.reporting import Events, Reporting
-from inferkit.batching.request import DONE, Inputs, Request, new_waiter, object_bytes, settle_all
-from inferkit.errors import Closed, InferkitError, InvalidInput, NoHealthyReplica, Overloaded
-from inferkit.events import BatchDone, Event, RequestsExpired, new_request_id
+from inferkit.batching.request import DONE, Inputs, Request, new_waiter, settle_all
+from inferkit.errors import InferkitError
+from inferkit.events import BatchDone, Event, RequestsExpired
 from inferkit.pool import PoolConfig, Replica, ReplicaState
 
 __all__ = ["Batcher"]
@@ -35,11 +36,12 @@ __all__ = ["Batcher"]
 _Result = tuple[list[Outcome], bool, float, float]  # outcomes, replica fault, when the call ended, its time
 
 
-class Batcher(CallerThread, Deadlines, Failures, Reporting, Lifecycle):
+class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle):
     """Queues requests and runs them in batches on a pool of replicas. Thread-safe.
 
-    The hot path is here: admission, batch formation, the worker loop and the accounting of a
-    finished batch. A synchronous caller's path (:class:`~inferkit.batching.caller.CallerThread`),
+    The hot path is here: queueing, batch formation, the worker loop and the accounting of a
+    finished batch. Admission rules (:class:`~inferkit.batching.admission.Admission`), a
+    synchronous caller's path (:class:`~inferkit.batching.caller.CallerThread`),
     cancellation and deadlines (:class:`~inferkit.batching.deadlines.Deadlines`),
     what a failure means (:class:`~inferkit.batching.failures.Failures`), events and read-only
     views (:class:`~inferkit.batching.reporting.Reporting`) and the replicas' lives and closing
@@ -85,29 +87,7 @@ class Batcher(CallerThread, Deadlines, Failures, Reporting, Lifecycle):
         """The model's name, in events, errors and thread names."""
         return self._set.name
 
-    # -- admission -----------------------------------------------------------------------
-
-    def key_by(self, key: Callable[[Inputs], Hashable] | None) -> None:
-        """Key the requests that get queued by ``key(inputs)``: only equal keys batch together.
-
-        ``None`` (the default): every request batches with every other (or by the keys requests
-        were given). A request run alone on an idle replica is never keyed.
-        """
-        self._key = key
-
-    def _keyed(self, request: Request) -> None:
-        """Give ``request`` its batch key before it is queued (see ``key_by``)."""
-        if self._key is not None and request.key is None and request.inputs is not None:
-            request.key = self._key(request.inputs)
-
-    def next_id(self) -> int:
-        """A fresh request id, unique across models and processes (see :func:`~inferkit.events.new_request_id`)."""
-        return new_request_id(self._set.name)
-
-    def reject(self, error: InferkitError) -> None:
-        """Count a request refused before admission (e.g. ``InvalidInput``)."""
-        with self._lock:
-            self._counts.reject(error)
+    # -- queueing ------------------------------------------------------------------------
 
     def put(self, request: Request) -> None:
         """Queue ``request`` (split into parts when it has more rows than a batch).
@@ -116,34 +96,6 @@ class Batcher(CallerThread, Deadlines, Failures, Reporting, Lifecycle):
         or ``NoHealthyReplica`` without queueing anything.
         """
         self._queue(request, caller=False)
-
-    def _admit(self, request: Request) -> tuple[int, int]:
-        """The parts ``request`` takes and the rows of each; ``InvalidInput`` (counted) if no queue could hold it.
-
-        Both come from one read of the config: a ``reconfigure`` meanwhile must not split the
-        request into parts other than it was counted as.
-        """
-        config = self.config
-        max_rows = config.call_rows
-        count = 1 if request.rows <= max_rows else -(-request.rows // max_rows)
-        nbytes = request.nbytes
-        never = None
-        if count > config.max_queue_size or nbytes > config.max_queue_bytes:  # before any work per part
-            never = self._never_fits(request, count)
-        else:
-            try:  # then what strings hold, walked no further than needed to refuse
-                held = object_bytes(request.inputs, config.max_queue_bytes - nbytes)
-            except Exception as exc:  # noqa: BLE001 (an element's __sizeof__ is the caller's code)
-                never = InvalidInput(f"request {request.id}: an input element's size cannot be read ({exc!r})")
-            else:
-                if held:
-                    nbytes = request.nbytes = nbytes + held
-                    if nbytes > config.max_queue_bytes:
-                        never = self._never_fits(request, 1)
-        if never is not None:
-            self.reject(never)
-            raise never
-        return count, max_rows
 
     def _queue(self, request: Request, *, caller: bool) -> tuple[Batch, Replica] | None:
         """Admit and queue ``request``, or refuse it (``InvalidInput``, ``Closed``, ``Overloaded``, ...).
@@ -197,37 +149,6 @@ class Batcher(CallerThread, Deadlines, Failures, Reporting, Lifecycle):
             lane.wake(parts[-1].parts_n)
         if self._settle_later:
             self._flush()
-        return None
-
-    def _never_fits(self, request: Request, parts: int) -> InvalidInput:
-        """Why no queue could ever hold ``request`` (of ``parts`` parts)."""
-        config = self.config
-        if parts > config.max_queue_size:
-            return InvalidInput(
-                f"request {request.id} has {request.rows} rows, {parts} batches of max_batch_size={config.call_rows}; "
-                f"max_queue_size={config.max_queue_size} batches is the most one request can take "
-                f"(send at most {config.call_rows * config.max_queue_size} rows per request)"
-            )
-        return InvalidInput(
-            f"request {request.id} holds {request.nbytes} bytes of inputs, more than "
-            f"max_queue_bytes={config.max_queue_bytes}; split it"
-        )
-
-    def _refusal(self, parts: int, nbytes: int, now: float) -> InferkitError | None:
-        if self._closing:
-            return Closed(f"predictor {self.name!r} is closed")
-        limit = self.config.max_queue_size
-        queued, held = self._set.queued()
-        if queued + parts > limit:
-            return Overloaded(queued, limit)
-        if held + nbytes > self.config.max_queue_bytes:
-            why = (
-                f"queue is full: its requests hold {held} bytes of inputs and {nbytes} more would pass "
-                f"max_queue_bytes={self.config.max_queue_bytes}"
-            )
-            return Overloaded(queued, limit, why)
-        if not self._set.can_serve(now):
-            return NoHealthyReplica(f"no healthy replica of {self.name!r}")
         return None
 
     def _flush(self) -> None:
