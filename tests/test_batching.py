@@ -16,7 +16,7 @@ from fakes import BLOCK, Model, rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inferkit import BatchConfig, CallableBackend, DeadlineExceeded, PoolConfig, Predictor
+from inferkit import BatchConfig, CallableBackend, DeadlineExceeded, ModelError, PoolConfig, Predictor
 from inferkit.backends.base import usable_cores
 from inferkit.batching import Batcher, Request, RequestFuture
 from inferkit.batching.counters import Counters
@@ -295,6 +295,47 @@ def _submit(batcher: Batcher, value: float) -> RequestFuture:
     request.future = future = RequestFuture(request.id)
     batcher.put(request)
     return future
+
+
+def test_a_key_that_raises_for_a_lone_requests_retry_fails_it() -> None:
+    """A lone request that failed on its caller's thread is keyed for its retry; a key function
+    that raises then fails the request (a ``ModelError`` naming inferkit), it never hangs."""
+    first = threading.Event()
+
+    def fails_once(a: np.ndarray) -> np.ndarray:
+        if not first.is_set():
+            first.set()
+            msg = "first call anywhere fails"
+            raise RuntimeError(msg)
+        return a * 2
+
+    def key(arrays: dict[str, np.ndarray]) -> object:
+        msg = "cannot key this"
+        raise TypeError(msg)
+
+    batcher = Batcher(lambda: CallableBackend(fails_once), BatchConfig(), PoolConfig(replicas=2))
+    batcher.key_by(key)
+    outcome: list[BaseException | np.ndarray] = []
+
+    def call() -> None:
+        arrays = normalize_untyped(rows(1.0))
+        try:
+            outcome.append(batcher.call(Request(batcher.next_id(), arrays, 1, None, 0, None, time.monotonic())))
+        except Exception as exc:  # the outcome is what is checked
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    caller.join(WAIT)
+    try:
+        assert not caller.is_alive()
+        (error,) = outcome
+        assert isinstance(error, ModelError)
+        assert "inferkit failed finishing the batch" in str(error)
+        stats = batcher.stats("ready")
+        assert (stats.accepted, stats.in_flight) == (1, 0)
+    finally:
+        batcher.close(timeout=5)
 
 
 def test_the_worker_joins_its_next_batch_before_it_wakes_the_last_ones_callers(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -101,10 +101,10 @@ class Failures:
             if not lanes:
                 return False
             lane = self._set.choose(lanes)
+        self._keyed(req)  # run alone on its caller's thread, it had none (first: a key that raises fails it)
         req.avoid = replica
         req.blame = not fault  # a fault is counted already
         req.state = QUEUED
-        self._keyed(req)  # run alone on its caller's thread, it had none
         lane.push(req, now)
         lane.wake()
         self._counts.retried += 1
