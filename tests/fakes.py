@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,20 @@ class Model:
         """Every first-column value the model has been called with."""
         with self.lock:
             return np.concatenate([b[:, 0] for b in self.batches]) if self.batches else np.zeros(0)
+
+
+def fails_once() -> Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]]:
+    """``y = 2 x``, except that its first call, on whichever replica, raises."""
+    first = threading.Event()
+
+    def model(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        if not first.is_set():
+            first.set()
+            msg = "first call anywhere fails"
+            raise RuntimeError(msg)
+        return x * 2
+
+    return model
 
 
 def rows(value: float, n: int = 1, width: int = 3) -> np.ndarray[Any, Any]:

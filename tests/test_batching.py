@@ -12,7 +12,7 @@ from concurrent.futures import CancelledError, wait
 
 import numpy as np
 import pytest
-from fakes import BLOCK, Model, rows
+from fakes import BLOCK, Model, fails_once, rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -249,22 +249,14 @@ def test_a_cancellation_announced_a_second_time_is_a_quiet_no(caplog: pytest.Log
 def test_only_a_request_that_is_queued_is_keyed() -> None:
     """A lone ``call`` run on its caller's thread is never keyed; a queued request is, once, and so
     is a lone one that failed and was queued for its retry (it batches only with its own kind)."""
-    first = threading.Event()
-
-    def fails_once(a: np.ndarray) -> np.ndarray:
-        if not first.is_set():
-            first.set()
-            msg = "first call anywhere fails"
-            raise RuntimeError(msg)
-        return a * 2
-
     keyed: list[int] = []
 
     def key(arrays: dict[str, np.ndarray]) -> object:
         keyed.append(len(arrays))
         return batch_key(arrays)
 
-    batcher = Batcher(lambda: CallableBackend(fails_once), BatchConfig(), PoolConfig(replicas=2))
+    model = fails_once()  # one function for both replicas: the first call anywhere fails
+    batcher = Batcher(lambda: CallableBackend(model), BatchConfig(), PoolConfig(replicas=2))
     batcher.key_by(key)
     try:
 
@@ -300,20 +292,13 @@ def _submit(batcher: Batcher, value: float) -> RequestFuture:
 def test_a_key_that_raises_for_a_lone_requests_retry_fails_it() -> None:
     """A lone request that failed on its caller's thread is keyed for its retry; a key function
     that raises then fails the request (a ``ModelError`` naming inferkit), it never hangs."""
-    first = threading.Event()
-
-    def fails_once(a: np.ndarray) -> np.ndarray:
-        if not first.is_set():
-            first.set()
-            msg = "first call anywhere fails"
-            raise RuntimeError(msg)
-        return a * 2
 
     def key(arrays: dict[str, np.ndarray]) -> object:
         msg = "cannot key this"
         raise TypeError(msg)
 
-    batcher = Batcher(lambda: CallableBackend(fails_once), BatchConfig(), PoolConfig(replicas=2))
+    model = fails_once()  # one function for both replicas: the first call anywhere fails
+    batcher = Batcher(lambda: CallableBackend(model), BatchConfig(), PoolConfig(replicas=2))
     batcher.key_by(key)
     outcome: list[BaseException | np.ndarray] = []
 

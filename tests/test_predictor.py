@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from fakes import BLOCK, HANG, POISON, Model, rows
+from fakes import BLOCK, HANG, POISON, Model, fails_once, rows
 from onnx import TensorProto, helper
 
 import inferkit
@@ -517,16 +517,8 @@ class TestFailures:
 
     def test_a_predict_that_fails_on_its_callers_thread_is_retried_and_answered(self) -> None:
         """A lone predict runs on its caller's thread; failing there, it is retried on the other replica."""
-        first = threading.Event()
-
-        def fails_once(x: np.ndarray) -> np.ndarray:
-            if not first.is_set():
-                first.set()
-                msg = "first call anywhere fails"
-                raise RuntimeError(msg)
-            return x * 2
-
-        p = Predictor(lambda: CallableBackend(fails_once), pool=PoolConfig(replicas=2))
+        model = fails_once()  # one function for both replicas: the first call anywhere fails
+        p = Predictor(lambda: CallableBackend(model), pool=PoolConfig(replicas=2))
         with p:
             for i in range(4):  # then successes, the first of them maybe on the replica that failed once
                 np.testing.assert_array_equal(p.predict(rows(float(i))), rows(float(i)) * 2)
