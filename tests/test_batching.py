@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from inferkit import BatchConfig, CallableBackend, DeadlineExceeded, ModelError, PoolConfig, Predictor
 from inferkit.backends.base import usable_cores
 from inferkit.batching import Batcher, Request, RequestFuture
-from inferkit.batching.counters import Counters
 from inferkit.batching.replicas import ReplicaSet
 from inferkit.batching.request import notify_cancelled, object_bytes
 from inferkit.pool import ReplicaState, RoundRobin
@@ -373,17 +372,6 @@ def test_an_idle_worker_holds_no_batch_it_joined() -> None:
             gc.collect()
             time.sleep(0.01)
         assert batch() is None  # gone while the worker idles
-
-
-def test_a_batch_of_one_is_counted_as_any_batch() -> None:
-    """``Counters.one`` (a lone request's booking) counts what ``batch`` of one latency counts."""
-    one, general = Counters(), Counters()
-    batches = [(1, "idle", 0.002, 0.001), (3, "idle", 0.004, 0.003), (1, "full", 0.001, 0.0)]
-    for rows_, reason, latency, spent in batches:
-        one.one(rows_, reason, latency, spent)
-        general.batch(rows_, reason, [latency], spent)
-    assert one.snapshot("ready", 0, 0, ()) == general.snapshot("ready", 0, 0, ())
-    assert one.snapshot("ready", 0, 0, ()).batch_sizes == {1: 2, 3: 1}
 
 
 def test_object_bytes_counts_strings_and_passes_by_dtypes_that_are_not_numpys() -> None:

@@ -767,7 +767,7 @@ class TestWorkersSurviveBugs:
         and keeps serving, nothing hangs."""
         from inferkit.batching.counters import Counters
 
-        real = Counters.one
+        real = Counters.batch
         calls = []
 
         def buggy(self: Counters, *args: Any) -> None:
@@ -776,7 +776,7 @@ class TestWorkersSurviveBugs:
                 raise RuntimeError("injected bug")
             real(self, *args)
 
-        monkeypatch.setattr(Counters, "one", buggy)
+        monkeypatch.setattr(Counters, "batch", buggy)
         p = Predictor.from_callable(lambda x: x * 2)
         try:
             np.testing.assert_array_equal(p.predict(np.ones((1, 2)), timeout=WAIT), np.full((1, 2), 2.0))

@@ -262,7 +262,7 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
 
     def _book(self, batch: Batch, replica: Replica, latencies: list[float], spent: float) -> None:
         """Count a finished batch that ended requests of ``latencies`` seconds and took ``spent`` (under the lock)."""
-        self._counts.batch(batch.rows, batch.reason, latencies, spent)
+        self._counts.batch(batch.rows, batch.reason, sum(latencies), spent)
         replica.batches += 1
         replica.requests += len(batch.requests)
         replica.record_latencies(latencies)

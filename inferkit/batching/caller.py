@@ -147,7 +147,7 @@ class CallerThread:
                 request.value = value
                 self._counts.completed += 1
                 try:
-                    self._counts.one(batch.rows, batch.reason, end - request.t0, end - start)
+                    self._counts.batch(batch.rows, batch.reason, end - request.t0, end - start)
                     replica.record_one(end - request.t0)
                     self._release(replica)
                 except Exception as bug:  # noqa: BLE001 (as in ``_finish``: the request is answered, the replica freed)

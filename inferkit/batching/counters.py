@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from inferkit.stats import ReplicaStats, Stats
 
 __all__ = ["Counters"]
@@ -39,22 +37,13 @@ class Counters:
             kind = type(error).__name__
             self.failed[kind] = self.failed.get(kind, 0) + 1
 
-    def batch(self, rows: int, reason: str, latencies: Sequence[float], spent: float) -> None:
-        """A model call of ``rows`` rows that took ``spent`` seconds; ``latencies`` of the requests it ended."""
+    def batch(self, rows: int, reason: str, request_seconds: float, spent: float) -> None:
+        """A model call of ``rows`` rows that took ``spent`` seconds; the latencies of the requests it ended, summed."""
         self.batches += 1
         self.rows += rows
         self.sizes[rows] = self.sizes.get(rows, 0) + 1
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
-        self.request_seconds += sum(latencies)
-        self.compute_seconds += spent
-
-    def one(self, rows: int, reason: str, latency: float, spent: float) -> None:
-        """``batch(rows, reason, [latency], spent)`` without the list: a batch of one request."""
-        self.batches += 1
-        self.rows += rows
-        self.sizes[rows] = self.sizes.get(rows, 0) + 1
-        self.reasons[reason] = self.reasons.get(reason, 0) + 1
-        self.request_seconds += latency
+        self.request_seconds += request_seconds
         self.compute_seconds += spent
 
     def snapshot(self, state: str, queue_depth: int, queued_rows: int, replicas: tuple[ReplicaStats, ...]) -> Stats:
