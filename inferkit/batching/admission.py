@@ -32,7 +32,6 @@ class Admission:
     _set: ReplicaSet
     _closing: bool
     _counts: Counters
-    _key: Callable[[Inputs], Hashable] | None
 
     def key_by(self, key: Callable[[Inputs], Hashable] | None) -> None:
         """Key the requests that get queued by ``key(inputs)``: only equal keys batch together.
@@ -40,12 +39,13 @@ class Admission:
         ``None`` (the default): every request batches with every other (or by the keys requests
         were given). A request run alone on an idle replica is never keyed.
         """
-        self._key = key
+        self._set.key = key
 
     def _keyed(self, request: Request) -> None:
         """Give ``request`` its batch key before it is queued (see ``key_by``)."""
-        if self._key is not None and request.key is None and request.inputs is not None:
-            request.key = self._key(request.inputs)
+        key = self._set.key
+        if key is not None and request.key is None and request.inputs is not None:
+            request.key = key(request.inputs)
 
     def next_id(self) -> int:
         """A fresh request id, unique across models and processes (see :func:`~inferkit.events.new_request_id`)."""

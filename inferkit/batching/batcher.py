@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 
 from inferkit._timer import Timer
 from inferkit.backends.base import BackendFactory, on_caller_thread
@@ -78,7 +78,6 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
         self._settle_later: list[Request] = []  # settled under the lock by another thread, delivered after it
         self._running: dict[str, Batch] = {}  # by replica name
         self._counts = Counters()
-        self._key: Callable[[Inputs], Hashable] | None = None  # see ``key_by``
         for _ in range(pool.replicas):
             self._set.add(factory(), self._work)
 
@@ -108,7 +107,7 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
         count, max_rows = self._admit(request)
         inline = caller and count == 1 and self.pool.execution_timeout is None  # no watchdog on a caller's thread
         solo = inline and not self._running and self._set.balancer is None  # read again under the lock
-        key = self._key
+        key = self._set.key
         if key is not None and not solo:  # keyed outside the lock; a request run alone never needs a key
             request.key = key(request.inputs)  # type: ignore[arg-type]  # admitted: it has inputs
         if count == 1:

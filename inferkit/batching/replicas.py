@@ -1,5 +1,7 @@
 """The replicas of a batcher and the lanes they serve: who exists, who can take work, where a request goes.
 
+Also what a queued request is keyed by (``key``): only requests of equal keys share a batch.
+
 Plain bookkeeping under the batcher's lock; the batcher drives replicas' lives (start, drain,
 eject, replace) and this keeps the lists consistent.
 """
@@ -8,10 +10,11 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from inferkit.backends.base import Backend, BackendFactory, cpu_threads, usable_cores
 from inferkit.batching.lane import Lane
+from inferkit.batching.request import Inputs
 from inferkit.pool import LIVE_STATES, Balancer, Replica, ReplicaState
 
 __all__ = ["ReplicaSet"]
@@ -29,6 +32,7 @@ class ReplicaSet:
         self.threads: list[threading.Thread] = []  # workers and replacement loaders
         self.loading = 0  # replacement replicas being loaded
         self.cores = max(1, usable_cores() - 1)  # what replicas may keep busy: one core is the callers'
+        self.key: Callable[[Inputs], Hashable] | None = None  # a queued request's batch key (None: any batch)
         self._lock = lock
         self._names = itertools.count()
 
