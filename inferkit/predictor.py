@@ -24,12 +24,13 @@ from inferkit._factories import (
     pool_config,
     torch_factory,
 )
+from inferkit.arrays import batch_key
 from inferkit.backends.base import Backend, BackendFactory
 from inferkit.batching import BatchConfig, Batcher, Request, RequestFuture
 from inferkit.errors import DeadlineExceeded, InferkitError
 from inferkit.events import Event, LogObserver, Observer, StateChanged, deliver
 from inferkit.pool import Balancer, PoolConfig
-from inferkit.signature import Signature, TensorSpec, batch_key, normalize_untyped
+from inferkit.signature import Signature, TensorSpec, normalize_untyped
 from inferkit.stats import Stats
 
 if TYPE_CHECKING:

@@ -8,20 +8,20 @@ attribute checks and no copy.
 
 Device arrays (anything exposing ``__cuda_array_interface__``: CuPy, torch on CUDA) are
 validated from their own ``dtype`` and ``shape`` and never converted to NumPy; a cast within
-a dtype family runs on the device (see :func:`array_module`). Their checks come after the
+a dtype family runs on the device (see :func:`~inferkit.arrays.array_module`). Their checks come after the
 NumPy ones, so NumPy requests pay nothing for them.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Final, cast
 
 import attrs
 import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
+from inferkit.arrays import array_module, batch_key, device_cast, is_device_array, rows
 from inferkit.errors import InvalidInput, ModelError
 
 __all__ = [
@@ -261,7 +261,7 @@ def _output(spec: TensorSpec, value: Any) -> NDArray[Any]:
             msg = f"output {spec.name!r}: values {lo}..{hi} do not fit the declared {dst}"
             raise ModelError(msg)
     if device:
-        out = _device_cast(value, dst)
+        out = device_cast(value, dst)
         if out is None:
             msg = f"output {spec.name!r}: values overflow the declared {dst}"
             raise ModelError(msg)
@@ -322,7 +322,7 @@ def _coerce(spec: TensorSpec, value: object) -> NDArray[Any]:
             msg = f"values {lo}..{hi} do not fit {dst} [{info.min}, {info.max}]"
             raise _invalid(spec.name, msg)
     if origin == _DEVICE:
-        out = _device_cast(arr, dst)
+        out = device_cast(arr, dst)
         if out is None:
             raise _invalid(spec.name, f"values overflow {dst}")
         return out
@@ -389,47 +389,3 @@ def normalize_untyped(request: object) -> dict[str, NDArray[Any]]:
         arrays[name] = _untyped(name, value)
     _check_rows(arrays)
     return arrays
-
-
-def is_device_array(value: object) -> bool:
-    """Whether ``value`` is an array in device memory: it exposes ``__cuda_array_interface__`` (CuPy, torch)."""
-    return hasattr(value, "__cuda_array_interface__")
-
-
-def array_module(array: Any) -> Any:
-    """The library of an array (``numpy``, or ``cupy`` for a CuPy array), for ``concatenate`` and the like.
-
-    Read from the array's type, so nothing is imported: the library is loaded since one of its
-    arrays exists. ``import inferkit`` never imports CuPy.
-    """
-    return sys.modules[type(array).__module__.partition(".")[0]]
-
-
-def _device_cast(arr: Any, dst: np.dtype[Any]) -> NDArray[Any] | None:
-    """``arr`` cast to ``dst`` on its device; ``None`` where finite floats overflow to inf (as NumPy's errstate)."""
-    if arr.dtype == dst:
-        return cast("NDArray[Any]", arr)
-    out = arr.astype(dst)
-    if dst.kind == "f" and arr.dtype.kind == "f" and dst.itemsize < arr.dtype.itemsize:
-        xp = array_module(arr)
-        if bool(xp.any(xp.isinf(out) & ~xp.isinf(arr))):  # one scalar back to the host, not the data
-            return None
-    return cast("NDArray[Any]", out)
-
-
-def batch_key(arrays: Mapping[str, NDArray[Any]]) -> Hashable:
-    """Key of a normalized request; requests with equal keys concatenate along axis 0.
-
-    It holds ``(name, dtype, shape[1:])`` per input, sorted by name.
-    """
-    if len(arrays) == 1:
-        ((name, a),) = arrays.items()
-        return ((name, a.dtype, a.shape[1:]),)
-    return tuple(sorted((name, a.dtype, a.shape[1:]) for name, a in arrays.items()))
-
-
-def rows(arrays: dict[str, NDArray[Any]]) -> int:
-    """Number of rows (axis 0) of a normalized request."""
-    for a in arrays.values():
-        return int(a.shape[0])
-    raise ValueError("rows() needs a normalized request, got an empty dict")

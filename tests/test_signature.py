@@ -678,3 +678,13 @@ def test_public_names() -> None:
         "normalize_untyped",
         "rows",
     ]
+
+
+def test_the_array_helpers_live_in_arrays_and_signature_re_exports_them() -> None:
+    """``inferkit.arrays`` owns the helpers over a normalized request's arrays; the names
+    ``inferkit.signature`` always exported are the same functions."""
+    from inferkit import arrays
+
+    assert sorted(arrays.__all__) == ["array_module", "batch_key", "device_cast", "is_device_array", "rows"]
+    for name in ("array_module", "batch_key", "is_device_array", "rows"):
+        assert getattr(signature, name) is getattr(arrays, name)

@@ -9,11 +9,12 @@ from typing import Any
 import attrs
 import numpy as np
 
+from inferkit.arrays import array_module
 from inferkit.backends.base import Backend, cpu_threads
 from inferkit.backends.device import DeviceFallbackWarning, DeviceLost, DeviceOutOfMemory, classify, device_id
 from inferkit.gpu.pipeline import Pipeline
 from inferkit.gpu.step import CPU, Kit
-from inferkit.signature import Signature, array_module
+from inferkit.signature import Signature
 
 __all__ = ["PipelineBackend", "Transfers"]
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from inferkit.arrays import array_module, is_device_array
 from inferkit.batching.request import DONE, Request, Split
 from inferkit.errors import ModelError
-from inferkit.signature import array_module, is_device_array
 
 __all__ = ["carve", "complete", "split"]
 

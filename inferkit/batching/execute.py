@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from inferkit.arrays import array_module, is_device_array
 from inferkit.backends.base import Backend, ReplicaFault
 from inferkit.batching.request import Inputs, Request
 from inferkit.errors import InvalidInput, ModelError
-from inferkit.signature import array_module, is_device_array
 
 __all__ = ["Outcome", "Ran", "lone_failure", "model_error", "run_batch", "run_one", "try_join"]
 

@@ -1,0 +1,61 @@
+"""A normalized request's arrays: their library (NumPy, or a device's), their rows, their batch key.
+
+Device arrays (anything exposing ``__cuda_array_interface__``: CuPy, torch on CUDA) are handled
+through their own library, read from the array's type: nothing here imports CuPy or torch.
+:mod:`inferkit.signature` re-exports the public names.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Hashable, Mapping
+from typing import Any, cast
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = ["array_module", "batch_key", "device_cast", "is_device_array", "rows"]
+
+
+def is_device_array(value: object) -> bool:
+    """Whether ``value`` is an array in device memory: it exposes ``__cuda_array_interface__`` (CuPy, torch)."""
+    return hasattr(value, "__cuda_array_interface__")
+
+
+def array_module(array: Any) -> Any:
+    """The library of an array (``numpy``, or ``cupy`` for a CuPy array), for ``concatenate`` and the like.
+
+    Read from the array's type, so nothing is imported: the library is loaded since one of its
+    arrays exists. ``import inferkit`` never imports CuPy.
+    """
+    return sys.modules[type(array).__module__.partition(".")[0]]
+
+
+def device_cast(arr: Any, dst: np.dtype[Any]) -> NDArray[Any] | None:
+    """``arr`` cast to ``dst`` on its device; ``None`` where finite floats overflow to inf (as NumPy's errstate)."""
+    if arr.dtype == dst:
+        return cast("NDArray[Any]", arr)
+    out = arr.astype(dst)
+    if dst.kind == "f" and arr.dtype.kind == "f" and dst.itemsize < arr.dtype.itemsize:
+        xp = array_module(arr)
+        if bool(xp.any(xp.isinf(out) & ~xp.isinf(arr))):  # one scalar back to the host, not the data
+            return None
+    return cast("NDArray[Any]", out)
+
+
+def batch_key(arrays: Mapping[str, NDArray[Any]]) -> Hashable:
+    """Key of a normalized request; requests with equal keys concatenate along axis 0.
+
+    It holds ``(name, dtype, shape[1:])`` per input, sorted by name.
+    """
+    if len(arrays) == 1:
+        ((name, a),) = arrays.items()
+        return ((name, a.dtype, a.shape[1:]),)
+    return tuple(sorted((name, a.dtype, a.shape[1:]) for name, a in arrays.items()))
+
+
+def rows(arrays: dict[str, NDArray[Any]]) -> int:
+    """Number of rows (axis 0) of a normalized request."""
+    for a in arrays.values():
+        return int(a.shape[0])
+    raise ValueError("rows() needs a normalized request, got an empty dict")
