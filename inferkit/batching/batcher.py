@@ -115,9 +115,10 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
         else:
             chunks = min(count, len(self._set.lanes)) if self._set.balancer is not None else 1
             parts = assembly.split(request, max_rows, count, chunks)
+        alone = Batch([request], request.rows, "idle") if solo else None  # built before the lock
         with self._lock:
-            if solo:
-                claimed = None if self._running else self._claim(request)
+            if alone is not None:
+                claimed = None if self._running else self._claim(request, alone)
                 if claimed is not None:
                     return claimed
                 if key is not None:  # not claimed after all: it queues

@@ -13,7 +13,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from inferkit.batching.execute import lone_failure, run_one
-from inferkit.batching.lane import Batch
 from inferkit.batching.request import DONE, RUNNING, Request, new_waiter, settle_all
 from inferkit.pool import ReplicaState
 
@@ -22,6 +21,7 @@ if TYPE_CHECKING:
 
     from inferkit.batching.counters import Counters
     from inferkit.batching.execute import Outcome, Ran
+    from inferkit.batching.lane import Batch
     from inferkit.batching.replicas import ReplicaSet
     from inferkit.batching.reporting import Events
     from inferkit.pool import Replica
@@ -95,10 +95,12 @@ class CallerThread:
             raise request.error
         return request.value
 
-    def _claim(self, request: Request) -> tuple[Batch, Replica] | None:
-        """An idle healthy replica claimed for ``request`` alone, when nothing is queued (under the lock).
+    def _claim(self, request: Request, batch: Batch) -> tuple[Batch, Replica] | None:
+        """An idle healthy replica claimed for ``request`` alone (``batch``), when nothing is queued (under the lock).
 
-        ``_queue`` asks only on the shared queue and when nothing runs. Nothing could refuse the
+        ``batch`` is built before the lock: the less Python runs under it, the fewer of the
+        interpreter's forced thread switches land while it is held. ``_queue`` asks only on the
+        shared queue and when nothing runs. Nothing could refuse the
         request then: its bytes fit (``_admit``), the queue is empty and the replica is healthy;
         it passes no one.
         """
@@ -109,7 +111,6 @@ class CallerThread:
         lane.arrived(self._clock())
         replica = lane.idle.pop()
         request.state = RUNNING
-        batch = Batch([request], request.rows, "idle")
         self._start(replica, batch)
         return batch, replica
 
