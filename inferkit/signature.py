@@ -8,8 +8,8 @@ attribute checks and no copy.
 
 Device arrays (anything exposing ``__cuda_array_interface__``: CuPy, torch on CUDA) are
 validated from their own ``dtype`` and ``shape`` and never converted to NumPy; a cast within
-a dtype family runs on the device (see :func:`~inferkit.arrays.array_module`). Their checks come after the
-NumPy ones, so NumPy requests pay nothing for them.
+a dtype family runs on the device (see :func:`~inferkit.arrays.array_module`). Their checks
+come after the NumPy ones, so NumPy requests pay nothing for them.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """What may be queued: a request's parts and bytes against the config, the queue's room, its batch key.
 
 A mixin of :class:`~inferkit.batching.batcher.Batcher`. ``_admit`` runs before the batcher's lock
-(a request no queue could ever hold is refused without it); ``_refusal`` and ``_keyed`` run
-under it; ``reject`` takes it.
+(a request no queue could ever hold is refused without it); ``_refusal`` runs under it;
+``_keyed`` under it or before it (a request not yet shared); ``reject`` takes it.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Admission:
         self._set.key = key
 
     def _keyed(self, request: Request) -> None:
-        """Give ``request`` its batch key before it is queued (see ``key_by``)."""
+        """Give ``request`` its batch key before it is queued (see ``key_by``); one it has is kept."""
         key = self._set.key
         if key is not None and request.key is None and request.inputs is not None:
             request.key = key(request.inputs)

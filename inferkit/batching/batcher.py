@@ -107,9 +107,8 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
         count, max_rows = self._admit(request)
         inline = caller and count == 1 and self.pool.execution_timeout is None  # no watchdog on a caller's thread
         solo = inline and not self._running and self._set.balancer is None  # read again under the lock
-        key = self._set.key
-        if key is not None and not solo:  # keyed outside the lock; a request run alone never needs a key
-            request.key = key(request.inputs)  # type: ignore[arg-type]  # admitted: it has inputs
+        if not solo:  # keyed outside the lock; a request run alone never needs a key
+            self._keyed(request)
         if count == 1:
             parts = [request]
         else:
@@ -121,8 +120,7 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
                 claimed = None if self._running else self._claim(request, alone)
                 if claimed is not None:
                     return claimed
-                if key is not None:  # not claimed after all: it queues
-                    request.key = key(request.inputs)  # type: ignore[arg-type]
+                self._keyed(request)  # not claimed after all: it queues
             now = self._clock()
             refusal = self._refusal(count, request.nbytes, now)
             if refusal is not None:

@@ -100,9 +100,8 @@ class CallerThread:
 
         ``batch`` is built before the lock: the less Python runs under it, the fewer of the
         interpreter's forced thread switches land while it is held. ``_queue`` asks only on the
-        shared queue and when nothing runs. Nothing could refuse the
-        request then: its bytes fit (``_admit``), the queue is empty and the replica is healthy;
-        it passes no one.
+        shared queue and when nothing runs. Nothing could refuse the request then: its bytes fit
+        (``_admit``), the queue is empty and the replica is healthy; it passes no one.
         """
         lane = self._set.lanes[0]
         if self._closing or lane.count or not lane.idle or lane.idle[-1].state is not _HEALTHY:
