@@ -29,6 +29,13 @@ next, so the offered load adapts to the server and nothing queues without bound.
     ``session.run``. Skipped with a note when ``batched`` is not installed.
     (Its ``batched.inference`` variant pads inputs into int64 token arrays, so it
     cannot carry float features.)
+``lean batcher 1-row`` / ``8-row``
+    ``lean_batcher.LeanBatcher``: one worker, a raw lock per caller, whatever is
+    queued (up to 64 rows) the moment the model is free; no timer, checks,
+    counters or error handling. The most a batcher made of Python threads gets
+    out of this machine: ``inferkit 1-row`` and ``8-row`` note their share of it
+    (what inferkit's features and safety cost), beside their share of ``limit``
+    (what is left on the table by batching in CPython at all).
 ``inferkit ...``
     ``inferkit.Predictor.from_onnx(..., max_batch_size=64, max_delay_ms=2)``
     with 1-row or 8-row requests; ``shared r2`` / ``rr`` use two replicas behind
@@ -51,7 +58,7 @@ next, so the offered load adapts to the server and nothing queues without bound.
     The two sides of each pair alternate in blocks of 50 calls on one thread
     over one window, so the machine's drift between cells stays out of "added".
 
-For ``direct``, ``naive`` and ``batched`` both ``intra_op_num_threads=1`` and
+For ``direct``, ``naive``, ``batched`` and ``lean`` both ``intra_op_num_threads=1`` and
 ``2`` are run; the table shows the better one (column ``ORT intra_op``) and the notes
 give the other, so no row loses to a bad ORT setting.
 
@@ -111,6 +118,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
+from lean_batcher import LeanBatcher
 from models import INPUT_DIM, OUTPUT_DIM, mlp_bytes
 from naive_batcher import NaiveBatcher
 
@@ -131,6 +139,8 @@ ROW_NAMES = (
     "direct",
     "naive",
     "batched",
+    "lean-1",
+    "lean-8",
     "inferkit-1",
     "inferkit-8",
     "inferkit-8-intra2",
@@ -533,6 +543,22 @@ class Bench:
         row.notes.insert(0, f"batched {version}, dynamically(batch_size=64, timeout_ms=2)")
         return row
 
+    def lean(self, rows_per_request: int) -> Row:
+        def measure(intra: int) -> tuple[CellResult, float | None]:
+            session = make_session(self.model, intra)
+            with LeanBatcher(session, max_rows=MAX_BATCH) as lb:
+                check_outputs(lb.predict, session, rows_per_request)
+                snap: dict[str, tuple[int, int]] = {}
+
+                def on_window(when: str) -> None:
+                    snap[when] = (lb.batches, lb.rows)
+
+                res = run_closed_loop(lb.predict, client_inputs(rows_per_request), self.cfg, on_window=on_window)
+            return res, _mean_from_totals(snap)
+
+        name = f"lean batcher {rows_per_request}-row"
+        return self._best_of_intra(name, f"{CLIENTS} x {rows_per_request}", measure)
+
     # ---- inferkit
 
     def inferkit(
@@ -713,6 +739,15 @@ def add_async_ratio(rows: list[Row]) -> None:
         tasks.notes.append(f"{ratio:.2f}x the 32 threads of inferkit 1-row (target >= 0.95)")
 
 
+def add_lean_ratio(rows: list[Row]) -> None:
+    """Note on inferkit's 1-row and 8-row rows their throughput as a share of the lean batcher's."""
+    by_name = {r.name: r for r in rows}
+    for n in (1, 8):
+        ours, lean = by_name.get(f"inferkit {n}-row"), by_name.get(f"lean batcher {n}-row")
+        if ours and lean and ours.result and lean.result:
+            ours.notes.append(f"{ours.result.rows_per_s / lean.result.rows_per_s:.2f}x the lean batcher")
+
+
 def add_latency_delta(rows: list[Row]) -> None:
     """Note on inferkit's latency rows how much p50 they add over ``session.run``."""
     by_name = {r.name: r for r in rows}
@@ -858,6 +893,8 @@ def main(argv: list[str] | None = None) -> int:
         "direct": lambda: [bench.direct()],
         "naive": lambda: [bench.naive()],
         "batched": lambda: [bench.batched()],
+        "lean-1": lambda: [bench.lean(1)],
+        "lean-8": lambda: [bench.lean(8)],
         "inferkit-1": lambda: [bench.inferkit("inferkit 1-row", 1)],
         "inferkit-8": lambda: [bench.inferkit("inferkit 8-row", 8)],
         "inferkit-8-intra2": lambda: [bench.inferkit("inferkit 8-row intra 2", 8, intra=2)],
@@ -878,6 +915,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = combine_rounds(rounds)
     add_latency_delta(rows)
     add_async_ratio(rows)
+    add_lean_ratio(rows)
     limit_row = next((r for r in rows if r.name == "limit"), None)
     limit: float | None = None
     drift: float | None = None
