@@ -312,8 +312,8 @@ class TestWideSession:
         assert backend.session_for(7) is narrow
         assert narrow.get_session_options().intra_op_num_threads == 1
         assert wide.get_session_options().intra_op_num_threads == 2
-        assert _spin_stops(wide) == "1"
-        assert _spin_stops(narrow) is None
+        assert _never_spins(wide)
+        assert not _never_spins(narrow)
         assert backend.cpu_threads == 1  # what a batch keeps busy beside the callers
         x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
         reference = OnnxBackend(mlp_model, providers=CPU).run({"x": x})["y"]
@@ -331,15 +331,15 @@ class TestWideSession:
         assert lone is not backend.session
         assert lone is not backend._sessions.wide
         assert lone.get_session_options().intra_op_num_threads == 2
-        assert _spin_stops(lone) is None
+        assert not _never_spins(lone)
         busy = [backend.session_for(12) for _ in range(20)]
         assert all(s is backend.session for s in busy)
         assert backend.session_for(1) is backend.session
 
-    def test_one_row_batches_on_a_worker_run_wide_and_stop_spinning(self, mlp_model: bytes) -> None:
+    def test_one_row_batches_on_a_worker_run_wide_and_never_spin(self, mlp_model: bytes) -> None:
         """On a replica's worker thread the batch's callers may be busy between runs (a server's event
-        loop): one-row batches there run on the wide session, whose threads stop spinning when a run
-        returns (spinning, they took that core: 32 ``apredict`` tasks were 0.82x of 32 threads)."""
+        loop): one-row batches there run on the wide session, whose threads never spin (spinning, they
+        took that core: 32 ``apredict`` tasks were 0.82x of 32 threads)."""
         backend = OnnxBackend(mlp_model, providers=CPU, intra_op_threads=1, wide_threads=2, wide_rows=32)
         seen: list[object] = []
 
@@ -352,7 +352,7 @@ class TestWideSession:
         thread.join(30)
         assert len(seen) == 20
         assert all(s is backend._sessions.wide for s in seen)
-        assert _spin_stops(backend._sessions.wide) == "1"
+        assert _never_spins(backend._sessions.wide)
         assert on_caller_thread()  # only that thread was marked
 
     def test_each_session_keeps_its_own_options_when_rebuilt(self, mlp_model: bytes) -> None:
@@ -364,7 +364,7 @@ class TestWideSession:
         for session in (sessions.narrow, sessions.lone, sessions.wide):
             session.set_providers(CPU)
         assert sessions.narrow.get_session_options().intra_op_num_threads == backend.cpu_threads == 1
-        assert [_spin_stops(s) for s in (sessions.narrow, sessions.lone, sessions.wide)] == [None, None, "1"]
+        assert [_never_spins(s) for s in (sessions.narrow, sessions.lone, sessions.wide)] == [False, False, True]
         assert sessions.lone.get_session_options().intra_op_num_threads == 2
 
     def test_no_spinning_session_for_a_model_whose_calls_are_long(
@@ -514,9 +514,9 @@ class TestBackendProtocol:
         assert not isinstance(lambda x: x, inferkit.Backend)
 
 
-def _spin_stops(session: ort.InferenceSession) -> str | None:
-    """The session's ``session.force_spinning_stop`` entry, None when unset."""
+def _never_spins(session: ort.InferenceSession) -> bool:
+    """Whether the session's threads never spin (its ``session.intra_op.allow_spinning`` entry is "0")."""
     try:
-        return session.get_session_options().get_session_config_entry("session.force_spinning_stop")
+        return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     except RuntimeError:  # ONNX Runtime's answer for an entry never set
-        return None
+        return False

@@ -83,9 +83,9 @@ class OnnxBackend:
     such batch, and for batches while they average under 1.5 rows: small batches of many
     callers mean the callers are the bound and need a core of their own; a run of full ones
     that the model is, and lone callers that they wait on it; either way every core is the
-    model's. Its threads stop spinning when a run returns (``session.force_spinning_stop``): a
-    spinning thread would take the core that the callers, or a server's event loop, need
-    between runs. A lone caller blocked on its own thread runs on a third session, which keeps
+    model's. Its threads never spin (``session.intra_op.allow_spinning=0``): a spinning thread
+    would take the core that the callers, or a server's event loop, need between runs and
+    between the parallel parts of one run. A lone caller blocked on its own thread runs on a third session, which keeps
     spinning, when the model is at most :data:`SPIN_MAX_BYTES`: the next call finds its
     threads awake (waking them costs a small model's call ~20 us). Each session holds its own
     copy of the weights, so models over :data:`WIDE_MAX_BYTES` (external data files included) do
@@ -153,9 +153,9 @@ class OnnxBackend:
                 if size <= SPIN_MAX_BYTES:
                     spinning = _wide_options(ort, wide_threads)
                     lone = ort.InferenceSession(source, sess_options=spinning, providers=list(providers))
-                stopping = _wide_options(ort, wide_threads)
-                stopping.add_session_config_entry("session.force_spinning_stop", "1")
-                wide = ort.InferenceSession(source, sess_options=stopping, providers=list(providers))
+                still = _wide_options(ort, wide_threads)
+                still.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                wide = ort.InferenceSession(source, sess_options=still, providers=list(providers))
         self._sessions: Any = _Widths(self.session, wide, wide_rows, lone)
         warmed: list[int] = []
         for rows in warmup:
