@@ -34,7 +34,7 @@ next, so the offered load adapts to the server and nothing queues without bound.
     queued (up to 64 rows) the moment the model is free; no timer, checks,
     counters or error handling; its session's threads never spin (ONNX Runtime's
     ``allow_spinning=0``: with 2 threads beside 32 callers, 1.04-1.3x the rows/s
-    of spinning ones on 2 cores). The most a batcher made of Python threads gets
+    of spinning ones on 2 cores). About the most a batcher of Python threads gets
     out of this machine: ``inferkit 1-row`` and ``8-row`` note their share of it
     (what inferkit's features and safety cost), beside their share of ``limit``
     (what is left on the table by batching in CPython at all).
