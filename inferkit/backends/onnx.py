@@ -87,9 +87,9 @@ class OnnxBackend:
     would take the core that the callers, or a server's event loop, need between runs and
     between the parallel parts of one run. A lone caller blocked on its own thread runs on a
     third session, which keeps spinning, when the model is at most :data:`SPIN_MAX_BYTES`: the
-    next call finds its threads awake (waking them costs a small model's call ~20 us). Each session holds its own
-    copy of the weights, so models over :data:`WIDE_MAX_BYTES` (external data files included) do
-    without both.
+    next call finds its threads awake (waking them costs a small model's call ~20 us). Each
+    session holds its own copy of the weights, so models over :data:`WIDE_MAX_BYTES` (external
+    data files included) do without both.
     """
 
     def __init__(
