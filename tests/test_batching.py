@@ -374,25 +374,6 @@ def test_settled_callers_are_woken_in_a_relay_and_one_on_the_main_thread_directl
     assert submitted.future.done()
 
 
-def test_a_relay_starts_even_when_an_outcome_after_it_raises() -> None:
-    """The relay's first caller is woken after the loop over the batch; an awaiter (inferkit's own
-    hand-off to asyncio) that raised on the way must not leave the callers already linked waiting."""
-    caller = Request(1, None, 1, None, 0, None, 0.0)
-    elsewhere = threading.Thread(target=add_waiter, args=(caller,))
-    elsewhere.start()
-    elsewhere.join(WAIT)
-    broken = Request(2, None, 1, None, 0, None, 0.0)
-
-    def deliver(value: object, error: BaseException | None) -> None:
-        raise RuntimeError("the bridge is gone")
-
-    broken.awaiter = deliver
-    with pytest.raises(RuntimeError, match="bridge"):
-        settle_all([caller, broken])
-    assert caller.waiter is not None
-    assert not caller.waiter.locked()
-
-
 def test_callers_woken_in_a_relay_all_get_their_answers() -> None:
     """Eight threads queued behind a running batch are answered from one batch, each with its own rows,
     each waking the next; a caller with a deadline among them too. Nothing is left relayed."""

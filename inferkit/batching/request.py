@@ -266,22 +266,20 @@ def settle_all(requests: list[Request]) -> None:
     waits out: it wakes one caller, not a batch of them. The callers run one at a time anyway.
     """
     head = tail = None
-    try:
-        for request in requests:
-            if (
-                request.relay is None
-                and request.waiter is not None
-                and request.future is None
-                and request.awaiter is None
-                and request.expiry is None
-            ):
-                if tail is None:
-                    head = request
-                else:
-                    tail.relay = request
-                tail = request
+    for request in requests:
+        if (
+            request.relay is None
+            and request.waiter is not None
+            and request.future is None
+            and request.awaiter is None
+            and request.expiry is None
+        ):
+            if tail is None:
+                head = request
             else:
-                request.settle()
-    finally:  # an awaiter that raised must not leave the callers already in the relay waiting
-        if head is not None:
-            head.waiter.release()  # type: ignore[union-attr]
+                tail.relay = request
+            tail = request
+        else:
+            request.settle()
+    if head is not None:
+        head.waiter.release()  # type: ignore[union-attr]
