@@ -20,7 +20,7 @@ from inferkit import BatchConfig, CallableBackend, DeadlineExceeded, ModelError,
 from inferkit.backends.base import usable_cores
 from inferkit.batching import Batcher, Request, RequestFuture
 from inferkit.batching.replicas import ReplicaSet
-from inferkit.batching.request import add_waiter, notify_cancelled, object_bytes, settle_all
+from inferkit.batching.request import notify_cancelled, object_bytes
 from inferkit.pool import ReplicaState, RoundRobin
 from inferkit.signature import batch_key, normalize_untyped
 
@@ -345,63 +345,6 @@ def test_the_worker_joins_its_next_batch_before_it_wakes_the_last_ones_callers(m
         for i, f in enumerate(queued, start=1):
             np.testing.assert_array_equal(f.result(WAIT), rows(float(i)) * 2)
     assert log.index("join 2") < log.index("woken"), log
-
-
-def test_settled_callers_are_woken_in_a_relay_and_one_on_the_main_thread_directly() -> None:
-    """The settling thread (most often a replica's worker, whose time between runs the model waits
-    out) wakes the first synchronous caller only, and each woken one the next (``relay``); a caller on
-    the main thread, which an interrupt can take out of its wait and so out of a relay, is woken
-    directly, and so is a future."""
-
-    def request(i: int) -> Request:
-        return Request(i, None, 1, None, 0, None, 0.0)
-
-    relayed = [request(i) for i in range(3)]
-    elsewhere = threading.Thread(target=lambda: [add_waiter(r) for r in relayed])
-    elsewhere.start()
-    elsewhere.join(WAIT)
-    main = request(9)
-    add_waiter(main)
-    submitted = request(10)
-    submitted.future = RequestFuture(10)
-    settle_all([relayed[0], main, relayed[1], submitted, relayed[2]])
-    waiters = [r.waiter for r in relayed]
-    assert all(w is not None for w in waiters)
-    assert [w.locked() for w in waiters if w is not None] == [False, True, True]
-    assert [r.relay for r in relayed] == [relayed[1], relayed[2], None]
-    assert main.waiter is not None
-    assert not main.waiter.locked()
-    assert submitted.future.done()
-
-
-def test_callers_woken_in_a_relay_all_get_their_answers() -> None:
-    """Eight threads queued behind a running batch are answered from one batch, each with its own rows,
-    each waking the next; a caller with a deadline among them too. Nothing is left relayed."""
-    model = Model()
-    batching = BatchConfig(max_batch_size=16, max_delay_ms=60_000)
-    answers: dict[int, np.ndarray] = {}
-    with Predictor(lambda: CallableBackend(model), batching=batching) as p:
-        first = p.submit(rows(BLOCK))
-        assert model.entered.wait(WAIT)
-
-        def client(i: int) -> None:
-            answers[i] = p.predict(rows(float(i)), timeout=WAIT if i == 3 else None)
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + WAIT
-        while p.stats().queue_depth < 8 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        model.release.set()
-        for t in threads:
-            t.join(WAIT)
-        np.testing.assert_array_equal(first.result(WAIT), rows(BLOCK) * 2)
-        stats = p.stats()
-    assert sorted(answers) == list(range(8))
-    for i, y in answers.items():
-        np.testing.assert_array_equal(y, rows(float(i)) * 2)
-    assert stats.batch_sizes == {1: 1, 8: 1}
 
 
 def test_an_idle_worker_holds_no_batch_it_joined() -> None:
