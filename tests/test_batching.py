@@ -20,7 +20,7 @@ from inferkit import BatchConfig, CallableBackend, DeadlineExceeded, ModelError,
 from inferkit.backends.base import usable_cores
 from inferkit.batching import Batcher, Request, RequestFuture
 from inferkit.batching.replicas import ReplicaSet
-from inferkit.batching.request import notify_cancelled, object_bytes
+from inferkit.batching.request import add_waiter, notify_cancelled, object_bytes, settle_all
 from inferkit.pool import ReplicaState, RoundRobin
 from inferkit.signature import batch_key, normalize_untyped
 
@@ -345,6 +345,158 @@ def test_the_worker_joins_its_next_batch_before_it_wakes_the_last_ones_callers(m
         for i, f in enumerate(queued, start=1):
             np.testing.assert_array_equal(f.result(WAIT), rows(float(i)) * 2)
     assert log.index("join 2") < log.index("woken"), log
+
+
+def test_settled_callers_are_woken_in_a_relay_and_one_on_the_main_thread_directly() -> None:
+    """The settling thread (most often a replica's worker, whose time between runs the model waits
+    out) wakes the first synchronous caller only, and each woken one the next (``relay``); a caller on
+    the main thread, which an interrupt can take out of its wait and so out of a relay, is woken
+    directly, and so is a future."""
+
+    def request(i: int) -> Request:
+        return Request(i, None, 1, None, 0, None, 0.0)
+
+    relayed = [request(i) for i in range(3)]
+    elsewhere = threading.Thread(target=lambda: [add_waiter(r) for r in relayed])
+    elsewhere.start()
+    elsewhere.join(WAIT)
+    main = request(9)
+    add_waiter(main)
+    submitted = request(10)
+    submitted.future = RequestFuture(10)
+    settle_all([relayed[0], main, relayed[1], submitted, relayed[2]])
+    waiters = [r.waiter for r in relayed]
+    assert all(w is not None for w in waiters)
+    assert [w.locked() for w in waiters if w is not None] == [False, True, True]
+    assert [r.relay for r in relayed] == [relayed[1], relayed[2], None]
+    assert main.waiter is not None
+    assert not main.waiter.locked()
+    assert submitted.future.done()
+
+
+def test_a_relay_starts_even_when_an_outcome_after_it_raises() -> None:
+    """The relay's first caller is woken after the loop over the batch; an awaiter (inferkit's own
+    hand-off to asyncio) that raised on the way must not leave the callers already linked waiting."""
+    caller = Request(1, None, 1, None, 0, None, 0.0)
+    elsewhere = threading.Thread(target=add_waiter, args=(caller,))
+    elsewhere.start()
+    elsewhere.join(WAIT)
+    broken = Request(2, None, 1, None, 0, None, 0.0)
+
+    def deliver(value: object, error: BaseException | None) -> None:
+        raise RuntimeError("the bridge is gone")
+
+    broken.awaiter = deliver
+    with pytest.raises(RuntimeError, match="bridge"):
+        settle_all([caller, broken])
+    assert caller.waiter is not None
+    assert not caller.waiter.locked()
+
+
+def test_callers_woken_in_a_relay_all_get_their_answers() -> None:
+    """Eight threads queued behind a running batch are answered from one batch, each with its own rows,
+    each waking the next; a caller with a deadline among them too. Nothing is left relayed."""
+    model = Model()
+    batching = BatchConfig(max_batch_size=16, max_delay_ms=60_000)
+    answers: dict[int, np.ndarray] = {}
+    with Predictor(lambda: CallableBackend(model), batching=batching) as p:
+        first = p.submit(rows(BLOCK))
+        assert model.entered.wait(WAIT)
+
+        def client(i: int) -> None:
+            answers[i] = p.predict(rows(float(i)), timeout=WAIT if i == 3 else None)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + WAIT
+        while p.stats().queue_depth < 8 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        model.release.set()
+        for t in threads:
+            t.join(WAIT)
+        np.testing.assert_array_equal(first.result(WAIT), rows(BLOCK) * 2)
+        stats = p.stats()
+    assert sorted(answers) == list(range(8))
+    for i, y in answers.items():
+        np.testing.assert_array_equal(y, rows(float(i)) * 2)
+    assert stats.batch_sizes == {1: 1, 8: 1}
+
+
+def test_a_caller_that_runs_a_batch_itself_is_woken_directly() -> None:
+    """A caller whose request is queued and who then runs a batch on its own thread (a replica was
+    idle) is busy for that batch: its request, settled elsewhere meanwhile, is woken directly, never
+    put in a relay, where the callers after it would wait for that batch."""
+    model = Model()
+    batching = BatchConfig(max_batch_size=8, max_delay_ms=0)  # due at once: the idle replica takes it
+    batcher = Batcher(lambda: CallableBackend(model), batching, PoolConfig(replicas=2))
+    seen: list[bool] = []
+
+    def caller() -> None:  # not the main thread, whose callers are woken directly anyway
+        request = Request(batcher.next_id(), normalize_untyped(rows(1.0)), 1, None, 0, None, time.monotonic())
+        claimed = batcher._queue(request, caller=True)
+        assert claimed is not None
+        seen.append(request.relay is request)
+        batcher.run_inline(*claimed)
+
+    try:
+        first = _submit(batcher, BLOCK)  # one replica busy: the caller's request queues, the other is idle
+        assert model.entered.wait(WAIT)
+        thread = threading.Thread(target=caller)
+        thread.start()
+        thread.join(WAIT)
+        assert seen == [True]
+        model.release.set()
+        np.testing.assert_array_equal(first.result(WAIT), rows(BLOCK) * 2)
+    finally:
+        model.release.set()
+        batcher.close(timeout=5)
+
+
+def test_a_model_that_calls_its_own_predictor_never_waits_on_a_relay_it_is_in() -> None:
+    """A model that calls its predictor, run on a caller's thread whose own request is still queued:
+    that request can be answered in one batch with the model's inner request and must be woken
+    directly, or the caller waits for itself. Two replicas, requests of two widths (batched apart,
+    so a caller can run a batch its own request is not in; the inner request has the width the
+    batch has not), 16 threads; every thread returns."""
+    nesting = threading.Lock()  # one inner call at a time: the other replica is free for it
+    holder: list[Predictor] = []
+
+    def model(x: np.ndarray) -> np.ndarray:
+        if x[0, 0] >= 0 and (x[:, 0] % 5 == 1).any() and nesting.acquire(blocking=False):
+            try:
+                inner = holder[0].predict(np.full((1, 7 - x.shape[1]), -1.0))  # the other width
+            finally:
+                nesting.release()
+            return x * 2 + 0 * inner.sum()
+        time.sleep(0.0002)  # long enough for requests to queue behind it
+        return x * 2
+
+    stop = time.monotonic() + 2
+    wrong: list[int] = []
+
+    def client(i: int) -> None:
+        n = 0
+        while time.monotonic() < stop:
+            x = np.full((1, 3 + (i + n) % 2), float((i * 7 + n) % 100))
+            if not np.array_equal(holder[0].predict(x), x * 2):
+                wrong.append(i)
+            n += 1
+
+    pool = PoolConfig(replicas=2, execution_timeout=None)
+    batching = BatchConfig(max_batch_size=8, max_delay_ms=1)
+    p = Predictor(lambda: CallableBackend(model), pool=pool, batching=batching)
+    holder.append(p)
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(16)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + WAIT
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = sum(t.is_alive() for t in threads)
+    p.close(timeout=1)
+    assert stuck == 0, f"{stuck} of 16 callers still waiting"
+    assert not wrong
 
 
 def test_an_idle_worker_holds_no_batch_it_joined() -> None:

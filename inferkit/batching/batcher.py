@@ -26,7 +26,7 @@ from inferkit.batching.lane import Batch, Lane
 from inferkit.batching.lifecycle import Lifecycle
 from inferkit.batching.replicas import ReplicaSet
 from inferkit.batching.reporting import Events, Reporting
-from inferkit.batching.request import DONE, Inputs, Request, new_waiter, settle_all
+from inferkit.batching.request import DONE, Inputs, Request, add_waiter, settle_all
 from inferkit.errors import InferkitError
 from inferkit.events import BatchDone, Event, RequestsExpired
 from inferkit.pool import PoolConfig, Replica, ReplicaState
@@ -128,7 +128,7 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
                 raise refusal
             self._counts.accepted += 1
             if caller:
-                request.waiter = new_waiter()  # before a worker can take it
+                add_waiter(request)  # before a worker can take it
             if request.future is not None:
                 top = request
                 request.future._on_cancel = lambda: self.cancel(top)
@@ -143,6 +143,7 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
                 if formed is not None:
                     lane.idle.pop()
                     self._start(replica, formed)
+                    request.relay = request  # its caller runs ``formed`` first: never hold up a relay
                     return formed, replica
             lane.wake(parts[-1].parts_n)
         if self._settle_later:

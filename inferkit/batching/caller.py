@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from inferkit.batching.execute import lone_failure, run_one
-from inferkit.batching.request import DONE, RUNNING, Request, new_waiter, settle_all
+from inferkit.batching.request import DONE, RUNNING, Request, add_waiter, settle_all
 from inferkit.pool import ReplicaState
 
 if TYPE_CHECKING:
@@ -83,14 +83,19 @@ class CallerThread:
         else:
             self.run_inline(*claimed)
         waiter = request.waiter
-        if waiter is None:  # answered on this thread
-            pass
-        elif request.deadline is None:
-            waiter.acquire()
-        elif not waiter.acquire(timeout=min(max(request.deadline - time.monotonic(), 0.0), threading.TIMEOUT_MAX)):
-            if self.withdraw(request):
-                raise request.error  # type: ignore[misc]
-            waiter.acquire()  # it started before its deadline: it finishes
+        if waiter is not None:  # else answered on this thread
+            try:
+                deadline = request.deadline
+                if deadline is None:
+                    waiter.acquire()
+                elif not waiter.acquire(timeout=min(max(deadline - time.monotonic(), 0.0), threading.TIMEOUT_MAX)):
+                    if self.withdraw(request):  # never settled, so in no relay
+                        raise request.error  # type: ignore[misc]
+                    waiter.acquire()  # it started before its deadline: it finishes
+            finally:  # woken in a relay: the next caller settled with it (``settle_all``), or itself
+                relay, request.relay = request.relay, None
+                if relay is not None and relay is not request:
+                    relay.waiter.release()  # type: ignore[union-attr]
         if request.error is not None:
             raise request.error
         return request.value
@@ -171,7 +176,7 @@ class CallerThread:
             done = self._finish(batch, replica, result)
             self._hand_back(replica)
             if alone is not None and alone.state is not DONE:  # settled after the lock: it reads the waiter then
-                alone.waiter = new_waiter()
+                add_waiter(alone, direct=True)  # its caller settles ``done`` first
         settle_all(done)
         if self._settle_later:
             self._flush()

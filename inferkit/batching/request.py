@@ -22,8 +22,8 @@ __all__ = [
     "RequestFuture",
     "RequestState",
     "Split",
+    "add_waiter",
     "input_bytes",
-    "new_waiter",
     "notify_cancelled",
     "object_bytes",
     "settle_all",
@@ -108,11 +108,18 @@ def _held(a: np.ndarray[Any, Any], room: int) -> int:
     return total * repeat
 
 
-def new_waiter() -> threading.Lock:
-    """What a synchronous caller waits on: a lock held until the request's outcome releases it."""
+def add_waiter(request: Request, *, direct: bool = False) -> None:
+    """Give ``request`` what its synchronous caller, on this thread, waits on: a lock its outcome releases.
+
+    A ``direct`` one is woken by whoever settles it, never in a relay (see :func:`settle_all`):
+    its ``relay`` is the request itself. So is one on the main thread, which an interrupt can
+    take out of its wait (read per call: a forked child's main thread is another).
+    """
     waiter = threading.Lock()
     waiter.acquire()
-    return waiter
+    request.waiter = waiter
+    if direct or threading.get_ident() == threading.main_thread().ident:
+        request.relay = request
 
 
 def notify_cancelled(future: Future[Any]) -> bool:
@@ -173,6 +180,7 @@ class Request:
         "part_rows",
         "parts_n",
         "priority",
+        "relay",
         "rows",
         "split",
         "state",
@@ -206,6 +214,7 @@ class Request:
         self.nbytes = input_bytes(inputs) if nbytes is None else nbytes
         self.future: RequestFuture | None = None
         self.waiter: threading.Lock | None = None
+        self.relay: Request | None = None  # the caller its caller wakes once awake (see settle_all)
         self.awaiter: Callable[[Any, BaseException | None], None] | None = None  # hands the outcome to asyncio
         self.value: Any = None
         self.error: BaseException | None = None
@@ -246,6 +255,31 @@ class Request:
 
 
 def settle_all(requests: list[Request]) -> None:
-    """Deliver each request's outcome (outside any lock)."""
-    for request in requests:
-        request.settle()
+    """Deliver each request's outcome (outside any lock).
+
+    Synchronous callers are woken in a relay: the first here, and each one, once awake, the next
+    (``relay``; :meth:`~inferkit.batching.caller.CallerThread.call` passes it on before anything
+    else). Waking a thread costs its waker a system call with the interpreter's lock held, and the
+    settling thread is most often a replica's worker, whose time between model runs the model
+    waits out: it wakes one caller, not a batch of them. The callers run one at a time anyway.
+    """
+    head = tail = None
+    try:
+        for request in requests:
+            if (
+                request.relay is None
+                and request.waiter is not None
+                and request.future is None
+                and request.awaiter is None
+                and request.expiry is None
+            ):
+                if tail is None:
+                    head = request
+                else:
+                    tail.relay = request
+                tail = request
+            else:
+                request.settle()
+    finally:  # an awaiter that raised must not leave the callers already in the relay waiting
+        if head is not None:
+            head.waiter.release()  # type: ignore[union-attr]
