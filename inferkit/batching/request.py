@@ -271,7 +271,6 @@ def settle_all(requests: list[Request]) -> None:
                 and request.waiter is not None
                 and request.future is None
                 and request.awaiter is None
-                and request.expiry is None
             ):
                 if tail is None:
                     head = request
