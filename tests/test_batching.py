@@ -374,23 +374,132 @@ def test_settled_callers_are_woken_in_a_relay_and_one_on_the_main_thread_directl
     assert submitted.future.done()
 
 
-def test_a_relay_starts_even_when_an_outcome_after_it_raises() -> None:
-    """The relay's first caller is woken after the loop over the batch; an awaiter (inferkit's own
-    hand-off to asyncio) that raised on the way must not leave the callers already linked waiting."""
-    caller = Request(1, None, 1, None, 0, None, 0.0)
-    elsewhere = threading.Thread(target=add_waiter, args=(caller,))
+def test_a_relay_starts_before_anything_else_is_delivered() -> None:
+    """The relay's first caller is woken before a future's done-callbacks (the user's code, on the
+    settling thread) run, whatever they wait for, and before an awaiter (inferkit's own hand-off to
+    asyncio) that raises; the callers queued after a future in the batch too."""
+    callers = [Request(i, None, 1, None, 0, None, 0.0) for i in (1, 3)]
+    elsewhere = threading.Thread(target=lambda: [add_waiter(c) for c in callers])
     elsewhere.start()
     elsewhere.join(WAIT)
-    broken = Request(2, None, 1, None, 0, None, 0.0)
+    submitted = Request(2, None, 1, None, 0, None, 0.0)
+    submitted.future = RequestFuture(2)
+    seen: list[bool] = []
+    submitted.future.add_done_callback(
+        lambda _: seen.append(callers[0].waiter is not None and not callers[0].waiter.locked())
+    )
+    broken = Request(4, None, 1, None, 0, None, 0.0)
 
     def deliver(value: object, error: BaseException | None) -> None:
         raise RuntimeError("the bridge is gone")
 
     broken.awaiter = deliver
     with pytest.raises(RuntimeError, match="bridge"):
-        settle_all([caller, broken])
-    assert caller.waiter is not None
-    assert not caller.waiter.locked()
+        settle_all([callers[0], submitted, callers[1], broken])
+    assert seen == [True]
+    assert callers[0].relay is callers[1]
+
+
+def test_a_futures_done_callback_that_waits_for_a_caller_of_its_batch_is_not_waited_on() -> None:
+    """A done-callback runs on the thread that settles the batch; one that waits for a synchronous
+    caller of the same batch (queued before its future) sees that caller return."""
+    model = Model()
+    batching = BatchConfig(max_batch_size=8, max_delay_ms=60_000)
+    returned = threading.Event()
+    saw: list[bool] = []
+    with Predictor(lambda: CallableBackend(model), batching=batching) as p:
+        first = p.submit(rows(BLOCK))
+        assert model.entered.wait(WAIT)
+
+        def caller() -> None:
+            p.predict(rows(1.0))
+            returned.set()
+
+        thread = threading.Thread(target=caller)
+        thread.start()
+        deadline = time.monotonic() + WAIT
+        while p.stats().queue_depth < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        later = p.submit(rows(2.0))
+        later.add_done_callback(lambda _: saw.append(returned.wait(5)))
+        model.release.set()
+        thread.join(WAIT)
+        np.testing.assert_array_equal(later.result(WAIT), rows(2.0) * 2)
+        first.result(WAIT)
+        deadline = time.monotonic() + WAIT
+        while not saw and time.monotonic() < deadline:
+            time.sleep(0.001)
+    assert saw == [True]
+
+
+def test_a_main_thread_caller_interrupted_in_its_wait_holds_up_no_caller() -> None:
+    """An exception raised in the main thread's wait (a signal handler: Ctrl-C, an alarm) takes the
+    caller out; its request, answered later, is woken directly, so callers answered with it are not
+    left waiting for a caller that is gone."""
+    import signal
+
+    class Interrupted(Exception):
+        pass
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    model = Model()
+    batching = BatchConfig(max_batch_size=8, max_delay_ms=60_000)
+    answers: list[np.ndarray] = []
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        with Predictor(lambda: CallableBackend(model), batching=batching) as p:
+            first = p.submit(rows(BLOCK))
+            assert model.entered.wait(WAIT)
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            with pytest.raises(Interrupted):
+                p.predict(rows(1.0))  # queued behind the blocked batch
+            other = threading.Thread(target=lambda: answers.append(p.predict(rows(3.0))))
+            other.start()
+            deadline = time.monotonic() + WAIT
+            while p.stats().queue_depth < 2 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            model.release.set()  # both queued requests are answered in one batch
+            other.join(WAIT)
+            assert not other.is_alive(), "the other caller waits for the interrupted one"
+            first.result(WAIT)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    np.testing.assert_array_equal(answers[0], rows(3.0) * 2)
+
+
+def test_a_caller_that_delivers_other_outcomes_after_queueing_is_woken_directly() -> None:
+    """Outcomes settled under the lock by other threads are delivered by the next thread that leaves
+    it, their futures' done-callbacks (the user's code) on that thread; a caller that does so after
+    queueing its request is busy meanwhile, so its request is never put in a relay."""
+    model = Model()
+    batcher = Batcher(lambda: CallableBackend(model), BatchConfig(max_batch_size=8), PoolConfig())
+    request = Request(batcher.next_id(), normalize_untyped(rows(1.0)), 1, None, 0, None, time.monotonic())
+    seen: list[bool] = []
+    answer: list[np.ndarray] = []
+    try:
+        first = _submit(batcher, BLOCK)  # the replica is busy: the caller's request queues
+        assert model.entered.wait(WAIT)
+        other = Request(batcher.next_id(), None, 1, None, 0, None, time.monotonic())
+        other.future = RequestFuture(other.id)
+        other.future.add_done_callback(lambda _: seen.append(request.relay is request))
+        with batcher._lock:
+            batcher._settle_later.append(other)  # as an expiry or an ejection leaves them
+        thread = threading.Thread(target=lambda: answer.append(batcher.call(request)))  # not the main thread
+        thread.start()
+        deadline = time.monotonic() + WAIT
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.001)
+        model.release.set()
+        thread.join(WAIT)
+        first.result(WAIT)
+    finally:
+        model.release.set()
+        batcher.close(timeout=5)
+    assert seen == [True]
+    np.testing.assert_array_equal(answer[0], rows(1.0) * 2)
 
 
 def test_callers_woken_in_a_relay_all_get_their_answers() -> None:

@@ -146,8 +146,13 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
                     request.relay = request  # its caller runs ``formed`` first: never hold up a relay
                     return formed, replica
             lane.wake(parts[-1].parts_n)
-        if self._settle_later:
-            self._flush()
+            later = self._settle_later
+            if later:  # this thread delivers them, user callbacks and all, before it waits
+                self._settle_later = []
+                if caller:
+                    request.relay = request  # so it is never in a relay meanwhile
+        if later:
+            settle_all(later)
         return None
 
     def _flush(self) -> None:

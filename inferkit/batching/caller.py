@@ -84,18 +84,19 @@ class CallerThread:
             self.run_inline(*claimed)
         waiter = request.waiter
         if waiter is not None:  # else answered on this thread
-            try:
-                deadline = request.deadline
-                if deadline is None:
-                    waiter.acquire()
-                elif not waiter.acquire(timeout=min(max(deadline - time.monotonic(), 0.0), threading.TIMEOUT_MAX)):
-                    if self.withdraw(request):  # never settled, so in no relay
-                        raise request.error  # type: ignore[misc]
-                    waiter.acquire()  # it started before its deadline: it finishes
-            finally:  # woken in a relay: the next caller settled with it (``settle_all``), or itself
-                relay, request.relay = request.relay, None
-                if relay is not None and relay is not request:
-                    relay.waiter.release()  # type: ignore[union-attr]
+            deadline = request.deadline
+            if deadline is None:
+                waiter.acquire()
+            elif not waiter.acquire(timeout=min(max(deadline - time.monotonic(), 0.0), threading.TIMEOUT_MAX)):
+                if self.withdraw(request):  # never settled, so in no relay
+                    raise request.error  # type: ignore[misc]
+                waiter.acquire()  # it started before its deadline: it finishes
+            # Woken, so settled: pass the relay on to the next caller (``settle_all``), or it was
+            # woken directly. Not in a ``finally``: a caller interrupted in its wait keeps its
+            # request's direct mark (a main-thread one), for the settling thread to see.
+            relay, request.relay = request.relay, None
+            if relay is not None and relay is not request:
+                relay.waiter.release()  # type: ignore[union-attr]
         if request.error is not None:
             raise request.error
         return request.value

@@ -262,23 +262,21 @@ def settle_all(requests: list[Request]) -> None:
     else). Waking a thread costs its waker a system call with the interpreter's lock held, and the
     settling thread is most often a replica's worker, whose time between model runs the model
     waits out: it wakes one caller, not a batch of them. The callers run one at a time anyway.
+    The relay starts before anything else is delivered: a future's done-callbacks (the user's
+    code, on this thread) never hold the callers up, whatever they wait for.
     """
     head = tail = None
-    try:
-        for request in requests:
-            if (
-                request.relay is None
-                and request.waiter is not None
-                and request.future is None
-                and request.awaiter is None
-            ):
-                if tail is None:
-                    head = request
-                else:
-                    tail.relay = request
-                tail = request
+    others = []
+    for request in requests:
+        if request.relay is None and request.waiter is not None and request.future is None and request.awaiter is None:
+            if tail is None:
+                head = request
             else:
-                request.settle()
-    finally:  # an awaiter that raised must not leave the callers already in the relay waiting
-        if head is not None:
-            head.waiter.release()  # type: ignore[union-attr]
+                tail.relay = request
+            tail = request
+        else:
+            others.append(request)
+    if head is not None:
+        head.waiter.release()  # type: ignore[union-attr]
+    for request in others:
+        request.settle()
