@@ -282,6 +282,7 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
     def _tally(self, outcomes: list[Outcome]) -> list[Request]:
         """File outcomes (parts into their request); count and return the requests now settled."""
         done = []
+        completed = 0
         for req, value, error in outcomes:
             req.state = DONE
             if req.parent is None:
@@ -292,8 +293,12 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
                 if whole is None:
                     continue
                 top = whole
-            self._counts.ended(top.error)
+            if top.error is None:
+                completed += 1  # counted once per batch: no call per request
+            else:
+                self._counts.ended(top.error)
             done.append(top)
+        self._counts.completed += completed
         if self._closing:
             self._drained.notify_all()
         return done

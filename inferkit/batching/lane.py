@@ -141,7 +141,7 @@ class Lane:
         heap = self.heap
         batch: list[Request] = []
         skipped: list[tuple[int, int, Request]] = []
-        rows = 0
+        rows = taken = 0
         key: Hashable = None
         others: bool | None = None  # whether another replica could take a retry this one failed
         while heap and rows < max_rows:
@@ -178,18 +178,18 @@ class Lane:
                 top.state = RUNNING
             if req.parts_n > 1:
                 req = carve(req)
-                self.count -= 1
-                self.rows -= req.rows
-                self.bytes -= req.nbytes
             else:
                 heapq.heappop(heap)
-                self.unqueue(req)
             req.state = RUNNING
             key = req.key
             batch.append(req)
             rows += req.rows
+            taken += req.nbytes
         for entry in skipped:
             heapq.heappush(heap, entry)
+        self.count -= len(batch)  # what the batch took off the queue (``unqueue``), counted once
+        self.rows -= rows
+        self.bytes -= taken
         if self.count:
             self.since = heap[0][2].t0 if heap else now
         if batch:
