@@ -543,7 +543,7 @@ def test_a_caller_that_runs_a_batch_itself_is_woken_directly() -> None:
 
     def caller() -> None:  # not the main thread, whose callers are woken directly anyway
         request = Request(batcher.next_id(), normalize_untyped(rows(1.0)), 1, None, 0, None, time.monotonic())
-        claimed = batcher._queue(request, caller=True)
+        claimed = batcher._queue(request, *batcher._admit(request), caller=True)
         assert claimed is not None
         seen.append(request.relay is request)
         batcher.run_inline(*claimed)

@@ -26,7 +26,7 @@ def test_a_lone_predict_counts_the_same_every_time(hot_path: ModuleType) -> None
     """The lone path's count repeats exactly (so it can compare two trees); it ran on the caller's thread."""
     first, second = hot_path.measure(["lone"])["lone"], hot_path.measure(["lone"])["lone"]
     assert sum(first.values()) == sum(second.values()) > 0
-    assert first[("caller.py", "_run_solo")] > 0
+    assert first[("caller.py", "_run_alone")] > 0
 
 
 def test_a_queued_request_is_counted_in_the_workers_thread_too(hot_path: ModuleType) -> None:

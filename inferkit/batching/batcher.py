@@ -78,6 +78,7 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
         self._settle_later: list[Request] = []  # settled under the lock by another thread, delivered after it
         self._running: dict[str, Batch] = {}  # by replica name
         self._counts = Counters()
+        self._alone = pool.execution_timeout is None and self._set.balancer is None
         for _ in range(pool.replicas):
             self._set.add(factory(), self._work)
 
@@ -94,33 +95,24 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
         Raises ``InvalidInput`` (a request no queue could ever hold), ``Closed``, ``Overloaded``
         or ``NoHealthyReplica`` without queueing anything.
         """
-        self._queue(request, caller=False)
-
-    def _queue(self, request: Request, *, caller: bool) -> tuple[Batch, Replica] | None:
-        """Admit and queue ``request``, or refuse it (``InvalidInput``, ``Closed``, ``Overloaded``, ...).
-
-        For a synchronous ``caller`` (:meth:`call`): an idle replica claimed for the request
-        alone (``_claim``), or else the request gets a waiter and, when a replica is idle and a
-        batch should go now, that batch and replica are returned, already claimed, for the
-        caller to run on its thread.
-        """
         count, max_rows = self._admit(request)
+        self._queue(request, count, max_rows, caller=False)
+
+    def _queue(self, request: Request, count: int, max_rows: int, *, caller: bool) -> tuple[Batch, Replica] | None:
+        """Queue ``request``, admitted (``_admit``) as ``count`` parts of ``max_rows``, or refuse it (``Closed``, ...).
+
+        For a synchronous ``caller`` (:meth:`call`) the request gets a waiter and, when a replica
+        is idle and a batch should go now, that batch and replica are returned, already claimed,
+        for the caller to run on its thread.
+        """
         inline = caller and count == 1 and self.pool.execution_timeout is None  # no watchdog on a caller's thread
-        solo = inline and not self._running and self._set.balancer is None  # read again under the lock
-        if not solo:  # keyed outside the lock; a request run alone never needs a key
-            self._keyed(request)
+        self._keyed(request)  # outside the lock
         if count == 1:
             parts = [request]
         else:
             chunks = min(count, len(self._set.lanes)) if self._set.balancer is not None else 1
             parts = assembly.split(request, max_rows, count, chunks)
-        alone = Batch([request], request.rows, "idle") if solo else None  # built before the lock
         with self._lock:
-            if alone is not None:
-                claimed = None if self._running else self._claim(request, alone)
-                if claimed is not None:
-                    return claimed
-                self._keyed(request)  # not claimed after all: it queues
             now = self._clock()
             refusal = self._refusal(count, request.nbytes, now)
             if refusal is not None:

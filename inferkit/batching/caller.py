@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from inferkit.batching.execute import lone_failure, run_one
+from inferkit.batching.lane import Batch
 from inferkit.batching.request import DONE, RUNNING, Request, add_waiter, settle_all
 from inferkit.pool import ReplicaState
 
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
 
     from inferkit.batching.counters import Counters
     from inferkit.batching.execute import Outcome, Ran
-    from inferkit.batching.lane import Batch
     from inferkit.batching.replicas import ReplicaSet
     from inferkit.batching.reporting import Events
     from inferkit.pool import Replica
@@ -44,10 +44,15 @@ class CallerThread:
     _events: Events
     _settle_later: list[Request]
     _clock: Callable[[], float]
+    _alone: bool  # no balancer and no watchdog: a lone request may run on its caller's thread
 
     if TYPE_CHECKING:  # provided by the batcher
 
-        def _queue(self, request: Request, *, caller: bool) -> tuple[Batch, Replica] | None: ...
+        def _admit(self, request: Request) -> tuple[int, int]: ...
+
+        def _queue(
+            self, request: Request, count: int, max_rows: int, *, caller: bool
+        ) -> tuple[Batch, Replica] | None: ...
 
         def withdraw(self, request: Request) -> bool:
             """Fail ``request`` with ``DeadlineExceeded`` if none of it has started; whether it was."""
@@ -72,16 +77,14 @@ class CallerThread:
         """Run ``request`` for a synchronous caller and return its result (or raise its error).
 
         The fast path: when a replica is idle and nothing is queued or running, the caller's own
-        thread runs the request alone (:meth:`_run_solo`); when a replica is idle and a batch is
+        thread runs the request alone (:meth:`_run_alone`); when a replica is idle and a batch is
         due, it runs that batch. Past its deadline a request still queued is withdrawn.
         """
-        claimed = self._queue(request, caller=True)
-        if claimed is None:
-            pass
-        elif request.waiter is None:  # claimed for it alone (``_claim``)
-            self._run_solo(request, *claimed)
-        else:
-            self.run_inline(*claimed)
+        count, max_rows = self._admit(request)
+        if count != 1 or not self._alone or self._running or not self._run_alone(request):  # read again under the lock
+            claimed = self._queue(request, count, max_rows, caller=True)
+            if claimed is not None:
+                self.run_inline(*claimed)
         waiter = request.waiter
         if waiter is not None:  # else answered on this thread
             deadline = request.deadline
@@ -101,37 +104,28 @@ class CallerThread:
             raise request.error
         return request.value
 
-    def _claim(self, request: Request, batch: Batch) -> tuple[Batch, Replica] | None:
-        """An idle healthy replica claimed for ``request`` alone (``batch``), when nothing is queued (under the lock).
+    def _run_alone(self, request: Request) -> bool:
+        """Run ``request`` alone on its caller's thread if a healthy replica is idle and nothing is queued or running.
 
-        ``batch`` is built before the lock: the less Python runs under it, the fewer of the
-        interpreter's forced thread switches land while it is held. ``_queue`` asks only on the
-        shared queue and when nothing runs. Nothing could refuse the request then: its bytes fit
-        (``_admit``), the queue is empty and the replica is healthy; it passes no one.
+        Whether it did; if not, nothing changed. The lone path in one function: no queue, no
+        hand-off between threads, no lists. Nothing could refuse the request: its bytes fit
+        (``_admit``), nothing is queued and the replica is healthy; it passes no one. A success
+        on a healthy replica is booked here; anything else (a failure, a replica ejected or
+        drained meanwhile, closing) goes the general way, and a request not answered by it
+        (retried elsewhere, or being answered by ``close()``) gets a waiter.
         """
+        batch = Batch([request], request.rows, "idle")  # built before the lock: less Python under it
         lane = self._set.lanes[0]
-        if self._closing or lane.count or not lane.idle or lane.idle[-1].state is not _HEALTHY:
-            return None
-        self._counts.accepted += 1
-        lane.arrived(self._clock())
-        replica = lane.idle.pop()
-        request.state = RUNNING
-        self._start(replica, batch)
-        return batch, replica
-
-    def run_inline(self, batch: Batch, replica: Replica) -> None:
-        """Run a batch claimed by :meth:`_queue` on the caller's thread, then free the replica."""
-        self._finish_inline(batch, replica, self._execute(batch, replica))
-
-    def _run_solo(self, request: Request, batch: Batch, replica: Replica) -> None:
-        """:meth:`run_inline` for a request claimed alone (:meth:`_claim`), on its caller's thread.
-
-        A success on a healthy replica is booked here, without the lists of the general way;
-        anything else (a failure, a replica ejected or drained meanwhile, closing) goes the
-        general way, and a request not answered by it (retried elsewhere, or being answered by
-        ``close()``) gets a waiter.
-        """
-        start = self._clock()
+        with self._lock:
+            idle = lane.idle
+            if self._closing or self._running or lane.count or not idle or idle[-1].state is not _HEALTHY:
+                return False
+            self._counts.accepted += 1
+            start = self._clock()
+            lane.arrived(start)
+            replica = idle.pop()
+            request.state = RUNNING
+            self._start(replica, batch)
         try:
             value = run_one(request, replica.backend)
         except Exception as exc:  # noqa: BLE001 (run_batch's verdicts, for a lone request)
@@ -139,11 +133,11 @@ class CallerThread:
             end = self._clock()
             result = self._executed(batch, replica, ([outcome], [outcome], fault), start, end)
             self._finish_inline(batch, replica, result, request)
-            return
+            return True
         end = self._clock()
         if not batch.claim.acquire(False):  # noqa: FBT003 (close() gave up on it and answers it)
             self._finish_inline(batch, replica, None, request)
-            return
+            return True
         if self._events.emit is not None and self._events.verbose():
             self._report(batch, replica, end - start, [])
         with self._lock:
@@ -151,9 +145,10 @@ class CallerThread:
             if booked:
                 request.state = DONE
                 request.value = value
-                self._counts.completed += 1
+                counts = self._counts
+                counts.completed += 1
                 try:
-                    self._counts.batch(batch.rows, batch.reason, end - request.t0, end - start)
+                    counts.batch(batch.rows, "idle", end - request.t0, end - start)
                     replica.record_one(end - request.t0)
                     self._release(replica)
                 except Exception as bug:  # noqa: BLE001 (as in ``_finish``: the request is answered, the replica freed)
@@ -163,13 +158,18 @@ class CallerThread:
             self._finish_inline(batch, replica, ([(request, value, None)], False, end, end - start), request)
         elif self._settle_later:
             self._flush()
+        return True
+
+    def run_inline(self, batch: Batch, replica: Replica) -> None:
+        """Run a batch claimed by :meth:`_queue` on the caller's thread, then free the replica."""
+        self._finish_inline(batch, replica, self._execute(batch, replica))
 
     def _finish_inline(
         self, batch: Batch, replica: Replica, result: _Result | None, alone: Request | None = None
     ) -> None:
         """Account a batch a caller's thread ran and hand the replica back to its worker.
 
-        ``alone``: the request :meth:`_run_solo` ran, given a waiter if it is not answered yet.
+        ``alone``: the request :meth:`_run_alone` ran, given a waiter if it is not answered yet.
         """
         with self._lock:
             if result is None:  # close() gave up on it and answered it (no watchdog runs inline): free the replica
