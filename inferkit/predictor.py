@@ -28,7 +28,7 @@ from inferkit.arrays import batch_key
 from inferkit.backends.base import Backend, BackendFactory
 from inferkit.batching import BatchConfig, Batcher, Request, RequestFuture
 from inferkit.errors import DeadlineExceeded, InferkitError
-from inferkit.events import Event, LogObserver, Observer, StateChanged, deliver
+from inferkit.events import Event, LogObserver, Observer, StateChanged, deliver, new_request_id
 from inferkit.pool import Balancer, PoolConfig
 from inferkit.signature import Signature, TensorSpec, normalize_untyped
 from inferkit.stats import Stats
@@ -314,7 +314,7 @@ class Predictor(BulkFaces):
         now = time.monotonic()
         rows = next(iter(arrays.values())).shape[0]
         deadline = None if timeout is None else now + timeout
-        return Request(self._batcher.next_id(), arrays, rows, None, priority, deadline, now)
+        return Request(new_request_id(self.name), arrays, rows, None, priority, deadline, now)
 
     # -- run-time changes ------------------------------------------------------------------
 

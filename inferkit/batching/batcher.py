@@ -78,7 +78,6 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
         self._settle_later: list[Request] = []  # settled under the lock by another thread, delivered after it
         self._running: dict[str, Batch] = {}  # by replica name
         self._counts = Counters()
-        self._alone = pool.execution_timeout is None and self._set.balancer is None
         for _ in range(pool.replicas):
             self._set.add(factory(), self._work)
 

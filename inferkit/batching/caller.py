@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from inferkit.batching.execute import lone_failure, run_one
 from inferkit.batching.lane import Batch
 from inferkit.batching.request import DONE, RUNNING, Request, add_waiter, settle_all
-from inferkit.pool import ReplicaState
+from inferkit.pool import PoolConfig, ReplicaState
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -38,13 +38,13 @@ class CallerThread:
 
     _lock: threading.Lock
     _set: ReplicaSet
+    pool: PoolConfig
     _closing: bool
     _running: dict[str, Batch]
     _counts: Counters
     _events: Events
     _settle_later: list[Request]
     _clock: Callable[[], float]
-    _alone: bool  # no balancer and no watchdog: a lone request may run on its caller's thread
 
     if TYPE_CHECKING:  # provided by the batcher
 
@@ -81,7 +81,7 @@ class CallerThread:
         due, it runs that batch. Past its deadline a request still queued is withdrawn.
         """
         count, max_rows = self._admit(request)
-        if count != 1 or not self._alone or self._running or not self._run_alone(request):  # read again under the lock
+        if count != 1 or self._running or not self._run_alone(request):  # ``_running``: read again under the lock
             claimed = self._queue(request, count, max_rows, caller=True)
             if claimed is not None:
                 self.run_inline(*claimed)
@@ -114,6 +114,8 @@ class CallerThread:
         drained meanwhile, closing) goes the general way, and a request not answered by it
         (retried elsewhere, or being answered by ``close()``) gets a waiter.
         """
+        if self._set.balancer is not None or self.pool.execution_timeout is not None:
+            return False  # a queue per replica, or a watchdog that a caller's thread could not have
         batch = Batch([request], request.rows, "idle")  # built before the lock: less Python under it
         lane = self._set.lanes[0]
         with self._lock:
@@ -125,7 +127,9 @@ class CallerThread:
             lane.arrived(start)
             replica = idle.pop()
             request.state = RUNNING
-            self._start(replica, batch)
+            replica.busy = True  # ``_start``, inline: this path is all the time a lone caller adds
+            replica.running_rows = request.rows
+            self._running[replica.name] = batch
         try:
             value = run_one(request, replica.backend)
         except Exception as exc:  # noqa: BLE001 (run_batch's verdicts, for a lone request)
@@ -150,10 +154,16 @@ class CallerThread:
                 try:
                     counts.batch(batch.rows, "idle", end - request.t0, end - start)
                     replica.record_one(end - request.t0)
-                    self._release(replica)
-                except Exception as bug:  # noqa: BLE001 (as in ``_finish``: the request is answered, the replica freed)
+                except Exception as bug:  # noqa: BLE001 (as in ``_finish``: the request is answered)
                     self._salvage(batch, replica, bug, [request])
-                self._hand_back(replica)
+                # ``_release`` and ``_hand_back``, inline, for a healthy replica and no close()
+                self._running.pop(replica.name, None)
+                replica.busy = False
+                replica.running_rows = 0
+                if lane.count:
+                    replica.cond.notify()  # its worker takes over the queue
+                elif replica not in idle:
+                    idle.append(replica)
         if not booked:
             self._finish_inline(batch, replica, ([(request, value, None)], False, end, end - start), request)
         elif self._settle_later:
