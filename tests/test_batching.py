@@ -762,3 +762,72 @@ def _backend(threads: int) -> CallableBackend:
     backend = CallableBackend(lambda x: x)
     backend.cpu_threads = threads  # type: ignore[attr-defined]
     return backend
+
+
+def test_an_interrupt_out_of_a_lone_model_call_frees_the_replica() -> None:
+    """A KeyboardInterrupt raised in the model on the caller's thread (Ctrl-C in a long call) goes on
+    to the caller, the request is counted failed, and the replica serves the next request: before,
+    it stayed busy forever (the next predict timed out, close() never returned)."""
+    calls = []
+
+    def fn(x: np.ndarray) -> np.ndarray:
+        calls.append(x)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return x * 2
+
+    predictor = Predictor.from_callable(fn, max_delay_ms=0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            predictor.predict(rows(1.0))
+        stats = predictor.stats()
+        assert (stats.in_flight, stats.failed) == (0, {"InferkitError": 1})
+        np.testing.assert_array_equal(predictor.predict(rows(3.0), timeout=5), rows(3.0) * 2)
+    finally:
+        predictor.close(timeout=5)
+
+
+def test_an_interrupt_out_of_a_batch_run_inline_answers_its_requests_and_frees_the_replica() -> None:
+    """A caller running a batch on its own thread whose model call raises a KeyboardInterrupt: the
+    interrupt goes on to it, every request of the batch is answered (none left waiting) and the
+    replica serves again."""
+    interrupt = threading.Event()
+
+    class Interrupting(Model):
+        def __call__(self, x: np.ndarray) -> np.ndarray:
+            if interrupt.is_set() and x[0, 0] == 5.0:
+                raise KeyboardInterrupt
+            return super().__call__(x)
+
+    model = Interrupting()
+    batching = BatchConfig(max_batch_size=8, max_delay_ms=0)
+    batcher = Batcher(lambda: CallableBackend(model), batching, PoolConfig(replicas=2))
+    raised: list[BaseException] = []
+    request = Request(batcher.next_id(), normalize_untyped(rows(5.0)), 1, None, 0, None, time.monotonic())
+
+    def caller() -> None:
+        claimed = batcher._queue(request, *batcher._admit(request), caller=True)
+        assert claimed is not None
+        try:
+            batcher.run_inline(*claimed)
+        except KeyboardInterrupt as exc:
+            raised.append(exc)
+
+    try:
+        first = _submit(batcher, BLOCK)  # one replica busy: the caller's request queues, the other is idle
+        assert model.entered.wait(WAIT)
+        interrupt.set()
+        thread = threading.Thread(target=caller)
+        thread.start()
+        thread.join(WAIT)
+        assert len(raised) == 1
+        assert request.state.value == "done"
+        assert "interrupted" in str(request.error)
+        model.release.set()
+        np.testing.assert_array_equal(first.result(WAIT), rows(BLOCK) * 2)
+        interrupt.clear()
+        np.testing.assert_array_equal(_submit(batcher, 2.0).result(WAIT), rows(2.0) * 2)
+        assert batcher.stats("ready").in_flight == 0
+    finally:
+        model.release.set()
+        batcher.close(timeout=5)

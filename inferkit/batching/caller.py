@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from inferkit.batching.execute import lone_failure, run_one
 from inferkit.batching.lane import Batch
 from inferkit.batching.request import DONE, RUNNING, Request, add_waiter, settle_all
+from inferkit.errors import InferkitError
 from inferkit.pool import PoolConfig, ReplicaState
 
 if TYPE_CHECKING:
@@ -138,6 +139,9 @@ class CallerThread:
             result = self._executed(batch, replica, ([outcome], [outcome], fault), start, end)
             self._finish_inline(batch, replica, result, request)
             return True
+        except BaseException as exc:
+            self._interrupted(batch, replica, exc, request)
+            raise
         end = self._clock()
         if not batch.claim.acquire(False):  # noqa: FBT003 (close() gave up on it and answers it)
             self._finish_inline(batch, replica, None, request)
@@ -172,7 +176,24 @@ class CallerThread:
 
     def run_inline(self, batch: Batch, replica: Replica) -> None:
         """Run a batch claimed by :meth:`_queue` on the caller's thread, then free the replica."""
-        self._finish_inline(batch, replica, self._execute(batch, replica))
+        try:
+            result = self._execute(batch, replica)
+        except BaseException as exc:  # an interrupt (Ctrl-C) out of the model: no caller left waiting
+            self._interrupted(batch, replica, exc)
+            raise
+        self._finish_inline(batch, replica, result)
+
+    def _interrupted(self, batch: Batch, replica: Replica, exc: BaseException, alone: Request | None = None) -> None:
+        """Fail a batch whose model call on a caller's thread raised ``exc`` (no ``Exception``) and free the replica.
+
+        A ``KeyboardInterrupt`` (or ``SystemExit``) is the caller's, not the model's: it goes on
+        to the caller; the batch's requests fail (never retried: the caller is gone), its other
+        callers are answered, and the replica serves again.
+        """
+        now = self._clock()
+        why = f"the call was interrupted on its caller's thread ({type(exc).__name__})"
+        failed: list[Outcome] = [(r, None, InferkitError(f"request {r.id}: {why}")) for r in batch.requests]
+        self._finish_inline(batch, replica, self._executed(batch, replica, (failed, [], False), now, now), alone)
 
     def _finish_inline(
         self, batch: Batch, replica: Replica, result: _Result | None, alone: Request | None = None
