@@ -16,7 +16,7 @@ from inferkit.batching.execute import lone_failure, run_one
 from inferkit.batching.lane import Batch
 from inferkit.batching.request import DONE, RUNNING, Request, add_waiter, settle_all
 from inferkit.errors import InferkitError
-from inferkit.pool import PoolConfig, ReplicaState
+from inferkit.pool import ReplicaState
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from inferkit.batching.execute import Outcome, Ran
     from inferkit.batching.replicas import ReplicaSet
     from inferkit.batching.reporting import Events
-    from inferkit.pool import Replica
+    from inferkit.pool import PoolConfig, Replica
 
     _Result = tuple[list[Outcome], bool, float, float]
 
