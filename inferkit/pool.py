@@ -141,7 +141,7 @@ class ReplicaState(enum.Enum):
 
 LIVE_STATES = frozenset({ReplicaState.HEALTHY, ReplicaState.EJECTED})  # draining and dead ones are leaving
 
-_LATENCIES = 2048  # recent request latencies kept per replica for percentiles
+LATENCY_WINDOW = 2048  # recent request latencies kept per replica for percentiles
 
 
 @attrs.define(eq=False)
@@ -161,7 +161,7 @@ class Replica:
     batches: int = 0
     requests: int = 0
     failed_batches: int = 0
-    latencies: list[float] = attrs.field(factory=lambda: [0.0] * _LATENCIES)
+    latencies: list[float] = attrs.field(factory=lambda: [0.0] * LATENCY_WINDOW)
     latency_count: int = 0
     thread: threading.Thread | None = None
     lane: Any = None  # the batcher's queue this replica serves
@@ -177,21 +177,13 @@ class Replica:
         ring = self.latencies
         n = self.latency_count
         for value in values:
-            ring[n % _LATENCIES] = value
+            ring[n % LATENCY_WINDOW] = value
             n += 1
         self.latency_count = n
 
-    def record_one(self, latency: float) -> None:
-        """Count a batch of one request that took ``latency`` seconds (``record_latencies`` for one)."""
-        self.batches += 1
-        self.requests += 1
-        n = self.latency_count
-        self.latencies[n % _LATENCIES] = latency
-        self.latency_count = n + 1
-
     def percentiles(self) -> tuple[float, float, float]:
         """p50, p95 and p99 of the recent request latencies in milliseconds (0 when none)."""
-        n = min(self.latency_count, _LATENCIES)
+        n = min(self.latency_count, LATENCY_WINDOW)
         if n == 0:
             return (0.0, 0.0, 0.0)
         p = np.percentile(self.latencies[:n], [50, 95, 99]) * 1000.0

@@ -21,7 +21,7 @@ from inferkit.backends.base import usable_cores
 from inferkit.batching import Batcher, Request, RequestFuture
 from inferkit.batching.replicas import ReplicaSet
 from inferkit.batching.request import add_waiter, notify_cancelled, object_bytes, settle_all
-from inferkit.pool import ReplicaState, RoundRobin
+from inferkit.pool import LATENCY_WINDOW, ReplicaState, RoundRobin
 from inferkit.signature import batch_key, normalize_untyped
 
 WAIT = 30
@@ -116,6 +116,28 @@ def test_threads_get_their_own_rows(
     assert sorted(model.seen()) == sorted(
         float(t * 100 + j) for t, ns in enumerate(sizes) for j, n in enumerate(ns) for _ in range(n)
     )
+
+
+def test_lone_predicts_are_booked_as_batches_of_one() -> None:
+    """Requests run alone on their callers' threads (booked without a call under the lock) count in
+    ``stats()`` as batches of one row dispatched "idle", with the batches the worker ran, and keep
+    their latencies in the replica's window past its end."""
+    n = LATENCY_WINDOW + 7
+    with Predictor.from_callable(lambda a: a * 2) as p:
+        for i in range(n):
+            np.testing.assert_array_equal(p.predict(rows(float(i))), rows(float(i)) * 2)
+        np.testing.assert_array_equal(p.submit(rows(-1.0)).result(WAIT), rows(-1.0) * 2)  # run by the worker
+        stats = p.stats()
+        (replica,) = p._batcher._set.all
+        assert (replica.latency_count, replica.batches, replica.requests) == (n + 1, n + 1, n + 1)
+        ring = list(replica.latencies)
+    assert (stats.batches, stats.rows, stats.completed) == (n + 1, n + 1, n + 1)
+    assert stats.batch_sizes == {1: n + 1}
+    assert stats.dispatch_reasons == {"idle": n + 1}
+    assert stats.request_seconds >= stats.compute_seconds > 0
+    assert len(ring) == LATENCY_WINDOW
+    assert min(ring) > 0  # every slot written, the oldest overwritten
+    assert (stats.replicas[0].batches, stats.replicas[0].requests) == (n + 1, n + 1)
 
 
 def test_arrivals_that_skip_the_queue_still_count_for_the_quiet_rule() -> None:

@@ -10,8 +10,8 @@ import pytest
 
 import inferkit
 from inferkit.pool import (
-    _LATENCIES,
     BALANCERS,
+    LATENCY_WINDOW,
     LeastOutstanding,
     PoolConfig,
     PowerOfTwoChoices,
@@ -304,15 +304,15 @@ class TestReplicaLatencies:
     def test_wraps_around_keeping_the_most_recent(self) -> None:
         """Past the buffer's size, the oldest latencies are overwritten in place."""
         replica = make_replica()
-        replica.record_latencies([1.0] * (_LATENCIES - 48))
+        replica.record_latencies([1.0] * (LATENCY_WINDOW - 48))
         replica.record_latencies([2.0] * 100)  # 48 at the end, 52 wrapped to the front
-        assert replica.latency_count == _LATENCIES + 52
+        assert replica.latency_count == LATENCY_WINDOW + 52
         ring = np.asarray(replica.latencies)
-        assert len(ring) == _LATENCIES
+        assert len(ring) == LATENCY_WINDOW
         assert np.all(ring[:52] == 2.0)
         assert np.all(ring[52:-48] == 1.0)
         assert np.all(ring[-48:] == 2.0)
-        window = [1.0] * (_LATENCIES - 100) + [2.0] * 100
+        window = [1.0] * (LATENCY_WINDOW - 100) + [2.0] * 100
         expected = np.percentile(window, [50, 95, 99]) * 1000.0
         assert replica.percentiles() == pytest.approx(tuple(expected))
 
@@ -320,27 +320,14 @@ class TestReplicaLatencies:
         """A batch with more latencies than the buffer holds keeps its last ones, from any offset."""
         replica = make_replica()
         replica.record_latencies([-1.0] * 10)
-        values = np.arange(3 * _LATENCIES, dtype=float)
+        values = np.arange(3 * LATENCY_WINDOW, dtype=float)
         replica.record_latencies(values.tolist())
         ring = np.asarray(replica.latencies)
-        last = values[-_LATENCIES:]
+        last = values[-LATENCY_WINDOW:]
         assert np.array_equal(np.sort(ring), last)
-        assert np.array_equal(ring[10:], last[: _LATENCIES - 10])  # the ring goes on from where it was
-        assert np.array_equal(ring[:10], last[_LATENCIES - 10 :])
+        assert np.array_equal(ring[10:], last[: LATENCY_WINDOW - 10])  # the ring goes on from where it was
+        assert np.array_equal(ring[:10], last[LATENCY_WINDOW - 10 :])
         assert replica.percentiles() == pytest.approx(tuple(np.percentile(last, [50, 95, 99]) * 1000.0))
-
-    def test_a_batch_of_one_is_recorded_as_any_batch(self) -> None:
-        """``record_one`` (a lone request's booking) leaves what ``record_latencies`` of one value
-        and the batch counts leave, wrapping included."""
-        one, general = make_replica(), make_replica()
-        values = np.random.default_rng(1).random(_LATENCIES + 7).tolist()
-        for value in values:
-            one.record_one(value)
-            general.batches += 1
-            general.requests += 1
-            general.record_latencies([value])
-        assert (one.batches, one.requests, one.latency_count) == (general.batches, general.requests, len(values))
-        assert one.latencies == general.latencies
 
     def test_any_sequence_of_batches(self) -> None:
         """Whatever the batch sizes, the buffer holds exactly the most recent latencies."""
@@ -352,7 +339,7 @@ class TestReplicaLatencies:
                 batch = rng.random(int(rng.integers(0, 900))).tolist()
                 replica.record_latencies(batch)
                 recorded += batch
-            kept = min(len(recorded), _LATENCIES)
+            kept = min(len(recorded), LATENCY_WINDOW)
             window = recorded[len(recorded) - kept :]
             assert replica.latency_count == len(recorded)
             assert sorted(replica.latencies[:kept]) == sorted(window)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 from inferkit.stats import ReplicaStats, Stats
 
 __all__ = ["Counters"]
@@ -21,8 +23,9 @@ class Counters:
         self.rows = 0
         self.request_seconds = 0.0
         self.compute_seconds = 0.0
-        self.sizes: dict[int, int] = {}
-        self.reasons: dict[str, int] = {}
+        # defaultdicts: ``+= 1`` on a new key makes no Python call (see ``CallerThread._run_alone``)
+        self.sizes: defaultdict[int, int] = defaultdict(int)
+        self.reasons: defaultdict[str, int] = defaultdict(int)
 
     def reject(self, error: BaseException) -> None:
         """A request refused at the door (never accepted)."""
@@ -41,8 +44,8 @@ class Counters:
         """A model call of ``rows`` rows that took ``spent`` seconds; the latencies of the requests it ended, summed."""
         self.batches += 1
         self.rows += rows
-        self.sizes[rows] = self.sizes.get(rows, 0) + 1
-        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        self.sizes[rows] += 1
+        self.reasons[reason] += 1
         self.request_seconds += request_seconds
         self.compute_seconds += spent
 
