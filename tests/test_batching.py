@@ -159,6 +159,11 @@ def test_arrivals_that_skip_the_queue_still_count_for_the_quiet_rule() -> None:
         assert arrivals[0] > 0
         assert len(set(arrivals)) == 5
         assert lane.gap > 0
+        # One that arrived before the last one counted (its caller was slow to reach the lock)
+        # leaves the arrivals as they were: the gap never goes negative.
+        gap, late = lane.gap, Request(batcher.next_id(), normalize_untyped(rows(9.0)), 1, None, 0, None, arrivals[0])
+        np.testing.assert_array_equal(batcher.call(late), rows(9.0) * 2)
+        assert (lane.last_arrival, lane.gap) == (arrivals[-1], gap)
     finally:
         batcher.close(WAIT)
 

@@ -132,9 +132,11 @@ class CallerThread:
             if self._closing or self._running or lane.count or not idle or idle[-1].state is not _HEALTHY:
                 return False
             self._counts.accepted += 1
-            if lane.last_arrival:  # ``Lane.arrived``
-                lane.gap += 0.1 * (arrived - lane.last_arrival - lane.gap)
-            lane.last_arrival = arrived
+            last = lane.last_arrival  # ``Lane.arrived``; an arrival older than the last counted
+            if arrived > last:  # (its caller was slow to reach the lock) changes nothing
+                if last:
+                    lane.gap += 0.1 * (arrived - last - lane.gap)
+                lane.last_arrival = arrived
             replica = idle[-1]
             del idle[-1]
             request.state = RUNNING
