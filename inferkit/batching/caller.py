@@ -41,7 +41,7 @@ class CallerThread:
     the GIL to another thread only where it checks for a switch (a call, a function's start, a
     loop's end), so a caller there is never switched out holding the lock. One that is makes
     every other caller block on the lock and then take it, and the GIL, in turn: with 32 callers
-    of a no-op model, 5x the context switches and ~25% more CPU per request.
+    of a no-op model, 5x the context switches and about a third more CPU per request.
     """
 
     _lock: threading.Lock
