@@ -46,7 +46,11 @@ next, so the offered load adapts to the server and nothing queues without bound.
     ``Predictor.stats()`` over the measured window.
 ``inferkit no-op model``
     inferkit around a function that returns its input: process CPU per request is
-    what inferkit itself costs (the 32 client threads' own loop included).
+    what inferkit itself costs (the 32 client threads' own loop included). Its
+    note gives the process's context switches per request: nearly every request
+    runs alone on its caller's thread here, so they stay near 0 unless callers
+    block on the batcher's lock (0.22-0.29 when one could be switched out holding
+    it, 0.03 since).
 ``inferkit 1-row apredict``
     32 asyncio tasks on one event loop awaiting ``Predictor.apredict``, closed
     loop; its note gives its throughput as a share of ``inferkit 1-row``'s 32 threads.
@@ -118,7 +122,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -172,6 +176,7 @@ class CellResult:
     requests: int
     window_s: float
     cpu_us: float | None = None  # process CPU (every thread: clients, batcher, model) per request
+    switches: float | None = None  # the process's context switches per request (Unix)
 
 
 @dataclass(frozen=True)
@@ -232,11 +237,11 @@ def run_closed_loop(
     _sleep_until(window_start, stop)
     if on_window is not None and not stop.is_set():
         on_window("start")
-    cpu_start = time.process_time()
+    cpu_start, switches_start = time.process_time(), _switches()
     done_at_start = next(counted)
     stop.wait(max(0.0, window_start + cfg.seconds - time.perf_counter()))
     stop_times.append(time.perf_counter())
-    cpu_window = time.process_time() - cpu_start
+    cpu_window, switches_window = time.process_time() - cpu_start, _switches() - switches_start
     done_in_cpu_window = next(counted) - done_at_start - 1
     stop.set()
     if on_window is not None:
@@ -259,7 +264,20 @@ def run_closed_loop(
                 latencies.append(t1 - t0)
                 rows += n_rows
     cpu_us = cpu_window / done_in_cpu_window * 1e6 if done_in_cpu_window > 0 else None
-    return cell_result(latencies, rows, window_end - window_start, cpu_us)
+    result = cell_result(latencies, rows, window_end - window_start, cpu_us)
+    if done_in_cpu_window > 0 and switches_start >= 0:
+        result = replace(result, switches=switches_window / done_in_cpu_window)
+    return result
+
+
+def _switches() -> int:
+    """The process's context switches so far, every thread's (-1 where ``resource`` is missing: not Unix)."""
+    try:
+        import resource
+    except ImportError:
+        return -1
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_nvcsw + usage.ru_nivcsw
 
 
 def paired_loop(calls: list[Call], x: FloatArray, cfg: CellConfig) -> list[CellResult]:
@@ -631,6 +649,8 @@ class Bench:
             res = run_closed_loop(p.predict, client_inputs(1), self.cfg)
         row = Row("inferkit no-op model", load, "-", res, throughput=False)
         row.notes.append("CPU µs/req here is inferkit's own cost per request (target <= 10)")
+        if res.switches is not None:  # a caller switched out holding the batcher's lock shows here first
+            row.notes.append(f"{res.switches:.2f} context switches per request")
         return row
 
     def inferkit_async(self) -> Row:
