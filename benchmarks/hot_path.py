@@ -49,11 +49,16 @@ CALLGRIND_CALLS = 1000
 
 
 class Tracer:
-    """Counts opcodes per (file, function) while ``on``, in the threads it is installed in."""
+    """Counts opcodes per (file, function) while ``on``, in the threads it is installed in.
+
+    ``worker`` holds those run on inferkit's own threads (a replica's worker): the serial part
+    of a batch, which the model waits out; ``counts`` holds every thread's.
+    """
 
     def __init__(self) -> None:
         self.on = False
         self.counts: Counts = collections.Counter()
+        self.worker: Counts = collections.Counter()
 
     def __call__(self, frame: FrameType, event: str, _arg: object) -> Any:
         if not self.on:
@@ -63,8 +68,22 @@ class Tracer:
             frame.f_trace_lines = False
         elif event == "opcode":
             code = frame.f_code
-            self.counts[(Path(code.co_filename).name, code.co_name)] += 1
+            key = (Path(code.co_filename).name, code.co_name)
+            self.counts[key] += 1
+            if threading.current_thread().name.startswith("inferkit-"):
+                self.worker[key] += 1
         return self
+
+    def start(self) -> None:
+        """Count from now, in the frames inferkit's threads are in already (the worker's loop) too."""
+        self.on = True
+        names = {t.ident: t.name for t in threading.enumerate()}
+        for ident, frame in sys._current_frames().items():
+            if names.get(ident, "").startswith("inferkit-"):
+                f: FrameType | None = frame
+                while f is not None:
+                    f.f_trace_opcodes = True
+                    f = f.f_back
 
 
 class Gate:
@@ -100,7 +119,7 @@ class _EveryCore(inferkit.CallableBackend):
     cpu_threads = usable_cores()
 
 
-def _queued_batch(k: int, *, use_async: bool, balancing: str | None = None) -> Counts:
+def _queued_batch(k: int, *, use_async: bool, balancing: str | None = None) -> Tracer:
     """The opcodes of ``k`` callers queued behind a busy replica and run as one batch, in all threads."""
     tracer = Tracer()
     gate = Gate()
@@ -125,7 +144,7 @@ def _queued_batch(k: int, *, use_async: bool, balancing: str | None = None) -> C
 
             async def main() -> None:
                 sys.settrace(tracer)
-                tracer.on = True
+                tracer.start()
                 tasks = [asyncio.ensure_future(predictor.apredict(x)) for _ in range(k)]
                 await asyncio.sleep(0)  # one loop turn: each task runs to its await, its request queued
                 assert queued(k)
@@ -141,7 +160,7 @@ def _queued_batch(k: int, *, use_async: bool, balancing: str | None = None) -> C
                 predictor.predict(x)
 
             callers = [threading.Thread(target=call) for _ in range(k)]
-            tracer.on = True
+            tracer.start()
             for t in callers:
                 t.start()
             deadline = time.monotonic() + WAIT
@@ -158,36 +177,40 @@ def _queued_batch(k: int, *, use_async: bool, balancing: str | None = None) -> C
         threading.settrace(None)  # type: ignore[arg-type]
         sys.settrace(None)
         predictor.close(WAIT)
-    return tracer.counts
+    return tracer
 
 
-def queued(*, use_async: bool = False, balancing: str | None = None) -> Counts:
-    """The opcodes per queued request: 32 callers' batch less 16 callers' batch, over 16."""
+def queued(*, use_async: bool = False, balancing: str | None = None) -> tuple[Counts, Counts]:
+    """The opcodes per queued request in all threads and on the worker: 32 callers' batch less 16's, over 16."""
     _queued_batch(4, use_async=use_async, balancing=balancing)  # first uses import and compile: not per request
     small = _queued_batch(16, use_async=use_async, balancing=balancing)
     big = _queued_batch(32, use_async=use_async, balancing=balancing)
+    return _per(big.counts, small.counts), _per(big.worker, small.worker)
+
+
+def _per(big: Counts, small: Counts) -> Counts:
     per: Counts = collections.Counter()
     for key in small.keys() | big.keys():
         per[key] = round((big[key] - small[key]) / 16)
     return per
 
 
-def measure(paths: list[str]) -> dict[str, Counts]:
-    """Opcode counts per request for each named path."""
+def measure(paths: list[str]) -> dict[str, tuple[Counts, Counts]]:
+    """Opcode counts per request for each named path: in all threads, and on inferkit's worker."""
     x = np.zeros((1, 4), np.float32)
-    runs: dict[str, Callable[[], Counts]] = {
+    runs: dict[str, Callable[[], tuple[Counts, Counts]]] = {
         "queued": queued,
         "queued-async": lambda: queued(use_async=True),
         "queued-rr": lambda: queued(balancing="round_robin"),
     }
-    out: dict[str, Counts] = {}
+    out: dict[str, tuple[Counts, Counts]] = {}
     for name in paths:
         if name == "lone":
             with inferkit.Predictor.from_callable(lambda a: a, max_delay_ms=0) as p:
-                out[name] = lone(p, x)
+                out[name] = lone(p, x), collections.Counter()
         elif name == "lone-onnx":
             with inferkit.Predictor.from_onnx(identity_bytes(4)) as p:
-                out[name] = lone(p, x)
+                out[name] = lone(p, x), collections.Counter()
         else:
             out[name] = runs[name]()
     return out
@@ -247,14 +270,14 @@ def main() -> None:
         parser.error(f"unknown paths {sorted(unknown)}; choose from {choices}")
     counts = measure(paths)
     print(f"inferkit from {Path(inferkit.__file__).parent} | Python {sys.version.split()[0]}")
-    print("\n| path | bytecodes per request | functions per request |\n|---|---:|---:|")
-    for name, c in counts.items():
-        print(f"| {name} | {sum(c.values()):,} | {sum(1 for v in c.values() if v)} |")
-    for name, c in counts.items():
+    print("\n| path | bytecodes per request | on the worker | functions per request |\n|---|---:|---:|---:|")
+    for name, (c, w) in counts.items():
+        print(f"| {name} | {sum(c.values()):,} | {sum(w.values()):,} | {sum(1 for v in c.values() if v)} |")
+    for name, (c, w) in counts.items():
         if args.top:
             print(f"\n{name}:")
             for (file, fn), v in c.most_common(args.top):
-                print(f"  {v:6,} {file}:{fn}")
+                print(f"  {v:6,} {file}:{fn}" + (f" ({w[file, fn]:,} on the worker)" if w[file, fn] else ""))
     if args.callgrind:
         print(f"\ncallgrind: {callgrind()}")
 

@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from inferkit import BatchConfig, CallableBackend, DeadlineExceeded, ModelError, PoolConfig, Predictor
 from inferkit.backends.base import usable_cores
 from inferkit.batching import Batcher, Request, RequestFuture
+from inferkit.batching.lane import Lane
 from inferkit.batching.replicas import ReplicaSet
-from inferkit.batching.request import add_waiter, notify_cancelled, object_bytes, settle_all
+from inferkit.batching.request import RequestState, add_waiter, notify_cancelled, object_bytes, settle_all
 from inferkit.pool import LATENCY_WINDOW, ReplicaState, RoundRobin
 from inferkit.signature import batch_key, normalize_untyped
 
@@ -858,3 +859,105 @@ def test_an_interrupt_out_of_a_batch_run_inline_answers_its_requests_and_frees_t
     finally:
         model.release.set()
         batcher.close(timeout=5)
+
+
+def _queued(lane: Lane, request_id: int, *, rows_n: int = 1, deadline: float | None = None) -> Request:
+    request = Request(request_id, {"x": np.full((rows_n, 2), float(request_id))}, rows_n, None, 0, deadline, 0.0)
+    lane.push(request, 0.0)
+    return request
+
+
+def test_a_batch_is_plain_only_when_each_request_is_whole_on_its_first_try_with_no_deadline_or_future() -> None:
+    """``Lane.form`` takes plain requests (the common case) with fewer checks, in the same order and
+    up to the same size as the others; the batch says whether every one of its requests was plain."""
+    config = BatchConfig(max_batch_size=4, max_delay_ms=0)
+    replica = object()
+    lane = Lane()
+    plain = [_queued(lane, i) for i in range(3)]
+    formed = lane.form(replica, 1.0, config)  # type: ignore[arg-type]
+    assert formed.batch is not None
+    assert formed.batch.plain
+    assert formed.batch.requests == plain
+    assert all(r.state is RequestState.RUNNING for r in plain)
+    assert (lane.count, lane.rows, lane.bytes) == (0, 0, 0)
+
+    first, timed, last = _queued(lane, 10), _queued(lane, 11, deadline=60.0), _queued(lane, 12, rows_n=3)
+    formed = lane.form(replica, 1.0, config)  # type: ignore[arg-type]
+    assert formed.batch is not None
+    assert not formed.batch.plain  # the deadline
+    assert formed.batch.requests == [first, timed]  # the 3-row one would make 5 rows
+    assert (lane.count, lane.rows) == (1, 3)
+    formed = lane.form(replica, 1.0, config)  # type: ignore[arg-type]
+    assert formed.batch is not None
+    assert formed.batch.requests == [last]
+    assert formed.batch.plain
+
+    with_future = _queued(lane, 20)
+    with_future.future = RequestFuture(20)
+    lane.push(with_future, 0.0)  # pushed again once it has a future: its first entry is stale
+    with_future.state = RequestState.DONE
+    lane.count -= 1
+    fresh = Request(21, {"x": np.zeros((1, 2))}, 1, None, 0, None, 0.0)
+    fresh.future = RequestFuture(21)
+    lane.push(fresh, 0.0)
+    formed = lane.form(replica, 1.0, config)  # type: ignore[arg-type]
+    assert formed.batch is not None
+    assert formed.batch.requests == [fresh]
+    assert not formed.batch.plain
+
+
+def test_one_row_requests_get_their_own_row_back_whatever_the_outputs_rank() -> None:
+    """A batch of one-row requests is cut into each request's row (``arr[i:i + 1]``, its shape kept),
+    for 1-D and 2-D outputs; a batch that mixes in more rows is cut by rows; both are booked in full."""
+    entered, release = threading.Event(), threading.Event()
+
+    def model(x: np.ndarray) -> dict[str, np.ndarray]:
+        if (x[:, 0] < 0).any():
+            entered.set()
+            release.wait(WAIT)
+        return {"sum": x.sum(axis=1), "double": x * 2}
+
+    batching = BatchConfig(max_batch_size=16, max_delay_ms=60_000)
+    with Predictor.from_callable(model, batching=batching) as p:
+        for sizes in ([1] * 6, [1, 2, 1, 3]):
+            entered.clear()
+            release.clear()
+            blocker = p.submit({"x": np.full((1, 2), -1.0)})
+            assert entered.wait(WAIT)
+            futures = [p.submit({"x": np.full((n, 2), float(i))}) for i, n in enumerate(sizes)]
+            release.set()
+            blocker.result(WAIT)
+            for i, (n, f) in enumerate(zip(sizes, futures, strict=True)):
+                out = f.result(WAIT)
+                np.testing.assert_array_equal(out["sum"], np.full(n, 2.0 * i))
+                np.testing.assert_array_equal(out["double"], np.full((n, 2), 2.0 * i))
+        stats = p.stats()
+        (replica,) = p._batcher._set.all
+    assert stats.completed == stats.accepted == 12
+    assert replica.latency_count == 12
+    assert stats.batch_sizes == {1: 2, 6: 1, 7: 1}
+
+
+def test_one_row_requests_of_a_single_output_get_views_of_their_own_row() -> None:
+    """With one output, each one-row request of a batch gets its row with the batch's shape but one row."""
+    entered, release = threading.Event(), threading.Event()
+
+    def model(x: np.ndarray) -> np.ndarray:
+        if (x[:, 0] < 0).any():
+            entered.set()
+            release.wait(WAIT)
+        return x[:, 0] + 1.0  # 1-D
+
+    batching = BatchConfig(max_batch_size=16, max_delay_ms=60_000)
+    with Predictor.from_callable(model, batching=batching) as p:
+        blocker = p.submit(np.full((1, 2), -1.0))
+        assert entered.wait(WAIT)
+        futures = [p.submit(np.full((1, 2), float(i))) for i in range(5)]
+        release.set()
+        blocker.result(WAIT)
+        outs = [f.result(WAIT) for f in futures]
+        stats = p.stats()
+    for i, out in enumerate(outs):
+        assert out.shape == (1,)
+        assert out[0] == i + 1.0
+    assert stats.batch_sizes == {1: 1, 5: 1}

@@ -195,6 +195,8 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
         outcomes, failed, fault = ran
         if not batch.claim.acquire(False):  # noqa: FBT003 (a keyword costs a parse per batch)
             return None
+        if failed:
+            batch.plain = False
         if self._events.emit is not None:
             self._report(batch, replica, end - start, failed)
         return outcomes, fault, end, end - start
@@ -229,6 +231,9 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
         if result is None:  # the watchdog took over; the replica is gone
             return
         outcomes, fault, now, spent = result
+        if batch.plain and not fault:
+            self._succeeded(batch, replica, outcomes, now, spent, done)
+            return
         final: list[Outcome] = []
         blamed: list[Replica] = []
         worked = False
@@ -253,6 +258,24 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
         for bad in blamed:  # unless ejected since: what failed before the ejection is no failed probe
             if bad in self._set.all and (bad.state is not ReplicaState.EJECTED or now >= bad.ejected_until):
                 self._health(bad, ok=False, now=now)
+        self._release(replica)
+
+    def _succeeded(
+        self, batch: Batch, replica: Replica, outcomes: list[Outcome], now: float, spent: float, done: list[Request]
+    ) -> None:
+        """``_account`` for a plain batch that succeeded: nothing to retry, blame or assemble; one pass per request."""
+        latencies = []
+        for req, value, _ in outcomes:
+            req.state = DONE
+            req.value = value
+            latencies.append(now - req.t0)
+        done += batch.requests  # the outcomes' requests, in order
+        self._counts.completed += len(latencies)
+        if self._closing:
+            self._drained.notify_all()
+        self._book(batch, replica, latencies, spent)
+        if replica.consecutive_failures or replica.state is ReplicaState.EJECTED:
+            self._health(replica, ok=True, now=now)
         self._release(replica)
 
     def _book(self, batch: Batch, replica: Replica, latencies: list[float], spent: float) -> None:

@@ -217,6 +217,7 @@ class CallerThread:
         now = self._clock()
         why = f"the call was interrupted on its caller's thread ({type(exc).__name__})"
         failed: list[Outcome] = [(r, None, InferkitError(f"request {r.id}: {why}")) for r in batch.requests]
+        batch.plain = False  # its outcomes are failures that ``_executed`` is not told of
         self._finish_inline(batch, replica, self._executed(batch, replica, (failed, [], False), now, now), alone)
 
     def _finish_inline(

@@ -106,7 +106,8 @@ def _call(requests: list[Request], backend: Backend, inputs: Inputs | None) -> l
         return [(requests[0], run_one(requests[0], backend), None)]
     if inputs is None:
         inputs = _join(requests)
-    outputs = _outputs(backend, inputs, sum(r.rows for r in requests))
+    first = next(iter(inputs.values()), None)  # joined: it has every request's rows
+    outputs = _outputs(backend, inputs, first.shape[0] if first is not None else sum(r.rows for r in requests))
     result: list[Outcome] = []
     start = 0
     if len(outputs) == 1:

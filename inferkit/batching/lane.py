@@ -28,12 +28,15 @@ _MAX_SKIPPED = 64  # queued requests of other shapes looked past while filling o
 class Batch:
     """Requests that run together in one model call."""
 
-    __slots__ = ("claim", "reason", "requests", "rows")
+    __slots__ = ("claim", "plain", "reason", "requests", "rows")
 
-    def __init__(self, requests: list[Request], rows: int, reason: str) -> None:
+    def __init__(self, requests: list[Request], rows: int, reason: str, *, plain: bool = False) -> None:
         self.requests = requests
         self.rows = rows
         self.reason = reason
+        # Every request whole, on its first try, without a future; once run, none failed (cleared
+        # when one did): the batch's end then needs no retry, blame or assembly (``Batcher._account``).
+        self.plain = plain
         # Exactly one of the worker and the execution-timeout watchdog settles the batch.
         self.claim = threading.Lock()
 
@@ -83,6 +86,10 @@ class Lane:
             self.since = now
         self.arrived(now)
         request.lane = self
+        # What ``form`` need not check: none of these can change while it is queued.
+        request.plain = (
+            request.deadline is None and request.avoid is None and request.parent is None and request.future is None
+        )
         heapq.heappush(self.heap, (-request.priority, next(self.seq), request))
         self.count += request.parts_n
         self.rows += request.rows
@@ -139,18 +146,37 @@ class Lane:
                 return formed
             reason = "idle"
         heap = self.heap
+        pop = heapq.heappop
         batch: list[Request] = []
         skipped: list[tuple[int, int, Request]] = []
         rows = taken = 0
         key: Hashable = None
+        plain = True
         others: bool | None = None  # whether another replica could take a retry this one failed
         while heap and rows < max_rows:
             req = heap[0][2]
+            if req.plain and req.state is QUEUED:  # the common case, with the checks it needs and no more
+                if batch:
+                    if req.key != key:
+                        if len(skipped) >= _MAX_SKIPPED:
+                            break
+                        skipped.append(pop(heap))
+                        continue
+                    if rows + req.rows > max_rows:
+                        break
+                else:
+                    key = req.key
+                pop(heap)
+                req.state = RUNNING
+                batch.append(req)
+                rows += req.rows
+                taken += req.nbytes
+                continue
             if req.state is not QUEUED:
-                heapq.heappop(heap)
+                pop(heap)
                 continue
             if req.deadline is not None and req.deadline <= now:
-                heapq.heappop(heap)
+                pop(heap)
                 self.unqueue(req)
                 req.state = DONE
                 formed.expired.append(req)
@@ -159,12 +185,12 @@ class Lane:
                 if others is None:
                     others = self.usable_besides(replica, now)
                 if others:
-                    skipped.append(heapq.heappop(heap))
+                    skipped.append(pop(heap))
                     continue
             if batch and req.key != key:
                 if len(skipped) >= _MAX_SKIPPED:  # requests of many shapes must not make each batch cost a scan
                     break
-                skipped.append(heapq.heappop(heap))
+                skipped.append(pop(heap))
                 continue
             size = req.part_rows if req.parts_n > 1 else req.rows
             if batch and rows + size > max_rows:
@@ -179,12 +205,13 @@ class Lane:
             if req.parts_n > 1:
                 req = carve(req)
             else:
-                heapq.heappop(heap)
+                pop(heap)
             req.state = RUNNING
             key = req.key
             batch.append(req)
             rows += req.rows
             taken += req.nbytes
+            plain = False
         for entry in skipped:
             heapq.heappush(heap, entry)
         self.count -= len(batch)  # what the batch took off the queue (``unqueue``), counted once
@@ -193,7 +220,7 @@ class Lane:
         if self.count:
             self.since = heap[0][2].t0 if heap else now
         if batch:
-            formed.batch = Batch(batch, rows, reason)
+            formed.batch = Batch(batch, rows, reason, plain=plain)
         return formed
 
 

@@ -179,6 +179,7 @@ class Request:
         "parent",
         "part_rows",
         "parts_n",
+        "plain",
         "priority",
         "relay",
         "rows",
@@ -226,6 +227,7 @@ class Request:
         self.avoid: Replica | None = None  # the replica it failed on; it is retried elsewhere once
         self.blame = False  # whether success elsewhere is a fault of ``avoid`` (not yet counted)
         self.expiry: tuple[Timer, list[object]] | None = None  # its deadline's timer entry
+        self.plain = False  # queued whole, with no deadline, retry or future: see ``Lane.push``
 
     def forget_deadline(self) -> None:
         """Take the request's deadline off its timer: it is settled or given up (outside any lock)."""
