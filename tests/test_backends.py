@@ -336,6 +336,30 @@ class TestWideSession:
         assert all(s is backend.session for s in busy)
         assert backend.session_for(1) is backend.session
 
+    def test_a_caller_spins_only_once_no_worker_has_run_a_batch_for_a_while(self) -> None:
+        """A worker's batch says callers come faster than one at a time: a caller's one-row runs go to
+        the wide session, which never spins, until no worker has run one for ``ALONE_AFTER_WORKER_S``
+        (a spinning session's threads would take the cores those callers need to wake and queue)."""
+        now = [100.0]
+        narrow, wide, lone = object(), object(), object()
+        sessions = onnx_backend._Widths(narrow, wide, 32, lone, clock=lambda: now[0])
+        assert sessions.session_for(1) is lone  # no worker has run here: a lone caller
+        on_worker: list[object] = []
+
+        def worker() -> None:
+            on_caller_thread(worker=True)
+            on_worker.append(sessions.session_for(2))
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join(30)
+        assert on_worker == [wide]
+        assert sessions.session_for(1) is wide
+        now[0] += onnx_backend.ALONE_AFTER_WORKER_S * 0.9
+        assert sessions.session_for(1) is wide
+        now[0] += onnx_backend.ALONE_AFTER_WORKER_S * 0.2
+        assert sessions.session_for(1) is lone
+
     def test_one_row_batches_on_a_worker_run_wide_and_never_spin(self, mlp_model: bytes) -> None:
         """On a replica's worker thread the batch's callers may be busy between runs (a server's event
         loop): one-row batches there run on the wide session, whose threads never spin (spinning, they

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,15 @@ SPIN_MAX_BYTES = 64 * 2**20
 """Models bigger than this get no third, spinning session for a lone caller: their calls are long
 enough that waking the wide session's threads is lost in them."""
 
+ALONE_AFTER_WORKER_S = 0.05
+"""A caller's run spins only once a replica's worker has run no batch for this long.
+
+A worker's batch means callers came faster than one at a time; after a run on the spinning
+session its threads spin for milliseconds, taking the cores that those callers need to wake and
+queue again. Under 32 callers of the benchmark's MLP that starved the callers woken in a relay:
+one caller ran alone, on the spinning session, for milliseconds at a time while 31 waited to
+wake (1-row throughput 0.6-0.8x, in half the runs)."""
+
 
 class OnnxBackend:
     """One ``onnxruntime.InferenceSession``.
@@ -86,8 +95,9 @@ class OnnxBackend:
     model's. Its threads never spin (``session.intra_op.allow_spinning=0``): a spinning thread
     would take the core that the callers, or a server's event loop, need between runs and
     between the parallel parts of one run. A lone caller blocked on its own thread runs on a
-    third session, which keeps spinning, when the model is at most :data:`SPIN_MAX_BYTES`: the
-    next call finds its threads awake (waking them costs a small model's call ~20 us). Each
+    third session, which keeps spinning, when the model is at most :data:`SPIN_MAX_BYTES` and no
+    replica's worker has run a batch for :data:`ALONE_AFTER_WORKER_S`: the next call finds its
+    threads awake (waking them costs a small model's call ~20 us). Each
     session holds its own copy of the weights, so models over :data:`WIDE_MAX_BYTES` (external
     data files included) do without both.
     """
@@ -331,29 +341,39 @@ class _Widths:
 
     The wide one for a full batch after a full batch, or while batches average under 1.5 rows
     (callers one at a time, each waiting on the model); of those, a batch its caller runs on
-    its own thread goes to the spinning one (``lone``, else the wide one). One full batch among
+    its own thread goes to the spinning one (``lone``, else the wide one) unless a worker ran a
+    batch within :data:`ALONE_AFTER_WORKER_S` (``clock`` tells the time). One full batch among
     small ones is a burst, not a model that is the bound; waking the wide session's threads for
     it would take the callers' cores.
     """
 
-    __slots__ = ("_full", "_rows", "lone", "narrow", "wide", "wide_rows")
+    __slots__ = ("_clock", "_full", "_rows", "_worker_at", "lone", "narrow", "wide", "wide_rows")
 
-    def __init__(self, narrow: Any, wide: Any, wide_rows: int, lone: Any = None) -> None:
+    def __init__(
+        self, narrow: Any, wide: Any, wide_rows: int, lone: Any = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.narrow = narrow
         self.wide = wide
         self.lone = lone if lone is not None else wide
         self.wide_rows = wide_rows
         self._full = False  # whether the last batch was full
         self._rows = 1.0  # rows per batch, smoothed
+        self._clock = clock
+        self._worker_at = -ALONE_AFTER_WORKER_S  # when a worker last ran a batch here
 
     def session_for(self, rows: int) -> Any:
         """The session a batch of ``rows`` rows runs on; counts the batch."""
         full = rows >= self.wide_rows
         streak, self._full = self._full and full, full
         self._rows += 0.1 * (rows - self._rows)
+        caller = on_caller_thread()
+        if not caller and self.lone is not self.wide:
+            self._worker_at = self._clock()
         if self.wide is None or not (streak or self._rows < _ALONE):
             return self.narrow
-        return self.lone if not streak and on_caller_thread() else self.wide
+        if streak or not caller or self.lone is self.wide:
+            return self.wide
+        return self.lone if self._clock() - self._worker_at >= ALONE_AFTER_WORKER_S else self.wide
 
 
 def _cupy_view(cp: Any, value: Any, gpu: int) -> Any:
