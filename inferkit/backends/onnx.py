@@ -366,12 +366,14 @@ class _Widths:
         full = rows >= self.wide_rows
         streak, self._full = self._full and full, full
         self._rows += 0.1 * (rows - self._rows)
-        caller = on_caller_thread()
-        if not caller and self.lone is not self.wide:
-            self._worker_at = self._clock()
+        caller = False  # whether to consider the spinning session: there is one, and a caller runs this
+        if self.lone is not self.wide:
+            caller = on_caller_thread()
+            if not caller:
+                self._worker_at = self._clock()
         if self.wide is None or not (streak or self._rows < _ALONE):
             return self.narrow
-        if streak or not caller or self.lone is self.wide:
+        if streak or not caller:
             return self.wide
         return self.lone if self._clock() - self._worker_at >= ALONE_AFTER_WORKER_S else self.wide
 
