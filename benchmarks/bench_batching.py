@@ -442,6 +442,7 @@ class Row:
     mean_batch: float | None = None
     notes: list[str] = field(default_factory=list)
     throughput: bool = True
+    model_alone: dict[tuple[int, int], float] = field(default_factory=dict)  # limit row: rows/s by (batch, intra)
 
 
 @dataclass
@@ -468,6 +469,7 @@ class Bench:
         row.notes.append("p50/p99 per batch call")
         others = [f"{b}/{i} {r.rows_per_s:,.0f}" for r, b, i in trials if r is not best]
         row.notes.append("others (batch/intra rows/s): " + ", ".join(others))
+        row.model_alone = {(b, i): r.rows_per_s for r, b, i in trials}
         return row
 
     def recheck_limit(self, row: Row) -> float:
@@ -786,6 +788,21 @@ def add_lean_ratio(rows: list[Row]) -> None:
             ours.notes.append(f"{ours.result.rows_per_s / lean.result.rows_per_s:.2f}x the lean batcher")
 
 
+def add_model_ratio(rows: list[Row], narrow: int, wide: int) -> None:
+    """Note on inferkit's 1-row and 8-row rows their throughput against the model alone (the limit row's cells)
+    at a full batch on the threads inferkit's session has there: ``narrow`` for 1-row batches, ``wide`` for
+    full 8-row ones. What any batcher could reach with those sessions, were the callers free."""
+    by_name = {r.name: r for r in rows}
+    limit = by_name.get("limit")
+    if limit is None:
+        return
+    for n, intra in ((1, narrow), (8, wide)):
+        ours, alone = by_name.get(f"inferkit {n}-row"), limit.model_alone.get((MAX_BATCH, intra))
+        if ours and ours.result and alone:
+            ratio = ours.result.rows_per_s / alone
+            ours.notes.append(f"{ratio:.2f}x the model alone at batch {MAX_BATCH}, intra {intra}")
+
+
 def add_latency_delta(rows: list[Row]) -> None:
     """Note on inferkit's latency rows how much p50 they add over ``session.run``."""
     by_name = {r.name: r for r in rows}
@@ -807,6 +824,15 @@ def _inferkit_intra_label(replicas: int) -> str:
     except ImportError:
         return "inferkit default"
     return f"inferkit default (={default_intra_op_threads(replicas)})"
+
+
+def _inferkit_threads() -> tuple[int, int]:
+    """Intra-op threads of inferkit's narrow and wide sessions for one replica; (0, 0) when they cannot be read."""
+    try:
+        from inferkit.backends.onnx import default_intra_op_threads, default_wide_threads
+    except ImportError:
+        return 0, 0
+    return default_intra_op_threads(1), default_wide_threads(1)
 
 
 def _mean_from_totals(snap: Mapping[str, tuple[int, int]]) -> float | None:
@@ -955,6 +981,7 @@ def main(argv: list[str] | None = None) -> int:
     add_latency_delta(rows)
     add_async_ratio(rows)
     add_lean_ratio(rows)
+    add_model_ratio(rows, *_inferkit_threads())
     limit_row = next((r for r in rows if r.name == "limit"), None)
     limit: float | None = None
     drift: float | None = None
