@@ -14,6 +14,9 @@ this counts them (``sys.settrace`` opcode events, in every thread the request to
   keeping every core busy: every request goes to the busy replica's queue (the crowding rule),
   so the balancer's choice is counted, not a second replica's batches.
 
+For the queued paths the table also gives what of that runs on inferkit's own threads (the
+replica's worker): the serial part of a batch, which the model waits out.
+
 Compare two trees with ``PYTHONPATH=<tree> python benchmarks/hot_path.py`` on each.
 ``--callgrind`` adds valgrind's count of machine instructions per ``lone`` predict (native
 work included; only the measured calls are counted, hash seed fixed: it repeats exactly).
