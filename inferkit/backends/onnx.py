@@ -56,13 +56,9 @@ SPIN_MAX_BYTES = 64 * 2**20
 enough that waking the wide session's threads is lost in them."""
 
 ALONE_AFTER_WORKER_S = 0.05
-"""A caller's run spins only once a replica's worker has run no batch for this long.
-
-A worker's batch means callers came faster than one at a time; after a run on the spinning
-session its threads spin for milliseconds, taking the cores that those callers need to wake and
-queue again. Under 32 callers of the benchmark's MLP that starved the callers woken in a relay:
-one caller ran alone, on the spinning session, for milliseconds at a time while 31 waited to
-wake (1-row throughput 0.6-0.8x, in half the runs)."""
+"""A caller's run spins only once no replica's worker has run a batch for this long: a worker's
+batch means callers come faster than one at a time, and threads spinning for milliseconds after
+a run would take the cores those callers need to wake (docs/batching.md)."""
 
 
 class OnnxBackend:
