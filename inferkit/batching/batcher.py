@@ -231,25 +231,27 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
         if result is None:  # the watchdog took over; the replica is gone
             return
         outcomes, fault, now, spent = result
-        if batch.plain and not fault:
-            self._succeeded(batch, replica, outcomes, now, spent, done)
-            return
-        final: list[Outcome] = []
         blamed: list[Replica] = []
-        worked = False
-        for req, value, failure in outcomes:
-            error = failure
-            if error is None:
-                worked = True
-                if req.blame and req.avoid is not None and req.avoid is not replica:  # another replica's fault
-                    blamed.append(req.avoid)
-            elif self._retry(req, replica, error, fault=fault, now=now):
-                continue
-            elif fault:
-                error = model_error(req, error)
-            final.append((req, value, error))
-        done += self._tally(final)
-        self._book(batch, replica, [now - r.t0 for r, _, _ in final], spent)
+        if batch.plain and not fault:  # nothing to retry, blame or assemble
+            latencies = self._succeeded(batch, outcomes, now, done)
+            worked = True
+        else:
+            final: list[Outcome] = []
+            worked = False
+            for req, value, failure in outcomes:
+                error = failure
+                if error is None:
+                    worked = True
+                    if req.blame and req.avoid is not None and req.avoid is not replica:  # another replica's fault
+                        blamed.append(req.avoid)
+                elif self._retry(req, replica, error, fault=fault, now=now):
+                    continue
+                elif fault:
+                    error = model_error(req, error)
+                final.append((req, value, error))
+            done += self._tally(final)
+            latencies = [now - r.t0 for r, _, _ in final]
+        self._book(batch, replica, latencies, spent)
         # A request's own failure says nothing of the replica; only a fault, or a failure that
         # another replica did not repeat, counts against it.
         # (A success only resets the failure count and ends an ejection: else it changes nothing.)
@@ -260,10 +262,8 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
                 self._health(bad, ok=False, now=now)
         self._release(replica)
 
-    def _succeeded(
-        self, batch: Batch, replica: Replica, outcomes: list[Outcome], now: float, spent: float, done: list[Request]
-    ) -> None:
-        """``_account`` for a plain batch that succeeded: nothing to retry, blame or assemble; one pass per request."""
+    def _succeeded(self, batch: Batch, outcomes: list[Outcome], now: float, done: list[Request]) -> list[float]:
+        """``_tally`` for a plain batch that succeeded, in one pass; its requests' latencies."""
         latencies = []
         for req, value, _ in outcomes:
             req.state = DONE
@@ -273,10 +273,7 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
         self._counts.completed += len(latencies)
         if self._closing:
             self._drained.notify_all()
-        self._book(batch, replica, latencies, spent)
-        if replica.consecutive_failures or replica.state is ReplicaState.EJECTED:
-            self._health(replica, ok=True, now=now)
-        self._release(replica)
+        return latencies
 
     def _book(self, batch: Batch, replica: Replica, latencies: list[float], spent: float) -> None:
         """Count a finished batch that ended requests of ``latencies`` seconds and took ``spent`` (under the lock)."""

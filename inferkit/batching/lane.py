@@ -155,19 +155,12 @@ class Lane:
         others: bool | None = None  # whether another replica could take a retry this one failed
         while heap and rows < max_rows:
             req = heap[0][2]
-            if req.plain and req.state is QUEUED:  # the common case, with the checks it needs and no more
-                if batch:
-                    if req.key != key:
-                        if len(skipped) >= _MAX_SKIPPED:
-                            break
-                        skipped.append(pop(heap))
-                        continue
-                    if rows + req.rows > max_rows:
-                        break
-                else:
-                    key = req.key
+            if req.plain and req.state is QUEUED and (not batch or req.key == key):  # the common case, checked less
+                if batch and rows + req.rows > max_rows:
+                    break
                 pop(heap)
                 req.state = RUNNING
+                key = req.key
                 batch.append(req)
                 rows += req.rows
                 taken += req.nbytes
