@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
+from bench_modules import load
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    benchmarks = Path(__file__).parent.parent / "benchmarks"
-    spec = importlib.util.spec_from_file_location("bench_batching", benchmarks / "bench_batching.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(benchmarks))  # as when run: its sibling modules
-        sys.modules[spec.name] = module  # dataclasses look their module up by name
-        spec.loader.exec_module(module)
-    return module
+    return load("bench_batching")
 
 
 def _row(bench: ModuleType, name: str, rows_per_s: float) -> object:

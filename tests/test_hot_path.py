@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 
 import pytest
+from bench_modules import load
 
 
 @pytest.fixture(scope="module")
 def hot_path() -> ModuleType:
-    benchmarks = Path(__file__).parent.parent / "benchmarks"
-    spec = importlib.util.spec_from_file_location("hot_path", benchmarks / "hot_path.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(benchmarks))  # as when run: its sibling models.py
-        spec.loader.exec_module(module)
-    return module
+    return load("hot_path")
 
 
 def test_a_lone_predict_counts_the_same_every_time(hot_path: ModuleType) -> None:

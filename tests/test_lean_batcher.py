@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import threading
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from bench_modules import load
 
 
 @pytest.fixture(scope="module")
 def lean() -> ModuleType:
-    path = Path(__file__).parent.parent / "benchmarks" / "lean_batcher.py"
-    spec = importlib.util.spec_from_file_location("lean_batcher", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("lean_batcher")
 
 
 def test_every_caller_gets_its_own_rows_in_batches_of_at_most_max_rows(lean: ModuleType, mlp_model: bytes) -> None:
