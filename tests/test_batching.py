@@ -9,6 +9,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import CancelledError, wait
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -904,6 +905,55 @@ def test_a_batch_is_plain_only_when_each_request_is_whole_on_its_first_try_with_
     assert formed.batch is not None
     assert formed.batch.requests == [fresh]
     assert not formed.batch.plain
+
+
+def test_a_cpu_replica_keeps_consecutive_batches_even_when_waiting_cannot_grow_them() -> None:
+    """Batches that go ``idle`` on a replica computing on the CPU take at most the mean of what is
+    queued and the last batch's rows (31 queued after a 1-row batch: 16, then 16 once the 1-row
+    caller is back), so one batch's callers come back while the next runs. A full queue, a delay
+    run out, the first batch, and a replica that does not compute on the CPU take all they can."""
+    config = BatchConfig(max_batch_size=64, max_delay_ms=10)
+    cpu, device = SimpleNamespace(cpu_threads=1), SimpleNamespace(cpu_threads=0)
+
+    def taken(lane: Lane, replica: object, now: float = 0.0) -> list[int]:
+        formed = lane.form(replica, now, config)  # type: ignore[arg-type]
+        assert formed.batch is not None
+        return [int(r.inputs["x"][0, 0]) for r in formed.batch.requests]
+
+    lane = Lane()
+    _queued(lane, 0)
+    assert taken(lane, cpu) == [0]
+    for i in range(1, 32):
+        _queued(lane, i)
+    assert taken(lane, cpu) == list(range(1, 17))  # (31 + 1) / 2
+    _queued(lane, 0)  # the first batch's caller, back while that one ran
+    assert taken(lane, cpu) == [*range(17, 32), 0]
+    assert lane.count == 0
+
+    lane = Lane()
+    for i in range(20):
+        _queued(lane, i)
+    assert len(taken(lane, cpu)) == 20  # nothing to keep even with yet
+    _queued(lane, 50, rows_n=1)
+    assert taken(lane, cpu) == [50]
+    for i in range(70):
+        _queued(lane, i)
+    assert len(taken(lane, cpu)) == 64  # full
+    for i in range(5):
+        _queued(lane, 100 + i)
+    assert len(taken(lane, cpu)) == 11  # the 6 left of the full queue and 5 more: under the last 64
+    _queued(lane, 0)
+    assert taken(lane, cpu) == [0]
+    for i in range(9):
+        _queued(lane, i)
+    assert len(taken(lane, cpu, now=1.0)) == 9  # the oldest waited 10 ms: a delay, not idle
+
+    lane = Lane()
+    _queued(lane, 0)
+    assert taken(lane, device) == [0]
+    for i in range(1, 32):
+        _queued(lane, i)
+    assert len(taken(lane, device)) == 31  # a batch costs a device about the same at any size
 
 
 def test_one_row_requests_get_their_own_row_back_whatever_the_outputs_rank() -> None:

@@ -56,7 +56,19 @@ class Formed:
 class Lane:
     """A priority queue (highest first, then oldest) served by one or more replicas."""
 
-    __slots__ = ("bytes", "count", "gap", "heap", "idle", "last_arrival", "replicas", "rows", "seq", "since")
+    __slots__ = (
+        "bytes",
+        "count",
+        "gap",
+        "heap",
+        "idle",
+        "last_arrival",
+        "last_rows",
+        "replicas",
+        "rows",
+        "seq",
+        "since",
+    )
 
     def __init__(self) -> None:
         self.heap: list[tuple[int, int, Request]] = []
@@ -67,6 +79,7 @@ class Lane:
         self.since = 0.0  # arrival of the oldest queued request (FIFO head)
         self.last_arrival = 0.0
         self.gap = 0.0  # smoothed time between arrivals
+        self.last_rows = 0  # rows of the last batch formed here
         self.replicas: list[Replica] = []
         self.idle: list[Replica] = []  # replicas whose worker waits for work
 
@@ -122,8 +135,10 @@ class Lane:
         more, up to ``config.call_rows``, as it was split). It goes when full (that many queued),
         when its oldest request waited ``max_delay_ms``, or when waiting
         cannot grow it (no other replica of the lane is busy, or arrivals went quiet) unless the
-        cores are ``crowded`` (see :meth:`ReplicaSet.crowded`). Expired and cancelled requests met
-        on the way are taken off the queue and reported.
+        cores are ``crowded`` (see :meth:`ReplicaSet.crowded`). On a replica that computes on the
+        CPU, a batch that goes because waiting cannot grow it takes at most the mean of the rows
+        queued and the last batch's rows, so that consecutive batches stay even. Expired and
+        cancelled requests met on the way are taken off the queue and reported.
         """
         formed = Formed()
         if self.count == 0:
@@ -145,6 +160,9 @@ class Lane:
                 formed.wait = min(self.since + delay, self.last_arrival + quiet) - now
                 return formed
             reason = "idle"
+        if reason == "idle" and replica.cpu_threads and 0 < self.last_rows < self.rows:
+            # Even batches: the callers of one come back while the next computes (docs/batching.md).
+            max_rows = min(max_rows, (self.rows + self.last_rows + 1) // 2)
         heap = self.heap
         pop = heapq.heappop
         batch: list[Request] = []
@@ -213,6 +231,7 @@ class Lane:
         if self.count:
             self.since = heap[0][2].t0 if heap else now
         if batch:
+            self.last_rows = rows
             formed.batch = Batch(batch, rows, reason, plain=plain)
         return formed
 
