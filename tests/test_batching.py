@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import sys
@@ -954,6 +955,30 @@ def test_a_cpu_replica_keeps_consecutive_batches_even_when_waiting_cannot_grow_t
     for i in range(1, 32):
         _queued(lane, i)
     assert len(taken(lane, device)) == 31  # a batch costs a device about the same at any size
+
+
+def test_apredict_tasks_queued_behind_a_lone_batch_run_in_even_halves_on_a_cpu_replica() -> None:
+    """End to end: 15 ``apredict`` tasks queue while one task's row holds the model; a replica that
+    computes on the CPU then runs 8 and 7 (the next halves overlap the event loop's turns), one
+    that does not runs all 15. Every task gets its own rows back."""
+    for backend, sizes in ((_CpuModel, [1, 8, 7]), (CallableBackend, [1, 15])):
+        model = Model()
+
+        async def main(model: Model = model, backend: type[CallableBackend] = backend) -> list[np.ndarray]:
+            batching = BatchConfig(max_batch_size=64, max_delay_ms=60_000)
+            with Predictor(lambda: backend(model), batching=batching) as p:
+                first = asyncio.ensure_future(p.apredict(rows(BLOCK)))
+                assert await asyncio.to_thread(model.entered.wait, WAIT)
+                tasks = [asyncio.ensure_future(p.apredict(rows(float(i)))) for i in range(1, 16)]
+                await asyncio.sleep(0)  # each task runs up to its await: its request is queued
+                assert p.stats().queue_depth == 15
+                model.release.set()
+                return await asyncio.wait_for(asyncio.gather(first, *tasks), WAIT)
+
+        answers = asyncio.run(main())
+        for i, y in enumerate(answers):
+            np.testing.assert_array_equal(y, rows(BLOCK if i == 0 else float(i)) * 2)
+        assert [len(b) for b in model.batches] == sizes
 
 
 def test_one_row_requests_get_their_own_row_back_whatever_the_outputs_rank() -> None:
