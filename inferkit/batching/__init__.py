@@ -9,6 +9,8 @@ A free replica takes a batch at once when it is full, when the oldest queued req
 waited ``max_delay_ms``, or when waiting could not grow it: no other replica of the lane is
 busy (so nothing is in flight that could come back as new requests), or requests have stopped
 arriving. ``max_delay_ms`` is the longest a request waits for companions, never a fixed wait.
+On a replica that computes on the CPU, such a batch takes at most the mean of the rows queued
+and the last batch's rows: even batches let one batch's callers come back while the next runs.
 
 Thread hand-offs cost far more than the work of batching, so a synchronous caller that finds
 a replica idle runs its batch on its own thread (:meth:`Batcher.call`), and a replica's worker
