@@ -177,52 +177,47 @@ class Lane:
                 if batch and rows + req.rows > max_rows:
                     break
                 pop(heap)
-                req.state = RUNNING
-                key = req.key
-                batch.append(req)
-                rows += req.rows
-                taken += req.nbytes
-                continue
-            if req.state is not QUEUED:
-                pop(heap)
-                continue
-            if req.deadline is not None and req.deadline <= now:
-                pop(heap)
-                self.unqueue(req)
-                req.state = DONE
-                formed.expired.append(req)
-                continue
-            if req.avoid is replica:
-                if others is None:
-                    others = self.usable_besides(replica, now)
-                if others:
+            else:
+                if req.state is not QUEUED:
+                    pop(heap)
+                    continue
+                if req.deadline is not None and req.deadline <= now:
+                    pop(heap)
+                    self.unqueue(req)
+                    req.state = DONE
+                    formed.expired.append(req)
+                    continue
+                if req.avoid is replica:
+                    if others is None:
+                        others = self.usable_besides(replica, now)
+                    if others:
+                        skipped.append(pop(heap))
+                        continue
+                if batch and req.key != key:
+                    if len(skipped) >= _MAX_SKIPPED:  # requests of many shapes must not make each batch cost a scan
+                        break
                     skipped.append(pop(heap))
                     continue
-            if batch and req.key != key:
-                if len(skipped) >= _MAX_SKIPPED:  # requests of many shapes must not make each batch cost a scan
+                size = req.part_rows if req.parts_n > 1 else req.rows
+                if batch and rows + size > max_rows:
                     break
-                skipped.append(pop(heap))
-                continue
-            size = req.part_rows if req.parts_n > 1 else req.rows
-            if batch and rows + size > max_rows:
-                break
-            top = req.parent or req
-            if top.state is QUEUED and top.avoid is None:  # its first part to run: the future starts running
-                if top.future is not None and not notify_cancelled(top.future):
-                    drop(top)
-                    formed.cancelled += 1
-                    continue
-                top.state = RUNNING
-            if req.parts_n > 1:
-                req = carve(req)
-            else:
-                pop(heap)
+                top = req.parent or req
+                if top.state is QUEUED and top.avoid is None:  # its first part to run: the future starts running
+                    if top.future is not None and not notify_cancelled(top.future):
+                        drop(top)
+                        formed.cancelled += 1
+                        continue
+                    top.state = RUNNING
+                if req.parts_n > 1:
+                    req = carve(req)
+                else:
+                    pop(heap)
+                plain = False
             req.state = RUNNING
             key = req.key
             batch.append(req)
             rows += req.rows
             taken += req.nbytes
-            plain = False
         for entry in skipped:
             heapq.heappush(heap, entry)
         self.count -= len(batch)  # what the batch took off the queue (``unqueue``), counted once
