@@ -7,6 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from inferkit.arrays import copied
 from inferkit.errors import ModelError
 
 __all__ = ["Confirmations"]
@@ -52,7 +53,7 @@ class Confirmations:
                 self._failed(arm, latency_s)
 
         try:
-            check: Future[Any] = self._submit(baseline, x)
+            check: Future[Any] = self._submit(baseline, copied(x))  # its caller may reuse ``x`` meanwhile
         except Exception:  # noqa: BLE001 (a baseline that refuses says nothing of the request)
             judged(None)
             return

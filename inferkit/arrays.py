@@ -14,7 +14,7 @@ from typing import Any, cast
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["array_module", "batch_key", "device_cast", "is_device_array", "rows"]
+__all__ = ["array_module", "batch_key", "copied", "device_cast", "is_device_array", "rows"]
 
 
 def is_device_array(value: object) -> bool:
@@ -29,6 +29,21 @@ def array_module(array: Any) -> Any:
     arrays exists. ``import inferkit`` never imports CuPy.
     """
     return sys.modules[type(array).__module__.partition(".")[0]]
+
+
+def copied(value: Any) -> Any:
+    """``value`` with every array in it copied (a device array on its device); dicts, lists and tuples rebuilt.
+
+    For what outlives its call: a caller may write into its array once the call has returned,
+    and a comparison made later must see what the call saw. Anything else is kept as it is.
+    """
+    if isinstance(value, np.ndarray) or is_device_array(value):
+        return value.copy()
+    if isinstance(value, Mapping):
+        return {k: copied(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(copied(v) for v in value)
+    return value
 
 
 def device_cast(arr: Any, dst: np.dtype[Any]) -> NDArray[Any] | None:

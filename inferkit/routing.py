@@ -21,6 +21,7 @@ from inferkit import events
 from inferkit._bridge import await_future
 from inferkit._confirm import Confirmations
 from inferkit._served import ServedBy
+from inferkit.arrays import copied
 from inferkit.batching import notify_cancelled
 from inferkit.errors import (
     Closed,
@@ -179,7 +180,7 @@ class Router:
             self._served_by.key(key_id, route.arm)
         if route.shadow is not None:
             done: Future[Any] = Future()
-            done.set_result(result)
+            done.set_result(copied(result))  # compared later: the caller may write into its result
             self._shadow.mirror(route.shadow, x, done)
         return result
 

@@ -15,6 +15,8 @@ from typing import Any
 import attrs
 import numpy as np
 
+from inferkit.arrays import copied
+
 __all__ = ["ShadowStats", "ShadowTraffic", "agree"]
 
 
@@ -110,7 +112,7 @@ class ShadowTraffic:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=f"inferkit-shadow-{self._name}", daemon=True)
                 self._thread.start()
-        self._queue.put((arm, x, primary))
+        self._queue.put((arm, copied(x), primary))  # its caller may reuse ``x`` once its own call returns
 
     def close(self, timeout: float | None = None) -> None:
         """Take no more mirrors; hand the queued ones to their arm, then stop the thread."""

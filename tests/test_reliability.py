@@ -678,6 +678,32 @@ class TestCanaryAgainstClients:
             assert not [d for d in decisions if d.action == "rollback"]
             assert canary.state is inferkit.CanaryState.RUNNING
 
+    def test_bad_input_in_a_buffer_the_caller_reuses_is_still_confirmed_on_the_bad_input(self) -> None:
+        """The caller writes good rows into its buffer once a bad request failed: the baseline's check, which runs
+        later, still sees the bad rows, fails on them too, and the candidate is not blamed."""
+        decisions: list[inferkit.CanaryDecision] = []
+        canary = inferkit.Canary(
+            "base", "cand", steps=(0.5, 1.0), min_requests_per_step=50, on_decision=decisions.append
+        )
+
+        def slow(x: np.ndarray) -> np.ndarray:
+            time.sleep(0.002)  # reads its input after the caller moved on
+            return self._model(x)
+
+        spec = [TensorSpec("x", np.float32, (None, 4))]
+        base = Predictor.from_callable(slow, inputs=spec, name="base", replicas=2)
+        cand = self._predictor("cand")
+        buf = np.empty((1, 4), np.float32)
+        with inferkit.Router({"base": base, "cand": cand}, canary, seed=1) as router:
+            for i in range(200):
+                buf[:] = -1
+                with pytest.raises(ModelError):
+                    router.predict(buf, key=f"k{i}")
+                buf[:] = 1
+            base.close(WAIT)  # lets every confirmation finish before the state is read
+            assert not [d for d in decisions if d.action == "rollback"]
+            assert canary.state is inferkit.CanaryState.RUNNING
+
     def test_a_candidate_that_fails_alone_is_rolled_back(self) -> None:
         """A failure the baseline does not repeat is the candidate's: the guard rolls it back."""
         decisions: list[inferkit.CanaryDecision] = []

@@ -446,6 +446,31 @@ class TestShadow:
         assert shadow.sent + shadow.dropped == 40
         assert shadow.agreed + shadow.disagreed + shadow.errors == shadow.sent
 
+    def test_a_caller_reusing_its_buffers_never_changes_what_the_shadow_compares(self) -> None:
+        """The caller writes its next input (and over its last result) once its call returned: the mirror and the
+        comparison still see what the call saw, so two identical models always agree. (An input is not copied
+        for the arm's own call: it must stay as it is until its call returns, docs/routing.md.)"""
+        gate = threading.Event()
+
+        def held(a: np.ndarray) -> np.ndarray:  # the mirror runs only after the caller moved on
+            assert gate.wait(WAIT)
+            return a * 2
+
+        with Router({"v1": arm(2), "v2": Predictor.from_callable(held)}, Shadow(Fixed("v1"), "v2")) as r:
+            buf = np.zeros((1, 2))
+            for i in range(10):
+                buf[:] = i
+                out = r.predict(buf)
+                np.testing.assert_array_equal(out, x(i) * 2)
+                out[:] = -1
+            for i in range(10, 20):
+                buf[:] = i
+                out = r.submit(buf).result(WAIT)
+                np.testing.assert_array_equal(out, x(i) * 2)
+            gate.set()
+        shadow = r.stats().shadow
+        assert (shadow.sent, shadow.agreed, shadow.disagreed) == (20, 20, 0)
+
     def test_blocked_candidate_drops_instead_of_backing_up(self) -> None:
         """A candidate that blocks until released: the caller is served, and the overflow is dropped and counted."""
         gate = threading.Event()
