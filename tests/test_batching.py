@@ -847,9 +847,7 @@ def test_an_interrupt_out_of_a_batch_run_inline_answers_its_requests_and_frees_t
         first = _submit(batcher, BLOCK)  # one replica busy: the caller's request queues, the other is idle
         assert model.entered.wait(WAIT)
         interrupt.set()
-        thread = threading.Thread(target=caller)
-        thread.start()
-        thread.join(WAIT)
+        caller()  # on the main thread, the one that Ctrl-C interrupts
         assert len(raised) == 1
         assert request.state.value == "done"
         assert "interrupted" in str(request.error)
@@ -861,6 +859,45 @@ def test_an_interrupt_out_of_a_batch_run_inline_answers_its_requests_and_frees_t
     finally:
         model.release.set()
         batcher.close(timeout=5)
+
+
+@pytest.mark.parametrize("raised", [SystemExit, GeneratorExit, KeyboardInterrupt])
+def test_a_model_raising_a_base_exception_fails_only_its_request_and_keeps_its_replica(raised: type) -> None:
+    """``SystemExit`` & co. raised by the model on a worker or on a caller's thread other than the main one (where no
+    Ctrl-C can come from) are the model's failure: its request gets a ``ModelError``, the other requests of its batch
+    their results, and the one replica serves on. Before, the worker died with the batch unanswered."""
+
+    def fn(x: np.ndarray) -> np.ndarray:
+        if (x < 0).any():
+            raise raised("the model gave up")
+        return x * 2
+
+    predictor = Predictor.from_callable(fn, max_delay_ms=5)
+    try:
+        futures = [predictor.submit(rows(float(i) if i != 3 else -1.0)) for i in range(8)]  # one batch on the worker
+        for i, future in enumerate(futures):
+            if i == 3:
+                with pytest.raises(ModelError, match="the model gave up"):
+                    future.result(WAIT)
+            else:
+                np.testing.assert_array_equal(future.result(WAIT), rows(float(i)) * 2)
+        errors: list[BaseException] = []
+
+        def caller() -> None:  # the lone path, on a caller's thread
+            try:
+                predictor.predict(rows(-1.0), timeout=WAIT)
+            except BaseException as exc:  # what reached the caller is the assertion
+                errors.append(exc)
+
+        thread = threading.Thread(target=caller)
+        thread.start()
+        thread.join(WAIT)
+        assert [type(e) for e in errors] == [ModelError]
+        np.testing.assert_array_equal(predictor.predict(rows(2.0), timeout=WAIT), rows(2.0) * 2)
+        stats = predictor.stats()
+        assert (stats.in_flight, stats.failed) == (0, {"ModelError": 2})
+    finally:
+        predictor.close(timeout=5)
 
 
 def _queued(lane: Lane, request_id: int, *, rows_n: int = 1, deadline: float | None = None) -> Request:

@@ -12,7 +12,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from inferkit.batching.execute import lone_failure, run_one
+from inferkit.batching.execute import interrupts, lone_failure, run_one
 from inferkit.batching.lane import Batch
 from inferkit.batching.request import DONE, RUNNING, Request, add_waiter, settle_all
 from inferkit.errors import InferkitError
@@ -146,15 +146,15 @@ class CallerThread:
         start = self._clock()
         try:
             value = run_one(request, replica.backend)
-        except Exception as exc:  # noqa: BLE001 (run_batch's verdicts, for a lone request)
+        except BaseException as exc:  # run_batch's verdicts, for a lone request
+            if interrupts(exc):
+                self._interrupted(batch, replica, exc, request)
+                raise
             outcome, fault = lone_failure(request, exc)
             end = self._clock()
             result = self._executed(batch, replica, ([outcome], [outcome], fault), start, end)
             self._finish_inline(batch, replica, result, request)
             return True
-        except BaseException as exc:
-            self._interrupted(batch, replica, exc, request)
-            raise
         end = self._clock()
         if not batch.claim.acquire(False):  # noqa: FBT003 (close() gave up on it and answers it)
             self._finish_inline(batch, replica, None, request)
@@ -202,7 +202,7 @@ class CallerThread:
         """Run a batch claimed by :meth:`_queue` on the caller's thread, then free the replica."""
         try:
             result = self._execute(batch, replica)
-        except BaseException as exc:  # an interrupt (Ctrl-C) out of the model: no caller left waiting
+        except BaseException as exc:  # Ctrl-C out of the model (``run_batch`` keeps the rest): no caller left waiting
             self._interrupted(batch, replica, exc)
             raise
         self._finish_inline(batch, replica, result)
@@ -210,9 +210,9 @@ class CallerThread:
     def _interrupted(self, batch: Batch, replica: Replica, exc: BaseException, alone: Request | None = None) -> None:
         """Fail a batch whose model call on a caller's thread raised ``exc`` (no ``Exception``) and free the replica.
 
-        A ``KeyboardInterrupt`` (or ``SystemExit``) is the caller's, not the model's: it goes on
-        to the caller; the batch's requests fail (never retried: the caller is gone), its other
-        callers are answered, and the replica serves again.
+        A ``KeyboardInterrupt`` on the main thread (:func:`~inferkit.batching.execute.interrupts`) is
+        the caller's, not the model's: it goes on to the caller; the batch's requests fail (never
+        retried: the caller is gone), its other callers are answered, and the replica serves again.
         """
         now = self._clock()
         why = f"the call was interrupted on its caller's thread ({type(exc).__name__})"

@@ -8,6 +8,7 @@ broken, not the requests).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +19,7 @@ from inferkit.backends.base import Backend, ReplicaFault
 from inferkit.batching.request import Inputs, Request
 from inferkit.errors import InvalidInput, ModelError
 
-__all__ = ["Outcome", "Ran", "lone_failure", "model_error", "run_batch", "run_one", "try_join"]
+__all__ = ["Outcome", "Ran", "interrupts", "lone_failure", "model_error", "run_batch", "run_one", "try_join"]
 
 Outcome = tuple[Request, Any, BaseException | None]
 Ran = tuple[list[Outcome], list[Outcome], bool]  # every outcome, the failed ones, whether the replica faulted
@@ -51,7 +52,9 @@ def _run(
         outputs = _call(requests, backend, inputs)
     except ReplicaFault:
         raise
-    except Exception as exc:  # noqa: BLE001 (any model failure is isolated and typed below)
+    except BaseException as exc:  # any model failure is isolated and typed below, SystemExit & co. too
+        if interrupts(exc):
+            raise
         if len(requests) == 1:
             outcome, _ = lone_failure(requests[0], exc)
             outcomes.append(outcome)
@@ -64,7 +67,17 @@ def _run(
     outcomes.extend(outputs)
 
 
-def lone_failure(request: Request, exc: Exception) -> tuple[Outcome, bool]:
+def interrupts(exc: BaseException) -> bool:
+    """Whether ``exc``, raised out of a model call, is its caller's interrupt rather than the model's failure.
+
+    Only Ctrl-C on the main thread is (signals reach no other thread): it goes on to the caller.
+    Anything else a model raises, ``SystemExit`` or ``GeneratorExit`` included, fails its request
+    and leaves the replica serving.
+    """
+    return isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread()
+
+
+def lone_failure(request: Request, exc: BaseException) -> tuple[Outcome, bool]:
     """The outcome of a lone request whose model call raised ``exc``, and whether that is the replica's fault."""
     if isinstance(exc, ReplicaFault):
         return (request, None, exc), True
