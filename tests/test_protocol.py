@@ -81,6 +81,8 @@ class TestBytes:
         ("data", "count", "message"),
         [
             (b"\x01\x00\x00\x00", 1, "claims 1 bytes"),
+            (b"\x64\x00\x00\x00ab\x00\x00\x00\x00", 2, "element 0 claims 100 bytes, 6 remain"),
+            (b"\x04\x00\x00\x00abcd\x00\x00\x00\x00", 3, "ends after 2 of 3"),
             (b"\x00\x00\x00\x00extra", 1, "left over"),
             (b"", 2**40, "cannot hold"),
         ],

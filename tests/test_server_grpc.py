@@ -1071,6 +1071,28 @@ class TestLimitsAndDrain:
         assert info.value.code() == CODE.RESOURCE_EXHAUSTED, info.value
         good(served)
 
+    def test_bytes_elements_are_held_to_max_decode_bytes_before_they_are_decoded(
+        self, serve: Callable[..., Served]
+    ) -> None:
+        """Each raw BYTES element becomes a Python object (~64 bytes) from about 5 bytes of message: a message
+        of more than ``max_decode_bytes`` worth is RESOURCE_EXHAUSTED before any is made, and one within it,
+        and one past the elements decoded on the event loop, come back exact."""
+        served = serve({"e": echo()}, limits=ConnectionLimits(max_decode_bytes=64 * 1_000))
+        words = np.array([b"a", b"", "\u00e9".encode(), b"\x00\xff"] * 500, dtype=object).reshape(1, -1)
+        with pytest.raises(grpc.RpcError) as info:
+            served.call("ModelInfer", infer_request("e", {"s": words}), timeout=WAIT)
+        assert info.value.code() == CODE.RESOURCE_EXHAUSTED, info.value
+        assert "max_decode_bytes=64000 (a BYTES element" in str(info.value.details())
+        few = words[:, :400]
+        np.testing.assert_array_equal(
+            outputs_of(served.call("ModelInfer", infer_request("e", {"s": few})))["output"], few
+        )
+        many = np.tile(words, 10)  # 20,000 elements: decoded and encoded off the event loop
+        roomy = serve({"e": echo()})
+        np.testing.assert_array_equal(
+            outputs_of(roomy.call("ModelInfer", infer_request("e", {"s": many})))["output"], many
+        )
+
     def test_stop_refuses_new_calls_and_finishes_running_ones(self, serve: Callable[..., Served]) -> None:
         """Once stop begins, a new ModelInfer is UNAVAILABLE at once, and a call already running
         is answered (not CANCELLED) when its model finishes."""

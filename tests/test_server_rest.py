@@ -821,6 +821,10 @@ class TestDecodingLimits:
                 assert response.status_code == 413
                 assert "max_decode_bytes=1048576" in response.json()["error"]
                 assert _infer(http, "m", _json_body({"x": np.ones((4, 256), np.float32)})).status_code == 200
+                medium = _json_body({"x": np.ones((64, 256), np.float32)})  # 32 KiB to 1 MiB: off the loop, budgeted
+                assert 2**15 < len(medium) < 2**20
+                assert len(medium) * 32 > 2**20
+                assert _infer(http, "m", medium).status_code == 413
         finally:
             server.stop()
             repository.close()

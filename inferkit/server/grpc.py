@@ -169,8 +169,7 @@ def create_server(
         ("grpc.keepalive_time_ms", _KEEPALIVE_MS),
         ("grpc.keepalive_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
     ]
-    servicer = Servicer(repository, metrics, control if control is not None else RepositoryControl())
-    servicer.typed_limit = limits.max_json_bytes
+    servicer = Servicer(repository, metrics, control if control is not None else RepositoryControl(), limits)
     if request_log is not None:
         servicer.pipeline.log = request_log
     handler = servicer.handler()

@@ -14,6 +14,7 @@ import numpy as np
 
 from inferkit.errors import InvalidInput
 from inferkit.server import proto as pb
+from inferkit.server.budget import BYTES_ELEMENT_COST, Budget, Hold
 from inferkit.server.pipeline import Call
 from inferkit.server.protocol import (
     KEY,
@@ -31,11 +32,22 @@ from inferkit.server.protocol import (
 )
 from inferkit.server.repository import InferResult
 
-__all__ = ["OFFLOAD_BYTES", "Malformed", "answer", "call", "has_raw_contents", "parameter", "parser", "typed_too_large"]
+__all__ = [
+    "OFFLOAD_BYTES",
+    "OFFLOAD_OBJECTS",
+    "Malformed",
+    "answer",
+    "call",
+    "has_raw_contents",
+    "parameter",
+    "parser",
+    "typed_too_large",
+]
 
 Array = np.ndarray[Any, Any]
 
 OFFLOAD_BYTES = 2**20  # decode and encode larger messages on a worker thread, as REST does
+OFFLOAD_OBJECTS = 2**14  # and messages of more BYTES elements than this (a Python object each, ~0.15 us)
 
 # The InferTensorContents field that carries each datatype, and the dtype protobuf gives its
 # values. FP16 has none: it travels in raw_input_contents only.
@@ -84,18 +96,51 @@ def parser(message: Any) -> Callable[[bytes], Any]:
     return parse
 
 
-async def call(request: Any, context: Any, *, large: bool) -> Call:
-    """The pipeline's view of a parsed ModelInferRequest (its tensors decoded off the loop when ``large``)."""
-    inputs = await asyncio.to_thread(_decode_inputs, request) if large else _decode_inputs(request)
+async def call(request: Any, context: Any, *, large: bool, budget: Budget) -> Call:
+    """The pipeline's view of a parsed ModelInferRequest (its tensors decoded off the loop when ``large``).
+
+    Raw BYTES inputs first reserve what their elements will take from ``budget``: a few bytes
+    of message each, ~64 bytes of memory once decoded.
+    """
+    hold = Hold(budget, "decoding this request's BYTES elements")
+    objects = _raw_objects(request)
+    if objects:
+        hold.take(objects * BYTES_ELEMENT_COST)
+    try:
+        if large or objects > OFFLOAD_OBJECTS:
+            inputs = await asyncio.to_thread(_decode_inputs, request)
+        else:
+            inputs = _decode_inputs(request)
+    finally:  # a started thread is not abandoned on cancel: the hold lasts as long as the work
+        hold.release()
     requested = _requested_outputs(request)
     key, timeout, priority = _options(request, context)
     return Call(inputs, requested, key, timeout, priority, request)
 
 
-async def answer(call: Call, result: InferResult) -> tuple[Any, str | None]:
+def _raw_objects(request: Any) -> int:
+    """The most BYTES elements the raw inputs can decode to: one per 4 bytes at most, fewer if the shape says so."""
+    raw = request.raw_input_contents
+    if not raw or len(raw) != len(request.inputs):
+        return 0  # typed contents are bounded by ``max_json_bytes``; a count mismatch is refused unread
+    objects = 0
+    for tensor, data in zip(request.inputs, raw, strict=True):
+        if tensor.datatype == "BYTES":
+            objects += min(element_count(tuple(tensor.shape), tensor.name), len(data) // 4)
+    return objects
+
+
+async def answer(call: Call, result: InferResult, *, budget: Budget) -> tuple[Any, str | None]:
     """The ModelInferResponse for ``result`` (encoded off the loop when large) and the arm that served it."""
-    if sum(np.asarray(o).nbytes for o in result.outputs.values()) >= OFFLOAD_BYTES:
-        response = await asyncio.to_thread(_encode_response, call.request, result.outputs, call.outputs)
+    outputs = [np.asarray(o) for o in result.outputs.values()]
+    objects = sum(o.size for o in outputs if o.dtype.kind == "O")
+    if objects > OFFLOAD_OBJECTS or sum(o.nbytes for o in outputs) >= OFFLOAD_BYTES:
+        hold = Hold(budget, "encoding the answer's BYTES elements")
+        hold.take(objects * BYTES_ELEMENT_COST)
+        try:
+            response = await asyncio.to_thread(_encode_response, call.request, result.outputs, call.outputs)
+        finally:
+            hold.release()
     else:
         response = _encode_response(call.request, result.outputs, call.outputs)
     if result.arm is not None:

@@ -11,6 +11,7 @@ from google.protobuf import json_format
 
 from inferkit.errors import Closed, InferkitError, InvalidInput
 from inferkit.server import proto as pb
+from inferkit.server.budget import GRPC_ADVICE, Budget
 from inferkit.server.control import Controller, RepositoryControl, load_parameters
 from inferkit.server.grpc_messages import (
     OFFLOAD_BYTES,
@@ -33,14 +34,18 @@ __all__ = ["Servicer"]
 class Servicer:
     """The RPC handlers over one repository."""
 
-    def __init__(self, repository: Repository, metrics: Any, control: RepositoryControl) -> None:
+    def __init__(
+        self, repository: Repository, metrics: Any, control: RepositoryControl, limits: ConnectionLimits
+    ) -> None:
         self._repository = repository
         self._control = control
         self.pipeline = Pipeline(repository, "grpc", metrics)
         self._controller = Controller(repository, control)
         self.draining = False
         self.last_call = 0.0  # loop time of the latest ModelInfer, for the drain's quiet window
-        self.typed_limit = ConnectionLimits().max_json_bytes  # bytes of typed contents per request
+        self.typed_limit = limits.max_json_bytes  # bytes of typed contents per request
+        self._budget = Budget(limits.max_decode_bytes, GRPC_ADVICE)  # BYTES elements being decoded or encoded
+        self._answer = functools.partial(answer, budget=self._budget)
 
     def handler(self) -> Any:
         """The generic handler that routes the service's methods to this object."""
@@ -196,8 +201,8 @@ class Servicer:
                 start,
                 request.model_name,
                 request.model_version or None,
-                functools.partial(call, request, context, large=large),
-                answer,
+                functools.partial(call, request, context, large=large, budget=self._budget),
+                self._answer,
             )
         except Failed as failed:
             if failed.arm is not None:

@@ -19,12 +19,14 @@ import numpy as np
 from inferkit.errors import (
     Closed,
     DeadlineExceeded,
+    DecodingBusy,
     InferkitError,
     InvalidInput,
     ModelError,
     ModelNotFound,
     NoHealthyReplica,
     Overloaded,
+    RequestTooLarge,
 )
 
 __all__ = [
@@ -113,34 +115,62 @@ def fit(array: np.ndarray[Any, Any], datatype: str, name: str) -> np.ndarray[Any
     return array.astype(dtype, copy=False)
 
 
+_U32 = struct.Struct("<I")
+
+
 def unpack_bytes(buffer: bytes | memoryview, count: int, name: str) -> np.ndarray[Any, Any]:
-    """``count`` BYTES elements, each a 4-byte little-endian length then that many bytes."""
-    view = memoryview(buffer)
-    if count * 4 > len(view):  # before allocating: a client may claim any count
-        raise invalid(f"{len(view)} bytes cannot hold {count} BYTES elements", name)
+    """``count`` BYTES elements, each a 4-byte little-endian length then that many bytes.
+
+    One tight loop (about 0.15 us an element): a client chooses how many elements its bytes
+    hold, up to one per 4 bytes, and each becomes a Python object.
+    """
+    data = bytes(buffer)  # a slice of bytes is bytes: one object per element, nothing in between
+    size = len(data)
+    if count * 4 > size:  # before allocating: a client may claim any count
+        raise invalid(f"{size} bytes cannot hold {count} BYTES elements", name)
+    items: list[Any] = [None] * count
+    unpack = _U32.unpack_from
+    offset = 0
+    try:
+        for i in range(count):
+            start = offset + 4
+            offset = start + unpack(data, offset)[0]
+            items[i] = data[start:offset]  # past the end it is short; ``offset`` then says so below
+    except struct.error:
+        offset = size + 1
+    if offset > size:
+        raise _framing_error(data, count, name)
+    if offset != size:
+        raise invalid(f"{size - offset} bytes left over after {count} BYTES elements", name)
     out = np.empty(count, dtype=object)
+    out[:] = items
+    return out
+
+
+def _framing_error(data: bytes, count: int, name: str) -> InvalidInput:
+    """What is wrong with BYTES framing that ran past its data: which element, and how."""
     offset = 0
     for i in range(count):
-        if offset + 4 > len(view):
-            raise invalid(f"BYTES data ends after {i} of {count} elements", name)
-        (length,) = struct.unpack_from("<I", view, offset)
+        if offset + 4 > len(data):
+            return invalid(f"BYTES data ends after {i} of {count} elements", name)
+        (length,) = _U32.unpack_from(data, offset)
         offset += 4
-        if offset + length > len(view):
-            raise invalid(f"BYTES element {i} claims {length} bytes, {len(view) - offset} remain", name)
-        out[i] = bytes(view[offset : offset + length])
+        if offset + length > len(data):
+            return invalid(f"BYTES element {i} claims {length} bytes, {len(data) - offset} remain", name)
         offset += length
-    if offset != len(view):
-        raise invalid(f"{len(view) - offset} bytes left over after {count} BYTES elements", name)
-    return out
+    return invalid(f"BYTES data does not hold {count} elements", name)
 
 
 def pack_bytes(array: np.ndarray[Any, Any]) -> bytes:
     """Serialize a BYTES tensor: each element as a 4-byte little-endian length and its bytes."""
-    parts = []
-    for item in array.reshape(-1):
-        data = item if isinstance(item, bytes) else str(item).encode()
-        parts.append(struct.pack("<I", len(data)))
-        parts.append(data)
+    pack = _U32.pack
+    parts: list[bytes] = []
+    append = parts.append
+    for item in array.reshape(-1).tolist():
+        if type(item) is not bytes:
+            item = item if isinstance(item, bytes) else str(item).encode()  # noqa: PLW2901 (what goes out)
+        append(pack(len(item)))
+        append(item)
     return b"".join(parts)
 
 
@@ -324,8 +354,17 @@ def http_status(error: BaseException, *, overload_status: int = 503) -> int:
 
 
 def grpc_code(error: BaseException) -> Any:
-    """The ``grpc.StatusCode`` for an error, following :func:`http_status`."""
+    """The ``grpc.StatusCode`` for an error, following :func:`http_status`.
+
+    A request that could never be decoded within ``max_decode_bytes`` is RESOURCE_EXHAUSTED (as a
+    message over the size limit is); one that cannot be now, UNAVAILABLE (retry).
+    """
     import grpc  # noqa: PLC0415 (the server extra)
+
+    if isinstance(error, RequestTooLarge):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(error, DecodingBusy):
+        return grpc.StatusCode.UNAVAILABLE
 
     codes = {
         400: grpc.StatusCode.INVALID_ARGUMENT,

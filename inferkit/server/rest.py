@@ -44,9 +44,9 @@ when a queue is full or other large requests hold ``max_decode_bytes`` (503 also
 replica is healthy or the model is closing), 504 when the ``timeout`` passed before the
 request ran, 500 when the model failed.
 
-Decoding is bounded before it starts: a body under 1 MiB is decoded on the event loop (a
-few milliseconds); a larger one first reserves its estimated memory (see
-:mod:`inferkit.server.rest_budget`) from ``max_decode_bytes``, then is decoded on a
+Decoding is bounded before it starts: a body under 32 KiB is decoded on the event loop (a
+few milliseconds at most); a larger one first reserves its estimated memory (see
+:mod:`inferkit.server.budget`) from ``max_decode_bytes``, then is decoded on a
 worker thread; large answers and compressed bodies past their first MiB likewise. A size
 header (``Content-Length``, ``Inference-Header-Content-Length``) must be ASCII digits.
 
@@ -336,11 +336,11 @@ def create_app(
     - ``max_request_bytes``: a body (also once decompressed).
     - ``max_json_bytes``: the JSON part of a body (all of it without binary tensor data);
       JSON tensors take 4-35 times their size in memory while decoded.
-    - ``max_decode_bytes``: the memory that large bodies (1 MiB and more) being decoded and
+    - ``max_decode_bytes``: the memory that large bodies (32 KiB and more) being decoded and
       large answers being encoded may hold at once, estimated before the work starts (JSON at
-      :data:`~inferkit.server.rest_budget.JSON_COST_PER_BYTE` per byte, binary at
-      :data:`~inferkit.server.rest_budget.BINARY_COST_PER_BYTE`, BYTES elements at
-      :data:`~inferkit.server.rest_budget.BYTES_ELEMENT_COST`). A request that could never fit is a 413; one
+      :data:`~inferkit.server.budget.JSON_COST_PER_BYTE` per byte, binary at
+      :data:`~inferkit.server.budget.BINARY_COST_PER_BYTE`, BYTES elements at
+      :data:`~inferkit.server.budget.BYTES_ELEMENT_COST`). A request that could never fit is a 413; one
       that does not fit beside those under way is refused like a full queue, below.
 
     A full queue answers ``overload_status`` (429 or 503) with ``Retry-After: retry_after_s``

@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 import numpy as np
 
+from inferkit.server.budget import BYTES_ELEMENT_COST
 from inferkit.server.protocol import (
     DTYPES,
     MAX_DIMS,
@@ -25,7 +26,6 @@ from inferkit.server.protocol import (
     request_options,
     shaped,
 )
-from inferkit.server.rest_budget import BYTES_ELEMENT_COST
 
 try:  # orjson parses JSON several times faster; the stdlib stands in without it
     import orjson

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from inferkit.server.budget import BINARY_COST_PER_BYTE, BYTES_ELEMENT_COST, JSON_OUTPUT_ELEMENT_COST
 from inferkit.server.protocol import ARM, check_outputs, datatype_of, to_raw
 from inferkit.server.repository import InferResult
-from inferkit.server.rest_budget import BINARY_COST_PER_BYTE, BYTES_ELEMENT_COST, JSON_OUTPUT_ELEMENT_COST
 from inferkit.server.rest_decode import HEADER_LENGTH, Array, InferRequest
 
 try:  # orjson writes JSON several times faster; the stdlib stands in without it

@@ -1,8 +1,9 @@
-"""The memory that large REST bodies hold while decoded or encoded: what each byte costs, and the budget.
+"""The memory that large requests hold while decoded or encoded: what each byte costs, and the budget.
 
 A large request reserves its estimated memory before it is decoded on a worker thread, and a
 large answer before it is encoded; what can never fit is refused outright, what does not fit
-now is refused like a full queue.
+now is refused like a full queue. Each face has one budget (``max_decode_bytes``): REST for its
+bodies, gRPC for the BYTES elements of its messages (each a Python object once decoded).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from inferkit.errors import DecodingBusy, RequestTooLarge
 __all__ = [
     "BINARY_COST_PER_BYTE",
     "BYTES_ELEMENT_COST",
+    "GRPC_ADVICE",
     "JSON_COST_PER_BYTE",
     "JSON_OUTPUT_ELEMENT_COST",
+    "REST_ADVICE",
     "Budget",
     "Hold",
 ]
@@ -35,6 +38,15 @@ JSON_OUTPUT_ELEMENT_COST = 64
 """Bytes of memory reserved per element of an output sent as JSON (a Python number and its text)."""
 
 
+REST_ADVICE = (
+    f"(JSON tensors take about {JSON_COST_PER_BYTE}x their text); send tensors as binary data "
+    "(the binary tensor data extension, tritonclient's default) or split the request"
+)
+"""What a REST client is told to do about a request that can never fit."""
+GRPC_ADVICE = f"(a BYTES element takes about {BYTES_ELEMENT_COST} bytes once decoded); split the request"
+"""What a gRPC client is told to do about a request that can never fit."""
+
+
 class Budget:
     """Bytes of memory that large requests being decoded, and large answers being encoded, hold at once.
 
@@ -43,18 +55,17 @@ class Budget:
     thread adds what binary BYTES inputs take once it has read their shapes.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, advice: str = REST_ADVICE) -> None:
         self.capacity = capacity
         self.used = 0
+        self.advice = advice
         self._lock = threading.Lock()
 
     def take(self, nbytes: int, what: str) -> None:
         """Hold ``nbytes`` for ``what``; ``RequestTooLarge`` or ``DecodingBusy`` when they do not fit."""
         if nbytes > self.capacity:
             msg = (
-                f"{what} needs about {nbytes} bytes of memory, more than max_decode_bytes={self.capacity} "
-                f"(JSON tensors take about {JSON_COST_PER_BYTE}x their text); send tensors as binary data "
-                "(the binary tensor data extension, tritonclient's default) or split the request"
+                f"{what} needs about {nbytes} bytes of memory, more than max_decode_bytes={self.capacity} {self.advice}"
             )
             raise RequestTooLarge(msg)
         with self._lock:
