@@ -507,6 +507,24 @@ class TestConnectionLimits:
         finally:
             server.join(WAIT)
 
+    def test_pipelined_requests_whose_chunk_ends_in_a_head_are_all_answered(self) -> None:
+        """300 small requests sent back to back (46 KB, more than max_header_bytes in all) with the last
+        one's head cut in two: every one is answered 200. Before, the whole chunk counted as the cut head:
+        431, the answers of those already run lost."""
+        server = _echo_server(max_header_bytes=16 * 1024)
+        body = b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}'
+        post = b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as sock:
+                sock.sendall(post * 300 + post[:40])
+                time.sleep(0.2)  # the server reads what came so far: its last chunk ends inside a head
+                sock.sendall(post[40:].replace(b"x\r\n", b"x\r\nConnection: close\r\n", 1))  # then it closes
+                answer = _read_response(sock)
+            assert answer.count(b"HTTP/1.1 200 ") == 301, answer[-300:]
+            assert b" 431 " not in answer
+        finally:
+            server.join(WAIT)
+
     def test_a_stalled_body_gets_408(self) -> None:
         """A request whose body stops arriving is answered 408 after body_timeout_s."""
         server = _echo_server(body_timeout_s=0.5)

@@ -77,6 +77,7 @@ class _Guarded(HttpToolsProtocol):
         self._in_head = True  # reading a request head (or waiting for the first one)
         self._head_bytes = 0
         self._chunk = 0
+        self._began = False  # a request head began in the chunk being read
         self._last_read = 0.0
         self._refused = False
 
@@ -109,6 +110,7 @@ class _Guarded(HttpToolsProtocol):
             return  # lingering after a refusal: drop it
         self._unset_keepalive_if_required()
         self._chunk = len(data)
+        self._began = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -122,8 +124,8 @@ class _Guarded(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
             return
-        if self._in_head:
-            self._head_bytes += len(data)
+        if self._in_head and not self._began:  # a head begun in this chunk is counted from the next one on
+            self._head_bytes += len(data)  # (the chunk may end pipelined requests); on_headers_complete sizes it
             if self._head_bytes > self.shared.limits.max_header_bytes:
                 self._refuse(431, f"the request head is over max_header_bytes={self.shared.limits.max_header_bytes}")
 
@@ -138,7 +140,8 @@ class _Guarded(HttpToolsProtocol):
             self.cycle.keep_alive = False
 
     def _close_if_idle(self) -> None:
-        idle = (self.cycle is None or self.cycle.response_complete) and not (self._in_head and self._head_bytes)
+        started = self._in_head and (self._began or self._head_bytes)  # part of a head has come
+        idle = (self.cycle is None or self.cycle.response_complete) and not started
         if idle and not self.transport.is_closing():
             self.transport.close()
 
@@ -147,6 +150,7 @@ class _Guarded(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
+        self._began = True
         self._head_bytes = 0
         self._arm(self.shared.limits.header_timeout_s, self._head_timeout)
 
