@@ -406,6 +406,25 @@ class TestInferJson:
             np.testing.assert_array_equal(out["output"], arr)  # one output of an untyped model
             assert out["output"].dtype == arr.dtype
 
+    def test_nan_and_infinities_go_both_ways_exactly(
+        self, http: httpx.Client, triton_client: triton.InferenceServerClient
+    ) -> None:
+        """As Triton: NaN, Infinity and -Infinity in JSON data are read, and written out rather than as null
+        (which reads back as NaN, so -inf came back as nan); tritonclient gets them back exactly."""
+        values = np.array([[np.nan, np.inf, -np.inf, 1.5]], np.float32)
+        body = b'{"inputs":[{"name":"v","shape":[1,4],"datatype":"FP32","data":[NaN,Infinity,-Infinity,1.5]}]}'
+        response = _infer(http, "echo", body)
+        assert response.status_code == 200, response.text
+        assert b"[NaN,Infinity,-Infinity,1.5]" in response.content
+        np.testing.assert_array_equal(_decode(response)[1]["output"], values)
+        tensor = triton.InferInput("v", [1, 4], "FP32")
+        tensor.set_data_from_numpy(values, binary_data=False)
+        result = triton_client.infer(
+            "echo", [tensor], outputs=[triton.InferRequestedOutput("output", binary_data=False)]
+        )
+        np.testing.assert_array_equal(result.as_numpy("output"), values)
+        assert _infer(http, "echo", b'{"inputs": [NaN').status_code == 400  # still malformed
+
     def test_json_ints_for_a_float_input(self, http: httpx.Client) -> None:
         """Integer JSON numbers are fine for an FP32 input."""
         body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]})

@@ -30,13 +30,23 @@ from inferkit.server.protocol import (
 try:  # orjson parses JSON several times faster; the stdlib stands in without it
     import orjson
 
-    loads: Callable[[Any], Any] = orjson.loads
+    _loads: Callable[[Any], Any] = orjson.loads
 
 except ImportError:  # pragma: no cover (the server extra installs orjson)
 
-    def loads(data: Any) -> Any:
-        """JSON ``data`` (bytes or a view of them) parsed."""
+    def _loads(data: Any) -> Any:
         return json.loads(bytes(data))
+
+
+def loads(data: Any) -> Any:
+    """JSON ``data`` (bytes or a view of them) parsed; ``NaN``, ``Infinity`` and ``-Infinity`` as Triton reads them."""
+    try:
+        return _loads(data)
+    except ValueError:
+        raw = bytes(data)
+        if b"NaN" not in raw and b"Infinity" not in raw:
+            raise
+        return json.loads(raw)  # the stdlib reads them (RFC 8259 has none; Triton and its clients write them)
 
 
 __all__ = ["HEADER_LENGTH", "InferRequest", "decode_request", "is_int", "loads", "mapping"]

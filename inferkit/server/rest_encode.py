@@ -55,10 +55,13 @@ def encode_response(model: str, request: InferRequest, result: InferResult) -> t
     check_outputs(names, outputs, model)
     tensors = []
     chunks: list[bytes] = []
+    exact = True  # no float sent as JSON is NaN or infinite
     for name in names:
         arr = np.asarray(outputs[name])
         tensor: dict[str, Any] = {"name": name, "datatype": datatype_of(arr.dtype), "shape": list(arr.shape)}
         data = None if request.binary.get(name, request.binary_default) else _json_data(arr)
+        if data is not None and arr.dtype.kind in "fc" and exact:
+            exact = bool(np.isfinite(arr).all())
         if data is None:
             raw = to_raw(arr)
             chunks.append(raw)
@@ -74,7 +77,8 @@ def encode_response(model: str, request: InferRequest, result: InferResult) -> t
         response["parameters"] = {"arm": result.arm}
         headers[ARM] = result.arm
     response["outputs"] = tensors
-    header = _dumps(response)
+    # As Triton: NaN, Infinity and -Infinity written out (orjson would write null, which reads back as NaN)
+    header = _dumps(response) if exact else json.dumps(response, separators=(",", ":")).encode()
     if not chunks:
         headers["content-type"] = _JSON
         return header, headers
