@@ -45,6 +45,7 @@ class BulkFaces:
         rows left out) or ``"collect"`` (left out, and a :class:`~inferkit.bulk.BulkResult`
         returned with each row's error); see :mod:`inferkit.bulk`. ``progress=True`` shows rows/s
         and the time left on stderr when it is a terminal. ``timeout`` applies to each batch.
+        ``data`` with no rows is ``InvalidInput``, as for :meth:`predict`.
         """
         from inferkit.bulk import map_batches  # noqa: PLC0415  (pyarrow and files only on use)
 

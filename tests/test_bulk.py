@@ -91,6 +91,14 @@ class TestMap:
         with pytest.raises(ValueError, match="on_error must be"):
             predictor.map(x, on_error="ignore")  # type: ignore[arg-type]
 
+    @pytest.mark.parametrize("on_error", ["raise", "skip", "collect"])
+    def test_no_rows_is_invalid_input_as_for_predict(self, predictor: inferkit.Predictor, on_error: Any) -> None:
+        """An empty array or an iterable of no batches: InvalidInput (it answered None), and the predictor serves on."""
+        for data in (np.zeros((0, 4), np.float32), iter(())):
+            with pytest.raises(inferkit.InvalidInput, match="no rows"):
+                predictor.map(data, on_error=on_error)
+        assert predictor.predict(np.ones((2, 4), np.float32)).shape == (2, 3)
+
     def test_stopping_early_cancels_the_rest(self, predictor: inferkit.Predictor) -> None:
         """Breaking out of stream leaves nothing running and the predictor serving."""
         x = np.ones((100_000, 4), np.float32)

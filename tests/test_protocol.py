@@ -39,6 +39,8 @@ class TestRequestOptions:
         two = request_options({"priority": 2})[1]
         assert default == request_options({"priority": 0})[1] == 0
         assert one > two > default
+        last = [request_options({"priority": p})[1] for p in (2**31 - 2, 2**31 - 1, 2**31, 2**63, 2**64 - 1)]
+        assert two > last[0] > last[1] == last[2] == last[3] == last[4] > default  # the uint64 the wire allows
 
     def test_header_key_wins_and_keys_are_strings(self) -> None:
         """A header or metadata key wins over the parameter; an int key routes as its string."""

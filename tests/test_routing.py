@@ -187,6 +187,16 @@ class TestFaces:
         assert served.arm(8, None) is None
 
 
+@pytest.mark.parametrize(
+    "weights", [{}, {"a": -1.0, "b": 1.0}, {"a": float("nan")}, {"a": float("inf"), "b": 1.0}, {"a": 0, "b": 0}]
+)
+def test_abtest_refuses_weights_that_cannot_split(weights: dict[str, float]) -> None:
+    """No arm, a negative, NaN or infinite weight, or all zero: a ValueError at construction (an infinite one
+    had become NaN and sent every request to the other arm)."""
+    with pytest.raises(ValueError, match="weights must"):
+        ABTest(weights)
+
+
 class TestCanary:
     """Automatic promotion and rollback."""
 

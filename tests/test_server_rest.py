@@ -397,6 +397,8 @@ class TestInferJson:
         np.testing.assert_allclose(out["s"], x.sum(axis=1), rtol=1e-6)
         header, out = _decode(_infer(http, "two", _json_body({"x": x}, outputs=[{"name": "s"}])))
         assert [t["name"] for t in header["outputs"]] == ["s"]
+        _, out = _decode(_infer(http, "two", _json_body({"x": x}, outputs=[])))  # an empty list: every one
+        assert sorted(out) == ["s", "y"]
 
     def test_every_datatype(self, http: httpx.Client) -> None:
         """Each numeric datatype survives a JSON round trip through an echo model exactly."""

@@ -194,6 +194,9 @@ def map_batches(
             kept.append(done.outputs)
         rows.append(done.rows)
         errors.extend(done.errors)
+    if not kept and not errors:
+        msg = "map got no rows; send at least one (as predict refuses an empty batch)"
+        raise InvalidInput(msg)
     outputs = _concat(kept)
     if on_error == "collect":
         index = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)

@@ -5,6 +5,7 @@ One arm (:class:`Fixed`), weights (:class:`ABTest`) or a caller attribute (:clas
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from inferkit.policies.protocol import Feedback, Policy, Route, observes_of
@@ -61,9 +62,9 @@ class ABTest:
         if not weights:
             msg = "weights must name at least one arm"
             raise ValueError(msg)
-        bad = {arm: w for arm, w in weights.items() if not w >= 0}
+        bad = {arm: w for arm, w in weights.items() if not 0 <= w < math.inf}
         if bad or not sum(weights.values()) > 0:
-            msg = f"weights must be >= 0 and not all 0, got {dict(weights)!r}"
+            msg = f"weights must be finite, >= 0 and not all 0, got {dict(weights)!r}"
             raise ValueError(msg)
         total = sum(weights.values())
         self.weights = {arm: w / total for arm, w in weights.items()}

@@ -301,7 +301,8 @@ def request_options(
     ``timeout`` is in microseconds as tritonclient sends it (0: none); ``remaining_s`` is a
     transport deadline (gRPC's), and the earlier of the two wins. ``priority`` follows Triton on
     the wire: 0 (or absent) is the default level, 1 the most urgent, larger less urgent; every
-    explicit level runs before the default. ``key`` (a header or metadata value) wins over the
+    explicit level runs before the default (levels from ``2**31 - 1`` on, the uint64 the protocol
+    allows, are one level, the least urgent explicit one). ``key`` (a header or metadata value) wins over the
     ``key`` parameter, a string or an int taken as its string so both faces route alike.
     ``InvalidInput`` names a bad value, and refuses sequence batching (``sequence_id``, ...).
     """
@@ -324,7 +325,7 @@ def request_options(
     if isinstance(wire, bool) or not isinstance(wire, int) or wire < 0:
         msg = f"parameter 'priority' must be an integer >= 0 (1 is the most urgent), got {wire!r:.100}"
         raise InvalidInput(msg)
-    priority = _WIRE_PRIORITY_TOP - wire if wire else 0
+    priority = _WIRE_PRIORITY_TOP - min(wire, _WIRE_PRIORITY_TOP - 1) if wire else 0  # past 2**31 - 1: the last level
     if key is None:
         value = parameters.get("key")
         if value is not None and (isinstance(value, bool) or not isinstance(value, str | int)):

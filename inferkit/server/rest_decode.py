@@ -203,7 +203,7 @@ def _outputs(value: object) -> tuple[tuple[str, ...] | None, dict[str, bool]]:
                 raise invalid(f"output {name!r}: parameters.binary_data must be true or false, got {flag!r:.100}")
             binary[name] = flag
         names[name] = None
-    return tuple(names), binary
+    return (tuple(names) or None), binary  # an empty list asks for every output, as in Triton (and over gRPC)
 
 
 def decode_request(
