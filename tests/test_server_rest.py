@@ -9,6 +9,7 @@ import random
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -498,6 +499,27 @@ class TestInferBinary:
         body, headers = _binary_body({"x": _x()})
         response = _infer(http, "mlp", gzip.compress(body), {**headers, "Content-Encoding": "gzip"})
         np.testing.assert_allclose(_decode(response)[1]["y"], _x() @ W + B, rtol=1e-6)
+        members = gzip.compress(body[:10]) + gzip.compress(body[10:])  # RFC 1952: members, one after another
+        response = _infer(http, "mlp", members, {**headers, "Content-Encoding": "gzip"})
+        np.testing.assert_allclose(_decode(response)[1]["y"], _x() @ W + B, rtol=1e-6)
+
+    def test_a_header_given_twice_with_different_values_is_400(self, http: httpx.Client) -> None:
+        """Two Inference-Header-Content-Length or Content-Encoding values that differ: 400 in either order (a
+        proxy reading the other one would see another request); the same value twice is fine."""
+        body, headers = _binary_body({"x": _x()})
+        length = headers[HEADER_LENGTH]
+        for values in ([length, "3"], ["3", length]):
+            dup = [(k, v) for k, v in headers.items() if k != HEADER_LENGTH] + [(HEADER_LENGTH, v) for v in values]
+            response = http.post("/v2/models/mlp/infer", content=body, headers=dup)
+            assert response.status_code == 400, response.text
+            assert "given 2 times with different values" in response.json()["error"]
+        for values in (["identity", "gzip"], ["gzip", "identity"]):
+            dup = [*headers.items(), *(("Content-Encoding", v) for v in values)]
+            response = http.post("/v2/models/mlp/infer", content=gzip.compress(body), headers=dup)
+            assert response.status_code == 400, response.text
+        same = [*headers.items(), (HEADER_LENGTH, length)]
+        response = http.post("/v2/models/mlp/infer", content=body, headers=same)
+        np.testing.assert_allclose(_decode(response)[1]["y"], _x() @ W + B, rtol=1e-6)
 
 
 class TestTritonClient:
@@ -740,6 +762,9 @@ MALFORMED: list[tuple[str, str, bytes, dict[str, str], str]] = [
     ),
     ("mlp", "bad gzip", b"not gzip", {"Content-Encoding": "gzip"}, "decompress"),
     ("mlp", "truncated gzip", gzip.compress(_good())[:-12], {"Content-Encoding": "gzip"}, "truncated"),
+    ("mlp", "junk after gzip", gzip.compress(_good()) + b"junk", {"Content-Encoding": "gzip"}, "decompress"),
+    ("mlp", "bytes after deflate", zlib.compress(_good()) + b"x", {"Content-Encoding": "deflate"}, "after the deflate"),
+    ("mlp", "65 gzip members", gzip.compress(_good()) + gzip.compress(b"") * 64, {"Content-Encoding": "gzip"}, "64"),
 ]
 
 

@@ -24,6 +24,7 @@ __all__ = ["Bodies"]
 
 _OFFLOAD_BYTES = 2**20  # encode bigger answers, and inflate past this, off the event loop
 _INLINE_BYTES = 2**15  # decode bigger bodies off the loop: 32 KiB of JSON rows of one take ~4 ms, 1 MiB ~180
+_MAX_MEMBERS = 64  # gzip members of one body: each costs a decompressor, and 20 bytes make an empty one
 _MAX_HEADER_DIGITS = 18  # any byte count fits; int() of a longer string is work a client chooses
 
 
@@ -41,9 +42,20 @@ def _inflate(inflater: Any, data: bytes | bytearray, max_length: int, encoding: 
         raise invalid(f"the {encoding} body does not decompress ({exc})") from None
 
 
+def _header(request: Request, name: str) -> str | None:
+    """A header's one value; ``InvalidInput`` when it is given twice with different values.
+
+    A proxy that reads the last of them would see another request than the one decoded here.
+    """
+    values = request.headers.getlist(name)
+    if len(values) > 1 and len({v.strip().lower() for v in values}) > 1:
+        raise invalid(f"{name} is given {len(values)} times with different values; send it once")
+    return values[0] if values else None
+
+
 def _header_int(request: Request, name: str) -> int | None:
     """A byte-count header as an int; ``InvalidInput`` unless it is a short run of ASCII digits."""
-    value = request.headers.get(name)
+    value = _header(request, name)
     if value is None:
         return None
     value = value.strip()
@@ -110,7 +122,7 @@ class Bodies:
 
     async def body(self, request: Request, *, json_only: bool) -> bytes | bytearray:
         """The body, inflated; 413 past ``max_request_bytes`` (or ``max_json_bytes`` for a JSON-only body)."""
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        encoding = (_header(request, "content-encoding") or "identity").strip().lower()
         plain = encoding in {"", "identity"}
         inflater = None if plain else _inflater(encoding)  # 415 before reading the body
         length = _header_int(request, "content-length")
@@ -131,19 +143,34 @@ class Bodies:
         return await self._inflate(inflater, body, encoding)
 
     async def _inflate(self, inflater: Any, body: bytearray, encoding: str) -> bytes:
-        """A compressed body inflated: the first MiB on the loop, the rest on a thread within the budget."""
-        out = _inflate(inflater, body, _OFFLOAD_BYTES, encoding)
-        if not inflater.eof and (inflater.unconsumed_tail or len(out) == _OFFLOAD_BYTES):
+        """A compressed body inflated, gzip member by member (RFC 1952 allows several); nothing may follow."""
+        out = await self._member(inflater, body, encoding, 0)
+        for _ in range(_MAX_MEMBERS - 1):
+            rest = inflater.unused_data
+            if not rest or encoding != "gzip":
+                break
+            inflater = _inflater(encoding)
+            out += await self._member(inflater, rest, encoding, len(out))
+        if inflater.unused_data:
+            more = "gzip members" if encoding == "gzip" else f"bytes after the {encoding} stream"
+            raise invalid(f"the body has more {more} than inferkit reads (at most {_MAX_MEMBERS} gzip members)")
+        return bytes(out)
+
+    async def _member(self, inflater: Any, data: bytes | bytearray, encoding: str, before: int) -> bytearray:
+        """One compressed stream inflated: the first MiB on the loop, the rest on a thread within the budget."""
+        limit = self.limit - before  # what the body may still inflate to
+        out = bytearray(_inflate(inflater, data, min(_OFFLOAD_BYTES, limit + 1), encoding))
+        if len(out) <= limit and not inflater.eof and (inflater.unconsumed_tail or len(out) == _OFFLOAD_BYTES):
             hold = Hold(self.budget, f"inflating a {encoding} body (at most max_request_bytes)")
             hold.take(self.limit)  # all it may inflate to, before inflating it
             try:
                 rest = await run_in_threadpool(
-                    _inflate, inflater, inflater.unconsumed_tail, self.limit + 1 - len(out), encoding
+                    _inflate, inflater, inflater.unconsumed_tail, limit + 1 - len(out), encoding
                 )
             finally:
                 hold.release()
             out += rest
-        if len(out) > self.limit or inflater.unconsumed_tail:
+        if len(out) > limit or inflater.unconsumed_tail:
             raise RequestTooLarge(f"the decompressed body is larger than max_request_bytes={self.limit}")
         if not inflater.eof:
             raise invalid(f"the {encoding} body is truncated")
