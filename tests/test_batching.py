@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import heapq
+import itertools
 import logging
 import sys
 import threading
@@ -43,7 +45,8 @@ request = st.fixed_dictionaries(
 @given(requests=st.lists(request, min_size=1, max_size=24), max_batch_size=st.integers(1, 8))
 def test_queued_requests_run_in_priority_order_within_size(requests: list[dict[str, int]], max_batch_size: int) -> None:
     """Queued behind a busy replica, requests run by priority then arrival, in batches of at most
-    max_batch_size rows; cancelled and expired ones never run; every other one gets its own rows back.
+    max_batch_size rows, a request of more rows one part at a time, its other parts going behind what was
+    queued when that part was taken; cancelled and expired ones never run; every other one gets its own rows back.
     """
     model = Model()
     p = Predictor(lambda: CallableBackend(model), batching=BatchConfig(max_batch_size=max_batch_size))
@@ -71,8 +74,16 @@ def test_queued_requests_run_in_priority_order_within_size(requests: list[dict[s
                 np.testing.assert_array_equal(f.result(WAIT), rows(float(i), r["rows"]) * 2)
         stats = p.stats()
     runs = [i for i, r in enumerate(requests) if not r["cancel"] and not r["expire"]]
-    order = sorted(runs, key=lambda i: (-requests[i]["priority"], i))
-    expected = [float(i) for i in order for _ in range(requests[i]["rows"])]
+    queue = [(-requests[i]["priority"], i, i, requests[i]["rows"]) for i in runs]
+    heapq.heapify(queue)
+    arrivals = itertools.count(len(requests))
+    expected = []
+    while queue:
+        priority, _, i, left = heapq.heappop(queue)
+        taken = min(left, max_batch_size)  # a part, or all that is left
+        expected += [float(i)] * taken
+        if left > taken:
+            heapq.heappush(queue, (priority, next(arrivals), i, left - taken))
     assert list(model.seen()[1:]) == expected
     assert all(len(b) <= max_batch_size for b in model.batches[1:])
     assert stats.accepted == len(requests) + 1

@@ -339,7 +339,7 @@ class TestFailures:
             return a
 
         spec = [TensorSpec("x", object, (None, 1))]
-        batching = BatchConfig(max_batch_size=4, max_queue_bytes=1_000_000)
+        batching = BatchConfig(max_batch_size=4, max_queue_size=8192, max_queue_bytes=1_000_000)
         with Predictor.from_callable(lambda x: np.zeros((len(x), 1)), inputs=spec, batching=batching) as p:
             view = np.broadcast_to(column([Sized(100)]), (16_000, 1))  # 16,000 elements, one distinct: 1.7 MB
             with pytest.raises(InvalidInput, match="max_queue_bytes=1000000"):

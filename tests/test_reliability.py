@@ -100,7 +100,7 @@ class TestWorkBeforeAdmission:
         with Predictor.from_onnx(_reduce_sum(), max_batch_size=64) as p:
             x = np.empty((2**40, 0), dtype=np.float32)
             start = time.monotonic()
-            with pytest.raises(InvalidInput, match=r"1099511627776 rows.*max_queue_size=4096.*at most 262144 rows"):
+            with pytest.raises(InvalidInput, match=r"1099511627776 rows.*max_queue_size=4096.*at most 131072 rows"):
                 p.predict(x)
             assert time.monotonic() - start < 1.0  # 2**34 parts would take hours and terabytes
             stats = p.stats()
@@ -109,14 +109,14 @@ class TestWorkBeforeAdmission:
             np.testing.assert_allclose(p.predict(np.ones((3, 2), np.float32)), [2, 2, 2])
 
     def test_the_largest_request_that_fits_runs(self) -> None:
-        """max_batch_size x max_queue_size rows is accepted and answered in order, split lazily."""
+        """max_batch_size x half of max_queue_size rows is accepted and answered in order, split lazily."""
         with Predictor.from_callable(lambda x: x * 2, max_batch_size=4, max_queue_size=8) as p:
-            x = np.arange(32, dtype=np.float64).reshape(32, 1)
+            x = np.arange(16, dtype=np.float64).reshape(16, 1)
             np.testing.assert_array_equal(p.predict(x), x * 2)
-            with pytest.raises(InvalidInput, match="at most 32 rows"):
-                p.predict(np.ones((33, 1)))
+            with pytest.raises(InvalidInput, match=r"half of max_queue_size=8 batches.*at most 16 rows"):
+                p.predict(np.ones((17, 1)))
             stats = p.stats()
-            assert stats.batch_sizes == {4: 8}
+            assert stats.batch_sizes == {4: 4}
             assert (stats.queue_depth, stats.queued_rows) == (0, 0)
 
     @pytest.mark.parametrize("balancing", ["shared", "round_robin", "least_outstanding"])
@@ -140,6 +140,26 @@ class TestWorkBeforeAdmission:
             np.testing.assert_array_equal(p.predict(x), x + 1)
             assert p.stats().batch_sizes == {4: 10}
         assert most[0] >= 2
+
+    def test_a_split_request_takes_turns_with_requests_queued_after_it(self) -> None:
+        """A request of 12 parts queued before a small one: the small one runs after the big one's first part,
+        not after all of them (it waited 0.4-1.8 s behind a 4,096-part request over REST), and the big one still
+        comes back whole and in order. Half the queue stays free for others meanwhile."""
+        p, model = _gated(max_batch_size=2, max_queue_size=24)
+        with p:
+            blocker = p.submit(rows(BLOCK))
+            assert model.entered.wait(WAIT)
+            x = rows(100.0, n=23) + np.arange(23.0)[:, None]
+            big = p.submit(x)  # 12 parts, half of the queue
+            small = p.submit(rows(7.0))
+            with pytest.raises(inferkit.Overloaded):
+                p.submit(rows(9.0, n=24))  # 12 more parts would fill it: refused, the small ones still fit
+            model.release.set()
+            np.testing.assert_array_equal(big.result(WAIT), x * 2)
+            np.testing.assert_array_equal(small.result(WAIT), rows(7.0) * 2)
+            blocker.result(WAIT)
+            firsts = [batch[0, 0] for batch in model.batches]
+            assert firsts.index(7.0) <= 2, firsts  # the blocker, the big one's first part, then the small one
 
     def test_a_cancelled_split_request_never_runs(self) -> None:
         """Cancelling a queued request of many parts drops them all; the queue is empty after."""

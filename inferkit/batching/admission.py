@@ -67,7 +67,7 @@ class Admission:
         count = 1 if request.rows <= max_rows else -(-request.rows // max_rows)
         nbytes = request.nbytes
         never = None
-        if count > config.max_queue_size or nbytes > config.max_queue_bytes:  # before any work per part
+        if count > _most_parts(config) or nbytes > config.max_queue_bytes:  # before any work per part
             never = self._never_fits(request, count)
         else:
             try:  # then what strings hold, walked no further than needed to refuse
@@ -87,11 +87,12 @@ class Admission:
     def _never_fits(self, request: Request, parts: int) -> InvalidInput:
         """Why no queue could ever hold ``request`` (of ``parts`` parts)."""
         config = self.config
-        if parts > config.max_queue_size:
+        most = _most_parts(config)
+        if parts > most:
             return InvalidInput(
                 f"request {request.id} has {request.rows} rows, {parts} batches of max_batch_size={config.call_rows}; "
-                f"max_queue_size={config.max_queue_size} batches is the most one request can take "
-                f"(send at most {config.call_rows * config.max_queue_size} rows per request)"
+                f"one request may take at most half of max_queue_size={config.max_queue_size} batches, so that it "
+                f"never fills the queue for others (send at most {config.call_rows * most} rows per request)"
             )
         return InvalidInput(
             f"request {request.id} holds {request.nbytes} bytes of inputs, more than "
@@ -115,3 +116,8 @@ class Admission:
         if not self._set.can_serve(now):
             return NoHealthyReplica(f"no healthy replica of {self._set.name!r}")
         return None
+
+
+def _most_parts(config: BatchConfig) -> int:
+    """The most batches one request may be split into: half the queue, so it never fills it for everyone else."""
+    return max(1, config.max_queue_size // 2)

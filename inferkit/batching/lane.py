@@ -208,7 +208,9 @@ class Lane:
                         formed.cancelled += 1
                         continue
                     top.state = RUNNING
-                if req.parts_n > 1:
+                if req.parts_n > 1:  # the rest of its parts go behind what is queued: a big request takes turns
+                    pop(heap)
+                    heapq.heappush(heap, (-req.priority, next(self.seq), req))
                     req = carve(req)
                 else:
                     pop(heap)
