@@ -67,7 +67,8 @@ class Admission:
         count = 1 if request.rows <= max_rows else -(-request.rows // max_rows)
         nbytes = request.nbytes
         never = None
-        if count > _most_parts(config) or nbytes > config.max_queue_bytes:  # before any work per part
+        # Before any work per part; one part always fits (``_most_parts`` is called for split requests only).
+        if (count > 1 and count > _most_parts(config)) or nbytes > config.max_queue_bytes:
             never = self._never_fits(request, count)
         else:
             try:  # then what strings hold, walked no further than needed to refuse
