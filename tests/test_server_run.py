@@ -507,6 +507,20 @@ class TestConnectionLimits:
         finally:
             server.join(WAIT)
 
+    def test_a_head_just_over_the_limit_in_two_reads_gets_431(self) -> None:
+        """The read a head begins in is not counted as it arrives (it may end pipelined requests), but once
+        the head is complete it is sized exactly: 15 KB then 2 KB of one head, limit 16 KiB, is a 431."""
+        server = _echo_server(max_header_bytes=16 * 1024)
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as sock:
+                sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 15_000)
+                time.sleep(0.2)  # read apart
+                sock.sendall(b"a" * 2_000 + b"\r\n\r\n")
+                answer = _read_response(sock)
+            assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        finally:
+            server.join(WAIT)
+
     def test_pipelined_requests_whose_chunk_ends_in_a_head_are_all_answered(self) -> None:
         """300 small requests sent back to back (46 KB, more than max_header_bytes in all) with the last
         one's head cut in two: every one is answered 200. Before, the whole chunk counted as the cut head:

@@ -78,6 +78,7 @@ class _Guarded(HttpToolsProtocol):
         self._head_bytes = 0
         self._chunk = 0
         self._began = False  # a request head began in the chunk being read
+        self._head_later = 0  # bytes of the head in the chunks after the one it began in
         self._last_read = 0.0
         self._refused = False
 
@@ -124,10 +125,15 @@ class _Guarded(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
             return
-        if self._in_head and not self._began:  # a head begun in this chunk is counted from the next one on
-            self._head_bytes += len(data)  # (the chunk may end pipelined requests); on_headers_complete sizes it
-            if self._head_bytes > self.shared.limits.max_header_bytes:
-                self._refuse(431, f"the request head is over max_header_bytes={self.shared.limits.max_header_bytes}")
+        if not self._in_head:
+            return
+        if self._began:  # at most this chunk, which may also end the requests pipelined before it: not refused on
+            self._head_bytes = len(data)  # that alone (on_headers_complete sizes the head exactly)
+            return
+        self._head_bytes += len(data)
+        self._head_later += len(data)
+        if self._head_later > self.shared.limits.max_header_bytes:
+            self._refuse(431, f"the request head is over max_header_bytes={self.shared.limits.max_header_bytes}")
 
     def shutdown(self) -> None:
         """Drain: a busy connection closes after its answer, an idle one after a moment.
@@ -140,8 +146,7 @@ class _Guarded(HttpToolsProtocol):
             self.cycle.keep_alive = False
 
     def _close_if_idle(self) -> None:
-        started = self._in_head and (self._began or self._head_bytes)  # part of a head has come
-        idle = (self.cycle is None or self.cycle.response_complete) and not started
+        idle = (self.cycle is None or self.cycle.response_complete) and not (self._in_head and self._head_bytes)
         if idle and not self.transport.is_closing():
             self.transport.close()
 
@@ -151,7 +156,7 @@ class _Guarded(HttpToolsProtocol):
         super().on_message_begin()
         self._in_head = True
         self._began = True
-        self._head_bytes = 0
+        self._head_bytes = self._head_later = 0
         self._arm(self.shared.limits.header_timeout_s, self._head_timeout)
 
     def on_headers_complete(self) -> None:
