@@ -302,8 +302,8 @@ def request_options(
     transport deadline (gRPC's), and the earlier of the two wins. ``priority`` follows Triton on
     the wire: 0 (or absent) is the default level, 1 the most urgent, larger less urgent; every
     explicit level runs before the default (levels from ``2**31 - 1`` on, the uint64 the protocol
-    allows, are one level, the least urgent explicit one). ``key`` (a header or metadata value) wins over the
-    ``key`` parameter, a string or an int taken as its string so both faces route alike.
+    allows, are one level, the least urgent explicit one). ``key`` (a header or metadata value)
+    wins over the ``key`` parameter, a string or an int taken as its string so both faces route alike.
     ``InvalidInput`` names a bad value, and refuses sequence batching (``sequence_id``, ...).
     """
     for name in _SEQUENCE:

@@ -96,7 +96,7 @@ class Bodies:
         if header_length is not None and header_length > self.json_limit:
             raise self._too_much_json(header_length)
         body = await self.body(request, json_only=header_length is None)
-        if len(body) < _INLINE_BYTES:  # the fast path: a few MB at most, one at a time
+        if len(body) < _INLINE_BYTES:  # the fast path: a few ms at most, one at a time
             return decode_request(body, header_length)
         json_bytes = len(body) if header_length is None else min(header_length, len(body))
         if json_bytes > self.json_limit:
