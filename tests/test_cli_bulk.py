@@ -32,9 +32,17 @@ def _model(path: Path) -> Path:
     return path
 
 
+# The CLI as a terminal starts it: a shell starts a background job with SIGINT ignored, and a child
+# inherits that, so under a detached test run Ctrl-C (SIGINT) would never reach the job at all.
+_AS_IN_A_TERMINAL = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'inferkit'; runpy.run_module('inferkit.cli', run_name='__main__', alter_sys=True)"
+)
+
+
 def _cli(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "inferkit.cli", *args],
+        [sys.executable, "-c", _AS_IN_A_TERMINAL, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
