@@ -179,3 +179,47 @@ class TestRefusals:
             asyncio.run(repository.infer("m", None, {"x": np.ones((1, 2))}))
         assert isinstance(caught.value.error, Closed)
         assert caught.value.arm is None
+
+
+class TestHeavyRequestsLeaveTheLoop:
+    """A request of many strings is handed to its model on a worker thread (admission walks each one)."""
+
+    def test_one_of_many_strings_is_answered_and_one_whose_caller_left_never_runs(self) -> None:
+        """Past LOOP_OBJECTS object elements, submission runs off the event loop: the request is answered
+        exactly; and a caller cancelled while it was being handed over has it cancelled once queued."""
+        from fakes import BLOCK, Model
+
+        from inferkit.server.submission import LOOP_OBJECTS, submitted
+
+        model = Model()
+        strings = np.array([b"s%d" % i for i in range(LOOP_OBJECTS + 10)], dtype=object).reshape(-1, 1)
+        echo = Predictor.from_callable(lambda x: x, max_batch_size=4096)
+        gated = Predictor.from_callable(model, max_batch_size=4096)
+
+        async def main() -> None:
+            answered = await asyncio.wrap_future(await submitted(echo, {"x": strings}, None, None, 0))
+            np.testing.assert_array_equal(answered, strings)
+            blocker = gated.submit(np.full((1, 3), BLOCK))
+            assert await asyncio.to_thread(model.entered.wait, WAIT)
+            rows = np.full((LOOP_OBJECTS + 10, 1), b"r", dtype=object)
+            handing = asyncio.ensure_future(submitted(gated, {"x": rows}, None, None, 0))
+            await asyncio.sleep(0)  # the worker thread has it
+            handing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await handing
+            for _ in range(int(WAIT / 0.01)):  # the thread queues it, then it is cancelled
+                if gated.stats().cancelled:
+                    break
+                await asyncio.sleep(0.01)
+            model.release.set()
+            await asyncio.wrap_future(blocker)
+
+        try:
+            asyncio.run(main())
+            stats = gated.stats()
+            assert (stats.cancelled, stats.completed) == (1, 1)
+            assert len(model.batches) == 1  # only the blocker ran
+        finally:
+            model.release.set()
+            echo.close(WAIT)
+            gated.close(WAIT)

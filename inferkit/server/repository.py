@@ -25,6 +25,7 @@ from inferkit.pool import PoolConfig
 from inferkit.predictor import Predictor
 from inferkit.routing import Predictive, RoutedFuture, Router, ready_of, signature_of
 from inferkit.server.protocol import datatype_of
+from inferkit.server.submission import submit, submitted
 from inferkit.server.triton_shapes import dynamic_batching, predictors_behind, split_stats, triton_stats, triton_tensor
 from inferkit.stats import Stats
 
@@ -246,7 +247,7 @@ class Repository:
         if target is None:
             target = self.resolve(name, version)
         try:
-            future = _submit(target, inputs, key, timeout, priority)
+            future = await submitted(target, inputs, key, timeout, priority)
         except Closed as closed:
             # A load or unload replaced the target between resolve and submit; a closing
             # predictor refuses at the door, so the request was never accepted: resolve again.
@@ -358,20 +359,12 @@ class Repository:
             target.close(timeout)
 
 
-def _submit(
-    target: Predictive, inputs: dict[str, Array], key: Hashable | None, timeout: float | None, priority: int
-) -> Future[Any]:
-    if isinstance(target, Router):
-        return target.submit(inputs, key=key, timeout=timeout, priority=priority)
-    return target.submit(inputs, timeout=timeout, priority=priority)
-
-
 def _refused_or(
     target: Predictive, inputs: dict[str, Array], key: Hashable | None, timeout: float | None, priority: int
 ) -> Future[Any]:
-    """:func:`_submit`, a refusal raised as :class:`Failed` (it never reached an arm)."""
+    """:func:`~inferkit.server.submission.submit`, a refusal raised as :class:`Failed` (it never reached an arm)."""
     try:
-        return _submit(target, inputs, key, timeout, priority)
+        return submit(target, inputs, key, timeout, priority)
     except InferkitError as refused:
         raise Failed(refused, None) from refused
 
