@@ -334,6 +334,44 @@ class TestRepositoryControl:
         assert error.status() == "400"
         np.testing.assert_array_equal(c.infer("http", "m", np.ones((1, 4), np.float32)), np.ones((1, 4)))
 
+    def test_a_config_nested_thousands_deep_is_a_400(self, start: Callable[..., Clients]) -> None:
+        """JSON nesting past Python's recursion limit is the client's mistake (it answered 500)."""
+        c = start(Repository({"m": scaled(1)}), control=RepositoryControl(enabled=True, token=TOKEN, loader=Factory()))
+        error = _grpc_error(lambda: c.http.load_model("m", headers=AUTH, config="[" * 100_000))
+        assert error.status() == "400"
+        np.testing.assert_array_equal(c.infer("http", "m", np.ones((1, 4), np.float32)), np.ones((1, 4)))
+
+    def test_loads_waiting_their_turn_hold_no_thread_of_the_shared_pool(self) -> None:
+        """Changes run one at a time; the ones waiting must not each hold a thread of asyncio's default pool,
+        which decodes other clients' large requests (with 7 loads queued, one 1 MB request took 12 s)."""
+        import asyncio
+
+        from inferkit.server.control import Controller
+
+        gate = threading.Event()
+
+        def slow(name: str, config: Mapping[str, Any]) -> ServedModel:
+            assert gate.wait(WAIT)
+            return ServedModel(name, scaled(1))
+
+        repository = Repository({"m": scaled(1)})
+        controller = Controller(repository, RepositoryControl(enabled=True, token=TOKEN, loader=slow))
+
+        async def main() -> None:
+            loads = [asyncio.ensure_future(controller.load("m", {})) for _ in range(40)]
+            await asyncio.sleep(0.05)
+            try:
+                assert await asyncio.wait_for(asyncio.to_thread(lambda: 7), 5) == 7  # the pool has a free thread
+            finally:
+                gate.set()
+            await asyncio.wait_for(asyncio.gather(*loads), WAIT)
+
+        try:
+            asyncio.run(main())
+        finally:
+            gate.set()
+            repository.close(WAIT)
+
     def test_swap_and_unload_under_traffic(self, start: Callable[..., Clients]) -> None:
         """32 threads on both protocols while the model is swapped, unloaded and loaded: nothing lost.
 

@@ -119,6 +119,9 @@ class Controller:
         self.repository = repository
         self.control = control
         self._lock = threading.Lock()  # one change at a time; readers never take it
+        # Changes wait their turn here, not each on a thread of the loop's shared pool, where they
+        # would hold up the decoding of other clients' large requests.
+        self._turn = asyncio.Lock()
 
     async def load(self, name: str, config: Mapping[str, Any]) -> None:
         """Build ``name`` on a worker thread, then serve it; the model it replaces drains and closes."""
@@ -126,7 +129,8 @@ class Controller:
         if loader is None:
             msg = f"failed to load {name!r}, failed to poll from model repository: this server has no loader"
             raise LoadFailed(msg)
-        await asyncio.to_thread(self._load, loader, name, config)
+        async with self._turn:
+            await asyncio.to_thread(self._load, loader, name, config)
 
     def _load(self, loader: Loader, name: str, config: Mapping[str, Any]) -> None:
         with self._lock:
@@ -144,7 +148,8 @@ class Controller:
 
     async def unload(self, name: str) -> None:
         """Stop serving ``name``; requests it accepted finish (on a worker thread) before it closes."""
-        await asyncio.to_thread(self._unload, name)
+        async with self._turn:
+            await asyncio.to_thread(self._unload, name)
 
     def _unload(self, name: str) -> None:
         with self._lock:
@@ -170,7 +175,7 @@ def load_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
                 raise InvalidInput(msg)
             try:
                 parsed = json.loads(value)
-            except ValueError as error:
+            except (ValueError, RecursionError) as error:  # a client's nesting, thousands deep, is its own mistake
                 msg = f"failed to parse the load parameter 'config' as JSON: {error}"
                 raise InvalidInput(msg) from None
             if not isinstance(parsed, dict):
