@@ -182,6 +182,21 @@ versions.1 = { path = "a.onnx", eject_after = 7 }
                 r"server: unknown field\(s\) \['bogus'\]",
             ),
             ('[server]\ngrace_s = "x"\n[[models]]\nname = "m"\npath = "a.onnx"\n', r"server: grace_s must be"),
+            *(
+                (
+                    f'[server]\n{key} = {value}\n[[models]]\nname = "m"\npath = "a.onnx"\n',
+                    rf"server.{key} must be a port",
+                )
+                for key, value in [
+                    ("port", "99999999"),  # the socket wrapped it: 57599
+                    ("grpc_port", "70000"),
+                    ("port", "true"),  # int() made it port 1
+                    ("port", "8123.9"),
+                    ("port", '"36875"'),
+                    ("port", "[1]"),  # a TypeError traceback
+                    ("grpc_port", "-1"),  # a RuntimeError traceback (false turns gRPC off)
+                ]
+            ),
         ],
     )
     def test_errors_name_the_field(self, tmp_path: Path, body: str, message: str) -> None:

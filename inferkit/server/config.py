@@ -133,6 +133,9 @@ def load(path: str | Path) -> ServerConfig:
         lambda: ConnectionLimits(**{k: v for k, v in server.items() if k in attrs.fields_dict(ConnectionLimits)}),
     )
     grace_s = checked("server", lambda: _grace(server.get("grace_s", 30.0)))
+    port = _port(server.get("port", 8000), "server.port")
+    grpc_port = server.get("grpc_port", 8001)
+    grpc_port = None if grpc_port is False else _port(grpc_port, "server.grpc_port", " (or false: REST only)")
     models = data.get("models")
     if not isinstance(models, list) or not models:
         msg = "models must be a non-empty array of tables ([[models]])"
@@ -147,7 +150,6 @@ def load(path: str | Path) -> ServerConfig:
         for predictor in opened:
             predictor.close()
         raise
-    grpc_port = server.get("grpc_port", 8001)
     specs = {str(m["name"]): m for m in models if isinstance(m, Mapping)}
     loader = ModelLoader(path.parent, specs)
     try:
@@ -158,8 +160,8 @@ def load(path: str | Path) -> ServerConfig:
         raise
     return ServerConfig(
         str(server.get("host", "127.0.0.1")),
-        int(server.get("port", 8000)),
-        None if grpc_port is False else int(grpc_port),
+        port,
+        grpc_port,
         Repository(served),
         limits,
         grace_s,
@@ -193,6 +195,20 @@ def check_admin_token(token: str, where: str) -> None:
     if len(token) < _MIN_TOKEN_CHARS or not token.isprintable():  # canary admin uses it too
         msg = f"{where} must be a printable string of at least {_MIN_TOKEN_CHARS} characters"
         raise ConfigError(msg)
+
+
+def _port(value: object, where: str, other: str = "") -> int:
+    """A TCP port of the config (0: a free one); ``ConfigError`` naming ``where`` for anything else.
+
+    ``int()`` would take ``true`` as 1, ``8123.9`` as 8123, and the socket wraps 70000 to 4464.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_PORT:
+        msg = f"{where} must be a port number from 0 to {_MAX_PORT}{other}, got {value!r:.100}"
+        raise ConfigError(msg)
+    return value
+
+
+_MAX_PORT = 65535
 
 
 def _grace(value: object) -> float:
