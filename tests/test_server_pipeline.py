@@ -189,12 +189,15 @@ class TestHeavyRequestsLeaveTheLoop:
         exactly; and a caller cancelled while it was being handed over has it cancelled once queued."""
         from fakes import BLOCK, Model
 
-        from inferkit.server.submission import LOOP_OBJECTS, submitted
+        from inferkit.server.submission import LOOP_OBJECTS, heavy, submitted
 
         model = Model()
         strings = np.array([b"s%d" % i for i in range(LOOP_OBJECTS + 10)], dtype=object).reshape(-1, 1)
         echo = Predictor.from_callable(lambda x: x, max_batch_size=4096)
         gated = Predictor.from_callable(model, max_batch_size=4096)
+
+        assert heavy({"x": strings})
+        assert not heavy({"x": strings[:LOOP_OBJECTS]})
 
         async def main() -> None:
             answered = await asyncio.wrap_future(await submitted(echo, {"x": strings}, None, None, 0))

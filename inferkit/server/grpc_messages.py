@@ -102,17 +102,19 @@ async def call(request: Any, context: Any, *, large: bool, budget: Budget) -> Ca
     Raw BYTES inputs first reserve what their elements will take from ``budget``: a few bytes
     of message each, ~64 bytes of memory once decoded.
     """
-    hold = Hold(budget, "decoding this request's BYTES elements")
     objects = _raw_objects(request)
-    if objects:
+    if not objects:
+        inputs = await asyncio.to_thread(_decode_inputs, request) if large else _decode_inputs(request)
+    else:
+        hold = Hold(budget, "decoding this request's BYTES elements")
         hold.take(objects * BYTES_ELEMENT_COST)
-    try:
-        if large or objects > OFFLOAD_OBJECTS:
-            inputs = await asyncio.to_thread(_decode_inputs, request)
-        else:
-            inputs = _decode_inputs(request)
-    finally:  # a started thread is not abandoned on cancel: the hold lasts as long as the work
-        hold.release()
+        try:
+            if large or objects > OFFLOAD_OBJECTS:
+                inputs = await asyncio.to_thread(_decode_inputs, request)
+            else:
+                inputs = _decode_inputs(request)
+        finally:  # a started thread is not abandoned on cancel: the hold lasts as long as the work
+            hold.release()
     requested = _requested_outputs(request)
     key, timeout, priority = _options(request, context)
     return Call(inputs, requested, key, timeout, priority, request)

@@ -25,7 +25,7 @@ from inferkit.pool import PoolConfig
 from inferkit.predictor import Predictor
 from inferkit.routing import Predictive, RoutedFuture, Router, ready_of, signature_of
 from inferkit.server.protocol import datatype_of
-from inferkit.server.submission import submit, submitted
+from inferkit.server.submission import heavy, submit, submitted
 from inferkit.server.triton_shapes import dynamic_batching, predictors_behind, split_stats, triton_stats, triton_tensor
 from inferkit.stats import Stats
 
@@ -247,7 +247,10 @@ class Repository:
         if target is None:
             target = self.resolve(name, version)
         try:
-            future = await submitted(target, inputs, key, timeout, priority)
+            if heavy(inputs):  # admission walks every string: off the event loop
+                future = await submitted(target, inputs, key, timeout, priority)
+            else:
+                future = submit(target, inputs, key, timeout, priority)
         except Closed as closed:
             # A load or unload replaced the target between resolve and submit; a closing
             # predictor refuses at the door, so the request was never accepted: resolve again.

@@ -16,7 +16,7 @@ import numpy as np
 
 from inferkit.routing import Predictive, Router
 
-__all__ = ["LOOP_OBJECTS", "submit", "submitted"]
+__all__ = ["LOOP_OBJECTS", "heavy", "submit", "submitted"]
 
 LOOP_OBJECTS = 2**14
 """Object elements a request may hold and still be handed over on the event loop (a few ms)."""
@@ -33,15 +33,18 @@ def submit(
     return target.submit(inputs, timeout=timeout, priority=priority)
 
 
+def heavy(inputs: dict[str, Array]) -> bool:
+    """Whether ``inputs`` hold more than :data:`LOOP_OBJECTS` objects: :func:`submitted` then hands them over."""
+    return sum(a.size for a in inputs.values() if a.dtype.kind == "O") > LOOP_OBJECTS
+
+
 async def submitted(
     target: Predictive, inputs: dict[str, Array], key: Hashable | None, timeout: float | None, priority: int
 ) -> Future[Any]:
-    """:func:`submit`, on a worker thread when ``inputs`` hold more than :data:`LOOP_OBJECTS` objects.
+    """:func:`submit` on a worker thread (for :func:`heavy` inputs).
 
     A caller that leaves meanwhile (cancelled) has the request cancelled once it is queued.
     """
-    if sum(a.size for a in inputs.values() if a.dtype.kind == "O") <= LOOP_OBJECTS:
-        return submit(target, inputs, key, timeout, priority)
     handing = asyncio.ensure_future(asyncio.to_thread(submit, target, inputs, key, timeout, priority))
     try:
         return await asyncio.shield(handing)
