@@ -531,7 +531,18 @@ class TestConfigLoader:
             assert "must lie under" in error.message()
         error = _grpc_error(lambda: c.http.load_model("new", headers=AUTH))
         assert "failed to load 'new', failed to poll from model repository" in error.message()
-        np.testing.assert_array_equal(c.infer("grpc", "m", x), x * 3)  # refusals changed nothing
+        for field, bad in [("max_queue_delay_microseconds", 1e30), ("max_queue_delay_microseconds", "x")]:
+            wrong = {"dynamic_batching": {field: bad}}  # 1e30 was taken as a delay of 10**24 ms
+            error = _grpc_error(lambda w=wrong: c.http.load_model("m", headers=AUTH, config=json.dumps(w)))
+            assert error.status() == "400"
+            assert f"{field} must be a whole number" in error.message(), error.message()
+        truncated = {"dynamic_batching": {"default_queue_policy": {"max_queue_size": 2.7}}}  # it became 2
+        error = _grpc_error(lambda: c.http.load_model("m", headers=AUTH, config=json.dumps(truncated)))
+        assert "max_queue_size must be a whole number" in error.message(), error.message()
+        as_protobuf_writes_it = {"dynamic_batching": {"max_queue_delay_microseconds": "700"}}  # uint64 in JSON
+        c.http.load_model("m", headers=AUTH, config=json.dumps(as_protobuf_writes_it))
+        assert c.http.get_model_config("m")["dynamic_batching"]["max_queue_delay_microseconds"] == 700
+        np.testing.assert_array_equal(c.infer("grpc", "m", x), x)  # refusals changed nothing; that load reset the path
 
     def test_cli_needs_a_token(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
         """``--repository-control`` without INFERKIT_ADMIN_TOKEN (or a short one) refuses to start."""

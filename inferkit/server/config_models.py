@@ -333,6 +333,22 @@ class ModelLoader:
         return str(resolved.relative_to(self.base))
 
 
+def _whole(value: object, where: str) -> int:
+    """A uint64 field of a Triton model config: an int, or its decimal string (protobuf's JSON); ``ConfigError`` else.
+
+    ``int()`` would take ``2.7`` as 2 and ``1e30`` as a delay of 10**24 ms.
+    """
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= _UINT64_DIGITS:
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        msg = f"{where} must be a whole number >= 0, got {value!r:.100}"
+        raise ConfigError(msg)
+    return value
+
+
+_UINT64_DIGITS = 20
+
+
 def _load_overrides(config: Mapping[str, Any]) -> tuple[dict[str, Any], str | None, str | None]:
     """``(model spec fields, path, version)`` from a load's Triton model config; other fields are ignored."""
     try:
@@ -341,10 +357,11 @@ def _load_overrides(config: Mapping[str, Any]) -> tuple[dict[str, Any], str | No
             overrides["max_batch_size"] = config["max_batch_size"]
         batching = config.get("dynamic_batching") or {}
         if "max_queue_delay_microseconds" in batching:
-            overrides["max_delay_ms"] = int(batching["max_queue_delay_microseconds"]) / 1000
+            delay = _whole(batching["max_queue_delay_microseconds"], "dynamic_batching.max_queue_delay_microseconds")
+            overrides["max_delay_ms"] = delay / 1000
         queue = batching.get("default_queue_policy") or {}
         if "max_queue_size" in queue:
-            overrides["max_queue_size"] = int(queue["max_queue_size"])
+            overrides["max_queue_size"] = _whole(queue["max_queue_size"], "default_queue_policy.max_queue_size")
         groups = config.get("instance_group") or []
         if groups and "count" in groups[0]:
             overrides["replicas"] = groups[0]["count"]
