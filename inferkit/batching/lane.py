@@ -209,8 +209,7 @@ class Lane:
                         continue
                     top.state = RUNNING
                 if req.parts_n > 1:  # the rest of its parts go behind what is queued: a big request takes turns
-                    pop(heap)
-                    heapq.heappush(heap, (-req.priority, next(self.seq), req))
+                    heapq.heapreplace(heap, (-req.priority, next(self.seq), req))
                     req = carve(req)
                 else:
                     pop(heap)

@@ -31,10 +31,10 @@ from inferkit.server.protocol import (
     to_raw,
 )
 from inferkit.server.repository import InferResult
+from inferkit.server.submission import LOOP_OBJECTS, objects
 
 __all__ = [
     "OFFLOAD_BYTES",
-    "OFFLOAD_OBJECTS",
     "Malformed",
     "answer",
     "call",
@@ -46,8 +46,7 @@ __all__ = [
 
 Array = np.ndarray[Any, Any]
 
-OFFLOAD_BYTES = 2**20  # decode and encode larger messages on a worker thread, as REST does
-OFFLOAD_OBJECTS = 2**14  # and messages of more BYTES elements than this (a Python object each, ~0.15 us)
+OFFLOAD_BYTES = 2**20  # decode and encode larger messages on a worker thread, as REST does (and past LOOP_OBJECTS)
 
 # The InferTensorContents field that carries each datatype, and the dtype protobuf gives its
 # values. FP16 has none: it travels in raw_input_contents only.
@@ -102,43 +101,42 @@ async def call(request: Any, context: Any, *, large: bool, budget: Budget) -> Ca
     Raw BYTES inputs first reserve what their elements will take from ``budget``: a few bytes
     of message each, ~64 bytes of memory once decoded.
     """
-    objects = _raw_objects(request)
-    if not objects:
-        inputs = await asyncio.to_thread(_decode_inputs, request) if large else _decode_inputs(request)
-    else:
-        hold = Hold(budget, "decoding this request's BYTES elements")
-        hold.take(objects * BYTES_ELEMENT_COST)
-        try:
-            if large or objects > OFFLOAD_OBJECTS:
-                inputs = await asyncio.to_thread(_decode_inputs, request)
-            else:
-                inputs = _decode_inputs(request)
-        finally:  # a started thread is not abandoned on cancel: the hold lasts as long as the work
+    strings = _raw_strings(request)
+    hold = Hold(budget, "decoding this request's BYTES elements") if strings else None  # none for most requests
+    if hold is not None:
+        hold.take(strings * BYTES_ELEMENT_COST)
+    try:
+        if large or strings > LOOP_OBJECTS:
+            inputs = await asyncio.to_thread(_decode_inputs, request)
+        else:
+            inputs = _decode_inputs(request)
+    finally:  # a started thread is not abandoned on cancel: the hold lasts as long as the work
+        if hold is not None:
             hold.release()
     requested = _requested_outputs(request)
     key, timeout, priority = _options(request, context)
     return Call(inputs, requested, key, timeout, priority, request)
 
 
-def _raw_objects(request: Any) -> int:
+def _raw_strings(request: Any) -> int:
     """The most BYTES elements the raw inputs can decode to: one per 4 bytes at most, fewer if the shape says so."""
     raw = request.raw_input_contents
     if not raw or len(raw) != len(request.inputs):
         return 0  # typed contents are bounded by ``max_json_bytes``; a count mismatch is refused unread
-    objects = 0
+    strings = 0
     for tensor, data in zip(request.inputs, raw, strict=True):
         if tensor.datatype == "BYTES":
-            objects += min(element_count(tuple(tensor.shape), tensor.name), len(data) // 4)
-    return objects
+            strings += min(element_count(tuple(tensor.shape), tensor.name), len(data) // 4)
+    return strings
 
 
 async def answer(call: Call, result: InferResult, *, budget: Budget) -> tuple[Any, str | None]:
     """The ModelInferResponse for ``result`` (encoded off the loop when large) and the arm that served it."""
     outputs = [np.asarray(o) for o in result.outputs.values()]
-    objects = sum(o.size for o in outputs if o.dtype.kind == "O")
-    if objects > OFFLOAD_OBJECTS or sum(o.nbytes for o in outputs) >= OFFLOAD_BYTES:
+    strings = objects(outputs)
+    if strings > LOOP_OBJECTS or sum(o.nbytes for o in outputs) >= OFFLOAD_BYTES:
         hold = Hold(budget, "encoding the answer's BYTES elements")
-        hold.take(objects * BYTES_ELEMENT_COST)
+        hold.take(strings * BYTES_ELEMENT_COST)
         try:
             response = await asyncio.to_thread(_encode_response, call.request, result.outputs, call.outputs)
         finally:
