@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import numpy as np
 import onnx
 import pytest
@@ -24,6 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from inferkit import PoolConfig, Predictor, Router, TensorSpec
 from inferkit.cli import main
+from inferkit.errors import Closed
 from inferkit.server import Repository, ServedModel
 from inferkit.server.config import load
 from inferkit.server.control import LoadFailed, RepositoryControl
@@ -371,6 +373,121 @@ class TestRepositoryControl:
         finally:
             gate.set()
             repository.close(WAIT)
+
+    def test_a_stop_refuses_queued_changes_at_once_and_closes_a_model_built_after_it(self) -> None:
+        """SIGTERM while loads run: those still waiting get 503 at once (they waited the whole grace, then
+        a traceback each); the running one has the grace; the model it builds later is closed, never served,
+        and the build does not hold the server up (it held the process ~7 s per queued load)."""
+        import httpx
+
+        started, gate = threading.Event(), threading.Event()
+        built: list[Predictor] = []
+
+        def slow(name: str, config: Mapping[str, Any]) -> ServedModel:
+            started.set()
+            assert gate.wait(WAIT)
+            built.append(scaled(2))
+            return ServedModel(name, built[-1])
+
+        first = scaled(1)
+        control = RepositoryControl(enabled=True, token=TOKEN, loader=slow)
+        server = InferenceServer(Repository({"m": first}), port=0, grpc_port=0, grace=0.5, control=control).start()
+        answers: dict[int, str] = {}
+
+        def load(i: int) -> None:
+            url = f"http://127.0.0.1:{server.port}/v2/repository/models/m/load"
+            try:
+                reply = httpx.post(url, headers=AUTH, timeout=WAIT)
+                answers[i] = f"{reply.status_code} {reply.json()['error']}"
+            except httpx.HTTPError as error:
+                answers[i] = type(error).__name__
+
+        clients = [threading.Thread(target=load, args=(0,))]
+        clients[0].start()
+        try:
+            assert started.wait(WAIT)
+            clients += [threading.Thread(target=load, args=(i,)) for i in (1, 2)]
+            for client in clients[1:]:
+                client.start()
+            time.sleep(0.2)  # queued behind the first (or, if slower, refused after the stop: the same answer)
+            server.stop()
+            for client in clients[1:]:
+                client.join(WAIT)
+            assert not gate.is_set()  # answered while the first build still runs
+            server.join(WAIT)
+            assert not server._lifecycle.thread.is_alive()  # type: ignore[union-attr]  # the build held nothing up
+        finally:
+            gate.set()
+            clients[0].join(WAIT)
+        assert answers == {
+            0: "RemoteProtocolError",  # cut off at the end of the grace period
+            1: "503 the server is shutting down: no model is loaded or unloaded any more",
+            2: "503 the server is shutting down: no model is loaded or unloaded any more",
+        }
+        deadline = time.monotonic() + WAIT
+        while not (built and built[0].state.value == "closed") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [p.state.value for p in (first, *built)] == ["closed", "closed"]
+
+    def test_loads_and_unloads_take_turns_across_both_protocols(self, start: Callable[..., Clients]) -> None:
+        """A gRPC unload sent while a REST load builds runs after it (each face had its own turn: the
+        unload ran first and the load then brought the model back)."""
+        started, gate = threading.Event(), threading.Event()
+
+        def slow(name: str, config: Mapping[str, Any]) -> ServedModel:
+            started.set()
+            assert gate.wait(WAIT)
+            return ServedModel(name, scaled(2))
+
+        c = start(Repository({"m": scaled(1)}), control=RepositoryControl(enabled=True, token=TOKEN, loader=slow))
+        url = f"http://127.0.0.1:{c.server.port}/v2/repository/models/m/load"
+        # httpx: tritonclient.http works on the main thread only
+        loading = threading.Thread(target=lambda: httpx.post(url, headers=AUTH, timeout=WAIT))
+        loading.start()
+        unloading = threading.Thread(target=lambda: c.grpc.unload_model("m", headers=AUTH))
+        try:
+            assert started.wait(WAIT)
+            unloading.start()
+            unloading.join(0.3)
+            assert unloading.is_alive()  # waits for the load's turn to end
+            assert c.grpc.is_model_ready("m")
+        finally:
+            gate.set()
+            loading.join(WAIT)
+            unloading.join(WAIT)
+        assert [(m["name"], m["state"]) for m in c.http.get_model_repository_index()] == [("m", "UNAVAILABLE")]
+
+    def test_a_change_cancelled_while_waiting_leaves_the_turns_to_the_rest(self) -> None:
+        """A gRPC client gives up on a queued load (its call is cancelled): the loads after it still run in order."""
+        import asyncio
+
+        from inferkit.server.control import Controller
+
+        order: list[str] = []
+
+        def loader(name: str, config: Mapping[str, Any]) -> ServedModel:
+            order.append(config["tag"])
+            time.sleep(0.05)
+            return ServedModel(name, scaled(1))
+
+        repository = Repository({"m": scaled(1)})
+        controller = Controller(repository, RepositoryControl(enabled=True, token=TOKEN, loader=loader))
+
+        async def main() -> None:
+            loads = [asyncio.ensure_future(controller.load("m", {"tag": tag})) for tag in "abcd"]
+            await asyncio.sleep(0.01)
+            loads[1].cancel()
+            done = await asyncio.wait_for(asyncio.gather(*loads, return_exceptions=True), WAIT)
+            assert [type(d).__name__ for d in done] == ["NoneType", "CancelledError", "NoneType", "NoneType"]
+            controller.stop()
+            with pytest.raises(Closed, match="shutting down"):
+                await controller.unload("m")
+
+        try:
+            asyncio.run(main())
+        finally:
+            repository.close(WAIT)
+        assert order == ["a", "c", "d"]
 
     def test_swap_and_unload_under_traffic(self, start: Callable[..., Clients]) -> None:
         """32 threads on both protocols while the model is swapped, unloaded and loaded: nothing lost.

@@ -48,7 +48,7 @@ from typing import Any
 
 import grpc
 
-from inferkit.server.control import RepositoryControl
+from inferkit.server.control import Controller, RepositoryControl, controller_of
 from inferkit.server.grpc_servicer import Servicer
 from inferkit.server.limits import ConnectionLimits
 from inferkit.server.logs import RequestLog
@@ -131,7 +131,7 @@ def create_server(
     max_message_bytes: int = 256 * 2**20,
     listeners: int = DEFAULT_LISTENERS,
     limits: ConnectionLimits | None = None,
-    control: RepositoryControl | None = None,
+    control: RepositoryControl | Controller | None = None,
     request_log: RequestLog | None = None,
 ) -> tuple[GrpcServer, int]:
     """A gRPC server for ``repository``, not yet started, and the port it is bound to.
@@ -146,7 +146,8 @@ def create_server(
     ``limits`` bounds metadata (``max_header_bytes``), idle connections (``grpc_idle_s``) and
     calls per connection (``grpc_max_concurrent_streams``); clients are pinged every 60 s so
     that a vanished one's connection is closed. ``control`` turns on RepositoryModelLoad and
-    RepositoryModelUnload (see :mod:`inferkit.server.control`); off by default.
+    RepositoryModelUnload (see :mod:`inferkit.server.control`); off by default; a
+    :class:`~inferkit.server.control.Controller` shares it with the REST app.
     """
     limits = limits if limits is not None else ConnectionLimits()
     if type(max_message_bytes) is not int or not 1 <= max_message_bytes <= _INT32_MAX:
@@ -169,7 +170,7 @@ def create_server(
         ("grpc.keepalive_time_ms", _KEEPALIVE_MS),
         ("grpc.keepalive_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
     ]
-    servicer = Servicer(repository, metrics, control if control is not None else RepositoryControl(), limits)
+    servicer = Servicer(repository, metrics, controller_of(repository, control), limits)
     if request_log is not None:
         servicer.pipeline.log = request_log
     handler = servicer.handler()

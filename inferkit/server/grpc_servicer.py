@@ -12,7 +12,7 @@ from google.protobuf import json_format
 from inferkit.errors import Closed, InferkitError, InvalidInput
 from inferkit.server import proto as pb
 from inferkit.server.budget import GRPC_ADVICE, Budget
-from inferkit.server.control import Controller, RepositoryControl, load_parameters
+from inferkit.server.control import Controller, load_parameters
 from inferkit.server.grpc_messages import (
     OFFLOAD_BYTES,
     Malformed,
@@ -34,13 +34,11 @@ __all__ = ["Servicer"]
 class Servicer:
     """The RPC handlers over one repository."""
 
-    def __init__(
-        self, repository: Repository, metrics: Any, control: RepositoryControl, limits: ConnectionLimits
-    ) -> None:
+    def __init__(self, repository: Repository, metrics: Any, controller: Controller, limits: ConnectionLimits) -> None:
         self._repository = repository
-        self._control = control
+        self._control = controller.control
         self.pipeline = Pipeline(repository, "grpc", metrics)
-        self._controller = Controller(repository, control)
+        self._controller = controller
         self.draining = False
         self.last_call = 0.0  # loop time of the latest ModelInfer, for the drain's quiet window
         self.typed_limit = limits.max_json_bytes  # bytes of typed contents per request

@@ -105,6 +105,7 @@ class Repository:
             raise ValueError(msg)
         self._unloaded: frozenset[str] = frozenset()
         self._write = threading.Lock()
+        self._closed = False  # under _write: no change after close, or what it installs is never closed
         self.draining = False
         """Set by a server that is shutting down: readiness turns false at once."""
 
@@ -156,8 +157,10 @@ class Repository:
         """Serve ``model`` under its name, replacing what was there; the objects it replaced.
 
         The caller closes what is returned (a drain: requests they accepted still finish).
+        ``Closed`` once the repository is closed (the caller then closes ``model``).
         """
         with self._write:
+            self._open()
             old = self._models.get(model.name)
             self._models = {**self._models, model.name: model}
             self._unloaded = self._unloaded - {model.name}
@@ -167,8 +170,12 @@ class Repository:
         return [t for _, t in _walk(old) if id(t) not in keep]
 
     def remove(self, name: str) -> ServedModel:
-        """Stop serving ``name`` (``ModelNotFound`` if it is not served); the caller closes what is returned."""
+        """Stop serving ``name``; the caller closes what is returned.
+
+        ``ModelNotFound`` if it is not served, ``Closed`` once the repository is closed.
+        """
         with self._write:
+            self._open()
             old = self.model(name)
             self._models = {k: v for k, v in self._models.items() if k != name}
             self._unloaded = self._unloaded | {name}
@@ -177,9 +184,11 @@ class Repository:
     def swap_version(self, name: str, version: str, predictor: Predictive) -> Predictive:
         """Serve ``predictor`` as ``version`` of ``name`` (a Router's arm too); the one it replaced.
 
-        ``ModelNotFound`` unless ``name`` has that version. The caller closes what is returned.
+        ``ModelNotFound`` unless ``name`` has that version (``Closed`` after :meth:`close`). The caller
+        closes what is returned.
         """
         with self._write:
+            self._open()
             model = self.model(name)
             if version not in model.versions:
                 self.resolve(name, version)  # raises, in Triton's words
@@ -356,8 +365,15 @@ class Repository:
         """Every Predictor's own stats, by predictor name."""
         return {t.name: t.stats() for t in self._targets() if isinstance(t, Predictor)}
 
+    def _open(self) -> None:
+        if self._closed:
+            msg = "the repository is closed: the server is shutting down"
+            raise Closed(msg)
+
     def close(self, timeout: float | None = None) -> None:
-        """Close every model (each object once; a router closes its arms)."""
+        """Close every model (each object once; a router closes its arms); later changes raise ``Closed``."""
+        with self._write:
+            self._closed = True
         for target in self._targets():
             target.close(timeout)
 

@@ -85,7 +85,13 @@ from inferkit.errors import (  # defined in the one error tree; importable here 
     UnsupportedEncoding,
 )
 from inferkit.server import admin
-from inferkit.server.control import Controller, RepositoryControl, Unauthenticated, load_parameters
+from inferkit.server.control import (
+    Controller,
+    RepositoryControl,
+    Unauthenticated,
+    controller_of,
+    load_parameters,
+)
 from inferkit.server.logs import RequestLog
 from inferkit.server.metrics import Metrics
 from inferkit.server.pipeline import Call, Pipeline, describe
@@ -148,11 +154,11 @@ class _App:
         limits: tuple[int, int, int],
         overload: int,
         retry_after: str,
-        control: RepositoryControl,
+        controller: Controller,
     ) -> None:
         self.repository = repository
-        self.control = control
-        self.controller = Controller(repository, control)
+        self.control = controller.control
+        self.controller = controller
         self.metrics = metrics
         self.bodies = Bodies(*limits)
         self.overload = overload
@@ -322,7 +328,7 @@ def create_app(
     max_decode_bytes: int = 2**30,
     overload_status: int = 503,
     retry_after_s: float = 1.0,
-    control: RepositoryControl | None = None,
+    control: RepositoryControl | Controller | None = None,
     request_log: RequestLog | None = None,
     status_page: bool = False,
 ) -> Starlette:
@@ -346,7 +352,9 @@ def create_app(
     A full queue answers ``overload_status`` (429 or 503) with ``Retry-After: retry_after_s``
     (rounded up to whole seconds). The app does not own the repository: closing the models
     is the caller's part. ``control`` turns on load and unload (see
-    :mod:`inferkit.server.control`); off by default.
+    :mod:`inferkit.server.control`); off by default. Pass a
+    :class:`~inferkit.server.control.Controller` to share it with the gRPC server: changes then
+    take turns across both.
 
     ``GET /v2/openapi.json`` describes the routes served. ``status_page`` adds the status
     page at ``/``, its snapshot at ``/v2/status`` and ``/docs`` (see :mod:`inferkit.server.status`).
@@ -368,8 +376,8 @@ def create_app(
     if metrics is None:
         metrics = Metrics(repository, prometheus_client.CollectorRegistry())
     limits = (max_request_bytes, max_json_bytes, max_decode_bytes)
-    control = control if control is not None else RepositoryControl()
-    app = _App(repository, metrics, limits, overload_status, str(math.ceil(retry_after_s)), control)
+    controller = controller_of(repository, control)
+    app = _App(repository, metrics, limits, overload_status, str(math.ceil(retry_after_s)), controller)
     if request_log is not None:
         app.log = request_log
     model = "/v2/models/{model}"
@@ -392,7 +400,7 @@ def create_app(
             Route(base + "/config", app.config, methods=["GET"]),
             Route(base + "/infer", app.infer, methods=["POST"]),
         ]
-    routes += admin.routes(repository, control.token, app.fail)  # canary control: on with a token only
+    routes += admin.routes(repository, controller.control.token, app.fail)  # canary control: on with a token only
     routes += status_routes(repository, page=status_page, served=lambda: starlette.routes)
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {HTTPException: _http_error}
     starlette = Starlette(routes=routes, exception_handlers=handlers)

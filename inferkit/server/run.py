@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any, TypeVar
@@ -17,7 +18,7 @@ import uvicorn
 
 from inferkit.routing import Predictive
 from inferkit.server.connections import Connections, default_max_connections, guarded_protocol
-from inferkit.server.control import RepositoryControl
+from inferkit.server.control import Controller, RepositoryControl
 from inferkit.server.grpc import DEFAULT_LISTENERS, create_server
 from inferkit.server.lifecycle import Lifecycle
 from inferkit.server.limits import ConnectionLimits
@@ -33,6 +34,7 @@ LOOPS = ("auto", "asyncio", "uvloop")
 """Event loops :class:`InferenceServer` runs on: uvloop when installed (``auto``), or the one named."""
 
 _FORCE_S = 1.0  # past the grace period: time for aborted connections and cancelled calls to unwind
+_log = logging.getLogger(__name__)
 
 
 def raise_open_file_limit() -> int | None:
@@ -70,6 +72,25 @@ class _Uvicorn(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+class _CutOff:
+    """The REST app, quiet about the requests a shutdown cuts off at the end of its grace period.
+
+    uvicorn logs each cancelled request as "Exception in ASGI application" with a traceback;
+    the server logs one line for all of them instead.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.cutting = False
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            if not self.cutting:
+                raise
 
 
 def _known_loop(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -174,6 +195,7 @@ class InferenceServer:
         self._lifecycle = Lifecycle()
         self._connections = Connections(settings.limits)
         self.request_log = RequestLog(access=settings.access_log)  # request scopes always; access lines when asked
+        self._controller = Controller(repository, settings.control)  # one for both faces: changes take turns
         app = create_app(
             repository,
             metrics=self.metrics,
@@ -182,12 +204,13 @@ class InferenceServer:
             max_decode_bytes=settings.limits.max_decode_bytes,
             overload_status=settings.overload_status,
             retry_after_s=settings.retry_after_s,
-            control=settings.control,
+            control=self._controller,
             request_log=self.request_log,
             status_page=settings.status_page,
         )
+        self._app = _CutOff(app)
         config = uvicorn.Config(
-            app,
+            self._app,
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level,
@@ -267,7 +290,7 @@ class InferenceServer:
                 max_message_bytes=settings.limits.max_message_bytes,
                 listeners=settings.grpc_listeners,
                 limits=settings.limits,
-                control=settings.control,
+                control=self._controller,
                 request_log=self.request_log,
             )
             self._ports = attrs.evolve(self._ports, grpc=grpc_port)
@@ -291,6 +314,7 @@ class InferenceServer:
         deadline = loop.time() + grace
         self.repository.draining = True
         self._connections.draining = True
+        self._controller.stop()  # loads and unloads not yet running are refused now
         self._http.should_exit = True  # uvicorn closes its listener and calls shutdown() on each connection
         stops: list[asyncio.Future[None]] = [http]
         if grpc_server is not None:
@@ -298,10 +322,15 @@ class InferenceServer:
         _, pending = await asyncio.wait(stops, timeout=grace)
         if pending:  # a slow upload, or a request still running: the grace period is over
             self._http.force_exit = True
+            self._app.cutting = True
             for connection in list(self._http.server_state.connections):
                 connection.transport.abort()
-            for task in list(self._http.server_state.tasks):
+            cut = list(self._http.server_state.tasks)
+            for task in cut:
                 task.cancel()
+            _log.warning(
+                "the grace period of %.3g s is over: cutting off %d HTTP requests still running", grace, len(cut)
+            )
             _, late = await asyncio.wait(pending, timeout=_FORCE_S)
             for future in late:
                 future.cancel()
