@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import resource
@@ -386,6 +387,109 @@ class TestCli:
         )
         assert run.returncode == 2
         assert message in run.stderr
+
+    @pytest.mark.parametrize("face", ["--port", "--grpc-port"])
+    def test_a_port_in_use_is_one_line_and_exit_2(self, tmp_path: Path, face: str) -> None:
+        """REST's port in use ended in exit 3, uvicorn's log and a dozen tracebacks from gRPC listeners
+        started and never stopped; either face's port in use is now one line naming it."""
+        _model(tmp_path / "scale.onnx")
+        with socket.socket() as held:
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+            port = held.getsockname()[1]
+            other = "--grpc-port" if face == "--port" else "--port"
+            run = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "inferkit.cli",
+                    "serve",
+                    str(tmp_path / "scale.onnx"),
+                    face,
+                    str(port),
+                    other,
+                    "0",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=WAIT,
+                check=False,
+            )
+        kind = "REST" if face == "--port" else "gRPC"
+        assert (run.returncode, run.stderr.splitlines()[0]) == (
+            2,
+            f"inferkit serve: cannot serve {kind} on 127.0.0.1:{port}: "
+            + (
+                "Address already in use"
+                if kind == "REST"
+                else f"Failed to bind to address 127.0.0.1:{port}: [Errno 98] Address already in use"
+            ),
+        ), run.stderr
+        assert "Traceback" not in run.stderr, run.stderr
+
+
+class TestEdges:
+    """A server that cannot listen says so at once and leaves nothing listening; a grace period that runs out."""
+
+    def test_start_raises_the_port_in_use_at_once_and_stops_grpc(self) -> None:
+        """start() waited its whole timeout (30 s) and raised TimeoutError, its gRPC listener left open."""
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            grpc_port = free.getsockname()[1]
+        predictor = Predictor.from_callable(lambda x: x, name="m")
+        with socket.socket() as held:
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+            port = held.getsockname()[1]
+            server = InferenceServer(Repository({"m": predictor}), port=port, grpc_port=grpc_port)
+            with pytest.raises(OSError, match=f"cannot serve REST on 127.0.0.1:{port}: Address already in use"):
+                server.start(timeout=WAIT)
+        with socket.socket() as probe:  # the gRPC port is free again: its listener was stopped
+            probe.bind(("127.0.0.1", grpc_port))
+        assert predictor.state.value == "ready"  # the models are the caller's: still open
+        predictor.close()
+
+    def test_requests_cut_at_the_grace_log_one_warning_not_a_traceback_each(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """uvicorn logged "Exception in ASGI application" and a CancelledError traceback for each."""
+        release = threading.Event()
+
+        def stuck(x: np.ndarray) -> np.ndarray:
+            release.wait(WAIT)
+            return x
+
+        spec = [TensorSpec("x", np.float32, (None, 4))]
+        predictor = Predictor.from_callable(stuck, inputs=spec, outputs=[TensorSpec("y", np.float32, (None, 4))])
+        server = InferenceServer(Repository({"m": predictor}), port=0, grpc_port=None, grace=0.3).start(WAIT)
+        errors: list[str] = []
+
+        def call() -> None:
+            with httpx.Client(timeout=WAIT) as client:
+                try:
+                    _infer_json(client, server.port, "m", np.ones((1, 4), np.float32))
+                except httpx.HTTPError as error:
+                    errors.append(type(error).__name__)
+
+        callers = [threading.Thread(target=call) for _ in range(2)]
+        uvicorn_log = logging.getLogger("uvicorn.error")  # uvicorn's config stops it propagating to the root
+        uvicorn_log.addHandler(caplog.handler)
+        with caplog.at_level("WARNING"):
+            for caller in callers:
+                caller.start()
+            deadline = time.monotonic() + WAIT
+            while predictor.stats().accepted < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.1)
+            server.join(WAIT)
+            release.set()
+            for caller in callers:
+                caller.join(WAIT)
+        uvicorn_log.removeHandler(caplog.handler)
+        assert errors == ["RemoteProtocolError"] * 2
+        assert [r.getMessage() for r in caplog.records if r.levelname in {"WARNING", "ERROR"}] == [
+            "the grace period of 0.3 s is over: cutting off 2 HTTP requests still running"
+        ]
 
 
 class TestMixedClients:

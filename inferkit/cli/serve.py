@@ -170,7 +170,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
         from inferkit.server.grpc import DEFAULT_LISTENERS  # noqa: PLC0415
         from inferkit.server.repository import Repository  # noqa: PLC0415
-        from inferkit.server.run import InferenceServer, raise_open_file_limit, run_loop  # noqa: PLC0415
+        from inferkit.server.run import InferenceServer, raise_open_file_limit  # noqa: PLC0415
     except ImportError as error:
         print(f"inferkit serve needs the server extra (pip install 'inferkit-serve[server]'): {error}", file=sys.stderr)
         return 2
@@ -278,14 +278,26 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         status_page=args.status_page,
     )
+    return _run(server, args.trace)
+
+
+def _run(server: InferenceServer, trace: str) -> int:
+    """Serve until SIGTERM or SIGINT with ``--trace``'s instrumentation; print the final counters."""
+    from inferkit.server.run import run_loop  # noqa: PLC0415 (the server extra)
+
+    repository = server.repository
     try:
-        flush = _tracing(args.trace)
+        flush = _tracing(trace)
     except ImportError as error:
-        print(f"inferkit serve: --trace {args.trace} needs {error.name}: {error}", file=sys.stderr)
+        print(f"inferkit serve: --trace {trace} needs {error.name}: {error}", file=sys.stderr)
         repository.close()
         return 2
     try:
         run_loop(server.run(handle_signals=True, on_start=_announce), server.loop)
+    except OSError as error:  # a port in use: nothing listens, nothing ran
+        print(f"inferkit serve: {error}", file=sys.stderr)
+        repository.close()
+        return 2
     finally:
         flush()
     for name, stats in repository.predictor_stats().items():

@@ -157,8 +157,8 @@ def create_server(
         msg = f"listeners must be an int >= 1, got {listeners!r}"
         raise ValueError(msg)
     shared = listeners > 1
-    if shared and port != 0:
-        _check_free(host, port)  # SO_REUSEPORT would otherwise join a listener of the same user
+    if port != 0:  # shared: SO_REUSEPORT would otherwise join a listener of the same user; either way a clear error
+        _check_free(host, port)
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),

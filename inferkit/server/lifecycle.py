@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 import attrs
 
 __all__ = ["Lifecycle", "Running"]
+
+_POLL_S = 0.01  # start_thread: how often it looks whether the server's thread ended before it started
 
 
 @attrs.frozen
@@ -38,12 +41,13 @@ class Lifecycle:
     :class:`threading.Event`, which publishes what was written before it was set.
     """
 
-    __slots__ = ("running", "started", "thread")
+    __slots__ = ("failed", "running", "started", "thread")
 
     def __init__(self) -> None:
         self.started = threading.Event()
         self.running: Running | None = None
         self.thread: threading.Thread | None = None
+        self.failed: BaseException | None = None  # why the background thread ended before ``started``
 
     def begin(self, *, handle_signals: bool) -> asyncio.Event:
         """On the serving loop: the event that ends serving, set on SIGTERM/SIGINT with ``handle_signals``."""
@@ -61,12 +65,32 @@ class Lifecycle:
             running.loop.call_soon_threadsafe(running.stop.set)
 
     def start_thread(self, target: Callable[[], object], timeout: float) -> None:
-        """Run ``target`` on a daemon thread and wait up to ``timeout`` seconds for ``started``."""
-        self.thread = threading.Thread(target=target, name="inferkit-server", daemon=True)
-        self.thread.start()
-        if not self.started.wait(timeout):
-            msg = "the server did not start in time"
-            raise TimeoutError(msg)
+        """Run ``target`` on a daemon thread and wait up to ``timeout`` seconds for ``started``.
+
+        What ``target`` raises before ``started`` is raised here, as soon as the thread ends.
+        """
+
+        def run() -> None:
+            try:
+                target()
+            except BaseException as error:
+                if self.started.is_set():
+                    raise
+                self.failed = error  # read once the thread ended (join publishes it)
+
+        self.thread = thread = threading.Thread(target=run, name="inferkit-server", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.started.wait(min(_POLL_S, max(0.0, deadline - time.monotonic()))):
+            if not thread.is_alive():
+                thread.join()
+                if self.failed is not None:
+                    raise self.failed
+                msg = "the server ended before it started"
+                raise RuntimeError(msg)
+            if time.monotonic() >= deadline:
+                msg = "the server did not start in time"
+                raise TimeoutError(msg)
 
     def join(self, timeout: float | None) -> None:
         """Stop, then wait up to ``timeout`` seconds for the background thread (if any) to finish."""

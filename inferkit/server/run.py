@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import socket
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any, TypeVar
@@ -19,7 +20,7 @@ import uvicorn
 from inferkit.routing import Predictive
 from inferkit.server.connections import Connections, default_max_connections, guarded_protocol
 from inferkit.server.control import Controller, RepositoryControl
-from inferkit.server.grpc import DEFAULT_LISTENERS, create_server
+from inferkit.server.grpc import DEFAULT_LISTENERS, GrpcServer, create_server
 from inferkit.server.lifecycle import Lifecycle
 from inferkit.server.limits import ConnectionLimits
 from inferkit.server.logs import RequestLog
@@ -91,6 +92,25 @@ class _CutOff:
         except asyncio.CancelledError:
             if not self.cutting:
                 raise
+
+
+def _listen(host: str, port: int, backlog: int) -> socket.socket:
+    """The REST listening socket, bound as uvicorn binds it; ``OSError`` naming the address when it cannot be.
+
+    Bound here, before anything starts: uvicorn logs a failure and exits the process instead.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError as error:
+        sock.close()
+        failure = OSError(f"cannot serve REST on {host}:{port}: {error.strerror or error}")
+        failure.errno = error.errno  # EADDRINUSE for a port in use, as the error it replaces
+        raise failure from None
+    return sock
 
 
 def _known_loop(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -275,17 +295,46 @@ class InferenceServer:
     async def run(
         self, *, handle_signals: bool = False, on_start: Callable[[InferenceServer], None] | None = None
     ) -> None:
-        """Serve until stopped, then shut down gracefully; ``on_start`` is called once both listen."""
+        """Serve until stopped, then shut down gracefully; ``on_start`` is called once both listen.
+
+        ``OSError`` naming the address when a face cannot listen (a port in use): then nothing
+        listens and the models stay open, the caller's to close (or serve on other ports).
+        """
         stop = self._lifecycle.begin(handle_signals=handle_signals)
         settings = self._settings
         if settings.limits.max_connections is None:
             self._connections.max_connections = default_max_connections(raise_open_file_limit())
+        listener = _listen(settings.host, settings.port, self._http.config.backlog)
         grpc_server = None
-        if settings.grpc_port is not None:
-            grpc_server, grpc_port = create_server(
+        try:
+            if settings.grpc_port is not None:
+                grpc_server = self._grpc(settings.grpc_port)
+                await grpc_server.start()
+            http = asyncio.create_task(self._http.serve(sockets=[listener]))
+            while not self._http.started and not http.done():  # noqa: ASYNC110 (uvicorn has no start event)
+                await asyncio.sleep(0.005)
+            if http.done():
+                await http  # raises why it could not start
+        except BaseException:  # nothing listens on: stop what started (gRPC's listeners outlived the loop)
+            listener.close()
+            if grpc_server is not None:
+                await grpc_server.stop(None)
+            raise
+        self._ports = attrs.evolve(self._ports, rest=listener.getsockname()[1])
+        self._lifecycle.started.set()  # publishes the bound ports to the threads waiting on it
+        if on_start is not None:
+            on_start(self)
+        await stop.wait()
+        await self._shutdown(http, grpc_server)
+
+    def _grpc(self, port: int) -> GrpcServer:
+        """The gRPC server, bound (its port published); ``OSError`` naming the address when it cannot be."""
+        settings = self._settings
+        try:
+            server, bound = create_server(
                 self.repository,
                 host=settings.host,
-                port=settings.grpc_port,
+                port=port,
                 metrics=self.metrics,
                 max_message_bytes=settings.limits.max_message_bytes,
                 listeners=settings.grpc_listeners,
@@ -293,21 +342,13 @@ class InferenceServer:
                 control=self._controller,
                 request_log=self.request_log,
             )
-            self._ports = attrs.evolve(self._ports, grpc=grpc_port)
-            await grpc_server.start()
-        http = asyncio.create_task(self._http.serve())
-        while not self._http.started and not http.done():  # noqa: ASYNC110 (uvicorn has no start event)
-            await asyncio.sleep(0.005)
-        if http.done():
-            await http  # raises why it could not start
-        self._ports = attrs.evolve(self._ports, rest=self._http.servers[0].sockets[0].getsockname()[1])
-        self._lifecycle.started.set()  # publishes the bound ports to the threads waiting on it
-        if on_start is not None:
-            on_start(self)
-        await stop.wait()
-        await self._shutdown(http, grpc_server)
+        except RuntimeError as error:  # grpc's word for an address it cannot bind
+            msg = f"cannot serve gRPC on {settings.host}:{port}: {error}"
+            raise OSError(msg) from None
+        self._ports = attrs.evolve(self._ports, grpc=bound)
+        return server
 
-    async def _shutdown(self, http: asyncio.Task[None], grpc_server: Any) -> None:
+    async def _shutdown(self, http: asyncio.Task[None], grpc_server: GrpcServer | None) -> None:
         """Drain both faces within ``grace``, force what is left, then close the models."""
         loop = asyncio.get_running_loop()
         grace = self._settings.grace
@@ -346,7 +387,10 @@ class InferenceServer:
         self._lifecycle.stop()
 
     def start(self, timeout: float = 30.0) -> InferenceServer:
-        """Serve on a background thread (for embedding and tests); returns once both listen."""
+        """Serve on a background thread (for embedding and tests); returns once both listen.
+
+        Raises what kept it from starting (``OSError`` for a port in use, as :meth:`run`).
+        """
         self._lifecycle.start_thread(lambda: run_loop(self.run(), self._settings.loop), timeout)
         return self
 
