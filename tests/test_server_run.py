@@ -154,7 +154,26 @@ versions.1 = { path = "a.onnx", eject_after = 7 }
                 r"models\[0\]: unknown field\(s\) \['call_rows'\]",
             ),
             ('[[models]]\nname = "m"\npath = "missing.onnx"\n', r"models\[0\].path: no model file"),
-            ('[[models]]\npath = "a.onnx"\n', r"models\[0\].name must be a non-empty string"),
+            ('[[models]]\npath = "a.onnx"\n', r"models\[0\].name: a model name must be a non-empty printable"),
+            *(  # served, but unreachable over REST: a '/' splits the path, clients resolve '..' away
+                (f'[[models]]\nname = "{name}"\npath = "a.onnx"\n', rf"models\[0\].name: .* got '{re.escape(name)}'")
+                for name in ("a/b", "..", ".", "a\\tb")
+            ),
+            (
+                '[[models]]\nname = "m"\nversions."a/b" = { path = "a.onnx" }\n',
+                r"models\[0\].versions.a/b: a version label must be .* got 'a/b'",
+            ),
+            (  # a pybind11 "incompatible function arguments" dump
+                '[[models]]\nname = "m"\npath = "a.onnx"\nintra_op_threads = "x"\n',
+                r"models\[0\]: intra_op_threads must be an int >= 0 .* got 'x'",
+            ),
+            (  # "[Errno 21] Is a directory", naming no field
+                (
+                    '[[models]]\nname = "m"\nversions.1 = { path = "a.onnx" }\nversions.2 = { path = "a.onnx" }\n'
+                    'split = { policy = "canary", baseline = "1", candidate = "2", state_path = "." }\n'
+                ),
+                r"models\[0\].split.state_path: the canary's state cannot be kept at .*: Is a directory",
+            ),
             (
                 '[[models]]\nname = "m"\nversions.1 = { path = "a.onnx", max_batch_size = 0 }\n',
                 r"models\[0\].versions.1: max_batch_size must be an int >= 1, got 0",

@@ -336,6 +336,21 @@ class TestRepositoryControl:
         assert error.status() == "400"
         np.testing.assert_array_equal(c.infer("http", "m", np.ones((1, 4), np.float32)), np.ones((1, 4)))
 
+    def test_a_name_no_url_can_reach_is_refused(self, start: Callable[..., Clients]) -> None:
+        """gRPC could load "a/b" and REST "%2e%2e" (".."): both served, neither reachable over REST."""
+        factory = Factory()
+        c = start(Repository({"m": scaled(1)}), control=RepositoryControl(enabled=True, token=TOKEN, loader=factory))
+        for name in ("a/b", "..", "."):
+            error = _grpc_error(lambda n=name: c.grpc.load_model(n, headers=AUTH))
+            assert (error.status(), "must be a non-empty printable string without '/'" in error.message()) == (
+                str(grpc.StatusCode.INVALID_ARGUMENT),
+                True,
+            ), error.message()
+        reply = httpx.post(f"http://127.0.0.1:{c.server.port}/v2/repository/models/%2e%2e/load", headers=AUTH)
+        assert (reply.status_code, "got '..'" in reply.text) == (400, True), reply.text
+        assert factory.built == []
+        assert [m["name"] for m in c.http.get_model_repository_index()] == ["m"]
+
     def test_a_config_nested_thousands_deep_is_a_400(self, start: Callable[..., Clients]) -> None:
         """JSON nesting past Python's recursion limit is the client's mistake (it answered 500)."""
         c = start(Repository({"m": scaled(1)}), control=RepositoryControl(enabled=True, token=TOKEN, loader=Factory()))

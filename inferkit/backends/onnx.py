@@ -118,6 +118,11 @@ class OnnxBackend:
         if device is not None and providers is not None:
             msg = "give device= (with provider_options=) or providers=, not both"
             raise TypeError(msg)
+        if intra_op_threads is not None and (
+            not isinstance(intra_op_threads, int) or isinstance(intra_op_threads, bool) or intra_op_threads < 0
+        ):
+            msg = f"intra_op_threads must be an int >= 0 (0: ONNX Runtime's default), got {intra_op_threads!r:.100}"
+            raise ValueError(msg)
         options = session_options if session_options is not None else ort.SessionOptions()
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads

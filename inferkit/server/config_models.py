@@ -6,6 +6,7 @@ for the fields, and :mod:`inferkit.server.control` for loading).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -20,7 +21,7 @@ from inferkit.pool import PoolConfig
 from inferkit.predictor import Predictor
 from inferkit.routing import Predictive, Router
 from inferkit.server.control import LoadedVersion, LoadFailed
-from inferkit.server.repository import ServedModel
+from inferkit.server.repository import ServedModel, check_name
 
 if TYPE_CHECKING:
     from inferkit.gpu import Pipeline
@@ -206,6 +207,11 @@ def _canary(split: Mapping[str, Any], where: str, base: Path, model: str) -> Can
             store.close()
         msg = f"{where}: the canary's state cannot be read: {error}"
         raise ConfigError(msg) from None
+    except OSError as error:  # state_path names a directory, or a file this process may not write
+        if store is not None:
+            store.close()
+        msg = f"{where}.state_path: the canary's state cannot be kept at {error.filename}: {error.strerror or error}"
+        raise ConfigError(msg) from None
     except ConfigError:
         if store is not None:
             store.close()
@@ -245,10 +251,7 @@ def _policy(
 
 def served_model(spec: Mapping[str, Any], where: str, base: Path, opened: list[Predictive]) -> ServedModel:
     """The model of one ``[[models]]`` table; each predictor built is appended to ``opened``."""
-    name = spec.get("name")
-    if not isinstance(name, str) or not name:
-        msg = f"{where}.name must be a non-empty string, got {name!r}"
-        raise ConfigError(msg)
+    name = checked(f"{where}.name", lambda: check_name(spec.get("name")))
     if "versions" not in spec:
         predictor = _predictor({k: v for k, v in spec.items() if k != "name"}, where, base, name)
         opened.append(predictor)
@@ -261,6 +264,7 @@ def served_model(spec: Mapping[str, Any], where: str, base: Path, opened: list[P
     versions: dict[str, Predictive] = {}
     for label, version in table.items():
         vwhere = f"{where}.versions.{label}"
+        checked(vwhere, functools.partial(check_name, label, "a version label"))
         versions[str(label)] = _predictor(as_table(version, vwhere), vwhere, base, f"{name}-{label}")
         opened.append(versions[str(label)])
     order = sorted(versions, key=lambda v: (len(v), v))

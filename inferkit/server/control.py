@@ -42,7 +42,7 @@ from inferkit.errors import (  # defined in the one error tree; importable here 
     Unauthenticated,
 )
 from inferkit.routing import Predictive
-from inferkit.server.repository import Repository, ServedModel
+from inferkit.server.repository import Repository, ServedModel, check_name
 
 __all__ = [
     "TOKEN_ENV",
@@ -218,6 +218,11 @@ class Controller:
 
     async def load(self, name: str, config: Mapping[str, Any]) -> None:
         """Build ``name`` on a worker thread, then serve it; the model it replaces drains and closes."""
+        try:
+            check_name(name)
+        except ValueError as error:  # a gRPC name, or a REST one the router decoded: served, never reachable
+            msg = f"failed to load {name!r:.100}: {error}"
+            raise InvalidInput(msg) from None
         loader = self.control.loader
         if loader is None:
             msg = f"failed to load {name!r}, failed to poll from model repository: this server has no loader"

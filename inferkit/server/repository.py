@@ -29,13 +29,31 @@ from inferkit.server.submission import heavy, submit, submitted
 from inferkit.server.triton_shapes import dynamic_batching, predictors_behind, split_stats, triton_stats, triton_tensor
 from inferkit.stats import Stats
 
-__all__ = ["Failed", "InferResult", "Repository", "ServedModel", "pool_config"]
+__all__ = ["Failed", "InferResult", "Repository", "ServedModel", "check_name", "pool_config"]
 
 Array = np.ndarray[Any, Any]
 _DEFAULT_OUTPUT = "output"  # the name of an unnamed single output (an untyped callable's)
 
 
+def check_name(name: object, what: str = "a model name") -> str:
+    """``name`` when a URL's path segment can carry it as it is; ``ValueError`` saying why otherwise.
+
+    A ``/`` splits the segment and ``.`` / ``..`` are resolved away by clients, so a model named
+    so would be served but unreachable over REST.
+    """
+    if not isinstance(name, str) or not name or not name.isprintable() or "/" in name or name in {".", ".."}:
+        msg = f"{what} must be a non-empty printable string without '/', and not '.' or '..', got {name!r:.100}"
+        raise ValueError(msg)
+    return name
+
+
+def _model_name(_: object, __: attrs.Attribute[Any], value: object) -> None:
+    check_name(value)
+
+
 def _as_dict(value: Mapping[str, Predictive]) -> dict[str, Predictive]:
+    for label in value:
+        check_name(label, "a version label")
     return dict(value)
 
 
@@ -44,10 +62,11 @@ class ServedModel:
     """A model as the server shows it: a name, what answers unpinned requests, and versions.
 
     ``target`` is a Predictor, or a Router that splits between versions; ``versions`` maps a
-    version label to the predictor that ``/versions/{v}`` pins.
+    version label to the predictor that ``/versions/{v}`` pins. Names and labels must fit a
+    URL's path segment (:func:`check_name`).
     """
 
-    name: str
+    name: str = attrs.field(validator=_model_name)
     target: Predictive
     versions: Mapping[str, Predictive] = attrs.field(factory=dict, converter=_as_dict)
 
