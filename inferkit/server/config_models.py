@@ -21,7 +21,7 @@ from inferkit.pool import PoolConfig
 from inferkit.predictor import Predictor
 from inferkit.routing import Predictive, Router
 from inferkit.server.control import LoadedVersion, LoadFailed
-from inferkit.server.repository import ServedModel, check_name
+from inferkit.server.served_model import ServedModel, check_name
 
 if TYPE_CHECKING:
     from inferkit.gpu import Pipeline

@@ -42,7 +42,8 @@ from inferkit.errors import (  # defined in the one error tree; importable here 
     Unauthenticated,
 )
 from inferkit.routing import Predictive
-from inferkit.server.repository import Repository, ServedModel, check_name
+from inferkit.server.repository import Repository
+from inferkit.server.served_model import ServedModel, check_name
 
 __all__ = [
     "TOKEN_ENV",

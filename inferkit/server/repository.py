@@ -21,54 +21,25 @@ import numpy as np
 
 from inferkit._bridge import await_future
 from inferkit.errors import Closed, InferkitError, ModelNotFound
-from inferkit.pool import PoolConfig
 from inferkit.predictor import Predictor
 from inferkit.routing import Predictive, RoutedFuture, Router, ready_of, signature_of
 from inferkit.server.protocol import datatype_of
+from inferkit.server.served_model import ServedModel, check_name, walk_model
 from inferkit.server.submission import heavy, submit, submitted
-from inferkit.server.triton_shapes import dynamic_batching, predictors_behind, split_stats, triton_stats, triton_tensor
+from inferkit.server.triton_shapes import (
+    dynamic_batching,
+    instance_groups,
+    predictors_behind,
+    split_stats,
+    triton_stats,
+    triton_tensor,
+)
 from inferkit.stats import Stats
 
-__all__ = ["Failed", "InferResult", "Repository", "ServedModel", "check_name", "pool_config"]
+__all__ = ["Failed", "InferResult", "Repository", "ServedModel", "check_name"]
 
 Array = np.ndarray[Any, Any]
 _DEFAULT_OUTPUT = "output"  # the name of an unnamed single output (an untyped callable's)
-
-
-def check_name(name: object, what: str = "a model name") -> str:
-    """``name`` when a URL's path segment can carry it as it is; ``ValueError`` saying why otherwise.
-
-    A ``/`` splits the segment and ``.`` / ``..`` are resolved away by clients, so a model named
-    so would be served but unreachable over REST.
-    """
-    if not isinstance(name, str) or not name or not name.isprintable() or "/" in name or name in {".", ".."}:
-        msg = f"{what} must be a non-empty printable string without '/', and not '.' or '..', got {name!r:.100}"
-        raise ValueError(msg)
-    return name
-
-
-def _model_name(_: object, __: attrs.Attribute[Any], value: object) -> None:
-    check_name(value)
-
-
-def _as_dict(value: Mapping[str, Predictive]) -> dict[str, Predictive]:
-    for label in value:
-        check_name(label, "a version label")
-    return dict(value)
-
-
-@attrs.frozen
-class ServedModel:
-    """A model as the server shows it: a name, what answers unpinned requests, and versions.
-
-    ``target`` is a Predictor, or a Router that splits between versions; ``versions`` maps a
-    version label to the predictor that ``/versions/{v}`` pins. Names and labels must fit a
-    URL's path segment (:func:`check_name`).
-    """
-
-    name: str = attrs.field(validator=_model_name)
-    target: Predictive
-    versions: Mapping[str, Predictive] = attrs.field(factory=dict, converter=_as_dict)
 
 
 @attrs.frozen
@@ -95,12 +66,6 @@ class Failed(Exception):
         super().__init__(error, arm)
         self.error = error
         self.arm = arm
-
-
-def pool_config(predictor: Predictor) -> PoolConfig:
-    """The pool settings ``predictor`` was built with (the default for a stand-in without ``pool``)."""
-    pool = getattr(predictor, "pool", None)
-    return pool if isinstance(pool, PoolConfig) else PoolConfig()
 
 
 def _version_order(label: str) -> tuple[int, str]:
@@ -185,8 +150,8 @@ class Repository:
             self._unloaded = self._unloaded - {model.name}
         if old is None:
             return []
-        keep = {id(t) for _, t in _walk(model)}
-        return [t for _, t in _walk(old) if id(t) not in keep]
+        keep = {id(t) for _, t in walk_model(model)}
+        return [t for _, t in walk_model(old) if id(t) not in keep]
 
     def remove(self, name: str) -> ServedModel:
         """Stop serving ``name``; the caller closes what is returned.
@@ -347,7 +312,7 @@ class Repository:
             config["output"] = [triton_tensor(s) for s in sig.outputs]
         if predictor is not None:
             config["dynamic_batching"] = dynamic_batching(predictor.batching)
-            config["instance_group"] = _instance_groups(name, predictor)
+            config["instance_group"] = instance_groups(name, predictor)
         return config
 
     def index(self) -> list[dict[str, str]]:
@@ -373,12 +338,12 @@ class Repository:
         A label is the arm path (``outer/inner``), else the version, else ``""``. Arms come
         before versions, so an object that is both is labelled as the arm.
         """
-        return _walk(self.model(name))
+        return walk_model(self.model(name))
 
     def _targets(self) -> list[Predictive]:
         """Every model object, routers and the predictors behind them, each once."""
         models = self._models
-        return list({id(t): t for model in models.values() for _, t in _walk(model)}.values())
+        return list({id(t): t for model in models.values() for _, t in walk_model(model)}.values())
 
     def predictor_stats(self) -> dict[str, Stats]:
         """Every Predictor's own stats, by predictor name."""
@@ -405,37 +370,3 @@ def _refused_or(
         return submit(target, inputs, key, timeout, priority)
     except InferkitError as refused:
         raise Failed(refused, None) from refused
-
-
-def _walk(model: ServedModel) -> Iterator[tuple[str, Predictive]]:
-    seen: set[int] = set()
-    pending: list[tuple[str, Predictive]] = [("", model.target), *model.versions.items()]
-    while pending:
-        label, target = pending.pop(0)
-        if id(target) in seen:
-            continue
-        seen.add(id(target))
-        yield label, target
-        if isinstance(target, Router):
-            prefix = f"{label}/" if label else ""
-            pending[:0] = [(prefix + arm, inner) for arm, inner in target.arms.items()]
-
-
-def _instance_groups(name: str, predictor: Predictor) -> list[dict[str, Any]]:
-    """One group per device the replicas run on (``cuda:N`` is KIND_GPU on GPU N, else KIND_CPU)."""
-    devices = [r.device for r in predictor.stats().replicas] or [predictor.device]
-    if len(devices) < pool_config(predictor).replicas:  # replicas still loading run where the first does
-        devices += [devices[0]] * (pool_config(predictor).replicas - len(devices))
-    counts: dict[str, int] = {}
-    for device in devices:
-        counts[device] = counts.get(device, 0) + 1
-    groups = []
-    for i, (device, count) in enumerate(sorted(counts.items())):
-        group: dict[str, Any] = {"name": f"{name}_{i}", "count": count}
-        kind, _, index = device.partition(":")
-        if kind == "cuda":
-            group.update(kind="KIND_GPU", gpus=[int(index or 0)])
-        else:
-            group.update(kind="KIND_CPU", gpus=[])
-        groups.append(group)
-    return groups

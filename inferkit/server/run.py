@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
-import socket
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any, TypeVar
@@ -27,6 +25,7 @@ from inferkit.server.logs import RequestLog
 from inferkit.server.metrics import Metrics
 from inferkit.server.repository import Repository
 from inferkit.server.rest import create_app
+from inferkit.server.sockets import listen, loopback, raise_open_file_limit
 
 __all__ = ["LOOPS", "InferenceServer", "loopback", "raise_open_file_limit", "run_loop", "serve"]
 
@@ -36,35 +35,6 @@ LOOPS = ("auto", "asyncio", "uvloop")
 
 _FORCE_S = 1.0  # past the grace period: time for aborted connections and cancelled calls to unwind
 _log = logging.getLogger(__name__)
-
-
-def raise_open_file_limit() -> int | None:
-    """Raise this process's soft limit on open files to its hard limit where allowed; the soft limit now.
-
-    ``None`` where there is no such limit (Windows). At the common soft limit of 1,024, idle
-    connections alone can use up the descriptors, and then accepting fails for everyone.
-    """
-    try:
-        import resource  # noqa: PLC0415 (POSIX only)
-    except ImportError:  # pragma: no cover
-        return None
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else 2**20
-    if soft != resource.RLIM_INFINITY and soft < target:
-        with contextlib.suppress(ValueError, OSError):  # e.g. macOS caps it below an unlimited hard limit
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-    return None if soft == resource.RLIM_INFINITY else soft
-
-
-def loopback(host: str) -> bool:
-    """Whether ``host`` only accepts connections from this machine (``127.0.0.1``, ``::1``, ``localhost``)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name other than localhost: it may resolve to anything
-        return False
 
 
 class _Uvicorn(uvicorn.Server):
@@ -92,25 +62,6 @@ class _CutOff:
         except asyncio.CancelledError:
             if not self.cutting:
                 raise
-
-
-def _listen(host: str, port: int, backlog: int) -> socket.socket:
-    """The REST listening socket, bound as uvicorn binds it; ``OSError`` naming the address when it cannot be.
-
-    Bound here, before anything starts: uvicorn logs a failure and exits the process instead.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-    except OSError as error:
-        sock.close()
-        failure = OSError(f"cannot serve REST on {host}:{port}: {error.strerror or error}")
-        failure.errno = error.errno  # EADDRINUSE for a port in use, as the error it replaces
-        raise failure from None
-    return sock
 
 
 def _known_loop(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -304,7 +255,7 @@ class InferenceServer:
         settings = self._settings
         if settings.limits.max_connections is None:
             self._connections.max_connections = default_max_connections(raise_open_file_limit())
-        listener = _listen(settings.host, settings.port, self._http.config.backlog)
+        listener = listen(settings.host, settings.port, self._http.config.backlog)
         grpc_server = None
         try:
             if settings.grpc_port is not None:

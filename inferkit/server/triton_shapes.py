@@ -1,4 +1,4 @@
-"""Triton-shaped descriptions of a served model: its tensors, its batching, and its statistics entries.
+"""Triton-shaped descriptions of a served model: its tensors, batching, instance groups and statistics entries.
 
 :meth:`Repository.config <inferkit.server.Repository.config>` and :meth:`Repository.stats
 <inferkit.server.Repository.stats>` assemble them; both faces serve what those return.
@@ -12,11 +12,20 @@ import numpy as np
 
 from inferkit.batching import BatchConfig
 from inferkit.policies import find_canary, split_weights
+from inferkit.pool import PoolConfig
 from inferkit.predictor import Predictor
 from inferkit.routing import Predictive, Router
 from inferkit.server.protocol import datatype_of
 
-__all__ = ["dynamic_batching", "predictors_behind", "split_stats", "triton_stats", "triton_tensor"]
+__all__ = [
+    "dynamic_batching",
+    "instance_groups",
+    "pool_config",
+    "predictors_behind",
+    "split_stats",
+    "triton_stats",
+    "triton_tensor",
+]
 
 
 def predictors_behind(target: Predictive) -> list[Predictive]:
@@ -91,3 +100,29 @@ def split_stats(router: Router) -> dict[str, Any]:
     if canary is not None:
         extra["canary"] = {"state": canary.state.value, "step": canary.step, "weight": canary.weight}
     return extra
+
+
+def pool_config(predictor: Predictor) -> PoolConfig:
+    """The pool settings ``predictor`` was built with (the default for a stand-in without ``pool``)."""
+    pool = getattr(predictor, "pool", None)
+    return pool if isinstance(pool, PoolConfig) else PoolConfig()
+
+
+def instance_groups(name: str, predictor: Predictor) -> list[dict[str, Any]]:
+    """One group per device the replicas run on (``cuda:N`` is KIND_GPU on GPU N, else KIND_CPU)."""
+    devices = [r.device for r in predictor.stats().replicas] or [predictor.device]
+    if len(devices) < pool_config(predictor).replicas:  # replicas still loading run where the first does
+        devices += [devices[0]] * (pool_config(predictor).replicas - len(devices))
+    counts: dict[str, int] = {}
+    for device in devices:
+        counts[device] = counts.get(device, 0) + 1
+    groups = []
+    for i, (device, count) in enumerate(sorted(counts.items())):
+        group: dict[str, Any] = {"name": f"{name}_{i}", "count": count}
+        kind, _, index = device.partition(":")
+        if kind == "cuda":
+            group.update(kind="KIND_GPU", gpus=[int(index or 0)])
+        else:
+            group.update(kind="KIND_CPU", gpus=[])
+        groups.append(group)
+    return groups
