@@ -27,6 +27,7 @@ from inferkit._factories import (
 from inferkit.arrays import batch_key
 from inferkit.backends.base import Backend, BackendFactory
 from inferkit.batching import BatchConfig, Batcher, Request, RequestFuture
+from inferkit.batching.request import level_of, seconds_of
 from inferkit.errors import DeadlineExceeded, InferkitError
 from inferkit.events import Event, LogObserver, Observer, StateChanged, deliver, new_request_id
 from inferkit.pool import Balancer, PoolConfig
@@ -302,15 +303,16 @@ class Predictor(BulkFaces):
         try:
             sig = self.signature
             arrays = sig.normalize(x) if sig is not None else normalize_untyped(x)
-            if timeout is not None and not timeout > 0:
-                msg = f"the deadline passed before the request was queued (timeout={timeout!r})"
-                raise DeadlineExceeded(msg)
+            if timeout is not None:
+                timeout = seconds_of(timeout)
+                if not timeout > 0:
+                    msg = f"the deadline passed before the request was queued (timeout={timeout!r})"
+                    raise DeadlineExceeded(msg)
         except InferkitError as error:
             self._batcher.reject(error)
             raise
         if not isinstance(priority, int):
-            msg = f"priority must be an int, got {priority!r}"
-            raise TypeError(msg)
+            priority = level_of(priority)
         now = time.monotonic()
         rows = next(iter(arrays.values())).shape[0]
         deadline = None if timeout is None else now + timeout

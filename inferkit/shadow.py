@@ -148,7 +148,10 @@ class ShadowTraffic:
             outcome = "errors"
         else:
             assert mirrored is not None
-            outcome = "agreed" if self._compare(mirrored.result(), primary.result()) else "disagreed"
+            try:
+                outcome = "agreed" if self._compare(mirrored.result(), primary.result()) else "disagreed"
+            except Exception:  # noqa: BLE001 (a compare that raises on these outputs: counted, its slot freed)
+                outcome = "errors"
         with self._lock:
             self._pending -= 1
             self._stats = _plus_one(self._stats, outcome)

@@ -131,7 +131,8 @@ class Signature:
             if len({spec.name for spec in specs}) < len(specs):
                 raise ValueError(f"{field} need unique names, got {_names(specs)}")
         spec = self.inputs[0]
-        fast = len(self.inputs) == 1 and None not in spec.shape[1:]
+        # Not for strings: every element must be checked (_coerce), objects of any type share the dtype.
+        fast = len(self.inputs) == 1 and None not in spec.shape[1:] and spec.dtype.kind != "O"
         object.__setattr__(self, "_fast", (spec.name, spec.dtype, spec.shape[1:]) if fast else None)
         tails = tuple((o, None if None in o.shape[1:] else o.shape[1:]) for o in self.outputs)
         object.__setattr__(self, "_tails", tails)
@@ -290,7 +291,7 @@ def _as_array(name: str, value: object) -> tuple[NDArray[Any], int]:
     A device array is returned as it is (never copied to the host).
     """
     if isinstance(value, np.ndarray):
-        return value, _NDARRAY
+        return (value if type(value) is np.ndarray else _plain(name, value)), _NDARRAY
     if isinstance(value, list | tuple):
         try:
             return np.asarray(value), _SEQUENCE
@@ -301,6 +302,26 @@ def _as_array(name: str, value: object) -> tuple[NDArray[Any], int]:
         return cast("NDArray[Any]", value), _DEVICE  # duck-typed: dtype, shape, astype, min, max
     got = type(value).__name__
     raise _invalid(name, f"expected an array (np.ndarray, list or tuple), got {got}")
+
+
+def _plain(name: str, value: NDArray[Any]) -> NDArray[Any]:
+    """An ndarray subclass as a plain ndarray over the same memory.
+
+    Joined into a batch, one caller's subclass would make the whole batch that subclass: an
+    ``np.matrix`` turns ``x ** 2`` into a matrix power for every request batched with it. A
+    mask would be dropped silently, so a masked array with masked values is refused.
+    """
+    if isinstance(value, np.ma.MaskedArray) and np.ma.getmask(value) is not np.ma.nomask and value.mask.any():
+        raise _invalid(name, "got a masked array with masked values; fill them (np.ma.filled) or send a plain array")
+    return value.view(np.ndarray)
+
+
+def _texts(arr: NDArray[Any]) -> bool:
+    """Whether an array holds objects that are all exactly ``str`` or ``bytes``.
+
+    Exactly: a subclass's ``__str__`` would run on a replica's worker.
+    """
+    return arr.dtype.kind == "O" and all(type(item) in _TEXT for item in arr.flat)
 
 
 def _coerce(spec: TensorSpec, value: object) -> NDArray[Any]:
@@ -314,6 +335,10 @@ def _coerce(spec: TensorSpec, value: object) -> NDArray[Any]:
         msg = f"expected {spec.describe()}, got {got} with shape {arr.shape}{hint}"
         raise _invalid(spec.name, msg)
     _check_batch(spec.name, arr)
+    if src.kind == "O" and not _texts(arr):
+        raise _invalid(
+            spec.name, f"expected {spec.describe()}, got dtype object holding objects other than str or bytes"
+        )
     if src == dst:
         return arr
     if dst.kind in "iu" and not np.can_cast(src, dst) and arr.size:
@@ -347,8 +372,8 @@ _TEXT: Final = (bytes, str)
 
 def _untyped(name: str, value: object) -> NDArray[Any]:
     arr, _ = _as_array(name, value)
-    if arr.dtype.kind == "O" and not all(type(item) in _TEXT for item in arr.flat):  # BYTES are bytes or str
-        raise _invalid(name, "expected numbers or strings, got dtype object holding other objects")
+    if arr.dtype.hasobject and not _texts(arr):  # BYTES are bytes or str; a structured dtype may hold objects too
+        raise _invalid(name, f"expected numbers or strings, got dtype {arr.dtype} holding other objects")
     _check_batch(name, arr)
     if arr.ndim == 1:  # rows of what? one sample of n values, or n samples: refuse to guess
         msg = (
@@ -376,7 +401,7 @@ def normalize_untyped(request: object) -> dict[str, NDArray[Any]]:
     """
     if type(request) is np.ndarray:  # the fast path
         shape = request.shape
-        if len(shape) > 1 and shape[0] and request.dtype.kind != "O":
+        if len(shape) > 1 and shape[0] and not request.dtype.hasobject:
             return {SINGLE: request}
     if not isinstance(request, Mapping):
         return {SINGLE: _untyped(SINGLE, request)}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import threading
 import time
+import types
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 
 import numpy as np
@@ -316,22 +318,21 @@ class TestFailures:
             blocker.result(WAIT)
             assert p.predict(text("z" * 190_000)).tolist() == [[190_000]]  # all of it came back
 
-    def test_queue_bytes_walk_object_elements_once_and_no_further_than_needed(self) -> None:
+    def test_queue_bytes_walk_object_elements_once_and_no_further_than_needed(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         """Counting what an object array holds costs at most one pass over its elements, at admission:
         a broadcast view is walked once per distinct element, the walk stops once the bound is passed,
-        batches cut parts by rows without measuring again, and an element whose size cannot be read
-        is an InvalidInput."""
+        and batches cut parts by rows without measuring again."""
+        from inferkit.batching import request as request_module
+
         sized = [0]
 
-        class Sized:
-            def __init__(self, size: int) -> None:
-                self.size = size
+        def getsizeof(value: object) -> int:
+            sized[0] += 1
+            return sys.getsizeof(value)
 
-            def __sizeof__(self) -> int:
-                sized[0] += 1
-                if self.size < 0:
-                    raise ValueError("no size")
-                return self.size
+        monkeypatch.setattr(request_module, "sys", types.SimpleNamespace(getsizeof=getsizeof))
 
         def column(values: list[object]) -> np.ndarray:
             a = np.empty((len(values), 1), dtype=object)
@@ -341,20 +342,18 @@ class TestFailures:
         spec = [TensorSpec("x", object, (None, 1))]
         batching = BatchConfig(max_batch_size=4, max_queue_size=8192, max_queue_bytes=1_000_000)
         with Predictor.from_callable(lambda x: np.zeros((len(x), 1)), inputs=spec, batching=batching) as p:
-            view = np.broadcast_to(column([Sized(100)]), (16_000, 1))  # 16,000 elements, one distinct: 1.7 MB
+            view = np.broadcast_to(column(["a" * 100]), (16_000, 1))  # 16,000 elements, one distinct: 2.4 MB
             with pytest.raises(InvalidInput, match="max_queue_bytes=1000000"):
                 p.predict(view)
             assert sized[0] == 1
             sized[0] = 0
             with pytest.raises(InvalidInput, match="max_queue_bytes=1000000"):
-                p.predict(column([Sized(400_000) for _ in range(100)]))
+                p.predict(column(["b" * 400_000 for _ in range(100)]))
             assert sized[0] == 3  # 1.2 MB after three: refused without the other 97
             sized[0] = 0
-            assert p.predict(column([Sized(1000) for _ in range(10)])).shape == (10, 1)  # three parts
+            assert p.predict(column(["c" * 1000 for _ in range(10)])).shape == (10, 1)  # three parts
             assert sized[0] == 10  # once each, at admission
-            with pytest.raises(InvalidInput, match="size cannot be read"):
-                p.predict(column([Sized(-1)]))
-            assert p.stats().rejected == {"InvalidInput": 3}
+            assert p.stats().rejected == {"InvalidInput": 2}
 
     def test_deadline_expires_and_never_runs(self) -> None:
         """A queued request whose deadline passes ends in DeadlineExceeded promptly and never runs."""
@@ -376,6 +375,21 @@ class TestFailures:
         assert 8.0 not in model.seen()
         assert stats.failed == {"DeadlineExceeded": 2}
         assert _balanced(stats)
+
+    def test_timeout_and_priority_of_other_numeric_types(self) -> None:
+        """NumPy's ints are priorities, an int too big for a float is no deadline; an array or a Decimal
+        timeout is a TypeError (an array became the request's deadline; 2**2000 raised OverflowError)."""
+        from decimal import Decimal
+        from fractions import Fraction
+
+        with Predictor.from_callable(lambda x: x * 2) as p:
+            for timeout, priority in ((2**2000, np.int64(3)), (Fraction(30), np.int8(-1)), (np.float32(30), True)):
+                np.testing.assert_array_equal(p.predict(rows(1.0), timeout=timeout, priority=priority), rows(1.0) * 2)
+            for timeout in (np.array([30.0]), Decimal("30.5"), "30", True):
+                with pytest.raises(TypeError, match="timeout must be a number of seconds or None"):
+                    p.submit(rows(1.0), timeout=timeout)  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match=r"priority must be an int, got 1\.0"):
+                p.submit(rows(1.0), priority=1.0)  # type: ignore[arg-type]
 
     def test_cancelled_request_never_runs(self) -> None:
         """future.cancel() on a queued request means it never runs, and it is counted."""

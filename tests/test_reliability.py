@@ -352,6 +352,28 @@ class TestOutputs:
             with pytest.raises(ModelError, match=r"output 'y'.*shape \(\d+, 4\)"):
                 bad.result(WAIT)
 
+    @pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+    @pytest.mark.parametrize("typed", [True, False])
+    def test_one_callers_matrix_never_changes_what_its_neighbours_get(self, typed: bool) -> None:
+        """An np.matrix batched with plain arrays made the batch a matrix: ``x ** 2`` became a matrix
+        power for everyone in it, and they got matrices back ([[15, 22]] instead of [[9, 16]])."""
+        gate = threading.Event()
+
+        def fn(x: np.ndarray) -> np.ndarray:
+            assert gate.wait(WAIT)
+            return x**2
+
+        kw: dict[str, Any] = {"inputs": [TensorSpec("x", np.float64, (None, 2))]} if typed else {}
+        with Predictor.from_callable(fn, max_delay_ms=50, **kw) as p:
+            busy = p.submit(np.zeros((1, 2)))  # holds the replica: the next two queue and share a batch
+            hostile = p.submit(np.matrix([[1.0, 2.0]]))
+            plain = p.submit(np.array([[3.0, 4.0]]))
+            gate.set()
+            busy.result(WAIT)
+            for future, want in ((plain, [[9.0, 16.0]]), (hostile, [[1.0, 4.0]])):
+                got = future.result(WAIT)
+                assert (type(got), got.tolist()) == (np.ndarray, want)
+
     def test_missing_or_extra_outputs_are_a_model_error_naming_both_lists(self) -> None:
         """A callable declared to return ``y`` that returns ``z``, or ``y`` and ``z``: a ModelError
         that lists what it returned and what it declares; the predictor keeps serving."""

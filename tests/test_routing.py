@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from concurrent.futures import wait
 from typing import Any
 
 import numpy as np
 import pytest
+from attrs import astuple
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -480,6 +482,24 @@ class TestShadow:
             gate.set()
         shadow = r.stats().shadow
         assert (shadow.sent, shadow.agreed, shadow.disagreed) == (20, 20, 0)
+
+    def test_a_compare_that_raises_counts_an_error_and_frees_its_slot(self) -> None:
+        """A compare raising on some outputs left its mirror uncounted and its queue slot taken: after
+        shadow_queue_size of them every later mirror was dropped, for good."""
+
+        def compare(a: Any, b: Any) -> bool:
+            if np.asarray(b).max() > 100:
+                raise KeyError("an output this compare did not expect")
+            return bool(np.allclose(a, b))
+
+        with Router({"v1": arm(2), "v2": arm(2)}, Shadow(Fixed("v1"), "v2"), compare=compare, shadow_queue_size=2) as r:
+            for i in (1000, 1001, 1002, *range(10)):
+                r.predict(x(i))
+                deadline = time.monotonic() + WAIT  # one mirror at a time: none is dropped for a full queue
+                while sum(astuple(r.stats().shadow)[2:]) < r.stats().shadow.sent and time.monotonic() < deadline:
+                    time.sleep(0.002)
+        shadow = r.stats().shadow
+        assert (shadow.sent, shadow.dropped, shadow.agreed, shadow.errors) == (13, 0, 10, 3)
 
     def test_blocked_candidate_drops_instead_of_backing_up(self) -> None:
         """A candidate that blocks until released: the caller is served, and the overflow is dropped and counted."""

@@ -405,6 +405,46 @@ class TestNormalize:
             assert out is x
 
 
+class TestHostileArrays:
+    """What one caller's array may carry into a batch that others share (hostile probe 4)."""
+
+    @pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+    @pytest.mark.parametrize("normalize", [spec_of("float64").normalize, normalize_untyped], ids=["typed", "untyped"])
+    def test_an_ndarray_subclass_becomes_a_plain_array_over_the_same_memory(self, normalize: Any) -> None:
+        """An np.matrix joined into a batch made the whole batch a matrix (x ** 2 a matrix power for all)."""
+        for value in (
+            np.matrix([[1.0, 2.0]]),
+            np.ma.masked_array([[1.0, 2.0]]),
+            np.ma.masked_array([[1.0, 2.0]], [[0, 0]]),
+        ):
+            out = next(iter(normalize(value).values()))
+            assert type(out) is np.ndarray
+            assert np.shares_memory(out, value)
+
+    @pytest.mark.parametrize("normalize", [spec_of("float64").normalize, normalize_untyped], ids=["typed", "untyped"])
+    def test_a_masked_array_with_masked_values_is_refused(self, normalize: Any) -> None:
+        """Its mask would be dropped: masked values computed as if they were data."""
+        with pytest.raises(InvalidInput, match="masked array with masked values"):
+            normalize(np.ma.masked_array([[1.0, 2.0]], mask=[[0, 1]]))
+
+    @pytest.mark.parametrize("item", [1, None, 1.5, object(), type("Text", (str,), {})("s")])
+    def test_a_string_input_takes_only_str_and_bytes(self, item: object) -> None:
+        """An object array of anything passed: the ONNX backend then ran str() of each on the replica's worker
+        (a __str__ that failed once made a healthy replica look faulty; five such requests ejected it)."""
+        value = np.array([["ok"], [b"ok"], [item]], dtype=object)
+        two = Signature([TensorSpec("x", object, (None, 1)), TensorSpec("y", "f4", (None,))])
+        for sig, request in ((spec_of(object, (None, 1)), value), (two, {"x": value, "y": np.zeros(3, np.float32)})):
+            with pytest.raises(InvalidInput, match="holding objects other than str or bytes"):
+                sig.normalize(request)
+        texts = value[:2]
+        assert spec_of(object, (None, 1)).normalize(texts)["x"] is texts
+
+    def test_a_structured_dtype_holding_objects_is_refused_untyped(self) -> None:
+        """Only dtype object was checked: a structured dtype's object fields passed (and escaped the memory bound)."""
+        with pytest.raises(InvalidInput, match=r"dtype \[\('a', 'O'\)\] holding other objects"):
+            normalize_untyped(np.array([[(object(),)]], dtype=[("a", object)]))
+
+
 class TestFromOnnx:
     def test_reads_names_dtypes_and_dims(self) -> None:
         """A symbolic batch dim and fixed feature dims become (None, n) specs."""

@@ -70,16 +70,12 @@ class Admission:
         # Before any work per part; one part always fits (``_most_parts`` is called for split requests only).
         if (count > 1 and count > _most_parts(config)) or nbytes > config.max_queue_bytes:
             never = self._never_fits(request, count)
-        else:
-            try:  # then what strings hold, walked no further than needed to refuse
-                held = object_bytes(request.inputs, config.max_queue_bytes - nbytes)
-            except Exception as exc:  # noqa: BLE001 (an element's __sizeof__ is the caller's code)
-                never = InvalidInput(f"request {request.id}: an input element's size cannot be read ({exc!r})")
-            else:
-                if held:
-                    nbytes = request.nbytes = nbytes + held
-                    if nbytes > config.max_queue_bytes:
-                        never = self._never_fits(request, 1)
+        else:  # then what strings hold (only str and bytes get this far), walked no further than needed to refuse
+            held = object_bytes(request.inputs, config.max_queue_bytes - nbytes)
+            if held:
+                nbytes = request.nbytes = nbytes + held
+                if nbytes > config.max_queue_bytes:
+                    never = self._never_fits(request, 1)
         if never is not None:
             self.reject(never)
             raise never

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import enum
+import math
+import numbers
+import operator
 import sys
 import threading
 from collections.abc import Callable, Hashable, Mapping
@@ -24,8 +27,10 @@ __all__ = [
     "Split",
     "add_waiter",
     "input_bytes",
+    "level_of",
     "notify_cancelled",
     "object_bytes",
+    "seconds_of",
     "settle_all",
 ]
 
@@ -282,3 +287,26 @@ def settle_all(requests: list[Request]) -> None:
         head.waiter.release()  # type: ignore[union-attr]
     for request in others:
         request.settle()
+
+
+def seconds_of(timeout: object) -> float:
+    """A request's ``timeout`` as a float: a real number (``2**2000`` is ``inf``); ``TypeError`` otherwise.
+
+    An array, a ``Decimal`` or a bool would otherwise end up inside the request's deadline.
+    """
+    if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool):
+        msg = f"timeout must be a number of seconds or None, got {timeout!r:.100}"
+        raise TypeError(msg)
+    try:
+        return float(timeout)
+    except OverflowError:  # an int too large for a float: no deadline to speak of
+        return math.inf
+
+
+def level_of(priority: object) -> int:
+    """A request's priority of another integer type (NumPy's ``int64``) as an int; ``TypeError`` otherwise."""
+    try:
+        return operator.index(priority)  # type: ignore[arg-type]
+    except TypeError:
+        msg = f"priority must be an int, got {priority!r:.100}"
+        raise TypeError(msg) from None
