@@ -16,6 +16,7 @@ from inferkit.backends.callable import CallableBackend
 from inferkit.backends.device import DeviceFallbackWarning, DeviceLost, DeviceOutOfMemory, DeviceUnavailable
 from inferkit.batching import BatchConfig, RequestFuture
 from inferkit.errors import (
+    CanaryFinished,
     ClientDisconnected,
     Closed,
     ConfigError,
@@ -80,6 +81,7 @@ __all__ = [
     "CallableBackend",
     "Canary",
     "CanaryDecision",
+    "CanaryFinished",
     "CanaryState",
     "ClientDisconnected",
     "Closed",

@@ -22,6 +22,7 @@
     ├── Forbidden                        an admin call with a wrong token, or while it is off (403)
     ├── LoadFailed                       a model could not be loaded; the old one still serves (400)
     ├── NoCanary                         a canary operation on a model without one (409)
+    ├── CanaryFinished                   pause or resume of a canary already promoted or rolled back (409)
     └── StoreUnavailable                 a canary's shared store cannot be reached (503)
 
 Errors a server answers with carry their HTTP status as ``status`` where it is not one of the
@@ -35,6 +36,7 @@ through the request's future.
 from __future__ import annotations
 
 __all__ = [
+    "CanaryFinished",
     "ClientDisconnected",
     "Closed",
     "ConfigError",
@@ -152,6 +154,12 @@ class LoadFailed(InferkitError):
 
 class NoCanary(InferkitError):
     """The model is served but not behind a canary (409)."""
+
+    status = 409
+
+
+class CanaryFinished(InferkitError):
+    """Pause or resume of a canary that was promoted or rolled back: there is no rollout to hold (409)."""
 
     status = 409
 

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_server_run import _model, _start_cli
 
-from inferkit import Predictor, Router, TensorSpec
+from inferkit import CanaryFinished, Predictor, Router, TensorSpec
 from inferkit.policies import Canary, CanaryState, Feedback, FileStore, Guard
 from inferkit.server import Repository, ServedModel
 from inferkit.server.config import ConfigError, load
@@ -124,6 +124,27 @@ class TestAdmin:
             assert client.post(base + "/explode").status_code == 404
             assert client.get(f"http://127.0.0.1:{srv.port}/v2/admin/models/plain/canary").status_code == 409
             assert client.get(f"http://127.0.0.1:{srv.port}/v2/admin/models/nope/canary").status_code == 404
+
+    def test_a_finished_canary_cannot_be_paused_or_resumed(
+        self, server: Callable[..., tuple[InferenceServer, Canary]]
+    ) -> None:
+        """Resume after promote restarted the rollout (half the traffic back on the baseline, the guard armed
+        again); resume after rollback left it "running" at weight 0 for good. Now 409, nothing changes; a
+        finished canary can still be promoted or rolled back by hand."""
+        srv, canary = server()
+        base = f"http://127.0.0.1:{srv.port}/v2/admin/models/clf/canary"
+        with httpx.Client(timeout=WAIT, headers=AUTH) as client:
+            for finish, state, weight in (("promote", "promoted", 1.0), ("rollback", "rolled_back", 0.0)):
+                assert client.post(f"{base}/{finish}").json()["state"] == state
+                for action in ("resume", "pause"):
+                    reply = client.post(f"{base}/{action}")
+                    assert (reply.status_code, f"is {state}: {action} applies to a rollout" in reply.text) == (
+                        409,
+                        True,
+                    ), reply.text
+                    assert (canary.state.value, canary.weight) == (state, weight)
+        with pytest.raises(CanaryFinished):
+            canary.resume()
 
     def test_401_and_403(self, server: Callable[..., tuple[InferenceServer, Canary]]) -> None:
         """No token is 401, a wrong one 403; neither changes anything."""

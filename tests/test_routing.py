@@ -19,6 +19,7 @@ from inferkit import (
     ABTest,
     Canary,
     CanaryDecision,
+    CanaryFinished,
     CanaryState,
     Feedback,
     Fixed,
@@ -598,7 +599,11 @@ class RouterMachine(RuleBasedStateMachine):
     @rule(action=st.sampled_from(["promote", "rollback", "pause", "resume"]))
     def control(self, action: str) -> None:
         target = self.router if self.router.policy is self.canary else self.canary
-        getattr(target, action)()
+        try:
+            getattr(target, action)()
+        except CanaryFinished:  # pause and resume apply to a rollout in progress only
+            assert action in {"pause", "resume"}
+            assert self.canary.state in {CanaryState.PROMOTED, CanaryState.ROLLED_BACK}
 
     @rule(w=st.floats(0.0, 1.0))
     def weights(self, w: float) -> None:

@@ -10,12 +10,14 @@ from typing import Any
 
 import attrs
 
-from inferkit.errors import StoreUnavailable
+from inferkit.errors import CanaryFinished, StoreUnavailable
 from inferkit.events import Event
 from inferkit.policies.guard import Guard, _StepWindow
 from inferkit.policies.protocol import Feedback, Policy, Route
 from inferkit.policies.rollout import Binding, Position, StepCounts
 from inferkit.policies.state import CanaryDecision, CanaryState, CanaryStore
+
+_FINISHED = frozenset({CanaryState.PROMOTED, CanaryState.ROLLED_BACK})  # no automatic decision, no pause or resume
 
 _log = logging.getLogger("inferkit")
 
@@ -212,7 +214,7 @@ class Canary:
         """Count what happened in this step and decide whether to step, promote or roll back."""
         decision = None
         with self._lock:
-            if self._position.state in (CanaryState.PROMOTED, CanaryState.ROLLED_BACK):
+            if self._position.state in _FINISHED:
                 return
             if not self._counts.count(feedback):
                 return
@@ -225,7 +227,7 @@ class Canary:
     def evaluate(self, now: float | None = None) -> None:
         """Decide on the counts so far without a new request (a shared store calls it after pooling)."""
         with self._lock:
-            if self._position.state in (CanaryState.PROMOTED, CanaryState.ROLLED_BACK) or self._counts.since is None:
+            if self._position.state in _FINISHED or self._counts.since is None:
                 return
             decision = self._decide(time.monotonic() if now is None else now)
         if decision is not None:
@@ -312,6 +314,12 @@ class Canary:
     def _manual(self, state: CanaryState, weight: float | None, action: str) -> None:
         with self._lock:
             at = self._position
+            if weight is None and at.state in _FINISHED:  # pause/resume: a rollout to hold or step on
+                msg = (
+                    f"canary {self.name} is {at.state.value}: {action} applies to a rollout in progress "
+                    "(promote or roll back instead)"
+                )
+                raise CanaryFinished(msg)
             decision = self._move(
                 state, at.step, at.weight if weight is None else weight, action, "manual", {}, manual=True
             )
@@ -327,7 +335,11 @@ class Canary:
         self._manual(CanaryState.ROLLED_BACK, 0.0, "rollback")
 
     def pause(self) -> None:
-        """Hold the current weight: no automatic promotion (a failing guard still rolls back)."""
+        """Hold the current weight: no automatic promotion (a failing guard still rolls back).
+
+        ``CanaryFinished`` once promoted or rolled back (``resume`` too): a resume then restarted
+        the rollout, sending a promoted candidate's traffic back to the baseline.
+        """
         self._manual(CanaryState.PAUSED, None, "pause")
 
     def resume(self) -> None:
