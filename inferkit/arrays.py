@@ -14,7 +14,7 @@ from typing import Any, cast
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["array_module", "batch_key", "copied", "device_cast", "is_device_array", "rows"]
+__all__ = ["array_module", "batch_key", "copied", "device_cast", "distinct", "is_device_array", "rows"]
 
 
 def is_device_array(value: object) -> bool:
@@ -29,6 +29,25 @@ def array_module(array: Any) -> Any:
     arrays exists. ``import inferkit`` never imports CuPy.
     """
     return sys.modules[type(array).__module__.partition(".")[0]]
+
+
+def distinct(a: NDArray[Any]) -> tuple[NDArray[Any], int]:
+    """``a`` with each broadcast axis (stride 0) cut to one element, and how often each element repeats.
+
+    For walks over an array's elements (what strings hold, whether they are strings): a view of
+    ``2**40`` rows broadcast from one is one element, not a walk that never ends.
+    """
+    if 0 not in a.strides:
+        return a, 1
+    repeat = 1
+    index: list[slice] = []
+    for n, stride in zip(a.shape, a.strides, strict=True):
+        if stride == 0 and n > 1:
+            repeat *= n
+            index.append(slice(0, 1))
+        else:
+            index.append(slice(None))
+    return a[tuple(index)], repeat
 
 
 def copied(value: Any) -> Any:

@@ -21,7 +21,7 @@ import attrs
 import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
-from inferkit.arrays import array_module, batch_key, device_cast, is_device_array, rows
+from inferkit.arrays import array_module, batch_key, device_cast, distinct, is_device_array, rows
 from inferkit.errors import InvalidInput, ModelError
 
 __all__ = [
@@ -321,7 +321,7 @@ def _texts(arr: NDArray[Any]) -> bool:
 
     Exactly: a subclass's ``__str__`` would run on a replica's worker.
     """
-    return arr.dtype.kind == "O" and all(type(item) in _TEXT for item in arr.flat)
+    return arr.dtype.kind == "O" and all(type(item) in _TEXT for item in distinct(arr)[0].flat)
 
 
 def _coerce(spec: TensorSpec, value: object) -> NDArray[Any]:

@@ -108,6 +108,28 @@ class TestWorkBeforeAdmission:
             assert stats.accepted == 0
             np.testing.assert_allclose(p.predict(np.ones((3, 2), np.float32)), [2, 2, 2])
 
+    @pytest.mark.parametrize("typed", [True, False])
+    def test_a_huge_broadcast_string_view_is_refused_at_once(self, typed: bool) -> None:
+        """2**40 rows of one string, broadcast: the check that every element is a string walked each of them
+        (for ever) before admission; a broadcast axis is now walked once, like the memory count."""
+        kw: dict[str, Any] = {"inputs": [TensorSpec("x", object, (None, 1))]} if typed else {}
+        view = np.broadcast_to(np.array([["a"]], dtype=object), (2**40, 1))
+        outcome: list[BaseException] = []
+
+        with Predictor.from_callable(lambda x: np.zeros((len(x), 1)), **kw) as p:
+
+            def call() -> None:
+                try:
+                    p.predict(view)
+                except InvalidInput as error:
+                    outcome.append(error)
+
+            caller = threading.Thread(target=call, daemon=True)
+            caller.start()
+            caller.join(WAIT)
+            assert not caller.is_alive()
+            assert "1099511627776 rows" in str(outcome[0])
+
     def test_the_largest_request_that_fits_runs(self) -> None:
         """max_batch_size x half of max_queue_size rows is accepted and answered in order, split lazily."""
         with Predictor.from_callable(lambda x: x * 2, max_batch_size=4, max_queue_size=8) as p:

@@ -725,6 +725,14 @@ def test_the_array_helpers_live_in_arrays_and_signature_re_exports_them() -> Non
     ``inferkit.signature`` always exported are the same functions."""
     from inferkit import arrays
 
-    assert sorted(arrays.__all__) == ["array_module", "batch_key", "copied", "device_cast", "is_device_array", "rows"]
+    assert sorted(arrays.__all__) == [
+        "array_module",
+        "batch_key",
+        "copied",
+        "device_cast",
+        "distinct",
+        "is_device_array",
+        "rows",
+    ]
     for name in ("array_module", "batch_key", "is_device_array", "rows"):
         assert getattr(signature, name) is getattr(arrays, name)

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from inferkit.arrays import distinct
+
 if TYPE_CHECKING:
     from inferkit._timer import Timer
     from inferkit.batching.lane import Lane
@@ -95,16 +97,7 @@ def object_bytes(inputs: Inputs | None, room: int) -> int:
 
 
 def _held(a: np.ndarray[Any, Any], room: int) -> int:
-    repeat = 1
-    if 0 in a.strides:  # a broadcast view: its repeated elements are walked once
-        index = []
-        for n, stride in zip(a.shape, a.strides, strict=True):
-            if stride == 0 and n > 1:
-                repeat *= n
-                index.append(slice(0, 1))
-            else:
-                index.append(slice(None))
-        a = a[tuple(index)]
+    a, repeat = distinct(a)  # a broadcast view: its repeated elements are walked once
     total = 0
     for v in a.flat:
         total += sys.getsizeof(v)
