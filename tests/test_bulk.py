@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
 
 import inferkit
 from inferkit.bulk import BulkPart, BulkResult, Progress
@@ -259,3 +260,93 @@ def test_ray_batch_predictor_runs_where_ray_is_not(mlp_model: bytes) -> None:
         batch.predictor.close()
     np.testing.assert_array_equal(out["x"], x)
     np.testing.assert_array_equal(out["y"], _direct(model, x))
+
+
+def _identity_model(dtype: int, *names: str) -> bytes:
+    """An ONNX model passing each named input [N, 1] of ``dtype`` (TensorProto) to "y" (summed if several)."""
+    node = helper.make_node("Sum" if len(names) > 1 else "Identity", list(names), ["y"])
+    graph = helper.make_graph(
+        [node],
+        "identity",
+        [helper.make_tensor_value_info(n, dtype, ["N", 1]) for n in names],
+        [helper.make_tensor_value_info("y", dtype, ["N", 1])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
+
+
+class TestHostileInputs:
+    """Files, reused buffers and unequal dicts get predict's checks, never silently wrong rows."""
+
+    def test_file_values_cast_with_predicts_checks(self, tmp_path: Path) -> None:
+        """Parquet/CSV columns are cast as predict casts: floats never truncate into an int input, ints out of
+        range and float64 past float32 are InvalidInput (bisected to their row), strings and bools refused."""
+        pa = pytest.importorskip("pyarrow")
+        pq = pytest.importorskip("pyarrow.parquet")
+        for name, values in [("fl", [3.7, -1.9]), ("i64", [1, 3_000_000_000, -2]), ("big", [1.0, 1e300]),
+                             ("s", ["12", "abc"]), ("b", [True, False]), ("whole", [1, 2])]:  # fmt: skip
+            pq.write_table(pa.table({"a": values}), tmp_path / f"{name}.parquet")
+        (tmp_path / "fl.csv").write_text("a\n3.7\n-1.9\n")
+        (tmp_path / "whole.csv").write_text("a\n1\n2\n")
+        with (
+            inferkit.Predictor.from_onnx(_identity_model(TensorProto.INT32, "x")) as ints,
+            inferkit.Predictor.from_onnx(_identity_model(TensorProto.FLOAT, "x")) as floats,
+        ):
+            for path in ("fl.parquet", "fl.csv"):
+                with pytest.raises(inferkit.InvalidInput, match="expected int32"):
+                    ints.map(tmp_path / path)
+            result = ints.map(tmp_path / "i64.parquet", on_error="collect")
+            assert [e.index for e in result.errors] == [1]
+            assert "do not fit int32" in str(result.errors[0].error)
+            np.testing.assert_array_equal(result.outputs.ravel(), [1, -2])
+            np.testing.assert_array_equal(floats.map(tmp_path / "big.parquet", on_error="skip").ravel(), [1.0])
+            with pytest.raises(inferkit.InvalidInput, match="overflow float32"):
+                floats.map(tmp_path / "big.parquet")
+            for path in ("s.parquet", "b.parquet"):
+                with pytest.raises(inferkit.InvalidInput, match="expected float32"):
+                    floats.map(tmp_path / path)
+                result = floats.map(tmp_path / path, on_error="collect")  # InvalidInput: a row's fault, collectable
+                assert [e.index for e in result.errors] == [0, 1]
+            for path in ("whole.parquet", "whole.csv"):  # whole numbers (CSV reads them as int64) feed a float input
+                np.testing.assert_array_equal(floats.map(tmp_path / path).ravel(), [1.0, 2.0])
+
+    def test_reused_buffer_generator(self) -> None:
+        """A generator that refills one buffer gets every row's own result: map copies what it takes."""
+        x = np.random.default_rng(7).standard_normal((64, 4)).astype(np.float32)
+        finished = threading.Event()
+
+        def reader() -> Iterator[Any]:
+            buffer = np.empty((8, 4), np.float32)
+            for start in range(0, 64, 8):
+                buffer[:] = x[start : start + 8]
+                yield buffer
+            buffer[:] = 0
+            finished.set()
+
+        def gated(batch: np.ndarray) -> np.ndarray:
+            finished.wait(10)  # run only once the reader has overwritten the buffer for good
+            return batch * 2
+
+        with inferkit.Predictor.from_callable(gated, max_batch_size=8) as predictor:
+            np.testing.assert_array_equal(predictor.map(reader(), batch_size=8, in_flight=16), x * 2)
+            assert finished.is_set()
+            finished.clear()
+            got = predictor.map(({"x": b} for b in reader()), batch_size=8, in_flight=16)  # dicts' arrays too
+            np.testing.assert_array_equal(got, x * 2)
+
+    @pytest.mark.parametrize("on_error", ["raise", "skip", "collect"])
+    def test_dict_of_unequal_rows_refused(self, on_error: Any) -> None:
+        """A dict whose inputs have unequal rows is InvalidInput whole, in every on_error mode, never cut short."""
+        data = {"a": np.zeros((10, 1), np.float32), "b": np.ones((1000, 1), np.float32)}
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.FLOAT, "a", "b")) as predictor:
+            for source in (data, iter([data])):
+                with pytest.raises(inferkit.InvalidInput, match="inputs need equal rows"):
+                    predictor.map(source, batch_size=4, on_error=on_error)
+            assert predictor.map({"a": data["a"], "b": data["b"][:10]}).shape == (10, 1)
+
+    def test_zero_d_npy_refused(self, predictor: inferkit.Predictor, tmp_path: Path) -> None:
+        """A .npy file holding one 0-d value is InvalidInput naming the file, not a TypeError."""
+        np.save(tmp_path / "x0d.npy", np.float32(1.0))
+        with pytest.raises(inferkit.InvalidInput, match="0-d array"):
+            predictor.map(tmp_path / "x0d.npy")
+        with pytest.raises(inferkit.InvalidInput, match="no row axis"):
+            predictor.map([np.float32(1.0)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -17,9 +18,29 @@ _READ_BUFFER_BYTES = 1 << 20
 
 
 def _rows(batch: Any) -> int:
-    if isinstance(batch, Mapping):
-        return len(next(iter(batch.values())))
-    return len(batch)
+    """Rows in a batch; ``InvalidInput`` for one without a row axis or a dict of unequal rows.
+
+    Checked here, where every source passes, so no ``on_error`` mode can cut a dict's inputs
+    to the first one's rows and drop the rest silently.
+    """
+    if not isinstance(batch, Mapping):
+        return _length("the input", batch)
+    if not batch:
+        msg = "expected at least one input, got an empty mapping"
+        raise InvalidInput(msg)
+    counts = {name: _length(f"input {name!r}", value) for name, value in batch.items()}
+    if len(set(counts.values())) > 1:
+        msg = f"inputs need equal rows, got {counts}"
+        raise InvalidInput(msg)
+    return next(iter(counts.values()))
+
+
+def _length(what: str, value: Any) -> int:
+    try:
+        return len(value)
+    except TypeError:
+        msg = f"{what} has no row axis (a {type(value).__name__} of shape {getattr(value, 'shape', '?')})"
+        raise InvalidInput(msg) from None
 
 
 def _slice(batch: Any, start: int, stop: int) -> Any:
@@ -60,16 +81,38 @@ def _table_batch(batch: Any, signature: Signature | None) -> Any:
     inputs = [s.name for s in signature.inputs] if signature is not None else []
     if inputs and all(n in names for n in inputs):
         arrays = {n: _column(batch.column(names.index(n))) for n in inputs}
-        if signature is not None:
-            arrays = {s.name: arrays[s.name].astype(s.dtype, copy=False) for s in signature.inputs}
-        return arrays if len(arrays) > 1 else next(iter(arrays.values()))
+        return _typed(arrays, signature) if signature is not None else _single(arrays)
     if len(inputs) > 1:
         msg = f"the model's inputs {inputs} need columns of those names; the file has {names}"
         raise InvalidInput(msg)
     stacked = np.column_stack([_column(c) for c in batch.columns]) if names else np.empty((0, 0))
     if signature is not None:
-        stacked = stacked.astype(signature.inputs[0].dtype, copy=False)
+        return _typed({signature.inputs[0].name: stacked}, signature)
     return stacked
+
+
+def _typed(arrays: dict[str, Any], signature: Signature) -> Any:
+    """The columns cast to the inputs' dtypes by predict's own checks (``Signature.normalize``).
+
+    A batch those checks refuse (a float for an int input, a value out of range, a string)
+    is returned as read: submitting it fails, and ``on_error`` bisects it to the failing rows.
+    Whole numbers feed a float input (CSV reads them as int64), by way of float64 so a
+    float16 input's overflow is caught.
+    """
+    prepared = {}
+    for spec in signature.inputs:
+        array = arrays[spec.name]
+        if spec.dtype.kind == "f" and array.dtype.kind in "iu":
+            array = array.astype(np.float64)
+        prepared[spec.name] = array
+    try:
+        return _single(signature.normalize(prepared))
+    except InvalidInput:
+        return _single(prepared)
+
+
+def _single(arrays: Mapping[str, Any]) -> Any:
+    return arrays if len(arrays) > 1 else next(iter(arrays.values()))
 
 
 def _column(column: Any) -> np.ndarray[Any, Any]:
@@ -83,7 +126,7 @@ def _column(column: Any) -> np.ndarray[Any, Any]:
 def _file_batches(path: Path, batch_size: int, signature: Signature | None, skip: int) -> Iterator[Any]:
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        array = np.load(path, mmap_mode="r")
+        array = _load_npy(path)
         for start in range(skip, len(array), batch_size):
             yield np.array(array[start : start + batch_size])  # read these rows off the map, and only these
         return
@@ -100,6 +143,14 @@ def _file_batches(path: Path, batch_size: int, signature: Signature | None, skip
 
     with pcsv.open_csv(path) as reader:
         yield from _rebatch(reader, batch_size, signature, skip, pa)
+
+
+def _load_npy(path: Path) -> np.ndarray[Any, Any]:
+    array: np.ndarray[Any, Any] = np.load(path, mmap_mode="r")
+    if array.ndim == 0:
+        msg = f"{path} holds a 0-d array (one value, no row axis); save it with a row axis, e.g. x[None]"
+        raise InvalidInput(msg)
+    return array
 
 
 def _rebatch(batches: Iterable[Any], batch_size: int, signature: Signature | None, skip: int, pa: Any) -> Iterator[Any]:
@@ -129,7 +180,7 @@ def total_rows(data: Any) -> int | None:
         path = Path(data)
         suffix = path.suffix.lower()
         if suffix == ".npy":
-            return int(np.load(path, mmap_mode="r").shape[0])
+            return int(_load_npy(path).shape[0])
         if suffix == ".parquet":
             _needs_pyarrow(path.name)
             import pyarrow.parquet as pq  # noqa: PLC0415
@@ -145,6 +196,9 @@ def read(data: Any, batch_size: int, *, signature: Signature | None = None, skip
     """The batches of ``data`` (any source the module takes), ``batch_size`` rows each, ``skip`` rows dropped.
 
     Items of an iterable longer than ``batch_size`` are split; shorter ones stay as they are.
+    Each item's NumPy arrays are copied as they are taken: a batch waits in flight while the
+    next is read, and a reader that refills one buffer would otherwise change it under it.
+    Slices of an array or file read here are not copied again.
     """
     if _is_file(data):
         yield from _file_batches(Path(data), batch_size, signature, skip)
@@ -162,5 +216,16 @@ def read(data: Any, batch_size: int, *, signature: Signature | None = None, skip
             skip -= n
             continue
         for start in range(skip, n, batch_size):
-            yield _slice(item, start, start + batch_size)
+            yield _owned(_slice(item, start, start + batch_size))
         skip = 0
+
+
+def _owned(batch: Any) -> Any:
+    """A batch from a caller's iterable, its NumPy arrays copied (and lists deep-copied) so map owns it."""
+    if isinstance(batch, Mapping):
+        return {k: _owned(v) for k, v in batch.items()}
+    if isinstance(batch, np.ndarray):
+        return np.array(batch)  # plain ndarray, C order, its own memory
+    if isinstance(batch, list | tuple):
+        return copy.deepcopy(batch)
+    return batch
