@@ -19,14 +19,14 @@ WAIT = 60
 ROWS, CHUNK = 400_000, 2_000
 
 
-def _model(path: Path) -> Path:
-    """y = 2 * x over float32 [N, 4]."""
+def _model(path: Path, k: float = 2.0) -> Path:
+    """y = k * x over float32 [N, 4] (2 and 3 give files of the same size)."""
     graph = helper.make_graph(
         [helper.make_node("Mul", ["x", "k"], ["y"])],
         "scale",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        [onnx.numpy_helper.from_array(np.array(2.0, dtype=np.float32), "k")],
+        [onnx.numpy_helper.from_array(np.array(k, dtype=np.float32), "k")],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
     return path
@@ -59,6 +59,19 @@ def _finished_chunks(manifest: Path) -> int:
         return len(json.loads(manifest.read_text())["chunks"])
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         return 0
+
+
+def _stopped(model: Path, data: Path, out: Path, *, chunks: int = 1) -> None:
+    """Run a job until ``chunks`` chunks are listed, then stop it with SIGTERM."""
+    manifest = out.with_name(out.name + ".parts") / "manifest.json"
+    proc = _cli(*_predict(model, data, out))
+    deadline = time.monotonic() + WAIT
+    while _finished_chunks(manifest) < chunks and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)  # polling another process's file: there is no event to await
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 143, err
+    assert _finished_chunks(manifest) >= chunks
 
 
 @pytest.fixture(name="job")
@@ -98,12 +111,14 @@ class TestPredict:
         _, err = proc.communicate(timeout=WAIT)
         assert proc.returncode != 0, f"the job finished before the signal: {err}"
         assert not out.exists()
+        assert (tmp_path / "y.npy.lock").exists() == (sig == signal.SIGKILL)  # kill -9 leaves it, unlocked
         done = _finished_chunks(manifest)
         assert 3 <= done < ROWS // CHUNK
         resumed = _cli(*_predict(model, data, out))
         _, err = resumed.communicate(timeout=WAIT)
         assert resumed.returncode == 0, err
         assert out.read_bytes() == (tmp_path / "whole.npy").read_bytes()
+        assert not (tmp_path / "y.npy.lock").exists()
 
     def test_parquet_in_and_out(self, job: tuple[Path, Path], tmp_path: Path) -> None:
         """Parquet in, Parquet out (a fixed-size list column per output)."""
@@ -130,6 +145,114 @@ class TestPredict:
         _, err = proc.communicate(timeout=WAIT)
         assert proc.returncode == 2
         assert "unfinished job" in err
+
+
+class TestPredictHostile:
+    """Concurrent runs, a changed model or input, planted links and failures: refused, never mixed."""
+
+    def test_second_run_on_the_same_output_refused(self, job: tuple[Path, Path], tmp_path: Path) -> None:
+        """While a job runs, another on the same output (another model) exits 2 at once; the first is untouched."""
+        model, data = job
+        out = tmp_path / "y.npy"
+        first = _cli(*_predict(model, data, out))
+        manifest = tmp_path / "y.npy.parts" / "manifest.json"
+        deadline = time.monotonic() + WAIT
+        while _finished_chunks(manifest) < 1 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        second = _cli(*_predict(_model(tmp_path / "m3.onnx", 3.0), data, out))
+        _, err = second.communicate(timeout=WAIT)
+        assert first.poll() is None, "the first job ended before the second started: the test proves nothing"
+        assert second.returncode == 2, err
+        assert (
+            err.strip()
+            == f"inferkit predict: another job is writing {out} now (it holds {out}.lock); wait for it to finish"
+        )
+        _, err = first.communicate(timeout=WAIT)
+        assert first.returncode == 0, err
+        np.testing.assert_array_equal(np.load(out), np.load(data) * 2)
+        assert not (tmp_path / "y.npy.lock").exists()
+
+    def test_resume_with_another_model_or_input_refused(self, job: tuple[Path, Path], tmp_path: Path) -> None:
+        """The manifest records the model's bytes and the input's size and mtime: a change is refused, exit 2."""
+        model, data = job
+        out = tmp_path / "y.npy"
+        _stopped(model, data, out)
+        other = _model(tmp_path / "m3.onnx", 3.0)
+        assert other.stat().st_size == model.stat().st_size  # the same size: only the bytes tell them apart
+        proc = _cli(*_predict(other, data, out))
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 2, err
+        assert "unfinished job started with another model" in err
+        x = np.load(data)
+        x[0, 0] += 1
+        np.save(data, x)  # rewritten in place, the same size
+        proc = _cli(*_predict(model, data, out))
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 2, err
+        assert "unfinished job started with another input_file" in err
+        assert not out.exists()
+
+    def test_planted_symlinks_not_followed(self, tmp_path: Path) -> None:
+        """Symlinks at the old fixed temporary names are left alone: their targets keep their bytes."""
+        model = _model(tmp_path / "m.onnx")
+        x = np.ones((50, 4), np.float32)
+        np.save(tmp_path / "x.npy", x)
+        parts = tmp_path / "y.npy.parts"
+        parts.mkdir()
+        victims = {}
+        for link in (tmp_path / "y.npy.tmp", parts / "manifest.json.tmp", parts / "part-000000.npy.tmp"):
+            victim = tmp_path / f"victim-{link.name}"
+            victim.write_text("precious")
+            link.symlink_to(victim)
+            victims[victim] = link
+        proc = _cli(*_predict(model, tmp_path / "x.npy", tmp_path / "y.npy"))
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0, err
+        np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), x * 2)
+        assert all(victim.read_text() == "precious" for victim in victims)
+        assert (tmp_path / "y.npy.tmp").is_symlink()
+
+    def test_model_error_is_one_line(self, tmp_path: Path) -> None:
+        """A model failing at run time: one line naming the error, exit 1, no traceback."""
+        graph = helper.make_graph(
+            [helper.make_node("Gather", ["table", "idx"], ["y"], axis=0)],
+            "gather",
+            [helper.make_tensor_value_info("idx", TensorProto.INT64, ["N", 1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+            [onnx.numpy_helper.from_array(np.arange(10, dtype=np.float32), "table")],
+        )
+        model = tmp_path / "gather.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), model)
+        np.save(tmp_path / "idx.npy", np.array([[1], [99]], np.int64))  # 99: out of the table's range
+        proc = _cli(*_predict(model, tmp_path / "idx.npy", tmp_path / "y.npy"))
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 1, err
+        assert "inferkit predict: ModelError: " in err
+        assert "Traceback" not in err
+
+    def test_refused_before_any_work(self, tmp_path: Path, two_outputs_model: bytes) -> None:
+        """A 0-d or empty input, an output that is a folder, several outputs to .npy: exit 2 at once, nothing left."""
+        model = _model(tmp_path / "m.onnx")
+        (tmp_path / "two.onnx").write_bytes(two_outputs_model)
+        np.save(tmp_path / "x0d.npy", np.float32(1.0))
+        np.save(tmp_path / "empty.npy", np.zeros((0, 4), np.float32))
+        np.save(tmp_path / "x.npy", np.ones((10, 4), np.float32))
+        (tmp_path / "dir.npy").mkdir()
+        cases = [
+            (model, "x0d.npy", "y.npy", "0-d array"),
+            (model, "empty.npy", "y.parquet", "has no rows"),
+            (model, "x.npy", "dir.npy", "is a directory"),
+            (tmp_path / "two.onnx", "x.npy", "y.npy", "several outputs ['s', 'y']: write them to a .parquet file"),
+        ]
+        for model_path, data, out, why in cases:
+            proc = _cli(*_predict(model_path, tmp_path / data, tmp_path / out))
+            _, err = proc.communicate(timeout=WAIT)
+            assert proc.returncode == 2, err
+            assert err.startswith("inferkit predict: "), err
+            assert why in err, err
+            assert "Traceback" not in err
+            assert not (tmp_path / f"{out}.parts").exists()
+            assert not (tmp_path / f"{out}.lock").exists()
 
 
 class TestBench:

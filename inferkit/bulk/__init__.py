@@ -17,12 +17,13 @@ split in halves until the failing rows are found; ``on_error`` then decides: ``"
 are not a row's fault (``Overloaded``, ``Closed``, ``NoHealthyReplica``) always end the job.
 
 The package: ``reading`` (sources, read in batches), ``mapping`` (:func:`map_batches`,
-:func:`stream_batches`), ``progress`` (:class:`Progress`) and ``job`` (:func:`run_job`, resumable).
+:func:`stream_batches`), ``progress`` (:class:`Progress`), ``job`` (:func:`run_job`, resumable)
+and ``files`` (the output's lock, and writes that appear whole or not at all).
 """
 
 from __future__ import annotations
 
-from inferkit.bulk.job import JobMismatch, run_job
+from inferkit.bulk.job import JobLocked, JobMismatch, run_job
 from inferkit.bulk.mapping import BulkPart, BulkResult, OnError, RowError, Submitter, map_batches, stream_batches
 from inferkit.bulk.progress import Progress
 from inferkit.bulk.reading import read, total_rows
@@ -30,6 +31,7 @@ from inferkit.bulk.reading import read, total_rows
 __all__ = [
     "BulkPart",
     "BulkResult",
+    "JobLocked",
     "JobMismatch",
     "OnError",
     "Progress",

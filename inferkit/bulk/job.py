@@ -5,39 +5,33 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
+from inferkit.bulk.files import JobLocked, atomic_write, file_identity, output_lock, remove_stale_temporaries
 from inferkit.bulk.mapping import Submitter, _check, _progress, map_batches
-from inferkit.bulk.reading import _needs_pyarrow, _rows, read
+from inferkit.bulk.reading import _needs_pyarrow, _rows, read, total_rows
+from inferkit.errors import InvalidInput
 from inferkit.signature import Signature
+
+__all__ = ["JobLocked", "JobMismatch", "run_job"]
 
 
 class JobMismatch(ValueError):
     """The unfinished job found beside the output was started with other settings."""
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` to a temporary name beside ``path``, flush it to disk, then rename it into place."""
-    temporary = path.with_name(path.name + ".tmp")
-    write(temporary)
-    with temporary.open("rb+") as f:
-        os.fsync(f.fileno())
-    temporary.replace(path)
-
-
 def _save_part(path: Path, outputs: Any) -> None:
-    def write(temporary: Path) -> None:
-        with temporary.open("wb") as f:
-            if isinstance(outputs, Mapping):
-                np.savez(f, **outputs)
-            else:
-                np.save(f, outputs)
+    def write(f: BinaryIO) -> None:
+        if isinstance(outputs, Mapping):
+            np.savez(f, **outputs)
+        else:
+            np.save(f, outputs)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _load_part(path: Path) -> Any:
@@ -61,11 +55,15 @@ def _arrow_table(outputs: Any, single: str) -> Any:
     return pa.table(columns)
 
 
+def _several_outputs(names: list[str]) -> ValueError:
+    return ValueError(f"the model has several outputs {sorted(names)}: write them to a .parquet file")
+
+
 def _assemble(parts: list[Path], output: Path, single: str) -> None:
     """Join the finished parts into ``output`` under a temporary name, then rename it."""
     suffix = output.suffix.lower()
 
-    def write(temporary: Path) -> None:
+    def write(f: BinaryIO) -> None:
         if suffix == ".parquet":
             import pyarrow.parquet as pq  # noqa: PLC0415
 
@@ -74,28 +72,73 @@ def _assemble(parts: list[Path], output: Path, single: str) -> None:
                 for part in parts:
                     table = _arrow_table(_load_part(part), single)
                     if writer is None:
-                        writer = pq.ParquetWriter(temporary, table.schema)
+                        writer = pq.ParquetWriter(f, table.schema)
                     writer.write_table(table)
             finally:
                 if writer is not None:
                     writer.close()
             return
         loaded = [_load_part(p) for p in parts]
-        if loaded and isinstance(loaded[0], Mapping):
-            msg = f"the model has several outputs {sorted(loaded[0])}: write them to a .parquet file"
-            raise ValueError(msg)
-        rows = sum(len(a) for a in loaded)
-        shape = (rows, *loaded[0].shape[1:]) if loaded else (0,)
-        dtype = loaded[0].dtype if loaded else np.float32
-        target = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=shape)
-        start = 0
-        for array in loaded:
-            target[start : start + len(array)] = array
-            start += len(array)
-        target.flush()
-        del target
+        if isinstance(loaded[0], Mapping):
+            raise _several_outputs(list(loaded[0]))
+        shape = (sum(len(a) for a in loaded), *loaded[0].shape[1:])
+        header = {"descr": np.lib.format.dtype_to_descr(loaded[0].dtype), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(f, header)  # what np.save writes; the rows follow as they are
+        f.writelines(np.ascontiguousarray(array).data for array in loaded)
 
-    _atomic_write(output, write)
+    atomic_write(output, write)
+
+
+def _settings(source: Path, model: Path | None, chunk_rows: int) -> dict[str, Any]:
+    """What a resumed job must match: the input's path, size and mtime, the model's bytes, the chunk size."""
+    settings = {
+        "input": str(source.resolve()),
+        "chunk_rows": chunk_rows,
+        "input_file": file_identity(source, digest=False),
+    }
+    if model is not None:
+        settings["model"] = file_identity(model, digest=True)
+    return settings
+
+
+def _resume_from(manifest_path: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chunks already done by an unfinished job with the same settings; ``JobMismatch`` for another job's."""
+    if not manifest_path.exists():
+        return []
+    parts_dir = manifest_path.parent
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        found, chunks = manifest["settings"], list(manifest["chunks"])
+    except (ValueError, KeyError, TypeError) as error:
+        msg = f"{manifest_path} cannot be read ({error}): delete {parts_dir} to start over"
+        raise JobMismatch(msg) from None
+    if found != settings:
+        found = found if isinstance(found, dict) else {}
+        other = {k: found.get(k) for k in sorted(set(found) | set(settings)) if found.get(k) != settings.get(k)}
+        msg = (
+            f"{parts_dir} holds an unfinished job started with another {', '.join(other)} ({other}): "
+            "run it with the same model, input and chunk size, or delete that folder to start over"
+        )
+        raise JobMismatch(msg)
+    return chunks
+
+
+def _check_output(output: Path, signature: Signature | None) -> None:
+    """Refuse, before any work, an output that could not be written at the end."""
+    if output.suffix.lower() not in {".npy", ".parquet"}:
+        msg = f"the output must be a .npy or .parquet file, got {output.name}"
+        raise ValueError(msg)
+    if output.suffix.lower() == ".parquet":
+        _needs_pyarrow(output.name)
+    if output.is_dir():
+        msg = f"the output {output} is a directory; give a file name"
+        raise ValueError(msg)
+    if output.suffix.lower() == ".npy" and signature is not None and len(signature.outputs) > 1:
+        raise _several_outputs([o.name for o in signature.outputs])
+    parts_dir = output.with_name(output.name + ".parts")
+    if parts_dir.is_symlink():
+        msg = f"{parts_dir} is a symbolic link; a job's parts folder must be a plain folder"
+        raise ValueError(msg)
 
 
 def run_job(
@@ -107,6 +150,7 @@ def run_job(
     chunk_rows: int = 65536,
     in_flight: int = 8,
     progress: bool = False,
+    model: str | os.PathLike[str] | None = None,
 ) -> int:
     """Run every row of the file ``data`` and write the results to ``output`` (``.npy`` or ``.parquet``).
 
@@ -115,53 +159,55 @@ def run_job(
     point (a signal, a crash, a power cut) and run again starts after the last listed chunk.
     ``output`` itself only appears, whole, by a rename once every chunk is done, and the parts
     are then removed. Returns the number of rows written.
+
+    The manifest records the input's path, size and mtime, ``chunk_rows``, and, given
+    ``model`` (the file ``target`` was built from), a SHA-256 of the model: a job resumed with
+    any of them changed raises :class:`JobMismatch`. One job at a time writes an output: a
+    second raises :class:`JobLocked` (the lock is ``<output>.lock``, released when the job
+    ends, a killed one included). An input with no rows raises :class:`~inferkit.InvalidInput`.
     """
     _check(batch_size, in_flight, "raise")
     if not isinstance(chunk_rows, int) or chunk_rows < 1:
         msg = f"chunk_rows must be an int >= 1, got {chunk_rows!r}"
         raise ValueError(msg)
     source, output = Path(data), Path(output)
-    if output.suffix.lower() not in {".npy", ".parquet"}:
-        msg = f"the output must be a .npy or .parquet file, got {output.name}"
-        raise ValueError(msg)
-    if output.suffix.lower() == ".parquet":
-        _needs_pyarrow(output.name)
+    signature = getattr(target, "signature", None)
+    signature = signature if isinstance(signature, Signature) else None
+    _check_output(output, signature)
+    if total_rows(source) == 0:  # known without reading for .npy and Parquet (a 0-d .npy raises here)
+        raise _no_rows(source)
     parts_dir = output.with_name(output.name + ".parts")
     manifest_path = parts_dir / "manifest.json"
-    settings = {"input": str(source.resolve()), "chunk_rows": chunk_rows}
-    chunks: list[dict[str, Any]] = []
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest["settings"] != settings:
-            msg = (
-                f"{parts_dir} holds an unfinished job with {manifest['settings']}, not {settings}: "
-                "run it with those settings, or delete that folder to start over"
-            )
-            raise JobMismatch(msg)
-        chunks = manifest["chunks"]
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    done_rows = sum(c["rows"] for c in chunks)
-    signature = getattr(target, "signature", None)
-    meter = _progress(progress, source)
-    if meter is not None:
-        meter.done = done_rows
-    try:
-        for chunk in read(
-            source, chunk_rows, signature=signature if isinstance(signature, Signature) else None, skip=done_rows
-        ):
-            outputs = map_batches(target, chunk, batch_size=batch_size, in_flight=in_flight)
-            name = f"part-{len(chunks):06d}" + (".npz" if isinstance(outputs, Mapping) else ".npy")
-            _save_part(parts_dir / name, outputs)
-            chunks.append({"file": name, "rows": _rows(chunk)})
-            record = json.dumps({"settings": settings, "chunks": chunks}, indent=1)
-            _atomic_write(manifest_path, lambda p, text=record: p.write_text(text))  # type: ignore[misc]
-            if meter is not None:
-                meter.update(_rows(chunk))
-    finally:
+    with output_lock(output):
+        settings = _settings(source, None if model is None else Path(model), chunk_rows)
+        chunks = _resume_from(manifest_path, settings)
+        remove_stale_temporaries(output)
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        meter = _progress(progress, source)
         if meter is not None:
-            meter.close()
-    outputs = signature.outputs if isinstance(signature, Signature) else ()
-    single = outputs[0].name if len(outputs) == 1 else "output"  # a one-output model's column keeps its name
-    _assemble([parts_dir / c["file"] for c in chunks], output, single)
-    shutil.rmtree(parts_dir)
+            meter.done = sum(c["rows"] for c in chunks)
+        try:
+            for chunk in read(source, chunk_rows, signature=signature, skip=sum(c["rows"] for c in chunks)):
+                outputs = map_batches(target, chunk, batch_size=batch_size, in_flight=in_flight)
+                name = f"part-{len(chunks):06d}" + (".npz" if isinstance(outputs, Mapping) else ".npy")
+                _save_part(parts_dir / name, outputs)
+                chunks.append({"file": name, "rows": _rows(chunk)})
+                record = json.dumps({"settings": settings, "chunks": chunks}, indent=1).encode()
+                atomic_write(manifest_path, lambda f, data=record: f.write(data))  # type: ignore[misc]
+                if meter is not None:
+                    meter.update(_rows(chunk))
+        finally:
+            if meter is not None:
+                meter.close()
+        if not chunks:  # a CSV file of no rows (the others are refused above)
+            shutil.rmtree(parts_dir)
+            raise _no_rows(source)
+        declared = signature.outputs if signature is not None else ()
+        single = declared[0].name if len(declared) == 1 else "output"  # a one-output model's column keeps its name
+        _assemble([parts_dir / c["file"] for c in chunks], output, single)
+        shutil.rmtree(parts_dir)
     return sum(c["rows"] for c in chunks)
+
+
+def _no_rows(source: Path) -> InvalidInput:
+    return InvalidInput(f"{source} has no rows; nothing to predict")

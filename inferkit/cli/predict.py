@@ -16,7 +16,9 @@ def _predict_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
         description=(
             "Run an ONNX model over every row of a .npy, .parquet or .csv file and write the results "
             "to a .npy or .parquet file. Interrupted (SIGINT, SIGTERM, a crash), the same command resumes "
-            "after the last finished chunk; the output only appears once it is whole."
+            "after the last finished chunk; the output only appears once it is whole. Exit status: 0 done, "
+            "2 refused before or while reading (bad input or settings, another job on the output), "
+            "1 the model failed while running (run again to resume), 130/143 interrupted."
         ),
     )
     predict.add_argument("model", type=Path, help="an .onnx file")
@@ -48,7 +50,8 @@ def _on_sigterm(_signum: int, _frame: object) -> None:
 def _predict(args: argparse.Namespace) -> int:
     import signal  # noqa: PLC0415
 
-    from inferkit.bulk import JobMismatch, run_job  # noqa: PLC0415
+    from inferkit.bulk import JobLocked, JobMismatch, run_job  # noqa: PLC0415
+    from inferkit.errors import InferkitError, InvalidInput  # noqa: PLC0415
     from inferkit.predictor import Predictor  # noqa: PLC0415
 
     for what, path in (("model", args.model), ("input", args.input)):
@@ -69,6 +72,7 @@ def _predict(args: argparse.Namespace) -> int:
                 chunk_rows=args.chunk_rows,
                 in_flight=args.in_flight,
                 progress=progress,
+                model=args.model,
             )
     except (KeyboardInterrupt, _Terminated) as stop:
         print(
@@ -76,8 +80,11 @@ def _predict(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130 if isinstance(stop, KeyboardInterrupt) else 143
-    except (JobMismatch, ImportError, OSError, ValueError) as error:
+    except (JobMismatch, JobLocked, InvalidInput, ImportError, OSError, ValueError) as error:
         print(f"inferkit predict: {error}", file=sys.stderr)
         return 2
+    except InferkitError as error:  # ModelError, NoHealthyReplica...: the finished chunks stay, to resume
+        print(f"inferkit predict: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
     print(f"inferkit predict: wrote {rows} rows to {args.output}", file=sys.stderr)
     return 0
