@@ -118,13 +118,18 @@ class StateChanged(Event):
 
 
 def deliver(observers: Iterable[Callable[[Event], None] | None], event: Event) -> None:
-    """Give ``event`` to each observer; one that raises is skipped and never breaks the caller."""
+    """Give ``event`` to each observer; one that raises is skipped and never breaks the caller.
+
+    Whatever it raises: events are delivered from the middle of the batcher's work (a replica
+    held, a batch half reported), where a ``SystemExit`` or a Ctrl-C landing in an observer
+    would leave the replica busy for good or end its worker with requests unanswered.
+    """
     for observer in observers:
         if observer is None:
             continue
         try:
             observer(event)
-        except Exception:  # noqa: BLE001, S112 (an observer must never break serving)
+        except BaseException:  # noqa: BLE001, S112 (an observer must never break serving)
             continue
 
 

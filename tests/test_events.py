@@ -297,6 +297,28 @@ class TestFailingObserver:
         assert len(recorder.of(BatchDone)) == 2
         assert predictor.stats().completed == 2
 
+    @pytest.mark.parametrize("error", [SystemExit, GeneratorExit, KeyboardInterrupt])
+    def test_an_observer_raising_a_base_exception_breaks_nothing(self, error: type[BaseException]) -> None:
+        """SystemExit (or GeneratorExit, or a Ctrl-C landing in it) from an observer went past ``deliver``:
+        on the caller's thread its replica stayed busy for good, on the worker the worker died with its
+        requests unanswered; every later request timed out or found no healthy replica."""
+        raised = threading.Event()
+
+        def broken(event: Event) -> None:
+            if isinstance(event, BatchDone):
+                raised.set()
+                raise error
+
+        with Predictor.from_callable(double, observers=[broken]) as predictor:
+            for _ in range(3):
+                np.testing.assert_array_equal(predictor.predict(rows(2), timeout=WAIT_S), rows(2, 2.0))
+            futures = [predictor.submit(rows(1)) for _ in range(8)]
+            for future in futures:
+                np.testing.assert_array_equal(future.result(WAIT_S), rows(1, 2.0))
+            stats = predictor.stats()
+        assert raised.is_set()
+        assert (stats.in_flight, stats.completed, [r.state for r in stats.replicas]) == (0, 11, ["healthy"])
+
 
 class TestLogObserver:
     def test_batches_log_at_debug(self, caplog: pytest.LogCaptureFixture) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -100,6 +101,20 @@ class TestImageToTensor:
         got = twins.image_to_tensor(x, plan)
         assert (got[0, :, [0, 3]] == 1.0).all()
         assert (got[0, :, 1:3] == 0.0).all()
+
+    def test_memory_is_bounded_by_the_output_not_the_input_width(self) -> None:
+        """A thin, wide image (1 x 200,000 pixels) to 224 x 224: the twin turned whole source rows to float32
+        at full width for every output row (about 1 GB here, 6 GB for one 3 MB REST request)."""
+        x = np.random.default_rng(0).integers(0, 256, (1, 1, 200_000, 3), dtype=np.uint8)
+        plan = twins.image_plan(x.shape[1:3], (224, 224), MEAN, STD)
+        tracemalloc.start()
+        try:
+            got = twins.image_to_tensor(x, plan)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert got.shape == (1, 3, 224, 224)
+        assert peak < 40 * got.nbytes  # about 10x today; 1,700x before
 
 
 class TestPostTwins:

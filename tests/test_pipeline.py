@@ -94,6 +94,9 @@ class TestSignature:
             (Pipeline(pre=[ImageToTensor(size=(9, 8))]), r"\(N, 3, 9, 8\)"),
             (Pipeline(post=[TopK(11)]), "at least 11 values per row"),
             (Pipeline(post=[Softmax(output="nope")]), "no output named 'nope'"),
+            # wrapped into range: built fine, then every request failed with an AxisError (500)
+            (Pipeline(post=[Softmax(axis=3)]), "axis 3 is out of range for an output of 2 axes"),
+            (Pipeline(post=[ArgMax(axis=-3)]), "axis -3 is out of range"),
             (Pipeline(post=[NMS()]), "NMS takes float 'boxes'"),
         ],
     )
@@ -112,6 +115,14 @@ class TestSignature:
             (lambda: ImageToTensor(letterbox=True), "letterbox=True needs a size"),
             (lambda: TopK(0), "k must be an int >= 1"),
             (lambda: NMS(iou_threshold=1.5), r"iou_threshold must be in \[0, 1\]"),
+            # accepted, then every answer was NaN, constant, or a threshold that never fired (all 200s)
+            (lambda: ImageToTensor(mean=(float("nan"), 0, 0)), "mean must hold finite numbers"),
+            (lambda: ImageToTensor(std=(float("inf"), 1, 1)), "std must hold finite numbers"),
+            (lambda: ImageToTensor(mean=(1e300, 0, 0)), "overflow float32"),
+            (lambda: ImageToTensor(std=(1e-45, 1, 1)), "overflow float32"),
+            (lambda: ImageToTensor(size=(4, 4), letterbox=True, pad_value=float("nan")), r"pad_value .*\[0, 255\]"),
+            (lambda: Threshold(float("nan")), "threshold must be a finite number"),
+            (lambda: NMS(score_threshold=float("inf")), "score_threshold must be a finite number"),
         ],
     )
     def test_steps_validate_at_construction(self, make: Any, message: str) -> None:
@@ -159,6 +170,24 @@ class TestOnCpu:
             stats = predictor.stats()
         assert [r.state for r in stats.replicas] == ["healthy"]
         assert stats.failed == {"InvalidInput": 3}
+
+    def test_too_few_values_for_topk_are_the_callers_error(self) -> None:
+        """A model whose output width follows its input: a caller sending 3 values for TopK(5) got a
+        ModelError (500), retried on another replica; now InvalidInput (400), no replica touched."""
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "W"])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "W"])],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
+        with Predictor.from_onnx(model, pipeline=Pipeline(post=[TopK(5)]), replicas=2, warmup=False) as predictor:
+            with pytest.raises(InvalidInput, match=r"TopK\(k=5\) needs at least 5 values per row"):
+                predictor.predict(np.ones((1, 3), np.float32))
+            assert predictor.predict(np.arange(6, dtype=np.float32)[None])["indices"].tolist() == [[5, 4, 3, 2, 1]]
+            stats = predictor.stats()
+        assert [(r.state, r.failed_batches) for r in stats.replicas] == [("healthy", 0), ("healthy", 0)]
+        assert stats.failed == {"InvalidInput": 1}
 
     def test_callable_with_user_pre_and_post(self) -> None:
         """``preprocess``/``postprocess`` functions run per batch, around the model, with its rows."""

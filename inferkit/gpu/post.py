@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
 import numpy as np
 
+from inferkit.errors import InvalidInput
 from inferkit.gpu.step import Arrays, Kit, Specs, _pick
 from inferkit.signature import TensorSpec
 
@@ -24,6 +26,9 @@ def _float_spec(specs: Specs, name: str, step: str) -> None:
 
 
 def _drop_axis(shape: tuple[int | None, ...], axis: int) -> tuple[int | None, ...]:
+    if not -len(shape) <= axis < len(shape):  # wrapped, axis 3 of a (N, 10) output failed every request
+        msg = f"axis {axis} is out of range for an output of {len(shape)} axes"
+        raise ValueError(msg)
     axis %= len(shape)
     if axis == 0:
         msg = "axis 0 is the batch; reduce over another axis"
@@ -134,19 +139,25 @@ class TopK:
         """Apply to one batch."""
         name = _pick(list(arrays), self.output, "output", "TopK")
         x = arrays[name]
-        if x.shape[-1] < self.k:
+        if x.shape[-1] < self.k:  # a dynamic width the caller's input chose: its mistake (400), not the model's
             msg = f"TopK(k={self.k}) needs at least {self.k} values per row, got shape {x.shape}"
-            raise ValueError(msg)
+            raise InvalidInput(msg)
         values, indices = kit.ops.topk(x, self.k)
         rest = {n: a for n, a in arrays.items() if n != name}
         return {**rest, self.values: values, self.indices: indices}
+
+
+def _finite(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not math.isfinite(value):  # NaN or inf: a threshold that never (or always) fires, whatever the model says
+        msg = f"{attribute.name} must be a finite number, got {value!r}"
+        raise ValueError(msg)
 
 
 @attrs.frozen
 class Threshold:
     """``output > threshold`` as bool (NaN is never above)."""
 
-    threshold: float = attrs.field(converter=float)
+    threshold: float = attrs.field(converter=float, validator=_finite)
     output: str | None = None
 
     def output_specs(self, specs: Specs) -> Specs:
@@ -182,7 +193,7 @@ class NMS:
     """
 
     iou_threshold: float = attrs.field(default=0.5, converter=float, validator=_unit)
-    score_threshold: float = attrs.field(default=0.0, converter=float)
+    score_threshold: float = attrs.field(default=0.0, converter=float, validator=_finite)
     max_detections: int = attrs.field(default=100, validator=_k)
     boxes: str = "boxes"
     scores: str = "scores"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, cast
 
 import attrs
@@ -31,8 +32,28 @@ def _three(_: object, attribute: attrs.Attribute[Any], value: tuple[float, ...])
     if len(value) != 3:
         msg = f"{attribute.name} must hold 3 values (one per channel), got {value!r}"
         raise ValueError(msg)
+    if not all(math.isfinite(v) for v in value):
+        msg = f"{attribute.name} must hold finite numbers, got {value!r}"
+        raise ValueError(msg)
     if attribute.name == "std" and not all(v > 0 for v in value):
         msg = f"std must be > 0 per channel, got {value!r}"
+        raise ValueError(msg)
+
+
+def _normalisable(mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    """``(pixel / 255 - mean) / std`` stays finite in float32 for every pixel (an extreme mean or std made NaN)."""
+    with np.errstate(all="ignore"):
+        m, d = np.array(mean, np.float32), np.array(std, np.float32)
+        scale = np.float32(1.0) / (np.float32(255.0) * d)
+        ends = np.stack([-m / d, np.float32(255.0) * scale - m / d])
+    if not (np.isfinite(scale).all() and np.isfinite(ends).all()):
+        msg = f"mean {mean} and std {std} overflow float32: (pixel / 255 - mean) / std must stay finite"
+        raise ValueError(msg)
+
+
+def _pixel(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not 0.0 <= value <= 255.0:  # NaN fails too
+        msg = f"{attribute.name} must be a pixel value in [0, 255], got {value!r}"
         raise ValueError(msg)
 
 
@@ -54,7 +75,7 @@ class ImageToTensor:
     layout: str = attrs.field(default="NCHW", validator=attrs.validators.in_(("NCHW", "NHWC")))
     dtype: str = attrs.field(default="float32", validator=attrs.validators.in_(("float32", "float16")))
     letterbox: bool = False
-    pad_value: float = attrs.field(default=0.0, converter=float)
+    pad_value: float = attrs.field(default=0.0, converter=float, validator=_pixel)
     input: str | None = None
     input_size: tuple[int, int] | None = attrs.field(default=None, converter=_pair, validator=_positive)
 
@@ -62,6 +83,7 @@ class ImageToTensor:
         if self.size is None and self.letterbox:
             msg = "letterbox=True needs a size to fit the images into"
             raise ValueError(msg)
+        _normalisable(self.mean, self.std)
 
     def caller_specs(self, specs: Specs) -> Specs:
         """The model input this step feeds becomes uint8 (N, H, W, 3) images."""

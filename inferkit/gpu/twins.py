@@ -107,9 +107,12 @@ def image_to_tensor(images: Array, plan: ImagePlan, *, layout: str = "NCHW", dty
         x0, x1, wx, in_x = _axis(plan.out_w, plan.inner_w, plan.left, plan.scale_x, plan.in_w)
         hx, lx = wx[0][None, None, :, None], wx[1][None, None, :, None]
         hy, ly = wy[0][None, :, None, None], wy[1][None, :, None, None]
-        rows0, rows1 = x[:, y0].astype(F32), x[:, y1].astype(F32)
-        top_row = hx * rows0[:, :, x0] + lx * rows0[:, :, x1]
-        bottom_row = hx * rows1[:, :, x0] + lx * rows1[:, :, x1]
+
+        def corner(ys: Array, xs: Array) -> Array:  # the pixels needed, picked before any float: bounded by the output
+            return x[:, ys[:, None], xs[None, :]].astype(F32)  # (whole rows of a 1 x 10^6 image took gigabytes)
+
+        top_row = hx * corner(y0, x0) + lx * corner(y0, x1)
+        bottom_row = hx * corner(y1, x0) + lx * corner(y1, x1)
         out = (hy * top_row + ly * bottom_row) * np.array(plan.scale, F32) + np.array(plan.bias, F32)
         inside = in_y[:, None] & in_x[None, :]
         out = np.where(inside[None, :, :, None], out, np.array(plan.pad, F32))
