@@ -58,10 +58,14 @@ class AutoscaleConfig:
         if self.max_replicas < self.min_replicas:
             msg = f"max_replicas must be >= min_replicas ({self.min_replicas}), got {self.max_replicas}"
             raise ValueError(msg)
+        if self.interval_s > threading.TIMEOUT_MAX:  # the thread's wait raised OverflowError: it died at once
+            msg = f"interval_s must be at most {threading.TIMEOUT_MAX:g}, got {self.interval_s!r}"
+            raise ValueError(msg)
 
     def desired(self, smoothed: float) -> int:
         """Replicas for a smoothed load: ``ceil(smoothed / target_in_flight)`` within the bounds."""
-        wanted = math.ceil(smoothed / self.target_in_flight)
+        ratio = smoothed / self.target_in_flight
+        wanted = math.ceil(ratio) if ratio < self.max_replicas else self.max_replicas  # inf for a tiny target
         return min(max(wanted, self.min_replicas), self.max_replicas)
 
 

@@ -88,6 +88,7 @@ class TestConfig:
             ({"smoothing": 0.0}, r"smoothing must be in \(0, 1\], got 0.0"),
             ({"smoothing": 1.5}, r"smoothing must be in \(0, 1\], got 1.5"),
             ({"interval_s": 0}, "interval_s must be a finite number > 0, got 0"),
+            ({"interval_s": 1e300}, "interval_s must be at most"),  # the thread died at once (OverflowError)
         ],
     )
     def test_bad_values_are_refused(self, kwargs: dict[str, object], message: str) -> None:
@@ -100,6 +101,8 @@ class TestConfig:
         config = AutoscaleConfig()
         assert (config.min_replicas, config.max_replicas, config.target_in_flight) == (1, 4, 8.0)
         assert [config.desired(load) for load in (0.0, 8.0, 8.5, 24.0, 1000.0)] == [1, 1, 2, 3, 4]
+        tiny = AutoscaleConfig(target_in_flight=5e-324)  # load / target is inf: ceil raised OverflowError each step
+        assert [tiny.desired(load) for load in (0.0, 1e-300, 1.0)] == [1, 4, 4]
 
 
 class TestSteps:
