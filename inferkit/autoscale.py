@@ -111,8 +111,8 @@ class AutoscalerStats:
 
 
 def _live_replicas(stats: Stats) -> int:
-    """Replicas that take work or will again (healthy or ejected), not draining or dead ones."""
-    return sum(r.state in _LIVE for r in stats.replicas)
+    """Replicas that take work or will again (healthy or ejected, or loading to replace a hung one)."""
+    return sum(r.state in _LIVE for r in stats.replicas) + stats.loading
 
 
 class _ScalingRule:

@@ -9,9 +9,9 @@ from concurrent.futures import Future, wait
 
 import numpy as np
 import pytest
-from fakes import BLOCK, Model, rows
+from fakes import BLOCK, HANG, Model, rows
 
-from inferkit import BatchConfig, CallableBackend, Event, PoolConfig, Predictor
+from inferkit import BatchConfig, CallableBackend, Closed, Event, ExecutionTimeout, PoolConfig, Predictor
 from inferkit.autoscale import AutoscaleConfig, Autoscaler, ScalingDecision, ScalingFailed, _ScalingRule
 
 WAIT = 30  # seconds: a bound on every wait, never expected to be reached
@@ -347,6 +347,69 @@ class TestBackgroundThread:
             assert _live(predictor) == 1
             assert scaler.stats().decisions == ()
             _finish(model, futures)
+
+
+class TestReplacementsAndClose:
+    """Replicas being loaded count; a close stops a pool that is growing."""
+
+    def test_a_replacement_being_loaded_counts_toward_the_bounds(self) -> None:
+        """A replica replaced after a hang was not counted while it loaded: the autoscaler grew the pool
+        past max_replicas (an extra model load), then shrank it again."""
+        model, gate, loads = Model(), threading.Event(), [0]
+
+        def factory() -> CallableBackend:
+            loads[0] += 1
+            if loads[0] > 2:  # the replacement loads slowly
+                assert gate.wait(WAIT)
+            return CallableBackend(model)
+
+        pool = PoolConfig(replicas=2, execution_timeout=0.2)
+        with Predictor(factory, pool=pool) as predictor:
+            scaler = Autoscaler(predictor, AutoscaleConfig(min_replicas=2, max_replicas=2))
+            hung = predictor.submit(rows(HANG))
+            with pytest.raises(ExecutionTimeout):
+                hung.result(WAIT)
+            assert _poll(lambda: predictor.stats().loading == 1)
+            assert _live(predictor) == 1
+            assert scaler.step() is None  # 1 live + 1 loading: within the bounds
+            predictor.resize(2)  # nothing to add either
+            assert loads[0] == 3
+            gate.set()
+            model.unhang.set()
+            assert _poll(lambda: predictor.stats().loading == 0 and _live(predictor) == 2)
+            assert loads[0] == 3
+            scaler.close()
+
+    def test_close_stops_a_pool_that_grows(self) -> None:
+        """resize() went on loading replicas after close() and returned normally (wasted loads, on a GPU
+        memory claimed during shutdown); now the next load is not started and resize raises Closed."""
+        entered, gate, loads = threading.Event(), threading.Event(), [0]
+
+        def factory() -> CallableBackend:
+            loads[0] += 1
+            if loads[0] > 1:
+                entered.set()
+                assert gate.wait(WAIT)
+            return CallableBackend(Model())
+
+        predictor = Predictor(factory)
+        outcome: list[BaseException] = []
+
+        def grow() -> None:
+            try:
+                predictor.resize(4)
+            except Closed as error:
+                outcome.append(error)
+
+        grower = threading.Thread(target=grow)
+        grower.start()
+        assert entered.wait(WAIT)
+        predictor.close(WAIT)
+        gate.set()
+        grower.join(WAIT)
+        assert [type(e).__name__ for e in outcome] == ["Closed"]
+        assert loads[0] == 2  # the one under way when close() came, and no more
+        assert predictor.stats().replicas == ()
 
 
 def test_scaling_rule_alone_smooths_and_waits_out_each_delay() -> None:

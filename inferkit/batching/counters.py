@@ -49,7 +49,9 @@ class Counters:
         self.request_seconds += request_seconds
         self.compute_seconds += spent
 
-    def snapshot(self, state: str, queue_depth: int, queued_rows: int, replicas: tuple[ReplicaStats, ...]) -> Stats:
+    def snapshot(
+        self, state: str, queue_depth: int, queued_rows: int, replicas: tuple[ReplicaStats, ...], loading: int
+    ) -> Stats:
         """A :class:`Stats` of the counters as they are."""
         done = self.completed + sum(self.failed.values()) + self.cancelled
         return Stats(
@@ -70,4 +72,5 @@ class Counters:
             dispatch_reasons=dict(self.reasons),
             replicas=replicas,
             retried=self.retried,
+            loading=loading,
         )

@@ -171,13 +171,17 @@ class Lifecycle:
             if self._closing:
                 raise Closed(f"predictor {self.name!r} is closed")
             live = self._set.live()
-            extra = len(live) - replicas
-        if extra < 0:
-            backends = [self._set.factory() for _ in range(-extra)]
+            extra = len(live) + self._set.loading - replicas  # a replacement being loaded counts: it joins soon
+        for _ in range(-extra):  # one at a time: each serves once loaded, and a close() stops the rest
+            backend = self._set.factory()
             with self._lock:
-                for backend in backends:
+                if not self._closing:
                     self._set.add(backend, self._work)
-                return
+                    continue
+            backend.close()
+            raise Closed(f"predictor {self.name!r} was closed while it grew")
+        if extra <= 0:
+            return
         with self._lock:
             # Remove ejected, then idle, then busy replicas (never a busy one before an idle one).
             order = sorted(live, key=lambda r: (r.state is not ReplicaState.EJECTED, r.busy, r.running_rows))

@@ -64,7 +64,7 @@ class Reporting:
                 for r in self._set.all
             )
             queued_rows = sum(ln.rows for ln in self._set.lanes)
-            return self._counts.snapshot(state, self._set.queued()[0], queued_rows, replicas)
+            return self._counts.snapshot(state, self._set.queued()[0], queued_rows, replicas, self._set.loading)
 
     @property
     def lanes(self) -> tuple[Lane, ...]:
