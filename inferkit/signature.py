@@ -367,7 +367,7 @@ def _check_rows(arrays: dict[str, NDArray[Any]]) -> None:
                 raise InvalidInput(msg, input_name=name)
 
 
-_TEXT: Final = (bytes, str)
+_TEXT: Final = (bytes, str, np.str_, np.bytes_)  # exactly these: no __str__ of a caller's class
 
 
 def _untyped(name: str, value: object) -> NDArray[Any]:

@@ -438,6 +438,9 @@ class TestHostileArrays:
                 sig.normalize(request)
         texts = value[:2]
         assert spec_of(object, (None, 1)).normalize(texts)["x"] is texts
+        numpys = np.array([[np.str_("a")], [np.bytes_(b"b")]], dtype=object)  # NumPy's own scalars are strings too
+        assert spec_of(object, (None, 1)).normalize(numpys)["x"] is numpys
+        assert normalize_untyped(numpys)[SINGLE] is numpys
 
     def test_a_structured_dtype_holding_objects_is_refused_untyped(self) -> None:
         """Only dtype object was checked: a structured dtype's object fields passed (and escaped the memory bound)."""
