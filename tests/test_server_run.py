@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -158,6 +159,10 @@ versions.1 = { path = "a.onnx", eject_after = 7 }
             *(  # served, but unreachable over REST: a '/' splits the path, clients resolve '..' away
                 (f'[[models]]\nname = "{name}"\npath = "a.onnx"\n', rf"models\[0\].name: .* got '{re.escape(name)}'")
                 for name in ("a/b", "..", ".", "a\\tb")
+            ),
+            (  # served, but its percent-encoded URL outgrew the request-head limit (431)
+                f'[[models]]\nname = "{"é" * 513}"\npath = "a.onnx"\n',
+                r"models\[0\].name: a model name must be at most 1024 bytes in UTF-8, got 1026",
             ),
             (
                 '[[models]]\nname = "m"\nversions."a/b" = { path = "a.onnx" }\n',
@@ -445,6 +450,20 @@ class TestCli:
             ),
         ), run.stderr
         assert "Traceback" not in run.stderr, run.stderr
+
+
+def test_the_announced_urls_bracket_an_ipv6_host(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--host ::1`` printed http://::1:8000, which no browser or client takes."""
+    from inferkit.cli.serve import _announce
+
+    predictor = Predictor.from_callable(lambda x: x, name="m")
+    try:
+        server = InferenceServer(Repository({"m": predictor}), host="::1", port=8000, grpc_port=8001)
+        _announce(server)
+    finally:
+        gc.unfreeze()  # _announce freezes the heap for a serving process; not for this test run
+        predictor.close()
+    assert capsys.readouterr().err == "inferkit: serving ['m'] on http://[::1]:8000, grpc [::1]:8001\n"
 
 
 class TestEdges:

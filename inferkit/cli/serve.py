@@ -336,6 +336,7 @@ def _tracing(kind: str) -> Callable[[], None]:
 
 def _announce(server: InferenceServer) -> None:
     gc.freeze()  # models are loaded: full collections no longer walk them (tens of ms each otherwise)
-    grpc = f", grpc {server.host}:{server.grpc_port}" if server.grpc_port is not None else ""
+    host = f"[{server.host}]" if ":" in server.host else server.host  # an IPv6 address is bracketed in a URL
+    grpc = f", grpc {host}:{server.grpc_port}" if server.grpc_port is not None else ""
     names = server.repository.names()
-    print(f"inferkit: serving {names} on http://{server.host}:{server.port}{grpc}", file=sys.stderr, flush=True)
+    print(f"inferkit: serving {names} on http://{host}:{server.port}{grpc}", file=sys.stderr, flush=True)

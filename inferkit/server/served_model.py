@@ -11,6 +11,8 @@ from inferkit.routing import Predictive, Router
 
 __all__ = ["ServedModel", "check_name", "walk_model"]
 
+_MOST_NAME_BYTES = 1024  # 3 KiB percent-encoded: far inside any request-head limit
+
 
 def check_name(name: object, what: str = "a model name") -> str:
     """``name`` when a URL's path segment can carry it as it is; ``ValueError`` saying why otherwise.
@@ -20,6 +22,9 @@ def check_name(name: object, what: str = "a model name") -> str:
     """
     if not isinstance(name, str) or not name or not name.isprintable() or "/" in name or name in {".", ".."}:
         msg = f"{what} must be a non-empty printable string without '/', and not '.' or '..', got {name!r:.100}"
+        raise ValueError(msg)
+    if len(name.encode()) > _MOST_NAME_BYTES:  # percent-encoded (x3) in a URL, it must fit a request head
+        msg = f"{what} must be at most {_MOST_NAME_BYTES} bytes in UTF-8, got {len(name.encode())}: {name!r:.100}"
         raise ValueError(msg)
     return name
 
