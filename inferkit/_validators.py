@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 
-__all__ = ["fraction", "integer", "number", "optional_positive"]
+__all__ = ["finite", "fraction", "integer", "number", "optional_positive"]
 
 Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
 
@@ -42,6 +42,13 @@ def number(minimum: float, *, inclusive: bool = True) -> Validator:
             raise ValueError(msg)
 
     return check
+
+
+def finite(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """A finite number, of any sign (NaN and infinities refused)."""
+    if not _finite(value):
+        msg = f"{attribute.name} must be a finite number, got {value!r}"
+        raise ValueError(msg)
 
 
 def optional_positive(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:

@@ -183,11 +183,12 @@ def run_job(
         chunks = _resume_from(manifest_path, settings)
         remove_stale_temporaries(output)
         parts_dir.mkdir(parents=True, exist_ok=True)
+        done_rows = sum(c["rows"] for c in chunks)
         meter = _progress(progress, source)
         if meter is not None:
-            meter.done = sum(c["rows"] for c in chunks)
+            meter.done = done_rows
         try:
-            for chunk in read(source, chunk_rows, signature=signature, skip=sum(c["rows"] for c in chunks)):
+            for chunk in read(source, chunk_rows, signature=signature, skip=done_rows):
                 outputs = map_batches(target, chunk, batch_size=batch_size, in_flight=in_flight)
                 name = f"part-{len(chunks):06d}" + (".npz" if isinstance(outputs, Mapping) else ".npy")
                 _save_part(parts_dir / name, outputs)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import attrs
 import numpy as np
 
+from inferkit._validators import finite
 from inferkit.errors import InvalidInput
 from inferkit.gpu.step import Arrays, Kit, Specs, _pick
 from inferkit.signature import TensorSpec
@@ -147,17 +147,11 @@ class TopK:
         return {**rest, self.values: values, self.indices: indices}
 
 
-def _finite(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not math.isfinite(value):  # NaN or inf: a threshold that never (or always) fires, whatever the model says
-        msg = f"{attribute.name} must be a finite number, got {value!r}"
-        raise ValueError(msg)
-
-
 @attrs.frozen
 class Threshold:
     """``output > threshold`` as bool (NaN is never above)."""
 
-    threshold: float = attrs.field(converter=float, validator=_finite)
+    threshold: float = attrs.field(converter=float, validator=finite)  # NaN or inf: never (or always) fires
     output: str | None = None
 
     def output_specs(self, specs: Specs) -> Specs:
@@ -193,7 +187,7 @@ class NMS:
     """
 
     iou_threshold: float = attrs.field(default=0.5, converter=float, validator=_unit)
-    score_threshold: float = attrs.field(default=0.0, converter=float, validator=_finite)
+    score_threshold: float = attrs.field(default=0.0, converter=float, validator=finite)
     max_detections: int = attrs.field(default=100, validator=_k)
     boxes: str = "boxes"
     scores: str = "scores"
