@@ -20,7 +20,17 @@ from fakes import BLOCK, Model, fails_once, rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inferkit import BatchConfig, CallableBackend, DeadlineExceeded, ModelError, PoolConfig, Predictor
+from inferkit import (
+    BatchConfig,
+    CallableBackend,
+    DeadlineExceeded,
+    Event,
+    ModelError,
+    PoolConfig,
+    Predictor,
+    RequestsExpired,
+)
+from inferkit._timer import Timer
 from inferkit.backends.base import usable_cores
 from inferkit.batching import Batcher, Request, RequestFuture
 from inferkit.batching.lane import Lane
@@ -1084,3 +1094,32 @@ def test_one_row_requests_of_a_single_output_get_views_of_their_own_row() -> Non
         assert out.shape == (1,)
         assert out[0] == i + 1.0
     assert stats.batch_sizes == {1: 1, 5: 1}
+
+
+def test_an_event_decided_under_the_lock_reaches_an_observer_after_it() -> None:
+    """A request that expired at the head of the queue is announced once the lock is released: an
+    observer reading ``stats()`` on that event (as a metrics exporter does) waited on the lock the
+    event was emitted under, for good, and every caller and the worker with it."""
+    model = Model()
+    seen: list[int] = []
+    batcher: Batcher | None = None
+
+    def observer(event: Event) -> None:
+        if isinstance(event, RequestsExpired) and batcher is not None:
+            seen.append(batcher.stats("ready").failed.get("DeadlineExceeded", 0))
+
+    timer = Timer("never")  # closed: the deadline is met at the head of the queue, not by the timer
+    timer.close()
+    batcher = Batcher(lambda: CallableBackend(model), BatchConfig(), PoolConfig(), emit=observer, timer=timer)
+    first = _submit(batcher, BLOCK)
+    assert model.entered.wait(WAIT)
+    arrays = normalize_untyped(rows(1.0))
+    late = Request(batcher.next_id(), arrays, 1, batch_key(arrays), 0, time.monotonic() + 0.01, time.monotonic())
+    late.future = RequestFuture(late.id)
+    batcher.put(late)
+    time.sleep(0.05)
+    model.release.set()
+    assert isinstance(late.future.exception(WAIT), DeadlineExceeded)  # before: a TimeoutError, the batcher wedged
+    first.result(WAIT)
+    batcher.close(timeout=5)
+    assert seen == [1]

@@ -319,6 +319,33 @@ class TestFailingObserver:
         assert raised.is_set()
         assert (stats.in_flight, stats.completed, [r.state for r in stats.replicas]) == (0, 11, ["healthy"])
 
+    def test_an_observer_may_read_stats_when_a_replica_is_ejected(self) -> None:
+        """``ReplicaEjected`` is emitted after the batcher's lock: an observer that read ``stats()`` on it
+        waited on that lock for good, and every caller with it."""
+        states: list[list[str]] = []
+        answers: list[np.ndarray] = []
+        box: list[Predictor] = []
+
+        def observer(event: Event) -> None:
+            if isinstance(event, ReplicaEjected):
+                states.append([r.state for r in box[0].stats().replicas])
+
+        functions = iter([always_faults, double])
+        pool = inferkit.PoolConfig(replicas=2, balancing="round_robin", eject_after=1)
+        predictor = Predictor(lambda: inferkit.CallableBackend(next(functions)), pool=pool, observers=[observer])
+        box.append(predictor)
+
+        def calls() -> None:
+            answers.extend(predictor.predict(rows(1, i), timeout=WAIT_S) for i in range(4))
+
+        caller = threading.Thread(target=calls, daemon=True)
+        caller.start()
+        caller.join(WAIT_S)
+        assert not caller.is_alive(), "the caller is stuck behind the observer"
+        predictor.close()
+        assert states == [["ejected", "healthy"]]
+        np.testing.assert_array_equal(np.concatenate(answers), np.concatenate([rows(1, i) * 2 for i in range(4)]))
+
 
 class TestLogObserver:
     def test_batches_log_at_debug(self, caplog: pytest.LogCaptureFixture) -> None:

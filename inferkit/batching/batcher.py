@@ -26,7 +26,7 @@ from inferkit.batching.lane import Batch, Lane
 from inferkit.batching.lifecycle import Lifecycle
 from inferkit.batching.replicas import ReplicaSet
 from inferkit.batching.reporting import Events, Reporting
-from inferkit.batching.request import DONE, Inputs, Request, add_waiter, settle_all
+from inferkit.batching.request import DONE, Inputs, Request, Settled, add_waiter, settle_all
 from inferkit.errors import InferkitError
 from inferkit.events import BatchDone, Event, RequestsExpired
 from inferkit.pool import PoolConfig, Replica, ReplicaState
@@ -75,7 +75,7 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
         self._timer = timer if timer is not None else Timer(f"inferkit-{name}-timer")
         self._closing = False
         self._stopped = False
-        self._settle_later: list[Request] = []  # settled under the lock by another thread, delivered after it
+        self._settle_later: list[Settled] = []  # settled under the lock by another thread, delivered after it
         self._running: dict[str, Batch] = {}  # by replica name
         self._counts = Counters()
         for _ in range(pool.replicas):
@@ -162,7 +162,7 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
             self._drained.notify_all()
         if formed.expired:
             self._fail(formed.expired, expired)
-            self._event(RequestsExpired(self.name, tuple(r.id for r in formed.expired)))
+            self._event_later(RequestsExpired(self.name, tuple(r.id for r in formed.expired)))
         return formed.batch, formed.wait
 
     def _fail(self, requests: list[Request], make_error: Callable[[Request], InferkitError]) -> None:
@@ -213,20 +213,20 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
         if failed:
             self._failures(failed)
 
-    def _finish(self, batch: Batch, replica: Replica, result: _Result | None) -> list[Request]:
+    def _finish(self, batch: Batch, replica: Replica, result: _Result | None) -> list[Settled]:
         """Count a batch's outcomes and free its replica (under the lock); return what to settle.
 
         Never raises: after a bug of inferkit's own the batch's requests are still answered and
         the replica freed (``_salvage``).
         """
-        done: list[Request] = []
+        done: list[Settled] = []
         try:
             self._account(batch, replica, result, done)
         except Exception as bug:  # noqa: BLE001 (never leave a request unanswered or a replica gone)
             done += self._salvage(batch, replica, bug, done)
         return done
 
-    def _account(self, batch: Batch, replica: Replica, result: _Result | None, done: list[Request]) -> None:
+    def _account(self, batch: Batch, replica: Replica, result: _Result | None, done: list[Settled]) -> None:
         """``_finish``'s work; what it settles goes into ``done`` as it goes."""
         if result is None:  # the watchdog took over; the replica is gone
             return
@@ -262,7 +262,7 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
                 self._health(bad, ok=False, now=now)
         self._release(replica)
 
-    def _succeeded(self, batch: Batch, outcomes: list[Outcome], now: float, done: list[Request]) -> list[float]:
+    def _succeeded(self, batch: Batch, outcomes: list[Outcome], now: float, done: list[Settled]) -> list[float]:
         """``_tally`` for a plain batch that succeeded, in one pass; its requests' latencies."""
         latencies = []
         for req, value, _ in outcomes:
@@ -319,7 +319,7 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
     def _work(self, replica: Replica) -> None:
         on_caller_thread(worker=True)
         lane: Lane = replica.lane
-        done: list[Request] = []  # settled by this worker, delivered once the lock is released
+        done: list[Settled] = []  # settled by this worker, delivered once the lock is released
         self._lock.acquire()
         try:
             while True:

@@ -19,12 +19,13 @@ from inferkit.errors import InferkitError
 from inferkit.pool import LATENCY_WINDOW, ReplicaState
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from inferkit.batching.counters import Counters
     from inferkit.batching.execute import Outcome, Ran
     from inferkit.batching.replicas import ReplicaSet
     from inferkit.batching.reporting import Events
+    from inferkit.batching.request import Settled
     from inferkit.pool import PoolConfig, Replica
 
     _Result = tuple[list[Outcome], bool, float, float]
@@ -51,7 +52,7 @@ class CallerThread:
     _running: dict[str, Batch]
     _counts: Counters
     _events: Events
-    _settle_later: list[Request]
+    _settle_later: list[Settled]
     _clock: Callable[[], float]
 
     if TYPE_CHECKING:  # provided by the batcher
@@ -73,11 +74,13 @@ class CallerThread:
 
         def _report(self, batch: Batch, replica: Replica, spent: float, failed: list[Outcome]) -> None: ...
 
-        def _finish(self, batch: Batch, replica: Replica, result: _Result | None) -> list[Request]: ...
+        def _finish(self, batch: Batch, replica: Replica, result: _Result | None) -> list[Settled]: ...
 
         def _release(self, replica: Replica) -> None: ...
 
-        def _salvage(self, batch: Batch, replica: Replica, bug: Exception, done: list[Request]) -> list[Request]: ...
+        def _salvage(
+            self, batch: Batch, replica: Replica, bug: Exception, done: Sequence[Settled]
+        ) -> list[Request]: ...
 
         def _flush(self) -> None: ...
 

@@ -19,11 +19,13 @@ from inferkit.pool import record_batch
 
 if TYPE_CHECKING:
     import threading
+    from collections.abc import Sequence
 
     from inferkit.batching.counters import Counters
     from inferkit.batching.execute import Outcome
     from inferkit.batching.lane import Batch
     from inferkit.batching.replicas import ReplicaSet
+    from inferkit.batching.request import Settled
     from inferkit.events import Event
     from inferkit.pool import PoolConfig, Replica
 
@@ -48,6 +50,8 @@ class Failures:
 
         def _event(self, event: Event) -> None: ...
 
+        def _event_later(self, event: Event) -> None: ...
+
         def _keyed(self, request: Request) -> None: ...
 
         def _after_ejection(self, replica: Replica) -> None: ...
@@ -62,7 +66,7 @@ class Failures:
         for cause, ids in by_error.values():
             self._event(ModelFailed(self.name, tuple(ids), cause))
 
-    def _salvage(self, batch: Batch, replica: Replica, bug: Exception, done: list[Request]) -> list[Request]:
+    def _salvage(self, batch: Batch, replica: Replica, bug: Exception, done: Sequence[Settled]) -> list[Request]:
         """After a bug of inferkit's own in ``_finish``: fail the batch's undelivered requests, free the replica."""
         delivered = {id(r) for r in done}
         ended = []
@@ -114,5 +118,5 @@ class Failures:
         """Record a verdict on ``replica``; eject it when that is the verdict's consequence."""
         if record_batch(replica, ok, now, self.pool, self._set.all):
             cooldown = replica.ejected_until - now
-            self._event(ReplicaEjected(self.name, replica.name, replica.consecutive_failures, cooldown))
+            self._event_later(ReplicaEjected(self.name, replica.name, replica.consecutive_failures, cooldown))
             self._after_ejection(replica)

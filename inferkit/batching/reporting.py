@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from inferkit.batching.request import Announcement
 from inferkit.stats import ReplicaStats, Stats
 
 if TYPE_CHECKING:
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from inferkit.batching.counters import Counters
     from inferkit.batching.lane import Lane
     from inferkit.batching.replicas import ReplicaSet
+    from inferkit.batching.request import Settled
     from inferkit.events import Event
 
 __all__ = ["Events", "Reporting"]
@@ -42,10 +44,16 @@ class Reporting:
     _set: ReplicaSet
     _counts: Counters
     _events: Events
+    _settle_later: list[Settled]
 
     def _event(self, event: Event) -> None:
         if self._events.emit is not None:
             self._events.emit(event)
+
+    def _event_later(self, event: Event) -> None:
+        """``_event`` for an event decided under the lock: emitted once it is released."""
+        if self._events.emit is not None:
+            self._settle_later.append(Announcement(self._events.emit, event))
 
     def stats(self, state: str) -> Stats:
         """A consistent snapshot of the counters."""

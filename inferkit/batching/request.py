@@ -8,7 +8,7 @@ import numbers
 import operator
 import sys
 import threading
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED
 from typing import TYPE_CHECKING, Any
@@ -20,9 +20,11 @@ from inferkit.arrays import distinct
 if TYPE_CHECKING:
     from inferkit._timer import Timer
     from inferkit.batching.lane import Lane
+    from inferkit.events import Event
     from inferkit.pool import Replica
 
 __all__ = [
+    "Announcement",
     "Request",
     "RequestFuture",
     "RequestState",
@@ -254,8 +256,32 @@ class Request:
             self.waiter.release()
 
 
-def settle_all(requests: list[Request]) -> None:
-    """Deliver each request's outcome (outside any lock).
+class Announcement:
+    """An event decided under a batcher's lock, emitted after it like the requests settled there.
+
+    An observer run under the lock would hold up every caller, and one that reads
+    ``predictor.stats()`` would wait on the lock for good. It rides in the same lists as those
+    requests (``settle_all`` calls its ``settle``; it has no waiter, so it is in no relay).
+    """
+
+    __slots__ = ("emit", "event")
+    relay = waiter = future = awaiter = None
+
+    def __init__(self, emit: Callable[[Event], None], event: Event) -> None:
+        self.emit = emit
+        self.event = event
+
+    def settle(self) -> None:
+        """Emit the event."""
+        self.emit(self.event)
+
+
+Settled = Request | Announcement
+"""What is delivered after a lock: a request's outcome, or an event."""
+
+
+def settle_all(requests: Iterable[Settled]) -> None:
+    """Deliver each request's outcome, and each announcement's event (outside any lock).
 
     Synchronous callers are woken in a relay: the first here, and each one, once awake, the next
     (``relay``; :meth:`~inferkit.batching.caller.CallerThread.call` passes it on before anything
