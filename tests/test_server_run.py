@@ -487,6 +487,59 @@ class TestEdges:
         assert predictor.state.value == "ready"  # the models are the caller's: still open
         predictor.close()
 
+    def test_both_faces_listen_on_the_same_addresses_of_a_name(self) -> None:
+        """``--host localhost``: grpc resolved the name itself (127.0.0.1 and ::1), uvicorn bound
+        127.0.0.1 only; whatever the name resolves to here, both faces now listen on the same."""
+        predictor = Predictor.from_callable(lambda x: x, name="m")
+        server = InferenceServer(Repository({"m": predictor}), host="localhost", port=0, grpc_port=0).start(WAIT)
+        try:
+            reached = {}
+            for address in ("127.0.0.1", "::1"):
+                for face, port in (("rest", server.port), ("grpc", server.grpc_port)):
+                    with contextlib.suppress(OSError), socket.create_connection((address, port), timeout=WAIT):
+                        reached[address, face] = True
+            assert reached.get(("127.0.0.1", "rest")) == reached.get(("127.0.0.1", "grpc"))
+            assert reached.get(("::1", "rest")) == reached.get(("::1", "grpc"))
+            assert reached, "localhost reached neither face"
+        finally:
+            server.stop()
+            predictor.close()
+
+    @pytest.mark.parametrize("face", ["rest", "grpc"])
+    def test_a_port_taken_on_one_address_of_the_host_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch, face: str
+    ) -> None:
+        """A host naming two addresses is served on both; a port another process holds on one of them
+        is refused, naming that address (grpc bound the other one, warned, and served)."""
+        real = socket.getaddrinfo
+
+        def resolve(host: Any, *args: Any, **kwargs: Any) -> Any:
+            if host == "dual.test":  # as localhost resolves on many machines
+                return real("127.0.0.1", *args, **kwargs) + real("::1", *args, **kwargs)
+            return real(host, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", resolve)
+        predictor = Predictor.from_callable(lambda x: x, name="m")
+        try:
+            server = InferenceServer(Repository({"m": predictor}), host="dual.test", port=0, grpc_port=0).start(WAIT)
+            try:
+                for address in ("127.0.0.1", "::1"):
+                    for port in (server.port, server.grpc_port):
+                        socket.create_connection((address, port), timeout=WAIT).close()
+            finally:
+                server.stop()
+            with socket.socket(socket.AF_INET6) as held:
+                held.bind(("::1", 0))
+                held.listen()
+                port = held.getsockname()[1]
+                ports = {"port": port, "grpc_port": 0} if face == "rest" else {"port": 0, "grpc_port": port}
+                server = InferenceServer(Repository({"m": predictor}), host="dual.test", **ports)
+                kind = "REST on" if face == "rest" else "gRPC on dual.test:{0}: Failed to bind to address"
+                with pytest.raises(OSError, match=re.escape(f"cannot serve {kind.format(port)} [::1]:{port}")):
+                    server.start(timeout=WAIT)
+        finally:
+            predictor.close()
+
     def test_requests_cut_at_the_grace_log_one_warning_not_a_traceback_each(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:

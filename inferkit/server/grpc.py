@@ -41,7 +41,6 @@ carry ``Bearer <token>`` (UNAUTHENTICATED without, PERMISSION_DENIED when wrong)
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -54,6 +53,7 @@ from inferkit.server.limits import ConnectionLimits
 from inferkit.server.logs import RequestLog
 from inferkit.server.protocol import ARM, KEY
 from inferkit.server.repository import Repository
+from inferkit.server.sockets import addresses, check_free, endpoint
 
 __all__ = ["ARM_METADATA", "DEFAULT_LISTENERS", "KEY_METADATA", "GrpcServer", "create_server"]
 
@@ -157,8 +157,10 @@ def create_server(
         msg = f"listeners must be an int >= 1, got {listeners!r}"
         raise ValueError(msg)
     shared = listeners > 1
+    resolved = addresses(host)  # as the REST face binds them (grpc's own resolver may find others)
     if port != 0:  # shared: SO_REUSEPORT would otherwise join a listener of the same user; either way a clear error
-        _check_free(host, port)
+        for address in resolved:
+            check_free(address, port)
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -178,20 +180,7 @@ def create_server(
     for _ in range(listeners):
         server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((handler,))
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        port = server.add_insecure_port(address)  # port 0 picks one; the other listeners join it
+        for address in resolved:
+            port = server.add_insecure_port(endpoint(address, port))  # port 0 picks one; the others join it
         servers.append(server)
     return GrpcServer(servers, servicer), port
-
-
-def _check_free(host: str, port: int) -> None:
-    """``RuntimeError`` when something listens on ``host:port`` (as grpc raises when it cannot bind)."""
-    try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        for family, kind, proto, _, address in addresses:
-            with socket.socket(family, kind, proto) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle
-                probe.bind(address)
-    except OSError as error:
-        msg = f"Failed to bind to address {host}:{port}: {error}"
-        raise RuntimeError(msg) from None

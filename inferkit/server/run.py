@@ -255,23 +255,24 @@ class InferenceServer:
         settings = self._settings
         if settings.limits.max_connections is None:
             self._connections.max_connections = default_max_connections(raise_open_file_limit())
-        listener = listen(settings.host, settings.port, self._http.config.backlog)
+        listeners = listen(settings.host, settings.port, self._http.config.backlog)
         grpc_server = None
         try:
             if settings.grpc_port is not None:
                 grpc_server = self._grpc(settings.grpc_port)
                 await grpc_server.start()
-            http = asyncio.create_task(self._http.serve(sockets=[listener]))
+            http = asyncio.create_task(self._http.serve(sockets=listeners))
             while not self._http.started and not http.done():  # noqa: ASYNC110 (uvicorn has no start event)
                 await asyncio.sleep(0.005)
             if http.done():
                 await http  # raises why it could not start
         except BaseException:  # nothing listens on: stop what started (gRPC's listeners outlived the loop)
-            listener.close()
+            for listener in listeners:
+                listener.close()
             if grpc_server is not None:
                 await grpc_server.stop(None)
             raise
-        self._ports = attrs.evolve(self._ports, rest=listener.getsockname()[1])
+        self._ports = attrs.evolve(self._ports, rest=listeners[0].getsockname()[1])
         self._lifecycle.started.set()  # publishes the bound ports to the threads waiting on it
         if on_start is not None:
             on_start(self)

@@ -1,4 +1,4 @@
-"""What a server listens on: its REST socket, the process's open-file limit, loopback addresses."""
+"""What a server listens on: the addresses a host names, its REST sockets, the open-file limit, loopback."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import contextlib
 import ipaddress
 import socket
 
-__all__ = ["listen", "loopback", "raise_open_file_limit"]
+__all__ = ["addresses", "check_free", "endpoint", "listen", "loopback", "raise_open_file_limit"]
 
 
 def raise_open_file_limit() -> int | None:
@@ -38,20 +38,70 @@ def loopback(host: str) -> bool:
         return False
 
 
-def listen(host: str, port: int, backlog: int) -> socket.socket:
-    """The REST listening socket, bound as uvicorn binds it; ``OSError`` naming the address when it cannot be.
+def addresses(host: str) -> list[str]:
+    """The addresses ``host`` names, each once, in the resolver's order: what both faces bind.
 
-    Bound here, before anything starts: uvicorn logs a failure and exits the process instead.
+    Resolved once, here: grpc resolves a name itself (``localhost`` to both 127.0.0.1 and ::1
+    where this resolver gives 127.0.0.1 only) and uvicorn binds the first address, so the two
+    faces listened on different addresses, and a port taken on one of them went unnoticed.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        msg = f"cannot resolve host {host!r}: {error.strerror or error}"
+        raise OSError(msg) from None
+    return list(dict.fromkeys(str(info[4][0]) for info in found))
+
+
+def endpoint(address: str, port: int) -> str:
+    """``address:port``, an IPv6 address bracketed."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def listen(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """The REST listening sockets, one per address of ``host`` (:func:`addresses`), on one port.
+
+    ``OSError`` naming the address when one cannot be bound (then none is left open). Bound
+    here, before anything starts: uvicorn logs a failure and exits the process instead.
+    ``port`` 0: the first address picks a port, the others take the same.
+    """
+    bound: list[socket.socket] = []
+    resolved = addresses(host)
+    try:
+        for address in resolved:
+            bound.append(_bind(address, port, backlog, several=len(resolved) > 1))
+            port = bound[0].getsockname()[1]
+    except OSError:
+        for sock in bound:
+            sock.close()
+        raise
+    return bound
+
+
+def _bind(address: str, port: int, backlog: int, *, several: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        if family == socket.AF_INET6 and several:  # "::" beside "0.0.0.0": each family its own socket
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
         sock.listen(backlog)
     except OSError as error:
         sock.close()
-        failure = OSError(f"cannot serve REST on {host}:{port}: {error.strerror or error}")
+        failure = OSError(f"cannot serve REST on {endpoint(address, port)}: {error.strerror or error}")
         failure.errno = error.errno  # EADDRINUSE for a port in use, as the error it replaces
         raise failure from None
     return sock
+
+
+def check_free(address: str, port: int) -> None:
+    """``RuntimeError`` when something listens on ``address:port`` (as grpc raises when it cannot bind)."""
+    try:
+        for family, kind, proto, _, where in socket.getaddrinfo(address, port, type=socket.SOCK_STREAM):
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle
+                probe.bind(where)
+    except OSError as error:
+        msg = f"Failed to bind to address {endpoint(address, port)}: {error}"
+        raise RuntimeError(msg) from None
