@@ -145,6 +145,23 @@ class TestErrors:
         np.testing.assert_array_equal(result.rows, np.setdiff1d(np.arange(1000), bad))
         np.testing.assert_array_equal(result.outputs, x[result.rows] * 2)
 
+    def test_every_row_failing_gives_the_declared_outputs_with_no_rows(self) -> None:
+        """With every row skipped, ``map`` returned None (and ``collect`` a None ``outputs``); a model
+        that declares its outputs now gets them with no rows, as a caller would concatenate them."""
+        specs = {"inputs": [inferkit.TensorSpec("x", np.float32, (None, 4))]}
+        outputs = [inferkit.TensorSpec("y", np.float64, (None, 4)), inferkit.TensorSpec("n", np.int64, (None, None))]
+        x = np.full((20, 4), POISON, np.float32)
+        with inferkit.Predictor.from_callable(_poisoned, **specs, outputs=outputs[:1]) as one:
+            skipped = one.map(x, batch_size=8, on_error="skip")
+            collected = one.map(x, batch_size=8, on_error="collect")
+        assert (skipped.shape, skipped.dtype) == ((0, 4), np.float64)
+        assert (collected.outputs.shape, collected.rows.size, len(collected.errors)) == ((0, 4), 0, 20)
+        with inferkit.Predictor.from_callable(_poisoned, **specs, outputs=outputs) as two:
+            both = two.map(x, batch_size=8, on_error="skip")
+        assert {k: (v.shape, v.dtype) for k, v in both.items()} == {"y": ((0, 4), np.float64), "n": ((0, 0), np.int64)}
+        with inferkit.Predictor.from_callable(_poisoned) as untyped:
+            assert untyped.map(x, batch_size=8, on_error="skip") is None  # its outputs' shapes are unknown
+
     def test_invalid_batch_collected_per_row(self, predictor: inferkit.Predictor) -> None:
         """A batch refused at submission (wrong width) is collected row by row, stream giving BulkParts."""
         parts = list(predictor.stream([np.zeros((3, 5), np.float32)], on_error="collect"))

@@ -197,8 +197,21 @@ def map_batches(
     if not kept and not errors:
         msg = "map got no rows; send at least one (as predict refuses an empty batch)"
         raise InvalidInput(msg)
-    outputs = _concat(kept)
+    outputs = _concat(kept) if kept else _no_rows(target)
     if on_error == "collect":
         index = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
         return BulkResult(outputs, index, tuple(errors))
     return outputs
+
+
+def _no_rows(target: Submitter) -> Any:
+    """What ``map`` returns when every row failed: the declared outputs with no rows, else None.
+
+    A result the caller can index or concatenate, as any other; an undeclared output's shape
+    past the batch axis is unknown, and so is a dynamic axis (0 here).
+    """
+    signature = getattr(target, "signature", None)
+    if not isinstance(signature, Signature) or not signature.outputs:
+        return None
+    empty = {o.name: np.empty((0, *(0 if d is None else d for d in o.shape[1:])), o.dtype) for o in signature.outputs}
+    return next(iter(empty.values())) if len(empty) == 1 else empty
