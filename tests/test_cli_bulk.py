@@ -192,6 +192,31 @@ class TestPredictHostile:
         assert "unfinished job started with another input_file" in err
         assert not out.exists()
 
+    def test_an_input_replaced_while_the_job_runs_is_refused(self, tmp_path: Path) -> None:
+        """An input rewritten mid-job (a new file renamed over it) was not noticed: the output mixed rows
+        of both. It is checked after each chunk: the job stops before listing that chunk."""
+        from inferkit import Predictor
+        from inferkit.bulk import JobMismatch, run_job
+
+        data = tmp_path / "x.npy"
+        np.save(data, np.ones((40, 4), np.float32))
+        calls = []
+
+        def replaces_its_input(x: np.ndarray) -> np.ndarray:
+            if not calls:  # a writer elsewhere, at this moment
+                np.save(tmp_path / "new.npy", np.zeros((30, 4), np.float32))
+                (tmp_path / "new.npy").replace(data)
+            calls.append(len(x))
+            return x * 2
+
+        out = tmp_path / "y.npy"
+        with Predictor.from_callable(replaces_its_input) as predictor:
+            with pytest.raises(JobMismatch, match=r"x\.npy changed while the job ran"):
+                run_job(predictor, data, out, chunk_rows=10, batch_size=10)
+        assert calls == [10]
+        assert _finished_chunks(tmp_path / "y.npy.parts" / "manifest.json") == 0
+        assert not out.exists()
+
     def test_planted_symlinks_not_followed(self, tmp_path: Path) -> None:
         """Symlinks at the old fixed temporary names are left alone: their targets keep their bytes."""
         model = _model(tmp_path / "m.onnx")

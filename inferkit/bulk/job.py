@@ -162,7 +162,8 @@ def run_job(
 
     The manifest records the input's path, size and mtime, ``chunk_rows``, and, given
     ``model`` (the file ``target`` was built from), a SHA-256 of the model: a job resumed with
-    any of them changed raises :class:`JobMismatch`. One job at a time writes an output: a
+    any of them changed raises :class:`JobMismatch`, as does an input changed while the job runs
+    (checked after each chunk, before it is listed). One job at a time writes an output: a
     second raises :class:`JobLocked` (the lock is ``<output>.lock``, released when the job
     ends, a killed one included). An input with no rows raises :class:`~inferkit.InvalidInput`.
     """
@@ -190,6 +191,8 @@ def run_job(
         try:
             for chunk in read(source, chunk_rows, signature=signature, skip=done_rows):
                 outputs = map_batches(target, chunk, batch_size=batch_size, in_flight=in_flight)
+                if file_identity(source, digest=False) != settings["input_file"]:  # before the chunk is listed
+                    raise _changed(source, parts_dir)
                 name = f"part-{len(chunks):06d}" + (".npz" if isinstance(outputs, Mapping) else ".npy")
                 _save_part(parts_dir / name, outputs)
                 chunks.append({"file": name, "rows": _rows(chunk)})
@@ -212,3 +215,11 @@ def run_job(
 
 def _no_rows(source: Path) -> InvalidInput:
     return InvalidInput(f"{source} has no rows; nothing to predict")
+
+
+def _changed(source: Path, parts_dir: Path) -> JobMismatch:
+    msg = (
+        f"{source} changed while the job ran (its size or mtime): the chunks done read the old one; "
+        f"delete {parts_dir} and run the job again"
+    )
+    return JobMismatch(msg)
