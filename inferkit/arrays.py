@@ -80,12 +80,15 @@ def device_cast(arr: Any, dst: np.dtype[Any]) -> NDArray[Any] | None:
 def batch_key(arrays: Mapping[str, NDArray[Any]]) -> Hashable:
     """Key of a normalized request; requests with equal keys concatenate along axis 0.
 
-    It holds ``(name, dtype, shape[1:])`` per input, sorted by name.
+    It holds ``(name, dtype, shape[1:])`` per input, in the request's order: a model without a
+    signature gets the inputs in that order (a torch module positionally, a function as a dict),
+    so requests naming them in another order never share a batch (a caller's answer must not
+    depend on whom it was batched with). A signature's requests come in its order.
     """
     if len(arrays) == 1:
         ((name, a),) = arrays.items()
         return ((name, a.dtype, a.shape[1:]),)
-    return tuple(sorted((name, a.dtype, a.shape[1:]) for name, a in arrays.items()))
+    return tuple((name, a.dtype, a.shape[1:]) for name, a in arrays.items())
 
 
 def rows(arrays: dict[str, NDArray[Any]]) -> int:

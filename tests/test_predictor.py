@@ -251,6 +251,29 @@ class TestBatching:
         with pytest.raises(ValueError, match="max_delay_ms"):
             BatchConfig(max_delay_ms=-1)
 
+    def test_an_untyped_callers_input_order_is_its_own_whoever_it_is_batched_with(self) -> None:
+        """Without a signature a model takes the inputs in the request's order (a torch module
+        positionally): requests naming them in another order were batched together, and the later
+        caller got ``a - b`` where alone it got ``b - a``. They now form batches of their own."""
+        entered, release = threading.Event(), threading.Event()
+
+        def positional(inputs: dict[str, np.ndarray]) -> np.ndarray:
+            if not entered.is_set():
+                entered.set()
+                assert release.wait(WAIT)
+            first, second = inputs.values()
+            return first - second
+
+        a, b = np.full((1, 1), 10.0, np.float32), np.full((1, 1), 1.0, np.float32)
+        with Predictor.from_callable(positional, max_batch_size=8, max_delay_ms=50) as predictor:
+            held = predictor.submit({"a": a, "b": b})
+            assert entered.wait(WAIT)
+            ab, ba = predictor.submit({"a": a, "b": b}), predictor.submit({"b": b, "a": a})
+            release.set()
+            answers = [f.result(WAIT).item() for f in (held, ab, ba)]
+            alone = predictor.predict({"b": b, "a": a}).item()
+        assert (answers, alone) == ([9.0, 9.0, -9.0], -9.0)
+
 
 class TestFailures:
     """Every accepted request ends in exactly one result or one typed error."""

@@ -685,10 +685,12 @@ class TestBatchKey:
         """Another dtype, non-batch shape or input name gives another key."""
         assert batch_key({"x": np.zeros((2, 3), np.float32)}) != batch_key(other)
 
-    def test_input_order_does_not_matter(self) -> None:
-        """The same inputs in another mapping order give the same key."""
+    def test_input_order_changes_the_key(self) -> None:
+        """The same inputs in another mapping order give another key: an untyped model takes them in
+        the request's order (a torch module positionally), so the two never share a batch."""
         a, b = np.zeros((1, 2)), np.zeros((1, 3), np.int8)
-        assert batch_key(normalize_untyped({"a": a, "b": b})) == batch_key(normalize_untyped({"b": b, "a": a}))
+        assert batch_key(normalize_untyped({"a": a, "b": b})) != batch_key(normalize_untyped({"b": b, "a": a}))
+        assert batch_key(normalize_untyped({"a": a, "b": b})) == batch_key(normalize_untyped({"a": a + 1, "b": b}))
 
     def test_multi_input_key_tracks_every_input(self) -> None:
         """A change to any one input of several changes the key."""
