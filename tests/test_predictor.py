@@ -655,6 +655,41 @@ class TestFailures:
         assert not p.ready
         p.close()
 
+    @pytest.mark.parametrize("error", [SystemExit, KeyboardInterrupt])
+    def test_a_done_callback_raising_a_base_exception_ends_no_thread(
+        self, error: type[BaseException], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A done-callback's SystemExit went past concurrent.futures (which only catches Exception): on
+        the worker it ended the worker, its batch never answered and the replica gone (every later call
+        NoHealthyReplica); on the timer thread no deadline expired again. It is logged as any callback error."""
+        entered, release = threading.Event(), threading.Event()
+
+        def slow_on_negative(x: np.ndarray) -> np.ndarray:
+            if (x < 0).any():
+                entered.set()
+                assert release.wait(WAIT)
+            return x
+
+        def leaves(_: object) -> None:
+            raise error
+
+        with Predictor.from_callable(slow_on_negative, max_batch_size=2, max_delay_ms=0) as p:
+            futures = [p.submit(rows(float(i))) for i in range(6)]
+            futures[0].add_done_callback(leaves)  # settled on the worker
+            assert [f.result(WAIT)[0, 0] for f in futures] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+            blocker = p.submit(rows(-1.0))
+            assert entered.wait(WAIT)
+            expiring = p.submit(rows(1.0), timeout=0.05)
+            expiring.add_done_callback(leaves)  # settled on the timer thread
+            assert isinstance(expiring.exception(WAIT), inferkit.DeadlineExceeded)
+            later = p.submit(rows(1.0), timeout=0.05)
+            assert isinstance(later.exception(WAIT), inferkit.DeadlineExceeded)  # the timer still runs
+            release.set()
+            blocker.result(WAIT)
+            np.testing.assert_array_equal(p.predict(rows(7.0), timeout=WAIT), rows(7.0))
+            assert [r.state for r in p.stats().replicas] == ["healthy"]
+        assert sum("exception calling callback" in r.getMessage() for r in caplog.records) == 2
+
 
 class TestResize:
     """Replicas come and go without losing requests."""

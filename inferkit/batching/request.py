@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import logging
 import math
 import numbers
 import operator
@@ -39,6 +40,7 @@ __all__ = [
 ]
 
 Inputs = Mapping[str, np.ndarray[Any, Any]]
+_FUTURES_LOG = logging.getLogger("concurrent.futures")  # where a Future's callback errors go
 
 
 class RequestState(enum.Enum):
@@ -71,6 +73,15 @@ class RequestFuture(Future[Any]):
             self._on_cancel()
         notify_cancelled(self)
         return True
+
+    def _invoke_callbacks(self) -> None:
+        # concurrent.futures logs a callback's Exception and lets anything else through: a
+        # SystemExit in one ended the replica's worker (or the timer thread) that settled it.
+        for callback in self._done_callbacks:  # type: ignore[attr-defined]
+            try:
+                callback(self)
+            except BaseException:  # noqa: BLE001 (the user's code must not end inferkit's threads)
+                _FUTURES_LOG.exception("exception calling callback for %r", self)
 
 
 def input_bytes(inputs: Inputs | None) -> int:
