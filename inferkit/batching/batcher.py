@@ -78,8 +78,12 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
         self._settle_later: list[Settled] = []  # settled under the lock by another thread, delivered after it
         self._running: dict[str, Batch] = {}  # by replica name
         self._counts = Counters()
-        for _ in range(pool.replicas):
-            self._set.add(factory(), self._work)
+        try:
+            for _ in range(pool.replicas):
+                self._set.add(factory(), self._work)
+        except BaseException:  # the replicas loaded so far: their workers stop and their backends close
+            self.close()
+            raise
 
     @property
     def name(self) -> str:
