@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import types
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 
 import numpy as np
@@ -749,6 +750,143 @@ class TestResize:
         assert errors == []
         assert stats.completed == stats.accepted == count[0]
         assert len([r for r in stats.replicas if r.state == "healthy"]) == 1
+
+    @staticmethod
+    def _until(check: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + WAIT
+        while not check() and time.monotonic() < deadline:
+            time.sleep(0.005)  # the pool's state, polled: it has no event to await
+        assert check()
+
+    def test_shrinking_while_a_hung_replicas_replacement_loads_loses_nothing(self) -> None:
+        """resize(1) with a queue per replica, while a hung replica's replacement loaded: the live replica
+        drained with no usable lane to take its queue; ``min()`` of no lanes raised ValueError out of
+        resize after the queue was cleared, and its 4 requests were in no queue, never answered."""
+        hang, busy, loaded = threading.Event(), threading.Event(), threading.Event()
+        made = itertools.count()
+
+        def model(x: np.ndarray) -> np.ndarray:
+            if (x < 0).any():
+                hang.wait(WAIT)
+            if (x > 100).any():
+                busy.wait(WAIT)
+            return x * 2
+
+        def factory() -> inferkit.CallableBackend:
+            if next(made) >= 2:  # the replacement
+                loaded.wait(WAIT)
+            return inferkit.CallableBackend(model)
+
+        pool = inferkit.PoolConfig(replicas=2, balancing="round_robin", execution_timeout=0.3)
+        p = Predictor(factory, pool=pool, batching=inferkit.BatchConfig(max_batch_size=4, max_delay_ms=0))
+        try:
+            hung = p.submit(rows(-1.0))
+            self._until(lambda: p.stats().loading == 1)
+            slow = p.submit(rows(1000.0))
+            self._until(lambda: p.stats().in_flight == 1)
+            queued = [p.submit(rows(float(i))) for i in range(4)]
+            p.resize(1)
+            busy.set()
+            assert [f.result(WAIT)[0, 0] for f in (slow, *queued)] == [2000.0, 0.0, 2.0, 4.0, 6.0]
+            loaded.set()
+            self._until(lambda: [r.state for r in p.stats().replicas] == ["healthy"])
+            np.testing.assert_array_equal(p.predict(rows(5.0), timeout=WAIT), rows(5.0) * 2)
+            assert isinstance(hung.exception(WAIT), inferkit.ExecutionTimeout)
+        finally:
+            hang.set()
+            busy.set()
+            loaded.set()
+            p.close(timeout=WAIT)
+
+    def test_a_replica_whose_replacement_failed_leaves_no_lane_behind(self) -> None:
+        """With a queue per replica, a hung replica whose replacement failed to load left its empty lane;
+        while the other's replacement loaded, new requests went to that lane too and never ran."""
+        hang, loaded = threading.Event(), threading.Event()
+        made = itertools.count()
+
+        def model(x: np.ndarray) -> np.ndarray:
+            if (x < 0).any():
+                hang.wait(WAIT)
+            return x * 2
+
+        def factory() -> inferkit.CallableBackend:
+            n = next(made)
+            if n == 2:
+                msg = "the first replacement cannot load"
+                raise RuntimeError(msg)
+            if n == 3:
+                loaded.wait(WAIT)
+            return inferkit.CallableBackend(model)
+
+        pool = inferkit.PoolConfig(replicas=2, balancing="round_robin", execution_timeout=0.3)
+        p = Predictor(factory, pool=pool, batching=inferkit.BatchConfig(max_batch_size=8, max_delay_ms=1))
+        try:
+            assert isinstance(p.submit(rows(-1.0)).exception(WAIT), inferkit.ExecutionTimeout)
+            self._until(lambda: p.stats().loading == 0 and len(p.stats().replicas) == 1)
+            assert isinstance(p.submit(rows(-1.0)).exception(WAIT), inferkit.ExecutionTimeout)
+            self._until(lambda: p.stats().loading == 1)
+            futures = [p.submit(rows(float(i))) for i in range(6)]
+            loaded.set()
+            assert [f.result(WAIT)[0, 0] for f in futures] == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+        finally:
+            hang.set()
+            loaded.set()
+            p.close(timeout=WAIT)
+
+    def test_a_draining_replica_that_hangs_is_not_replaced(self) -> None:
+        """resize(1) drained a replica that then hung past execution_timeout: the watchdog loaded a
+        replacement for it, and the pool grew back to 2."""
+        hang, busy = threading.Event(), threading.Event()
+        entered = threading.Semaphore(0)
+
+        def model(x: np.ndarray) -> np.ndarray:
+            entered.release()
+            if (x < 0).any():
+                hang.wait(WAIT)
+            if (x > 100).any():
+                busy.wait(WAIT)
+            return x
+
+        p = Predictor.from_callable(model, replicas=2, max_batch_size=8, max_delay_ms=0, execution_timeout=1.0)
+        try:
+            hung = p.submit(rows(-1.0))
+            assert entered.acquire(timeout=WAIT)
+            slow = p.submit(np.full((3, 3), 1000.0, np.float32))  # more rows: the hung one is drained first
+            assert entered.acquire(timeout=WAIT)
+            p.resize(1)
+            busy.set()
+            slow.result(WAIT)
+            assert isinstance(hung.exception(WAIT), inferkit.ExecutionTimeout)
+            self._until(lambda: p.stats().loading == 0)
+            assert [r.state for r in p.stats().replicas] == ["healthy"]
+        finally:
+            hang.set()
+            busy.set()
+            p.close(timeout=WAIT)
+
+    def test_two_resizes_at_once_reach_the_size_asked_for(self) -> None:
+        """Two threads calling resize(4) on a pool of 1 each loaded 3 replicas: 7 in all."""
+        release = threading.Event()
+
+        def factory() -> inferkit.CallableBackend:
+            release.wait(WAIT)
+            return inferkit.CallableBackend(lambda x: x)
+
+        release.set()
+        p = Predictor(factory)
+        release.clear()
+        try:
+            threads = [threading.Thread(target=p.resize, args=(4,)) for _ in range(2)]
+            for t in threads:
+                t.start()
+            self._until(lambda: p.stats().loading == 3)  # the second counts the first's loads: it adds none
+            release.set()
+            for t in threads:
+                t.join(WAIT)
+            assert len(p.stats().replicas) == 4
+        finally:
+            release.set()
+            p.close(timeout=WAIT)
 
 
 @pytest.mark.slow

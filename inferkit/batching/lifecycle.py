@@ -91,6 +91,9 @@ class Lifecycle:
             lane.wake(len(lane.idle))
 
     def _migrate(self, lane: Lane, others: list[Lane]) -> None:
+        """Move ``lane``'s queued requests to ``others`` (the balancer's pick for each); none: they stay."""
+        if not others:
+            return
         now = self._clock()
         entries = [e for e in lane.heap if e[2].state is QUEUED]
         lane.heap.clear()
@@ -99,6 +102,19 @@ class Lifecycle:
             target = self._set.choose(others)
             target.push(req, now)
             target.wake()
+
+    def _drop_lane(self, lane: Lane) -> None:
+        """A lane whose replica is gone for good (no replacement), with a queue per replica: it goes.
+
+        Its queue goes to the other lanes; left in place, it took requests no replica would run.
+        """
+        if self._set.balancer is None or lane.replicas or lane not in self._set.lanes:
+            return
+        others = [ln for ln in self._set.lanes if ln is not lane]
+        self._migrate(lane, self._set.other_lanes(lane, self._clock()) or others)
+        if lane.count:  # no other lane at all
+            self._fail_queued(lambda: NoHealthyReplica(f"no healthy replica of {self.name!r}"))
+        self._set.lanes.remove(lane)
 
     def _fail_queued(self, make_error: Callable[[], InferkitError]) -> None:
         """Settle every queued request with a fresh error (under the lock; delivered after it)."""
@@ -124,11 +140,14 @@ class Lifecycle:
         ]
         with self._lock:
             done = self._tally(outcomes)
+            draining = replica.state is ReplicaState.DRAINING  # being removed: not replaced
             replica.state = ReplicaState.DEAD
             self._running.pop(replica.name, None)
             self._set.remove(replica, keep_lane=True)
             self._leave(replica)
-            if not self._closing:
+            if draining:
+                self._drop_lane(replica.lane)
+            elif not self._closing:
                 self._set.loading += 1
                 self._set.start(
                     threading.Thread(
@@ -137,7 +156,8 @@ class Lifecycle:
                 )
             self._drained.notify_all()
         settle_all(done)
-        self._event(ReplicaReplaced(self.name, replica.name, tuple(r.id for r in batch.requests), not self._closing))
+        loaded = not self._closing and not draining
+        self._event(ReplicaReplaced(self.name, replica.name, tuple(r.id for r in batch.requests), loaded))
 
     def _replace(self, dead: Replica) -> None:
         try:
@@ -148,6 +168,7 @@ class Lifecycle:
             self._set.loading -= 1
             if backend is None:
                 self._after_ejection(dead)
+                self._drop_lane(dead.lane)
             elif self._closing:
                 backend.close()
             else:
@@ -171,15 +192,24 @@ class Lifecycle:
             if self._closing:
                 raise Closed(f"predictor {self.name!r} is closed")
             live = self._set.live()
-            extra = len(live) + self._set.loading - replicas  # a replacement being loaded counts: it joins soon
-        for _ in range(-extra):  # one at a time: each serves once loaded, and a close() stops the rest
-            backend = self._set.factory()
-            with self._lock:
-                if not self._closing:
-                    self._set.add(backend, self._work)
-                    continue
-            backend.close()
-            raise Closed(f"predictor {self.name!r} was closed while it grew")
+            extra = len(live) + self._set.loading - replicas  # a replica being loaded counts: it joins soon
+            grow = max(0, -extra)
+            self._set.loading += grow  # so that a resize beside this one (or the autoscaler) counts them
+        try:
+            while grow:  # one at a time: each serves once loaded, and a close() stops the rest
+                backend = self._set.factory()
+                with self._lock:
+                    grow -= 1
+                    self._set.loading -= 1
+                    if not self._closing:
+                        self._set.add(backend, self._work)
+                        continue
+                backend.close()
+                raise Closed(f"predictor {self.name!r} was closed while it grew")
+        finally:
+            if grow:
+                with self._lock:
+                    self._set.loading -= grow
         if extra <= 0:
             return
         with self._lock:
