@@ -602,6 +602,23 @@ class TestFailures:
         assert all(f.done() for f in queued)
         assert not [t for t in threading.enumerate() if t.name.startswith("inferkit-")]
 
+    def test_configure_on_a_closed_predictor_raises_closed(self) -> None:
+        """``configure`` returned silently once closed, where predict, submit and resize raise Closed."""
+        p = Predictor.from_callable(lambda x: x)
+        p.close()
+        with pytest.raises(Closed):
+            p.configure(max_batch_size=4)
+        with pytest.raises(Closed):
+            p.resize(2)
+
+    def test_an_untyped_model_returning_no_outputs_is_a_model_error(self) -> None:
+        """A function returning ``{}`` succeeded for every caller (split requests too), each getting ``{}``."""
+        with Predictor.from_callable(lambda x: {}, max_batch_size=2) as p:
+            with pytest.raises(ModelError, match="the model returned no outputs"):
+                p.predict(rows(1.0))
+            futures = [p.submit(np.ones((3, 3), np.float32)) for _ in range(3)]  # split in parts of 2 rows
+            assert all(isinstance(f.exception(WAIT), ModelError) for f in futures)
+
     def test_close_timeout_fails_the_rest_with_closed(self) -> None:
         """What is still queued when close's timeout runs out ends in Closed."""
         p, model = _gated()

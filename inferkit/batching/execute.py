@@ -144,6 +144,9 @@ def _outputs(backend: Backend, inputs: Inputs, rows: int) -> Mapping[str, Any]:
     signature = backend.signature
     if signature is not None:
         outputs = signature.check_outputs(outputs)
+    elif not outputs:  # an untyped function's ``{}``: each caller would get an empty dict as its answer
+        msg = "the model returned no outputs"
+        raise ModelError(msg)
     for name, arr in outputs.items():
         if not isinstance(arr, np.ndarray) or arr.ndim == 0 or arr.shape[0] != rows:
             if is_device_array(arr) and arr.ndim and arr.shape[0] == rows:

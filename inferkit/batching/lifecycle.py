@@ -179,6 +179,8 @@ class Lifecycle:
     def reconfigure(self, config: BatchConfig) -> None:
         """Change batching at run time; queued requests are batched under the new settings."""
         with self._lock:
+            if self._closing:
+                raise Closed(f"predictor {self.name!r} is closed")
             self.config = config
             for lane in self._set.lanes:
                 lane.wake()
