@@ -27,12 +27,14 @@ class _Inbox:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = weakref.ref(loop)  # weakly: the inbox is the value of a weak-keyed dict
         self._lock = threading.Lock()
-        self._items: deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = deque()
+        # Waiters weakly: a waiter holds its loop, and a loop closed with a drain scheduled (its
+        # callback dropped) would keep its inbox, and every outcome in it, alive for good.
+        self._items: deque[tuple[weakref.ref[asyncio.Future[Any]], Any, BaseException | None]] = deque()
         self._scheduled = False
 
     def put(self, waiter: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
         with self._lock:
-            self._items.append((waiter, value, error))
+            self._items.append((weakref.ref(waiter), value, error))
             if self._scheduled:
                 return
             self._scheduled = True
@@ -51,8 +53,9 @@ class _Inbox:
         with self._lock:
             items, self._items = self._items, deque()
             self._scheduled = False
-        for waiter, value, error in items:
-            if waiter.done():  # the awaiting task was cancelled meanwhile
+        for ref, value, error in items:
+            waiter = ref()
+            if waiter is None or waiter.done():  # its task is gone, or was cancelled meanwhile
                 continue
             if error is _CANCELLED:
                 waiter.cancel()

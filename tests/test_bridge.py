@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import threading
+import time
 import weakref
 from concurrent.futures import Future
 from typing import Any
@@ -100,6 +101,38 @@ def test_a_finished_loop_is_not_kept_alive() -> None:
     del loop
     gc.collect()
     assert ref() is None
+
+
+def test_a_loop_closed_with_outcomes_on_their_way_is_freed_with_them() -> None:
+    """Outcomes settled while their loop was stopped, the loop then closed: its drain callback was
+    dropped, so the inbox stayed "scheduled" and kept every outcome, and through them the loop, for good."""
+    outputs: list[weakref.ref[np.ndarray]] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def model(x: np.ndarray) -> np.ndarray:
+        entered.set()
+        assert release.wait(WAIT)
+        out = x * 2
+        outputs.append(weakref.ref(out))
+        return out
+
+    with Predictor.from_callable(model, max_batch_size=64, max_delay_ms=0) as predictor:
+        loop = asyncio.new_event_loop()
+        tasks = [loop.create_task(predictor.apredict(np.ones((1, 100_000)))) for _ in range(5)]
+        loop.run_until_complete(asyncio.sleep(0))  # the tasks await; the loop then stops
+        assert entered.wait(WAIT)
+        release.set()
+        deadline = time.monotonic() + WAIT
+        while predictor.stats().completed < 5 and time.monotonic() < deadline:  # settled while no one runs the loop
+            time.sleep(0.002)
+        assert predictor.stats().completed == 5
+        loop.close()
+        ref = weakref.ref(loop)
+        del loop, tasks  # as an application that is done with them
+        gc.collect()
+        assert ref() is None
+        assert outputs  # one per batch
+        assert all(o() is None for o in outputs)
 
 
 def test_predictor_apredict_results_deadlines_and_cancellation() -> None:

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import types
+import weakref
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 
@@ -1010,6 +1011,29 @@ class TestMemory:
             finally:
                 gc.enable()
         assert after - before <= 2
+
+    def test_an_idle_worker_keeps_nothing_of_its_last_batch(self) -> None:
+        """A replica's worker kept its last batch's outcomes (inputs and outputs: 32 MB here) while it
+        idled, until its next batch or close()."""
+        import gc
+
+        outputs: list[weakref.ref[np.ndarray]] = []
+
+        def model(x: np.ndarray) -> np.ndarray:
+            out = x * 2
+            outputs.append(weakref.ref(out))
+            return out
+
+        with Predictor.from_callable(model) as p:
+            x = np.ones((4, 1_000_000))
+            kept = weakref.ref(x)
+            result = p.submit(x).result(WAIT)  # queued: it runs on the worker
+            del x, result
+            deadline = time.monotonic() + WAIT
+            while (kept() is not None or outputs[0]() is not None) and time.monotonic() < deadline:
+                gc.collect()
+                time.sleep(0.01)  # the worker may still be handing the outcome over
+            assert (kept(), outputs[0]()) == (None, None)
 
 
 class TestPoolArgument:

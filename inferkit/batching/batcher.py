@@ -382,6 +382,7 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
                 if result is None:  # the watchdog gave up on this call and replaced the replica
                     break
                 done = self._finish(batch, replica, result)
+                result = None  # its outcomes (inputs and outputs) are not kept while the worker idles
         finally:
             if replica in lane.idle:
                 lane.idle.remove(replica)
