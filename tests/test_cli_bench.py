@@ -1,0 +1,54 @@
+"""``inferkit bench`` on models and settings it cannot measure, as real processes; and the warm-up it relies on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from inferkit import Predictor
+from inferkit.backends.onnx import OnnxBackend
+
+
+def _save(
+    path: Path, node: onnx.NodeProto, x: onnx.ValueInfoProto, y: onnx.ValueInfoProto, *init: onnx.TensorProto
+) -> Path:
+    graph = helper.make_graph([node], "g", [x], [y], list(init))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def _double(path: Path, batch: int | str = "N") -> Path:
+    """y = 2 * x over float32 [batch, 4]."""
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])
+    return _save(path, helper.make_node("Mul", ["x", "two"], ["y"]), x, y, two)
+
+
+class TestFixedBatch:
+    """A model exported with a fixed batch size takes batches of that size only."""
+
+    def test_from_onnx_warms_up_the_fixed_size_only(self, tmp_path: Path) -> None:
+        """A batch axis fixed at 1: the warm-up runs 1 row (not 2, 4, ...) and the predictor serves."""
+        model = _double(tmp_path / "fixed1.onnx", batch=1)
+        assert OnnxBackend(model, providers=["CPUExecutionProvider"], warmup=(1, 2, 4)).warmed == (1,)
+        with Predictor.from_onnx(model, replicas=1, max_batch_size=8) as predictor:
+            y = predictor.predict({"x": np.ones((1, 4), np.float32)})
+        np.testing.assert_array_equal(y, np.full((1, 4), 2.0, np.float32))
+
+    def test_inputs_fixing_different_batch_sizes_are_refused(self, tmp_path: Path) -> None:
+        """Inputs fixed at 1 and 2 rows: no batch feeds both, and the load says so, naming them."""
+        a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 4])
+        b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, 4])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+        graph = helper.make_graph([helper.make_node("Identity", ["a"], ["y"])], "g", [a, b], [y])
+        model = tmp_path / "mixed.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), model)
+        with pytest.raises(ValueError, match=r"fix their batch axis at different sizes \({'a': 1, 'b': 2}\)"):
+            Predictor.from_onnx(model, replicas=1)
