@@ -114,9 +114,11 @@ def _best_batched(model: Path, duration_s: float) -> tuple[float, Signature]:
             x = _inputs(backend.signature, size)
             backend.run(x)  # warm-up
             done, start = 0, time.monotonic()
-            while (elapsed := time.monotonic() - start) < duration_s:
+            while True:  # at least one call, however short ``duration_s``
                 backend.run(x)
                 done += size
+                if (elapsed := time.monotonic() - start) >= duration_s:
+                    break
             best = max(best, done / max(elapsed, 1e-9))
         return best, backend.signature
     finally:
@@ -124,7 +126,10 @@ def _best_batched(model: Path, duration_s: float) -> tuple[float, Signature]:
 
 
 def _load(predictor: Any, x: Any, concurrency: int, duration_s: float) -> tuple[float, list[float]]:
-    """``concurrency`` closed-loop callers for ``duration_s``: rows per second and every latency."""
+    """``concurrency`` closed-loop callers for ``duration_s``: rows per second and every latency.
+
+    Each caller makes at least one call, however short ``duration_s``: every load has a latency.
+    """
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     rows = len(next(iter(x.values())))
     gate = threading.Barrier(concurrency + 1)
@@ -132,9 +137,13 @@ def _load(predictor: Any, x: Any, concurrency: int, duration_s: float) -> tuple[
 
     def caller(mine: list[float]) -> None:
         gate.wait()
-        while (now := time.monotonic()) < end[0]:
+        while True:
+            now = time.monotonic()
             predictor.predict(x)
-            mine.append(time.monotonic() - now)
+            done = time.monotonic()
+            mine.append(done - now)
+            if done >= end[0]:
+                break
 
     threads = [threading.Thread(target=caller, args=(m,), name="bench-caller") for m in latencies]
     for thread in threads:

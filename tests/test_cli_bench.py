@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,9 @@ from onnx import TensorProto, helper
 
 from inferkit import Predictor
 from inferkit.backends.onnx import OnnxBackend
+
+WAIT = 60
+QUICK = ["--max-batch-size", "8", "--max-delay-ms", "0", "--replicas", "1"]
 
 
 def _save(
@@ -29,6 +35,38 @@ def _double(path: Path, batch: int | str = "N") -> Path:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])
     return _save(path, helper.make_node("Mul", ["x", "two"], ["y"]), x, y, two)
+
+
+def _bench(*args: str) -> tuple[int, str, str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "inferkit.cli", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        check=False,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _table(out: str) -> list[list[str]]:
+    """The table's rows: conc, rows, max_batch, delay_ms, replicas, threads, rows/s, p50_ms, p99_ms, ratio."""
+    return [line.split() for line in out.splitlines() if line[:5].strip().isdigit()]
+
+
+class TestShortRuns:
+    """However short ``--duration-s``, every load is measured."""
+
+    def test_a_duration_shorter_than_any_call_still_measures(self, tmp_path: Path) -> None:
+        """1e-7 s: each caller makes one call, so every load has a latency (no call had, and percentiles crashed)."""
+        code, out, err = _bench(
+            str(_double(tmp_path / "m.onnx")), *QUICK, "--concurrency", "1,2", "--rows", "1", "--duration-s", "1e-7"
+        )
+        assert code == 0, err
+        rows = _table(out)
+        assert [(r[0], r[1]) for r in rows] == [("1", "1"), ("2", "1")]
+        assert all(float(r[6].replace(",", "")) > 0 and float(r[8]) > 0 for r in rows), out
+        assert "Traceback" not in err
 
 
 class TestFixedBatch:
