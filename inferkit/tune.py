@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 import numpy as np
 
+from inferkit.batching import BatchConfig
 from inferkit.signature import Signature
 
 __all__ = ["BenchConfig", "BenchReport", "Measurement", "Settings", "bench", "render"]
@@ -69,6 +70,30 @@ class BenchConfig:
             msg = f"{attribute.name} must be a non-empty tuple of numbers >= 0, got {value!r}"
             raise ValueError(msg)
 
+    def __attrs_post_init__(self) -> None:
+        # Refused before any work: requests that no predictor of these settings would take, or
+        # that the callers together would queue past its queue (``InvalidInput``, ``Overloaded``).
+        queue = BatchConfig().max_queue_size  # what bench's predictors get, the library's default
+        most = max(1, queue // 2)  # the batches one request may be split into (admission's rule)
+        callers = max(self.concurrency)
+        for size in self.max_batch_sizes:
+            for rows in self.rows:
+                parts = -(-rows // size)
+                if parts > most:
+                    msg = (
+                        f"rows={rows} at max_batch_size={size} is {parts} batches per request, and a request may "
+                        f"take at most {most} (half of max_queue_size={queue}): give rows <= {size * most} "
+                        "or a larger max_batch_size"
+                    )
+                    raise ValueError(msg)
+                if callers * parts > queue:
+                    msg = (
+                        f"concurrency={callers} callers of rows={rows} at max_batch_size={size} queue "
+                        f"{callers * parts} batches at once, more than max_queue_size={queue}: give fewer callers "
+                        "or rows, or a larger max_batch_size"
+                    )
+                    raise ValueError(msg)
+
     def grid(self) -> Iterator[Settings]:
         """Every combination of the settings to try."""
         for size in self.max_batch_sizes:
@@ -112,7 +137,11 @@ def _best_batched(model: Path, duration_s: float) -> tuple[float, Signature]:
         best = 0.0
         for size in (64, 256, 1024):
             x = _inputs(backend.signature, size)
-            backend.run(x)  # warm-up
+            try:
+                backend.run(x)  # warm-up
+            except Exception as error:
+                msg = f"the model fails on generated inputs of {size} rows: {type(error).__name__}: {error}"
+                raise ValueError(msg) from error
             done, start = 0, time.monotonic()
             while True:  # at least one call, however short ``duration_s``
                 backend.run(x)
@@ -129,21 +158,26 @@ def _load(predictor: Any, x: Any, concurrency: int, duration_s: float) -> tuple[
     """``concurrency`` closed-loop callers for ``duration_s``: rows per second and every latency.
 
     Each caller makes at least one call, however short ``duration_s``: every load has a latency.
+    The first error a call raises stops every caller and is raised here, once all have stopped.
     """
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     rows = len(next(iter(x.values())))
     gate = threading.Barrier(concurrency + 1)
     end = [0.0]
+    errors: list[Exception] = []
 
     def caller(mine: list[float]) -> None:
         gate.wait()
-        while True:
-            now = time.monotonic()
-            predictor.predict(x)
-            done = time.monotonic()
-            mine.append(done - now)
-            if done >= end[0]:
-                break
+        try:
+            while not errors:
+                now = time.monotonic()
+                predictor.predict(x)
+                done = time.monotonic()
+                mine.append(done - now)
+                if done >= end[0]:
+                    break
+        except Exception as error:  # noqa: BLE001  (raised on the main thread, not printed by this one)
+            errors.append(error)
 
     threads = [threading.Thread(target=caller, args=(m,), name="bench-caller") for m in latencies]
     for thread in threads:
@@ -153,13 +187,19 @@ def _load(predictor: Any, x: Any, concurrency: int, duration_s: float) -> tuple[
     gate.wait()
     for thread in threads:
         thread.join()
+    if errors:
+        raise errors[0]
     elapsed = time.monotonic() - start
     flat = [v for m in latencies for v in m]
     return rows * len(flat) / elapsed, flat
 
 
 def bench(model: str | os.PathLike[str], config: BenchConfig | None = None) -> BenchReport:
-    """Measure ``model`` (an ONNX file) over ``config``'s grid and loads."""
+    """Measure ``model`` (an ONNX file) over ``config``'s grid and loads.
+
+    Inputs are generated: ones of each input's dtype (any dynamic non-batch dimension 1).
+    ``ValueError`` says why when the model fails on them, or a request of the load fails.
+    """
     from inferkit.predictor import Predictor  # noqa: PLC0415
 
     config = config or BenchConfig()
@@ -175,7 +215,15 @@ def bench(model: str | os.PathLike[str], config: BenchConfig | None = None) -> B
         ) as predictor:
             for concurrency in config.concurrency:
                 for rows in config.rows:
-                    rate, latencies = _load(predictor, _inputs(signature, rows), concurrency, config.duration_s)
+                    try:
+                        rate, latencies = _load(predictor, _inputs(signature, rows), concurrency, config.duration_s)
+                    except Exception as error:
+                        msg = (
+                            f"a request failed under load ({concurrency} callers of {rows} rows, max_batch_size="
+                            f"{settings.max_batch_size}, max_delay_ms={settings.max_delay_ms:g}, replicas="
+                            f"{settings.replicas}): {type(error).__name__}: {error}"
+                        )
+                        raise ValueError(msg) from error
                     p50, p99 = (float(np.percentile(latencies, q)) * 1e3 for q in (50, 99))
                     measurements.append(Measurement(settings, concurrency, rows, rate, p50, p99, rate / best))
     return BenchReport(best, tuple(measurements), _recommend(measurements, config.p99_ms))

@@ -5,15 +5,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from inferkit import Predictor
+from inferkit import ModelError, Predictor
 from inferkit.backends.onnx import OnnxBackend
+from inferkit.tune import BenchConfig, _load
 
 WAIT = 60
 QUICK = ["--max-batch-size", "8", "--max-delay-ms", "0", "--replicas", "1"]
@@ -47,6 +50,14 @@ def _bench(*args: str) -> tuple[int, str, str]:
         check=False,
     )
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def _refused(err: str) -> str:
+    """The one line a refusal prints, and nothing else but ONNX Runtime's own log of a failed run."""
+    lines = [line for line in err.splitlines() if "[E:onnxruntime:" not in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("inferkit bench: "), err
+    return lines[0]
 
 
 def _table(out: str) -> list[list[str]]:
@@ -90,3 +101,42 @@ class TestFixedBatch:
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), model)
         with pytest.raises(ValueError, match=r"fix their batch axis at different sizes \({'a': 1, 'b': 2}\)"):
             Predictor.from_onnx(model, replicas=1)
+
+
+class TestFailures:
+    """What bench cannot measure is one line on stderr and exit status 2, before or during the run."""
+
+    def test_more_batches_per_request_than_the_queue_takes_is_refused_before_starting(self, tmp_path: Path) -> None:
+        """5000 rows at max_batch_size 1: every request would be InvalidInput; refused up front, saying why."""
+        code, _, err = _bench(str(_double(tmp_path / "m.onnx")), "--rows", "5000", "--max-batch-size", "1")
+        assert code == 2
+        assert "rows=5000 at max_batch_size=1 is 5000 batches per request" in _refused(err)
+        assert "give rows <= 2048" in err
+
+    def test_callers_queueing_past_the_queue_are_refused_before_starting(self) -> None:
+        """3 callers of 2000 single-row batches would queue 6000 (past 4096): Overloaded; refused at construction."""
+        with pytest.raises(ValueError, match=r"concurrency=3 callers .* queue 6000 batches at once"):
+            BenchConfig(concurrency=(1, 3), rows=(2000,), max_batch_sizes=(1,))
+        BenchConfig(concurrency=(2,), rows=(2000,), max_batch_sizes=(1,))  # 4000 fit
+
+    def test_a_model_failing_on_the_generated_inputs_is_one_line(self, tmp_path: Path) -> None:
+        """Indices of ones into a table of one entry: ONNX Runtime's error, on one line, and exit 2."""
+        table = helper.make_tensor("table", TensorProto.FLOAT, [1], [5.0])
+        x = helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 1])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])
+        model = _save(tmp_path / "gather.onnx", helper.make_node("Gather", ["table", "x"], ["y"]), x, y, table)
+        code, _, err = _bench(str(model), *QUICK, "--concurrency", "1", "--rows", "1", "--duration-s", "0.05")
+        assert code == 2
+        assert "the model fails on generated inputs of 64 rows" in _refused(err)
+
+    def test_a_failing_request_stops_the_load_and_is_raised_once(self) -> None:
+        """Every call raises: each caller stops, and the error comes back to the caller of the load, no thread's."""
+
+        def broken(x: Any) -> Any:
+            raise RuntimeError("broken model")
+
+        start = time.monotonic()
+        with Predictor.from_callable(broken, max_delay_ms=0) as predictor:
+            with pytest.raises(ModelError, match="broken model"):
+                _load(predictor, {"x": np.ones((2, 4), np.float32)}, 4, 600.0)  # unless the first error stops it
+        assert time.monotonic() - start < WAIT
