@@ -21,7 +21,11 @@ import numpy as np
 from inferkit.batching import BatchConfig
 from inferkit.signature import Signature
 
-__all__ = ["BenchConfig", "BenchReport", "Measurement", "Settings", "bench", "render"]
+__all__ = ["TEXT", "BenchConfig", "BenchReport", "Measurement", "Settings", "bench", "render"]
+
+
+TEXT = "inferkit bench"
+"""What each element of a string input holds (ones would be refused: a string tensor holds text)."""
 
 
 def _positive_ints(_instance: object, attribute: attrs.Attribute[Any], value: tuple[int, ...]) -> None:
@@ -126,7 +130,12 @@ class BenchReport:
 
 
 def _inputs(signature: Signature, rows: int) -> dict[str, np.ndarray[Any, Any]]:
-    return {s.name: np.ones((rows, *(d or 1 for d in s.shape[1:])), dtype=s.dtype) for s in signature.inputs}
+    """Ones of each input's dtype, or :data:`TEXT` for a string input; a dynamic non-batch dim is 1."""
+    inputs = {}
+    for spec in signature.inputs:
+        shape = (rows, *(d or 1 for d in spec.shape[1:]))
+        inputs[spec.name] = np.full(shape, TEXT, dtype=object) if spec.dtype.kind == "O" else np.ones(shape, spec.dtype)
+    return inputs
 
 
 def _best_batched(model: Path, duration_s: float) -> tuple[float, Signature]:
@@ -197,7 +206,8 @@ def _load(predictor: Any, x: Any, concurrency: int, duration_s: float) -> tuple[
 def bench(model: str | os.PathLike[str], config: BenchConfig | None = None) -> BenchReport:
     """Measure ``model`` (an ONNX file) over ``config``'s grid and loads.
 
-    Inputs are generated: ones of each input's dtype (any dynamic non-batch dimension 1).
+    Inputs are generated: ones of each input's dtype, :data:`TEXT` for a string input (any
+    dynamic non-batch dimension 1).
     ``ValueError`` says why when the model fails on them, or a request of the load fails.
     """
     from inferkit.predictor import Predictor  # noqa: PLC0415

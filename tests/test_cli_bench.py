@@ -80,6 +80,20 @@ class TestShortRuns:
         assert "Traceback" not in err
 
 
+class TestInputs:
+    """Bench generates inputs every model of a supported dtype takes."""
+
+    def test_a_string_input_gets_text(self, tmp_path: Path) -> None:
+        """A string identity model is measured (it was sent object arrays of int 1, refused as not text)."""
+        x = helper.make_tensor_value_info("x", TensorProto.STRING, ["N", 1])
+        y = helper.make_tensor_value_info("y", TensorProto.STRING, ["N", 1])
+        model = _save(tmp_path / "str.onnx", helper.make_node("Identity", ["x"], ["y"]), x, y)
+        code, out, err = _bench(str(model), *QUICK, "--concurrency", "1,2", "--rows", "1,8", "--duration-s", "0.05")
+        assert code == 0, err
+        assert [(r[0], r[1]) for r in _table(out)] == [("1", "1"), ("1", "8"), ("2", "1"), ("2", "8")]
+        assert "Traceback" not in err
+
+
 class TestFixedBatch:
     """A model exported with a fixed batch size takes batches of that size only."""
 
