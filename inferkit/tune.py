@@ -138,13 +138,25 @@ def _inputs(signature: Signature, rows: int) -> dict[str, np.ndarray[Any, Any]]:
     return inputs
 
 
-def _best_batched(model: Path, duration_s: float) -> tuple[float, Signature]:
-    from inferkit.backends.onnx import OnnxBackend  # noqa: PLC0415
+def _best_batched(model: Path, config: BenchConfig) -> tuple[float, Signature]:
+    """The model's own best rows per second, in batches as large as it takes; ``ValueError`` if ``config`` can't run."""
+    from inferkit.backends.onnx import OnnxBackend, _fixed_rows  # noqa: PLC0415
 
+    duration_s = config.duration_s
     backend = OnnxBackend(model)
     try:
+        fixed = _fixed_rows(backend.session)
+        if fixed is not None and (
+            any(size != fixed for size in config.max_batch_sizes) or any(rows % fixed for rows in config.rows)
+        ):
+            msg = (
+                f"the model fixes its batch axis at {fixed}, so every batch must have {fixed} rows: give "
+                f"max_batch_size {fixed} (got {_listed(config.max_batch_sizes)}) and rows a multiple of {fixed} "
+                f"(got {_listed(config.rows)})"
+            )
+            raise ValueError(msg)
         best = 0.0
-        for size in (64, 256, 1024):
+        for size in (64, 256, 1024) if fixed is None else (fixed,):
             x = _inputs(backend.signature, size)
             try:
                 backend.run(x)  # warm-up
@@ -213,7 +225,7 @@ def bench(model: str | os.PathLike[str], config: BenchConfig | None = None) -> B
     from inferkit.predictor import Predictor  # noqa: PLC0415
 
     config = config or BenchConfig()
-    best, signature = _best_batched(Path(model), config.duration_s)
+    best, signature = _best_batched(Path(model), config)
     measurements: list[Measurement] = []
     for settings in config.grid():
         with Predictor.from_onnx(
@@ -237,6 +249,10 @@ def bench(model: str | os.PathLike[str], config: BenchConfig | None = None) -> B
                     p50, p99 = (float(np.percentile(latencies, q)) * 1e3 for q in (50, 99))
                     measurements.append(Measurement(settings, concurrency, rows, rate, p50, p99, rate / best))
     return BenchReport(best, tuple(measurements), _recommend(measurements, config.p99_ms))
+
+
+def _listed(values: tuple[int, ...]) -> str:
+    return ",".join(map(str, values))
 
 
 def _recommend(measurements: list[Measurement], p99_ms: float) -> Settings | None:

@@ -116,6 +116,22 @@ class TestFixedBatch:
         with pytest.raises(ValueError, match=r"fix their batch axis at different sizes \({'a': 1, 'b': 2}\)"):
             Predictor.from_onnx(model, replicas=1)
 
+    def test_bench_refuses_batches_the_model_cannot_take(self, tmp_path: Path) -> None:
+        """Batch axis fixed at 1 and the default max_batch_size 64,256: one line naming the fix, exit 2."""
+        code, _, err = _bench(str(_double(tmp_path / "fixed1.onnx", batch=1)), "--duration-s", "0.05")
+        assert code == 2
+        line = _refused(err)
+        assert "fixes its batch axis at 1, so every batch must have 1 rows" in line, line
+        assert "give max_batch_size 1 (got 64,256)" in line, line
+
+    def test_bench_measures_it_at_its_batch_size(self, tmp_path: Path) -> None:
+        """With --max-batch-size 1 the fixed model is measured, its own best throughput at 1 row a call."""
+        model = str(_double(tmp_path / "fixed1.onnx", batch=1))
+        args = ["--max-delay-ms", "0.5", "--replicas", "1", "--duration-s", "0.05"]
+        code, out, err = _bench(model, *args, "--max-batch-size", "1", "--concurrency", "1,4", "--rows", "1,3")
+        assert code == 0, err
+        assert [(r[0], r[1], r[2]) for r in _table(out)] == [(c, n, "1") for c in "14" for n in "13"]
+
 
 class TestFailures:
     """What bench cannot measure is one line on stderr and exit status 2, before or during the run."""
