@@ -8,18 +8,21 @@ is loaded by ``concurrency`` callers sending requests of ``rows`` rows for ``dur
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import numpy as np
 
 from inferkit.batching import BatchConfig
 from inferkit.signature import Signature
+
+_T = TypeVar("_T")
 
 __all__ = ["TEXT", "BenchConfig", "BenchReport", "Measurement", "Settings", "bench", "render"]
 
@@ -143,7 +146,7 @@ def _best_batched(model: Path, config: BenchConfig) -> tuple[float, Signature]:
     from inferkit.backends.onnx import OnnxBackend, _fixed_rows  # noqa: PLC0415
 
     duration_s = config.duration_s
-    backend = OnnxBackend(model)
+    backend = _loaded(model, lambda: OnnxBackend(model))
     try:
         fixed = _fixed_rows(backend.session)
         if fixed is not None and (
@@ -173,6 +176,17 @@ def _best_batched(model: Path, config: BenchConfig) -> tuple[float, Signature]:
         return best, backend.signature
     finally:
         backend.close()
+
+
+def _loaded(model: str | os.PathLike[str], load: Callable[[], _T]) -> _T:
+    """``load()``; what it raises but a ``ValueError`` (ONNX Runtime's own, ``OSError``) as one saying so."""
+    try:
+        return load()
+    except ValueError:
+        raise
+    except Exception as error:  # InvalidProtobuf, Fail, InvalidArgument from a warm-up on zeros...
+        msg = f"{os.fspath(model)} does not load: {type(error).__name__}: {error}"
+        raise ValueError(msg) from error
 
 
 def _load(predictor: Any, x: Any, concurrency: int, duration_s: float) -> tuple[float, list[float]]:
@@ -220,7 +234,8 @@ def bench(model: str | os.PathLike[str], config: BenchConfig | None = None) -> B
 
     Inputs are generated: ones of each input's dtype, :data:`TEXT` for a string input (any
     dynamic non-batch dimension 1).
-    ``ValueError`` says why when the model fails on them, or a request of the load fails.
+    ``ValueError`` says why when the model does not load or fails on them, when it cannot take
+    ``config``'s batches, or when a request of a load fails.
     """
     from inferkit.predictor import Predictor  # noqa: PLC0415
 
@@ -228,13 +243,15 @@ def bench(model: str | os.PathLike[str], config: BenchConfig | None = None) -> B
     best, signature = _best_batched(Path(model), config)
     measurements: list[Measurement] = []
     for settings in config.grid():
-        with Predictor.from_onnx(
+        loading = functools.partial(
+            Predictor.from_onnx,
             model,
             max_batch_size=settings.max_batch_size,
             max_delay_ms=settings.max_delay_ms,
             replicas=settings.replicas,
             intra_op_threads=settings.intra_op_threads,
-        ) as predictor:
+        )
+        with _loaded(model, loading) as predictor:
             for concurrency in config.concurrency:
                 for rows in config.rows:
                     try:

@@ -170,3 +170,31 @@ class TestFailures:
             with pytest.raises(ModelError, match="broken model"):
                 _load(predictor, {"x": np.ones((2, 4), np.float32)}, 4, 600.0)  # unless the first error stops it
         assert time.monotonic() - start < WAIT
+
+    def test_a_file_that_is_no_model_is_one_line(self, tmp_path: Path) -> None:
+        """ONNX Runtime's InvalidProtobuf: the file does not load, said in one line, exit 2."""
+        model = tmp_path / "m.onnx"
+        model.write_bytes(b"not a model")
+        code, _, err = _bench(str(model), "--duration-s", "0.05")
+        assert code == 2
+        assert _refused(err).startswith(f"inferkit bench: {model} does not load: InvalidProtobuf"), err
+
+    def test_a_model_failing_its_warm_up_is_one_line(self, tmp_path: Path) -> None:
+        """Gather(table of 2, 2 - 2x): ones index 0, the warm-up's zeros index 2, out of bounds: one line, exit 2."""
+        two = helper.make_tensor("two", TensorProto.INT64, [], [2])
+        table = helper.make_tensor("table", TensorProto.FLOAT, [2], [5.0, 6.0])
+        nodes = [
+            helper.make_node("Mul", ["x", "two"], ["twice"]),
+            helper.make_node("Sub", ["two", "twice"], ["index"]),
+            helper.make_node("Gather", ["table", "index"], ["y"]),
+        ]
+        x = helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 1])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])
+        graph = helper.make_graph(nodes, "g", [x], [y], [two, table])
+        model = tmp_path / "zeros_fail.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), model)
+        code, _, err = _bench(str(model), *QUICK, "--concurrency", "1", "--rows", "1", "--duration-s", "0.05")
+        assert code == 2
+        line = _refused(err)
+        assert line.startswith(f"inferkit bench: {model} does not load: InvalidArgument"), err
+        assert "Gather" in line
