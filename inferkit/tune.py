@@ -8,19 +8,27 @@ is loaded by ``concurrency`` callers sending requests of ``rows`` rows for ``dur
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import numpy as np
 
+from inferkit.batching import BatchConfig
 from inferkit.signature import Signature
 
-__all__ = ["BenchConfig", "BenchReport", "Measurement", "Settings", "bench", "render"]
+_T = TypeVar("_T")
+
+__all__ = ["TEXT", "BenchConfig", "BenchReport", "Measurement", "Settings", "bench", "render"]
+
+
+TEXT = "inferkit bench"
+"""What each element of a string input holds (ones would be refused: a string tensor holds text)."""
 
 
 def _positive_ints(_instance: object, attribute: attrs.Attribute[Any], value: tuple[int, ...]) -> None:
@@ -69,6 +77,30 @@ class BenchConfig:
             msg = f"{attribute.name} must be a non-empty tuple of numbers >= 0, got {value!r}"
             raise ValueError(msg)
 
+    def __attrs_post_init__(self) -> None:
+        # Refused before any work: requests that no predictor of these settings would take, or
+        # that the callers together would queue past its queue (``InvalidInput``, ``Overloaded``).
+        queue = BatchConfig().max_queue_size  # what bench's predictors get, the library's default
+        most = max(1, queue // 2)  # the batches one request may be split into (admission's rule)
+        callers = max(self.concurrency)
+        for size in self.max_batch_sizes:
+            for rows in self.rows:
+                parts = -(-rows // size)
+                if parts > most:
+                    msg = (
+                        f"rows={rows} at max_batch_size={size} is {parts} batches per request, and a request may "
+                        f"take at most {most} (half of max_queue_size={queue}): give rows <= {size * most} "
+                        "or a larger max_batch_size"
+                    )
+                    raise ValueError(msg)
+                if callers * parts > queue:
+                    msg = (
+                        f"concurrency={callers} callers of rows={rows} at max_batch_size={size} queue "
+                        f"{callers * parts} batches at once, more than max_queue_size={queue}: give fewer callers "
+                        "or rows, or a larger max_batch_size"
+                    )
+                    raise ValueError(msg)
+
     def grid(self) -> Iterator[Settings]:
         """Every combination of the settings to try."""
         for size in self.max_batch_sizes:
@@ -101,40 +133,86 @@ class BenchReport:
 
 
 def _inputs(signature: Signature, rows: int) -> dict[str, np.ndarray[Any, Any]]:
-    return {s.name: np.ones((rows, *(d or 1 for d in s.shape[1:])), dtype=s.dtype) for s in signature.inputs}
+    """Ones of each input's dtype, or :data:`TEXT` for a string input; a dynamic non-batch dim is 1."""
+    inputs = {}
+    for spec in signature.inputs:
+        shape = (rows, *(d or 1 for d in spec.shape[1:]))
+        inputs[spec.name] = np.full(shape, TEXT, dtype=object) if spec.dtype.kind == "O" else np.ones(shape, spec.dtype)
+    return inputs
 
 
-def _best_batched(model: Path, duration_s: float) -> tuple[float, Signature]:
-    from inferkit.backends.onnx import OnnxBackend  # noqa: PLC0415
+def _best_batched(model: Path, config: BenchConfig) -> tuple[float, Signature]:
+    """The model's own best rows per second, in batches as large as it takes; ``ValueError`` if ``config`` can't run."""
+    from inferkit.backends.onnx import OnnxBackend, _fixed_rows  # noqa: PLC0415
 
-    backend = OnnxBackend(model)
+    duration_s = config.duration_s
+    backend = _loaded(model, lambda: OnnxBackend(model))
     try:
+        fixed = _fixed_rows(backend.session)
+        if fixed is not None and (
+            any(size != fixed for size in config.max_batch_sizes) or any(rows % fixed for rows in config.rows)
+        ):
+            msg = (
+                f"the model fixes its batch axis at {fixed}, so every batch must have {fixed} rows: give "
+                f"max_batch_size {fixed} (got {_listed(config.max_batch_sizes)}) and rows a multiple of {fixed} "
+                f"(got {_listed(config.rows)})"
+            )
+            raise ValueError(msg)
         best = 0.0
-        for size in (64, 256, 1024):
+        for size in (64, 256, 1024) if fixed is None else (fixed,):
             x = _inputs(backend.signature, size)
-            backend.run(x)  # warm-up
+            try:
+                backend.run(x)  # warm-up
+            except Exception as error:
+                msg = f"the model fails on generated inputs of {size} rows: {type(error).__name__}: {error}"
+                raise ValueError(msg) from error
             done, start = 0, time.monotonic()
-            while (elapsed := time.monotonic() - start) < duration_s:
+            while True:  # at least one call, however short ``duration_s``
                 backend.run(x)
                 done += size
+                if (elapsed := time.monotonic() - start) >= duration_s:
+                    break
             best = max(best, done / max(elapsed, 1e-9))
         return best, backend.signature
     finally:
         backend.close()
 
 
+def _loaded(model: str | os.PathLike[str], load: Callable[[], _T]) -> _T:
+    """``load()``; what it raises but a ``ValueError`` (ONNX Runtime's own, ``OSError``) as one saying so."""
+    try:
+        return load()
+    except ValueError:
+        raise
+    except Exception as error:  # InvalidProtobuf, Fail, InvalidArgument from a warm-up on zeros...
+        msg = f"{os.fspath(model)} does not load: {type(error).__name__}: {error}"
+        raise ValueError(msg) from error
+
+
 def _load(predictor: Any, x: Any, concurrency: int, duration_s: float) -> tuple[float, list[float]]:
-    """``concurrency`` closed-loop callers for ``duration_s``: rows per second and every latency."""
+    """``concurrency`` closed-loop callers for ``duration_s``: rows per second and every latency.
+
+    Each caller makes at least one call, however short ``duration_s``: every load has a latency.
+    The first error a call raises stops every caller and is raised here, once all have stopped.
+    """
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     rows = len(next(iter(x.values())))
     gate = threading.Barrier(concurrency + 1)
     end = [0.0]
+    errors: list[Exception] = []
 
     def caller(mine: list[float]) -> None:
         gate.wait()
-        while (now := time.monotonic()) < end[0]:
-            predictor.predict(x)
-            mine.append(time.monotonic() - now)
+        try:
+            while not errors:
+                now = time.monotonic()
+                predictor.predict(x)
+                done = time.monotonic()
+                mine.append(done - now)
+                if done >= end[0]:
+                    break
+        except Exception as error:  # noqa: BLE001  (raised on the main thread, not printed by this one)
+            errors.append(error)
 
     threads = [threading.Thread(target=caller, args=(m,), name="bench-caller") for m in latencies]
     for thread in threads:
@@ -144,32 +222,54 @@ def _load(predictor: Any, x: Any, concurrency: int, duration_s: float) -> tuple[
     gate.wait()
     for thread in threads:
         thread.join()
+    if errors:
+        raise errors[0]
     elapsed = time.monotonic() - start
     flat = [v for m in latencies for v in m]
     return rows * len(flat) / elapsed, flat
 
 
 def bench(model: str | os.PathLike[str], config: BenchConfig | None = None) -> BenchReport:
-    """Measure ``model`` (an ONNX file) over ``config``'s grid and loads."""
+    """Measure ``model`` (an ONNX file) over ``config``'s grid and loads.
+
+    Inputs are generated: ones of each input's dtype, :data:`TEXT` for a string input (any
+    dynamic non-batch dimension 1).
+    ``ValueError`` says why when the model does not load or fails on them, when it cannot take
+    ``config``'s batches, or when a request of a load fails.
+    """
     from inferkit.predictor import Predictor  # noqa: PLC0415
 
     config = config or BenchConfig()
-    best, signature = _best_batched(Path(model), config.duration_s)
+    best, signature = _best_batched(Path(model), config)
     measurements: list[Measurement] = []
     for settings in config.grid():
-        with Predictor.from_onnx(
+        loading = functools.partial(
+            Predictor.from_onnx,
             model,
             max_batch_size=settings.max_batch_size,
             max_delay_ms=settings.max_delay_ms,
             replicas=settings.replicas,
             intra_op_threads=settings.intra_op_threads,
-        ) as predictor:
+        )
+        with _loaded(model, loading) as predictor:
             for concurrency in config.concurrency:
                 for rows in config.rows:
-                    rate, latencies = _load(predictor, _inputs(signature, rows), concurrency, config.duration_s)
+                    try:
+                        rate, latencies = _load(predictor, _inputs(signature, rows), concurrency, config.duration_s)
+                    except Exception as error:
+                        msg = (
+                            f"a request failed under load ({concurrency} callers of {rows} rows, max_batch_size="
+                            f"{settings.max_batch_size}, max_delay_ms={settings.max_delay_ms:g}, replicas="
+                            f"{settings.replicas}): {type(error).__name__}: {error}"
+                        )
+                        raise ValueError(msg) from error
                     p50, p99 = (float(np.percentile(latencies, q)) * 1e3 for q in (50, 99))
                     measurements.append(Measurement(settings, concurrency, rows, rate, p50, p99, rate / best))
     return BenchReport(best, tuple(measurements), _recommend(measurements, config.p99_ms))
+
+
+def _listed(values: tuple[int, ...]) -> str:
+    return ",".join(map(str, values))
 
 
 def _recommend(measurements: list[Measurement], p99_ms: float) -> Settings | None:

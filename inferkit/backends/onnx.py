@@ -78,7 +78,8 @@ class OnnxBackend:
     :attr:`stream`, handed to ONNX Runtime as its ``user_compute_stream``; :meth:`run` given CuPy
     arrays binds them and the outputs through I/O binding (no host copy) and returns CuPy arrays.
     ``warmup`` runs zeros at each batch size once, smallest first, so that the first real request
-    is not the slow one (skipped when a non-batch dimension is dynamic). On the CPU it stops after
+    is not the slow one (skipped when a non-batch dimension is dynamic; only that size when the
+    model fixes its batch axis, as an export with a batch of 1 does). On the CPU it stops after
     a call (past the first) that took :data:`WARMUP_STOP_S` or more, where a first call's extra
     cost is a small part of the call; on a device it stops at the first size the device cannot
     hold (serving splits such batches). :attr:`warmed` lists the sizes it ran.
@@ -169,6 +170,9 @@ class OnnxBackend:
                 wide = ort.InferenceSession(source, sess_options=still, providers=list(providers))
         self._sessions: Any = _Widths(self.session, wide, wide_rows, lone)
         warmed: list[int] = []
+        fixed = _fixed_rows(self.session)
+        if fixed is not None and warmup:  # the only batch the model takes
+            warmup = (fixed,)
         for rows in warmup:
             start = time.perf_counter()
             try:
@@ -327,6 +331,16 @@ _ORT_TYPES = {
     "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
     "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
 }  # fmt: skip
+
+
+def _fixed_rows(session: Any) -> int | None:
+    """The batch size the model's inputs fix their first axis at, if they do; ``ValueError`` if two disagree."""
+    fixed = {a.name: a.shape[0] for a in session.get_inputs() if a.shape and type(a.shape[0]) is int and a.shape[0] > 0}
+    sizes = set(fixed.values())
+    if len(sizes) > 1:
+        msg = f"model inputs fix their batch axis at different sizes ({fixed}): no batch can feed them all"
+        raise ValueError(msg)
+    return sizes.pop() if sizes else None
 
 
 def _wide_options(ort: Any, threads: int) -> Any:

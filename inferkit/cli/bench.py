@@ -51,7 +51,7 @@ def _bench(args: argparse.Namespace) -> int:
         )
         report = bench(args.model, config)
     except ValueError as error:  # a bad option, or a model inferkit cannot serve (from_onnx says why)
-        print(f"inferkit bench: {error}", file=sys.stderr)
+        print(f"inferkit bench: {' '.join(str(error).split())}", file=sys.stderr)  # one line (ORT's run on)
         return 2
     print(render(report, config))
     return 0
