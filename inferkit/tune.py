@@ -143,12 +143,12 @@ def _inputs(signature: Signature, rows: int) -> dict[str, np.ndarray[Any, Any]]:
 
 def _best_batched(model: Path, config: BenchConfig) -> tuple[float, Signature]:
     """The model's own best rows per second, in batches as large as it takes; ``ValueError`` if ``config`` can't run."""
-    from inferkit.backends.onnx import OnnxBackend, _fixed_rows  # noqa: PLC0415
+    from inferkit.backends.onnx import OnnxBackend, fixed_rows  # noqa: PLC0415
 
     duration_s = config.duration_s
     backend = _loaded(model, lambda: OnnxBackend(model))
     try:
-        fixed = _fixed_rows(backend.session)
+        fixed = fixed_rows(backend.session)
         if fixed is not None and (
             any(size != fixed for size in config.max_batch_sizes) or any(rows % fixed for rows in config.rows)
         ):

@@ -170,7 +170,7 @@ class OnnxBackend:
                 wide = ort.InferenceSession(source, sess_options=still, providers=list(providers))
         self._sessions: Any = _Widths(self.session, wide, wide_rows, lone)
         warmed: list[int] = []
-        fixed = _fixed_rows(self.session)
+        fixed = fixed_rows(self.session)
         if fixed is not None and warmup:  # the only batch the model takes
             warmup = (fixed,)
         for rows in warmup:
@@ -333,7 +333,7 @@ _ORT_TYPES = {
 }  # fmt: skip
 
 
-def _fixed_rows(session: Any) -> int | None:
+def fixed_rows(session: Any) -> int | None:
     """The batch size the model's inputs fix their first axis at, if they do; ``ValueError`` if two disagree."""
     fixed = {a.name: a.shape[0] for a in session.get_inputs() if a.shape and type(a.shape[0]) is int and a.shape[0] > 0}
     sizes = set(fixed.values())
