@@ -114,7 +114,10 @@ class Canary:
         else:  # nothing saved, or a different rollout: this one starts over from the saved revision
             revision = int(saved.get("revision", 0)) if saved is not None else 0
             self._position = attrs.evolve(self._position, revision=revision)
-            fresh = attrs.evolve(self._position, revision=revision + 1, epoch=self._position.epoch + 1)
+            # An epoch no earlier rollout on this store used (epochs never outrun revisions), so
+            # pooled counts left under the store's key by the previous rollout are never read.
+            epoch = max(revision, int(saved.get("epoch", 0))) + 1 if saved is not None else 1
+            fresh = attrs.evolve(self._position, revision=revision + 1, epoch=epoch)
             won = store.transition(revision, self._snapshot(fresh))
             if won is None:
                 self._position = fresh
