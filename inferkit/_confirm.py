@@ -8,7 +8,6 @@ from concurrent.futures import Future
 from typing import Any
 
 from inferkit.arrays import copied
-from inferkit.errors import ModelError
 
 __all__ = ["Confirmations"]
 
@@ -17,8 +16,11 @@ class Confirmations:
     """Count a candidate's model error only if the baseline does not repeat it on the same input.
 
     A request that fails on both is the request's own error (bad input), and a client must not
-    be able to roll a healthy canary back with it; it counts for neither arm. Checks in flight
-    are bounded (the router's ``shadow_queue_size``); past the bound the failure is not counted.
+    be able to roll a healthy canary back with it; it counts for neither arm. Only a baseline
+    that serves the input convicts the candidate: a check the baseline refuses or cannot finish
+    (``Overloaded``, ``Closed``, a deadline) says nothing, and the failure is not counted. Checks
+    in flight are bounded (the router's ``shadow_queue_size``); past the bound the failure is
+    not counted either.
     ``submit(arm, x)`` sends to the arm in force; ``failed(arm, latency_s)`` counts a failure.
     ``_lock`` guards ``_in_flight`` and ``_closed``.
     """
@@ -48,14 +50,13 @@ class Confirmations:
         def judged(check: Future[Any] | None) -> None:
             with self._lock:
                 self._in_flight -= 1
-            repeated = check is not None and not check.cancelled() and isinstance(check.exception(), ModelError)
-            if not repeated:
-                self._failed(arm, latency_s)
+            if check is not None and not check.cancelled() and check.exception() is None:
+                self._failed(arm, latency_s)  # the baseline served it: the candidate's own fault
 
         try:
             check: Future[Any] = self._submit(baseline, copied(x))  # its caller may reuse ``x`` meanwhile
         except Exception:  # noqa: BLE001 (a baseline that refuses says nothing of the request)
-            judged(None)
+            judged(None)  # not counted: a busy baseline must not turn a bad input into the candidate's
             return
         check.add_done_callback(judged)
 

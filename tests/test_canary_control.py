@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_server_run import _model, _start_cli
 
-from inferkit import CanaryFinished, Predictor, Router, TensorSpec
+from inferkit import CanaryFinished, ModelError, Overloaded, Predictor, Router, TensorSpec
 from inferkit.policies import Canary, CanaryState, Feedback, FileStore, Guard
 from inferkit.server import Repository, ServedModel
 from inferkit.server.config import ConfigError, load
@@ -96,6 +98,39 @@ def _server() -> Iterator[Callable[..., tuple[InferenceServer, Canary]]]:
     yield start
     for server in started:
         server.join(WAIT)
+
+
+class TestConfirmation:
+    """A candidate's model error counts only once the baseline served the same input."""
+
+    def test_a_busy_baseline_does_not_turn_bad_input_into_a_rollback(self) -> None:
+        """Inputs that fail on both versions, sent while the baseline refuses every check, leave the canary alone."""
+        gate, entered = threading.Event(), threading.Event()
+
+        def model(x: np.ndarray) -> np.ndarray:
+            if (x < 0).any():
+                raise ValueError("negative input")  # the request's own error, on both versions
+            entered.set()
+            gate.wait(WAIT)
+            return x * 2
+
+        base = Predictor.from_callable(model, max_batch_size=1, max_queue_size=2, name="base")
+        cand = Predictor.from_callable(model, name="cand")
+        canary = Canary("base", "cand", (1.0,), min_requests_per_step=100, guard=Guard(max_error_rate=0.01))
+        with Router({"base": base, "cand": cand}, canary) as router:
+            held = [base.submit(np.ones((1, 1)))]  # the baseline's one worker waits at the gate
+            try:
+                assert entered.wait(WAIT)
+                with contextlib.suppress(Overloaded):
+                    for _ in range(10):
+                        held.append(base.submit(np.ones((1, 1))))
+                for _ in range(10):
+                    with pytest.raises(ModelError):
+                        router.predict(-np.ones((1, 1)))
+                assert (canary.state, canary.weight) == (CanaryState.RUNNING, 1.0)
+            finally:
+                gate.set()
+            assert [f.result(WAIT).tolist() for f in held] == [[[2.0]]] * len(held)
 
 
 class TestAdmin:

@@ -13,7 +13,12 @@ with a :class:`RedisStore` on the same URL and key. Then:
   traffic. Latency quantiles stay per process.
 - **An outage never stops serving.** Calls time out after ``timeout_s``; while Redis cannot be
   reached the canary keeps its last known weights, makes no decision, logs a warning once, and
-  ``inferkit_canary_store_up`` is 0. Manual control answers 503 meanwhile.
+  ``inferkit_canary_store_up`` is 0. Manual control answers 503 meanwhile (a rollback still
+  takes effect in the process asked, and is saved once Redis is back).
+- **A foreign state never breaks serving.** A state under the key that is not valid, or is of
+  another rollout (a rolling deploy of the next canary on the same key), is never taken nor
+  overwritten: the canary holds its weights as in an outage, says why in its status, and
+  follows again once the key holds a valid state of its rollout.
 """
 
 from __future__ import annotations
@@ -26,18 +31,20 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from inferkit.policies import StoreUnavailable
+from inferkit.policies.state import decode_state
 
 if TYPE_CHECKING:
     from inferkit.policies import Canary
 
 __all__ = ["RedisStore"]
 
-# Save ARGV[2] if the saved revision is ARGV[1] (or nothing is saved); else return what is saved.
+# Save ARGV[2] if the saved revision is ARGV[1] (or nothing is saved); else return what is saved,
+# which is never overwritten when it is not a JSON object with that revision.
 _TRANSITION = """
 local saved = redis.call('GET', KEYS[1])
 if saved then
-  local revision = cjson.decode(saved)['revision']
-  if tonumber(revision) ~= tonumber(ARGV[1]) then
+  local ok, state = pcall(cjson.decode, saved)
+  if not ok or type(state) ~= 'table' or tonumber(state['revision']) ~= tonumber(ARGV[1]) then
     return saved
   end
 end
@@ -88,7 +95,10 @@ class RedisStore:
         except redis.RedisError as error:
             msg = f"cannot reach Redis at {self.url}: {error}"
             raise StoreUnavailable(msg) from error
-        return None if text is None else dict(json.loads(text))
+        return None if text is None else self._decode(text)
+
+    def _decode(self, text: str) -> dict[str, Any]:
+        return decode_state(text, f"Redis key {self.key!r} at {self.url}")
 
     def transition(self, expected: int, state: Mapping[str, Any]) -> Mapping[str, Any] | None:
         """The atomic compare-and-set on the revision; the winner's state when another process won."""
@@ -101,7 +111,7 @@ class RedisStore:
             self._set_reachable(error)
             msg = f"cannot reach Redis at {self.url}: {error}"
             raise StoreUnavailable(msg) from error
-        return None if saved is None else dict(json.loads(saved))
+        return None if saved is None else self._decode(saved)
 
     def count(self, epoch: int, arm: str, *, failed: bool) -> None:
         """Add one request to the counts the thread sends to Redis next."""
@@ -157,8 +167,11 @@ class RedisStore:
             arms[arm] = (int(counts.get(f"{arm}:n", 0)), int(counts.get(f"{arm}:failed", 0)))
         with self._lock:
             self._totals = {epoch: arms}
-        if text is not None:
-            canary.restore(json.loads(text))
+        try:
+            state: object = None if text is None else self._decode(text)
+        except ValueError as error:
+            state = error
+        canary.follow(state)  # never raises: a foreign or broken state freezes the canary
         canary.evaluate()
 
     def _set_reachable(self, error: BaseException | None) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -14,10 +16,12 @@ from inferkit.errors import CanaryFinished, StoreUnavailable
 from inferkit.events import Event
 from inferkit.policies.guard import Guard, _StepWindow
 from inferkit.policies.protocol import Feedback, Policy, Route
-from inferkit.policies.rollout import Binding, Position, StepCounts
+from inferkit.policies.rollout import Binding, Position, StepCounts, StoreHealth, counter
 from inferkit.policies.state import CanaryDecision, CanaryState, CanaryStore
 
 _FINISHED = frozenset({CanaryState.PROMOTED, CanaryState.ROLLED_BACK})  # no automatic decision, no pause or resume
+_RETRY_S = 0.02  # while the store is not ok, how often a due decision (or an unsaved rollback) tries it again
+_RACE = "another process decided first"
 
 _log = logging.getLogger("inferkit")
 
@@ -35,8 +39,11 @@ class Canary:
     at every decision and read back at construction, so a restarted process resumes the same
     step. A shared store (Redis) makes every decision a compare-and-set on the state's
     revision: of two processes deciding at once one wins and the other adopts its decision, so
-    a canary is never promoted or rolled back twice. While the store cannot be reached the
-    canary keeps its last known weights and makes no decision.
+    a canary is never promoted or rolled back twice. While the store cannot be reached, or holds
+    a state this canary cannot take (invalid, or another rollout's), the canary keeps its last
+    known weights and makes no decision (:attr:`store_ok` is False, :meth:`status` says why);
+    it tries the store again every 20 ms while a decision is due, and a shared store's
+    follower reads it every ``poll_s``. A manual :meth:`rollback` takes effect at once even then.
     """
 
     observes = True  # served requests move it through its steps
@@ -53,14 +60,25 @@ class Canary:
         on_decision: Callable[[CanaryDecision], None] | None = None,
         store: CanaryStore | None = None,
     ) -> None:
-        if not steps or any(not 0 < s <= 1 for s in steps) or list(steps) != sorted(steps):
-            msg = f"steps must be increasing weights in (0, 1], got {tuple(steps)!r}"
+        if (
+            not steps
+            or not all(_number(s) and 0 < s <= 1 for s in steps)
+            or any(a >= b for a, b in itertools.pairwise(steps))
+        ):
+            msg = f"steps must be strictly increasing weights in (0, 1], got {tuple(steps)!r}"
             raise ValueError(msg)
         if baseline == candidate:
             msg = f"baseline and candidate must differ, got {baseline!r} twice"
             raise ValueError(msg)
-        if min_requests_per_step < 1:
-            msg = f"min_requests_per_step must be >= 1, got {min_requests_per_step!r}"
+        if (
+            not isinstance(min_requests_per_step, int)
+            or isinstance(min_requests_per_step, bool)  # True is a mistake, not 1
+            or min_requests_per_step < 1
+        ):
+            msg = f"min_requests_per_step must be an int >= 1, got {min_requests_per_step!r}"
+            raise ValueError(msg)
+        if not _number(min_seconds_per_step) or min_seconds_per_step < 0:
+            msg = f"min_seconds_per_step must be a finite number >= 0, got {min_seconds_per_step!r}"
             raise ValueError(msg)
         self.baseline = baseline
         self.candidate = candidate
@@ -74,7 +92,7 @@ class Canary:
         self._binding = Binding(on_decision=on_decision)  # replaced whole: bind, subscribe
         self._position = Position(weight=self.steps[0])  # replaced whole at every decision
         self._counts = StepCounts((self.baseline, self.candidate))  # a fresh one at every new step
-        self._store_ok = True  # store_failed() sets it with or without the lock: one bool
+        self._health = StoreHealth()  # store_failed() sets it with or without the lock
         if store is not None:
             self._open(store)
 
@@ -108,26 +126,49 @@ class Canary:
             self._binding = attrs.evolve(self._binding, listeners=(*self._binding.listeners, listener))
 
     def _open(self, store: CanaryStore) -> None:
-        saved = store.load()
-        if saved is not None and self._matches(saved):
-            self.restore(saved)
-        else:  # nothing saved, or a different rollout: this one starts over from the saved revision
-            revision = int(saved.get("revision", 0)) if saved is not None else 0
-            self._position = attrs.evolve(self._position, revision=revision)
-            fresh = attrs.evolve(self._position, revision=revision + 1, epoch=self._position.epoch + 1)
-            won = store.transition(revision, self._snapshot(fresh))
-            if won is None:
-                self._position = fresh
-            else:
-                self.restore(won)
+        try:
+            saved = store.load()
+            if saved is not None and self._matches(saved):
+                self._position = self._load(saved)
+            else:  # nothing saved, or a different rollout: this one starts over from the saved revision
+                revision = 0 if saved is None else counter(saved, "revision", 0)
+                self._position = attrs.evolve(self._position, revision=revision)
+                # An epoch no earlier rollout on this store used (epochs never outrun revisions), so
+                # pooled counts left under the store's key by the previous rollout are never read.
+                epoch = 1 if saved is None else max(revision, counter(saved, "epoch", 0)) + 1
+                fresh = attrs.evolve(self._position, revision=revision + 1, epoch=epoch)
+                won = store.transition(revision, self._snapshot(fresh))
+                self._position = fresh if won is None else self._load(won)
+        except ValueError as error:  # no last known weights to keep yet: the operator must fix it
+            msg = f"{store!r}: {error}; fix or remove the saved state"
+            raise ValueError(msg) from error
         store.attach(self)
 
     def _matches(self, saved: Mapping[str, Any]) -> bool:
-        return (saved.get("baseline"), saved.get("candidate"), [float(s) for s in saved.get("steps", ())]) == (
-            self.baseline,
-            self.candidate,
-            list(self.steps),
+        steps = saved.get("steps")
+        return (
+            isinstance(steps, list)
+            and all(_number(s) for s in steps)
+            and [float(s) for s in steps] == list(self.steps)
+            and (saved.get("baseline"), saved.get("candidate")) == (self.baseline, self.candidate)
         )
+
+    def _load(self, state: object) -> Position:
+        """The position in ``state`` if it is a valid state of this rollout; ``ValueError`` saying why not."""
+        if not isinstance(state, Mapping):
+            msg = f"a canary state must be a JSON object, got {type(state).__name__}"
+            raise ValueError(msg)  # noqa: TRY004 (one ValueError for every way a saved state is wrong)
+        if not self._matches(state):
+            msg = (
+                f"the state is of a canary {state.get('baseline')!r} -> {state.get('candidate')!r} "
+                f"with steps {state.get('steps')!r}, not of {self!r}"
+            )
+            raise ValueError(msg)
+        try:
+            return Position.load(state, self.steps)
+        except ValueError as error:
+            msg = f"the state of {self!r} is not valid: {error}"
+            raise ValueError(msg) from None
 
     # -- state -----------------------------------------------------------------------------
 
@@ -148,8 +189,11 @@ class Canary:
 
     @property
     def store_ok(self) -> bool:
-        """False while the store cannot be reached (the canary then holds its last known weights)."""
-        return self._store_ok
+        """False while the store cannot be reached or holds a state this canary cannot take.
+
+        The canary then holds its last known weights and makes no automatic decision.
+        """
+        return self._health.error is None
 
     def snapshot(self) -> dict[str, Any]:
         """The canary's state as JSON-able data: what a store keeps and :meth:`restore` takes."""
@@ -162,41 +206,100 @@ class Canary:
     def restore(self, state: Mapping[str, Any]) -> None:
         """Take a saved state (from :meth:`snapshot`) when it is newer than this canary's.
 
-        A new step (or rollout) starts its counts afresh; the same step keeps them.
+        A new step (or rollout) starts its counts afresh; the same step keeps them. ``ValueError``
+        naming the field when ``state`` is not valid or is of another canary.
         """
-        if not self._matches(state):
-            msg = (
-                f"the state is of a canary {state.get('baseline')!r} -> {state.get('candidate')!r} "
-                f"with steps {state.get('steps')!r}, not of {self!r}"
-            )
-            raise ValueError(msg)
+        position = self._load(state)
         with self._lock:
-            current = self._position
-            if int(state["revision"]) <= current.revision and current.revision:
-                return
-            self._position = Position.load(state)
-            if self._position.epoch != current.epoch:
-                self._counts = StepCounts((self.baseline, self.candidate))
+            self._take(position, newer_only=True)
+
+    def follow(self, state: object) -> None:
+        """Take what a store's follower read: a state (adopted when newer), ``None`` or a ``ValueError``.
+
+        ``None`` says nothing is saved; a ``ValueError``, why what is saved cannot be decoded.
+
+        Never raises. A state that is not valid or is of another rollout is not taken: the canary
+        keeps its weight, makes no decision, and :attr:`store_ok` is False with :meth:`status`
+        saying why, until a valid state of its rollout (or none) is read again.
+        """
+        with self._lock:
+            self._adopt(state, newer_only=True)
+
+    def _adopt(self, state: object, *, newer_only: bool) -> None:
+        """Take a state a store gave (under the lock); an invalid one freezes decisions instead of raising."""
+        if isinstance(state, BaseException):
+            self._set_invalid(str(state))
+            return
+        if state is None:
+            self._set_invalid(None)
+            return
+        try:
+            position = self._load(state)
+        except ValueError as error:
+            self._set_invalid(str(error))
+            return
+        self._set_invalid(None)
+        self._take(position, newer_only=newer_only)
+
+    def _take(self, position: Position, *, newer_only: bool) -> None:
+        """Move to ``position`` (under the lock); older ones are skipped when ``newer_only``."""
+        current = self._position
+        if newer_only and position.revision <= current.revision and current.revision:
+            return
+        if self._health.unsaved:  # a rollback made here stays in force on top of whatever the store says
+            if position.state is CanaryState.ROLLED_BACK:
+                self._health.unsaved = False
+            else:
+                position = position.after(CanaryState.ROLLED_BACK, position.step, 0.0, current.history[-1])
+        self._position = position
+        if position.epoch != current.epoch:
+            self._counts = StepCounts((self.baseline, self.candidate))
 
     def status(self) -> dict[str, Any]:
-        """What an operator asks: state, step, weight, steps, the decision history and the store's health."""
+        """What an operator asks: state, step, weight, steps, the decision history and the store's health.
+
+        ``store`` is None without a store, else its ``kind``, ``ok``, ``error`` (why it is not
+        ok, else None) and ``unsaved`` (a rollback in force in this process that the store has
+        not saved yet).
+        """
         state = self.snapshot()
-        state["store"] = None if self.store is None else {"kind": type(self.store).__name__, "ok": self._store_ok}
+        if self.store is not None:
+            error = self._health.error
+            kind = type(self.store).__name__
+            state["store"] = {"kind": kind, "ok": error is None, "error": error, "unsaved": self._health.unsaved}
+        else:
+            state["store"] = None
         return state
 
     def store_failed(self, error: BaseException | None) -> None:
         """Called by a store: whether it can be reached (``None``: it can again). Logged on each change."""
-        ok = error is None
-        if ok == self._store_ok:
+        was = self._health.unreachable
+        self._health.unreachable = None if error is None else str(error) or type(error).__name__
+        if (was is None) == (error is None):
             return
-        self._store_ok = ok
-        if ok:
+        if error is None:
             _log.warning("canary %s: store reachable again at revision %d", self.name, self._position.revision)
         else:
             _log.warning(
                 "canary %s: store unreachable (%s); keeping the last known weight %s, making no decision",
                 self.name,
                 error,
+                self._position.weight,
+            )
+
+    def _set_invalid(self, why: str | None) -> None:
+        was, self._health.invalid = self._health.invalid, why
+        if (was is None) == (why is None):
+            return
+        if why is None:
+            _log.warning(
+                "canary %s: the store's state is valid again at revision %d", self.name, self._position.revision
+            )
+        else:
+            _log.warning(
+                "canary %s: the store's state cannot be taken (%s); keeping the last known weight %s, deciding nothing",
+                self.name,
+                why,
                 self._position.weight,
             )
 
@@ -214,6 +317,8 @@ class Canary:
         """Count what happened in this step and decide whether to step, promote or roll back."""
         decision = None
         with self._lock:
+            if self._health.unsaved:
+                self._save_rollback()
             if self._position.state in _FINISHED:
                 return
             if not self._counts.count(feedback):
@@ -227,6 +332,8 @@ class Canary:
     def evaluate(self, now: float | None = None) -> None:
         """Decide on the counts so far without a new request (a shared store calls it after pooling)."""
         with self._lock:
+            if self._health.unsaved:
+                self._save_rollback()
             if self._position.state in _FINISHED or self._counts.since is None:
                 return
             decision = self._decide(time.monotonic() if now is None else now)
@@ -234,7 +341,7 @@ class Canary:
             self._announce(decision)
 
     def _decide(self, now: float) -> CanaryDecision | None:
-        if not self._store_ok:
+        if not self.store_ok and time.monotonic() < self._health.retry_at:
             return None  # the last known weights hold until the store is back
         totals = self.store.totals(self._position.epoch) if self.store is not None and self.store.pooled else None
         base, cand = self._counts.sides(self.baseline, self.candidate, totals)
@@ -274,7 +381,10 @@ class Canary:
         *,
         manual: bool = False,
     ) -> CanaryDecision | None:
-        """Make a decision: saved first (when a store wins the race, its decision is adopted instead)."""
+        """Make a decision: saved first (when a store wins the race, its decision is adopted instead).
+
+        A manual rollback the store cannot save takes effect here all the same, marked unsaved.
+        """
         decision = CanaryDecision(self.name, action, step, weight, reason, numbers)
         record = {
             "action": action,
@@ -287,31 +397,63 @@ class Canary:
         current = self._position
         after = current.after(state, step, weight, record)
         if self.store is not None:
-            if manual and not self._store_ok:
-                msg = f"canary {self.name}: the store cannot be reached; the weight stays {current.weight}"
+            rollback = manual and state is CanaryState.ROLLED_BACK
+            if manual and not rollback and not self.store_ok:
+                why = self._health.error
+                msg = f"canary {self.name}: the store cannot be used ({why}); the weight stays {current.weight}"
                 raise StoreUnavailable(msg)
-            try:
-                won = self.store.transition(current.revision, self._snapshot(after))
-            except StoreUnavailable as error:
-                self.store_failed(error)
-                if manual:
-                    raise
-                return None
-            if won is not None:
-                self.restore(won)  # another process decided first: follow it
-                if manual:
-                    msg = f"canary {self.name}: another process decided first; now {self._position.state.value}"
-                    raise StoreUnavailable(msg)
-                return None
+            why = self._write(self.store, current.revision, after)
+            if why is _RACE and rollback and self._position.state is not CanaryState.ROLLED_BACK:
+                current = self._position  # another process decided first: roll its decision back
+                after = current.after(state, current.step, weight, record)
+                why = self._write(self.store, current.revision, after)
+            if why is not None:
+                if not rollback or self._position.state is CanaryState.ROLLED_BACK:
+                    if manual and why is _RACE:
+                        msg = f"canary {self.name}: another process decided first; now {self._position.state.value}"
+                        raise StoreUnavailable(msg)
+                    return None
+                current = self._position  # the store could not save it: it holds here all the same
+                after = current.after(state, current.step, weight, record)
+                self._health.unsaved = True
         self._position = after
         if after.epoch != current.epoch:
             self._counts = StepCounts((self.baseline, self.candidate))
         return decision
 
+    def _write(self, store: CanaryStore, expected: int, position: Position) -> str | None:
+        """Save ``position`` over revision ``expected`` (under the lock): None when saved, else why not."""
+        try:
+            won = store.transition(expected, self._snapshot(position))
+        except StoreUnavailable as error:
+            self.store_failed(error)
+            why = self._health.unreachable
+        except ValueError as error:  # what the store holds is not even a JSON object
+            self._set_invalid(str(error))
+            why = self._health.invalid
+        else:
+            if won is None:
+                self.store_failed(None)
+                self._set_invalid(None)
+                return None
+            self._adopt(won, newer_only=False)  # another process decided first, or the state is not valid
+            why = self._health.invalid
+        self._health.retry_at = time.monotonic() + _RETRY_S
+        return why or _RACE
+
+    def _save_rollback(self) -> None:
+        """Try again to save the manual rollback in force here (under the lock), at most every ``_RETRY_S``."""
+        if self.store is None or time.monotonic() < self._health.retry_at:
+            return
+        position = self._position  # the rollback, one revision past the state it was made on
+        if self._write(self.store, position.revision - 1, position) is None:
+            self._health.unsaved = False
+
     def _announce(self, decision: CanaryDecision) -> None:
         self._binding.announce(decision)
 
     def _manual(self, state: CanaryState, weight: float | None, action: str) -> None:
+        decision = None
         with self._lock:
             at = self._position
             if weight is None and at.state in _FINISHED:  # pause/resume: a rollout to hold or step on
@@ -320,11 +462,23 @@ class Canary:
                     "(promote or roll back instead)"
                 )
                 raise CanaryFinished(msg)
-            decision = self._move(
-                state, at.step, at.weight if weight is None else weight, action, "manual", {}, manual=True
-            )
+            was_unsaved = self._health.unsaved
+            if was_unsaved:  # the rollback in force here goes to the store first
+                self._health.retry_at = 0.0
+                self._save_rollback()
+            if state is not CanaryState.ROLLED_BACK or not was_unsaved:  # else: that rollback, saved or not
+                decision = self._move(
+                    state, at.step, at.weight if weight is None else weight, action, "manual", {}, manual=True
+                )
+            unsaved, why = self._health.unsaved, self._health.error or _RACE
         if decision is not None:
             self._announce(decision)
+        if unsaved:
+            msg = (
+                f"canary {self.name}: rolled back in this process only; the store could not save it ({why}) "
+                "and is tried again at the next request"
+            )
+            raise StoreUnavailable(msg)
 
     def promote(self) -> None:
         """Send all traffic to the candidate now."""
@@ -358,3 +512,8 @@ class Canary:
     def __repr__(self) -> str:
         position = self._position
         return f"Canary({self.baseline!r} -> {self.candidate!r}, {position.state.value}, weight={position.weight})"
+
+
+def _number(value: object) -> bool:
+    """A finite int or float, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -33,16 +33,42 @@ class Position:
     decisions: Mapping[str, int] = attrs.field(factory=dict)  # decisions by action, never mutated
 
     @classmethod
-    def load(cls, state: Mapping[str, Any]) -> Position:
-        """The position in a saved state (from :meth:`data` or a store)."""
+    def load(cls, state: Mapping[str, Any], steps: Sequence[float]) -> Position:
+        """The position in a saved state (from :meth:`data` or a store) of a canary with ``steps``.
+
+        ``ValueError`` naming the field when it is not a position such a canary can be in.
+        """
+        try:
+            kind = CanaryState(state.get("state"))
+        except ValueError:
+            allowed = ", ".join(repr(s.value) for s in CanaryState)
+            msg = f"state must be one of {allowed}, got {state.get('state')!r}"
+            raise ValueError(msg) from None
+        step = counter(state, "step")
+        if step >= len(steps):
+            msg = f"step must be < {len(steps)} (the number of steps), got {step}"
+            raise ValueError(msg)
+        weight = state.get("weight")
+        expected = {CanaryState.PROMOTED: 1.0, CanaryState.ROLLED_BACK: 0.0}.get(kind, steps[step])
+        if not isinstance(weight, int | float) or isinstance(weight, bool) or weight != expected:
+            msg = f"weight must be {expected} when {kind.value} at step {step}, got {weight!r}"
+            raise ValueError(msg)
+        history = state.get("history", [])
+        if not isinstance(history, list | tuple) or not all(isinstance(r, Mapping) for r in history):
+            msg = f"history must be a list of decision records, got {history!r:.80}"
+            raise ValueError(msg)
+        decisions = state.get("decisions", {})
+        if not isinstance(decisions, Mapping):
+            msg = f"decisions must map actions to counts, got {decisions!r:.80}"
+            raise ValueError(msg)  # noqa: TRY004 (one ValueError for every way a saved state is wrong)
         return cls(
-            CanaryState(state["state"]),
-            int(state["step"]),
-            float(state["weight"]),
-            int(state["revision"]),
-            int(state.get("epoch", 0)),
-            tuple(state.get("history", ()))[-HISTORY:],
-            {str(k): int(v) for k, v in state.get("decisions", {}).items()},
+            kind,
+            step,
+            float(weight),
+            counter(state, "revision"),
+            counter(state, "epoch", 0),
+            tuple(history)[-HISTORY:],
+            {str(k): counter(decisions, k) for k in decisions},
         )
 
     def data(self) -> dict[str, Any]:
@@ -69,6 +95,36 @@ class Position:
             (*self.history, record)[-HISTORY:],
             {**self.decisions, action: self.decisions.get(action, 0) + 1},
         )
+
+
+def counter(state: Mapping[str, Any], name: str, default: int | None = None) -> int:
+    """``state[name]`` as an int >= 0 (``default`` when absent; required without one); ``ValueError`` naming it."""
+    value = state.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        msg = f"{name} must be an int >= 0, got {value!r}"
+        raise ValueError(msg)
+    return value
+
+
+class StoreHealth:
+    """How a canary's store is doing: why it cannot be reached, why its state cannot be taken, what waits.
+
+    Each field is assigned whole, so a store's follower may set ``unreachable`` without the
+    canary's lock; the others change under it.
+    """
+
+    __slots__ = ("invalid", "retry_at", "unreachable", "unsaved")
+
+    def __init__(self) -> None:
+        self.unreachable: str | None = None  # why the store cannot be reached
+        self.invalid: str | None = None  # why the saved state cannot be taken (malformed, another rollout's)
+        self.retry_at = 0.0  # monotonic: while not ok, no decision tries the store before then
+        self.unsaved = False  # a manual rollback in force here that the store has not saved yet
+
+    @property
+    def error(self) -> str | None:
+        """Why the store is not ok; None when it is."""
+        return self.unreachable or self.invalid
 
 
 class StepCounts:

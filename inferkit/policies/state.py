@@ -56,13 +56,18 @@ class CanaryStore(Protocol):
     """Whether :meth:`totals` adds up every process's requests (the guard then judges those)."""
 
     def load(self) -> Mapping[str, Any] | None:
-        """The saved state, or None when there is none."""
+        """The saved state, or None when there is none.
+
+        Raises :class:`StoreUnavailable` when the store cannot be reached, ``ValueError`` when
+        what is saved is not a JSON object (the canary checks the object's fields itself).
+        """
 
     def transition(self, expected: int, state: Mapping[str, Any]) -> Mapping[str, Any] | None:
         """Save ``state`` if the saved revision is ``expected`` (or nothing is saved), atomically.
 
-        Returns None when saved, else the saved state that won (another process decided first).
-        Raises :class:`StoreUnavailable` when the store cannot be reached.
+        Returns None when saved, else the saved state that won (another process decided first,
+        or what is saved is not valid: it is never overwritten). Raises :class:`StoreUnavailable`
+        when the store cannot be reached, ``ValueError`` when what is saved is not a JSON object.
         """
 
     def count(self, epoch: int, arm: str, *, failed: bool) -> None:
@@ -72,10 +77,27 @@ class CanaryStore(Protocol):
         """``{arm: (requests, failures)}`` of step ``epoch`` over every process (empty when not pooled)."""
 
     def attach(self, canary: Canary) -> None:
-        """Called once by the canary that uses this store (a shared store starts following it)."""
+        """Called once by the canary that uses this store (a shared store starts following it).
+
+        A follower gives what it reads to :meth:`Canary.follow` and says whether the store can
+        be reached through :meth:`Canary.store_failed`.
+        """
 
     def close(self) -> None:
         """Stop any background work; idempotent."""
+
+
+def decode_state(text: str, where: str) -> dict[str, Any]:
+    """A saved state's text as a JSON object; ``ValueError`` saying ``where`` and why otherwise."""
+    try:
+        state = json.loads(text)
+    except ValueError as error:  # empty, truncated or not JSON at all
+        msg = f"{where} holds no canary state: not JSON ({error})"
+        raise ValueError(msg) from None
+    if not isinstance(state, dict):
+        msg = f"{where} holds no canary state: a JSON {type(state).__name__}, not an object"
+        raise ValueError(msg)  # noqa: TRY004 (one ValueError for every way a saved state is wrong)
+    return state
 
 
 class FileStore:
@@ -90,16 +112,12 @@ class FileStore:
         self.path = Path(path)
 
     def load(self) -> Mapping[str, Any] | None:
-        """The saved state; None when the file does not exist."""
+        """The saved state; None when the file does not exist, ``ValueError`` when it holds no JSON object."""
         try:
             text = self.path.read_text()
         except FileNotFoundError:
             return None
-        state = json.loads(text)
-        if not isinstance(state, dict):
-            msg = f"{self.path}: a canary state must be a JSON object"
-            raise TypeError(msg)
-        return state
+        return decode_state(text, str(self.path))
 
     def transition(self, expected: int, state: Mapping[str, Any]) -> Mapping[str, Any] | None:  # noqa: ARG002 (protocol: one writer)
         """Write ``state``: a temporary file in the same directory, flushed, then renamed over the old one."""
