@@ -231,8 +231,12 @@ class Experiment:
 
     def record(self, arm: str, value: float) -> None:
         """Credit a business outcome to ``arm``: 0/1 for conversions, any finite number otherwise."""
-        if not math.isfinite(value):
-            raise ValueError(f"value must be finite, got {value!r}")
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an int past float's range
+            finite = False
+        if not finite:
+            raise ValueError(f"value must be finite, got {value!r:.40}")
         with self._lock:
             self._get(arm).outcomes.add(float(value))
 
@@ -281,6 +285,8 @@ class Experiment:
             )
         if challengers > 0 and len(trusted) == challengers:
             return "no significant difference"
+        if any(c.warning == _OUT_OF_RANGE for c in comparisons):
+            return "cannot compare: " + _OUT_OF_RANGE
         return "not enough data"
 
     def _get(self, arm: str) -> _Arm:
@@ -296,7 +302,12 @@ class Experiment:
         else:
             test = "Welch's t-test"
             statistic, _, p = welch_t_test(a.mean, a.variance, a.count, b.mean, b.variance, b.count)
+        if math.isnan(p):  # never a verdict from NaN: "no significant difference" would be a claim
+            warning = _OUT_OF_RANGE
         return Comparison(arm, base, test, a.average - b.average, statistic, p, p < self._alpha, warning)
+
+
+_OUT_OF_RANGE = "outcomes past floating-point range (their mean or variance overflowed)"
 
 
 def _copy(state: _Arm) -> _Arm:

@@ -8,6 +8,7 @@ arm is visible through ``on_route`` and on the future that ``submit`` returns (`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import time
@@ -26,7 +27,6 @@ from inferkit.batching import notify_cancelled
 from inferkit.errors import (
     Closed,
     DeadlineExceeded,
-    ExecutionTimeout,
     InvalidInput,
     ModelError,
     NoHealthyReplica,
@@ -73,6 +73,17 @@ class RouterStats:
     arms: Mapping[str, Any]
     shadow: ShadowStats
     policy: str
+
+
+def _feedback(policy: Policy, feedback: Feedback) -> None:
+    """Give a served request's (or a mirror's) feedback to the policy; what it raises is dropped.
+
+    It runs after the model answered, on the request's way back: a policy that raises (a user's,
+    or a store's state it cannot take) must not turn that answer into an error, nor leave a
+    ``submit`` future unsettled. It keeps its own account of what went wrong (``status()``).
+    """
+    with contextlib.suppress(Exception):  # a pluggable part must never break serving
+        policy.feedback(feedback)
 
 
 def _key_id(key: Hashable) -> int:
@@ -252,7 +263,7 @@ class Router:
         if isinstance(error, _REFUSALS):
             return  # never ran on the model: neither a request nor a failure of the arm
         now = self._clock()
-        if x is not None and isinstance(error, ModelError) and not isinstance(error, ExecutionTimeout):
+        if x is not None and isinstance(error, ModelError):  # a timeout the baseline repeats is the input's too
             canary = find_canary(self._in_force.policy)
             if canary is not None and arm == canary.candidate and canary.baseline in self._arms:
                 self._confirmations.check(canary.baseline, arm, x, now - start)
@@ -263,7 +274,7 @@ class Router:
         self._experiment.observe(arm, latency, failed)
         in_force = self._in_force
         if in_force.observes:
-            in_force.policy.feedback(Feedback("served", arm, now, latency_s=latency, failed=failed))
+            _feedback(in_force.policy, Feedback("served", arm, now, latency_s=latency, failed=failed))
 
     def _failed(self, arm: str, latency: float) -> None:
         """A candidate's failure the baseline did not repeat."""
@@ -274,7 +285,7 @@ class Router:
         return self._arms[arm].submit(x)
 
     def _shadow_feedback(self, arm: str, agreed: bool) -> None:
-        self._in_force.policy.feedback(Feedback("shadow", arm, self._clock(), agreed=agreed))
+        _feedback(self._in_force.policy, Feedback("shadow", arm, self._clock(), agreed=agreed))
 
     # -- experiments -----------------------------------------------------------------------
 

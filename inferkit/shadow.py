@@ -6,6 +6,7 @@ The :class:`~inferkit.policies.Shadow` policy decides which requests are mirrore
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from collections.abc import Callable, Mapping
@@ -91,7 +92,7 @@ class ShadowTraffic:
         self._feedback = feedback
         self._limit = limit
         self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[tuple[str, Any, Future[Any]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()  # sends and compares
         self._pending = 0  # mirrors queued or running on the candidate
         self._thread: threading.Thread | None = None
         self._stats = ShadowStats(sent=0, dropped=0, agreed=0, disagreed=0, errors=0)
@@ -103,6 +104,11 @@ class ShadowTraffic:
 
     def mirror(self, arm: str, x: Any, primary: Future[Any]) -> None:
         """Queue ``x`` for ``arm`` to compare with ``primary``; drop (and count) it when the queue is full."""
+        if self._pending >= self._limit or self._closed:  # read without the lock: a full queue costs no copy
+            with self._lock:
+                self._stats = _plus_one(self._stats, "dropped")
+            return
+        x = copied(x)  # its caller may reuse ``x`` once its own call returns
         with self._lock:
             if self._pending >= self._limit or self._closed:
                 self._stats = _plus_one(self._stats, "dropped")
@@ -112,36 +118,49 @@ class ShadowTraffic:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=f"inferkit-shadow-{self._name}", daemon=True)
                 self._thread.start()
-        self._queue.put((arm, copied(x), primary))  # its caller may reuse ``x`` once its own call returns
+            self._queue.put(functools.partial(self._send, arm, x, primary))  # under the lock: before close's None
 
     def close(self, timeout: float | None = None) -> None:
         """Take no more mirrors; hand the queued ones to their arm, then stop the thread."""
         with self._lock:
             self._closed = True
             thread = self._thread
+            if thread is not None:
+                self._queue.put(None)
         if thread is not None:
-            self._queue.put(None)
             thread.join(timeout)
 
     def _loop(self) -> None:
-        """Hand mirrors to their arm without waiting, so the candidate batches them like live traffic."""
+        """Hand mirrors to their arm without waiting (the candidate batches them like live traffic); compare them."""
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            arm, x, primary = item
-            try:
-                mirrored = self._submit(arm, x)
-            except Exception:  # noqa: BLE001 (a refused mirror is counted, never raised)
-                self._done(arm, None, primary)
-                continue
-            self._when_both(arm, mirrored, primary)
+            item()
 
-    def _when_both(self, arm: str, mirrored: Future[Any], primary: Future[Any]) -> None:
+    def _send(self, arm: str, x: Any, primary: Future[Any]) -> None:
+        try:
+            mirrored = self._submit(arm, x)
+        except Exception:  # noqa: BLE001 (a refused mirror is counted, never raised)
+            self._done(arm, None, primary)
+            return
+
         def mirrored_done(_: Future[Any]) -> None:
-            primary.add_done_callback(lambda _: self._done(arm, mirrored, primary))
+            primary.add_done_callback(lambda _: self._compare_later(arm, mirrored, primary))
 
         mirrored.add_done_callback(mirrored_done)
+
+    def _compare_later(self, arm: str, mirrored: Future[Any], primary: Future[Any]) -> None:
+        """Both are done: compare on this traffic's thread, never on the thread that settled either.
+
+        That is the primary arm's worker when the mirror finished first: a slow ``compare``
+        there held up every request of the primary arm.
+        """
+        with self._lock:
+            if not self._closed:
+                self._queue.put(functools.partial(self._done, arm, mirrored, primary))
+                return
+        self._done(arm, mirrored, primary)  # the thread is stopping: compared here
 
     def _done(self, arm: str, mirrored: Future[Any] | None, primary: Future[Any]) -> None:
         if any(f is None or f.cancelled() or f.exception() is not None for f in (mirrored, primary)):

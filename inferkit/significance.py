@@ -33,14 +33,19 @@ def welch_t_test(
     """``(t, Welch-Satterthwaite df, two-sided p)`` for mean a minus mean b, variances not assumed equal.
 
     ``var_*`` are sample variances (``ddof=1``). When both are 0 the df is taken as
-    ``n_a + n_b - 2`` and ``t`` is 0 (equal means, p = 1) or infinite (p = 0).
+    ``n_a + n_b - 2`` and ``t`` is 0 (equal means, p = 1) or infinite (p = 0). A mean or
+    variance that is not finite (outcomes past float range) has no test: all three are NaN.
     """
     if n_a < 2 or n_b < 2 or var_a < 0 or var_b < 0:
         raise ValueError(f"need n >= 2 and var >= 0, got n={n_a}, {n_b} and var={var_a}, {var_b}")
+    if not all(math.isfinite(v) for v in (mean_a, var_a, mean_b, var_b)):
+        return math.nan, math.nan, math.nan
     sa, sb, diff = var_a / n_a, var_b / n_b, mean_a - mean_b
     if sa + sb == 0:
         return (0.0, n_a + n_b - 2.0, 1.0) if diff == 0 else (math.copysign(math.inf, diff), n_a + n_b - 2.0, 0.0)
-    df = (sa + sb) ** 2 / (sa * sa / (n_a - 1) + sb * sb / (n_b - 1))
+    top = max(sa, sb)  # scaled: squares of 1e-160 underflow to 0 (a ZeroDivisionError), of 1e160 overflow
+    ra, rb = sa / top, sb / top
+    df = (ra + rb) ** 2 / (ra * ra / (n_a - 1) + rb * rb / (n_b - 1))
     t = diff / math.sqrt(sa + sb)
     return t, df, _t_two_sided_p(t, df)
 

@@ -6,6 +6,7 @@ import contextlib
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,34 @@ class TestConfirmation:
             finally:
                 gate.set()
             assert [f.result(WAIT).tolist() for f in held] == [[[2.0]]] * len(held)
+
+    def test_an_input_that_times_out_on_both_versions_is_the_inputs(self) -> None:
+        """An ExecutionTimeout was never checked against the baseline: inputs slow on both versions
+        rolled a healthy candidate back (the baseline's own error rate higher than the candidate's)."""
+        gate = threading.Event()
+
+        def model(x: np.ndarray) -> np.ndarray:
+            if (x < 0).any():
+                gate.wait(WAIT)  # slow on every version: past execution_timeout
+            return x * 2
+
+        def version(name: str) -> Predictor:
+            return Predictor.from_callable(model, execution_timeout=0.2, name=name)
+
+        base, cand = version("base"), version("cand")
+        canary = Canary("base", "cand", (1.0,), min_requests_per_step=100, guard=Guard(max_error_rate=0.01))
+        try:
+            with Router({"base": base, "cand": cand}, canary) as router:
+                for _ in range(5):
+                    with pytest.raises(ModelError, match="ran past"):
+                        router.predict(-np.ones((1, 1)))
+                deadline = time.monotonic() + WAIT
+                while sum(base.stats().failed.values()) < 5 and time.monotonic() < deadline:
+                    time.sleep(0.01)  # the baseline's checks, running beside the callers
+                assert base.stats().failed == {"ExecutionTimeout": 5}
+                assert (canary.state, canary.weight) == (CanaryState.RUNNING, 1.0)
+        finally:
+            gate.set()
 
 
 class TestAdmin:

@@ -100,6 +100,29 @@ class TestWelchTTest:
         with pytest.raises(ValueError, match="need n >= 2"):
             welch_t_test(*args)
 
+    def test_tiny_and_huge_variances_neither_underflow_nor_overflow(self) -> None:
+        """Squared per-arm variances of outcomes near 1e-160 underflowed to 0: report() raised
+        ZeroDivisionError. The df is computed on the variances scaled by the larger one."""
+        t, df, p = welch_t_test(0.0, 1e-320, 2, 1e-160, 1e-320, 2)
+        assert (math.isfinite(t), df, 0.0 <= p <= 1.0) == (True, pytest.approx(2.0), True)
+        assert welch_t_test(0.0, 1e300, 5, 0.0, 1e300, 5)[1] == pytest.approx(8.0)
+
+    def test_outcomes_past_float_range_get_no_verdict(self) -> None:
+        """Outcomes of +-1e308 overflow the running mean (NaN): the verdict read "no significant
+        difference". Such a comparison is NaN, flagged, and the verdict says it cannot compare."""
+        experiment = Experiment(["a", "b"], min_samples=2)
+        for value in (1e308, -1e308) * 3:
+            experiment.record("a", value)
+        for value in (1.0, 2.0, 3.0):
+            experiment.record("b", value)
+        report = experiment.report()
+        (comparison,) = report.comparisons
+        assert math.isnan(comparison.p_value)
+        assert not comparison.significant
+        assert report.verdict.startswith("cannot compare")
+        with pytest.raises(ValueError, match="finite"):
+            experiment.record("a", 10**400)  # was an OverflowError
+
 
 class TestTwoProportionZTest:
     @pytest.mark.parametrize(

@@ -87,6 +87,11 @@ class Flaky:
 class TestSplit:
     """Weighted and sticky assignment."""
 
+    def test_huge_finite_weights_keep_their_shares(self) -> None:
+        """Two weights of 1e308 summed to inf: both shares became 0 and every request went to the last arm."""
+        assert ABTest({"a": 1e308, "b": 1e308}).weights == {"a": 0.5, "b": 0.5}
+        assert ABTest({"a": 1e308, "b": 7.5e307}).weights == pytest.approx({"a": 4 / 7, "b": 3 / 7})
+
     def test_split_accuracy(self) -> None:
         """100,000 unkeyed decisions at 10/90 land within the chi-square bound (p = 0.001)."""
         seen = {"a": 0, "b": 0}
@@ -415,6 +420,32 @@ class TestPolicyProtocol:
         assert [f.kind for f in fed] == ["served"]
         assert find_canary(Old()) is None  # type: ignore[arg-type]
 
+    def test_a_policy_whose_feedback_raises_never_costs_a_caller_its_answer(self) -> None:
+        """feedback() runs after the model answered: a policy raising there (a user's, or a canary
+        that could not take its store's state) made predict raise and left submit futures unsettled."""
+
+        class Raising:
+            observes = True
+
+            def route(self, u: float, attributes: Any) -> Route:
+                return Route("v1")
+
+            def arms(self) -> frozenset[str]:
+                return frozenset({"v1"})
+
+            def feedback(self, feedback: Feedback) -> None:
+                msg = "the policy's own bug"
+                raise ValueError(msg)
+
+            def children(self) -> tuple[Any, ...]:
+                return ()
+
+        with Router({"v1": arm(2)}, Raising()) as r:
+            np.testing.assert_array_equal(r.predict(x()), x() * 2)
+            futures = [r.submit(x()) for _ in range(20)]
+            assert all(np.array_equal(f.result(WAIT), x() * 2) for f in futures)
+            assert r.report().arms[0].requests == 21
+
 
 class TestArmProtocol:
     """An arm declares its signature and readiness; a Router is an arm like a Predictor."""
@@ -445,6 +476,31 @@ class TestShadow:
         assert Shadow(ABTest({"v1": 1.0, "v2": 1.0}), "v2").observes is False
         assert Shadow(Canary("v1", "v2"), "v3").observes is True
         assert Shadow(Match("tier", {"gold": "v2"}, otherwise=Fixed("v1")), "v3").observes is False
+
+    def test_a_slow_compare_never_holds_up_the_primary_arm(self) -> None:
+        """With the mirror done first, the comparison ran on the primary arm's worker as the primary's
+        done-callback: a compare taking 300 ms made every primary request take 300 ms more. It runs
+        on the shadow's own thread."""
+        release = threading.Event()
+        compared: list[bool] = []
+
+        def slow_primary(a: np.ndarray) -> np.ndarray:
+            time.sleep(0.005)  # so that the mirror finishes first
+            return a * 2
+
+        def stuck_compare(a: Any, b: Any) -> bool:
+            compared.append(release.wait(WAIT))
+            return True
+
+        arms = {"v1": Predictor.from_callable(slow_primary), "v2": arm(2)}
+        with Router(arms, Shadow(Fixed("v1"), "v2"), compare=stuck_compare) as r:
+            try:
+                for i in range(5):  # each waits on the primary arm's worker
+                    np.testing.assert_array_equal(r.submit(x(i)).result(WAIT / 6), x(i) * 2)
+            finally:
+                release.set()
+        shadow = r.stats().shadow
+        assert shadow.agreed + shadow.disagreed + shadow.errors == shadow.sent
 
     def test_raising_and_disagreeing_candidates_are_counted(self) -> None:
         """A shadow that raises or disagrees changes neither results nor errors; both are counted."""

@@ -66,8 +66,9 @@ class ABTest:
         if bad or not sum(weights.values()) > 0:
             msg = f"weights must be finite, >= 0 and not all 0, got {dict(weights)!r}"
             raise ValueError(msg)
-        total = sum(weights.values())
-        self.weights = {arm: w / total for arm, w in weights.items()}
+        top = max(weights.values())  # scaled first: two weights of 1e308 add up to inf (every share 0)
+        total = sum(w / top for w in weights.values())
+        self.weights = {arm: w / top / total for arm, w in weights.items()}
         self._layout = tuple(self.weights.items())
         self._routes = {arm: Route(arm) for arm in self.weights}
 
