@@ -116,13 +116,26 @@ class TestFixedBatch:
         with pytest.raises(ValueError, match=r"fix their batch axis at different sizes \({'a': 1, 'b': 2}\)"):
             Predictor.from_onnx(model, replicas=1)
 
-    def test_bench_refuses_batches_the_model_cannot_take(self, tmp_path: Path) -> None:
-        """Batch axis fixed at 1 and the default max_batch_size 64,256: one line naming the fix, exit 2."""
-        code, _, err = _bench(str(_double(tmp_path / "fixed1.onnx", batch=1)), "--duration-s", "0.05")
-        assert code == 2
-        line = _refused(err)
-        assert "fixes its batch axis at 1, so every batch must have 1 rows" in line, line
-        assert "give max_batch_size 1 (got 64,256)" in line, line
+    def test_any_batch_runs_in_chunks_of_the_fixed_size(self, tmp_path: Path) -> None:
+        """A batch axis fixed at 4: a batch of other rows failed (a 2-row request was a ModelError, and
+        queued 1-row requests were bisected down to the size that ran). It runs in chunks of 4, the
+        last padded, so every request gets its own rows back."""
+        model = _double(tmp_path / "fixed4.onnx", batch=4)
+        with Predictor.from_onnx(model, replicas=1, max_batch_size=16) as predictor:
+            for rows in (1, 3, 4, 6, 9):
+                x = np.arange(rows * 4, dtype=np.float32).reshape(rows, 4)
+                np.testing.assert_array_equal(predictor.predict({"x": x}), x * 2)
+            futures = [predictor.submit({"x": np.full((1, 4), i, np.float32)}) for i in range(7)]
+            assert [f.result(30)[0, 0] for f in futures] == [2.0 * i for i in range(7)]
+            assert predictor.stats().failed == {}
+
+    def test_bench_measures_it_at_any_batch_size(self, tmp_path: Path) -> None:
+        """Batch axis fixed at 1 and the default max_batch_size: measured (was refused, exit 2)."""
+        model = str(_double(tmp_path / "fixed1.onnx", batch=1))
+        args = ["--max-delay-ms", "0.5", "--replicas", "1", "--duration-s", "0.05", "--concurrency", "2"]
+        code, out, err = _bench(model, *args, "--rows", "3")
+        assert code == 0, err
+        assert _table(out), out
 
     def test_bench_measures_it_at_its_batch_size(self, tmp_path: Path) -> None:
         """With --max-batch-size 1 the fixed model is measured, its own best throughput at 1 row a call."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from inferkit.arrays import array_module
 from inferkit.backends.base import on_caller_thread, usable_cores
 from inferkit.backends.device import DeviceFallbackWarning, DeviceUnavailable, classify, device_id
 from inferkit.backends.model_size import model_bytes
@@ -170,7 +171,7 @@ class OnnxBackend:
                 wide = ort.InferenceSession(source, sess_options=still, providers=list(providers))
         self._sessions: Any = _Widths(self.session, wide, wide_rows, lone)
         warmed: list[int] = []
-        fixed = fixed_rows(self.session)
+        fixed = self._fixed = fixed_rows(self.session)
         if fixed is not None and warmup:  # the only batch the model takes
             warmup = (fixed,)
         for rows in warmup:
@@ -271,6 +272,9 @@ class OnnxBackend:
         wrong. A provider failure (``EPFail``) is run again through the wrapper while its
         one fallback to other providers is still unused, as it always was.
         """
+        fixed = self._fixed
+        if fixed is not None and next(iter(inputs.values())).shape[0] != fixed:
+            return self._in_chunks(inputs, fixed)
         for a in inputs.values():  # a loop, not any(generator): this runs for every batch
             if type(a) is not np.ndarray and hasattr(a, "__cuda_array_interface__"):
                 return self._run_device(inputs)
@@ -289,6 +293,23 @@ class OnnxBackend:
                 raise
             outputs = session.run(self._outputs, feeds)  # it retries once on its fallback providers
         return dict(zip(self._outputs, outputs, strict=True))
+
+    def _in_chunks(self, inputs: Mapping[str, Any], size: int) -> Mapping[str, Any]:
+        """A batch for a model whose batch axis is fixed at ``size``: run in chunks of that size.
+
+        The last chunk is padded with copies of its last row, whose outputs are dropped (a
+        batch's rows are independent, as batching assumes), so any batch size serves.
+        """
+        rows = next(iter(inputs.values())).shape[0]
+        parts = []
+        for start in range(0, rows, size):
+            chunk = {n: a[start : start + size] for n, a in inputs.items()}
+            short = size - next(iter(chunk.values())).shape[0]
+            if short:
+                chunk = {n: _padded(a, short) for n, a in chunk.items()}
+            out = self.run(chunk)
+            parts.append({n: o[: size - short] for n, o in out.items()})
+        return {n: array_module(parts[0][n]).concatenate([p[n] for p in parts]) for n in parts[0]}
 
     def session_for(self, rows: int) -> Any:
         """The session a batch of ``rows`` rows runs on: the narrow one, or the wide one (see :class:`_Widths`)."""
@@ -331,6 +352,12 @@ _ORT_TYPES = {
     "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
     "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
 }  # fmt: skip
+
+
+def _padded(a: Any, short: int) -> Any:
+    """``a`` with its last row repeated ``short`` more times."""
+    xp = array_module(a)
+    return xp.concatenate([a, xp.repeat(a[-1:], short, axis=0)])
 
 
 def fixed_rows(session: Any) -> int | None:
