@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -95,6 +96,11 @@ class Position:
             (*self.history, record)[-HISTORY:],
             {**self.decisions, action: self.decisions.get(action, 0) + 1},
         )
+
+
+def number(value: object) -> bool:
+    """Whether ``value`` is a finite int or float, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def counter(state: Mapping[str, Any], name: str, default: int | None = None) -> int:
