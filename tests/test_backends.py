@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 import inferkit
 from inferkit import CallableBackend, ModelError, Predictor, Signature, TensorSpec
 from inferkit.backends import onnx as onnx_backend
+from inferkit.backends import widths
 from inferkit.backends.base import on_caller_thread
 from inferkit.backends.model_size import model_bytes
 from inferkit.backends.onnx import OnnxBackend, default_intra_op_threads, default_wide_threads
@@ -342,7 +343,7 @@ class TestWideSession:
         (a spinning session's threads would take the cores those callers need to wake and queue)."""
         now = [100.0]
         narrow, wide, lone = object(), object(), object()
-        sessions = onnx_backend._Widths(narrow, wide, 32, lone, clock=lambda: now[0])
+        sessions = widths.Widths(narrow, wide, 32, lone, clock=lambda: now[0])
         assert sessions.session_for(1) is lone  # no worker has run here: a lone caller
         on_worker: list[object] = []
 
@@ -355,9 +356,9 @@ class TestWideSession:
         thread.join(30)
         assert on_worker == [wide]
         assert sessions.session_for(1) is wide
-        now[0] += onnx_backend.ALONE_AFTER_WORKER_S * 0.9
+        now[0] += widths.ALONE_AFTER_WORKER_S * 0.9
         assert sessions.session_for(1) is wide
-        now[0] += onnx_backend.ALONE_AFTER_WORKER_S * 0.2
+        now[0] += widths.ALONE_AFTER_WORKER_S * 0.2
         assert sessions.session_for(1) is lone
 
     def test_one_row_batches_on_a_worker_run_wide_and_never_spin(self, mlp_model: bytes) -> None:

@@ -5,16 +5,17 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from inferkit.arrays import array_module
-from inferkit.backends.base import on_caller_thread, usable_cores
+from inferkit.backends.base import usable_cores
 from inferkit.backends.device import DeviceFallbackWarning, DeviceUnavailable, classify, device_id
 from inferkit.backends.model_size import model_bytes
+from inferkit.backends.widths import Widths, wide_options
 from inferkit.errors import InvalidInput
 from inferkit.signature import Signature
 
@@ -44,8 +45,6 @@ def default_wide_threads(replicas: int) -> int:
     return max(1, usable_cores() // replicas)
 
 
-_ALONE = 1.5  # smoothed rows per batch below which callers come one at a time and wait on the model
-
 WARMUP_STOP_S = 1.0
 """A warm-up call this long ends the warm-up: a big model's largest batches warm up on first use."""
 
@@ -55,11 +54,6 @@ WIDE_MAX_BYTES = 512 * 2**20
 SPIN_MAX_BYTES = 64 * 2**20
 """Models bigger than this get no third, spinning session for a lone caller: their calls are long
 enough that waking the wide session's threads is lost in them."""
-
-ALONE_AFTER_WORKER_S = 0.05
-"""A caller's run spins only once no replica's worker has run a batch for this long: a worker's
-batch means callers come faster than one at a time, and threads spinning for milliseconds after
-a run would take the cores those callers need to wake (docs/batching.md)."""
 
 
 class OnnxBackend:
@@ -94,7 +88,7 @@ class OnnxBackend:
     would take the core that the callers, or a server's event loop, need between runs and
     between the parallel parts of one run. A lone caller blocked on its own thread runs on a
     third session, which keeps spinning, when the model is at most :data:`SPIN_MAX_BYTES` and no
-    replica's worker has run a batch for :data:`ALONE_AFTER_WORKER_S`: the next call finds its
+    replica's worker has run a batch for :data:`~inferkit.backends.widths.ALONE_AFTER_WORKER_S`: the next call finds its
     threads awake (waking them costs a small model's call ~20 us). Each
     session holds its own copy of the weights, so models over :data:`WIDE_MAX_BYTES` (external
     data files included) do without both.
@@ -164,12 +158,12 @@ class OnnxBackend:
                 # Options of their own: ONNX Runtime keeps a session's options object and rebuilds
                 # the session from it on ``set_providers`` (its provider fallback does that too).
                 if size <= SPIN_MAX_BYTES:
-                    spinning = _wide_options(ort, wide_threads)
+                    spinning = wide_options(ort, wide_threads)
                     lone = ort.InferenceSession(source, sess_options=spinning, providers=list(providers))
-                still = _wide_options(ort, wide_threads)
+                still = wide_options(ort, wide_threads)
                 still.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 wide = ort.InferenceSession(source, sess_options=still, providers=list(providers))
-        self._sessions: Any = _Widths(self.session, wide, wide_rows, lone)
+        self._sessions: Any = Widths(self.session, wide, wide_rows, lone)
         warmed: list[int] = []
         fixed = self._fixed = fixed_rows(self.session)
         if fixed is not None and warmup:  # the only batch the model takes
@@ -312,7 +306,7 @@ class OnnxBackend:
         return {n: array_module(parts[0][n]).concatenate([p[n] for p in parts]) for n in parts[0]}
 
     def session_for(self, rows: int) -> Any:
-        """The session a batch of ``rows`` rows runs on: the narrow one, or the wide one (see :class:`_Widths`)."""
+        """The session a batch of ``rows`` rows runs on: the narrow one or a wide one (:class:`.widths.Widths`)."""
         return self._sessions.session_for(rows)
 
     def _run_device(self, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -368,56 +362,6 @@ def fixed_rows(session: Any) -> int | None:
         msg = f"model inputs fix their batch axis at different sizes ({fixed}): no batch can feed them all"
         raise ValueError(msg)
     return sizes.pop() if sizes else None
-
-
-def _wide_options(ort: Any, threads: int) -> Any:
-    """Fresh session options for a wide session of ``threads`` intra-op threads."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return options
-
-
-class _Widths:
-    """A backend's narrow session and, on the CPU, a wide one (and a spinning one): which runs each batch.
-
-    The wide one for a full batch after a full batch, or while batches average under 1.5 rows
-    (callers one at a time, each waiting on the model); of those, a batch its caller runs on
-    its own thread goes to the spinning one (``lone``, else the wide one) unless a worker ran a
-    batch within :data:`ALONE_AFTER_WORKER_S` (``clock`` tells the time). One full batch among
-    small ones is a burst, not a model that is the bound; waking the wide session's threads for
-    it would take the callers' cores.
-    """
-
-    __slots__ = ("_clock", "_full", "_rows", "_worker_at", "lone", "narrow", "wide", "wide_rows")
-
-    def __init__(
-        self, narrow: Any, wide: Any, wide_rows: int, lone: Any = None, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.narrow = narrow
-        self.wide = wide
-        self.lone = lone if lone is not None else wide
-        self.wide_rows = wide_rows
-        self._full = False  # whether the last batch was full
-        self._rows = 1.0  # rows per batch, smoothed
-        self._clock = clock
-        self._worker_at = -ALONE_AFTER_WORKER_S  # when a worker last ran a batch here
-
-    def session_for(self, rows: int) -> Any:
-        """The session a batch of ``rows`` rows runs on; counts the batch."""
-        full = rows >= self.wide_rows
-        streak, self._full = self._full and full, full
-        self._rows += 0.1 * (rows - self._rows)
-        caller = False  # whether to consider the spinning session: there is one, and a caller runs this
-        if self.lone is not self.wide:
-            caller = on_caller_thread()
-            if not caller:
-                self._worker_at = self._clock()
-        if self.wide is None or not (streak or self._rows < _ALONE):
-            return self.narrow
-        if streak or not caller:
-            return self.wide
-        return self.lone if self._clock() - self._worker_at >= ALONE_AFTER_WORKER_S else self.wide
 
 
 def _cupy_view(cp: Any, value: Any, gpu: int) -> Any:
