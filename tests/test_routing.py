@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import wait
 from typing import Any
 
@@ -14,6 +15,7 @@ from attrs import astuple
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from test_canary_shared import RedisServer, needs_redis
 
 from inferkit import (
     ABTest,
@@ -34,6 +36,7 @@ from inferkit import (
     TensorSpec,
 )
 from inferkit._served import _REMEMBER, ServedBy
+from inferkit.integrations.redis import RedisStore
 from inferkit.policies import find_canary
 from inferkit.routing import Predictive
 from inferkit.server import Repository
@@ -471,6 +474,33 @@ class TestPolicyProtocol:
             np.testing.assert_array_equal(r.submit(x()).result(WAIT), x() * 2)
             report = r.report().arms[0]
             assert (report.requests, report.p99_ms) == (2, 0.0)
+
+
+@pytest.fixture(name="redis_server")
+def _redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@needs_redis
+class TestSharedCanaryState:
+    """A canary whose shared state it cannot take still lets the router answer every request."""
+
+    def test_another_rollouts_state_never_costs_a_caller_its_answer(self, redis_server: RedisServer) -> None:
+        """A rolling deploy: the next rollout (v2 -> v3) wrote the key the old processes' canary
+        (v1 -> v2) follows. Its feedback raised ValueError into predict and left submit futures unsettled."""
+        old = Canary("v1", "v2", (0.5, 1.0), min_requests_per_step=20, store=RedisStore(redis_server.url, "t:clf"))
+        new = Canary("v2", "v3", (0.5, 1.0), min_requests_per_step=20, store=RedisStore(redis_server.url, "t:clf"))
+        try:
+            with Router({"v1": arm(2), "v2": arm(2)}, old, seed=0) as r:
+                answers = [r.predict(x(i)) for i in range(50)]
+                futures = [r.submit(x(i)) for i in range(50, 100)]
+                answers += [f.result(WAIT) for f in futures]
+                assert all(np.array_equal(a, x(i) * 2) for i, a in enumerate(answers))
+                assert sum(a.requests for a in r.report().arms) == 100
+        finally:
+            new.close()
 
 
 class TestArmProtocol:
