@@ -99,7 +99,11 @@ class _Outcomes:
 
     @property
     def variance(self) -> float:
-        return self.m2 / (self.count - 1) if self.count > 1 else 0.0
+        if self.count < 2:
+            return 0.0
+        if not self.m2 >= 0:  # -inf or NaN: the running sums overflowed, the spread is unknown
+            return math.nan
+        return self.m2 / (self.count - 1)
 
 
 @attrs.define
@@ -115,7 +119,8 @@ class ArmReport:
 
     ``latency_histogram`` maps each upper bucket edge in ms (0.1 ms to 10 s, 1-2-5 per decade,
     then ``inf``) to the requests that took at most that long. The interval is Wilson's for 0/1
-    outcomes and ``mean ± t·se`` otherwise; ``None`` when there are too few outcomes.
+    outcomes and ``mean ± t·se`` otherwise; ``None`` when there are too few outcomes, or when
+    their mean or variance overflowed (outcomes near float's limits).
     """
 
     arm: str
@@ -325,7 +330,7 @@ def _arm_report(name: str, state: _Arm) -> ArmReport:
         centre = (p + z2 / (2 * n)) / (1 + z2 / n)
         half = _Z95 / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
         low, high = centre - half, centre + half
-    elif o.count >= 2:
+    elif o.count >= 2 and math.isfinite(o.mean) and math.isfinite(o.variance):  # no interval past float range
         half = _t_two_sided_quantile(0.05, o.count - 1) * math.sqrt(o.variance / o.count)
         low, high = o.mean - half, o.mean + half
     w = state.window

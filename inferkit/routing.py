@@ -76,11 +76,12 @@ class RouterStats:
 
 
 def _feedback(policy: Policy, feedback: Feedback) -> None:
-    """Give a served request's (or a mirror's) feedback to the policy; what it raises is dropped.
+    """Give a served request's (a mirror's, a recorded outcome's) feedback to the policy; what it raises is dropped.
 
     It runs after the model answered, on the request's way back: a policy that raises (a user's,
     or a store's state it cannot take) must not turn that answer into an error, nor leave a
-    ``submit`` future unsettled. It keeps its own account of what went wrong (``status()``).
+    ``submit`` future unsettled, nor fail a ``record`` whose outcome is already counted (a retry
+    would count it twice). It keeps its own account of what went wrong (``status()``).
     """
     with contextlib.suppress(Exception):  # a pluggable part must never break serving
         policy.feedback(feedback)
@@ -224,12 +225,14 @@ class Router:
                 outer.cancel()
                 return
             error = done.exception()
-            self._served(route.arm, start, error, x)
-            if outer.set_running_or_notify_cancel():
-                if error is None:
-                    outer.set_result(done.result())
-                else:
-                    outer.set_exception(error)
+            try:
+                self._served(route.arm, start, error, x)
+            finally:  # accounting that goes wrong must never leave the caller waiting for good
+                if outer.set_running_or_notify_cancel():
+                    if error is None:
+                        outer.set_result(done.result())
+                    else:
+                        outer.set_exception(error)
 
         inner.add_done_callback(relay)
         if route.shadow is not None:
@@ -263,12 +266,13 @@ class Router:
         if isinstance(error, _REFUSALS):
             return  # never ran on the model: neither a request nor a failure of the arm
         now = self._clock()
+        latency = max(0.0, now - start)  # a clock that stepped back: counted, with no latency (never raised)
         if x is not None and isinstance(error, ModelError):  # a timeout the baseline repeats is the input's too
             canary = find_canary(self._in_force.policy)
             if canary is not None and arm == canary.candidate and canary.baseline in self._arms:
-                self._confirmations.check(canary.baseline, arm, x, now - start)
+                self._confirmations.check(canary.baseline, arm, x, latency)
                 return
-        self._count(arm, now - start, failed=isinstance(error, _FAILURES), now=now)
+        self._count(arm, latency, failed=isinstance(error, _FAILURES), now=now)
 
     def _count(self, arm: str, latency: float, *, failed: bool, now: float) -> None:
         self._experiment.observe(arm, latency, failed)
@@ -292,14 +296,15 @@ class Router:
     def record(self, value: float, *, key: Hashable | None = None, request_id: int | None = None) -> str:
         """Credit a business outcome to the arm that served ``key`` (or ``request_id``); return the arm.
 
-        Raises ``KeyError`` when the router has not served (or no longer remembers) that key or id.
+        Raises ``KeyError`` when the router has not served (or no longer remembers) that key or id,
+        ``ValueError`` for a value that is not a finite number; never what the policy's ``feedback`` raises.
         """
         arm = self._served_by.arm(None if key is None else _key_id(key), request_id)
         if arm is None:
             msg = f"no request served for key={key!r} request_id={request_id!r}"
             raise KeyError(msg)
         self._experiment.record(arm, value)
-        self._in_force.policy.feedback(Feedback("outcome", arm, self._clock(), value=value))
+        _feedback(self._in_force.policy, Feedback("outcome", arm, self._clock(), value=value))  # counted: never raise
         return arm
 
     def report(self) -> Report:

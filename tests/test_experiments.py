@@ -123,6 +123,24 @@ class TestWelchTTest:
         with pytest.raises(ValueError, match="finite"):
             experiment.record("a", 10**400)  # was an OverflowError
 
+    def test_outcomes_whose_running_sums_overflow_never_make_report_raise(self) -> None:
+        """1e308 then -8e307 overflow Welford's sums to -inf: the variance came out negative and
+        report() raised ValueError (a math domain error in the interval, "var >= 0" in the test).
+        Such an arm's spread is unknown (NaN): no interval, no verdict, and report() answers."""
+        experiment = Experiment(["a", "b"], min_samples=2)
+        for value in (1e308, -8e307):
+            experiment.record("a", value)
+        for value in (1.0, 2.0):
+            experiment.record("b", value)
+        report = experiment.report(baseline="b")
+        a = next(arm for arm in report.arms if arm.arm == "a")
+        assert (a.outcomes, a.ci_low, a.ci_high) == (2, None, None)
+        (comparison,) = report.comparisons
+        assert math.isnan(comparison.p_value)
+        assert not comparison.significant
+        assert report.verdict.startswith("cannot compare")
+        assert "verdict: cannot compare" in str(report)
+
 
 class TestTwoProportionZTest:
     @pytest.mark.parametrize(

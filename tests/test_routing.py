@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import wait
 from typing import Any
 
@@ -14,6 +15,7 @@ from attrs import astuple
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from test_canary_shared import RedisServer, needs_redis
 
 from inferkit import (
     ABTest,
@@ -34,6 +36,7 @@ from inferkit import (
     TensorSpec,
 )
 from inferkit._served import _REMEMBER, ServedBy
+from inferkit.integrations.redis import RedisStore
 from inferkit.policies import find_canary
 from inferkit.routing import Predictive
 from inferkit.server import Repository
@@ -64,6 +67,25 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         with self.lock:
             self.now += seconds
+
+
+class RaisingFeedback:
+    """A policy sending everything to ``v1`` whose ``feedback`` always raises (its own bug)."""
+
+    observes = True
+
+    def route(self, u: float, attributes: Any) -> Route:
+        return Route("v1")
+
+    def arms(self) -> frozenset[str]:
+        return frozenset({"v1"})
+
+    def feedback(self, feedback: Feedback) -> None:
+        msg = "the policy's own bug"
+        raise ValueError(msg)
+
+    def children(self) -> tuple[Any, ...]:
+        return ()
 
 
 class Flaky:
@@ -423,28 +445,62 @@ class TestPolicyProtocol:
     def test_a_policy_whose_feedback_raises_never_costs_a_caller_its_answer(self) -> None:
         """feedback() runs after the model answered: a policy raising there (a user's, or a canary
         that could not take its store's state) made predict raise and left submit futures unsettled."""
-
-        class Raising:
-            observes = True
-
-            def route(self, u: float, attributes: Any) -> Route:
-                return Route("v1")
-
-            def arms(self) -> frozenset[str]:
-                return frozenset({"v1"})
-
-            def feedback(self, feedback: Feedback) -> None:
-                msg = "the policy's own bug"
-                raise ValueError(msg)
-
-            def children(self) -> tuple[Any, ...]:
-                return ()
-
-        with Router({"v1": arm(2)}, Raising()) as r:
+        with Router({"v1": arm(2)}, RaisingFeedback()) as r:
             np.testing.assert_array_equal(r.predict(x()), x() * 2)
             futures = [r.submit(x()) for _ in range(20)]
             assert all(np.array_equal(f.result(WAIT), x() * 2) for f in futures)
             assert r.report().arms[0].requests == 21
+
+    def test_a_policy_whose_feedback_raises_never_fails_a_record(self) -> None:
+        """record() stored the outcome, then raised the policy's error: a caller retrying it counted
+        the outcome twice. The outcome counts once and record() returns the arm."""
+        with Router({"v1": arm(2)}, RaisingFeedback()) as r:
+            r.predict(x(), key="user")
+            assert r.record(1.5, key="user") == "v1"
+            assert (r.report().arms[0].outcomes, r.report().arms[0].outcome_mean) == (1, 1.5)
+
+    def test_a_clock_stepping_back_never_costs_a_caller_its_answer(self) -> None:
+        """A clock read lower after the call than before made a negative latency that the arm's
+        counters refuse: predict raised the model's answer away and submit futures never settled.
+        The request counts, with no latency."""
+        clock = FakeClock()
+
+        def stepping_back(a: np.ndarray) -> np.ndarray:
+            clock.advance(-1.0)  # the clock stepped back while the model ran
+            return a * 2
+
+        with Router({"v1": Predictor.from_callable(stepping_back)}, clock=clock) as r:
+            np.testing.assert_array_equal(r.predict(x()), x() * 2)
+            np.testing.assert_array_equal(r.submit(x()).result(WAIT), x() * 2)
+            report = r.report().arms[0]
+            assert (report.requests, report.p99_ms) == (2, 0.0)
+
+
+@pytest.fixture(name="redis_server")
+def _redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@needs_redis
+class TestSharedCanaryState:
+    """A canary whose shared state it cannot take still lets the router answer every request."""
+
+    def test_another_rollouts_state_never_costs_a_caller_its_answer(self, redis_server: RedisServer) -> None:
+        """A rolling deploy: the next rollout (v2 -> v3) wrote the key the old processes' canary
+        (v1 -> v2) follows. Its feedback raised ValueError into predict and left submit futures unsettled."""
+        old = Canary("v1", "v2", (0.5, 1.0), min_requests_per_step=20, store=RedisStore(redis_server.url, "t:clf"))
+        new = Canary("v2", "v3", (0.5, 1.0), min_requests_per_step=20, store=RedisStore(redis_server.url, "t:clf"))
+        try:
+            with Router({"v1": arm(2), "v2": arm(2)}, old, seed=0) as r:
+                answers = [r.predict(x(i)) for i in range(50)]
+                futures = [r.submit(x(i)) for i in range(50, 100)]
+                answers += [f.result(WAIT) for f in futures]
+                assert all(np.array_equal(a, x(i) * 2) for i, a in enumerate(answers))
+                assert sum(a.requests for a in r.report().arms) == 100
+        finally:
+            new.close()
 
 
 class TestArmProtocol:
