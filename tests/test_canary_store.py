@@ -215,3 +215,25 @@ class TestForeignState:
         finally:
             old.close()
             new.close()
+
+    def test_a_frozen_canary_never_writes_over_another_rollouts_state(self, redis_server: RedisServer) -> None:
+        """After a flush, a new rollout saved its revision 1, the old canary's revision too: the old one,
+        frozen, still stepped (and rolled back) over it, the compare-and-set seeing only the revision."""
+        old = Canary(
+            "a", "b", (0.1, 0.5, 1.0), min_requests_per_step=5, store=RedisStore(redis_server.url, "t:k", poll_s=0.05)
+        )
+        client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        client.delete("t:k")  # a Redis restarted without persistence
+        new = Canary("a", "c", (0.1, 0.5, 1.0), min_requests_per_step=10**6, store=RedisStore(redis_server.url, "t:k"))
+        try:
+            _until(lambda: not old.store_ok, "the new rollout's state seen", 5)
+            _served(old, "b", 20)  # steps due: not written
+            with pytest.raises(StoreUnavailable, match="rolled back in this process only"):
+                old.rollback()
+            _served(old, "b", 5)  # the unsaved rollback is tried again: still not written
+            saved = json.loads(client.get("t:k") or "{}")
+            assert (saved["candidate"], saved["state"], saved["revision"]) == ("c", "running", 1)
+            assert (old.weight, new.store_ok) == (0.0, True)
+        finally:
+            old.close()
+            new.close()

@@ -906,6 +906,36 @@ class TestResize:
             release.set()
             p.close(timeout=WAIT)
 
+    @pytest.mark.parametrize("balancing", ["shared", "round_robin"])
+    def test_the_last_resize_wins_and_never_empties_the_pool(self, balancing: str) -> None:
+        """resize(1) while resize(4) was loading counted the loads to come and drained every live replica:
+        the pool ended with 2 (or 0 when those loads failed), and with a queue per replica a request then
+        found no lane (ValueError out of submit). Live replicas are drained down to the last target only,
+        and a load that finishes past it is closed."""
+        release = threading.Event()
+        made = itertools.count()
+
+        def factory() -> inferkit.CallableBackend:
+            if next(made) >= 2:  # the ones resize(4) loads
+                release.wait(WAIT)
+            return inferkit.CallableBackend(lambda x: x * 2)
+
+        p = Predictor(factory, pool=inferkit.PoolConfig(replicas=2, balancing=balancing))
+        try:
+            grower = threading.Thread(target=p.resize, args=(4,))
+            grower.start()
+            self._until(lambda: p.stats().loading == 2)
+            p.resize(1)
+            assert [r.state for r in p.stats().replicas].count("healthy") == 1
+            futures = [p.submit(rows(float(i))) for i in range(3)]
+            release.set()
+            grower.join(WAIT)
+            assert [f.result(WAIT)[0, 0] for f in futures] == [0.0, 2.0, 4.0]
+            self._until(lambda: len(p.stats().replicas) == 1 and p.stats().loading == 0)
+        finally:
+            release.set()
+            p.close(timeout=WAIT)
+
 
 @pytest.mark.slow
 class TestChaos:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -557,6 +558,22 @@ class TestShadow:
                 release.set()
         shadow = r.stats().shadow
         assert shadow.agreed + shadow.disagreed + shadow.errors == shadow.sent
+
+    def test_a_compare_raising_system_exit_stops_no_comparison(self) -> None:
+        """Comparisons run on the shadow's thread: a compare raising SystemExit ended that thread, and
+        every later mirror was dropped uncompared (sent never equal to agreed + disagreed + errors)."""
+        calls = itertools.count()
+
+        def exits_once(a: Any, b: Any) -> bool:
+            if next(calls) == 0:
+                raise SystemExit
+            return True
+
+        with Router({"v1": arm(2), "v2": arm(2)}, Shadow(Fixed("v1"), "v2"), compare=exits_once) as r:
+            for i in range(10):
+                r.predict(x(i))
+        shadow = r.stats().shadow
+        assert (shadow.sent, shadow.errors, shadow.agreed) == (10, 1, 9)
 
     def test_raising_and_disagreeing_candidates_are_counted(self) -> None:
         """A shadow that raises or disagrees changes neither results nor errors; both are counted."""

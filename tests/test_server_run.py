@@ -487,6 +487,12 @@ class TestEdges:
         assert predictor.state.value == "ready"  # the models are the caller's: still open
         predictor.close()
 
+    def test_an_empty_host_is_every_ipv4_address(self) -> None:
+        """``host=""`` bound 0.0.0.0 (as ``bind(("", port))`` does) before hosts were resolved once; then refused."""
+        from inferkit.server.sockets import addresses
+
+        assert addresses("") == ["0.0.0.0"]
+
     def test_both_faces_listen_on_the_same_addresses_of_a_name(self) -> None:
         """``--host localhost``: grpc resolved the name itself (127.0.0.1 and ::1), uvicorn bound
         127.0.0.1 only; whatever the name resolves to here, both faces now listen on the same."""

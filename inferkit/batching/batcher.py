@@ -78,6 +78,7 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
         self._settle_later: list[Settled] = []  # settled under the lock by another thread, delivered after it
         self._running: dict[str, Batch] = {}  # by replica name
         self._counts = Counters()
+        self._set.target = pool.replicas
         try:
             for _ in range(pool.replicas):
                 self._set.add(factory(), self._work)

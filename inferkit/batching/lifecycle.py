@@ -166,6 +166,9 @@ class Lifecycle:
             backend = None
         with self._lock:
             self._set.loading -= 1
+            if backend is not None and len(self._set.live()) >= self._set.target:  # a resize lowered it meanwhile
+                backend.close()
+                backend = None
             if backend is None:
                 self._after_ejection(dead)
                 self._drop_lane(dead.lane)
@@ -186,16 +189,21 @@ class Lifecycle:
                 lane.wake()
 
     def resize(self, replicas: int) -> None:
-        """Grow or shrink the pool; a removed replica finishes what it holds and drains its queue."""
+        """Grow or shrink the pool; a removed replica finishes what it holds and drains its queue.
+
+        The last call sets the target (``ReplicaSet.target``): a load that finishes once the
+        pool is at it is closed, not added (another resize's, or a hung replica's replacement),
+        and shrinking drains live replicas only, never one for a replica not yet loaded.
+        """
         if replicas < 1:
             msg = f"replicas must be >= 1, got {replicas}"
             raise ValueError(msg)
         with self._lock:
             if self._closing:
                 raise Closed(f"predictor {self.name!r} is closed")
+            self._set.target = replicas
             live = self._set.live()
-            extra = len(live) + self._set.loading - replicas  # a replica being loaded counts: it joins soon
-            grow = max(0, -extra)
+            grow = max(0, replicas - len(live) - self._set.loading)  # a replica being loaded joins soon
             self._set.loading += grow  # so that a resize beside this one (or the autoscaler) counts them
         try:
             while grow:  # one at a time: each serves once loaded, and a close() stops the rest
@@ -203,21 +211,24 @@ class Lifecycle:
                 with self._lock:
                     grow -= 1
                     self._set.loading -= 1
-                    if not self._closing:
+                    if not self._closing and len(self._set.live()) < self._set.target:
                         self._set.add(backend, self._work)
                         continue
+                    closing = self._closing
                 backend.close()
-                raise Closed(f"predictor {self.name!r} was closed while it grew")
+                if closing:
+                    raise Closed(f"predictor {self.name!r} was closed while it grew")
+                return  # a later resize lowered the target meanwhile
         finally:
             if grow:
                 with self._lock:
                     self._set.loading -= grow
-        if extra <= 0:
-            return
         with self._lock:
+            live = self._set.live()
+            extra = len(live) - self._set.target
             # Remove ejected, then idle, then busy replicas (never a busy one before an idle one).
             order = sorted(live, key=lambda r: (r.state is not ReplicaState.EJECTED, r.busy, r.running_rows))
-            for replica in order[:extra]:
+            for replica in order[: max(0, extra)]:
                 replica.state = ReplicaState.DRAINING
                 if self._set.balancer is not None:
                     self._migrate(replica.lane, self._set.other_lanes(replica.lane, self._clock()))

@@ -30,7 +30,8 @@ class ReplicaSet:
         self.lanes: list[Lane] = [] if balancer is not None else [Lane()]
         self.all: list[Replica] = []
         self.threads: list[threading.Thread] = []  # workers and replacement loaders
-        self.loading = 0  # replacement replicas being loaded
+        self.loading = 0  # replicas being loaded (replacements, and those a resize adds)
+        self.target = 0  # the replicas asked for (the constructor's, then the last resize's)
         self.cores = max(1, usable_cores() - 1)  # what replicas may keep busy: one core is the callers'
         self.key: Callable[[Inputs], Hashable] | None = None  # a queued request's batch key (None: any batch)
         self._lock = lock
@@ -83,6 +84,8 @@ class ReplicaSet:
         for replica in self.all:
             if replica.state is ReplicaState.HEALTHY:
                 return True
+        if self.balancer is not None and not self.lanes:  # nowhere to queue until a replica joins
+            return False
         return bool(self.loading) or self.usable(now)
 
     def other_lanes(self, lane: Lane, now: float) -> list[Lane]:

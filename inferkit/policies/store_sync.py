@@ -190,7 +190,14 @@ class StoreSync:
             )
 
     def _write(self, store: CanaryStore, expected: int, position: Position) -> str | None:
-        """Save ``position`` over revision ``expected`` (under the lock): None when saved, else why not."""
+        """Save ``position`` over revision ``expected`` (under the lock): None when saved, else why not.
+
+        Never while the store holds a state this canary cannot take (another rollout's, say, at the
+        same revision after a flush): frozen means no decision is written over it either.
+        """
+        if self._health.invalid is not None:
+            self._health.retry_at = time.monotonic() + RETRY_S
+            return self._health.invalid
         try:
             won = store.transition(expected, self._snapshot(position))
         except StoreUnavailable as error:

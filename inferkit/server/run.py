@@ -25,7 +25,7 @@ from inferkit.server.logs import RequestLog
 from inferkit.server.metrics import Metrics
 from inferkit.server.repository import Repository
 from inferkit.server.rest import create_app
-from inferkit.server.sockets import listen, loopback, raise_open_file_limit
+from inferkit.server.sockets import endpoint, listen, loopback, raise_open_file_limit
 
 __all__ = ["LOOPS", "InferenceServer", "loopback", "raise_open_file_limit", "run_loop", "serve"]
 
@@ -295,7 +295,7 @@ class InferenceServer:
                 request_log=self.request_log,
             )
         except RuntimeError as error:  # grpc's word for an address it cannot bind
-            msg = f"cannot serve gRPC on {settings.host}:{port}: {error}"
+            msg = f"cannot serve gRPC on {endpoint(settings.host, port)}: {error}"
             raise OSError(msg) from None
         self._ports = attrs.evolve(self._ports, grpc=bound)
         return server

@@ -45,6 +45,8 @@ def addresses(host: str) -> list[str]:
     where this resolver gives 127.0.0.1 only) and uvicorn binds the first address, so the two
     faces listened on different addresses, and a port taken on one of them went unnoticed.
     """
+    if not host:  # "": every IPv4 address, as ``bind(("", port))`` takes it
+        return ["0.0.0.0"]  # noqa: S104 (the caller asked for every interface)
     try:
         found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as error:
