@@ -142,7 +142,7 @@ def _inputs(signature: Signature, rows: int) -> dict[str, np.ndarray[Any, Any]]:
 
 
 def _best_batched(model: Path, config: BenchConfig) -> tuple[float, Signature]:
-    """The model's own best rows per second, in batches as large as it takes; ``ValueError`` if ``config`` can't run."""
+    """The model's own best rows per second, in batches as large as it takes; ``ValueError`` if it fails on them."""
     from inferkit.backends.onnx import OnnxBackend, fixed_rows  # noqa: PLC0415
 
     duration_s = config.duration_s
@@ -257,10 +257,6 @@ def bench(model: str | os.PathLike[str], config: BenchConfig | None = None) -> B
                     p50, p99 = (float(np.percentile(latencies, q)) * 1e3 for q in (50, 99))
                     measurements.append(Measurement(settings, concurrency, rows, rate, p50, p99, rate / best))
     return BenchReport(best, tuple(measurements), _recommend(measurements, config.p99_ms))
-
-
-def _listed(values: tuple[int, ...]) -> str:
-    return ",".join(map(str, values))
 
 
 def _recommend(measurements: list[Measurement], p99_ms: float) -> Settings | None:
