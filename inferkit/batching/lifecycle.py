@@ -166,17 +166,16 @@ class Lifecycle:
             backend = None
         with self._lock:
             self._set.loading -= 1
-            if backend is not None and len(self._set.live()) >= self._set.target:  # a resize lowered it meanwhile
-                backend.close()
-                backend = None
-            if backend is None:
+            # Not added while closing, nor once a resize lowered the target meanwhile; closed after the lock.
+            unneeded = backend is not None and (self._closing or len(self._set.live()) >= self._set.target)
+            if backend is None or (unneeded and not self._closing):
                 self._after_ejection(dead)
                 self._drop_lane(dead.lane)
-            elif self._closing:
-                backend.close()
-            else:
+            elif not unneeded:
                 self._set.add(backend, self._work, dead.lane if self._set.balancer is not None else None)
                 dead.lane.wake()
+        if unneeded and backend is not None:
+            backend.close()
         self._flush()
 
     def reconfigure(self, config: BatchConfig) -> None:
