@@ -335,8 +335,10 @@ def _tracing(kind: str) -> Callable[[], None]:
 
 
 def _announce(server: InferenceServer) -> None:
+    from inferkit.server.sockets import endpoint  # noqa: PLC0415 (the server extra, loaded by now)
+
     gc.freeze()  # models are loaded: full collections no longer walk them (tens of ms each otherwise)
-    host = f"[{server.host}]" if ":" in server.host else server.host  # an IPv6 address is bracketed in a URL
-    grpc = f", grpc {host}:{server.grpc_port}" if server.grpc_port is not None else ""
+    grpc = f", grpc {endpoint(server.host, server.grpc_port)}" if server.grpc_port is not None else ""
     names = server.repository.names()
-    print(f"inferkit: serving {names} on http://{host}:{server.port}{grpc}", file=sys.stderr, flush=True)
+    rest = endpoint(server.host, server.port)  # an IPv6 address bracketed, as a URL takes it
+    print(f"inferkit: serving {names} on http://{rest}{grpc}", file=sys.stderr, flush=True)
