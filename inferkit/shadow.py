@@ -104,13 +104,10 @@ class ShadowTraffic:
 
     def mirror(self, arm: str, x: Any, primary: Future[Any]) -> None:
         """Queue ``x`` for ``arm`` to compare with ``primary``; drop (and count) it when the queue is full."""
-        if self._pending >= self._limit or self._closed:  # read without the lock: a full queue costs no copy
-            with self._lock:
-                self._stats = _plus_one(self._stats, "dropped")
-            return
-        x = copied(x)  # its caller may reuse ``x`` once its own call returns
+        full = self._pending >= self._limit or self._closed  # read without the lock: a full queue costs no copy
+        copy = None if full else copied(x)  # its caller may reuse ``x`` once its own call returns
         with self._lock:
-            if self._pending >= self._limit or self._closed:
+            if copy is None or self._pending >= self._limit or self._closed:
                 self._stats = _plus_one(self._stats, "dropped")
                 return
             self._pending += 1
@@ -118,7 +115,7 @@ class ShadowTraffic:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=f"inferkit-shadow-{self._name}", daemon=True)
                 self._thread.start()
-            self._queue.put(functools.partial(self._send, arm, x, primary))  # under the lock: before close's None
+            self._queue.put(functools.partial(self._send, arm, copy, primary))  # under the lock: before close's None
 
     def close(self, timeout: float | None = None) -> None:
         """Take no more mirrors; hand the queued ones to their arm, then stop the thread."""
