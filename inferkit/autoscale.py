@@ -111,7 +111,7 @@ class AutoscalerStats:
 
 
 def _live_replicas(stats: Stats) -> int:
-    """Replicas that take work or will again (healthy or ejected, or loading to replace a hung one)."""
+    """Replicas that take work or will again (healthy or ejected, or loading: a replacement, a resize's)."""
     return sum(r.state in _LIVE for r in stats.replicas) + stats.loading
 
 

@@ -39,8 +39,8 @@ class Stats:
     not have grown the batch). ``request_seconds`` adds up the time from arrival to result of
     every request that ran, ``compute_seconds`` the time of every model call. ``retried``
     counts requests that failed on one replica and were tried once more on another.
-    ``loading`` counts replicas being loaded to replace one that hung: they join ``replicas``
-    once loaded (``resize`` and an autoscaler count them already).
+    ``loading`` counts replicas being loaded (to replace one that hung, or added by ``resize``):
+    they join ``replicas`` once loaded (``resize`` and an autoscaler count them already).
     """
 
     state: str

@@ -197,14 +197,14 @@ def map_batches(
     if not kept and not errors:
         msg = "map got no rows; send at least one (as predict refuses an empty batch)"
         raise InvalidInput(msg)
-    outputs = _concat(kept) if kept else _no_rows(target)
+    outputs = _concat(kept) if kept else _empty_outputs(target)
     if on_error == "collect":
         index = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
         return BulkResult(outputs, index, tuple(errors))
     return outputs
 
 
-def _no_rows(target: Submitter) -> Any:
+def _empty_outputs(target: Submitter) -> Any:
     """What ``map`` returns when every row failed: the declared outputs with no rows, else None.
 
     A result the caller can index or concatenate, as any other; an undeclared output's shape

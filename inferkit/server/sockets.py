@@ -41,9 +41,10 @@ def loopback(host: str) -> bool:
 def addresses(host: str) -> list[str]:
     """The addresses ``host`` names, each once, in the resolver's order: what both faces bind.
 
-    Resolved once, here: grpc resolves a name itself (``localhost`` to both 127.0.0.1 and ::1
-    where this resolver gives 127.0.0.1 only) and uvicorn binds the first address, so the two
-    faces listened on different addresses, and a port taken on one of them went unnoticed.
+    Both faces bind what this resolver gives: grpc resolved a name itself (``localhost`` to both
+    127.0.0.1 and ::1 where this resolver gives 127.0.0.1 only) and uvicorn bound the first
+    address, so the two faces listened on different addresses, and a port taken on one of them
+    went unnoticed.
     """
     if not host:  # "": every IPv4 address, as ``bind(("", port))`` takes it
         return ["0.0.0.0"]  # noqa: S104 (the caller asked for every interface)
