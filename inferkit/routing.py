@@ -8,9 +8,10 @@ arm is visible through ``on_route`` and on the future that ``submit`` returns (`
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Future
@@ -43,6 +44,7 @@ __all__ = ["Predictive", "RoutedFuture", "Router", "RouterStats", "ShadowStats",
 
 _FAILURES = (ModelError, NoHealthyReplica)  # what counts against an arm: never the caller's mistakes
 _REFUSALS = (InvalidInput, Overloaded, Closed, DeadlineExceeded)  # the model never saw them
+_log = logging.getLogger("inferkit")
 
 
 class RoutedFuture(Future[Any]):
@@ -67,24 +69,47 @@ class RoutedFuture(Future[Any]):
 
 @attrs.frozen
 class RouterStats:
-    """Per-arm predictor stats, requests each arm answered (refusals not counted), shadow counts, the policy."""
+    """Per-arm predictor stats, requests each arm answered (refusals not counted), shadow counts, the policy.
+
+    ``policy_errors`` counts the feedback calls the policy raised (dropped; the first is logged).
+    """
 
     routed: Mapping[str, int]
     arms: Mapping[str, Any]
     shadow: ShadowStats
     policy: str
+    policy_errors: int = 0
 
 
-def _feedback(policy: Policy, feedback: Feedback) -> None:
-    """Give a served request's (a mirror's, a recorded outcome's) feedback to the policy; what it raises is dropped.
+class _PolicyErrors:
+    """Gives feedback to a policy; what the policy raises is counted, the first logged, none passed on.
 
-    It runs after the model answered, on the request's way back: a policy that raises (a user's,
-    or a store's state it cannot take) must not turn that answer into an error, nor leave a
-    ``submit`` future unsettled, nor fail a ``record`` whose outcome is already counted (a retry
-    would count it twice). It keeps its own account of what went wrong (``status()``).
+    Feedback runs after the model answered, on the request's way back: a policy that raises (a
+    user's, or a store's state it cannot take) must not turn that answer into an error, nor leave
+    a ``submit`` future unsettled, nor fail a ``record`` whose outcome is already counted (a retry
+    would count it twice). One log line, not one per request: a broken policy raises on every one.
     """
-    with contextlib.suppress(Exception):  # a pluggable part must never break serving
-        policy.feedback(feedback)
+
+    def __init__(self, router: str) -> None:
+        self._router = router
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def give(self, policy: Policy, feedback: Feedback) -> None:
+        try:
+            policy.feedback(feedback)
+        except Exception:  # noqa: BLE001 (a pluggable part must never break serving)
+            with self._lock:
+                self.count += 1
+                first = self.count == 1
+            if first:
+                _log.warning(
+                    "router %s: the policy raised on %s feedback; answers are unaffected, further errors are"
+                    " only counted (stats().policy_errors)",
+                    self._router,
+                    feedback.kind,
+                    exc_info=True,
+                )
 
 
 def _key_id(key: Hashable) -> int:
@@ -134,6 +159,7 @@ class Router:
         self._served_by = ServedBy()
         self._experiment = Experiment(list(self._arms))
         self._shadow = ShadowTraffic(name, self._submit_to, compare, self._shadow_feedback, shadow_queue_size)
+        self._policy_errors = _PolicyErrors(name)
         self._confirmations = Confirmations(self._submit_to, self._failed, shadow_queue_size)
         self._closed = False
         self._in_force: _InForce
@@ -278,7 +304,7 @@ class Router:
         self._experiment.observe(arm, latency, failed)
         in_force = self._in_force
         if in_force.observes:
-            _feedback(in_force.policy, Feedback("served", arm, now, latency_s=latency, failed=failed))
+            self._policy_errors.give(in_force.policy, Feedback("served", arm, now, latency_s=latency, failed=failed))
 
     def _failed(self, arm: str, latency: float) -> None:
         """A candidate's failure the baseline did not repeat."""
@@ -289,7 +315,7 @@ class Router:
         return self._arms[arm].submit(x)
 
     def _shadow_feedback(self, arm: str, agreed: bool) -> None:
-        _feedback(self._in_force.policy, Feedback("shadow", arm, self._clock(), agreed=agreed))
+        self._policy_errors.give(self._in_force.policy, Feedback("shadow", arm, self._clock(), agreed=agreed))
 
     # -- experiments -----------------------------------------------------------------------
 
@@ -304,7 +330,7 @@ class Router:
             msg = f"no request served for key={key!r} request_id={request_id!r}"
             raise KeyError(msg)
         self._experiment.record(arm, value)
-        _feedback(self._in_force.policy, Feedback("outcome", arm, self._clock(), value=value))  # counted: never raise
+        self._policy_errors.give(self._in_force.policy, Feedback("outcome", arm, self._clock(), value=value))
         return arm
 
     def report(self) -> Report:
@@ -379,7 +405,7 @@ class Router:
         shadow = self._shadow.stats()
         routed = self._experiment.requests()  # under the experiment's own lock
         arms = {a: p.stats() for a, p in self._arms.items()}
-        return RouterStats(routed, arms, shadow, repr(self._in_force.policy))
+        return RouterStats(routed, arms, shadow, repr(self._in_force.policy), self._policy_errors.count)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop routing, hand the queued shadow work over, then let every arm drain and stop."""

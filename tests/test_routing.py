@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import threading
 import time
@@ -459,6 +460,19 @@ class TestPolicyProtocol:
             r.predict(x(), key="user")
             assert r.record(1.5, key="user") == "v1"
             assert (r.report().arms[0].outcomes, r.report().arms[0].outcome_mean) == (1, 1.5)
+
+    def test_a_policy_whose_feedback_raises_is_counted_and_logged_once(self, caplog: pytest.LogCaptureFixture) -> None:
+        """Its errors vanished: nothing said the canary or the user's policy had stopped learning.
+        Each is counted in stats(); the first is logged with its traceback, not one line per request."""
+        with caplog.at_level(logging.WARNING, logger="inferkit"), Router({"v1": arm(2)}, RaisingFeedback()) as r:
+            for _ in range(5):
+                r.predict(x(), key="user")
+            r.record(1.0, key="user")
+            assert r.stats().policy_errors == 6
+        logged = [rec for rec in caplog.records if "policy raised" in rec.getMessage()]
+        assert len(logged) == 1
+        assert logged[0].exc_info is not None
+        assert "the policy's own bug" in str(logged[0].exc_info[1])
 
     def test_a_clock_stepping_back_never_costs_a_caller_its_answer(self) -> None:
         """A clock read lower after the call than before made a negative latency that the arm's
