@@ -546,6 +546,69 @@ class TestEdges:
         finally:
             predictor.close()
 
+    def test_building_a_server_leaves_the_hosts_logging_alone(self, tmp_path: Path) -> None:
+        """uvicorn's default log config went through dictConfig: building a server (not even started)
+        closed the host's file handler (its later records lost) and replaced uvicorn's loggers'."""
+        root = logging.getLogger()
+        handler = logging.FileHandler(tmp_path / "host.log")
+        parent = logging.getLogger("uvicorn")
+        was = (parent.handlers[:], parent.propagate, parent.level)
+        root.addHandler(handler)
+        try:
+            predictor = Predictor.from_callable(lambda x: x, name="m")
+            server = InferenceServer(Repository({"m": predictor}), port=0, grpc_port=None)
+            logging.getLogger("host").warning("after InferenceServer()")
+            server.start(WAIT).join(WAIT)
+            logging.getLogger("host").warning("after join()")
+        finally:
+            root.removeHandler(handler)
+            handler.close()
+        assert (parent.handlers, parent.propagate, parent.level) == was
+        text = (tmp_path / "host.log").read_text()
+        assert "after InferenceServer()" in text
+        assert "after join()" in text
+
+    def test_a_server_serves_once_and_a_stop_is_never_lost(self) -> None:
+        """stop() before the server's loop began was dropped (it served on); join() or stop() after the
+        end raised "Event loop is closed"; start() again returned at once with nothing serving."""
+        predictor = Predictor.from_callable(lambda x: x, name="m")
+        server = InferenceServer(Repository({"m": predictor}), port=0, grpc_port=None)
+        server.stop()
+        server.start(WAIT)
+        thread = server._lifecycle.thread
+        assert thread is not None
+        thread.join(WAIT)
+        assert not thread.is_alive()  # stopped as soon as it started
+        assert predictor.state.value == "closed"
+        server.stop()
+        server.join(WAIT)
+        with pytest.raises(RuntimeError, match="already been started"):
+            server.start(WAIT)
+        with pytest.raises(RuntimeError, match="already run"):
+            asyncio.run(server.run())
+
+    def test_run_with_signals_gives_the_host_its_handlers_back(self) -> None:
+        """run(handle_signals=True) left its loop's handlers installed: once it returned, Ctrl-C did
+        nothing and SIGTERM no longer reached the host's own handler."""
+        got: list[int] = []
+
+        def host(signum: int, frame: object) -> None:
+            got.append(signum)
+
+        before_int = signal.getsignal(signal.SIGINT)
+        before_term = signal.signal(signal.SIGTERM, host)
+        try:
+            predictor = Predictor.from_callable(lambda x: x, name="m")
+            server = InferenceServer(Repository({"m": predictor}), port=0, grpc_port=None)
+            asyncio.run(server.run(handle_signals=True, on_start=lambda s: os.kill(os.getpid(), signal.SIGTERM)))
+            assert predictor.state.value == "closed"  # SIGTERM stopped it
+            assert signal.getsignal(signal.SIGINT) is before_int
+            assert signal.getsignal(signal.SIGTERM) is host
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert got == [signal.SIGTERM]
+        finally:
+            signal.signal(signal.SIGTERM, before_term)
+
     def test_requests_cut_at_the_grace_log_one_warning_not_a_traceback_each(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
@@ -569,7 +632,9 @@ class TestEdges:
                     errors.append(type(error).__name__)
 
         callers = [threading.Thread(target=call) for _ in range(2)]
-        uvicorn_log = logging.getLogger("uvicorn.error")  # uvicorn's config stops it propagating to the root
+        uvicorn_log = logging.getLogger(
+            "uvicorn.error"
+        )  # in case a uvicorn run with its own config stopped it propagating
         uvicorn_log.addHandler(caplog.handler)
         with caplog.at_level("WARNING"):
             for caller in callers:

@@ -8,10 +8,12 @@ that serves, :meth:`Lifecycle.stop` from anywhere, and :meth:`Lifecycle.start_th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 
@@ -37,38 +39,67 @@ class Lifecycle:
 
     No lock guards it: ``running`` is stored once by the serving loop's thread and only read
     elsewhere (:meth:`stop` hands the stop to that loop with ``call_soon_threadsafe``);
-    ``thread`` belongs to whoever calls :meth:`start_thread` and :meth:`join`; ``started`` is a
-    :class:`threading.Event`, which publishes what was written before it was set.
+    ``stopping`` is only ever set, and :meth:`begin` reads it after storing ``running``, so a
+    stop on another thread is never lost; ``signals`` (the host's handlers, restored by
+    :meth:`end`) belongs to the serving loop's thread; ``thread`` belongs to whoever calls
+    :meth:`start_thread` and :meth:`join`; ``started`` is a :class:`threading.Event`, which
+    publishes what was written before it was set.
     """
 
-    __slots__ = ("failed", "running", "started", "thread")
+    __slots__ = ("failed", "running", "signals", "started", "stopping", "thread")
 
     def __init__(self) -> None:
         self.started = threading.Event()
         self.running: Running | None = None
         self.thread: threading.Thread | None = None
         self.failed: BaseException | None = None  # why the background thread ended before ``started``
+        self.stopping = False  # stop() was called: once set, never cleared (a server serves once)
+        self.signals: dict[signal.Signals, Any] = {}  # the host's handlers, while ours are installed
 
     def begin(self, *, handle_signals: bool) -> asyncio.Event:
-        """On the serving loop: the event that ends serving, set on SIGTERM/SIGINT with ``handle_signals``."""
+        """On the serving loop: the event that ends serving, set on SIGTERM/SIGINT with ``handle_signals``.
+
+        ``RuntimeError`` on a second call: a server serves once (its models are closed after).
+        """
+        if self.running is not None:
+            msg = "this InferenceServer has already run; build another one to serve again"
+            raise RuntimeError(msg)
         running = Running(asyncio.get_running_loop(), asyncio.Event())
         self.running = running
+        if self.stopping:  # stop() came first: checked after publishing ``running``, which stop() reads after it
+            running.stop.set()
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
+                self.signals[sig] = signal.getsignal(sig)
                 running.loop.add_signal_handler(sig, running.stop.set)
         return running.stop
 
+    def end(self) -> None:
+        """On the serving loop, when serving ends: give the host back the signal handlers it had."""
+        running = self.running
+        for sig, previous in self.signals.items():
+            if running is not None:
+                running.loop.remove_signal_handler(sig)
+            signal.signal(sig, previous)
+        self.signals.clear()
+
     def stop(self) -> None:
-        """End serving; safe from any thread, a no-op before :meth:`begin`."""
+        """End serving; safe from any thread, before :meth:`begin` too (serving then ends at once)."""
+        self.stopping = True
         running = self.running
         if running is not None:
-            running.loop.call_soon_threadsafe(running.stop.set)
+            with contextlib.suppress(RuntimeError):  # its loop has closed: serving is over
+                running.loop.call_soon_threadsafe(running.stop.set)
 
     def start_thread(self, target: Callable[[], object], timeout: float) -> None:
         """Run ``target`` on a daemon thread and wait up to ``timeout`` seconds for ``started``.
 
         What ``target`` raises before ``started`` is raised here, as soon as the thread ends.
+        ``RuntimeError`` when this lifecycle already has a thread: a server serves once.
         """
+        if self.thread is not None:
+            msg = "this InferenceServer has already been started; build another one to serve again"
+            raise RuntimeError(msg)
 
         def run() -> None:
             try:

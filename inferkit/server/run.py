@@ -123,6 +123,11 @@ class InferenceServer:
     repository extension, see :mod:`inferkit.server.control`); off by default.
     ``status_page`` serves the status page at ``/`` (see :mod:`inferkit.server.status`);
     ``None`` (the default) turns it on only when ``host`` is a loopback address.
+    ``log_level`` is the level of uvicorn's loggers (``uvicorn.error``, ``uvicorn.access``,
+    ``uvicorn.asgi``); the server configures no other logging (no handlers, no ``dictConfig``).
+    A server serves once: :meth:`start` or :meth:`run` again raises ``RuntimeError`` (after a
+    port in use, build another over the same :class:`Repository`); with ``handle_signals`` the host's SIGTERM and
+    SIGINT handlers are restored when :meth:`run` returns.
     """
 
     def __init__(
@@ -184,6 +189,7 @@ class InferenceServer:
             self._app,
             host=settings.host,
             port=settings.port,
+            log_config=None,  # uvicorn's own would dictConfig the host's logging (closing its handlers)
             log_level=settings.log_level,
             access_log=False,
             lifespan="off",
@@ -252,6 +258,12 @@ class InferenceServer:
         listens and the models stay open, the caller's to close (or serve on other ports).
         """
         stop = self._lifecycle.begin(handle_signals=handle_signals)
+        try:
+            await self._serve(stop, on_start)
+        finally:
+            self._lifecycle.end()  # the host's own SIGTERM/SIGINT handlers again
+
+    async def _serve(self, stop: asyncio.Event, on_start: Callable[[InferenceServer], None] | None) -> None:
         settings = self._settings
         if settings.limits.max_connections is None:
             self._connections.max_connections = default_max_connections(raise_open_file_limit())
