@@ -486,6 +486,14 @@ class TestStrings:
                 bad.result(WAIT)
             assert p.stats().replicas[0].state == "healthy"
 
+    def test_text_with_a_lone_surrogate_is_invalid_input(self) -> None:
+        """A str that has no UTF-8 (a lone surrogate) failed inside ONNX Runtime: a ModelError (500)."""
+        with Predictor.from_onnx(_strings()) as p:
+            with pytest.raises(InvalidInput, match="not valid Unicode"):
+                p.predict(np.array(["ok", "a\ud800"], dtype=object))
+            assert list(p.predict(np.array(["é"], dtype=object))) == ["é"]
+            assert p.stats().replicas[0].state == "healthy"
+
 
 class TestUntypedCallables:
     def test_a_one_key_dict_reaches_the_function_as_an_array(self) -> None:

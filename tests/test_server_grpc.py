@@ -594,6 +594,17 @@ MALFORMED = {
     "typed count mismatch": (_typed("fp32_contents", [1.0] * 7), CODE.INVALID_ARGUMENT, "'x'"),
     "typed field for another datatype": (_typed("fp64_contents", [1.0] * 8), CODE.INVALID_ARGUMENT, "'x'"),
     "typed FP16": (_typed("fp32_contents", [1.0] * 8, "FP16"), CODE.INVALID_ARGUMENT, "'x'"),
+    # cast, it lost values (1e-50 became 0.0): refused as Triton does
+    "typed FP64 for an FP32 model": (
+        _typed("fp64_contents", [1e-50] * 8, "FP64"),
+        CODE.INVALID_ARGUMENT,
+        "input 'x' data-type is 'FP64', but model 'm' expects 'FP32'",
+    ),
+    "raw FP64 for an FP32 model": (
+        lambda r: (_tensor(datatype="FP64")(r), _raw(X.astype(np.float64).tobytes())(r)),
+        CODE.INVALID_ARGUMENT,
+        "input 'x' data-type is 'FP64', but model 'm' expects 'FP32'",
+    ),
     "typed value out of range": (_typed("int_contents", [300] * 8, "INT8"), CODE.INVALID_ARGUMENT, "'x'"),
     "duplicate input": (_duplicate, CODE.INVALID_ARGUMENT, "'x'"),
     "no inputs": (lambda r: (r.ClearField("inputs"), r.ClearField("raw_input_contents")), CODE.INVALID_ARGUMENT, "x"),

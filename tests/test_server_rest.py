@@ -705,7 +705,7 @@ MALFORMED: list[tuple[str, str, bytes, dict[str, str], str]] = [
     ("mlp", "no data", _j({"data": _DROP}), {}, "neither data"),
     ("mlp", "FP16 overflow", _j({"datatype": "FP16", "data": [1e6] * 4}), {}, "overflow"),
     ("mlp", "unknown datatype", _j({"datatype": "FP8"}), {}, "datatype"),
-    ("mlp", "wrong datatype", _j({"datatype": "INT64"}), {}, "float32"),
+    ("mlp", "wrong datatype", _j({"datatype": "INT64"}), {}, "data-type is 'INT64', but model 'mlp' expects 'FP32'"),
     ("mlp", "wrong shape", _j({"shape": [1, 3], "data": [1] * 3}), {}, "shape"),
     ("mlp", "empty batch", _j({"shape": [0, 4], "data": []}), {}, "empty batch"),
     ("mlp", "unknown input", _j({"name": "z"}), {}, "'z'"),
@@ -717,6 +717,9 @@ MALFORMED: list[tuple[str, str, bytes, dict[str, str], str]] = [
     # orjson reads 2**70 as a float, the stdlib as an int: a 400 naming the input either way
     ("ints", "beyond UINT64", _ji("a", "UINT64", [2**70, 1]), {}, "input 'a': UINT64"),
     ("text", "number for BYTES", _ji("text", "BYTES", [1]), {}, "strings"),
+    # the stdlib's JSON (read when a body holds NaN) takes a lone surrogate, which has no UTF-8: was a 500
+    ("text", "lone surrogate", _ji("text", "BYTES", ["\ud800"])[:-1] + b', "id": "NaN"}', {}, "not valid Unicode"),
+    ("mlp", "FP64 for FP32", _j({"datatype": "FP64", "data": [1e-50] * 4}), {}, "data-type is 'FP64'"),
     ("mlp", "bad id", _j(id=5), {}, "id must be a string"),
     ("mlp", "bad parameters", _j(parameters=[]), {}, "parameters"),
     ("mlp", "bad timeout", _j(parameters={"timeout": "soon"}), {}, "timeout"),
@@ -1221,6 +1224,35 @@ class TestStatsAndMetrics:
         assert (
             registry.get_sample_value("inferkit_requests_total", {"model": "m", "arm": "", "outcome": "success"}) == 1
         )
+
+
+class TestOutputDtypes:
+    """What a model returns comes back as its values, whatever NumPy byte order it used."""
+
+    def test_a_big_endian_output_is_sent_as_its_datatype(self) -> None:
+        """An untyped model returning ``>f4`` (or ``>i8``) was a 500: no datatype for that dtype."""
+        values = np.array([[1.5, -0.0, 3e6]], np.float32)
+        predictor = Predictor.from_callable(lambda a: {"f": a.astype(">f4"), "i": a.astype(">i8")}, name="m")
+        server = Server(create_app(Repository({"m": predictor})))
+        try:
+            with httpx.Client(base_url=server.url, timeout=WAIT) as client:
+                body = {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": values.ravel().tolist()}]}
+                response = client.post("/v2/models/m/infer", json=body)
+                assert response.status_code == 200, response.text
+                outputs = response.json()["outputs"]
+            assert [o["datatype"] for o in outputs] == ["FP32", "INT64"]
+            assert outputs[0]["data"] == values.ravel().tolist()
+            assert outputs[1]["data"] == values.astype(np.int64).ravel().tolist()
+            client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+            x = triton.InferInput("x", [1, 3], "FP32")
+            x.set_data_from_numpy(values)
+            result = client.infer("m", [x], outputs=[triton.InferRequestedOutput(n, binary_data=True) for n in "fi"])
+            np.testing.assert_array_equal(result.as_numpy("f"), values)
+            np.testing.assert_array_equal(result.as_numpy("i"), values.astype(np.int64))
+            client.close()
+        finally:
+            server.stop()
+            predictor.close()
 
 
 class TestCreateApp:

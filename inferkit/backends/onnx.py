@@ -376,7 +376,8 @@ def _cupy_view(cp: Any, value: Any, gpu: int) -> Any:
 def _text(name: str, array: Array) -> Array:
     """A string input as ONNX Runtime reads it: ``str`` elements (it would store ``repr`` of ``bytes``).
 
-    ``InvalidInput`` for bytes that are not UTF-8, which its string tensors cannot hold.
+    ``InvalidInput`` for bytes that are not UTF-8, or text that has none, which its string
+    tensors cannot hold.
     """
     out = np.empty(array.shape, dtype=object)
     flat, target = array.reshape(-1), out.reshape(-1)
@@ -388,5 +389,12 @@ def _text(name: str, array: Array) -> Array:
                 msg = f"input {name!r}: {item[:32]!r} is not UTF-8; ONNX Runtime string tensors hold UTF-8 text only"
                 raise InvalidInput(msg, input_name=name) from None
         else:
-            target[i] = str(item)
+            text = str(item)
+            if not text.isascii():  # O(1) for ASCII; a lone surrogate has no UTF-8, ORT would fail the batch
+                try:
+                    text.encode()
+                except UnicodeEncodeError:
+                    msg = f"input {name!r}: {text[:32]!r} is not valid Unicode text (a lone surrogate)"
+                    raise InvalidInput(msg, input_name=name) from None
+            target[i] = text
     return out

@@ -30,7 +30,7 @@ import numpy as np
 from inferkit.errors import ClientDisconnected, InferkitError
 from inferkit.routing import signature_of
 from inferkit.server.logs import RequestLog
-from inferkit.server.protocol import check_outputs
+from inferkit.server.protocol import check_datatypes, check_outputs
 from inferkit.server.repository import Failed, InferResult, Repository
 
 __all__ = ["Call", "Observer", "Pipeline", "describe"]
@@ -116,9 +116,10 @@ class Pipeline:
             target = self.repository.resolve(name, version)
             call = await decode()
             self.log.rows(call.inputs)
-            if call.outputs:  # refuse unknown outputs before the model runs, where the model declares them
-                sig = signature_of(target)
-                if sig is not None and sig.outputs:
+            sig = signature_of(target)
+            if sig is not None:  # refuse what the model declares it cannot take before it runs
+                check_datatypes(call.inputs, sig.inputs, name)
+                if call.outputs and sig.outputs:
                     check_outputs(call.outputs, [s.name for s in sig.outputs], name)
             running = self.repository.infer(
                 name,

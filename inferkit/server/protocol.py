@@ -35,6 +35,7 @@ __all__ = [
     "KEY",
     "MAX_DIMS",
     "NO_DEADLINE_S",
+    "check_datatypes",
     "check_outputs",
     "datatype_of",
     "dtype_of",
@@ -93,7 +94,7 @@ def datatype_of(dtype: np.dtype[Any]) -> str:
     if dtype.kind in "OSU":
         return "BYTES"
     try:
-        return _NAMES[np.dtype(dtype)]
+        return _NAMES[np.dtype(dtype).newbyteorder("=")]  # a big-endian model output is sent little-endian
     except KeyError:
         msg = f"dtype {dtype} has no Open Inference Protocol datatype"
         raise ModelError(msg) from None
@@ -261,6 +262,23 @@ def to_raw(array: np.ndarray[Any, Any]) -> bytes:
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
     return array.tobytes()  # C order, whatever the array's layout
+
+
+def check_datatypes(inputs: Mapping[str, np.ndarray[Any, Any]], specs: Iterable[Any], model: str = "") -> None:
+    """``InvalidInput`` (in Triton's words) for the first input sent as another datatype than its spec's.
+
+    On the wire a client names each tensor's datatype, as the model's metadata gives it: one
+    sent as another is its mistake, refused as Triton does, never cast (``FP64`` to ``FP32``
+    would round its values, 1e-50 to 0). ``predict`` in a process still casts within a kind.
+    """
+    for spec in specs:
+        array = inputs.get(spec.name)
+        if array is None:
+            continue  # missing: the signature's check says so
+        sent, expected = datatype_of(array.dtype), datatype_of(spec.dtype)
+        if sent != expected:
+            msg = f"input {spec.name!r} data-type is {sent!r}, but model {model!r} expects {expected!r}"
+            raise InvalidInput(msg, input_name=spec.name)
 
 
 def check_outputs(requested: Iterable[str], available: Collection[str], model: str = "") -> None:

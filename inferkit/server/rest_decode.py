@@ -125,7 +125,10 @@ def _json_bytes(data: list[Any], shape: tuple[int, ...], name: str) -> Array:
     for i, item in enumerate(leaves):
         if not isinstance(item, str):
             raise invalid(f"BYTES data must be strings, element {i} is {type(item).__name__}", name)
-        out[i] = item.encode()
+        try:
+            out[i] = item.encode()
+        except UnicodeEncodeError:  # a lone surrogate: the stdlib's JSON reads "\ud800", orjson refuses it
+            raise invalid(f"BYTES element {i} is not valid Unicode text (a lone surrogate)", name) from None
     return shaped(out, shape, name)
 
 
