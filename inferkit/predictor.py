@@ -15,6 +15,7 @@ import attrs
 
 from inferkit._bridge import deliver_to
 from inferkit._bulk_faces import BulkFaces
+from inferkit._exit import close_at_exit
 from inferkit._factories import (
     BATCHING,
     POOL,
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
     from inferkit.gpu.pipeline import Pipeline
 
 __all__ = ["Predictor", "State"]
+
+
+_observing = threading.local()  # .predictor: the predictor whose observers run on this thread now
 
 
 def _always() -> bool:
@@ -91,14 +95,19 @@ class Predictor(BulkFaces):
             emit=self._emit,
             verbose=_always if observers else self._log.enabled,  # the user's observers get every event
         )
-        first = self._batcher.backends()[0]
-        self.signature: Signature | None = signature if signature is not None else first.signature
-        """The input and output specs requests are checked against (None: untyped callable)."""
-        self.device: str = first.device
-        """Where the model runs, read from the loaded backend."""
-        sig = self.signature
-        if sig is None or any(d is None for s in sig.inputs for d in s.shape[1:]):  # requests may differ
-            self._batcher.key_by(batch_key)
+        try:
+            first = self._batcher.backends()[0]
+            self.signature: Signature | None = signature if signature is not None else first.signature
+            """The input and output specs requests are checked against (None: untyped callable)."""
+            self.device: str = first.device
+            """Where the model runs, read from the loaded backend."""
+            sig = self.signature
+            if sig is None or any(d is None for s in sig.inputs for d in s.shape[1:]):  # requests may differ
+                self._batcher.key_by(batch_key)
+        except BaseException:  # a backend whose signature or device raised: no one could close its workers
+            self._batcher.close(0)
+            raise
+        close_at_exit(self)
         self._set_state(State.READY)
 
     # -- construction ----------------------------------------------------------------------
@@ -381,8 +390,12 @@ class Predictor(BulkFaces):
         """Stop taking requests, finish what was accepted, stop every thread.
 
         Idempotent and safe from several threads; later callers wait for the first. What is
-        still queued after ``timeout`` seconds ends in ``Closed``.
+        still queued after ``timeout`` seconds ends in ``Closed``. ``RuntimeError`` from an
+        observer: it runs on the thread of the batch it hears about, which close would wait for.
         """
+        if getattr(_observing, "predictor", None) is self:
+            msg = f"close() of predictor {self.name!r} from its own observer would wait for itself; call it elsewhere"
+            raise RuntimeError(msg)
         with self._close_lock:
             first = not self._closing
             self._closing = True
@@ -392,9 +405,12 @@ class Predictor(BulkFaces):
         self._set_state(State.DRAINING)
         try:
             self._batcher.close(timeout)
-        finally:
-            self._set_state(State.CLOSED)
-            self._closed.set()
+        except BaseException:  # interrupted (Ctrl-C): still draining, and a later close() finishes the job
+            with self._close_lock:
+                self._closing = False
+            raise
+        self._set_state(State.CLOSED)
+        self._closed.set()
 
     def __enter__(self) -> Self:
         return self
@@ -410,4 +426,9 @@ class Predictor(BulkFaces):
         self._emit(StateChanged(self.name, state.value))
 
     def _emit(self, event: Event) -> None:
-        deliver(self._observers, event)
+        outer = getattr(_observing, "predictor", None)  # another predictor's, when its observer called us
+        _observing.predictor = self  # what close() refuses while an observer runs
+        try:
+            deliver(self._observers, event)
+        finally:
+            _observing.predictor = outer

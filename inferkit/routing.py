@@ -8,6 +8,7 @@ arm is visible through ``on_route`` and on the future that ``submit`` returns (`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import random
@@ -412,13 +413,20 @@ class Router:
         if self._closed:
             return
         self._closed = True
-        self._confirmations.close()
-        self._shadow.close(timeout)
         canary = find_canary(self._in_force.policy)
+        steps: list[Callable[[], object]] = [self._confirmations.close, lambda: self._shadow.close(timeout)]
         if canary is not None:
-            canary.close()  # a shared store's follower thread
-        for predictor in {id(p): p for p in self._arms.values()}.values():
-            predictor.close(timeout)
+            steps.append(canary.close)  # a shared store's follower thread
+        arms = {id(p): p for p in self._arms.values()}.values()  # an arm listed twice is closed once
+        steps.extend(functools.partial(arm.close, timeout) for arm in arms)
+        errors: list[BaseException] = []
+        for step in steps:  # one arm failing to close must not leave the others open
+            try:
+                step()
+            except BaseException as error:  # noqa: BLE001 (raised below, once every part is closed)
+                errors.append(error)
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> Self:
         return self

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -12,6 +15,8 @@ import types
 import weakref
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -731,6 +736,85 @@ class TestFailures:
             Predictor(factory, pool=inferkit.PoolConfig(replicas=3), name="leaky")
         left = [t for t in threading.enumerate() if t.ident not in before and t.name.startswith("inferkit-leaky")]
         assert (left, len(closed)) == ([], 2)
+
+    def test_a_backend_whose_signature_raises_leaves_no_thread_behind(self) -> None:
+        """Loaded, then its ``signature`` raised: the constructor raised with the workers started and
+        no object left to close them."""
+
+        class Broken(inferkit.CallableBackend):
+            @property
+            def signature(self) -> Any:
+                msg = "cannot read the model's inputs"
+                raise RuntimeError(msg)
+
+        before = {t.ident for t in threading.enumerate()}
+        with pytest.raises(RuntimeError, match="model's inputs"):
+            Predictor(lambda: Broken(lambda x: x), pool=inferkit.PoolConfig(replicas=2), name="sig")
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            left = [t for t in threading.enumerate() if t.ident not in before and t.name.startswith("inferkit-sig")]
+            if not left:
+                break
+            time.sleep(0.01)
+        assert left == []
+
+    def test_close_interrupted_by_ctrl_c_can_be_finished_by_another_close(self) -> None:
+        """Ctrl-C while close() waited: the predictor said CLOSED, its threads ran on, and close()
+        again returned at once, leaving them for the life of the process."""
+        release = threading.Event()
+
+        def slow(x: np.ndarray) -> np.ndarray:
+            release.wait(WAIT)
+            return x
+
+        p = Predictor.from_callable(slow, name="interrupted")
+        future = p.submit(rows(1.0))
+        timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))  # a real signal: it interrupts a wait
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            p.close()
+        timer.join()
+        assert p.state.value == "draining"
+        release.set()
+        p.close(WAIT)
+        assert p.state.value == "closed"
+        np.testing.assert_array_equal(future.result(WAIT), rows(1.0))
+        assert not [t for t in threading.enumerate() if t.name.startswith("inferkit-interrupted")]
+
+    def test_close_from_an_observer_is_refused_not_a_deadlock(self) -> None:
+        """An observer runs on the thread of the batch it hears about, which close() waits for: close()
+        from a BatchDone observer hung for good (with a timeout: returned after twice that)."""
+        refused: list[BaseException] = []
+        box: list[Predictor] = []
+
+        def observer(event: inferkit.Event) -> None:
+            if isinstance(event, inferkit.BatchDone):
+                try:
+                    box[0].close()
+                except RuntimeError as error:
+                    refused.append(error)
+
+        with Predictor.from_callable(lambda x: x, observers=[observer]) as p:
+            box.append(p)
+            np.testing.assert_array_equal(p.predict(rows(1.0), timeout=WAIT), rows(1.0))  # on the caller's thread
+            np.testing.assert_array_equal(p.submit(rows(2.0)).result(WAIT), rows(2.0))
+            assert p.state.value == "ready"
+        assert len(refused) >= 2
+        assert "from its own observer" in str(refused[0])
+
+    def test_a_predictor_left_open_is_closed_at_exit(self) -> None:
+        """Exiting with an ONNX predictor still open and busy aborted the process (its daemon workers
+        inside ONNX Runtime at finalization: "terminate called without an active exception")."""
+        model = Path(__file__).parents[1] / "examples" / "models" / "digits.onnx"
+        code = f"""
+import numpy as np, inferkit
+p = inferkit.Predictor.from_onnx({str(model)!r}, replicas=2, max_batch_size=64, warmup=False)
+futures = [p.submit(np.random.rand(64, 64).astype(np.float32)) for _ in range(3000)]
+print("exiting", flush=True)
+"""
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "exiting" in done.stdout
 
 
 class TestResize:

@@ -21,6 +21,7 @@ from test_canary_shared import RedisServer, needs_redis
 
 from inferkit import (
     ABTest,
+    CallableBackend,
     Canary,
     CanaryDecision,
     CanaryFinished,
@@ -473,6 +474,23 @@ class TestPolicyProtocol:
         assert len(logged) == 1
         assert logged[0].exc_info is not None
         assert "the policy's own bug" in str(logged[0].exc_info[1])
+
+    def test_an_arm_failing_to_close_leaves_no_other_arm_open(self) -> None:
+        """The first arm's close() raising stopped the loop: the other arms stayed ready, their threads
+        alive, and close() again returned at once."""
+
+        class Stubborn(Predictor):
+            def close(self, timeout: float | None = None) -> None:
+                super().close(timeout)
+                msg = "the first arm's own close failed"
+                raise RuntimeError(msg)
+
+        first = Stubborn(lambda: CallableBackend(lambda a: a))
+        second, third = arm(2), arm(3)
+        r = Router({"a": first, "b": second, "c": third})
+        with pytest.raises(RuntimeError, match="own close failed"):
+            r.close(WAIT)
+        assert (second.state.value, third.state.value) == ("closed", "closed")
 
     def test_a_clock_stepping_back_never_costs_a_caller_its_answer(self) -> None:
         """A clock read lower after the call than before made a negative latency that the arm's
