@@ -346,6 +346,44 @@ class TestPredictOutputs:
         assert _finished_chunks(tmp_path / "y.npy.parts" / "manifest.json") == 0
         assert not (tmp_path / "y.npy").exists()
 
+    def test_outputs_past_two_axes_keep_their_shape(self, tmp_path: Path) -> None:
+        """An (N, 2, 3) output was written as a list of 6 values, its shape lost; now it nests a fixed-size list
+        per axis, and reading that file back (map, or another job) gives the (N, 2, 3) array."""
+        pq = pytest.importorskip("pyarrow.parquet")
+        from inferkit import Predictor
+
+        model = _identity(tmp_path / "m.onnx", TensorProto.FLOAT, ["N", 2, 3])
+        x = np.arange(5 * 2 * 3, dtype=np.float32).reshape(5, 2, 3)
+        np.save(tmp_path / "x.npy", x)
+        proc = _cli(*_predict(model, tmp_path / "x.npy", tmp_path / "y.parquet"))
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0, err
+        assert pq.read_table(tmp_path / "y.parquet").column("y").to_pylist() == x.tolist()
+        (tmp_path / "y.parquet").rename(tmp_path / "again.parquet")  # a column named "y", not the input's "x"
+        with Predictor.from_onnx(model) as predictor:
+            np.testing.assert_array_equal(predictor.map(tmp_path / "again.parquet", batch_size=2), x)
+        proc = _cli(*_predict(model, tmp_path / "again.parquet", tmp_path / "z.parquet"))
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0, err
+        assert pq.read_table(tmp_path / "z.parquet").column("y").to_pylist() == x.tolist()
+
+    def test_zero_width_output(self, tmp_path: Path) -> None:
+        """An (N, 0) output failed only once every chunk was done ("list_size needs to be a strict positive
+        integer"); Parquet cannot hold it, so it is refused before any work. A .npy file holds it."""
+        pytest.importorskip("pyarrow")
+        model = _identity(tmp_path / "m.onnx", TensorProto.FLOAT, ["N", 0])
+        np.save(tmp_path / "x.npy", np.ones((5, 0), np.float32))
+        proc = _cli(*_predict(model, tmp_path / "x.npy", tmp_path / "y.parquet"))
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 2, err
+        why = "the model's output 'y' has shape (N, 0), no values per row, which Parquet cannot hold: write it to a"
+        assert err.startswith(f"inferkit predict: {why} .npy file"), err
+        assert not (tmp_path / "y.parquet.parts").exists()
+        proc = _cli(*_predict(model, tmp_path / "x.npy", tmp_path / "y.npy"))
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0, err
+        assert np.load(tmp_path / "y.npy").shape == (5, 0)
+
     def test_pickled_part_left_by_an_earlier_run_refused(self, tmp_path: Path) -> None:
         """A part holding pickled objects (as string outputs were saved before) is never unpickled: exit 2
         with a line saying to delete the parts folder."""

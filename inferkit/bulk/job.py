@@ -77,11 +77,10 @@ def _arrow_table(outputs: Any, single: str) -> Any:
     named = outputs if isinstance(outputs, Mapping) else {single: outputs}
     columns = {}
     for name, array in named.items():
-        if array.ndim == 1:
-            columns[name] = pa.array(array)
-        else:
-            width = int(np.prod(array.shape[1:]))
-            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(array).ravel()), width)
+        column = pa.array(np.ascontiguousarray(array).ravel())
+        for width in reversed(array.shape[1:]):  # one fixed-size list per axis past the rows: the shape stays
+            column = pa.FixedSizeListArray.from_arrays(column, width)
+        columns[name] = column
     return pa.table(columns)
 
 
@@ -154,13 +153,19 @@ def _resume_from(manifest_path: Path, settings: dict[str, Any]) -> list[dict[str
     return chunks
 
 
-def _check_part(outputs: Mapping[str, Any], output: Path) -> None:
-    """Refuse outputs ``output`` could not hold: checked on the declared ones first, then on each chunk's."""
-    if output.suffix.lower() != ".npy":
-        return
-    for name, array in outputs.items():
-        if array.dtype.hasobject:
+def _check_part(outputs: Mapping[str, tuple[np.dtype[Any], tuple[int | None, ...]]], output: Path) -> None:
+    """Refuse outputs (by name: dtype, shape past the rows) that ``output`` could not hold.
+
+    Checked on the declared outputs before any work, then on each chunk's before it is listed.
+    """
+    for name, (dtype, tail) in outputs.items():
+        if output.suffix.lower() == ".npy" and dtype.hasobject:
             msg = f"the model's output {name!r} holds strings, which a .npy file cannot: write it to a .parquet file"
+            raise ValueError(msg)
+        if output.suffix.lower() == ".parquet" and 0 in tail:  # pyarrow has no fixed-size list of size 0
+            shape = ", ".join(["N", *("?" if d is None else str(d) for d in tail)])
+            hint = ": write it to a .npy file" if len(outputs) == 1 else ""
+            msg = f"the model's output {name!r} has shape ({shape}), no values per row, which Parquet cannot hold{hint}"
             raise ValueError(msg)
 
 
@@ -177,7 +182,7 @@ def _check_output(output: Path, signature: Signature | None) -> None:
     if output.suffix.lower() == ".npy" and signature is not None and len(signature.outputs) > 1:
         raise _several_outputs([o.name for o in signature.outputs])
     if signature is not None:
-        _check_part({o.name: np.empty(0, o.dtype) for o in signature.outputs}, output)
+        _check_part({o.name: (o.dtype, o.shape[1:]) for o in signature.outputs}, output)
     parts_dir = output.with_name(output.name + ".parts")
     if parts_dir.is_symlink():
         msg = f"{parts_dir} is a symbolic link; a job's parts folder must be a plain folder"
@@ -238,7 +243,8 @@ def run_job(
                 outputs = map_batches(target, chunk, batch_size=batch_size, in_flight=in_flight)
                 if file_identity(source, digest=False) != settings["input_file"]:  # before the chunk is listed
                     raise _changed(source, parts_dir)
-                _check_part(outputs if isinstance(outputs, Mapping) else {single: outputs}, output)
+                named = outputs if isinstance(outputs, Mapping) else {single: outputs}
+                _check_part({k: (a.dtype, a.shape[1:]) for k, a in named.items()}, output)
                 name = _save_part(parts_dir / f"part-{len(chunks):06d}", outputs, single).name
                 chunks.append({"file": name, "rows": _rows(chunk)})
                 record = json.dumps({"settings": settings, "chunks": chunks}, indent=1).encode()

@@ -118,6 +118,12 @@ def _single(arrays: Mapping[str, Any]) -> Any:
 def _column(column: Any) -> np.ndarray[Any, Any]:
     import pyarrow as pa  # noqa: PLC0415
 
+    values, tail = column, []
+    while pa.types.is_fixed_size_list(values.type) and not values.null_count:  # nested: one axis each
+        tail.append(values.type.list_size)
+        values = values.flatten()
+    if len(tail) > 1 and not pa.types.is_nested(values.type):
+        return np.asarray(values.to_numpy(zero_copy_only=False)).reshape(len(column), *tail)
     if pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type):
         return np.asarray(column.to_pylist()) if column.null_count else np.stack(column.to_numpy(zero_copy_only=False))
     return np.asarray(column.to_numpy(zero_copy_only=False))
