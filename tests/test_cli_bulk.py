@@ -255,6 +255,25 @@ class TestPredictHostile:
         assert "inferkit predict: ModelError: " in err
         assert "Traceback" not in err
 
+    def test_column_no_input_takes_is_one_line(self, tmp_path: Path) -> None:
+        """A timestamp column beside numbers ended the job with a numpy traceback (exit 1); a bool column was
+        read as 0.0/1.0. Both: one line naming the column, exit 2, no output."""
+        pa = pytest.importorskip("pyarrow")
+        pq = pytest.importorskip("pyarrow.parquet")
+        model = _identity(tmp_path / "m.onnx", TensorProto.FLOAT, ["N", 3])
+        stamps = pa.array(np.array(["2020-01-01", "2020-01-02"], "datetime64[ms]"))
+        for name, first in (("ts", stamps), ("flags", pa.array([True, False]))):
+            pq.write_table(pa.table({"a": first, "b": [0.5, 1.0], "c": [1.0, 2.0]}), tmp_path / f"{name}.parquet")
+            proc = _cli(*_predict(model, tmp_path / f"{name}.parquet", tmp_path / f"{name}.npy"))
+            _, err = proc.communicate(timeout=WAIT)
+            assert proc.returncode == 2, err
+            lines = err.strip().splitlines()
+            assert len(lines) == 1, err
+            assert lines[0].startswith(
+                "inferkit predict: input 'x': expected float32 with shape (N, 3), got column 'a'"
+            )
+            assert not (tmp_path / f"{name}.npy").exists()
+
     def test_refused_before_any_work(self, tmp_path: Path, two_outputs_model: bytes) -> None:
         """A 0-d or empty input, an output that is a folder, several outputs to .npy: exit 2 at once, nothing left."""
         model = _model(tmp_path / "m.onnx")
