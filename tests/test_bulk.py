@@ -279,14 +279,14 @@ def test_ray_batch_predictor_runs_where_ray_is_not(mlp_model: bytes) -> None:
     np.testing.assert_array_equal(out["y"], _direct(model, x))
 
 
-def _identity_model(dtype: int, *names: str) -> bytes:
-    """An ONNX model passing each named input [N, 1] of ``dtype`` (TensorProto) to "y" (summed if several)."""
+def _identity_model(dtype: int, *names: str, shape: tuple[str | int, ...] = ("N", 1)) -> bytes:
+    """An ONNX model passing each named input of ``dtype`` (TensorProto) and ``shape`` to "y" (summed if several)."""
     node = helper.make_node("Sum" if len(names) > 1 else "Identity", list(names), ["y"])
     graph = helper.make_graph(
         [node],
         "identity",
-        [helper.make_tensor_value_info(n, dtype, ["N", 1]) for n in names],
-        [helper.make_tensor_value_info("y", dtype, ["N", 1])],
+        [helper.make_tensor_value_info(n, dtype, list(shape)) for n in names],
+        [helper.make_tensor_value_info("y", dtype, list(shape))],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
 
@@ -367,3 +367,96 @@ class TestHostileInputs:
             predictor.map(tmp_path / "x0d.npy")
         with pytest.raises(inferkit.InvalidInput, match="no row axis"):
             predictor.map([np.float32(1.0)])
+
+
+class TestFileColumns:
+    """Each file column is checked against the input before columns are stacked into features."""
+
+    @staticmethod
+    def _write(tmp_path: Path, name: str, columns: dict[str, Any]) -> Path:
+        pa = pytest.importorskip("pyarrow")
+        pq = pytest.importorskip("pyarrow.parquet")
+        pq.write_table(pa.table(columns), tmp_path / f"{name}.parquet")
+        return tmp_path / f"{name}.parquet"
+
+    def test_bool_beside_numbers_refused(self, tmp_path: Path) -> None:
+        """A bool column stacked with numbers became 0.0/1.0 (or 0/1) features silently; now it is
+        InvalidInput naming the column, for every row (each has it), from Parquet and CSV alike."""
+        path = self._write(tmp_path, "b", {"a": [True, False], "b": [0.5, 1.0], "c": [1.0, 2.0]})
+        (tmp_path / "b.csv").write_text("a,b,c\ntrue,0.5,1\nfalse,1.0,2\n")
+        ints = self._write(tmp_path, "bi", {"a": [True, False], "b": [1, 2], "c": [3, 4]})
+        with (
+            inferkit.Predictor.from_onnx(_identity_model(TensorProto.FLOAT, "x", shape=("N", 3))) as floats,
+            inferkit.Predictor.from_onnx(_identity_model(TensorProto.INT64, "x", shape=("N", 3))) as int64s,
+        ):
+            for predictor, data in ((floats, path), (floats, tmp_path / "b.csv"), (int64s, ints)):
+                with pytest.raises(inferkit.InvalidInput, match=r"got column 'a' of bool") as caught:
+                    predictor.map(data)
+                assert caught.value.input_name == "x"
+                result = predictor.map(data, on_error="collect")
+                assert [e.index for e in result.errors] == [0, 1]
+                assert result.outputs.shape == (0, 3)
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.BOOL, "x", shape=("N", 2))) as bools:
+            flags = self._write(tmp_path, "flags", {"a": [True, False], "b": [False, False]})
+            np.testing.assert_array_equal(bools.map(flags), [[True, False], [False, False]])
+
+    def test_signed_beside_unsigned_ints(self, tmp_path: Path) -> None:
+        """int64 and uint64 columns met in float64, which an int input refused for every row; now each column is
+        cast to the input's dtype, and only a row with a value out of its range fails, naming the column."""
+        pa = pytest.importorskip("pyarrow")
+        path = self._write(
+            tmp_path, "iu", {"a": pa.array([-1, 2, 3], pa.int64()), "b": pa.array([1, 2**63 + 1, 3], pa.uint64())}
+        )
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.INT64, "x", shape=("N", 2))) as int64s:
+            result = int64s.map(path, on_error="collect")
+            assert [e.index for e in result.errors] == [1]
+            assert "values 9223372036854775809..9223372036854775809 in column 'b' do not fit int64" in str(
+                result.errors[0].error
+            )
+            np.testing.assert_array_equal(result.outputs, [[-1, 1], [3, 3]])
+            assert result.outputs.dtype == np.int64
+
+    def test_dates_beside_numbers_refused(self, tmp_path: Path) -> None:
+        """A date or timestamp column stacked with numbers raised numpy's DTypePromotionError (a TypeError no
+        on_error handles); now it is InvalidInput naming the column, also for a callable that declares no inputs."""
+        pa = pytest.importorskip("pyarrow")
+        days = np.array(["2020-01-01", "2020-01-02"], "datetime64[D]")
+        for name, column in (("ts", pa.array(days.astype("datetime64[ms]"))), ("day", pa.array(days))):
+            path = self._write(tmp_path, name, {"a": column, "b": [0.5, 1.0], "c": [1.0, 2.0]})
+            with inferkit.Predictor.from_onnx(_identity_model(TensorProto.FLOAT, "x", shape=("N", 3))) as floats:
+                with pytest.raises(inferkit.InvalidInput, match=r"got column 'a' of (timestamp|date)"):
+                    floats.map(path)
+                assert [e.index for e in floats.map(path, on_error="collect").errors] == [0, 1]
+            with inferkit.Predictor.from_callable(lambda x: x) as untyped:
+                with pytest.raises(inferkit.InvalidInput, match=r"cannot be stacked into one array of features"):
+                    untyped.map(path)
+                assert untyped.map(path, on_error="skip") is None
+
+    def test_nulls(self, tmp_path: Path) -> None:
+        """Nulls (Parquet nulls; CSV empty, N/A, NULL cells) feed a float input as NaN. An int input got the
+        column as float64 and every row of its batch failed ("got float64"); now only a row with a null fails,
+        naming the column, and the other rows keep their exact values."""
+        pa = pytest.importorskip("pyarrow")
+        big = 2**53 + 1  # no float64 holds it: a row read by way of float would lose it
+        path = self._write(tmp_path, "n", {"a": pa.array([big, None, 3, 4], pa.int64()), "b": [1, 2, None, 4]})
+        (tmp_path / "n.csv").write_text(f"a,b\n{big},1\n,2\n3,N/A\n4,4\n")
+        (tmp_path / "blank.csv").write_text("a,b\n,1\nNULL,2\n")  # a column of no value at all
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.INT64, "x", shape=("N", 2))) as int64s:
+            for data in (path, tmp_path / "n.csv"):
+                result = int64s.map(data, batch_size=4, on_error="collect")
+                assert [(e.index, e.error.input_name) for e in result.errors] == [(1, "x"), (2, "x")]
+                assert "got a null (an empty cell) in column 'a'" in str(result.errors[0].error)
+                assert "got a null (an empty cell) in column 'b'" in str(result.errors[1].error)
+                np.testing.assert_array_equal(result.outputs, [[big, 1], [4, 4]])
+                with pytest.raises(inferkit.InvalidInput, match=r"null \(an empty cell\) in column 'a'"):
+                    int64s.map(data)
+            assert [e.index for e in int64s.map(tmp_path / "blank.csv", on_error="collect").errors] == [0, 1]
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.FLOAT, "x", shape=("N", 2))) as floats:
+            for data in (path, tmp_path / "n.csv", tmp_path / "blank.csv"):
+                got = floats.map(data)
+                assert np.isnan(got).sum() == 2, got
+        named = self._write(tmp_path, "named", {"x": pa.array([1, None, 3], pa.int32())})  # a column per input
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.INT32, "x", shape=("N",))) as int32s:
+            result = int32s.map(named, on_error="collect")
+            assert [e.index for e in result.errors] == [1]
+            np.testing.assert_array_equal(result.outputs, [1, 3])

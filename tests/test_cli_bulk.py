@@ -255,6 +255,25 @@ class TestPredictHostile:
         assert "inferkit predict: ModelError: " in err
         assert "Traceback" not in err
 
+    def test_column_no_input_takes_is_one_line(self, tmp_path: Path) -> None:
+        """A timestamp column beside numbers ended the job with a numpy traceback (exit 1); a bool column was
+        read as 0.0/1.0. Both: one line naming the column, exit 2, no output."""
+        pa = pytest.importorskip("pyarrow")
+        pq = pytest.importorskip("pyarrow.parquet")
+        model = _identity(tmp_path / "m.onnx", TensorProto.FLOAT, ["N", 3])
+        stamps = pa.array(np.array(["2020-01-01", "2020-01-02"], "datetime64[ms]"))
+        for name, first in (("ts", stamps), ("flags", pa.array([True, False]))):
+            pq.write_table(pa.table({"a": first, "b": [0.5, 1.0], "c": [1.0, 2.0]}), tmp_path / f"{name}.parquet")
+            proc = _cli(*_predict(model, tmp_path / f"{name}.parquet", tmp_path / f"{name}.npy"))
+            _, err = proc.communicate(timeout=WAIT)
+            assert proc.returncode == 2, err
+            lines = err.strip().splitlines()
+            assert len(lines) == 1, err
+            assert lines[0].startswith(
+                "inferkit predict: input 'x': expected float32 with shape (N, 3), got column 'a'"
+            )
+            assert not (tmp_path / f"{name}.npy").exists()
+
     def test_refused_before_any_work(self, tmp_path: Path, two_outputs_model: bytes) -> None:
         """A 0-d or empty input, an output that is a folder, several outputs to .npy: exit 2 at once, nothing left."""
         model = _model(tmp_path / "m.onnx")
@@ -278,6 +297,136 @@ class TestPredictHostile:
             assert "Traceback" not in err
             assert not (tmp_path / f"{out}.parts").exists()
             assert not (tmp_path / f"{out}.lock").exists()
+
+
+def _identity(path: Path, dtype: int, shape: list[str | int]) -> Path:
+    """An ONNX model passing "x" of ``dtype`` (TensorProto) and ``shape`` to "y"."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "identity",
+        [helper.make_tensor_value_info("x", dtype, shape)],
+        [helper.make_tensor_value_info("y", dtype, shape)],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+    return path
+
+
+class TestPredictOutputs:
+    """What each output format holds: strings, and shapes past two axes."""
+
+    def test_strings_to_parquet_round_trip(self, tmp_path: Path) -> None:
+        """A string output failed at the very end (its parts were pickled, then refused when read back) and
+        left its parts behind; now its parts are Arrow files and the column holds the strings as they were."""
+        pa = pytest.importorskip("pyarrow")
+        pq = pytest.importorskip("pyarrow.parquet")
+        model = _identity(tmp_path / "s.onnx", TensorProto.STRING, ["N", 1])
+        words = ["a", "b\x00", "", "é😀", "c"]
+        pq.write_table(pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(words), 1)}), tmp_path / "s.parquet")
+        out = tmp_path / "y.parquet"
+        proc = _cli("predict", str(model), "--input", str(tmp_path / "s.parquet"), "--output", str(out),
+                    "--chunk-rows", "2")  # fmt: skip
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0, err
+        assert pq.read_table(out).column("y").to_pylist() == [[w] for w in words]
+        assert not (tmp_path / "y.parquet.parts").exists()
+
+    def test_strings_to_npy_refused_before_any_work(self, tmp_path: Path) -> None:
+        """A .npy output of a string model: exit 2 at once with a line suggesting .parquet, nothing left."""
+        model = _identity(tmp_path / "s.onnx", TensorProto.STRING, ["N", 1])
+        (tmp_path / "s.csv").write_text("f\na\nb\n")
+        out = tmp_path / "y.npy"
+        proc = _cli(*_predict(model, tmp_path / "s.csv", out))
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 2, err
+        why = "the model's output 'y' holds strings, which a .npy file cannot: write it to a .parquet file"
+        assert err.strip() == f"inferkit predict: {why}"
+        assert not out.exists()
+        assert not (tmp_path / "y.npy.parts").exists()
+
+    def test_undeclared_string_outputs(self, tmp_path: Path) -> None:
+        """A callable that declares no outputs: strings go to .parquet (beside numbers), and .npy is refused
+        at the first chunk, before it is listed, rather than written as pointers."""
+        pq = pytest.importorskip("pyarrow.parquet")
+        from inferkit import Predictor
+        from inferkit.bulk import run_job
+
+        np.save(tmp_path / "x.npy", np.arange(5, dtype=np.float32)[:, None])
+
+        def named(x: np.ndarray) -> dict[str, np.ndarray]:
+            return {"s": np.array([f"r{v:g}\x00" for v in x[:, 0]], dtype=object), "y": x * 2}
+
+        with Predictor.from_callable(named) as predictor:
+            assert run_job(predictor, tmp_path / "x.npy", tmp_path / "y.parquet", chunk_rows=2) == 5
+            with pytest.raises(ValueError, match=r"output 's' holds strings, which a \.npy file cannot"):
+                run_job(predictor, tmp_path / "x.npy", tmp_path / "y.npy", chunk_rows=2)
+        table = pq.read_table(tmp_path / "y.parquet")
+        assert table.column("s").to_pylist() == [f"r{v}\x00" for v in range(5)]
+        assert table.column("y").to_pylist() == [[2.0 * v] for v in range(5)]
+        assert _finished_chunks(tmp_path / "y.npy.parts" / "manifest.json") == 0
+        assert not (tmp_path / "y.npy").exists()
+
+    def test_outputs_past_two_axes_keep_their_shape(self, tmp_path: Path) -> None:
+        """An (N, 2, 3) output was written as a list of 6 values, its shape lost; now it nests a fixed-size list
+        per axis, and reading that file back (map, or another job) gives the (N, 2, 3) array."""
+        pq = pytest.importorskip("pyarrow.parquet")
+        from inferkit import Predictor
+
+        model = _identity(tmp_path / "m.onnx", TensorProto.FLOAT, ["N", 2, 3])
+        x = np.arange(5 * 2 * 3, dtype=np.float32).reshape(5, 2, 3)
+        np.save(tmp_path / "x.npy", x)
+        proc = _cli(*_predict(model, tmp_path / "x.npy", tmp_path / "y.parquet"))
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0, err
+        assert pq.read_table(tmp_path / "y.parquet").column("y").to_pylist() == x.tolist()
+        (tmp_path / "y.parquet").rename(tmp_path / "again.parquet")  # a column named "y", not the input's "x"
+        with Predictor.from_onnx(model) as predictor:
+            np.testing.assert_array_equal(predictor.map(tmp_path / "again.parquet", batch_size=2), x)
+        proc = _cli(*_predict(model, tmp_path / "again.parquet", tmp_path / "z.parquet"))
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0, err
+        assert pq.read_table(tmp_path / "z.parquet").column("y").to_pylist() == x.tolist()
+
+    def test_zero_width_output(self, tmp_path: Path) -> None:
+        """An (N, 0) output failed only once every chunk was done ("list_size needs to be a strict positive
+        integer"); Parquet cannot hold it, so it is refused before any work. A .npy file holds it."""
+        pytest.importorskip("pyarrow")
+        model = _identity(tmp_path / "m.onnx", TensorProto.FLOAT, ["N", 0])
+        np.save(tmp_path / "x.npy", np.ones((5, 0), np.float32))
+        proc = _cli(*_predict(model, tmp_path / "x.npy", tmp_path / "y.parquet"))
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 2, err
+        why = "the model's output 'y' has shape (N, 0), no values per row, which Parquet cannot hold: write it to a"
+        assert err.startswith(f"inferkit predict: {why} .npy file"), err
+        assert not (tmp_path / "y.parquet.parts").exists()
+        proc = _cli(*_predict(model, tmp_path / "x.npy", tmp_path / "y.npy"))
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0, err
+        assert np.load(tmp_path / "y.npy").shape == (5, 0)
+
+    def test_pickled_part_left_by_an_earlier_run_refused(self, tmp_path: Path) -> None:
+        """A part holding pickled objects (as string outputs were saved before) is never unpickled: exit 2
+        with a line saying to delete the parts folder."""
+        from inferkit import ModelError, Predictor
+        from inferkit.bulk import JobMismatch, run_job
+
+        np.save(tmp_path / "x.npy", np.ones((4, 1), np.float32))
+        calls = []
+
+        def second_chunk_fails(x: np.ndarray) -> np.ndarray:
+            calls.append(len(x))
+            if len(calls) > 1:
+                raise RuntimeError("stopped")
+            return x
+
+        out = tmp_path / "y.parquet"
+        with Predictor.from_callable(second_chunk_fails) as predictor:
+            with pytest.raises(ModelError):
+                run_job(predictor, tmp_path / "x.npy", out, chunk_rows=2, batch_size=2)
+            part = tmp_path / "y.parquet.parts" / "part-000000.npy"
+            np.save(part, np.array([["a"], ["b"]], dtype=object), allow_pickle=True)
+            calls.clear()
+            with pytest.raises(JobMismatch, match=r"part-000000\.npy cannot be read .*: delete .* to start over"):
+                run_job(predictor, tmp_path / "x.npy", out, chunk_rows=2, batch_size=2)
 
 
 class TestBench:

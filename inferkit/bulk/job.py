@@ -24,21 +24,51 @@ class JobMismatch(ValueError):
     """The unfinished job found beside the output was started with other settings."""
 
 
-def _save_part(path: Path, outputs: Any) -> None:
-    def write(f: BinaryIO) -> None:
-        if isinstance(outputs, Mapping):
-            np.savez(f, **outputs)
-        else:
-            np.save(f, outputs)
+def _save_part(path: Path, outputs: Any, single: str) -> Path:
+    """Write one chunk's outputs under ``path`` with the suffix their kind takes; return the path written.
+
+    Numbers go to ``.npy``/``.npz``; outputs holding objects (strings) to an Arrow IPC ``.arrow``
+    file, since NumPy would pickle them and a part read back must never unpickle.
+    """
+    arrays = outputs if isinstance(outputs, Mapping) else {single: outputs}
+    if any(a.dtype.hasobject for a in arrays.values()):
+        import pyarrow as pa  # noqa: PLC0415  (only a .parquet output gets here: _check_part)
+
+        table = _arrow_table(outputs, single)
+        path = path.with_suffix(".arrow")
+
+        def write(f: BinaryIO) -> None:
+            with pa.ipc.new_file(f, table.schema) as writer:
+                writer.write_table(table)
+
+    else:
+        path = path.with_suffix(".npz" if isinstance(outputs, Mapping) else ".npy")
+
+        def write(f: BinaryIO) -> None:
+            if isinstance(outputs, Mapping):
+                np.savez(f, **outputs)
+            else:
+                np.save(f, outputs)
 
     atomic_write(path, write)
+    return path
 
 
 def _load_part(path: Path) -> Any:
-    if path.suffix == ".npz":
-        with np.load(path) as loaded:
-            return {k: loaded[k] for k in loaded.files}
-    return np.load(path)
+    """A part as written: arrays (never unpickled) or, for ``.arrow``, a pyarrow Table."""
+    try:
+        if path.suffix == ".arrow":
+            import pyarrow as pa  # noqa: PLC0415
+
+            with pa.OSFile(str(path)) as f:
+                return pa.ipc.open_file(f).read_all()
+        if path.suffix == ".npz":
+            with np.load(path) as loaded:
+                return {k: loaded[k] for k in loaded.files}
+        return np.load(path)
+    except ValueError as error:  # a pickled part (written before parts of strings were Arrow files) among them
+        msg = f"{path} cannot be read ({error}): delete {path.parent} to start over"
+        raise JobMismatch(msg) from None
 
 
 def _arrow_table(outputs: Any, single: str) -> Any:
@@ -47,11 +77,10 @@ def _arrow_table(outputs: Any, single: str) -> Any:
     named = outputs if isinstance(outputs, Mapping) else {single: outputs}
     columns = {}
     for name, array in named.items():
-        if array.ndim == 1:
-            columns[name] = pa.array(array)
-        else:
-            width = int(np.prod(array.shape[1:]))
-            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(array).ravel()), width)
+        column = pa.array(np.ascontiguousarray(array).ravel())
+        for width in reversed(array.shape[1:]):  # one fixed-size list per axis past the rows: the shape stays
+            column = pa.FixedSizeListArray.from_arrays(column, width)
+        columns[name] = column
     return pa.table(columns)
 
 
@@ -70,7 +99,8 @@ def _assemble(parts: list[Path], output: Path, single: str) -> None:
             writer = None
             try:
                 for part in parts:
-                    table = _arrow_table(_load_part(part), single)
+                    loaded = _load_part(part)
+                    table = loaded if part.suffix == ".arrow" else _arrow_table(loaded, single)
                     if writer is None:
                         writer = pq.ParquetWriter(f, table.schema)
                     writer.write_table(table)
@@ -123,6 +153,22 @@ def _resume_from(manifest_path: Path, settings: dict[str, Any]) -> list[dict[str
     return chunks
 
 
+def _check_part(outputs: Mapping[str, tuple[np.dtype[Any], tuple[int | None, ...]]], output: Path) -> None:
+    """Refuse outputs (by name: dtype, shape past the rows) that ``output`` could not hold.
+
+    Checked on the declared outputs before any work, then on each chunk's before it is listed.
+    """
+    for name, (dtype, tail) in outputs.items():
+        if output.suffix.lower() == ".npy" and dtype.hasobject:
+            msg = f"the model's output {name!r} holds strings, which a .npy file cannot: write it to a .parquet file"
+            raise ValueError(msg)
+        if output.suffix.lower() == ".parquet" and 0 in tail:  # pyarrow has no fixed-size list of size 0
+            shape = ", ".join(["N", *("?" if d is None else str(d) for d in tail)])
+            hint = ": write it to a .npy file" if len(outputs) == 1 else ""
+            msg = f"the model's output {name!r} has shape ({shape}), no values per row, which Parquet cannot hold{hint}"
+            raise ValueError(msg)
+
+
 def _check_output(output: Path, signature: Signature | None) -> None:
     """Refuse, before any work, an output that could not be written at the end."""
     if output.suffix.lower() not in {".npy", ".parquet"}:
@@ -135,6 +181,8 @@ def _check_output(output: Path, signature: Signature | None) -> None:
         raise ValueError(msg)
     if output.suffix.lower() == ".npy" and signature is not None and len(signature.outputs) > 1:
         raise _several_outputs([o.name for o in signature.outputs])
+    if signature is not None:
+        _check_part({o.name: (o.dtype, o.shape[1:]) for o in signature.outputs}, output)
     parts_dir = output.with_name(output.name + ".parts")
     if parts_dir.is_symlink():
         msg = f"{parts_dir} is a symbolic link; a job's parts folder must be a plain folder"
@@ -179,6 +227,8 @@ def run_job(
         raise _no_rows(source)
     parts_dir = output.with_name(output.name + ".parts")
     manifest_path = parts_dir / "manifest.json"
+    declared = signature.outputs if signature is not None else ()
+    single = declared[0].name if len(declared) == 1 else "output"  # a one-output model's column keeps its name
     with output_lock(output):
         settings = _settings(source, None if model is None else Path(model), chunk_rows)
         chunks = _resume_from(manifest_path, settings)
@@ -193,8 +243,9 @@ def run_job(
                 outputs = map_batches(target, chunk, batch_size=batch_size, in_flight=in_flight)
                 if file_identity(source, digest=False) != settings["input_file"]:  # before the chunk is listed
                     raise _changed(source, parts_dir)
-                name = f"part-{len(chunks):06d}" + (".npz" if isinstance(outputs, Mapping) else ".npy")
-                _save_part(parts_dir / name, outputs)
+                named = outputs if isinstance(outputs, Mapping) else {single: outputs}
+                _check_part({k: (a.dtype, a.shape[1:]) for k, a in named.items()}, output)
+                name = _save_part(parts_dir / f"part-{len(chunks):06d}", outputs, single).name
                 chunks.append({"file": name, "rows": _rows(chunk)})
                 record = json.dumps({"settings": settings, "chunks": chunks}, indent=1).encode()
                 atomic_write(manifest_path, lambda f, data=record: f.write(data))  # type: ignore[misc]
@@ -206,8 +257,6 @@ def run_job(
         if not chunks:  # a CSV file of no rows (the others are refused above)
             shutil.rmtree(parts_dir)
             raise _no_rows(source)
-        declared = signature.outputs if signature is not None else ()
-        single = declared[0].name if len(declared) == 1 else "output"  # a one-output model's column keeps its name
         _assemble([parts_dir / c["file"] for c in chunks], output, single)
         shutil.rmtree(parts_dir)
     return sum(c["rows"] for c in chunks)

@@ -11,7 +11,7 @@ import attrs
 import numpy as np
 
 from inferkit.bulk.progress import Progress
-from inferkit.bulk.reading import _concat, _rows, _slice, read, total_rows
+from inferkit.bulk.reading import _concat, _Flawed, _rows, _slice, read, total_rows
 from inferkit.errors import InvalidInput, ModelError
 from inferkit.signature import Signature
 
@@ -60,11 +60,22 @@ class _Done:
     errors: tuple[RowError, ...]
 
 
+def _submit(target: Submitter, batch: Any, timeout: float | None) -> Future[Any]:
+    """``target.submit(batch)``; a batch read with flawed rows raises their error instead (``reading._Flawed``)."""
+    if isinstance(batch, _Flawed):
+        batch = batch.unwrap()
+    return target.submit(batch, timeout=timeout)
+
+
 def _bisect(target: Submitter, batch: Any, first: int, timeout: float | None) -> _Done:
     """Run ``batch`` in halves, then rows, to keep what runs and name what fails."""
     n = _rows(batch)
+    whole = batch.whole() if isinstance(batch, _Flawed) else None
+    if whole is not None:  # every row fails alike (a column of the wrong kind): no halves to try
+        errors = tuple(RowError(first + i, whole) for i in range(n))
+        return _Done(None, np.empty(0, dtype=np.int64), errors)
     try:
-        out = target.submit(batch, timeout=timeout).result()
+        out = _submit(target, batch, timeout).result()
     except _ROW_FAULTS as error:
         if n == 1:
             return _Done(None, np.empty(0, dtype=np.int64), (RowError(first, error),))
@@ -99,7 +110,7 @@ def _parts(
                     exhausted = True
                     break
                 try:
-                    job: Future[Any] | BaseException = target.submit(batch, timeout=timeout)
+                    job: Future[Any] | BaseException = _submit(target, batch, timeout)
                 except _ROW_FAULTS as error:  # refused whole at submit: bisected when its turn comes
                     job = error
                 pending.append((first, batch, job))

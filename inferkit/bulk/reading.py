@@ -8,10 +8,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import attrs
 import numpy as np
 
 from inferkit.errors import InvalidInput
-from inferkit.signature import Signature
+from inferkit.signature import _FAMILY, Signature, TensorSpec
 
 _FILE_SUFFIXES = (".npy", ".parquet", ".csv")
 _READ_BUFFER_BYTES = 1 << 20
@@ -70,25 +71,133 @@ def _needs_pyarrow(what: str) -> Any:
     return pa
 
 
+@attrs.frozen(eq=False)
+class _Flawed:
+    """Rows read from a file, some of which no input can take: each fault's mask marks its rows.
+
+    ``batch`` holds the rows as the model takes them, a stand-in value where a row is flawed
+    (None when no row is whole). A slice holding a flawed row is never sent: :meth:`unwrap`
+    raises that fault's :class:`~inferkit.InvalidInput`, so ``on_error`` bisects to those rows
+    as to any other bad row.
+    """
+
+    batch: Any
+    faults: tuple[tuple[np.ndarray[Any, Any], InvalidInput], ...]
+
+    def __len__(self) -> int:
+        return len(self.faults[0][0])
+
+    def __getitem__(self, rows: slice) -> _Flawed:
+        batch = None if self.batch is None else _slice(self.batch, rows.start, rows.stop)
+        return _Flawed(batch, tuple((mask[rows], error) for mask, error in self.faults))
+
+    def unwrap(self) -> Any:
+        """The rows to send; the error of the first fault any of them has, raised, if one has."""
+        for mask, error in self.faults:
+            if mask.any():
+                raise error.with_traceback(None)  # raised once per slice: keep the traceback short
+        return self.batch
+
+    def whole(self) -> InvalidInput | None:
+        """The error of a fault every row has (no slice of these rows could pass), else None."""
+        return next((error for mask, error in self.faults if mask.all()), None)
+
+
+def _flawed(batch: Any, faults: list[tuple[np.ndarray[Any, Any], InvalidInput]]) -> Any:
+    return _Flawed(batch, tuple(faults)) if faults else batch
+
+
 def _table_batch(batch: Any, signature: Signature | None) -> Any:
     """Arrays for the model from a pyarrow RecordBatch.
 
     Columns named after the model's inputs feed those inputs (a list column becomes a 2-D
     array); a one-input model whose input has no column of its name takes every column,
-    stacked in file order, as its features.
+    stacked in file order, as its features. Each column is checked against the input before
+    it is stacked (stacking would promote a bool or an int to a float, or fail on a date);
+    a column no input takes, or a null fed to an input other than a float one, flaws its rows.
     """
     names = list(batch.schema.names)
     inputs = [s.name for s in signature.inputs] if signature is not None else []
-    if inputs and all(n in names for n in inputs):
-        arrays = {n: _column(batch.column(names.index(n))) for n in inputs}
-        return _typed(arrays, signature) if signature is not None else _single(arrays)
+    faults: list[tuple[np.ndarray[Any, Any], InvalidInput]] = []
+    if signature is not None and all(n in names for n in inputs):
+        arrays = {
+            s.name: _column(_no_nulls(s.name, batch.column(names.index(s.name)), s, faults)) for s in signature.inputs
+        }
+        return _flawed(_typed(arrays, signature), faults)
     if len(inputs) > 1:
         msg = f"the model's inputs {inputs} need columns of those names; the file has {names}"
         raise InvalidInput(msg)
-    stacked = np.column_stack([_column(c) for c in batch.columns]) if names else np.empty((0, 0))
-    if signature is not None:
-        return _typed({signature.inputs[0].name: stacked}, signature)
-    return stacked
+    if not names:
+        return np.empty((0, 0))
+    if signature is None:
+        try:
+            return np.column_stack([_column(c) for c in batch.columns])
+        except TypeError as error:  # numpy's DTypePromotionError: a date beside a number
+            msg = f"the columns {names} cannot be stacked into one array of features ({error})"
+            return _Flawed(None, ((np.ones(batch.num_rows, bool), InvalidInput(msg)),))
+    spec = signature.inputs[0]
+    features = []
+    for name, column in zip(names, batch.columns, strict=True):
+        feature = _feature(name, _no_nulls(name, column, spec, faults), spec, faults)
+        if feature is None:
+            return _Flawed(None, tuple(faults))
+        features.append(feature)
+    return _flawed(_typed({spec.name: np.column_stack(features)}, signature), faults)
+
+
+def _no_nulls(name: str, column: Any, spec: TensorSpec, faults: list[tuple[np.ndarray[Any, Any], InvalidInput]]) -> Any:
+    """``column`` with its nulls filled by a stand-in and their rows flawed, for an input that has no null.
+
+    A float input takes a null as NaN, as pyarrow reads it; no other kind has a value for it.
+    A list column's nulls are left to the input's checks.
+    """
+    import pyarrow as pa  # noqa: PLC0415
+
+    if pa.types.is_null(column.type):  # no value at all (a CSV column of empty cells)
+        column = column.cast(pa.string() if spec.dtype.kind == "O" else pa.from_numpy_dtype(spec.dtype))
+    if not column.null_count or spec.dtype.kind == "f":
+        return column
+    stand_in = _STAND_INS.get(str(column.type))
+    if stand_in is None and pa.types.is_integer(column.type):
+        stand_in = 0
+    if stand_in is None:
+        return column
+    msg = f"input {spec.name!r}: expected {spec.describe()}, got a null (an empty cell) in column {name!r}"
+    faults.append((column.is_null().to_numpy(zero_copy_only=False), InvalidInput(msg, input_name=spec.name)))
+    return column.fill_null(pa.scalar(stand_in, column.type))
+
+
+_STAND_INS: dict[str, Any] = {"bool": False, "string": "", "large_string": "", "binary": b"", "large_binary": b""}
+
+
+def _feature(
+    name: str, column: Any, spec: TensorSpec, faults: list[tuple[np.ndarray[Any, Any], InvalidInput]]
+) -> np.ndarray[Any, Any] | None:
+    """Column ``name`` as features of the one input ``spec``, or None (and a fault of every row) if it cannot be.
+
+    Kinds as ``predict`` casts them (whole numbers feed a float input too). For an int input,
+    each column is cast to the input's dtype here, values out of its range flawed: int64 and
+    uint64 columns stacked as they are would meet in float64.
+    """
+    array = _column(column)
+    dst = spec.dtype
+    if array.dtype.kind not in _FAMILY[dst.kind] + ("iu" if dst.kind == "f" else ""):
+        msg = f"input {spec.name!r}: expected {spec.describe()}, got column {name!r} of {column.type}"
+        faults.insert(0, (np.ones(len(array), bool), InvalidInput(msg, input_name=spec.name)))
+        return None
+    if dst.kind == "f" and array.dtype.kind in "iu":
+        return array.astype(np.float64)  # by way of float64, so a float16 input's overflow is caught
+    if dst.kind not in "iu" or array.dtype == dst:
+        return array
+    if not np.can_cast(array.dtype, dst):
+        info = np.iinfo(dst)
+        out = (array < info.min) | (array > info.max)
+        if out.any():
+            lo, hi = int(array[out].min()), int(array[out].max())
+            msg = f"input {spec.name!r}: values {lo}..{hi} in column {name!r} do not fit {dst} [{info.min}, {info.max}]"
+            faults.append((out, InvalidInput(msg, input_name=spec.name)))
+            array = np.where(out, 0, array)
+    return array.astype(dst)
 
 
 def _typed(arrays: dict[str, Any], signature: Signature) -> Any:
@@ -118,6 +227,12 @@ def _single(arrays: Mapping[str, Any]) -> Any:
 def _column(column: Any) -> np.ndarray[Any, Any]:
     import pyarrow as pa  # noqa: PLC0415
 
+    values, tail = column, []
+    while pa.types.is_fixed_size_list(values.type) and not values.null_count:  # nested: one axis each
+        tail.append(values.type.list_size)
+        values = values.flatten()
+    if len(tail) > 1 and not pa.types.is_nested(values.type):
+        return np.asarray(values.to_numpy(zero_copy_only=False)).reshape(len(column), *tail)
     if pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type):
         return np.asarray(column.to_pylist()) if column.null_count else np.stack(column.to_numpy(zero_copy_only=False))
     return np.asarray(column.to_numpy(zero_copy_only=False))
@@ -196,6 +311,9 @@ def read(data: Any, batch_size: int, *, signature: Signature | None = None, skip
     """The batches of ``data`` (any source the module takes), ``batch_size`` rows each, ``skip`` rows dropped.
 
     Items of an iterable longer than ``batch_size`` are split; shorter ones stay as they are.
+    A file's batch with rows no input takes (a column of another kind, a null for an input
+    other than a float one) comes as a private ``_Flawed`` batch that ``map`` and ``stream``
+    refuse row by row with :class:`~inferkit.InvalidInput`, as ``on_error`` says.
     Each item's NumPy arrays are copied as they are taken: a batch waits in flight while the
     next is read, and a reader that refills one buffer would otherwise change it under it.
     Slices of an array or file read here are not copied again.
@@ -203,7 +321,7 @@ def read(data: Any, batch_size: int, *, signature: Signature | None = None, skip
     if _is_file(data):
         yield from _file_batches(Path(data), batch_size, signature, skip)
         return
-    if isinstance(data, np.ndarray | Mapping):
+    if isinstance(data, np.ndarray | Mapping | _Flawed):  # _Flawed: a batch this module read, read again (run_job)
         for start in range(skip, _rows(data), batch_size):
             yield _slice(data, start, start + batch_size)
         return
