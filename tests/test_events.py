@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -318,6 +319,20 @@ class TestFailingObserver:
             stats = predictor.stats()
         assert raised.is_set()
         assert (stats.in_flight, stats.completed, [r.state for r in stats.replicas]) == (0, 11, ["healthy"])
+
+    def test_a_cooldown_past_a_locks_timeout_keeps_the_replica(self) -> None:
+        """``cooldown=1e10`` (any wait past ``threading.TIMEOUT_MAX``): the ejected replica's worker died of
+        OverflowError on its wait, and the replica vanished from ``stats()`` for good."""
+        functions = iter([always_faults, double])
+        pool = inferkit.PoolConfig(replicas=2, balancing="round_robin", eject_after=1, cooldown=1e10, max_cooldown=1e10)
+        with Predictor(lambda: inferkit.CallableBackend(next(functions)), pool=pool, name="cool") as predictor:
+            for i in range(4):
+                np.testing.assert_array_equal(predictor.predict(rows(1, i), timeout=WAIT_S), rows(1, i) * 2)
+            time.sleep(0.2)  # the ejected worker has begun its wait
+            states = sorted(r.state for r in predictor.stats().replicas)
+            alive = [t.name for t in threading.enumerate() if t.name.startswith("inferkit-cool-")]
+        assert states == ["ejected", "healthy"]
+        assert len(alive) == 2
 
     def test_an_observer_may_read_stats_when_a_replica_is_ejected(self) -> None:
         """``ReplicaEjected`` is emitted after the batcher's lock: an observer that read ``stats()`` on it

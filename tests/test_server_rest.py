@@ -719,6 +719,8 @@ MALFORMED: list[tuple[str, str, bytes, dict[str, str], str]] = [
     ("text", "number for BYTES", _ji("text", "BYTES", [1]), {}, "strings"),
     # the stdlib's JSON (read when a body holds NaN) takes a lone surrogate, which has no UTF-8: was a 500
     ("text", "lone surrogate", _ji("text", "BYTES", ["\ud800"])[:-1] + b', "id": "NaN"}', {}, "not valid Unicode"),
+    # an int past a float's range (read by the stdlib's JSON, when the body holds NaN) was a 500: none
+    ("mlp", "huge timeout", _j(parameters={"timeout": 10**400, "priority": -1}, id="NaN"), {}, "priority"),
     ("mlp", "FP64 for FP32", _j({"datatype": "FP64", "data": [1e-50] * 4}), {}, "data-type is 'FP64'"),
     ("mlp", "bad id", _j(id=5), {}, "id must be a string"),
     ("mlp", "bad parameters", _j(parameters=[]), {}, "parameters"),

@@ -118,6 +118,15 @@ class TestStatistics:
         typed = c.grpc.get_inference_statistics("m")  # the protobuf message, parsed by tritonclient
         assert typed.model_stats[0].inference_count == 12
 
+    def test_requests_refused_at_the_door_count_as_failures(self, start: Callable[..., Clients]) -> None:
+        """Refusals at the door (1,919 Overloaded 503s in the probe, or a wrong shape) left ``fail.count``
+        at 0; Triton counts them as failures."""
+        c = start(Repository({"m": scaled(2)}))
+        with pytest.raises(InferenceServerException):
+            c.infer("http", "m", np.ones((2, 3), np.float32))  # the wrong shape: refused at the door
+        stats = c.http.get_inference_statistics("m")["model_stats"][0]["inference_stats"]
+        assert (int(stats["success"]["count"]), int(stats["fail"]["count"])) == (0, 1)
+
     def test_every_model_and_versions(self, start: Callable[..., Clients]) -> None:
         """Without a name, every model; a model with versions has an entry per version."""
         v1, v2 = scaled(1, "clf-1"), scaled(2, "clf-2")

@@ -362,7 +362,8 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
                     parked = wait is not None and lane.count > 0 and self._set.crowded(replica)
                     if replica.usable(now) and replica not in lane.idle and not parked:
                         lane.idle.append(replica)
-                    replica.cond.wait(wait)
+                    # A cooldown or delay past what a lock's timeout takes (1e10 s) would raise, ending the worker.
+                    replica.cond.wait(None if wait is None else min(wait, threading.TIMEOUT_MAX))
                     if replica in lane.idle and not replica.busy:
                         lane.idle.remove(replica)
                     continue

@@ -334,7 +334,8 @@ def request_options(
         if isinstance(timeout_us, bool) or not isinstance(timeout_us, int | float) or not timeout_us >= 0:
             msg = f"parameter 'timeout' must be microseconds >= 0 (0: none), got {timeout_us!r:.100}"
             raise InvalidInput(msg)
-        timeout = timeout_us / 1e6 if timeout_us else None
+        # compared before dividing: an int of 400 digits (the stdlib's JSON reads one) has no float
+        timeout = timeout_us / 1e6 if timeout_us and timeout_us <= NO_DEADLINE_S * 1e6 else None
     if remaining_s is not None:
         timeout = remaining_s if timeout is None else min(timeout, remaining_s)
     if timeout is not None and timeout > NO_DEADLINE_S:

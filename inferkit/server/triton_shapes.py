@@ -65,7 +65,7 @@ def triton_stats(name: str, version: str, target: Predictive) -> dict[str, Any]:
             continue
         s = predictor.stats()
         success += s.completed
-        fail += sum(s.failed.values())
+        fail += sum(s.failed.values()) + sum(s.rejected.values())  # refused at the door too, as Triton counts
         execution += s.batches
         inference += s.rows
         request_ns += int(s.request_seconds * 1e9)
