@@ -9,13 +9,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, cast
 
 import attrs
 
 from inferkit._bridge import deliver_to
 from inferkit._bulk_faces import BulkFaces
-from inferkit._exit import close_at_exit
 from inferkit._factories import (
     BATCHING,
     POOL,
@@ -25,6 +24,7 @@ from inferkit._factories import (
     pool_config,
     torch_factory,
 )
+from inferkit._process import Forked, track
 from inferkit.arrays import batch_key
 from inferkit.backends.base import Backend, BackendFactory
 from inferkit.batching import BatchConfig, Batcher, Request, RequestFuture
@@ -107,7 +107,7 @@ class Predictor(BulkFaces):
         except BaseException:  # a backend whose signature or device raised: no one could close its workers
             self._batcher.close(0)
             raise
-        close_at_exit(self)
+        track(self)  # closed at exit, disowned in a forked child
         self._set_state(State.READY)
 
     # -- construction ----------------------------------------------------------------------
@@ -424,6 +424,15 @@ class Predictor(BulkFaces):
     def _set_state(self, state: State) -> None:
         self._state = state
         self._emit(StateChanged(self.name, state.value))
+
+    def _forked(self) -> None:
+        """In a forked child (``os.fork``): closed, every call refused with ``Closed`` saying why."""
+        self._batcher = cast("Batcher", Forked(self.name, os.getppid()))
+        self._close_lock = threading.Lock()  # a thread of the parent may have held it at the fork
+        self._closing = True
+        self._state = State.CLOSED
+        self._closed = threading.Event()
+        self._closed.set()
 
     def _emit(self, event: Event) -> None:
         outer = getattr(_observing, "predictor", None)  # another predictor's, when its observer called us

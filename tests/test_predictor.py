@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import types
@@ -802,6 +803,15 @@ class TestFailures:
         assert len(refused) >= 2
         assert "from its own observer" in str(refused[0])
 
+    def test_a_forked_child_is_refused_clearly_not_left_waiting(self) -> None:
+        """os.fork() copied the predictor without its threads: in the child it looked ready and its
+        requests waited for good (gunicorn's --preload forks workers from the process that built the
+        model), and the child's request ids repeated the parent's."""
+        code = textwrap.dedent(_FORK_SCRIPT)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split("\n")[:2] == ["child 0", "parent [2.0, 2.0]"]
+
     def test_a_predictor_left_open_is_closed_at_exit(self) -> None:
         """Exiting with an ONNX predictor still open and busy aborted the process (its daemon workers
         inside ONNX Runtime at finalization: "terminate called without an active exception")."""
@@ -1178,3 +1188,35 @@ class TestPublicViews:
             p.resize(3)
             assert len(p.backends()) == 3
             assert backends == p.backends()[:2]
+
+
+_FORK_SCRIPT = """
+import os, sys, numpy as np, inferkit
+from inferkit import events
+p = inferkit.Predictor.from_callable(lambda x: x * 2, name="pre")
+parent_id = events.new_request_id("x")
+pid = os.fork()
+if pid == 0:
+    code = 0
+    try:
+        p.predict(np.ones((1, 2)), timeout=5)
+        code = 10
+    except inferkit.Closed as e:
+        if "before os.fork()" not in str(e): code = 11
+    try:
+        p.submit(np.ones((1, 2)))
+        code = 12
+    except inferkit.Closed:
+        pass
+    if p.ready or p.state.value != "closed": code = 13
+    p.close()
+    child = inferkit.Predictor.from_callable(lambda x: x * 3, name="post")
+    if not (child.predict(np.ones((1, 2))) == 3).all(): code = 14
+    if (events.new_request_id("x") >> 32) == (parent_id >> 32): code = 15
+    child.close()
+    os._exit(code)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+print("parent", p.predict(np.ones((1, 2)))[0].tolist())
+p.close()
+"""
