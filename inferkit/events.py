@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
@@ -213,11 +213,19 @@ class LogObserver:
             msg = f"repeat_window_s must be > 0, got {repeat_window_s!r}"
             raise ValueError(msg)
         self._std = logging.getLogger(_LOGGER)
-        self._log: Any = structlog.wrap_logger(self._std)
+        self._bound: Any = None  # built at the first line logged: the host configures structlog after import
         self._window = repeat_window_s
         self._clock = clock
         self._seen: dict[tuple[str, str, str], _Repeats] = {}
         self._lock = threading.Lock()
+
+    @property
+    def _log(self) -> Any:
+        """The stdlib logger through structlog as the host configured it, else one plain line (:func:`plain`)."""
+        if self._bound is None:
+            configured = structlog.is_configured()
+            self._bound = structlog.wrap_logger(self._std, processors=None if configured else [plain])
+        return self._bound
 
     def enabled(self) -> bool:
         """Whether per-batch events are wanted: DEBUG enabled, or an observer tapped."""
@@ -281,3 +289,22 @@ class LogObserver:
 
 
 _MAX_DISTINCT = 1024
+
+
+def plain(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> str:
+    """An event as one line for the host's stdlib handlers, where structlog is not configured.
+
+    structlog's defaults would add colour codes (when stdout is a terminal, whatever the
+    handler writes to) and a timestamp beside the handler's own. A traceback follows the line.
+    """
+    trace = event_dict.pop("traceback", None)
+    fields = [f"{k}={_value(v)}" for k, v in sorted(event_dict.items()) if k != "event"]
+    line = " ".join([str(event_dict.get("event", "")), *fields])
+    return line if trace is None else f"{line}\n{trace}"
+
+
+def _value(value: object) -> str:
+    """A field's value as the line shows it: a word as it is, other text quoted (so fields stay apart)."""
+    if isinstance(value, str) and (not value or any(c.isspace() or c in "='\"" for c in value)):
+        return repr(value)
+    return str(value)

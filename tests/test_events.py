@@ -403,6 +403,34 @@ class TestLogObserver:
         (failed,) = logged(caplog, "ModelFailed")  # the fault behind it, logged once, then counted
         assert failed.levelno == logging.WARNING
 
+    def test_without_structlog_configured_a_line_is_plain_text(self) -> None:
+        """structlog's defaults reached the host's stdlib handlers with colour codes (stdout a terminal,
+        whatever file the handler wrote) and a second timestamp: a plain line now, its traceback after."""
+        code = """
+            import logging, sys
+            import numpy as np
+            import inferkit
+
+            logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(levelname)s %(message)s")
+            with inferkit.Predictor.from_callable(lambda x: x, name="my model") as p:
+                p.predict(np.ones((1, 2)))
+            with inferkit.Predictor.from_callable(lambda x: 1 / 0, name="m") as p:
+                try:
+                    p.predict(np.ones((1, 2)))
+                except inferkit.ModelError:
+                    pass
+        """
+        proc = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60, check=False
+        )
+        lines = proc.stdout.splitlines()
+        assert proc.returncode == 0, proc.stderr
+        assert lines[0] == "INFO StateChanged name='my model' state=starting"
+        failed = next(i for i, line in enumerate(lines) if "ModelFailed" in line)
+        assert lines[failed].startswith("WARNING ModelFailed error='ZeroDivisionError: division by zero' name=m ")
+        assert lines[failed + 1] == "Traceback (most recent call last):"
+        assert "\x1b" not in proc.stdout
+
     def test_silent_when_logging_is_not_configured(self) -> None:
         """Without logging configured, serving (even through an ejection) prints nothing at all."""
         code = """
