@@ -400,6 +400,20 @@ class TestFileColumns:
             flags = self._write(tmp_path, "flags", {"a": [True, False], "b": [False, False]})
             np.testing.assert_array_equal(bools.map(flags), [[True, False], [False, False]])
 
+    def test_the_public_reader_raises_what_a_flawed_batch_holds(self, tmp_path: Path) -> None:
+        """``inferkit.bulk.read`` yielded the private stand-in of a batch with flawed rows; it raises
+        their InvalidInput, and yields clean batches as they are."""
+        from inferkit.bulk import read
+
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.FLOAT, "x", shape=("N", 2))) as floats:
+            sig = floats.signature
+        bad = self._write(tmp_path, "bad", {"a": [True, False], "b": [0.5, 1.0]})
+        with pytest.raises(inferkit.InvalidInput, match=r"got column 'a' of bool"):
+            list(read(bad, 10, signature=sig))
+        good = self._write(tmp_path, "good", {"a": [1.5, 2.0], "b": [0.5, 1.0]})
+        (batch,) = list(read(good, 10, signature=sig))
+        np.testing.assert_array_equal(batch, np.array([[1.5, 0.5], [2.0, 1.0]], np.float32))
+
     def test_signed_beside_unsigned_ints(self, tmp_path: Path) -> None:
         """int64 and uint64 columns met in float64, which an int input refused for every row; now each column is
         cast to the input's dtype, and only a row with a value out of its range fails, naming the column."""

@@ -13,7 +13,7 @@ import numpy as np
 
 from inferkit.bulk.files import JobLocked, atomic_write, file_identity, output_lock, remove_stale_temporaries
 from inferkit.bulk.mapping import Submitter, _check, _progress, map_batches
-from inferkit.bulk.reading import _needs_pyarrow, _rows, read, total_rows
+from inferkit.bulk.reading import _needs_pyarrow, _rows, batches, total_rows
 from inferkit.errors import InvalidInput
 from inferkit.signature import Signature
 
@@ -239,7 +239,7 @@ def run_job(
         if meter is not None:
             meter.done = done_rows
         try:
-            for chunk in read(source, chunk_rows, signature=signature, skip=done_rows):
+            for chunk in batches(source, chunk_rows, signature=signature, skip=done_rows):
                 outputs = map_batches(target, chunk, batch_size=batch_size, in_flight=in_flight)
                 if file_identity(source, digest=False) != settings["input_file"]:  # before the chunk is listed
                     raise _changed(source, parts_dir)

@@ -11,7 +11,7 @@ import attrs
 import numpy as np
 
 from inferkit.bulk.progress import Progress
-from inferkit.bulk.reading import _concat, _Flawed, _rows, _slice, read, total_rows
+from inferkit.bulk.reading import _concat, _Flawed, _rows, _slice, batches, total_rows
 from inferkit.errors import InvalidInput, ModelError
 from inferkit.signature import Signature
 
@@ -154,7 +154,7 @@ def _batches(target: Submitter, data: Any, batch_size: int, in_flight: int, on_e
     """``data`` read in batches of ``batch_size`` rows for ``target``, once the settings are checked."""
     _check(batch_size, in_flight, on_error)
     signature = getattr(target, "signature", None)
-    return read(data, batch_size, signature=signature if isinstance(signature, Signature) else None)
+    return batches(data, batch_size, signature=signature if isinstance(signature, Signature) else None)
 
 
 def _progress(progress: bool | Progress, data: Any) -> Progress | None:

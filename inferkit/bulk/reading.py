@@ -312,8 +312,17 @@ def read(data: Any, batch_size: int, *, signature: Signature | None = None, skip
 
     Items of an iterable longer than ``batch_size`` are split; shorter ones stay as they are.
     A file's batch with rows no input takes (a column of another kind, a null for an input
-    other than a float one) comes as a private ``_Flawed`` batch that ``map`` and ``stream``
-    refuse row by row with :class:`~inferkit.InvalidInput`, as ``on_error`` says.
+    other than a float one) raises their :class:`~inferkit.InvalidInput`.
+    """
+    for batch in batches(data, batch_size, signature=signature, skip=skip):
+        yield batch.unwrap() if isinstance(batch, _Flawed) else batch
+
+
+def batches(data: Any, batch_size: int, *, signature: Signature | None = None, skip: int = 0) -> Iterator[Any]:
+    """:func:`read`'s batches, a file's flawed ones as a ``_Flawed`` batch.
+
+    ``map`` and ``stream`` refuse those rows one by one with :class:`~inferkit.InvalidInput`,
+    as ``on_error`` says, and run the others.
     Each item's NumPy arrays are copied as they are taken: a batch waits in flight while the
     next is read, and a reader that refills one buffer would otherwise change it under it.
     Slices of an array or file read here are not copied again.
