@@ -207,6 +207,14 @@ versions.1 = { path = "a.onnx", eject_after = 7 }
                 r"server: unknown field\(s\) \['bogus'\]",
             ),
             ('[server]\ngrace_s = "x"\n[[models]]\nname = "m"\npath = "a.onnx"\n', r"server: grace_s must be"),
+            *(  # an OverflowError traceback when gRPC started
+                (f'[server]\n{key} = {value}\n[[models]]\nname = "m"\npath = "a.onnx"\n', rf"server: {key} must be")
+                for key, value in [
+                    ("grpc_idle_s", "2592000"),
+                    ("grpc_max_concurrent_streams", "2147483648"),
+                    ("max_header_bytes", "2147483648"),
+                ]
+            ),
             *(
                 (
                     f'[server]\n{key} = {value}\n[[models]]\nname = "m"\npath = "a.onnx"\n',
@@ -397,6 +405,11 @@ class TestCli:
             (["scale.onnx", "--max-ejected-fraction", "2"], "--max-ejected-fraction: must be in (0, 1], got 2"),
             (["scale.onnx", "--header-timeout-s", "0"], "--header-timeout-s: must be a finite number > 0, got 0"),
             (["scale.onnx", "--max-header-bytes", "10"], "max_header_bytes must be an int >= 1024, got 10"),
+            (["scale.onnx", "--grpc-idle-s", "1e300"], "grpc_idle_s must be at most 2147483"),
+            (
+                ["scale.onnx", "--grpc-max-concurrent-streams", "99999999999"],
+                "grpc_max_concurrent_streams must be an int <= 2147483647, got 99999999999",
+            ),
         ],
     )
     def test_bad_arguments(self, tmp_path: Path, args: list[str], message: str) -> None:
@@ -409,8 +422,9 @@ class TestCli:
             timeout=WAIT,
             check=False,
         )
-        assert run.returncode == 2
+        assert run.returncode == 2, run.stderr
         assert message in run.stderr
+        assert "Traceback" not in run.stderr, run.stderr
 
     @pytest.mark.parametrize("face", ["--port", "--grpc-port"])
     def test_a_port_in_use_is_one_line_and_exit_2(self, tmp_path: Path, face: str) -> None:
@@ -855,6 +869,21 @@ class TestConnectionLimits:
             ConnectionLimits(header_timeout_s=0)
         with pytest.raises(ValueError, match="max_message_bytes must be an int <= 2147483647"):
             ConnectionLimits(max_message_bytes=2**31)
+
+    @pytest.mark.parametrize(
+        ("field", "value", "message"),
+        [  # each became a gRPC option, a C int: OverflowError when the server started
+            ("grpc_idle_s", 2592000, r"grpc_idle_s must be at most 2147483 \(2\*\*31 - 1 milliseconds\), got 2592000"),
+            ("grpc_idle_s", 1e300, r"grpc_idle_s must be at most 2147483"),
+            ("grpc_max_concurrent_streams", 2**31, r"grpc_max_concurrent_streams must be an int <= 2147483647"),
+            ("max_header_bytes", 2**31, r"max_header_bytes must be an int <= 2147483647"),
+        ],
+    )
+    def test_grpc_limits_fit_a_c_int(self, field: str, value: float, message: str) -> None:
+        """The limits that become gRPC options are refused past 2**31 - 1 (milliseconds for grpc_idle_s)."""
+        with pytest.raises(ValueError, match=message):
+            ConnectionLimits(**{field: value})
+        assert ConnectionLimits(grpc_idle_s=2147483, grpc_max_concurrent_streams=2**31 - 1).grpc_idle_s == 2147483
 
     def test_body_limits_reach_the_rest_face(self) -> None:
         """max_request_bytes and max_json_bytes set on the server answer 413 naming them; binary still fits."""
