@@ -207,6 +207,10 @@ versions.1 = { path = "a.onnx", eject_after = 7 }
                 r"server: unknown field\(s\) \['bogus'\]",
             ),
             ('[server]\ngrace_s = "x"\n[[models]]\nname = "m"\npath = "a.onnx"\n', r"server: grace_s must be"),
+            (  # an OverflowError traceback when the shutdown joined a thread
+                '[server]\ngrace_s = 1e300\n[[models]]\nname = "m"\npath = "a.onnx"\n',
+                r"server: grace_s must be a number from 0 to 86400 \(a day\), got 1e\+300",
+            ),
             *(  # an OverflowError traceback when gRPC started
                 (f'[server]\n{key} = {value}\n[[models]]\nname = "m"\npath = "a.onnx"\n', rf"server: {key} must be")
                 for key, value in [
@@ -400,7 +404,25 @@ class TestCli:
         ("args", "message"),
         [
             (["none.onnx"], "inferkit serve: no model file"),
-            (["scale.onnx", "--grpc-listeners", "0"], "--grpc-listeners: must be >= 1, got 0"),
+            (["scale.onnx", "--grpc-listeners", "0"], "--grpc-listeners: must be from 1 to 64, got 0"),
+            # descriptors ran out, with garbled gRPC C-core log lines before the exit
+            (["scale.onnx", "--grpc-listeners", "100000"], "--grpc-listeners: must be from 1 to 64, got 100000"),
+            # an OverflowError traceback from bind
+            (["scale.onnx", "--port", "70000"], "--port: must be a port number from 0 to 65535, got 70000"),
+            (["scale.onnx", "--port", "-5"], "--port: must be a port number from 0 to 65535, got -5"),
+            # served gRPC on 4464, wrapped, or turned gRPC off without a word
+            *(
+                (
+                    ["scale.onnx", "--grpc-port", port],
+                    f"--grpc-port: must be a port number from 0 to 65535, or -1 to serve REST only, got {port}",
+                )
+                for port in ("70000", "65536", "-2")
+            ),
+            # a ValueError or OverflowError traceback at the shutdown; -1 was taken
+            *(
+                (["scale.onnx", "--grace", grace], f"--grace: must be a number from 0 to 86400 (a day), got {shown}")
+                for grace, shown in [("nan", "nan"), ("inf", "inf"), ("-1", "-1.0"), ("1e300", "1e+300"), ("x", "'x'")]
+            ),
             (["scale.onnx", "--eject-after", "0"], "--eject-after: must be >= 1, got 0"),
             (["scale.onnx", "--max-ejected-fraction", "2"], "--max-ejected-fraction: must be in (0, 1], got 2"),
             (["scale.onnx", "--header-timeout-s", "0"], "--header-timeout-s: must be a finite number > 0, got 0"),

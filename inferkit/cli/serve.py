@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from inferkit.batching.config import BatchConfig
-from inferkit.cli.args import _at_least_one, _fraction, _positive
+from inferkit.cli.args import _at_least_one, _fraction, _grace, _grpc_listeners, _grpc_port, _port, _positive
 from inferkit.pool import PoolConfig
 
 if TYPE_CHECKING:
@@ -33,8 +33,8 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument("--config", type=Path, help="a TOML file with several models, versions and splits")
     serve.add_argument("--name", help="the model's name (default: the file's stem)")
     serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
-    serve.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 8001; -1 disables gRPC)")
+    serve.add_argument("--port", type=_port, default=None, help="HTTP port (default 8000; 0: a free one)")
+    serve.add_argument("--grpc-port", type=_grpc_port, default=None, help="gRPC port (default 8001; -1 disables gRPC)")
     serve.add_argument(
         "--max-batch-size",
         type=int,
@@ -72,9 +72,10 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument("--overload-status", type=int, choices=(429, 503), default=503)
     serve.add_argument(
         "--grace",
-        type=float,
+        type=_grace,
         default=None,
-        help="seconds the shutdown may take: in-flight requests finish, then everything closes (default 30)",
+        help="seconds the shutdown may take, at most 86400: in-flight requests finish, then everything closes "
+        "(default 30)",
     )
     limits = serve.add_argument_group("connection limits (docs/security.md; override a config's [server])")
     limits.add_argument("--header-timeout-s", type=_positive, help="seconds to send a request head (default 10)")
@@ -102,9 +103,9 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     serve.add_argument(
         "--grpc-listeners",
-        type=_at_least_one,
+        type=_grpc_listeners,
         default=None,
-        help="gRPC servers sharing the port, each accepting calls (default 8 on Linux, else 1)",
+        help="gRPC servers sharing the port, each accepting calls: 1 to 64 (default 8 on Linux, else 1)",
     )
     serve.add_argument(
         "--repository-control",

@@ -6,7 +6,7 @@
     host = "127.0.0.1"
     port = 8000
     grpc_port = 8001          # or false: REST only
-    grace_s = 30              # shutdown drain bound
+    grace_s = 30              # shutdown drain bound (0 to 86400)
     repository_control = false  # true: load and unload models over REST and gRPC (with a token)
     admin_token = "..."       # the token they need (better: the INFERKIT_ADMIN_TOKEN variable)
     header_timeout_s = 10     # any ConnectionLimits field (docs/security.md)
@@ -85,7 +85,16 @@ from inferkit.server.control import TOKEN_ENV, RepositoryControl
 from inferkit.server.limits import ConnectionLimits
 from inferkit.server.repository import Repository
 
-__all__ = ["ConfigError", "ConnectionLimits", "ModelLoader", "ServerConfig", "check_admin_token", "load"]
+__all__ = [
+    "MAX_GRACE_S",
+    "ConfigError",
+    "ConnectionLimits",
+    "ModelLoader",
+    "ServerConfig",
+    "check_admin_token",
+    "check_grace",
+    "load",
+]
 
 _SERVER_KEYS = {
     "host",
@@ -132,7 +141,7 @@ def load(path: str | Path) -> ServerConfig:
         "server",
         lambda: ConnectionLimits(**{k: v for k, v in server.items() if k in attrs.fields_dict(ConnectionLimits)}),
     )
-    grace_s = checked("server", lambda: _grace(server.get("grace_s", 30.0)))
+    grace_s = checked("server", lambda: check_grace(server.get("grace_s", 30.0)))
     port = _port(server.get("port", 8000), "server.port")
     grpc_port = server.get("grpc_port", 8001)
     grpc_port = None if grpc_port is False else _port(grpc_port, "server.grpc_port", " (or false: REST only)")
@@ -211,8 +220,13 @@ def _port(value: object, where: str, other: str = "") -> int:
 _MAX_PORT = 65535
 
 
-def _grace(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
-        msg = f"grace_s must be a finite number >= 0, got {value!r}"
+MAX_GRACE_S = 86400
+"""The longest graceful shutdown, in seconds (a day): past about 9.2e9 s a thread join overflows."""
+
+
+def check_grace(value: object, name: str = "grace_s") -> float:
+    """``value`` as the seconds a shutdown may take; ``ValueError`` naming ``name`` unless a number from 0 to a day."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_GRACE_S:
+        msg = f"{name} must be a number from 0 to {MAX_GRACE_S} (a day), got {value!r:.100}".lstrip()
         raise ValueError(msg)
     return float(value)
