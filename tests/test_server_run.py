@@ -207,6 +207,10 @@ versions.1 = { path = "a.onnx", eject_after = 7 }
                 r"server: unknown field\(s\) \['bogus'\]",
             ),
             ('[server]\ngrace_s = "x"\n[[models]]\nname = "m"\npath = "a.onnx"\n', r"server: grace_s must be"),
+            *(  # str() made 5 the address 0.0.0.5, true the name "True"
+                (f'[server]\nhost = {host}\n[[models]]\nname = "m"\npath = "a.onnx"\n', r"server.host must be a string")
+                for host in ("5", "true", "[1]")
+            ),
             (  # an OverflowError traceback when the shutdown joined a thread
                 '[server]\ngrace_s = 1e300\n[[models]]\nname = "m"\npath = "a.onnx"\n',
                 r"server: grace_s must be a number from 0 to 86400 \(a day\), got 1e\+300",
@@ -404,6 +408,7 @@ class TestCli:
         ("args", "message"),
         [
             (["none.onnx"], "inferkit serve: no model file"),
+            (["scale.onnx", "--host", "a..b"], "inferkit serve: cannot resolve host 'a..b': encoding with 'idna'"),
             (["scale.onnx", "--grpc-listeners", "0"], "--grpc-listeners: must be from 1 to 64, got 0"),
             # descriptors ran out, with garbled gRPC C-core log lines before the exit
             (["scale.onnx", "--grpc-listeners", "100000"], "--grpc-listeners: must be from 1 to 64, got 100000"),
@@ -528,6 +533,15 @@ class TestEdges:
         from inferkit.server.sockets import addresses
 
         assert addresses("") == ["0.0.0.0"]
+
+    @pytest.mark.parametrize("host", ["a..b", "x" * 64 + ".test", "\udc80"])
+    def test_a_host_the_idna_codec_refuses_cannot_be_resolved(self, host: str) -> None:
+        """An empty label, one past 63 characters, a lone surrogate: a UnicodeError traceback, now
+        the same OSError as a name the resolver does not know."""
+        from inferkit.server.sockets import addresses
+
+        with pytest.raises(OSError, match=r"cannot resolve host '.*': encoding with 'idna' codec failed"):
+            addresses(host)
 
     def test_both_faces_listen_on_the_same_addresses_of_a_name(self) -> None:
         """``--host localhost``: grpc resolved the name itself (127.0.0.1 and ::1), uvicorn bound

@@ -142,6 +142,10 @@ def load(path: str | Path) -> ServerConfig:
         lambda: ConnectionLimits(**{k: v for k, v in server.items() if k in attrs.fields_dict(ConnectionLimits)}),
     )
     grace_s = checked("server", lambda: check_grace(server.get("grace_s", 30.0)))
+    host = server.get("host", "127.0.0.1")
+    if not isinstance(host, str):  # str() made 5 the address 0.0.0.5
+        msg = f"server.host must be a string (an address or a host name), got {host!r:.100}"
+        raise ConfigError(msg)
     port = _port(server.get("port", 8000), "server.port")
     grpc_port = server.get("grpc_port", 8001)
     grpc_port = None if grpc_port is False else _port(grpc_port, "server.grpc_port", " (or false: REST only)")
@@ -168,7 +172,7 @@ def load(path: str | Path) -> ServerConfig:
             predictor.close()
         raise
     return ServerConfig(
-        str(server.get("host", "127.0.0.1")),
+        host,
         port,
         grpc_port,
         Repository(served),
