@@ -247,6 +247,40 @@ versions.1 = { path = "a.onnx", eject_after = 7 }
         with pytest.raises(ConfigError, match=message):
             load(tmp_path / "a.toml")
 
+    @pytest.mark.parametrize(
+        "body",
+        [
+            "x = " + "[" * 100_000 + "]" * 100_000 + "\n",
+            "x = " + "{a=" * 3000 + "1" + "}" * 3000 + "\n",
+            '[[models]]\nname = "m"\npath = "a.onnx"\nautoscale = ' + "{a=" * 1000 + "1" + "}" * 1000 + "\n",
+        ],
+    )
+    def test_values_nested_too_deep_are_refused(self, tmp_path: Path, body: str) -> None:
+        """Arrays or inline tables nested thousands deep: a RecursionError traceback, now a ConfigError."""
+        (tmp_path / "a.toml").write_text(body)
+        with pytest.raises(ConfigError, match=r"a.toml: values nested too deep"):
+            load(tmp_path / "a.toml")
+
+    def test_only_a_small_regular_utf8_file_is_read(self, tmp_path: Path) -> None:
+        """A FIFO blocked, /dev/zero read until memory ran out, other bytes than UTF-8 were a
+        UnicodeDecodeError naming no file: each is refused before or while it is read, naming it."""
+        from inferkit.server.config import MAX_CONFIG_BYTES
+
+        os.mkfifo(tmp_path / "fifo")  # no writer: opening it would block
+        (tmp_path / "big.toml").write_text("# " + "x" * MAX_CONFIG_BYTES + "\n")
+        (tmp_path / "latin1.toml").write_bytes(b'# caf\xe9\n[[models]]\nname = "m"\npath = "a.onnx"\n')
+        cases = [
+            (tmp_path / "fifo", "fifo is not a regular file"),
+            (Path("/dev/zero"), "/dev/zero is not a regular file"),
+            (tmp_path, "is not a regular file"),
+            (tmp_path / "big.toml", f"big.toml is larger than {MAX_CONFIG_BYTES} bytes"),
+            (tmp_path / "latin1.toml", "latin1.toml is not UTF-8 text"),
+            (tmp_path / "none.toml", "none.toml: No such file or directory"),
+        ]
+        for path, message in cases:
+            with pytest.raises(ConfigError, match=re.escape(message)):
+                load(path)
+
 
 def _start_cli(
     *args: str,
@@ -452,6 +486,28 @@ class TestCli:
         assert run.returncode == 2, run.stderr
         assert message in run.stderr
         assert "Traceback" not in run.stderr, run.stderr
+
+    def test_an_admin_token_file_is_a_small_regular_file(self, tmp_path: Path) -> None:
+        """``--admin-token-file`` of a FIFO blocked and of /dev/zero ran out of memory: exit 2, one line."""
+        _model(tmp_path / "scale.onnx")
+        os.mkfifo(tmp_path / "fifo")
+        (tmp_path / "big").write_text("t" * (64 * 2**10 + 1))
+        for token, message in [
+            (tmp_path / "fifo", "fifo is not a regular file"),
+            (Path("/dev/zero"), "/dev/zero is not a regular file"),
+            (tmp_path / "big", f"big is larger than {64 * 2**10} bytes"),
+        ]:
+            serve = [sys.executable, "-m", "inferkit.cli", "serve", str(tmp_path / "scale.onnx"), "--port", "0"]
+            run = subprocess.run(
+                [*serve, "--grpc-port", "0", "--admin-token-file", str(token)],
+                capture_output=True,
+                text=True,
+                timeout=WAIT,
+                check=False,
+            )
+            assert (run.returncode, run.stderr.count("\n")) == (2, 1), run.stderr
+            assert run.stderr.startswith("inferkit serve: "), run.stderr
+            assert message in run.stderr, run.stderr
 
     @pytest.mark.parametrize("face", ["--port", "--grpc-port"])
     def test_a_port_in_use_is_one_line_and_exit_2(self, tmp_path: Path, face: str) -> None:

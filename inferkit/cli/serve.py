@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from inferkit.server.run import InferenceServer
 
 
+_MAX_TOKEN_FILE_BYTES = 64 * 2**10  # a token, a line of text: /dev/zero read until memory ran out
 _BATCHING = BatchConfig()  # the command's defaults are the library's, written once
 _POOL = PoolConfig()
 
@@ -137,7 +138,8 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument(
         "--admin-token-file",
         type=Path,
-        help="a file holding the admin token (e.g. a mounted secret); default: INFERKIT_ADMIN_TOKEN",
+        help="a file holding the admin token (e.g. a mounted secret; a regular file of at most 64 KiB); "
+        "default: INFERKIT_ADMIN_TOKEN",
     )
     scaling = serve.add_argument_group("autoscaling (a model file; a config sets autoscale per model)")
     scaling.add_argument(
@@ -167,6 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
             ModelLoader,
             check_admin_token,
             load,
+            read_small_file,
             repository_control,
         )
         from inferkit.server.grpc import DEFAULT_LISTENERS  # noqa: PLC0415
@@ -249,7 +252,7 @@ def _serve(args: argparse.Namespace) -> int:
             loader = ModelLoader(args.model.parent, {predictor.name: {k: v for k, v in spec.items() if v is not None}})
             control = repository_control(args.repository_control, None, loader)
         if args.admin_token_file is not None:
-            token = args.admin_token_file.read_text().strip()
+            token = read_small_file(args.admin_token_file, _MAX_TOKEN_FILE_BYTES).strip()
             check_admin_token(token, f"--admin-token-file {args.admin_token_file}")
             control = attrs.evolve(control, token=token)
         if args.repository_control and not control.enabled:

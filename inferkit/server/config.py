@@ -72,6 +72,7 @@ load request, with what the load's Triton model config changes: ``max_batch_size
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -86,6 +87,7 @@ from inferkit.server.limits import ConnectionLimits
 from inferkit.server.repository import Repository
 
 __all__ = [
+    "MAX_CONFIG_BYTES",
     "MAX_GRACE_S",
     "ConfigError",
     "ConnectionLimits",
@@ -94,6 +96,7 @@ __all__ = [
     "check_admin_token",
     "check_grace",
     "load",
+    "read_small_file",
 ]
 
 _SERVER_KEYS = {
@@ -129,11 +132,15 @@ def _unique(names: list[str]) -> None:
 def load(path: str | Path) -> ServerConfig:
     """Read and validate a configuration file and load its models; ``ConfigError`` names the bad field."""
     path = Path(path)
+    text = read_small_file(path, MAX_CONFIG_BYTES)
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as error:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
         msg = f"{path}: {error}"
         raise ConfigError(msg) from error
+    except RecursionError:  # arrays or inline tables nested some hundreds deep
+        msg = f"{path}: values nested too deep"
+        raise ConfigError(msg) from None
     refuse_unknown(data, {"server", "models"}, str(path))
     server = as_table(data.get("server", {}), "server")
     refuse_unknown(server, _SERVER_KEYS, "server")
@@ -197,6 +204,38 @@ def repository_control(enabled: object, token: object, loader: ModelLoader) -> R
         return RepositoryControl(enabled=enabled, token=token, loader=loader)
     except ValueError as error:
         msg = f"server.repository_control: {error}"
+        raise ConfigError(msg) from None
+
+
+MAX_CONFIG_BYTES = 4 * 2**20
+"""The largest config file :func:`load` reads."""
+
+
+def read_small_file(path: Path, limit: int) -> str:
+    """The UTF-8 text of the regular file ``path``, of at most ``limit`` bytes; ``ConfigError`` otherwise.
+
+    Anything else is refused before it is read: a FIFO blocked the read, and ``/dev/zero``
+    read until memory ran out.
+    """
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):  # not even opened: opening a FIFO blocks
+            msg = f"{path} is not a regular file"
+            raise ConfigError(msg)
+        with path.open("rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):  # replaced since the check above
+                msg = f"{path} is not a regular file"
+                raise ConfigError(msg)
+            data = file.read(limit + 1)
+    except OSError as error:
+        msg = f"{path}: {error.strerror or error}"
+        raise ConfigError(msg) from error
+    if len(data) > limit:
+        msg = f"{path} is larger than {limit} bytes"
+        raise ConfigError(msg)
+    try:
+        return data.decode()
+    except UnicodeDecodeError as error:
+        msg = f"{path} is not UTF-8 text: {error}"
         raise ConfigError(msg) from None
 
 
