@@ -187,6 +187,27 @@ versions.1 = { path = "a.onnx", eject_after = 7 }
                 '[[models]]\nname = "m"\nversions.1 = { path = "a.onnx" }\nsplit = { policy = "zigzag" }\n',
                 r"models\[0\].split.policy must be 'fixed', 'ab' or 'canary'",
             ),
+            *(  # ignored: the highest version took every request
+                (
+                    f'[[models]]\nname = "m"\nversions.1 = {{ path = "a.onnx" }}\nsplit = {split}\n',
+                    message,
+                )
+                for split, message in [
+                    ("{}", r"models\[0\].split.policy must be 'fixed', 'ab' or 'canary', got None"),
+                    ("false", r"models\[0\].split must be a table, got bool"),
+                    ("[]", r"models\[0\].split must be a table, got list"),
+                ]
+            ),
+            *(  # float() took true as 1 and "0.5" as 0.5
+                (
+                    (
+                        '[[models]]\nname = "m"\nversions.1 = { path = "a.onnx" }\nversions.2 = { path = "a.onnx" }\n'
+                        f'split = {{ policy = "ab", weights = {{ "1" = 1, "2" = {weight} }} }}\n'
+                    ),
+                    rf"models\[0\].split.weights.2 must be a number, got {re.escape(shown)}",
+                )
+                for weight, shown in [("true", "True"), ("false", "False"), ('"0.5"', "'0.5'"), ("[1]", "[1]")]
+            ),
             ('[[models]]\nname = "m"\npath = "a.onnx"\n[[models]]\nname = "m"\npath = "a.onnx"\n', "unique"),
             ("models = 3\n", r"models must be a non-empty array"),
             ("[[models]\n", "a.toml"),
