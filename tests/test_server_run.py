@@ -172,6 +172,10 @@ versions.1 = { path = "a.onnx", eject_after = 7 }
                 '[[models]]\nname = "m"\npath = "a.onnx"\nintra_op_threads = "x"\n',
                 r"models\[0\]: intra_op_threads must be an int >= 0 .* got 'x'",
             ),
+            (  # three lines of pybind11's "incompatible function arguments"
+                '[[models]]\nname = "m"\npath = "a.onnx"\nintra_op_threads = 100000000000\n',
+                r"models\[0\]: intra_op_threads must be an int >= 0 .* and at most \d+, got 100000000000$",
+            ),
             (  # "[Errno 21] Is a directory", naming no field
                 (
                     '[[models]]\nname = "m"\nversions.1 = { path = "a.onnx" }\nversions.2 = { path = "a.onnx" }\n'
