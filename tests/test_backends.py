@@ -20,9 +20,9 @@ import inferkit
 from inferkit import CallableBackend, ModelError, Predictor, Signature, TensorSpec
 from inferkit.backends import onnx as onnx_backend
 from inferkit.backends import widths
-from inferkit.backends.base import on_caller_thread
+from inferkit.backends.base import on_caller_thread, usable_cores
 from inferkit.backends.model_size import model_bytes
-from inferkit.backends.onnx import OnnxBackend, default_intra_op_threads, default_wide_threads
+from inferkit.backends.onnx import MAX_INTRA_OP_THREADS, OnnxBackend, default_intra_op_threads, default_wide_threads
 
 CPU = ["CPUExecutionProvider"]
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -222,6 +222,17 @@ class TestOnnxRun:
         """``intra_op_threads`` is set on the session's options."""
         backend = OnnxBackend(mlp_model, providers=CPU, intra_op_threads=1)
         assert backend.session.get_session_options().intra_op_num_threads == 1
+
+    @pytest.mark.parametrize("threads", [-1, "past the bound", 100_000_000_000, True, 2.0])
+    def test_intra_op_threads_out_of_range_is_one_message(self, mlp_model: bytes, threads: object) -> None:
+        """Past a C int, ONNX Runtime's pybind11 answered with a three-line dump of its signatures."""
+        most = max(MAX_INTRA_OP_THREADS, usable_cores())
+        threads = most + 1 if threads == "past the bound" else threads
+        message = rf"^intra_op_threads must be an int >= 0 .* and at most {most}, got "
+        with pytest.raises(ValueError, match=message) as e:
+            OnnxBackend(mlp_model, providers=CPU, intra_op_threads=threads)  # type: ignore[arg-type]
+        assert "\n" not in str(e.value)
+        OnnxBackend(mlp_model, providers=CPU, intra_op_threads=0).close()
 
 
 class TestOnnxWarmup:

@@ -275,7 +275,8 @@ class TestPredictHostile:
             assert not (tmp_path / f"{name}.npy").exists()
 
     def test_refused_before_any_work(self, tmp_path: Path, two_outputs_model: bytes) -> None:
-        """A 0-d or empty input, an output that is a folder, several outputs to .npy: exit 2 at once, nothing left."""
+        """A 0-d or empty input, an output that is a folder or the input, several outputs to .npy: exit 2 at once,
+        nothing left."""
         model = _model(tmp_path / "m.onnx")
         (tmp_path / "two.onnx").write_bytes(two_outputs_model)
         np.save(tmp_path / "x0d.npy", np.float32(1.0))
@@ -287,7 +288,13 @@ class TestPredictHostile:
             (model, "empty.npy", "y.parquet", "has no rows"),
             (model, "x.npy", "dir.npy", "is a directory"),
             (tmp_path / "two.onnx", "x.npy", "y.npy", "several outputs ['s', 'y']: write them to a .parquet file"),
+            # the results silently replaced the input
+            (model, "x.npy", "x.npy", "is the input file"),
+            (model, "x.npy", "link.npy", "is the input file"),
+            (model, "x.npy", "hard.npy", "is the input file"),
         ]
+        (tmp_path / "link.npy").symlink_to(tmp_path / "x.npy")
+        (tmp_path / "hard.npy").hardlink_to(tmp_path / "x.npy")
         for model_path, data, out, why in cases:
             proc = _cli(*_predict(model_path, tmp_path / data, tmp_path / out))
             _, err = proc.communicate(timeout=WAIT)
@@ -297,6 +304,7 @@ class TestPredictHostile:
             assert "Traceback" not in err
             assert not (tmp_path / f"{out}.parts").exists()
             assert not (tmp_path / f"{out}.lock").exists()
+        np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), np.ones((10, 4), np.float32))
 
 
 def _identity(path: Path, dtype: int, shape: list[str | int]) -> Path:

@@ -172,6 +172,10 @@ versions.1 = { path = "a.onnx", eject_after = 7 }
                 '[[models]]\nname = "m"\npath = "a.onnx"\nintra_op_threads = "x"\n',
                 r"models\[0\]: intra_op_threads must be an int >= 0 .* got 'x'",
             ),
+            (  # three lines of pybind11's "incompatible function arguments"
+                '[[models]]\nname = "m"\npath = "a.onnx"\nintra_op_threads = 100000000000\n',
+                r"models\[0\]: intra_op_threads must be an int >= 0 .* and at most \d+, got 100000000000$",
+            ),
             (  # "[Errno 21] Is a directory", naming no field
                 (
                     '[[models]]\nname = "m"\nversions.1 = { path = "a.onnx" }\nversions.2 = { path = "a.onnx" }\n'
@@ -186,6 +190,27 @@ versions.1 = { path = "a.onnx", eject_after = 7 }
             (
                 '[[models]]\nname = "m"\nversions.1 = { path = "a.onnx" }\nsplit = { policy = "zigzag" }\n',
                 r"models\[0\].split.policy must be 'fixed', 'ab' or 'canary'",
+            ),
+            *(  # ignored: the highest version took every request
+                (
+                    f'[[models]]\nname = "m"\nversions.1 = {{ path = "a.onnx" }}\nsplit = {split}\n',
+                    message,
+                )
+                for split, message in [
+                    ("{}", r"models\[0\].split.policy must be 'fixed', 'ab' or 'canary', got None"),
+                    ("false", r"models\[0\].split must be a table, got bool"),
+                    ("[]", r"models\[0\].split must be a table, got list"),
+                ]
+            ),
+            *(  # float() took true as 1 and "0.5" as 0.5
+                (
+                    (
+                        '[[models]]\nname = "m"\nversions.1 = { path = "a.onnx" }\nversions.2 = { path = "a.onnx" }\n'
+                        f'split = {{ policy = "ab", weights = {{ "1" = 1, "2" = {weight} }} }}\n'
+                    ),
+                    rf"models\[0\].split.weights.2 must be a number, got {re.escape(shown)}",
+                )
+                for weight, shown in [("true", "True"), ("false", "False"), ('"0.5"', "'0.5'"), ("[1]", "[1]")]
             ),
             ('[[models]]\nname = "m"\npath = "a.onnx"\n[[models]]\nname = "m"\npath = "a.onnx"\n', "unique"),
             ("models = 3\n", r"models must be a non-empty array"),
@@ -207,6 +232,22 @@ versions.1 = { path = "a.onnx", eject_after = 7 }
                 r"server: unknown field\(s\) \['bogus'\]",
             ),
             ('[server]\ngrace_s = "x"\n[[models]]\nname = "m"\npath = "a.onnx"\n', r"server: grace_s must be"),
+            *(  # str() made 5 the address 0.0.0.5, true the name "True"
+                (f'[server]\nhost = {host}\n[[models]]\nname = "m"\npath = "a.onnx"\n', r"server.host must be a string")
+                for host in ("5", "true", "[1]")
+            ),
+            (  # an OverflowError traceback when the shutdown joined a thread
+                '[server]\ngrace_s = 1e300\n[[models]]\nname = "m"\npath = "a.onnx"\n',
+                r"server: grace_s must be a number from 0 to 86400 \(a day\), got 1e\+300",
+            ),
+            *(  # an OverflowError traceback when gRPC started
+                (f'[server]\n{key} = {value}\n[[models]]\nname = "m"\npath = "a.onnx"\n', rf"server: {key} must be")
+                for key, value in [
+                    ("grpc_idle_s", "2592000"),
+                    ("grpc_max_concurrent_streams", "2147483648"),
+                    ("max_header_bytes", "2147483648"),
+                ]
+            ),
             *(
                 (
                     f'[server]\n{key} = {value}\n[[models]]\nname = "m"\npath = "a.onnx"\n',
@@ -230,6 +271,40 @@ versions.1 = { path = "a.onnx", eject_after = 7 }
         (tmp_path / "a.toml").write_text(body)
         with pytest.raises(ConfigError, match=message):
             load(tmp_path / "a.toml")
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            "x = " + "[" * 100_000 + "]" * 100_000 + "\n",
+            "x = " + "{a=" * 3000 + "1" + "}" * 3000 + "\n",
+            '[[models]]\nname = "m"\npath = "a.onnx"\nautoscale = ' + "{a=" * 1000 + "1" + "}" * 1000 + "\n",
+        ],
+    )
+    def test_values_nested_too_deep_are_refused(self, tmp_path: Path, body: str) -> None:
+        """Arrays or inline tables nested thousands deep: a RecursionError traceback, now a ConfigError."""
+        (tmp_path / "a.toml").write_text(body)
+        with pytest.raises(ConfigError, match=r"a.toml: values nested too deep"):
+            load(tmp_path / "a.toml")
+
+    def test_only_a_small_regular_utf8_file_is_read(self, tmp_path: Path) -> None:
+        """A FIFO blocked, /dev/zero read until memory ran out, other bytes than UTF-8 were a
+        UnicodeDecodeError naming no file: each is refused before or while it is read, naming it."""
+        from inferkit.server.config import MAX_CONFIG_BYTES
+
+        os.mkfifo(tmp_path / "fifo")  # no writer: opening it would block
+        (tmp_path / "big.toml").write_text("# " + "x" * MAX_CONFIG_BYTES + "\n")
+        (tmp_path / "latin1.toml").write_bytes(b'# caf\xe9\n[[models]]\nname = "m"\npath = "a.onnx"\n')
+        cases = [
+            (tmp_path / "fifo", "fifo is not a regular file"),
+            (Path("/dev/zero"), "/dev/zero is not a regular file"),
+            (tmp_path, "is not a regular file"),
+            (tmp_path / "big.toml", f"big.toml is larger than {MAX_CONFIG_BYTES} bytes"),
+            (tmp_path / "latin1.toml", "latin1.toml is not UTF-8 text"),
+            (tmp_path / "none.toml", "none.toml: No such file or directory"),
+        ]
+        for path, message in cases:
+            with pytest.raises(ConfigError, match=re.escape(message)):
+                load(path)
 
 
 def _start_cli(
@@ -392,11 +467,35 @@ class TestCli:
         ("args", "message"),
         [
             (["none.onnx"], "inferkit serve: no model file"),
-            (["scale.onnx", "--grpc-listeners", "0"], "--grpc-listeners: must be >= 1, got 0"),
+            (["scale.onnx", "--host", "a..b"], "inferkit serve: cannot resolve host 'a..b': encoding with 'idna'"),
+            (["scale.onnx", "--grpc-listeners", "0"], "--grpc-listeners: must be from 1 to 64, got 0"),
+            # descriptors ran out, with garbled gRPC C-core log lines before the exit
+            (["scale.onnx", "--grpc-listeners", "100000"], "--grpc-listeners: must be from 1 to 64, got 100000"),
+            # an OverflowError traceback from bind
+            (["scale.onnx", "--port", "70000"], "--port: must be a port number from 0 to 65535, got 70000"),
+            (["scale.onnx", "--port", "-5"], "--port: must be a port number from 0 to 65535, got -5"),
+            # served gRPC on 4464, wrapped, or turned gRPC off without a word
+            *(
+                (
+                    ["scale.onnx", "--grpc-port", port],
+                    f"--grpc-port: must be a port number from 0 to 65535, or -1 to serve REST only, got {port}",
+                )
+                for port in ("70000", "65536", "-2")
+            ),
+            # a ValueError or OverflowError traceback at the shutdown; -1 was taken
+            *(
+                (["scale.onnx", "--grace", grace], f"--grace: must be a number from 0 to 86400 (a day), got {shown}")
+                for grace, shown in [("nan", "nan"), ("inf", "inf"), ("-1", "-1.0"), ("1e300", "1e+300"), ("x", "'x'")]
+            ),
             (["scale.onnx", "--eject-after", "0"], "--eject-after: must be >= 1, got 0"),
             (["scale.onnx", "--max-ejected-fraction", "2"], "--max-ejected-fraction: must be in (0, 1], got 2"),
             (["scale.onnx", "--header-timeout-s", "0"], "--header-timeout-s: must be a finite number > 0, got 0"),
             (["scale.onnx", "--max-header-bytes", "10"], "max_header_bytes must be an int >= 1024, got 10"),
+            (["scale.onnx", "--grpc-idle-s", "1e300"], "grpc_idle_s must be at most 2147483"),
+            (
+                ["scale.onnx", "--grpc-max-concurrent-streams", "99999999999"],
+                "grpc_max_concurrent_streams must be an int <= 2147483647, got 99999999999",
+            ),
         ],
     )
     def test_bad_arguments(self, tmp_path: Path, args: list[str], message: str) -> None:
@@ -409,8 +508,31 @@ class TestCli:
             timeout=WAIT,
             check=False,
         )
-        assert run.returncode == 2
+        assert run.returncode == 2, run.stderr
         assert message in run.stderr
+        assert "Traceback" not in run.stderr, run.stderr
+
+    def test_an_admin_token_file_is_a_small_regular_file(self, tmp_path: Path) -> None:
+        """``--admin-token-file`` of a FIFO blocked and of /dev/zero ran out of memory: exit 2, one line."""
+        _model(tmp_path / "scale.onnx")
+        os.mkfifo(tmp_path / "fifo")
+        (tmp_path / "big").write_text("t" * (64 * 2**10 + 1))
+        for token, message in [
+            (tmp_path / "fifo", "fifo is not a regular file"),
+            (Path("/dev/zero"), "/dev/zero is not a regular file"),
+            (tmp_path / "big", f"big is larger than {64 * 2**10} bytes"),
+        ]:
+            serve = [sys.executable, "-m", "inferkit.cli", "serve", str(tmp_path / "scale.onnx"), "--port", "0"]
+            run = subprocess.run(
+                [*serve, "--grpc-port", "0", "--admin-token-file", str(token)],
+                capture_output=True,
+                text=True,
+                timeout=WAIT,
+                check=False,
+            )
+            assert (run.returncode, run.stderr.count("\n")) == (2, 1), run.stderr
+            assert run.stderr.startswith("inferkit serve: "), run.stderr
+            assert message in run.stderr, run.stderr
 
     @pytest.mark.parametrize("face", ["--port", "--grpc-port"])
     def test_a_port_in_use_is_one_line_and_exit_2(self, tmp_path: Path, face: str) -> None:
@@ -492,6 +614,15 @@ class TestEdges:
         from inferkit.server.sockets import addresses
 
         assert addresses("") == ["0.0.0.0"]
+
+    @pytest.mark.parametrize("host", ["a..b", "x" * 64 + ".test", "\udc80"])
+    def test_a_host_the_idna_codec_refuses_cannot_be_resolved(self, host: str) -> None:
+        """An empty label, one past 63 characters, a lone surrogate: a UnicodeError traceback, now
+        the same OSError as a name the resolver does not know."""
+        from inferkit.server.sockets import addresses
+
+        with pytest.raises(OSError, match=r"cannot resolve host '.*': encoding with 'idna' codec failed"):
+            addresses(host)
 
     def test_both_faces_listen_on_the_same_addresses_of_a_name(self) -> None:
         """``--host localhost``: grpc resolved the name itself (127.0.0.1 and ::1), uvicorn bound
@@ -855,6 +986,21 @@ class TestConnectionLimits:
             ConnectionLimits(header_timeout_s=0)
         with pytest.raises(ValueError, match="max_message_bytes must be an int <= 2147483647"):
             ConnectionLimits(max_message_bytes=2**31)
+
+    @pytest.mark.parametrize(
+        ("field", "value", "message"),
+        [  # each became a gRPC option, a C int: OverflowError when the server started
+            ("grpc_idle_s", 2592000, r"grpc_idle_s must be at most 2147483 \(2\*\*31 - 1 milliseconds\), got 2592000"),
+            ("grpc_idle_s", 1e300, r"grpc_idle_s must be at most 2147483"),
+            ("grpc_max_concurrent_streams", 2**31, r"grpc_max_concurrent_streams must be an int <= 2147483647"),
+            ("max_header_bytes", 2**31, r"max_header_bytes must be an int <= 2147483647"),
+        ],
+    )
+    def test_grpc_limits_fit_a_c_int(self, field: str, value: float, message: str) -> None:
+        """The limits that become gRPC options are refused past 2**31 - 1 (milliseconds for grpc_idle_s)."""
+        with pytest.raises(ValueError, match=message):
+            ConnectionLimits(**{field: value})
+        assert ConnectionLimits(grpc_idle_s=2147483, grpc_max_concurrent_streams=2**31 - 1).grpc_idle_s == 2147483
 
     def test_body_limits_reach_the_rest_face(self) -> None:
         """max_request_bytes and max_json_bytes set on the server answer 413 naming them; binary still fits."""

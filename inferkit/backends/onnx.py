@@ -45,6 +45,10 @@ def default_wide_threads(replicas: int) -> int:
     return max(1, usable_cores() // replicas)
 
 
+MAX_INTRA_OP_THREADS = 1024
+"""The most ``intra_op_threads`` a session takes, unless the machine has more usable cores."""
+
+
 WARMUP_STOP_S = 1.0
 """A warm-up call this long ends the warm-up: a big model's largest batches warm up on first use."""
 
@@ -78,6 +82,9 @@ class OnnxBackend:
     a call (past the first) that took :data:`WARMUP_STOP_S` or more, where a first call's extra
     cost is a small part of the call; on a device it stops at the first size the device cannot
     hold (serving splits such batches). :attr:`warmed` lists the sizes it ran.
+
+    ``intra_op_threads`` is at most :data:`MAX_INTRA_OP_THREADS`, or the usable cores where there
+    are more.
 
     On the CPU, ``wide_threads`` (more than ``intra_op_threads``) opens a second session with
     that many intra-op threads for batches of ``wide_rows`` rows or more that follow another
@@ -114,10 +121,16 @@ class OnnxBackend:
         if device is not None and providers is not None:
             msg = "give device= (with provider_options=) or providers=, not both"
             raise TypeError(msg)
+        most = max(MAX_INTRA_OP_THREADS, usable_cores())  # past a C int: a three-line pybind11 dump
         if intra_op_threads is not None and (
-            not isinstance(intra_op_threads, int) or isinstance(intra_op_threads, bool) or intra_op_threads < 0
+            not isinstance(intra_op_threads, int)
+            or isinstance(intra_op_threads, bool)
+            or not 0 <= intra_op_threads <= most
         ):
-            msg = f"intra_op_threads must be an int >= 0 (0: ONNX Runtime's default), got {intra_op_threads!r:.100}"
+            msg = (
+                f"intra_op_threads must be an int >= 0 (0: ONNX Runtime's default) and at most {most}, "
+                f"got {intra_op_threads!r:.100}"
+            )
             raise ValueError(msg)
         options = session_options if session_options is not None else ort.SessionOptions()
         if intra_op_threads is not None:

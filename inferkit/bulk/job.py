@@ -169,8 +169,11 @@ def _check_part(outputs: Mapping[str, tuple[np.dtype[Any], tuple[int | None, ...
             raise ValueError(msg)
 
 
-def _check_output(output: Path, signature: Signature | None) -> None:
-    """Refuse, before any work, an output that could not be written at the end."""
+def _check_output(output: Path, signature: Signature | None, source: Path) -> None:
+    """Refuse, before any work, an output that could not be written at the end, or that is the input."""
+    if _same_file(source, output):  # the final rename replaced the input with the results
+        msg = f"the output {output} is the input file {source}; give another output file"
+        raise ValueError(msg)
     if output.suffix.lower() not in {".npy", ".parquet"}:
         msg = f"the output must be a .npy or .parquet file, got {output.name}"
         raise ValueError(msg)
@@ -187,6 +190,14 @@ def _check_output(output: Path, signature: Signature | None) -> None:
     if parts_dir.is_symlink():
         msg = f"{parts_dir} is a symbolic link; a job's parts folder must be a plain folder"
         raise ValueError(msg)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file (a link or another spelling of its path included)."""
+    try:
+        return a.samefile(b)
+    except OSError:  # either is missing: nothing of the input to overwrite
+        return False
 
 
 def run_job(
@@ -213,7 +224,8 @@ def run_job(
     any of them changed raises :class:`JobMismatch`, as does an input changed while the job runs
     (checked after each chunk, before it is listed). One job at a time writes an output: a
     second raises :class:`JobLocked` (the lock is ``<output>.lock``, released when the job
-    ends, a killed one included). An input with no rows raises :class:`~inferkit.InvalidInput`.
+    ends, a killed one included). An input with no rows raises :class:`~inferkit.InvalidInput`,
+    an ``output`` that is the input file ``ValueError``, both before any work.
     """
     _check(batch_size, in_flight, "raise")
     if not isinstance(chunk_rows, int) or chunk_rows < 1:
@@ -222,7 +234,7 @@ def run_job(
     source, output = Path(data), Path(output)
     signature = getattr(target, "signature", None)
     signature = signature if isinstance(signature, Signature) else None
-    _check_output(output, signature)
+    _check_output(output, signature, source)
     if total_rows(source) == 0:  # known without reading for .npy and Parquet (a 0-d .npy raises here)
         raise _no_rows(source)
     parts_dir = output.with_name(output.name + ".parts")

@@ -1,8 +1,9 @@
-"""Value types of the command line's options: counts, positive numbers, fractions and lists."""
+"""Value types of the command line's options: counts, ports, positive numbers, fractions and lists."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 
 def _at_least_one(text: str) -> int:
@@ -11,6 +12,49 @@ def _at_least_one(text: str) -> int:
         msg = f"must be >= 1, got {value}"
         raise argparse.ArgumentTypeError(msg)
     return value
+
+
+_MAX_PORT = 65535
+_MAX_GRPC_LISTENERS = 64  # each a grpc.aio server with its own threads and descriptors
+
+
+def _port(text: str) -> int:
+    """A TCP port (0: a free one); the socket would wrap 70000 to 4464, and refuse -5 with a traceback."""
+    value = int(text)
+    if not 0 <= value <= _MAX_PORT:
+        msg = f"must be a port number from 0 to {_MAX_PORT}, got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _grpc_port(text: str) -> int:
+    """A gRPC port, or exactly -1: REST only (-2 turned gRPC off too, 70000 served on 4464)."""
+    value = int(text)
+    if value != -1 and not 0 <= value <= _MAX_PORT:
+        msg = f"must be a port number from 0 to {_MAX_PORT}, or -1 to serve REST only, got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _grpc_listeners(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= _MAX_GRPC_LISTENERS:
+        msg = f"must be from 1 to {_MAX_GRPC_LISTENERS}, got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _grace(text: str) -> float:
+    """Seconds of a shutdown, as the config's ``grace_s`` takes them."""
+    from inferkit.server.config import check_grace  # noqa: PLC0415 (only serve takes it; no server extra needed)
+
+    value: object = text
+    with contextlib.suppress(ValueError):
+        value = float(text)
+    try:
+        return check_grace(value, name="")  # "abc" refused by its type, nan and inf by its range
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _positive(text: str) -> float:

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import math
 import os
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 
-from inferkit.cli.args import _positive
+_MAX_TIMEOUT_S = 1e6  # a socket takes at most ~9.2e9 s: 1e300 was an OverflowError traceback
+
+
+def _timeout_s(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= _MAX_TIMEOUT_S or not math.isfinite(value):
+        msg = f"must be a number > 0 and at most {_MAX_TIMEOUT_S:.0f}, got {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 def _canary_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -22,7 +32,9 @@ def _canary_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     canary.add_argument("action", choices=("status", "promote", "rollback", "pause", "resume"))
     canary.add_argument("model", help="the model whose canary to show or steer")
     canary.add_argument("--url", required=True, help="the server's HTTP address, e.g. http://127.0.0.1:8000")
-    canary.add_argument("--timeout-s", type=_positive, default=10.0, help="seconds to wait for the answer")
+    canary.add_argument(
+        "--timeout-s", type=_timeout_s, default=10.0, help="seconds to wait for the answer (default 10, at most 1e6)"
+    )
 
 
 def _canary(args: argparse.Namespace) -> int:
@@ -38,19 +50,32 @@ def _canary(args: argparse.Namespace) -> int:
     if not url.startswith(("http://", "https://")):
         print(f"inferkit canary: --url must start with http:// or https://, got {args.url!r}", file=sys.stderr)
         return 2
-    request = urllib.request.Request(url, method=method, headers={"authorization": f"Bearer {token}"})  # noqa: S310 (checked above)
-    try:
+    try:  # the request too: a URL urllib cannot parse ("http://[::1") raises as it is built
+        urllib.parse.urlsplit(url).port  # noqa: B018 (ValueError past 65535: the socket wrapped 70000 to 4464)
+        request = urllib.request.Request(url, method=method, headers={"authorization": f"Bearer {token}"})  # noqa: S310 (checked above)
         with urllib.request.urlopen(request, timeout=args.timeout_s) as response:  # noqa: S310 (checked above)
-            body = json.loads(response.read())
+            answer = response.read()
     except urllib.error.HTTPError as error:
-        try:
-            message = json.loads(error.read()).get("error", "")
-        except ValueError:
-            message = ""
-        print(f"inferkit canary: {error.code} {message}".rstrip(), file=sys.stderr)
+        print(f"inferkit canary: {error.code} {_error_message(error)}".rstrip(), file=sys.stderr)
         return 1
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        print(f"inferkit canary: cannot reach {args.url}: {error}", file=sys.stderr)
+    # http.client's own: a URL with a control character (InvalidURL), a connection cut mid-answer
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError, OverflowError) as error:
+        print(f"inferkit canary: cannot reach {args.url!r}: {error}", file=sys.stderr)
+        return 2
+    try:
+        body = json.loads(answer)
+    except ValueError:
+        print(f"inferkit canary: the answer from {args.url!r} is not JSON", file=sys.stderr)
         return 2
     print(json.dumps(body, indent=2))
     return 0
+
+
+def _error_message(error: urllib.error.HTTPError) -> str:
+    """The ``error`` of a refusal's JSON body; empty when there is none."""
+    try:
+        body = json.loads(error.read())
+    except (ValueError, OSError, http.client.HTTPException):
+        return ""
+    message = body.get("error", "") if isinstance(body, dict) else ""
+    return message if isinstance(message, str) else ""

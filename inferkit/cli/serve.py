@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING
 import attrs
 
 from inferkit.batching.config import BatchConfig
-from inferkit.cli.args import _at_least_one, _fraction, _positive
+from inferkit.cli.args import _at_least_one, _fraction, _grace, _grpc_listeners, _grpc_port, _port, _positive
 from inferkit.pool import PoolConfig
 
 if TYPE_CHECKING:
     from inferkit.server.run import InferenceServer
 
 
+_MAX_TOKEN_FILE_BYTES = 64 * 2**10  # a token, a line of text: /dev/zero read until memory ran out
 _BATCHING = BatchConfig()  # the command's defaults are the library's, written once
 _POOL = PoolConfig()
 
@@ -33,8 +34,8 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument("--config", type=Path, help="a TOML file with several models, versions and splits")
     serve.add_argument("--name", help="the model's name (default: the file's stem)")
     serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
-    serve.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 8001; -1 disables gRPC)")
+    serve.add_argument("--port", type=_port, default=None, help="HTTP port (default 8000; 0: a free one)")
+    serve.add_argument("--grpc-port", type=_grpc_port, default=None, help="gRPC port (default 8001; -1 disables gRPC)")
     serve.add_argument(
         "--max-batch-size",
         type=int,
@@ -72,9 +73,10 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument("--overload-status", type=int, choices=(429, 503), default=503)
     serve.add_argument(
         "--grace",
-        type=float,
+        type=_grace,
         default=None,
-        help="seconds the shutdown may take: in-flight requests finish, then everything closes (default 30)",
+        help="seconds the shutdown may take, at most 86400: in-flight requests finish, then everything closes "
+        "(default 30)",
     )
     limits = serve.add_argument_group("connection limits (docs/security.md; override a config's [server])")
     limits.add_argument("--header-timeout-s", type=_positive, help="seconds to send a request head (default 10)")
@@ -102,9 +104,9 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     serve.add_argument(
         "--grpc-listeners",
-        type=_at_least_one,
+        type=_grpc_listeners,
         default=None,
-        help="gRPC servers sharing the port, each accepting calls (default 8 on Linux, else 1)",
+        help="gRPC servers sharing the port, each accepting calls: 1 to 64 (default 8 on Linux, else 1)",
     )
     serve.add_argument(
         "--repository-control",
@@ -136,7 +138,8 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument(
         "--admin-token-file",
         type=Path,
-        help="a file holding the admin token (e.g. a mounted secret); default: INFERKIT_ADMIN_TOKEN",
+        help="a file holding the admin token (e.g. a mounted secret; a regular file of at most 64 KiB); "
+        "default: INFERKIT_ADMIN_TOKEN",
     )
     scaling = serve.add_argument_group("autoscaling (a model file; a config sets autoscale per model)")
     scaling.add_argument(
@@ -166,6 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
             ModelLoader,
             check_admin_token,
             load,
+            read_small_file,
             repository_control,
         )
         from inferkit.server.grpc import DEFAULT_LISTENERS  # noqa: PLC0415
@@ -248,7 +252,7 @@ def _serve(args: argparse.Namespace) -> int:
             loader = ModelLoader(args.model.parent, {predictor.name: {k: v for k, v in spec.items() if v is not None}})
             control = repository_control(args.repository_control, None, loader)
         if args.admin_token_file is not None:
-            token = args.admin_token_file.read_text().strip()
+            token = read_small_file(args.admin_token_file, _MAX_TOKEN_FILE_BYTES).strip()
             check_admin_token(token, f"--admin-token-file {args.admin_token_file}")
             control = attrs.evolve(control, token=token)
         if args.repository_control and not control.enabled:

@@ -6,7 +6,7 @@
     host = "127.0.0.1"
     port = 8000
     grpc_port = 8001          # or false: REST only
-    grace_s = 30              # shutdown drain bound
+    grace_s = 30              # shutdown drain bound (0 to 86400)
     repository_control = false  # true: load and unload models over REST and gRPC (with a token)
     admin_token = "..."       # the token they need (better: the INFERKIT_ADMIN_TOKEN variable)
     header_timeout_s = 10     # any ConnectionLimits field (docs/security.md)
@@ -72,6 +72,7 @@ load request, with what the load's Triton model config changes: ``max_batch_size
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -85,7 +86,18 @@ from inferkit.server.control import TOKEN_ENV, RepositoryControl
 from inferkit.server.limits import ConnectionLimits
 from inferkit.server.repository import Repository
 
-__all__ = ["ConfigError", "ConnectionLimits", "ModelLoader", "ServerConfig", "check_admin_token", "load"]
+__all__ = [
+    "MAX_CONFIG_BYTES",
+    "MAX_GRACE_S",
+    "ConfigError",
+    "ConnectionLimits",
+    "ModelLoader",
+    "ServerConfig",
+    "check_admin_token",
+    "check_grace",
+    "load",
+    "read_small_file",
+]
 
 _SERVER_KEYS = {
     "host",
@@ -120,11 +132,15 @@ def _unique(names: list[str]) -> None:
 def load(path: str | Path) -> ServerConfig:
     """Read and validate a configuration file and load its models; ``ConfigError`` names the bad field."""
     path = Path(path)
+    text = read_small_file(path, MAX_CONFIG_BYTES)
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as error:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
         msg = f"{path}: {error}"
         raise ConfigError(msg) from error
+    except RecursionError:  # arrays or inline tables nested some hundreds deep
+        msg = f"{path}: values nested too deep"
+        raise ConfigError(msg) from None
     refuse_unknown(data, {"server", "models"}, str(path))
     server = as_table(data.get("server", {}), "server")
     refuse_unknown(server, _SERVER_KEYS, "server")
@@ -132,7 +148,11 @@ def load(path: str | Path) -> ServerConfig:
         "server",
         lambda: ConnectionLimits(**{k: v for k, v in server.items() if k in attrs.fields_dict(ConnectionLimits)}),
     )
-    grace_s = checked("server", lambda: _grace(server.get("grace_s", 30.0)))
+    grace_s = checked("server", lambda: check_grace(server.get("grace_s", 30.0)))
+    host = server.get("host", "127.0.0.1")
+    if not isinstance(host, str):  # str() made 5 the address 0.0.0.5
+        msg = f"server.host must be a string (an address or a host name), got {host!r:.100}"
+        raise ConfigError(msg)
     port = _port(server.get("port", 8000), "server.port")
     grpc_port = server.get("grpc_port", 8001)
     grpc_port = None if grpc_port is False else _port(grpc_port, "server.grpc_port", " (or false: REST only)")
@@ -159,7 +179,7 @@ def load(path: str | Path) -> ServerConfig:
             predictor.close()
         raise
     return ServerConfig(
-        str(server.get("host", "127.0.0.1")),
+        host,
         port,
         grpc_port,
         Repository(served),
@@ -187,6 +207,38 @@ def repository_control(enabled: object, token: object, loader: ModelLoader) -> R
         raise ConfigError(msg) from None
 
 
+MAX_CONFIG_BYTES = 4 * 2**20
+"""The largest config file :func:`load` reads."""
+
+
+def read_small_file(path: Path, limit: int) -> str:
+    """The UTF-8 text of the regular file ``path``, of at most ``limit`` bytes; ``ConfigError`` otherwise.
+
+    Anything else is refused before it is read: a FIFO blocked the read, and ``/dev/zero``
+    read until memory ran out.
+    """
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):  # not even opened: opening a FIFO blocks
+            msg = f"{path} is not a regular file"
+            raise ConfigError(msg)
+        with path.open("rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):  # replaced since the check above
+                msg = f"{path} is not a regular file"
+                raise ConfigError(msg)
+            data = file.read(limit + 1)
+    except OSError as error:
+        msg = f"{path}: {error.strerror or error}"
+        raise ConfigError(msg) from error
+    if len(data) > limit:
+        msg = f"{path} is larger than {limit} bytes"
+        raise ConfigError(msg)
+    try:
+        return data.decode()
+    except UnicodeDecodeError as error:
+        msg = f"{path} is not UTF-8 text: {error}"
+        raise ConfigError(msg) from None
+
+
 _MIN_TOKEN_CHARS = 16  # as repository control's
 
 
@@ -211,8 +263,13 @@ def _port(value: object, where: str, other: str = "") -> int:
 _MAX_PORT = 65535
 
 
-def _grace(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
-        msg = f"grace_s must be a finite number >= 0, got {value!r}"
+MAX_GRACE_S = 86400
+"""The longest graceful shutdown, in seconds (a day): past about 9.2e9 s a thread join overflows."""
+
+
+def check_grace(value: object, name: str = "grace_s") -> float:
+    """``value`` as the seconds a shutdown may take; ``ValueError`` naming ``name`` unless a number from 0 to a day."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_GRACE_S:
+        msg = f"{name} must be a number from 0 to {MAX_GRACE_S} (a day), got {value!r:.100}".lstrip()
         raise ValueError(msg)
     return float(value)

@@ -228,6 +228,10 @@ def _policy(
     if kind == "ab":
         refuse_unknown(split, {"policy", "weights"}, where)
         weights = as_table(split.get("weights"), f"{where}.weights")
+        for arm, weight in weights.items():  # float() took true as 1 and "0.5" as 0.5
+            if isinstance(weight, bool) or not isinstance(weight, int | float):
+                msg = f"{where}.weights.{arm} must be a number, got {weight!r:.100}"
+                raise ConfigError(msg)
         return checked(f"{where}.weights", lambda: ABTest({str(k): float(v) for k, v in weights.items()}))
     if kind == "canary":
         allowed = {
@@ -268,9 +272,11 @@ def served_model(spec: Mapping[str, Any], where: str, base: Path, opened: list[P
         versions[str(label)] = _predictor(as_table(version, vwhere), vwhere, base, f"{name}-{label}")
         opened.append(versions[str(label)])
     order = sorted(versions, key=lambda v: (len(v), v))
-    split = spec.get("split")
+    split = spec.get("split")  # present but empty or false is a mistake, not "no split"
     policy = (
-        _policy(as_table(split, f"{where}.split"), order, f"{where}.split", base, name) if split else Fixed(order[-1])
+        Fixed(order[-1])
+        if split is None
+        else _policy(as_table(split, f"{where}.split"), order, f"{where}.split", base, name)
     )
     router = checked(f"{where}.split", lambda: Router(versions, policy, name=name))
     return ServedModel(name, router, versions)

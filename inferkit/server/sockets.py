@@ -53,6 +53,9 @@ def addresses(host: str) -> list[str]:
     except socket.gaierror as error:
         msg = f"cannot resolve host {host!r}: {error.strerror or error}"
         raise OSError(msg) from None
+    except UnicodeError as error:  # the IDNA codec: an empty label ("a..b") or one past 63 characters
+        msg = f"cannot resolve host {host!r:.300}: {error}"
+        raise OSError(msg) from None
     return list(dict.fromkeys(str(info[4][0]) for info in found))
 
 
