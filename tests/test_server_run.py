@@ -677,6 +677,23 @@ class TestEdges:
         finally:
             predictor.close()
 
+    @pytest.mark.parametrize(
+        ("option", "value", "message"),
+        [
+            ("grace", 1e300, "grace must be a number from 0 to 86400"),  # a crash at shutdown (a join overflowed)
+            ("grace", float("nan"), "grace must be a number"),
+            ("grpc_listeners", 100_000, "listeners must be an int from 1 to 64"),  # out of file descriptors
+        ],
+    )
+    def test_the_library_bounds_what_the_command_bounds(self, option: str, value: object, message: str) -> None:
+        """The command refused these; InferenceServer (and create_server) took them."""
+        predictor = Predictor.from_callable(lambda x: x, name="m")
+        try:
+            with pytest.raises(ValueError, match=message):
+                InferenceServer(Repository({"m": predictor}), port=0, grpc_port=0, **{option: value}).start(WAIT)
+        finally:
+            predictor.close()
+
     def test_building_a_server_leaves_the_hosts_logging_alone(self, tmp_path: Path) -> None:
         """uvicorn's default log config went through dictConfig: building a server (not even started)
         closed the host's file handler (its later records lost) and replaced uvicorn's loggers'."""

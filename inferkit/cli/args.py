@@ -15,7 +15,6 @@ def _at_least_one(text: str) -> int:
 
 
 _MAX_PORT = 65535
-_MAX_GRPC_LISTENERS = 64  # each a grpc.aio server with its own threads and descriptors
 
 
 def _port(text: str) -> int:
@@ -37,9 +36,11 @@ def _grpc_port(text: str) -> int:
 
 
 def _grpc_listeners(text: str) -> int:
+    from inferkit.server.grpc import MAX_LISTENERS  # noqa: PLC0415 (only serve takes it, with the server extra)
+
     value = int(text)
-    if not 1 <= value <= _MAX_GRPC_LISTENERS:
-        msg = f"must be from 1 to {_MAX_GRPC_LISTENERS}, got {value}"
+    if not 1 <= value <= MAX_LISTENERS:
+        msg = f"must be from 1 to {MAX_LISTENERS}, got {value}"
         raise argparse.ArgumentTypeError(msg)
     return value
 

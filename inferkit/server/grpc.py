@@ -69,6 +69,8 @@ _KEEPALIVE_MS = 60_000  # ping idle clients this often: a dead peer's connection
 _KEEPALIVE_TIMEOUT_MS = 20_000
 
 DEFAULT_LISTENERS = 8 if sys.platform == "linux" else 1
+MAX_LISTENERS = 64
+"""The most listeners on one port: each is a grpc.aio server with its own threads and descriptors."""
 """Listeners :func:`create_server` opens by default: 8 where SO_REUSEPORT spreads connections (Linux)."""
 
 
@@ -153,8 +155,8 @@ def create_server(
     if type(max_message_bytes) is not int or not 1 <= max_message_bytes <= _INT32_MAX:
         msg = f"max_message_bytes must be an int in [1, {_INT32_MAX}], got {max_message_bytes!r}"
         raise ValueError(msg)
-    if type(listeners) is not int or listeners < 1:
-        msg = f"listeners must be an int >= 1, got {listeners!r}"
+    if type(listeners) is not int or not 1 <= listeners <= MAX_LISTENERS:
+        msg = f"listeners must be an int from 1 to {MAX_LISTENERS}, got {listeners!r}"
         raise ValueError(msg)
     shared = listeners > 1
     resolved = addresses(host)  # as the REST face binds them (grpc's own resolver may find others)

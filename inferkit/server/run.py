@@ -16,6 +16,7 @@ import attrs
 import uvicorn
 
 from inferkit.routing import Predictive
+from inferkit.server.config import check_grace
 from inferkit.server.connections import Connections, default_max_connections, guarded_protocol
 from inferkit.server.control import Controller, RepositoryControl
 from inferkit.server.grpc import DEFAULT_LISTENERS, GrpcServer, create_server
@@ -70,6 +71,10 @@ def _known_loop(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
         raise ValueError(msg)
 
 
+def _grace(value: object) -> float:
+    return check_grace(value, "grace")
+
+
 @attrs.frozen(kw_only=True)
 class _Settings:
     """What :class:`InferenceServer` was asked for, under its constructor's names, defaults filled in.
@@ -80,7 +85,7 @@ class _Settings:
     host: str
     port: int
     grpc_port: int | None
-    grace: float
+    grace: float = attrs.field(converter=_grace)  # 1e300 crashed the shutdown
     log_level: str
     grpc_listeners: int
     loop: str = attrs.field(validator=_known_loop)
