@@ -212,6 +212,13 @@ versions.1 = { path = "a.onnx", eject_after = 7 }
                 )
                 for weight, shown in [("true", "True"), ("false", "False"), ('"0.5"', "'0.5'"), ("[1]", "[1]")]
             ),
+            (  # tuple("abc") made steps of characters
+                (
+                    '[[models]]\nname = "m"\nversions.1 = { path = "a.onnx" }\nversions.2 = { path = "a.onnx" }\n'
+                    'split = { policy = "canary", baseline = "1", candidate = "2", steps = "abc" }\n'
+                ),
+                r"models\[0\].split.steps must be a list of weights",
+            ),
             ('[[models]]\nname = "m"\npath = "a.onnx"\n[[models]]\nname = "m"\npath = "a.onnx"\n', "unique"),
             ("models = 3\n", r"models must be a non-empty array"),
             ("[[models]\n", "a.toml"),

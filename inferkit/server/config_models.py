@@ -187,6 +187,10 @@ def _store(split: Mapping[str, Any], where: str, base: Path, model: str) -> Cana
 
 
 def _canary(split: Mapping[str, Any], where: str, base: Path, model: str) -> Canary:
+    steps = split.get("steps", [0.01, 0.05, 0.25, 1.0])
+    if not isinstance(steps, list):  # tuple("abc") made steps of characters
+        msg = f"{where}.steps must be a list of weights, e.g. [0.05, 0.25, 1.0], got {steps!r:.100}"
+        raise ConfigError(msg)
     guard = checked(where, lambda: Guard(split.get("max_error_rate", 0.01), max_p99_ratio=split.get("max_p99_ratio")))
     store = _store(split, where, base, model)
     try:
@@ -195,7 +199,7 @@ def _canary(split: Mapping[str, Any], where: str, base: Path, model: str) -> Can
             lambda: Canary(
                 str(split["baseline"]),
                 str(split["candidate"]),
-                tuple(split.get("steps", (0.01, 0.05, 0.25, 1.0))),
+                tuple(steps),
                 min_requests_per_step=split.get("min_requests_per_step", 500),
                 min_seconds_per_step=split.get("min_seconds_per_step", 0.0),
                 guard=guard,

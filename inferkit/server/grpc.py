@@ -169,7 +169,7 @@ def create_server(
         ("grpc.so_reuseport", int(shared)),
         ("grpc.max_metadata_size", limits.max_header_bytes),
         ("grpc.absolute_max_metadata_size", limits.max_header_bytes),
-        ("grpc.max_connection_idle_ms", int(limits.grpc_idle_s * 1000)),
+        ("grpc.max_connection_idle_ms", max(1, int(limits.grpc_idle_s * 1000))),  # under 1 ms rounds up, never to 0
         ("grpc.max_concurrent_streams", limits.grpc_max_concurrent_streams),
         ("grpc.keepalive_time_ms", _KEEPALIVE_MS),
         ("grpc.keepalive_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
