@@ -213,7 +213,7 @@ class LogObserver:
             msg = f"repeat_window_s must be > 0, got {repeat_window_s!r}"
             raise ValueError(msg)
         self._std = logging.getLogger(_LOGGER)
-        self._bound: Any = None  # built at the first line logged: the host configures structlog after import
+        self._bound: Any = None  # the host's structlog, once it is configured (it may be after import)
         self._window = repeat_window_s
         self._clock = clock
         self._seen: dict[tuple[str, str, str], _Repeats] = {}
@@ -222,10 +222,12 @@ class LogObserver:
     @property
     def _log(self) -> Any:
         """The stdlib logger through structlog as the host configured it, else one plain line (:func:`plain`)."""
-        if self._bound is None:
-            configured = structlog.is_configured()
-            self._bound = structlog.wrap_logger(self._std, processors=None if configured else [plain])
-        return self._bound
+        if self._bound is not None:
+            return self._bound
+        if structlog.is_configured():  # kept: the host's configuration from now on
+            self._bound = structlog.wrap_logger(self._std)
+            return self._bound
+        return structlog.wrap_logger(self._std, processors=[plain])  # asked again next line: the host may configure
 
     def enabled(self) -> bool:
         """Whether per-batch events are wanted: DEBUG enabled, or an observer tapped."""
@@ -305,6 +307,7 @@ def plain(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> s
 
 def _value(value: object) -> str:
     """A field's value as the line shows it: a word as it is, other text quoted (so fields stay apart)."""
-    if isinstance(value, str) and (not value or any(c.isspace() or c in "='\"" for c in value)):
-        return repr(value)
-    return str(value)
+    text = str(value)
+    if not text or not text.isprintable() or any(c.isspace() or c in "='\"" for c in text):
+        return repr(text)  # quoted, control characters escaped: a value never ends a field or the line
+    return text

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["Predictor", "State"]
 
 
+_RECHECK_S = 0.05  # how often a second close() looks whether the first was interrupted
 _observing = threading.local()  # .predictor: the predictor whose observers run on this thread now
 
 
@@ -399,9 +400,15 @@ class Predictor(BulkFaces):
         with self._close_lock:
             first = not self._closing
             self._closing = True
-        if not first:
-            self._closed.wait(timeout)
-            return
+        if not first:  # wait for the first; if it was interrupted (Ctrl-C), finish the job ourselves
+            end = None if timeout is None else time.monotonic() + timeout
+            while True:
+                left = None if end is None else max(0.0, end - time.monotonic())
+                if self._closed.wait(_RECHECK_S if left is None else min(_RECHECK_S, left)) or left == 0.0:
+                    return
+                if not self._closing:
+                    self.close(left)
+                    return
         self._set_state(State.DRAINING)
         try:
             self._batcher.close(timeout)

@@ -163,6 +163,7 @@ class Router:
         self._policy_errors = _PolicyErrors(name)
         self._confirmations = Confirmations(self._submit_to, self._failed, shadow_queue_size)
         self._closed = False
+        self._shut = False
         self._in_force: _InForce
         self.set_policy(policy if policy is not None else ABTest(dict.fromkeys(self._arms, 1.0)))
 
@@ -378,8 +379,8 @@ class Router:
 
     @property
     def signature(self) -> Signature | None:
-        """The first arm's signature (the arms of one router serve one model, so they agree)."""
-        return next((signature_of(arm) for arm in self._arms.values()), None)
+        """The first declared signature of its arms (the arms of one router serve one model, so they agree)."""
+        return next((sig for arm in self._arms.values() if (sig := signature_of(arm)) is not None), None)
 
     @property
     def ready(self) -> bool:
@@ -410,9 +411,9 @@ class Router:
 
     def close(self, timeout: float | None = None) -> None:
         """Stop routing, hand the queued shadow work over, then let every arm drain and stop."""
-        if self._closed:
+        if self._shut:
             return
-        self._closed = True
+        self._closed = True  # routes refused from now on; ``_shut`` once every part closed (a retry finishes)
         canary = find_canary(self._in_force.policy)
         steps: list[Callable[[], object]] = [self._confirmations.close, lambda: self._shadow.close(timeout)]
         if canary is not None:
@@ -427,6 +428,7 @@ class Router:
                 errors.append(error)
         if errors:
             raise errors[0]
+        self._shut = True
 
     def __enter__(self) -> Self:
         return self

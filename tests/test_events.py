@@ -431,6 +431,31 @@ class TestLogObserver:
         assert lines[failed + 1] == "Traceback (most recent call last):"
         assert "\x1b" not in proc.stdout
 
+    def test_structlog_configured_after_the_first_line_is_followed(self) -> None:
+        """A predictor that logged before the host configured structlog kept plain lines for good."""
+        code = """
+            import logging, sys
+            import structlog
+            import inferkit
+
+            logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
+            p = inferkit.Predictor.from_callable(lambda x: x, name="early")
+            structlog.configure(processors=[structlog.processors.JSONRenderer()])
+            p.close()
+        """
+        proc = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60, check=False
+        )
+        lines = proc.stdout.splitlines()
+        assert proc.returncode == 0, proc.stderr
+        assert lines[0] == "StateChanged name=early state=starting"
+        assert lines[-1] == '{"name": "early", "state": "closed", "event": "StateChanged"}'
+
+    def test_plain_lines_quote_what_would_run_fields_together(self) -> None:
+        """A tuple's spaces ran its fields together; a control character reached the handler raw."""
+        line = inferkit.events.plain(None, "info", {"event": "E", "ids": (1, 2), "name": "m\x1b[31m", "ok": "w"})
+        assert line == "E ids='(1, 2)' name='m\\x1b[31m' ok=w"
+
     def test_silent_when_logging_is_not_configured(self) -> None:
         """Without logging configured, serving (even through an ejection) prints nothing at all."""
         code = """

@@ -782,6 +782,31 @@ class TestFailures:
         np.testing.assert_array_equal(future.result(WAIT), rows(1.0))
         assert not [t for t in threading.enumerate() if t.name.startswith("inferkit-interrupted")]
 
+    def test_a_second_close_finishes_when_the_first_is_interrupted(self) -> None:
+        """A thread waiting in close() for a first close() that Ctrl-C interrupted waited for good."""
+        release = threading.Event()
+
+        def slow(x: np.ndarray) -> np.ndarray:
+            release.wait(WAIT)
+            return x
+
+        p = Predictor.from_callable(slow, name="second")
+        p.submit(rows(1.0))
+        waiter = threading.Thread(target=p.close)
+        timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        threading.Timer(0.1, waiter.start).start()
+        with pytest.raises(KeyboardInterrupt):
+            p.close()
+        timer.join()
+        release.set()
+        deadline = time.monotonic() + WAIT
+        while waiter.ident is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        waiter.join(WAIT)
+        assert not waiter.is_alive()
+        assert p.state.value == "closed"
+
     def test_close_from_an_observer_is_refused_not_a_deadlock(self) -> None:
         """An observer runs on the thread of the batch it hears about, which close() waits for: close()
         from a BatchDone observer hung for good (with a timeout: returned after twice that)."""

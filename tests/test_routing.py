@@ -475,6 +475,34 @@ class TestPolicyProtocol:
         assert logged[0].exc_info is not None
         assert "the policy's own bug" in str(logged[0].exc_info[1])
 
+    def test_a_close_that_failed_is_finished_by_the_next(self) -> None:
+        """An arm's close raising (here: its observer closing the router) left that arm ready for good:
+        the router counted itself closed and close() again did nothing."""
+        fail = [True]
+
+        class Once(Predictor):
+            def close(self, timeout: float | None = None) -> None:
+                if fail.pop() if fail else False:
+                    msg = "interrupted"
+                    raise KeyboardInterrupt(msg)
+                super().close(timeout)
+
+        first = Once(lambda: CallableBackend(lambda a: a))
+        r = Router({"a": first, "b": arm(2)})
+        with pytest.raises(KeyboardInterrupt):
+            r.close(WAIT)
+        assert first.state.value == "ready"
+        r.close(WAIT)
+        assert first.state.value == "closed"
+
+    def test_an_untyped_first_arm_leaves_the_typed_arms_signature(self) -> None:
+        """The router's signature was the first arm's, None for an untyped callable: the server then
+        skipped its checks (a datatype it would refuse was cast on the typed arm)."""
+        typed = arm(2)
+        r = Router({"u": Predictor.from_callable(lambda a: a), "t": typed})
+        assert r.signature == typed.signature
+        r.close(WAIT)
+
     def test_an_arm_failing_to_close_leaves_no_other_arm_open(self) -> None:
         """The first arm's close() raising stopped the loop: the other arms stayed ready, their threads
         alive, and close() again returned at once."""

@@ -742,6 +742,63 @@ class TestEdges:
         with pytest.raises(RuntimeError, match="already run"):
             asyncio.run(server.run())
 
+    def test_run_with_signals_on_the_hosts_loop_gives_its_loop_handler_back(self) -> None:
+        """A handler the host added to its own loop (``add_signal_handler``) was removed for good: after
+        run(handle_signals=True) SIGTERM reached nobody and the process ignored it."""
+        got: list[str] = []
+        before = signal.getsignal(signal.SIGTERM)
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGTERM, got.append, "host")
+            try:
+                predictor = Predictor.from_callable(lambda x: x, name="m")
+                server = InferenceServer(Repository({"m": predictor}), port=0, grpc_port=None)
+                await server.run(handle_signals=True, on_start=lambda s: os.kill(os.getpid(), signal.SIGTERM))
+                assert got == []  # the server's, while it served
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(100):
+                    if got:
+                        break
+                    await asyncio.sleep(0.01)
+                assert got == ["host"]
+                other = InferenceServer(Repository({"m": Predictor.from_callable(lambda x: x)}), port=0, grpc_port=None)
+                busy = asyncio.create_task(other.run(handle_signals=True))
+                while not other.started.is_set():  # noqa: ASYNC110 (a threading.Event: set on this loop)
+                    await asyncio.sleep(0.01)
+                third = InferenceServer(Repository({"m": Predictor.from_callable(lambda x: x)}), port=0, grpc_port=None)
+                with pytest.raises(RuntimeError, match="another InferenceServer handles this loop"):
+                    await third.run(handle_signals=True)
+                third.repository.close()
+                other.stop()
+                await busy
+            finally:
+                loop.remove_signal_handler(signal.SIGTERM)
+
+        try:
+            asyncio.run(main())
+        finally:
+            signal.signal(signal.SIGTERM, before)
+
+    def test_handle_signals_off_the_main_thread_is_refused_before_anything(self) -> None:
+        """asyncio's ValueError came after the server was marked as run: it could not serve again."""
+        predictor = Predictor.from_callable(lambda x: x, name="m")
+        server = InferenceServer(Repository({"m": predictor}), port=0, grpc_port=None)
+        errors: list[BaseException] = []
+
+        def off_main() -> None:
+            try:
+                asyncio.run(server.run(handle_signals=True))
+            except RuntimeError as error:
+                errors.append(error)
+
+        thread = threading.Thread(target=off_main)
+        thread.start()
+        thread.join(WAIT)
+        assert "needs the main thread" in str(errors[0])
+        server.start(WAIT).join(WAIT)  # still unused: it serves
+        assert predictor.state.value == "closed"
+
     def test_run_with_signals_gives_the_host_its_handlers_back(self) -> None:
         """run(handle_signals=True) left its loop's handlers installed: once it returned, Ctrl-C did
         nothing and SIGTERM no longer reached the host's own handler."""

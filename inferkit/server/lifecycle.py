@@ -12,6 +12,7 @@ import contextlib
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,10 @@ import attrs
 __all__ = ["Lifecycle", "Running"]
 
 _POLL_S = 0.01  # start_thread: how often it looks whether the server's thread ended before it started
+
+
+_starting = threading.Lock()  # guards every lifecycle's ``thread`` and ``running`` while they are claimed
+_handling: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()  # loops whose signals a server handles
 
 
 @attrs.frozen
@@ -59,29 +64,48 @@ class Lifecycle:
     def begin(self, *, handle_signals: bool) -> asyncio.Event:
         """On the serving loop: the event that ends serving, set on SIGTERM/SIGINT with ``handle_signals``.
 
-        ``RuntimeError`` on a second call: a server serves once (its models are closed after).
+        ``RuntimeError`` on a second call (a server serves once: its models are closed after), and
+        with ``handle_signals`` off the main thread or where another server handles this loop's.
         """
-        if self.running is not None:
-            msg = "this InferenceServer has already run; build another one to serve again"
-            raise RuntimeError(msg)
-        running = Running(asyncio.get_running_loop(), asyncio.Event())
-        self.running = running
+        loop = asyncio.get_running_loop()
+        with _starting:  # two loops running one server: one wins
+            if self.running is not None:
+                msg = "this InferenceServer has already run; build another one to serve again"
+                raise RuntimeError(msg)
+            if handle_signals:  # before anything is marked: a refused run leaves the server unused
+                if threading.current_thread() is not threading.main_thread():
+                    msg = "handle_signals=True needs the main thread (only it receives signals)"
+                    raise RuntimeError(msg)
+                if loop in _handling:
+                    msg = "another InferenceServer handles this loop's SIGTERM and SIGINT: give it handle_signals=False"
+                    raise RuntimeError(msg)
+            running = Running(loop, asyncio.Event())
+            self.running = running
         if self.stopping:  # stop() came first: checked after publishing ``running``, which stop() reads after it
             running.stop.set()
         if handle_signals:
+            _handling.add(loop)
             for sig in (signal.SIGTERM, signal.SIGINT):
-                self.signals[sig] = signal.getsignal(sig)
-                running.loop.add_signal_handler(sig, running.stop.set)
+                # the loop's own handler (the host's, added with add_signal_handler), else the process's
+                handle = getattr(loop, "_signal_handlers", {}).get(sig)
+                self.signals[sig] = handle if handle is not None else signal.getsignal(sig)
+                loop.add_signal_handler(sig, running.stop.set)
         return running.stop
 
     def end(self) -> None:
         """On the serving loop, when serving ends: give the host back the signal handlers it had."""
         running = self.running
+        if running is None or not self.signals:
+            return
         for sig, previous in self.signals.items():
-            if running is not None:
-                running.loop.remove_signal_handler(sig)
-            signal.signal(sig, previous)
+            running.loop.remove_signal_handler(sig)
+            if isinstance(previous, asyncio.Handle):
+                callback: Any = previous._callback  # type: ignore[attr-defined]  # the host's, as it added it
+                running.loop.add_signal_handler(sig, callback, *previous._args)
+            else:
+                signal.signal(sig, previous)
         self.signals.clear()
+        _handling.discard(running.loop)
 
     def stop(self) -> None:
         """End serving; safe from any thread, before :meth:`begin` too (serving then ends at once)."""
@@ -97,9 +121,6 @@ class Lifecycle:
         What ``target`` raises before ``started`` is raised here, as soon as the thread ends.
         ``RuntimeError`` when this lifecycle already has a thread: a server serves once.
         """
-        if self.thread is not None:
-            msg = "this InferenceServer has already been started; build another one to serve again"
-            raise RuntimeError(msg)
 
         def run() -> None:
             try:
@@ -109,7 +130,12 @@ class Lifecycle:
                     raise
                 self.failed = error  # read once the thread ended (join publishes it)
 
-        self.thread = thread = threading.Thread(target=run, name="inferkit-server", daemon=True)
+        with _starting:  # two threads starting one server: one wins
+            if self.thread is not None:
+                msg = "this InferenceServer has already been started; build another one to serve again"
+                raise RuntimeError(msg)
+            self.thread = thread = threading.Thread(target=run, name="inferkit-server", daemon=True)
+
         thread.start()
         deadline = time.monotonic() + timeout
         while not self.started.wait(min(_POLL_S, max(0.0, deadline - time.monotonic()))):
