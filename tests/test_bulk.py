@@ -400,6 +400,22 @@ class TestFileColumns:
             flags = self._write(tmp_path, "flags", {"a": [True, False], "b": [False, False]})
             np.testing.assert_array_equal(bools.map(flags), [[True, False], [False, False]])
 
+    def test_a_list_cell_without_a_rows_values_fails_that_row_only(self, tmp_path: Path) -> None:
+        """A null, empty or ragged list cell made numpy's ValueError end the whole job, on_error or not."""
+        pa = pytest.importorskip("pyarrow")
+        cells = {
+            "null": pa.array([[1.0, 2.0], None, [3.0, 4.0]], pa.list_(pa.float64())),
+            "empty": pa.array([[1.0, 2.0], [], [3.0, 4.0]], pa.list_(pa.float64())),
+            "ragged": pa.array([[1.0, 2.0], [5.0], [3.0, 4.0]], pa.list_(pa.float64())),
+            "fixed null": pa.array([[1.0, 2.0], None, [3.0, 4.0]], pa.list_(pa.float64(), 2)),
+        }
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.FLOAT, "x", shape=("N", 2))) as floats:
+            for label, column in cells.items():
+                result = floats.map(self._write(tmp_path, label.replace(" ", "_"), {"x": column}), on_error="collect")
+                assert [e.index for e in result.errors] == [1], label
+                assert "without 2 values" in str(result.errors[0].error)
+                np.testing.assert_array_equal(result.outputs, [[1.0, 2.0], [3.0, 4.0]])
+
     def test_the_public_reader_raises_what_a_flawed_batch_holds(self, tmp_path: Path) -> None:
         """``inferkit.bulk.read`` yielded the private stand-in of a batch with flawed rows; it raises
         their InvalidInput, and yields clean batches as they are."""

@@ -120,9 +120,7 @@ def _table_batch(batch: Any, signature: Signature | None) -> Any:
     inputs = [s.name for s in signature.inputs] if signature is not None else []
     faults: list[tuple[np.ndarray[Any, Any], InvalidInput]] = []
     if signature is not None and all(n in names for n in inputs):
-        arrays = {
-            s.name: _column(_no_nulls(s.name, batch.column(names.index(s.name)), s, faults)) for s in signature.inputs
-        }
+        arrays = {s.name: _named(s.name, batch.column(names.index(s.name)), s, faults) for s in signature.inputs}
         return _flawed(_typed(arrays, signature), faults)
     if len(inputs) > 1:
         msg = f"the model's inputs {inputs} need columns of those names; the file has {names}"
@@ -143,6 +141,40 @@ def _table_batch(batch: Any, signature: Signature | None) -> Any:
             return _Flawed(None, tuple(faults))
         features.append(feature)
     return _flawed(_typed({spec.name: np.column_stack(features)}, signature), faults)
+
+
+def _named(name: str, column: Any, spec: TensorSpec, faults: list[tuple[np.ndarray[Any, Any], InvalidInput]]) -> Any:
+    """The column named after input ``spec`` as its array, flawed rows stood in for."""
+    return _column(_regular(name, _no_nulls(name, column, spec, faults), spec, faults))
+
+
+def _regular(name: str, column: Any, spec: TensorSpec, faults: list[tuple[np.ndarray[Any, Any], InvalidInput]]) -> Any:
+    """A list column whose every cell holds one row of the input's width; other cells flawed, and stood in for.
+
+    A null cell, an empty or ragged list made the whole column unstackable (numpy's ValueError
+    ended the job, ``on_error`` or not). Nested lists (inputs past 2-D) are left to the input's checks.
+    """
+    import pyarrow as pa  # noqa: PLC0415
+    import pyarrow.compute as pc  # noqa: PLC0415
+
+    kind = column.type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)):
+        return column
+    if pa.types.is_nested(kind.value_type) or len(spec.shape) != 2:
+        return column
+    lengths = pc.list_value_length(column)
+    known = lengths.drop_null()
+    width = spec.shape[1] if spec.shape[1] is not None else (known[0].as_py() if len(known) else 0)
+    bad = pc.fill_null(pc.not_equal(lengths, width), fill_value=True).to_numpy(zero_copy_only=False)
+    if not bad.any():
+        return column
+    msg = f"input {spec.name!r}: expected {spec.describe()}, got a cell of column {name!r} without {width} values"
+    faults.append((bad, InvalidInput(msg, input_name=spec.name)))
+    cells = column.to_pylist()
+    stand_in = {"b": False, "O": ""}.get(spec.dtype.kind, 0)
+    for i in np.flatnonzero(bad):
+        cells[i] = [stand_in] * width
+    return pa.array(cells, type=column.type)
 
 
 def _no_nulls(name: str, column: Any, spec: TensorSpec, faults: list[tuple[np.ndarray[Any, Any], InvalidInput]]) -> Any:
