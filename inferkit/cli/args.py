@@ -17,32 +17,31 @@ def _at_least_one(text: str) -> int:
 _MAX_PORT = 65535
 
 
-def _port(text: str) -> int:
-    """A TCP port (0: a free one); the socket would wrap 70000 to 4464, and refuse -5 with a traceback."""
+def _within(text: str, low: int, high: int, what: str = "", *, also: str = "") -> int:
+    """``text`` as an int from ``low`` to ``high`` (``also``: what else it may be, already checked)."""
     value = int(text)
-    if not 0 <= value <= _MAX_PORT:
-        msg = f"must be a port number from 0 to {_MAX_PORT}, got {value}"
+    if not low <= value <= high:
+        msg = f"must be {what}from {low} to {high}{also}, got {value}"
         raise argparse.ArgumentTypeError(msg)
     return value
+
+
+def _port(text: str) -> int:
+    """A TCP port (0: a free one); the socket would wrap 70000 to 4464, and refuse -5 with a traceback."""
+    return _within(text, 0, _MAX_PORT, "a port number ")
 
 
 def _grpc_port(text: str) -> int:
     """A gRPC port, or exactly -1: REST only (-2 turned gRPC off too, 70000 served on 4464)."""
-    value = int(text)
-    if value != -1 and not 0 <= value <= _MAX_PORT:
-        msg = f"must be a port number from 0 to {_MAX_PORT}, or -1 to serve REST only, got {value}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
+    if text.strip() == "-1":
+        return -1
+    return _within(text, 0, _MAX_PORT, "a port number ", also=", or -1 to serve REST only")
 
 
 def _grpc_listeners(text: str) -> int:
     from inferkit.server.grpc import MAX_LISTENERS  # noqa: PLC0415 (only serve takes it, with the server extra)
 
-    value = int(text)
-    if not 1 <= value <= MAX_LISTENERS:
-        msg = f"must be from 1 to {MAX_LISTENERS}, got {value}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
+    return _within(text, 1, MAX_LISTENERS)
 
 
 def _grace(text: str) -> float:
