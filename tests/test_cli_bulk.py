@@ -373,6 +373,25 @@ class TestPredictOutputs:
         assert _finished_chunks(tmp_path / "y.npy.parts" / "manifest.json") == 0
         assert not (tmp_path / "y.npy").exists()
 
+    def test_object_outputs_of_other_arrow_types_in_two_parts_join(self, tmp_path: Path) -> None:
+        """A part of all None (Arrow's null type) then one of text, or bytes then text: every chunk ran,
+        then the assembly failed ("schema does not match"), and every rerun the same."""
+        pq = pytest.importorskip("pyarrow.parquet")
+        from inferkit import Predictor
+        from inferkit.bulk import run_job
+
+        np.save(tmp_path / "x.npy", np.arange(6, dtype=np.float32)[:, None])
+        for label, first in (("none", None), ("bytes", b"b")):
+
+            def mixed(x: np.ndarray, first: object = first) -> np.ndarray:
+                return np.array([[first if v < 2 else f"s{v:g}"] for v in x[:, 0]], dtype=object)
+
+            with Predictor.from_callable(mixed) as predictor:
+                assert run_job(predictor, tmp_path / "x.npy", tmp_path / f"{label}.parquet", chunk_rows=2) == 6
+            column = pq.read_table(tmp_path / f"{label}.parquet").column(0).to_pylist()
+            text = [[v.decode() if isinstance(v, bytes) else v for v in row] for row in column]  # the first part's type
+            assert text == [[None if first is None else "b"]] * 2 + [[f"s{v}"] for v in range(2, 6)], label
+
     def test_outputs_past_two_axes_keep_their_shape(self, tmp_path: Path) -> None:
         """An (N, 2, 3) output was written as a list of 6 values, its shape lost; now it nests a fixed-size list
         per axis, and reading that file back (map, or another job) gives the (N, 2, 3) array."""

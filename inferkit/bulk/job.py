@@ -78,10 +78,23 @@ def _arrow_table(outputs: Any, single: str) -> Any:
     columns = {}
     for name, array in named.items():
         column = pa.array(np.ascontiguousarray(array).ravel())
+        if pa.types.is_null(column.type):  # objects all None: text, as a later part's strings are
+            column = column.cast(pa.string())
         for width in reversed(array.shape[1:]):  # one fixed-size list per axis past the rows: the shape stays
             column = pa.FixedSizeListArray.from_arrays(column, width)
         columns[name] = column
     return pa.table(columns)
+
+
+def _conformed(table: Any, schema: Any, part: Path) -> Any:
+    """``table`` cast to the first part's ``schema``; ``ValueError`` saying which part when it cannot be."""
+    import pyarrow as pa  # noqa: PLC0415
+
+    try:
+        return table.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as error:
+        msg = f"{part.name} holds outputs of other types ({table.schema}) than the first part's ({schema}): {error}"
+        raise ValueError(msg) from None
 
 
 def _several_outputs(names: list[str]) -> ValueError:
@@ -103,6 +116,8 @@ def _assemble(parts: list[Path], output: Path, single: str) -> None:
                     table = loaded if part.suffix == ".arrow" else _arrow_table(loaded, single)
                     if writer is None:
                         writer = pq.ParquetWriter(f, table.schema)
+                    elif table.schema != writer.schema:  # an untyped model's objects: str in one part, bytes in another
+                        table = _conformed(table, writer.schema, part)
                     writer.write_table(table)
             finally:
                 if writer is not None:
