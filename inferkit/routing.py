@@ -415,7 +415,7 @@ class Router:
             return
         self._closed = True  # routes refused from now on; ``_shut`` once every part closed (a retry finishes)
         canary = find_canary(self._in_force.policy)
-        steps: list[Callable[[], object]] = [self._confirmations.close, lambda: self._shadow.close(timeout)]
+        steps: list[Callable[[], object]] = [self._confirmations.close, functools.partial(self._shadow.close, timeout)]
         if canary is not None:
             steps.append(canary.close)  # a shared store's follower thread
         arms = {id(p): p for p in self._arms.values()}.values()  # an arm listed twice is closed once

@@ -171,7 +171,7 @@ def _regular(name: str, column: Any, spec: TensorSpec, faults: list[tuple[np.nda
     msg = f"input {spec.name!r}: expected {spec.describe()}, got a cell of column {name!r} without {width} values"
     faults.append((bad, InvalidInput(msg, input_name=spec.name)))
     cells = column.to_pylist()
-    stand_in = {"b": False, "O": ""}.get(spec.dtype.kind, 0)
+    stand_in = _STAND_INS.get(str(kind.value_type), 0)  # a number where it has none
     for i in np.flatnonzero(bad):
         cells[i] = [stand_in] * width
     return pa.array(cells, type=column.type)

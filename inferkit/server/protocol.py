@@ -93,6 +93,9 @@ def datatype_of(dtype: np.dtype[Any]) -> str:
     """The protocol datatype of a NumPy dtype (strings and objects are ``BYTES``)."""
     if dtype.kind in "OSU":
         return "BYTES"
+    name = _NAMES.get(dtype)  # native byte order: no dtype built per call (every request, input and output)
+    if name is not None:
+        return name
     try:
         return _NAMES[np.dtype(dtype).newbyteorder("=")]  # a big-endian model output is sent little-endian
     except KeyError:
