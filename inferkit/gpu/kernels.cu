@@ -10,6 +10,14 @@
 // the unresized image path moves 4 pixels per thread with 32-bit loads and 128-bit stores;
 // row reductions give each row to one warp whose lanes stride over it (coalesced reads).
 
+// NVRTC compiles without <math.h>: define what it would.
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+#ifndef NAN
+#define NAN __int_as_float(0x7fffffff)
+#endif
+
 #include <cuda_fp16.h>
 
 typedef long long i64;
