@@ -101,6 +101,16 @@ class TestOnnxDevice:
         expected = "cuda:0" if backend.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         assert backend.device == expected
 
+    def test_cpu_stays_on_the_cpu_where_cuda_is_offered(
+        self, mlp_model: bytes, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``device="cpu"`` asks ONNX Runtime for the CPU alone, also where it offers CUDA (it ran on the GPU)."""
+        monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *CPU])
+        backend = OnnxBackend(mlp_model, device="cpu")  # asking for CUDA here would warn: an error in tests
+        assert backend.session.get_providers() == CPU
+        assert backend.device == "cpu"
+        assert backend.stream is None
+
     @pytest.mark.skipif(HAS_CUDA, reason="onnxruntime here offers CUDA")
     def test_unavailable_cuda_is_not_reported(self, mlp_model: bytes) -> None:
         """Asking for CUDA where onnxruntime lacks it reports "cpu", read back from the session."""
@@ -256,6 +266,16 @@ class TestOnnxWarmup:
         backend = OnnxBackend(mlp_model, providers=CPU, warmup=(1, 2**42))  # 2^42 rows: no machine holds them
         assert backend.warmed == (1,)
         np.testing.assert_array_equal(backend.run({"x": np.zeros((1, 4), np.float32)})["y"].shape, (1, 3))
+
+    def test_never_tries_a_size_past_a_share_of_physical_memory(
+        self, mlp_model: bytes, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Sizes whose zero inputs would pass physical memory / WARMUP_MEMORY_SHARE are not run: an
+        overcommitting host grants the zeros and kills the process once the model writes (seen on a
+        128 GiB machine with 2^42 rows)."""
+        monkeypatch.setattr(onnx_backend, "physical_memory", lambda: 64 * 2**20)  # 16 MiB of inputs at most
+        backend = OnnxBackend(mlp_model, providers=CPU, warmup=(1, 2, 2**20, 2**21))  # 16 B a row: 16 and 32 MiB
+        assert backend.warmed == (1, 2, 2**20)
 
     def test_no_warmup_by_default(self, mlp_model: bytes, tmp_path: Path) -> None:
         """Without warmup sizes the session does not run at all."""
@@ -450,14 +470,14 @@ class TestWideSession:
     def test_the_default_predictor_has_one_when_there_are_cores_to_spare(self, mlp_model: bytes) -> None:
         """``from_onnx`` with default threads opens the wide session for half-full batches and more when
         this machine has more cores than the narrow session uses; explicit threads open none."""
-        with Predictor.from_onnx(mlp_model, max_batch_size=16, warmup=False) as p:
+        with Predictor.from_onnx(mlp_model, device="cpu", max_batch_size=16, warmup=False) as p:
             (backend,) = p.backends()
             assert isinstance(backend, OnnxBackend)
             backend.session_for(8)
             has_wide = backend.session_for(8) is not backend.session
             assert has_wide == (default_wide_threads(1) > default_intra_op_threads(1))
             assert backend.session_for(7) is backend.session
-        with Predictor.from_onnx(mlp_model, intra_op_threads=1, warmup=False) as p:
+        with Predictor.from_onnx(mlp_model, device="cpu", intra_op_threads=1, warmup=False) as p:
             (backend,) = p.backends()
             assert isinstance(backend, OnnxBackend)
             assert backend.session_for(64) is backend.session_for(64) is backend.session

@@ -52,6 +52,18 @@ MAX_INTRA_OP_THREADS = 1024
 WARMUP_STOP_S = 1.0
 """A warm-up call this long ends the warm-up: a big model's largest batches warm up on first use."""
 
+WARMUP_MEMORY_SHARE = 4
+"""The warm-up skips batch sizes whose zero inputs alone would take over 1/this of physical memory."""
+
+
+def physical_memory() -> int:
+    """Bytes of physical memory on this machine (2^63 - 1 where the system cannot say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return 2**63 - 1
+
+
 WIDE_MAX_BYTES = 512 * 2**20
 """Models bigger than this get no second, wide session (it holds its own copy of the weights)."""
 
@@ -81,7 +93,10 @@ class OnnxBackend:
     model fixes its batch axis, as an export with a batch of 1 does). On the CPU it stops after
     a call (past the first) that took :data:`WARMUP_STOP_S` or more, where a first call's extra
     cost is a small part of the call; on a device it stops at the first size the device cannot
-    hold (serving splits such batches). :attr:`warmed` lists the sizes it ran.
+    hold (serving splits such batches). Sizes whose inputs would take more than physical memory
+    / :data:`WARMUP_MEMORY_SHARE` are never tried: a host that overcommits
+    memory grants the zeros, and kills the process once the model writes its outputs.
+    :attr:`warmed` lists the sizes it ran.
 
     ``intra_op_threads`` is at most :data:`MAX_INTRA_OP_THREADS`, or the usable cores where there
     are more.
@@ -142,7 +157,10 @@ class OnnxBackend:
         self._gpu = None if device is None else device_id(device)
         self._run_options: Any = None
         if providers is None:
-            providers = self._providers(ort, provider_options or {}, tensorrt=tensorrt, strict=strict)
+            providers = (
+                [_CPU] if device is not None and self._gpu is None  # "cpu" even where ORT offers CUDA
+                else self._providers(ort, provider_options or {}, tensorrt=tensorrt, strict=strict)
+            )  # fmt: skip
         source = model if isinstance(model, bytes) else str(Path(model))
         self.session = ort.InferenceSession(source, sess_options=options, providers=list(providers))
         self._signature = Signature.from_onnx(self.session)
@@ -181,7 +199,10 @@ class OnnxBackend:
         fixed = self._fixed = fixed_rows(self.session)
         if fixed is not None and warmup:  # the only batch the model takes
             warmup = (fixed,)
+        most_rows = physical_memory() // WARMUP_MEMORY_SHARE // max(self._row_bytes(), 1)
         for rows in warmup:
+            if rows > most_rows:
+                break  # zeros this big could only be held on an overcommitting host, until it kills us
             start = time.perf_counter()
             try:
                 if not self._warmup(rows):
@@ -238,6 +259,14 @@ class OnnxBackend:
         if strict:
             raise DeviceUnavailable(f"{msg} (strict=True)")
         warnings.warn(DeviceFallbackWarning(f"{msg}; the model runs on {where}"), stacklevel=4)
+
+    def _row_bytes(self) -> int:
+        """Bytes of one row of every fixed-width input (what a warm-up row allocates before the model runs)."""
+        total = 0
+        for spec in self._signature.inputs:
+            dims = [d for d in spec.shape[1:] if d is not None]
+            total += int(np.prod(dims, dtype=np.int64)) * spec.dtype.itemsize
+        return total
 
     def _warmup(self, rows: int) -> bool:
         """Run zeros of ``rows`` rows; False when the inputs' shapes or dtypes leave nothing to run."""
