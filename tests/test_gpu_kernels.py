@@ -117,8 +117,10 @@ class TestImageKernel:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("shape", [(1, 1), (3, 31), (64, 1000), (5, 33, 7)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 31), (64, 1000), (4, 2000), (5, 33, 7)])
 class TestRowKernels:
+    """(64, 1000) takes the vector paths (rows in registers, 16-byte loads); (4, 2000) rows too long for them."""
+
     pytestmark = gpu
 
     def test_softmax_sigmoid_threshold(self, dtype: type, shape: tuple[int, ...]) -> None:
@@ -150,6 +152,28 @@ class TestRowKernels:
         want_values, want_indices = twins.topk(x, k)
         np.testing.assert_array_equal(cp.asnumpy(indices), want_indices)
         np.testing.assert_array_equal(cp.asnumpy(values), want_values)
+
+
+class TestUnalignedInputs:
+    pytestmark = gpu
+
+    @pytest.mark.parametrize("dtype", [np.float32, np.float16])
+    def test_a_view_off_16_byte_alignment_takes_the_scalar_path(self, dtype: type) -> None:
+        """A contiguous view one element into an allocation cannot take 16-byte loads; its results are the twins'."""
+        from inferkit.gpu import cuda
+
+        cp = _cp()
+        flat = (np.random.default_rng(3).standard_normal(1 + 8 * 64) * 8).astype(dtype)
+        x = flat[1:].reshape(8, 64)
+        d = cp.asarray(flat)[1:].reshape(8, 64)
+        assert d.data.ptr % 16 != 0
+        tol = 1e-6 if dtype == np.float32 else 1e-3
+        np.testing.assert_allclose(cp.asnumpy(cuda.softmax(d)), twins.softmax(x), rtol=tol * 4, atol=tol)
+        np.testing.assert_allclose(cp.asnumpy(cuda.sigmoid(d)), twins.sigmoid(x), rtol=tol * 4, atol=tol)
+        np.testing.assert_array_equal(cp.asnumpy(cuda.threshold(d, 0.25)), twins.threshold(x, 0.25))
+        np.testing.assert_array_equal(cp.asnumpy(cuda.argmax(d)), twins.argmax(x))
+        for got, want in zip(cuda.topk(d, 5), twins.topk(x, 5), strict=True):
+            np.testing.assert_array_equal(cp.asnumpy(got), want)
 
 
 class TestNmsKernel:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 from test_pipeline import PIPE, by_hand, classifier, images
 
-from inferkit import Predictor
+from inferkit import DeviceFallbackWarning, DeviceUnavailable, Predictor, Signature, TensorSpec
 from inferkit.backends.onnx import OnnxBackend
+from inferkit.backends.pipeline import PipelineBackend
 
 
 def _reason() -> str | None:
@@ -118,3 +124,65 @@ class TestCupyInCupyOut:
             assert isinstance(g["values"], cp.ndarray)
             np.testing.assert_array_equal(cp.asnumpy(g["indices"]), w["indices"])
             np.testing.assert_allclose(cp.asnumpy(g["values"]), w["values"], rtol=1e-4)
+
+
+class TestTensorRt:
+    def test_a_tensorrt_that_cannot_load_is_a_warning_and_cuda_runs(self) -> None:
+        """``tensorrt=True`` where TensorRT's libraries are missing: a DeviceFallbackWarning, the
+        session on CUDA; with ``strict=True`` a DeviceUnavailable. Where TensorRT loads: no warning."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            backend = OnnxBackend(classifier(), device="cuda:0", tensorrt=True)
+        first = backend.session.get_providers()[0]
+        assert backend.device == "cuda:0"
+        fell = [w for w in caught if issubclass(w.category, DeviceFallbackWarning)]
+        assert bool(fell) == (first != "TensorrtExecutionProvider"), [str(w.message) for w in caught]
+        if first != "TensorrtExecutionProvider":
+            assert first == "CUDAExecutionProvider"
+            with pytest.raises(DeviceUnavailable, match="TensorrtExecutionProvider"):
+                OnnxBackend(classifier(), device="cuda:0", tensorrt=True, strict=True)
+
+
+class Greedy:
+    """A GPU backend taking 40 GiB of device memory a row: 8 rows or 4 cannot fit on an H200 (139 GiB)."""
+
+    signature = Signature([TensorSpec("x", np.float32, (None, 2))], [TensorSpec("y", np.float32, (None, 2))])
+    device = "cuda:0"
+    ROW = 40 << 30
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.ran: list[int] = []
+        self.lock = threading.Lock()
+
+    def run(self, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+        import cupy as cp
+
+        x = inputs["x"]
+        with self.lock:
+            self.sizes.append(len(x))
+        scratch = cp.empty(len(x) * self.ROW, dtype=cp.uint8)  # CuPy's own OutOfMemoryError when it cannot
+        del scratch
+        with self.lock:
+            self.ran.append(len(x))
+        return {"y": x * 2}
+
+    def close(self) -> None:
+        pass
+
+
+class TestOutOfMemory:
+    def test_a_real_out_of_memory_batch_runs_in_halves(self) -> None:
+        """CuPy's OutOfMemoryError on the device is recognised: the batch is halved until it fits, rows in order."""
+        import cupy as cp
+
+        inner = Greedy()
+        try:
+            x = np.arange(16, dtype=np.float32).reshape(8, 2)
+            got = PipelineBackend(inner).run({"x": x})["y"]
+            np.testing.assert_array_equal(cp.asnumpy(got) if isinstance(got, cp.ndarray) else got, x * 2)
+            assert inner.sizes[0] == 8
+            assert sum(inner.ran) == 8  # every row ran once, in a batch that fit
+            assert len(inner.ran) < len(inner.sizes)  # after at least one batch that did not
+        finally:
+            cp.get_default_memory_pool().free_all_blocks()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+from collections.abc import Callable
 from typing import Any
 
 import cupy as cp
@@ -25,6 +26,9 @@ OPTIONS = ("--std=c++17", "--fmad=false")
 _THREADS = 256
 _ROWS_PER_BLOCK = _THREADS // 32
 _NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
+_GROUPS_PER_LANE = 4  # U in image_direct_impl
+_VEC_COLS = 1024
+"""Rows up to this long (a multiple of 16 bytes, aligned) take the row kernels' vector path: 32 values a lane."""
 
 
 def source() -> str:
@@ -77,7 +81,8 @@ def image_to_tensor(images: Array, plan: ImagePlan, *, layout: str = "NCHW", dty
     if plan.direct and plane % 4 == 0 and x.data.ptr % 4 == 0 and out.data.ptr % 16 == 0:
         groups = n * plane // 4
         args_direct = (x, out, np.int64(groups), np.int64(plane), *norm)
-        _kernel(f"image_direct_{suffix}")((_blocks(groups),), (_THREADS,), args_direct)
+        lanes = (groups + _GROUPS_PER_LANE - 1) // _GROUPS_PER_LANE
+        _kernel(f"image_direct_{suffix}")((_blocks(lanes),), (_THREADS,), args_direct)
         return out
     args = (
         x, out, np.int32(n), np.int32(plan.in_h), np.int32(plan.in_w), np.int32(plan.out_h), np.int32(plan.out_w),
@@ -94,13 +99,24 @@ def _rows(x: Array, axis: int) -> tuple[Array, int, int]:
     return moved, moved.size // max(cols, 1), cols
 
 
+def _aligned(*arrays: Array) -> bool:
+    return all(a.data.ptr % 16 == 0 for a in arrays)
+
+
+def _row_kernel(name: str, moved: Array, cols: int, *out: Array) -> Any:
+    # The vector path holds a row in registers, 16-byte loads: rows that split into whole vectors.
+    per = 16 // moved.dtype.itemsize
+    vec = cols % per == 0 and cols <= _VEC_COLS and _aligned(moved, *out)
+    return _kernel(f"{name}{'_vec' if vec else ''}_{_suffix(moved)}")
+
+
 def softmax(x: Array, axis: int = -1) -> Array:
     """Softmax along ``axis``, one warp per row."""
     moved, rows, cols = _rows(x, axis)
     out = cp.empty_like(moved)
     grid = ((rows + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK,)
     if rows:
-        _kernel(f"softmax_{_suffix(x)}")(grid, (_THREADS,), (moved, out, np.int64(rows), np.int32(cols)))
+        _row_kernel("softmax", moved, cols, out)(grid, (_THREADS,), (moved, out, np.int64(rows), np.int32(cols)))
     return cp.moveaxis(out, -1, axis)
 
 
@@ -110,7 +126,7 @@ def argmax(x: Array, axis: int = -1) -> Array:
     out = cp.empty(moved.shape[:-1], dtype=cp.int64)
     grid = ((rows + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK,)
     if rows:
-        _kernel(f"argmax_{_suffix(x)}")(grid, (_THREADS,), (moved, out, np.int64(rows), np.int32(cols)))
+        _row_kernel("argmax", moved, cols)(grid, (_THREADS,), (moved, out, np.int64(rows), np.int32(cols)))
     return out
 
 
@@ -122,8 +138,16 @@ def topk(x: Array, k: int, axis: int = -1) -> tuple[Array, Array]:
     grid = ((rows + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK,)
     if rows:
         args = (moved, values, indices, np.int64(rows), np.int32(cols), np.int32(k))
-        _kernel(f"topk_{_suffix(x)}")(grid, (_THREADS,), args)
+        _row_kernel("topk", moved, cols)(grid, (_THREADS,), args)
     return cp.moveaxis(values, -1, axis), cp.moveaxis(indices, -1, axis)
+
+
+def _elementwise(name: str, src: Array, out: Array) -> Callable[..., None]:
+    # 16 bytes of input a step where input and output are aligned (a slice's may not be).
+    per = 16 // src.dtype.itemsize if _aligned(src, out) else 1
+    kernel = _kernel(f"{name}{'_vec' if per > 1 else ''}_{_suffix(src)}")
+    blocks = _blocks(max(src.size // per, 1))
+    return lambda *args: kernel((blocks,), (_THREADS,), args)
 
 
 def sigmoid(x: Array) -> Array:
@@ -131,7 +155,7 @@ def sigmoid(x: Array) -> Array:
     src = cp.ascontiguousarray(x)
     out = cp.empty_like(src)
     if src.size:
-        _kernel(f"sigmoid_{_suffix(x)}")((_blocks(src.size),), (_THREADS,), (src, out, np.int64(src.size)))
+        _elementwise("sigmoid", src, out)(src, out, np.int64(src.size))
     return out
 
 
@@ -140,8 +164,7 @@ def threshold(x: Array, t: float) -> Array:
     src = cp.ascontiguousarray(x)
     out = cp.empty(src.shape, dtype=cp.bool_)
     if src.size:
-        args = (src, out, np.int64(src.size), np.float32(t))
-        _kernel(f"threshold_{_suffix(x)}")((_blocks(src.size),), (_THREADS,), args)
+        _elementwise("threshold", src, out)(src, out, np.int64(src.size), np.float32(t))
     return out
 
 

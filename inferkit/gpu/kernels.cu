@@ -7,7 +7,7 @@
 // their twins; softmax and sigmoid differ only by expf's last-place error.
 //
 // Access patterns: consecutive threads handle consecutive output elements (coalesced writes);
-// the unresized image path moves 4 pixels per thread with 32-bit loads and 128-bit stores;
+// the unresized image path moves groups of 4 pixels with 32-bit loads and 128-bit stores;
 // row reductions give each row to one warp whose lanes stride over it (coalesced reads).
 
 // NVRTC compiles without <math.h>: define what it would.
@@ -90,7 +90,7 @@ __device__ __forceinline__ void image_resize_impl(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Pre-processing, unresized path: 4 pixels per thread, three 32-bit loads, 128-bit (or 64-bit for
+// Pre-processing, unresized path: groups of 4 pixels, three 32-bit loads, 128-bit (or 64-bit for
 // half) stores. Needs plane % 4 == 0, src 4-byte and dst 16-byte aligned (the caller checks).
 
 __device__ __forceinline__ void store4(float* p, float a, float b, float c, float d) {
@@ -107,28 +107,45 @@ __device__ __forceinline__ void store4(__half* p, float a, float b, float c, flo
 template <typename T, bool NCHW>
 __device__ __forceinline__ void image_direct_impl(
     const unsigned char* __restrict__ src, T* __restrict__ dst, i64 groups, i64 plane, Norm k) {
-    for (i64 g = (i64)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += (i64)gridDim.x * blockDim.x) {
-        const i64 p = g * 4;
-        const unsigned int* s = reinterpret_cast<const unsigned int*>(src + p * 3);
-        const unsigned int w[3] = {__ldg(s), __ldg(s + 1), __ldg(s + 2)};
-        float v[12];
+    // Each lane takes U groups 32 apart: U loads in flight at once, and each store instruction of
+    // the warp still writes consecutive 16-byte (8-byte) chunks.
+    constexpr int U = 4;
+    const int lane = threadIdx.x & 31;
+    const i64 step = (i64)gridDim.x * (blockDim.x >> 5) * 32 * U;
+    for (i64 base = ((i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * 32 * U; base < groups; base += step) {
+        unsigned int w[U][3];
 #pragma unroll
-        for (int j = 0; j < 12; ++j) {
-            const float byte = (float)((w[j >> 2] >> (8 * (j & 3))) & 0xffu);
-            const int ch = j % 3;
-            v[j] = ch == 0 ? byte * k.s0 + k.b0 : (ch == 1 ? byte * k.s1 + k.b1 : byte * k.s2 + k.b2);
+        for (int u = 0; u < U; ++u) {
+            const i64 g = base + lane + 32 * u;
+            if (g < groups) {
+                const unsigned int* s = reinterpret_cast<const unsigned int*>(src + g * 12);
+                w[u][0] = __ldg(s); w[u][1] = __ldg(s + 1); w[u][2] = __ldg(s + 2);
+            }
         }
-        if (NCHW) {
-            const i64 img = p / plane;
-            const i64 o = img * 3 * plane + (p - img * plane);
-            store4(dst + o, v[0], v[3], v[6], v[9]);
-            store4(dst + o + plane, v[1], v[4], v[7], v[10]);
-            store4(dst + o + 2 * plane, v[2], v[5], v[8], v[11]);
-        } else {
-            T* o = dst + p * 3;
-            store4(o, v[0], v[1], v[2], v[3]);
-            store4(o + 4, v[4], v[5], v[6], v[7]);
-            store4(o + 8, v[8], v[9], v[10], v[11]);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const i64 g = base + lane + 32 * u;
+            if (g >= groups) break;  // later groups of this lane are further on
+            const i64 p = g * 4;
+            float v[12];
+#pragma unroll
+            for (int j = 0; j < 12; ++j) {
+                const float byte = (float)((w[u][j >> 2] >> (8 * (j & 3))) & 0xffu);
+                const int ch = j % 3;
+                v[j] = ch == 0 ? byte * k.s0 + k.b0 : (ch == 1 ? byte * k.s1 + k.b1 : byte * k.s2 + k.b2);
+            }
+            if (NCHW) {
+                const i64 img = p / plane;
+                const i64 o = img * 3 * plane + (p - img * plane);
+                store4(dst + o, v[0], v[3], v[6], v[9]);
+                store4(dst + o + plane, v[1], v[4], v[7], v[10]);
+                store4(dst + o + 2 * plane, v[2], v[5], v[8], v[11]);
+            } else {
+                T* o = dst + p * 3;
+                store4(o, v[0], v[1], v[2], v[3]);
+                store4(o + 4, v[4], v[5], v[6], v[7]);
+                store4(o + 8, v[8], v[9], v[10], v[11]);
+            }
         }
     }
 }
@@ -248,6 +265,153 @@ __device__ __forceinline__ void topk_impl(const T* __restrict__ x, T* __restrict
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Row kernels, vector path: each lane loads its share of the row into registers up front, in
+// 16-byte vectors (32 values a lane: rows of up to 1024), so that all of a row's loads are in
+// flight at once; one scalar load at a time per lane leaves too few bytes in flight to keep HBM
+// busy. The caller checks cols % V == 0, cols <= VEC_COLS and 16-byte aligned rows.
+
+template <typename T> struct Vec16;  // V: values in one 16-byte vector of T
+template <> struct Vec16<float> { static constexpr int V = 4; };
+template <> struct Vec16<__half> { static constexpr int V = 8; };
+
+__device__ __forceinline__ void load16(const float* p, i64 c, float* v) {
+    const float4 f = reinterpret_cast<const float4*>(p)[c];
+    v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
+}
+__device__ __forceinline__ void load16(const __half* p, i64 c, float* v) {
+    const uint4 u = reinterpret_cast<const uint4*>(p)[c];
+    const unsigned int w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[q]));
+        v[2 * q] = f.x; v[2 * q + 1] = f.y;
+    }
+}
+__device__ __forceinline__ void store16(float* p, i64 c, const float* v) {
+    reinterpret_cast<float4*>(p)[c] = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void store16(__half* p, i64 c, const float* v) {
+    unsigned int w[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const __half2 h = __floats2half2_rn(v[2 * q], v[2 * q + 1]);
+        w[q] = *reinterpret_cast<const unsigned int*>(&h);
+    }
+    reinterpret_cast<uint4*>(p)[c] = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// The lane's vectors of its row: vector lane + 32 * i for i < N; `ok(i)` says which exist.
+template <typename T> struct RowRegs {
+    static constexpr int V = Vec16<T>::V, N = 32 / V;
+    float v[N][V];
+    int lane, nvec;
+    __device__ __forceinline__ RowRegs(const T* in, int cols, int lane_) : lane(lane_), nvec(cols / V) {
+#pragma unroll
+        for (int i = 0; i < N; ++i)
+            if (ok(i)) load16(in, lane + 32 * i, v[i]);
+    }
+    __device__ __forceinline__ bool ok(int i) const { return lane + 32 * i < nvec; }
+    __device__ __forceinline__ i64 at(int i, int e) const { return (i64)(lane + 32 * i) * V + e; }
+};
+
+template <typename T>
+__device__ __forceinline__ void softmax_vec_impl(const T* __restrict__ x, T* __restrict__ y, i64 rows, int cols) {
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    RowRegs<T> r(x + row * cols, cols, lane);
+    float m = -INFINITY;  // NaN wins, as in the twin's max
+#pragma unroll
+    for (int i = 0; i < r.N; ++i)
+        if (r.ok(i))
+#pragma unroll
+            for (int e = 0; e < r.V; ++e) m = (r.v[i][e] > m || isnan(r.v[i][e])) ? r.v[i][e] : m;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
+        m = (m2 > m || isnan(m2)) ? m2 : m;
+    }
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < r.N; ++i)
+        if (r.ok(i))
+#pragma unroll
+            for (int e = 0; e < r.V; ++e) { r.v[i][e] = expf(r.v[i][e] - m); s += r.v[i][e]; }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);  // the same sum on every lane
+    const float inv = 1.0f / s;
+    T* out = y + row * cols;
+#pragma unroll
+    for (int i = 0; i < r.N; ++i)
+        if (r.ok(i)) {
+#pragma unroll
+            for (int e = 0; e < r.V; ++e) r.v[i][e] *= inv;
+            store16(out, lane + 32 * i, r.v[i]);
+        }
+}
+
+// The first (in `before` order) of the warp's candidates; every lane gets the same answer.
+__device__ __forceinline__ void warp_first(float& best, i64& at, i64 none) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        const float b2 = __shfl_xor_sync(0xffffffffu, best, off);
+        const i64 a2 = __shfl_xor_sync(0xffffffffu, at, off);
+        if (a2 != none && (at == none || before(b2, a2, best, at))) { best = b2; at = a2; }
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void argmax_vec_impl(const T* __restrict__ x, i64* __restrict__ y, i64 rows, int cols) {
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    RowRegs<T> r(x + row * cols, cols, lane);
+    float best = 0.0f;
+    i64 at = cols;
+#pragma unroll
+    for (int i = 0; i < r.N; ++i)
+        if (r.ok(i))
+#pragma unroll
+            for (int e = 0; e < r.V; ++e)
+                if (at == cols || before(r.v[i][e], r.at(i, e), best, at)) { best = r.v[i][e]; at = r.at(i, e); }
+    warp_first(best, at, cols);
+    if (lane == 0) y[row] = at;
+}
+
+// As topk_impl, with the row in registers: k passes over registers, not over memory.
+template <typename T>
+__device__ __forceinline__ void topk_vec_impl(const T* __restrict__ x, T* __restrict__ values,
+                                              i64* __restrict__ indices, i64 rows, int cols, int k) {
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    RowRegs<T> r(x + row * cols, cols, lane);
+    float prev = 0.0f;
+    i64 prev_at = -1;
+    for (int t = 0; t < k; ++t) {
+        float best = 0.0f;
+        i64 at = cols;
+#pragma unroll
+        for (int i = 0; i < r.N; ++i)
+            if (r.ok(i))
+#pragma unroll
+                for (int e = 0; e < r.V; ++e) {
+                    const float v = r.v[i][e];
+                    const i64 j = r.at(i, e);
+                    if (prev_at >= 0 && !before(prev, prev_at, v, j)) continue;
+                    if (at == cols || before(v, j, best, at)) { best = v; at = j; }
+                }
+        warp_first(best, at, cols);
+        if (lane == 0) {
+            store<T>(values, row * k + t, best);
+            indices[row * k + t] = at;
+        }
+        prev = best;
+        prev_at = at;
+    }
+}
+
 #define ROW_KERNELS(SUFFIX, T)                                                                                 \
     extern "C" __global__ void softmax_##SUFFIX(const T* x, T* y, i64 rows, int cols) {                        \
         softmax_impl<T>(x, y, rows, cols);                                                                     \
@@ -257,23 +421,74 @@ __device__ __forceinline__ void topk_impl(const T* __restrict__ x, T* __restrict
     }                                                                                                          \
     extern "C" __global__ void topk_##SUFFIX(const T* x, T* values, i64* indices, i64 rows, int cols, int k) { \
         topk_impl<T>(x, values, indices, rows, cols, k);                                                       \
+    }                                                                                                          \
+    extern "C" __global__ void softmax_vec_##SUFFIX(const T* x, T* y, i64 rows, int cols) {                    \
+        softmax_vec_impl<T>(x, y, rows, cols);                                                                 \
+    }                                                                                                          \
+    extern "C" __global__ void argmax_vec_##SUFFIX(const T* x, i64* y, i64 rows, int cols) {                   \
+        argmax_vec_impl<T>(x, y, rows, cols);                                                                  \
+    }                                                                                                          \
+    extern "C" __global__ void topk_vec_##SUFFIX(const T* x, T* values, i64* indices, i64 rows, int cols,      \
+                                                 int k) {                                                      \
+        topk_vec_impl<T>(x, values, indices, rows, cols, k);                                                   \
     }
 
 ROW_KERNELS(float32, float)
 ROW_KERNELS(float16, __half)
 
 // ---------------------------------------------------------------------------------------------
-// Elementwise: sigmoid and threshold, grid-stride.
+// Elementwise: sigmoid and threshold, grid-stride; the _vec kernels move 16 bytes of input per
+// step (the caller checks 16-byte aligned input and output) and do the last size % V one by one.
+
+__device__ __forceinline__ float sigmoid1(float v) { return 1.0f / (1.0f + expf(-v)); }
+
+template <typename T>
+__device__ __forceinline__ void sigmoid_vec_impl(const T* __restrict__ x, T* __restrict__ y, i64 size) {
+    constexpr int V = Vec16<T>::V;
+    const i64 first = (i64)blockIdx.x * blockDim.x + threadIdx.x, step = (i64)gridDim.x * blockDim.x;
+    const i64 nvec = size / V;
+    for (i64 c = first; c < nvec; c += step) {
+        float v[V];
+        load16(x, c, v);
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[e] = sigmoid1(v[e]);
+        store16(y, c, v);
+    }
+    for (i64 i = nvec * V + first; i < size; i += step) store<T>(y, i, sigmoid1(load<T>(x, i)));
+}
+
+template <typename T>
+__device__ __forceinline__ void threshold_vec_impl(const T* __restrict__ x, bool* __restrict__ y, i64 size, float t) {
+    constexpr int V = Vec16<T>::V;  // V bools out: one 4- or 8-byte store
+    const i64 first = (i64)blockIdx.x * blockDim.x + threadIdx.x, step = (i64)gridDim.x * blockDim.x;
+    const i64 nvec = size / V;
+    for (i64 c = first; c < nvec; c += step) {
+        float v[V];
+        load16(x, c, v);
+        unsigned long long bytes = 0;
+#pragma unroll
+        for (int e = 0; e < V; ++e) bytes |= (unsigned long long)(v[e] > t) << (8 * e);  // little-endian: byte e
+        if (V == 4) reinterpret_cast<unsigned int*>(y)[c] = (unsigned int)bytes;
+        else reinterpret_cast<unsigned long long*>(y)[c] = bytes;
+    }
+    for (i64 i = nvec * V + first; i < size; i += step) y[i] = load<T>(x, i) > t;
+}
 
 #define ELEMENTWISE_KERNELS(SUFFIX, T)                                                                         \
     extern "C" __global__ void sigmoid_##SUFFIX(const T* __restrict__ x, T* __restrict__ y, i64 size) {        \
         for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < size; i += (i64)gridDim.x * blockDim.x)    \
-            store<T>(y, i, 1.0f / (1.0f + expf(-load<T>(x, i))));                                              \
+            store<T>(y, i, sigmoid1(load<T>(x, i)));                                                           \
     }                                                                                                          \
     extern "C" __global__ void threshold_##SUFFIX(const T* __restrict__ x, bool* __restrict__ y, i64 size,      \
                                                   float t) {                                                   \
         for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < size; i += (i64)gridDim.x * blockDim.x)    \
             y[i] = load<T>(x, i) > t;                                                                          \
+    }                                                                                                          \
+    extern "C" __global__ void sigmoid_vec_##SUFFIX(const T* x, T* y, i64 size) {                              \
+        sigmoid_vec_impl<T>(x, y, size);                                                                       \
+    }                                                                                                          \
+    extern "C" __global__ void threshold_vec_##SUFFIX(const T* x, bool* y, i64 size, float t) {                \
+        threshold_vec_impl<T>(x, y, size, t);                                                                  \
     }
 
 ELEMENTWISE_KERNELS(float32, float)
