@@ -1,4 +1,4 @@
-"""Tests for inferkit.gpu.cuda: the CUDA kernels compile anywhere nvcc is; on a GPU each equals its twin.
+"""Tests for inferkit.gpu.cuda: the kernels compile with nvcc and NVRTC, no GPU needed; on a GPU each equals its twin.
 
 The equality tests need a CUDA GPU and CuPy and skip with the reason otherwise (mark ``gpu``).
 "Equal": exact for integer and bool outputs (argmax, top-k indices, threshold, NMS keep lists)
@@ -8,7 +8,9 @@ as NumPy's does); softmax and sigmoid to a few float32 ulps (``expf``).
 
 from __future__ import annotations
 
+import ctypes
 import importlib.resources
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,6 +24,24 @@ from inferkit.gpu import twins
 NVCC = shutil.which("nvcc")
 SOURCE = importlib.resources.files("inferkit.gpu").joinpath("kernels.cu")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _nvrtc_paths() -> tuple[Path | None, Path | None]:
+    """libnvrtc from the dev extra's nvidia-cuda-nvrtc wheel, and a CUDA include directory with cuda_fp16.h."""
+    try:
+        import nvidia  # the wheels' namespace package
+    except ImportError:
+        lib = None
+    else:
+        lib = next((p for root in nvidia.__path__ for p in sorted(Path(root).glob("*/lib/libnvrtc.so*"))), None)
+    # NVRTC has no <cuda_fp16.h> of its own: CuPy passes a CUDA include directory, as the test does.
+    cuda_path = os.environ.get("CUDA_PATH")
+    roots = [*([Path(cuda_path)] if cuda_path else []), *sorted(Path("/usr/local").glob("cuda*"), reverse=True)]
+    include = next((r / "include" for r in roots if (r / "include" / "cuda_fp16.h").is_file()), None)
+    return lib, include
+
+
+NVRTC, CUDA_INCLUDE = _nvrtc_paths()
 
 
 def _gpu_reason() -> str | None:
@@ -50,7 +70,7 @@ class TestCompile:
         src.write_text(SOURCE.read_text())
         cubin = tmp_path / "kernels.cubin"
         proc = subprocess.run(
-            [NVCC, f"-arch={arch}", "--std=c++17", "--fmad=false", "-cubin", "-o", str(cubin), str(src)],  # type: ignore[list-item]
+            [NVCC, f"-arch={arch}", *twins.OPTIONS, "-cubin", "-o", str(cubin), str(src)],  # type: ignore[list-item]
             capture_output=True,
             text=True,
             timeout=110,
@@ -76,6 +96,30 @@ class TestCompile:
         ]
         missing = [n for n in names if n.encode() not in symbols]
         assert missing == []
+
+    @pytest.mark.skipif(NVRTC is None, reason="needs libnvrtc (the dev extra's nvidia-cuda-nvrtc, Linux x86-64)")
+    @pytest.mark.skipif(CUDA_INCLUDE is None, reason="needs a CUDA include directory with cuda_fp16.h ($CUDA_PATH)")
+    def test_compiles_with_nvrtc_as_cupy_does(self) -> None:
+        """kernels.cu compiles with NVRTC and the library's options, as CuPy's RawModule builds it on a GPU.
+
+        nvcc includes <math.h> for every file and NVRTC does not: INFINITY and NAN passed the nvcc test
+        and failed every GPU build.
+        """
+        lib = ctypes.CDLL(str(NVRTC))
+        options = [o.encode() for o in (*twins.OPTIONS, "-arch=compute_90", f"-I{CUDA_INCLUDE}")]
+        prog = ctypes.c_void_p()
+        assert lib.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.read_bytes(), b"kernels.cu", 0, None, None) == 0
+        try:
+            rc = lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
+            size = ctypes.c_size_t()
+            assert lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size)) == 0
+            log = ctypes.create_string_buffer(size.value)
+            assert lib.nvrtcGetProgramLog(prog, log) == 0
+        finally:
+            lib.nvrtcDestroyProgram(ctypes.byref(prog))
+        text = log.value.decode(errors="replace")
+        assert rc == 0, text  # 0: NVRTC_SUCCESS
+        assert "warning" not in text.lower(), text
 
     def test_the_source_ships_with_the_package(self) -> None:
         """The kernels are package data, found without a source checkout."""

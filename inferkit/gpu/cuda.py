@@ -15,13 +15,11 @@ from typing import Any
 import cupy as cp
 import numpy as np
 
-from inferkit.gpu.twins import ImagePlan
+from inferkit.gpu.twins import OPTIONS, ImagePlan
 
 __all__ = ["argmax", "image_to_tensor", "module", "nms", "sigmoid", "softmax", "threshold", "topk"]
 
 Array = Any  # cupy.ndarray
-OPTIONS = ("--std=c++17", "--fmad=false")
-"""NVRTC options; ``--fmad=false`` keeps float results equal to the NumPy twins'."""
 
 _THREADS = 256
 _ROWS_PER_BLOCK = _THREADS // 32

@@ -23,6 +23,9 @@ __all__ = ["ImagePlan", "argmax", "image_plan", "image_to_tensor", "nms", "sigmo
 
 Array = np.ndarray[Any, Any]
 F32 = np.float32
+OPTIONS = ("--std=c++17", "--fmad=false")
+"""NVRTC options of ``kernels.cu`` (``--fmad=false`` keeps float results equal to the twins'); here, not in
+:mod:`inferkit.gpu.cuda`, so that they can be read without CuPy (a test compiles with them)."""
 
 
 @attrs.frozen
