@@ -136,7 +136,7 @@ def topk(x: Array, k: int, axis: int = -1) -> tuple[Array, Array]:
     grid = ((rows + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK,)
     if rows:
         args = (moved, values, indices, np.int64(rows), np.int32(cols), np.int32(k))
-        _row_kernel("topk", moved, cols)(grid, (_THREADS,), args)
+        _kernel(f"topk_{_suffix(x)}")(grid, (_THREADS,), args)  # compute-bound: no vector path (kernels.cu)
     return cp.moveaxis(values, -1, axis), cp.moveaxis(indices, -1, axis)
 
 
