@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
 from test_pipeline import PIPE, by_hand, classifier, images
 
 from inferkit import DeviceFallbackWarning, DeviceUnavailable, Predictor, Signature, TensorSpec
@@ -67,6 +68,44 @@ class TestIoBinding:
         np.testing.assert_allclose(
             got, OnnxBackend(classifier(), device="cpu").run({"x": x})["logits"], rtol=1e-4, atol=1e-5
         )
+
+    def test_fixed_shape_outputs_are_written_into_cupy_memory_after_the_first_run(self) -> None:
+        """The first device run learns which outputs have a fixed shape per row; later runs bind those to
+        memory CuPy allocates (nothing of ORT's to look up and wrap), with the same numbers."""
+        import cupy as cp
+
+        gpu = OnnxBackend(classifier(), device="cuda:0", strict=True, provider_options=FP32)
+        cpu = OnnxBackend(classifier(), device="cpu")
+        rng = np.random.default_rng(4)
+        ours = []
+        for rows in (3, 5, 5):
+            x = rng.standard_normal((rows, 3, 8, 8)).astype(np.float32)
+            with gpu.stream:
+                out: Any = gpu.run({"x": cp.asarray(x)})["logits"]
+                got = cp.asnumpy(out)
+            np.testing.assert_allclose(got, cpu.run({"x": x})["logits"], rtol=1e-4, atol=1e-5)
+            ours.append(not isinstance(out.data.mem, cp.cuda.UnownedMemory))
+        assert ours == [False, True, True]
+
+    def test_an_output_of_dynamic_width_stays_on_memory_ort_allocates(self) -> None:
+        """An output whose shape past the batch axis depends on the input is never bound ahead: each width
+        comes back."""
+        import cupy as cp
+
+        graph = helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            "relu",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "W"])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "W"])],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+        gpu = OnnxBackend(model.SerializeToString(), device="cuda:0", strict=True)
+        for width in (4, 6, 4):
+            x = np.random.default_rng(width).standard_normal((2, width)).astype(np.float32)
+            with gpu.stream:
+                out_y: Any = gpu.run({"x": cp.asarray(x)})["y"]
+                np.testing.assert_array_equal(cp.asnumpy(out_y), np.maximum(x, 0))
+            assert isinstance(out_y.data.mem, cp.cuda.UnownedMemory)
 
 
 class TestPredictorOnGpu:

@@ -167,6 +167,7 @@ class OnnxBackend:
         self._outputs = [o.name for o in self._signature.outputs]
         self._inputs = {s.name for s in self._signature.inputs}
         self._ep_fail: type[Exception] = ort.capi.onnxruntime_pybind11_state.EPFail
+        self._row_shapes: dict[str, tuple[int, ...]] | None = None  # see _learn_row_shapes
         self._strings = [s.name for s in self._signature.inputs if s.dtype.kind == "O"]
         first = self.session.get_providers()[0]
         self._device = _DEVICES.get(first, "cpu")
@@ -365,8 +366,16 @@ class OnnxBackend:
                 arr = cp.ascontiguousarray(value)
                 held.append(arr)
                 binding.bind_input(name, "cuda", gpu, arr.dtype.type, list(arr.shape), arr.data.ptr)
-            for name in self._outputs:
-                binding.bind_output(name, "cuda", gpu)
+            rows = held[0].shape[0]
+            known = self._row_shapes
+            outputs: dict[str, Any] = {}
+            for spec in self._signature.outputs:
+                shape = None if known is None else known.get(spec.name)
+                if shape is None:
+                    binding.bind_output(spec.name, "cuda", gpu)  # ORT allocates; wrapped after the run
+                    continue
+                out = outputs[spec.name] = cp.empty((rows, *shape), spec.dtype)
+                binding.bind_output(spec.name, "cuda", gpu, spec.dtype.type, list(out.shape), out.data.ptr)
             current = cp.cuda.get_current_stream()
             if self.stream is None or current.ptr != self.stream.ptr:
                 # ORT reads the inputs on its own stream: what the caller's stream wrote must be done.
@@ -374,8 +383,26 @@ class OnnxBackend:
                 self.session.run_with_iobinding(binding)  # ORT synchronises its stream at the end
             else:
                 self.session.run_with_iobinding(binding, self._run_options)
-            values = binding.get_outputs()
-            return {name: _cupy_view(cp, value, gpu) for name, value in zip(self._outputs, values, strict=True)}
+            if len(outputs) < len(self._outputs):
+                for name, value in zip(self._outputs, binding.get_outputs(), strict=True):
+                    outputs.setdefault(name, _cupy_view(cp, value, gpu))
+                if known is None:
+                    self._row_shapes = self._learn_row_shapes(outputs, rows)
+            return {name: outputs[name] for name in self._outputs}
+
+    def _learn_row_shapes(self, outputs: Mapping[str, Any], rows: int) -> dict[str, tuple[int, ...]]:
+        """The outputs later device runs bind to memory allocated here, and their shapes past the batch axis.
+
+        Those whose model shape past the batch axis is fixed and that this first run gave with one
+        row per input row: no ``OrtValue`` to wrap after each run, and ORT's output lookup skipped.
+        """
+        learned = {}
+        for spec in self._signature.outputs:
+            out = outputs[spec.name]
+            fixed = all(d is not None for d in spec.shape[1:])
+            if fixed and out.dtype == spec.dtype and out.shape == (rows, *spec.shape[1:]):
+                learned[spec.name] = tuple(out.shape[1:])
+        return learned
 
     def close(self) -> None:
         """Drop the session(s)."""
