@@ -140,7 +140,13 @@ def _images(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize(
     ("in_hw", "size", "letterbox"),
-    [((224, 224), None, False), ((17, 23), (224, 224), False), ((480, 640), (320, 320), True), ((7, 5), (5, 7), True)],
+    [
+        ((224, 224), None, False),
+        ((8, 12), None, False),  # 72 groups of 4 pixels: two whole warps' worth, then 8
+        ((17, 23), (224, 224), False),
+        ((480, 640), (320, 320), True),
+        ((7, 5), (5, 7), True),
+    ],
 )
 class TestImageKernel:
     pytestmark = gpu

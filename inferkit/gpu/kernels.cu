@@ -111,6 +111,10 @@ __device__ __forceinline__ void image_direct_impl(
     // the warp still writes consecutive 16-byte (8-byte) chunks.
     constexpr int U = 4;
     const int lane = threadIdx.x & 31;
+    // NHWC: a lane's 12 values sit 12 apart from its neighbours'; a warp's 32 groups go through shared
+    // memory so that each store instruction writes 512 consecutive bytes. 256 threads a block.
+    __shared__ __align__(16) T stage[8][32 * 12];
+    T* slab = stage[threadIdx.x >> 5];
     const i64 step = (i64)gridDim.x * (blockDim.x >> 5) * 32 * U;
     for (i64 base = ((i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * 32 * U; base < groups; base += step) {
         unsigned int w[U][3];
@@ -125,6 +129,7 @@ __device__ __forceinline__ void image_direct_impl(
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const i64 g = base + lane + 32 * u;
+            const bool full = base + 32 * (u + 1) <= groups;  // the same on every lane: all 32 groups exist
             if (g >= groups) break;  // later groups of this lane are further on
             const i64 p = g * 4;
             float v[12];
@@ -140,6 +145,16 @@ __device__ __forceinline__ void image_direct_impl(
                 store4(dst + o, v[0], v[3], v[6], v[9]);
                 store4(dst + o + plane, v[1], v[4], v[7], v[10]);
                 store4(dst + o + 2 * plane, v[2], v[5], v[8], v[11]);
+            } else if (full) {
+#pragma unroll
+                for (int j = 0; j < 12; ++j) store<T>(slab, lane * 12 + j, v[j]);
+                __syncwarp();
+                const uint4* from = reinterpret_cast<const uint4*>(slab);
+                uint4* to = reinterpret_cast<uint4*>(dst + (base + 32 * u) * 12);
+                constexpr int chunks = 32 * 12 * (int)sizeof(T) / 16;
+#pragma unroll
+                for (int c = lane; c < chunks; c += 32) to[c] = from[c];
+                __syncwarp();  // read before the next slab overwrites it
             } else {
                 T* o = dst + p * 3;
                 store4(o, v[0], v[1], v[2], v[3]);
