@@ -197,6 +197,16 @@ __device__ __forceinline__ bool before(float a, i64 ia, float b, i64 ib) {
     return ka > kb || (ka == kb && ia < ib);
 }
 
+// The first (in `before` order) of the warp's candidates; every lane gets the same answer.
+__device__ __forceinline__ void warp_first(float& best, i64& at, i64 none) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        const float b2 = __shfl_xor_sync(0xffffffffu, best, off);
+        const i64 a2 = __shfl_xor_sync(0xffffffffu, at, off);
+        if (a2 != none && (at == none || before(b2, a2, best, at))) { best = b2; at = a2; }
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void softmax_impl(const T* __restrict__ x, T* __restrict__ y, i64 rows, int cols) {
     const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -237,12 +247,7 @@ __device__ __forceinline__ void argmax_impl(const T* __restrict__ x, i64* __rest
         const float v = load<T>(in, j);
         if (at == cols || before(v, j, best, at)) { best = v; at = j; }
     }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-        const float b2 = __shfl_xor_sync(0xffffffffu, best, off);
-        const i64 a2 = __shfl_xor_sync(0xffffffffu, at, off);
-        if (a2 != cols && (at == cols || before(b2, a2, best, at))) { best = b2; at = a2; }
-    }
+    warp_first(best, at, cols);
     if (lane == 0) y[row] = at;
 }
 
@@ -265,12 +270,7 @@ __device__ __forceinline__ void topk_impl(const T* __restrict__ x, T* __restrict
             if (prev_at >= 0 && !before(prev, prev_at, v, j)) continue;
             if (at == cols || before(v, j, best, at)) { best = v; at = j; }
         }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) {
-            const float b2 = __shfl_xor_sync(0xffffffffu, best, off);
-            const i64 a2 = __shfl_xor_sync(0xffffffffu, at, off);
-            if (a2 != cols && (at == cols || before(b2, a2, best, at))) { best = b2; at = a2; }
-        }
+        warp_first(best, at, cols);
         if (lane == 0) {
             store<T>(values, row * k + t, best);
             indices[row * k + t] = at;
@@ -366,16 +366,6 @@ __device__ __forceinline__ void softmax_vec_impl(const T* __restrict__ x, T* __r
             for (int e = 0; e < r.V; ++e) r.v[i][e] *= inv;
             store16(out, lane + 32 * i, r.v[i]);
         }
-}
-
-// The first (in `before` order) of the warp's candidates; every lane gets the same answer.
-__device__ __forceinline__ void warp_first(float& best, i64& at, i64 none) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-        const float b2 = __shfl_xor_sync(0xffffffffu, best, off);
-        const i64 a2 = __shfl_xor_sync(0xffffffffu, at, off);
-        if (a2 != none && (at == none || before(b2, a2, best, at))) { best = b2; at = a2; }
-    }
 }
 
 template <typename T>
