@@ -94,9 +94,9 @@ class OnnxBackend:
     a call (past the first) that took :data:`WARMUP_STOP_S` or more, where a first call's extra
     cost is a small part of the call; on a device it stops at the first size the device cannot
     hold (serving splits such batches). Sizes whose inputs would take more than physical memory
-    / :data:`WARMUP_MEMORY_SHARE` are never tried: a host that overcommits
-    memory grants the zeros, and kills the process once the model writes its outputs.
-    :attr:`warmed` lists the sizes it ran.
+    / :data:`WARMUP_MEMORY_SHARE` are never tried: a host that overcommits memory grants the
+    zeros, and kills the process once the model writes its outputs. :attr:`warmed` lists the
+    sizes it ran.
 
     ``intra_op_threads`` is at most :data:`MAX_INTRA_OP_THREADS`, or the usable cores where there
     are more.

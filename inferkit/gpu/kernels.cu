@@ -107,8 +107,8 @@ __device__ __forceinline__ void store4(__half* p, float a, float b, float c, flo
 template <typename T, bool NCHW>
 __device__ __forceinline__ void image_direct_impl(
     const unsigned char* __restrict__ src, T* __restrict__ dst, i64 groups, i64 plane, Norm k) {
-    // Each lane takes U groups 32 apart: U loads in flight at once, and each store instruction of
-    // the warp still writes consecutive 16-byte (8-byte) chunks.
+    // Each lane takes U groups 32 apart: U loads in flight at once, and each NCHW store instruction
+    // of the warp still writes consecutive 16-byte (8-byte) chunks.
     constexpr int U = 4;
     const int lane = threadIdx.x & 31;
     // NHWC: a lane's 12 values sit 12 apart from its neighbours'; a warp's 32 groups go through shared
