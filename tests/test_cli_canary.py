@@ -81,6 +81,8 @@ class TestCanaryCli:
             (403, b'{"error": "wrong token"}', 1, "inferkit canary: 403 wrong token"),
             (403, b"[1, 2]", 1, "inferkit canary: 403"),  # an AttributeError traceback: a list has no .get
             (500, b"oops", 1, "inferkit canary: 500"),
+            (200, b'"' + b"x" * (1 << 20) + b'"', 2, "inferkit canary: the answer from {url!r} is over 1048576 bytes"),
+            (403, b'{"error": "' + b"x" * (1 << 20) + b'"}', 1, "inferkit canary: 403"),  # read in part: no message
         ],
     )
     def test_answers(

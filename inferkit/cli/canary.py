@@ -13,6 +13,8 @@ import urllib.parse
 import urllib.request
 
 _MAX_TIMEOUT_S = 1e6  # a socket takes at most ~9.2e9 s: 1e300 was an OverflowError traceback
+MAX_ANSWER_BYTES = 1 << 20
+"""The most of an answer (or a refusal's body) read: a canary's status is a few hundred bytes."""
 
 
 def _timeout_s(text: str) -> float:
@@ -54,7 +56,7 @@ def _canary(args: argparse.Namespace) -> int:
         urllib.parse.urlsplit(url).port  # noqa: B018 (ValueError past 65535: the socket wrapped 70000 to 4464)
         request = urllib.request.Request(url, method=method, headers={"authorization": f"Bearer {token}"})  # noqa: S310 (checked above)
         with urllib.request.urlopen(request, timeout=args.timeout_s) as response:  # noqa: S310 (checked above)
-            answer = response.read()
+            answer = response.read(MAX_ANSWER_BYTES + 1)
     except urllib.error.HTTPError as error:
         print(f"inferkit canary: {error.code} {_error_message(error)}".rstrip(), file=sys.stderr)
         return 1
@@ -62,19 +64,28 @@ def _canary(args: argparse.Namespace) -> int:
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError, OverflowError) as error:
         print(f"inferkit canary: cannot reach {args.url!r}: {error}", file=sys.stderr)
         return 2
-    try:
-        body = json.loads(answer)
-    except ValueError:
-        print(f"inferkit canary: the answer from {args.url!r} is not JSON", file=sys.stderr)
+    body, problem = _parsed(answer, args.url)
+    if problem:
+        print(f"inferkit canary: {problem}", file=sys.stderr)
         return 2
     print(json.dumps(body, indent=2))
     return 0
 
 
+def _parsed(answer: bytes, url: str) -> tuple[object, str]:
+    """The answer's JSON, or why it cannot be used."""
+    if len(answer) > MAX_ANSWER_BYTES:
+        return None, f"the answer from {url!r} is over {MAX_ANSWER_BYTES} bytes"
+    try:
+        return json.loads(answer), ""
+    except ValueError:
+        return None, f"the answer from {url!r} is not JSON"
+
+
 def _error_message(error: urllib.error.HTTPError) -> str:
     """The ``error`` of a refusal's JSON body; empty when there is none."""
     try:
-        body = json.loads(error.read())
+        body = json.loads(error.read(MAX_ANSWER_BYTES + 1))  # cut short: not JSON, no message
     except (ValueError, OSError, http.client.HTTPException):
         return ""
     message = body.get("error", "") if isinstance(body, dict) else ""
