@@ -416,6 +416,23 @@ class TestFileColumns:
                 assert "without 2 values" in str(result.errors[0].error)
                 np.testing.assert_array_equal(result.outputs, [[1.0, 2.0], [3.0, 4.0]])
 
+    def test_a_scalar_column_feeds_an_input_of_one_value_a_row(self, tmp_path: Path) -> None:
+        """A scalar column named after an (N, 1) input was refused for every row ("got shape (3,)"), though the
+        same column under another name fed it: it feeds the input as its rows, from Parquet and CSV alike,
+        one per input of a model of several, and a null fails its own row only."""
+        pa = pytest.importorskip("pyarrow")
+        path = self._write(tmp_path, "ab", {"a": [1.0, 2.0, 3.0], "b": pa.array([10, None, 30], pa.int64())})
+        (tmp_path / "ab.csv").write_text("a,b\n1,10\n2,\n3,30\n")
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.FLOAT, "a", "b")) as floats:
+            for data in (path, tmp_path / "ab.csv"):
+                np.testing.assert_array_equal(floats.map(data), [[11.0], [np.nan], [33.0]])  # a float takes NaN
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.INT64, "b")) as int64s:
+            for data in (path, tmp_path / "ab.csv"):
+                result = int64s.map(data, on_error="collect")
+                assert [e.index for e in result.errors] == [1]
+                assert "got a null (an empty cell) in column 'b'" in str(result.errors[0].error)
+                np.testing.assert_array_equal(result.outputs, [[10], [30]])
+
     def test_the_public_reader_raises_what_a_flawed_batch_holds(self, tmp_path: Path) -> None:
         """``inferkit.bulk.read`` yielded the private stand-in of a batch with flawed rows; it raises
         their InvalidInput, and yields clean batches as they are."""

@@ -144,8 +144,15 @@ def _table_batch(batch: Any, signature: Signature | None) -> Any:
 
 
 def _named(name: str, column: Any, spec: TensorSpec, faults: list[tuple[np.ndarray[Any, Any], InvalidInput]]) -> Any:
-    """The column named after input ``spec`` as its array, flawed rows stood in for."""
-    return _column(_regular(name, _no_nulls(name, column, spec, faults), spec, faults))
+    """The column named after input ``spec`` as its array, flawed rows stood in for.
+
+    A scalar column feeds an input of one value a row, ``(N, 1)``, as its rows (a lone
+    column of another name is stacked so too).
+    """
+    array = _column(_regular(name, _no_nulls(name, column, spec, faults), spec, faults))
+    if array.ndim == 1 and len(spec.shape) == 2 and spec.shape[1] in (1, None):
+        return array[:, None]
+    return array
 
 
 def _regular(name: str, column: Any, spec: TensorSpec, faults: list[tuple[np.ndarray[Any, Any], InvalidInput]]) -> Any:
