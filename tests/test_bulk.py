@@ -416,6 +416,27 @@ class TestFileColumns:
                 assert "without 2 values" in str(result.errors[0].error)
                 np.testing.assert_array_equal(result.outputs, [[1.0, 2.0], [3.0, 4.0]])
 
+    def test_a_null_inside_a_list_cell_fails_that_row_only(self, tmp_path: Path) -> None:
+        """A null inside a list cell of ints made pyarrow read the column as float64, and an int input refused
+        every row of the batch ("got float64"); now only that row fails, naming the column, as a null in a
+        scalar column does. A float input still takes it as NaN."""
+        pa = pytest.importorskip("pyarrow")
+        rows = [[1, 2], [3, None], [5, 6], [2**53 + 1, 8]]  # 2**53 + 1: no float64 holds it
+        for label, kind in (("list", pa.list_(pa.int64())), ("fixed", pa.list_(pa.int64(), 2))):
+            path = self._write(tmp_path, label, {"x": pa.array(rows, kind)})
+            with inferkit.Predictor.from_onnx(_identity_model(TensorProto.INT64, "x", shape=("N", 2))) as int64s:
+                result = int64s.map(path, batch_size=2, on_error="collect")
+                assert [(e.index, e.error.input_name) for e in result.errors] == [(1, "x")], label
+                assert "got a null inside a cell of column 'x'" in str(result.errors[0].error)
+                np.testing.assert_array_equal(result.outputs, [[1, 2], [5, 6], [2**53 + 1, 8]])
+            with inferkit.Predictor.from_onnx(_identity_model(TensorProto.FLOAT, "x", shape=("N", 2))) as floats:
+                np.testing.assert_array_equal(floats.map(path)[1], [3.0, np.nan])
+        flags = self._write(tmp_path, "flags", {"x": pa.array([[True, None], [False, True]], pa.list_(pa.bool_()))})
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.BOOL, "x", shape=("N", 2))) as bools:
+            result = bools.map(flags, on_error="collect")
+            assert [e.index for e in result.errors] == [0]
+            np.testing.assert_array_equal(result.outputs, [[False, True]])
+
     def test_a_scalar_column_feeds_an_input_of_one_value_a_row(self, tmp_path: Path) -> None:
         """A scalar column named after an (N, 1) input was refused for every row ("got shape (3,)"), though the
         same column under another name fed it: it feeds the input as its rows, from Parquet and CSV alike,

@@ -159,7 +159,8 @@ def _regular(name: str, column: Any, spec: TensorSpec, faults: list[tuple[np.nda
     """A list column whose every cell holds one row of the input's width; other cells flawed, and stood in for.
 
     A null cell, an empty or ragged list made the whole column unstackable (numpy's ValueError
-    ended the job, ``on_error`` or not). Nested lists (inputs past 2-D) are left to the input's checks.
+    ended the job, ``on_error`` or not). A null inside a cell flaws its row as a null in a scalar
+    column does (:func:`_no_nulls`). Nested lists (inputs past 2-D) are left to the input's checks.
     """
     import pyarrow as pa  # noqa: PLC0415
     import pyarrow.compute as pc  # noqa: PLC0415
@@ -173,14 +174,22 @@ def _regular(name: str, column: Any, spec: TensorSpec, faults: list[tuple[np.nda
     known = lengths.drop_null()
     width = spec.shape[1] if spec.shape[1] is not None else (known[0].as_py() if len(known) else 0)
     bad = pc.fill_null(pc.not_equal(lengths, width), fill_value=True).to_numpy(zero_copy_only=False)
-    if not bad.any():
+    stand_in = _stand_in(kind.value_type)
+    # pyarrow reads ints with a null as float64, which an int input refused for every row of the batch
+    holes = spec.dtype.kind != "f" and stand_in is not None and column.flatten().null_count > 0
+    if not bad.any() and not holes:
         return column
-    msg = f"input {spec.name!r}: expected {spec.describe()}, got a cell of column {name!r} without {width} values"
-    faults.append((bad, InvalidInput(msg, input_name=spec.name)))
     cells = column.to_pylist()
-    stand_in = _STAND_INS.get(str(kind.value_type), 0)  # a number where it has none
+    if bad.any():
+        msg = f"input {spec.name!r}: expected {spec.describe()}, got a cell of column {name!r} without {width} values"
+        faults.append((bad, InvalidInput(msg, input_name=spec.name)))
+    if holes:
+        gaps = np.array([not short and None in cell for short, cell in zip(bad, cells, strict=True)])
+        msg = f"input {spec.name!r}: expected {spec.describe()}, got a null inside a cell of column {name!r}"
+        faults.append((gaps, InvalidInput(msg, input_name=spec.name)))
+        bad = bad | gaps
     for i in np.flatnonzero(bad):
-        cells[i] = [stand_in] * width
+        cells[i] = [0 if stand_in is None else stand_in] * width  # a number where it has none
     return pa.array(cells, type=column.type)
 
 
@@ -196,9 +205,7 @@ def _no_nulls(name: str, column: Any, spec: TensorSpec, faults: list[tuple[np.nd
         column = column.cast(pa.string() if spec.dtype.kind == "O" else pa.from_numpy_dtype(spec.dtype))
     if not column.null_count or spec.dtype.kind == "f":
         return column
-    stand_in = _STAND_INS.get(str(column.type))
-    if stand_in is None and pa.types.is_integer(column.type):
-        stand_in = 0
+    stand_in = _stand_in(column.type)
     if stand_in is None:
         return column
     msg = f"input {spec.name!r}: expected {spec.describe()}, got a null (an empty cell) in column {name!r}"
@@ -207,6 +214,13 @@ def _no_nulls(name: str, column: Any, spec: TensorSpec, faults: list[tuple[np.nd
 
 
 _STAND_INS: dict[str, Any] = {"bool": False, "string": "", "large_string": "", "binary": b"", "large_binary": b""}
+
+
+def _stand_in(kind: Any) -> Any:
+    """The value a flawed row's null of Arrow type ``kind`` is stood in by; None for a kind refused whole."""
+    import pyarrow as pa  # noqa: PLC0415
+
+    return _STAND_INS.get(str(kind), 0 if pa.types.is_integer(kind) else None)
 
 
 def _feature(
