@@ -416,6 +416,28 @@ class TestFileColumns:
                 assert "without 2 values" in str(result.errors[0].error)
                 np.testing.assert_array_equal(result.outputs, [[1.0, 2.0], [3.0, 4.0]])
 
+    def test_empty_cells_of_a_one_column_csv_are_rows(self, tmp_path: Path) -> None:
+        """In a CSV file of one column an empty cell is a blank line, which pyarrow skipped: the rows after it
+        moved up (results no longer matched the input's rows) and an all-empty column was "no rows", where the
+        same Parquet column of nulls gives a null per row. Both now read alike: NaN for a float input, and each
+        null's row failing alone for an int one."""
+        pa = pytest.importorskip("pyarrow")
+        (tmp_path / "some.csv").write_text("x\n1\n\n3\n")
+        (tmp_path / "all.csv").write_text("x\n\n\n")
+        some = self._write(tmp_path, "some", {"x": pa.array([1, None, 3], pa.int64())})
+        every = self._write(tmp_path, "all", {"x": pa.array([None, None], pa.int64())})
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.FLOAT, "x", shape=("N",))) as floats:
+            for data in (tmp_path / "some.csv", some):
+                np.testing.assert_array_equal(floats.map(data), [1.0, np.nan, 3.0])
+            for data in (tmp_path / "all.csv", every):
+                np.testing.assert_array_equal(floats.map(data), [np.nan, np.nan])
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.INT64, "x", shape=("N",))) as int64s:
+            for data in (tmp_path / "some.csv", some, tmp_path / "all.csv", every):
+                result = int64s.map(data, on_error="collect")
+                assert [e.index for e in result.errors] == ([1] if "some" in data.name else [0, 1]), data.name
+                assert "got a null (an empty cell) in column 'x'" in str(result.errors[0].error)
+            np.testing.assert_array_equal(int64s.map(tmp_path / "some.csv", on_error="skip"), [1, 3])
+
     def test_a_null_inside_a_list_cell_fails_that_row_only(self, tmp_path: Path) -> None:
         """A null inside a list cell of ints made pyarrow read the column as float64, and an int input refused
         every row of the batch ("got float64"); now only that row fails, naming the column, as a null in a

@@ -310,6 +310,11 @@ def _file_batches(path: Path, batch_size: int, signature: Signature | None, skip
     import pyarrow.csv as pcsv  # noqa: PLC0415
 
     with pcsv.open_csv(path) as reader:
+        one_column = len(reader.schema) == 1
+    # In a file of one column a blank line is its row's empty cell: pyarrow skips it by default, which moved
+    # every later row up one and read an empty column as no rows at all (Parquet has a null there).
+    options = pcsv.ParseOptions(ignore_empty_lines=not one_column)
+    with pcsv.open_csv(path, parse_options=options) as reader:
         yield from _rebatch(reader, batch_size, signature, skip, pa)
 
 
