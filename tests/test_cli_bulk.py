@@ -257,7 +257,8 @@ class TestPredictHostile:
 
     def test_column_no_input_takes_is_one_line(self, tmp_path: Path) -> None:
         """A timestamp column beside numbers ended the job with a numpy traceback (exit 1); a bool column was
-        read as 0.0/1.0. Both: one line naming the column, exit 2, no output."""
+        read as 0.0/1.0. Both: one line naming the column, exit 2, no output (and no empty parts folder, which
+        the refused first chunk left behind)."""
         pa = pytest.importorskip("pyarrow")
         pq = pytest.importorskip("pyarrow.parquet")
         model = _identity(tmp_path / "m.onnx", TensorProto.FLOAT, ["N", 3])
@@ -273,6 +274,7 @@ class TestPredictHostile:
                 "inferkit predict: input 'x': expected float32 with shape (N, 3), got column 'a'"
             )
             assert not (tmp_path / f"{name}.npy").exists()
+            assert not (tmp_path / f"{name}.npy.parts").exists()
 
     def test_refused_before_any_work(self, tmp_path: Path, two_outputs_model: bytes) -> None:
         """A 0-d or empty input, an output that is a folder or the input, several outputs to .npy: exit 2 at once,

@@ -260,7 +260,6 @@ def run_job(
         settings = _settings(source, None if model is None else Path(model), chunk_rows)
         chunks = _resume_from(manifest_path, settings)
         remove_stale_temporaries(output)
-        parts_dir.mkdir(parents=True, exist_ok=True)
         done_rows = sum(c["rows"] for c in chunks)
         meter = _progress(progress, source)
         if meter is not None:
@@ -272,6 +271,7 @@ def run_job(
                     raise _changed(source, parts_dir)
                 named = outputs if isinstance(outputs, Mapping) else {single: outputs}
                 _check_part({k: (a.dtype, a.shape[1:]) for k, a in named.items()}, output)
+                parts_dir.mkdir(exist_ok=True)  # made with the first part: a job refused before it leaves none
                 name = _save_part(parts_dir / f"part-{len(chunks):06d}", outputs, single).name
                 chunks.append({"file": name, "rows": _rows(chunk)})
                 record = json.dumps({"settings": settings, "chunks": chunks}, indent=1).encode()
@@ -282,7 +282,6 @@ def run_job(
             if meter is not None:
                 meter.close()
         if not chunks:  # a CSV file of no rows (the others are refused above)
-            shutil.rmtree(parts_dir)
             raise _no_rows(source)
         _assemble([parts_dir / c["file"] for c in chunks], output, single)
         shutil.rmtree(parts_dir)
