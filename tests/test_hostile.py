@@ -243,6 +243,9 @@ REST: list[Any] = [
     pytest.param(_j("gather", "ids", "INT64", [2], [1, 99]), FAILED_MODEL, id="id out of range"),
     pytest.param(_j("gather", "ids", "INT64", [1], [2**70]), 400, id="id past INT64"),
     pytest.param(_j("text", "text", "BYTES", [2], ["a", 1]), 400, id="a number for BYTES"),
+    pytest.param(_j("mlp", "x", "FP32", [2, 4], [1.0] * 7 + [True]), 400, id="a boolean among FP32"),
+    pytest.param(_j("gather", "ids", "INT64", [2], [1, False]), 400, id="a boolean among INT64"),
+    pytest.param(_j("sum", "x", "FP32", [1, 100], [[0.5] * 99 + [True]]), 400, id="a boolean in a large tensor"),
     pytest.param(
         _j("text", "text", "BYTES", [2], ["é", "\u0000"]),
         OK,

@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import json
 import random
+import re
 import socket
 import threading
 import time
@@ -30,7 +31,7 @@ from inferkit.server import Repository, ServedModel
 from inferkit.server.metrics import Metrics
 from inferkit.server.protocol import DTYPES, pack_bytes
 from inferkit.server.rest import create_app
-from inferkit.server.rest_decode import HEADER_LENGTH
+from inferkit.server.rest_decode import HEADER_LENGTH, _array_bools
 
 WAIT = 30  # seconds: a bound on every wait, never expected to be reached
 W = (np.arange(12, dtype=np.float32).reshape(4, 3) - 5.5) / 4
@@ -435,6 +436,145 @@ class TestInferJson:
         np.testing.assert_allclose(out["y"], np.array([[1, 2, 3, 4]], np.float32) @ W + B, rtol=1e-6)
 
 
+def _bools_message(datatype: str, name: str) -> str:
+    return f"input {name!r}: {datatype} data cannot hold booleans"
+
+
+def _tensor_json(name: str, datatype: str, data: list[Any], shape: list[int]) -> dict[str, Any]:
+    return {"name": name, "shape": shape, "datatype": datatype, "data": data}
+
+
+WIDE = 4096  # the "big" model's width: a tensor over the size searched for booleans outright
+WIDE_ROW = (np.arange(WIDE, dtype=np.float32) / 8).tolist()
+
+
+class TestJsonBooleans:
+    """As Triton: JSON true and false are data for a BOOL tensor only; among numbers they are a 400
+    naming the input, where NumPy read them as 1 and 0."""
+
+    @pytest.mark.parametrize("datatype", [d for d in NUMERIC if d != "BOOL"])
+    @pytest.mark.parametrize("value", [True, False])
+    def test_a_boolean_among_numbers_is_400(self, http: httpx.Client, datatype: str, value: bool) -> None:
+        """A small tensor of any number datatype, flat or nested, with one boolean among its numbers."""
+        first = 1.5 if datatype.startswith("FP") else 1
+        for data, shape in (([first, value], [1, 2]), ([[first, 2], [3, value]], [2, 2])):
+            response = _infer(http, "echo", _ji("v", datatype, data, shape))
+            assert response.status_code == 400, response.text
+            assert response.json()["error"] == _bools_message(datatype, "v")
+        _decode(_infer(http, "echo", _ji("v", datatype, [first, 2], [1, 2])))  # numbers alone are fine
+
+    @pytest.mark.parametrize("value", [True, False])
+    @pytest.mark.parametrize(
+        "dumps",
+        [
+            pytest.param(lambda body: json.dumps(body, separators=(",", ":")).encode(), id="compact"),
+            pytest.param(lambda body: json.dumps(body).encode(), id="spaced"),
+            pytest.param(lambda body: json.dumps(body, indent=2).encode(), id="indented"),
+            pytest.param(
+                lambda body: re.sub(r", (true|false)", "," + " " * 100 + r"\1", json.dumps(body)).encode(),
+                id="100 spaces before",
+            ),
+        ],
+    )
+    def test_a_boolean_in_a_large_tensor_is_400(
+        self, http: httpx.Client, value: bool, dumps: Callable[[dict[str, Any]], bytes]
+    ) -> None:
+        """A large tensor (searched only where the JSON text has room for a boolean in an array) with one
+        boolean, flat or nested, next to what tritonclient sends: booleans as parameters."""
+        outputs = [{"name": "y", "parameters": {"binary_data": False}}]
+        for data in ([*WIDE_ROW[:-1], value], [[*WIDE_ROW[:100], value, *WIDE_ROW[101:]]]):
+            inputs = [_tensor_json("x", "FP32", data, [1, WIDE])]
+            body = dumps({"inputs": inputs, "outputs": outputs, "parameters": {"binary_data_output": True}})
+            response = _infer(http, "big", body)
+            assert response.status_code == 400, response.text
+            assert response.json()["error"] == _bools_message("FP32", "x")
+
+    def test_large_tensors_beside_booleans_elsewhere_are_served(self, http: httpx.Client) -> None:
+        """Booleans as parameters, in a BOOL tensor, inside a BYTES string or in binary data do not
+        refuse a large number tensor without one; one with a boolean is refused beside them, and beside
+        text too long to look through."""
+        row = np.array([WIDE_ROW], np.float32)
+        parameters = {"binary_data": False, "flags": True}
+        body = json.dumps(
+            {
+                "inputs": [_tensor_json("x", "FP32", WIDE_ROW, [1, WIDE])],
+                "outputs": [{"name": "y", "parameters": parameters}],
+                "parameters": {"binary_data_output": False},
+            }
+        ).encode()
+        np.testing.assert_array_equal(_decode(_infer(http, "big", body))[1]["y"], row)
+
+        flags = _tensor_json("b", "BOOL", [[True, False, True]], [1, 3])
+        words = ["[true, false]", ",true", "lull " * 1000]  # "u" and "l": more than worth looking at
+        text = _tensor_json("t", "BYTES", words, [1, 3])
+        for numbers in ([WIDE_ROW], [[1] * 100]):
+            datatype = "FP32" if isinstance(numbers[0][0], float) else "INT64"
+            wide = _tensor_json("x", datatype, numbers, [1, len(numbers[0])])
+            _, out = _decode(_infer(http, "echo", json.dumps({"inputs": [flags, text, wide]}).encode()))
+            np.testing.assert_array_equal(out["b_out"], [[True, False, True]])
+            assert out["t_out"].tolist() == [[w.encode() for w in words]]
+            np.testing.assert_array_equal(out["x_out"], numbers)
+            bad = _tensor_json("x", datatype, [[*numbers[0][:-1], False]], [1, len(numbers[0])])
+            response = _infer(http, "echo", json.dumps({"inputs": [flags, text, bad]}).encode())
+            assert response.status_code == 400, response.text
+            assert response.json()["error"] == _bools_message(datatype, "x")
+
+        raw = b"[true,false,"  # binary data is not JSON: its bytes are never read as booleans
+        tensors = [
+            _tensor_json("x", "FP32", [WIDE_ROW[:100]], [1, 100]),
+            {"name": "r", "shape": [1, len(raw)], "datatype": "UINT8", "parameters": {"binary_data_size": len(raw)}},
+        ]
+        body, headers = _header({"inputs": tensors}, raw)
+        _, out = _decode(_infer(http, "echo", body, headers))
+        assert out["r_out"].tobytes() == raw
+        np.testing.assert_array_equal(out["x_out"], [WIDE_ROW[:100]])
+
+    @pytest.mark.parametrize(
+        ("text", "found"),
+        [
+            pytest.param(
+                b'{"inputs":[{"name":"x","data":[1.0,2.5]}],"outputs":[{"parameters":{"binary_data":false}}]}',
+                False,
+                id="tritonclient's: a boolean as an object's value",
+            ),
+            pytest.param(
+                b'{"inputs": [{"data": [1, 2]}], "parameters": {"binary_data_output" :\n true}}',
+                False,
+                id="a value after whitespace",
+            ),
+            pytest.param(
+                b'{"inputs":[{"name":"input_ids","data":[NaN,Infinity,-Infinity,1e-05]}],"id":"untrue or falsely"}',
+                False,
+                id="words in strings",
+            ),
+            pytest.param(b"true", False, id="not in an array"),
+            pytest.param(b"[true]", True, id="first"),
+            pytest.param(b"[1,false]", True, id="after a comma"),
+            pytest.param(b"[1, \t\r\n true]", True, id="after whitespace"),
+            pytest.param(b"[[1],\n[false]]", True, id="nested"),
+            pytest.param(b"[1," + b" " * 100 + b"true]", True, id="unsure past 64 bytes of whitespace"),
+            pytest.param(b'["a", "b,true"]', True, id="in a string, with room for one"),
+            pytest.param(
+                b'{"id":"' + b"lulu" * 100 + b'","data":[1]}', True, id="unsure past the limit of letters to look at"
+            ),
+        ],
+    )
+    def test_where_the_json_text_has_room_for_a_boolean_in_an_array(self, text: bytes, found: bool) -> None:
+        """The search that spares large tensors a pass: false only where no array holds a boolean."""
+        assert _array_bools(text, len(text), 256) is found
+        assert _array_bools(bytearray(text) + b"[true]", len(text), 256) is found  # past ``end``: binary data
+
+    def test_bool_tensors_take_true_and_false(self, http: httpx.Client) -> None:
+        """A BOOL tensor takes JSON true and false, flat or nested, small or large, and only them."""
+        for data, shape in (([True, False], [1, 2]), ([[True], [False]], [2, 1]), ([True, False] * 100, [1, 200])):
+            header, out = _decode(_infer(http, "echo", _ji("v", "BOOL", data, shape)))
+            assert header["outputs"][0]["datatype"] == "BOOL"
+            np.testing.assert_array_equal(out["output"], np.array(data, bool).reshape(shape))
+        response = _infer(http, "echo", _ji("v", "BOOL", [True, 1], [1, 2]))
+        assert response.status_code == 400
+        assert "input 'v': BOOL data cannot hold" in response.json()["error"]
+
+
 class TestInferBinary:
     """The binary tensor data extension."""
 
@@ -701,6 +841,9 @@ MALFORMED: list[tuple[str, str, bytes, dict[str, str], str]] = [
     ("mlp", "huge shape", _j({"shape": [2**62, 2**62]}), {}, "elements"),
     ("mlp", "ragged", _j({"data": [[1, 2], [3]]}), {}, "regular array"),
     ("mlp", "strings for FP32", _j({"data": ["1", "2", "3", "4"]}), {}, "strings"),
+    # NumPy read them as 1 and 0; Triton refuses them
+    ("mlp", "true among FP32", _j({"data": [1, 2, True, 4]}), {}, "input 'x': FP32 data cannot hold booleans"),
+    ("ints", "false among INT64", _ji("a", "INT64", [1, False, 3], [1, 3]), {}, "INT64 data cannot hold booleans"),
     ("mlp", "null data", _j({"data": None}), {}, "JSON list"),
     ("mlp", "no data", _j({"data": _DROP}), {}, "neither data"),
     ("mlp", "FP16 overflow", _j({"datatype": "FP16", "data": [1e6] * 4}), {}, "overflow"),
