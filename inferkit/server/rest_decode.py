@@ -223,7 +223,7 @@ def _json_tensor(
     if kind != "b" and read in "iuf":  # NumPy reads true and false among numbers as 1 and 0; Triton refuses them
         if count > _SMALL:
             unchecked.append((name, datatype, data, arr.ndim, count))
-        elif bool in map(type, data if arr.ndim == 1 else _flatten(data)):
+        elif _holds_bool(data, arr.ndim):
             raise invalid(f"{datatype} data cannot hold booleans", name)
     if kind in "iu" and read in "fO":  # NumPy turns ints past int64 into floats or objects
         arr = _big_ints(data, dtype, datatype, name)
