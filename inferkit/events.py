@@ -120,6 +120,9 @@ class StateChanged(Event):
 def deliver(observers: Iterable[Callable[[Event], None] | None], event: Event) -> None:
     """Give ``event`` to each observer; one that raises is skipped and never breaks the caller.
 
+    Its error is logged at WARNING on the ``"inferkit"`` logger, with its traceback, the first
+    time that observer raises that type of error.
+
     Whatever it raises: events are delivered from the middle of the batcher's work (a replica
     held, a batch half reported), where a ``SystemExit`` or a Ctrl-C landing in an observer
     would leave the replica busy for good or end its worker with requests unanswered.
@@ -129,8 +132,32 @@ def deliver(observers: Iterable[Callable[[Event], None] | None], event: Event) -
             continue
         try:
             observer(event)
-        except BaseException:  # noqa: BLE001, S112 (an observer must never break serving)
-            continue
+        except BaseException as error:  # noqa: BLE001 (an observer must never break serving)
+            _observer_failed(observer, error)
+
+
+_LOGGED_FAILURES = 1024  # distinct (observer, error type) pairs logged per process; then silence
+_failures: set[tuple[str, str]] = set()
+
+
+def _observer_failed(observer: Callable[[Event], None], error: BaseException) -> None:
+    """Log an observer's error once per (observer, error type): skipped in silence, its author would never know."""
+    try:
+        kind = getattr(observer, "__qualname__", None) or type(observer).__qualname__
+        who = f"{getattr(observer, '__module__', None) or type(observer).__module__}.{kind}"
+        key = (who, type(error).__qualname__)
+        if key in _failures or len(_failures) >= _LOGGED_FAILURES:
+            return
+        _failures.add(key)
+        logging.getLogger(_LOGGER).warning(
+            "observer %s raised %s: %s (skipped; logged once per observer and error type)",
+            who,
+            type(error).__qualname__,
+            error,
+            exc_info=error,
+        )
+    except BaseException:  # noqa: BLE001, S110 (a logging handler that raises must not break serving either)
+        pass
 
 
 @runtime_checkable

@@ -298,6 +298,29 @@ class TestFailingObserver:
         assert len(recorder.of(BatchDone)) == 2
         assert predictor.stats().completed == 2
 
+    def test_an_observers_error_is_logged_once_per_type(self, caplog: pytest.LogCaptureFixture) -> None:
+        """An observer's errors were skipped in silence: ``close()`` from an observer raised RuntimeError that
+        nobody saw, and the predictor served on. Now logged at WARNING, once per observer and error type."""
+        calls = []
+
+        def broken(event: Event) -> None:
+            if isinstance(event, BatchDone):
+                calls.append(event)
+                if len(calls) == 3:
+                    raise KeyError("third")
+                predictor.close()  # refused: it runs on the batch's thread, which close() would wait for
+
+        caplog.set_level(logging.WARNING, logger="inferkit")
+        with Predictor.from_callable(double, observers=[broken]) as predictor:
+            for _ in range(4):
+                np.testing.assert_array_equal(predictor.predict(rows(2), timeout=WAIT_S), rows(2, 2.0))
+            assert predictor.ready
+        assert len(calls) == 4
+        logged = [r for r in caplog.records if r.name == "inferkit" and "observer" in r.getMessage()]
+        assert [(r.levelno, r.exc_info is not None) for r in logged] == [(logging.WARNING, True)] * 2
+        assert "broken raised RuntimeError: close() of predictor" in logged[0].getMessage()
+        assert "broken raised KeyError" in logged[1].getMessage()
+
     @pytest.mark.parametrize("error", [SystemExit, GeneratorExit, KeyboardInterrupt])
     def test_an_observer_raising_a_base_exception_breaks_nothing(self, error: type[BaseException]) -> None:
         """SystemExit (or GeneratorExit, or a Ctrl-C landing in it) from an observer went past ``deliver``:
