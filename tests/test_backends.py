@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 import inferkit
 from inferkit import CallableBackend, ModelError, Predictor, Signature, TensorSpec
 from inferkit.backends import onnx as onnx_backend
-from inferkit.backends import widths
+from inferkit.backends import onnx_warmup, widths
 from inferkit.backends.base import on_caller_thread, usable_cores
 from inferkit.backends.model_size import model_bytes
 from inferkit.backends.onnx import MAX_INTRA_OP_THREADS, OnnxBackend, default_intra_op_threads, default_wide_threads
@@ -256,7 +256,7 @@ class TestOnnxWarmup:
 
     def test_stops_after_a_slow_call(self, mlp_model: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """A call that took WARMUP_STOP_S ends the warm-up: a big model's big batches warm up on first use."""
-        monkeypatch.setattr(onnx_backend, "WARMUP_STOP_S", 0.0)  # every call counts as slow
+        monkeypatch.setattr(onnx_warmup, "WARMUP_STOP_S", 0.0)  # every call counts as slow
         backend = OnnxBackend(mlp_model, providers=CPU, session_options=profiled(tmp_path), warmup=(1, 2, 64))
         assert batch_sizes_run(profile_of(backend), "MatMul") == [1, 2]  # the first call's time never counts
         assert backend.warmed == (1, 2)
@@ -273,7 +273,7 @@ class TestOnnxWarmup:
         """Sizes whose zero inputs would pass physical memory / WARMUP_MEMORY_SHARE are not run: an
         overcommitting host grants the zeros and kills the process once the model writes (seen on a
         128 GiB machine with 2^42 rows)."""
-        monkeypatch.setattr(onnx_backend, "physical_memory", lambda: 64 * 2**20)  # 16 MiB of inputs at most
+        monkeypatch.setattr(onnx_warmup, "physical_memory", lambda: 64 * 2**20)  # 16 MiB of inputs at most
         backend = OnnxBackend(mlp_model, providers=CPU, warmup=(1, 2, 2**20, 2**21))  # 16 B a row: 16 and 32 MiB
         assert backend.warmed == (1, 2, 2**20)
 
