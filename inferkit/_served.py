@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
+from collections.abc import Hashable
 
-__all__ = ["ServedBy"]
+__all__ = ["ServedBy", "key_id"]
 
 _REMEMBER = 100_000  # keys and request ids remembered for record()
+
+
+def key_id(key: Hashable) -> int:
+    """A stable 64-bit digest of a key, the same in every process (unlike ``hash()``: ``hash(-1) == hash(-2)``)."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "big")
 
 
 class ServedBy:

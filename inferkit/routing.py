@@ -9,10 +9,7 @@ arm is visible through ``on_route`` and on the future that ``submit`` returns (`
 from __future__ import annotations
 
 import functools
-import hashlib
-import logging
 import random
-import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Future
@@ -22,30 +19,19 @@ import attrs
 
 from inferkit import events
 from inferkit._bridge import await_future
-from inferkit._confirm import Confirmations
-from inferkit._served import ServedBy
+from inferkit._ledger import InForce, Ledger
+from inferkit._served import key_id as _key_id
 from inferkit.arrays import copied
 from inferkit.batching import notify_cancelled
-from inferkit.errors import (
-    Closed,
-    DeadlineExceeded,
-    InvalidInput,
-    ModelError,
-    NoHealthyReplica,
-    Overloaded,
-)
+from inferkit.errors import Closed
 from inferkit.events import Event, LogObserver, Observer, Routed, deliver
-from inferkit.experiments import Experiment, Report
-from inferkit.policies import ABTest, Canary, Feedback, Policy, Route, find_canary, observes_of
+from inferkit.experiments import Report
+from inferkit.policies import ABTest, Canary, Policy, Route, find_canary, observes_of
 from inferkit.predictive import Predictive, ready_of, signature_of
 from inferkit.shadow import ShadowStats, ShadowTraffic, agree
 from inferkit.signature import Signature
 
 __all__ = ["Predictive", "RoutedFuture", "Router", "RouterStats", "ShadowStats", "ready_of", "signature_of"]
-
-_FAILURES = (ModelError, NoHealthyReplica)  # what counts against an arm: never the caller's mistakes
-_REFUSALS = (InvalidInput, Overloaded, Closed, DeadlineExceeded)  # the model never saw them
-_log = logging.getLogger("inferkit")
 
 
 class RoutedFuture(Future[Any]):
@@ -82,50 +68,6 @@ class RouterStats:
     policy_errors: int = 0
 
 
-class _PolicyErrors:
-    """Gives feedback to a policy; what the policy raises is counted, the first logged, none passed on.
-
-    Feedback runs after the model answered, on the request's way back: a policy that raises (a
-    user's, or a store's state it cannot take) must not turn that answer into an error, nor leave
-    a ``submit`` future unsettled, nor fail a ``record`` whose outcome is already counted (a retry
-    would count it twice). One log line, not one per request: a broken policy raises on every one.
-    """
-
-    def __init__(self, router: str) -> None:
-        self._router = router
-        self._lock = threading.Lock()
-        self.count = 0
-
-    def give(self, policy: Policy, feedback: Feedback) -> None:
-        try:
-            policy.feedback(feedback)
-        except Exception:  # noqa: BLE001 (a pluggable part must never break serving)
-            with self._lock:
-                self.count += 1
-                first = self.count == 1
-            if first:
-                _log.warning(
-                    "router %s: the policy raised on %s feedback; answers are unaffected, further errors are"
-                    " only counted (stats().policy_errors)",
-                    self._router,
-                    feedback.kind,
-                    exc_info=True,
-                )
-
-
-def _key_id(key: Hashable) -> int:
-    """A stable 64-bit digest of a key, the same in every process (unlike ``hash()``: ``hash(-1) == hash(-2)``)."""
-    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "big")
-
-
-@attrs.frozen
-class _InForce:
-    """The policy in force and whether it reads feedback: replaced whole by ``set_policy``, read without a lock."""
-
-    policy: Policy
-    observes: bool  # read once: policies are fixed once built
-
-
 class Router:
     """Split requests between named predictors with a :class:`~inferkit.policies.Policy`.
 
@@ -156,15 +98,11 @@ class Router:
         self._rng = random.Random(seed)
         self._on_route = on_route
         self._observers = (*observers, LogObserver())
-        self._clock = clock
-        self._served_by = ServedBy()
-        self._experiment = Experiment(list(self._arms))
-        self._shadow = ShadowTraffic(name, self._submit_to, compare, self._shadow_feedback, shadow_queue_size)
-        self._policy_errors = _PolicyErrors(name)
-        self._confirmations = Confirmations(self._submit_to, self._failed, shadow_queue_size)
+        self._ledger = Ledger(name, self._arms, self._policy_in_force, self._submit_to, shadow_queue_size, clock)
+        self._shadow = ShadowTraffic(name, self._submit_to, compare, self._ledger.shadow, shadow_queue_size)
         self._closed = False
         self._shut = False
-        self._in_force: _InForce
+        self._in_force: InForce
         self.set_policy(policy if policy is not None else ABTest(dict.fromkeys(self._arms, 1.0)))
 
     # -- routing ---------------------------------------------------------------------------
@@ -183,7 +121,7 @@ class Router:
         canary = find_canary(policy)
         if canary is not None:
             canary.bind(self.name, self._emit)
-        self._in_force = _InForce(policy, observes_of(policy))
+        self._in_force = InForce(policy, observes_of(policy))
 
     def _route(self, key_id: int | None, attributes: Mapping[str, str] | None) -> Route:
         if self._closed:
@@ -209,15 +147,16 @@ class Router:
         """Route ``x`` and return the chosen arm's result, exactly as that arm returns it."""
         key_id = None if key is None else _key_id(key)
         route = self._route(key_id, attributes)
-        start = self._clock()
+        ledger = self._ledger
+        start = ledger.clock()
         try:
             result = self._call(route.arm, "predict", x, timeout, priority)
         except Exception as error:
-            self._served(route.arm, start, error, x)
+            ledger.served(route.arm, start, error, x)
             raise
-        self._served(route.arm, start, None)
+        ledger.served(route.arm, start, None)
         if key_id is not None:
-            self._served_by.key(key_id, route.arm)
+            ledger.served_by.key(key_id, route.arm)
         if route.shadow is not None:
             done: Future[Any] = Future()
             done.set_result(copied(result))  # compared later: the caller may write into its result
@@ -236,17 +175,18 @@ class Router:
         """Route ``x`` and return a future of the arm's result; ``future.arm`` names the arm."""
         key_id = None if key is None else _key_id(key)
         route = self._route(key_id, attributes)
-        outer = RoutedFuture(route.arm, self._served_by.next_id())
-        start = self._clock()
+        ledger = self._ledger
+        outer = RoutedFuture(route.arm, ledger.served_by.next_id())
+        start = ledger.clock()
         try:
             inner: Future[Any] = self._call(route.arm, "submit", x, timeout, priority)
         except Exception as error:
-            self._served(route.arm, start, error)
+            ledger.served(route.arm, start, error)
             raise
         outer._inner = inner
-        self._served_by.request(outer.request_id, route.arm)
+        ledger.served_by.request(outer.request_id, route.arm)
         if key_id is not None:
-            self._served_by.key(key_id, route.arm)
+            ledger.served_by.key(key_id, route.arm)
 
         def relay(done: Future[Any]) -> None:
             if done.cancelled():
@@ -254,7 +194,7 @@ class Router:
                 return
             error = done.exception()
             try:
-                self._served(route.arm, start, error, x)
+                ledger.served(route.arm, start, error, x)
             finally:  # accounting that goes wrong must never leave the caller waiting for good
                 if outer.set_running_or_notify_cancel():
                     if error is None:
@@ -290,34 +230,13 @@ class Router:
                 if self._arms[arm] is target or self._closed:
                     raise
 
-    def _served(self, arm: str, start: float, error: BaseException | None, x: Any = None) -> None:
-        if isinstance(error, _REFUSALS):
-            return  # never ran on the model: neither a request nor a failure of the arm
-        now = self._clock()
-        latency = max(0.0, now - start)  # a clock that stepped back: counted, with no latency (never raised)
-        if x is not None and isinstance(error, ModelError):  # a timeout the baseline repeats is the input's too
-            canary = find_canary(self._in_force.policy)
-            if canary is not None and arm == canary.candidate and canary.baseline in self._arms:
-                self._confirmations.check(canary.baseline, arm, x, latency)
-                return
-        self._count(arm, latency, failed=isinstance(error, _FAILURES), now=now)
-
-    def _count(self, arm: str, latency: float, *, failed: bool, now: float) -> None:
-        self._experiment.observe(arm, latency, failed)
-        in_force = self._in_force
-        if in_force.observes:
-            self._policy_errors.give(in_force.policy, Feedback("served", arm, now, latency_s=latency, failed=failed))
-
-    def _failed(self, arm: str, latency: float) -> None:
-        """A candidate's failure the baseline did not repeat."""
-        self._count(arm, latency, failed=True, now=self._clock())
-
     def _submit_to(self, arm: str, x: Any) -> Future[Any]:
         """Side traffic (a mirror, a confirmation) to the arm in force now."""
         return self._arms[arm].submit(x)
 
-    def _shadow_feedback(self, arm: str, agreed: bool) -> None:
-        self._policy_errors.give(self._in_force.policy, Feedback("shadow", arm, self._clock(), agreed=agreed))
+    def _policy_in_force(self) -> InForce:
+        """The policy in force now, for the ledger's feedback."""
+        return self._in_force
 
     # -- experiments -----------------------------------------------------------------------
 
@@ -327,18 +246,17 @@ class Router:
         Raises ``KeyError`` when the router has not served (or no longer remembers) that key or id,
         ``ValueError`` for a value that is not a finite number; never what the policy's ``feedback`` raises.
         """
-        arm = self._served_by.arm(None if key is None else _key_id(key), request_id)
+        arm = self._ledger.served_by.arm(None if key is None else _key_id(key), request_id)
         if arm is None:
             msg = f"no request served for key={key!r} request_id={request_id!r}"
             raise KeyError(msg)
-        self._experiment.record(arm, value)
-        self._policy_errors.give(self._in_force.policy, Feedback("outcome", arm, self._clock(), value=value))
+        self._ledger.record(arm, value)
         return arm
 
     def report(self) -> Report:
         """Per-arm requests, errors, latency and outcomes, compared with the baseline."""
         canary = find_canary(self._in_force.policy)
-        return self._experiment.report(baseline=canary.baseline if canary is not None else None)
+        return self._ledger.experiment.report(baseline=canary.baseline if canary is not None else None)
 
     def _canary(self) -> Canary:
         canary = find_canary(self._in_force.policy)
@@ -405,9 +323,9 @@ class Router:
     def stats(self) -> RouterStats:
         """Each arm's own stats, the split so far, shadow counts and the policy."""
         shadow = self._shadow.stats()
-        routed = self._experiment.requests()  # under the experiment's own lock
+        routed = self._ledger.experiment.requests()  # under the experiment's own lock
         arms = {a: p.stats() for a, p in self._arms.items()}
-        return RouterStats(routed, arms, shadow, repr(self._in_force.policy), self._policy_errors.count)
+        return RouterStats(routed, arms, shadow, repr(self._in_force.policy), self._ledger.policy_errors)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop routing, hand the queued shadow work over, then let every arm drain and stop."""
@@ -415,7 +333,7 @@ class Router:
             return
         self._closed = True  # routes refused from now on; ``_shut`` once every part closed (a retry finishes)
         canary = find_canary(self._in_force.policy)
-        steps: list[Callable[[], object]] = [self._confirmations.close, functools.partial(self._shadow.close, timeout)]
+        steps: list[Callable[[], object]] = [self._ledger.close, functools.partial(self._shadow.close, timeout)]
         if canary is not None:
             steps.append(canary.close)  # a shared store's follower thread
         arms = {id(p): p for p in self._arms.values()}.values()  # an arm listed twice is closed once

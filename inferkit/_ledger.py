@@ -1,0 +1,137 @@
+"""A router's ledger: what each arm served, counted for the experiment and told to the policy.
+
+Kept apart from :mod:`inferkit.routing`, which owns choosing the arm: the ledger owns what
+comes back (per-arm counts, which arm served each key and request for ``record``, a canary
+candidate's errors confirmed against the baseline, and the policy's feedback).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Collection
+from concurrent.futures import Future
+from typing import Any
+
+import attrs
+
+from inferkit._confirm import Confirmations
+from inferkit._served import ServedBy
+from inferkit.errors import Closed, DeadlineExceeded, InvalidInput, ModelError, NoHealthyReplica, Overloaded
+from inferkit.experiments import Experiment
+from inferkit.policies import Feedback, Policy, find_canary
+
+__all__ = ["InForce", "Ledger", "PolicyErrors"]
+
+_FAILURES = (ModelError, NoHealthyReplica)  # what counts against an arm: never the caller's mistakes
+_REFUSALS = (InvalidInput, Overloaded, Closed, DeadlineExceeded)  # the model never saw them
+_log = logging.getLogger("inferkit")
+
+
+@attrs.frozen
+class InForce:
+    """The policy in force and whether it reads feedback: replaced whole by ``set_policy``, read without a lock."""
+
+    policy: Policy
+    observes: bool  # read once: policies are fixed once built
+
+
+class PolicyErrors:
+    """Gives feedback to a policy; what the policy raises is counted, the first logged, none passed on.
+
+    Feedback runs after the model answered, on the request's way back: a policy that raises (a
+    user's, or a store's state it cannot take) must not turn that answer into an error, nor leave
+    a ``submit`` future unsettled, nor fail a ``record`` whose outcome is already counted (a retry
+    would count it twice). One log line, not one per request: a broken policy raises on every one.
+    """
+
+    def __init__(self, router: str) -> None:
+        self._router = router
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def give(self, policy: Policy, feedback: Feedback) -> None:
+        """Pass ``feedback`` to ``policy``; count (and log the first of) what it raises."""
+        try:
+            policy.feedback(feedback)
+        except Exception:  # noqa: BLE001 (a pluggable part must never break serving)
+            with self._lock:
+                self.count += 1
+                first = self.count == 1
+            if first:
+                _log.warning(
+                    "router %s: the policy raised on %s feedback; answers are unaffected, further errors are"
+                    " only counted (stats().policy_errors)",
+                    self._router,
+                    feedback.kind,
+                    exc_info=True,
+                )
+
+
+class Ledger:
+    """What a router's arms served: counted in ``experiment``, remembered in ``served_by``, fed to the policy.
+
+    ``in_force()`` is the router's policy now (read on each count: a policy set meanwhile gets
+    the feedback); ``submit(arm, x)`` sends a canary's confirmation to the arm in force; ``clock``
+    times requests. ``arms`` are the router's arm names (fixed: ``swap`` replaces a model, not a name).
+    """
+
+    __slots__ = ("_arms", "_confirmations", "_errors", "_in_force", "clock", "experiment", "served_by")
+
+    def __init__(
+        self,
+        router: str,
+        arms: Collection[str],
+        in_force: Callable[[], InForce],
+        submit: Callable[[str, Any], Future[Any]],
+        limit: int,
+        clock: Callable[[], float],
+    ) -> None:
+        self.clock = clock
+        self.served_by = ServedBy()
+        self.experiment = Experiment(list(arms))
+        self._arms = frozenset(arms)
+        self._in_force = in_force
+        self._errors = PolicyErrors(router)
+        self._confirmations = Confirmations(submit, self.failed, limit)
+
+    @property
+    def policy_errors(self) -> int:
+        """Feedback calls the policy raised (dropped)."""
+        return self._errors.count
+
+    def served(self, arm: str, start: float, error: BaseException | None, x: Any = None) -> None:
+        """Count a request ``arm`` answered (or failed) since ``start``; ``x`` lets a canary's error be confirmed."""
+        if isinstance(error, _REFUSALS):
+            return  # never ran on the model: neither a request nor a failure of the arm
+        now = self.clock()
+        latency = max(0.0, now - start)  # a clock that stepped back: counted, with no latency (never raised)
+        if x is not None and isinstance(error, ModelError):  # a timeout the baseline repeats is the input's too
+            canary = find_canary(self._in_force().policy)
+            if canary is not None and arm == canary.candidate and canary.baseline in self._arms:
+                self._confirmations.check(canary.baseline, arm, x, latency)
+                return
+        self._count(arm, latency, failed=isinstance(error, _FAILURES), now=now)
+
+    def failed(self, arm: str, latency: float) -> None:
+        """A candidate's failure the baseline did not repeat."""
+        self._count(arm, latency, failed=True, now=self.clock())
+
+    def shadow(self, arm: str, agreed: bool) -> None:
+        """A mirror to ``arm`` compared with its primary: told to the policy."""
+        self._errors.give(self._in_force().policy, Feedback("shadow", arm, self.clock(), agreed=agreed))
+
+    def record(self, arm: str, value: float) -> None:
+        """Credit a business outcome to ``arm`` and tell the policy."""
+        self.experiment.record(arm, value)
+        self._errors.give(self._in_force().policy, Feedback("outcome", arm, self.clock(), value=value))
+
+    def close(self) -> None:
+        """Start no more confirmations; those in flight still count."""
+        self._confirmations.close()
+
+    def _count(self, arm: str, latency: float, *, failed: bool, now: float) -> None:
+        self.experiment.observe(arm, latency, failed)
+        in_force = self._in_force()
+        if in_force.observes:
+            self._errors.give(in_force.policy, Feedback("served", arm, now, latency_s=latency, failed=failed))
