@@ -14,6 +14,9 @@
     ├── DeviceUnavailable (RuntimeError) ``strict=True`` and the device asked for cannot be used
     ├── ModelNotFound (LookupError)      a server has no model (or version) by that name
     ├── ConfigError (ValueError)         a server's configuration file is invalid
+    ├── PipelineMismatch (ValueError)    a pipeline's step cannot fit the model (at build)
+    ├── JobLocked (RuntimeError)         another bulk job writes the same output now
+    ├── JobMismatch (ValueError)         the unfinished bulk job found was started with other settings
     ├── RequestTooLarge                  a body past ``max_request_bytes`` / ``max_json_bytes`` (413)
     ├── UnsupportedEncoding              a ``Content-Encoding`` other than gzip, deflate, identity (415)
     ├── DecodingBusy                     large bodies being decoded hold ``max_decode_bytes`` (429/503)
@@ -24,6 +27,9 @@
     ├── NoCanary                         a canary operation on a model without one (409)
     ├── CanaryFinished                   pause or resume of a canary already promoted or rolled back (409)
     └── StoreUnavailable                 a canary's shared store cannot be reached (503)
+
+``ReplicaFault`` (and its ``DeviceLost``) is not in the tree: a backend raises it to inferkit,
+which retries the batch on another replica; a caller never sees it.
 
 Errors a server answers with carry their HTTP status as ``status`` where it is not one of the
 protocol's usual mapping (:func:`inferkit.server.protocol.http_status`).
@@ -48,12 +54,15 @@ __all__ = [
     "Forbidden",
     "InferkitError",
     "InvalidInput",
+    "JobLocked",
+    "JobMismatch",
     "LoadFailed",
     "ModelError",
     "ModelNotFound",
     "NoCanary",
     "NoHealthyReplica",
     "Overloaded",
+    "PipelineMismatch",
     "RequestTooLarge",
     "StoreUnavailable",
     "Unauthenticated",
@@ -116,6 +125,22 @@ class DeviceUnavailable(InferkitError, RuntimeError):
 
 class ConfigError(InferkitError, ValueError):
     """The configuration file is invalid; the message names the field."""
+
+
+class PipelineMismatch(InferkitError, ValueError):
+    """A step of a pipeline cannot fit the model; ``step`` says which, e.g. ``"post[1]"``."""
+
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class JobLocked(InferkitError, RuntimeError):
+    """Another bulk job is writing the same output now (it holds the output's lock)."""
+
+
+class JobMismatch(InferkitError, ValueError):
+    """The unfinished bulk job found beside the output was started with other settings."""
 
 
 class RequestTooLarge(InferkitError):

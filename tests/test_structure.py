@@ -7,7 +7,11 @@ The rule (issue 11): no module over ~400 lines, no class with more than ~12 attr
 from __future__ import annotations
 
 import ast
+import importlib
+import pkgutil
 from pathlib import Path
+
+import inferkit
 
 PACKAGE = Path(__file__).resolve().parent.parent / "inferkit"
 MAX_LINES = 420  # ~400
@@ -137,3 +141,39 @@ class Record:
     assert _own_attributes(record) == {"f", "g"}
     ((_, request),) = _classes()["Request"]
     assert len(_own_attributes(request)) > MAX_ATTRIBUTES  # why it is listed as a record
+
+
+OUTSIDE_THE_TREE = {
+    "inferkit.backends.base.ReplicaFault": "a backend raises it to inferkit, which retries elsewhere",
+    "inferkit.backends.device.DeviceLost": "a ReplicaFault",
+    "inferkit.server.repository.Failed": "carries an error and its arm between the server's own parts",
+    "inferkit.cli.predict._Terminated": "the CLI's SIGTERM, turned into its exit status",
+}
+
+
+def test_every_error_inferkit_defines_is_in_the_inferkit_errors_tree() -> None:
+    """``except inferkit.InferkitError`` catches whatever inferkit raises to a caller (issue 11)."""
+    for module in pkgutil.walk_packages(inferkit.__path__, "inferkit."):
+        try:
+            importlib.import_module(module.name)
+        except ImportError:  # an optional extra this machine lacks (cupy, ray, torch)
+            continue
+    found = set()
+    pending: list[type[BaseException]] = [BaseException]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls.__module__.startswith("inferkit") and not issubclass(cls, Warning):
+            found.add(cls)
+    outside = {f"{c.__module__}.{c.__qualname__}" for c in found if not issubclass(c, inferkit.InferkitError)}
+    assert outside == set(OUTSIDE_THE_TREE)
+    assert len(found) > 20  # the walk saw the tree itself
+
+
+def test_the_tree_drawn_in_the_docs_lists_every_error() -> None:
+    """``inferkit.errors``' docstring and docs/errors.md draw the same tree, every error in it."""
+    errors = inferkit.errors
+    drawn = (PACKAGE.parent / "docs" / "errors.md").read_text().split("```")[1]
+    for tree in (drawn, errors.__doc__ or ""):
+        names = {line.split("── ")[1].split()[0] for line in tree.splitlines() if "── " in line}
+        assert names == set(errors.__all__) - {"InferkitError"}

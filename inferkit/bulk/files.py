@@ -13,13 +13,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from inferkit.errors import JobLocked
+
 # O_EXCL never opens what is already there (a planted symlink included); NOFOLLOW says so twice.
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _HASH_BLOCK = 1 << 20
-
-
-class JobLocked(RuntimeError):
-    """Another job is writing the same output now (it holds the output's lock)."""
 
 
 def _temporary_name(path: Path) -> Path:

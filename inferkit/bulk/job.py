@@ -11,17 +11,13 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from inferkit.bulk.files import JobLocked, atomic_write, file_identity, output_lock, remove_stale_temporaries
+from inferkit.bulk.files import atomic_write, file_identity, output_lock, remove_stale_temporaries
 from inferkit.bulk.mapping import Submitter, _check, _progress, map_batches
 from inferkit.bulk.reading import _needs_pyarrow, _rows, batches, total_rows
-from inferkit.errors import InvalidInput
+from inferkit.errors import InvalidInput, JobLocked, JobMismatch
 from inferkit.signature import Signature
 
 __all__ = ["JobLocked", "JobMismatch", "run_job"]
-
-
-class JobMismatch(ValueError):
-    """The unfinished job found beside the output was started with other settings."""
 
 
 def _save_part(path: Path, outputs: Any, single: str) -> Path:

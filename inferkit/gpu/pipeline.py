@@ -12,18 +12,11 @@ from typing import Any
 
 import attrs
 
+from inferkit.errors import PipelineMismatch
 from inferkit.gpu.step import Arrays, Kit, PostStep, PreStep, Specs
 from inferkit.signature import SINGLE, Signature
 
 __all__ = ["Custom", "Pipeline", "PipelineMismatch"]
-
-
-class PipelineMismatch(ValueError):
-    """A step of a pipeline cannot fit the model; ``step`` says which, e.g. ``"post[1]"``."""
-
-    def __init__(self, step: str, message: str) -> None:
-        super().__init__(message)
-        self.step = step
 
 
 @attrs.frozen
