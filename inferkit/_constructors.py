@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from inferkit.events import Observer
     from inferkit.gpu.pipeline import Pipeline
     from inferkit.pool import Balancer, PoolConfig
-    from inferkit.signature import Signature, TensorSpec
+    from inferkit.signature import TensorSpec
 
 __all__ = ["Constructors"]
 
@@ -36,18 +36,9 @@ __all__ = ["Constructors"]
 class Constructors:
     """``from_onnx``, ``from_torch`` and ``from_callable`` (a mixin of :class:`~inferkit.Predictor`)."""
 
-    if TYPE_CHECKING:  # provided by the predictor
+    if TYPE_CHECKING:  # provided by the predictor: ``Predictor.__init__``
 
-        def __init__(
-            self,
-            factory: BackendFactory,
-            *,
-            batching: BatchConfig | None = None,
-            pool: PoolConfig | None = None,
-            signature: Signature | None = None,
-            name: str = "model",
-            observers: Sequence[Observer] = (),
-        ) -> None: ...
+        def __init__(self, factory: BackendFactory, **options: Any) -> None: ...
 
     @classmethod
     def from_onnx(
