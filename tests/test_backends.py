@@ -277,6 +277,15 @@ class TestOnnxWarmup:
         backend = OnnxBackend(mlp_model, providers=CPU, warmup=(1, 2, 2**20, 2**21))  # 16 B a row: 16 and 32 MiB
         assert backend.warmed == (1, 2, 2**20)
 
+    def test_a_row_too_big_to_count_in_int64_is_never_tried(self) -> None:
+        """Fixed dims of 2^32 x 2^32: the row's bytes wrapped to 0 in int64, so the memory guard let the size
+        through and the load failed with NumPy's "array is too big"; now nothing is tried and the model loads."""
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2**32, 2**32])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2**32, 2**32])
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+        assert OnnxBackend(model.SerializeToString(), providers=CPU, warmup=(1,)).warmed == ()
+
     def test_no_warmup_by_default(self, mlp_model: bytes, tmp_path: Path) -> None:
         """Without warmup sizes the session does not run at all."""
         backend = OnnxBackend(mlp_model, providers=CPU, session_options=profiled(tmp_path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -21,12 +22,27 @@ def _token(monkeypatch: pytest.MonkeyPatch) -> None:
 class _Answer(http.server.BaseHTTPRequestHandler):
     status = 200
     body = b"{}"
+    location = ""  # sent with a redirect
+    trickle: threading.Event | None = None  # the body a byte at a time; set once all of it went
+    paths: list[str]
 
     def do_GET(self) -> None:
+        self.paths.append(f"{self.command} {self.path} {self.headers.get('authorization')}")
         self.send_response(self.status)
+        if self.location:
+            self.send_header("location", self.location)
         self.send_header("content-length", str(len(self.body)))
         self.end_headers()
-        self.wfile.write(self.body)
+        if self.trickle is None:
+            self.wfile.write(self.body)
+            return
+        for byte in self.body:
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            time.sleep(0.1)
+        self.trickle.set()
+
+    do_POST = do_GET  # noqa: N815 (http.server's name)
 
     def log_message(self, *_: object) -> None:
         pass
@@ -34,7 +50,7 @@ class _Answer(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(name="server")
 def _server() -> Iterator[tuple[str, type[_Answer]]]:
-    handler = type("Handler", (_Answer,), {})
+    handler = type("Handler", (_Answer,), {"paths": []})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -83,6 +99,8 @@ class TestCanaryCli:
             (500, b"oops", 1, "inferkit canary: 500"),
             (200, b'"' + b"x" * (1 << 20) + b'"', 2, "inferkit canary: the answer from {url!r} is over 1048576 bytes"),
             (403, b'{"error": "' + b"x" * (1 << 20) + b'"}', 1, "inferkit canary: 403"),  # read in part: no message
+            (200, b"[" * 200_000, 2, "inferkit canary: the answer from {url!r} is not JSON"),  # a RecursionError
+            (503, b"[" * 200_000, 1, "inferkit canary: 503"),  # a RecursionError traceback, exit 1
         ],
     )
     def test_answers(
@@ -102,3 +120,24 @@ class TestCanaryCli:
         assert err == (line.format(url=url) + "\n" if line else ""), err
         if code == 0:
             assert '"state": "running"' in out
+
+    def test_a_redirect_is_not_followed(
+        self, server: tuple[str, type[_Answer]], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A 302 to a promote was followed as a GET of the page it named, with the token, printed, exit 0."""
+        url, handler = server
+        handler.status, handler.body, handler.location = 302, b"", f"{url}/elsewhere"
+        assert main(["canary", "promote", "m", "--url", url]) == 2
+        err = capsys.readouterr().err
+        assert f"answered 302, a redirect to '{url}/elsewhere'; redirects are not followed" in err, err
+        assert handler.paths == [f"POST /v2/admin/models/m/canary/promote Bearer {TOKEN}"]  # nothing else was asked
+
+    def test_the_timeout_bounds_the_whole_answer(
+        self, server: tuple[str, type[_Answer]], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--timeout-s bounded each read only: a server sending a byte a second held the CLI for a megabyte of them."""
+        url, handler = server
+        handler.body, handler.trickle = b'{"state": "running"}', threading.Event()
+        assert main(["canary", "status", "m", "--url", url, "--timeout-s", "0.5"]) == 2
+        assert not handler.trickle.is_set()  # it gave up before the answer ended (20 bytes, 0.1 s apart)
+        assert capsys.readouterr().err == f"inferkit canary: no whole answer from {url!r} within 0.5 s\n"

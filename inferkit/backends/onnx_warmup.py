@@ -7,6 +7,7 @@ See :class:`~inferkit.backends.onnx.OnnxBackend`'s ``warmup``.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -64,8 +65,7 @@ def _row_bytes(signature: Signature) -> int:
     """Bytes of one row of every fixed-width input (what a warm-up row allocates before the model runs)."""
     total = 0
     for spec in signature.inputs:
-        dims = [d for d in spec.shape[1:] if d is not None]
-        total += int(np.prod(dims, dtype=np.int64)) * spec.dtype.itemsize
+        total += math.prod(d for d in spec.shape[1:] if d is not None) * spec.dtype.itemsize  # ints: np.prod wraps
     return total
 
 

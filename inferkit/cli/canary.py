@@ -8,9 +8,12 @@ import json
 import math
 import os
 import sys
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
+from typing import Any
 
 _MAX_TIMEOUT_S = 1e6  # a socket takes at most ~9.2e9 s: 1e300 was an OverflowError traceback
 MAX_ANSWER_BYTES = 1 << 20
@@ -55,15 +58,11 @@ def _canary(args: argparse.Namespace) -> int:
     try:  # the request too: a URL urllib cannot parse ("http://[::1") raises as it is built
         urllib.parse.urlsplit(url).port  # noqa: B018 (ValueError past 65535: the socket wrapped 70000 to 4464)
         request = urllib.request.Request(url, method=method, headers={"authorization": f"Bearer {token}"})  # noqa: S310 (checked above)
-        with urllib.request.urlopen(request, timeout=args.timeout_s) as response:  # noqa: S310 (checked above)
-            answer = response.read(MAX_ANSWER_BYTES + 1)
-    except urllib.error.HTTPError as error:
-        print(f"inferkit canary: {error.code} {_error_message(error)}".rstrip(), file=sys.stderr)
-        return 1
-    # http.client's own: a URL with a control character (InvalidURL), a connection cut mid-answer
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError, OverflowError) as error:
-        print(f"inferkit canary: cannot reach {args.url!r}: {error}", file=sys.stderr)
-        return 2
+        answer = _within(args.timeout_s, lambda: _fetch(request, args.timeout_s))
+    except Exception as error:  # noqa: BLE001 (each kind is one line and an exit status: _failed)
+        line, code = _failed(error, url, args)
+        print(f"inferkit canary: {line}", file=sys.stderr)
+        return code
     body, problem = _parsed(answer, args.url)
     if problem:
         print(f"inferkit canary: {problem}", file=sys.stderr)
@@ -72,13 +71,73 @@ def _canary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _failed(error: Exception, url: str, args: argparse.Namespace) -> tuple[str, int]:
+    """The line and exit status for a call that got no usable answer (1: refused, 2: not reached); else raise."""
+    if isinstance(error, urllib.error.HTTPError):
+        with error:  # its connection: raised on another thread, the error lives on in a reference cycle
+            if 300 <= error.code < 400:
+                where = error.headers.get("location", "")
+                why = "redirects are not followed (the token would go with them): give --url the server's own address"
+                return f"{url!r} answered {error.code}, a redirect to {where!r:.300}; {why}", 2
+            return f"{error.code} {_error_message(error)}".rstrip(), 1
+    if isinstance(error, TimeoutError):
+        return f"no whole answer from {args.url!r} within {args.timeout_s:g} s", 2
+    # http.client's own: a URL with a control character (InvalidURL), a connection cut mid-answer
+    if isinstance(error, urllib.error.URLError | http.client.HTTPException | OSError | ValueError | OverflowError):
+        return f"cannot reach {args.url!r}: {error}", 2
+    raise error
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuses every redirect: a 3xx is an ``HTTPError``.
+
+    urllib would resend the token to wherever a redirect points, and turn a redirected POST
+    into a GET of that page, printed as if it had acted.
+    """
+
+    def redirect_request(self, *_: Any) -> None:
+        return None
+
+
+def _fetch(request: urllib.request.Request, timeout_s: float) -> bytes:
+    """The answer's body, at most ``MAX_ANSWER_BYTES`` + 1 bytes of it; a refusal or a redirect raises ``HTTPError``."""
+    opener = urllib.request.build_opener(_NoRedirect)
+    with opener.open(request, timeout=timeout_s) as response:
+        return response.read(MAX_ANSWER_BYTES + 1)  # type: ignore[no-any-return]
+
+
+def _within(timeout_s: float, call: Callable[[], bytes]) -> bytes:
+    """``call()``'s result or error, or ``TimeoutError`` once ``timeout_s`` has passed in all.
+
+    A socket's timeout bounds each read: a server sending a byte a second would hold the CLI for
+    a megabyte of them. The call runs on a daemon thread the process leaves behind.
+    """
+    answers: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            answers.append(call())
+        except BaseException as error:  # noqa: BLE001 (raised again on the caller's thread)
+            errors.append(error)
+
+    thread = threading.Thread(target=run, name="inferkit-canary", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if errors:
+        raise errors[0]
+    if not answers:
+        raise TimeoutError
+    return answers[0]
+
+
 def _parsed(answer: bytes, url: str) -> tuple[object, str]:
     """The answer's JSON, or why it cannot be used."""
     if len(answer) > MAX_ANSWER_BYTES:
         return None, f"the answer from {url!r} is over {MAX_ANSWER_BYTES} bytes"
     try:
         return json.loads(answer), ""
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past the interpreter's depth: no status is
         return None, f"the answer from {url!r} is not JSON"
 
 
@@ -86,7 +145,7 @@ def _error_message(error: urllib.error.HTTPError) -> str:
     """The ``error`` of a refusal's JSON body; empty when there is none."""
     try:
         body = json.loads(error.read(MAX_ANSWER_BYTES + 1))  # cut short: not JSON, no message
-    except (ValueError, OSError, http.client.HTTPException):
+    except (ValueError, RecursionError, OSError, http.client.HTTPException):
         return ""
     message = body.get("error", "") if isinstance(body, dict) else ""
     return message if isinstance(message, str) else ""
