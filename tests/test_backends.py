@@ -21,6 +21,7 @@ from inferkit import CallableBackend, ModelError, Predictor, Signature, TensorSp
 from inferkit.backends import onnx as onnx_backend
 from inferkit.backends import onnx_warmup, widths
 from inferkit.backends.base import on_caller_thread, usable_cores
+from inferkit.backends.device import device_id
 from inferkit.backends.model_size import model_bytes
 from inferkit.backends.onnx import MAX_INTRA_OP_THREADS, OnnxBackend, default_intra_op_threads, default_wide_threads
 
@@ -110,6 +111,21 @@ class TestOnnxDevice:
         assert backend.session.get_providers() == CPU
         assert backend.device == "cpu"
         assert backend.stream is None
+
+    @pytest.mark.parametrize(
+        "device", ["cpu\n", "cuda:0\n", "cuda:\u0661", "cuda:99999999999999999999", "cpu:0", "gpu"]
+    )
+    def test_a_device_that_is_no_device_is_refused(self, mlp_model: bytes, device: str) -> None:
+        """A newline passed ``$``, Arabic-Indic digits ``\\d``; a 20-digit GPU fell back to the CPU with a warning."""
+        with pytest.raises(ValueError, match=r"device must be 'cpu', 'cuda' or 'cuda:N', got"):
+            OnnxBackend(mlp_model, device=device)
+
+    @pytest.mark.parametrize(
+        ("device", "gpu"), [("cpu", None), ("cuda", 0), ("cuda:7", 7), ("cuda:123456789", 123456789)]
+    )
+    def test_device_ids(self, device: str, gpu: int | None) -> None:
+        """The devices it takes, and the GPU each names."""
+        assert device_id(device) == gpu
 
     @pytest.mark.skipif(HAS_CUDA, reason="onnxruntime here offers CUDA")
     def test_unavailable_cuda_is_not_reported(self, mlp_model: bytes) -> None:

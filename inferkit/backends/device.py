@@ -23,7 +23,7 @@ __all__ = [
     "visible_gpus",
 ]
 
-_DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
+_DEVICE = re.compile(r"(cpu|cuda)(?::([0-9]{1,9}))?")  # fullmatch: "cpu\n" and Unicode digits are no device
 
 
 class DeviceFallbackWarning(RuntimeWarning):
@@ -36,7 +36,7 @@ class DeviceLost(ReplicaFault):
 
 def device_id(device: str) -> int | None:
     """``N`` of ``"cuda:N"`` (0 for ``"cuda"``), ``None`` for ``"cpu"``; ``ValueError`` otherwise."""
-    match = _DEVICE.match(device)
+    match = _DEVICE.fullmatch(device)
     if match is None:
         msg = f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}"
         raise ValueError(msg)
