@@ -293,6 +293,27 @@ class TestOnnxWarmup:
         backend = OnnxBackend(mlp_model, providers=CPU, warmup=(1, 2, 2**20, 2**21))  # 16 B a row: 16 and 32 MiB
         assert backend.warmed == (1, 2, 2**20)
 
+    def test_memory_is_the_containers_limit_where_lower(self, tmp_path: Path) -> None:
+        """A container's cgroup limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) bounds the warm-up, not the
+        host's memory: a 4 GiB pod on a 256 GiB node warmed up batches of 64 GiB and was killed."""
+        machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        own, tree = tmp_path / "cgroup", tmp_path / "fs"
+        (tree / "app").mkdir(parents=True)
+        (tree / "memory.max").write_text("max\n")
+        (tree / "app" / "memory.max").write_text("1048576\n")
+        own.write_text("0::/app\n")
+        assert onnx_warmup.physical_memory(tree, own) == 2**20  # v2: the process's own group
+        own.write_text("0::/\n")
+        assert onnx_warmup.physical_memory(tree, own) == machine  # "max": no limit
+        (tree / "memory").mkdir()
+        (tree / "memory" / "memory.limit_in_bytes").write_text("2097152")
+        own.write_text("4:cpu,memory:/docker/gone\n0::/\n")  # v1, its group not mounted here: the root's
+        assert onnx_warmup.physical_memory(tree, own) == 2 * 2**20
+        (tree / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712")  # v1's "no limit"
+        assert onnx_warmup.physical_memory(tree, tmp_path / "missing") == machine
+        (tree / "memory.max").write_text("garbage")
+        assert onnx_warmup.physical_memory(tree, own) == machine
+
     def test_a_row_too_big_to_count_in_int64_is_never_tried(self) -> None:
         """Fixed dims of 2^32 x 2^32: the row's bytes wrapped to 0 in int64, so the memory guard let the size
         through and the load failed with NumPy's "array is too big"; now nothing is tried and the model loads."""

@@ -81,7 +81,8 @@ class OnnxBackend:
     a call (past the first) that took :data:`~.onnx_warmup.WARMUP_STOP_S` or more, where a first
     call's extra cost is a small part of the call; on a device it stops at the first size the
     device cannot hold (serving splits such batches). Sizes whose inputs would take more than
-    physical memory / :data:`~.onnx_warmup.WARMUP_MEMORY_SHARE` are never tried: a host that
+    the memory the process may use (the machine's, or its container's cgroup limit) /
+    :data:`~.onnx_warmup.WARMUP_MEMORY_SHARE` are never tried: a host that
     overcommits memory grants the zeros, and kills the process once the model writes its
     outputs. :attr:`warmed` lists the sizes it ran.
 
