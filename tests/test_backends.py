@@ -18,8 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import inferkit
 from inferkit import CallableBackend, ModelError, Predictor, Signature, TensorSpec
+from inferkit.backends import machine, onnx_warmup, widths
 from inferkit.backends import onnx as onnx_backend
-from inferkit.backends import onnx_warmup, widths
 from inferkit.backends.base import on_caller_thread, usable_cores
 from inferkit.backends.device import device_id
 from inferkit.backends.model_size import model_bytes
@@ -293,27 +293,6 @@ class TestOnnxWarmup:
         backend = OnnxBackend(mlp_model, providers=CPU, warmup=(1, 2, 2**20, 2**21))  # 16 B a row: 16 and 32 MiB
         assert backend.warmed == (1, 2, 2**20)
 
-    def test_memory_is_the_containers_limit_where_lower(self, tmp_path: Path) -> None:
-        """A container's cgroup limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) bounds the warm-up, not the
-        host's memory: a 4 GiB pod on a 256 GiB node warmed up batches of 64 GiB and was killed."""
-        machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        own, tree = tmp_path / "cgroup", tmp_path / "fs"
-        (tree / "app").mkdir(parents=True)
-        (tree / "memory.max").write_text("max\n")
-        (tree / "app" / "memory.max").write_text("1048576\n")
-        own.write_text("0::/app\n")
-        assert onnx_warmup.physical_memory(tree, own) == 2**20  # v2: the process's own group
-        own.write_text("0::/\n")
-        assert onnx_warmup.physical_memory(tree, own) == machine  # "max": no limit
-        (tree / "memory").mkdir()
-        (tree / "memory" / "memory.limit_in_bytes").write_text("2097152")
-        own.write_text("4:cpu,memory:/docker/gone\n0::/\n")  # v1, its group not mounted here: the root's
-        assert onnx_warmup.physical_memory(tree, own) == 2 * 2**20
-        (tree / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712")  # v1's "no limit"
-        assert onnx_warmup.physical_memory(tree, tmp_path / "missing") == machine
-        (tree / "memory.max").write_text("garbage")
-        assert onnx_warmup.physical_memory(tree, own) == machine
-
     def test_a_row_too_big_to_count_in_int64_is_never_tried(self) -> None:
         """Fixed dims of 2^32 x 2^32: the row's bytes wrapped to 0 in int64, so the memory guard let the size
         through and the load failed with NumPy's "array is too big"; now nothing is tried and the model loads."""
@@ -355,6 +334,54 @@ class TestOnnxWarmup:
         backend = OnnxBackend(ragged_model(), providers=CPU, warmup=(1, 8))
         x = np.ones((2, 5), dtype=np.float32)
         np.testing.assert_array_equal(backend.run({"x": x})["s"], [5.0, 5.0])
+
+
+class TestMachine:
+    """What the machine gives the process: a container's cgroup limits bound the cores and memory it sizes by."""
+
+    def test_memory_is_the_containers_limit_where_lower(self, tmp_path: Path) -> None:
+        """A container's cgroup limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) bounds the warm-up, not the
+        host's memory: a 4 GiB pod on a 256 GiB node warmed up batches of 64 GiB and was killed."""
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        own, tree = tmp_path / "cgroup", tmp_path / "fs"
+        (tree / "app").mkdir(parents=True)
+        (tree / "memory.max").write_text("max\n")
+        (tree / "app" / "memory.max").write_text("1048576\n")
+        own.write_text("0::/app\n")
+        assert machine.physical_memory(tree, own) == 2**20  # v2: the process's own group
+        own.write_text("0::/\n")
+        assert machine.physical_memory(tree, own) == total  # "max": no limit
+        (tree / "memory").mkdir()
+        (tree / "memory" / "memory.limit_in_bytes").write_text("2097152")
+        own.write_text("4:cpu,memory:/docker/gone\n0::/\n")  # v1, its group not mounted here: the root's
+        assert machine.physical_memory(tree, own) == 2 * 2**20
+        (tree / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712")  # v1's "no limit"
+        assert machine.physical_memory(tree, tmp_path / "missing") == total
+        (tree / "memory.max").write_text("garbage")
+        assert machine.physical_memory(tree, own) == total
+
+    def test_cores_are_the_containers_cpu_quota_where_lower(self, tmp_path: Path) -> None:
+        """A pod limited to 1.5 CPUs on a 64-core node sized ONNX Runtime's threads from the 64 (throttled)."""
+        cores = len(os.sched_getaffinity(0))
+        own, tree = tmp_path / "cgroup", tmp_path / "fs"
+        (tree / "pod").mkdir(parents=True)
+        (tree / "cpu.max").write_text("max 100000\n")
+        (tree / "pod" / "cpu.max").write_text("50000 100000\n")  # half a core: one
+        own.write_text("0::/pod\n")
+        assert machine.usable_cores(tree, own) == 1
+        own.write_text("0::/\n")
+        assert machine.usable_cores(tree, own) == cores  # "max": no quota
+        (tree / "cpu").mkdir()
+        (tree / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+        (tree / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+        own.write_text("3:cpu,cpuacct:/docker/gone\n")  # v1, its group not mounted here: the root's
+        assert machine.usable_cores(tree, own) == 1
+        (tree / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # v1's "no quota"
+        assert machine.usable_cores(tree, own) == cores
+        (tree / "cpu" / "cpu.cfs_quota_us").write_text("100000")
+        (tree / "cpu" / "cpu.cfs_period_us").write_text("0")  # nonsense: ignored
+        assert machine.usable_cores(tree, tmp_path / "missing") == cores
+        assert machine.usable_cores() == usable_cores() >= 1  # the library's own, on this machine
 
 
 class TestDefaultIntraOpThreads:

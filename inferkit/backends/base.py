@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from inferkit.backends.machine import usable_cores
 from inferkit.signature import Signature
 
 __all__ = ["Backend", "BackendFactory", "ReplicaFault", "cpu_threads", "on_caller_thread", "usable_cores"]
@@ -49,14 +49,6 @@ class Backend(Protocol):
 
 BackendFactory = Callable[[], Backend]
 """Called once per replica (and again to replace one) to load a fresh :class:`Backend`."""
-
-
-def usable_cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def cpu_threads(backend: Backend) -> int:

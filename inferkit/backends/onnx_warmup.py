@@ -1,22 +1,21 @@
 """An ONNX backend's warm-up: zeros at each batch size, smallest first, before the first request.
 
 It owns when the warm-up stops (a slow call on the CPU, a size the device cannot hold, the
-models that leave nothing to run) and which sizes it never tries (a share of the memory the process may use).
+models that leave nothing to run) and which sizes it never tries (a share of the memory the
+process may use).
 See :class:`~inferkit.backends.onnx.OnnxBackend`'s ``warmup``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from inferkit.backends.device import classify
+from inferkit.backends.machine import physical_memory
 from inferkit.backends.widths import Widths
 from inferkit.signature import Signature
 
@@ -27,36 +26,6 @@ WARMUP_STOP_S = 1.0
 
 WARMUP_MEMORY_SHARE = 4
 """The warm-up skips batch sizes whose zero inputs alone would take over 1/this of :func:`physical_memory`."""
-
-
-_CGROUP = Path("/sys/fs/cgroup")
-
-
-def physical_memory(cgroup: Path = _CGROUP, own: Path = Path("/proc/self/cgroup")) -> int:
-    """Bytes of memory this process may use: the machine's, or its container's limit where lower.
-
-    The limit is cgroup v2's ``memory.max`` or v1's ``memory.limit_in_bytes`` of the process's own
-    group (read from ``own``), or of the root a container sees; 2^63 - 1 where nothing says.
-    """
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # not POSIX
-        total = 2**63 - 1
-    groups = {"": "/"}  # controller ("" for v2) -> the process's group
-    with contextlib.suppress(OSError, ValueError):
-        for line in own.read_text().splitlines()[:64]:
-            _, controllers, path = line.split(":", 2)
-            for controller in controllers.split(",") if controllers else [""]:
-                groups[controller] = path
-    places = [("", "memory.max"), ("memory", "memory.limit_in_bytes")]
-    for controller, name in places:
-        for group in {"/", groups.get(controller, "/")}:
-            base = cgroup / controller if controller else cgroup
-            with contextlib.suppress(OSError, ValueError):
-                text = (base / group.lstrip("/") / name).read_text(encoding="ascii").strip()
-                if text.isdigit():  # v2's "max": no limit
-                    total = min(total, int(text))
-    return total
 
 
 def warm_up(sessions: Widths, signature: Signature, sizes: Sequence[int], *, on_cpu: bool) -> tuple[int, ...]:
