@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import attrs
 import numpy as np
 
+from inferkit.backends.machine import usable_cores
 from inferkit.batching import BatchConfig
 from inferkit.signature import Signature
 
@@ -38,7 +39,7 @@ def _positive_ints(_instance: object, attribute: attrs.Attribute[Any], value: tu
 
 
 def _default_replicas() -> tuple[int, ...]:
-    return (1, 2) if (os.cpu_count() or 1) >= 4 else (1,)
+    return (1, 2) if usable_cores() >= 4 else (1,)  # a container counts its CPU quota, not its node
 
 
 @attrs.frozen
