@@ -381,7 +381,8 @@ class TestFileColumns:
 
     def test_bool_beside_numbers_refused(self, tmp_path: Path) -> None:
         """A bool column stacked with numbers became 0.0/1.0 (or 0/1) features silently; now it is
-        InvalidInput naming the column, for every row (each has it), from Parquet and CSV alike."""
+        InvalidInput naming the column, for every row (each has it), from Parquet and CSV alike (CSV's cells are
+        text parsed for the input, so there it names the cell: 'true' is no number)."""
         path = self._write(tmp_path, "b", {"a": [True, False], "b": [0.5, 1.0], "c": [1.0, 2.0]})
         (tmp_path / "b.csv").write_text("a,b,c\ntrue,0.5,1\nfalse,1.0,2\n")
         ints = self._write(tmp_path, "bi", {"a": [True, False], "b": [1, 2], "c": [3, 4]})
@@ -390,7 +391,9 @@ class TestFileColumns:
             inferkit.Predictor.from_onnx(_identity_model(TensorProto.INT64, "x", shape=("N", 3))) as int64s,
         ):
             for predictor, data in ((floats, path), (floats, tmp_path / "b.csv"), (int64s, ints)):
-                with pytest.raises(inferkit.InvalidInput, match=r"got column 'a' of bool") as caught:
+                csv = r"got 'true' in column 'a', which is not a number"
+                why = csv if data.suffix == ".csv" else r"got column 'a' of bool"
+                with pytest.raises(inferkit.InvalidInput, match=why) as caught:
                     predictor.map(data)
                 assert caught.value.input_name == "x"
                 result = predictor.map(data, on_error="collect")
@@ -550,3 +553,124 @@ class TestFileColumns:
             result = int32s.map(named, on_error="collect")
             assert [e.index for e in result.errors] == [1]
             np.testing.assert_array_equal(result.outputs, [1, 3])
+
+
+def _whole_numbers_csv(path: Path, rows: int, *tail: str, header: str = "x") -> Path:
+    """A one-column CSV file of ``rows`` whole numbers (more than pyarrow's first block, 1 MiB), then ``tail``."""
+    path.write_text(header + "\n" + "".join(f"{i}\n" for i in range(rows)) + "".join(f"{t}\n" for t in tail))
+    assert path.stat().st_size > 1 << 20
+    return path
+
+
+class TestCsvCells:
+    """A CSV column is read as the type of the input it feeds: a cell of another kind fails its own row."""
+
+    def test_a_late_cell_of_another_kind_fails_its_row_only(self, tmp_path: Path) -> None:
+        """pyarrow typed each column from the file's first MiB: a later 2.5 after whole numbers raised a raw
+        ArrowInvalid out of map whatever on_error said, losing every row read before. Now 2.5 feeds a float
+        input, and a cell no input of its kind takes (abc for a float, 2.5 for an int) fails its row only."""
+        rows = 200_000
+        data = _whole_numbers_csv(tmp_path / "late.csv", rows, "2.5", "abc", "7")
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.FLOAT, "x", shape=("N",))) as floats:
+            result = floats.map(data, batch_size=4096, on_error="collect")
+            assert [e.index for e in result.errors] == [rows + 1]
+            assert isinstance(result.errors[0].error, inferkit.InvalidInput)
+            assert "got 'abc' in column 'x', which is not a number" in str(result.errors[0].error)
+            np.testing.assert_array_equal(result.outputs, [*range(rows), 2.5, 7.0])
+            with pytest.raises(inferkit.InvalidInput, match="got 'abc' in column 'x'"):
+                floats.map(data, batch_size=4096)
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.INT64, "x", shape=("N",))) as int64s:
+            result = int64s.map(data, batch_size=4096, on_error="collect")
+            assert [e.index for e in result.errors] == [rows, rows + 1]
+            assert "got '2.5' in column 'x', which is not a whole number" in str(result.errors[0].error)
+            np.testing.assert_array_equal(result.outputs, [*range(rows), 7])
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.STRING, "x", shape=("N",))) as strings:
+            out = strings.map(data, batch_size=4096)  # a late word in a column of digits, for a string input
+            assert out[0] == "0"
+            assert out[-3:].tolist() == ["2.5", "abc", "7"]
+
+    def test_features_are_read_as_the_inputs_type(self, tmp_path: Path) -> None:
+        """A one-input model's feature columns are each parsed for its input: a late 2.5 in one of them and a
+        value that is no number fail nothing but that cell's row; space around a number is dropped."""
+        (tmp_path / "f.csv").write_text(
+            "a,b\n" + "".join(f"{i},{i}\n" for i in range(150_000)) + " 0.5 ,1e3\nx,2\n3,\xff\n", "latin-1"
+        )
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.FLOAT, "x", shape=("N", 2))) as floats:
+            result = floats.map(tmp_path / "f.csv", batch_size=5000, on_error="collect")
+            assert [e.index for e in result.errors] == [150_001, 150_002]
+            assert "got 'x' in column 'a', which is not a number" in str(result.errors[0].error)
+            assert r"got b'\xff' in column 'b', which is not UTF-8 text" in str(result.errors[1].error)
+            np.testing.assert_array_equal(result.outputs[-2:], [[149_999, 149_999], [0.5, 1000.0]])
+
+    def test_digits_feed_a_string_input_as_text(self, tmp_path: Path) -> None:
+        """A column of digits was read as int64 and every row refused for a string input ("got int64"), its
+        leading zeros gone; now each cell is its text as written, null markers such as NA included."""
+        (tmp_path / "zips.csv").write_text("x\n00501\n02134\nNA\nnull\n")
+        (tmp_path / "two.csv").write_text("zip,n\n00501,1\n007,2\n")  # a one-input model's features
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.STRING, "x", shape=("N",))) as strings:
+            assert strings.map(tmp_path / "zips.csv").tolist() == ["00501", "02134", "NA", "null"]
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.STRING, "x", shape=("N", 2))) as pairs:
+            assert pairs.map(tmp_path / "two.csv").tolist() == [["00501", "1"], ["007", "2"]]
+
+    def test_an_empty_cell_is_a_null_for_a_string_input(self, tmp_path: Path) -> None:
+        """An empty CSV cell reached a string model as "" where the docs (and a Parquet null) say a null,
+        InvalidInput for its row; a quoted empty string stays "" (an empty string, written as one)."""
+        pa = pytest.importorskip("pyarrow")
+        pq = pytest.importorskip("pyarrow.parquet")
+        (tmp_path / "blank.csv").write_text("x\nabc\n\ndef\n")  # one column: a blank line is its empty cell
+        (tmp_path / "cells.csv").write_text('n,x\n1,abc\n2,\n3,""\n')
+        pq.write_table(pa.table({"x": ["abc", None, "def"]}), tmp_path / "blank.parquet")
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.STRING, "x", shape=("N",))) as strings:
+            for name in ("blank.csv", "blank.parquet"):
+                result = strings.map(tmp_path / name, on_error="collect")
+                assert [e.index for e in result.errors] == [1], name
+                assert "got a null (an empty cell) in column 'x'" in str(result.errors[0].error)
+                assert result.outputs.tolist() == ["abc", "def"]
+            result = strings.map(tmp_path / "cells.csv", on_error="collect")
+            assert [e.index for e in result.errors] == [1]
+            assert result.outputs.tolist() == ["abc", ""]
+
+
+class TestUnreadableFiles:
+    """A file that cannot be read is InvalidInput naming it and what is wrong, before any row runs."""
+
+    def test_refused_before_any_work(self, tmp_path: Path) -> None:
+        """A .npy cut short, one declaring a huge shape, bytes of another kind, pickled objects, an empty CSV and
+        a file that is no Parquet raised numpy's ValueError (one "contains pickled data") or a raw ArrowInvalid."""
+        np.save(tmp_path / "ok.npy", np.ones((3, 4), np.float32))
+        whole = (tmp_path / "ok.npy").read_bytes()
+        (tmp_path / "cut.npy").write_bytes(whole[:-5])
+        (tmp_path / "header.npy").write_bytes(whole[:20])
+        with (tmp_path / "huge.npy").open("wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (10**12, 4)})
+            f.write(bytes(64))
+        (tmp_path / "text.npy").write_text("x\n" + "".join(f"{i}\n" for i in range(9)))
+        np.save(tmp_path / "objects.npy", np.array([[1, 2, 3, 4]], dtype=object), allow_pickle=True)
+        (tmp_path / "empty.csv").write_bytes(b"")
+        (tmp_path / "text.parquet").write_text("x\n1\n2\n")
+        cases = {
+            "cut.npy": "is cut short: its header declares float32 of shape (3, 4), 176 bytes; it has 171",
+            "header.npy": "is not a .npy file NumPy can read",
+            "huge.npy": "is cut short: its header declares float32 of shape (1000000000000, 4)",
+            "text.npy": "is not a .npy file NumPy can read: the magic string is not correct",
+            "objects.npy": "holds Python objects (object), which are never unpickled",
+            "empty.csv": "cannot be read as CSV: Empty CSV file",
+            "text.parquet": "cannot be read as Parquet",
+        }
+        calls = []
+        with inferkit.Predictor.from_callable(lambda x: calls.append(x) or x) as predictor:
+            for name, why in cases.items():
+                for on_error in ("raise", "collect"):
+                    with pytest.raises(inferkit.InvalidInput) as caught:
+                        predictor.map(tmp_path / name, on_error=on_error)
+                    assert str(caught.value).startswith(f"{tmp_path / name} {why}"), str(caught.value)
+        assert calls == []
+
+    def test_a_malformed_line_ends_the_job_naming_the_file(self, tmp_path: Path) -> None:
+        """A line of another number of columns past the first block raised pyarrow's ArrowInvalid; it is
+        InvalidInput naming the file (rows cannot be told apart past it, so no on_error mode goes on)."""
+        rows = "".join(f"{i},{i}\n" for i in range(200_000))
+        (tmp_path / "ragged.csv").write_text(f"a,b\n{rows}1,2,3\n")
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.FLOAT, "x", shape=("N", 2))) as floats:
+            with pytest.raises(inferkit.InvalidInput, match=r"ragged\.csv cannot be read as CSV: .*Expected 2 columns"):
+                floats.map(tmp_path / "ragged.csv", on_error="collect")

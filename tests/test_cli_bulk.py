@@ -321,6 +321,57 @@ def _identity(path: Path, dtype: int, shape: list[str | int]) -> Path:
     return path
 
 
+class TestPredictInputs:
+    """What ``--input`` may be: a file of another suffix or one that cannot be read is one line, exit 2."""
+
+    def test_another_suffix_is_one_line(self, tmp_path: Path) -> None:
+        """A .txt or .tsv input printed a TypeError traceback and exited 1, which says the model failed."""
+        model = _model(tmp_path / "m.onnx")
+        for name in ("rows.txt", "rows.tsv", "rows"):
+            (tmp_path / name).write_text("x\n1\n2\n")
+            proc = _cli(*_predict(model, tmp_path / name, tmp_path / "y.npy"))
+            _, err = proc.communicate(timeout=WAIT)
+            assert proc.returncode == 2, err
+            why = f"cannot read {tmp_path / name}: the input must be a .npy, .parquet or .csv file"
+            assert err.strip() == f"inferkit predict: {why}", err
+            assert not (tmp_path / "y.npy.parts").exists()
+            assert not (tmp_path / "y.npy.lock").exists()
+
+    def test_an_unreadable_input_is_one_line(self, tmp_path: Path) -> None:
+        """A .npy cut short, bytes of another kind under .npy, an empty CSV file: one line naming the file and
+        what is wrong (numpy said "mmap length is greater than file size", pyarrow "Empty CSV file"), exit 2."""
+        model = _model(tmp_path / "m.onnx")
+        np.save(tmp_path / "ok.npy", np.ones((3, 4), np.float32))
+        (tmp_path / "cut.npy").write_bytes((tmp_path / "ok.npy").read_bytes()[:-5])
+        (tmp_path / "text.npy").write_text("a,b,c,d\n" + "1,2,3,4\n" * 4)
+        (tmp_path / "empty.csv").write_bytes(b"")
+        cases = {
+            "cut.npy": "is cut short: its header declares float32 of shape (3, 4)",
+            "text.npy": "is not a .npy file NumPy can read: the magic string is not correct",
+            "empty.csv": "cannot be read as CSV: Empty CSV file",
+        }
+        for name, why in cases.items():
+            proc = _cli(*_predict(model, tmp_path / name, tmp_path / "y.npy"))
+            _, err = proc.communicate(timeout=WAIT)
+            assert proc.returncode == 2, err
+            assert len(err.strip().splitlines()) == 1, err
+            assert err.startswith(f"inferkit predict: {tmp_path / name} {why}"), err
+            assert not (tmp_path / "y.npy.parts").exists()
+            assert not (tmp_path / "y.npy.lock").exists()
+
+    def test_a_late_decimal_in_a_csv_file(self, tmp_path: Path) -> None:
+        """Whole numbers for the first MiB, then 2.5: the job stopped (exit 2) at the chunk that held it, every
+        run again; the column is read as the float input it feeds, and the job finishes."""
+        model = _identity(tmp_path / "m.onnx", TensorProto.FLOAT, ["N", 1])
+        rows = 200_000
+        (tmp_path / "x.csv").write_text("x\n" + "".join(f"{i}\n" for i in range(rows)) + "2.5\n")
+        out = tmp_path / "y.npy"
+        proc = _cli(*_predict(model, tmp_path / "x.csv", out)[:-2], "--chunk-rows", "65536")
+        _, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0, err
+        np.testing.assert_array_equal(np.load(out).ravel(), [*range(rows), 2.5])
+
+
 class TestPredictOutputs:
     """What each output format holds: strings, and shapes past two axes."""
 

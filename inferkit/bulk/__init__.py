@@ -16,7 +16,8 @@ split in halves until the failing rows are found; ``on_error`` then decides: ``"
 ``"collect"`` leaves them out and hands back a :class:`RowError` for each. Refusals that
 are not a row's fault (``Overloaded``, ``Closed``, ``NoHealthyReplica``) always end the job.
 
-The package: ``reading`` (sources, read in batches), ``mapping`` (:func:`map_batches`,
+The package: ``reading`` (sources, read in batches), ``columns`` (a file's columns checked and
+cast for the model's inputs, a CSV file's cell by cell), ``mapping`` (:func:`map_batches`,
 :func:`stream_batches`), ``progress`` (:class:`Progress`), ``job`` (:func:`run_job`, resumable)
 and ``files`` (the output's lock, and writes that appear whole or not at all).
 """

@@ -13,7 +13,7 @@ import numpy as np
 
 from inferkit.bulk.files import atomic_write, file_identity, output_lock, remove_stale_temporaries
 from inferkit.bulk.mapping import Submitter, _check, _progress, map_batches
-from inferkit.bulk.reading import _needs_pyarrow, _rows, batches, total_rows
+from inferkit.bulk.reading import _file_rows, _needs_pyarrow, _rows, batches
 from inferkit.errors import InvalidInput, JobLocked, JobMismatch
 from inferkit.signature import Signature
 
@@ -235,8 +235,9 @@ def run_job(
     any of them changed raises :class:`JobMismatch`, as does an input changed while the job runs
     (checked after each chunk, before it is listed). One job at a time writes an output: a
     second raises :class:`JobLocked` (the lock is ``<output>.lock``, released when the job
-    ends, a killed one included). An input with no rows raises :class:`~inferkit.InvalidInput`,
-    an ``output`` that is the input file ``ValueError``, both before any work.
+    ends, a killed one included). An input of another suffix than ``.npy``, ``.parquet`` or ``.csv``,
+    one that cannot be read (cut short, empty, not of its suffix's kind) or has no rows raises
+    :class:`~inferkit.InvalidInput`, an ``output`` that is the input file ``ValueError``, all before any work.
     """
     _check(batch_size, in_flight, "raise")
     if not isinstance(chunk_rows, int) or chunk_rows < 1:
@@ -245,8 +246,9 @@ def run_job(
     source, output = Path(data), Path(output)
     signature = getattr(target, "signature", None)
     signature = signature if isinstance(signature, Signature) else None
+    known_rows = _file_rows(source)  # an unknown suffix, a file cut short or empty, a 0-d .npy: InvalidInput here
     _check_output(output, signature, source)
-    if total_rows(source) == 0:  # known without reading for .npy and Parquet (a 0-d .npy raises here)
+    if known_rows == 0:  # known without reading for .npy and Parquet
         raise _no_rows(source)
     parts_dir = output.with_name(output.name + ".parts")
     manifest_path = parts_dir / "manifest.json"

@@ -10,8 +10,9 @@ from typing import Any, Literal, Protocol
 import attrs
 import numpy as np
 
+from inferkit.bulk.columns import _Flawed, _slice
 from inferkit.bulk.progress import Progress
-from inferkit.bulk.reading import _concat, _Flawed, _rows, _slice, batches, total_rows
+from inferkit.bulk.reading import _concat, _rows, batches, total_rows
 from inferkit.errors import InvalidInput, ModelError
 from inferkit.signature import Signature
 
@@ -61,7 +62,7 @@ class _Done:
 
 
 def _submit(target: Submitter, batch: Any, timeout: float | None) -> Future[Any]:
-    """``target.submit(batch)``; a batch read with flawed rows raises their error instead (``reading._Flawed``)."""
+    """``target.submit(batch)``; a batch read with flawed rows raises their error instead (``columns._Flawed``)."""
     if isinstance(batch, _Flawed):
         batch = batch.unwrap()
     return target.submit(batch, timeout=timeout)

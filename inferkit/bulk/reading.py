@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import attrs
 import numpy as np
 
+from inferkit.bulk.columns import _Flawed, _slice, _table_batch
 from inferkit.errors import InvalidInput
-from inferkit.signature import _FAMILY, Signature, TensorSpec
+from inferkit.signature import Signature
 
 _FILE_SUFFIXES = (".npy", ".parquet", ".csv")
 _READ_BUFFER_BYTES = 1 << 20
@@ -44,12 +45,6 @@ def _length(what: str, value: Any) -> int:
         raise InvalidInput(msg) from None
 
 
-def _slice(batch: Any, start: int, stop: int) -> Any:
-    if isinstance(batch, Mapping):
-        return {k: v[start:stop] for k, v in batch.items()}
-    return batch[start:stop]
-
-
 def _concat(parts: list[Any]) -> Any:
     if not parts:
         return None
@@ -71,226 +66,6 @@ def _needs_pyarrow(what: str) -> Any:
     return pa
 
 
-@attrs.frozen(eq=False)
-class _Flawed:
-    """Rows read from a file, some of which no input can take: each fault's mask marks its rows.
-
-    ``batch`` holds the rows as the model takes them, a stand-in value where a row is flawed
-    (None when no row is whole). A slice holding a flawed row is never sent: :meth:`unwrap`
-    raises that fault's :class:`~inferkit.InvalidInput`, so ``on_error`` bisects to those rows
-    as to any other bad row.
-    """
-
-    batch: Any
-    faults: tuple[tuple[np.ndarray[Any, Any], InvalidInput], ...]
-
-    def __len__(self) -> int:
-        return len(self.faults[0][0])
-
-    def __getitem__(self, rows: slice) -> _Flawed:
-        batch = None if self.batch is None else _slice(self.batch, rows.start, rows.stop)
-        return _Flawed(batch, tuple((mask[rows], error) for mask, error in self.faults))
-
-    def unwrap(self) -> Any:
-        """The rows to send; the error of the first fault any of them has, raised, if one has."""
-        for mask, error in self.faults:
-            if mask.any():
-                raise error.with_traceback(None)  # raised once per slice: keep the traceback short
-        return self.batch
-
-    def whole(self) -> InvalidInput | None:
-        """The error of a fault every row has (no slice of these rows could pass), else None."""
-        return next((error for mask, error in self.faults if mask.all()), None)
-
-
-def _flawed(batch: Any, faults: list[tuple[np.ndarray[Any, Any], InvalidInput]]) -> Any:
-    return _Flawed(batch, tuple(faults)) if faults else batch
-
-
-def _table_batch(batch: Any, signature: Signature | None) -> Any:
-    """Arrays for the model from a pyarrow RecordBatch.
-
-    Columns named after the model's inputs feed those inputs (a list column becomes a 2-D
-    array); a one-input model whose input has no column of its name takes every column,
-    stacked in file order, as its features. Each column is checked against the input before
-    it is stacked (stacking would promote a bool or an int to a float, or fail on a date);
-    a column no input takes, or a null fed to an input other than a float one, flaws its rows.
-    """
-    names = list(batch.schema.names)
-    inputs = [s.name for s in signature.inputs] if signature is not None else []
-    faults: list[tuple[np.ndarray[Any, Any], InvalidInput]] = []
-    if signature is not None and all(n in names for n in inputs):
-        arrays = {s.name: _named(s.name, batch.column(names.index(s.name)), s, faults) for s in signature.inputs}
-        return _flawed(_typed(arrays, signature), faults)
-    if len(inputs) > 1:
-        msg = f"the model's inputs {inputs} need columns of those names; the file has {names}"
-        raise InvalidInput(msg)
-    if not names:
-        return np.empty((0, 0))
-    if signature is None:
-        try:
-            return np.column_stack([_column(c) for c in batch.columns])
-        except TypeError as error:  # numpy's DTypePromotionError: a date beside a number
-            msg = f"the columns {names} cannot be stacked into one array of features ({error})"
-            return _Flawed(None, ((np.ones(batch.num_rows, bool), InvalidInput(msg)),))
-    spec = signature.inputs[0]
-    features = []
-    for name, column in zip(names, batch.columns, strict=True):
-        feature = _feature(name, _no_nulls(name, column, spec, faults), spec, faults)
-        if feature is None:
-            return _Flawed(None, tuple(faults))
-        features.append(feature)
-    return _flawed(_typed({spec.name: np.column_stack(features)}, signature), faults)
-
-
-def _named(name: str, column: Any, spec: TensorSpec, faults: list[tuple[np.ndarray[Any, Any], InvalidInput]]) -> Any:
-    """The column named after input ``spec`` as its array, flawed rows stood in for.
-
-    A scalar column feeds an input of one value a row, ``(N, 1)``, as its rows (a lone
-    column of another name is stacked so too).
-    """
-    array = _column(_regular(name, _no_nulls(name, column, spec, faults), spec, faults))
-    if array.ndim == 1 and len(spec.shape) == 2 and spec.shape[1] in (1, None):
-        return array[:, None]
-    return array
-
-
-def _regular(name: str, column: Any, spec: TensorSpec, faults: list[tuple[np.ndarray[Any, Any], InvalidInput]]) -> Any:
-    """A list column whose every cell holds one row of the input's width; other cells flawed, and stood in for.
-
-    A null cell, an empty or ragged list made the whole column unstackable (numpy's ValueError
-    ended the job, ``on_error`` or not). A null inside a cell flaws its row as a null in a scalar
-    column does (:func:`_no_nulls`). Nested lists (inputs past 2-D) are left to the input's checks.
-    """
-    import pyarrow as pa  # noqa: PLC0415
-    import pyarrow.compute as pc  # noqa: PLC0415
-
-    kind = column.type
-    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)):
-        return column
-    if pa.types.is_nested(kind.value_type) or len(spec.shape) != 2:
-        return column
-    lengths = pc.list_value_length(column)
-    known = lengths.drop_null()
-    width = spec.shape[1] if spec.shape[1] is not None else (known[0].as_py() if len(known) else 0)
-    bad = pc.fill_null(pc.not_equal(lengths, width), fill_value=True).to_numpy(zero_copy_only=False)
-    stand_in = _stand_in(kind.value_type)
-    # pyarrow reads ints with a null as float64, which an int input refused for every row of the batch
-    holes = spec.dtype.kind != "f" and stand_in is not None and column.flatten().null_count > 0
-    if not bad.any() and not holes:
-        return column
-    cells = column.to_pylist()
-    if bad.any():
-        msg = f"input {spec.name!r}: expected {spec.describe()}, got a cell of column {name!r} without {width} values"
-        faults.append((bad, InvalidInput(msg, input_name=spec.name)))
-    if holes:
-        gaps = np.array([not short and None in cell for short, cell in zip(bad, cells, strict=True)])
-        msg = f"input {spec.name!r}: expected {spec.describe()}, got a null inside a cell of column {name!r}"
-        faults.append((gaps, InvalidInput(msg, input_name=spec.name)))
-        bad = bad | gaps
-    for i in np.flatnonzero(bad):
-        cells[i] = [0 if stand_in is None else stand_in] * width  # a number where it has none
-    return pa.array(cells, type=column.type)
-
-
-def _no_nulls(name: str, column: Any, spec: TensorSpec, faults: list[tuple[np.ndarray[Any, Any], InvalidInput]]) -> Any:
-    """``column`` with its nulls filled by a stand-in and their rows flawed, for an input that has no null.
-
-    A float input takes a null as NaN, as pyarrow reads it; no other kind has a value for it.
-    A list column's nulls are left to the input's checks.
-    """
-    import pyarrow as pa  # noqa: PLC0415
-
-    if pa.types.is_null(column.type):  # no value at all (a CSV column of empty cells)
-        column = column.cast(pa.string() if spec.dtype.kind == "O" else pa.from_numpy_dtype(spec.dtype))
-    if not column.null_count or spec.dtype.kind == "f":
-        return column
-    stand_in = _stand_in(column.type)
-    if stand_in is None:
-        return column
-    msg = f"input {spec.name!r}: expected {spec.describe()}, got a null (an empty cell) in column {name!r}"
-    faults.append((column.is_null().to_numpy(zero_copy_only=False), InvalidInput(msg, input_name=spec.name)))
-    return column.fill_null(pa.scalar(stand_in, column.type))
-
-
-_STAND_INS: dict[str, Any] = {"bool": False, "string": "", "large_string": "", "binary": b"", "large_binary": b""}
-
-
-def _stand_in(kind: Any) -> Any:
-    """The value a flawed row's null of Arrow type ``kind`` is stood in by; None for a kind refused whole."""
-    import pyarrow as pa  # noqa: PLC0415
-
-    return _STAND_INS.get(str(kind), 0 if pa.types.is_integer(kind) else None)
-
-
-def _feature(
-    name: str, column: Any, spec: TensorSpec, faults: list[tuple[np.ndarray[Any, Any], InvalidInput]]
-) -> np.ndarray[Any, Any] | None:
-    """Column ``name`` as features of the one input ``spec``, or None (and a fault of every row) if it cannot be.
-
-    Kinds as ``predict`` casts them (whole numbers feed a float input too). For an int input,
-    each column is cast to the input's dtype here, values out of its range flawed: int64 and
-    uint64 columns stacked as they are would meet in float64.
-    """
-    array = _column(column)
-    dst = spec.dtype
-    if array.dtype.kind not in _FAMILY[dst.kind] + ("iu" if dst.kind == "f" else ""):
-        msg = f"input {spec.name!r}: expected {spec.describe()}, got column {name!r} of {column.type}"
-        faults.insert(0, (np.ones(len(array), bool), InvalidInput(msg, input_name=spec.name)))
-        return None
-    if dst.kind == "f" and array.dtype.kind in "iu":
-        return array.astype(np.float64)  # by way of float64, so a float16 input's overflow is caught
-    if dst.kind not in "iu" or array.dtype == dst:
-        return array
-    if not np.can_cast(array.dtype, dst):
-        info = np.iinfo(dst)
-        out = (array < info.min) | (array > info.max)
-        if out.any():
-            lo, hi = int(array[out].min()), int(array[out].max())
-            msg = f"input {spec.name!r}: values {lo}..{hi} in column {name!r} do not fit {dst} [{info.min}, {info.max}]"
-            faults.append((out, InvalidInput(msg, input_name=spec.name)))
-            array = np.where(out, 0, array)
-    return array.astype(dst)
-
-
-def _typed(arrays: dict[str, Any], signature: Signature) -> Any:
-    """The columns cast to the inputs' dtypes by predict's own checks (``Signature.normalize``).
-
-    A batch those checks refuse (a float for an int input, a value out of range, a string)
-    is returned as read: submitting it fails, and ``on_error`` bisects it to the failing rows.
-    Whole numbers feed a float input (CSV reads them as int64), by way of float64 so a
-    float16 input's overflow is caught.
-    """
-    prepared = {}
-    for spec in signature.inputs:
-        array = arrays[spec.name]
-        if spec.dtype.kind == "f" and array.dtype.kind in "iu":
-            array = array.astype(np.float64)
-        prepared[spec.name] = array
-    try:
-        return _single(signature.normalize(prepared))
-    except InvalidInput:
-        return _single(prepared)
-
-
-def _single(arrays: Mapping[str, Any]) -> Any:
-    return arrays if len(arrays) > 1 else next(iter(arrays.values()))
-
-
-def _column(column: Any) -> np.ndarray[Any, Any]:
-    import pyarrow as pa  # noqa: PLC0415
-
-    values, tail = column, []
-    while pa.types.is_fixed_size_list(values.type) and not values.null_count:  # nested: one axis each
-        tail.append(values.type.list_size)
-        values = values.flatten()
-    if len(tail) > 1 and not pa.types.is_nested(values.type):
-        return np.asarray(values.to_numpy(zero_copy_only=False)).reshape(len(column), *tail)
-    if pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type):
-        return np.asarray(column.to_pylist()) if column.null_count else np.stack(column.to_numpy(zero_copy_only=False))
-    return np.asarray(column.to_numpy(zero_copy_only=False))
-
-
 def _file_batches(path: Path, batch_size: int, signature: Signature | None, skip: int) -> Iterator[Any]:
     suffix = path.suffix.lower()
     if suffix == ".npy":
@@ -300,33 +75,131 @@ def _file_batches(path: Path, batch_size: int, signature: Signature | None, skip
         return
     pa = _needs_pyarrow(path.name)
     if suffix == ".parquet":
-        import pyarrow.parquet as pq  # noqa: PLC0415
-
         # No pre-buffering and no read-ahead threads: memory holds one row group, not the whole file.
-        with pq.ParquetFile(path, pre_buffer=False, buffer_size=_READ_BUFFER_BYTES) as file:
-            batches = file.iter_batches(batch_size=batch_size, use_threads=False)
-            yield from _rebatch(batches, batch_size, signature, skip, pa)
+        with _parquet(path, pre_buffer=False, buffer_size=_READ_BUFFER_BYTES) as file:
+            records = _records(file.iter_batches(batch_size=batch_size, use_threads=False), path, "Parquet")
+            yield from _rebatch(records, batch_size, signature, skip, pa)
         return
     import pyarrow.csv as pcsv  # noqa: PLC0415
 
-    with pcsv.open_csv(path) as reader:
-        one_column = len(reader.schema) == 1
+    names = _csv_names(path)
+    text = _text_columns(names, signature)
+    convert = pcsv.ConvertOptions()
+    if text:
+        # The inputs' columns as bytes, parsed cell by cell for their inputs (columns._parsed): typed here, a cell of
+        # another kind would end the whole read. Only an unquoted empty cell is null in them; a quoted one is "".
+        kinds = dict.fromkeys(text, pa.binary())
+        nulls = {"null_values": [""], "strings_can_be_null": True, "quoted_strings_can_be_null": False}
+        convert = pcsv.ConvertOptions(column_types=kinds, include_columns=text, **nulls)
     # In a file of one column a blank line is its row's empty cell: pyarrow skips it by default, which moved
     # every later row up one and read an empty column as no rows at all (Parquet has a null there).
-    options = pcsv.ParseOptions(ignore_empty_lines=not one_column)
-    with pcsv.open_csv(path, parse_options=options) as reader:
-        yield from _rebatch(reader, batch_size, signature, skip, pa)
+    parse = pcsv.ParseOptions(ignore_empty_lines=len(names) != 1)
+    with _open_csv(path, parse_options=parse, convert_options=convert) as reader:
+        yield from _rebatch(_records(reader, path, "CSV"), batch_size, signature, skip, pa, text=bool(text))
+
+
+def _text_columns(names: list[str], signature: Signature | None) -> list[str]:
+    """The CSV columns read as bytes and parsed for the model's inputs, none if it declares none.
+
+    Those named after the inputs, else every column, a one-input model's features. A model that
+    declares no inputs gets the types pyarrow infers from the file's first block.
+    """
+    inputs = [s.name for s in signature.inputs] if signature is not None else []
+    if inputs and all(n in names for n in inputs):
+        return inputs
+    return list(names) if len(inputs) == 1 else []
+
+
+def _csv_names(path: Path) -> list[str]:
+    """The columns CSV file ``path`` names on its first line; ``InvalidInput`` for an empty or unparsable file."""
+    with _open_csv(path) as reader:
+        return list(reader.schema.names)
+
+
+def _open_csv(path: Path, **options: Any) -> Any:
+    import pyarrow as pa  # noqa: PLC0415
+    import pyarrow.csv as pcsv  # noqa: PLC0415
+
+    try:
+        return pcsv.open_csv(path, **options)
+    except pa.ArrowInvalid as error:  # "Empty CSV file", a malformed first block
+        msg = f"{path} cannot be read as CSV: {error}"
+        raise InvalidInput(msg) from None
+
+
+def _parquet(path: Path, **options: Any) -> Any:
+    import pyarrow as pa  # noqa: PLC0415
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    try:
+        return pq.ParquetFile(path, **options)
+    except pa.ArrowInvalid as error:  # no Parquet footer: not a Parquet file, or one cut short
+        msg = f"{path} cannot be read as Parquet: {error}"
+        raise InvalidInput(msg) from None
+
+
+def _records(records: Iterable[Any], path: Path, what: str) -> Iterator[Any]:
+    """``records`` as read; ``InvalidInput`` naming ``path`` for one pyarrow cannot read (a line of other columns)."""
+    import pyarrow as pa  # noqa: PLC0415
+
+    source = iter(records)
+    while True:
+        try:
+            record = next(source)
+        except StopIteration:
+            return
+        except pa.ArrowInvalid as error:
+            msg = f"{path} cannot be read as {what}: {error}"
+            raise InvalidInput(msg) from None
+        yield record
 
 
 def _load_npy(path: Path) -> np.ndarray[Any, Any]:
-    array: np.ndarray[Any, Any] = np.load(path, mmap_mode="r")
+    """``path`` memory-mapped; ``InvalidInput`` naming it for a file no .npy, cut short, of objects, or 0-d.
+
+    Checked from the header before NumPy maps it: a file of another kind made ``np.load`` try to unpickle
+    it ("contains pickled data"), and one shorter than its header says failed in ``mmap``.
+    """
+    header = _npy_header(path)
+    if header is not None:
+        shape, dtype, start = header
+        if dtype.hasobject:
+            msg = f"{path} holds Python objects ({dtype}), which are never unpickled: save numbers, bools or strings"
+            raise InvalidInput(msg)
+        need, size = start + math.prod(shape) * dtype.itemsize, path.stat().st_size
+        if size < need:
+            msg = f"{path} is cut short: its header declares {dtype} of shape {shape}, {need:,} bytes; it has {size:,}"
+            raise InvalidInput(msg)
+    try:
+        array: np.ndarray[Any, Any] = np.load(path, mmap_mode="r")
+    except ValueError as error:
+        msg = f"{path} cannot be read as a .npy file: {error}"
+        raise InvalidInput(msg) from None
     if array.ndim == 0:
         msg = f"{path} holds a 0-d array (one value, no row axis); save it with a row axis, e.g. x[None]"
         raise InvalidInput(msg)
     return array
 
 
-def _rebatch(batches: Iterable[Any], batch_size: int, signature: Signature | None, skip: int, pa: Any) -> Iterator[Any]:
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype[Any], int] | None:
+    """Shape, dtype and data offset a .npy file's header declares (None for format 3.0, left to NumPy)."""
+    fmt = np.lib.format
+    try:
+        with path.open("rb") as f:
+            version = fmt.read_magic(f)
+            if version not in {(1, 0), (2, 0)}:
+                return None
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read(f)
+            return tuple(shape), np.dtype(dtype), f.tell()
+    except ValueError as error:  # not the magic string (another kind of file), a header cut short or malformed
+        msg = f"{path} is not a .npy file NumPy can read: {error}"
+        raise InvalidInput(msg) from None
+
+
+def _rebatch(
+    batches: Iterable[Any], batch_size: int, signature: Signature | None, skip: int, pa: Any, *, text: bool = False
+) -> Iterator[Any]:
     """Record batches of exactly ``batch_size`` rows (the last may be short), ``skip`` rows dropped."""
     held: list[Any] = []
     count = 0
@@ -339,12 +212,12 @@ def _rebatch(batches: Iterable[Any], batch_size: int, signature: Signature | Non
         count += batch.num_rows
         while count >= batch_size:
             table = pa.Table.from_batches(held).combine_chunks()
-            yield _table_batch(table.slice(0, batch_size).to_batches()[0], signature)
+            yield _table_batch(table.slice(0, batch_size).to_batches()[0], signature, text=text)
             rest = table.slice(batch_size)
             held, count = (rest.to_batches() if rest.num_rows else []), rest.num_rows
     if count:
         table = pa.Table.from_batches(held).combine_chunks()
-        yield _table_batch(table.to_batches()[0], signature)
+        yield _table_batch(table.to_batches()[0], signature, text=text)
 
 
 def total_rows(data: Any) -> int | None:
@@ -356,13 +229,26 @@ def total_rows(data: Any) -> int | None:
             return int(_load_npy(path).shape[0])
         if suffix == ".parquet":
             _needs_pyarrow(path.name)
-            import pyarrow.parquet as pq  # noqa: PLC0415
-
-            return int(pq.ParquetFile(path).metadata.num_rows)
+            with _parquet(path) as file:
+                return int(file.metadata.num_rows)
         return None
     if isinstance(data, np.ndarray | Mapping):
         return _rows(data)
     return None
+
+
+def _file_rows(path: Path) -> int | None:
+    """:func:`total_rows` of file ``path``, checked before any work.
+
+    ``InvalidInput`` for a suffix no reader takes, or a file that cannot be read (an empty CSV file too).
+    """
+    if path.suffix.lower() not in _FILE_SUFFIXES:
+        msg = f"cannot read {path}: the input must be a .npy, .parquet or .csv file"
+        raise InvalidInput(msg)
+    if path.suffix.lower() == ".csv":
+        _needs_pyarrow(path.name)
+        _csv_names(path)
+    return total_rows(path)
 
 
 def read(data: Any, batch_size: int, *, signature: Signature | None = None, skip: int = 0) -> Iterator[Any]:
