@@ -71,18 +71,17 @@ class PolicyErrors:
 class Ledger:
     """What a router's arms served: counted in ``experiment``, remembered in ``served_by``, fed to the policy.
 
-    ``in_force()`` is the router's policy now (read on each count: a policy set meanwhile gets
-    the feedback); ``submit(arm, x)`` sends a canary's confirmation to the arm in force; ``clock``
+    ``in_force`` is the router's policy now, set by the router (read on each count: a policy set
+    meanwhile gets the feedback); ``submit(arm, x)`` sends a canary's confirmation to the arm in force; ``clock``
     times requests. ``arms`` are the router's arm names (fixed: ``swap`` replaces a model, not a name).
     """
 
-    __slots__ = ("_arms", "_confirmations", "_errors", "_in_force", "clock", "experiment", "served_by")
+    __slots__ = ("_arms", "_confirmations", "_errors", "clock", "experiment", "in_force", "served_by")
 
     def __init__(
         self,
         router: str,
         arms: Collection[str],
-        in_force: Callable[[], InForce],
         submit: Callable[[str, Any], Future[Any]],
         limit: int,
         clock: Callable[[], float],
@@ -91,7 +90,7 @@ class Ledger:
         self.served_by = ServedBy()
         self.experiment = Experiment(list(arms))
         self._arms = frozenset(arms)
-        self._in_force = in_force
+        self.in_force: InForce  # the router's policy: set by its set_policy, replaced whole, read without a lock
         self._errors = PolicyErrors(router)
         self._confirmations = Confirmations(submit, self.failed, limit)
 
@@ -107,7 +106,7 @@ class Ledger:
         now = self.clock()
         latency = max(0.0, now - start)  # a clock that stepped back: counted, with no latency (never raised)
         if x is not None and isinstance(error, ModelError):  # a timeout the baseline repeats is the input's too
-            canary = find_canary(self._in_force().policy)
+            canary = find_canary(self.in_force.policy)
             if canary is not None and arm == canary.candidate and canary.baseline in self._arms:
                 self._confirmations.check(canary.baseline, arm, x, latency)
                 return
@@ -119,12 +118,12 @@ class Ledger:
 
     def shadow(self, arm: str, agreed: bool) -> None:
         """A mirror to ``arm`` compared with its primary: told to the policy."""
-        self._errors.give(self._in_force().policy, Feedback("shadow", arm, self.clock(), agreed=agreed))
+        self._errors.give(self.in_force.policy, Feedback("shadow", arm, self.clock(), agreed=agreed))
 
     def record(self, arm: str, value: float) -> None:
         """Credit a business outcome to ``arm`` and tell the policy."""
         self.experiment.record(arm, value)
-        self._errors.give(self._in_force().policy, Feedback("outcome", arm, self.clock(), value=value))
+        self._errors.give(self.in_force.policy, Feedback("outcome", arm, self.clock(), value=value))
 
     def close(self) -> None:
         """Start no more confirmations; those in flight still count."""
@@ -132,6 +131,6 @@ class Ledger:
 
     def _count(self, arm: str, latency: float, *, failed: bool, now: float) -> None:
         self.experiment.observe(arm, latency, failed)
-        in_force = self._in_force()
+        in_force = self.in_force
         if in_force.observes:
             self._errors.give(in_force.policy, Feedback("served", arm, now, latency_s=latency, failed=failed))

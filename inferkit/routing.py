@@ -98,11 +98,10 @@ class Router:
         self._rng = random.Random(seed)
         self._on_route = on_route
         self._observers = (*observers, LogObserver())
-        self._ledger = Ledger(name, self._arms, self._policy_in_force, self._submit_to, shadow_queue_size, clock)
+        self._ledger = Ledger(name, self._arms, self._submit_to, shadow_queue_size, clock)
         self._shadow = ShadowTraffic(name, self._submit_to, compare, self._ledger.shadow, shadow_queue_size)
         self._closed = False
         self._shut = False
-        self._in_force: InForce
         self.set_policy(policy if policy is not None else ABTest(dict.fromkeys(self._arms, 1.0)))
 
     # -- routing ---------------------------------------------------------------------------
@@ -110,7 +109,7 @@ class Router:
     @property
     def policy(self) -> Policy:
         """The policy in force."""
-        return self._in_force.policy
+        return self._ledger.in_force.policy
 
     def set_policy(self, policy: Policy) -> None:
         """Replace the policy while serving; requests already routed are not affected."""
@@ -121,14 +120,14 @@ class Router:
         canary = find_canary(policy)
         if canary is not None:
             canary.bind(self.name, self._emit)
-        self._in_force = InForce(policy, observes_of(policy))
+        self._ledger.in_force = InForce(policy, observes_of(policy))
 
     def _route(self, key_id: int | None, attributes: Mapping[str, str] | None) -> Route:
         if self._closed:
             msg = f"router {self.name!r} is closed"
             raise Closed(msg)
         u = key_id / 2.0**64 if key_id is not None else self._rng.random()  # a key's stable point in [0, 1)
-        route = self._in_force.policy.route(u, attributes or {})
+        route = self._ledger.in_force.policy.route(u, attributes or {})
         if events._taps:  # tracing: to tapped observers only, never logged per request
             deliver(events._taps, Routed(self.name, route.arm))
         if self._on_route is not None:
@@ -234,10 +233,6 @@ class Router:
         """Side traffic (a mirror, a confirmation) to the arm in force now."""
         return self._arms[arm].submit(x)
 
-    def _policy_in_force(self) -> InForce:
-        """The policy in force now, for the ledger's feedback."""
-        return self._in_force
-
     # -- experiments -----------------------------------------------------------------------
 
     def record(self, value: float, *, key: Hashable | None = None, request_id: int | None = None) -> str:
@@ -255,13 +250,13 @@ class Router:
 
     def report(self) -> Report:
         """Per-arm requests, errors, latency and outcomes, compared with the baseline."""
-        canary = find_canary(self._in_force.policy)
+        canary = find_canary(self._ledger.in_force.policy)
         return self._ledger.experiment.report(baseline=canary.baseline if canary is not None else None)
 
     def _canary(self) -> Canary:
-        canary = find_canary(self._in_force.policy)
+        canary = find_canary(self._ledger.in_force.policy)
         if canary is None:
-            msg = f"the policy {self._in_force.policy!r} has no Canary"
+            msg = f"the policy {self._ledger.in_force.policy!r} has no Canary"
             raise TypeError(msg)
         return canary
 
@@ -325,14 +320,14 @@ class Router:
         shadow = self._shadow.stats()
         routed = self._ledger.experiment.requests()  # under the experiment's own lock
         arms = {a: p.stats() for a, p in self._arms.items()}
-        return RouterStats(routed, arms, shadow, repr(self._in_force.policy), self._ledger.policy_errors)
+        return RouterStats(routed, arms, shadow, repr(self._ledger.in_force.policy), self._ledger.policy_errors)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop routing, hand the queued shadow work over, then let every arm drain and stop."""
         if self._shut:
             return
         self._closed = True  # routes refused from now on; ``_shut`` once every part closed (a retry finishes)
-        canary = find_canary(self._in_force.policy)
+        canary = find_canary(self._ledger.in_force.policy)
         steps: list[Callable[[], object]] = [self._ledger.close, functools.partial(self._shadow.close, timeout)]
         if canary is not None:
             steps.append(canary.close)  # a shared store's follower thread
