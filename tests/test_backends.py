@@ -349,6 +349,8 @@ class TestMachine:
         (tree / "app" / "memory.max").write_text("1048576\n")
         own.write_text("0::/app\n")
         assert machine.physical_memory(tree, own) == 2**20  # v2: the process's own group
+        own.write_bytes(b"junk without colons\n\xff\n0::/app\n")  # a malformed line ended the reading
+        assert machine.physical_memory(tree, own) == 2**20
         own.write_text("0::/\n")
         assert machine.physical_memory(tree, own) == total  # "max": no limit
         (tree / "memory").mkdir()

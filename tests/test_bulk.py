@@ -589,6 +589,16 @@ class TestCsvCells:
             assert out[0] == "0"
             assert out[-3:].tolist() == ["2.5", "abc", "7"]
 
+    def test_a_number_past_float64_fails_its_row_and_spaced_nulls_are_nulls(self, tmp_path: Path) -> None:
+        """1e400 parsed as inf and fed a float32 input where 1e39 was refused; " NA " and " " were "not a
+        number" although space around a value is dropped and NA and an empty cell are nulls."""
+        (tmp_path / "c.csv").write_text('x\n1\n1e400\n-1e400\ninf\n-Infinity\n" NA "\n" "\n')
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.FLOAT, "x", shape=("N",))) as floats:
+            result = floats.map(tmp_path / "c.csv", on_error="collect")
+        assert [e.index for e in result.errors] == [1, 2]
+        assert "got '1e400' in column 'x', past float64's range" in str(result.errors[0].error)
+        np.testing.assert_array_equal(result.outputs, [1.0, np.inf, -np.inf, np.nan, np.nan])
+
     def test_features_are_read_as_the_inputs_type(self, tmp_path: Path) -> None:
         """A one-input model's feature columns are each parsed for its input: a late 2.5 in one of them and a
         value that is no number fail nothing but that cell's row; space around a number is dropped."""
@@ -646,6 +656,9 @@ class TestUnreadableFiles:
             f.write(bytes(64))
         (tmp_path / "text.npy").write_text("x\n" + "".join(f"{i}\n" for i in range(9)))
         np.save(tmp_path / "objects.npy", np.array([[1, 2, 3, 4]], dtype=object), allow_pickle=True)
+        for name, shape in (("zerobig.npy", (0, 2**70)), ("boolshape.npy", (True, 4))):  # NumPy's traceback
+            with (tmp_path / name).open("wb") as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
         (tmp_path / "empty.csv").write_bytes(b"")
         (tmp_path / "text.parquet").write_text("x\n1\n2\n")
         cases = {
@@ -654,6 +667,8 @@ class TestUnreadableFiles:
             "huge.npy": "is cut short: its header declares float32 of shape (1000000000000, 4)",
             "text.npy": "is not a .npy file NumPy can read: the magic string is not correct",
             "objects.npy": "holds Python objects (object), which are never unpickled",
+            "zerobig.npy": "is not a .npy file NumPy can read: its header declares shape (0, 1180591620717411303424)",
+            "boolshape.npy": "is not a .npy file NumPy can read: its header declares shape (True, 4)",
             "empty.csv": "cannot be read as CSV: Empty CSV file",
             "text.parquet": "cannot be read as Parquet",
         }

@@ -101,6 +101,8 @@ class TestCanaryCli:
             (403, b'{"error": "' + b"x" * (1 << 20) + b'"}', 1, "inferkit canary: 403"),  # read in part: no message
             (200, b"[" * 200_000, 2, "inferkit canary: the answer from {url!r} is not JSON"),  # a RecursionError
             (503, b"[" * 200_000, 1, "inferkit canary: 503"),  # a RecursionError traceback, exit 1
+            # a server's text reached the terminal raw: escape sequences, and a line of its own
+            (403, b'{"error": "\\u001b[2Jfake\\nline2"}', 1, "inferkit canary: 403 \\x1b[2Jfake\\nline2"),
         ],
     )
     def test_answers(
@@ -132,12 +134,14 @@ class TestCanaryCli:
         assert f"answered 302, a redirect to '{url}/elsewhere'; redirects are not followed" in err, err
         assert handler.paths == [f"POST /v2/admin/models/m/canary/promote Bearer {TOKEN}"]  # nothing else was asked
 
+    @pytest.mark.parametrize("status", [200, 403])
     def test_the_timeout_bounds_the_whole_answer(
-        self, server: tuple[str, type[_Answer]], capsys: pytest.CaptureFixture[str]
+        self, server: tuple[str, type[_Answer]], status: int, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """--timeout-s bounded each read only: a server sending a byte a second held the CLI for a megabyte of them."""
+        """--timeout-s bounded each read only: a server sending a byte a second held the CLI for a megabyte of
+        them (a refusal's body was read after the bound, on the main thread)."""
         url, handler = server
-        handler.body, handler.trickle = b'{"state": "running"}', threading.Event()
+        handler.status, handler.body, handler.trickle = status, b'{"state": "running"}', threading.Event()
         assert main(["canary", "status", "m", "--url", url, "--timeout-s", "0.5"]) == 2
         assert not handler.trickle.is_set()  # it gave up before the answer ended (20 bytes, 0.1 s apart)
         assert capsys.readouterr().err == f"inferkit canary: no whole answer from {url!r} within 0.5 s\n"

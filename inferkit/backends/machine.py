@@ -23,11 +23,11 @@ _NO_LIMIT = 2**63 - 1
 def _groups(controller: str, cgroup: Path, own: Path) -> set[Path]:
     """Directories holding the process's limits for a v1 ``controller`` (``""``: cgroup v2)."""
     path = "/"
-    with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
-        for line in own.read_text().splitlines()[:64]:
-            _, controllers, group = line.split(":", 2)
-            if controller in (controllers.split(",") if controllers else [""]):
-                path = group
+    with contextlib.suppress(OSError, ValueError):
+        for line in own.read_text(errors="replace").splitlines()[:64]:
+            fields = line.split(":", 2)
+            if len(fields) == 3 and controller in (fields[1].split(",") if fields[1] else [""]):
+                path = fields[2]  # a malformed line is passed over, not the end of the others
     base = cgroup / controller if controller else cgroup
     return {base, base / path.lstrip("/")}
 

@@ -280,9 +280,21 @@ def _parsed(name: str, column: Any, spec: TensorSpec, faults: list[tuple[np.ndar
     if spec.dtype.kind not in _PARSED_AS:
         return strings
     kind, what = _PARSED_AS[spec.dtype.kind]
-    markers = pc.is_in(strings, value_set=pa.array(pcsv.ConvertOptions().null_values, pa.string()))
-    cells = pc.utf8_trim_whitespace(pc.if_else(markers, pa.scalar(None, pa.string()), strings))
-    return _cast_cells(name, cells, pa.type_for_alias(kind), what, spec, faults)
+    trimmed = pc.utf8_trim_whitespace(strings)  # " NA " is a null marker too
+    markers = pc.is_in(trimmed, value_set=pa.array(pcsv.ConvertOptions().null_values, pa.string()))
+    cells = pc.if_else(markers, pa.scalar(None, pa.string()), trimmed)
+    parsed = _cast_cells(name, cells, pa.type_for_alias(kind), what, spec, faults)
+    if kind != "float64":
+        return parsed
+    # "1e400" parses as inf: past float64, as "1e39" is past float32 (refused), unless it spells an infinity
+    past = pc.and_(pc.is_inf(parsed), pc.invert(pc.match_substring_regex(cells, r"^[+-]?(?i:inf|infinity)$")))
+    mask = pc.fill_null(past, fill_value=False).to_numpy(zero_copy_only=False)
+    if not mask.any():
+        return parsed
+    first = _shown(cells.filter(pa.array(mask))[0].as_py())
+    msg = f"input {spec.name!r}: expected {spec.describe()}, got {first} in column {name!r}, past float64's range"
+    faults.append((mask, InvalidInput(msg, input_name=spec.name)))
+    return pc.if_else(pa.array(mask), pa.scalar(None, parsed.type), parsed)
 
 
 def _cast_cells(

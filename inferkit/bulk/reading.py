@@ -172,7 +172,7 @@ def _load_npy(path: Path) -> np.ndarray[Any, Any]:
             raise InvalidInput(msg)
     try:
         array: np.ndarray[Any, Any] = np.load(path, mmap_mode="r")
-    except ValueError as error:
+    except (ValueError, OverflowError, TypeError) as error:  # a format 3.0 header, checked by NumPy alone
         msg = f"{path} cannot be read as a .npy file: {error}"
         raise InvalidInput(msg) from None
     if array.ndim == 0:
@@ -191,10 +191,14 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype[Any], int] | None
                 return None
             read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
             shape, _, dtype = read(f)
-            return tuple(shape), np.dtype(dtype), f.tell()
+            start = f.tell()
     except ValueError as error:  # not the magic string (another kind of file), a header cut short or malformed
         msg = f"{path} is not a .npy file NumPy can read: {error}"
         raise InvalidInput(msg) from None
+    if not all(type(d) is int and 0 <= d < 2**63 for d in shape):  # (True, 4), (0, 2**70): NumPy's traceback
+        msg = f"{path} is not a .npy file NumPy can read: its header declares shape {shape!r:.200}"
+        raise InvalidInput(msg)
+    return tuple(shape), np.dtype(dtype), start
 
 
 def _rebatch(

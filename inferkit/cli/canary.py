@@ -15,6 +15,8 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+import attrs
+
 _MAX_TIMEOUT_S = 1e6  # a socket takes at most ~9.2e9 s: 1e300 was an OverflowError traceback
 MAX_ANSWER_BYTES = 1 << 20
 """The most of an answer (or a refusal's body) read: a canary's status is a few hundred bytes."""
@@ -60,32 +62,44 @@ def _canary(args: argparse.Namespace) -> int:
         request = urllib.request.Request(url, method=method, headers={"authorization": f"Bearer {token}"})  # noqa: S310 (checked above)
         answer = _within(args.timeout_s, lambda: _fetch(request, args.timeout_s))
     except Exception as error:  # noqa: BLE001 (each kind is one line and an exit status: _failed)
-        line, code = _failed(error, url, args)
+        line, code = _failed(error, args)
         print(f"inferkit canary: {line}", file=sys.stderr)
         return code
-    body, problem = _parsed(answer, args.url)
+    line, code = _answered(answer, url, args.url)
+    print(line, file=sys.stdout if code == 0 else sys.stderr)
+    return code
+
+
+def _answered(answer: _Reply, url: str, given: str) -> tuple[str, int]:
+    """What to print for a reply, and the exit status: 0 its status as JSON, 1 refused, 2 unusable."""
+    if 300 <= answer.status < 400:
+        why = "redirects are not followed (the token would go with them): give --url the server's own address"
+        return f"inferkit canary: {url!r} answered {answer.status}, a redirect to {answer.location!r:.300}; {why}", 2
+    if answer.status >= 400:
+        return f"inferkit canary: {answer.status} {_error_message(answer.body)}".rstrip(), 1
+    body, problem = _parsed(answer.body, given)
     if problem:
-        print(f"inferkit canary: {problem}", file=sys.stderr)
-        return 2
-    print(json.dumps(body, indent=2))
-    return 0
+        return f"inferkit canary: {problem}", 2
+    return json.dumps(body, indent=2), 0
 
 
-def _failed(error: Exception, url: str, args: argparse.Namespace) -> tuple[str, int]:
-    """The line and exit status for a call that got no usable answer (1: refused, 2: not reached); else raise."""
-    if isinstance(error, urllib.error.HTTPError):
-        with error:  # its connection: raised on another thread, the error lives on in a reference cycle
-            if 300 <= error.code < 400:
-                where = error.headers.get("location", "")
-                why = "redirects are not followed (the token would go with them): give --url the server's own address"
-                return f"{url!r} answered {error.code}, a redirect to {where!r:.300}; {why}", 2
-            return f"{error.code} {_error_message(error)}".rstrip(), 1
+def _failed(error: Exception, args: argparse.Namespace) -> tuple[str, int]:
+    """The line and exit status (2) for a call that got no answer; else raise."""
     if isinstance(error, TimeoutError):
         return f"no whole answer from {args.url!r} within {args.timeout_s:g} s", 2
     # http.client's own: a URL with a control character (InvalidURL), a connection cut mid-answer
     if isinstance(error, urllib.error.URLError | http.client.HTTPException | OSError | ValueError | OverflowError):
         return f"cannot reach {args.url!r}: {error}", 2
     raise error
+
+
+@attrs.frozen
+class _Reply:
+    """What the server answered: its status, a redirect's target, and at most ``MAX_ANSWER_BYTES`` + 1 of its body."""
+
+    status: int
+    location: str
+    body: bytes
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -99,20 +113,28 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def _fetch(request: urllib.request.Request, timeout_s: float) -> bytes:
-    """The answer's body, at most ``MAX_ANSWER_BYTES`` + 1 bytes of it; a refusal or a redirect raises ``HTTPError``."""
+def _fetch(request: urllib.request.Request, timeout_s: float) -> _Reply:
+    """The server's reply, a refusal's or a redirect's too, body read here (within :func:`_within`'s bound)."""
     opener = urllib.request.build_opener(_NoRedirect)
-    with opener.open(request, timeout=timeout_s) as response:
-        return response.read(MAX_ANSWER_BYTES + 1)  # type: ignore[no-any-return]
+    try:
+        with opener.open(request, timeout=timeout_s) as response:
+            return _Reply(response.status, "", response.read(MAX_ANSWER_BYTES + 1))
+    except urllib.error.HTTPError as error:  # a refusal, or a redirect _NoRedirect refused
+        with error:
+            try:
+                body = error.read(MAX_ANSWER_BYTES + 1)
+            except (OSError, http.client.HTTPException):  # cut short: no message
+                body = b""
+            return _Reply(error.code, error.headers.get("location", ""), body)
 
 
-def _within(timeout_s: float, call: Callable[[], bytes]) -> bytes:
+def _within(timeout_s: float, call: Callable[[], _Reply]) -> _Reply:
     """``call()``'s result or error, or ``TimeoutError`` once ``timeout_s`` has passed in all.
 
     A socket's timeout bounds each read: a server sending a byte a second would hold the CLI for
     a megabyte of them. The call runs on a daemon thread the process leaves behind.
     """
-    answers: list[bytes] = []
+    answers: list[_Reply] = []
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -141,11 +163,14 @@ def _parsed(answer: bytes, url: str) -> tuple[object, str]:
         return None, f"the answer from {url!r} is not JSON"
 
 
-def _error_message(error: urllib.error.HTTPError) -> str:
-    """The ``error`` of a refusal's JSON body; empty when there is none."""
+def _error_message(body: bytes) -> str:
+    """The ``error`` of a refusal's JSON body, its control characters escaped; empty when there is none."""
     try:
-        body = json.loads(error.read(MAX_ANSWER_BYTES + 1))  # cut short: not JSON, no message
-    except (ValueError, RecursionError, OSError, http.client.HTTPException):
+        parsed = json.loads(body)  # cut short: not JSON, no message
+    except (ValueError, RecursionError):
         return ""
-    message = body.get("error", "") if isinstance(body, dict) else ""
-    return message if isinstance(message, str) else ""
+    message = parsed.get("error", "") if isinstance(parsed, dict) else ""
+    if not isinstance(message, str):
+        return ""
+    # A server's text on the operator's terminal: no escape sequences, no lines of its own.
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message[:2000])
