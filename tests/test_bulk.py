@@ -599,6 +599,15 @@ class TestCsvCells:
         assert "got '1e400' in column 'x', past float64's range" in str(result.errors[0].error)
         np.testing.assert_array_equal(result.outputs, [1.0, np.inf, -np.inf, np.nan, np.nan])
 
+    def test_whole_numbers_are_read_as_python_reads_them(self, tmp_path: Path) -> None:
+        """pyarrow's cast took "0x10" as 16 for an int input and refused "+5"; int() does the opposite."""
+        (tmp_path / "c.csv").write_text("x\n+5\n0x10\n-0X1f\n 7 \n-3\n")
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.INT64, "x", shape=("N",))) as ints:
+            result = ints.map(tmp_path / "c.csv", on_error="collect")
+        assert [e.index for e in result.errors] == [1, 2]
+        assert "got '0x10' in column 'x', not in decimal" in str(result.errors[0].error)
+        np.testing.assert_array_equal(result.outputs, [5, 7, -3])
+
     def test_features_are_read_as_the_inputs_type(self, tmp_path: Path) -> None:
         """A one-input model's feature columns are each parsed for its input: a late 2.5 in one of them and a
         value that is no number fail nothing but that cell's row; space around a number is dropped."""
