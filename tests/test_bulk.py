@@ -690,6 +690,18 @@ class TestUnreadableFiles:
                     assert str(caught.value).startswith(f"{tmp_path / name} {why}"), str(caught.value)
         assert calls == []
 
+    def test_two_columns_named_after_one_input_are_refused(self, tmp_path: Path) -> None:
+        """A header "x,x" fed the first column to input x, silently (or every row failed with a shape error)."""
+        pa = pytest.importorskip("pyarrow")
+        pq = pytest.importorskip("pyarrow.parquet")
+        (tmp_path / "c.csv").write_text("x,x\n1,2\n3,4\n")
+        pq.write_table(pa.table([pa.array([1.0, 2.0]), pa.array([3.0, 4.0])], names=["x", "x"]), tmp_path / "c.parquet")
+        for shape in [("N",), ("N", 2)]:
+            with inferkit.Predictor.from_onnx(_identity_model(TensorProto.FLOAT, "x", shape=shape)) as predictor:
+                for name in ("c.csv", "c.parquet"):
+                    with pytest.raises(inferkit.InvalidInput, match="more than one column named 'x'"):
+                        predictor.map(tmp_path / name, on_error="collect")
+
     def test_a_malformed_line_ends_the_job_naming_the_file(self, tmp_path: Path) -> None:
         """A line of another number of columns past the first block raised pyarrow's ArrowInvalid; it is
         InvalidInput naming the file (rows cannot be told apart past it, so no on_error mode goes on)."""

@@ -76,6 +76,7 @@ def _table_batch(batch: Any, signature: Signature | None, *, text: bool = False)
     names = list(batch.schema.names)
     inputs = [s.name for s in signature.inputs] if signature is not None else []
     faults: list[tuple[np.ndarray[Any, Any], InvalidInput]] = []
+    _once(names, inputs)
     if signature is not None and all(n in names for n in inputs):
         columns = {s.name: batch.column(names.index(s.name)) for s in signature.inputs}
         if text:
@@ -102,6 +103,14 @@ def _table_batch(batch: Any, signature: Signature | None, *, text: bool = False)
             return _Flawed(None, tuple(faults))
         features.append(feature)
     return _flawed(_typed({spec.name: np.column_stack(features)}, signature), faults)
+
+
+def _once(names: list[str], inputs: list[str]) -> None:
+    """``InvalidInput`` when an input's name heads two columns: the first fed it, silently."""
+    twice = sorted({n for n in inputs if names.count(n) > 1})
+    if twice:
+        msg = f"the file has more than one column named {twice[0]!r}, an input of the model; name each once"
+        raise InvalidInput(msg)
 
 
 def _named(name: str, column: Any, spec: TensorSpec, faults: list[tuple[np.ndarray[Any, Any], InvalidInput]]) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from inferkit.bulk.columns import _Flawed, _slice, _table_batch
+from inferkit.bulk.columns import _Flawed, _once, _slice, _table_batch
 from inferkit.errors import InvalidInput
 from inferkit.signature import Signature
 
@@ -83,6 +83,7 @@ def _file_batches(path: Path, batch_size: int, signature: Signature | None, skip
     import pyarrow.csv as pcsv  # noqa: PLC0415
 
     names = _csv_names(path)
+    _once(names, [s.name for s in signature.inputs] if signature is not None else [])  # read as one column below
     text = _text_columns(names, signature)
     convert = pcsv.ConvertOptions()
     if text:
