@@ -76,7 +76,6 @@ def _table_batch(batch: Any, signature: Signature | None, *, text: bool = False)
     names = list(batch.schema.names)
     inputs = [s.name for s in signature.inputs] if signature is not None else []
     faults: list[tuple[np.ndarray[Any, Any], InvalidInput]] = []
-    _once(names, inputs)
     if signature is not None and all(n in names for n in inputs):
         columns = {s.name: batch.column(names.index(s.name)) for s in signature.inputs}
         if text:

@@ -74,16 +74,18 @@ def _file_batches(path: Path, batch_size: int, signature: Signature | None, skip
             yield np.array(array[start : start + batch_size])  # read these rows off the map, and only these
         return
     pa = _needs_pyarrow(path.name)
+    inputs = [s.name for s in signature.inputs] if signature is not None else []
     if suffix == ".parquet":
         # No pre-buffering and no read-ahead threads: memory holds one row group, not the whole file.
         with _parquet(path, pre_buffer=False, buffer_size=_READ_BUFFER_BYTES) as file:
+            _once(file.schema_arrow.names, inputs)
             records = _records(file.iter_batches(batch_size=batch_size, use_threads=False), path, "Parquet")
             yield from _rebatch(records, batch_size, signature, skip, pa)
         return
     import pyarrow.csv as pcsv  # noqa: PLC0415
 
     names = _csv_names(path)
-    _once(names, [s.name for s in signature.inputs] if signature is not None else [])  # read as one column below
+    _once(names, inputs)  # before the read: it takes such columns as one
     text = _text_columns(names, signature)
     convert = pcsv.ConvertOptions()
     if text:
