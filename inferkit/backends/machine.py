@@ -20,16 +20,22 @@ _OWN = Path("/proc/self/cgroup")
 _NO_LIMIT = 2**63 - 1
 
 
-def _groups(controller: str, cgroup: Path, own: Path) -> set[Path]:
-    """Directories holding the process's limits for a v1 ``controller`` (``""``: cgroup v2)."""
-    path = "/"
+def _own(own: Path) -> dict[str, str]:
+    """The process's cgroup by v1 controller (``""``: cgroup v2), read once from ``own``."""
+    groups: dict[str, str] = {}
     with contextlib.suppress(OSError, ValueError):
         for line in own.read_text(errors="replace").splitlines()[:64]:
             fields = line.split(":", 2)
-            if len(fields) == 3 and controller in (fields[1].split(",") if fields[1] else [""]):
-                path = fields[2]  # a malformed line is passed over, not the end of the others
+            if len(fields) == 3:  # a malformed line is passed over, not the end of the others
+                for controller in fields[1].split(",") if fields[1] else [""]:
+                    groups[controller] = fields[2]
+    return groups
+
+
+def _groups(controller: str, cgroup: Path, own: dict[str, str]) -> set[Path]:
+    """Directories holding the process's limits for a v1 ``controller`` (``""``: cgroup v2)."""
     base = cgroup / controller if controller else cgroup
-    return {base, base / path.lstrip("/")}
+    return {base, base / own.get(controller, "/").lstrip("/")}
 
 
 def _number(path: Path) -> str:
@@ -49,8 +55,9 @@ def physical_memory(cgroup: Path = _CGROUP, own: Path = _OWN) -> int:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # not POSIX
         total = _NO_LIMIT
+    groups = _own(own)
     for controller, name in (("", "memory.max"), ("memory", "memory.limit_in_bytes")):
-        for group in _groups(controller, cgroup, own):
+        for group in _groups(controller, cgroup, groups):
             text = _number(group / name)
             if text.isdigit():  # v2's "max": no limit
                 total = min(total, int(text))
@@ -67,8 +74,11 @@ def usable_cores(cgroup: Path = _CGROUP, own: Path = _OWN) -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    quotas = [_number(group / "cpu.max").split() for group in _groups("", cgroup, own)]
-    quotas += [[_number(g / "cpu.cfs_quota_us"), _number(g / "cpu.cfs_period_us")] for g in _groups("cpu", cgroup, own)]
+    groups = _own(own)
+    quotas = [_number(group / "cpu.max").split() for group in _groups("", cgroup, groups)]
+    quotas += [
+        [_number(g / "cpu.cfs_quota_us"), _number(g / "cpu.cfs_period_us")] for g in _groups("cpu", cgroup, groups)
+    ]
     for quota in quotas:
         if len(quota) == 2 and quota[0].isdigit() and quota[1].isdigit() and int(quota[1]) > 0:
             cores = min(cores, max(1, math.ceil(int(quota[0]) / int(quota[1]))))
