@@ -577,7 +577,8 @@ class TestCsvCells:
             assert isinstance(result.errors[0].error, inferkit.InvalidInput)
             assert "got 'abc' in column 'x', which is not a number" in str(result.errors[0].error)
             np.testing.assert_array_equal(result.outputs, [*range(rows), 2.5, 7.0])
-            with pytest.raises(inferkit.InvalidInput, match="got 'abc' in column 'x'"):
+            named = rf"^row {rows + 1} \(counted from 0\): .*got 'abc' in column 'x'"
+            with pytest.raises(inferkit.InvalidInput, match=named):
                 floats.map(data, batch_size=4096)
         with inferkit.Predictor.from_onnx(_identity_model(TensorProto.INT64, "x", shape=("N",))) as int64s:
             result = int64s.map(data, batch_size=4096, on_error="collect")
@@ -648,6 +649,23 @@ class TestCsvCells:
             result = strings.map(tmp_path / "cells.csv", on_error="collect")
             assert [e.index for e in result.errors] == [1]
             assert result.outputs.tolist() == ["abc", ""]
+
+    def test_a_job_refused_by_a_bad_cell_names_its_row(self, tmp_path: Path) -> None:
+        """map and the resumable job (as ``inferkit predict``) raised a bad cell's error naming its value and
+        column but not its row: in a file of millions, the one line to mend could not be found. The row counts
+        from the file's start, past the chunks a job finished before (and resumed after)."""
+        from inferkit.bulk import run_job
+
+        (tmp_path / "c.csv").write_text("x\n" + "".join(f"{i}\n" for i in range(50)) + "abc\n7\n")
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.FLOAT, "x", shape=("N",))) as floats:
+            with pytest.raises(inferkit.InvalidInput, match=r"^row 50 \(counted from 0\): .*got 'abc'") as raised:
+                run_job(floats, tmp_path / "c.csv", tmp_path / "y.npy", chunk_rows=20, batch_size=8)
+            assert raised.value.input_name == "x"
+            assert (tmp_path / "y.npy.parts").is_dir()  # two chunks were done before the bad one
+            with pytest.raises(inferkit.InvalidInput, match=r"^row 50 \(counted from 0\): "):
+                run_job(floats, tmp_path / "c.csv", tmp_path / "y.npy", chunk_rows=20, batch_size=8)
+            with pytest.raises(inferkit.InvalidInput, match=r"^row 50 \(counted from 0\): "):
+                floats.map(tmp_path / "c.csv", batch_size=16)
 
 
 class TestUnreadableFiles:

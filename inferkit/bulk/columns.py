@@ -49,6 +49,19 @@ class _Flawed:
                 raise error.with_traceback(None)  # raised once per slice: keep the traceback short
         return self.batch
 
+    def at_row(self, error: BaseException, first: int) -> InvalidInput | None:
+        """``error``, as :meth:`unwrap` raised it, naming its first row (``first`` is this batch's), else None.
+
+        None too when every row has it: a column of the wrong kind, which no row can mend.
+        """
+        for mask, fault in self.faults:
+            if mask.any():
+                if fault is not error or mask.all():
+                    return None
+                row = first + int(mask.argmax())
+                return InvalidInput(f"row {row} (counted from 0): {fault}", input_name=fault.input_name)
+        return None
+
     def whole(self) -> InvalidInput | None:
         """The error of a fault every row has first (no slice of these rows could pass), else None.
 

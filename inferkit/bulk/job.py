@@ -264,7 +264,8 @@ def run_job(
             meter.done = done_rows
         try:
             for chunk in batches(source, chunk_rows, signature=signature, skip=done_rows):
-                outputs = map_batches(target, chunk, batch_size=batch_size, in_flight=in_flight)
+                first = sum(c["rows"] for c in chunks)
+                outputs = map_batches(target, chunk, batch_size=batch_size, in_flight=in_flight, first=first)
                 if file_identity(source, digest=False) != settings["input_file"]:  # before the chunk is listed
                     raise _changed(source, parts_dir)
                 named = outputs if isinstance(outputs, Mapping) else {single: outputs}

@@ -97,11 +97,14 @@ def _parts(
     on_error: OnError,
     timeout: float | None,
     progress: Progress | None,
+    first: int = 0,
 ) -> Iterator[_Done]:
-    """Keep ``in_flight`` batches submitted; yield each batch's result in input order."""
+    """Keep ``in_flight`` batches submitted; yield each batch's result in input order.
+
+    Rows are numbered from ``first`` (where ``data`` starts in a longer input: a job's chunk).
+    """
     pending: collections.deque[tuple[int, Any, Future[Any] | BaseException]] = collections.deque()
     source = iter(batches)
-    first = 0
     exhausted = False
     try:
         while True:
@@ -124,8 +127,12 @@ def _parts(
                 if isinstance(job, BaseException):
                     raise job
                 done = _Done(job.result(), np.arange(start, start + n, dtype=np.int64), ())
-            except _ROW_FAULTS:
+            except _ROW_FAULTS as error:
                 if on_error == "raise":
+                    # A bad cell read from a file: say which row, as collect's RowError does.
+                    at_row = batch.at_row(error, start) if isinstance(batch, _Flawed) else None
+                    if at_row is not None:
+                        raise at_row from None
                     raise
                 done = _bisect(target, batch, start, timeout)
             if progress is not None:
@@ -195,13 +202,17 @@ def map_batches(
     on_error: OnError = "raise",
     progress: bool | Progress = False,
     timeout: float | None = None,
+    first: int = 0,
 ) -> Any:
-    """Every result of ``data`` run on ``target``, joined in input order. See :meth:`inferkit.Predictor.map`."""
+    """Every result of ``data`` run on ``target``, joined in input order. See :meth:`inferkit.Predictor.map`.
+
+    ``first``: the index of ``data``'s first row in the whole input (a job's chunk), for errors.
+    """
     batches = _batches(target, data, batch_size, in_flight, on_error)
     kept: list[Any] = []
     rows: list[np.ndarray[Any, Any]] = []
     errors: list[RowError] = []
-    for done in _parts(target, batches, in_flight, on_error, timeout, _progress(progress, data)):
+    for done in _parts(target, batches, in_flight, on_error, timeout, _progress(progress, data), first):
         if done.outputs is not None:
             kept.append(done.outputs)
         rows.append(done.rows)
