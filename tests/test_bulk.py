@@ -650,6 +650,20 @@ class TestCsvCells:
             assert [e.index for e in result.errors] == [1]
             assert result.outputs.tolist() == ["abc", ""]
 
+    def test_features_under_one_header_name_keep_their_own_values(self, tmp_path: Path) -> None:
+        """A one-input model's feature columns headed ``a,a,b`` read ``[1, 1, 3]`` for the line ``1,2,3``: the
+        CSV read picked columns by name, and a repeated name took its first column twice, silently."""
+        pa = pytest.importorskip("pyarrow")
+        pq = pytest.importorskip("pyarrow.parquet")
+        (tmp_path / "f.csv").write_text("a,a,b\n1,2,3\n4,5,6\n")
+        pq.write_table(
+            pa.table([pa.array([1, 4]), pa.array([2, 5]), pa.array([3, 6])], names=["a", "a", "b"]),
+            tmp_path / "f.parquet",
+        )
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.FLOAT, "x", shape=("N", 3))) as floats:
+            for name in ("f.csv", "f.parquet"):
+                np.testing.assert_array_equal(floats.map(tmp_path / name), [[1, 2, 3], [4, 5, 6]], err_msg=name)
+
     def test_a_job_refused_by_a_bad_cell_names_its_row(self, tmp_path: Path) -> None:
         """map and the resumable job (as ``inferkit predict``) raised a bad cell's error naming its value and
         column but not its row: in a file of millions, the one line to mend could not be found. The row counts

@@ -93,7 +93,9 @@ def _file_batches(path: Path, batch_size: int, signature: Signature | None, skip
         # another kind would end the whole read. Only an unquoted empty cell is null in them; a quoted one is "".
         kinds = dict.fromkeys(text, pa.binary())
         nulls = {"null_values": [""], "strings_can_be_null": True, "quoted_strings_can_be_null": False}
-        convert = pcsv.ConvertOptions(column_types=kinds, include_columns=text, **nulls)
+        # Every column when all are features: include_columns takes names, and a repeated one picks its first.
+        chosen = {"include_columns": text} if text != names else {}
+        convert = pcsv.ConvertOptions(column_types=kinds, **chosen, **nulls)
     # In a file of one column a blank line is its row's empty cell: pyarrow skips it by default, which moved
     # every later row up one and read an empty column as no rows at all (Parquet has a null there).
     parse = pcsv.ParseOptions(ignore_empty_lines=len(names) != 1)
