@@ -385,6 +385,20 @@ class TestMachine:
         assert machine.usable_cores(tree, tmp_path / "missing") == cores
         assert machine.usable_cores() == usable_cores() >= 1  # the library's own, on this machine
 
+    def test_a_limit_above_the_own_group_counts(self, tmp_path: Path) -> None:
+        """Only the own group and the root were read: a service in a systemd slice of 1 GiB and one core (or a
+        container nested in a pod's group) sized from the host. The kernel enforces every ancestor's limit."""
+        own, tree = tmp_path / "cgroup", tmp_path / "fs"
+        (tree / "limited.slice" / "app.service").mkdir(parents=True)
+        (tree / "limited.slice" / "memory.max").write_text("1073741824\n")
+        (tree / "limited.slice" / "cpu.max").write_text("100000 100000\n")
+        (tree / "limited.slice" / "app.service" / "memory.max").write_text("max\n")
+        own.write_text("0::/limited.slice/app.service\n")
+        assert machine.physical_memory(tree, own) == 2**30
+        assert machine.usable_cores(tree, own) == 1
+        own.write_text("0::/limited.slice/../../etc\n")  # never read outside the tree
+        assert machine.physical_memory(tree, own) == 2**30
+
 
 class TestDefaultIntraOpThreads:
     def test_never_below_one(self) -> None:

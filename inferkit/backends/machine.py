@@ -3,7 +3,8 @@
 A container (Docker, a Kubernetes pod) sees every core and all the memory of its node, while
 its cgroup lets it use a few: threads sized from the node's cores are throttled, and buffers
 sized from the node's memory are killed. Both read the cgroup, v2 or v1, of the process's own
-group (``/proc/self/cgroup``) and of the root a container sees, and take the lowest limit.
+group (``/proc/self/cgroup``), of each group above it and of the root a container sees, and take
+the lowest limit.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ __all__ = ["physical_memory", "usable_cores"]
 _CGROUP = Path("/sys/fs/cgroup")
 _OWN = Path("/proc/self/cgroup")
 _NO_LIMIT = 2**63 - 1
+_DEPTH = 32  # groups read down a path, at most (the kernel nests them no deeper in practice)
 
 
 def _own(own: Path) -> dict[str, str]:
@@ -32,10 +34,19 @@ def _own(own: Path) -> dict[str, str]:
     return groups
 
 
-def _groups(controller: str, cgroup: Path, own: dict[str, str]) -> set[Path]:
-    """Directories holding the process's limits for a v1 ``controller`` (``""``: cgroup v2)."""
-    base = cgroup / controller if controller else cgroup
-    return {base, base / own.get(controller, "/").lstrip("/")}
+def _groups(controller: str, cgroup: Path, own: dict[str, str]) -> list[Path]:
+    """Directories holding the process's limits for a v1 ``controller`` (``""``: cgroup v2).
+
+    The root, the process's own group and every group between: the kernel enforces each
+    ancestor's limit too (a systemd slice's, a pod's above its container's).
+    """
+    group = cgroup / controller if controller else cgroup
+    groups = [group]
+    for part in own.get(controller, "/").split("/")[:_DEPTH]:
+        if part and part not in {".", ".."}:
+            group /= part
+            groups.append(group)
+    return groups
 
 
 def _number(path: Path) -> str:
