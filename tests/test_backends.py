@@ -302,6 +302,17 @@ class TestOnnxWarmup:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
         assert OnnxBackend(model.SerializeToString(), providers=CPU, warmup=(1,)).warmed == ()
 
+    def test_sizes_run_once_smallest_first(self, mlp_model: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+        """``warmup=(8, 1, 2, 2)`` ran 8, 1, 2, 2 as given, though documented "once, smallest first"; and a first
+        size past the memory share ended the warm-up before the small sizes after it. Sizes that are no int
+        >= 1 were NumPy's errors (-1) or a TypeError (1.5); now a ValueError naming the size."""
+        assert OnnxBackend(mlp_model, providers=CPU, warmup=(8, 1, 2, 2)).warmed == (1, 2, 8)
+        monkeypatch.setattr(onnx_warmup, "physical_memory", lambda: 64 * 16)  # 16 B a row: 16 rows at most
+        assert OnnxBackend(mlp_model, providers=CPU, warmup=(1024, np.int64(1), 2)).warmed == (1, 2)
+        for size in (0, -1, 1.5, "3", True):
+            with pytest.raises(ValueError, match=f"warmup takes batch sizes, ints >= 1; got {size!r}"):
+                OnnxBackend(mlp_model, providers=CPU, warmup=(1, size))  # type: ignore[arg-type]
+
     def test_no_warmup_by_default(self, mlp_model: bytes, tmp_path: Path) -> None:
         """Without warmup sizes the session does not run at all."""
         backend = OnnxBackend(mlp_model, providers=CPU, session_options=profiled(tmp_path))

@@ -29,13 +29,18 @@ WARMUP_MEMORY_SHARE = 4
 
 
 def warm_up(sessions: Widths, signature: Signature, sizes: Sequence[int], *, on_cpu: bool) -> tuple[int, ...]:
-    """Run zeros of each of ``sizes`` rows in turn on ``sessions``; the sizes it ran, in order.
+    """Run zeros of each of ``sizes`` rows once, smallest first, on ``sessions``; the sizes it ran, in order.
 
-    ``ValueError`` when an output's first axis is not a batch axis: every request would fail.
+    ``ValueError`` for a size that is no int >= 1, and when an output's first axis is not a batch
+    axis: every request would fail.
     """
+    for rows in sizes:
+        if isinstance(rows, bool) or not isinstance(rows, int | np.integer) or rows < 1:
+            msg = f"warmup takes batch sizes, ints >= 1; got {rows!r}"
+            raise ValueError(msg)
     warmed: list[int] = []
     most_rows = physical_memory() // WARMUP_MEMORY_SHARE // max(_row_bytes(signature), 1)
-    for rows in sizes:
+    for rows in sorted({int(r) for r in sizes}):  # the first size past what fits ends it: none smaller after
         if rows > most_rows:
             break  # zeros this big could only be held on an overcommitting host, until it kills us
         start = time.perf_counter()
