@@ -600,14 +600,20 @@ class TestCsvCells:
         assert "got '1e400' in column 'x', past float64's range" in str(result.errors[0].error)
         np.testing.assert_array_equal(result.outputs, [1.0, np.inf, -np.inf, np.nan, np.nan])
 
-    def test_whole_numbers_are_read_as_python_reads_them(self, tmp_path: Path) -> None:
-        """pyarrow's cast took "0x10" as 16 for an int input and refused "+5"; int() does the opposite."""
+    def test_whole_numbers_are_signed_ascii_decimal(self, tmp_path: Path) -> None:
+        """pyarrow's cast took "0x10" as 16 for an int input and refused "+5" (and "-0" for a uint): the
+        opposite of int(). Digit groups and other scripts' digits stay refused (the docs said "as int()")."""
         (tmp_path / "c.csv").write_text("x\n+5\n0x10\n-0X1f\n 7 \n-3\n")
         with inferkit.Predictor.from_onnx(_identity_model(TensorProto.INT64, "x", shape=("N",))) as ints:
             result = ints.map(tmp_path / "c.csv", on_error="collect")
         assert [e.index for e in result.errors] == [1, 2]
         assert "got '0x10' in column 'x', not in decimal" in str(result.errors[0].error)
         np.testing.assert_array_equal(result.outputs, [5, 7, -3])
+        (tmp_path / "u.csv").write_text("x\n-0\n-00\n+0\n-1\n1_000\n\u0661\n")  # "-0" was refused for a uint
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.UINT64, "x", shape=("N",))) as uints:
+            result = uints.map(tmp_path / "u.csv", on_error="collect")
+        assert [e.index for e in result.errors] == [3, 4, 5]
+        np.testing.assert_array_equal(result.outputs, [0, 0, 0])
 
     def test_features_are_read_as_the_inputs_type(self, tmp_path: Path) -> None:
         """A one-input model's feature columns are each parsed for its input: a late 2.5 in one of them and a

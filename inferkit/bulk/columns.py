@@ -304,8 +304,9 @@ def _parsed(name: str, column: Any, spec: TensorSpec, faults: list[tuple[np.ndar
     trimmed = pc.utf8_trim_whitespace(strings)  # " NA " is a null marker too
     markers = pc.is_in(trimmed, value_set=pa.array(pcsv.ConvertOptions().null_values, pa.string()))
     cells = pc.if_else(markers, pa.scalar(None, pa.string()), trimmed)
-    if spec.dtype.kind in "iu":  # whole numbers as Python's int() reads them: "+5" is 5, "0x10" is no number
+    if spec.dtype.kind in "iu":  # whole numbers in ASCII decimal: "+5" is 5, "-0" is 0 (a uint too), "0x10" is none
         cells = pc.replace_substring_regex(cells, pattern=r"^\+([0-9])", replacement=r"\1")
+        cells = pc.replace_substring_regex(cells, pattern=r"^-(0+)$", replacement=r"\1")
         hexadecimal = pc.fill_null(pc.match_substring_regex(cells, r"^[+-]?0[xX]"), fill_value=False)
         if pc.any(hexadecimal).as_py():
             first = _shown(cells.filter(hexadecimal)[0].as_py())
