@@ -670,6 +670,26 @@ class TestCsvCells:
             for name in ("f.csv", "f.parquet"):
                 np.testing.assert_array_equal(floats.map(tmp_path / name), [[1, 2, 3], [4, 5, 6]], err_msg=name)
 
+    def test_a_row_longer_than_a_read_block_is_read(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """One cell of 2 MiB (past pyarrow's 1 MiB block) ended the whole read, whatever on_error said, after the
+        rows before it ran ("straddling object"); a header line past the block made the file "empty". Blocks grow
+        for such a row (the read resumes after the rows given), up to a bound that is then named."""
+        from inferkit.bulk import reading
+
+        long = "a" * (2 << 20)
+        (tmp_path / "cell.csv").write_text("x\n" + "".join(f"s{i}\n" for i in range(200_000)) + f"{long}\nz\n")
+        (tmp_path / "head.csv").write_text(f"{long}\n1\n2\n")
+        with inferkit.Predictor.from_onnx(_identity_model(TensorProto.STRING, "x", shape=("N",))) as strings:
+            out = strings.map(tmp_path / "cell.csv", batch_size=4096)
+        assert len(out) == 200_002
+        assert out[199_999] == "s199999"
+        assert out[-2:].tolist() == [long, "z"]
+        with inferkit.Predictor.from_callable(lambda x: x) as untyped:
+            np.testing.assert_array_equal(untyped.map(tmp_path / "head.csv"), [[1], [2]])
+            monkeypatch.setattr(reading, "_CSV_LONGEST_BLOCK", 1 << 20)
+            with pytest.raises(inferkit.InvalidInput, match=r"head\.csv cannot be read .*longer than 1 MiB"):
+                untyped.map(tmp_path / "head.csv")
+
     def test_a_job_refused_by_a_bad_cell_names_its_row(self, tmp_path: Path) -> None:
         """map and the resumable job (as ``inferkit predict``) raised a bad cell's error naming its value and
         column but not its row: in a file of millions, the one line to mend could not be found. The row counts

@@ -17,6 +17,12 @@ from inferkit.signature import Signature
 
 _FILE_SUFFIXES = (".npy", ".parquet", ".csv")
 _READ_BUFFER_BYTES = 1 << 20
+_CSV_BLOCK_BYTES = 1 << 20  # pyarrow's own: memory holds about a block of the file at a time
+_CSV_LONGEST_BLOCK = 1 << 26  # a row must fit one block: blocks grow 8-fold for a long one, up to this
+
+
+class _LongRow(InvalidInput):
+    """A CSV row longer than the block it was read in (pyarrow's "straddling object"): read in bigger blocks."""
 
 
 def _rows(batch: Any) -> int:
@@ -82,8 +88,14 @@ def _file_batches(path: Path, batch_size: int, signature: Signature | None, skip
             records = _records(file.iter_batches(batch_size=batch_size, use_threads=False), path, "Parquet")
             yield from _rebatch(records, batch_size, signature, skip, pa)
         return
+    yield from _csv_batches(path, batch_size, signature, skip, pa)
+
+
+def _csv_batches(path: Path, batch_size: int, signature: Signature | None, skip: int, pa: Any) -> Iterator[Any]:
+    """CSV file ``path`` in batches: the inputs' columns parsed per cell, blocks grown for a long row."""
     import pyarrow.csv as pcsv  # noqa: PLC0415
 
+    inputs = [s.name for s in signature.inputs] if signature is not None else []
     names = _csv_names(path)
     _once(names, inputs)  # before the read: it takes such columns as one
     text = _text_columns(names, signature)
@@ -99,8 +111,17 @@ def _file_batches(path: Path, batch_size: int, signature: Signature | None, skip
     # In a file of one column a blank line is its row's empty cell: pyarrow skips it by default, which moved
     # every later row up one and read an empty column as no rows at all (Parquet has a null there).
     parse = pcsv.ParseOptions(ignore_empty_lines=len(names) != 1)
-    with _open_csv(path, parse_options=parse, convert_options=convert) as reader:
-        yield from _rebatch(_records(reader, path, "CSV"), batch_size, signature, skip, pa, text=bool(text))
+    block = _CSV_BLOCK_BYTES
+    while True:
+        try:
+            with _open_csv(path, block, parse_options=parse, convert_options=convert) as reader:
+                for batch in _rebatch(_records(reader, path, "CSV"), batch_size, signature, skip, pa, text=bool(text)):
+                    yield batch
+                    skip += _rows(batch)
+        except _LongRow as error:  # read again in bigger blocks from the first row not yet given
+            block = _bigger(block, error)
+        else:
+            return
 
 
 def _text_columns(names: list[str], signature: Signature | None) -> list[str]:
@@ -117,19 +138,46 @@ def _text_columns(names: list[str], signature: Signature | None) -> list[str]:
 
 def _csv_names(path: Path) -> list[str]:
     """The columns CSV file ``path`` names on its first line; ``InvalidInput`` for an empty or unparsable file."""
-    with _open_csv(path) as reader:
-        return list(reader.schema.names)
+    block = _CSV_BLOCK_BYTES
+    while True:
+        try:
+            with _open_csv(path, block) as reader:
+                return list(reader.schema.names)
+        except _LongRow as error:
+            block = _bigger(block, error)
 
 
-def _open_csv(path: Path, **options: Any) -> Any:
+def _bigger(block: int, error: _LongRow) -> int:
+    """The next block size after a row longer than ``block``; ``InvalidInput`` past the longest."""
+    if block >= _CSV_LONGEST_BLOCK:
+        msg = f"{error} (a row longer than {_CSV_LONGEST_BLOCK >> 20} MiB is not read)"
+        raise InvalidInput(msg) from None
+    return min(block * 8, _CSV_LONGEST_BLOCK)
+
+
+def _open_csv(path: Path, block: int, **options: Any) -> Any:
     import pyarrow as pa  # noqa: PLC0415
     import pyarrow.csv as pcsv  # noqa: PLC0415
 
     try:
-        return pcsv.open_csv(path, **options)
-    except pa.ArrowInvalid as error:  # "Empty CSV file", a malformed first block
-        msg = f"{path} cannot be read as CSV: {error}"
-        raise InvalidInput(msg) from None
+        return pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=block), **options)
+    except pa.ArrowInvalid as error:  # "Empty CSV file", a malformed first block, a row longer than a block
+        if "Empty CSV file or block" in str(error) and _size(path) > block:  # a first line past the block
+            raise _LongRow(f"{path} cannot be read as CSV: {error}") from None
+        raise _unreadable(path, "CSV", error) from None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _unreadable(path: Path, what: str, error: Exception) -> InvalidInput:
+    """``InvalidInput`` naming ``path`` for pyarrow's ``error`` (a :class:`_LongRow` for a row past its block)."""
+    msg = f"{path} cannot be read as {what}: {error}"
+    return _LongRow(msg) if "straddl" in str(error) else InvalidInput(msg)
 
 
 def _parquet(path: Path, **options: Any) -> Any:
@@ -154,8 +202,7 @@ def _records(records: Iterable[Any], path: Path, what: str) -> Iterator[Any]:
         except StopIteration:
             return
         except pa.ArrowInvalid as error:
-            msg = f"{path} cannot be read as {what}: {error}"
-            raise InvalidInput(msg) from None
+            raise _unreadable(path, what, error) from None
         yield record
 
 
