@@ -123,6 +123,22 @@ class TestErrors:
         x[bad, 0] = POISON
         return x, bad
 
+    def test_batches_that_cannot_be_joined_are_a_model_error(self) -> None:
+        """map joined batches with a bare np.concatenate: outputs of another width raised NumPy's ValueError after
+        every batch ran, and of another dtype were promoted in silence (int64 2^53 + 1 came back as float64
+        2^53, where predict gives it exact). Now ModelError naming both batches' rows, dtypes and shapes, at the
+        batch that differs; text of other widths still joins (the widest)."""
+        with inferkit.Predictor.from_callable(lambda x: x.copy(), max_delay_ms=0) as echo:
+            batches = [np.zeros((3, 4), np.float32), np.zeros((3, 5), np.float32)]
+            with pytest.raises(inferkit.ModelError, match=r"rows 3\.\.5 \(output float32 \(N, 5\)\).*rows 0\.\.2 "):
+                echo.map(iter(batches))
+            big = np.array([[2**53 + 1]], np.int64)
+            with pytest.raises(inferkit.ModelError, match=r"output int64 \(N, 1\).*output float32 \(N, 1\)"):
+                echo.map(iter([np.zeros((1, 1), np.float32), big]))
+            assert int(echo.map(iter([big, big]))[1, 0]) == 2**53 + 1
+            words = echo.map(iter([np.array([["ab"]]), np.array([["abcdefg"]])]))
+            assert words.tolist() == [["ab"], ["abcdefg"]]
+
     def test_raise(self, poisoned: inferkit.Predictor) -> None:
         """on_error='raise' (default) ends the job with the model's error."""
         x, _ = self._data()

@@ -217,6 +217,30 @@ class TestPredictHostile:
         assert _finished_chunks(tmp_path / "y.npy.parts" / "manifest.json") == 0
         assert not out.exists()
 
+    @pytest.mark.parametrize("suffix", [".npy", ".parquet"])
+    def test_chunks_of_other_output_types_are_refused(self, tmp_path: Path, suffix: str) -> None:
+        """A model whose outputs' dtype or width follows the data: each later part was written raw under the
+        first chunk's .npy header (exit 0, [0, 1, 2, 3, 0.0, 2.25, ...] for 0..7), and a .parquet output ended
+        in pyarrow's ArrowTypeError traceback at assembly. Now ModelError before the chunk is listed, the
+        output never written; chunks of text of other widths still join."""
+        pytest.importorskip("pyarrow")
+        from inferkit import ModelError, Predictor
+        from inferkit.bulk import run_job
+
+        data = tmp_path / "x.npy"
+        np.save(data, np.arange(8, dtype=np.float64).reshape(8, 1))
+        out = tmp_path / f"y{suffix}"
+        with Predictor.from_callable(lambda x: x.astype(np.float32) if x[0, 0] < 4 else x) as predictor:
+            with pytest.raises(ModelError, match=r"rows 4\.\.7 \(.* float64 \(N, 1\)\).*rows 0\.\.3 "):
+                run_job(predictor, data, out, chunk_rows=4, batch_size=4)
+        assert not out.exists()
+        assert _finished_chunks(tmp_path / f"y{suffix}.parts" / "manifest.json") == 1
+        if suffix == ".npy":
+            (tmp_path / f"y{suffix}.parts").rename(tmp_path / "old.parts")
+            with Predictor.from_callable(lambda x: np.where(x < 4, "ab", "abcdefg")) as predictor:
+                assert run_job(predictor, data, out, chunk_rows=4, batch_size=4) == 8
+            assert np.load(out).ravel().tolist() == ["ab"] * 4 + ["abcdefg"] * 4
+
     def test_planted_symlinks_not_followed(self, tmp_path: Path) -> None:
         """Symlinks at the old fixed temporary names are left alone: their targets keep their bytes."""
         model = _model(tmp_path / "m.onnx")

@@ -12,7 +12,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from inferkit.bulk.files import atomic_write, file_identity, output_lock, remove_stale_temporaries
-from inferkit.bulk.mapping import Submitter, _check, _progress, map_batches
+from inferkit.bulk.mapping import Submitter, _check, _progress, check_layout, layout, map_batches
 from inferkit.bulk.reading import _file_rows, _needs_pyarrow, _rows, batches
 from inferkit.errors import InvalidInput, JobLocked, JobMismatch
 from inferkit.signature import Signature
@@ -88,7 +88,7 @@ def _conformed(table: Any, schema: Any, part: Path) -> Any:
 
     try:
         return table.cast(schema)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as error:
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, ValueError) as error:
         msg = f"{part.name} holds outputs of other types ({table.schema}) than the first part's ({schema}): {error}"
         raise ValueError(msg) from None
 
@@ -122,10 +122,17 @@ def _assemble(parts: list[Path], output: Path, single: str) -> None:
         loaded = [_load_part(p) for p in parts]
         if isinstance(loaded[0], Mapping):
             raise _several_outputs(list(loaded[0]))
-        shape = (sum(len(a) for a in loaded), *loaded[0].shape[1:])
-        header = {"descr": np.lib.format.dtype_to_descr(loaded[0].dtype), "fortran_order": False, "shape": shape}
+        tail, dtype = loaded[0].shape[1:], loaded[0].dtype
+        for part, array in zip(parts, loaded, strict=True):  # each chunk was checked; a job resumed from before was not
+            same = array.dtype == dtype or (array.dtype.kind == dtype.kind and dtype.kind in "US")
+            if array.shape[1:] != tail or not same:
+                msg = f"{part.name} holds outputs of {array.dtype} {array.shape[1:]}, the first part {dtype} {tail}"
+                raise ValueError(msg)
+            dtype = np.result_type(dtype, array.dtype)  # text: the widest
+        shape = (sum(len(a) for a in loaded), *tail)
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
         np.lib.format.write_array_header_1_0(f, header)  # what np.save writes; the rows follow as they are
-        f.writelines(np.ascontiguousarray(array).data for array in loaded)
+        f.writelines(np.ascontiguousarray(array, dtype=dtype).data for array in loaded)
 
     atomic_write(output, write)
 
@@ -270,9 +277,13 @@ def run_job(
                     raise _changed(source, parts_dir)
                 named = outputs if isinstance(outputs, Mapping) else {single: outputs}
                 _check_part({k: (a.dtype, a.shape[1:]) for k, a in named.items()}, output)
+                shaped = layout(outputs)
+                if chunks and "outputs" in chunks[0]:  # written into the output as the first chunk's: the same, or lost
+                    rows = range(first, first + _rows(chunk))
+                    check_layout((chunks[0]["outputs"], 0, chunks[0]["rows"] - 1), shaped, rows)
                 parts_dir.mkdir(exist_ok=True)  # made with the first part: a job refused before it leaves none
                 name = _save_part(parts_dir / f"part-{len(chunks):06d}", outputs, single).name
-                chunks.append({"file": name, "rows": _rows(chunk)})
+                chunks.append({"file": name, "rows": _rows(chunk), "outputs": shaped})
                 record = json.dumps({"settings": settings, "chunks": chunks}, indent=1).encode()
                 atomic_write(manifest_path, lambda f, data=record: f.write(data))  # type: ignore[misc]
                 if meter is not None:

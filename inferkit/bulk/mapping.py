@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any, Literal, Protocol
 
@@ -212,8 +212,13 @@ def map_batches(
     kept: list[Any] = []
     rows: list[np.ndarray[Any, Any]] = []
     errors: list[RowError] = []
+    joined: tuple[dict[str, list[Any]], int, int] | None = None
     for done in _parts(target, batches, in_flight, on_error, timeout, _progress(progress, data), first):
         if done.outputs is not None:
+            now = layout(done.outputs)
+            if joined is None:
+                joined = (now, int(done.rows[0]), int(done.rows[-1]))
+            check_layout(joined, now, range(int(done.rows[0]), int(done.rows[-1]) + 1))
             kept.append(done.outputs)
         rows.append(done.rows)
         errors.extend(done.errors)
@@ -225,6 +230,37 @@ def map_batches(
         index = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
         return BulkResult(outputs, index, tuple(errors))
     return outputs
+
+
+def layout(outputs: Any) -> dict[str, list[Any]]:
+    """Each output's dtype and shape past the rows, as JSON holds them: what one batch must share with the next.
+
+    Text by kind only (``<U5`` joins ``<U7``), every other dtype exactly (int64 beside float64 would join as
+    float64 and lose the ints past 2^53).
+    """
+    named = outputs if isinstance(outputs, Mapping) else {"": outputs}
+    shaped = {k: np.asarray(a) for k, a in named.items()}
+    return {k: [a.dtype.kind if a.dtype.kind in "US" else a.dtype.str, list(a.shape[1:])] for k, a in shaped.items()}
+
+
+def check_layout(first: tuple[dict[str, list[Any]], int, int], now: dict[str, list[Any]], rows: range) -> None:
+    """``ModelError`` when ``now`` (rows ``rows``) is not the ``first`` batch's layout (and its first, last row)."""
+    if now == first[0]:
+        return
+    msg = (
+        f"the model's outputs for rows {rows.start}..{rows.stop - 1} ({_described(now)}) are not of the types "
+        f"and shapes of those for rows {first[1]}..{first[2]} ({_described(first[0])}): they cannot be joined "
+        "into one result (stream yields each batch's as it is)"
+    )
+    raise ModelError(msg)
+
+
+def _described(layout: dict[str, list[Any]]) -> str:
+    kinds = {"U": "str", "S": "bytes"}
+    return ", ".join(
+        f"{k or 'output'} {kinds.get(d) or np.dtype(d).name} (N{''.join(f', {n}' for n in tail)})"
+        for k, (d, tail) in layout.items()
+    )
 
 
 def _empty_outputs(target: Submitter) -> Any:
