@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -227,6 +229,33 @@ class TestFiles:
         np.testing.assert_array_equal(predictor.map(tmp_path / "list.parquet", batch_size=256), want)
         got = predictor.map(tmp_path / "x.csv", batch_size=256)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # CSV text round-trips float64, not bits
+
+    def test_a_npy_file_cut_short_while_read_is_an_error(self, tmp_path: Path) -> None:
+        """A .npy file was read off its memory map: cut short while map ran (a writer truncating it), the next
+        batch's rows were past the file's end and the process died of SIGBUS, no exception, no cleanup. Rows are
+        read with read() now: InvalidInput naming the file. (In a child: before, it killed its process.)"""
+        np.save(tmp_path / "x.npy", np.ones((1000, 4), np.float32))
+        np.save(tmp_path / "f.npy", np.asfortranarray(np.arange(40.0).reshape(10, 4)))
+        child = f"""
+import os, numpy as np, inferkit
+path = {str(tmp_path / "x.npy")!r}
+def cuts(x):
+    os.truncate(path, 4096)
+    return x
+with inferkit.Predictor.from_callable(cuts) as p:
+    try:
+        p.map(path, batch_size=100, in_flight=1)
+    except inferkit.InvalidInput as error:
+        print("refused:", error)
+with inferkit.Predictor.from_callable(lambda x: x) as p:
+    out = p.map({str(tmp_path / "f.npy")!r}, batch_size=3)
+    print("fortran:", out.tolist() == np.arange(40.0).reshape(10, 4).tolist())
+"""
+        run = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, check=False)
+        assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
+        assert "refused: " in run.stdout, run.stdout
+        assert "x.npy was cut short while it was read" in run.stdout
+        assert "fortran: True" in run.stdout
 
     @pytest.mark.slow
     def test_streaming_parquet_rss_bounded(self, predictor: inferkit.Predictor, tmp_path: Path) -> None:

@@ -76,7 +76,10 @@ def _file_batches(path: Path, batch_size: int, signature: Signature | None, skip
     suffix = path.suffix.lower()
     if suffix == ".npy":
         array = _load_npy(path)
-        for start in range(skip, len(array), batch_size):
+        if isinstance(array, np.memmap) and array.flags.c_contiguous:
+            yield from _npy_reads(path, array, skip, batch_size)
+            return
+        for start in range(skip, len(array), batch_size):  # Fortran order: rows are not contiguous in the file
             yield np.array(array[start : start + batch_size])  # read these rows off the map, and only these
         return
     pa = _needs_pyarrow(path.name)
@@ -231,6 +234,25 @@ def _load_npy(path: Path) -> np.ndarray[Any, Any]:
         msg = f"{path} holds a 0-d array (one value, no row axis); save it with a row axis, e.g. x[None]"
         raise InvalidInput(msg)
     return array
+
+
+def _npy_reads(path: Path, mapped: np.memmap[Any, Any], skip: int, batch_size: int) -> Iterator[Any]:
+    """Rows of a C-ordered .npy file read by ``read``, not off the map.
+
+    A file cut short meanwhile is ``InvalidInput``, where touching its map past the new end killed
+    the process (SIGBUS).
+    """
+    rows, tail, dtype, offset = len(mapped), mapped.shape[1:], mapped.dtype, mapped.offset
+    row_bytes = math.prod(tail) * dtype.itemsize
+    with path.open("rb") as f:
+        for start in range(skip, rows, batch_size):
+            n = min(batch_size, rows - start)
+            buffer = bytearray(n * row_bytes)  # writable, owned: the batch may wait in flight while the next is read
+            f.seek(offset + start * row_bytes)
+            if f.readinto(buffer) != len(buffer):
+                msg = f"{path} was cut short while it was read: its header declares {rows:,} rows"
+                raise InvalidInput(msg)
+            yield np.frombuffer(buffer, dtype).reshape(n, *tail)
 
 
 def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype[Any], int] | None:
