@@ -38,13 +38,15 @@ class BulkFaces:
     ) -> Any:
         """Run every row of ``data`` and return all the results, in input order.
 
-        ``data`` is an array or dict of arrays, a ``.npy`` path (memory-mapped), a ``.parquet``
+        ``data`` is an array or dict of arrays, a ``.npy`` path (read a batch at a time), a ``.parquet``
         or ``.csv`` path (the ``bulk`` extra), or any iterable of batches. Batches of
         ``batch_size`` rows are read while earlier ones run, with at most ``in_flight`` queued
         or running at once, on every replica. ``on_error`` is ``"raise"``, ``"skip"`` (failing
         rows left out) or ``"collect"`` (left out, and a :class:`~inferkit.bulk.BulkResult`
         returned with each row's error); see :mod:`inferkit.bulk`. ``progress=True`` shows rows/s
-        and the time left on stderr when it is a terminal. ``timeout`` applies to each batch.
+        and the time left on stderr when it is a terminal. ``timeout`` applies to each batch from when
+        it is queued, behind the batches queued before it. A batch the queue refuses (``Overloaded``)
+        waits for the oldest in flight; with none in flight, the refusal is raised.
         ``data`` with no rows is ``InvalidInput``, as for :meth:`predict`.
         """
         from inferkit.bulk import map_batches  # noqa: PLC0415  (pyarrow and files only on use)

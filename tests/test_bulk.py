@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,32 @@ class TestMap:
         for _ in predictor.stream(x, batch_size=100):
             break
         assert predictor.predict(x[:2]).shape == (2, 3)
+
+
+class TestOwnReadAhead:
+    """map's batches in flight are its own: they must not refuse each other."""
+
+    def test_a_queue_smaller_than_in_flight_is_waited_for(self) -> None:
+        """With max_queue_size=2 and the default in_flight=8, map failed at once with Overloaded caused by
+        nothing but its own read-ahead. A batch refused so waits for the oldest in flight; with none of its own
+        in flight, the refusal is another caller's traffic and is raised, as before."""
+        x = np.arange(64, dtype=np.float32).reshape(16, 4)
+        with inferkit.Predictor.from_callable(lambda b: b * 2, max_queue_size=2, max_delay_ms=0) as small:
+            np.testing.assert_array_equal(small.map(x, batch_size=2), x * 2)
+            assert [len(b) for b in small.stream(x, batch_size=4, in_flight=5)] == [4, 4, 4, 4]
+        gate = threading.Event()
+        with inferkit.Predictor.from_callable(lambda b: b if gate.wait(60) else None, max_queue_size=1) as full:
+            running = full.submit(x[:1])
+            for _ in range(6000):  # the first is taken to run (bounded: 60 s), then another caller's fills the queue
+                if full.stats().queue_depth == 0:
+                    break
+                time.sleep(0.01)
+            queued = full.submit(x[:1])
+            with pytest.raises(inferkit.Overloaded):
+                full.map(x, batch_size=2)
+            gate.set()
+            np.testing.assert_array_equal(running.result(60), x[:1])
+            np.testing.assert_array_equal(queued.result(60), x[:1])
 
 
 class TestErrors:

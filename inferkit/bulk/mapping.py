@@ -13,7 +13,7 @@ import numpy as np
 from inferkit.bulk.columns import _Flawed, _slice
 from inferkit.bulk.progress import Progress
 from inferkit.bulk.reading import _concat, _rows, batches, total_rows
-from inferkit.errors import InvalidInput, ModelError
+from inferkit.errors import InvalidInput, ModelError, Overloaded
 from inferkit.signature import Signature
 
 OnError = Literal["raise", "skip", "collect"]
@@ -105,20 +105,27 @@ def _parts(
     """
     pending: collections.deque[tuple[int, Any, Future[Any] | BaseException]] = collections.deque()
     source = iter(batches)
+    held = None  # a batch read and refused as Overloaded: sent again once an earlier one is done
     exhausted = False
     try:
         while True:
-            while not exhausted and len(pending) < in_flight:
-                batch = next(source, None)
-                if batch is None:
-                    exhausted = True
-                    break
+            while len(pending) < in_flight:
+                if held is None:
+                    held = None if exhausted else next(source, None)
+                    if held is None:
+                        exhausted = True
+                        break
                 try:
-                    job: Future[Any] | BaseException = _submit(target, batch, timeout)
+                    job: Future[Any] | BaseException = _submit(target, held, timeout)
+                except Overloaded:
+                    if not pending:
+                        raise
+                    break  # the queue is full, of this map's own batches too: wait for the oldest
                 except _ROW_FAULTS as error:  # refused whole at submit: bisected when its turn comes
                     job = error
-                pending.append((first, batch, job))
-                first += _rows(batch)
+                pending.append((first, held, job))
+                first += _rows(held)
+                held = None
             if not pending:
                 return
             start, batch, job = pending.popleft()
