@@ -94,6 +94,8 @@ class TestMap:
             predictor.map(x, in_flight=0)
         with pytest.raises(ValueError, match="on_error must be"):
             predictor.map(x, on_error="ignore")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+            predictor.stream(x, batch_size=0)  # at the call: it returned a generator that raised at its first next()
 
     @pytest.mark.parametrize("on_error", ["raise", "skip", "collect"])
     def test_no_rows_is_invalid_input_as_for_predict(self, predictor: inferkit.Predictor, on_error: Any) -> None:

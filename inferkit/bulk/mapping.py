@@ -192,7 +192,19 @@ def stream_batches(
 
     See :meth:`inferkit.Predictor.stream`.
     """
-    batches = _batches(target, data, batch_size, in_flight, on_error)
+    batches = _batches(target, data, batch_size, in_flight, on_error)  # settings refused here, not at the first next()
+    return _streamed(target, batches, data, in_flight, on_error, timeout, progress)
+
+
+def _streamed(
+    target: Submitter,
+    batches: Iterator[Any],
+    data: Any,
+    in_flight: int,
+    on_error: OnError,
+    timeout: float | None,
+    progress: bool | Progress,
+) -> Iterator[Any]:
     for done in _parts(target, batches, in_flight, on_error, timeout, _progress(progress, data)):
         if on_error == "collect":
             yield BulkPart(done.outputs, done.rows, done.errors)
