@@ -431,6 +431,21 @@ class TestInfer:
         assert out.dtype == dtype_of(datatype)
         np.testing.assert_array_equal(out, np.array(values, dtype=dtype_of(datatype)).reshape(2, 2))
 
+    def test_typed_fp32_contents_keep_their_bits(self, serve: Callable[..., Served]) -> None:
+        """fp32_contents were read as Python floats: x86 widening a signalling NaN to a double quiets it, so
+        0x7FA00001 came back 0x7FE00001 where raw_input_contents (and Triton, which copies the field) keep it.
+        The values are taken from the field's bytes; sent unpacked, with an unknown field, bits kept too."""
+        served = serve({"echo": echo()})
+        bits = np.array([0x7FA00001, 0xFFA00002, 0x3F800000, 0x00000001], dtype="<u4")  # sNaNs, 1.0, a subnormal
+        packed = bytes([6 << 3 | 2, 16]) + bits.tobytes()
+        unpacked = b"".join(bytes([6 << 3 | 5]) + bits[i : i + 1].tobytes() for i in range(4))
+        for wire in (packed, unpacked, bytes([15 << 3, 5]) + packed):
+            request = pb.ModelInferRequest(model_name="echo")
+            request.inputs.add(name="a", datatype="FP32", shape=[2, 2]).contents.ParseFromString(wire)
+            (out,) = outputs_of(served.call("ModelInfer", request)).values()
+            assert out.dtype == np.float32
+            assert out.ravel().view("<u4").tolist() == bits.tolist(), [hex(b) for b in out.ravel().view("<u4")]
+
     def test_typed_bytes_contents(self, serve: Callable[..., Served]) -> None:
         """BYTES in ``bytes_contents`` reach the model as bytes objects."""
         served = serve({"mixed": mixed()})

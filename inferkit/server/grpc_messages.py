@@ -288,8 +288,35 @@ def _from_contents(name: str, datatype: str, dtype: np.dtype[Any], count: int, c
         array = np.empty(count, dtype=object)
         array[:] = list(values)
         return array
+    if field == "fp32_contents":  # bit for bit: widened to Python floats, a signalling NaN came back quiet
+        packed = _packed(contents.SerializeToString(), _FP32_TAG)
+        if packed is not None:
+            return from_raw(packed, datatype, count, name)
     wide = np.fromiter(values, dtype=_WIDE[field], count=count)  # no list of Python numbers in between
     return wide if wide.dtype == dtype else fit(wide, datatype, name)
+
+
+_FP32_TAG = 6 << 3 | 2  # InferTensorContents.fp32_contents, packed (length-delimited)
+
+
+def _packed(wire: bytes, tag: int) -> memoryview | None:
+    """The bytes of the packed repeated field ``tag`` that ``wire`` (a message's serialization) starts with.
+
+    Empty for an empty message; None when it starts with another field.
+    """
+    if not wire:
+        return memoryview(wire)
+    if wire[0] != tag:
+        return None
+    at, length, shift = 1, 0, 0
+    while at < len(wire):  # the length, a varint
+        byte = wire[at]
+        at += 1
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return memoryview(wire)[at : at + length]
+    return None
 
 
 def _encode_response(request: Any, outputs: dict[str, Array], requested: Sequence[str]) -> Any:
