@@ -116,9 +116,13 @@ class Ledger:
         """A candidate's failure the baseline did not repeat."""
         self._count(arm, latency, failed=True, now=self.clock())
 
-    def shadow(self, arm: str, agreed: bool) -> None:
-        """A mirror to ``arm`` compared with its primary: told to the policy."""
-        self._errors.give(self.in_force.policy, Feedback("shadow", arm, self.clock(), agreed=agreed))
+    def shadow(self, arm: str, outcome: str) -> None:
+        """Tell the policy of a mirror to ``arm``: ``"mirrored"``, then ``"agreed"``, ``"disagreed"``, ``"errors"``."""
+        if outcome in {"agreed", "disagreed"}:
+            feedback = Feedback("shadow", arm, self.clock(), agreed=outcome == "agreed")
+        else:
+            feedback = Feedback("mirror_failed" if outcome == "errors" else outcome, arm, self.clock())
+        self._errors.give(self.in_force.policy, feedback)
 
     def record(self, arm: str, value: float) -> None:
         """Credit a business outcome to ``arm`` and tell the policy."""

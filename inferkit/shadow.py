@@ -37,7 +37,7 @@ class ShadowStats:
 
 
 def agree(a: Any, b: Any) -> bool:
-    """Default shadow comparison: same keys and close arrays (rtol 1e-4, atol 1e-5)."""
+    """Default shadow comparison: same keys and close arrays (rtol 1e-4, atol 1e-5; NaN where both have NaN)."""
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         return a.keys() == b.keys() and all(agree(a[k], b[k]) for k in a)
     try:
@@ -45,7 +45,7 @@ def agree(a: Any, b: Any) -> bool:
         if x.shape != y.shape:
             return False
         if x.dtype.kind in "fc" or y.dtype.kind in "fc":
-            return bool(np.allclose(x, y, rtol=1e-4, atol=1e-5))
+            return bool(np.allclose(x, y, rtol=1e-4, atol=1e-5, equal_nan=True))
         return bool(np.array_equal(x, y))
     except (TypeError, ValueError):
         return False
@@ -59,7 +59,8 @@ class ShadowTraffic:
     """A router's mirrored requests: a bounded queue, one sender thread, and the comparison counts.
 
     ``submit(arm, x)`` sends to the arm in force when the mirror is sent (so a swapped arm gets
-    its mirrors); ``feedback(arm, agreed)`` reports each comparison to the router's policy.
+    its mirrors); ``feedback(arm, outcome)`` reports each mirror to the router's policy:
+    ``"mirrored"`` before it is queued, then ``"agreed"``, ``"disagreed"`` or ``"errors"``.
     ``_lock`` guards ``_pending``, ``_stats`` (a frozen value, replaced whole on each change, so
     :meth:`stats` reads it without the lock), ``_thread`` and ``_closed``; the queue locks itself.
     """
@@ -83,7 +84,7 @@ class ShadowTraffic:
         name: str,
         submit: Callable[[str, Any], Future[Any]],
         compare: Callable[[Any, Any], bool],
-        feedback: Callable[[str, bool], None],
+        feedback: Callable[[str, str], None],
         limit: int,
     ) -> None:
         self._name = name
@@ -104,18 +105,30 @@ class ShadowTraffic:
 
     def mirror(self, arm: str, x: Any, primary: Future[Any]) -> None:
         """Queue ``x`` for ``arm`` to compare with ``primary``; drop (and count) it when the queue is full."""
-        full = self._pending >= self._limit or self._closed  # read without the lock: a full queue costs no copy
-        copy = None if full else copied(x)  # its caller may reuse ``x`` once its own call returns
+        if self._pending >= self._limit or self._closed:  # read without the lock: a full queue costs no copy
+            self._drop()
+            return
+        copy = copied(x)  # its caller may reuse ``x`` once its own call returns
+        # Told before it can be compared (a canary's step waits for its mirrors), outside the lock (a
+        # policy's decision runs user callbacks, which may route again).
+        self._feedback(arm, "mirrored")
         with self._lock:
-            if copy is None or self._pending >= self._limit or self._closed:
-                self._stats = _plus_one(self._stats, "dropped")
-                return
-            self._pending += 1
-            self._stats = _plus_one(self._stats, "sent")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name=f"inferkit-shadow-{self._name}", daemon=True)
-                self._thread.start()
-            self._queue.put(functools.partial(self._send, arm, copy, primary))  # under the lock: before close's None
+            queued = self._pending < self._limit and not self._closed
+            if queued:
+                self._pending += 1
+                self._stats = _plus_one(self._stats, "sent")
+                if self._thread is None:
+                    name = f"inferkit-shadow-{self._name}"
+                    self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+                    self._thread.start()
+                self._queue.put(functools.partial(self._send, arm, copy, primary))  # locked: before close's None
+        if not queued:  # filled (or closed) meanwhile: told as never compared
+            self._drop()
+            self._feedback(arm, "errors")
+
+    def _drop(self) -> None:
+        with self._lock:
+            self._stats = _plus_one(self._stats, "dropped")
 
     def close(self, timeout: float | None = None) -> None:
         """Take no more mirrors; hand the queued ones to their arm, then stop the thread."""
@@ -171,5 +184,4 @@ class ShadowTraffic:
         with self._lock:
             self._pending -= 1
             self._stats = _plus_one(self._stats, outcome)
-        if outcome != "errors":
-            self._feedback(arm, outcome == "agreed")
+        self._feedback(arm, outcome)

@@ -691,6 +691,57 @@ class TestShadow:
         shadow = r.stats().shadow
         assert (shadow.sent, shadow.dropped, shadow.agreed, shadow.errors) == (13, 0, 10, 3)
 
+    @pytest.mark.parametrize("seed", range(5))
+    def test_a_step_waits_for_its_comparisons(self, seed: int) -> None:
+        """A candidate wrong on every input passed its first step ("guard passed", then promoted in 8 runs of
+        10): the step ended on served requests while its mirrors were still on their way to be compared, so
+        it held no comparison, and the late ones counted in the next step. With max_disagreement a step
+        ends once every mirror sent in it has come back (compared, or failed)."""
+        decisions: list[CanaryDecision] = []
+        guard = Guard(max_disagreement=0.02)
+        canary = Canary(
+            "v1", "v2", steps=(0.1, 1.0), min_requests_per_step=20, guard=guard, on_decision=decisions.append
+        )
+        with Router({"v1": arm(2), "v2": arm(3)}, Shadow(canary, "v2"), seed=seed) as r:
+            for i in range(400):
+                r.predict(x(i))
+        assert [(d.action, d.step, d.reason) for d in decisions] == [("rollback", 0, "max_disagreement")]
+        assert canary.state is CanaryState.ROLLED_BACK
+
+    def test_mirrors_settle_the_step_in_order(self) -> None:
+        """The counting rule itself: served requests enough for the step, but two mirrors of three compared: no
+        decision; the third (disagreeing) comes back: rolled back. A failed mirror settles without a vote."""
+        canary = Canary("v1", "v2", steps=(0.1, 1.0), min_requests_per_step=2, guard=Guard(max_disagreement=0.4))
+        for kind in ("mirrored", "mirrored", "mirrored", "served", "served"):
+            canary.feedback(Feedback(kind, "v2", now=1.0))
+        canary.feedback(Feedback("shadow", "v2", now=1.0, agreed=True))
+        canary.feedback(Feedback("mirror_failed", "v2", now=1.0))
+        assert (canary.state, canary.step) == (CanaryState.RUNNING, 0)
+        canary.feedback(Feedback("shadow", "v2", now=1.0, agreed=False))
+        assert canary.state is CanaryState.ROLLED_BACK  # 1 of 2 compared disagreed: 0.5 > 0.4
+        calm = Canary("v1", "v2", steps=(0.1, 1.0), min_requests_per_step=1)  # no disagreement guard: no wait
+        calm.feedback(Feedback("mirrored", "v2", now=1.0))
+        calm.feedback(Feedback("served", "v2", now=1.0))
+        assert calm.step == 1
+
+    def test_nan_where_both_have_nan_agrees(self) -> None:
+        """The default compare used np.allclose without equal_nan: identical arms disagreed on every output
+        holding a NaN, so a client sending NaNs rolled back a healthy candidate (max_disagreement)."""
+        decisions: list[CanaryDecision] = []
+        guard = Guard(max_disagreement=0.02)
+        canary = Canary(
+            "v1", "v2", steps=(0.1, 1.0), min_requests_per_step=20, guard=guard, on_decision=decisions.append
+        )
+        with Router({"v1": arm(2), "v2": arm(2)}, Shadow(canary, "v2"), seed=1) as r:
+            deadline = time.monotonic() + WAIT
+            for i in range(100_000):  # until promoted (a step ends once its mirrors were compared), bounded
+                r.predict(np.array([[np.nan, i]]) if i % 10 == 0 else x(i))
+                if canary.state is not CanaryState.RUNNING or time.monotonic() > deadline:
+                    break
+                time.sleep(0.0005)  # the shadow's thread compares meanwhile
+        assert r.stats().shadow.disagreed == 0
+        assert canary.state is CanaryState.PROMOTED, decisions
+
     def test_blocked_candidate_drops_instead_of_backing_up(self) -> None:
         """A candidate that blocks until released: the caller is served, and the overflow is dropped and counted."""
         gate = threading.Event()

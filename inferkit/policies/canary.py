@@ -206,6 +206,8 @@ class Canary(StoreSync):
         served = cand.window.requests
         since = now if self._counts.since is None else self._counts.since  # feedback() has set it
         step_done = served >= self.min_requests_per_step and now - since >= self.min_seconds_per_step
+        if step_done and self.guard.max_disagreement is not None and cand.settled < cand.mirrored:
+            step_done = False  # the step's comparisons still on their way: judged when the last comes back
         if not step_done:
             # Mid-step only a certain failure counts; relative checks (and their quantiles, on the
             # request path) wait for a full step's data.

@@ -82,6 +82,8 @@ class _StepWindow:
         self.window = Window()
         self.compared = 0
         self.disagreed = 0
+        self.mirrored = 0  # mirrors sent to the arm in the step: each ends compared or failed (settled)
+        self.settled = 0
         self.outcomes = 0
         self.outcome_sum = 0.0
 

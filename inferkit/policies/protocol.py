@@ -21,8 +21,12 @@ class Feedback:
     """What the router tells a policy after a request.
 
     ``kind`` is ``"served"`` (``latency_s``, ``failed``: the model or its replicas failed),
-    ``"shadow"`` (``agreed``: the mirrored arm's output matched the primary's) or
-    ``"outcome"`` (``value``: a business metric the app recorded for that arm).
+    ``"mirrored"`` (a request was sent to the shadow arm ``arm``, to be compared), ``"shadow"``
+    (``agreed``: a mirror's output matched the primary's), ``"mirror_failed"`` (a mirror sent
+    was not compared: the mirror, the primary or the comparison failed) or ``"outcome"``
+    (``value``: a business metric the app recorded for that arm). Every ``"mirrored"`` ends in
+    one ``"shadow"`` or ``"mirror_failed"``, perhaps on another thread; a policy may ignore
+    kinds it does not use.
     """
 
     kind: str

@@ -157,6 +157,11 @@ class StepCounts:
         elif feedback.kind == "shadow":
             side.compared += 1
             side.disagreed += not feedback.agreed
+            side.settled += 1
+        elif feedback.kind == "mirrored":
+            side.mirrored += 1
+        elif feedback.kind == "mirror_failed":
+            side.settled += 1
         elif feedback.kind == "outcome":
             side.outcomes += 1
             side.outcome_sum += feedback.value
@@ -175,6 +180,7 @@ class StepCounts:
             view = _StepWindow()
             view.window = _PooledWindow(side.window, requests, failures)
             view.compared, view.disagreed = side.compared, side.disagreed
+            view.mirrored, view.settled = side.mirrored, side.settled
             view.outcomes, view.outcome_sum = side.outcomes, side.outcome_sum
             pooled.append(view)
         return pooled[0], pooled[1]
