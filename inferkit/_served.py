@@ -20,8 +20,9 @@ def key_id(key: Hashable) -> int:
 class ServedBy:
     """Which arm served each sticky key (by its digest) and each submitted request id, for ``record``.
 
-    A store is one dict assignment (atomic), so the request path takes no lock; ``_lock`` only
-    serialises the pruning that forgets the oldest tenth past ``_REMEMBER`` entries.
+    A store is dict operations (each atomic), so the request path takes no lock; ``_lock`` only
+    serialises the pruning that forgets the oldest tenth past ``_REMEMBER`` entries (for keys,
+    those served least recently).
     """
 
     __slots__ = ("_by_id", "_by_key", "_ids", "_lock")
@@ -37,7 +38,8 @@ class ServedBy:
         return next(self._ids)
 
     def key(self, key_id: int, arm: str) -> None:
-        """Remember that ``arm`` served the key digested to ``key_id``."""
+        """Remember that ``arm`` served the key digested to ``key_id``, as the newest (pruned last)."""
+        self._by_key.pop(key_id, None)  # re-inserted at the end: pruning forgets the keys served least recently
         self._remember(self._by_key, key_id, arm)
 
     def request(self, request_id: int, arm: str) -> None:

@@ -54,6 +54,18 @@ class RoutedFuture(Future[Any]):
         return True
 
 
+def _settle_copy(seen: Future[Any], done: Future[Any], error: BaseException | None) -> None:
+    """``seen`` settled as ``done`` was, with a copy of its result; a copy that fails counts as the mirror's error."""
+    try:
+        if error is None:
+            seen.set_result(copied(done.result()))
+        else:
+            seen.set_exception(error)
+    except Exception as failed:  # noqa: BLE001 (memory, say: the caller's answer must still go out)
+        if not seen.done():
+            seen.set_exception(failed)
+
+
 @attrs.frozen
 class RouterStats:
     """Per-arm predictor stats, requests each arm answered (refusals not counted), shadow counts, the policy.
@@ -187,14 +199,21 @@ class Router:
         if key_id is not None:
             ledger.served_by.key(key_id, route.arm)
 
+        # What a mirror is compared with: the result copied before the caller has it to write into.
+        seen: Future[Any] | None = None if route.shadow is None else Future()
+
         def relay(done: Future[Any]) -> None:
             if done.cancelled():
+                if seen is not None:
+                    seen.cancel()
                 outer.cancel()
                 return
             error = done.exception()
             try:
                 ledger.served(route.arm, start, error, x)
-            finally:  # accounting that goes wrong must never leave the caller waiting for good
+            finally:  # accounting that goes wrong must never leave the caller (or the shadow) waiting for good
+                if seen is not None:
+                    _settle_copy(seen, done, error)
                 if outer.set_running_or_notify_cancel():
                     if error is None:
                         outer.set_result(done.result())
@@ -202,8 +221,8 @@ class Router:
                         outer.set_exception(error)
 
         inner.add_done_callback(relay)
-        if route.shadow is not None:
-            self._shadow.mirror(route.shadow, x, outer)
+        if route.shadow is not None and seen is not None:
+            self._shadow.mirror(route.shadow, x, seen)
         return outer
 
     async def apredict(

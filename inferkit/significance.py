@@ -54,6 +54,8 @@ def _t_two_sided_p(t: float, df: float) -> float:
     """P(|T| > |t|) for Student's t with ``df`` degrees of freedom: I_{df/(df+t²)}(df/2, 1/2)."""
     if df > 1e8:  # the continued fraction loses digits; the normal tail plus its 1/df term is good to ~1e-8
         t = abs(t)
+        if t > 40:  # both terms are below the smallest double (and t**3 past 1e102 overflows)
+            return 0.0
         return math.erfc(t / math.sqrt(2)) + math.exp(-t * t / 2) * (t**3 + t) / (2 * df * math.sqrt(2 * math.pi))
     return _betai(df / 2, 0.5, df / (df + t * t), t * t / (df + t * t))
 

@@ -68,6 +68,13 @@ class TestWelchTTest:
         sa, sb = 2.0 / n_a, 3.0 / n_b
         assert df == pytest.approx((sa + sb) ** 2 / (sa**2 / (n_a - 1) + sb**2 / (n_b - 1)), rel=1e-12)
 
+    def test_a_huge_t_over_many_outcomes_is_p_zero(self) -> None:
+        """Past 10^8 degrees of freedom the tail used t**3, which overflows past t ~ 1e102: welch_t_test (and an
+        Experiment's report of 10^9 outcomes an arm) raised OverflowError where p is 0."""
+        assert welch_t_test(1.0, 1e-200, 10**9, 0.0, 1e-200, 10**9)[2] == 0.0
+        assert _t_two_sided_p(1e200, 1e9) == 0.0
+        assert _t_two_sided_p(39.0, 1e9) == pytest.approx(math.erfc(39.0 / math.sqrt(2)), rel=1e-6)
+
     def test_equal_samples_give_the_pooled_df(self) -> None:
         """Equal sizes and variances give df = 2n - 2, here 2, 4, 6 and 8."""
         assert [welch_t_test(0.0, 1.0, n, 1.0, 1.0, n)[1] for n in (2, 3, 4, 5)] == pytest.approx([2, 4, 6, 8])

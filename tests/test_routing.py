@@ -219,6 +219,16 @@ class TestFaces:
         assert served.arm(7, None) == "v2"
         assert served.arm(8, None) is None
 
+    def test_a_key_served_again_is_remembered_as_new(self) -> None:
+        """Pruning forgot the keys first seen, not those served least recently: a user served on every other
+        request was forgotten (record raised KeyError) once 100,000 other keys had come."""
+        served = ServedBy()
+        for i in range(_REMEMBER):  # the last key makes _REMEMBER + 1: the oldest tenth is forgotten
+            served.key(-1, "v2")
+            served.key(i, "v1")
+        assert served.arm(-1, None) == "v2"
+        assert served.arm(0, None) is None
+
 
 @pytest.mark.parametrize(
     "weights", [{}, {"a": -1.0, "b": 1.0}, {"a": float("nan")}, {"a": float("inf"), "b": 1.0}, {"a": 0, "b": 0}]
@@ -669,6 +679,7 @@ class TestShadow:
                 buf[:] = i
                 out = r.submit(buf).result(WAIT)
                 np.testing.assert_array_equal(out, x(i) * 2)
+                out[:] = -1  # submit's result was compared as the caller left it (disagreed)
             gate.set()
         shadow = r.stats().shadow
         assert (shadow.sent, shadow.agreed, shadow.disagreed) == (20, 20, 0)
