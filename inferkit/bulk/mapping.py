@@ -258,7 +258,8 @@ def layout(outputs: Any) -> dict[str, list[Any]]:
     float64 and lose the ints past 2^53).
     """
     named = outputs if isinstance(outputs, Mapping) else {"": outputs}
-    shaped = {k: np.asarray(a) for k, a in named.items()}
+    # A device array is described where it is, not copied to the host.
+    shaped = {k: a if hasattr(a, "dtype") and hasattr(a, "shape") else np.asarray(a) for k, a in named.items()}
     return {k: [a.dtype.kind if a.dtype.kind in "US" else a.dtype.str, list(a.shape[1:])] for k, a in shaped.items()}
 
 
