@@ -25,7 +25,7 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.utils import InferenceServerException
 
-from inferkit import ABTest, BatchConfig, DeadlineExceeded, Predictor, Router, TensorSpec
+from inferkit import ABTest, BatchConfig, DeadlineExceeded, Fixed, Predictor, Router, TensorSpec
 from inferkit.server import Repository, ServedModel
 from inferkit.server import proto as pb
 from inferkit.server.grpc import ARM_METADATA, KEY_METADATA, create_server
@@ -485,6 +485,24 @@ class TestRouting:
                 np.testing.assert_array_equal(result.as_numpy("y"), X * factor[arm])
         assert set(arms.values()) == {"a", "b"}
         assert all(arm in {"a", "b"} for _, arm, _ in served.metrics.outcomes())
+
+    def test_versions_of_other_outputs_answer_under_their_own_names(self, serve: Callable[..., Served]) -> None:
+        """A one-output result was named from the unpinned router's signature, its first arm's: with version 1
+        declaring ``z`` and version 2 (which answers unpinned requests) ``y``, every answer came back as ``z``
+        (tritonclient's as_numpy("y") gave None), and the metadata listed version 1's outputs. Now each answer
+        is named as the arm that gave it declares; the metadata shows the highest version, as the config does."""
+        one = Predictor.from_callable(
+            lambda x: x * np.float32(5),
+            inputs=[TensorSpec("x", np.float32, (None, 4))],
+            outputs=[TensorSpec("z", np.float32, (None, 4))],
+        )
+        two = scaled(3)
+        served = serve([ServedModel("m", Router({"1": one, "2": two}, Fixed("2")), versions={"1": one, "2": two})])
+        np.testing.assert_array_equal(served.triton.infer("m", [triton_input("x", X)]).as_numpy("y"), X * 3)
+        pinned = served.triton.infer("m", [triton_input("x", X)], model_version="1")
+        np.testing.assert_array_equal(pinned.as_numpy("z"), X * 5)
+        assert [o.name for o in served.triton.get_model_metadata("m").outputs] == ["y"]
+        assert [o.name for o in served.triton.get_model_metadata("m", "1").outputs] == ["z"]
 
     def test_parameter_key_matches_metadata_key(self, serve: Callable[..., Served]) -> None:
         """The request parameter ``key`` (a string, or an int read as its string) routes like the metadata key."""

@@ -194,8 +194,7 @@ class Repository:
 
     def metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
         """The protocol's model metadata: name, versions, platform, inputs and outputs."""
-        model = self.model(name)
-        target = self.resolve(name, version)
+        model, target = self._described(name, version)
         sig = signature_of(target)
         tensors: dict[str, list[dict[str, Any]]] = {"inputs": [], "outputs": []}
         if sig is not None:
@@ -215,10 +214,16 @@ class Repository:
             **tensors,
         }
 
-    def output_names(self, name: str, version: str | None = None) -> tuple[str, ...]:
-        """The outputs ``name`` declares, in order; empty when it declares none (an untyped callable)."""
-        sig = signature_of(self.resolve(name, version))
-        return () if sig is None else tuple(s.name for s in sig.outputs)
+    def _described(self, name: str, version: str | None) -> tuple[ServedModel, Predictive]:
+        """Model ``name`` and what its metadata and config describe: ``version``, else its highest, as Triton's latest.
+
+        Not the unpinned router's own signature, which is its first arm's: versions may differ.
+        """
+        model = self.model(name)
+        target = self.resolve(name, version)
+        if not version and model.versions:
+            target = model.versions[max(model.versions, key=_version_order)]
+        return model, target
 
     async def infer(
         self,
@@ -259,8 +264,9 @@ class Repository:
             value = await await_future(future)
         except InferkitError as error:
             raise Failed(error, arm) from error
-        if isinstance(value, np.ndarray):
-            sig = signature_of(target)
+        if isinstance(value, np.ndarray):  # one unnamed output: named as the arm that answered declares it
+            answered = target.arms.get(arm, target) if isinstance(target, Router) and arm is not None else target
+            sig = signature_of(answered)
             out_name = sig.outputs[0].name if sig is not None and len(sig.outputs) == 1 else _DEFAULT_OUTPUT
             value = {out_name: value}
         return InferResult(dict(value), arm, version)
@@ -298,10 +304,7 @@ class Repository:
         batch axis (-1: any size); ``dynamic_batching`` carries ``max_delay_ms`` (as
         microseconds) and ``max_queue_size``; one instance group per device the replicas run on.
         """
-        model = self.model(name)
-        target = self.resolve(name, version)
-        if not version and model.versions:
-            target = model.versions[max(model.versions, key=_version_order)]
+        _, target = self._described(name, version)
         predictor = next((p for p in predictors_behind(target) if isinstance(p, Predictor)), None)
         sig = signature_of(target)
         config: dict[str, Any] = {"name": name, "platform": "inferkit", "backend": "inferkit"}
