@@ -664,6 +664,13 @@ class TestConfigLoader:
         np.testing.assert_array_equal(c.infer("http", "clf", x, version="2"), x * 3)
         np.testing.assert_array_equal(c.infer("http", "clf", x), x * 3)  # the highest version answers unpinned
         np.testing.assert_array_equal(c.infer("http", "clf", x, version="1"), x)
+        c.http.unload_model("clf", headers=AUTH)  # a version of an unloaded model: a load refused (was a 404)
+        error = _grpc_error(lambda: c.http.load_model("clf", headers=AUTH, config=json.dumps(version)))
+        assert error.status() == "400"
+        assert "failed to load 'clf' version '2': " in error.message()
+        assert "load the whole model first" in error.message()
+        c.http.load_model("clf", headers=AUTH)
+        np.testing.assert_array_equal(c.infer("http", "clf", x), x * 2)
         for path in ("../../etc/passwd", "/etc/passwd", "inside/../../x.onnx"):
             escape = {"parameters": {"path": {"string_value": path}}}
             error = _grpc_error(lambda e=escape: c.grpc.load_model("m", headers=AUTH, config=json.dumps(e)))

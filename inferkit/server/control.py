@@ -239,9 +239,12 @@ class Controller:
                     old = [self.repository.swap_version(name, built.version, built.predictor)]
                 else:
                     old = self.repository.install(built)
-            except (ModelNotFound, Closed):  # not served (the server may have closed meanwhile): close it here
+            except (ModelNotFound, Closed) as error:  # not served (the server may have closed meanwhile): close it here
                 for target in _parts(built) if isinstance(built, ServedModel) else [built.predictor]:
                     target.close()
+                if isinstance(error, ModelNotFound) and isinstance(built, LoadedVersion):  # a load refused, not a 404
+                    msg = f"failed to load {name!r} version {built.version!r}: {error}; load the whole model first"
+                    raise LoadFailed(msg) from None
                 raise
         for target in old:  # after the swap: requests they accepted finish, new ones go to the new model
             target.close()
