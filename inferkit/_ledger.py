@@ -99,11 +99,16 @@ class Ledger:
         """Feedback calls the policy raised (dropped)."""
         return self._errors.count
 
-    def served(self, arm: str, start: float, error: BaseException | None, x: Any = None) -> None:
-        """Count a request ``arm`` answered (or failed) since ``start``; ``x`` lets a canary's error be confirmed."""
+    def served(
+        self, arm: str, start: float, error: BaseException | None, x: Any = None, end: float | None = None
+    ) -> None:
+        """Count a request ``arm`` answered (or failed) from ``start`` to ``end`` (now if not given).
+
+        ``x`` lets a canary's error be confirmed.
+        """
         if isinstance(error, _REFUSALS):
             return  # never ran on the model: neither a request nor a failure of the arm
-        now = self.clock()
+        now = self.clock() if end is None else end
         latency = max(0.0, now - start)  # a clock that stepped back: counted, with no latency (never raised)
         if x is not None and isinstance(error, ModelError):  # a timeout the baseline repeats is the input's too
             canary = find_canary(self.in_force.policy)

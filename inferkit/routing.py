@@ -165,13 +165,14 @@ class Router:
         except Exception as error:
             ledger.served(route.arm, start, error, x)
             raise
-        ledger.served(route.arm, start, None)
-        if key_id is not None:
-            ledger.served_by.key(key_id, route.arm)
-        if route.shadow is not None:
+        end = ledger.clock()
+        if route.shadow is not None:  # mirrored before counted: a step this request ends waits for its mirror
             done: Future[Any] = Future()
             done.set_result(copied(result))  # compared later: the caller may write into its result
             self._shadow.mirror(route.shadow, x, done)
+        ledger.served(route.arm, start, None, end=end)  # the copies above are no latency of the arm's
+        if key_id is not None:
+            ledger.served_by.key(key_id, route.arm)
         return result
 
     def submit(
@@ -220,9 +221,9 @@ class Router:
                     else:
                         outer.set_exception(error)
 
-        inner.add_done_callback(relay)
-        if route.shadow is not None and seen is not None:
+        if route.shadow is not None and seen is not None:  # before relay can count it (a done inner runs it at once)
             self._shadow.mirror(route.shadow, x, seen)
+        inner.add_done_callback(relay)
         return outer
 
     async def apredict(

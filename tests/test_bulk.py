@@ -96,6 +96,13 @@ class TestMap:
             predictor.map(x, on_error="ignore")  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
             predictor.stream(x, batch_size=0)  # at the call: it returned a generator that raised at its first next()
+        for timeout in (-1, 0, float("nan")):  # every batch would have failed (DeadlineExceeded), at next()
+            with pytest.raises(ValueError, match="timeout must be a number of seconds > 0 or None"):
+                predictor.stream(x, timeout=timeout)
+            with pytest.raises(ValueError, match="timeout must be a number of seconds > 0 or None"):
+                predictor.map(x, timeout=timeout)
+        with pytest.raises(TypeError, match="timeout must be a number of seconds or None"):
+            predictor.stream(x, timeout="x")  # type: ignore[arg-type]
 
     @pytest.mark.parametrize("on_error", ["raise", "skip", "collect"])
     def test_no_rows_is_invalid_input_as_for_predict(self, predictor: inferkit.Predictor, on_error: Any) -> None:
@@ -169,6 +176,23 @@ class TestErrors:
             assert int(echo.map(iter([big, big]))[1, 0]) == 2**53 + 1
             words = echo.map(iter([np.array([["ab"]]), np.array([["abcdefg"]])]))
             assert words.tolist() == [["ab"], ["abcdefg"]]
+
+    @pytest.mark.parametrize("on_error", ["skip", "collect"])
+    def test_halves_of_a_bisected_batch_are_joined_alike(self, on_error: Any) -> None:
+        """A batch split to find its bad row joined its halves with a bare np.concatenate: an int64 2^53 + 1 from a
+        one-row half came back as float64 2^53 beside float64 halves. The halves are checked as batches are."""
+
+        def one_row_is_int(a: np.ndarray) -> np.ndarray:
+            if (a < 0).any():
+                raise inferkit.InvalidInput("negative row")
+            if len(a) == 1:
+                return np.full((1, 1), 2**53 + 1, dtype=np.int64)
+            return np.ones((len(a), 1))
+
+        data = np.array([[1.0], [2.0], [-1.0], [3.0]])
+        with inferkit.Predictor.from_callable(one_row_is_int, max_batch_size=4) as p:
+            with pytest.raises(inferkit.ModelError, match=r"rows 3\.\.3 \(output int64 \(N, 1\)\).*float64"):
+                p.map(data, batch_size=4, on_error=on_error)
 
     def test_raise(self, poisoned: inferkit.Predictor) -> None:
         """on_error='raise' (default) ends the job with the model's error."""

@@ -38,7 +38,7 @@ from inferkit import (
     Shadow,
     TensorSpec,
 )
-from inferkit._served import _REMEMBER, ServedBy
+from inferkit._served import _REMEMBER, ServedBy, key_id
 from inferkit.integrations.redis import RedisStore
 from inferkit.policies import find_canary
 from inferkit.routing import Predictive
@@ -734,6 +734,57 @@ class TestShadow:
         calm.feedback(Feedback("mirrored", "v2", now=1.0))
         calm.feedback(Feedback("served", "v2", now=1.0))
         assert calm.step == 1
+        # Under a steady load mirrors keep coming: the step waits for as many as were sent when it was due,
+        # not for every one (it stalled while the clients kept sending).
+        busy = Canary("v1", "v2", steps=(0.1, 1.0), min_requests_per_step=1, guard=Guard(max_disagreement=0.4))
+        for kind in ("mirrored", "mirrored", "served", "mirrored", "mirrored", "mirrored"):
+            busy.feedback(Feedback(kind, "v2", now=1.0))
+        busy.feedback(Feedback("shadow", "v2", now=1.0, agreed=True))
+        assert busy.step == 0
+        busy.feedback(Feedback("shadow", "v2", now=1.0, agreed=True))
+        assert busy.step == 1
+
+    def test_the_request_that_ends_a_step_is_judged_with_its_mirror(self) -> None:
+        """predict told the policy "served" before "mirrored": the baseline request that ended a step decided it
+        ("guard passed", promoted) before its own mirror, which disagreed, was counted. Now it is mirrored
+        first, and the step waits for that mirror: 1 of 4 comparisons disagreeing (0.25 > 0.2) rolls it back."""
+        now = [0.0]
+
+        def wrong_on_999(a: np.ndarray) -> np.ndarray:
+            out = a * 2
+            out[a[:, 0] == 999] *= 5
+            return out
+
+        decisions: list[CanaryDecision] = []
+        canary = Canary(
+            "v1",
+            "v2",
+            steps=(0.5,),
+            min_requests_per_step=2,
+            min_seconds_per_step=1.0,
+            guard=Guard(max_disagreement=0.2),
+            on_decision=decisions.append,
+        )
+        arms = {"v1": arm(2), "v2": Predictor.from_callable(wrong_on_999)}
+        with Router(arms, Shadow(canary, "v2"), clock=lambda: now[0]) as r:
+            to_v1 = [k for k in range(1000) if key_id(k) / 2**64 >= 0.5][:4]
+            to_v2 = [k for k in range(1000) if key_id(k) / 2**64 < 0.5][:2]
+
+            def settled() -> None:
+                deadline = time.monotonic() + WAIT
+                while sum(astuple(r.stats().shadow)[2:]) < r.stats().shadow.sent and time.monotonic() < deadline:
+                    time.sleep(0.002)
+
+            for k in to_v1[:3]:  # three comparisons that agree
+                r.predict(x(1), key=k)
+                settled()
+            for k in to_v2:  # the candidate serves its two
+                r.predict(x(1), key=k)
+            now[0] = 5.0  # the step's time has passed: the next request ends it
+            r.predict(x(999), key=to_v1[3])
+            settled()
+        assert [(d.action, d.reason) for d in decisions] == [("rollback", "max_disagreement")]
+        assert decisions[0].numbers["disagreement"] == 0.25
 
     def test_nan_where_both_have_nan_agrees(self) -> None:
         """The default compare used np.allclose without equal_nan: identical arms disagreed on every output

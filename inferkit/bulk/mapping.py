@@ -10,6 +10,7 @@ from typing import Any, Literal, Protocol
 import attrs
 import numpy as np
 
+from inferkit.batching.request import seconds_of
 from inferkit.bulk.columns import _Flawed, _slice
 from inferkit.bulk.progress import Progress
 from inferkit.bulk.reading import _concat, _rows, batches, total_rows
@@ -84,6 +85,9 @@ def _bisect(target: Submitter, batch: Any, first: int, timeout: float | None) ->
         left = _bisect(target, _slice(batch, 0, mid), first, timeout)
         right = _bisect(target, _slice(batch, mid, n), first + mid, timeout)
         kept = [d.outputs for d in (left, right) if d.outputs is not None]
+        if len(kept) == 2:  # halves are joined as whole batches are: of one layout
+            later = range(int(right.rows[0]), int(right.rows[-1]) + 1)
+            check_layout((layout(kept[0]), int(left.rows[0]), int(left.rows[-1])), layout(kept[1]), later)
         return _Done(
             _concat(kept) if kept else None, np.concatenate([left.rows, right.rows]), left.errors + right.errors
         )
@@ -153,7 +157,10 @@ def _parts(
             progress.close()
 
 
-def _check(batch_size: int, in_flight: int, on_error: str) -> None:
+def _check(batch_size: int, in_flight: int, on_error: str, timeout: float | None = None) -> None:
+    if timeout is not None and not seconds_of(timeout) > 0:  # a number (TypeError), > 0: each batch would fail
+        msg = f"timeout must be a number of seconds > 0 or None, got {timeout!r}"
+        raise ValueError(msg)
     if not isinstance(batch_size, int) or batch_size < 1:
         msg = f"batch_size must be an int >= 1, got {batch_size!r}"
         raise ValueError(msg)
@@ -165,9 +172,11 @@ def _check(batch_size: int, in_flight: int, on_error: str) -> None:
         raise ValueError(msg)
 
 
-def _batches(target: Submitter, data: Any, batch_size: int, in_flight: int, on_error: OnError) -> Iterator[Any]:
+def _batches(
+    target: Submitter, data: Any, batch_size: int, in_flight: int, on_error: OnError, timeout: float | None
+) -> Iterator[Any]:
     """``data`` read in batches of ``batch_size`` rows for ``target``, once the settings are checked."""
-    _check(batch_size, in_flight, on_error)
+    _check(batch_size, in_flight, on_error, timeout)
     signature = getattr(target, "signature", None)
     return batches(data, batch_size, signature=signature if isinstance(signature, Signature) else None)
 
@@ -192,7 +201,7 @@ def stream_batches(
 
     See :meth:`inferkit.Predictor.stream`.
     """
-    batches = _batches(target, data, batch_size, in_flight, on_error)  # settings refused here, not at the first next()
+    batches = _batches(target, data, batch_size, in_flight, on_error, timeout)  # refused here, not at next()
     return _streamed(target, batches, data, in_flight, on_error, timeout, progress)
 
 
@@ -227,7 +236,7 @@ def map_batches(
 
     ``first``: the index of ``data``'s first row in the whole input (a job's chunk), for errors.
     """
-    batches = _batches(target, data, batch_size, in_flight, on_error)
+    batches = _batches(target, data, batch_size, in_flight, on_error, timeout)
     kept: list[Any] = []
     rows: list[np.ndarray[Any, Any]] = []
     errors: list[RowError] = []

@@ -206,8 +206,13 @@ class Canary(StoreSync):
         served = cand.window.requests
         since = now if self._counts.since is None else self._counts.since  # feedback() has set it
         step_done = served >= self.min_requests_per_step and now - since >= self.min_seconds_per_step
-        if step_done and self.guard.max_disagreement is not None and cand.settled < cand.mirrored:
-            step_done = False  # the step's comparisons still on their way: judged when the last comes back
+        if step_done and self.guard.max_disagreement is not None:
+            # Judged once as many mirrors came back as were sent when the step was due: not on those that
+            # happened to be compared in time, nor waiting for later ones (a steady load never lets them all).
+            local = self._counts.windows[self.candidate]  # mirrors are this process's own
+            if local.due is None:
+                local.due = local.mirrored
+            step_done = local.settled >= local.due
         if not step_done:
             # Mid-step only a certain failure counts; relative checks (and their quantiles, on the
             # request path) wait for a full step's data.

@@ -84,6 +84,7 @@ class _StepWindow:
         self.disagreed = 0
         self.mirrored = 0  # mirrors sent to the arm in the step: each ends compared or failed (settled)
         self.settled = 0
+        self.due: int | None = None  # mirrors sent when the step was otherwise done: it waits for as many to settle
         self.outcomes = 0
         self.outcome_sum = 0.0
 

@@ -180,7 +180,6 @@ class StepCounts:
             view = _StepWindow()
             view.window = _PooledWindow(side.window, requests, failures)
             view.compared, view.disagreed = side.compared, side.disagreed
-            view.mirrored, view.settled = side.mirrored, side.settled
             view.outcomes, view.outcome_sum = side.outcomes, side.outcome_sum
             pooled.append(view)
         return pooled[0], pooled[1]
