@@ -744,6 +744,25 @@ class TestShadow:
         busy.feedback(Feedback("shadow", "v2", now=1.0, agreed=True))
         assert busy.step == 1
 
+    def test_a_steps_leftover_mirrors_do_not_end_the_next_step_early(self) -> None:
+        """Mirrors sent while a step waited, back after it ended, counted as settled in the next step: with one
+        mirror of its own due, that step passed at once on the two leftovers, before its own (disagreeing) mirror
+        came back; a wrong candidate was promoted. Leftovers are owed now: they settle without ending the wait."""
+        canary = Canary("v1", "v2", steps=(0.1, 0.5, 1.0), min_requests_per_step=1, guard=Guard(max_disagreement=0.2))
+        agreed = Feedback("shadow", "v2", now=1.0, agreed=True)
+        for kind in ("mirrored", "mirrored", "served", "mirrored", "mirrored"):  # two more sent while it waits
+            canary.feedback(Feedback(kind, "v2", now=1.0))
+        canary.feedback(agreed)
+        canary.feedback(agreed)
+        assert canary.step == 1
+        canary.feedback(agreed)  # the two leftovers come back in step 1
+        canary.feedback(agreed)
+        canary.feedback(Feedback("mirrored", "v2", now=1.0))
+        canary.feedback(Feedback("served", "v2", now=1.0))
+        assert (canary.state, canary.step) == (CanaryState.RUNNING, 1)  # waits for its own mirror
+        canary.feedback(Feedback("shadow", "v2", now=1.0, agreed=False))
+        assert canary.state is CanaryState.ROLLED_BACK  # 1 of 3 compared in the step: 0.33 > 0.2
+
     def test_the_request_that_ends_a_step_is_judged_with_its_mirror(self) -> None:
         """predict told the policy "served" before "mirrored": the baseline request that ended a step decided it
         ("guard passed", promoted) before its own mirror, which disagreed, was counted. Now it is mirrored

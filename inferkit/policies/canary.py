@@ -283,7 +283,7 @@ class Canary(StoreSync):
                 self._health.unsaved = True
         self._position = after
         if after.epoch != current.epoch:
-            self._counts = StepCounts((self.baseline, self.candidate))
+            self._counts = self._counts.fresh()
         return decision
 
     def _announce(self, decision: CanaryDecision) -> None:

@@ -145,6 +145,17 @@ class StepCounts:
         self.windows = {arm: _StepWindow() for arm in arms}
         self.since: float | None = None  # the first feedback's time in this step
 
+    def fresh(self) -> StepCounts:
+        """The next step's counts, owing the mirrors this step sent that are not back yet.
+
+        They settle in the next step without counting toward its wait: a step waits for its own
+        mirrors, not for leftovers that came back early.
+        """
+        new = StepCounts(self.windows)
+        for arm, side in self.windows.items():
+            new.windows[arm].settled = min(0, side.settled - side.mirrored)
+        return new
+
     def count(self, feedback: Feedback) -> bool:
         """Add ``feedback`` to its arm's numbers; False when the arm is neither baseline nor candidate."""
         if self.since is None:

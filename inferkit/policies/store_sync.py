@@ -155,7 +155,7 @@ class StoreSync:
                 position = position.after(CanaryState.ROLLED_BACK, position.step, 0.0, current.history[-1])
         self._position = position
         if position.epoch != current.epoch:
-            self._counts = StepCounts((self.baseline, self.candidate))
+            self._counts = self._counts.fresh()
 
     def store_failed(self, error: BaseException | None) -> None:
         """Called by a store: whether it can be reached (``None``: it can again). Logged on each change."""
