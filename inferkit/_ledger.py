@@ -7,6 +7,7 @@ candidate's errors confirmed against the baseline, and the policy's feedback).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Collection
@@ -121,13 +122,22 @@ class Ledger:
         """A candidate's failure the baseline did not repeat."""
         self._count(arm, latency, failed=True, now=self.clock())
 
-    def shadow(self, arm: str, outcome: str) -> None:
-        """Tell the policy of a mirror to ``arm``: ``"mirrored"``, then ``"agreed"``, ``"disagreed"``, ``"errors"``."""
+    def mirrored(self, arm: str) -> Callable[[str], None]:
+        """Tell the policy in force of a mirror sent to ``arm``; return how to tell it how the mirror ended.
+
+        The end (``"agreed"``, ``"disagreed"``, ``"errors"``) goes to that same policy: one set meanwhile
+        never saw this mirror sent, and a canary's step must not count it.
+        """
+        policy = self.in_force.policy
+        self._errors.give(policy, Feedback("mirrored", arm, self.clock()))
+        return functools.partial(self._settled, policy, arm)
+
+    def _settled(self, policy: Policy, arm: str, outcome: str) -> None:
         if outcome in {"agreed", "disagreed"}:
             feedback = Feedback("shadow", arm, self.clock(), agreed=outcome == "agreed")
         else:
-            feedback = Feedback("mirror_failed" if outcome == "errors" else outcome, arm, self.clock())
-        self._errors.give(self.in_force.policy, feedback)
+            feedback = Feedback("mirror_failed", arm, self.clock())
+        self._errors.give(policy, feedback)
 
     def record(self, arm: str, value: float) -> None:
         """Credit a business outcome to ``arm`` and tell the policy."""

@@ -111,7 +111,7 @@ class Router:
         self._on_route = on_route
         self._observers = (*observers, LogObserver())
         self._ledger = Ledger(name, self._arms, self._submit_to, shadow_queue_size, clock)
-        self._shadow = ShadowTraffic(name, self._submit_to, compare, self._ledger.shadow, shadow_queue_size)
+        self._shadow = ShadowTraffic(name, self._submit_to, compare, self._ledger.mirrored, shadow_queue_size)
         self._closed = False
         self._shut = False
         self.set_policy(policy if policy is not None else ABTest(dict.fromkeys(self._arms, 1.0)))

@@ -59,16 +59,17 @@ class ShadowTraffic:
     """A router's mirrored requests: a bounded queue, one sender thread, and the comparison counts.
 
     ``submit(arm, x)`` sends to the arm in force when the mirror is sent (so a swapped arm gets
-    its mirrors); ``feedback(arm, outcome)`` reports each mirror to the router's policy:
-    ``"mirrored"`` before it is queued, then ``"agreed"``, ``"disagreed"`` or ``"errors"``.
+    its mirrors); ``announce(arm)`` tells the router's policy of each mirror before it is
+    queued and returns ``settle(outcome)``, called once with ``"agreed"``, ``"disagreed"`` or
+    ``"errors"`` (it tells the same policy, whatever is in force by then).
     ``_lock`` guards ``_pending``, ``_stats`` (a frozen value, replaced whole on each change, so
     :meth:`stats` reads it without the lock), ``_thread`` and ``_closed``; the queue locks itself.
     """
 
     __slots__ = (
+        "_announce",
         "_closed",
         "_compare",
-        "_feedback",
         "_limit",
         "_lock",
         "_name",
@@ -84,13 +85,13 @@ class ShadowTraffic:
         name: str,
         submit: Callable[[str, Any], Future[Any]],
         compare: Callable[[Any, Any], bool],
-        feedback: Callable[[str, str], None],
+        announce: Callable[[str], Callable[[str], None]],
         limit: int,
     ) -> None:
         self._name = name
         self._submit = submit
         self._compare = compare
-        self._feedback = feedback
+        self._announce = announce
         self._limit = limit
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()  # sends and compares
@@ -111,7 +112,7 @@ class ShadowTraffic:
         copy = copied(x)  # its caller may reuse ``x`` once its own call returns
         # Told before it can be compared (a canary's step waits for its mirrors), outside the lock (a
         # policy's decision runs user callbacks, which may route again).
-        self._feedback(arm, "mirrored")
+        settle = self._announce(arm)
         with self._lock:
             queued = self._pending < self._limit and not self._closed
             if queued:
@@ -121,10 +122,10 @@ class ShadowTraffic:
                     name = f"inferkit-shadow-{self._name}"
                     self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
                     self._thread.start()
-                self._queue.put(functools.partial(self._send, arm, copy, primary))  # locked: before close's None
+                self._queue.put(functools.partial(self._send, arm, copy, primary, settle))  # before close's None
         if not queued:  # filled (or closed) meanwhile: told as never compared
             self._drop()
-            self._feedback(arm, "errors")
+            settle("errors")
 
     def _drop(self) -> None:
         with self._lock:
@@ -148,19 +149,19 @@ class ShadowTraffic:
                 return
             item()
 
-    def _send(self, arm: str, x: Any, primary: Future[Any]) -> None:
+    def _send(self, arm: str, x: Any, primary: Future[Any], settle: Callable[[str], None]) -> None:
         try:
             mirrored = self._submit(arm, x)
         except Exception:  # noqa: BLE001 (a refused mirror is counted, never raised)
-            self._done(arm, None, primary)
+            self._done(None, primary, settle)
             return
 
         def mirrored_done(_: Future[Any]) -> None:
-            primary.add_done_callback(lambda _: self._compare_later(arm, mirrored, primary))
+            primary.add_done_callback(lambda _: self._compare_later(mirrored, primary, settle))
 
         mirrored.add_done_callback(mirrored_done)
 
-    def _compare_later(self, arm: str, mirrored: Future[Any], primary: Future[Any]) -> None:
+    def _compare_later(self, mirrored: Future[Any], primary: Future[Any], settle: Callable[[str], None]) -> None:
         """Both are done: compare on this traffic's thread, never on the thread that settled either.
 
         That is the primary arm's worker when the mirror finished first: a slow ``compare``
@@ -168,11 +169,11 @@ class ShadowTraffic:
         """
         with self._lock:
             if not self._closed:
-                self._queue.put(functools.partial(self._done, arm, mirrored, primary))
+                self._queue.put(functools.partial(self._done, mirrored, primary, settle))
                 return
-        self._done(arm, mirrored, primary)  # the thread is stopping: compared here
+        self._done(mirrored, primary, settle)  # the thread is stopping: compared here
 
-    def _done(self, arm: str, mirrored: Future[Any] | None, primary: Future[Any]) -> None:
+    def _done(self, mirrored: Future[Any] | None, primary: Future[Any], settle: Callable[[str], None]) -> None:
         if any(f is None or f.cancelled() or f.exception() is not None for f in (mirrored, primary)):
             outcome = "errors"
         else:
@@ -184,4 +185,4 @@ class ShadowTraffic:
         with self._lock:
             self._pending -= 1
             self._stats = _plus_one(self._stats, outcome)
-        self._feedback(arm, outcome)
+        settle(outcome)

@@ -763,6 +763,35 @@ class TestShadow:
         canary.feedback(Feedback("shadow", "v2", now=1.0, agreed=False))
         assert canary.state is CanaryState.ROLLED_BACK  # 1 of 3 compared in the step: 0.33 > 0.2
 
+    def test_a_mirror_settles_with_the_policy_that_sent_it(self) -> None:
+        """A mirror's outcome went to the policy in force when it came back: after set_policy, a new canary counted
+        an old mirror it never saw sent, which ended its wait before its own (disagreeing) mirror came back, and
+        a wrong candidate was promoted. The outcome goes to the policy that was told of the mirror."""
+        held = threading.Event()
+        seen: list[str] = []
+
+        class Spy(Canary):
+            def feedback(self, feedback: Feedback) -> None:
+                seen.append(feedback.kind)
+                super().feedback(feedback)
+
+        def slow_on_7(a: np.ndarray) -> np.ndarray:
+            if np.any(a == 7):
+                assert held.wait(WAIT)
+            return a * 2
+
+        canary = Spy("v1", "v2", steps=(0.5,), min_requests_per_step=1, guard=Guard(max_disagreement=0.0))
+        v2 = Predictor.from_callable(slow_on_7, replicas=2, max_batch_size=1)
+        with Router({"v1": arm(2), "v2": v2}, Shadow(Fixed("v1"), "v2")) as r:
+            r.predict(x(7))  # mirrored under the old policy, held
+            r.set_policy(Shadow(canary, "v2"))
+            held.set()
+            deadline = time.monotonic() + WAIT
+            while r.stats().shadow.agreed < 1 and time.monotonic() < deadline:
+                time.sleep(0.002)
+        assert r.stats().shadow.agreed == 1
+        assert "shadow" not in seen  # the old policy's mirror came back to the old policy
+
     def test_the_request_that_ends_a_step_is_judged_with_its_mirror(self) -> None:
         """predict told the policy "served" before "mirrored": the baseline request that ended a step decided it
         ("guard passed", promoted) before its own mirror, which disagreed, was counted. Now it is mirrored
