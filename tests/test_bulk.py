@@ -744,8 +744,12 @@ class TestCsvCells:
         (tmp_path / "blank.csv").write_text("x\nabc\n\ndef\n")  # one column: a blank line is its empty cell
         (tmp_path / "cells.csv").write_text('n,x\n1,abc\n2,\n3,""\n')
         pq.write_table(pa.table({"x": ["abc", None, "def"]}), tmp_path / "blank.parquet")
+        # Dictionary-encoded (pandas' categoricals, many writers' strings): the null was "holding objects other
+        # than str or bytes", the row's error not naming the null.
+        encoded = pa.array(["abc", None, "def"]).dictionary_encode()
+        pq.write_table(pa.table({"x": encoded}), tmp_path / "dict.parquet")
         with inferkit.Predictor.from_onnx(_identity_model(TensorProto.STRING, "x", shape=("N",))) as strings:
-            for name in ("blank.csv", "blank.parquet"):
+            for name in ("blank.csv", "blank.parquet", "dict.parquet"):
                 result = strings.map(tmp_path / name, on_error="collect")
                 assert [e.index for e in result.errors] == [1], name
                 assert "got a null (an empty cell) in column 'x'" in str(result.errors[0].error)

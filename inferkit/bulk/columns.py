@@ -185,6 +185,8 @@ def _no_nulls(name: str, column: Any, spec: TensorSpec, faults: list[tuple[np.nd
 
     if pa.types.is_null(column.type):  # no value at all (a CSV column of empty cells)
         column = column.cast(pa.string() if spec.dtype.kind == "O" else pa.from_numpy_dtype(spec.dtype))
+    if pa.types.is_dictionary(column.type):  # Parquet's dictionary-encoded strings: the values, nulls kept
+        column = column.dictionary_decode()
     if not column.null_count or spec.dtype.kind == "f":
         return column
     stand_in = _stand_in(column.type)
