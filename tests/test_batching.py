@@ -147,7 +147,9 @@ def test_lone_predicts_are_booked_as_batches_of_one() -> None:
     ``stats()`` as batches of one row dispatched "idle", with the batches the worker ran, and keep
     their latencies in the replica's window past its end."""
     n = LATENCY_WINDOW + 7
-    with Predictor.from_callable(lambda a: a * 2) as p:
+    # A long delay: the worker's request goes "idle" at once (with 2 ms, a worker scheduled late on a busy
+    # machine found the delay past and booked it "delay").
+    with Predictor.from_callable(lambda a: a * 2, max_delay_ms=10_000) as p:
         for i in range(n):
             np.testing.assert_array_equal(p.predict(rows(float(i))), rows(float(i)) * 2)
         np.testing.assert_array_equal(p.submit(rows(-1.0)).result(WAIT), rows(-1.0) * 2)  # run by the worker
