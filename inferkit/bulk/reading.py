@@ -91,14 +91,15 @@ def _file_batches(path: Path, batch_size: int, signature: Signature | None, skip
             records = _records(file.iter_batches(batch_size=batch_size, use_threads=False), path, "Parquet")
             yield from _rebatch(records, batch_size, signature, skip, pa)
         return
-    yield from _csv_batches(path, batch_size, signature, skip, pa)
+    yield from _csv_batches(path, batch_size, signature, skip, pa, inputs)
 
 
-def _csv_batches(path: Path, batch_size: int, signature: Signature | None, skip: int, pa: Any) -> Iterator[Any]:
+def _csv_batches(
+    path: Path, batch_size: int, signature: Signature | None, skip: int, pa: Any, inputs: list[str]
+) -> Iterator[Any]:
     """CSV file ``path`` in batches: the inputs' columns parsed per cell, blocks grown for a long row."""
     import pyarrow.csv as pcsv  # noqa: PLC0415
 
-    inputs = [s.name for s in signature.inputs] if signature is not None else []
     names = _csv_names(path)
     _once(names, inputs)  # before the read: it takes such columns as one
     text = _text_columns(names, signature)
@@ -165,9 +166,7 @@ def _open_csv(path: Path, block: int, **options: Any) -> Any:
     try:
         return pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=block), **options)
     except pa.ArrowInvalid as error:  # "Empty CSV file", a malformed first block, a row longer than a block
-        if "Empty CSV file or block" in str(error) and _size(path) > block:  # a first line past the block
-            raise _LongRow(f"{path} cannot be read as CSV: {error}") from None
-        raise _unreadable(path, "CSV", error) from None
+        raise _unreadable(path, "CSV", error, block) from None
 
 
 def _size(path: Path) -> int:
@@ -177,10 +176,16 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _unreadable(path: Path, what: str, error: Exception) -> InvalidInput:
-    """``InvalidInput`` naming ``path`` for pyarrow's ``error`` (a :class:`_LongRow` for a row past its block)."""
+def _unreadable(path: Path, what: str, error: Exception, block: int | None = None) -> InvalidInput:
+    """``InvalidInput`` naming ``path`` for pyarrow's ``error``; a :class:`_LongRow` for a row past its block.
+
+    That is a row straddling two blocks, or (opening the file with ``block``) a first line longer
+    than the block, which pyarrow takes for an empty file.
+    """
     msg = f"{path} cannot be read as {what}: {error}"
-    return _LongRow(msg) if "straddl" in str(error) else InvalidInput(msg)
+    text = str(error)
+    first_line = block is not None and "Empty CSV file or block" in text and _size(path) > block
+    return _LongRow(msg) if "straddl" in text or first_line else InvalidInput(msg)
 
 
 def _parquet(path: Path, **options: Any) -> Any:
