@@ -93,6 +93,14 @@ def _block(predictor: Predictor, model: Model) -> Future[object]:
     return blocker
 
 
+def _poll(check: Callable[[], bool]) -> None:
+    """Wait (bounded) for a state that has no event to await."""
+    deadline = time.monotonic() + WAIT
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert check()
+
+
 def _balanced(stats: inferkit.Stats) -> bool:
     done = stats.completed + sum(stats.failed.values()) + stats.cancelled + stats.in_flight
     return stats.accepted == done
@@ -477,6 +485,88 @@ class TestFailures:
             model.unhang.set()
             p.close(WAIT)
         assert p.stats().failed == {"ExecutionTimeout": 1}
+
+    @pytest.mark.parametrize("balancing", ["shared", "round_robin"])
+    def test_closing_while_the_only_replica_hangs_runs_the_queue_on_its_replacement(self, balancing: str) -> None:
+        """close() with requests queued behind the one replica's call that then hangs: no replacement was
+        loaded while closing, so nothing ran or failed the queue, and close() (no timeout) never returned."""
+        p, model = _gated(execution_timeout=0.5, max_batch_size=4, balancing=balancing)
+        closer = threading.Thread(target=p.close)
+        try:
+            hung = p.submit(rows(HANG))
+            assert model.entered.wait(WAIT)
+            queued = [p.submit(rows(float(i))) for i in range(3)]
+            closer.start()
+            _poll(lambda: p.state.value == "draining")
+            assert isinstance(hung.exception(WAIT), ExecutionTimeout)
+            for i, future in enumerate(queued):
+                np.testing.assert_array_equal(future.result(WAIT), rows(float(i)) * 2)
+            closer.join(WAIT)
+            assert not closer.is_alive()
+        finally:
+            model.unhang.set()
+            p.close(WAIT)
+        assert p.stats().completed == 3
+
+    def test_closing_while_a_hung_replicas_replacement_loads_waits_for_it(self) -> None:
+        """close() while the only replica's replacement loads: it was closed unused, the queue kept, close() hung."""
+        model, loads, load = Model(), [], threading.Event()
+
+        def factory() -> CallableBackend:
+            loads.append(1)
+            if len(loads) > 1:
+                assert load.wait(WAIT)
+            return CallableBackend(model)
+
+        p = Predictor(factory, batching=BatchConfig(max_batch_size=4), pool=PoolConfig(execution_timeout=0.2))
+        closer = threading.Thread(target=p.close)
+        try:
+            hung = p.submit(rows(HANG))
+            assert model.entered.wait(WAIT)
+            queued = [p.submit(rows(float(i))) for i in range(3)]
+            assert isinstance(hung.exception(WAIT), ExecutionTimeout)
+            closer.start()
+            _poll(lambda: p.state.value == "draining")
+            load.set()
+            for i, future in enumerate(queued):
+                np.testing.assert_array_equal(future.result(WAIT), rows(float(i)) * 2)
+            closer.join(WAIT)
+            assert not closer.is_alive()
+        finally:
+            load.set()
+            model.unhang.set()
+            p.close(WAIT)
+
+    def test_closing_when_the_replacement_fails_to_load_fails_the_queue(self) -> None:
+        """close() while the only replica's replacement loads, and the load fails: the queue ends in
+        NoHealthyReplica at once, and close() returns."""
+        model, loads, load = Model(), [], threading.Event()
+
+        def factory() -> CallableBackend:
+            loads.append(1)
+            if len(loads) > 1:
+                assert load.wait(WAIT)
+                raise OSError("the model file is gone")
+            return CallableBackend(model)
+
+        p = Predictor(factory, batching=BatchConfig(max_batch_size=4), pool=PoolConfig(execution_timeout=0.2))
+        closer = threading.Thread(target=p.close)
+        try:
+            hung = p.submit(rows(HANG))
+            assert model.entered.wait(WAIT)
+            queued = [p.submit(rows(float(i))) for i in range(3)]
+            assert isinstance(hung.exception(WAIT), ExecutionTimeout)
+            closer.start()
+            _poll(lambda: p.state.value == "draining")
+            load.set()
+            for future in queued:
+                assert isinstance(future.exception(WAIT), inferkit.NoHealthyReplica)
+            closer.join(WAIT)
+            assert not closer.is_alive()
+        finally:
+            load.set()
+            model.unhang.set()
+            p.close(WAIT)
 
     def test_failing_replica_is_ejected(self) -> None:
         """A replica that fails what another serves is ejected; every request is retried there; nothing is lost."""

@@ -145,19 +145,29 @@ class Lifecycle:
             self._running.pop(replica.name, None)
             self._set.remove(replica, keep_lane=True)
             self._leave(replica)
-            if draining:
-                self._drop_lane(replica.lane)
-            elif not self._closing:
+            replace = not draining and self._wanted()
+            if replace:
                 self._set.loading += 1
                 self._set.start(
                     threading.Thread(
                         target=self._replace, args=(replica,), name=f"inferkit-replace-{replica.name}", daemon=True
                     )
                 )
+            else:  # the others run what it left
+                self._drop_lane(replica.lane)
             self._drained.notify_all()
         settle_all(done)
-        loaded = not self._closing and not draining
-        self._event(ReplicaReplaced(self.name, replica.name, tuple(r.id for r in batch.requests), loaded))
+        self._event(ReplicaReplaced(self.name, replica.name, tuple(r.id for r in batch.requests), replace))
+
+    def _wanted(self) -> bool:
+        """Whether a hung replica's replacement should join (under the lock).
+
+        While closing, only to run what is queued when no replica is left to: close() waits for it.
+        """
+        live = self._set.live()
+        if self._closing:
+            return not live and self._set.queued()[0] > 0
+        return len(live) < self._set.target
 
     def _replace(self, dead: Replica) -> None:
         try:
@@ -166,15 +176,17 @@ class Lifecycle:
             backend = None
         with self._lock:
             self._set.loading -= 1
-            # Not added while closing, nor once a resize lowered the target meanwhile; closed after the lock.
-            unneeded = backend is not None and (self._closing or len(self._set.live()) >= self._set.target)
-            if backend is None or (unneeded and not self._closing):
-                self._after_ejection(dead)
-                self._drop_lane(dead.lane)
-            elif not unneeded:
+            # Not added once a resize lowered the target meanwhile (closed after the lock), nor while
+            # closing unless it alone can run what is queued.
+            added = backend is not None and self._wanted()
+            if backend is not None and added:
                 self._set.add(backend, self._work, dead.lane if self._set.balancer is not None else None)
                 dead.lane.wake()
-        if unneeded and backend is not None:
+            else:
+                self._after_ejection(dead)
+                self._drop_lane(dead.lane)
+            self._drained.notify_all()  # close() may wait on what this settled
+        if backend is not None and not added:
             backend.close()
         self._flush()
 
