@@ -364,6 +364,15 @@ class TestRestBattery:
             assert response.json()["error"]
         _rest_good(http)
 
+    @pytest.mark.parametrize("body", [b"[" * 5000 + b"NaN" + b"]" * 5000, b"[" * 5000 + b"]" * 5000])
+    def test_json_nested_thousands_deep_is_400_on_every_endpoint(self, http: httpx.Client, body: bytes) -> None:
+        """With a NaN in it, the stdlib parser (which reads NaN) raised RecursionError: a 500 with a traceback."""
+        for path in ("/v2/repository/index", "/v2/models/mlp/infer"):
+            response = http.post(path, content=body)
+            assert response.status_code == 400, (path, response.text)
+            assert "not" in response.json()["error"]
+        _rest_good(http)
+
     @pytest.mark.parametrize(
         "head",
         [

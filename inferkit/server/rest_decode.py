@@ -40,14 +40,20 @@ except ImportError:  # pragma: no cover (the server extra installs orjson)
 
 
 def loads(data: Any) -> Any:
-    """JSON ``data`` (bytes or a view of them) parsed; ``NaN``, ``Infinity`` and ``-Infinity`` as Triton reads them."""
+    """JSON ``data`` (bytes or a view of them) parsed; ``NaN``, ``Infinity`` and ``-Infinity`` as Triton reads them.
+
+    Raises ``ValueError`` for anything that is not JSON, nesting too deep for the stdlib's parser included.
+    """
     try:
-        return _loads(data)
-    except ValueError:
-        raw = bytes(data)
-        if b"NaN" not in raw and b"Infinity" not in raw:
-            raise
-        return json.loads(raw)  # the stdlib reads them (RFC 8259 has none; Triton and its clients write them)
+        try:
+            return _loads(data)
+        except ValueError:
+            raw = bytes(data)
+            if b"NaN" not in raw and b"Infinity" not in raw:
+                raise
+            return json.loads(raw)  # the stdlib reads them (RFC 8259 has none; Triton and its clients write them)
+    except RecursionError:  # a client's nesting, thousands deep (orjson stops at 1,024 with a ValueError)
+        raise ValueError("the JSON is nested too deep") from None
 
 
 __all__ = ["HEADER_LENGTH", "InferRequest", "decode_request", "is_int", "loads", "mapping"]
@@ -289,7 +295,7 @@ def decode_request(
         raise invalid(f"{HEADER_LENGTH} is {header_length}, the body has {len(body)} bytes")
     try:
         header = loads(body if header_length == len(body) else view[:header_length])
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError too
         raise invalid(f"the request is not valid JSON ({str(exc)[:200]})") from None
     header = mapping(header, "the request")
     inputs = header.get("inputs")
