@@ -213,6 +213,20 @@ class TestWorkBeforeAdmission:
             blocker.result(WAIT)
             assert 6.0 not in model.seen()
 
+    def test_a_split_request_whose_first_part_ran_finishes_past_its_deadline(self) -> None:
+        """The deadline passes while the first part runs: the rest still runs and the request is answered
+        whole (its queued parts met at the queue's head failed it with DeadlineExceeded, the work thrown away)."""
+        p, model = _gated(max_batch_size=2, max_delay_ms=0)
+        with p:
+            x = rows(BLOCK, n=6) + np.arange(6.0)[:, None]
+            big = p.submit(x, timeout=0.2)
+            assert model.entered.wait(WAIT)
+            time.sleep(0.3)  # past the deadline, the first part still held in the model
+            model.release.set()
+            np.testing.assert_array_equal(big.result(WAIT), x * 2)
+            assert len(model.batches) == 3
+            assert p.stats().failed == {}
+
 
 class TestBadRequestsNeverTakeAModelDown:
     """A request the model rejects at run time is that request's error, never the replica's."""

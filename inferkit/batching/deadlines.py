@@ -9,8 +9,8 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING
 
-from inferkit.batching.lane import drop
-from inferkit.batching.request import DONE, QUEUED, Request
+from inferkit.batching.lane import drop, unstarted
+from inferkit.batching.request import DONE, Request
 from inferkit.errors import DeadlineExceeded
 from inferkit.events import RequestsExpired
 
@@ -43,7 +43,7 @@ class Deadlines:
     def cancel(self, top: Request) -> None:
         """The caller gave up on ``top`` (cancelled its future or task): take what of it is queued off the queues."""
         with self._lock:
-            if top.state is QUEUED and top.avoid is None and drop(top):
+            if unstarted(top) and drop(top):
                 self._counts.cancelled += 1
             self._drained.notify_all()
         if top.state is DONE:  # never settled now: its deadline entry would hold the timer until it passes
@@ -52,7 +52,7 @@ class Deadlines:
     def withdraw(self, request: Request) -> bool:
         """Fail ``request`` with ``DeadlineExceeded`` if none of it has started; whether it was."""
         with self._lock:
-            if request.state is not QUEUED or request.avoid is not None:  # a split request runs from its first part
+            if not unstarted(request):  # a split request runs from its first part
                 return False
             drop(request)
             request.error = expired(request)

@@ -181,7 +181,7 @@ class Lane:
                 if req.state is not QUEUED:
                     pop(heap)
                     continue
-                if req.deadline is not None and req.deadline <= now:
+                if req.deadline is not None and req.deadline <= now and unstarted(req.parent or req):
                     pop(heap)
                     self.unqueue(req)
                     req.state = DONE
@@ -202,7 +202,7 @@ class Lane:
                 if batch and rows + size > max_rows:
                     break
                 top = req.parent or req
-                if top.state is QUEUED and top.avoid is None:  # its first part to run: the future starts running
+                if unstarted(top):  # its first part to run: the future starts running
                     if top.future is not None and not notify_cancelled(top.future):
                         drop(top)
                         formed.cancelled += 1
@@ -230,6 +230,11 @@ class Lane:
             self.last_rows = rows
             formed.batch = Batch(batch, rows, reason, plain=plain)
         return formed
+
+
+def unstarted(top: Request) -> bool:
+    """Whether none of ``top`` has run: a deadline fails only such a request (no part run, no retry)."""
+    return top.state is QUEUED and top.avoid is None
 
 
 def drop(top: Request) -> bool:
