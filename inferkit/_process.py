@@ -85,5 +85,9 @@ class Forked:
         """Never: nothing here runs a request."""
         return False
 
+    def on_worker(self) -> bool:
+        """Never: no worker runs here."""
+        return False
+
     def __getattr__(self, name: str) -> Any:
         raise Closed(self._message)

@@ -225,10 +225,19 @@ class Predictor(Constructors, BulkFaces):
         Idempotent and safe from several threads; later callers wait for the first. What is
         still queued after ``timeout`` seconds ends in ``Closed``. ``RuntimeError`` from an
         observer: it runs on the thread of the batch it hears about, which close would wait for.
+        From a future's done-callback run by one of its replicas' workers, it stops taking
+        requests and returns at once; the rest of the close runs on a thread of its own.
         """
         if getattr(_observing, "predictor", None) is self:
             msg = f"close() of predictor {self.name!r} from its own observer would wait for itself; call it elsewhere"
             raise RuntimeError(msg)
+        if self._batcher.on_worker():  # waiting here would wait for the batch this very thread holds next
+            self._batcher.stop_taking()
+            with self._close_lock:
+                first = not self._closing
+            if first:
+                threading.Thread(target=self.close, args=(timeout,), name=f"inferkit-close-{self.name}").start()
+            return
         with self._close_lock:
             first = not self._closing
             self._closing = True

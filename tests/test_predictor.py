@@ -918,6 +918,38 @@ class TestFailures:
         assert len(refused) >= 2
         assert "from its own observer" in str(refused[0])
 
+    def test_close_from_a_done_callback_on_a_worker_returns_and_drains(self) -> None:
+        """A future's done-callback runs on the worker, which has claimed its next batch already: close()
+        there waited for that batch, which only this thread could run, for good. Now it stops taking
+        requests, returns, and the close finishes on a thread of its own; nothing accepted is lost."""
+        gate = threading.Event()
+
+        def model(x: np.ndarray) -> np.ndarray:
+            assert gate.wait(WAIT)
+            return x * 2
+
+        p = Predictor.from_callable(model, max_batch_size=1, execution_timeout=WAIT)  # every batch on a worker
+        returned = threading.Event()
+        refused: list[BaseException] = []
+
+        def callback(_: Future[object]) -> None:
+            p.close()
+            returned.set()
+            try:
+                p.submit(rows(9.0))
+            except inferkit.Closed as error:
+                refused.append(error)
+
+        futures = [p.submit(rows(float(i))) for i in range(3)]
+        futures[0].add_done_callback(callback)
+        gate.set()
+        assert returned.wait(WAIT)
+        for i, future in enumerate(futures):
+            np.testing.assert_array_equal(future.result(WAIT), rows(float(i)) * 2)
+        _poll(lambda: p.state.value == "closed")
+        assert len(refused) == 1
+        p.close(WAIT)  # a later close from elsewhere returns
+
     def test_a_forked_child_is_refused_clearly_not_left_waiting(self) -> None:
         """os.fork() copied the predictor without its threads: in the child it looked ready and its
         requests waited for good (gunicorn's --preload forks workers from the process that built the

@@ -248,6 +248,17 @@ class Lifecycle:
 
     # -- closing -----------------------------------------------------------------------------
 
+    def on_worker(self) -> bool:
+        """Whether the calling thread is one of this batcher's workers (running a done-callback, say)."""
+        me = threading.current_thread()
+        with self._lock:
+            return any(r.thread is me for r in self._set.all)
+
+    def stop_taking(self) -> None:
+        """Refuse new requests from now on (``close`` does the rest)."""
+        with self._lock:
+            self._closing = True
+
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests, let queued and running ones finish, then stop every thread.
 
