@@ -508,14 +508,18 @@ class TestFailures:
             p.close(WAIT)
         assert p.stats().completed == 3
 
-    def test_closing_while_a_hung_replicas_replacement_loads_waits_for_it(self) -> None:
-        """close() while the only replica's replacement loads: it was closed unused, the queue kept, close() hung."""
+    @pytest.mark.parametrize("load_fails", [False, True])
+    def test_closing_while_a_hung_replicas_replacement_loads_waits_for_it(self, load_fails: bool) -> None:
+        """close() while the only replica's replacement loads: it was closed unused, the queue kept, close() hung.
+        Now the replacement runs the queue; one that fails to load ends it in NoHealthyReplica at once."""
         model, loads, load = Model(), [], threading.Event()
 
         def factory() -> CallableBackend:
             loads.append(1)
             if len(loads) > 1:
                 assert load.wait(WAIT)
+                if load_fails:
+                    raise OSError("the model file is gone")
             return CallableBackend(model)
 
         p = Predictor(factory, batching=BatchConfig(max_batch_size=4), pool=PoolConfig(execution_timeout=0.2))
@@ -529,38 +533,10 @@ class TestFailures:
             _poll(lambda: p.state.value == "draining")
             load.set()
             for i, future in enumerate(queued):
-                np.testing.assert_array_equal(future.result(WAIT), rows(float(i)) * 2)
-            closer.join(WAIT)
-            assert not closer.is_alive()
-        finally:
-            load.set()
-            model.unhang.set()
-            p.close(WAIT)
-
-    def test_closing_when_the_replacement_fails_to_load_fails_the_queue(self) -> None:
-        """close() while the only replica's replacement loads, and the load fails: the queue ends in
-        NoHealthyReplica at once, and close() returns."""
-        model, loads, load = Model(), [], threading.Event()
-
-        def factory() -> CallableBackend:
-            loads.append(1)
-            if len(loads) > 1:
-                assert load.wait(WAIT)
-                raise OSError("the model file is gone")
-            return CallableBackend(model)
-
-        p = Predictor(factory, batching=BatchConfig(max_batch_size=4), pool=PoolConfig(execution_timeout=0.2))
-        closer = threading.Thread(target=p.close)
-        try:
-            hung = p.submit(rows(HANG))
-            assert model.entered.wait(WAIT)
-            queued = [p.submit(rows(float(i))) for i in range(3)]
-            assert isinstance(hung.exception(WAIT), ExecutionTimeout)
-            closer.start()
-            _poll(lambda: p.state.value == "draining")
-            load.set()
-            for future in queued:
-                assert isinstance(future.exception(WAIT), inferkit.NoHealthyReplica)
+                if load_fails:
+                    assert isinstance(future.exception(WAIT), inferkit.NoHealthyReplica)
+                else:
+                    np.testing.assert_array_equal(future.result(WAIT), rows(float(i)) * 2)
             closer.join(WAIT)
             assert not closer.is_alive()
         finally:
