@@ -85,8 +85,8 @@ class Forked:
         """Never: nothing here runs a request."""
         return False
 
-    def on_worker(self) -> bool:
-        """Never: no worker runs here."""
+    def owns_thread(self) -> bool:
+        """Never: no thread of its runs here."""
         return False
 
     def __getattr__(self, name: str) -> Any:

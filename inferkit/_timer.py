@@ -87,6 +87,10 @@ class Timer:
                 finally:
                     self._cond.acquire()
 
+    def runs_here(self) -> bool:
+        """Whether the calling thread is this timer's (a callback of its running)."""
+        return self._thread is threading.current_thread()
+
     def close(self, timeout: float | None = None) -> None:
         """Drop what is scheduled and stop the thread."""
         with self._cond:

@@ -75,6 +75,7 @@ class Predictor(Constructors, BulkFaces):
         self._close_lock = threading.Lock()
         self._closed = threading.Event()
         self._closing = False
+        self._closer: threading.Thread | None = None  # the thread doing the first close, while it does
         self._set_state(State.STARTING)
         self._batcher = Batcher(
             factory,
@@ -225,18 +226,22 @@ class Predictor(Constructors, BulkFaces):
         Idempotent and safe from several threads; later callers wait for the first. What is
         still queued after ``timeout`` seconds ends in ``Closed``. ``RuntimeError`` from an
         observer: it runs on the thread of the batch it hears about, which close would wait for.
-        From a future's done-callback run by one of its replicas' workers, it stops taking
-        requests and returns at once; the rest of the close runs on a thread of its own.
+        From a future's done-callback run by one of the predictor's own threads (a worker, its
+        timer, or a close delivering ``Closed``), it stops taking requests and returns at once;
+        the rest of the close runs on a thread of its own.
         """
         if getattr(_observing, "predictor", None) is self:
             msg = f"close() of predictor {self.name!r} from its own observer would wait for itself; call it elsewhere"
             raise RuntimeError(msg)
-        if self._batcher.on_worker():  # waiting here would wait for the batch this very thread holds next
+        if threading.current_thread() is self._closer or self._batcher.owns_thread():  # would wait for itself
             self._batcher.stop_taking()
             with self._close_lock:
                 first = not self._closing
-            if first:
-                threading.Thread(target=self.close, args=(timeout,), name=f"inferkit-close-{self.name}").start()
+                self._closing = True
+            if first:  # not a daemon, as a caller's own thread is not: the drain outlives the interpreter's exit
+                thread = threading.Thread(target=self._close, args=(timeout,), name=f"inferkit-close-{self.name}")
+                thread.daemon = False
+                thread.start()
             return
         with self._close_lock:
             first = not self._closing
@@ -250,6 +255,11 @@ class Predictor(Constructors, BulkFaces):
                 if not self._closing:
                     self.close(left)
                     return
+        self._close(timeout)
+
+    def _close(self, timeout: float | None) -> None:
+        """The first close's work, on the thread that does it (noted: a close() it runs into returns at once)."""
+        self._closer = threading.current_thread()
         self._set_state(State.DRAINING)
         try:
             self._batcher.close(timeout)
@@ -257,6 +267,8 @@ class Predictor(Constructors, BulkFaces):
             with self._close_lock:
                 self._closing = False
             raise
+        finally:
+            self._closer = None
         self._set_state(State.CLOSED)
         self._closed.set()
 
@@ -278,6 +290,7 @@ class Predictor(Constructors, BulkFaces):
         self._batcher = cast("Batcher", Forked(self.name, os.getppid()))
         self._close_lock = threading.Lock()  # a thread of the parent may have held it at the fork
         self._closing = True
+        self._closer = None
         self._state = State.CLOSED
         self._closed = threading.Event()
         self._closed.set()

@@ -926,6 +926,56 @@ class TestFailures:
         assert len(refused) == 1
         p.close(WAIT)  # a later close from elsewhere returns
 
+    def test_close_from_a_callback_of_a_request_close_failed_returns(self) -> None:
+        """close(timeout) delivers Closed to what is still queued on its own thread: a callback there calling
+        close() waited for the first close, itself, for good."""
+        gate = threading.Event()
+
+        def model(x: np.ndarray) -> np.ndarray:
+            assert gate.wait(WAIT)
+            return x * 2
+
+        p = Predictor.from_callable(model, max_batch_size=1)
+        seen: list[str] = []
+
+        def callback(future: Future[object]) -> None:
+            p.close()
+            seen.append(type(future.exception()).__name__)
+
+        futures = [p.submit(rows(float(i))) for i in range(3)]
+        for future in futures[1:]:
+            future.add_done_callback(callback)
+        closer = threading.Thread(target=p.close, args=(0.05,))
+        closer.start()
+        closer.join(WAIT)
+        gate.set()
+        assert not closer.is_alive()
+        assert seen == ["Closed", "Closed"]
+        assert p.state.value == "closed"
+
+    def test_close_from_a_callback_on_the_timer_leaves_the_other_watchdogs_running(self) -> None:
+        """An ExecutionTimeout is delivered on the timer thread: close() there blocked it, so the other
+        replica's hung call was never timed out and close() waited for a model that never returned."""
+        unhang = threading.Event()
+
+        def model(x: np.ndarray) -> np.ndarray:
+            if x[0, 0] < 0:
+                assert unhang.wait(WAIT)
+            return x * 2
+
+        p = Predictor.from_callable(model, max_batch_size=1, replicas=2, execution_timeout=0.3)
+        try:
+            first = p.submit(rows(-1.0))
+            first.add_done_callback(lambda _: p.close())
+            second = p.submit(rows(-2.0))  # the other replica hangs too
+            assert isinstance(first.exception(WAIT), ExecutionTimeout)
+            assert isinstance(second.exception(WAIT), ExecutionTimeout)
+            _poll(lambda: p.state.value == "closed")
+            assert all(not t.daemon for t in threading.enumerate() if t.name.startswith("inferkit-close"))
+        finally:
+            unhang.set()
+            p.close(WAIT)
+
     def test_a_forked_child_is_refused_clearly_not_left_waiting(self) -> None:
         """os.fork() copied the predictor without its threads: in the child it looked ready and its
         requests waited for good (gunicorn's --preload forks workers from the process that built the

@@ -248,11 +248,14 @@ class Lifecycle:
 
     # -- closing -----------------------------------------------------------------------------
 
-    def on_worker(self) -> bool:
-        """Whether the calling thread is one of this batcher's workers (running a done-callback, say)."""
+    def owns_thread(self) -> bool:
+        """Whether the calling thread is one of this batcher's own (a worker, a loader, the timer).
+
+        Such a thread runs done-callbacks, and close() waits for it.
+        """
         me = threading.current_thread()
         with self._lock:
-            return any(r.thread is me for r in self._set.all)
+            return me in self._set.threads or self._timer.runs_here()
 
     def stop_taking(self) -> None:
         """Refuse new requests from now on (``close`` does the rest)."""
