@@ -14,7 +14,7 @@ from test_server_grpc import Served, _serve, good, scaled  # noqa: F401 (_serve:
 
 from inferkit.errors import InvalidInput
 from inferkit.server import proto as pb
-from inferkit.server.grpc_messages import has_raw_contents
+from inferkit.server.grpc_messages import TypedPart
 from inferkit.server.limits import ConnectionLimits
 from inferkit.server.metrics import Metrics
 from inferkit.server.protocol import MAX_EMPTY_CLAIM, element_count
@@ -91,12 +91,21 @@ class TestTypedContents:
         out = np.frombuffer(response.raw_output_contents[0], np.float32)
         np.testing.assert_array_equal(out, np.full(rows * 4, 2.0, np.float32))
 
-    def test_raw_contents_found_from_the_top_level_tags(self) -> None:
-        """The pre-parse check finds field 7 wherever it stands, and sends what it cannot walk to the parser."""
+    def test_the_typed_part_is_counted_from_the_top_level_tags(self) -> None:
+        """The pre-parse count takes every byte but raw payloads, wherever field 7 stands (its tags and lengths
+        count), stops past the limit, and counts whole what it cannot walk (the parser reports it)."""
         request = pb.ModelInferRequest(model_name="m", id="r")
         request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
         request.parameters["priority"].int64_param = 3
-        assert not has_raw_contents(request.SerializeToString())
-        request.raw_input_contents.append(b"\0" * 16)
-        assert has_raw_contents(request.SerializeToString())
-        assert has_raw_contents(b"\xff\xff\xff")  # not a message: the parser reports it
+        typed = request.ByteSize()
+        request.raw_input_contents.append(b"\0" * 300)  # a two-byte length
+        request.raw_input_contents.append(b"")
+        part = TypedPart(request.SerializeToString())
+        assert part.walk(2**20)
+        assert (part.nbytes, part.fields) == (typed + 3 + 2, 4)
+        over = TypedPart(b"\x2a\x00" * 100)
+        assert over.walk(10)
+        assert (over.nbytes, over.fields) == (12, 6)
+        broken = TypedPart(b"\x3a\x00\xff\xff\xff")
+        assert broken.walk(2**20)
+        assert broken.nbytes == 5

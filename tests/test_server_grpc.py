@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -1136,6 +1136,84 @@ class TestLimitsAndDrain:
         np.testing.assert_array_equal(
             outputs_of(roomy.call("ModelInfer", infer_request("e", {"s": many})))["output"], many
         )
+
+    def test_typed_contents_beside_raw_contents_are_held_to_max_json_bytes(self, serve: Callable[..., Served]) -> None:
+        """One empty raw entry let typed contents past max_json_bytes be parsed (60M empty strings: 2 GiB) before
+        the mix was refused; now all but the raw payloads count, raw entries of none too, before parsing."""
+        served = serve({"m": scaled(2)}, limits=ConnectionLimits(max_json_bytes=4096))
+        typed = pb.ModelInferRequest(model_name="m")
+        typed.inputs.add(name="x", datatype="BYTES", shape=[3000]).contents.bytes_contents.extend([b""] * 3000)
+        typed.raw_input_contents.append(b"")
+        empty_raw = infer_request("m", {"x": X})
+        empty_raw.raw_input_contents.extend([b""] * 3000)
+        for request in (typed, empty_raw):
+            with pytest.raises(grpc.RpcError) as info:
+                served.call("ModelInfer", request, timeout=WAIT)
+            assert info.value.code() == CODE.INVALID_ARGUMENT, info.value
+            assert "more than max_json_bytes=4096 bytes besides raw_input_contents" in str(info.value.details())
+        big = np.ones((2**12, 4), np.float32)  # 64 KiB of raw contents still pass
+        np.testing.assert_array_equal(
+            outputs_of(served.call("ModelInfer", infer_request("m", {"x": big})))["y"], big * 2
+        )
+
+    def test_typed_contents_reserve_max_decode_bytes_before_they_are_parsed(self, serve: Callable[..., Served]) -> None:
+        """Typed contents of 32 KiB and more reserve ~32x their bytes, as JSON over REST: past max_decode_bytes
+        RESOURCE_EXHAUSTED unparsed; smaller typed contents, and raw ones of any size, are not charged."""
+        served = serve({"e": echo()}, limits=ConnectionLimits(max_decode_bytes=2**20))
+
+        def typed(count: int) -> Any:
+            request = pb.ModelInferRequest(model_name="e")
+            request.inputs.add(name="a", datatype="FP32", shape=[1, count]).contents.fp32_contents.extend([0.5] * count)
+            return request
+
+        with pytest.raises(grpc.RpcError) as info:
+            served.call("ModelInfer", typed(2**14), timeout=WAIT)  # 64 KiB: ~2 MiB
+        assert info.value.code() == CODE.RESOURCE_EXHAUSTED, info.value
+        assert "max_decode_bytes=1048576" in str(info.value.details())
+        assert "raw_input_contents" in str(info.value.details())
+        (out,) = outputs_of(served.call("ModelInfer", typed(2**12), timeout=WAIT)).values()  # 16 KiB
+        np.testing.assert_array_equal(out, np.full((1, 2**12), 0.5, np.float32))
+        raw = np.full((1, 2**18), 0.5, np.float32)  # 1 MiB
+        (out,) = outputs_of(served.call("ModelInfer", infer_request("e", {"a": raw}), timeout=WAIT)).values()
+        np.testing.assert_array_equal(out, raw)
+        assert ("", None, "RequestTooLarge") in served.metrics.outcomes()
+
+    def test_concurrent_typed_contents_share_max_decode_bytes(self, serve: Callable[..., Served]) -> None:
+        """Two large typed requests at once, room for one: the first holds its reservation while it waits for the
+        only worker thread, the second is UNAVAILABLE (as REST's 503) unparsed; every hold is given back."""
+        served = serve({"e": echo()}, limits=ConnectionLimits(max_decode_bytes=48 * 2**20))
+        count = 2**18  # 1 MiB of fp32_contents, parsed on a worker thread: ~32 MiB reserved
+        request = pb.ModelInferRequest(model_name="e")
+        request.inputs.add(name="a", datatype="FP32", shape=[1, count]).contents.fp32_contents.extend([0.5] * count)
+        budget = served.server._servicer._budget
+        loop, gate, started = served._loop, threading.Event(), threading.Event()
+        loop.call_soon_threadsafe(loop.set_default_executor, ThreadPoolExecutor(1))
+
+        def blocker() -> None:  # holds the only worker thread, so a parse waits holding its reservation
+            started.set()
+            assert gate.wait(WAIT)
+
+        blocked = asyncio.run_coroutine_threadsafe(asyncio.to_thread(blocker), loop)
+        try:
+            assert started.wait(WAIT)
+            first = served.stub("ModelInfer").future(request, timeout=WAIT)
+            deadline = time.monotonic() + WAIT
+            while budget.used == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert budget.used >= count * 4 * 32
+            with pytest.raises(grpc.RpcError) as info:
+                served.call("ModelInfer", request, timeout=WAIT)
+            assert info.value.code() == CODE.UNAVAILABLE, info.value
+            assert "max_decode_bytes=50331648" in str(info.value.details())
+        finally:
+            gate.set()
+            blocked.result(WAIT)
+        np.testing.assert_array_equal(next(iter(outputs_of(first.result(WAIT)).values())), np.full((1, count), 0.5))
+        assert budget.used == 0
+        (out,) = outputs_of(served.call("ModelInfer", request, timeout=WAIT)).values()
+        np.testing.assert_array_equal(out, np.full((1, count), 0.5, np.float32))
+        assert budget.used == 0
+        assert ("", None, "DecodingBusy") in served.metrics.outcomes()
 
     def test_stop_refuses_new_calls_and_finishes_running_ones(self, serve: Callable[..., Served]) -> None:
         """Once stop begins, a new ModelInfer is UNAVAILABLE at once, and a call already running

@@ -34,19 +34,22 @@ from inferkit.server.repository import InferResult
 from inferkit.server.submission import LOOP_OBJECTS, objects
 
 __all__ = [
+    "BUDGETED_BYTES",
     "OFFLOAD_BYTES",
     "Malformed",
+    "TypedPart",
     "answer",
     "call",
-    "has_raw_contents",
     "parameter",
     "parser",
+    "typed_part",
     "typed_too_large",
 ]
 
 Array = np.ndarray[Any, Any]
 
 OFFLOAD_BYTES = 2**20  # decode and encode larger messages on a worker thread, as REST does (and past LOOP_OBJECTS)
+BUDGETED_BYTES = 2**15  # a typed part this large reserves its memory before it is parsed; smaller ones skip, as in REST
 
 # The InferTensorContents field that carries each datatype, and the dtype protobuf gives its
 # values. FP16 has none: it travels in raw_input_contents only.
@@ -95,11 +98,12 @@ def parser(message: Any) -> Callable[[bytes], Any]:
     return parse
 
 
-async def call(request: Any, context: Any, *, large: bool, budget: Budget) -> Call:
+async def call(request: Any, context: Any, *, large: bool, budget: Budget, parsed: Hold) -> Call:
     """The pipeline's view of a parsed ModelInferRequest (its tensors decoded off the loop when ``large``).
 
     Raw BYTES inputs first reserve what their elements will take from ``budget``: a few bytes
-    of message each, ~64 bytes of memory once decoded.
+    of message each, ~64 bytes of memory once decoded. ``parsed`` (what the typed part reserved
+    before it was parsed) is given back once the tensors are decoded.
     """
     strings = _raw_strings(request)
     hold = Hold(budget, "decoding this request's BYTES elements") if strings else None  # none for most requests
@@ -113,6 +117,7 @@ async def call(request: Any, context: Any, *, large: bool, budget: Budget) -> Ca
     finally:  # a started thread is not abandoned on cancel: the hold lasts as long as the work
         if hold is not None:
             hold.release()
+        parsed.release()
     requested = _requested_outputs(request)
     key, timeout, priority = _options(request, context)
     return Call(inputs, requested, key, timeout, priority, request)
@@ -184,34 +189,74 @@ def _requested_outputs(request: Any) -> list[str]:
 # -- tensors ---------------------------------------------------------------------------------
 
 
-_RAW_INPUT_CONTENTS = 7  # ModelInferRequest's field number
+_RAW_TAG = 7 << 3 | 2  # ModelInferRequest.raw_input_contents (field 7, length-delimited)
+_FIXED = {1: 8, 5: 4}  # the bytes of the fixed-size wire types; groups (3, 4) and 6, 7 are not walked
+_LOOP_FIELDS = 4096  # top-level fields walked on the event loop (~1 ms); a message of more goes on to a thread
 
 
-def has_raw_contents(data: bytes) -> bool:
-    """Whether a serialized ModelInferRequest has ``raw_input_contents``, read from its top-level tags only.
+class TypedPart:
+    """What a serialized ModelInferRequest holds besides its raw contents, read from its top-level tags.
 
     Typed ``contents`` become a Python object per value (~30x their bytes, like JSON over REST),
-    and even parsing them costs that much: a large message without raw contents is refused
-    before it is parsed. Reads a handful of tags and lengths; a message it cannot walk is left
-    to the parser (True).
+    and even parsing an input, output or parameter builds messages and maps: this part is
+    bounded (``max_json_bytes``) and reserves its memory before the message is parsed.
+    ``nbytes`` counts every byte but the payloads of ``raw_input_contents`` (their tags and
+    lengths count: each entry is an object once parsed), ``fields`` the other top-level fields.
+    Nothing is parsed or copied; a field that cannot be walked counts with all after it, and
+    the parser reports it.
     """
-    view, i = memoryview(data), 0
-    try:
-        while i < len(view):
-            tag, i = _varint(view, i)
-            field, kind = tag >> 3, tag & 7
-            if field == _RAW_INPUT_CONTENTS:
-                return True
-            if kind == 0:
-                _, i = _varint(view, i)
-            elif kind == 2:
-                length, i = _varint(view, i)
-                i += length
-            else:
-                i += {1: 8, 5: 4}[kind]
-    except (IndexError, KeyError):
-        return True
-    return False
+
+    def __init__(self, data: bytes) -> None:
+        self._view = memoryview(data)
+        self._at = 0
+        self.nbytes = 0
+        self.fields = 0
+
+    def walk(self, limit: int, fields: int | None = None) -> bool:
+        """Walk on to the end, or until ``nbytes`` is past ``limit``; stop early after ``fields`` more fields.
+
+        True once done (the end, or past ``limit``).
+        """
+        view, at, nbytes, count = self._view, self._at, self.nbytes, self.fields
+        end, most = len(view), count + fields if fields is not None else len(view)
+        start = at
+        try:
+            while at < end and nbytes <= limit and count < most:
+                start = at
+                tag = view[at]  # a one-byte varint in any message worth walking fast
+                at += 1
+                if tag & 0x80:
+                    tag, at = _varint(view, start)
+                kind = tag & 7
+                if kind == 2:
+                    length = view[at]
+                    at += 1
+                    if length & 0x80:
+                        length, at = _varint(view, at - 1)
+                    if tag == _RAW_TAG and at + length <= end:
+                        nbytes += at - start
+                        at += length
+                        continue
+                    at += length
+                elif kind == 0:
+                    _, at = _varint(view, at)
+                else:
+                    at += _FIXED[kind]
+                nbytes += min(at, end) - start
+                count += 1
+        except (IndexError, KeyError):  # not a message: count it all, the parser says what is wrong
+            nbytes += end - start
+            at = end
+        self._at, self.nbytes, self.fields = at, nbytes, count
+        return at >= end or nbytes > limit
+
+
+async def typed_part(data: bytes, limit: int) -> TypedPart:
+    """The :class:`TypedPart` of ``data``, walked until past ``limit``; a message of many fields on a worker thread."""
+    part = TypedPart(data)
+    if not part.walk(limit, _LOOP_FIELDS):
+        await asyncio.to_thread(part.walk, limit)  # ~0.2 s a million fields: at most limit / 2 of them
+    return part
 
 
 def _varint(view: memoryview, i: int) -> tuple[int, int]:
@@ -227,11 +272,11 @@ def _varint(view: memoryview, i: int) -> tuple[int, int]:
             raise IndexError
 
 
-def typed_too_large(size: int, limit: int) -> InvalidInput:
-    """The error for a message over ``limit`` bytes without raw contents."""
+def typed_too_large(limit: int) -> InvalidInput:
+    """The error for a message whose :class:`TypedPart` is over ``limit`` bytes (counted until past it)."""
     return InvalidInput(
-        f"a {size}-byte request with typed contents, more than max_json_bytes={limit}; "
-        "send the tensors in raw_input_contents (as tritonclient does)"
+        f"the request holds more than max_json_bytes={limit} bytes besides raw_input_contents (typed contents "
+        "and the rest); send the tensors in raw_input_contents (as tritonclient does)"
     )
 
 

@@ -9,18 +9,19 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf import json_format
 
-from inferkit.errors import Closed, InferkitError, InvalidInput
+from inferkit.errors import Closed, DecodingBusy, InferkitError, InvalidInput, RequestTooLarge
 from inferkit.server import proto as pb
-from inferkit.server.budget import GRPC_ADVICE, Budget
+from inferkit.server.budget import GRPC_ADVICE, TYPED_COST_PER_BYTE, TYPED_FIELD_COST, Budget, Hold
 from inferkit.server.control import Controller, load_parameters
 from inferkit.server.grpc_messages import (
+    BUDGETED_BYTES,
     OFFLOAD_BYTES,
     Malformed,
     answer,
     call,
-    has_raw_contents,
     parameter,
     parser,
+    typed_part,
     typed_too_large,
 )
 from inferkit.server.limits import ConnectionLimits
@@ -41,8 +42,8 @@ class Servicer:
         self._controller = controller
         self.draining = False
         self.last_call = 0.0  # loop time of the latest ModelInfer, for the drain's quiet window
-        self.typed_limit = limits.max_json_bytes  # bytes of typed contents per request
-        self._budget = Budget(limits.max_decode_bytes, GRPC_ADVICE)  # BYTES elements being decoded or encoded
+        self.typed_limit = limits.max_json_bytes  # bytes of typed contents (all but raw contents) per request
+        self._budget = Budget(limits.max_decode_bytes, GRPC_ADVICE)  # typed parts parsed, BYTES elements decoded
         self._answer = functools.partial(answer, budget=self._budget)
 
     def handler(self) -> Any:
@@ -180,17 +181,27 @@ class Servicer:
         """Parse, then decode, run through the pipeline (batched with every other caller), encode."""
         start = self.pipeline.begin(context.invocation_metadata)
         large = len(data) >= OFFLOAD_BYTES  # parsed and decoded off the loop, so others are not held up
+        parsed = Hold(self._budget, "parsing this request's typed contents")
+        try:
+            return await self._infer(start, data, large, parsed, context)
+        finally:  # given back once decoded; here when the request failed before
+            parsed.release()
+
+    async def _infer(self, start: float, data: bytes, large: bool, parsed: Hold, context: Any) -> Any:
         request: Any
-        if len(data) > self.typed_limit and not has_raw_contents(data):
-            request = Malformed(typed_too_large(len(data), self.typed_limit))  # refused before parsing it
-        else:
-            parse = parser(pb.ModelInferRequest)
-            request = await asyncio.to_thread(parse, data) if large else parse(data)
+        refused: InferkitError | None = None
+        try:
+            request = await self._parse(data, large, parsed)
+        except (RequestTooLarge, DecodingBusy) as busy:  # the budget's answer, before the message was parsed
+            request, refused = Malformed(busy), busy
         if self.draining:
             self.last_call = asyncio.get_running_loop().time()
             model = request.model_name if not isinstance(request, Malformed) else ""
             self.pipeline.record(start, model, None, None, Closed.__name__)
             await abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another")
+        if refused is not None:
+            self.pipeline.record(start, "", None, None, type(refused).__name__)
+            await abort(context, grpc_code(refused), str(refused))
         if isinstance(request, Malformed):
             self.pipeline.record(start, "", None, None, InvalidInput.__name__)
             await check_parsed(request, context)
@@ -199,7 +210,7 @@ class Servicer:
                 start,
                 request.model_name,
                 request.model_version or None,
-                functools.partial(call, request, context, large=large, budget=self._budget),
+                functools.partial(call, request, context, large=large, budget=self._budget, parsed=parsed),
                 self._answer,
             )
         except Failed as failed:
@@ -211,6 +222,21 @@ class Servicer:
         if arm is not None:
             context.set_trailing_metadata(((ARM, arm),))
         return response
+
+    async def _parse(self, data: bytes, large: bool, parsed: Hold) -> Any:
+        """The request, or :class:`Malformed` (refused unparsed when its typed part is over ``max_json_bytes``).
+
+        A typed part of ``BUDGETED_BYTES`` and more reserves its memory in ``parsed`` first
+        (``RequestTooLarge``, ``DecodingBusy``): the parse builds objects from every field of it.
+        """
+        if len(data) > self.typed_limit or len(data) >= BUDGETED_BYTES:  # else small enough whatever it holds
+            part = await typed_part(data, self.typed_limit)
+            if part.nbytes > self.typed_limit:
+                return Malformed(typed_too_large(self.typed_limit))
+            if part.nbytes >= BUDGETED_BYTES:
+                parsed.take(part.nbytes * TYPED_COST_PER_BYTE + part.fields * TYPED_FIELD_COST)
+        parse = parser(pb.ModelInferRequest)
+        return await asyncio.to_thread(parse, data) if large else parse(data)
 
 
 async def one_repository(request: Any, context: Any) -> None:

@@ -45,10 +45,12 @@ class ConnectionLimits:
                                     most 2147483, 2**31 - 1 milliseconds: about 24.8 days)
     ``grpc_max_concurrent_streams`` gRPC calls in progress on one connection (at most 2**31 - 1)
     ``max_request_bytes``           bytes of a REST body, also once decompressed (413 past it)
-    ``max_json_bytes``              bytes of a REST body's JSON part (413: send binary data)
+    ``max_json_bytes``              bytes of a REST body's JSON part (413: send binary data),
+                                    and of a gRPC message besides its raw contents
     ``max_decode_bytes``            estimated memory of the large REST bodies being decoded,
                                     answers being encoded and bodies being inflated at once
-                                    (413 for one that never fits, 429/503 while busy)
+                                    (413 for one that never fits, 429/503 while busy); gRPC has
+                                    its own for typed contents and BYTES elements
     ``max_message_bytes``           bytes of a gRPC message, both ways (at most 2**31 - 1)
     ==============================  ===========================================================
     """
