@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import queue
 import random
 import subprocess
@@ -1214,6 +1215,70 @@ class TestLimitsAndDrain:
         np.testing.assert_array_equal(out, np.full((1, count), 0.5, np.float32))
         assert budget.used == 0
         assert ("", None, "DecodingBusy") in served.metrics.outcomes()
+
+    def test_a_cancelled_request_holds_max_decode_bytes_until_its_parse_ends(
+        self, serve: Callable[..., Served]
+    ) -> None:
+        """The reservation was given back when the client's deadline passed, while the parse it paid for still
+        waited for (then ran on) a worker thread: cancel and resend ran parses past max_decode_bytes."""
+        served = serve({"e": echo()}, limits=ConnectionLimits(max_decode_bytes=48 * 2**20))
+        count = 2**18  # 1 MiB of fp32_contents, parsed on a worker thread: ~32 MiB reserved
+        request = pb.ModelInferRequest(model_name="e")
+        request.inputs.add(name="a", datatype="FP32", shape=[1, count]).contents.fp32_contents.extend([0.5] * count)
+        budget = served.server._servicer._budget
+        loop, gate, started = served._loop, threading.Event(), threading.Event()
+        loop.call_soon_threadsafe(loop.set_default_executor, ThreadPoolExecutor(1))
+
+        def blocker() -> None:  # holds the only worker thread, so the parse waits
+            started.set()
+            assert gate.wait(WAIT)
+
+        blocked = asyncio.run_coroutine_threadsafe(asyncio.to_thread(blocker), loop)
+        try:
+            assert started.wait(WAIT)
+            with pytest.raises(grpc.RpcError) as info:
+                served.call("ModelInfer", request, timeout=0.5)
+            assert info.value.code() == CODE.DEADLINE_EXCEEDED, info.value
+            time.sleep(0.5)  # the server has seen the deadline pass
+            assert budget.used >= count * 4 * 32
+        finally:
+            gate.set()
+            blocked.result(WAIT)
+        deadline = time.monotonic() + WAIT
+        while budget.used and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert budget.used == 0
+        (out,) = outputs_of(served.call("ModelInfer", request, timeout=WAIT)).values()
+        np.testing.assert_array_equal(out, np.full((1, count), 0.5, np.float32))
+
+    def test_no_parsed_message_is_held_while_its_request_waits_for_the_model(
+        self, serve: Callable[..., Served]
+    ) -> None:
+        """A queued request held its parsed ModelInferRequest (~12-14x its typed bytes, charged to no budget) until
+        it was answered; now only its decoded tensors and the names the answer echoes wait with it."""
+        predictor, model = gated()
+        served = serve({"m": predictor})
+        blocker = infer_request("m", {"x": rows(BLOCK)}, id="held").SerializeToString()  # no message on the client
+        running = served.stub("ModelInfer").future(blocker, timeout=WAIT)
+        assert model.entered.wait(WAIT)
+        typed = []
+        for i in range(4):
+            request = pb.ModelInferRequest(model_name="m", id=f"held{i}")
+            request.inputs.add(name="x", datatype="FP64", shape=[1, 3]).contents.fp64_contents.extend([i, 1, 2])
+            typed.append(request.SerializeToString())
+        del request
+        queued = [served.stub("ModelInfer").future(data, timeout=WAIT) for data in typed]
+        deadline = time.monotonic() + WAIT
+        while predictor.stats().queue_depth < len(queued) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert predictor.stats().queue_depth == len(queued)
+        assert not [m for m in gc.get_objects() if type(m) is pb.ModelInferRequest and m.id.startswith("held")]
+        model.release.set()
+        np.testing.assert_array_equal(outputs_of(running.result(WAIT))["y"], rows(BLOCK) * 2)
+        for i, future in enumerate(queued):
+            response = future.result(WAIT)
+            assert (response.model_name, response.id) == ("m", f"held{i}")
+            np.testing.assert_array_equal(outputs_of(response)["y"], [[2 * i, 2, 4]])
 
     def test_stop_refuses_new_calls_and_finishes_running_ones(self, serve: Callable[..., Served]) -> None:
         """Once stop begins, a new ModelInfer is UNAVAILABLE at once, and a call already running

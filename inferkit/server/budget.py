@@ -9,7 +9,10 @@ message is parsed) and their BYTES elements (each a Python object once decoded).
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from inferkit.errors import DecodingBusy, RequestTooLarge
 
@@ -53,6 +56,7 @@ TYPED_COST_PER_BYTE = 32
 TYPED_FIELD_COST = 512
 """Bytes of memory reserved besides per top-level field of that part (an input, output or parameter)."""
 
+_T = TypeVar("_T")
 
 REST_ADVICE = (
     f"(JSON tensors take about {JSON_COST_PER_BYTE}x their text); send tensors as binary data "
@@ -103,19 +107,51 @@ class Budget:
 
 
 class Hold:
-    """What one request holds of the budget, given back at once by :meth:`release`."""
+    """What one request holds of the budget, given back by :meth:`release` (or when its work ends, if later)."""
 
     def __init__(self, budget: Budget, what: str) -> None:
         self.budget = budget
         self.what = what
         self.held = 0
+        self._lock = threading.Lock()  # a worker thread may take more, or end after release
+        self._working = 0
+        self._released = False
 
-    def take(self, nbytes: int) -> None:
-        """Hold ``nbytes`` more for this request (may raise, as :meth:`Budget.take`)."""
-        self.budget.take(nbytes, self.what)
-        self.held += nbytes
+    def take(self, nbytes: int, what: str | None = None) -> None:
+        """Hold ``nbytes`` more for this request, for ``what`` (may raise, as :meth:`Budget.take`)."""
+        self.budget.take(nbytes, what or self.what)
+        with self._lock:
+            self.held += nbytes
 
     def release(self) -> None:
-        """Give back all this request holds."""
-        self.budget.give(self.held)
-        self.held = 0
+        """Give back all this request holds, once no work it started on a worker thread runs."""
+        with self._lock:
+            self._released = True
+            held, self.held = (0, self.held) if self._working else (self.held, 0)
+        self.budget.give(held)
+
+    async def offload(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` on a worker thread.
+
+        A thread cannot be stopped: when the awaiting request is cancelled (the client gave up,
+        its deadline passed) the work still runs, and holds its memory until it ends.
+        """
+        with self._lock:
+            self._working += 1
+        work = asyncio.ensure_future(asyncio.to_thread(self._work, fn, *args))
+        work.add_done_callback(_retrieved)
+        return await asyncio.shield(work)
+
+    def _work(self, fn: Callable[..., _T], *args: Any) -> _T:
+        try:
+            return fn(*args)
+        finally:
+            with self._lock:
+                self._working -= 1
+                held, self.held = (self.held, 0) if self._released and not self._working else (0, self.held)
+            self.budget.give(held)
+
+
+def _retrieved(work: asyncio.Future[Any]) -> None:
+    if not work.cancelled():
+        work.exception()  # the awaiting request may be gone: not "exception never retrieved"
