@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import queue
 import random
@@ -270,6 +271,32 @@ def infer_request(model: str, inputs: dict[str, np.ndarray], version: str = "", 
         request.inputs.add(name=name, datatype=datatype, shape=array.shape)
         request.raw_input_contents.append(pack_bytes(array) if datatype == "BYTES" else array.tobytes())
     return request
+
+
+def typed_fp32(model: str, count: int) -> Any:
+    """A ModelInferRequest of one input ``a`` of ``[1, count]`` halves in fp32_contents."""
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="a", datatype="FP32", shape=[1, count]).contents.fp32_contents.extend([0.5] * count)
+    return request
+
+
+@contextlib.contextmanager
+def only_worker_thread_held(served: Served) -> Iterator[None]:
+    """The server's default executor cut to one thread, held for the block: work sent to a thread waits."""
+    loop, gate, started = served._loop, threading.Event(), threading.Event()
+    loop.call_soon_threadsafe(loop.set_default_executor, ThreadPoolExecutor(1))
+
+    def blocker() -> None:
+        started.set()
+        assert gate.wait(WAIT)
+
+    blocked = asyncio.run_coroutine_threadsafe(asyncio.to_thread(blocker), loop)
+    try:
+        assert started.wait(WAIT)
+        yield
+    finally:
+        gate.set()
+        blocked.result(WAIT)
 
 
 def outputs_of(response: Any) -> dict[str, np.ndarray]:
@@ -1162,17 +1189,12 @@ class TestLimitsAndDrain:
         RESOURCE_EXHAUSTED unparsed; smaller typed contents, and raw ones of any size, are not charged."""
         served = serve({"e": echo()}, limits=ConnectionLimits(max_decode_bytes=2**20))
 
-        def typed(count: int) -> Any:
-            request = pb.ModelInferRequest(model_name="e")
-            request.inputs.add(name="a", datatype="FP32", shape=[1, count]).contents.fp32_contents.extend([0.5] * count)
-            return request
-
         with pytest.raises(grpc.RpcError) as info:
-            served.call("ModelInfer", typed(2**14), timeout=WAIT)  # 64 KiB: ~2 MiB
+            served.call("ModelInfer", typed_fp32("e", 2**14), timeout=WAIT)  # 64 KiB: ~2 MiB
         assert info.value.code() == CODE.RESOURCE_EXHAUSTED, info.value
         assert "max_decode_bytes=1048576" in str(info.value.details())
         assert "raw_input_contents" in str(info.value.details())
-        (out,) = outputs_of(served.call("ModelInfer", typed(2**12), timeout=WAIT)).values()  # 16 KiB
+        (out,) = outputs_of(served.call("ModelInfer", typed_fp32("e", 2**12), timeout=WAIT)).values()  # 16 KiB
         np.testing.assert_array_equal(out, np.full((1, 2**12), 0.5, np.float32))
         raw = np.full((1, 2**18), 0.5, np.float32)  # 1 MiB
         (out,) = outputs_of(served.call("ModelInfer", infer_request("e", {"a": raw}), timeout=WAIT)).values()
@@ -1184,19 +1206,9 @@ class TestLimitsAndDrain:
         only worker thread, the second is UNAVAILABLE (as REST's 503) unparsed; every hold is given back."""
         served = serve({"e": echo()}, limits=ConnectionLimits(max_decode_bytes=48 * 2**20))
         count = 2**18  # 1 MiB of fp32_contents, parsed on a worker thread: ~32 MiB reserved
-        request = pb.ModelInferRequest(model_name="e")
-        request.inputs.add(name="a", datatype="FP32", shape=[1, count]).contents.fp32_contents.extend([0.5] * count)
+        request = typed_fp32("e", count)
         budget = served.server._servicer._budget
-        loop, gate, started = served._loop, threading.Event(), threading.Event()
-        loop.call_soon_threadsafe(loop.set_default_executor, ThreadPoolExecutor(1))
-
-        def blocker() -> None:  # holds the only worker thread, so a parse waits holding its reservation
-            started.set()
-            assert gate.wait(WAIT)
-
-        blocked = asyncio.run_coroutine_threadsafe(asyncio.to_thread(blocker), loop)
-        try:
-            assert started.wait(WAIT)
+        with only_worker_thread_held(served):  # a parse waits for it holding its reservation
             first = served.stub("ModelInfer").future(request, timeout=WAIT)
             deadline = time.monotonic() + WAIT
             while budget.used == 0 and time.monotonic() < deadline:
@@ -1206,9 +1218,6 @@ class TestLimitsAndDrain:
                 served.call("ModelInfer", request, timeout=WAIT)
             assert info.value.code() == CODE.UNAVAILABLE, info.value
             assert "max_decode_bytes=50331648" in str(info.value.details())
-        finally:
-            gate.set()
-            blocked.result(WAIT)
         np.testing.assert_array_equal(next(iter(outputs_of(first.result(WAIT)).values())), np.full((1, count), 0.5))
         assert budget.used == 0
         (out,) = outputs_of(served.call("ModelInfer", request, timeout=WAIT)).values()
@@ -1223,27 +1232,14 @@ class TestLimitsAndDrain:
         waited for (then ran on) a worker thread: cancel and resend ran parses past max_decode_bytes."""
         served = serve({"e": echo()}, limits=ConnectionLimits(max_decode_bytes=48 * 2**20))
         count = 2**18  # 1 MiB of fp32_contents, parsed on a worker thread: ~32 MiB reserved
-        request = pb.ModelInferRequest(model_name="e")
-        request.inputs.add(name="a", datatype="FP32", shape=[1, count]).contents.fp32_contents.extend([0.5] * count)
+        request = typed_fp32("e", count)
         budget = served.server._servicer._budget
-        loop, gate, started = served._loop, threading.Event(), threading.Event()
-        loop.call_soon_threadsafe(loop.set_default_executor, ThreadPoolExecutor(1))
-
-        def blocker() -> None:  # holds the only worker thread, so the parse waits
-            started.set()
-            assert gate.wait(WAIT)
-
-        blocked = asyncio.run_coroutine_threadsafe(asyncio.to_thread(blocker), loop)
-        try:
-            assert started.wait(WAIT)
+        with only_worker_thread_held(served):  # the parse waits for it
             with pytest.raises(grpc.RpcError) as info:
                 served.call("ModelInfer", request, timeout=0.5)
             assert info.value.code() == CODE.DEADLINE_EXCEEDED, info.value
             time.sleep(0.5)  # the server has seen the deadline pass
             assert budget.used >= count * 4 * 32
-        finally:
-            gate.set()
-            blocked.result(WAIT)
         deadline = time.monotonic() + WAIT
         while budget.used and time.monotonic() < deadline:
             time.sleep(0.01)

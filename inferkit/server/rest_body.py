@@ -103,7 +103,7 @@ class Bodies:
             raise self._too_much_json(json_bytes)
         hold = Hold(self.budget, "decoding this request")
         hold.take(len(body) * BINARY_COST_PER_BYTE + json_bytes * (JSON_COST_PER_BYTE - BINARY_COST_PER_BYTE))
-        try:  # a started thread is not abandoned on cancel: the hold lasts as long as the work
+        try:  # a REST handler is cancelled only by a forced shutdown, so the hold lasts as long as the work
             return await run_in_threadpool(decode_request, body, header_length, hold.take)
         finally:
             hold.release()
