@@ -158,6 +158,7 @@ class Router:
         """Route ``x`` and return the chosen arm's result, exactly as that arm returns it."""
         key_id = None if key is None else _key_id(key)
         route = self._route(key_id, attributes)
+        taken = None if route.shadow is None else self._shadow.take(x)
         ledger = self._ledger
         start = ledger.clock()
         try:
@@ -166,10 +167,10 @@ class Router:
             ledger.served(route.arm, start, error, x)
             raise
         end = ledger.clock()
-        if route.shadow is not None:  # mirrored before counted: a step this request ends waits for its mirror
+        if route.shadow is not None and taken is not None:  # mirrored before counted: a step it ends waits for it
             done: Future[Any] = Future()
             done.set_result(copied(result))  # compared later: the caller may write into its result
-            self._shadow.mirror(route.shadow, x, done)
+            self._shadow.mirror(route.shadow, taken, done)
         ledger.served(route.arm, start, None, end=end)  # the copies above are no latency of the arm's
         if key_id is not None:
             ledger.served_by.key(key_id, route.arm)
@@ -187,6 +188,7 @@ class Router:
         """Route ``x`` and return a future of the arm's result; ``future.arm`` names the arm."""
         key_id = None if key is None else _key_id(key)
         route = self._route(key_id, attributes)
+        taken = None if route.shadow is None else self._shadow.take(x)
         ledger = self._ledger
         outer = RoutedFuture(route.arm, ledger.served_by.next_id())
         start = ledger.clock()
@@ -201,7 +203,7 @@ class Router:
             ledger.served_by.key(key_id, route.arm)
 
         # What a mirror is compared with: the result copied before the caller has it to write into.
-        seen: Future[Any] | None = None if route.shadow is None else Future()
+        seen: Future[Any] | None = None if taken is None else Future()
 
         def relay(done: Future[Any]) -> None:
             if done.cancelled():
@@ -221,8 +223,8 @@ class Router:
                     else:
                         outer.set_exception(error)
 
-        if route.shadow is not None and seen is not None:  # before relay can count it (a done inner runs it at once)
-            self._shadow.mirror(route.shadow, x, seen)
+        if route.shadow is not None and taken is not None and seen is not None:  # before relay can count it
+            self._shadow.mirror(route.shadow, taken, seen)  # (a done inner runs relay at once)
         inner.add_done_callback(relay)
         return outer
 

@@ -104,12 +104,20 @@ class ShadowTraffic:
         """The counts so far."""
         return self._stats
 
-    def mirror(self, arm: str, x: Any, primary: Future[Any]) -> None:
-        """Queue ``x`` for ``arm`` to compare with ``primary``; drop (and count) it when the queue is full."""
+    def take(self, x: Any) -> tuple[Any] | None:
+        """A copy of ``x`` to :meth:`mirror`, or None (counted as dropped) when the queue is full.
+
+        Taken before the primary arm runs: its model may write into its input, and a caller reuse
+        it once its call returns.
+        """
         if self._pending >= self._limit or self._closed:  # read without the lock: a full queue costs no copy
             self._drop()
-            return
-        copy = copied(x)  # its caller may reuse ``x`` once its own call returns
+            return None
+        return (copied(x),)
+
+    def mirror(self, arm: str, taken: tuple[Any], primary: Future[Any]) -> None:
+        """Queue what :meth:`take` took for ``arm``, to compare with ``primary``; drop (and count) it when full."""
+        (copy,) = taken
         # Told before it can be compared (a canary's step waits for its mirrors), outside the lock (a
         # policy's decision runs user callbacks, which may route again).
         settle = self._announce(arm)

@@ -45,14 +45,26 @@ def _free_port() -> int:
 class RedisServer:
     """A ``redis-server`` on a free port of 127.0.0.1, without persistence."""
 
-    def __init__(self) -> None:
+    def __init__(self, *options: str) -> None:
         self.port = _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.options = options
 
     def start(self) -> RedisServer:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                *self.options,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -142,6 +154,55 @@ class TestStore:
         finally:
             canary.close()
 
+    def test_counts_are_added_once_when_redis_answers_late(self) -> None:
+        """Counts whose call timed out on the client were still added once Redis woke up, then sent again:
+        every request counted during a slow second was counted twice in the sum the guard judges."""
+        server = RedisServer("--enable-debug-command", "local").start()  # for DEBUG SLEEP, off by default
+        store = RedisStore(server.url, "t:late", poll_s=0.25, timeout_s=0.5)
+        canary = Canary("v1", "v2", (0.5, 1.0), min_requests_per_step=10_000, store=store)
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        key = f"t:late:counts:{canary.snapshot()['epoch']}"
+        try:
+            _serve(canary, 10)
+            _until(lambda: client.hget(key, "v2:n") == "10", "the first counts added", 5)
+            sleeping = threading.Thread(target=client.execute_command, args=("DEBUG", "SLEEP", 2.0))
+            sleeping.start()
+            time.sleep(0.1)  # asleep before the counts are taken
+            _serve(canary, 10)
+            _until(lambda: not canary.store_ok, "a call timed out", 5)
+            sleeping.join(WAIT)
+            _until(lambda: canary.store_ok, "the store back", 5)
+            time.sleep(0.3)  # several syncs
+            assert client.hget(key, "v2:n") == "20"
+            assert store.totals(canary.snapshot()["epoch"])["v2"] == (20, 0)
+        finally:
+            canary.close()
+            client.close()
+            server.stop()
+
+    def test_a_foreign_value_under_the_key_neither_breaks_nor_inflates_the_counts(
+        self, redis_server: RedisServer
+    ) -> None:
+        """A hash under the state's key failed the pipeline after the counts were added: they were sent again on
+        every poll (doubling without end), and the store called unreachable. Now the canary holds as for any
+        foreign state, and each count is added once."""
+        store = RedisStore(redis_server.url, "t:foreign", poll_s=0.05)
+        canary = Canary("v1", "v2", (0.5, 1.0), min_requests_per_step=10_000, store=store)
+        client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        key = f"t:foreign:counts:{canary.snapshot()['epoch']}"
+        try:
+            client.delete("t:foreign")
+            client.hset("t:foreign", "a", "b")
+            _serve(canary, 10)
+            _until(lambda: "does not hold a string" in str(canary.status()), "the foreign value seen", 5)
+            time.sleep(0.3)  # several syncs
+            assert client.hget(key, "v2:n") == "10"
+            assert canary.store_ok is False
+            assert (canary.state, canary.weight) == (CanaryState.RUNNING, 0.5)
+        finally:
+            canary.close()
+            client.close()
+
     def test_never_promoted_twice(self, redis_server: RedisServer) -> None:
         """Two canaries racing through every step from many threads promote exactly once."""
         canaries = [
@@ -165,6 +226,12 @@ class TestStore:
         finally:
             for c in canaries:
                 c.close()
+
+
+def _serve(canary: Canary, count: int) -> None:
+    """``count`` requests the candidate served, as the router tells its canary."""
+    for _ in range(count):
+        canary.feedback(Feedback("served", "v2", time.monotonic(), latency_s=0.001))
 
 
 def _failing(path: Path) -> Path:

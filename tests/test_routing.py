@@ -684,6 +684,21 @@ class TestShadow:
         shadow = r.stats().shadow
         assert (shadow.sent, shadow.agreed, shadow.disagreed) == (20, 20, 0)
 
+    def test_a_primary_that_writes_into_its_input_never_changes_what_the_shadow_gets(self) -> None:
+        """predict copied the input for the mirror after the primary ran: a primary that scales its input in place
+        (the same function otherwise) disagreed with its candidate on every request, and could roll it back."""
+
+        def in_place(a: np.ndarray) -> np.ndarray:
+            a *= 2
+            return a
+
+        with Router({"v1": Predictor.from_callable(in_place), "v2": arm(2)}, Shadow(Fixed("v1"), "v2")) as r:
+            for i in range(10):
+                np.testing.assert_array_equal(r.predict(x(i)), x(i) * 2)
+                np.testing.assert_array_equal(r.submit(x(i)).result(WAIT), x(i) * 2)
+        shadow = r.stats().shadow
+        assert (shadow.sent, shadow.agreed, shadow.disagreed) == (20, 20, 0)
+
     def test_a_compare_that_raises_counts_an_error_and_frees_its_slot(self) -> None:
         """A compare raising on some outputs left its mirror uncounted and its queue slot taken: after
         shadow_queue_size of them every later mirror was dropped, for good."""
