@@ -8,7 +8,6 @@ arm is visible through ``on_route`` and on the future that ``submit`` returns (`
 
 from __future__ import annotations
 
-import functools
 import random
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -345,20 +344,21 @@ class Router:
         return RouterStats(routed, arms, shadow, repr(self._ledger.in_force.policy), self._ledger.policy_errors)
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop routing, hand the queued shadow work over, then let every arm drain and stop."""
+        """Stop routing, hand the queued shadow work over, then let every arm drain and stop, all within ``timeout``."""
         if self._shut:
             return
         self._closed = True  # routes refused from now on; ``_shut`` once every part closed (a retry finishes)
+        end = None if timeout is None else time.monotonic() + timeout
         canary = find_canary(self._ledger.in_force.policy)
-        steps: list[Callable[[], object]] = [self._ledger.close, functools.partial(self._shadow.close, timeout)]
+        steps: list[Callable[..., object]] = [lambda _: self._ledger.close(), self._shadow.close]
         if canary is not None:
-            steps.append(canary.close)  # a shared store's follower thread
+            steps.append(lambda _: canary.close())  # a shared store's follower thread
         arms = {id(p): p for p in self._arms.values()}.values()  # an arm listed twice is closed once
-        steps.extend(functools.partial(arm.close, timeout) for arm in arms)
+        steps.extend(arm.close for arm in arms)  # each drains meanwhile: the last ones closed need less time
         errors: list[BaseException] = []
         for step in steps:  # one arm failing to close must not leave the others open
             try:
-                step()
+                step(None if end is None else max(0.0, end - time.monotonic()))
             except BaseException as error:  # noqa: BLE001 (raised below, once every part is closed)
                 errors.append(error)
         if errors:

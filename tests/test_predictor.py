@@ -706,6 +706,24 @@ class TestFailures:
         assert _balanced(p.stats())
         model.release.set()
 
+    def test_close_returns_within_its_timeout_whatever_hangs(self) -> None:
+        """Each hung worker was joined for a whole ``timeout`` after the queue's: close(1) with two replicas hung
+        took 3 s. Now one deadline bounds it all; what still runs then ends in Closed."""
+        p, model = _gated(replicas=2, max_batch_size=1)
+        blockers = [p.submit(rows(BLOCK)) for _ in range(2)]
+        deadline = time.monotonic() + WAIT
+        while len(model.batches) < 2 and time.monotonic() < deadline:  # both replicas hang
+            time.sleep(0.01)
+        queued = p.submit(rows(1.0))
+        start = time.monotonic()
+        p.close(timeout=1.0)
+        took = time.monotonic() - start
+        model.release.set()
+        assert 1.0 <= took < 1.8, took
+        for f in (*blockers, queued):
+            with pytest.raises(Closed):
+                f.result(WAIT)
+
     def test_close_timeout_answers_a_predict_running_on_its_callers_thread(self) -> None:
         """A lone predict on its caller's thread that close() gave up on ends in Closed; its worker stops."""
         p, model = _gated()

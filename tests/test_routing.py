@@ -26,6 +26,7 @@ from inferkit import (
     CanaryDecision,
     CanaryFinished,
     CanaryState,
+    Closed,
     Feedback,
     Fixed,
     Guard,
@@ -529,6 +530,29 @@ class TestPolicyProtocol:
         with pytest.raises(RuntimeError, match="own close failed"):
             r.close(WAIT)
         assert (second.state.value, third.state.value) == ("closed", "closed")
+
+    def test_close_returns_within_its_timeout_whatever_hangs(self) -> None:
+        """Each arm was closed with the whole ``timeout``: two hung arms took twice as long. Now one deadline bounds
+        the router's close; what still runs then ends in Closed."""
+        gate = threading.Event()
+        entered = threading.Semaphore(0)
+
+        def hung(a: np.ndarray) -> np.ndarray:
+            entered.release()
+            assert gate.wait(WAIT)
+            return a
+
+        r = Router({"a": Predictor.from_callable(hung), "b": Predictor.from_callable(hung)}, ABTest({"a": 1, "b": 1}))
+        futures = [r.submit(x(1), key=key) for key in range(20)]
+        assert {f.arm for f in futures} == {"a", "b"}
+        for _ in range(2):  # both arms hang
+            assert entered.acquire(timeout=WAIT)
+        start = time.monotonic()
+        r.close(1.0)
+        took = time.monotonic() - start
+        gate.set()
+        assert 1.0 <= took < 1.8, took
+        assert all(isinstance(f.exception(WAIT), Closed) for f in futures)
 
     def test_a_clock_stepping_back_never_costs_a_caller_its_answer(self) -> None:
         """A clock read lower after the call than before made a negative latency that the arm's

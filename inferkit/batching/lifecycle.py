@@ -265,9 +265,8 @@ class Lifecycle:
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests, let queued and running ones finish, then stop every thread.
 
-        What is still queued when ``timeout`` runs out ends in ``Closed``; a model call that is
-        still running gets until the workers are joined (another ``timeout``), then its
-        requests end in ``Closed`` too.
+        Returns within ``timeout``: what is still queued or running then ends in ``Closed`` (a
+        model call that never returns keeps its daemon thread).
         """
         end = None if timeout is None else self._clock() + timeout
         with self._lock:
@@ -289,9 +288,9 @@ class Lifecycle:
         self._flush()
         for thread in threads:
             if thread is not threading.current_thread():
-                thread.join(timeout)
+                thread.join(None if end is None else max(0.0, end - self._clock()))
         self._abandon_running()
-        self._timer.close(timeout)
+        self._timer.close(None if end is None else max(0.0, end - self._clock()))
 
     def _abandon_running(self) -> None:
         """Settle with ``Closed`` what still runs on workers that did not stop in time."""
