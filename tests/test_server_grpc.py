@@ -375,6 +375,16 @@ class TestHealth:
 class TestInfer:
     """ModelInfer with tritonclient's defaults and with raw messages."""
 
+    def test_model_config_of_settings_past_tritons_fields(self, serve: Callable[..., Served]) -> None:
+        """A Predictor built in Python may queue more than a uint32 and batch more than an int32: ModelConfig
+        failed (UNKNOWN, a ParseError logged); it shows them held to the fields' ranges."""
+        batching = BatchConfig(max_queue_size=2**40, max_batch_size=2**33, max_delay_ms=1e17)
+        served = serve({"big": Predictor.from_callable(lambda a: a, batching=batching)})
+        config = served.call("ModelConfig", pb.ModelConfigRequest(name="big"), timeout=WAIT).config
+        assert config.max_batch_size == 2**31 - 1
+        assert config.dynamic_batching.default_queue_policy.max_queue_size == 2**32 - 1
+        assert config.dynamic_batching.max_queue_delay_microseconds == 2**64 - 1
+
     def test_fp32_onnx(self, serve: Callable[..., Served], mlp_model: bytes, mlp_weights: Any) -> None:
         """FP32 through an ONNX model equals ``x @ W + b``; the request id is echoed."""
         weight, bias = mlp_weights

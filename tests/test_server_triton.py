@@ -687,6 +687,16 @@ class TestConfigLoader:
         truncated = {"dynamic_batching": {"default_queue_policy": {"max_queue_size": 2.7}}}  # it became 2
         error = _grpc_error(lambda: c.http.load_model("m", headers=AUTH, config=json.dumps(truncated)))
         assert "max_queue_size must be a whole number" in error.message(), error.message()
+        too_large = [  # loaded, then gRPC ModelConfig failed (UNKNOWN); 10**5 replicas built for good, control wedged
+            ({"dynamic_batching": {"max_queue_delay_microseconds": "99999999999999999999"}}, "in [0, 2**64)"),
+            ({"dynamic_batching": {"default_queue_policy": {"max_queue_size": 2**32}}}, "at most 4294967295"),
+            ({"max_batch_size": 2**31}, "max_batch_size must be at most 2147483647"),
+            ({"instance_group": [{"count": 257}]}, "replicas must be at most 256"),
+        ]
+        for config, why in too_large:
+            error = _grpc_error(lambda w=config: c.http.load_model("m", headers=AUTH, config=json.dumps(w)))
+            assert error.status() == "400"
+            assert why in error.message(), error.message()
         as_protobuf_writes_it = {"dynamic_batching": {"max_queue_delay_microseconds": "700"}}  # uint64 in JSON
         c.http.load_model("m", headers=AUTH, config=json.dumps(as_protobuf_writes_it))
         assert c.http.get_model_config("m")["dynamic_batching"]["max_queue_delay_microseconds"] == 700
@@ -701,3 +711,6 @@ class TestConfigLoader:
         monkeypatch.setenv("INFERKIT_ADMIN_TOKEN", "short")
         assert main(["serve", str(model), "--repository-control", "--grpc-port", "-1", "--port", "0"]) == 2
         assert "at least 16 characters" in capsys.readouterr().err
+        monkeypatch.setenv("INFERKIT_ADMIN_TOKEN", "tökén-0123456789abcdef")  # sent as UTF-8, it never matched
+        assert main(["serve", str(model), "--repository-control", "--grpc-port", "-1", "--port", "0"]) == 2
+        assert "printable ASCII" in capsys.readouterr().err

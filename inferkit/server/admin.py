@@ -32,22 +32,21 @@ from inferkit.errors import (
 )
 from inferkit.policies import Canary, find_canary
 from inferkit.routing import Router
-from inferkit.server.control import TOKEN_ENV, Forbidden, Unauthenticated
+from inferkit.server.control import TOKEN_ENV, TOKEN_RULE, Forbidden, Unauthenticated, usable_token
 from inferkit.server.repository import Repository
 
 __all__ = ["ACTIONS", "CanaryAdmin", "NoCanary", "routes"]
 
 ACTIONS = ("promote", "rollback", "pause", "resume")
 """What ``POST /v2/admin/models/{m}/canary/{action}`` may ask."""
-_MIN_TOKEN_CHARS = 16  # as repository control's
 
 
 class CanaryAdmin:
     """The canary operations over one repository, behind the operator's token (``None``: off)."""
 
     def __init__(self, repository: Repository, token: str | None) -> None:
-        if token is not None and (len(token) < _MIN_TOKEN_CHARS or not token.isprintable()):
-            msg = f"the admin token must be a printable string of at least {_MIN_TOKEN_CHARS} characters"
+        if token is not None and not usable_token(token):
+            msg = f"the admin token must be {TOKEN_RULE}"
             raise ValueError(msg)  # never echo the value: it is a secret
         self.repository = repository
         self._token = token

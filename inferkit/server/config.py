@@ -82,7 +82,7 @@ import attrs
 from inferkit.errors import ConfigError  # defined in the one error tree; importable here too
 from inferkit.routing import Predictive
 from inferkit.server.config_models import ModelLoader, as_table, checked, refuse_unknown, served_model
-from inferkit.server.control import TOKEN_ENV, RepositoryControl
+from inferkit.server.control import TOKEN_ENV, TOKEN_RULE, RepositoryControl, usable_token
 from inferkit.server.limits import ConnectionLimits
 from inferkit.server.repository import Repository
 
@@ -239,13 +239,10 @@ def read_small_file(path: Path, limit: int) -> str:
         raise ConfigError(msg) from None
 
 
-_MIN_TOKEN_CHARS = 16  # as repository control's
-
-
 def check_admin_token(token: str, where: str) -> None:
-    """``ConfigError`` unless ``token`` is printable and at least 16 characters (the value is never shown)."""
-    if len(token) < _MIN_TOKEN_CHARS or not token.isprintable():  # canary admin uses it too
-        msg = f"{where} must be a printable string of at least {_MIN_TOKEN_CHARS} characters"
+    """``ConfigError`` unless ``token`` is printable ASCII, at least 16 characters (the value is never shown)."""
+    if not usable_token(token):  # canary admin uses it too
+        msg = f"{where} must be {TOKEN_RULE}"
         raise ConfigError(msg)
 
 

@@ -87,6 +87,7 @@ def _predictor(spec: Mapping[str, Any], where: str, base: Path, name: str) -> Pr
     if "autoscale" in spec:
         table = as_table(spec["autoscale"], f"{where}.autoscale")
         autoscale = checked(f"{where}.autoscale", lambda: AutoscaleConfig(**table))
+    _within_limits(where, batching, pool, autoscale)
     pipeline = _pipeline(spec["pipeline"], f"{where}.pipeline") if "pipeline" in spec else None
     device = _device(spec.get("device"), f"{where}.device")
     strict = spec.get("strict", False)
@@ -347,15 +348,33 @@ class ModelLoader:
         return str(resolved.relative_to(self.base))
 
 
+MAX_REPLICAS = 256  # each replica builds and warms a session, and loads take turns: more is a typo, not a pool
+_INT32, _UINT32, _UINT64 = 2**31 - 1, 2**32 - 1, 2**64 - 1  # Triton's model config fields
+
+
+def _within_limits(where: str, batching: BatchConfig, pool: PoolConfig, autoscale: AutoscaleConfig | None) -> None:
+    """``ConfigError`` for a pool past :data:`MAX_REPLICAS`, or a field past the range of Triton's model config."""
+    for key, value, most in (
+        ("replicas", pool.replicas, MAX_REPLICAS),
+        ("autoscale.max_replicas", 0 if autoscale is None else autoscale.max_replicas, MAX_REPLICAS),
+        ("max_batch_size", batching.max_batch_size or 0, _INT32),
+        ("max_queue_size", batching.max_queue_size, _UINT32),
+        ("max_delay_ms", batching.max_delay_ms, _UINT64 // 1000),
+    ):
+        if value > most:
+            msg = f"{where}.{key} must be at most {most}, got {value}"
+            raise ConfigError(msg)
+
+
 def _whole(value: object, where: str) -> int:
     """A uint64 field of a Triton model config: an int, or its decimal string (protobuf's JSON); ``ConfigError`` else.
 
     ``int()`` would take ``2.7`` as 2 and ``1e30`` as a delay of 10**24 ms.
     """
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= _UINT64_DIGITS:
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        msg = f"{where} must be a whole number >= 0, got {value!r:.100}"
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _UINT64:
+        msg = f"{where} must be a whole number in [0, 2**64), got {value!r:.100}"
         raise ConfigError(msg)
     return value
 

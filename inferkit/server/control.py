@@ -86,9 +86,18 @@ class Loader(Protocol):
         """
 
 
+TOKEN_RULE = f"a printable ASCII string of at least {_MIN_TOKEN_CHARS} characters"
+"""What the operator's token must be: HTTP headers and gRPC metadata carry ASCII as it is sent."""
+
+
+def usable_token(value: object) -> bool:
+    """Whether ``value`` can be the operator's token (:data:`TOKEN_RULE`)."""
+    return isinstance(value, str) and len(value) >= _MIN_TOKEN_CHARS and value.isascii() and value.isprintable()
+
+
 def _token(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not isinstance(value, str) or len(value) < _MIN_TOKEN_CHARS or not value.isprintable():
-        msg = f"{attribute.name} must be a printable string of at least {_MIN_TOKEN_CHARS} characters"
+    if not usable_token(value):
+        msg = f"{attribute.name} must be {TOKEN_RULE}"
         raise ValueError(msg)  # never echo the value: it is a secret
 
 

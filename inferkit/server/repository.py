@@ -309,7 +309,7 @@ class Repository:
         sig = signature_of(target)
         config: dict[str, Any] = {"name": name, "platform": "inferkit", "backend": "inferkit"}
         if predictor is not None:
-            config["max_batch_size"] = predictor.batching.call_rows
+            config["max_batch_size"] = min(predictor.batching.call_rows, 2**31 - 1)  # an int32
         if sig is not None:
             config["input"] = [triton_tensor(s) for s in sig.inputs]
             config["output"] = [triton_tensor(s) for s in sig.outputs]

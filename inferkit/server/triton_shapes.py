@@ -48,9 +48,9 @@ def triton_tensor(spec: Any) -> dict[str, Any]:
 
 def dynamic_batching(batching: BatchConfig) -> dict[str, Any]:
     """Triton's ``dynamic_batching`` of a model config, from a BatchConfig."""
-    return {
-        "max_queue_delay_microseconds": round(batching.max_delay_ms * 1000),
-        "default_queue_policy": {"max_queue_size": batching.max_queue_size},
+    return {  # held to the fields' ranges: a Predictor built in Python has none
+        "max_queue_delay_microseconds": min(round(batching.max_delay_ms * 1000), 2**64 - 1),
+        "default_queue_policy": {"max_queue_size": min(batching.max_queue_size, 2**32 - 1)},
     }
 
 
