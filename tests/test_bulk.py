@@ -870,3 +870,30 @@ class TestUnreadableFiles:
         with inferkit.Predictor.from_onnx(_identity_model(TensorProto.FLOAT, "x", shape=("N", 2))) as floats:
             with pytest.raises(inferkit.InvalidInput, match=r"ragged\.csv cannot be read as CSV: .*Expected 2 columns"):
                 floats.map(tmp_path / "ragged.csv", on_error="collect")
+
+    def test_undecodable_header_and_corrupt_page_name_the_file(self, tmp_path: Path) -> None:
+        """A CSV header that is not UTF-8 raised UnicodeDecodeError, and a Parquet data page that does not
+        decompress a raw OSError, neither naming the file; both are InvalidInput naming it."""
+        pa = pytest.importorskip("pyarrow")
+        pq = pytest.importorskip("pyarrow.parquet")
+        from inferkit.bulk import run_job
+
+        (tmp_path / "head.csv").write_bytes(b"x\xff,x1\n1,2\n")
+        table = pa.table({"x0": np.arange(1000.0), "x1": np.arange(1000.0)})
+        pq.write_table(table, tmp_path / "ok.parquet", row_group_size=100, compression="snappy")
+        whole = bytearray((tmp_path / "ok.parquet").read_bytes())
+        third = len(whole) // 3
+        whole[third : third + 200] = bytes(200)  # inside a data page, the footer intact
+        (tmp_path / "page.parquet").write_bytes(bytes(whole))
+        cases = {
+            "head.csv": "cannot be read as CSV: its header is not UTF-8",
+            "page.parquet": "cannot be read as Parquet",
+        }
+        with inferkit.Predictor.from_callable(lambda x: x * 1) as predictor:
+            for name, why in cases.items():
+                for on_error in ("raise", "collect"):
+                    with pytest.raises(inferkit.InvalidInput) as caught:
+                        predictor.map(tmp_path / name, on_error=on_error)
+                    assert str(caught.value).startswith(f"{tmp_path / name} {why}"), str(caught.value)
+                with pytest.raises(inferkit.InvalidInput, match=f"^{tmp_path / name} {why}"):
+                    run_job(predictor, tmp_path / name, tmp_path / "y.npy", chunk_rows=300)

@@ -507,6 +507,108 @@ class TestPredictOutputs:
         assert proc.returncode == 0, err
         assert np.load(tmp_path / "y.npy").shape == (5, 0)
 
+    def test_fixed_width_strings_with_nul_to_parquet_whole(self, tmp_path: Path) -> None:
+        """A model's <U or |S output (not objects) was cut at its first NUL in a .parquet output ('a\\x00b' read
+        back 'a'): pyarrow reads a fixed-width NumPy string as a C string. Values come back as map returns them."""
+        pq = pytest.importorskip("pyarrow.parquet")
+        from inferkit import Predictor
+        from inferkit.bulk import run_job
+
+        cases = {
+            "u": np.array([["a\x00b"], ["ok"], ["\x00"], ["é\x00😀"], [""]]),
+            "s": np.array([[b"\xff\x00\xfe"], [b"ok"], [b"\x00z"], [b""], [b"q"]]),
+        }
+        for label, x in cases.items():
+            np.save(tmp_path / f"{label}.npy", x)
+            with Predictor.from_callable(lambda b: b.copy()) as predictor:
+                want = predictor.map(x).tolist()
+                assert run_job(predictor, tmp_path / f"{label}.npy", tmp_path / f"{label}.parquet", chunk_rows=2) == 5
+            assert pq.read_table(tmp_path / f"{label}.parquet").column(0).to_pylist() == want, label
+
+    def test_undeclared_outputs_to_npy_refused_at_the_first_chunk(self, tmp_path: Path) -> None:
+        """A model that declares no outputs returning a dict of several to a .npy output ran every chunk and
+        was refused only when the parts were joined; it is refused on the first chunk, before it is listed."""
+        from inferkit import Predictor
+        from inferkit.bulk import run_job
+
+        np.save(tmp_path / "x.npy", np.arange(200.0).reshape(100, 2))
+        calls = []
+
+        def two(x: np.ndarray) -> dict[str, np.ndarray]:
+            calls.append(len(x))
+            return {"a": x * 2, "b": x * 3}
+
+        with Predictor.from_callable(two) as predictor:
+            with pytest.raises(
+                ValueError, match=r"^the model has several outputs \['a', 'b'\]: write them to a \.parquet"
+            ):
+                run_job(predictor, tmp_path / "x.npy", tmp_path / "y.npy", chunk_rows=10, batch_size=5)
+        assert sum(calls) == 10  # the first chunk only
+        assert _finished_chunks(tmp_path / "y.npy.parts" / "manifest.json") == 0
+        assert not (tmp_path / "y.npy").exists()
+
+    def test_npy_output_joins_parts_of_other_widths_and_orders(self, tmp_path: Path) -> None:
+        """The parts are joined a block at a time (they were all loaded at once): text widening across parts,
+        a Fortran-ordered part and a shape past two axes come out as one C-ordered array."""
+        from inferkit import Predictor
+        from inferkit.bulk import run_job
+
+        np.save(tmp_path / "x.npy", np.arange(7 * 6, dtype=np.float64).reshape(7, 2, 3))
+
+        def text(x: np.ndarray) -> np.ndarray:  # a wider string in a later part; a Fortran-ordered array
+            return np.asfortranarray(np.array([[f"v{v:g}" for v in row.ravel()] for row in x]).reshape(x.shape))
+
+        with Predictor.from_callable(text) as predictor:
+            assert run_job(predictor, tmp_path / "x.npy", tmp_path / "y.parquet", chunk_rows=3) == 7
+        with Predictor.from_callable(lambda x: np.asfortranarray(x * 2)) as predictor:
+            assert run_job(predictor, tmp_path / "x.npy", tmp_path / "y.npy", chunk_rows=3, batch_size=2) == 7
+        got = np.load(tmp_path / "y.npy")
+        assert got.flags.c_contiguous
+        np.testing.assert_array_equal(got, np.arange(7 * 6, dtype=np.float64).reshape(7, 2, 3) * 2)
+
+    def test_npy_assembly_holds_a_block_not_the_output(self, tmp_path: Path) -> None:
+        """Joining a .npy output loaded every part (peak memory the whole output); it copies them in blocks."""
+        import tracemalloc
+
+        from inferkit.bulk.job import _assemble
+
+        rows, parts = 40_000, 8  # 8 parts of 2.4 MiB: an output of 19.5 MiB
+        chunks = [np.full((rows, 8), i, np.float64) for i in range(parts)]
+        chunks[3] = chunks[3].astype(np.float64, order="F")
+        paths = []
+        for i, chunk in enumerate(chunks):
+            np.save(tmp_path / f"part-{i:06d}.npy", chunk)
+            paths.append(tmp_path / f"part-{i:06d}.npy")
+        del chunks
+        tracemalloc.start()
+        try:
+            _assemble(paths, tmp_path / "y.npy", "y")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        got = np.load(tmp_path / "y.npy", mmap_mode="r")
+        assert got.shape == (rows * parts, 8)
+        np.testing.assert_array_equal(got[::rows, 0], np.arange(parts))
+        assert (np.asarray(got[rows * 3 : rows * 4]) == 3).all()
+        assert peak < got.nbytes // 4, peak
+
+    def test_strings_with_nul_to_npy_and_wider_later(self, tmp_path: Path) -> None:
+        """<U parts of other widths join at the widest, NULs inside kept."""
+        from inferkit import Predictor
+        from inferkit.bulk import run_job
+
+        np.save(tmp_path / "x.npy", np.arange(5, dtype=np.float32)[:, None])
+
+        def words(x: np.ndarray) -> np.ndarray:
+            return np.array([["a\x00" + "b" * int(v)] for v in x[:, 0]])
+
+        with Predictor.from_callable(words) as predictor:
+            want = predictor.map(tmp_path / "x.npy")
+            assert run_job(predictor, tmp_path / "x.npy", tmp_path / "y.npy", chunk_rows=2) == 5
+        got = np.load(tmp_path / "y.npy")
+        assert got.dtype == np.dtype("<U6")
+        assert got.tolist() == want.tolist()
+
     def test_pickled_part_left_by_an_earlier_run_refused(self, tmp_path: Path) -> None:
         """A part holding pickled objects (as string outputs were saved before) is never unpickled: exit 2
         with a line saying to delete the parts folder."""

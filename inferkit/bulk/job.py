@@ -19,6 +19,8 @@ from inferkit.signature import Signature
 
 __all__ = ["JobLocked", "JobMismatch", "run_job"]
 
+_COPY_BYTES = 1 << 23  # a .npy output is joined 8 MiB at a time
+
 
 def _save_part(path: Path, outputs: Any, single: str) -> Path:
     """Write one chunk's outputs under ``path`` with the suffix their kind takes; return the path written.
@@ -73,13 +75,20 @@ def _arrow_table(outputs: Any, single: str) -> Any:
     named = outputs if isinstance(outputs, Mapping) else {single: outputs}
     columns = {}
     for name, array in named.items():
-        column = pa.array(np.ascontiguousarray(array).ravel())
+        column = _arrow_values(pa, np.ascontiguousarray(array).ravel())
         if pa.types.is_null(column.type):  # objects all None: text, as a later part's strings are
             column = column.cast(pa.string())
         for width in reversed(array.shape[1:]):  # one fixed-size list per axis past the rows: the shape stays
             column = pa.FixedSizeListArray.from_arrays(column, width)
         columns[name] = column
     return pa.table(columns)
+
+
+def _arrow_values(pa: Any, flat: np.ndarray[Any, Any]) -> Any:
+    """``flat`` as an Arrow array; fixed-width text by value, which pyarrow cut at its first NUL as a C string."""
+    if flat.dtype.kind in "US":  # as Python objects: NumPy's own values (trailing NULs are padding to it)
+        return pa.array(flat.astype(object), type=pa.string() if flat.dtype.kind == "U" else pa.binary())
+    return pa.array(flat)
 
 
 def _conformed(table: Any, schema: Any, part: Path) -> Any:
@@ -119,22 +128,47 @@ def _assemble(parts: list[Path], output: Path, single: str) -> None:
                 if writer is not None:
                     writer.close()
             return
-        loaded = [_load_part(p) for p in parts]
-        if isinstance(loaded[0], Mapping):
-            raise _several_outputs(list(loaded[0]))
-        tail, dtype = loaded[0].shape[1:], loaded[0].dtype
-        for part, array in zip(parts, loaded, strict=True):  # each chunk was checked; a job resumed from before was not
-            same = array.dtype == dtype or (array.dtype.kind == dtype.kind and dtype.kind in "US")
-            if array.shape[1:] != tail or not same:
-                msg = f"{part.name} holds outputs of {array.dtype} {array.shape[1:]}, the first part {dtype} {tail}"
-                raise ValueError(msg)
-            dtype = np.result_type(dtype, array.dtype)  # text: the widest
-        shape = (sum(len(a) for a in loaded), *tail)
-        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+        rows, tail, dtype = _npy_layout(parts)
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows, *tail)}
         np.lib.format.write_array_header_1_0(f, header)  # what np.save writes; the rows follow as they are
-        f.writelines(np.ascontiguousarray(array, dtype=dtype).data for array in loaded)
+        for part in parts:  # one part mapped at a time, copied a block at a time: memory holds no whole output
+            _copy_rows(_mapped_part(part), dtype, f)
 
     atomic_write(output, write)
+
+
+def _mapped_part(part: Path) -> np.ndarray[Any, Any]:
+    """A ``.npy`` part memory-mapped (its pages read as copied); ``JobMismatch`` for one of objects (a pickle)."""
+    if part.suffix == ".npz":  # a dict of outputs, left by a job from before they were checked per chunk
+        with np.load(part) as loaded:
+            raise _several_outputs(list(loaded.files))
+    try:
+        array: np.ndarray[Any, Any] = np.load(part, mmap_mode="r")
+    except ValueError as error:  # "Array can't be memory-mapped: Python objects in dtype"
+        msg = f"{part} cannot be read ({error}): delete {part.parent} to start over"
+        raise JobMismatch(msg) from None
+    return array
+
+
+def _npy_layout(parts: list[Path]) -> tuple[int, tuple[int, ...], np.dtype[Any]]:
+    """The rows, shape past them and dtype of the parts joined, from their headers alone."""
+    first = _mapped_part(parts[0])
+    tail, dtype, rows = first.shape[1:], first.dtype, 0
+    for part in parts:  # each chunk was checked; a job resumed from before was not
+        array = _mapped_part(part)
+        same = array.dtype == dtype or (array.dtype.kind == dtype.kind and dtype.kind in "US")
+        if array.shape[1:] != tail or not same:
+            msg = f"{part.name} holds outputs of {array.dtype} {array.shape[1:]}, the first part {dtype} {tail}"
+            raise ValueError(msg)
+        dtype = np.result_type(dtype, array.dtype)  # text: the widest
+        rows += len(array)
+    return rows, tail, dtype
+
+
+def _copy_rows(array: np.ndarray[Any, Any], dtype: np.dtype[Any], f: BinaryIO) -> None:
+    """Write ``array``'s rows C-ordered as ``dtype``, ``_COPY_BYTES`` at a time."""
+    step = max(1, _COPY_BYTES // max(1, array[:1].nbytes))
+    f.writelines(np.ascontiguousarray(array[i : i + step], dtype=dtype).data for i in range(0, len(array), step))
 
 
 def _settings(source: Path, model: Path | None, chunk_rows: int) -> dict[str, Any]:
@@ -185,6 +219,8 @@ def _check_part(outputs: Mapping[str, tuple[np.dtype[Any], tuple[int | None, ...
             hint = ": write it to a .npy file" if len(outputs) == 1 else ""
             msg = f"the model's output {name!r} has shape ({shape}), no values per row, which Parquet cannot hold{hint}"
             raise ValueError(msg)
+    if output.suffix.lower() == ".npy" and len(outputs) > 1:  # an undeclared model's dict: on its first chunk
+        raise _several_outputs(list(outputs))
 
 
 def _check_output(output: Path, signature: Signature | None, source: Path) -> None:

@@ -149,6 +149,9 @@ def _csv_names(path: Path) -> list[str]:
                 return list(reader.schema.names)
         except _LongRow as error:
             block = _bigger(block, error)
+        except UnicodeDecodeError as error:  # pyarrow reads the header as bytes; its names decode here
+            msg = f"{path} cannot be read as CSV: its header is not UTF-8 ({error})"
+            raise InvalidInput(msg) from None
 
 
 def _bigger(block: int, error: _LongRow) -> int:
@@ -209,7 +212,7 @@ def _records(records: Iterable[Any], path: Path, what: str) -> Iterator[Any]:
             record = next(source)
         except StopIteration:
             return
-        except pa.ArrowInvalid as error:
+        except (pa.ArrowInvalid, OSError) as error:  # OSError: a Parquet page that does not decompress
             raise _unreadable(path, what, error) from None
         yield record
 
