@@ -166,7 +166,9 @@ class Router:
             ledger.served(route.arm, start, error, x)
             raise
         end = ledger.clock()
-        if route.shadow is not None and taken is not None:  # mirrored before counted: a step it ends waits for it
+        if route.shadow is not None and taken is None:  # counted only once the primary accepted it
+            self._shadow.drop()
+        elif route.shadow is not None and taken is not None:  # mirrored before counted: a step it ends waits for it
             done: Future[Any] = Future()
             done.set_result(copied(result))  # compared later: the caller may write into its result
             self._shadow.mirror(route.shadow, taken, done)
@@ -222,7 +224,9 @@ class Router:
                     else:
                         outer.set_exception(error)
 
-        if route.shadow is not None and taken is not None and seen is not None:  # before relay can count it
+        if route.shadow is not None and taken is None:  # counted only once the primary accepted it
+            self._shadow.drop()
+        elif route.shadow is not None and taken is not None and seen is not None:  # before relay can count it
             self._shadow.mirror(route.shadow, taken, seen)  # (a done inner runs relay at once)
         inner.add_done_callback(relay)
         return outer

@@ -26,7 +26,8 @@ class ShadowStats:
     """Mirrored requests and how they compared with the primary.
 
     ``sent`` went to the candidate (each ends agreed, disagreed or in error); ``dropped`` never
-    did, because the shadow queue was full (or still held them at close).
+    did, because the shadow queue was full (or still held them at close). A request the primary
+    refused is neither.
     """
 
     sent: int
@@ -105,13 +106,13 @@ class ShadowTraffic:
         return self._stats
 
     def take(self, x: Any) -> tuple[Any] | None:
-        """A copy of ``x`` to :meth:`mirror`, or None (counted as dropped) when the queue is full.
+        """A copy of ``x`` to :meth:`mirror`, or None when the queue is full (then :meth:`drop` it).
 
         Taken before the primary arm runs: its model may write into its input, and a caller reuse
-        it once its call returns.
+        it once its call returns. Nothing is counted here: a request the primary refuses is no
+        mirror lost.
         """
         if self._pending >= self._limit or self._closed:  # read without the lock: a full queue costs no copy
-            self._drop()
             return None
         return (copied(x),)
 
@@ -132,10 +133,11 @@ class ShadowTraffic:
                     self._thread.start()
                 self._queue.put(functools.partial(self._send, arm, copy, primary, settle))  # before close's None
         if not queued:  # filled (or closed) meanwhile: told as never compared
-            self._drop()
+            self.drop()
             settle("errors")
 
-    def _drop(self) -> None:
+    def drop(self) -> None:
+        """Count a mirror that :meth:`take` had no room for, once the primary accepted its request."""
         with self._lock:
             self._stats = _plus_one(self._stats, "dropped")
 

@@ -21,6 +21,7 @@ from test_canary_shared import RedisServer, needs_redis
 
 from inferkit import (
     ABTest,
+    BatchConfig,
     CallableBackend,
     Canary,
     CanaryDecision,
@@ -32,6 +33,7 @@ from inferkit import (
     Guard,
     Match,
     ModelError,
+    Overloaded,
     Policy,
     Predictor,
     Route,
@@ -908,6 +910,34 @@ class TestShadow:
         shadow = r.stats().shadow
         assert shadow.sent + shadow.dropped == 30
         assert shadow.disagreed == 0
+
+    def test_a_request_the_primary_refuses_is_no_dropped_mirror(self) -> None:
+        """The mirror's copy is taken before the primary runs; with the shadow queue full, a request the primary
+        then refused (Overloaded) was counted as a dropped mirror, so `dropped` overstated what the shadow lost."""
+        gate = threading.Event()
+
+        def stuck(a: np.ndarray) -> np.ndarray:
+            assert gate.wait(WAIT)
+            return a
+
+        primary = Predictor.from_callable(stuck, batching=BatchConfig(max_batch_size=1, max_queue_size=1))
+        arms = {"v1": primary, "v2": Predictor.from_callable(stuck)}
+        with Router(arms, Shadow(Fixed("v1"), "v2"), shadow_queue_size=1) as r:
+            gate.set()
+            r.predict(x(1))
+            gate.clear()  # the candidate holds the one mirror: the shadow queue stays full
+            running = r.submit(x(2))  # the primary runs it (dropped: 1)
+            deadline = time.monotonic() + WAIT
+            while primary.stats().in_flight < 1 and time.monotonic() < deadline:
+                time.sleep(0.002)
+            queued = r.submit(x(3))  # queued on the primary (dropped: 2)
+            for call in (r.predict, r.submit):
+                with pytest.raises(Overloaded):
+                    call(x(4))
+            assert (r.stats().shadow.sent, r.stats().shadow.dropped) == (1, 2)
+            gate.set()
+            for future in (running, queued):
+                future.result(WAIT)
 
 
 class TestHotSwap:

@@ -1257,6 +1257,35 @@ class TestLimitsAndDrain:
         (out,) = outputs_of(served.call("ModelInfer", request, timeout=WAIT)).values()
         np.testing.assert_array_equal(out, np.full((1, count), 0.5, np.float32))
 
+    def test_a_server_stopped_with_parses_queued_leaves_no_pending_task(self, caplog: pytest.LogCaptureFixture) -> None:
+        """An embedder that stops the server and closes its loop while large requests still wait for a worker
+        thread got asyncio's "Task was destroyed but it is pending!" logged for each; their holds are still
+        given back once the threads end."""
+        served = Served(Repository({"e": echo()}), limits=ConnectionLimits(max_decode_bytes=256 * 2**20))
+        try:
+            budget = served.server._servicer._budget
+            executor, gate, started = ThreadPoolExecutor(1), threading.Event(), threading.Event()
+            served._loop.call_soon_threadsafe(served._loop.set_default_executor, executor)
+            executor.submit(lambda: (started.set(), gate.wait(WAIT)))  # parses queue behind it
+            assert started.wait(WAIT)
+            request, count = typed_fp32("e", 2**18), 3
+            calls = [served.stub("ModelInfer").future(request, timeout=WAIT) for _ in range(count)]
+            deadline = time.monotonic() + WAIT
+            while budget.used < count * 2**18 * 4 * 32 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert budget.used >= count * 2**18 * 4 * 32
+            threading.Timer(0.5, gate.set).start()
+            served.close()  # stop(None), then the loop is closed
+            for call in calls:
+                with pytest.raises(grpc.RpcError):
+                    call.result(WAIT)
+            executor.shutdown(wait=True)
+            gc.collect()
+            assert budget.used == 0
+            assert not [r for r in caplog.records if "destroyed but it is pending" in r.getMessage()]
+        finally:
+            served.repository.close()
+
     def test_no_parsed_message_is_held_while_its_request_waits_for_the_model(
         self, serve: Callable[..., Served]
     ) -> None:

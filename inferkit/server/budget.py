@@ -10,6 +10,8 @@ message is parsed) and their BYTES elements (each a Python object once decoded).
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -138,7 +140,10 @@ class Hold:
         """
         with self._lock:
             self._working += 1
-        work = asyncio.ensure_future(asyncio.to_thread(self._work, fn, *args))
+        # A future, not a task as asyncio.to_thread makes: a loop closed while the thread still works
+        # would log a task "destroyed but it is pending" for each.
+        run = functools.partial(contextvars.copy_context().run, self._work, fn, *args)
+        work = asyncio.get_running_loop().run_in_executor(None, run)
         work.add_done_callback(_retrieved)
         return await asyncio.shield(work)
 
