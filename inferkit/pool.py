@@ -143,6 +143,10 @@ LIVE_STATES = frozenset({ReplicaState.HEALTHY, ReplicaState.EJECTED})  # drainin
 
 LATENCY_WINDOW = 2048  # recent request latencies kept per replica for percentiles
 
+MAX_REPLICAS = 256
+"""The most replicas a server builds for one model, from a config file, a load or the command line:
+each builds and warms a session, and loads take turns, so more is a typo, not a pool."""
+
 
 @attrs.define(eq=False)
 class Replica:

@@ -914,28 +914,33 @@ class TestShadow:
     def test_a_request_the_primary_refuses_is_no_dropped_mirror(self) -> None:
         """The mirror's copy is taken before the primary runs; with the shadow queue full, a request the primary
         then refused (Overloaded) was counted as a dropped mirror, so `dropped` overstated what the shadow lost."""
-        gate = threading.Event()
+        primary_gate, candidate_gate, entered = threading.Event(), threading.Event(), threading.Semaphore(0)
 
-        def stuck(a: np.ndarray) -> np.ndarray:
-            assert gate.wait(WAIT)
+        def primary_model(a: np.ndarray) -> np.ndarray:
+            entered.release()
+            assert primary_gate.wait(WAIT)
             return a
 
-        primary = Predictor.from_callable(stuck, batching=BatchConfig(max_batch_size=1, max_queue_size=1))
-        arms = {"v1": primary, "v2": Predictor.from_callable(stuck)}
+        def candidate_model(a: np.ndarray) -> np.ndarray:
+            assert candidate_gate.wait(WAIT)
+            return a
+
+        primary = Predictor.from_callable(primary_model, batching=BatchConfig(max_batch_size=1, max_queue_size=1))
+        arms = {"v1": primary, "v2": Predictor.from_callable(candidate_model)}
         with Router(arms, Shadow(Fixed("v1"), "v2"), shadow_queue_size=1) as r:
-            gate.set()
-            r.predict(x(1))
-            gate.clear()  # the candidate holds the one mirror: the shadow queue stays full
+            primary_gate.set()
+            r.predict(x(1))  # its mirror waits on the candidate: the shadow queue is full
+            assert entered.acquire(timeout=WAIT)
+            primary_gate.clear()
             running = r.submit(x(2))  # the primary runs it (dropped: 1)
-            deadline = time.monotonic() + WAIT
-            while primary.stats().in_flight < 1 and time.monotonic() < deadline:
-                time.sleep(0.002)
+            assert entered.acquire(timeout=WAIT)
             queued = r.submit(x(3))  # queued on the primary (dropped: 2)
             for call in (r.predict, r.submit):
                 with pytest.raises(Overloaded):
                     call(x(4))
             assert (r.stats().shadow.sent, r.stats().shadow.dropped) == (1, 2)
-            gate.set()
+            primary_gate.set()
+            candidate_gate.set()
             for future in (running, queued):
                 future.result(WAIT)
 

@@ -495,6 +495,12 @@ class TestCli:
                 for grace, shown in [("nan", "nan"), ("inf", "inf"), ("-1", "-1.0"), ("1e300", "1e+300"), ("x", "'x'")]
             ),
             (["scale.onnx", "--eject-after", "0"], "--eject-after: must be >= 1, got 0"),
+            # 300 replicas were built (a config file or a load stops at 256); 0 was a ValueError traceback
+            *(
+                (["scale.onnx", flag, count], f"{flag}: must be a count from 1 to 256, got {count}")
+                for flag in ("--replicas", "--max-replicas", "--min-replicas")
+                for count in ("0", "300")
+            ),
             (["scale.onnx", "--max-ejected-fraction", "2"], "--max-ejected-fraction: must be in (0, 1], got 2"),
             (["scale.onnx", "--header-timeout-s", "0"], "--header-timeout-s: must be a finite number > 0, got 0"),
             (["scale.onnx", "--max-header-bytes", "10"], "max_header_bytes must be an int >= 1024, got 10"),

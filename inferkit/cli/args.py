@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 
+from inferkit.pool import MAX_REPLICAS
+
 
 def _at_least_one(text: str) -> int:
     value = int(text)
@@ -24,6 +26,11 @@ def _within(text: str, low: int, high: int, what: str = "", *, also: str = "") -
         msg = f"must be {what}from {low} to {high}{also}, got {value}"
         raise argparse.ArgumentTypeError(msg)
     return value
+
+
+def _pool_size(text: str) -> int:
+    """A count of replicas: a server's pool is at most :data:`~inferkit.pool.MAX_REPLICAS`."""
+    return _within(text, 1, MAX_REPLICAS, "a count ")
 
 
 def _port(text: str) -> int:

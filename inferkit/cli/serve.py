@@ -12,7 +12,16 @@ from typing import TYPE_CHECKING
 import attrs
 
 from inferkit.batching.config import BatchConfig
-from inferkit.cli.args import _at_least_one, _fraction, _grace, _grpc_listeners, _grpc_port, _port, _positive
+from inferkit.cli.args import (
+    _at_least_one,
+    _fraction,
+    _grace,
+    _grpc_listeners,
+    _grpc_port,
+    _pool_size,
+    _port,
+    _positive,
+)
 from inferkit.pool import PoolConfig
 
 if TYPE_CHECKING:
@@ -50,7 +59,7 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         default=_BATCHING.max_queue_bytes,
         help=f"bytes of inputs that may wait (default {_BATCHING.max_queue_bytes})",
     )
-    serve.add_argument("--replicas", type=int, default=_POOL.replicas)
+    serve.add_argument("--replicas", type=_pool_size, default=_POOL.replicas)
     ejection = serve.add_argument_group("replica health (a model file; a config sets them per model)")
     ejection.add_argument(
         "--execution-timeout", type=_positive, default=None, help="seconds a model call may take (default: no limit)"
@@ -143,9 +152,9 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     scaling = serve.add_argument_group("autoscaling (a model file; a config sets autoscale per model)")
     scaling.add_argument(
-        "--max-replicas", type=_at_least_one, help="turn the autoscaler on, growing the pool up to this many"
+        "--max-replicas", type=_pool_size, help="turn the autoscaler on, growing the pool up to this many"
     )
-    scaling.add_argument("--min-replicas", type=_at_least_one, default=1, help="the fewest replicas (default 1)")
+    scaling.add_argument("--min-replicas", type=_pool_size, default=1, help="the fewest replicas (default 1)")
     scaling.add_argument(
         "--target-in-flight", type=_positive, default=8.0, help="requests in flight per replica to aim for (8)"
     )

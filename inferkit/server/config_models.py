@@ -17,7 +17,7 @@ from inferkit.autoscale import AutoscaleConfig, Autoscaler
 from inferkit.batching import BatchConfig
 from inferkit.errors import ConfigError
 from inferkit.policies import ABTest, Canary, CanaryStore, FileStore, Fixed, Guard, Policy, StoreUnavailable
-from inferkit.pool import PoolConfig
+from inferkit.pool import MAX_REPLICAS, PoolConfig
 from inferkit.predictor import Predictor
 from inferkit.routing import Predictive, Router
 from inferkit.server.control import LoadedVersion, LoadFailed
@@ -348,7 +348,6 @@ class ModelLoader:
         return str(resolved.relative_to(self.base))
 
 
-MAX_REPLICAS = 256  # each replica builds and warms a session, and loads take turns: more is a typo, not a pool
 _INT32, _UINT32, _UINT64 = 2**31 - 1, 2**32 - 1, 2**64 - 1  # Triton's model config fields
 
 
