@@ -335,6 +335,33 @@ class TestConfig:
         with pytest.raises(ConfigError, match=r"models\[0\].split: the canary's state cannot be read"):
             load(tmp_path / "m.toml")
 
+    @pytest.mark.parametrize("source", ["model", "config"])
+    def test_the_admin_token_file_guards_repository_control(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str
+    ) -> None:
+        """``--repository-control --admin-token-file`` (or a config's ``repository_control = true``) without
+        INFERKIT_ADMIN_TOKEN refused to start, "needs a token": the file was read after the control was built."""
+        monkeypatch.delenv("INFERKIT_ADMIN_TOKEN", raising=False)
+        (tmp_path / "token").write_text(TOKEN + "\n")
+        model = _model(tmp_path / "a.onnx")
+        (tmp_path / "m.toml").write_text(
+            '[server]\nrepository_control = true\n[[models]]\nname = "a"\nversions.1 = { path = "a.onnx" }\n'
+        )
+        args = (str(model), "--repository-control") if source == "model" else ("--config", str(tmp_path / "m.toml"))
+        proc, port, _ = _start_cli(*args, "--admin-token-file", str(tmp_path / "token"), "--grpc-listeners", "1")
+        try:
+            with httpx.Client(timeout=WAIT) as client:
+                index = f"http://127.0.0.1:{port}/v2/repository/index"
+                assert client.post(index, headers=AUTH).status_code == 200
+                unload = f"http://127.0.0.1:{port}/v2/repository/models/a/unload"
+                assert client.post(unload).status_code == 401
+                assert client.post(unload, headers={"authorization": "Bearer " + "x" * 20}).status_code == 403
+        finally:
+            proc.terminate()
+            proc.wait(WAIT)
+            assert proc.stderr is not None
+            proc.stderr.close()
+
     def test_cli_autoscaler_and_admin_token_file(self, tmp_path: Path) -> None:
         """``--max-replicas`` turns the autoscaler on (the pool grows to --min-replicas); the token file
         turns the admin endpoints on."""

@@ -16,6 +16,7 @@ from onnx import TensorProto, helper
 
 from inferkit import ModelError, Predictor
 from inferkit.backends.onnx import OnnxBackend
+from inferkit.cli import _parser
 from inferkit.tune import BenchConfig, _load
 
 WAIT = 60
@@ -144,6 +145,18 @@ class TestFixedBatch:
         code, out, err = _bench(model, *args, "--max-batch-size", "1", "--concurrency", "1,4", "--rows", "1,3")
         assert code == 0, err
         assert [(r[0], r[1], r[2]) for r in _table(out)] == [(c, n, "1") for c in "14" for n in "13"]
+
+    def test_the_recommended_flags_are_flags_of_serve(self, tmp_path: Path) -> None:
+        """bench recommended ``--intra-op-threads 1``, which ``inferkit serve`` refused as an unknown argument."""
+        model = str(_double(tmp_path / "m.onnx"))
+        args = ["--max-delay-ms", "0.5", "--replicas", "1", "--duration-s", "0.05", "--intra-op-threads", "1"]
+        code, out, err = _bench(model, *args, "--concurrency", "2", "--rows", "1")
+        assert code == 0, err
+        (line,) = [line for line in out.splitlines() if line.startswith("recommended")]
+        flags = line.split("most throughput): ")[1].split()
+        assert "--intra-op-threads" in flags
+        parsed = _parser().parse_args(["serve", model, *flags])
+        assert (parsed.intra_op_threads, parsed.replicas) == (1, 1)
 
 
 class TestFailures:

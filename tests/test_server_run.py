@@ -495,6 +495,7 @@ class TestCli:
                 for grace, shown in [("nan", "nan"), ("inf", "inf"), ("-1", "-1.0"), ("1e300", "1e+300"), ("x", "'x'")]
             ),
             (["scale.onnx", "--eject-after", "0"], "--eject-after: must be >= 1, got 0"),
+            (["scale.onnx", "--intra-op-threads", "-3"], "intra_op_threads must be an int >= 0"),
             # 300 replicas were built (a config file or a load stops at 256); 0 was a ValueError traceback
             *(
                 (["scale.onnx", flag, count], f"{flag}: must be a count from 1 to 256, got {count}")

@@ -60,6 +60,12 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         help=f"bytes of inputs that may wait (default {_BATCHING.max_queue_bytes})",
     )
     serve.add_argument("--replicas", type=_pool_size, default=_POOL.replicas)
+    serve.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=None,
+        help="ONNX Runtime threads per replica (0: its default; default: inferkit's for the replicas)",
+    )
     ejection = serve.add_argument_group("replica health (a model file; a config sets them per model)")
     ejection.add_argument(
         "--execution-timeout", type=_positive, default=None, help="seconds a model call may take (default: no limit)"
@@ -203,8 +209,12 @@ def _serve(args: argparse.Namespace) -> int:
     limits, grace = ConnectionLimits(), 30.0
     opened: Repository | None = None
     try:
+        token = None  # read first: the file wins over INFERKIT_ADMIN_TOKEN and the config's admin_token
+        if args.admin_token_file is not None:
+            token = read_small_file(args.admin_token_file, _MAX_TOKEN_FILE_BYTES).strip()
+            check_admin_token(token, f"--admin-token-file {args.admin_token_file}")
         if args.config is not None:
-            config = load(args.config)
+            config = load(args.config, admin_token=token)
             repository, host, port, grpc_port = config.repository, config.host, config.port, config.grpc_port
             opened = repository
             limits, grace, control = config.limits, config.grace_s, config.control
@@ -230,6 +240,7 @@ def _serve(args: argparse.Namespace) -> int:
                         max_ejected_fraction=args.max_ejected_fraction,
                     ),
                     name=args.name,
+                    intra_op_threads=args.intra_op_threads,
                 )
             except (ValueError, OSError):
                 raise
@@ -252,6 +263,7 @@ def _serve(args: argparse.Namespace) -> int:
                 "max_queue_size": args.max_queue_size,
                 "max_queue_bytes": args.max_queue_bytes,
                 "replicas": args.replicas,
+                "intra_op_threads": args.intra_op_threads,
                 "execution_timeout": args.execution_timeout,
                 "eject_after": args.eject_after,
                 "cooldown": args.eject_cooldown,
@@ -259,11 +271,7 @@ def _serve(args: argparse.Namespace) -> int:
                 "max_ejected_fraction": args.max_ejected_fraction,
             }
             loader = ModelLoader(args.model.parent, {predictor.name: {k: v for k, v in spec.items() if v is not None}})
-            control = repository_control(args.repository_control, None, loader)
-        if args.admin_token_file is not None:
-            token = read_small_file(args.admin_token_file, _MAX_TOKEN_FILE_BYTES).strip()
-            check_admin_token(token, f"--admin-token-file {args.admin_token_file}")
-            control = attrs.evolve(control, token=token)
+            control = repository_control(args.repository_control, None, loader, token)
         if args.repository_control and not control.enabled:
             control = attrs.evolve(control, enabled=True)  # checks that there is a token
         overrides = {name: getattr(args, name) for name in attrs.fields_dict(ConnectionLimits)}

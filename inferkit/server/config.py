@@ -129,8 +129,12 @@ def _unique(names: list[str]) -> None:
         raise ConfigError(msg)
 
 
-def load(path: str | Path) -> ServerConfig:
-    """Read and validate a configuration file and load its models; ``ConfigError`` names the bad field."""
+def load(path: str | Path, *, admin_token: str | None = None) -> ServerConfig:
+    """Read and validate a configuration file and load its models; ``ConfigError`` names the bad field.
+
+    ``admin_token`` (``inferkit serve --admin-token-file``) wins over ``INFERKIT_ADMIN_TOKEN`` and
+    the file's ``admin_token``.
+    """
     path = Path(path)
     text = read_small_file(path, MAX_CONFIG_BYTES)
     try:
@@ -173,7 +177,8 @@ def load(path: str | Path) -> ServerConfig:
     specs = {str(m["name"]): m for m in models if isinstance(m, Mapping)}
     loader = ModelLoader(path.parent, specs)
     try:
-        control = repository_control(server.get("repository_control", False), server.get("admin_token"), loader)
+        enabled = server.get("repository_control", False)
+        control = repository_control(enabled, server.get("admin_token"), loader, admin_token)
     except ConfigError:
         for predictor in opened:
             predictor.close()
@@ -189,8 +194,13 @@ def load(path: str | Path) -> ServerConfig:
     )
 
 
-def repository_control(enabled: object, token: object, loader: ModelLoader) -> RepositoryControl:
-    """The repository control of ``[server]``: the token comes from ``INFERKIT_ADMIN_TOKEN``, else ``admin_token``."""
+def repository_control(
+    enabled: object, token: object, loader: ModelLoader, override: str | None = None
+) -> RepositoryControl:
+    """The repository control of ``[server]``.
+
+    Its token is ``override`` (checked already: from a file), else ``INFERKIT_ADMIN_TOKEN``, else ``admin_token``.
+    """
     if not isinstance(enabled, bool):
         msg = f"server.repository_control must be true or false, got {enabled!r}"
         raise ConfigError(msg)
@@ -200,6 +210,7 @@ def repository_control(enabled: object, token: object, loader: ModelLoader) -> R
     token = os.environ.get(TOKEN_ENV) or token
     if token is not None:
         check_admin_token(token, f"server.admin_token (or {TOKEN_ENV})")
+    token = override or token
     try:
         return RepositoryControl(enabled=enabled, token=token, loader=loader)
     except ValueError as error:
