@@ -231,7 +231,11 @@ class LogObserver:
     errors at WARNING; the rest (scaling, canary steps, lifecycle) at INFO. A model's error is
     logged with its traceback once per distinct error (model, type, message); its repeats are
     counted and summed up at most once per ``repeat_window_s`` ("... repeated N times in the
-    last 60 s"). Nothing is formatted unless the stdlib logger is enabled for that level.
+    last 60 s"). Messages that differ each time (a value, a shape in them) are distinct errors of
+    one place: at most :data:`MESSAGES_PER_PLACE` of those are logged per window for each model,
+    type and line that raised; the rest are counted, and told in one line before the next one
+    logged ("... N more ... with other messages"). Nothing is formatted unless the stdlib logger is
+    enabled for that level.
     It also forwards every event to the :func:`tap` observers.
     """
 
@@ -244,6 +248,8 @@ class LogObserver:
         self._window = repeat_window_s
         self._clock = clock
         self._seen: dict[tuple[str, str, str], _Repeats] = {}
+        self._places: dict[tuple[str, str, str], _Repeats] = {}  # count: distinct messages logged in the window
+        self._unlogged: dict[tuple[str, str, str], int] = {}  # distinct messages past the cap, in the window
         self._lock = threading.Lock()
 
     @property
@@ -287,9 +293,12 @@ class LogObserver:
         error = event.error
         key = (event.name, type(error).__qualname__, str(error)[:200])
         now = self._clock()
+        place = (event.name, type(error).__qualname__, _raised_at(error))
         with self._lock:
             seen = self._seen.get(key)
             if seen is None:
+                if not self._logs_another(place, now):
+                    return
                 if len(self._seen) >= _MAX_DISTINCT:  # a model raising endless distinct messages
                     self._seen.clear()
                 self._seen[key] = _Repeats(now)
@@ -300,6 +309,14 @@ class LogObserver:
                     return
                 summary, seen.count, seen.window_start = seen.count, 0, now
         if summary is None:
+            unlogged = self._unlogged.pop(place, 0)
+            if unlogged:
+                self._log.warning(
+                    f"ModelFailed: {unlogged:,} more {type(error).__name__} raised at {place[2]} with other "
+                    f"messages in the last {self._window:g} s",
+                    name=event.name,
+                    repeated=unlogged,
+                )
             tb = "".join(traceback.format_exception(error))
             self._log.warning(
                 "ModelFailed",
@@ -316,6 +333,33 @@ class LogObserver:
                 repeated=summary,
             )
 
+    def _logs_another(self, place: tuple[str, str, str], now: float) -> bool:
+        """Whether a new message raised at ``place`` is logged (under the lock); if not, it is counted."""
+        logged = self._places.get(place)
+        if logged is None or now - logged.window_start >= self._window:
+            if logged is None and len(self._places) >= _MAX_DISTINCT:
+                self._places.clear()
+            logged = self._places[place] = _Repeats(now)
+        if logged.count >= MESSAGES_PER_PLACE:
+            if place in self._unlogged or len(self._unlogged) < _MAX_DISTINCT:
+                self._unlogged[place] = self._unlogged.get(place, 0) + 1
+            return False
+        logged.count += 1
+        return True
+
+
+def _raised_at(error: BaseException) -> str:
+    """``file:line`` of the innermost frame that raised ``error`` (its type's name without a traceback)."""
+    tb = error.__traceback__
+    if tb is None:
+        return type(error).__qualname__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+
+
+MESSAGES_PER_PLACE = 10
+"""The most distinct messages of one model, error type and raising line a :class:`LogObserver` logs per window."""
 
 _MAX_DISTINCT = 1024
 

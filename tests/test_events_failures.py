@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from inferkit import BatchDone, LogObserver, Predictor
-from inferkit.events import ModelFailed, Submitted, new_request_id, tap, untap
+from inferkit.events import MESSAGES_PER_PLACE, ModelFailed, Submitted, new_request_id, tap, untap
 from inferkit.testing import RecordingObserver
 
 WAIT_S = 10.0
@@ -116,6 +116,26 @@ class TestModelFailed:
         log(ModelFailed("n", (3,), _boom("a")))
         log(ModelFailed("m", (4,), _boom("a")))
         assert sum("Traceback" in r.getMessage() for r in caplog.records) == 3
+
+    def test_messages_that_differ_each_time_are_logged_a_few_per_window(self, caplog: pytest.LogCaptureFixture) -> None:
+        """A model whose message holds a value ("bad row value 17") logged a traceback per failure: 2,000
+        failures, 2,000 tracebacks. Now at most MESSAGES_PER_PLACE per raising line per window; the rest are
+        counted and told in one line."""
+        caplog.set_level(logging.WARNING, logger="inferkit")
+        clock = _Clock()
+        log = LogObserver(repeat_window_s=60.0, clock=clock)
+        for i in range(2000):
+            clock.now = i * 0.01
+            log(ModelFailed("m", (i,), _boom(f"bad row value {i}")))
+        assert sum("Traceback" in r.getMessage() for r in caplog.records) == MESSAGES_PER_PLACE
+        log(ModelFailed("n", (1,), _boom("bad row value 0")))  # another model: its own place
+        clock.now = 61.0
+        log(ModelFailed("m", (9999,), _boom("bad row value 9999")))
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum("Traceback" in m for m in messages) == MESSAGES_PER_PLACE + 2
+        (told,) = [m for m in messages if "with other messages" in m]
+        assert f"{2000 - MESSAGES_PER_PLACE:,} more ValueError raised at " in told
+        assert "test_events_failures.py:" in told
 
     def test_window_must_be_positive(self) -> None:
         """A zero window is refused at construction, naming the field."""
