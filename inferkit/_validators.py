@@ -8,12 +8,13 @@ from typing import Any
 
 import attrs
 
-__all__ = ["finite", "fraction", "integer", "number", "optional_positive"]
+__all__ = ["finite", "fraction", "integer", "is_finite", "number", "optional_positive"]
 
 Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
 
 
-def _finite(value: object) -> bool:
+def is_finite(value: object) -> bool:
+    """A number (an int or float, not a bool) that is finite."""
     # bool is an int subclass: True replicas is a mistake, not 1
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -37,7 +38,7 @@ def number(minimum: float, *, inclusive: bool = True) -> Validator:
     sign = ">=" if inclusive else ">"
 
     def check(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if not _finite(value) or not (value >= minimum if inclusive else value > minimum):
+        if not is_finite(value) or not (value >= minimum if inclusive else value > minimum):
             msg = f"{attribute.name} must be a finite number {sign} {minimum}, got {value!r}"
             raise ValueError(msg)
 
@@ -46,20 +47,20 @@ def number(minimum: float, *, inclusive: bool = True) -> Validator:
 
 def finite(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     """A finite number, of any sign (NaN and infinities refused)."""
-    if not _finite(value):
+    if not is_finite(value):
         msg = f"{attribute.name} must be a finite number, got {value!r}"
         raise ValueError(msg)
 
 
 def optional_positive(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     """``None``, or a finite number > 0."""
-    if value is not None and (not _finite(value) or not value > 0):
+    if value is not None and (not is_finite(value) or not value > 0):
         msg = f"{attribute.name} must be > 0 or None, got {value!r}"
         raise ValueError(msg)
 
 
 def fraction(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     """A number in (0, 1]."""
-    if not _finite(value) or not 0 < value <= 1:
+    if not is_finite(value) or not 0 < value <= 1:
         msg = f"{attribute.name} must be in (0, 1], got {value!r}"
         raise ValueError(msg)

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import attrs
 import numpy as np
 
+from inferkit._validators import is_finite, number
 from inferkit.backends.machine import usable_cores
 from inferkit.batching import BatchConfig
 from inferkit.signature import Signature
@@ -32,9 +33,24 @@ TEXT = "inferkit bench"
 """What each element of a string input holds (ones would be refused: a string tensor holds text)."""
 
 
+def _listed(value: Any) -> Any:
+    """A list as a tuple; anything else as it is, for the validator to refuse (``tuple(5)`` is a TypeError)."""
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def _whole(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def _positive_ints(_instance: object, attribute: attrs.Attribute[Any], value: tuple[int, ...]) -> None:
-    if not value or not all(isinstance(v, int) and v >= 1 for v in value):
+    if not isinstance(value, tuple) or not value or not all(_whole(v, 1) for v in value):
         msg = f"{attribute.name} must be a non-empty tuple of ints >= 1, got {value!r}"
+        raise ValueError(msg)
+
+
+def _threads(_instance: object, attribute: attrs.Attribute[Any], value: tuple[int | None, ...]) -> None:
+    if not isinstance(value, tuple) or not value or not all(v is None or _whole(v, 1) for v in value):
+        msg = f"{attribute.name} must be a non-empty tuple of ints >= 1 or None (inferkit's default), got {value!r}"
         raise ValueError(msg)
 
 
@@ -56,25 +72,18 @@ class Settings:
 class BenchConfig:
     """What ``inferkit bench`` measures; the defaults run in seconds."""
 
-    concurrency: tuple[int, ...] = attrs.field(default=(1, 8, 32), converter=tuple, validator=_positive_ints)
-    rows: tuple[int, ...] = attrs.field(default=(1, 8, 64), converter=tuple, validator=_positive_ints)
-    p99_ms: float = attrs.field(default=10.0)
-    duration_s: float = attrs.field(default=0.25)
-    max_batch_sizes: tuple[int, ...] = attrs.field(default=(64, 256), converter=tuple, validator=_positive_ints)
-    max_delays_ms: tuple[float, ...] = attrs.field(default=(0.5, 2.0), converter=tuple)
-    replicas: tuple[int, ...] = attrs.field(factory=_default_replicas, converter=tuple, validator=_positive_ints)
-    intra_op_threads: tuple[int | None, ...] = attrs.field(default=(None,), converter=tuple)
-
-    @p99_ms.validator
-    @duration_s.validator
-    def _check_positive(self, attribute: attrs.Attribute[float], value: float) -> None:
-        if not 0 < value < float("inf"):
-            msg = f"{attribute.name} must be a finite number > 0, got {value!r}"
-            raise ValueError(msg)
+    concurrency: tuple[int, ...] = attrs.field(default=(1, 8, 32), converter=_listed, validator=_positive_ints)
+    rows: tuple[int, ...] = attrs.field(default=(1, 8, 64), converter=_listed, validator=_positive_ints)
+    p99_ms: float = attrs.field(default=10.0, validator=number(0, inclusive=False))
+    duration_s: float = attrs.field(default=0.25, validator=number(0, inclusive=False))
+    max_batch_sizes: tuple[int, ...] = attrs.field(default=(64, 256), converter=_listed, validator=_positive_ints)
+    max_delays_ms: tuple[float, ...] = attrs.field(default=(0.5, 2.0), converter=_listed)
+    replicas: tuple[int, ...] = attrs.field(factory=_default_replicas, converter=_listed, validator=_positive_ints)
+    intra_op_threads: tuple[int | None, ...] = attrs.field(default=(None,), converter=_listed, validator=_threads)
 
     @max_delays_ms.validator
     def _check_delays(self, attribute: attrs.Attribute[tuple[float, ...]], value: tuple[float, ...]) -> None:
-        if not value or not all(0 <= v < float("inf") for v in value):
+        if not isinstance(value, tuple) or not value or not all(is_finite(v) and v >= 0 for v in value):
             msg = f"{attribute.name} must be a non-empty tuple of numbers >= 0, got {value!r}"
             raise ValueError(msg)
 

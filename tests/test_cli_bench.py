@@ -175,6 +175,25 @@ class TestFailures:
             BenchConfig(concurrency=(1, 3), rows=(2000,), max_batch_sizes=(1,))
         BenchConfig(concurrency=(2,), rows=(2000,), max_batch_sizes=(1,))  # 4000 fit
 
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [
+            ("intra_op_threads", (0,)),  # ran, then recommended a flag bench itself refuses
+            ("intra_op_threads", (-1,)),  # refused only after the whole baseline had run
+            ("intra_op_threads", ("2",)),
+            ("intra_op_threads", (2.5,)),
+            ("concurrency", (True,)),
+            ("concurrency", 5),  # TypeError
+            ("duration_s", True),
+            ("p99_ms", "10"),  # TypeError
+            ("max_delays_ms", ("1",)),  # TypeError
+        ],
+    )
+    def test_bad_settings_are_a_value_error_naming_the_field(self, field: str, value: object) -> None:
+        """A bad setting of BenchConfig is a ValueError naming it, at construction."""
+        with pytest.raises(ValueError, match=rf"^{field} must be "):
+            BenchConfig(**{field: value})  # type: ignore[arg-type]
+
     def test_a_model_failing_on_the_generated_inputs_is_one_line(self, tmp_path: Path) -> None:
         """Indices of ones into a table of one entry: ONNX Runtime's error, on one line, and exit 2."""
         table = helper.make_tensor("table", TensorProto.FLOAT, [1], [5.0])
