@@ -188,6 +188,21 @@ class TestRowKernels:
         np.testing.assert_allclose(cp.asnumpy(cuda.sigmoid(d)), twins.sigmoid(x), rtol=tol * 4, atol=tol)
         np.testing.assert_array_equal(cp.asnumpy(cuda.threshold(d, 0.25)), twins.threshold(x, 0.25))
 
+    def test_softmax_of_masked_logits(self, dtype: type, shape: tuple[int, ...]) -> None:
+        """-inf logits (a mask) take no share: the scalar path's lane starting on one summed exp(-inf - -inf),
+        a NaN, and gave the whole row NaN (rows of 33+ values, widths off the vector paths)."""
+        from inferkit.gpu import cuda
+
+        cp = _cp()
+        rng = np.random.default_rng(4)
+        x = (rng.standard_normal(shape) * 8).astype(dtype)
+        x[rng.random(shape) < 0.5] = -np.inf
+        x[..., -1] = 1.0  # a finite value in every row
+        tol = 1e-6 if dtype == np.float32 else 1e-3
+        want = twins.softmax(x)
+        assert not np.isnan(want).any()
+        np.testing.assert_allclose(cp.asnumpy(cuda.softmax(cp.asarray(x))), want, rtol=tol * 4, atol=tol)
+
     def test_argmax_and_topk_are_exact(self, dtype: type, shape: tuple[int, ...]) -> None:
         """Indices exactly the twins', ties and NaN included."""
         from inferkit.gpu import cuda

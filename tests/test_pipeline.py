@@ -36,6 +36,7 @@ from inferkit.gpu import NMS, ArgMax, ImageToTensor, Pipeline, Sigmoid, Softmax,
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 WEIGHT = (np.arange(192 * 10, dtype=np.float32).reshape(192, 10) % 7 - 3) / 50
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+WAIT = 30
 
 
 def classifier() -> bytes:
@@ -188,6 +189,56 @@ class TestOnCpu:
             stats = predictor.stats()
         assert [(r.state, r.failed_batches) for r in stats.replicas] == [("healthy", 0), ("healthy", 0)]
         assert stats.failed == {"InvalidInput": 1}
+
+    @pytest.mark.parametrize(
+        ("model", "step"),
+        [
+            (lambda x: x.sum(axis=1), Softmax()),  # (N,): the last axis is the batch
+            (lambda x: x.sum(axis=1), TopK(1)),
+            (lambda x: x.sum(axis=1), ArgMax()),
+            (lambda x: x, Softmax(axis=0)),
+            (lambda x: x, ArgMax(axis=-2)),
+        ],
+    )
+    def test_no_step_reduces_over_the_batch_of_an_undeclared_output(self, model: Any, step: Any) -> None:
+        """With no signature to check at construction, a step over the batch axis mixed the callers batched
+        together: TopK gave one caller another's score, Softmax normalised over both. Now each batch is
+        refused (ModelError, the server's setting), alone or batched alike."""
+        gate = threading.Event()
+
+        def held(x: np.ndarray) -> np.ndarray:
+            assert gate.wait(WAIT)
+            return model(x)
+
+        a, b = np.array([[1.0, 2.0]], np.float32), np.array([[5.0, 0.0]], np.float32)
+        with Predictor.from_callable(held, pipeline=Pipeline(post=[step]), max_batch_size=8) as predictor:
+            first = predictor.submit(a)  # holds the worker: the next two are one batch
+            pair = [predictor.submit(a), predictor.submit(b)]
+            gate.set()
+            for future in (first, *pair):
+                with pytest.raises(ModelError, match="needs an axis besides the batch"):
+                    future.result(WAIT)
+
+    @pytest.mark.parametrize("step", [Softmax(), ArgMax()])
+    def test_rows_of_no_values_are_the_callers_error(self, step: Any) -> None:
+        """A (1, 0) output (the width follows the input) raised NumPy's ValueError, a ModelError; now InvalidInput."""
+        with Predictor.from_callable(lambda x: x, pipeline=Pipeline(post=[step])) as predictor:
+            with pytest.raises(InvalidInput, match="needs at least one value per row"):
+                predictor.predict(np.zeros((1, 0), np.float32))
+
+    def test_nms_pads_with_zeros_whatever_box_zero_holds_and_takes_no_boxes(self) -> None:
+        """Padding was box 0 times 0: NaN when box 0 held an inf or its score a NaN; with no boxes at all the
+        gather raised IndexError."""
+        pipe = Pipeline(post=[NMS(iou_threshold=0.5, max_detections=2)])
+        with Predictor.from_callable(lambda d: d, pipeline=pipe) as predictor:
+            boxes = np.array([[[0, 0, np.inf, np.inf], [0, 0, 1, 1]]], np.float32)
+            out = predictor.predict({"boxes": boxes, "scores": np.array([[np.nan, 0.9]], np.float32)})
+            assert out["keep"].tolist() == [[1, -1]]
+            np.testing.assert_array_equal(out["boxes"][0, 1], 0)
+            assert out["scores"][0, 1] == 0
+            none = predictor.predict({"boxes": np.zeros((1, 0, 4), np.float32), "scores": np.zeros((1, 0), np.float32)})
+            assert none["keep"].tolist() == [[-1, -1]]
+            np.testing.assert_array_equal(none["boxes"], np.zeros((1, 2, 4), np.float32))
 
     def test_callable_with_user_pre_and_post(self) -> None:
         """``preprocess``/``postprocess`` functions run per batch, around the model, with its rows."""

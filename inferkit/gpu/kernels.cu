@@ -218,8 +218,8 @@ __device__ __forceinline__ void softmax_impl(const T* __restrict__ x, T* __restr
     for (int j = lane; j < cols; j += 32) {
         const float v = load<T>(in, j);
         if (v > m) { s = s * expf(m - v) + 1.0f; m = v; }
-        else if (v == v) { s += expf(v - m); }
-        else { m = v; }  // NaN: the row's result is NaN, as in the twin
+        else if (v != v) { m = v; }  // NaN: the row's result is NaN, as in the twin
+        else if (v != -INFINITY) { s += expf(v - m); }  // -inf adds 0 (exp(-inf - -inf) would be NaN)
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {

@@ -8,7 +8,7 @@ import attrs
 import numpy as np
 
 from inferkit._validators import finite
-from inferkit.errors import InvalidInput
+from inferkit.errors import InvalidInput, ModelError
 from inferkit.gpu.step import Arrays, Kit, Specs, _pick
 from inferkit.signature import TensorSpec
 
@@ -36,6 +36,20 @@ def _drop_axis(shape: tuple[int | None, ...], axis: int) -> tuple[int | None, ..
     return shape[:axis] + shape[axis + 1 :]
 
 
+def _per_row(x: Any, axis: int, step: str, name: str) -> None:
+    """Refuse to reduce ``x`` over its batch axis: a batch holds many callers' rows, each must see only its own.
+
+    Checked on each batch, for outputs no signature declared (a callable model, a ``Custom`` pre step).
+    """
+    if x.ndim < 2 or axis % x.ndim == 0:
+        named = f" {name!r}" if name else ""
+        msg = f"{step} needs an axis besides the batch, but the model's output{named} has shape {x.shape}"
+        raise ModelError(msg)
+    if x.shape[axis] == 0:  # a dynamic width the caller's input chose: its mistake (400), not the model's
+        msg = f"{step} needs at least one value per row, got shape {x.shape}"
+        raise InvalidInput(msg)
+
+
 @attrs.frozen
 class Softmax:
     """Softmax along ``axis`` (default: the last) of ``output`` (default: the only one)."""
@@ -55,6 +69,7 @@ class Softmax:
     def __call__(self, arrays: Arrays, kit: Kit) -> Arrays:
         """Apply to one batch."""
         name = _pick(list(arrays), self.output, "output", "Softmax")
+        _per_row(arrays[name], self.axis, "Softmax", name)
         return {**arrays, name: kit.ops.softmax(arrays[name], axis=self.axis)}
 
 
@@ -94,6 +109,7 @@ class ArgMax:
     def __call__(self, arrays: Arrays, kit: Kit) -> Arrays:
         """Apply to one batch."""
         name = _pick(list(arrays), self.output, "output", "ArgMax")
+        _per_row(arrays[name], self.axis, "ArgMax", name)
         return {**arrays, name: kit.ops.argmax(arrays[name], axis=self.axis)}
 
 
@@ -139,6 +155,7 @@ class TopK:
         """Apply to one batch."""
         name = _pick(list(arrays), self.output, "output", "TopK")
         x = arrays[name]
+        _per_row(x, -1, "TopK", name)
         if x.shape[-1] < self.k:  # a dynamic width the caller's input chose: its mistake (400), not the model's
             msg = f"TopK(k={self.k}) needs at least {self.k} values per row, got shape {x.shape}"
             raise InvalidInput(msg)
@@ -224,7 +241,12 @@ class NMS:
         if self.gather:
             xp = kit.xp
             found = keep >= 0
+            if boxes.shape[1] == 0:  # no box to gather from: all padding
+                out[self.boxes] = xp.zeros((*keep.shape, 4), dtype=boxes.dtype)
+                out[self.scores] = xp.zeros(keep.shape, dtype=scores.dtype)
+                return out
             at = xp.where(found, keep, 0)
-            out[self.boxes] = xp.take_along_axis(boxes, at[..., None], axis=1) * found[..., None].astype(boxes.dtype)
-            out[self.scores] = xp.take_along_axis(scores, at, axis=1) * found.astype(scores.dtype)
+            # where, not a product: padding is 0 even when box 0 holds an inf or a NaN score
+            out[self.boxes] = xp.where(found[..., None], xp.take_along_axis(boxes, at[..., None], axis=1), 0)
+            out[self.scores] = xp.where(found, xp.take_along_axis(scores, at, axis=1), 0)
         return out
