@@ -23,6 +23,7 @@ from inferkit import (
     DeviceUnavailable,
     InvalidInput,
     ModelError,
+    PipelineMismatch,
     Predictor,
     ReplicaFault,
     Signature,
@@ -105,6 +106,14 @@ class TestSignature:
         """Dtype, layout, size and names are checked against the model before any request."""
         with pytest.raises(ValueError, match=message):
             Predictor.from_onnx(classifier(), pipeline=pipe, warmup=False)
+
+    @pytest.mark.parametrize("step", [Softmax(), ArgMax(), TopK(2), Sigmoid()])
+    def test_a_float64_output_fails_at_construction(self, step: Any) -> None:
+        """float64 passed: the twins ordered it in float32 (TopK's values ascending for values 1e-9 apart,
+        ArgMax 0 for the largest at 2) and the kernels raised TypeError on every batch."""
+        spec = [TensorSpec("y", np.float64, (None, 3))]
+        with pytest.raises(PipelineMismatch, match="takes a float16 or float32 output"):
+            Predictor.from_callable(lambda x: x, inputs=spec, outputs=spec, pipeline=Pipeline(post=[step]))
 
     @pytest.mark.parametrize(
         ("make", "message"),
