@@ -11,6 +11,7 @@ plus a :class:`Submitted` event per request id, on the caller's thread as it sub
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import logging
 import secrets
@@ -176,6 +177,10 @@ _taps_lock = threading.Lock()
 # models (or two processes) never share an id while ids stay ints that fit an int64.
 _ID_PREFIX = secrets.randbits(31) << 32
 _id_counter = itertools.count(1)
+
+calling_arm: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("inferkit_arm", default=None)
+"""The (router, arm) whose arm a router is calling on this thread or task, for the :class:`Submitted` of the
+request it makes; set only while observers are tapped, and reset when the call returns or raises."""
 
 
 def new_request_id(name: str) -> int:

@@ -246,13 +246,19 @@ class Router:
 
     def _call(self, arm: str, method: str, x: Any, timeout: float | None, priority: int) -> Any:
         """Call the arm's predictor, again on its replacement when it was swapped meanwhile."""
-        while True:
-            target = self._arms[arm]
-            try:
-                return getattr(target, method)(x, timeout=timeout, priority=priority)
-            except Closed:
-                if self._arms[arm] is target or self._closed:
-                    raise
+        # tracing: the request the arm submits is this router's; scoped, so a refusal leaves nothing behind
+        token = events.calling_arm.set((self.name, arm)) if events._taps else None
+        try:
+            while True:
+                target = self._arms[arm]
+                try:
+                    return getattr(target, method)(x, timeout=timeout, priority=priority)
+                except Closed:
+                    if self._arms[arm] is target or self._closed:
+                        raise
+        finally:
+            if token is not None:
+                events.calling_arm.reset(token)
 
     def _submit_to(self, arm: str, x: Any) -> Future[Any]:
         """Side traffic (a mirror, a confirmation) to the arm in force now."""

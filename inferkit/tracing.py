@@ -19,15 +19,16 @@ OpenTelemetry code:
 ``inferkit.model_call``
     A child of the batch: the backend's call on its rows.
 
-A request split over several batches ends with its first batch (later batches are still
-linked to it while it is remembered). Requests refused at admission or cancelled while queued
-emit no event that ends them; their spans are dropped, never exported, once
-``max_pending`` newer requests are waiting.
+A request split over several batches ends with its first batch (later batches are not linked
+to it), and one whose batch failed ends there with an error even when a retry on another
+replica answered it. Requests refused at admission, cancelled while queued, or failed other
+than by their batch (``ExecutionTimeout``, ``NoHealthyReplica``, ``Closed`` while queued) emit
+no event that ends them; their spans are dropped, never exported, once ``max_pending`` newer
+requests are waiting.
 """
 
 from __future__ import annotations
 
-import contextvars
 import importlib.metadata
 import threading
 import time
@@ -40,14 +41,11 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, Span, StatusCode, TracerProvider
 
-from inferkit.events import BatchDone, Event, RequestsExpired, Routed, Submitted, tap, untap
+from inferkit.events import BatchDone, Event, RequestsExpired, Routed, Submitted, calling_arm, tap, untap
 
 __all__ = ["active", "attach_remote", "instrument", "uninstrument"]
 
 _MAX_PENDING = 100_000  # requests whose spans are open; past it the oldest are dropped unexported
-
-# The arm a router just chose on this thread or task, for the request its arm submits next.
-_routed: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("inferkit_routed", default=None)
 
 
 @attrs.define
@@ -79,14 +77,12 @@ class _Tracer:
         now = time.time_ns()
         attributes = {"inferkit.router": event.name, "inferkit.arm": event.arm}
         self._tracer.start_span("inferkit.route", start_time=now, attributes=attributes).end(end_time=now)
-        _routed.set((event.name, event.arm))
 
     def _submitted(self, event: Submitted) -> None:
         now = time.time_ns()
         attributes: dict[str, str | int] = {"inferkit.model": event.name, "inferkit.request_id": event.request_id}
-        routed = _routed.get()
+        routed = calling_arm.get()
         if routed is not None:
-            _routed.set(None)  # the choice belongs to this request only
             attributes["inferkit.router"], attributes["inferkit.arm"] = routed
         span = self._tracer.start_span("inferkit.request", start_time=now, attributes=attributes)
         with self._lock:

@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from inferkit import ABTest, DeadlineExceeded, ModelError, Predictor, Router, TensorSpec, tracing
+from inferkit import ABTest, DeadlineExceeded, InvalidInput, ModelError, Predictor, Router, TensorSpec, tracing
 from inferkit.server import Repository
 from inferkit.server.run import InferenceServer
 from tests.test_server_run import WAIT, _infer_json
@@ -168,6 +168,22 @@ class TestInProcess:
         assert request.attributes is not None
         assert request.attributes["inferkit.model"] == "b"
         assert request.attributes["inferkit.arm"] == "v2"
+
+    def test_a_refused_routed_request_leaves_no_choice_for_the_next_request(self, spans: Tracing) -> None:
+        """The router's choice was kept for "the next request submitted" on the thread: when its arm refused
+        the request (InvalidInput, before it had an id), the next direct request to another model was
+        exported as the router's, with its arm."""
+        router = Router({"v1": _double("a"), "v2": _double("b")}, ABTest({"v1": 0.0, "v2": 1.0}), name="r")
+        with router, _double("other") as other:
+            with pytest.raises(InvalidInput):
+                router.predict(np.ones((1, 5), np.float32))
+            other.predict(np.ones((1, 4), np.float32))
+            router.submit(np.ones((1, 4), np.float32)).result(WAIT)
+        requests = {
+            s.attributes["inferkit.model"]: s.attributes for s in spans.named("inferkit.request") if s.attributes
+        }
+        assert "inferkit.router" not in requests["other"]
+        assert (requests["b"]["inferkit.router"], requests["b"]["inferkit.arm"]) == ("r", "v2")
 
     def test_uninstrument_stops_spans(self, spans: Tracing) -> None:
         """After uninstrument nothing more is traced; a bad bound fails at instrument."""
