@@ -197,11 +197,17 @@ class TestRowKernels:
         rng = np.random.default_rng(4)
         x = (rng.standard_normal(shape) * 8).astype(dtype)
         x[rng.random(shape) < 0.5] = -np.inf
+        x[..., 0] = -np.inf  # lane 0 starts on -inf in every row
+        x[0, ..., : min(32, shape[-1] - 1)] = -np.inf  # every lane of the first rows starts on -inf
         x[..., -1] = 1.0  # a finite value in every row
         tol = 1e-6 if dtype == np.float32 else 1e-3
         want = twins.softmax(x)
         assert not np.isnan(want).any()
         np.testing.assert_allclose(cp.asnumpy(cuda.softmax(cp.asarray(x))), want, rtol=tol * 4, atol=tol)
+        x[0] = -np.inf  # rows of nothing but -inf: NaN, as in the twin
+        got = cp.asnumpy(cuda.softmax(cp.asarray(x)))
+        assert np.isnan(got[0]).all()
+        np.testing.assert_allclose(got, twins.softmax(x), rtol=tol * 4, atol=tol)
 
     def test_argmax_and_topk_are_exact(self, dtype: type, shape: tuple[int, ...]) -> None:
         """Indices exactly the twins', ties and NaN included."""
@@ -217,6 +223,34 @@ class TestRowKernels:
             want_values, want_indices = twins.topk(x, k)
             np.testing.assert_array_equal(cp.asnumpy(indices), want_indices)
             np.testing.assert_array_equal(cp.asnumpy(values), want_values)
+
+
+class TestRowsOfNoValues:
+    pytestmark = gpu
+
+    @pytest.mark.parametrize("dtype", [np.float32, np.float16])
+    def test_argmax_refuses_them_as_its_twin(self, dtype: type) -> None:
+        """A (1, 0) row has no index: the kernel was never launched and its output left unwritten memory."""
+        from inferkit.gpu import cuda
+
+        cp = _cp()
+        for shape in [(1, 0), (0, 0)]:
+            with pytest.raises(ValueError, match="empty sequence"):
+                twins.argmax(np.zeros(shape, dtype))
+            with pytest.raises(ValueError, match="no values"):
+                cuda.argmax(cp.zeros(shape, dtype))
+        assert cuda.argmax(cp.zeros((0, 3), dtype)).shape == (0,)
+
+    def test_nms_takes_images_of_no_boxes(self) -> None:
+        """B = 0: every keep list is padding, as the twin's."""
+        from inferkit.gpu import cuda
+
+        cp = _cp()
+        kw = {"iou_threshold": 0.5, "score_threshold": 0.1, "max_detections": 3}
+        boxes, scores = np.zeros((2, 0, 4), np.float32), np.zeros((2, 0), np.float32)
+        got = cuda.nms(cp.asarray(boxes), cp.asarray(scores), **kw)
+        np.testing.assert_array_equal(cp.asnumpy(got), twins.nms(boxes, scores, **kw))
+        assert cp.asnumpy(got).tolist() == [[-1, -1, -1], [-1, -1, -1]]
 
 
 class TestUnalignedInputs:

@@ -249,6 +249,24 @@ class TestOnCpu:
             assert none["keep"].tolist() == [[-1, -1]]
             np.testing.assert_array_equal(none["boxes"], np.zeros((1, 2, 4), np.float32))
 
+    @pytest.mark.parametrize("post", [[Softmax(axis=0)], [TopK(11)], [ArgMax(axis=2)], [Sigmoid(output="z")]])
+    def test_post_steps_fit_the_models_outputs_behind_a_custom_pre_step(self, post: list[Any]) -> None:
+        """A Custom pre step hides what callers send, not what the model returns: the post steps are checked
+        against the model's outputs at construction, as without it (they were not, and each batch failed)."""
+        spec = [TensorSpec("y", np.float32, (None, 3))]
+        for pre in ([], [lambda x: x]):
+            with pytest.raises(PipelineMismatch) as caught:
+                Predictor.from_callable(lambda x: x, inputs=spec, outputs=spec, pipeline=Pipeline(pre=pre, post=post))
+            assert caught.value.step == "post[0]"
+
+    def test_a_custom_pre_step_still_leaves_the_signature_unknown(self) -> None:
+        """Post steps that fit: the Predictor builds, with no signature (the pre side is unknown)."""
+        spec = [TensorSpec("y", np.float32, (None, 3))]
+        pipe = Pipeline(pre=[lambda x: x * 2], post=[Softmax()])
+        with Predictor.from_callable(lambda x: x, inputs=spec, outputs=spec, pipeline=pipe) as predictor:
+            assert predictor.signature is None
+            np.testing.assert_allclose(predictor.predict(np.zeros((1, 3), np.float32)), np.full((1, 3), 1 / 3))
+
     def test_callable_with_user_pre_and_post(self) -> None:
         """``preprocess``/``postprocess`` functions run per batch, around the model, with its rows."""
         seen: list[int] = []

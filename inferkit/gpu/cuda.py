@@ -121,6 +121,9 @@ def softmax(x: Array, axis: int = -1) -> Array:
 def argmax(x: Array, axis: int = -1) -> Array:
     """Index of the largest value along ``axis`` (NaN largest, ties to the lower index), int64."""
     moved, rows, cols = _rows(x, axis)
+    if cols == 0:  # as the twin (NumPy): no row of no values has an index; rows == 0 left out unwritten
+        msg = f"argmax of rows of no values, shape {x.shape}"
+        raise ValueError(msg)
     out = cp.empty(moved.shape[:-1], dtype=cp.int64)
     grid = ((rows + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK,)
     if rows:

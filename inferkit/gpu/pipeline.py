@@ -77,14 +77,16 @@ class Pipeline:
         """
         if model is None:
             return None
+        # The post side first: the model's outputs are known whatever the pre side does (a Custom pre step
+        # returned before this, and post steps that cannot fit the model ran until their first batch).
+        outputs: Specs = {s.name: s for s in model.outputs}
+        for i, step in enumerate(self.post):
+            outputs = _fit(f"post[{i}]", step.output_specs, outputs)
         inputs: Specs = {s.name: s for s in model.inputs}
         for i, step in reversed(list(enumerate(self.pre))):
             inputs = _fit(f"pre[{i}]", step.caller_specs, inputs)
             if not inputs:
                 return None
-        outputs: Specs = {s.name: s for s in model.outputs}
-        for i, step in enumerate(self.post):
-            outputs = _fit(f"post[{i}]", step.output_specs, outputs)
         return Signature(tuple(inputs.values()), tuple(outputs.values()))
 
     def preprocess(self, arrays: Arrays, kit: Kit, model_inputs: Sequence[str] = ()) -> Arrays:
