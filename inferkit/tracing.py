@@ -19,12 +19,15 @@ OpenTelemetry code:
 ``inferkit.model_call``
     A child of the batch: the backend's call on its rows.
 
-A request split over several batches ends with its first batch (later batches are not linked
-to it), and one whose batch failed ends there with an error even when a retry on another
-replica answered it. Requests refused at admission, cancelled while queued, or failed other
-than by their batch (``ExecutionTimeout``, ``NoHealthyReplica``, ``Closed`` while queued) emit
-no event that ends them; their spans are dropped, never exported, once ``max_pending`` newer
-requests are waiting.
+A request split over several batches ends with its first batch; each later batch is still
+linked to it while it is among the last ``max_pending`` (at most 10,000) requests ended. One
+whose batch failed ends there with an error even when a retry on another replica answered it
+(the events do not say which failed requests are retried); the retry's batch is linked to it.
+One whose model call ran past ``execution_timeout`` ends with an error when its replica is
+replaced (``ReplicaReplaced``, just after its caller has the error). Requests refused at
+admission, cancelled while queued, or failed other than by their batch (``NoHealthyReplica``,
+``Closed`` at ``close(timeout)``, queued or running) emit no event that ends them; their spans
+are dropped, never exported, once ``max_pending`` newer requests are waiting.
 """
 
 from __future__ import annotations
@@ -39,13 +42,24 @@ from typing import Any
 import attrs
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Link, Span, StatusCode, TracerProvider
+from opentelemetry.trace import Link, Span, SpanContext, StatusCode, TracerProvider
 
-from inferkit.events import BatchDone, Event, RequestsExpired, Routed, Submitted, calling_arm, tap, untap
+from inferkit.events import (
+    BatchDone,
+    Event,
+    ReplicaReplaced,
+    RequestsExpired,
+    Routed,
+    Submitted,
+    calling_arm,
+    tap,
+    untap,
+)
 
 __all__ = ["active", "attach_remote", "instrument", "uninstrument"]
 
 _MAX_PENDING = 100_000  # requests whose spans are open; past it the oldest are dropped unexported
+_MAX_ENDED = 10_000  # ended requests remembered, for the later batches of a split (or retried) one to link to
 
 
 @attrs.define
@@ -62,6 +76,8 @@ class _Tracer:
         self._max = max_pending
         self._lock = threading.Lock()
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
+        self._ended: OrderedDict[int, SpanContext] = OrderedDict()
+        self._max_ended = min(max_pending, _MAX_ENDED)
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, Submitted):
@@ -72,6 +88,8 @@ class _Tracer:
             self._expired(event)
         elif isinstance(event, Routed):
             self._route(event)
+        elif isinstance(event, ReplicaReplaced):
+            self._hung(event)
 
     def _route(self, event: Routed) -> None:
         now = time.time_ns()
@@ -90,15 +108,30 @@ class _Tracer:
             if len(self._pending) > self._max:
                 self._pending.popitem(last=False)
 
-    def _take(self, request_ids: Iterable[int]) -> list[tuple[int, _Pending]]:
+    def _take(self, request_ids: Iterable[int]) -> tuple[list[tuple[int, _Pending]], list[SpanContext]]:
+        """The open spans of ``request_ids``, remembered as ended from now on; and those of the ones ended before."""
+        taken: list[tuple[int, _Pending]] = []
+        before: list[SpanContext] = []
         with self._lock:
-            return [(i, p) for i, p in ((i, self._pending.pop(i, None)) for i in request_ids) if p is not None]
+            for request_id in request_ids:
+                pending = self._pending.pop(request_id, None)
+                if pending is not None:
+                    taken.append((request_id, pending))
+                    self._ended[request_id] = pending.span.get_span_context()
+                    if len(self._ended) > self._max_ended:
+                        self._ended.popitem(last=False)
+                elif (ended := self._ended.get(request_id)) is not None and ended not in before:
+                    before.append(ended)  # a later batch of a split request, or a retry
+        if before and taken:  # parts of one request in one batch: linked once
+            now = {p.span.get_span_context() for _, p in taken}
+            before = [c for c in before if c not in now]
+        return taken, before
 
     def _batch(self, event: BatchDone) -> None:
         end = time.time_ns()
         start = end - int(event.duration_s * 1e9)
         failed = set(event.failed_request_ids)
-        taken = self._take(event.request_ids)
+        taken, before = self._take(event.request_ids)
         for request_id, pending in taken:
             self._queued(pending, event.name, max(start, pending.submitted_ns))
             if request_id in failed:
@@ -111,7 +144,7 @@ class _Tracer:
             "inferkit.rows": event.rows,
             "inferkit.reason": event.reason,
         }
-        links = [Link(p.span.get_span_context()) for _, p in taken]
+        links = [Link(p.span.get_span_context()) for _, p in taken] + [Link(c) for c in before]
         batch = self._tracer.start_span(
             "inferkit.batch", context=otel_context.Context(), links=links, start_time=start, attributes=attributes
         )
@@ -130,9 +163,16 @@ class _Tracer:
 
     def _expired(self, event: RequestsExpired) -> None:
         now = time.time_ns()
-        for _, pending in self._take(event.request_ids):
+        for _, pending in self._take(event.request_ids)[0]:
             self._queued(pending, event.name, now)
             pending.span.set_status(StatusCode.ERROR, "deadline exceeded while queued")
+            pending.span.end(end_time=now)
+
+    def _hung(self, event: ReplicaReplaced) -> None:
+        """The requests of a model call that ran past ``execution_timeout`` failed: no ``BatchDone`` ends them."""
+        now = time.time_ns()
+        for _, pending in self._take(event.request_ids)[0]:
+            pending.span.set_status(StatusCode.ERROR, f"the model call on replica {event.replica} timed out")
             pending.span.end(end_time=now)
 
     def _queued(self, pending: _Pending, model: str, until_ns: int) -> None:

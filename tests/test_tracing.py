@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,7 +22,17 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from inferkit import ABTest, DeadlineExceeded, InvalidInput, ModelError, Predictor, Router, TensorSpec, tracing
+from inferkit import (
+    ABTest,
+    DeadlineExceeded,
+    ExecutionTimeout,
+    InvalidInput,
+    ModelError,
+    Predictor,
+    Router,
+    TensorSpec,
+    tracing,
+)
 from inferkit.server import Repository
 from inferkit.server.run import InferenceServer
 from tests.test_server_run import WAIT, _infer_json
@@ -184,6 +195,61 @@ class TestInProcess:
         }
         assert "inferkit.router" not in requests["other"]
         assert (requests["b"]["inferkit.router"], requests["b"]["inferkit.arm"]) == ("r", "v2")
+
+    def test_execution_timeout_ends_the_request(self, spans: Tracing) -> None:
+        """A request whose model call hung past execution_timeout was never exported (no BatchDone ends it):
+        it ends, ERROR, when its replica is replaced."""
+        release = threading.Event()
+
+        def hangs(x: np.ndarray) -> np.ndarray:
+            if x[0, 0] < 0:
+                release.wait(WAIT)
+            return x * 2
+
+        with _double(fn=hangs, execution_timeout=0.2) as predictor:
+            try:
+                with pytest.raises(ExecutionTimeout):
+                    predictor.predict(-np.ones((1, 4), np.float32))
+                end = time.monotonic() + WAIT
+                while not spans.named("inferkit.request") and time.monotonic() < end:
+                    time.sleep(0.01)  # ReplicaReplaced comes just after the caller has its error
+            finally:
+                release.set()
+        request = spans.one("inferkit.request")
+        assert request.status.status_code is StatusCode.ERROR
+        assert "timed out" in (request.status.description or "")
+
+    def test_split_request_later_batches_link_to_it(self, spans: Tracing) -> None:
+        """A request over several batches ends with the first; the later batches were linked to nothing."""
+        with _double(max_batch_size=4) as predictor:
+            predictor.predict(np.ones((10, 4), np.float32))
+        request = spans.one("inferkit.request")
+        batches = spans.named("inferkit.batch")
+        assert sorted(b.attributes["inferkit.rows"] for b in batches if b.attributes) == [2, 4, 4]
+        for batch in batches:
+            assert [link.context.span_id for link in batch.links] == [_ctx(request).span_id]
+
+    def test_retried_request_ends_with_the_failed_batch(self, spans: Tracing) -> None:
+        """A request retried on another replica ends, ERROR, with its failed batch (the events do not say which
+        failed requests are retried, as documented); the retry's batch, linked to nothing before, links to it."""
+        failed = threading.Event()
+
+        def fails_once(x: np.ndarray) -> np.ndarray:
+            if not failed.is_set():
+                failed.set()
+                msg = "the first call fails"
+                raise RuntimeError(msg)
+            return x * 2
+
+        with _double(fn=fails_once, replicas=2) as predictor:
+            predictor.predict(np.ones((1, 4), np.float32))
+            assert predictor.stats().retried == 1
+        request = spans.one("inferkit.request")
+        assert request.status.status_code is StatusCode.ERROR
+        batches = spans.named("inferkit.batch")
+        assert len(batches) == 2
+        for batch in batches:
+            assert [link.context.span_id for link in batch.links] == [_ctx(request).span_id]
 
     def test_uninstrument_stops_spans(self, spans: Tracing) -> None:
         """After uninstrument nothing more is traced; a bad bound fails at instrument."""
