@@ -173,9 +173,11 @@ class Observer(Protocol):
 _taps: tuple[Observer, ...] = ()
 _taps_lock = threading.Lock()
 
-# Request ids: a random 31-bit prefix per process above one process-wide 32-bit counter, so two
-# models (or two processes) never share an id while ids stay ints that fit an int64.
+# Request ids: a random 31-bit prefix per process plus one process-wide counter, so two models
+# (or two processes) never share an id while ids stay ints that fit an int64. The counter carries
+# into the prefix rather than wrapping: a process's ids repeat only after 2^63 requests.
 _ID_PREFIX = secrets.randbits(31) << 32
+_ID_MASK = (1 << 63) - 1
 _id_counter = itertools.count(1)
 
 calling_arm: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("inferkit_arm", default=None)
@@ -188,7 +190,7 @@ def new_request_id(name: str) -> int:
 
     With :func:`tap` observers, each gets a :class:`Submitted` event on the calling thread.
     """
-    request_id = _ID_PREFIX | (next(_id_counter) & 0xFFFF_FFFF)
+    request_id = (_ID_PREFIX + next(_id_counter)) & _ID_MASK
     if _taps:
         deliver(_taps, Submitted(name, request_id))
     return request_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 
-from inferkit import BatchDone, LogObserver, Predictor
+from inferkit import BatchDone, LogObserver, Predictor, events
 from inferkit.events import MESSAGES_PER_PLACE, ModelFailed, Submitted, new_request_id, tap, untap
 from inferkit.testing import RecordingObserver
 
@@ -66,6 +67,18 @@ class TestRequestIds:
             t.join(WAIT_S)
         flat = [i for out in made for i in out]
         assert len(flat) == len(set(flat)) == 16000
+
+    def test_unique_past_two_to_the_32_requests(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The counter carries into the prefix: request n and request n + 2^32 differ, and ids fit an int64."""
+        monkeypatch.setattr(events, "_id_counter", itertools.count(5))
+        early = new_request_id("m")
+        monkeypatch.setattr(events, "_id_counter", itertools.count(5 + 2**32))
+        late = new_request_id("m")
+        monkeypatch.setattr(events, "_ID_PREFIX", ((1 << 31) - 1) << 32)  # the highest prefix wraps, still positive
+        monkeypatch.setattr(events, "_id_counter", itertools.count(2**32))
+        top = new_request_id("m")
+        assert early != late
+        assert all(0 <= i < 2**63 for i in (early, late, top))
 
     def test_unique_across_processes(self) -> None:
         """Two processes' first ids differ: a random per-process prefix sits above the counter."""

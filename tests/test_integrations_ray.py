@@ -121,3 +121,43 @@ def test_ray_serve_speaks_open_inference_protocol(cluster: None, model_file: Pat
             np.testing.assert_array_equal(result.as_numpy("y"), local.predict(x))
     finally:
         serve.shutdown()
+
+
+def test_ray_serve_closes_its_models_when_a_replica_stops(cluster: None, model_file: Path, tmp_path: Path) -> None:
+    """serve.delete stops the replica gracefully: its Predictor is closed (its threads end), not left to the kill."""
+    import time
+
+    from ray import serve
+
+    marker = tmp_path / "closed"
+
+    def build() -> inferkit.Predictor:
+        def on_event(event: inferkit.Event) -> None:
+            if isinstance(event, inferkit.StateChanged) and event.state == "closed":
+                marker.write_text("closed")
+
+        return inferkit.Predictor.from_onnx(model_file, name="mlp", observers=[on_event])
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(ik_ray.deployment(build), name="closing", route_prefix="/")
+        assert not marker.exists()
+        serve.delete("closing")
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists()
+    finally:
+        serve.shutdown()
+
+
+def test_batch_predictor_in_the_driver_refuses_a_batch_of_no_columns(cluster: None, model_file: Path) -> None:
+    """Built in the driver of a running cluster (Ray asserted there), it refuses a batch with no columns with a
+    typed InvalidInput naming the problem (np.column_stack raised a bare ValueError)."""
+    predict = ik_ray.BatchPredictor(str(model_file))
+    try:
+        with pytest.raises(inferkit.InvalidInput, match="no columns"):
+            predict({})
+    finally:
+        predict.predictor.close()

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from inferkit.errors import InvalidInput
+
 if TYPE_CHECKING:
     from inferkit.predictor import Predictor
 
@@ -56,6 +58,9 @@ class BatchPredictor:
 
     def __call__(self, batch: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, Any]:
         """The batch's columns with the model's outputs added."""
+        if not batch:
+            msg = "the batch has no columns: give BatchPredictor the model's inputs (or feature columns)"
+            raise InvalidInput(msg)
         signature = self._predictor.signature
         names = [s.name for s in signature.inputs] if signature is not None else []
         if names and all(n in batch for n in names):
@@ -78,7 +83,10 @@ def _assigned_cpus() -> int | None:
         return None
     if not ray.is_initialized():
         return None
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except AssertionError:  # Ray asserts it is called in a worker; the driver has no CPUs assigned
+        return None
     return None if cpus is None else max(1, int(cpus))
 
 
@@ -112,6 +120,9 @@ def deployment(factory: Callable[[], Any], *, name: str | None = None, **options
     ``/v2/models/<name>/infer`` and the rest of ``inferkit serve``'s REST face. Give Serve's
     proxy a fixed port (``serve.start(http_options={"port": 8000})``): it does not read 0 as
     "any free port".
+
+    When Serve stops a replica (scale-down, redeploy, ``serve.delete``), its models are closed:
+    their worker threads end and their sessions are released.
     """
     from ray import serve  # noqa: PLC0415  (the ray extra)
 
@@ -127,5 +138,11 @@ def deployment(factory: Callable[[], Any], *, name: str | None = None, **options
 
         async def __call__(self, request: Any) -> Any:
             return await _call_asgi(self._app, request)
+
+        def __del__(self) -> None:
+            # Serve calls this once at a graceful replica shutdown, after the replica's requests are answered.
+            repository = getattr(self, "_repository", None)  # None: __init__ raised
+            if repository is not None:
+                repository.close()
 
     return InferkitDeployment.bind()  # type: ignore[attr-defined]
