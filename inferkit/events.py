@@ -33,6 +33,7 @@ __all__ = [
     "ReplicaEjected",
     "ReplicaReplaced",
     "RequestsExpired",
+    "RequestsFailed",
     "Routed",
     "StateChanged",
     "Submitted",
@@ -69,6 +70,20 @@ class RequestsExpired(Event):
     """Queued requests whose deadline passed; the model never saw them."""
 
     request_ids: tuple[int, ...]
+
+
+@attrs.frozen
+class RequestsFailed(Event):
+    """Requests that ended without a batch: refused at admission, cancelled while queued, or failed by the batcher.
+
+    ``error_type`` is their error's class name (``Overloaded``, ``Closed``, ``NoHealthyReplica``,
+    ``InvalidInput``, ``CancelledError`` for a cancelled one) and ``message`` its text. Like
+    :class:`BatchDone`, emitted only when someone will see it (see :meth:`LogObserver.enabled`).
+    """
+
+    request_ids: tuple[int, ...]
+    error_type: str
+    message: str
 
 
 @attrs.frozen
@@ -226,15 +241,17 @@ class _Repeats:
         self.first = now
 
 
+_PER_REQUEST = frozenset({"BatchDone", "RequestsFailed"})  # as many as requests: a refused flood must not flood logs
 _WARNINGS = frozenset({"ReplicaEjected", "ReplicaReplaced", "ScalingFailed", "ModelFailed"})
 
 
 class LogObserver:
     """Logs events through structlog on the stdlib logger ``"inferkit"``.
 
-    Batches log at DEBUG; ejections, replacements, failed resizes, canary rollbacks and model
-    errors at WARNING; the rest (scaling, canary steps, lifecycle) at INFO. A model's error is
-    logged with its traceback once per distinct error (model, type, message); its repeats are
+    Batches and requests failed without one log at DEBUG; ejections, replacements, failed
+    resizes, canary rollbacks and model errors at WARNING; the rest (scaling, canary steps,
+    lifecycle) at INFO. A model's error is logged with its traceback once per distinct error
+    (model, type, message); its repeats are
     counted and summed up at most once per ``repeat_window_s`` ("... repeated N times in the
     last 60 s"). Messages that differ each time (a value, a shape in them) are distinct errors of
     one place: at most :data:`MESSAGES_PER_PLACE` of those are logged per window for each model,
@@ -268,7 +285,7 @@ class LogObserver:
         return structlog.wrap_logger(self._std, processors=[plain])  # asked again next line: the host may configure
 
     def enabled(self) -> bool:
-        """Whether per-batch events are wanted: DEBUG enabled, or an observer tapped."""
+        """Whether per-batch and per-request events are wanted: DEBUG enabled, or an observer tapped."""
         return bool(_taps) or self._std.isEnabledFor(logging.DEBUG)
 
     def __call__(self, event: Event) -> None:
@@ -286,7 +303,7 @@ class LogObserver:
     @staticmethod
     def _level(event: Event) -> int:
         kind = type(event).__name__
-        if kind == "BatchDone":
+        if kind in _PER_REQUEST:
             return logging.DEBUG
         if kind in _WARNINGS or (kind == "CanaryDecision" and getattr(event, "action", None) == "rollback"):
             return logging.WARNING
