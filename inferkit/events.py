@@ -153,15 +153,21 @@ def deliver(observers: Iterable[Callable[[Event], None] | None], event: Event) -
 
 
 _LOGGED_FAILURES = 1024  # distinct (observer, error type) pairs logged per process; then silence
-_failures: set[tuple[str, str]] = set()
+_failures: set[tuple[str, str, str]] = set()
 
 
 def _observer_failed(observer: Callable[[Event], None], error: BaseException) -> None:
-    """Log an observer's error once per (observer, error type): skipped in silence, its author would never know."""
+    """Log an observer's error once per (observer, error type): skipped in silence, its author would never know.
+
+    An observer is told by its name and, for a function, where its code starts: two lambdas of
+    one module share a name, and the second one's errors went unlogged.
+    """
     try:
         kind = getattr(observer, "__qualname__", None) or type(observer).__qualname__
         who = f"{getattr(observer, '__module__', None) or type(observer).__module__}.{kind}"
-        key = (who, type(error).__qualname__)
+        code = getattr(getattr(observer, "__func__", observer), "__code__", None)  # a function's, or a method's
+        where = f"{code.co_filename}:{code.co_firstlineno}" if code is not None else ""
+        key = (who, where, type(error).__qualname__)
         if key in _failures or len(_failures) >= _LOGGED_FAILURES:
             return
         _failures.add(key)
