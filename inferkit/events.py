@@ -33,6 +33,7 @@ __all__ = [
     "ReplicaEjected",
     "ReplicaReplaced",
     "RequestsExpired",
+    "RequestsFailed",
     "Routed",
     "StateChanged",
     "Submitted",
@@ -69,6 +70,20 @@ class RequestsExpired(Event):
     """Queued requests whose deadline passed; the model never saw them."""
 
     request_ids: tuple[int, ...]
+
+
+@attrs.frozen
+class RequestsFailed(Event):
+    """Requests that ended without a batch: refused at admission, cancelled while queued, or failed by the batcher.
+
+    ``error_type`` is their error's class name (``Overloaded``, ``Closed``, ``NoHealthyReplica``,
+    ``InvalidInput``, ``CancelledError`` for a cancelled one) and ``message`` its text. Like
+    :class:`BatchDone`, emitted only when someone will see it (see :meth:`LogObserver.enabled`).
+    """
+
+    request_ids: tuple[int, ...]
+    error_type: str
+    message: str
 
 
 @attrs.frozen
@@ -138,15 +153,21 @@ def deliver(observers: Iterable[Callable[[Event], None] | None], event: Event) -
 
 
 _LOGGED_FAILURES = 1024  # distinct (observer, error type) pairs logged per process; then silence
-_failures: set[tuple[str, str]] = set()
+_failures: set[tuple[str, str, str]] = set()
 
 
 def _observer_failed(observer: Callable[[Event], None], error: BaseException) -> None:
-    """Log an observer's error once per (observer, error type): skipped in silence, its author would never know."""
+    """Log an observer's error once per (observer, error type): skipped in silence, its author would never know.
+
+    An observer is told by its name and, for a function, where its code starts: two lambdas of
+    one module share a name, and the second one's errors went unlogged.
+    """
     try:
         kind = getattr(observer, "__qualname__", None) or type(observer).__qualname__
         who = f"{getattr(observer, '__module__', None) or type(observer).__module__}.{kind}"
-        key = (who, type(error).__qualname__)
+        code = getattr(getattr(observer, "__func__", observer), "__code__", None)  # a function's, or a method's
+        where = f"{code.co_filename}:{code.co_firstlineno}" if code is not None else ""
+        key = (who, where, type(error).__qualname__)
         if key in _failures or len(_failures) >= _LOGGED_FAILURES:
             return
         _failures.add(key)
@@ -228,15 +249,17 @@ class _Repeats:
         self.first = now
 
 
+_PER_REQUEST = frozenset({"BatchDone", "RequestsFailed"})  # as many as requests: a refused flood must not flood logs
 _WARNINGS = frozenset({"ReplicaEjected", "ReplicaReplaced", "ScalingFailed", "ModelFailed"})
 
 
 class LogObserver:
     """Logs events through structlog on the stdlib logger ``"inferkit"``.
 
-    Batches log at DEBUG; ejections, replacements, failed resizes, canary rollbacks and model
-    errors at WARNING; the rest (scaling, canary steps, lifecycle) at INFO. A model's error is
-    logged with its traceback once per distinct error (model, type, message); its repeats are
+    Batches and requests failed without one log at DEBUG; ejections, replacements, failed
+    resizes, canary rollbacks and model errors at WARNING; the rest (scaling, canary steps,
+    lifecycle) at INFO. A model's error is logged with its traceback once per distinct error
+    (model, type, message); its repeats are
     counted and summed up at most once per ``repeat_window_s`` ("... repeated N times in the
     last 60 s"). Messages that differ each time (a value, a shape in them) are distinct errors of
     one place: at most :data:`MESSAGES_PER_PLACE` of those are logged per window for each model,
@@ -270,7 +293,7 @@ class LogObserver:
         return structlog.wrap_logger(self._std, processors=[plain])  # asked again next line: the host may configure
 
     def enabled(self) -> bool:
-        """Whether per-batch events are wanted: DEBUG enabled, or an observer tapped."""
+        """Whether per-batch and per-request events are wanted: DEBUG enabled, or an observer tapped."""
         return bool(_taps) or self._std.isEnabledFor(logging.DEBUG)
 
     def __call__(self, event: Event) -> None:
@@ -288,7 +311,7 @@ class LogObserver:
     @staticmethod
     def _level(event: Event) -> int:
         kind = type(event).__name__
-        if kind == "BatchDone":
+        if kind in _PER_REQUEST:
             return logging.DEBUG
         if kind in _WARNINGS or (kind == "CanaryDecision" and getattr(event, "action", None) == "rollback"):
             return logging.WARNING

@@ -24,10 +24,13 @@ linked to it while it is among the last ``max_pending`` (at most 10,000) request
 whose batch failed ends there with an error even when a retry on another replica answered it
 (the events do not say which failed requests are retried); the retry's batch is linked to it.
 One whose model call ran past ``execution_timeout`` ends with an error when its replica is
-replaced (``ReplicaReplaced``, just after its caller has the error). Requests refused at
-admission, cancelled while queued, or failed other than by their batch (``NoHealthyReplica``,
-``Closed`` at ``close(timeout)``, queued or running) emit no event that ends them; their spans
-are dropped, never exported, once ``max_pending`` newer requests are waiting.
+replaced (``ReplicaReplaced``, just after its caller has the error). One that ends without a
+batch (``RequestsFailed``: refused at admission, cancelled while queued, ``NoHealthyReplica``,
+``Closed`` at ``close(timeout)``, queued or running) ends at once with an error naming its
+error's type (``error.type``); it is not remembered for later batches to link to, so a flood
+of refused requests neither holds spans open nor pushes out other requests'. At most
+``max_pending`` requests' spans are open at once (accepted requests still waiting); past it the
+oldest are dropped, never exported.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from inferkit.events import (
     Event,
     ReplicaReplaced,
     RequestsExpired,
+    RequestsFailed,
     Routed,
     Submitted,
     calling_arm,
@@ -90,6 +94,8 @@ class _Tracer:
             self._route(event)
         elif isinstance(event, ReplicaReplaced):
             self._hung(event)
+        elif isinstance(event, RequestsFailed):
+            self._failed(event)
 
     def _route(self, event: Routed) -> None:
         now = time.time_ns()
@@ -108,8 +114,14 @@ class _Tracer:
             if len(self._pending) > self._max:
                 self._pending.popitem(last=False)
 
-    def _take(self, request_ids: Iterable[int]) -> tuple[list[tuple[int, _Pending]], list[SpanContext]]:
-        """The open spans of ``request_ids``, remembered as ended from now on; and those of the ones ended before."""
+    def _take(
+        self, request_ids: Iterable[int], *, remember: bool = True
+    ) -> tuple[list[tuple[int, _Pending]], list[SpanContext]]:
+        """The open spans of ``request_ids``, remembered as ended from now on; and those of the ones ended before.
+
+        ``remember``: False for requests no later batch can run (refused, cancelled, failed unrun), so
+        that a flood of them never pushes out the requests a later batch links to.
+        """
         taken: list[tuple[int, _Pending]] = []
         before: list[SpanContext] = []
         with self._lock:
@@ -117,9 +129,10 @@ class _Tracer:
                 pending = self._pending.pop(request_id, None)
                 if pending is not None:
                     taken.append((request_id, pending))
-                    self._ended[request_id] = pending.span.get_span_context()
-                    if len(self._ended) > self._max_ended:
-                        self._ended.popitem(last=False)
+                    if remember:
+                        self._ended[request_id] = pending.span.get_span_context()
+                        if len(self._ended) > self._max_ended:
+                            self._ended.popitem(last=False)
                 elif (ended := self._ended.get(request_id)) is not None and ended not in before:
                     before.append(ended)  # a later batch of a split request, or a retry
         if before and taken:  # parts of one request in one batch: linked once
@@ -173,6 +186,14 @@ class _Tracer:
         now = time.time_ns()
         for _, pending in self._take(event.request_ids)[0]:
             pending.span.set_status(StatusCode.ERROR, f"the model call on replica {event.replica} timed out")
+            pending.span.end(end_time=now)
+
+    def _failed(self, event: RequestsFailed) -> None:
+        """Requests that ended without a batch (refused, cancelled, failed unrun): ERROR, named by their error."""
+        now = time.time_ns()
+        for _, pending in self._take(event.request_ids, remember=False)[0]:
+            pending.span.set_attribute("error.type", event.error_type)
+            pending.span.set_status(StatusCode.ERROR, f"{event.error_type}: {event.message}")
             pending.span.end(end_time=now)
 
     def _queued(self, pending: _Pending, model: str, until_ns: int) -> None:

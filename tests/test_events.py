@@ -321,6 +321,19 @@ class TestFailingObserver:
         assert "broken raised RuntimeError: close() of predictor" in logged[0].getMessage()
         assert "broken raised KeyError" in logged[1].getMessage()
 
+    def test_two_lambdas_of_one_module_are_each_logged(self, caplog: pytest.LogCaptureFixture) -> None:
+        """Errors were logged once per observer *name*: two lambdas of one module shared one, so the second
+        one's errors were never logged. Now each observer's code is told apart."""
+        first: Callable[[Event], None] = lambda _event: {}["first"]  # noqa: E731 (two lambdas are the case)
+        second: Callable[[Event], None] = lambda _event: {}["second"]  # noqa: E731
+        caplog.set_level(logging.WARNING, logger="inferkit")
+        with Predictor.from_callable(double, observers=[first, second]) as predictor:
+            np.testing.assert_array_equal(predictor.predict(rows(2), timeout=WAIT_S), rows(2, 2.0))
+        logged = [r.getMessage() for r in caplog.records if r.name == "inferkit" and "observer" in r.getMessage()]
+        assert len(logged) == 2, logged
+        assert "'first'" in logged[0]
+        assert "'second'" in logged[1]
+
     @pytest.mark.parametrize("error", [SystemExit, GeneratorExit, KeyboardInterrupt])
     def test_an_observer_raising_a_base_exception_breaks_nothing(self, error: type[BaseException]) -> None:
         """SystemExit (or GeneratorExit, or a Ctrl-C landing in it) from an observer went past ``deliver``:

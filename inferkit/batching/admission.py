@@ -1,7 +1,7 @@
 """What may be queued: a request's parts and bytes against the config, the queue's room, its batch key.
 
 A mixin of :class:`~inferkit.batching.batcher.Batcher`. ``_admit`` runs before the batcher's lock
-(a request no queue could ever hold is refused without it); ``_refusal`` runs under it;
+(a request no queue could ever hold is refused without it); ``_refusal`` and ``_refuse`` run under it;
 ``_keyed`` under it or before it (a request not yet shared); ``reject`` takes it.
 """
 
@@ -33,6 +33,12 @@ class Admission:
     _closing: bool
     _counts: Counters
 
+    if TYPE_CHECKING:  # provided by the batcher's other parts
+
+        def _announcing(self) -> bool: ...
+
+        def _refused(self, request: Request, error: BaseException) -> None: ...
+
     def key_by(self, key: Callable[[Inputs], Hashable] | None) -> None:
         """Key the requests that get queued by ``key(inputs)``: only equal keys batch together.
 
@@ -56,6 +62,20 @@ class Admission:
         with self._lock:
             self._counts.reject(error)
 
+    def _refuse(self, request: Request, refusal: InferkitError) -> InferkitError:
+        """Count a refusal decided under the lock and return it, to raise; its ``RequestsFailed`` is emitted first.
+
+        The lock is released for that event (an observer may call ``stats()``) and taken again.
+        """
+        self._counts.reject(refusal)
+        if self._announcing():
+            self._lock.release()
+            try:
+                self._refused(request, refusal)
+            finally:
+                self._lock.acquire()
+        return refusal
+
     def _admit(self, request: Request) -> tuple[int, int]:
         """The parts ``request`` takes and the rows of each; ``InvalidInput`` (counted) if no queue could hold it.
 
@@ -78,6 +98,7 @@ class Admission:
                     never = self._never_fits(request, 1)
         if never is not None:
             self.reject(never)
+            self._refused(request, never)
             raise never
         return count, max_rows
 

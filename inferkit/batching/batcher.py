@@ -120,8 +120,7 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
             now = self._clock()
             refusal = self._refusal(count, request.nbytes, now)
             if refusal is not None:
-                self._counts.reject(refusal)
-                raise refusal
+                raise self._refuse(request, refusal)
             self._counts.accepted += 1
             if caller:
                 add_waiter(request)  # before a worker can take it
@@ -162,17 +161,26 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
     def _form(self, lane: Lane, replica: Replica, now: float) -> tuple[Batch | None, float | None]:
         """``lane.form`` plus what it cleared: expired requests settled later, cancellations counted."""
         formed = lane.form(replica, now, self.config, crowded=self._set.crowded(replica))
-        self._counts.cancelled += formed.cancelled
         if formed.cancelled:
+            self._counts.cancelled += len(formed.cancelled)
             self._drained.notify_all()
+            self._cancelled(formed.cancelled, later=True)
         if formed.expired:
-            self._fail(formed.expired, expired)
+            self._fail(formed.expired, expired, announce=False)
             self._event_later(RequestsExpired(self.name, tuple(r.id for r in formed.expired)))
         return formed.batch, formed.wait
 
-    def _fail(self, requests: list[Request], make_error: Callable[[Request], InferkitError]) -> None:
-        """Settle requests taken off the queue with an error each (under the lock; delivered after it)."""
-        self._settle_later.extend(self._tally([(r, None, make_error(r)) for r in requests]))
+    def _fail(
+        self, requests: list[Request], make_error: Callable[[Request], InferkitError], *, announce: bool = True
+    ) -> None:
+        """Settle requests taken off the queue with an error each (under the lock; delivered after it).
+
+        ``announce``: with their ``RequestsFailed`` (else the caller emits an event of its own).
+        """
+        done = self._tally([(r, None, make_error(r)) for r in requests])
+        self._settle_later.extend(done)
+        if announce:
+            self._ended_unrun(done, later=True)
 
     def _start(self, replica: Replica, batch: Batch) -> None:
         replica.busy = True

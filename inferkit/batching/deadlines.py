@@ -40,12 +40,17 @@ class Deadlines:
 
         def _event(self, event: Event) -> None: ...
 
+        def _cancelled(self, requests: list[Request], *, later: bool) -> None: ...
+
     def cancel(self, top: Request) -> None:
         """The caller gave up on ``top`` (cancelled its future or task): take what of it is queued off the queues."""
         with self._lock:
-            if unstarted(top) and drop(top):
+            dropped = unstarted(top) and drop(top)
+            if dropped:
                 self._counts.cancelled += 1
             self._drained.notify_all()
+        if dropped:
+            self._cancelled([top], later=False)
         if top.state is DONE:  # never settled now: its deadline entry would hold the timer until it passes
             top.forget_deadline()
 

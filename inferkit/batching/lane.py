@@ -50,7 +50,7 @@ class Formed:
         self.batch: Batch | None = None
         self.wait: float | None = None  # with no batch: seconds until one may be due (None: until woken)
         self.expired: list[Request] = []  # queued past their deadline, now off the queue
-        self.cancelled = 0  # requests whose caller cancelled them, now off the queue
+        self.cancelled: list[Request] = []  # requests whose caller cancelled them, now off the queue
 
 
 class Lane:
@@ -205,7 +205,7 @@ class Lane:
                 if unstarted(top):  # its first part to run: the future starts running
                     if top.future is not None and not notify_cancelled(top.future):
                         drop(top)
-                        formed.cancelled += 1
+                        formed.cancelled.append(top)
                         continue
                     top.state = RUNNING
                 if req.parts_n > 1:  # the rest of its parts go behind what is queued: a big request takes turns

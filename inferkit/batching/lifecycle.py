@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from inferkit._timer import Timer
@@ -47,7 +47,9 @@ class Lifecycle:
 
         def _work(self, replica: Replica) -> None: ...
 
-        def _fail(self, requests: list[Request], make_error: Callable[[Request], InferkitError]) -> None: ...
+        def _fail(
+            self, requests: list[Request], make_error: Callable[[Request], InferkitError], *, announce: bool = True
+        ) -> None: ...
 
         def _tally(self, outcomes: list[Outcome]) -> list[Request]:
             raise NotImplementedError
@@ -55,6 +57,8 @@ class Lifecycle:
         def _flush(self) -> None: ...
 
         def _event(self, event: Event) -> None: ...
+
+        def _ended_unrun(self, requests: Iterable[Request], *, later: bool) -> None: ...
 
     # -- replica lifecycle -----------------------------------------------------------------
 
@@ -305,3 +309,4 @@ class Lifecycle:
                 with self._lock:
                     done = self._tally(outcomes)
                 settle_all(done)
+                self._ended_unrun(done, later=False)

@@ -10,17 +10,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from inferkit.batching.request import Announcement
+from inferkit.events import RequestsFailed
 from inferkit.stats import ReplicaStats, Stats
 
 if TYPE_CHECKING:
     import threading
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     from inferkit.backends.base import Backend
     from inferkit.batching.counters import Counters
     from inferkit.batching.lane import Lane
     from inferkit.batching.replicas import ReplicaSet
-    from inferkit.batching.request import Settled
+    from inferkit.batching.request import Request, Settled
     from inferkit.events import Event
 
 __all__ = ["Events", "Reporting"]
@@ -54,6 +55,42 @@ class Reporting:
         """``_event`` for an event decided under the lock: emitted once it is released."""
         if self._events.emit is not None:
             self._settle_later.append(Announcement(self._events.emit, event))
+
+    def _announcing(self) -> bool:
+        """Whether per-request events are wanted (as per-batch ones: an observer of its own, a tap, DEBUG)."""
+        return self._events.emit is not None and self._events.verbose()
+
+    def _ended_unrun(self, requests: Iterable[Request], *, later: bool) -> None:
+        """``RequestsFailed`` for settled ``requests`` that no batch ended, one per distinct error; when wanted.
+
+        ``later``: decided under the lock, emitted once it is released (``_event_later``).
+        """
+        if not self._announcing():
+            return
+        by_error: dict[tuple[str, str], list[int]] = {}
+        for req in requests:
+            by_error.setdefault((type(req.error).__name__, str(req.error)), []).append(req.id)
+        for (kind, message), ids in by_error.items():
+            event = RequestsFailed(self._set.name, tuple(ids), kind, message)
+            if later:
+                self._event_later(event)
+            else:
+                self._event(event)
+
+    def _cancelled(self, requests: list[Request], *, later: bool) -> None:
+        """``RequestsFailed`` (``CancelledError``) for requests their callers cancelled while queued, when wanted."""
+        if self._announcing():
+            ids = tuple(r.id for r in requests)
+            event = RequestsFailed(self._set.name, ids, "CancelledError", "cancelled by its caller while queued")
+            if later:
+                self._event_later(event)
+            else:
+                self._event(event)
+
+    def _refused(self, request: Request, error: BaseException) -> None:
+        """``RequestsFailed`` for a request refused at admission (no lock held), when wanted."""
+        if self._announcing():
+            self._event(RequestsFailed(self._set.name, (request.id,), type(error).__name__, str(error)))
 
     def stats(self, state: str) -> Stats:
         """A consistent snapshot of the counters."""
