@@ -7,6 +7,7 @@ import contextlib
 import gc
 import queue
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import grpc
 import numpy as np
@@ -331,6 +332,70 @@ def good(served: Served, model: str = "m") -> None:
     """The server still answers a valid request correctly."""
     response = served.call("ModelInfer", infer_request(model, {"x": X}))
     np.testing.assert_array_equal(outputs_of(response)["y"], X * 2)
+
+
+class StalledCalls:
+    """A raw HTTP/2 connection whose gRPC calls each send 5 bytes of a 1 MB request message, then stall.
+
+    It answers SETTINGS and keep-alive PINGs, as a live client does, and records the trailers
+    that end each call (``ended`` once all have) and when the connection closes (``closed``).
+    """
+
+    def __init__(self, port: int, methods: list[str]) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        self.trailers: dict[int, bytes] = {}
+        self.reset: set[int] = set()
+        self.ended, self.closed = threading.Event(), threading.Event()
+        self._streams = {1 + 2 * i for i in range(len(methods))}
+        out = [b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", self._frame(4, 0, 0, b"")]
+        for stream, method in zip(sorted(self._streams), methods, strict=True):
+            fields = {":method": "POST", ":scheme": "http", ":path": f"/{pb.SERVICE}/{method}", ":authority": "x"}
+            fields |= {"content-type": "application/grpc", "te": "trailers"}
+            # HPACK literals without indexing, no Huffman: 0, name length, name, value length, value
+            block = b"".join(bytes([0, len(k)]) + k.encode() + bytes([len(v)]) + v.encode() for k, v in fields.items())
+            out.append(self._frame(1, 0x4, stream, block))  # END_HEADERS
+            out.append(self._frame(0, 0, stream, b"\x00" + (10**6).to_bytes(4, "big") + b"\x00" * 5))
+        self.sock.sendall(b"".join(out))
+        self._reader = threading.Thread(target=self._read, name="test-stalled-calls", daemon=True)
+        self._reader.start()
+
+    @staticmethod
+    def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+        return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+    def _exactly(self, count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = self.sock.recv(count - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    def _read(self) -> None:
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                head = self._exactly(9)
+                kind, flags, stream = head[3], head[4], int.from_bytes(head[5:], "big") & 0x7FFFFFFF
+                payload = self._exactly(int.from_bytes(head[:3], "big"))
+                if kind == 1 and flags & 0x1:  # HEADERS with END_STREAM: the call's status
+                    self.trailers[stream] = payload
+                elif kind == 3:  # RST_STREAM
+                    self.reset.add(stream)
+                elif kind == 4 and not flags & 0x1:  # SETTINGS: acknowledge
+                    self.sock.sendall(self._frame(4, 0x1, 0, b""))
+                elif kind == 6 and not flags & 0x1:  # PING: answer, as a live client does
+                    self.sock.sendall(self._frame(6, 0x1, 0, payload))
+                if self._streams <= self.trailers.keys():
+                    self.ended.set()
+        self.closed.set()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+        self._reader.join(WAIT)
 
 
 # -- tests -------------------------------------------------------------------------------------
@@ -1314,6 +1379,35 @@ class TestLimitsAndDrain:
             response = future.result(WAIT)
             assert (response.model_name, response.id) == ("m", f"held{i}")
             np.testing.assert_array_equal(outputs_of(response)["y"], [[2 * i, 2, 4]])
+
+    def test_a_stalled_request_message_ends_its_call_after_grpc_message_timeout_s(
+        self, serve: Callable[..., Served]
+    ) -> None:
+        """A call that sent part of its message and stalled held its stream, and what it sent, for as long as
+        its client answered pings (grpc.aio waits for a unary message without a limit); now every method ends
+        it DEADLINE_EXCEEDED after grpc_message_timeout_s, other connections are served meanwhile, and the
+        connection left without calls closes after grpc_idle_s."""
+        served = serve({"m": scaled(2)}, limits=ConnectionLimits(grpc_message_timeout_s=1.0, grpc_idle_s=1.0))
+        began = time.monotonic()
+        with StalledCalls(served.port, ["ModelInfer", "ModelInfer", "ServerLive"]) as stalled:
+            good(served)
+            assert served.triton.is_server_live()
+            assert stalled.ended.wait(WAIT), stalled.trailers
+            assert time.monotonic() - began >= 1.0  # not before the limit
+            for trailers in stalled.trailers.values():
+                assert b"grpc_message_timeout_s=1.0" in trailers, trailers
+            assert stalled.closed.wait(WAIT)
+        good(served)
+
+    def test_grpc_message_timeout_s_bounds_the_message_not_the_call(self, serve: Callable[..., Served]) -> None:
+        """A call whose message arrived runs past grpc_message_timeout_s while its model works, and is answered."""
+        predictor, model = gated()
+        served = serve({"m": predictor}, limits=ConnectionLimits(grpc_message_timeout_s=0.2))
+        running = served.stub("ModelInfer").future(infer_request("m", {"x": rows(BLOCK)}), timeout=WAIT)
+        assert model.entered.wait(WAIT)
+        time.sleep(0.5)  # past the limit, in the model
+        model.release.set()
+        np.testing.assert_array_equal(outputs_of(running.result(WAIT))["y"], rows(BLOCK) * 2)
 
     def test_stop_refuses_new_calls_and_finishes_running_ones(self, serve: Callable[..., Served]) -> None:
         """Once stop begins, a new ModelInfer is UNAVAILABLE at once, and a call already running

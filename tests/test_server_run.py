@@ -105,6 +105,7 @@ split = { policy = "canary", baseline = "1", candidate = "2", steps = [0.5, 1.0]
 grace_s = 7
 header_timeout_s = 2.5
 max_connections = 100
+grpc_message_timeout_s = 5
 
 [[models]]
 name = "plain"
@@ -124,7 +125,9 @@ versions.1 = { path = "a.onnx", eject_after = 7 }
         config = load(tmp_path / "models.toml")
         try:
             assert config.grace_s == 7
-            assert config.limits == ConnectionLimits(header_timeout_s=2.5, max_connections=100)
+            assert config.limits == ConnectionLimits(
+                header_timeout_s=2.5, max_connections=100, grpc_message_timeout_s=5
+            )
             plain = config.repository.resolve("plain")
             assert isinstance(plain, Predictor)
             assert plain.pool == PoolConfig(

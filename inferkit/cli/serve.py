@@ -117,6 +117,9 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     limits.add_argument(
         "--grpc-max-concurrent-streams", type=_at_least_one, help="gRPC calls at once per connection (default 1024)"
     )
+    limits.add_argument(
+        "--grpc-message-timeout-s", type=_positive, help="seconds a gRPC call has to send its request (default 60)"
+    )
     serve.add_argument(
         "--grpc-listeners",
         type=_grpc_listeners,

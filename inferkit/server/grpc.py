@@ -145,8 +145,9 @@ def create_server(
     a response (both ways; gRPC's default is 4 MiB), at most ``2**31 - 1``. ``listeners``
     ``grpc.aio`` servers share the port (see :class:`GrpcServer`); a port that another
     process listens on is an error (``RuntimeError``) either way, never a silent share.
-    ``limits`` bounds metadata (``max_header_bytes``), idle connections (``grpc_idle_s``) and
-    calls per connection (``grpc_max_concurrent_streams``); clients are pinged every 60 s so
+    ``limits`` bounds metadata (``max_header_bytes``), idle connections (``grpc_idle_s``),
+    calls per connection (``grpc_max_concurrent_streams``) and the time a call has to send its
+    request message (``grpc_message_timeout_s``); clients are pinged every 60 s so
     that a vanished one's connection is closed. ``control`` turns on RepositoryModelLoad and
     RepositoryModelUnload (see :mod:`inferkit.server.control`); off by default; a
     :class:`~inferkit.server.control.Controller` shares it with the REST app.

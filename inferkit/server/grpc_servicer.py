@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc
@@ -42,6 +43,7 @@ class Servicer:
         self._controller = controller
         self.draining = False
         self.last_call = 0.0  # loop time of the latest ModelInfer, for the drain's quiet window
+        self.message_timeout = limits.grpc_message_timeout_s  # from the call's start to its whole request message
         self.typed_limit = limits.max_json_bytes  # bytes of typed contents (all but raw contents) per request
         self._budget = Budget(limits.max_decode_bytes, GRPC_ADVICE)  # typed parts parsed, BYTES elements decoded
         self._answer = functools.partial(answer, budget=self._budget)
@@ -65,11 +67,13 @@ class Servicer:
                 pb.RepositoryModelUnloadResponse,
             ),
         }
+        # Unary on the wire, but read here: grpc.aio waits for a unary call's message before any
+        # handler runs, with no time limit, so a client that sends part of one held its stream.
         return grpc.method_handlers_generic_handler(
             pb.SERVICE,
             {
-                name: grpc.unary_unary_rpc_method_handler(
-                    behavior,
+                name: grpc.stream_unary_rpc_method_handler(
+                    _one_message(behavior, self.message_timeout),
                     # ModelInfer parses in model_infer: a large message off the event loop
                     request_deserializer=None if name == "ModelInfer" else parser(request),
                     response_serializer=response.SerializeToString,
@@ -235,6 +239,27 @@ class Servicer:
                 parsed.take(part.nbytes * TYPED_COST_PER_BYTE + part.fields * TYPED_FIELD_COST)
         parse = parser(pb.ModelInferRequest)
         return await parsed.offload(parse, data) if large else parse(data)
+
+
+def _one_message(behavior: Callable[[Any, Any], Awaitable[Any]], timeout: float) -> Callable[[Any, Any], Any]:
+    """A stream-unary handler that answers ``behavior`` with the call's one request message.
+
+    DEADLINE_EXCEEDED when the message has not all arrived ``timeout`` seconds after the call
+    opened (the stream and what it buffered are freed), as REST answers a stalled body 408.
+    """
+    limit = f"the request message did not arrive within grpc_message_timeout_s={timeout} s"
+
+    async def handle(_: Any, context: Any) -> Any:
+        try:
+            async with asyncio.timeout(timeout):
+                request = await context.read()
+        except TimeoutError:
+            await abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, limit)
+        if request is grpc.aio.EOF:  # half-closed without a message: what grpc says for a unary call
+            await abort(context, grpc.StatusCode.INTERNAL, "the call sent no request message")
+        return await behavior(request, context)
+
+    return handle
 
 
 async def one_repository(request: Any, context: Any) -> None:

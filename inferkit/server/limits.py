@@ -44,6 +44,8 @@ class ConnectionLimits:
     ``grpc_idle_s``                 seconds a gRPC connection without calls stays open (at
                                     most 2147483, 2**31 - 1 milliseconds: about 24.8 days)
     ``grpc_max_concurrent_streams`` gRPC calls in progress on one connection (at most 2**31 - 1)
+    ``grpc_message_timeout_s``      seconds a gRPC call has, once opened, to send its whole
+                                    request message (DEADLINE_EXCEEDED and the call ends)
     ``max_request_bytes``           bytes of a REST body, also once decompressed (413 past it)
     ``max_json_bytes``              bytes of a REST body's JSON part (413: send binary data),
                                     and of a gRPC message besides its raw contents
@@ -62,6 +64,7 @@ class ConnectionLimits:
     max_connections: int | None = attrs.field(default=None, validator=_optional_connections)
     grpc_idle_s: float = attrs.field(default=300.0, validator=_grpc_idle)
     grpc_max_concurrent_streams: int = attrs.field(default=1024, validator=integer(1, _INT32_MAX))
+    grpc_message_timeout_s: float = attrs.field(default=60.0, validator=number(0, inclusive=False))
     max_request_bytes: int = attrs.field(default=64 * 2**20, validator=integer(1))
     max_json_bytes: int = attrs.field(default=16 * 2**20, validator=integer(1))
     max_decode_bytes: int = attrs.field(default=2**30, validator=integer(1))
