@@ -14,7 +14,7 @@ from test_server_grpc import Served, _serve, good, scaled  # noqa: F401 (_serve:
 
 from inferkit.errors import InvalidInput
 from inferkit.server import proto as pb
-from inferkit.server.grpc_messages import TypedPart
+from inferkit.server.grpc_messages import MAX_FIELDS, TypedPart
 from inferkit.server.limits import ConnectionLimits
 from inferkit.server.metrics import Metrics
 from inferkit.server.protocol import MAX_EMPTY_CLAIM, element_count
@@ -119,3 +119,29 @@ class TestTypedContents:
             assert part.nbytes == 2 * 4096
             assert part.walk(2**20)
             assert part.nbytes == 2 * 10_000
+
+    @pytest.mark.parametrize("field", [b"\x32\x00", b"\x3a\x00"])  # an empty output, an empty raw entry
+    def test_the_walk_stops_past_the_fields_a_request_can_need(self, field: bytes) -> None:
+        """16 MiB of 2-byte fields (8M) within max_json_bytes were all walked (~3 s of CPU on a worker thread)
+        before the budget refused the message; now the walk stops one past MAX_FIELDS, raw entries counted."""
+        part = TypedPart(field * 8 * 2**20)
+        assert not part.walk(16 * 2**20, 4096)
+        assert part.walk(16 * 2**20)
+        assert part.too_many
+        assert part.walked == MAX_FIELDS + 1
+        enough = TypedPart(field * MAX_FIELDS)
+        assert enough.walk(16 * 2**20)
+        assert not enough.too_many
+
+    def test_a_message_of_too_many_fields_is_refused_unparsed(self, serve: Callable[..., Served]) -> None:
+        """Such a message is INVALID_ARGUMENT naming the limit (it was RESOURCE_EXHAUSTED after the whole walk),
+        and the server serves on."""
+        served = serve({"m": scaled(2)})
+        message = pb.ModelInferRequest(model_name="m").SerializeToString() + b"\x32\x00" * (8 * 2**20 - 4)
+        assert len(message) <= ConnectionLimits().max_json_bytes  # all typed, within the limit
+        with pytest.raises(grpc.RpcError) as info:
+            served.call("ModelInfer", message, timeout=WAIT)
+        assert info.value.code() == CODE.INVALID_ARGUMENT, info.value
+        assert f"more than {MAX_FIELDS} top-level fields" in info.value.details()
+        assert ("", None, "InvalidInput") in served.metrics.outcomes()
+        good(served)

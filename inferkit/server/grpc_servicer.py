@@ -22,6 +22,7 @@ from inferkit.server.grpc_messages import (
     call,
     parameter,
     parser,
+    too_many_fields,
     typed_part,
     typed_too_large,
 )
@@ -233,6 +234,8 @@ class Servicer:
         """
         if len(data) > self.typed_limit or len(data) >= BUDGETED_BYTES:  # else small enough whatever it holds
             part = await typed_part(data, self.typed_limit)
+            if part.too_many:
+                return Malformed(too_many_fields())
             if part.nbytes > self.typed_limit:
                 return Malformed(typed_too_large(self.typed_limit))
             if part.nbytes >= BUDGETED_BYTES:
