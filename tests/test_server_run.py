@@ -28,7 +28,7 @@ import tritonclient.grpc as grpcclient
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
-from inferkit import PoolConfig, Predictor, Router, TensorSpec
+from inferkit import Closed, PoolConfig, Predictor, Router, TensorSpec
 from inferkit.server import Repository
 from inferkit.server.config import ConfigError, load
 from inferkit.server.connections import default_max_connections
@@ -874,6 +874,36 @@ class TestEdges:
         assert [r.getMessage() for r in caplog.records if r.levelname in {"WARNING", "ERROR"}] == [
             "the grace period of 0.3 s is over: cutting off 2 HTTP requests still running"
         ]
+
+    def test_models_busy_at_the_shutdown_share_the_grace_period(self) -> None:
+        """Each model still running work when the faces had drained (in-process callers here; a call whose
+        client left is the same) was closed with the whole grace period, one after another: four busy
+        models held the shutdown four grace periods. Now one deadline covers them all."""
+        release = threading.Event()
+
+        def stuck(x: np.ndarray) -> np.ndarray:
+            release.wait(WAIT)
+            return x
+
+        spec, out = [TensorSpec("x", np.float32, (None, 4))], [TensorSpec("y", np.float32, (None, 4))]
+        predictors = {n: Predictor.from_callable(stuck, inputs=spec, outputs=out, name=n) for n in "abcd"}
+        grace = 1.0
+        server = InferenceServer(Repository(predictors), port=0, grpc_port=None, grace=grace).start(WAIT)
+        try:
+            futures = [p.submit(np.ones((1, 4), np.float32)) for p in predictors.values()]
+            deadline = time.monotonic() + WAIT
+            while any(p.stats().in_flight < 1 for p in predictors.values()) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            began = time.monotonic()
+            server.join(WAIT)
+            took = time.monotonic() - began
+        finally:
+            release.set()
+        assert took < 2 * grace, took  # four grace periods before
+        assert [p.state.value for p in predictors.values()] == ["closed"] * 4
+        for future in futures:
+            with pytest.raises(Closed):
+                future.result(WAIT)
 
 
 class TestMixedClients:

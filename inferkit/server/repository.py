@@ -12,6 +12,7 @@ that was unloaded, ``Request for unknown model: 'm' has no available versions``.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Hashable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any
@@ -358,11 +359,23 @@ class Repository:
             raise Closed(msg)
 
     def close(self, timeout: float | None = None) -> None:
-        """Close every model (each object once; a router closes its arms); later changes raise ``Closed``."""
+        """Close every model (each object once; a router closes its arms), all within ``timeout``.
+
+        Later changes raise ``Closed``. One deadline for all: each model drains while those before
+        it close (each had the whole ``timeout``, so a shutdown took a grace period per busy model).
+        One that fails to close leaves none of the others open; its error is raised after.
+        """
+        end = None if timeout is None else time.monotonic() + timeout
         with self._write:
             self._closed = True
+        errors: list[BaseException] = []
         for target in self._targets():
-            target.close(timeout)
+            try:
+                target.close(None if end is None else max(0.0, end - time.monotonic()))
+            except BaseException as error:  # noqa: BLE001 (raised below, once every model is closed)
+                errors.append(error)
+        if errors:
+            raise errors[0]
 
 
 def _refused_or(
