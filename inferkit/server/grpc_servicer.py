@@ -34,6 +34,9 @@ from inferkit.server.repository import Failed, Repository
 __all__ = ["Servicer"]
 
 
+SWEEP_S = 1.0  # how often calls still receiving their request message are checked against the limit
+
+
 class Servicer:
     """The RPC handlers over one repository."""
 
@@ -68,13 +71,14 @@ class Servicer:
                 pb.RepositoryModelUnloadResponse,
             ),
         }
+        reads = _Reads(self.message_timeout)
         # Unary on the wire, but read here: grpc.aio waits for a unary call's message before any
         # handler runs, with no time limit, so a client that sends part of one held its stream.
         return grpc.method_handlers_generic_handler(
             pb.SERVICE,
             {
                 name: grpc.stream_unary_rpc_method_handler(
-                    _one_message(behavior, self.message_timeout),
+                    reads.one_message(behavior),
                     # ModelInfer parses in model_infer: a large message off the event loop
                     request_deserializer=None if name == "ModelInfer" else parser(request),
                     response_serializer=response.SerializeToString,
@@ -244,25 +248,58 @@ class Servicer:
         return await parsed.offload(parse, data) if large else parse(data)
 
 
-def _one_message(behavior: Callable[[Any, Any], Awaitable[Any]], timeout: float) -> Callable[[Any, Any], Any]:
-    """A stream-unary handler that answers ``behavior`` with the call's one request message.
+class _Reads:
+    """Calls still receiving their request message, each ended ``DEADLINE_EXCEEDED`` once it is ``timeout`` late.
 
-    DEADLINE_EXCEEDED when the message has not all arrived ``timeout`` seconds after the call
-    opened (the stream and what it buffered are freed), as REST answers a stalled body 408.
+    One sweep a second for them all (while any call reads), not a timer per call: a timer per
+    call measured 0.95x ModelInfer's rate of the server without one, the sweep 1.0x. A late
+    call ends within a second past ``timeout``.
     """
-    limit = f"the request message did not arrive within grpc_message_timeout_s={timeout} s"
 
-    async def handle(_: Any, context: Any) -> Any:
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.limit = f"the request message did not arrive within grpc_message_timeout_s={timeout} s"
+        self._reading: dict[asyncio.Task[Any], float] = {}  # call's task: loop time it must have its message by
+        self._late: set[asyncio.Task[Any]] = set()
+        self._sweep: asyncio.TimerHandle | None = None
+
+    def one_message(self, behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Any]:
+        """A stream-unary handler that answers ``behavior`` with the call's one request message."""
+
+        async def handle(_: Any, context: Any) -> Any:
+            request = await self._read(context)
+            if request is grpc.aio.EOF:  # half-closed without a message: what grpc says for a unary call
+                await abort(context, grpc.StatusCode.INTERNAL, "the call sent no request message")
+            return await behavior(request, context)
+
+        return handle
+
+    async def _read(self, context: Any) -> Any:
+        task = asyncio.current_task()
+        assert task is not None  # grpc.aio runs each call in a task
+        loop = asyncio.get_running_loop()
+        self._reading[task] = loop.time() + self.timeout
+        if self._sweep is None:
+            self._sweep = loop.call_later(SWEEP_S, self._ended_late, loop)
         try:
-            async with asyncio.timeout(timeout):
-                request = await context.read()
-        except TimeoutError:
-            await abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, limit)
-        if request is grpc.aio.EOF:  # half-closed without a message: what grpc says for a unary call
-            await abort(context, grpc.StatusCode.INTERNAL, "the call sent no request message")
-        return await behavior(request, context)
+            return await context.read()
+        except asyncio.CancelledError:
+            if task not in self._late:
+                raise
+            self._late.discard(task)
+            task.uncancel()
+            await abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, self.limit)
+        finally:
+            self._reading.pop(task, None)
 
-    return handle
+    def _ended_late(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for task, by in list(self._reading.items()):
+            if by <= now:
+                del self._reading[task]
+                self._late.add(task)
+                task.cancel()
+        self._sweep = loop.call_later(SWEEP_S, self._ended_late, loop) if self._reading else None
 
 
 async def one_repository(request: Any, context: Any) -> None:
