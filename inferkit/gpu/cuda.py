@@ -82,6 +82,11 @@ def image_to_tensor(images: Array, plan: ImagePlan, *, layout: str = "NCHW", dty
         lanes = (groups + _GROUPS_PER_LANE - 1) // _GROUPS_PER_LANE
         _kernel(f"image_direct_{suffix}")((_blocks(lanes),), (_THREADS,), args_direct)
         return out
+    if plan.direct:  # not the resize kernel: past 2^23 pixels its float coordinates read a neighbouring pixel
+        pixels = n * plane
+        args_pixels = (x, out, np.int64(pixels), np.int64(plane), *norm)
+        _kernel(f"image_pixels_{suffix}")((_blocks(pixels),), (_THREADS,), args_pixels)
+        return out
     args = (
         x, out, np.int32(n), np.int32(plan.in_h), np.int32(plan.in_w), np.int32(plan.out_h), np.int32(plan.out_w),
         np.int32(plan.top), np.int32(plan.left), np.int32(plan.inner_h), np.int32(plan.inner_w),
