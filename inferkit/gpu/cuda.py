@@ -124,7 +124,7 @@ def softmax(x: Array, axis: int = -1) -> Array:
 
 
 def argmax(x: Array, axis: int = -1) -> Array:
-    """Index of the largest value along ``axis`` (NaN largest, ties to the lower index), int64."""
+    """Index of the largest value along ``axis`` (NaN counted as +inf, ties to the lower index), int64."""
     moved, rows, cols = _rows(x, axis)
     if cols == 0:  # as the twin (NumPy): no row of no values has an index; rows == 0 left out unwritten
         msg = f"argmax of rows of no values, shape {x.shape}"

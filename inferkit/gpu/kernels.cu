@@ -215,7 +215,7 @@ IMAGE_KERNELS(float16_nhwc, __half, false)
 
 __device__ __forceinline__ float order_key(float v) { return isnan(v) ? INFINITY : v; }
 
-// True when (a, ia) comes before (b, ib): larger value first (NaN largest), then lower index.
+// True when (a, ia) comes before (b, ib): larger value first (NaN as +inf, so the two tie), then lower index.
 __device__ __forceinline__ bool before(float a, i64 ia, float b, i64 ib) {
     const float ka = order_key(a), kb = order_key(b);
     return ka > kb || (ka == kb && ia < ib);

@@ -94,7 +94,7 @@ class Sigmoid:
 
 @attrs.frozen
 class ArgMax:
-    """Index of the largest value along ``axis`` (NaN largest, ties to the lower index) as int64."""
+    """Index of the largest value along ``axis`` (NaN counted as +inf, ties to the lower index) as int64."""
 
     axis: int = -1
     output: str | None = None

@@ -8,7 +8,7 @@ order, from the same constants (:func:`image_plan`), so:
 - argmax, top-k indices, threshold masks and NMS keep lists are exactly equal;
 - softmax and sigmoid agree to a few float32 ulps (``expf`` is not correctly rounded on the GPU).
 
-Order for argmax and top-k: larger first, NaN above everything, ties to the lower index.
+Order for argmax and top-k: larger first, NaN counted as +inf (it ties with +inf), ties to the lower index.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def _key(x: Array) -> Array:
 
 
 def argmax(x: Array, axis: int = -1) -> Array:
-    """Index of the largest value along ``axis`` (NaN largest, ties to the lower index), int64."""
+    """Index of the largest value along ``axis`` (NaN counted as +inf, ties to the lower index), int64."""
     out: Array = np.argmax(_key(x), axis=axis).astype(np.int64)
     return out
 
