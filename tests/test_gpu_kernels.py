@@ -311,3 +311,13 @@ class TestNmsKernel:
         kw = {"iou_threshold": 0.5, "score_threshold": 0.1, "max_detections": 50}
         got = cuda.nms(cp.asarray(boxes), cp.asarray(scores), **kw)
         np.testing.assert_array_equal(cp.asnumpy(got), twins.nms(boxes, scores, **kw))
+
+    def test_more_boxes_than_the_limit_are_refused_as_by_the_twin(self) -> None:
+        """Past the limit the mask took gigabytes; past 393,216 boxes nms_reduce's shared memory failed to launch."""
+        from inferkit.gpu import cuda
+
+        cp = _cp()
+        b = twins.NMS_MAX_BOXES + 1
+        kw = {"iou_threshold": 0.5, "score_threshold": 0.1, "max_detections": 5}
+        with pytest.raises(ValueError, match=f"at most {twins.NMS_MAX_BOXES} boxes an image"):
+            cuda.nms(cp.zeros((1, b, 4), cp.float32), cp.zeros((1, b), cp.float32), **kw)

@@ -220,6 +220,17 @@ class TestNms:
         keep = twins.nms(boxes, scores, iou_threshold=0.5, score_threshold=0.0, max_detections=3)
         assert keep.tolist() == [[0, 2, -1]]
 
+    def test_more_boxes_than_the_kernel_takes_are_refused(self) -> None:
+        """The twin refuses what the kernel refuses (past the limit its mask took gigabytes, then failed to launch)
+        and takes the limit itself."""
+        kw = {"iou_threshold": 0.5, "score_threshold": 0.5, "max_detections": 2}
+        b = twins.NMS_MAX_BOXES
+        with pytest.raises(ValueError, match=f"at most {b} boxes an image.* got {b + 1}"):
+            twins.nms(np.zeros((1, b + 1, 4), np.float32), np.zeros((1, b + 1), np.float32), **kw)
+        scores = np.zeros((1, b), np.float32)
+        scores[0, -1] = 1.0
+        assert twins.nms(np.zeros((1, b, 4), np.float32), scores, **kw).tolist() == [[b - 1, -1]]
+
 
 @pytest.mark.parametrize(("size", "letterbox"), [((4, 4), False), ((3, 5), True)])
 def test_plan_constants_are_float32(size: tuple[int, int], letterbox: bool) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import cupy as cp
 import numpy as np
 
-from inferkit.gpu.twins import OPTIONS, ImagePlan
+from inferkit.gpu.twins import OPTIONS, ImagePlan, check_boxes
 
 __all__ = ["argmax", "image_to_tensor", "module", "nms", "sigmoid", "softmax", "threshold", "topk"]
 
@@ -178,6 +178,7 @@ def nms(boxes: Array, scores: Array, *, iou_threshold: float, score_threshold: f
     """Greedy NMS per image, as :func:`inferkit.gpu.twins.nms`: kept indices (N, max_detections), -1 padded."""
     s = scores.astype(cp.float32, copy=False)
     n, b = s.shape
+    check_boxes(b)  # past it the mask takes gigabytes and nms_reduce's shared memory fails to launch
     keep = cp.empty((n, max_detections), dtype=cp.int64)
     if n == 0:
         return keep
