@@ -82,7 +82,7 @@ class TestCompile:
         names = [
             *(
                 f"image_{kind}_{dt}_{layout}"
-                for kind in ("resize", "direct")
+                for kind in ("resize", "direct", "pixels")
                 for dt in ("float32", "float16")
                 for layout in ("nchw", "nhwc")
             ),
@@ -143,6 +143,7 @@ def _images(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     [
         ((224, 224), None, False),
         ((8, 12), None, False),  # 72 groups of 4 pixels: two whole warps' worth, then 8
+        ((7, 5), None, False),  # 35 pixels an image: not groups of 4, the pixel-a-thread path
         ((17, 23), (224, 224), False),
         ((480, 640), (320, 320), True),
         ((7, 5), (5, 7), True),
@@ -164,6 +165,25 @@ class TestImageKernel:
         want = twins.image_to_tensor(x, plan, layout=layout, dtype=dtype)
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(cp.asnumpy(got), want)
+
+
+class TestWideImages:
+    pytestmark = gpu
+
+    @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+    @pytest.mark.parametrize("dtype", [np.float32, np.float16])
+    def test_unresized_past_2_23_pixels_a_row_is_each_pixel(self, layout: str, dtype: type) -> None:
+        """An unresized 1 x (2^23 + 1) image (not groups of 4 pixels) took the resize kernel, whose float32
+        coordinate (x + 0.5) * 1 - 0.5 is inexact past 2^23 and read a neighbour; now it is the twin's copy."""
+        from inferkit.gpu import cuda
+
+        cp = _cp()
+        w = (1 << 23) + 1
+        x = _images(np.random.default_rng(5), (1, 1, w, 3))
+        plan = twins.image_plan((1, w), None, MEAN, STD)
+        assert plan.direct
+        got = cuda.image_to_tensor(cp.asarray(x), plan, layout=layout, dtype=dtype)
+        np.testing.assert_array_equal(cp.asnumpy(got), twins.image_to_tensor(x, plan, layout=layout, dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -291,3 +311,13 @@ class TestNmsKernel:
         kw = {"iou_threshold": 0.5, "score_threshold": 0.1, "max_detections": 50}
         got = cuda.nms(cp.asarray(boxes), cp.asarray(scores), **kw)
         np.testing.assert_array_equal(cp.asnumpy(got), twins.nms(boxes, scores, **kw))
+
+    def test_more_boxes_than_the_limit_are_refused_as_by_the_twin(self) -> None:
+        """Past the limit the mask took gigabytes; past 393,216 boxes nms_reduce's shared memory failed to launch."""
+        from inferkit.gpu import cuda
+
+        cp = _cp()
+        b = twins.NMS_MAX_BOXES + 1
+        kw = {"iou_threshold": 0.5, "score_threshold": 0.1, "max_detections": 5}
+        with pytest.raises(ValueError, match=f"at most {twins.NMS_MAX_BOXES} boxes an image"):
+            cuda.nms(cp.zeros((1, b, 4), cp.float32), cp.zeros((1, b), cp.float32), **kw)

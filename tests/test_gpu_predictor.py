@@ -16,6 +16,7 @@ from test_pipeline import PIPE, by_hand, classifier, images
 from inferkit import DeviceFallbackWarning, DeviceUnavailable, Predictor, Signature, TensorSpec
 from inferkit.backends.onnx import OnnxBackend
 from inferkit.backends.pipeline import PipelineBackend
+from inferkit.gpu import Pipeline
 
 
 def _reason() -> str | None:
@@ -225,3 +226,49 @@ class TestOutOfMemory:
             assert len(inner.ran) < len(inner.sizes)  # after at least one batch that did not
         finally:
             cp.get_default_memory_pool().free_all_blocks()
+
+
+class Doubler:
+    """A GPU backend that doubles its input (CuPy arrays in and out)."""
+
+    signature = Signature([TensorSpec("x", np.float32, (None, 2))], [TensorSpec("y", np.float32, (None, 2))])
+    device = "cuda:0"
+
+    def run(self, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+        return {"y": inputs["x"] * 2}
+
+    def close(self) -> None:
+        pass
+
+
+SPIN = r"""
+extern "C" __global__ void spin(long long cycles) {
+    const long long start = clock64();
+    while (clock64() - start < cycles) {}
+}
+"""
+
+
+class TestFailedBatch:
+    def test_a_failed_batch_leaves_nothing_running_on_the_stream(self) -> None:
+        """A step that failed after the upload returned with the copy and its kernels still queued, and the pinned
+        buffers went back to CuPy's pool for the next batch to overwrite under them. Now the stream is
+        synchronised before the error leaves: nothing of the batch is still running when the caller sees it."""
+        import cupy as cp
+
+        spin = cp.RawKernel(SPIN, "spin")
+        calls: list[int] = []
+
+        def slow_then_fail(x: Any) -> Any:
+            calls.append(len(x))
+            if len(calls) > 1:
+                return x
+            spin((1,), (1,), (np.int64(1 << 31),))  # about a second of GPU time, queued on the replica's stream
+            raise RuntimeError("pre-processing failed")
+
+        backend = PipelineBackend(Doubler(), Pipeline(pre=[slow_then_fail]))
+        with pytest.raises(RuntimeError, match="pre-processing failed"):
+            backend.run({"x": np.ones((1 << 20, 2), np.float32)})
+        assert backend.stream.done
+        x = np.arange(8, dtype=np.float32).reshape(4, 2)  # the next batch, on pinned memory the failed one had
+        np.testing.assert_array_equal(backend.run({"x": x})["y"], x * 2)

@@ -144,7 +144,7 @@ class TestPostTwins:
         st.integers(1, 30),
     )
     def test_topk_and_argmax_follow_the_stated_order(self, x: np.ndarray, k: int) -> None:
-        """Larger first, NaN above everything, ties to the lower index: exactly as a sort on that key."""
+        """Larger first, NaN counted as +inf, ties to the lower index: exactly as a sort on that key."""
         k = min(k, x.shape[1])
         values, indices = twins.topk(x, k)
         for row, vals, idx in zip(x, values, indices, strict=True):
@@ -160,6 +160,12 @@ class TestPostTwins:
         values, indices = twins.topk(x, 2, axis=1)
         assert values.shape == indices.shape == (2, 2, 3)
         np.testing.assert_array_equal(indices, np.argsort(-x, axis=1, kind="stable")[:, :2])
+
+    def test_nan_ties_with_inf(self) -> None:
+        """NaN is ordered as +inf, not above it (the docs said above everything): of the two, the lower index first."""
+        x = np.array([[np.inf, np.nan, 1.0], [np.nan, 1.0, np.inf]], np.float32)
+        assert twins.argmax(x).tolist() == [0, 0]
+        assert twins.topk(x, 3)[1].tolist() == [[0, 1, 2], [0, 2, 1]]
 
     def test_threshold(self) -> None:
         """Strictly above, NaN never."""
@@ -213,6 +219,17 @@ class TestNms:
         scores = np.array([[0.9, 0.9, 0.8]], np.float32)
         keep = twins.nms(boxes, scores, iou_threshold=0.5, score_threshold=0.0, max_detections=3)
         assert keep.tolist() == [[0, 2, -1]]
+
+    def test_more_boxes_than_the_kernel_takes_are_refused(self) -> None:
+        """The twin refuses what the kernel refuses (past the limit its mask took gigabytes, then failed to launch)
+        and takes the limit itself."""
+        kw = {"iou_threshold": 0.5, "score_threshold": 0.5, "max_detections": 2}
+        b = twins.NMS_MAX_BOXES
+        with pytest.raises(ValueError, match=f"at most {b} boxes an image.* got {b + 1}"):
+            twins.nms(np.zeros((1, b + 1, 4), np.float32), np.zeros((1, b + 1), np.float32), **kw)
+        scores = np.zeros((1, b), np.float32)
+        scores[0, -1] = 1.0
+        assert twins.nms(np.zeros((1, b, 4), np.float32), scores, **kw).tolist() == [[b - 1, -1]]
 
 
 @pytest.mark.parametrize(("size", "letterbox"), [((4, 4), False), ((3, 5), True)])

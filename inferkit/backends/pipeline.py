@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -126,13 +127,21 @@ class PipelineBackend:
         cp = self._cp
         on_device = not any(isinstance(a, np.ndarray) for a in inputs.values())
         staged: list[Any] = []  # pinned buffers must outlive their asynchronous copies
-        with cp.cuda.Device(self._gpu), self.stream:
-            arrays = {n: self._upload(a, staged) for n, a in inputs.items()}
-            arrays = self.pipeline.preprocess(arrays, self._kit, self._model_inputs)
-            outputs = self.pipeline.postprocess(dict(self.inner.run(arrays)), self._kit)
-            if not on_device:
-                outputs = {n: self._download(a, staged) for n, a in outputs.items()}
-            self.stream.synchronize()
+        try:
+            with cp.cuda.Device(self._gpu), self.stream:
+                arrays = {n: self._upload(a, staged) for n, a in inputs.items()}
+                arrays = self.pipeline.preprocess(arrays, self._kit, self._model_inputs)
+                outputs = self.pipeline.postprocess(dict(self.inner.run(arrays)), self._kit)
+                if not on_device:
+                    outputs = {n: self._download(a, staged) for n, a in outputs.items()}
+                self.stream.synchronize()
+        except BaseException:
+            # A step failed with copies still queued: their pinned buffers go back to CuPy's pool when `staged`
+            # goes, and the next batch reused them under a copy in flight. Wait for the stream first; a sync that
+            # fails too (a lost device) has nothing left running, and the batch's own error is the one to raise.
+            with contextlib.suppress(Exception):
+                self.stream.synchronize()
+            raise
         return outputs
 
     def _upload(self, value: Any, staged: list[Any]) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 import cupy as cp
 import numpy as np
 
-from inferkit.gpu.twins import OPTIONS, ImagePlan
+from inferkit.gpu.twins import OPTIONS, ImagePlan, check_boxes
 
 __all__ = ["argmax", "image_to_tensor", "module", "nms", "sigmoid", "softmax", "threshold", "topk"]
 
@@ -82,6 +82,11 @@ def image_to_tensor(images: Array, plan: ImagePlan, *, layout: str = "NCHW", dty
         lanes = (groups + _GROUPS_PER_LANE - 1) // _GROUPS_PER_LANE
         _kernel(f"image_direct_{suffix}")((_blocks(lanes),), (_THREADS,), args_direct)
         return out
+    if plan.direct:  # not the resize kernel: past 2^23 pixels its float coordinates read a neighbouring pixel
+        pixels = n * plane
+        args_pixels = (x, out, np.int64(pixels), np.int64(plane), *norm)
+        _kernel(f"image_pixels_{suffix}")((_blocks(pixels),), (_THREADS,), args_pixels)
+        return out
     args = (
         x, out, np.int32(n), np.int32(plan.in_h), np.int32(plan.in_w), np.int32(plan.out_h), np.int32(plan.out_w),
         np.int32(plan.top), np.int32(plan.left), np.int32(plan.inner_h), np.int32(plan.inner_w),
@@ -119,7 +124,7 @@ def softmax(x: Array, axis: int = -1) -> Array:
 
 
 def argmax(x: Array, axis: int = -1) -> Array:
-    """Index of the largest value along ``axis`` (NaN largest, ties to the lower index), int64."""
+    """Index of the largest value along ``axis`` (NaN counted as +inf, ties to the lower index), int64."""
     moved, rows, cols = _rows(x, axis)
     if cols == 0:  # as the twin (NumPy): no row of no values has an index; rows == 0 left out unwritten
         msg = f"argmax of rows of no values, shape {x.shape}"
@@ -173,6 +178,7 @@ def nms(boxes: Array, scores: Array, *, iou_threshold: float, score_threshold: f
     """Greedy NMS per image, as :func:`inferkit.gpu.twins.nms`: kept indices (N, max_detections), -1 padded."""
     s = scores.astype(cp.float32, copy=False)
     n, b = s.shape
+    check_boxes(b)  # past it the mask takes gigabytes and nms_reduce's shared memory fails to launch
     keep = cp.empty((n, max_detections), dtype=cp.int64)
     if n == 0:
         return keep

@@ -165,6 +165,26 @@ __device__ __forceinline__ void image_direct_impl(
     }
 }
 
+// Pre-processing, unresized, one pixel a thread: what the 4-pixel path cannot take (plane % 4 != 0 or
+// unaligned pointers). Integer indices only: the resize path's float coordinates are inexact past 2^23
+// pixels a row and read a neighbouring pixel there, where the twin copies each pixel.
+
+template <typename T, bool NCHW>
+__device__ __forceinline__ void image_pixels_impl(
+    const unsigned char* __restrict__ src, T* __restrict__ dst, i64 pixels, i64 plane, Norm k) {
+    for (i64 p = (i64)blockIdx.x * blockDim.x + threadIdx.x; p < pixels; p += (i64)gridDim.x * blockDim.x) {
+        const unsigned char* s = src + p * 3;
+        const float v0 = (float)s[0] * k.s0 + k.b0, v1 = (float)s[1] * k.s1 + k.b1, v2 = (float)s[2] * k.s2 + k.b2;
+        if (NCHW) {
+            const i64 img = p / plane;
+            const i64 o = img * 3 * plane + (p - img * plane);
+            store<T>(dst, o, v0); store<T>(dst, o + plane, v1); store<T>(dst, o + 2 * plane, v2);
+        } else {
+            store<T>(dst, p * 3, v0); store<T>(dst, p * 3 + 1, v1); store<T>(dst, p * 3 + 2, v2);
+        }
+    }
+}
+
 // The nine constants travel as plain float arguments (portable across kernel launchers).
 #define NORM_PARAMS float s0, float s1, float s2, float b0, float b1, float b2, float p0, float p1, float p2
 #define NORM (Norm{s0, s1, s2, b0, b1, b2, p0, p1, p2})
@@ -179,6 +199,10 @@ __device__ __forceinline__ void image_direct_impl(
     extern "C" __global__ void image_direct_##SUFFIX(const unsigned char* src, T* dst, i64 groups, i64 plane,  \
                                                      NORM_PARAMS) {                                            \
         image_direct_impl<T, NCHW>(src, dst, groups, plane, NORM);                                             \
+    }                                                                                                          \
+    extern "C" __global__ void image_pixels_##SUFFIX(const unsigned char* src, T* dst, i64 pixels, i64 plane,  \
+                                                     NORM_PARAMS) {                                            \
+        image_pixels_impl<T, NCHW>(src, dst, pixels, plane, NORM);                                             \
     }
 
 IMAGE_KERNELS(float32_nchw, float, true)
@@ -191,7 +215,7 @@ IMAGE_KERNELS(float16_nhwc, __half, false)
 
 __device__ __forceinline__ float order_key(float v) { return isnan(v) ? INFINITY : v; }
 
-// True when (a, ia) comes before (b, ib): larger value first (NaN largest), then lower index.
+// True when (a, ia) comes before (b, ib): larger value first (NaN as +inf, so the two tie), then lower index.
 __device__ __forceinline__ bool before(float a, i64 ia, float b, i64 ib) {
     const float ka = order_key(a), kb = order_key(b);
     return ka > kb || (ka == kb && ia < ib);

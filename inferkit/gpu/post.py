@@ -9,6 +9,7 @@ import numpy as np
 
 from inferkit._validators import finite
 from inferkit.errors import InvalidInput, ModelError
+from inferkit.gpu import twins
 from inferkit.gpu.step import Arrays, Kit, Specs, _pick
 from inferkit.signature import TensorSpec
 
@@ -26,27 +27,38 @@ def _float_spec(specs: Specs, name: str, step: str) -> None:
         raise ValueError(msg)
 
 
-def _drop_axis(shape: tuple[int | None, ...], axis: int) -> tuple[int | None, ...]:
+def _reduced_axis(shape: tuple[int | None, ...], axis: int) -> int:
+    """``axis`` of an output of ``shape``, from 0; a ``ValueError`` when it is out of range or the batch axis.
+
+    The one rule behind both checks: on declared specs when the Predictor is built (:func:`_drop_axis`) and on
+    each batch of an undeclared output (:func:`_per_row`). A batch holds many callers' rows; each must see only its own.
+    """
     if not -len(shape) <= axis < len(shape):  # wrapped, axis 3 of a (N, 10) output failed every request
         msg = f"axis {axis} is out of range for an output of {len(shape)} axes"
         raise ValueError(msg)
-    axis %= len(shape)
-    if axis == 0:
-        msg = "axis 0 is the batch; reduce over another axis"
+    if axis % len(shape) == 0:
+        msg = f"axis {axis} is the batch; reduce over another axis"
         raise ValueError(msg)
-    return shape[:axis] + shape[axis + 1 :]
+    return axis % len(shape)
+
+
+def _drop_axis(shape: tuple[int | None, ...], axis: int) -> tuple[int | None, ...]:
+    at = _reduced_axis(shape, axis)
+    return shape[:at] + shape[at + 1 :]
 
 
 def _per_row(x: Any, axis: int, step: str, name: str) -> None:
-    """Refuse to reduce ``x`` over its batch axis: a batch holds many callers' rows, each must see only its own.
+    """Refuse what :func:`_reduced_axis` refuses as a ``ModelError``; a row of no values is ``InvalidInput``.
 
     Checked on each batch, for outputs no signature declared (a callable model, a ``Custom`` pre step).
     """
-    if x.ndim < 2 or axis % x.ndim == 0:
+    try:
+        at = _reduced_axis(x.shape, axis)
+    except ValueError as error:
         named = f" {name!r}" if name else ""
-        msg = f"{step} needs an axis besides the batch, but the model's output{named} has shape {x.shape}"
-        raise ModelError(msg)
-    if x.shape[axis] == 0:  # a dynamic width the caller's input chose: its mistake (400), not the model's
+        msg = f"{step} needs an axis besides the batch, but the model's output{named} has shape {x.shape}: {error}"
+        raise ModelError(msg) from None
+    if x.shape[at] == 0:  # a dynamic width the caller's input chose: its mistake (400), not the model's
         msg = f"{step} needs at least one value per row, got shape {x.shape}"
         raise InvalidInput(msg)
 
@@ -94,7 +106,7 @@ class Sigmoid:
 
 @attrs.frozen
 class ArgMax:
-    """Index of the largest value along ``axis`` (NaN largest, ties to the lower index) as int64."""
+    """Index of the largest value along ``axis`` (NaN counted as +inf, ties to the lower index) as int64."""
 
     axis: int = -1
     output: str | None = None
@@ -165,11 +177,30 @@ class TopK:
         return {**rest, self.values: values, self.indices: indices}
 
 
+def _float32(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    # Compared in float32: 1e39 became inf there and never fired (on the GPU too), with a 200.
+    with np.errstate(over="ignore"):
+        if not np.isfinite(np.float32(value)):
+            msg = f"{attribute.name} must be within float32's range (it is compared in float32), got {value!r}"
+            raise ValueError(msg)
+
+
+def _in_range(specs: Specs, name: str, value: float, what: str) -> None:
+    """A threshold past a float output's largest finite value (65504 in float16): every finite value on one side."""
+    spec = specs[name]
+    top = float(np.finfo(spec.dtype).max)
+    if abs(value) > top:
+        msg = (
+            f"{what} {value!r} is outside the range of {name!r} ({spec.describe()}, at most {top:g}): constant answers"
+        )
+        raise ValueError(msg)
+
+
 @attrs.frozen
 class Threshold:
     """``output > threshold`` as bool (NaN is never above)."""
 
-    threshold: float = attrs.field(converter=float, validator=finite)  # NaN or inf: never (or always) fires
+    threshold: float = attrs.field(converter=float, validator=[finite, _float32])  # NaN or inf: never (or always) fires
     output: str | None = None
 
     def output_specs(self, specs: Specs) -> Specs:
@@ -178,6 +209,7 @@ class Threshold:
             return specs
         name = _pick(list(specs), self.output, "output", "Threshold")
         _float_spec(specs, name, "Threshold")
+        _in_range(specs, name, self.threshold, "Threshold")
         return _same(specs, name, np.bool_)
 
     def __call__(self, arrays: Arrays, kit: Kit) -> Arrays:
@@ -202,10 +234,14 @@ class NMS:
     (N, max_detections) int64: the kept box indices, then -1. With ``gather`` (the default)
     ``boxes`` and ``scores`` are replaced by the kept ones, (N, max_detections, 4) and
     (N, max_detections), zero after the last, so only the detections leave the device.
+
+    At most :data:`~inferkit.gpu.twins.NMS_MAX_BOXES` (131,072) boxes an image, on either device:
+    a model that declares more fails when the Predictor is built, a batch of more is the
+    request's :class:`~inferkit.InvalidInput`.
     """
 
     iou_threshold: float = attrs.field(default=0.5, converter=float, validator=_unit)
-    score_threshold: float = attrs.field(default=0.0, converter=float, validator=finite)
+    score_threshold: float = attrs.field(default=0.0, converter=float, validator=[finite, _float32])
     max_detections: int = attrs.field(default=100, validator=_k)
     boxes: str = "boxes"
     scores: str = "scores"
@@ -221,6 +257,10 @@ class NMS:
                 got = specs[name].describe() if name in specs else "missing"
                 msg = f"NMS takes float {self.boxes!r} (N, B, 4) and {self.scores!r} (N, B), got {name!r}: {got}"
                 raise ValueError(msg)
+        _in_range(specs, self.scores, self.score_threshold, "NMS score_threshold")
+        count = specs[self.scores].shape[1]
+        if count is not None:
+            twins.check_boxes(count)
         m = self.max_detections
         out = {**specs, self.keep: TensorSpec(self.keep, np.int64, (None, m))}
         if self.gather:
@@ -231,6 +271,10 @@ class NMS:
     def __call__(self, arrays: Arrays, kit: Kit) -> Arrays:
         """Apply to one batch."""
         boxes, scores = arrays[self.boxes], arrays[self.scores]
+        try:
+            twins.check_boxes(scores.shape[-1])
+        except ValueError as error:  # a count the caller's input chose (a declared one failed at construction)
+            raise InvalidInput(str(error)) from None
         keep = kit.ops.nms(
             boxes,
             scores,

@@ -40,14 +40,24 @@ def _three(_: object, attribute: attrs.Attribute[Any], value: tuple[float, ...])
         raise ValueError(msg)
 
 
-def _normalisable(mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-    """``(pixel / 255 - mean) / std`` stays finite in float32 for every pixel (an extreme mean or std made NaN)."""
+def _normalisable(mean: tuple[float, ...], std: tuple[float, ...], dtype: str) -> None:
+    """``(pixel / 255 - mean) / std`` stays finite for every pixel in float32 and in ``dtype``.
+
+    An extreme mean or std made NaN; in float16 (at most 65504) ``std=1e-5`` made inf. The constants are
+    :func:`~inferkit.gpu.twins.image_plan`'s, and a pixel's value lies between those of 0 and 255.
+    """
     with np.errstate(all="ignore"):
-        m, d = np.array(mean, np.float32), np.array(std, np.float32)
-        scale = np.float32(1.0) / (np.float32(255.0) * d)
-        ends = np.stack([-m / d, np.float32(255.0) * scale - m / d])
+        scale = np.array([1.0 / (255.0 * d) for d in std], np.float32)
+        bias = np.array([-m / d for m, d in zip(mean, std, strict=True)], np.float32)
+        ends = np.stack([bias, np.float32(255.0) * scale + bias])
+        made = ends.astype(dtype)
     if not (np.isfinite(scale).all() and np.isfinite(ends).all()):
         msg = f"mean {mean} and std {std} overflow float32: (pixel / 255 - mean) / std must stay finite"
+        raise ValueError(msg)
+    if not np.isfinite(made).all():
+        top = float(np.finfo(dtype).max)
+        reach = float(abs(ends).max())
+        msg = f"mean {mean} and std {std} overflow {dtype}: (pixel / 255 - mean) / std reaches {reach:g}, past {top:g}"
         raise ValueError(msg)
 
 
@@ -83,7 +93,7 @@ class ImageToTensor:
         if self.size is None and self.letterbox:
             msg = "letterbox=True needs a size to fit the images into"
             raise ValueError(msg)
-        _normalisable(self.mean, self.std)
+        _normalisable(self.mean, self.std, self.dtype)
 
     def caller_specs(self, specs: Specs) -> Specs:
         """The model input this step feeds becomes uint8 (N, H, W, 3) images."""

@@ -8,7 +8,7 @@ order, from the same constants (:func:`image_plan`), so:
 - argmax, top-k indices, threshold masks and NMS keep lists are exactly equal;
 - softmax and sigmoid agree to a few float32 ulps (``expf`` is not correctly rounded on the GPU).
 
-Order for argmax and top-k: larger first, NaN above everything, ties to the lower index.
+Order for argmax and top-k: larger first, NaN counted as +inf (it ties with +inf), ties to the lower index.
 """
 
 from __future__ import annotations
@@ -19,13 +19,28 @@ from typing import Any
 import attrs
 import numpy as np
 
-__all__ = ["ImagePlan", "argmax", "image_plan", "image_to_tensor", "nms", "sigmoid", "softmax", "threshold", "topk"]
+__all__ = [
+    "NMS_MAX_BOXES",
+    "ImagePlan",
+    "argmax",
+    "check_boxes",
+    "image_plan",
+    "image_to_tensor",
+    "nms",
+    "sigmoid",
+    "softmax",
+    "threshold",
+    "topk",
+]
 
 Array = np.ndarray[Any, Any]
 F32 = np.float32
 OPTIONS = ("--std=c++17", "--fmad=false")
 """NVRTC options of ``kernels.cu`` (``--fmad=false`` keeps float results equal to the twins'); here, not in
 :mod:`inferkit.gpu.cuda`, so that they can be read without CuPy (a test compiles with them)."""
+NMS_MAX_BOXES = 131_072
+"""The most boxes an image :func:`nms` and its kernel take. The kernel's suppression mask holds B * B bits an
+image (2 GiB at this cap) and its walk keeps B bits in shared memory, which fails to launch past 393,216."""
 
 
 @attrs.frozen
@@ -145,7 +160,7 @@ def _key(x: Array) -> Array:
 
 
 def argmax(x: Array, axis: int = -1) -> Array:
-    """Index of the largest value along ``axis`` (NaN largest, ties to the lower index), int64."""
+    """Index of the largest value along ``axis`` (NaN counted as +inf, ties to the lower index), int64."""
     out: Array = np.argmax(_key(x), axis=axis).astype(np.int64)
     return out
 
@@ -184,13 +199,25 @@ def nms_order(scores: Array, score_threshold: float) -> tuple[Array, Array]:
     return np.argsort(-keys, axis=-1, kind="stable").astype(np.int64), valid.sum(axis=-1).astype(np.int64)
 
 
+def check_boxes(count: int) -> None:
+    """Raise ``ValueError`` for more than :data:`NMS_MAX_BOXES` boxes an image (the kernel's limit; the twin's too)."""
+    if count > NMS_MAX_BOXES:
+        msg = (
+            f"NMS takes at most {NMS_MAX_BOXES} boxes an image (its suppression mask grows with the square), "
+            f"got {count}: drop low scores or keep the top candidates before NMS"
+        )
+        raise ValueError(msg)
+
+
 def nms(boxes: Array, scores: Array, *, iou_threshold: float, score_threshold: float, max_detections: int) -> Array:
     """Greedy non-maximum suppression per image: kept box indices (N, max_detections), -1 after the last.
 
     ``boxes`` (N, B, 4) are ``x1, y1, x2, y2``; ``scores`` (N, B). Boxes scoring at most
     ``score_threshold`` (or NaN) are dropped; the others are taken by descending score, and one
-    whose IoU with a kept box is above ``iou_threshold`` is suppressed.
+    whose IoU with a kept box is above ``iou_threshold`` is suppressed. More than
+    :data:`NMS_MAX_BOXES` boxes an image is a ``ValueError``, as on the GPU.
     """
+    check_boxes(np.shape(scores)[-1])
     b = np.asarray(boxes).astype(F32, copy=False)
     order, valid = nms_order(scores, score_threshold)
     keep = np.full((b.shape[0], max_detections), -1, dtype=np.int64)
