@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -43,17 +44,24 @@ PARENT_ID = 0xB7AD6B7169203331
 TRACEPARENT = f"00-{TRACE_ID:032x}-{PARENT_ID:016x}-01"
 
 
-@pytest.fixture(name="spans")
-def _spans() -> Iterator[Tracing]:
+@contextlib.contextmanager
+def traced(**options: Any) -> Iterator[Tracing]:
+    """Tracing instrumented (``options`` to :func:`tracing.instrument`) into an in-memory exporter."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.instrument(provider)
+    tracing.instrument(provider, **options)
     try:
         yield Tracing(exporter, provider)
     finally:
         tracing.uninstrument()
         provider.shutdown()
+
+
+@pytest.fixture(name="spans")
+def _spans() -> Iterator[Tracing]:
+    with traced() as spans:
+        yield spans
 
 
 class Tracing:

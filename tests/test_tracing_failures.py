@@ -11,15 +11,13 @@ import pytest
 
 pytest.importorskip("opentelemetry.sdk")
 
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import StatusCode
 
 import inferkit
-from inferkit import Closed, ExecutionTimeout, NoHealthyReplica, Overloaded, Predictor, events, tracing
+from inferkit import Closed, ExecutionTimeout, NoHealthyReplica, Overloaded, Predictor, events
 from tests.test_server_run import WAIT
-from tests.test_tracing import SPEC, Tracing, _ctx, _double
+from tests.test_tracing import SPEC, Tracing, _ctx, _double, traced
 
 X = np.ones((1, 4), np.float32)
 MAX_PENDING = 4  # requests whose spans may be open at once: fewer than a flood of refused ones
@@ -27,15 +25,8 @@ MAX_PENDING = 4  # requests whose spans may be open at once: fewer than a flood 
 
 @pytest.fixture(name="spans")
 def _spans() -> Iterator[Tracing]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.instrument(provider, max_pending=MAX_PENDING)
-    try:
-        yield Tracing(exporter, provider)
-    finally:
-        tracing.uninstrument()
-        provider.shutdown()
+    with traced(max_pending=MAX_PENDING) as spans:
+        yield spans
 
 
 class Gate:
