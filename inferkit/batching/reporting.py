@@ -60,37 +60,34 @@ class Reporting:
         """Whether per-request events are wanted (as per-batch ones: an observer of its own, a tap, DEBUG)."""
         return self._events.emit is not None and self._events.verbose()
 
-    def _ended_unrun(self, requests: Iterable[Request], *, later: bool) -> None:
-        """``RequestsFailed`` for settled ``requests`` that no batch ended, one per distinct error; when wanted.
+    def _requests_failed(self, ids: tuple[int, ...], kind: str, message: str, *, later: bool) -> None:
+        """One ``RequestsFailed``; ``later``: decided under the lock, emitted once it is released (``_event_later``)."""
+        event = RequestsFailed(self._set.name, ids, kind, message)
+        if later:
+            self._event_later(event)
+        else:
+            self._event(event)
 
-        ``later``: decided under the lock, emitted once it is released (``_event_later``).
-        """
+    def _ended_unrun(self, requests: Iterable[Request], *, later: bool) -> None:
+        """``RequestsFailed`` for settled ``requests`` that no batch ended, one per distinct error; when wanted."""
         if not self._announcing():
             return
         by_error: dict[tuple[str, str], list[int]] = {}
         for req in requests:
             by_error.setdefault((type(req.error).__name__, str(req.error)), []).append(req.id)
         for (kind, message), ids in by_error.items():
-            event = RequestsFailed(self._set.name, tuple(ids), kind, message)
-            if later:
-                self._event_later(event)
-            else:
-                self._event(event)
+            self._requests_failed(tuple(ids), kind, message, later=later)
 
     def _cancelled(self, requests: list[Request], *, later: bool) -> None:
         """``RequestsFailed`` (``CancelledError``) for requests their callers cancelled while queued, when wanted."""
         if self._announcing():
             ids = tuple(r.id for r in requests)
-            event = RequestsFailed(self._set.name, ids, "CancelledError", "cancelled by its caller while queued")
-            if later:
-                self._event_later(event)
-            else:
-                self._event(event)
+            self._requests_failed(ids, "CancelledError", "cancelled by its caller while queued", later=later)
 
     def _refused(self, request: Request, error: BaseException) -> None:
         """``RequestsFailed`` for a request refused at admission (no lock held), when wanted."""
         if self._announcing():
-            self._event(RequestsFailed(self._set.name, (request.id,), type(error).__name__, str(error)))
+            self._requests_failed((request.id,), type(error).__name__, str(error), later=False)
 
     def stats(self, state: str) -> Stats:
         """A consistent snapshot of the counters."""
