@@ -47,7 +47,7 @@ class Servicer:
         self._controller = controller
         self.draining = False
         self.last_call = 0.0  # loop time of the latest ModelInfer, for the drain's quiet window
-        self.message_timeout = limits.grpc_message_timeout_s  # from the call's start to its whole request message
+        self._reads = _Reads(limits.grpc_message_timeout_s)  # from the call's start to its whole request message
         self.typed_limit = limits.max_json_bytes  # bytes of typed contents (all but raw contents) per request
         self._budget = Budget(limits.max_decode_bytes, GRPC_ADVICE)  # typed parts parsed, BYTES elements decoded
         self._answer = functools.partial(answer, budget=self._budget)
@@ -71,14 +71,13 @@ class Servicer:
                 pb.RepositoryModelUnloadResponse,
             ),
         }
-        reads = _Reads(self.message_timeout)
         # Unary on the wire, but read here: grpc.aio waits for a unary call's message before any
         # handler runs, with no time limit, so a client that sends part of one held its stream.
         return grpc.method_handlers_generic_handler(
             pb.SERVICE,
             {
                 name: grpc.stream_unary_rpc_method_handler(
-                    reads.one_message(behavior),
+                    self._reads.one_message(behavior),
                     # ModelInfer parses in model_infer: a large message off the event loop
                     request_deserializer=None if name == "ModelInfer" else parser(request),
                     response_serializer=response.SerializeToString,
