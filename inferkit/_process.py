@@ -17,10 +17,14 @@ import secrets
 import threading
 import time
 import weakref
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from inferkit import events
 from inferkit.errors import Closed
+
+if TYPE_CHECKING:
+    from inferkit.batching.request import Request
 
 __all__ = ["EXIT_TIMEOUT_S", "Forked", "track"]
 
@@ -70,13 +74,31 @@ def _after_fork() -> None:
 
 
 class Forked:
-    """Stands in, in a forked child, for a batcher whose threads stayed in the parent: refuses everything."""
+    """Stands in, in a forked child, for a batcher whose threads stayed in the parent: refuses everything.
 
-    def __init__(self, name: str, parent: int) -> None:
+    A request it refuses has its id (and its ``Submitted``, a trace span open): it ends with a
+    ``RequestsFailed`` (``Closed``) given to ``emit``, the predictor's observers and taps.
+    """
+
+    def __init__(self, name: str, parent: int, emit: Callable[[events.Event], None]) -> None:
+        self._name = name
+        self._emit = emit
         self._message = (
             f"predictor {name!r} was built in process {parent} before os.fork(): its replicas' threads"
             " did not follow into this one; build it after the fork"
         )
+
+    def put(self, request: Request) -> None:
+        """Refuse ``request``: ``Closed``."""
+        raise self._refuse(request)
+
+    def call(self, request: Request) -> Any:
+        """Refuse ``request``: ``Closed``."""
+        raise self._refuse(request)
+
+    def _refuse(self, request: Request) -> Closed:
+        self._emit(events.RequestsFailed(self._name, (request.id,), "Closed", self._message))
+        return Closed(self._message)
 
     def close(self, timeout: float | None = None) -> None:
         """Nothing to stop here."""

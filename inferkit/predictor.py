@@ -287,7 +287,7 @@ class Predictor(Constructors, BulkFaces):
 
     def _forked(self) -> None:
         """In a forked child (``os.fork``): closed, every call refused with ``Closed`` saying why."""
-        self._batcher = cast("Batcher", Forked(self.name, os.getppid()))
+        self._batcher = cast("Batcher", Forked(self.name, os.getppid(), self._emit))
         self._close_lock = threading.Lock()  # a thread of the parent may have held it at the fork
         self._closing = True
         self._closer = None

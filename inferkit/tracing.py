@@ -25,8 +25,9 @@ whose batch failed ends there with an error even when a retry on another replica
 (the events do not say which failed requests are retried); the retry's batch is linked to it.
 One whose model call ran past ``execution_timeout`` ends with an error when its replica is
 replaced (``ReplicaReplaced``, just after its caller has the error). One that ends without a
-batch (``RequestsFailed``: refused at admission, cancelled while queued, ``NoHealthyReplica``,
-``Closed`` at ``close(timeout)``, queued or running) ends at once with an error naming its
+batch (``RequestsFailed``: refused at admission, by a batch key that raised or in a forked
+child, cancelled while queued, ``NoHealthyReplica``, ``Closed`` at ``close(timeout)``, queued
+or running) ends at once with an error naming its
 error's type (``error.type``); it is not remembered for later batches to link to, so a flood
 of refused requests neither holds spans open nor pushes out other requests'. At most
 ``max_pending`` requests' spans are open at once (accepted requests still waiting); past it the

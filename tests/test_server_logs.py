@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import signal
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -93,6 +95,54 @@ class TestAccessLog:
         assert "Traceback (most recent call last)" in warnings[0]
         assert "ValueError: negative value in the batch" in warnings[0]
         assert sum("status=ModelError" in line for line in _access(caplog)) == 6
+
+    def test_a_request_refused_while_others_queue_has_its_queue_time(self, caplog: pytest.LogCaptureFixture) -> None:
+        """A request that ended without a batch (here refused, the queue full) logged ``queue_s=None``; its
+        time until it ended is taken from its ``RequestsFailed``, as an expired one's from ``RequestsExpired``."""
+        entered, release = threading.Event(), threading.Event()
+
+        def gate(x: np.ndarray) -> np.ndarray:
+            if not entered.is_set():
+                entered.set()
+                assert release.wait(WAIT)
+            return x * 2
+
+        caplog.set_level(logging.INFO, logger="inferkit")
+        predictor = Predictor.from_callable(gate, name="m", inputs=[SPEC], outputs=[SPEC], max_queue_size=1)
+        server = InferenceServer(Repository({"m": predictor}), port=0, grace=WAIT, access_log=True).start()
+        codes: list[int] = []
+        try:
+            with httpx.Client(timeout=WAIT) as c:
+
+                def send() -> None:
+                    codes.append(_infer_json(c, server.port, "m", np.ones((1, 4), np.float32)).status_code)
+
+                held = [threading.Thread(target=send) for _ in range(2)]
+                held[0].start()
+                assert entered.wait(WAIT)
+                held[1].start()
+                _wait_for(lambda: predictor.stats().queue_depth == 1)
+                refused = _infer_json(c, server.port, "m", np.ones((1, 4), np.float32))
+                release.set()
+                for thread in held:
+                    thread.join(WAIT)
+                    assert not thread.is_alive()
+        finally:
+            release.set()
+            server.stop()
+            server.join(WAIT)
+        assert refused.status_code == 503
+        assert codes == [200, 200]
+        (line,) = (line for line in _access(caplog) if "status=Overloaded" in line)
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        assert 0 <= float(fields["queue_s"]) < WAIT
+
+
+def _wait_for(done: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT
+    while not done():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
 
 
 class TestCliLogging:

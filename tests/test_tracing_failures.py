@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Iterator
 from typing import Self
@@ -189,3 +192,86 @@ class TestEvent:
         assert failed[0].error_type == "Overloaded"
         assert failed[0].message == str(refused.value)
         assert failed[0].name == "m"
+
+
+class TestLastGaps:
+    def test_a_batch_key_that_raises_ends_its_span(self, spans: Tracing) -> None:
+        """A batch key function (``key_by``) that raised as its request was queued left the request's span open
+        (``Submitted``, no end): it now ends ERROR, named by the key's error, and the error reaches the caller."""
+
+        def key(inputs: dict[str, np.ndarray]) -> object:
+            if (inputs["x"] < 0).any():
+                msg = "no key for negative rows"
+                raise ValueError(msg)
+            return None
+
+        with _double() as predictor:
+            predictor._batcher.key_by(key)
+            with pytest.raises(ValueError, match="no key for negative rows"):
+                predictor.submit(-X)
+            kept = predictor.submit(X)
+            np.testing.assert_array_equal(kept.result(WAIT), X * 2)
+        found = _by_id(spans)
+        assert len(found) == 2
+        assert _status(found[kept.request_id])[0] is StatusCode.UNSET
+        (refused,) = (s for i, s in found.items() if i != kept.request_id)
+        assert refused.attributes is not None
+        assert refused.attributes["error.type"] == "ValueError"
+        assert _status(refused) == (StatusCode.ERROR, "ValueError: no key for negative rows")
+
+    def test_a_forked_childs_refused_requests_end_their_spans(self) -> None:
+        """In a forked child a predictor built before the fork refuses with Closed; each request had its id
+        (``Submitted``) first and its span was never ended: now both end ERROR (Closed)."""
+        code = textwrap.dedent(_FORK_SCRIPT)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split("\n")[:2] == ["child ERROR Closed ERROR Closed", "parent 0"]
+
+    def test_an_interrupt_on_the_callers_thread_ends_its_span_in_error(self, spans: Tracing) -> None:
+        """A KeyboardInterrupt out of a model call on the caller's (main) thread fails the request, but its
+        BatchDone named no failed request: the span ended UNSET. It now ends ERROR, and the replica is no
+        worse for it (no failed batch counted; it serves the next request)."""
+        calls: list[np.ndarray] = []
+
+        def fn(x: np.ndarray) -> np.ndarray:
+            calls.append(x)
+            if len(calls) == 1:
+                raise KeyboardInterrupt
+            return x * 2
+
+        with _double(fn=fn, max_delay_ms=0) as predictor:
+            with pytest.raises(KeyboardInterrupt):
+                predictor.predict(X)  # on the main thread: run alone on it
+            np.testing.assert_array_equal(predictor.predict(X, timeout=WAIT), X * 2)
+            replica = predictor.stats().replicas[0]
+            assert (replica.failed_batches, replica.state) == (0, "healthy")
+        interrupted, served = sorted(_by_id(spans).items())
+        assert _status(interrupted[1]) == (StatusCode.ERROR, "the model failed on this request")
+        assert _status(served[1])[0] is StatusCode.UNSET
+
+
+_FORK_SCRIPT = """
+import os, numpy as np, inferkit
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from inferkit import tracing
+p = inferkit.Predictor.from_callable(lambda x: x * 2, name="pre")
+pid = os.fork()
+if pid == 0:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.instrument(provider)
+    for run in (p.predict, p.submit):
+        try:
+            run(np.ones((1, 2)))
+        except inferkit.Closed:
+            pass
+    ended = [s for s in exporter.get_finished_spans() if s.name == "inferkit.request"]
+    print("child", *(f"{s.status.status_code.name} {s.attributes['error.type']}" for s in ended), flush=True)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("parent", os.waitstatus_to_exitcode(status))
+p.close()
+"""

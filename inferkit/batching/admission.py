@@ -2,7 +2,7 @@
 
 A mixin of :class:`~inferkit.batching.batcher.Batcher`. ``_admit`` runs before the batcher's lock
 (a request no queue could ever hold is refused without it); ``_refusal`` and ``_refuse`` run under it;
-``_keyed`` under it or before it (a request not yet shared); ``reject`` takes it.
+``_keyed`` before it (a request not yet shared); ``reject`` takes it.
 """
 
 from __future__ import annotations
@@ -48,10 +48,18 @@ class Admission:
         self._set.key = key
 
     def _keyed(self, request: Request) -> None:
-        """Give ``request`` its batch key before it is queued (see ``key_by``); one it has is kept."""
+        """Give a new ``request`` its batch key before it is queued (see ``key_by``); one it has is kept.
+
+        A key that raises refuses the request: its ``RequestsFailed`` (it has its id, and its
+        ``Submitted``: a trace span open) comes first, then the error goes on to its caller.
+        """
         key = self._set.key
-        if key is not None and request.key is None and request.inputs is not None:
-            request.key = key(request.inputs)
+        if key is not None and request.key is None:
+            try:  # a new request holds its inputs (no check: the try's cost instead, on the hot path)
+                request.key = key(request.inputs)  # type: ignore[arg-type]
+            except BaseException as error:
+                self._refused(request, error)
+                raise
 
     def next_id(self) -> int:
         """A fresh request id, unique across models and processes (see :func:`~inferkit.events.new_request_id`)."""

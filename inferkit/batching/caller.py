@@ -220,8 +220,9 @@ class CallerThread:
         now = self._clock()
         why = f"the call was interrupted on its caller's thread ({type(exc).__name__})"
         failed: list[Outcome] = [(r, None, InferkitError(f"request {r.id}: {why}")) for r in batch.requests]
-        batch.plain = False  # its outcomes are failures that ``_executed`` is not told of
-        self._finish_inline(batch, replica, self._executed(batch, replica, (failed, [], False), now, now), alone)
+        # Told as failed (its BatchDone names them: their spans end in error), with no fault: no
+        # verdict on the replica's health (a failure is no success either), no retry, no ModelFailed.
+        self._finish_inline(batch, replica, self._executed(batch, replica, (failed, failed, False), now, now), alone)
 
     def _finish_inline(
         self, batch: Batch, replica: Replica, result: _Result | None, alone: Request | None = None

@@ -52,8 +52,6 @@ class Failures:
 
         def _event_later(self, event: Event) -> None: ...
 
-        def _keyed(self, request: Request) -> None: ...
-
         def _after_ejection(self, replica: Replica) -> None: ...
 
     def _failures(self, outcomes: list[Outcome]) -> None:
@@ -105,7 +103,9 @@ class Failures:
             if not lanes:
                 return False
             lane = self._set.choose(lanes)
-        self._keyed(req)  # run alone on its caller's thread, it had none (first: a key that raises fails it)
+        key = self._set.key  # run alone on its caller's thread, it had none (first: a key that raises fails it)
+        if key is not None and req.key is None and req.inputs is not None:
+            req.key = key(req.inputs)  # under the lock: no event (its BatchDone ended it)
         req.avoid = replica
         req.blame = not fault  # a fault is counted already
         req.state = QUEUED

@@ -7,7 +7,9 @@ structlog: a readable console on a terminal, JSON lines otherwise or when asked.
 :class:`RequestLog` is what both server faces call once per inference request: it logs a
 model's error through a :class:`~inferkit.LogObserver` (traceback once, then counted) and,
 with the access log on, one ``access`` line with the request ids, model, version, arm,
-protocol, status, rows, and the queue and compute seconds taken from the core's events.
+protocol, status, rows, and the queue and compute seconds taken from the core's events (the
+queue seconds: until its first batch started, or until it ended without one: expired, cancelled,
+refused or failed by the batcher).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import attrs
 import structlog
 
-from inferkit.events import BatchDone, Event, RequestsExpired, Submitted, tap, untap
+from inferkit.events import BatchDone, Event, RequestsExpired, RequestsFailed, Submitted, tap, untap
 
 __all__ = ["LOG_FORMATS", "LOG_LEVELS", "RequestLog", "configure"]
 
@@ -136,7 +138,7 @@ class RequestLog:
                         if timing.queue_s is None:
                             timing.queue_s = max(start - timing.submitted, 0.0)
                         timing.compute_s += event.duration_s
-        elif isinstance(event, RequestsExpired):
+        elif isinstance(event, RequestsExpired | RequestsFailed):  # ended without a batch: queued until then
             with self._lock:
                 for request_id in event.request_ids:
                     timing = self._pending.get(request_id)
