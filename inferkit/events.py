@@ -55,7 +55,11 @@ class Event:
 
 @attrs.frozen
 class BatchDone(Event):
-    """A batch ran: which requests, how many rows, why it was dispatched, how it ended."""
+    """A batch ran: which requests, how many rows, why it was dispatched, how it ended.
+
+    ``retried_request_ids``: those of ``failed_request_ids`` queued again for another replica
+    (not ended: a later batch answers them).
+    """
 
     replica: str
     request_ids: tuple[int, ...]
@@ -63,6 +67,7 @@ class BatchDone(Event):
     reason: str
     duration_s: float
     failed_request_ids: tuple[int, ...]
+    retried_request_ids: tuple[int, ...] = ()
 
 
 @attrs.frozen

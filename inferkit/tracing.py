@@ -21,8 +21,9 @@ OpenTelemetry code:
 
 A request split over several batches ends with its first batch; each later batch is still
 linked to it while it is among the last ``max_pending`` (at most 10,000) requests ended. One
-whose batch failed ends there with an error even when a retry on another replica answered it
-(the events do not say which failed requests are retried); the retry's batch is linked to it.
+whose batch failed ends there with an error, unless it is retried on another replica
+(``BatchDone.retried_request_ids``): its span then has an ``inferkit.retry`` event naming the
+replica that failed, stays open and ends with the retry's batch (both batches link to it).
 One whose model call ran past ``execution_timeout`` ends with an error when its replica is
 replaced (``ReplicaReplaced``, just after its caller has the error). One that ends without a
 batch (``RequestsFailed``: refused at admission, by a batch key that raised or in a forked
@@ -71,6 +72,7 @@ _MAX_ENDED = 10_000  # ended requests remembered, for the later batches of a spl
 class _Pending:
     span: Span
     submitted_ns: int
+    queued: bool = False  # its queue span is recorded (a retried request's, at its first batch)
 
 
 class _Tracer:
@@ -145,12 +147,16 @@ class _Tracer:
         end = time.time_ns()
         start = end - int(event.duration_s * 1e9)
         failed = set(event.failed_request_ids)
-        taken, before = self._take(event.request_ids)
+        retried = set(event.retried_request_ids)
+        taken, before = self._take(i for i in event.request_ids if i not in retried)
+        again = self._retried(retried, event.replica, end)
         for request_id, pending in taken:
             self._queued(pending, event.name, max(start, pending.submitted_ns))
             if request_id in failed:
                 pending.span.set_status(StatusCode.ERROR, "the model failed on this request")
             pending.span.end(end_time=end)
+        for pending in again:
+            self._queued(pending, event.name, max(start, pending.submitted_ns))
         attributes: dict[str, str | int] = {
             "inferkit.model": event.name,
             "inferkit.replica": event.replica,
@@ -158,7 +164,8 @@ class _Tracer:
             "inferkit.rows": event.rows,
             "inferkit.reason": event.reason,
         }
-        links = [Link(p.span.get_span_context()) for _, p in taken] + [Link(c) for c in before]
+        links = [Link(p.span.get_span_context()) for _, p in taken] + [Link(p.span.get_span_context()) for p in again]
+        links += [Link(c) for c in before]
         batch = self._tracer.start_span(
             "inferkit.batch", context=otel_context.Context(), links=links, start_time=start, attributes=attributes
         )
@@ -174,6 +181,16 @@ class _Tracer:
                 call.set_status(StatusCode.ERROR, "the model failed on the batch")
         call.end(end_time=end)
         batch.end(end_time=end)
+
+    def _retried(self, request_ids: set[int], replica: str, now: int) -> list[_Pending]:
+        """The open spans of failed requests queued again for another replica: left open, with an event saying so."""
+        if not request_ids:
+            return []
+        with self._lock:
+            again = [p for i in request_ids if (p := self._pending.get(i)) is not None]
+        for pending in again:
+            pending.span.add_event("inferkit.retry", {"inferkit.replica": replica}, timestamp=now)
+        return again
 
     def _expired(self, event: RequestsExpired) -> None:
         now = time.time_ns()
@@ -198,6 +215,9 @@ class _Tracer:
             pending.span.end(end_time=now)
 
     def _queued(self, pending: _Pending, model: str, until_ns: int) -> None:
+        if pending.queued:
+            return
+        pending.queued = True
         span = self._tracer.start_span(
             "inferkit.queue",
             context=trace.set_span_in_context(pending.span),

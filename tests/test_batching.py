@@ -343,7 +343,8 @@ def _submit(batcher: Batcher, value: float) -> RequestFuture:
 
 def test_a_key_that_raises_for_a_lone_requests_retry_fails_it() -> None:
     """A lone request that failed on its caller's thread is keyed for its retry; a key function
-    that raises then fails the request (a ``ModelError`` naming inferkit), it never hangs."""
+    that raises then leaves it unretried: it fails with its own error, it never hangs (it failed
+    with an error of inferkit's finishing, and no event ended it)."""
 
     def key(arrays: dict[str, np.ndarray]) -> object:
         msg = "cannot key this"
@@ -368,9 +369,9 @@ def test_a_key_that_raises_for_a_lone_requests_retry_fails_it() -> None:
         assert not caller.is_alive()
         (error,) = outcome
         assert isinstance(error, ModelError)
-        assert "inferkit failed finishing the batch" in str(error)
+        assert "RuntimeError: first call anywhere fails" in str(error)
         stats = batcher.stats("ready")
-        assert (stats.accepted, stats.in_flight) == (1, 0)
+        assert (stats.accepted, stats.in_flight, stats.retried) == (1, 0, 0)
     finally:
         batcher.close(timeout=5)
 

@@ -262,6 +262,7 @@ class TestOtherEvents:
         assert ejected.cooldown_s == pytest.approx(inferkit.PoolConfig().cooldown)
         failed_on_m0 = [e for e in recorder.of(BatchDone) if e.failed_request_ids]
         assert [(e.replica, len(e.failed_request_ids)) for e in failed_on_m0] == [("m-0", 1)] * 5
+        assert all(e.retried_request_ids == e.failed_request_ids for e in failed_on_m0)  # each answered on m-1
         assert stats.retried == 5
         assert stats.failed == {}
 

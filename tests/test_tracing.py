@@ -237,9 +237,10 @@ class TestInProcess:
         for batch in batches:
             assert [link.context.span_id for link in batch.links] == [_ctx(request).span_id]
 
-    def test_retried_request_ends_with_the_failed_batch(self, spans: Tracing) -> None:
-        """A request retried on another replica ends, ERROR, with its failed batch (the events do not say which
-        failed requests are retried, as documented); the retry's batch, linked to nothing before, links to it."""
+    def test_retried_request_ends_with_its_retry(self, spans: Tracing) -> None:
+        """A request retried on another replica, and answered there, ended ERROR at its failed batch; it now stays
+        open (an ``inferkit.retry`` event names the replica that failed) and ends OK with the retry's batch. Both
+        batches link to it, and its queue span is recorded once."""
         failed = threading.Event()
 
         def fails_once(x: np.ndarray) -> np.ndarray:
@@ -253,11 +254,33 @@ class TestInProcess:
             predictor.predict(np.ones((1, 4), np.float32))
             assert predictor.stats().retried == 1
         request = spans.one("inferkit.request")
-        assert request.status.status_code is StatusCode.ERROR
-        batches = spans.named("inferkit.batch")
+        assert request.status.status_code is StatusCode.UNSET
+        batches = sorted(spans.named("inferkit.batch"), key=lambda b: b.start_time or 0)
         assert len(batches) == 2
+        first = (batches[0].attributes or {})["inferkit.replica"]
+        assert [(e.name, dict(e.attributes or {})) for e in request.events] == [
+            ("inferkit.retry", {"inferkit.replica": first})
+        ]
+        assert (batches[1].attributes or {})["inferkit.replica"] != first
         for batch in batches:
             assert [link.context.span_id for link in batch.links] == [_ctx(request).span_id]
+        assert len(spans.named("inferkit.queue")) == 1
+
+    def test_retried_request_that_fails_again_ends_in_error(self, spans: Tracing) -> None:
+        """A retry that fails too ends the span ERROR, at the retry's batch."""
+
+        def fails(x: np.ndarray) -> np.ndarray:
+            msg = "every call fails"
+            raise RuntimeError(msg)
+
+        with _double(fn=fails, replicas=2) as predictor:
+            with pytest.raises(ModelError):
+                predictor.predict(np.ones((1, 4), np.float32))
+            assert predictor.stats().retried == 1
+        request = spans.one("inferkit.request")
+        assert request.status.status_code is StatusCode.ERROR
+        assert [e.name for e in request.events] == ["inferkit.retry"]
+        assert len(spans.named("inferkit.batch")) == 2
 
     def test_uninstrument_stops_spans(self, spans: Tracing) -> None:
         """After uninstrument nothing more is traced; a bad bound fails at instrument."""

@@ -26,9 +26,9 @@ from inferkit.batching.lane import Batch, Lane
 from inferkit.batching.lifecycle import Lifecycle
 from inferkit.batching.replicas import ReplicaSet
 from inferkit.batching.reporting import Events, Reporting
-from inferkit.batching.request import DONE, Inputs, Request, Settled, add_waiter, settle_all
+from inferkit.batching.request import DONE, Announcement, Inputs, Request, Settled, add_waiter, settle_all
 from inferkit.errors import InferkitError
-from inferkit.events import BatchDone, Event, RequestsExpired
+from inferkit.events import Event, RequestsExpired
 from inferkit.pool import PoolConfig, Replica, ReplicaState
 
 __all__ = ["Batcher"]
@@ -215,16 +215,11 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
         return outcomes, fault, end, end - start
 
     def _report(self, batch: Batch, replica: Replica, spent: float, failed: list[Outcome]) -> None:
-        """The events of a batch that ran for ``spent`` seconds."""
-        if self._events.verbose():
-            ids = tuple(r.id for r in batch.requests)
-            self._event(
-                BatchDone(
-                    self.name, replica.name, ids, batch.rows, batch.reason, spent, tuple(r.id for r, _, _ in failed)
-                )
-            )
+        """The events of a batch that ran for ``spent`` seconds (a failed one's ``BatchDone``: ``_account``'s)."""
         if failed:
             self._failures(failed)
+        elif self._events.verbose():
+            self._event(self._batch_done(batch, replica, spent))
 
     def _finish(self, batch: Batch, replica: Replica, result: _Result | None) -> list[Settled]:
         """Count a batch's outcomes and free its replica (under the lock); return what to settle.
@@ -250,6 +245,8 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
             worked = True
         else:
             final: list[Outcome] = []
+            failed: list[int] = []
+            retried: list[int] = []
             worked = False
             for req, value, failure in outcomes:
                 error = failure
@@ -257,11 +254,17 @@ class Batcher(Admission, CallerThread, Deadlines, Failures, Reporting, Lifecycle
                     worked = True
                     if req.blame and req.avoid is not None and req.avoid is not replica:  # another replica's fault
                         blamed.append(req.avoid)
-                elif self._retry(req, replica, error, fault=fault, now=now):
-                    continue
-                elif fault:
-                    error = model_error(req, error)
+                else:
+                    failed.append(req.id)
+                    if self._retry(req, replica, error, fault=fault, now=now):
+                        retried.append(req.id)
+                        continue
+                    if fault:
+                        error = model_error(req, error)
                 final.append((req, value, error))
+            if failed and (emit := self._events.emit) is not None and self._events.verbose():
+                # Once retries are decided; emitted before its callers are answered.
+                done.append(Announcement(emit, self._batch_done(batch, replica, spent, failed, retried)))
             done += self._tally(final)
             latencies = [now - r.t0 for r, _, _ in final]
         self._book(batch, replica, latencies, spent)

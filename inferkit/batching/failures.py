@@ -103,9 +103,12 @@ class Failures:
             if not lanes:
                 return False
             lane = self._set.choose(lanes)
-        key = self._set.key  # run alone on its caller's thread, it had none (first: a key that raises fails it)
+        key = self._set.key  # run alone on its caller's thread, it had none
         if key is not None and req.key is None and req.inputs is not None:
-            req.key = key(req.inputs)  # under the lock: no event (its BatchDone ended it)
+            try:
+                req.key = key(req.inputs)
+            except Exception:  # noqa: BLE001 (no queue can take it: its own error stands)
+                return False
         req.avoid = replica
         req.blame = not fault  # a fault is counted already
         req.state = QUEUED

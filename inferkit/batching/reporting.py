@@ -10,19 +10,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from inferkit.batching.request import Announcement
-from inferkit.events import RequestsFailed
+from inferkit.events import BatchDone, RequestsFailed
 from inferkit.stats import ReplicaStats, Stats
 
 if TYPE_CHECKING:
     import threading
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Sequence
 
     from inferkit.backends.base import Backend
     from inferkit.batching.counters import Counters
-    from inferkit.batching.lane import Lane
+    from inferkit.batching.lane import Batch, Lane
     from inferkit.batching.replicas import ReplicaSet
     from inferkit.batching.request import Request, Settled
     from inferkit.events import Event
+    from inferkit.pool import Replica
 
 __all__ = ["Events", "Reporting"]
 
@@ -59,6 +60,15 @@ class Reporting:
     def _announcing(self) -> bool:
         """Whether per-request events are wanted (as per-batch ones: an observer of its own, a tap, DEBUG)."""
         return self._events.emit is not None and self._events.verbose()
+
+    def _batch_done(
+        self, batch: Batch, replica: Replica, spent: float, failed: Sequence[int] = (), retried: Sequence[int] = ()
+    ) -> BatchDone:
+        """The ``BatchDone`` of ``batch``, run on ``replica`` for ``spent`` seconds."""
+        ids = tuple(r.id for r in batch.requests)
+        return BatchDone(
+            self._set.name, replica.name, ids, batch.rows, batch.reason, spent, tuple(failed), tuple(retried)
+        )
 
     def _requests_failed(self, ids: tuple[int, ...], kind: str, message: str, *, later: bool) -> None:
         """One ``RequestsFailed``; ``later``: decided under the lock, emitted once it is released (``_event_later``)."""
