@@ -905,6 +905,42 @@ class TestEdges:
             with pytest.raises(Closed):
                 future.result(WAIT)
 
+    def test_ctrl_c_while_a_model_drains_is_raised_at_once(self) -> None:
+        """``Repository.close(None)`` caught a ``KeyboardInterrupt`` as a model's failure to close and went on to
+        drain every later model first (one Ctrl-C a model; with a hung model, never raised). Now it is raised at
+        once, the later models closed without waiting: their running calls end ``Closed``."""
+        release = threading.Event()
+        returned: list[str] = []
+
+        def stuck(name: str) -> Callable[[np.ndarray], np.ndarray]:
+            def model(x: np.ndarray) -> np.ndarray:
+                release.wait(WAIT)
+                returned.append(name)
+                return x
+
+            return model
+
+        spec, out = [TensorSpec("x", np.float32, (None, 4))], [TensorSpec("y", np.float32, (None, 4))]
+        predictors = {n: Predictor.from_callable(stuck(n), inputs=spec, outputs=out, name=n) for n in "ab"}
+        futures = [p.submit(np.ones((1, 4), np.float32)) for p in predictors.values()]
+        deadline = time.monotonic() + WAIT
+        while any(p.stats().in_flight < 1 for p in predictors.values()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        interrupt = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+        interrupt.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                Repository(predictors).close(None)
+            assert returned == []  # raised while both calls still ran (before: after b's had returned)
+            assert predictors["b"].state.value == "closed"
+            with pytest.raises(Closed):
+                futures[1].result(WAIT)
+        finally:
+            interrupt.cancel()
+            release.set()
+            for p in predictors.values():
+                p.close(WAIT)
+
 
 class TestMixedClients:
     """HTTP and gRPC clients share one Predictor's batches."""
@@ -1196,6 +1232,45 @@ class TestOpenFiles:
                 proc.wait(WAIT)
             if proc.stderr is not None:
                 proc.stderr.close()
+
+
+class TestGrpcConnections:
+    """``grpc_max_connections`` bounds the gRPC face's connections, as ``max_connections`` the HTTP face's."""
+
+    def test_past_the_bound_a_new_connection_is_refused_until_one_closes(self) -> None:
+        """Nothing bounded gRPC connections (each may hold streams x message bytes). With a bound of 2, a third
+        client is UNAVAILABLE while two are connected, and gets in once one has left."""
+        predictor = Predictor.from_callable(lambda x: x * 2, inputs=[TensorSpec("x", np.float32, (None, 4))])
+        limits = ConnectionLimits(grpc_max_connections=2)
+        server = InferenceServer(
+            Repository({"m": predictor}), port=0, grpc_port=0, grace=WAIT, limits=limits, grpc_listeners=1
+        ).start()
+        own = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own for each client
+        clients = [grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}", channel_args=own) for _ in "abc"]
+        try:
+            assert clients[0].is_server_live()
+            assert clients[1].is_server_live()
+            with pytest.raises(InferenceServerException, match="UNAVAILABLE"):
+                clients[2].is_server_live(client_timeout=WAIT)
+            clients[0].close()
+            deadline = time.monotonic() + WAIT
+            while time.monotonic() < deadline:  # the server sees the close, then the client retries
+                with contextlib.suppress(InferenceServerException):
+                    if clients[2].is_server_live(client_timeout=1):
+                        break
+                time.sleep(0.05)
+            assert clients[2].is_server_live(client_timeout=WAIT)
+        finally:
+            for client in clients[1:]:
+                client.close()
+            server.join(WAIT)
+
+    def test_the_default_is_a_quarter_of_the_open_file_limit(self) -> None:
+        """HTTP's default is half the open-file limit; gRPC's a quarter, what is left the models' and the process's."""
+        assert default_max_connections(256, 4) == 64
+        assert default_max_connections(10**7, 4) == 10_000
+        with pytest.raises(ValueError, match="grpc_max_connections must be an int <= 2147483647"):
+            ConnectionLimits(grpc_max_connections=2**31)
 
 
 class TestQueueBytesFlag:

@@ -103,6 +103,11 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     limits.add_argument(
         "--max-connections", type=_at_least_one, help="open HTTP connections (default: half the open-file limit)"
     )
+    limits.add_argument(
+        "--grpc-max-connections",
+        type=_at_least_one,
+        help="open gRPC connections (default: a quarter of the open-file limit)",
+    )
     limits.add_argument("--grpc-idle-s", type=_positive, help="seconds a gRPC connection without calls stays (300)")
     limits.add_argument("--max-request-bytes", type=_at_least_one, help="bytes of a REST body (default 64 MiB)")
     limits.add_argument(

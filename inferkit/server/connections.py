@@ -24,11 +24,11 @@ _MAX_DEFAULT_CONNECTIONS = 10_000
 _SHUTTING_DOWN = json.dumps({"error": "the server is shutting down; retry on another"}).encode()
 
 
-def default_max_connections(open_files: int | None) -> int:
-    """Half the open-file limit (the rest is for gRPC, models and the process), at most 10,000."""
+def default_max_connections(open_files: int | None, share: int = 2) -> int:
+    """``1 / share`` of the open-file limit, at most 10,000: HTTP's half, gRPC's quarter (the rest is the process's)."""
     if open_files is None:
         return _MAX_DEFAULT_CONNECTIONS
-    return max(8, min(_MAX_DEFAULT_CONNECTIONS, open_files // 2))
+    return max(8, min(_MAX_DEFAULT_CONNECTIONS, open_files // share))
 
 
 async def _shutting_down(scope: Any, receive: Any, send: Any) -> None:

@@ -47,13 +47,14 @@ from typing import Any
 
 import grpc
 
+from inferkit.server.connections import default_max_connections
 from inferkit.server.control import Controller, RepositoryControl, controller_of
 from inferkit.server.grpc_servicer import Servicer
 from inferkit.server.limits import ConnectionLimits
 from inferkit.server.logs import RequestLog
 from inferkit.server.protocol import ARM, KEY
 from inferkit.server.repository import Repository
-from inferkit.server.sockets import addresses, check_free, endpoint
+from inferkit.server.sockets import addresses, check_free, endpoint, open_file_limit
 
 __all__ = ["ARM_METADATA", "DEFAULT_LISTENERS", "KEY_METADATA", "GrpcServer", "create_server"]
 
@@ -146,7 +147,8 @@ def create_server(
     ``grpc.aio`` servers share the port (see :class:`GrpcServer`); a port that another
     process listens on is an error (``RuntimeError``) either way, never a silent share.
     ``limits`` bounds metadata (``max_header_bytes``), idle connections (``grpc_idle_s``),
-    calls per connection (``grpc_max_concurrent_streams``) and the time a call has to send its
+    calls per connection (``grpc_max_concurrent_streams``), connections (``grpc_max_connections``,
+    shared out among the listeners) and the time a call has to send its
     request message (``grpc_message_timeout_s``); clients are pinged every 60 s so
     that a vanished one's connection is closed. ``control`` turns on RepositoryModelLoad and
     RepositoryModelUnload (see :mod:`inferkit.server.control`); off by default; a
@@ -160,6 +162,7 @@ def create_server(
         msg = f"listeners must be an int from 1 to {MAX_LISTENERS}, got {listeners!r}"
         raise ValueError(msg)
     shared = listeners > 1
+    connections = limits.grpc_max_connections or default_max_connections(open_file_limit(), 4)
     resolved = addresses(host)  # as the REST face binds them (grpc's own resolver may find others)
     if port != 0:  # shared: SO_REUSEPORT would otherwise join a listener of the same user; either way a clear error
         for address in resolved:
@@ -172,6 +175,7 @@ def create_server(
         ("grpc.absolute_max_metadata_size", limits.max_header_bytes),
         ("grpc.max_connection_idle_ms", max(1, int(limits.grpc_idle_s * 1000))),  # under 1 ms rounds up, never to 0
         ("grpc.max_concurrent_streams", limits.grpc_max_concurrent_streams),
+        ("grpc.max_allowed_incoming_connections", -(-connections // listeners)),  # each listener's share
         ("grpc.keepalive_time_ms", _KEEPALIVE_MS),
         ("grpc.keepalive_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
     ]

@@ -17,7 +17,7 @@ _MAX_GRPC_IDLE_S = _INT32_MAX // 1000  # grpc.max_connection_idle_ms: 2147483 s,
 
 def _optional_connections(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None:
-        integer(1)(_, attribute, value)
+        integer(1, _INT32_MAX)(_, attribute, value)  # gRPC's becomes a C int
 
 
 def _grpc_idle(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -41,6 +41,10 @@ class ConnectionLimits:
     ``max_connections``             open HTTP connections; past it the oldest idle one is
                                     closed, or the new one gets 503 when none is idle. ``None``:
                                     half the open-file limit, at most 10,000
+    ``grpc_max_connections``        open gRPC connections (all listeners together); past it a
+                                    new one is closed as it is accepted (the client sees
+                                    UNAVAILABLE). ``None``: a quarter of the open-file limit,
+                                    at most 10,000
     ``grpc_idle_s``                 seconds a gRPC connection without calls stays open (at
                                     most 2147483, 2**31 - 1 milliseconds: about 24.8 days)
     ``grpc_max_concurrent_streams`` gRPC calls in progress on one connection (at most 2**31 - 1)
@@ -62,6 +66,7 @@ class ConnectionLimits:
     keep_alive_s: float = attrs.field(default=5.0, validator=number(0, inclusive=False))
     max_header_bytes: int = attrs.field(default=32 * 2**10, validator=integer(1024, _INT32_MAX))
     max_connections: int | None = attrs.field(default=None, validator=_optional_connections)
+    grpc_max_connections: int | None = attrs.field(default=None, validator=_optional_connections)
     grpc_idle_s: float = attrs.field(default=300.0, validator=_grpc_idle)
     grpc_max_concurrent_streams: int = attrs.field(default=1024, validator=integer(1, _INT32_MAX))
     grpc_message_timeout_s: float = attrs.field(default=60.0, validator=number(0, inclusive=False))

@@ -11,6 +11,7 @@ that was unloaded, ``Request for unknown model: 'm' has no available versions``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Hashable, Iterable, Iterator, Mapping
@@ -363,18 +364,29 @@ class Repository:
 
         Later changes raise ``Closed``. One deadline for all: each model drains while those before
         it close (each had the whole ``timeout``, so a shutdown took a grace period per busy model).
-        One that fails to close leaves none of the others open; its error is raised after.
+        One that fails to close leaves none of the others open; its error is raised after (the
+        others' as notes on it). A ``KeyboardInterrupt`` (Ctrl-C) while a model drains is raised
+        at once: the models after it are closed without waiting (``timeout=0``: what they still
+        run or hold ends in ``Closed``), never left to drain one after another first.
         """
         end = None if timeout is None else time.monotonic() + timeout
         with self._write:
             self._closed = True
-        errors: list[BaseException] = []
-        for target in self._targets():
+        errors: list[Exception] = []
+        targets = self._targets()
+        for i, target in enumerate(targets):
             try:
                 target.close(None if end is None else max(0.0, end - time.monotonic()))
-            except BaseException as error:  # noqa: BLE001 (raised below, once every model is closed)
+            except Exception as error:  # noqa: BLE001 (raised below, once every model is closed)
                 errors.append(error)
+            except BaseException:
+                for rest in targets[i + 1 :]:
+                    with contextlib.suppress(Exception):
+                        rest.close(0.0)
+                raise
         if errors:
+            for other in errors[1:]:
+                errors[0].add_note(f"closing another model failed too: {type(other).__name__}: {other}")
             raise errors[0]
 
 

@@ -6,7 +6,17 @@ import contextlib
 import ipaddress
 import socket
 
-__all__ = ["addresses", "check_free", "endpoint", "listen", "loopback", "raise_open_file_limit"]
+__all__ = ["addresses", "check_free", "endpoint", "listen", "loopback", "open_file_limit", "raise_open_file_limit"]
+
+
+def open_file_limit() -> int | None:
+    """The soft limit on open files of this process; ``None`` where there is none (unlimited, or Windows)."""
+    try:
+        import resource  # noqa: PLC0415 (POSIX only)
+    except ImportError:  # pragma: no cover
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def raise_open_file_limit() -> int | None:
