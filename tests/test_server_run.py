@@ -957,6 +957,18 @@ class TestMixedClients:
         assert any((b > 0).any() and (b < 0).any() for b in batches)
 
 
+class _Stuck:
+    """Executor jobs that block until released: work a shutdown can never wait out."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.started = threading.Semaphore(0)
+
+    def job(self) -> None:
+        self.started.release()
+        self.gate.wait(WAIT * 4)
+
+
 class TestLoop:
     """The event loop the server runs on."""
 
@@ -970,6 +982,55 @@ class TestLoop:
             return type(asyncio.get_running_loop()).__module__
 
         assert run_loop(which(), loop).split(".")[0] == module
+
+    @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+    def test_run_loop_returns_while_its_executor_still_works(self, loop: str) -> None:
+        """asyncio.Runner joined the default executor's threads when the loop closed (no timeout on 3.11):
+        a job that never ended kept run_loop, and so the process, from ever returning."""
+        if loop == "uvloop":
+            pytest.importorskip("uvloop", reason="uvloop is not built for this platform")
+        stuck = _Stuck()
+
+        async def main() -> str:
+            asyncio.get_running_loop().run_in_executor(None, stuck.job)
+            await asyncio.to_thread(stuck.started.acquire)  # the stuck job runs
+            return "done"
+
+        returned: list[str] = []
+        runner = threading.Thread(target=lambda: returned.append(run_loop(main(), loop)), daemon=True)
+        runner.start()
+        try:
+            runner.join(WAIT)
+            assert returned == ["done"]
+        finally:
+            stuck.gate.set()
+            runner.join(WAIT)
+
+    def test_models_close_while_every_executor_thread_is_stuck(self) -> None:
+        """The shutdown closed the models on the loop's default executor, behind whatever work filled it
+        (large decodes of requests cut off): the models were never closed and run() never returned."""
+        predictor = Predictor.from_callable(lambda x: x, inputs=[TensorSpec("x", np.float32, (None, 4))], name="m")
+        server = InferenceServer(Repository({"m": predictor}), port=0, grpc_port=None, grace=0.2)
+        stuck = _Stuck()
+
+        def fill(_: InferenceServer) -> None:
+            loop = asyncio.get_running_loop()
+            for _ in range(64):  # more than any default executor's threads
+                loop.run_in_executor(None, stuck.job)
+
+        runner = threading.Thread(target=run_loop, args=(server.run(on_start=fill),), daemon=True)
+        runner.start()
+        try:
+            assert server.started.wait(WAIT)
+            assert stuck.started.acquire(timeout=WAIT)  # the executor's threads are stuck
+            server.stop()
+            runner.join(WAIT)
+            assert not runner.is_alive()
+            assert predictor.state.value == "closed"
+        finally:
+            stuck.gate.set()
+            runner.join(WAIT)
+            predictor.close(WAIT)
 
     def test_an_unknown_loop_is_refused(self) -> None:
         """A loop name outside LOOPS fails at construction, naming the choices."""
