@@ -52,6 +52,21 @@ class TestWorkers:
             workers.shutdown()
         _until(lambda: not _named("t-reuse"), "the idle threads to end")
 
+    def test_idle_threads_end_and_new_ones_start_for_later_jobs(self) -> None:
+        """A burst's threads end once idle for idle_s, without a shutdown; a later job gets a new one."""
+        workers = Workers(4, "t-idle", idle_s=0.05)
+        try:
+            gate = threading.Event()
+            burst = [workers.submit(gate.wait, WAIT) for _ in range(4)]
+            _until(lambda: len(_named("t-idle")) == 4, "four threads for four blocked jobs")
+            gate.set()
+            assert all(f.result(WAIT) for f in burst)
+            _until(lambda: not _named("t-idle"), "the idle threads to end")
+            assert workers.submit(threading.current_thread).result(WAIT).name == "t-idle_5"
+        finally:
+            workers.shutdown()
+        _until(lambda: not _named("t-idle"), "the last thread to end")
+
     def test_shutdown_returns_while_a_job_runs_and_the_thread_ends_after_it(self) -> None:
         """shutdown(wait=True), as asyncio calls it, does not wait for a job still running."""
         workers = Workers(2, "t-running")
@@ -84,9 +99,11 @@ class TestWorkers:
         assert running.result(WAIT) is True
         _until(lambda: not _named("t-cancel"), "the thread to end")
 
-    def test_submits_racing_a_shutdown_each_run_or_are_refused(self) -> None:
-        """From many threads at once: every accepted job runs, every other is refused; no thread is left."""
-        workers = Workers(4, "t-race")
+    @pytest.mark.parametrize("idle_s", [2.0, 0.001])
+    def test_submits_racing_a_shutdown_each_run_or_are_refused(self, idle_s: float) -> None:
+        """From many threads at once, with threads ending as idle meanwhile: every accepted job runs,
+        every other is refused; no thread is left."""
+        workers = Workers(4, "t-race", idle_s=idle_s)
         accepted: list[Future[int]] = []
         refused: list[RuntimeError] = []
         lock = threading.Lock()

@@ -9,6 +9,7 @@ have been answered or cut off by then.
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import threading
@@ -27,18 +28,21 @@ class Workers(ThreadPoolExecutor):
 
     A :class:`~concurrent.futures.ThreadPoolExecutor` only because event loops take no other kind
     as their default executor: :meth:`submit` and :meth:`shutdown` are its own, and its threads
-    are not the stdlib's (not joined at exit). ``max_workers`` defaults as asyncio's does.
-    Thread-safe. Idle threads wait for work until :meth:`shutdown`, then end.
+    are not the stdlib's (not joined at exit). ``max_workers`` defaults as asyncio's does. A
+    thread idle for ``idle_s`` seconds ends (a burst of large requests leaves none behind), and
+    every thread ends at :meth:`shutdown` once the jobs queued before it are run. Thread-safe.
     """
 
-    def __init__(self, max_workers: int | None = None, name: str = "inferkit-worker") -> None:
+    def __init__(self, max_workers: int | None = None, name: str = "inferkit-worker", idle_s: float = 2.0) -> None:
         if max_workers is None:
             max_workers = min(32, (os.cpu_count() or 1) + 4)
         super().__init__(max_workers, name)  # its checks (ValueError below 1); starts nothing
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()  # None: a thread ends and passes it on
-        self._idle = threading.Semaphore(0)  # one per thread back from a job, taken by the next submit
+        self._idle_s = idle_s
         self._guard = threading.Lock()
-        self._started = 0
+        self._idle = 0  # threads waiting for a job, less the jobs queued for them (negative: jobs wait)
+        self._started = 0  # threads started and not ended
+        self._numbers = itertools.count(1)  # names threads
         self._closed = False
 
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
@@ -52,14 +56,28 @@ class Workers(ThreadPoolExecutor):
                 msg = "cannot schedule new futures after shutdown"
                 raise RuntimeError(msg)
             self._jobs.put((future, fn, args, kwargs))
-            if not self._idle.acquire(blocking=False) and self._started < self._max_workers:
+            self._idle -= 1
+            if self._idle < 0 and self._started < self._max_workers:
+                self._idle += 1
                 self._started += 1
-                name = f"{self._thread_name_prefix}_{self._started}"
+                name = f"{self._thread_name_prefix}_{next(self._numbers)}"
                 threading.Thread(target=self._work, name=name, daemon=True).start()
         return future
 
     def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=self._idle_s)
+            except queue.Empty:
+                with self._guard:
+                    if self._idle > 0:  # more threads wait than jobs are queued: one may go
+                        self._idle -= 1
+                        self._started -= 1
+                        return
+                continue
+            if job is None:
+                self._jobs.put(None)  # for the next thread
+                return
             future, fn, args, kwargs = job
             if future.set_running_or_notify_cancel():
                 try:
@@ -67,8 +85,8 @@ class Workers(ThreadPoolExecutor):
                 except BaseException as error:  # noqa: BLE001 (the awaiting caller's to see, as the stdlib pool does)
                     future.set_exception(error)
             del job, future, fn, args, kwargs  # an idle thread holds nothing of its last job
-            self._idle.release()
-        self._jobs.put(None)  # for the next thread
+            with self._guard:
+                self._idle += 1
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:  # noqa: ARG002
         """Refuse new work and return at once (``wait`` is ignored): threads end once the queued jobs are run.
