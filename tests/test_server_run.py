@@ -51,6 +51,37 @@ def _model(path: Path, scale: float = 2.0) -> Path:
     return path
 
 
+def _spinning(path: Path) -> Path:
+    """An ONNX model y = x after looping max(n) times: a call runs as long as its request asks."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c_in"], ["c_out"]), helper.make_node("Identity", ["v_in"], ["v_out"])],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None),
+        ],
+        [
+            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None),
+        ],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMax", ["n"], ["m"], keepdims=0),
+            helper.make_node("Loop", ["m", "", "x"], ["y"], body=body),
+        ],
+        "spin",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("n", TensorProto.INT64, ["N", 1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+    return path
+
+
 def _infer_json(client: httpx.Client, port: int, model: str, x: np.ndarray, **headers: str) -> httpx.Response:
     body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
     return client.post(f"http://127.0.0.1:{port}/v2/models/{model}/infer", json=body, headers=headers)
@@ -466,6 +497,49 @@ class TestCli:
                 assert g.is_model_ready("scale")
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(WAIT) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(WAIT)
+            if proc.stderr is not None:
+                proc.stderr.close()
+
+    def test_a_model_call_that_never_returns_ends_in_exit_0(self, tmp_path: Path) -> None:
+        """A request whose model call never returns (a loop count the client chose) was cut off at the
+        grace period, then the interpreter finalized under the call still in ONNX Runtime: the process
+        aborted ("terminate called without an active exception", exit -6 and a core dump), not exit 0."""
+        proc, port, _ = _start_cli(str(_spinning(tmp_path / "spin.onnx")), "--grace", "0.2")
+        body = {
+            "inputs": [
+                {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]},
+                {"name": "n", "shape": [1, 1], "datatype": "INT64", "data": [2**62]},
+            ]
+        }
+        answers: list[object] = []
+
+        def ask() -> None:
+            try:
+                answers.append(httpx.post(f"http://127.0.0.1:{port}/v2/models/spin/infer", json=body, timeout=WAIT))
+            except httpx.HTTPError as error:  # cut off by the shutdown
+                answers.append(error)
+
+        client = threading.Thread(target=ask)
+        try:
+            with httpx.Client(timeout=WAIT) as c:
+                client.start()
+                deadline = time.monotonic() + WAIT  # until the model call runs (not while it is queued)
+                while True:
+                    (stats,) = c.get(f"http://127.0.0.1:{port}/v2/status").json()["models"][0]["predictors"]
+                    if stats["accepted"] == 1 and stats["queue_depth"] == 0:
+                        break
+                    assert time.monotonic() < deadline, "the request never reached the model"
+                    time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(WAIT) == 0
+            assert proc.stderr is not None
+            assert "failed=1" in proc.stderr.read()  # the cut-off request
+            client.join(WAIT)
+            assert len(answers) == 1
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -993,6 +1067,18 @@ class TestMixedClients:
         assert any((b > 0).any() and (b < 0).any() for b in batches)
 
 
+class _Stuck:
+    """Executor jobs that block until released: work a shutdown can never wait out."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.started = threading.Semaphore(0)
+
+    def job(self) -> None:
+        self.started.release()
+        self.gate.wait(WAIT * 4)
+
+
 class TestLoop:
     """The event loop the server runs on."""
 
@@ -1006,6 +1092,55 @@ class TestLoop:
             return type(asyncio.get_running_loop()).__module__
 
         assert run_loop(which(), loop).split(".")[0] == module
+
+    @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+    def test_run_loop_returns_while_its_executor_still_works(self, loop: str) -> None:
+        """asyncio.Runner joined the default executor's threads when the loop closed (no timeout on 3.11):
+        a job that never ended kept run_loop, and so the process, from ever returning."""
+        if loop == "uvloop":
+            pytest.importorskip("uvloop", reason="uvloop is not built for this platform")
+        stuck = _Stuck()
+
+        async def main() -> str:
+            asyncio.get_running_loop().run_in_executor(None, stuck.job)
+            await asyncio.to_thread(stuck.started.acquire)  # the stuck job runs
+            return "done"
+
+        returned: list[str] = []
+        runner = threading.Thread(target=lambda: returned.append(run_loop(main(), loop)), daemon=True)
+        runner.start()
+        try:
+            runner.join(WAIT)
+            assert returned == ["done"]
+        finally:
+            stuck.gate.set()
+            runner.join(WAIT)
+
+    def test_models_close_while_every_executor_thread_is_stuck(self) -> None:
+        """The shutdown closed the models on the loop's default executor, behind whatever work filled it
+        (large decodes of requests cut off): the models were never closed and run() never returned."""
+        predictor = Predictor.from_callable(lambda x: x, inputs=[TensorSpec("x", np.float32, (None, 4))], name="m")
+        server = InferenceServer(Repository({"m": predictor}), port=0, grpc_port=None, grace=0.2)
+        stuck = _Stuck()
+
+        def fill(_: InferenceServer) -> None:
+            loop = asyncio.get_running_loop()
+            for _ in range(64):  # more than any default executor's threads
+                loop.run_in_executor(None, stuck.job)
+
+        runner = threading.Thread(target=run_loop, args=(server.run(on_start=fill),), daemon=True)
+        runner.start()
+        try:
+            assert server.started.wait(WAIT)
+            assert stuck.started.acquire(timeout=WAIT)  # the executor's threads are stuck
+            server.stop()
+            runner.join(WAIT)
+            assert not runner.is_alive()
+            assert predictor.state.value == "closed"
+        finally:
+            stuck.gate.set()
+            runner.join(WAIT)
+            predictor.close(WAIT)
 
     def test_an_unknown_loop_is_refused(self) -> None:
         """A loop name outside LOOPS fails at construction, naming the choices."""

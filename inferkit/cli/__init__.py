@@ -31,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status.
+
+    ``serve`` returns only when it cannot serve: once it has served and shut down, it ends the
+    process itself (``os._exit``), so that no thread still running holds up the exit.
+    """
     args = _parser().parse_args(argv)
     return _COMMANDS[args.command](args)
 

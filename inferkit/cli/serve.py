@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import attrs
 
@@ -310,8 +313,28 @@ def _serve(args: argparse.Namespace) -> int:
     return _run(server, args.trace)
 
 
+def _exit(code: int) -> NoReturn:
+    """End the process now that the shutdown is done: servers stopped, models closed, spans exported.
+
+    A normal exit would first wait for every thread still running (the decode of a request cut
+    off at the end of the grace period, a model call that never returns), then collect the
+    garbage of that dead work (seconds over millions of decoded objects), and finalize the
+    interpreter under a model call still in ONNX Runtime, which aborts the process. Only the
+    command does this: a host embedding :func:`~inferkit.server.run.serve` owns its process.
+    """
+    logging.shutdown()  # flushes the handler configure() installed
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
+                stream.flush()
+    os._exit(code)
+
+
 def _run(server: InferenceServer, trace: str) -> int:
-    """Serve until SIGTERM or SIGINT with ``--trace``'s instrumentation; print the final counters."""
+    """Serve until SIGTERM or SIGINT with ``--trace``'s instrumentation; print the final counters and exit.
+
+    Returns only when it could not serve (exit status 2); after serving it ends the process (:func:`_exit`).
+    """
     from inferkit.server.run import run_loop  # noqa: PLC0415 (the server extra)
 
     repository = server.repository
@@ -337,7 +360,7 @@ def _run(server: InferenceServer, trace: str) -> int:
             file=sys.stderr,
             flush=True,
         )
-    return 0
+    _exit(0)
 
 
 def _tracing(kind: str) -> Callable[[], None]:

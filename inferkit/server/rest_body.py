@@ -10,7 +10,6 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from inferkit.errors import ClientDisconnected, RequestTooLarge, UnsupportedEncoding
@@ -103,8 +102,8 @@ class Bodies:
             raise self._too_much_json(json_bytes)
         hold = Hold(self.budget, "decoding this request")
         hold.take(len(body) * BINARY_COST_PER_BYTE + json_bytes * (JSON_COST_PER_BYTE - BINARY_COST_PER_BYTE))
-        try:  # a REST handler is cancelled only by a forced shutdown, so the hold lasts as long as the work
-            return await run_in_threadpool(decode_request, body, header_length, hold.take)
+        try:  # the loop's executor, not anyio's threads (joined at exit): a forced shutdown leaves it behind
+            return await hold.offload(decode_request, body, header_length, hold.take)
         finally:
             hold.release()
 
@@ -116,7 +115,7 @@ class Bodies:
         hold = Hold(self.budget, "encoding the answer (ask for binary outputs: parameters.binary_data_output)")
         hold.take(cost)
         try:
-            return await run_in_threadpool(encode_response, model, request, result)
+            return await hold.offload(encode_response, model, request, result)
         finally:
             hold.release()
 
@@ -164,9 +163,7 @@ class Bodies:
             hold = Hold(self.budget, f"inflating a {encoding} body (at most max_request_bytes)")
             hold.take(self.limit)  # all it may inflate to, before inflating it
             try:
-                rest = await run_in_threadpool(
-                    _inflate, inflater, inflater.unconsumed_tail, limit + 1 - len(out), encoding
-                )
+                rest = await hold.offload(_inflate, inflater, inflater.unconsumed_tail, limit + 1 - len(out), encoding)
             finally:
                 hold.release()
             out += rest

@@ -27,6 +27,7 @@ from inferkit.server.metrics import Metrics
 from inferkit.server.repository import Repository
 from inferkit.server.rest import create_app
 from inferkit.server.sockets import endpoint, listen, loopback, raise_open_file_limit
+from inferkit.server.workers import Workers
 
 __all__ = ["LOOPS", "InferenceServer", "loopback", "raise_open_file_limit", "run_loop", "serve"]
 
@@ -348,7 +349,11 @@ class InferenceServer:
             if stop.done() and not stop.cancelled() and stop.exception() is not None:
                 raise stop.exception()  # type: ignore[misc]
         left = max(0.0, deadline - loop.time())
-        await loop.run_in_executor(None, self.repository.close, left)
+        closer = Workers(1, "inferkit-server-close")  # not queued behind the decodes of requests cut off
+        try:
+            await loop.run_in_executor(closer, self.repository.close, left)
+        finally:
+            closer.shutdown()
         self.request_log.close()
 
     def stop(self) -> None:
@@ -395,7 +400,11 @@ def serve(
 
 
 def run_loop(main: Coroutine[Any, Any, T], loop: str = "auto") -> T:
-    """Run ``main`` to completion on a new event loop: uvloop with ``"auto"`` when it is installed."""
+    """Run ``main`` to completion on a new event loop: uvloop with ``"auto"`` when it is installed.
+
+    Its default executor is a :class:`~inferkit.server.workers.Workers`: work still running there when
+    ``main`` ends (the decode of a request cut off) holds up neither the loop's close nor the exit.
+    """
     factory = None
     if loop != "asyncio":
         try:
@@ -406,4 +415,5 @@ def run_loop(main: Coroutine[Any, Any, T], loop: str = "auto") -> T:
         else:
             factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
+        runner.get_loop().set_default_executor(Workers())
         return runner.run(main)
