@@ -372,6 +372,15 @@ def _start_cli(
     return proc, int(found.group(1)), int(found.group(2))
 
 
+def _reap(proc: subprocess.Popen[str]) -> None:
+    """Kill the CLI's process if it still runs, and close its stderr pipe."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(WAIT)
+    if proc.stderr is not None:
+        proc.stderr.close()
+
+
 class TestCli:
     """``inferkit serve`` as a real process."""
 
@@ -474,11 +483,7 @@ class TestCli:
             tail = proc.stderr.read()
         finally:
             stop.set()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(WAIT)
-            if proc.stderr is not None:
-                proc.stderr.close()
+            _reap(proc)
         found = re.search(r"accepted=(\d+) completed=(\d+) failed=(\d+) cancelled=(\d+) in_flight=(\d+)", tail)
         assert found is not None, tail
         accepted, completed, failed, cancelled, in_flight = map(int, found.groups())
@@ -498,11 +503,7 @@ class TestCli:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(WAIT) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(WAIT)
-            if proc.stderr is not None:
-                proc.stderr.close()
+            _reap(proc)
 
     def test_a_model_call_that_never_returns_ends_in_exit_0(self, tmp_path: Path) -> None:
         """A request whose model call never returns (a loop count the client chose) was cut off at the
@@ -541,11 +542,7 @@ class TestCli:
             client.join(WAIT)
             assert len(answers) == 1
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(WAIT)
-            if proc.stderr is not None:
-                proc.stderr.close()
+            _reap(proc)
 
     @pytest.mark.parametrize(
         ("args", "message"),
@@ -1362,11 +1359,7 @@ class TestOpenFiles:
         finally:
             for sock in idle:
                 sock.close()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(WAIT)
-            if proc.stderr is not None:
-                proc.stderr.close()
+            _reap(proc)
 
 
 class TestGrpcConnections:

@@ -20,6 +20,15 @@ def _named(name: str) -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(name)]
 
 
+def _running(workers: Workers) -> tuple[threading.Event, Future[bool]]:
+    """A job started on ``workers`` and blocked until the returned gate is set (its result: True)."""
+    gate = threading.Event()
+    started = threading.Event()
+    running = workers.submit(lambda: (started.set(), gate.wait(WAIT))[1])
+    assert started.wait(WAIT)
+    return gate, running
+
+
 def _until(condition: Callable[[], bool], what: str) -> None:
     """Wait (bounded) for what other threads make true."""
     deadline = time.monotonic() + WAIT
@@ -70,10 +79,7 @@ class TestWorkers:
     def test_shutdown_returns_while_a_job_runs_and_the_thread_ends_after_it(self) -> None:
         """shutdown(wait=True), as asyncio calls it, does not wait for a job still running."""
         workers = Workers(2, "t-running")
-        gate = threading.Event()
-        started = threading.Event()
-        running = workers.submit(lambda: (started.set(), gate.wait(WAIT))[1])
-        assert started.wait(WAIT)
+        gate, running = _running(workers)
         workers.shutdown(wait=True)  # returns: the job is still blocked on the gate
         assert running.running()
         with pytest.raises(RuntimeError, match="after shutdown"):
@@ -85,10 +91,7 @@ class TestWorkers:
     def test_cancel_futures_cancels_the_queued_jobs_only(self) -> None:
         """cancel_futures cancels what no thread has started; the running job finishes; shutdown is idempotent."""
         workers = Workers(1, "t-cancel")
-        gate = threading.Event()
-        started = threading.Event()
-        running = workers.submit(lambda: (started.set(), gate.wait(WAIT))[1])
-        assert started.wait(WAIT)
+        gate, running = _running(workers)
         queued = [workers.submit(lambda: "ran") for _ in range(3)]
         workers.shutdown()
         workers.shutdown(cancel_futures=True)  # a second call, after the first queued the end marker

@@ -41,8 +41,9 @@ class ConnectionLimits:
     ``max_connections``             open HTTP connections; past it the oldest idle one is
                                     closed, or the new one gets 503 when none is idle. ``None``:
                                     half the open-file limit, at most 10,000
-    ``grpc_max_connections``        open gRPC connections (all listeners together); past it a
-                                    new one is closed as it is accepted (the client sees
+    ``grpc_max_connections``        open gRPC connections, shared out among the listeners
+                                    (each takes its share, rounded up); past its share a
+                                    listener closes a new one as it accepts it (the client sees
                                     UNAVAILABLE). ``None``: a quarter of the open-file limit,
                                     at most 10,000
     ``grpc_idle_s``                 seconds a gRPC connection without calls stays open (at
