@@ -18,6 +18,7 @@ import attrs
 
 from inferkit import events
 from inferkit._bridge import await_future
+from inferkit._closing import close_all
 from inferkit._ledger import InForce, Ledger
 from inferkit._served import key_id as _key_id
 from inferkit.arrays import copied
@@ -354,25 +355,21 @@ class Router:
         return RouterStats(routed, arms, shadow, repr(self._ledger.in_force.policy), self._ledger.policy_errors)
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop routing, hand the queued shadow work over, then let every arm drain and stop, all within ``timeout``."""
+        """Stop routing, hand the queued shadow work over, then let every arm drain and stop, all within ``timeout``.
+
+        A Ctrl-C while an arm drains is raised at once, the arms after it closed without waiting
+        (:func:`~inferkit._closing.close_all`); closing again finishes what it left.
+        """
         if self._shut:
             return
         self._closed = True  # routes refused from now on; ``_shut`` once every part closed (a retry finishes)
-        end = None if timeout is None else time.monotonic() + timeout
         canary = find_canary(self._ledger.in_force.policy)
         steps: list[Callable[..., object]] = [lambda _: self._ledger.close(), self._shadow.close]
         if canary is not None:
             steps.append(lambda _: canary.close())  # a shared store's follower thread
         arms = {id(p): p for p in self._arms.values()}.values()  # an arm listed twice is closed once
         steps.extend(arm.close for arm in arms)  # each drains meanwhile: the last ones closed need less time
-        errors: list[BaseException] = []
-        for step in steps:  # one arm failing to close must not leave the others open
-            try:
-                step(None if end is None else max(0.0, end - time.monotonic()))
-            except BaseException as error:  # noqa: BLE001 (raised below, once every part is closed)
-                errors.append(error)
-        if errors:
-            raise errors[0]
+        close_all(steps, timeout)  # one arm failing to close must not leave the others open
         self._shut = True
 
     def __enter__(self) -> Self:

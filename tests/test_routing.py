@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -555,6 +556,37 @@ class TestPolicyProtocol:
         gate.set()
         assert 1.0 <= took < 1.8, took
         assert all(isinstance(f.exception(WAIT), Closed) for f in futures)
+
+    def test_ctrl_c_while_an_arm_drains_is_raised_at_once(self) -> None:
+        """``close(None)`` caught a ``KeyboardInterrupt`` as an arm's failure to close and drained every later arm
+        first (with a hung arm, never raised). Now it is raised at once, the later arms closed without waiting."""
+        gate = threading.Event()
+        entered = threading.Semaphore(0)
+        returned: list[str] = []
+
+        def hung(a: np.ndarray) -> np.ndarray:
+            entered.release()
+            gate.wait(WAIT)
+            returned.append("call")
+            return a
+
+        r = Router({"a": Predictor.from_callable(hung), "b": Predictor.from_callable(hung)}, ABTest({"a": 1, "b": 1}))
+        futures = [r.submit(x(1), key=key) for key in range(20)]
+        assert {f.arm for f in futures} == {"a", "b"}
+        for _ in range(2):  # both arms hang
+            assert entered.acquire(timeout=WAIT)
+        interrupt = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+        interrupt.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                r.close(None)
+            assert returned == []  # raised while both calls still ran (before: after they had returned)
+            assert r.arms["b"].state.value == "closed"
+        finally:
+            interrupt.cancel()
+            gate.set()
+            r.close(WAIT)  # not shut by the interrupted close: this one finishes it
+        assert all(isinstance(f.exception(WAIT), Closed) for f in futures if f.arm == "b")
 
     def test_a_clock_stepping_back_never_costs_a_caller_its_answer(self) -> None:
         """A clock read lower after the call than before made a negative latency that the arm's

@@ -11,9 +11,7 @@ that was unloaded, ``Request for unknown model: 'm' has no available versions``.
 
 from __future__ import annotations
 
-import contextlib
 import threading
-import time
 from collections.abc import Hashable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any
@@ -22,6 +20,7 @@ import attrs
 import numpy as np
 
 from inferkit._bridge import await_future
+from inferkit._closing import close_all
 from inferkit.errors import Closed, InferkitError, ModelNotFound
 from inferkit.predictor import Predictor
 from inferkit.routing import Predictive, RoutedFuture, Router, ready_of, signature_of
@@ -369,25 +368,9 @@ class Repository:
         at once: the models after it are closed without waiting (``timeout=0``: what they still
         run or hold ends in ``Closed``), never left to drain one after another first.
         """
-        end = None if timeout is None else time.monotonic() + timeout
         with self._write:
             self._closed = True
-        errors: list[Exception] = []
-        targets = self._targets()
-        for i, target in enumerate(targets):
-            try:
-                target.close(None if end is None else max(0.0, end - time.monotonic()))
-            except Exception as error:  # noqa: BLE001 (raised below, once every model is closed)
-                errors.append(error)
-            except BaseException:
-                for rest in targets[i + 1 :]:
-                    with contextlib.suppress(Exception):
-                        rest.close(0.0)
-                raise
-        if errors:
-            for other in errors[1:]:
-                errors[0].add_note(f"closing another model failed too: {type(other).__name__}: {other}")
-            raise errors[0]
+        close_all([target.close for target in self._targets()], timeout)
 
 
 def _refused_or(
