@@ -38,6 +38,7 @@ from inferkit import (
     Policy,
     Predictor,
     Route,
+    RoutedFuture,
     Router,
     Shadow,
     TensorSpec,
@@ -397,6 +398,25 @@ class Sticky:
         return (self.inner,)
 
 
+def _hung_router(gate: threading.Event, returned: list[str]) -> tuple[Router, list[RoutedFuture]]:
+    """An A/B router of two arms whose model calls hang until ``gate`` (each logs into ``returned`` as it
+    returns), with 20 requests submitted and both arms' calls running."""
+    entered = threading.Semaphore(0)
+
+    def hung(a: np.ndarray) -> np.ndarray:
+        entered.release()
+        gate.wait(WAIT)
+        returned.append("call")
+        return a
+
+    r = Router({"a": Predictor.from_callable(hung), "b": Predictor.from_callable(hung)}, ABTest({"a": 1, "b": 1}))
+    futures = [r.submit(x(1), key=key) for key in range(20)]
+    assert {f.arm for f in futures} == {"a", "b"}
+    for _ in range(2):  # both arms hang
+        assert entered.acquire(timeout=WAIT)
+    return r, futures
+
+
 class TestPolicyProtocol:
     """What the router needs from a policy is declared: its children and whether it observes."""
 
@@ -538,18 +558,7 @@ class TestPolicyProtocol:
         """Each arm was closed with the whole ``timeout``: two hung arms took twice as long. Now one deadline bounds
         the router's close; what still runs then ends in Closed."""
         gate = threading.Event()
-        entered = threading.Semaphore(0)
-
-        def hung(a: np.ndarray) -> np.ndarray:
-            entered.release()
-            assert gate.wait(WAIT)
-            return a
-
-        r = Router({"a": Predictor.from_callable(hung), "b": Predictor.from_callable(hung)}, ABTest({"a": 1, "b": 1}))
-        futures = [r.submit(x(1), key=key) for key in range(20)]
-        assert {f.arm for f in futures} == {"a", "b"}
-        for _ in range(2):  # both arms hang
-            assert entered.acquire(timeout=WAIT)
+        r, futures = _hung_router(gate, [])
         start = time.monotonic()
         r.close(1.0)
         took = time.monotonic() - start
@@ -561,20 +570,8 @@ class TestPolicyProtocol:
         """``close(None)`` caught a ``KeyboardInterrupt`` as an arm's failure to close and drained every later arm
         first (with a hung arm, never raised). Now it is raised at once, the later arms closed without waiting."""
         gate = threading.Event()
-        entered = threading.Semaphore(0)
         returned: list[str] = []
-
-        def hung(a: np.ndarray) -> np.ndarray:
-            entered.release()
-            gate.wait(WAIT)
-            returned.append("call")
-            return a
-
-        r = Router({"a": Predictor.from_callable(hung), "b": Predictor.from_callable(hung)}, ABTest({"a": 1, "b": 1}))
-        futures = [r.submit(x(1), key=key) for key in range(20)]
-        assert {f.arm for f in futures} == {"a", "b"}
-        for _ in range(2):  # both arms hang
-            assert entered.acquire(timeout=WAIT)
+        r, futures = _hung_router(gate, returned)
         interrupt = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
         interrupt.start()
         try:
