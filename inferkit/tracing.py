@@ -186,10 +186,10 @@ class _Tracer:
         """The open spans of failed requests queued again for another replica: left open, with an event saying so."""
         if not request_ids:
             return []
-        with self._lock:
+        with self._lock:  # under it: a span another thread's event takes (and ends) is no longer pending
             again = [p for i in request_ids if (p := self._pending.get(i)) is not None]
-        for pending in again:
-            pending.span.add_event("inferkit.retry", {"inferkit.replica": replica}, timestamp=now)
+            for pending in again:
+                pending.span.add_event("inferkit.retry", {"inferkit.replica": replica}, timestamp=now)
         return again
 
     def _expired(self, event: RequestsExpired) -> None:

@@ -706,6 +706,42 @@ class TestFailures:
         assert _balanced(p.stats())
         model.release.set()
 
+    def test_close_with_a_request_queued_for_its_retry_logs_nothing(self, caplog: pytest.LogCaptureFixture) -> None:
+        """A request whose batch failed, queued for its retry behind a busy replica (its future RUNNING), was
+        failed by close(0) through the "tell wait() it was cancelled" step, and concurrent.futures logged a
+        CRITICAL "in unexpected state: RUNNING" into the host's logging. Now only unstarted futures take it."""
+        gate, busy = threading.Event(), threading.Event()
+        calls = itertools.count(1)
+
+        def model(x: np.ndarray) -> np.ndarray:
+            n = next(calls)
+            if n == 1:  # holds one replica
+                busy.set()
+                gate.wait(WAIT)
+            elif n == 2:  # the request's first try, on the other replica
+                msg = "fails on its first try"
+                raise RuntimeError(msg)
+            return x
+
+        p = Predictor.from_callable(model, inputs=[TensorSpec("x", np.float32, (None, 4))], replicas=2)
+        try:
+            blocker = p.submit(np.ones((1, 4), np.float32))
+            assert busy.wait(WAIT)
+            retried = p.submit(np.ones((1, 4), np.float32))
+            deadline = time.monotonic() + WAIT
+            while p.stats().retried < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert p.stats().retried == 1
+            with caplog.at_level("CRITICAL", logger="concurrent.futures"):
+                p.close(0)
+            with pytest.raises(Closed):
+                retried.result(WAIT)
+            assert [r.getMessage() for r in caplog.records if r.name == "concurrent.futures"] == []
+        finally:
+            gate.set()
+            p.close(WAIT)
+        blocker.exception(WAIT)
+
     def test_close_returns_within_its_timeout_whatever_hangs(self) -> None:
         """Each hung worker was joined for a whole ``timeout`` after the queue's: close(1) with two replicas hung
         took 3 s. Now one deadline bounds it all; what still runs then ends in Closed."""

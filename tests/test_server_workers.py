@@ -148,3 +148,28 @@ def test_max_workers_is_checked_and_one_thread_does_every_job() -> None:
     finally:
         workers.shutdown()
     _until(lambda: not _named("t-one"), "the thread to end")
+
+
+def test_a_thread_that_cannot_start_refuses_its_job_and_the_next_one_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed thread start (out of threads or memory) left the thread counted and its job queued: with one
+    worker, every later job waited forever, and a retried job could run twice. Now the job is refused
+    (cancelled) and the next submit starts a thread that runs only the next job."""
+    workers = Workers(1, "t-nostart")
+    start = threading.Thread.start
+    failures = iter([RuntimeError("can't start new thread")])
+
+    def failing_start(thread: threading.Thread) -> None:
+        if thread.name.startswith("t-nostart") and (error := next(failures, None)) is not None:
+            raise error
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", failing_start)
+    ran: list[str] = []
+    try:
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            workers.submit(ran.append, "refused")
+        assert workers.submit(ran.append, "next").result(WAIT) is None
+        assert ran == ["next"]
+    finally:
+        workers.shutdown()
+    _until(lambda: not _named("t-nostart"), "the thread to end")

@@ -127,7 +127,7 @@ class Lifecycle:
             for _, _, req in lane.heap:
                 if req.state is QUEUED:
                     lane.unqueue(req)
-                    if req.future is not None and req.parent is None:
+                    if req.future is not None and req.parent is None and req.avoid is None:  # a retry's future runs
                         notify_cancelled(req.future)
                     queued.append(req)
             lane.heap.clear()

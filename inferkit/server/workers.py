@@ -61,7 +61,13 @@ class Workers(ThreadPoolExecutor):
                 self._idle += 1
                 self._started += 1
                 name = f"{self._thread_name_prefix}_{next(self._numbers)}"
-                threading.Thread(target=self._work, name=name, daemon=True).start()
+                try:
+                    threading.Thread(target=self._work, name=name, daemon=True).start()
+                except BaseException:  # no thread (out of threads or memory): the job is refused, not run later
+                    self._idle -= 1
+                    self._started -= 1
+                    future.cancel()  # it stays queued (and counted) until a thread skips it
+                    raise
         return future
 
     def _work(self) -> None:
