@@ -34,8 +34,7 @@ def raise_open_file_limit() -> int | None:
     if soft != resource.RLIM_INFINITY and soft < target:
         with contextlib.suppress(ValueError, OSError):  # e.g. macOS caps it below an unlimited hard limit
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-    return None if soft == resource.RLIM_INFINITY else soft
+    return open_file_limit()
 
 
 def loopback(host: str) -> bool:
