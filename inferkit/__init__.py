@@ -40,10 +40,10 @@ from inferkit.errors import (
     Unauthenticated,
     UnsupportedEncoding,
 )
+from inferkit.event_log import LogObserver
 from inferkit.events import (
     BatchDone,
     Event,
-    LogObserver,
     Observer,
     ReplicaEjected,
     ReplicaReplaced,

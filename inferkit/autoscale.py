@@ -20,7 +20,8 @@ from typing import Self
 import attrs
 
 from inferkit._validators import fraction, integer, number
-from inferkit.events import Event, LogObserver, Observer, deliver
+from inferkit.event_log import LogObserver
+from inferkit.events import Event, Observer, deliver
 from inferkit.pool import LIVE_STATES
 from inferkit.predictor import Predictor, State
 from inferkit.stats import Stats

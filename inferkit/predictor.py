@@ -21,7 +21,8 @@ from inferkit.backends.base import Backend, BackendFactory
 from inferkit.batching import BatchConfig, Batcher, Request, RequestFuture
 from inferkit.batching.request import level_of, seconds_of
 from inferkit.errors import DeadlineExceeded, InferkitError
-from inferkit.events import Event, LogObserver, Observer, StateChanged, deliver, new_request_id
+from inferkit.event_log import LogObserver
+from inferkit.events import Event, Observer, StateChanged, deliver, new_request_id
 from inferkit.pool import PoolConfig
 from inferkit.signature import Signature, normalize_untyped
 from inferkit.stats import Stats

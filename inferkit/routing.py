@@ -24,7 +24,8 @@ from inferkit._served import key_id as _key_id
 from inferkit.arrays import copied
 from inferkit.batching import notify_cancelled
 from inferkit.errors import Closed
-from inferkit.events import Event, LogObserver, Observer, Routed, deliver
+from inferkit.event_log import LogObserver
+from inferkit.events import Event, Observer, Routed, deliver
 from inferkit.experiments import Report
 from inferkit.policies import ABTest, Canary, Policy, Route, find_canary, observes_of
 from inferkit.predictive import Predictive, ready_of, signature_of

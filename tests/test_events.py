@@ -490,7 +490,7 @@ class TestLogObserver:
 
     def test_plain_lines_quote_what_would_run_fields_together(self) -> None:
         """A tuple's spaces ran its fields together; a control character reached the handler raw."""
-        line = inferkit.events.plain(None, "info", {"event": "E", "ids": (1, 2), "name": "m\x1b[31m", "ok": "w"})
+        line = inferkit.event_log.plain(None, "info", {"event": "E", "ids": (1, 2), "name": "m\x1b[31m", "ok": "w"})
         assert line == "E ids='(1, 2)' name='m\\x1b[31m' ok=w"
 
     def test_silent_when_logging_is_not_configured(self) -> None:

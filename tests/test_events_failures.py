@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from inferkit import BatchDone, LogObserver, Predictor, events
-from inferkit.events import MESSAGES_PER_PLACE, ModelFailed, Submitted, new_request_id, tap, untap
+from inferkit.event_log import MESSAGES_PER_PLACE
+from inferkit.events import ModelFailed, Submitted, new_request_id, tap, untap
 from inferkit.testing import RecordingObserver
 
 WAIT_S = 10.0

@@ -9,8 +9,8 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Coroutine, Iterator, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import attrs
 import uvicorn
@@ -23,6 +23,7 @@ from inferkit.server.grpc import DEFAULT_LISTENERS, GrpcServer, create_server
 from inferkit.server.lifecycle import Lifecycle
 from inferkit.server.limits import ConnectionLimits
 from inferkit.server.logs import RequestLog
+from inferkit.server.loops import LOOPS, known_loop, run_loop
 from inferkit.server.metrics import Metrics
 from inferkit.server.repository import Repository
 from inferkit.server.rest import create_app
@@ -31,9 +32,6 @@ from inferkit.server.workers import Workers
 
 __all__ = ["LOOPS", "InferenceServer", "loopback", "raise_open_file_limit", "run_loop", "serve"]
 
-T = TypeVar("T")
-LOOPS = ("auto", "asyncio", "uvloop")
-"""Event loops :class:`InferenceServer` runs on: uvloop when installed (``auto``), or the one named."""
 
 _FORCE_S = 1.0  # past the grace period: time for aborted connections and cancelled calls to unwind
 _log = logging.getLogger(__name__)
@@ -66,12 +64,6 @@ class _CutOff:
                 raise
 
 
-def _known_loop(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
-    if value not in LOOPS:
-        msg = f"{attribute.name} must be one of {LOOPS}, got {value!r}"
-        raise ValueError(msg)
-
-
 def _grace(value: object) -> float:
     return check_grace(value, "grace")
 
@@ -89,7 +81,7 @@ class _Settings:
     grace: float = attrs.field(converter=_grace)  # 1e300 crashed the shutdown
     log_level: str
     grpc_listeners: int
-    loop: str = attrs.field(validator=_known_loop)
+    loop: str = attrs.field(validator=known_loop)
     limits: ConnectionLimits
     control: RepositoryControl
     status_page: bool
@@ -397,23 +389,3 @@ def serve(
     server = InferenceServer(repository, host=host, port=port, grpc_port=grpc_port, **options)
     main = threading.current_thread() is threading.main_thread()
     run_loop(server.run(handle_signals=main), server.loop)
-
-
-def run_loop(main: Coroutine[Any, Any, T], loop: str = "auto") -> T:
-    """Run ``main`` to completion on a new event loop: uvloop with ``"auto"`` when it is installed.
-
-    Its default executor is a :class:`~inferkit.server.workers.Workers`: work still running there when
-    ``main`` ends (the decode of a request cut off) holds up neither the loop's close nor the exit.
-    """
-    factory = None
-    if loop != "asyncio":
-        try:
-            import uvloop  # noqa: PLC0415 (optional: part of the server extra where it builds)
-        except ImportError:
-            if loop == "uvloop":
-                raise
-        else:
-            factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.get_loop().set_default_executor(Workers())
-        return runner.run(main)
