@@ -121,6 +121,7 @@ import importlib
 import itertools
 import os
 import platform
+import statistics
 import sys
 import threading
 import time
@@ -764,6 +765,29 @@ def combine_rounds(rounds: list[list[Row]]) -> list[Row]:
     return combined
 
 
+def add_round_shares(rounds: list[list[Row]], rows: list[Row]) -> None:
+    """Note on each throughput row its share of the limit measured in the same round, per round.
+
+    The limit moves 10% and more between rounds on a shared machine; a row set against the
+    limit of its own round (cells seconds apart) moves less than one set against the median.
+    """
+    if len(rounds) < 2:
+        return
+    by_name = {r.name: r for r in rows}
+    for k, first in enumerate(rounds[0]):
+        row = by_name.get(first.name)
+        if row is None or not first.throughput or first.name == "limit":
+            continue
+        shares = []
+        for rs in rounds:
+            limit = next((r for r in rs if r.name == "limit"), None)
+            if limit is not None and _rate(limit) > 0 and rs[k].result is not None:
+                shares.append(_rate(rs[k]) / _rate(limit))
+        if len(shares) == len(rounds):
+            each = ", ".join(f"{100 * s:.0f}%" for s in shares)
+            row.notes.append(f"share of its round's limit {each} (median {100 * statistics.median(shares):.0f}%)")
+
+
 def _spread(values: list[float]) -> float:
     return (max(values) - min(values)) / max(values) if values and max(values) > 0 else 0.0
 
@@ -992,6 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
                 round_rows.extend(steps[name]())
         rounds.append(round_rows)
     rows = combine_rounds(rounds)
+    add_round_shares(rounds, rows)
     add_latency_delta(rows)
     add_async_ratio(rows)
     add_lean_ratio(rows)
