@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import copy
 import math
+import random
 import threading
 from collections.abc import Mapping, Sequence
 
@@ -42,23 +43,31 @@ _EDGES_MS = (*(m * 10.0**e for e in range(-1, 4) for m in (1, 2, 5)), 10_000.0, 
 
 
 class Window:
-    """Counts and recent latencies of one arm over a span (a canary step). Not thread-safe; guarded by its owner.
+    """Counts and latencies of one arm over a span (a canary step). Not thread-safe; guarded by its owner.
 
-    Failed requests' latencies count too: one that hangs until a timeout is a latency problem as well.
+    It keeps the latest ``max_samples`` latencies, or with ``uniform`` a uniform random sample
+    of all the span's latencies (reservoir sampling): two arms with different shares of the
+    traffic must keep that for their quantiles to describe the same span. Failed requests'
+    latencies count too: one that hangs until a timeout is a latency problem as well.
     """
 
-    def __init__(self, max_samples: int = _SAMPLES) -> None:
+    def __init__(self, max_samples: int = _SAMPLES, *, uniform: bool = False) -> None:
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples!r}")
         self.requests = 0
         self.failures = 0
         self._ring = np.zeros(max_samples)
+        self._rng = random.Random(0) if uniform else None  # seeded: the same requests give the same decisions
 
     def observe(self, latency_s: float, failed: bool) -> None:
         """Count one request that took ``latency_s`` seconds."""
         if not 0 <= latency_s < math.inf:  # also refuses NaN
             raise ValueError(f"latency_s must be finite and >= 0, got {latency_s!r}")
-        self._ring[self.requests % len(self._ring)] = latency_s
+        size, seen = len(self._ring), self.requests
+        if self._rng is None or seen < size:
+            self._ring[seen % size] = latency_s
+        elif (slot := int(self._rng.random() * (seen + 1))) < size:  # kept with probability size / (seen + 1)
+            self._ring[slot] = latency_s
         self.requests += 1
         self.failures += failed
 
@@ -68,7 +77,7 @@ class Window:
         return self.failures / self.requests if self.requests else 0.0
 
     def latency_quantile(self, q: float) -> float:
-        """The ``q`` quantile (0..1) of the recent latencies in seconds, 0.0 when none."""
+        """The ``q`` quantile (0..1) of the kept latencies in seconds, 0.0 when none."""
         if not 0 <= q <= 1:
             raise ValueError(f"q must be in [0, 1], got {q!r}")
         n = min(self.requests, len(self._ring))
@@ -117,6 +126,7 @@ class _Arm:
 class ArmReport:
     """One arm: traffic, errors, latency (ms) and outcomes with a 95% confidence interval.
 
+    The percentiles are of the arm's latest 4096 requests; the counts and histogram of all.
     ``latency_histogram`` maps each upper bucket edge in ms (0.1 ms to 10 s, 1-2-5 per decade,
     then ``inf``) to the requests that took at most that long. The interval is Wilson's for 0/1
     outcomes and ``mean ± t·se`` otherwise; ``None`` when there are too few outcomes, or when

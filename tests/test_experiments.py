@@ -381,6 +381,17 @@ class TestWindow:
         assert window.error_rate == 0.2
         assert [window.latency_quantile(q) for q in (0.0, 0.5, 1.0)] == [7.0, 8.5, 10.0]
 
+    def test_uniform_keeps_a_sample_of_the_whole_span(self) -> None:
+        """A canary step's window kept only the latest latencies, so an arm with 20x the traffic had a
+        p99 over the step's end only; with ``uniform`` a slow first tenth of the span stays in the sample."""
+        window = Window(max_samples=1000, uniform=True)
+        for i in range(10_000):
+            window.observe(1.0 if i < 1000 else 0.0, failed=False)
+        kept = window._ring
+        assert 50 < np.count_nonzero(kept) < 200  # about 10% of 1000, drawn with a fixed seed
+        assert (window.latency_quantile(0.5), window.latency_quantile(0.99)) == (0.0, 1.0)
+        assert Window(max_samples=1000).latency_quantile(0.99) == 0.0  # the default keeps the latest only
+
     def test_partly_filled(self) -> None:
         """Before the ring wraps, quantiles use exactly the latencies seen so far."""
         window = Window()

@@ -327,6 +327,22 @@ class TestCanary:
             assert all(r.submit(x(), key=k).arm == "v2" for k in range(100))
         assert [(d.action, d.weight) for d in decisions] == [("step", 0.5), ("step", 1.0), ("promote", 1.0)]
 
+    def test_a_slow_spell_both_arms_share_is_no_p99_regression(self) -> None:
+        """The step's p99s came from each arm's latest 4096 requests: at 5% weight the candidate's covered
+        the whole step, the baseline's its last 40%, so a slow spell early in the step (both arms alike)
+        rolled an identical candidate back at p99 ratio 100. Both now sample the whole step."""
+        decisions: list[CanaryDecision] = []
+        guard = Guard(max_error_rate=None, max_p99_ratio=1.5)
+        canary = Canary(
+            "v1", "v2", steps=(0.05, 1.0), min_requests_per_step=500, guard=guard, on_decision=decisions.append
+        )
+        for i in range(10_000):  # one arm in 20 is the candidate's; the first 3% of the step is slow for both
+            arm_ = "v2" if i % 20 == 0 else "v1"
+            canary.feedback(Feedback("served", arm_, now=i * 0.001, latency_s=0.1 if i < 300 else 0.001))
+            if decisions:
+                break
+        assert [(d.action, d.reason) for d in decisions] == [("step", "guard passed")]
+
     def test_slow_candidate_is_rolled_back_on_p99(self) -> None:
         """A candidate 20x slower than the baseline (injected through a fake clock) fails max_p99_ratio."""
         clock = FakeClock()

@@ -79,7 +79,7 @@ class _StepWindow:
     """One arm's numbers within the current canary step."""
 
     def __init__(self) -> None:
-        self.window = Window()
+        self.window = Window(uniform=True)  # the arms' p99s over the same span, whatever their traffic shares
         self.compared = 0
         self.disagreed = 0
         self.mirrored = 0  # mirrors sent to the arm in the step: each ends compared or failed (settled)
