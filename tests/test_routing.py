@@ -327,6 +327,22 @@ class TestCanary:
             assert all(r.submit(x(), key=k).arm == "v2" for k in range(100))
         assert [(d.action, d.weight) for d in decisions] == [("step", 0.5), ("step", 1.0), ("promote", 1.0)]
 
+    def test_failures_a_full_step_may_hold_never_roll_back_early(self) -> None:
+        """27 failures in 750 requests is 0.036, within max_error_rate=0.036; but 0.036 * 750 rounds to
+        26.999..., so the early check called the step lost at the 27th failure and rolled back a step that passes."""
+        decisions: list[CanaryDecision] = []
+        canary = Canary(
+            "v1",
+            "v2",
+            steps=(0.5, 1.0),
+            min_requests_per_step=750,
+            guard=Guard(max_error_rate=0.036),
+            on_decision=decisions.append,
+        )
+        for i in range(750):  # the failures first: the early check sees them at a high running rate
+            canary.feedback(Feedback("served", "v2", now=i * 0.001, latency_s=0.001, failed=i < 27))
+        assert [(d.action, d.numbers["candidate_error_rate"]) for d in decisions] == [("step", 0.036)]
+
     def test_a_slow_spell_both_arms_share_is_no_p99_regression(self) -> None:
         """The step's p99s came from each arm's latest 4096 requests: at 5% weight the candidate's covered
         the whole step, the baseline's its last 40%, so a slow spell early in the step (both arms alike)

@@ -233,7 +233,8 @@ class Canary(StoreSync):
     def _cannot_pass(self, cand: _StepWindow) -> bool:
         """Whether the failures so far already exceed what a whole step may hold."""
         limit = self.guard.max_error_rate or 0.0
-        return cand.window.failures > limit * self.min_requests_per_step
+        # The step's own test, divided as error_rate divides: 0.036 * 750 rounds to 26.999..., and 27 failures pass
+        return cand.window.failures / self.min_requests_per_step > limit
 
     def _move(
         self,
