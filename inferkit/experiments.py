@@ -57,17 +57,21 @@ class Window:
         self.requests = 0
         self.failures = 0
         self._ring = np.zeros(max_samples)
-        self._rng = random.Random(0) if uniform else None  # seeded: the same requests give the same decisions
+        self._uniform = uniform
+        self._rng: random.Random | None = None  # made when the sample is full: most windows never need one
 
     def observe(self, latency_s: float, failed: bool) -> None:
         """Count one request that took ``latency_s`` seconds."""
         if not 0 <= latency_s < math.inf:  # also refuses NaN
             raise ValueError(f"latency_s must be finite and >= 0, got {latency_s!r}")
         size, seen = len(self._ring), self.requests
-        if self._rng is None or seen < size:
+        if not self._uniform or seen < size:
             self._ring[seen % size] = latency_s
-        elif (slot := int(self._rng.random() * (seen + 1))) < size:  # kept with probability size / (seen + 1)
-            self._ring[slot] = latency_s
+        else:
+            if self._rng is None:
+                self._rng = random.Random(0)  # seeded: the same requests give the same decisions
+            if (slot := int(self._rng.random() * (seen + 1))) < size:  # kept with probability size / (seen + 1)
+                self._ring[slot] = latency_s
         self.requests += 1
         self.failures += failed
 
