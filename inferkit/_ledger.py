@@ -93,7 +93,7 @@ class Ledger:
         self._arms = frozenset(arms)
         self.in_force: InForce  # the router's policy: set by its set_policy, replaced whole, read without a lock
         self._errors = PolicyErrors(router)
-        self._confirmations = Confirmations(submit, self.failed, limit)
+        self._confirmations = Confirmations(submit, self.failed, self.repeated, limit)
 
     @property
     def policy_errors(self) -> int:
@@ -121,6 +121,12 @@ class Ledger:
     def failed(self, arm: str, latency: float) -> None:
         """A candidate's failure the baseline did not repeat."""
         self._count(arm, latency, failed=True, now=self.clock())
+
+    def repeated(self, arm: str) -> None:
+        """A candidate's failure the baseline repeated on the same input: counted for neither, told to the policy."""
+        in_force = self.in_force
+        if in_force.observes:
+            self._errors.give(in_force.policy, Feedback("repeated", arm, self.clock()))
 
     def mirrored(self, arm: str) -> Callable[[str], None]:
         """Tell the policy in force of a mirror sent to ``arm``; return how to tell it how the mirror ended.

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import wait
 from typing import Any
 
@@ -342,6 +343,49 @@ class TestCanary:
         for i in range(750):  # the failures first: the early check sees them at a high running rate
             canary.feedback(Feedback("served", "v2", now=i * 0.001, latency_s=0.001, failed=i < 27))
         assert [(d.action, d.numbers["candidate_error_rate"]) for d in decisions] == [("step", 0.036)]
+
+    @pytest.mark.parametrize(("regressed", "action"), [(True, "rollback"), (False, "step")])
+    def test_bad_input_hides_no_regression_from_max_error_rate_increase(self, regressed: bool, action: str) -> None:
+        """10% of the inputs fail on both arms (bad input); a regressed candidate also fails 1 in 20 of all inputs.
+        Its failures the baseline repeats count for neither arm, but the baseline's failures on bad input were in
+        its rate: 10% against the candidate's ~5.6%, a regression read as an improvement, and promoted. The
+        baseline is now judged on good input too; a candidate failing only on bad input still steps."""
+
+        def model(fails_good: bool) -> Callable[[np.ndarray], np.ndarray]:
+            def run(a: np.ndarray) -> np.ndarray:
+                if (a < 0).any():
+                    msg = "bad input"
+                    raise ValueError(msg)
+                if fails_good and (a[:, 0] % 20 == 1).any():
+                    msg = "candidate bug"
+                    raise RuntimeError(msg)
+                return a * 2
+
+            return run
+
+        decisions: list[CanaryDecision] = []
+        canary = Canary(
+            "v1",
+            "v2",
+            steps=(0.5, 1.0),
+            min_requests_per_step=200,
+            guard=Guard(max_error_rate=None, max_error_rate_increase=0.02),
+            on_decision=decisions.append,
+        )
+        arms = {
+            "v1": Predictor.from_callable(model(fails_good=False), max_delay_ms=0),
+            "v2": Predictor.from_callable(model(fails_good=regressed), max_delay_ms=0),
+        }
+        with Router(arms, canary, seed=3) as r:
+            for i in range(3000):
+                with contextlib.suppress(ModelError):
+                    r.predict(x(-1.0 if i % 10 == 0 else float(i)))
+                if decisions:
+                    break
+        assert [d.action for d in decisions] == [action]
+        if regressed:
+            assert decisions[0].reason == "max_error_rate_increase"
+            assert decisions[0].numbers["baseline_error_rate"] < 0.05  # its own: none (10% with bad input)
 
     def test_a_slow_spell_both_arms_share_is_no_p99_regression(self) -> None:
         """The step's p99s came from each arm's latest 4096 requests: at 5% weight the candidate's covered

@@ -50,9 +50,11 @@ class Guard:
             return "max_error_rate", numbers | {"limit": self.max_error_rate}
         base_ok = baseline.window.requests >= self.min_baseline_requests
         if self.max_error_rate_increase is not None and base_ok:
-            increase = cand_rate - baseline.window.error_rate
+            base_rate = _on_good_input(baseline.window.error_rate, candidate.input_failures())
+            increase = cand_rate - base_rate
             if increase > self.max_error_rate_increase:
                 return "max_error_rate_increase", numbers | {
+                    "baseline_error_rate": base_rate,
                     "increase": increase,
                     "limit": self.max_error_rate_increase,
                 }
@@ -75,11 +77,21 @@ class Guard:
         return None
 
 
+def _on_good_input(base_rate: float, bad: float) -> float:
+    """The baseline's error rate without the inputs that fail on both arms (a ``bad`` share of the traffic).
+
+    The candidate's rate leaves them out (its failures the baseline repeats count for neither):
+    the baseline's must too, or bad input would hide a regression as large as its own rate.
+    """
+    return max(0.0, base_rate - bad) / (1.0 - bad) if bad < 1.0 else 0.0
+
+
 class _StepWindow:
     """One arm's numbers within the current canary step."""
 
-    def __init__(self) -> None:
-        self.window = Window(uniform=True)  # the arms' p99s over the same span, whatever their traffic shares
+    def __init__(self, window: Window | None = None) -> None:
+        # Sampled uniformly: the arms' p99s over the same span, whatever their traffic shares.
+        self.window = Window(uniform=True) if window is None else window
         self.compared = 0
         self.disagreed = 0
         self.mirrored = 0  # mirrors sent to the arm in the step: each ends compared or failed (settled)
@@ -87,6 +99,13 @@ class _StepWindow:
         self.due: int | None = None  # mirrors sent when the step was otherwise done: it waits for as many to settle
         self.outcomes = 0
         self.outcome_sum = 0.0
+        self.repeated = 0  # model errors the baseline repeated on the same input: counted in no window
+
+    def input_failures(self) -> float:
+        """The share of this arm's requests (this process's) that failed on both arms: the input's own."""
+        window = self.window.local if isinstance(self.window, _PooledWindow) else self.window
+        requests = window.requests
+        return self.repeated / (requests + self.repeated) if self.repeated else 0.0
 
 
 class _PooledWindow(Window):

@@ -173,6 +173,8 @@ class StepCounts:
             side.mirrored += 1
         elif feedback.kind == "mirror_failed":
             side.settled += 1
+        elif feedback.kind == "repeated":
+            side.repeated += 1
         elif feedback.kind == "outcome":
             side.outcomes += 1
             side.outcome_sum += feedback.value
@@ -188,10 +190,10 @@ class StepCounts:
         pooled = []
         for arm, side in ((baseline, base), (candidate, cand)):
             requests, failures = totals.get(arm, (0, 0))
-            view = _StepWindow()
-            view.window = _PooledWindow(side.window, requests, failures)
+            view = _StepWindow(_PooledWindow(side.window, requests, failures))  # no sample of its own per decision
             view.compared, view.disagreed = side.compared, side.disagreed
             view.outcomes, view.outcome_sum = side.outcomes, side.outcome_sum
+            view.repeated = side.repeated  # this process's, as the latencies
             pooled.append(view)
         return pooled[0], pooled[1]
 
