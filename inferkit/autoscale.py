@@ -20,6 +20,7 @@ from typing import Self
 import attrs
 
 from inferkit._validators import fraction, integer, number
+from inferkit.errors import Closed
 from inferkit.event_log import LogObserver
 from inferkit.events import Event, Observer, deliver
 from inferkit.pool import LIVE_STATES
@@ -30,6 +31,8 @@ __all__ = ["AutoscaleConfig", "Autoscaler", "AutoscalerStats", "ScalingDecision"
 
 _LIVE = frozenset(state.value for state in LIVE_STATES)  # Stats report states by value
 _DECISIONS = 100  # decisions kept for stats()
+_MAX_BACKOFF_S = 60.0  # the longest wait between retries of a failing resize (unless interval_s is longer)
+_DIGITS = 9  # a load/target ratio is rounded to this many decimals before its ceiling (float noise)
 
 
 @attrs.frozen
@@ -65,7 +68,8 @@ class AutoscaleConfig:
 
     def desired(self, smoothed: float) -> int:
         """Replicas for a smoothed load: ``ceil(smoothed / target_in_flight)`` within the bounds."""
-        ratio = smoothed / self.target_in_flight
+        # Rounded first: a steady 24 smoothed to 24.000000000000004, or 9.9 / 3.3, must not want one more.
+        ratio = round(smoothed / self.target_in_flight, _DIGITS)
         wanted = math.ceil(ratio) if ratio < self.max_replicas else self.max_replicas  # inf for a tiny target
         return min(max(wanted, self.min_replicas), self.max_replicas)
 
@@ -88,7 +92,10 @@ class ScalingDecision(Event):
 
 @attrs.frozen
 class ScalingFailed(Event):
-    """A resize from the background thread raised (say, a replica failed to load); it retries."""
+    """A resize from the background thread raised (say, a replica failed to load).
+
+    The thread retries, waiting twice as long after each failure in a row (up to a minute).
+    """
 
     at: float
     current: int
@@ -257,15 +264,27 @@ class Autoscaler:
 
     def _run(self) -> None:
         # Waiting on the event, not sleeping, lets close() end the thread at once.
-        while not self._stop.wait(self.config.interval_s):
+        interval = wait = self.config.interval_s
+        failures = 0
+        while not self._stop.wait(wait):
             if self.predictor.state is State.CLOSED:
                 return
             try:
-                self.step()
+                decision = self.step()
+            except Closed:  # the predictor closed during the resize: nothing left to scale, nothing failed
+                return
             except Exception as error:  # noqa: BLE001 (a failed resize must not end the scaling)
+                # Back off: a load that keeps failing (out of memory) is not retried, and logged, every interval.
+                failures += 1
+                wait = min(interval * 2 ** min(failures, 32), max(interval, _MAX_BACKOFF_S))
                 with self._lock:
                     current, desired = self._current, self._desired
                 self._emit(ScalingFailed(self.predictor.name, self._clock(), current, desired, repr(error)))
+            else:
+                with self._lock:
+                    settled = decision is not None or self._desired == self._current
+                if settled:  # resized, or nothing to resize: not a step merely waiting out a delay
+                    failures, wait = 0, interval
 
     def close(self, timeout: float | None = None) -> None:
         """Stop the background thread and wait up to ``timeout`` for it; idempotent.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Callable
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from fakes import BLOCK, HANG, Model, rows
 
-from inferkit import BatchConfig, CallableBackend, Closed, Event, ExecutionTimeout, PoolConfig, Predictor
+from inferkit import BatchConfig, CallableBackend, Closed, Event, ExecutionTimeout, PoolConfig, Predictor, State
 from inferkit.autoscale import AutoscaleConfig, Autoscaler, ScalingDecision, ScalingFailed, _ScalingRule
 
 WAIT = 30  # seconds: a bound on every wait, never expected to be reached
@@ -177,6 +178,22 @@ class TestSteps:
             assert seen == [(8.0, 2), (4.0, 1), (2.0, 1)]
             assert stats.current == 1
             assert stats.decisions == ()
+
+    def test_a_steady_load_on_a_multiple_of_the_target_wants_no_more(self) -> None:
+        """24 requests in flight for 8 per replica: the EWMA drifted to 24.000000000000004 and its ceiling
+        asked for a 4th replica (a model load for nothing). Now 3 replicas stay 3."""
+        predictor, model = _gated(replicas=3)
+        config = AutoscaleConfig(max_replicas=8, target_in_flight=8, upscale_delay_s=0, smoothing=0.2)
+        with predictor, Autoscaler(predictor, config) as scaler:
+            futures = _burst(predictor, 24)
+            try:
+                assert _poll(lambda: predictor.stats().in_flight == 24)
+                decisions = [scaler.step(float(t)) for t in range(50)]
+                assert decisions == [None] * 50
+                assert (scaler.stats().desired, _live(predictor)) == (3, 3)
+                assert AutoscaleConfig(max_replicas=8, target_in_flight=3.3).desired(9.9) == 3
+            finally:
+                _finish(model, futures)
 
     def test_pool_outside_the_bounds_is_fixed_at_once(self) -> None:
         """A pool above max_replicas shrinks on the first step, whatever downscale_delay_s says."""
@@ -347,6 +364,65 @@ class TestBackgroundThread:
             assert _live(predictor) == 1
             assert scaler.stats().decisions == ()
             _finish(model, futures)
+
+    def test_a_failing_load_is_retried_ever_less_often(self) -> None:
+        """A replica that never loads was retried, and logged at WARNING, every interval for ever; now the
+        wait doubles after each failure in a row."""
+        model = Model()
+        loads = [0]
+
+        def factory() -> CallableBackend:
+            loads[0] += 1
+            if loads[0] > 1:
+                raise RuntimeError("out of memory")
+            return CallableBackend(model)
+
+        predictor = Predictor(factory)
+        recorder = Recorder(ScalingFailed)
+        interval = 0.02
+        config = AutoscaleConfig(max_replicas=2, target_in_flight=1, interval_s=interval)
+        with predictor, Autoscaler(predictor, config, observers=[recorder]).start():
+            futures = _burst(predictor, 4)
+            try:
+                assert _poll(lambda: len(recorder.events) >= 5)
+                times = [e.at for e in recorder.events[:5] if isinstance(e, ScalingFailed)]
+                gaps = [b - a for a, b in itertools.pairwise(times)]
+                for n, gap in enumerate(gaps, start=1):
+                    assert gap >= interval * 2**n, (n, gaps)  # waited at least its doubled interval
+            finally:
+                _finish(model, futures)
+
+    def test_a_predictor_closed_during_a_resize_is_no_failure(self) -> None:
+        """close() of the predictor while the autoscaler grew it was reported as a ScalingFailed warning;
+        now the thread just ends."""
+        model, entered, gate, loads = Model(), threading.Event(), threading.Event(), [0]
+
+        def factory() -> CallableBackend:
+            loads[0] += 1
+            if loads[0] > 1:
+                entered.set()
+                assert gate.wait(WAIT)
+            return CallableBackend(model)
+
+        predictor = Predictor(factory)
+        recorder = Recorder(ScalingFailed)
+        config = AutoscaleConfig(max_replicas=3, target_in_flight=1, interval_s=0.01)
+        scaler = Autoscaler(predictor, config, observers=[recorder]).start()
+        futures = _burst(predictor, 4)
+        closer = threading.Thread(target=predictor.close, args=(WAIT,))
+        try:
+            assert entered.wait(WAIT)
+            closer.start()
+            assert _poll(lambda: predictor.state is not State.READY)
+        finally:
+            model.release.set()
+            gate.set()
+        closer.join(WAIT)
+        assert not closer.is_alive()
+        assert _poll(lambda: not [t for t in threading.enumerate() if t.name.startswith("inferkit-autoscaler")])
+        assert recorder.events == []
+        scaler.close(WAIT)
+        assert all(f.done() for f in futures)
 
 
 class TestReplacementsAndClose:
