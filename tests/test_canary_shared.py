@@ -203,6 +203,77 @@ class TestStore:
             canary.close()
             client.close()
 
+    def test_a_count_that_is_not_a_number_is_not_added_again_and_again(self, redis_server: RedisServer) -> None:
+        """A field of the counts hash that another client set to "abc" failed the adding script halfway: the
+        counts before it were added, and added again on every poll (5 requests became hundreds). Now the
+        script checks every field first and adds nothing; the canary holds."""
+        store = RedisStore(redis_server.url, "t:notcount", poll_s=0.05)
+        canary = Canary("v1", "v2", (0.5, 1.0), min_requests_per_step=10_000, store=store)
+        client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        key = f"t:notcount:counts:{canary.snapshot()['epoch']}"
+        try:
+            client.hset(key, "v2:n", "abc")
+            for arm in ("v1", "v2"):
+                for _ in range(5):
+                    canary.feedback(Feedback("served", arm, time.monotonic(), latency_s=0.001))
+            _until(lambda: not canary.store_ok, "the spoiled count seen", 5)
+            time.sleep(0.3)  # several syncs
+            assert int(client.hget(key, "v1:n") or 0) <= 5
+            assert "not a count" in str(canary.status()["store"])
+            assert (canary.state, canary.weight) == (CanaryState.RUNNING, 0.5)
+        finally:
+            canary.close()
+            client.close()
+
+    def test_bytes_that_are_not_utf8_are_a_foreign_state_not_an_outage(self, redis_server: RedisServer) -> None:
+        """A value that is not UTF-8 raised from the client's decoder: the canary called Redis unreachable.
+        Now it is a state that cannot be taken, and says so."""
+        store = RedisStore(redis_server.url, "t:bytes", poll_s=0.05)
+        canary = Canary("v1", "v2", (0.5, 1.0), min_requests_per_step=10_000, store=store)
+        client = redis.Redis.from_url(redis_server.url)
+        try:
+            client.set("t:bytes", b"\xff\xfe{")
+            _until(lambda: not canary.store_ok, "the foreign value seen", 5)
+            assert "holds no canary state" in str(canary.status()["store"]["error"])
+            assert (canary.state, canary.weight) == (CanaryState.RUNNING, 0.5)
+            assert canary.route(0.4, {}).arm == "v2"
+        finally:
+            canary.close()
+            client.close()
+
+    def test_a_huge_value_is_refused_unread(self, redis_server: RedisServer) -> None:
+        """A value of megabytes under the key was read (and decoded) on every poll, by every process: a
+        200 MiB one took most of a core and its memory. Now its size is checked in Redis and it is not read."""
+        client = redis.Redis.from_url(redis_server.url)
+        client.set("t:huge", b" " * (4 * 2**20))
+        store = RedisStore(redis_server.url, "t:other", poll_s=0.05)
+        canary = Canary("v1", "v2", (0.5, 1.0), min_requests_per_step=10_000, store=store)
+        refused = RedisStore(redis_server.url, "t:huge")
+        try:
+            with pytest.raises(ValueError, match="more than any canary state"):
+                Canary("v1", "v2", (0.5, 1.0), store=refused)
+            client.rename("t:huge", "t:other")
+            _until(lambda: not canary.store_ok, "the huge value seen", 5)
+            assert "more than any canary state" in str(canary.status()["store"]["error"])
+            assert (canary.state, canary.weight) == (CanaryState.RUNNING, 0.5)
+        finally:
+            canary.close()
+            refused.close()
+            client.close()
+
+    def test_a_hash_under_the_key_at_start_is_no_outage(self, redis_server: RedisServer) -> None:
+        """A canary built on a key holding a hash raised StoreUnavailable ("cannot reach Redis") although
+        Redis answered; now it is the ValueError of a saved state to fix or remove."""
+        client = redis.Redis.from_url(redis_server.url)
+        store = RedisStore(redis_server.url, "t:hash")
+        try:
+            client.hset("t:hash", "a", "b")
+            with pytest.raises(ValueError, match="holds a hash"):
+                Canary("v1", "v2", (0.5, 1.0), store=store)
+        finally:
+            store.close()
+            client.close()
+
     def test_never_promoted_twice(self, redis_server: RedisServer) -> None:
         """Two canaries racing through every step from many threads promote exactly once."""
         canaries = [

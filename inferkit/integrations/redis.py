@@ -19,7 +19,9 @@ with a :class:`RedisStore` on the same URL and key. Then:
 - **A foreign state never breaks serving.** A state under the key that is not valid, or is of
   another rollout (a rolling deploy of the next canary on the same key), is never taken nor
   overwritten: the canary holds its weights as in an outage, says why in its status, and
-  follows again once the key holds a valid state of its rollout.
+  follows again once the key holds a valid state of its rollout. A value that is not UTF-8 is
+  such a state; one of another type or over 1 MiB too, refused in Redis before it is read. A
+  count field that is not a count freezes it the same way, and nothing is added to the counts.
 """
 
 from __future__ import annotations
@@ -40,9 +42,42 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisStore"]
 
+# Refuse, before reading it, a value under KEYS[1] that cannot be a state: another type, or one so big
+# that reading it on every poll would take the serving process's CPU and memory (a foreign write).
+_CHECK = """
+local function refuse(limit)
+  local kind = redis.call('TYPE', KEYS[1])['ok']
+  if kind ~= 'none' and kind ~= 'string' then
+    return redis.error_reply('NOTSTATE does not hold a string: it holds a ' .. kind)
+  end
+  local size = redis.call('STRLEN', KEYS[1])
+  if size > tonumber(limit) then
+    return redis.error_reply('NOTSTATE holds ' .. size .. ' bytes, more than any canary state (' .. limit .. ')')
+  end
+  return nil
+end
+"""
+_NOT_STATE = "NOTSTATE "
+# The saved state (ARGV[1] bytes at most), or nil.
+_READ = (
+    _CHECK
+    + """
+local refused = refuse(ARGV[1])
+if refused then
+  return refused
+end
+return redis.call('GET', KEYS[1])
+"""
+)
 # Save ARGV[2] if the saved revision is ARGV[1] (or nothing is saved); else return what is saved,
-# which is never overwritten when it is not a JSON object with that revision.
-_TRANSITION = """
+# which is never overwritten when it is not a JSON object with that revision (ARGV[3]: the size limit).
+_TRANSITION = (
+    _CHECK
+    + """
+local refused = refuse(ARGV[3])
+if refused then
+  return refused
+end
 local saved = redis.call('GET', KEYS[1])
 if saved then
   local ok, state = pcall(cjson.decode, saved)
@@ -53,6 +88,7 @@ end
 redis.call('SET', KEYS[1], ARGV[2])
 return false
 """
+)
 # Add a batch of counts once, however often it is sent: a call that timed out may still have run.
 # KEYS[1] holds the number of this store's last batch added, KEYS[2..] are count hashes; ARGV[1] is
 # the batch's number, ARGV[2] the TTL, then (index into KEYS, field, increment) per count. A hash of
@@ -68,6 +104,13 @@ for i = 2, #KEYS do
     return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. kind .. ', not counts')
   end
 end
+-- Every field first: one HINCRBY failing halfway left the earlier ones added, again on every resend.
+for i = 3, #ARGV, 3 do
+  local value = redis.call('HGET', KEYS[tonumber(ARGV[i])], ARGV[i + 1])
+  if value and (#value > 18 or not string.match(value, '^%d+$')) then
+    return redis.error_reply('NOTCOUNT ' .. KEYS[tonumber(ARGV[i])] .. ' holds a field that is not a count')
+  end
+end
 for i = 3, #ARGV, 3 do
   redis.call('HINCRBY', KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2])
 end
@@ -78,6 +121,7 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 """
 _COUNTS_TTL_S = 7 * 24 * 3600  # a step's counts outlive any step worth running, then go
+_MAX_STATE_BYTES = 2**20  # a state keeps 100 decisions: tens of kB; more is not one, and is not read
 
 
 class RedisStore:
@@ -100,8 +144,13 @@ class RedisStore:
         self.key = key
         self.poll_s = poll_s
         self._client: Any = redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=True
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            decode_responses=True,
+            encoding_errors="replace",  # bytes that are not UTF-8 (a foreign write) are no state, not an outage
         )
+        self._read = self._client.register_script(_READ)
         self._transition = self._client.register_script(_TRANSITION)
         self._add_once = self._client.register_script(_ADD_ONCE)
         self._counts = _Counts()
@@ -116,14 +165,19 @@ class RedisStore:
     def load(self) -> Mapping[str, Any] | None:
         """The saved state, or None."""
         try:
-            text = self._client.get(self.key)
+            text = self._read(keys=[self.key], args=[_MAX_STATE_BYTES])
         except redis.RedisError as error:
-            msg = f"cannot reach Redis at {self.url}: {error}"
-            raise StoreUnavailable(msg) from error
+            raise self._refused(error) from error
         return None if text is None else self._decode(text)
 
     def _decode(self, text: str) -> dict[str, Any]:
         return decode_state(text, f"Redis key {self.key!r} at {self.url}")
+
+    def _refused(self, error: redis.RedisError) -> Exception:
+        """``ValueError`` when a script refused the value under the key as a state, else ``StoreUnavailable``."""
+        if isinstance(error, redis.ResponseError) and str(error).startswith(_NOT_STATE):
+            return ValueError(f"Redis key {self.key!r} at {self.url} {str(error).removeprefix(_NOT_STATE)}")
+        return StoreUnavailable(f"cannot reach Redis at {self.url}: {error}")
 
     def transition(self, expected: int, state: Mapping[str, Any]) -> Mapping[str, Any] | None:
         """The atomic compare-and-set on the revision; the winner's state when another process won."""
@@ -131,11 +185,12 @@ class RedisStore:
             msg = f"Redis at {self.url} cannot be reached"
             raise StoreUnavailable(msg)
         try:
-            saved = self._transition(keys=[self.key], args=[expected, json.dumps(state)])
+            saved = self._transition(keys=[self.key], args=[expected, json.dumps(state), _MAX_STATE_BYTES])
         except redis.RedisError as error:
-            self._set_reachable(error)
-            msg = f"cannot reach Redis at {self.url}: {error}"
-            raise StoreUnavailable(msg) from error
+            refused = self._refused(error)
+            if isinstance(refused, StoreUnavailable):
+                self._set_reachable(error)
+            raise refused from error
         return None if saved is None else self._decode(saved)
 
     def count(self, epoch: int, arm: str, *, failed: bool) -> None:
@@ -163,8 +218,9 @@ class RedisStore:
             pipe = self._client.pipeline(transaction=False)
             if batch:
                 self._send(pipe, number, batch)
-            pipe.get(self.key)
-            pipe.hgetall(self._counts_key(epoch))
+            self._read(keys=[self.key], args=[_MAX_STATE_BYTES], client=pipe)
+            fields = [f"{arm}:{kind}" for arm in (canary.baseline, canary.candidate) for kind in ("n", "failed")]
+            pipe.hmget(self._counts_key(epoch), fields)  # the four fields only: a foreign hash may be huge
             *added, text, counts = pipe.execute(raise_on_error=False)
             failed = next((r for r in (*added, counts) if isinstance(r, redis.RedisError)), None)
             if failed is not None:  # a key of another type: counts cannot be pooled (they stay unsent)
@@ -172,14 +228,18 @@ class RedisStore:
         except redis.RedisError as error:
             self._set_reachable(error)
             return
-        self._set_reachable(None)
-        arms: dict[str, tuple[int, int]] = {}
-        for arm in (canary.baseline, canary.candidate):
-            arms[arm] = (int(counts.get(f"{arm}:n", 0)), int(counts.get(f"{arm}:failed", 0)))
-        self._counts.added(epoch, arms)
+        try:
+            numbers = [_count(value, self._counts_key(epoch)) for value in counts]
+        except ValueError as error:  # counts spoiled by a foreign write: follow the state, decide nothing
+            self._set_reachable(error)
+        else:  # (judged before saying Redis is back, so a spoiled count is not logged twice per poll)
+            self._set_reachable(None)
+            baseline, candidate = (numbers[0], numbers[1]), (numbers[2], numbers[3])
+            self._counts.added(epoch, {canary.baseline: baseline, canary.candidate: candidate})
         state: object
         if isinstance(text, redis.RedisError):
-            state = ValueError(f"Redis key {self.key!r} at {self.url} does not hold a string: {text}")
+            refused = self._refused(text)
+            state = refused if isinstance(refused, ValueError) else ValueError(f"Redis key {self.key!r}: {text}")
         else:
             try:
                 state = None if text is None else self._decode(text)
@@ -218,6 +278,16 @@ class RedisStore:
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r}, {self.key!r})"
+
+
+def _count(value: str | None, key: str) -> int:
+    """A pooled count as read (absent: 0); ``ValueError`` for what another client wrote that is not one."""
+    if value is None:
+        return 0
+    if not (value.isascii() and value.isdigit()):
+        msg = f"Redis key {key!r} holds a field that is not a count"
+        raise ValueError(msg)
+    return int(value)
 
 
 class _Counts:
