@@ -5,41 +5,51 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Protocol
 
 from inferkit.arrays import copied
 from inferkit.errors import ModelError
 
-__all__ = ["Confirmations"]
+__all__ = ["Confirmations", "Judge"]
+
+
+class Judge(Protocol):
+    """What :class:`Confirmations` tells: a check sent, and its verdict."""
+
+    def checking(self, arm: str) -> Any:
+        """A check of ``arm``'s failure was sent; returns what :meth:`judged` gets back with its verdict."""
+
+    def unchecked(self, arm: str) -> None:
+        """A failure of ``arm`` that no check was sent for (too many in flight, or closing)."""
+
+    def judged(self, token: Any, arm: str, verdict: str | None, latency_s: float) -> None:
+        """The check ended with ``verdict``.
+
+        ``"failed"``: the baseline served the input; ``"repeated"``: it failed there too; ``None``:
+        it says nothing (refused, cancelled, or not the model's failure).
+        """
 
 
 class Confirmations:
     """Count a candidate's model error only if the baseline does not repeat it on the same input.
 
     A request that fails on both is the request's own error (bad input), and a client must not
-    be able to roll a healthy canary back with it; it counts for neither arm, and ``repeated(arm)``
-    tells of it (the baseline's own failures on such inputs are in its error rate: a comparison of
-    the two rates takes them out). Only a baseline
+    be able to roll a healthy canary back with it; it counts for neither arm (the verdict
+    ``"repeated"``: the baseline's own failures on such inputs are in its error rate, and a
+    comparison of the two rates takes them out). Only a baseline
     that serves the input convicts the candidate: a check the baseline refuses or cannot finish
-    (``Overloaded``, ``Closed``, a deadline) says nothing, and the failure is not counted. Checks
-    in flight are bounded (the router's ``shadow_queue_size``); past the bound the failure is
-    not counted either.
-    ``submit(arm, x)`` sends to the arm in force; ``failed(arm, latency_s)`` counts a failure.
+    (``Overloaded``, ``Closed``, a deadline) says nothing (the verdict ``None``). Checks in flight
+    are bounded (the router's ``shadow_queue_size``); past the bound a failure gets ``None`` at
+    once. A canary counts those at a step's end by the share of the judged ones that convicted.
+    ``submit(arm, x)`` sends to the arm in force; ``judge`` hears of each check sent and ended.
     ``_lock`` guards ``_in_flight`` and ``_closed``.
     """
 
-    __slots__ = ("_closed", "_failed", "_in_flight", "_limit", "_lock", "_repeated", "_submit")
+    __slots__ = ("_closed", "_in_flight", "_judge", "_limit", "_lock", "_submit")
 
-    def __init__(
-        self,
-        submit: Callable[[str, Any], Future[Any]],
-        failed: Callable[[str, float], None],
-        repeated: Callable[[str], None],
-        limit: int,
-    ) -> None:
+    def __init__(self, submit: Callable[[str, Any], Future[Any]], judge: Judge, limit: int) -> None:
         self._submit = submit
-        self._failed = failed
-        self._repeated = repeated
+        self._judge = judge
         self._limit = limit
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -48,20 +58,24 @@ class Confirmations:
     def check(self, baseline: str, arm: str, x: Any, latency_s: float) -> None:
         """Send ``x`` to ``baseline`` in the background; count ``arm``'s failure unless it fails there too."""
         with self._lock:
-            if self._in_flight >= self._limit or self._closed:
-                return
-            self._in_flight += 1
+            sent = self._in_flight < self._limit and not self._closed
+            self._in_flight += sent
+        if not sent:  # too many in flight: judged by none (a canary estimates it)
+            self._judge.unchecked(arm)
+            return
+        token = self._judge.checking(arm)
 
         def judged(check: Future[Any] | None) -> None:
             with self._lock:
                 self._in_flight -= 1
-            if check is None or check.cancelled():
-                return
-            error = check.exception()
-            if error is None:
-                self._failed(arm, latency_s)  # the baseline served it: the candidate's own fault
-            elif isinstance(error, ModelError):
-                self._repeated(arm)  # the baseline's model failed on it too: the input's fault
+            verdict = None
+            if check is not None and not check.cancelled():
+                error = check.exception()
+                if error is None:
+                    verdict = "failed"  # the baseline served it: the candidate's own fault
+                elif isinstance(error, ModelError):
+                    verdict = "repeated"  # the baseline's model failed on it too: the input's fault
+            self._judge.judged(token, arm, verdict, latency_s)
 
         try:
             check: Future[Any] = self._submit(baseline, copied(x))  # its caller may reuse ``x`` meanwhile

@@ -93,7 +93,7 @@ class Ledger:
         self._arms = frozenset(arms)
         self.in_force: InForce  # the router's policy: set by its set_policy, replaced whole, read without a lock
         self._errors = PolicyErrors(router)
-        self._confirmations = Confirmations(submit, self.failed, self.repeated, limit)
+        self._confirmations = Confirmations(submit, self, limit)
 
     @property
     def policy_errors(self) -> int:
@@ -118,15 +118,31 @@ class Ledger:
                 return
         self._count(arm, latency, failed=isinstance(error, _FAILURES), now=now)
 
-    def failed(self, arm: str, latency: float) -> None:
-        """A candidate's failure the baseline did not repeat."""
-        self._count(arm, latency, failed=True, now=self.clock())
+    def checking(self, arm: str) -> Policy | None:
+        """A candidate's failure sent to its baseline to check: told to the policy in force, which hears the end."""
+        in_force = self.in_force
+        if not in_force.observes:
+            return None
+        self._errors.give(in_force.policy, Feedback("checking", arm, self.clock()))
+        return in_force.policy
 
-    def repeated(self, arm: str) -> None:
-        """A candidate's failure the baseline repeated on the same input: counted for neither, told to the policy."""
+    def unchecked(self, arm: str) -> None:
+        """A candidate's failure sent to no check (too many in flight): told to the policy, counted by none."""
         in_force = self.in_force
         if in_force.observes:
-            self._errors.give(in_force.policy, Feedback("repeated", arm, self.clock()))
+            self._errors.give(in_force.policy, Feedback("unchecked", arm, self.clock()))
+
+    def judged(self, policy: Policy | None, arm: str, verdict: str | None, latency: float) -> None:
+        """A check ended: a failure the baseline did not repeat counts; one it repeated is told; then its end."""
+        now = self.clock()
+        if verdict == "failed":
+            self._count(arm, latency, failed=True, now=now)
+        if policy is None:
+            return
+        if verdict != "failed":
+            self._errors.give(policy, Feedback(verdict or "unchecked", arm, now))
+        # Last, after the failure it counted: a step waiting for this check sees both.
+        self._errors.give(policy, Feedback("checked", arm, now, failed=verdict == "failed"))
 
     def mirrored(self, arm: str) -> Callable[[str], None]:
         """Tell the policy in force of a mirror sent to ``arm``; return how to tell it how the mirror ended.

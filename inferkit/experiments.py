@@ -32,11 +32,10 @@ from collections.abc import Mapping, Sequence
 import attrs
 import numpy as np
 
-from inferkit.significance import _t_two_sided_quantile, two_proportion_z_test, welch_t_test
+from inferkit.significance import _t_two_sided_quantile, two_proportion_z_test, welch_t_test, wilson_interval
 
 __all__ = ["ArmReport", "Comparison", "Experiment", "Report", "Window", "two_proportion_z_test", "welch_t_test"]
 
-_Z95 = 1.959963984540054  # standard normal quantile at 0.975
 _SAMPLES = 4096  # recent latencies kept per arm
 # Upper bucket edges in ms, 1-2-5 per decade from 0.1 ms to 10 s, then everything slower.
 _EDGES_MS = (*(m * 10.0**e for e in range(-1, 4) for m in (1, 2, 5)), 10_000.0, math.inf)
@@ -340,10 +339,7 @@ def _arm_report(name: str, state: _Arm) -> ArmReport:
     low: float | None = None
     high: float | None = None
     if o.binary and o.count >= 1:  # Wilson score interval
-        n, p, z2 = o.count, o.average, _Z95 * _Z95
-        centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-        half = _Z95 / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-        low, high = centre - half, centre + half
+        low, high = wilson_interval(o.average, o.count)
     elif o.count >= 2 and math.isfinite(o.mean) and math.isfinite(o.variance):  # no interval past float range
         half = _t_two_sided_quantile(0.05, o.count - 1) * math.sqrt(o.variance / o.count)
         low, high = o.mean - half, o.mean + half

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["two_proportion_z_test", "welch_t_test"]
+__all__ = ["two_proportion_z_test", "welch_t_test", "wilson_interval"]
+
+Z95 = 1.959963984540054  # standard normal quantile at 0.975
 
 
 def two_proportion_z_test(successes_a: int, n_a: int, successes_b: int, n_b: int) -> tuple[float, float]:
@@ -25,6 +27,14 @@ def two_proportion_z_test(successes_a: int, n_a: int, successes_b: int, n_b: int
         return 0.0, 1.0
     z = (successes_a / n_a - successes_b / n_b) / se
     return z, math.erfc(abs(z) / math.sqrt(2))
+
+
+def wilson_interval(rate: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """Wilson's score interval (95% by default) for a rate seen over ``n`` > 0 trials: sound near 0 and 1."""
+    z2 = z * z
+    centre = (rate + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(rate * (1 - rate) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def welch_t_test(

@@ -47,9 +47,11 @@ from inferkit import (
 from inferkit._served import _REMEMBER, ServedBy, key_id
 from inferkit.integrations.redis import RedisStore
 from inferkit.policies import find_canary
+from inferkit.policies.guard import MIN_VERDICTS, _Checks
 from inferkit.routing import Predictive
 from inferkit.server import Repository
 from inferkit.server.status import StatusBoard
+from inferkit.significance import wilson_interval
 
 WAIT = 30
 
@@ -386,6 +388,69 @@ class TestCanary:
         if regressed:
             assert decisions[0].reason == "max_error_rate_increase"
             assert decisions[0].numbers["baseline_error_rate"] < 0.05  # its own: none (10% with bad input)
+
+    @pytest.mark.parametrize(("broken", "action"), [(True, "rollback"), (False, "promote")])
+    def test_a_candidate_faster_than_its_baseline_is_judged_on_the_failures_it_outran(
+        self, broken: bool, action: str
+    ) -> None:
+        """A candidate's failure counts once its baseline has served the same input, and only 64 checks run
+        at once. A candidate failing every other request, far faster than its baseline, had a whole step of
+        successes before 11 failures were judged (and its failures past the 64 were never counted): promoted.
+        Now a step waits for the checks sent by then, and the failures no check judged count by the share of
+        the judged ones that were the candidate's own. A candidate that fails only on input the baseline
+        fails too (every other request here) is still promoted: those checks convict nothing."""
+        decisions: list[CanaryDecision] = []
+        canary = Canary(
+            "v1",
+            "v2",
+            steps=(1.0,),
+            min_requests_per_step=200,
+            guard=Guard(max_error_rate=0.05),
+            on_decision=decisions.append,
+        )
+
+        def slow(a: np.ndarray) -> np.ndarray:
+            time.sleep(0.02)  # a check a time: 50 a second, against thousands of the candidate's requests
+            if (a < 0).any():
+                msg = "bad input"
+                raise ValueError(msg)
+            return a * 2
+
+        def fast(a: np.ndarray) -> np.ndarray:
+            if (a < 0).any():
+                msg = "bad input"
+                raise ValueError(msg)
+            return a * 2
+
+        arms = {
+            "v1": Predictor.from_callable(slow, max_batch_size=1),
+            "v2": Predictor.from_callable(Flaky(every=2) if broken else fast, max_delay_ms=0),
+        }
+        with Router(arms, canary, seed=1) as r:
+            deadline = time.monotonic() + WAIT
+            i = 0
+            while not decisions and time.monotonic() < deadline:
+                i += 1
+                with contextlib.suppress(ModelError):
+                    r.predict(x(1.0 if broken or i % 2 else -1.0))
+        assert [d.action for d in decisions] == [action]
+        if broken:
+            assert decisions[0].reason == "max_error_rate"
+            assert decisions[0].numbers["candidate_error_rate"] > 0.4  # every other request: 0.5
+
+    def test_unchecked_failures_count_by_the_least_share_the_verdicts_allow(self) -> None:
+        """None before MIN_VERDICTS verdicts; then the low end of the convictions' 95% Wilson interval (a few
+        convictions among bad input convict few of the unchecked), and the rest as the input's own."""
+        checks = _Checks()
+        checks.unchecked, checks.convicted = 1000, 1
+        assert checks.own_unchecked() == 0.0  # one verdict says little
+        checks.convicted = MIN_VERDICTS
+        assert 0.8 * 1000 < checks.own_unchecked() < 1000  # all convicted: most, not all
+        checks.convicted, checks.repeated = 1, 63
+        assert checks.own_unchecked() < 0.01 * 1000
+        assert checks.input_failures(requests=0) == 1.0  # nothing in the window: every failure was bad input
+        assert 0.9 < checks.input_failures(requests=10) < 1.0
+        assert wilson_interval(0.5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)  # statsmodels' proportion_confint
 
     def test_a_slow_spell_both_arms_share_is_no_p99_regression(self) -> None:
         """The step's p99s came from each arm's latest 4096 requests: at 5% weight the candidate's covered

@@ -206,14 +206,23 @@ class Canary(StoreSync):
         served = cand.window.requests
         since = now if self._counts.since is None else self._counts.since  # feedback() has set it
         step_done = served >= self.min_requests_per_step and now - since >= self.min_seconds_per_step
+        local = self._counts.windows[self.candidate]  # checks and mirrors are this process's own
+        if step_done:
+            # Not on the successes of a candidate faster than its baseline while its failures are checked
+            # there: judged once as many checks ended as were sent when the step was due (as mirrors, below).
+            checks = local.checks
+            if checks.due is None:
+                checks.due = checks.sent
+            step_done = checks.checked >= checks.due
         if step_done and self.guard.max_disagreement is not None:
             # Judged once as many mirrors came back as were sent when the step was due: not on those that
             # happened to be compared in time, nor waiting for later ones (a steady load never lets them all).
-            local = self._counts.windows[self.candidate]  # mirrors are this process's own
             if local.due is None:
                 local.due = local.mirrored
             step_done = local.settled >= local.due
-        if not step_done:
+        if step_done:
+            cand = cand.with_unchecked()
+        else:
             # Mid-step only a certain failure counts; relative checks (and their quantiles, on the
             # request path) wait for a full step's data.
             limit = self.guard.max_error_rate
@@ -224,7 +233,7 @@ class Canary(StoreSync):
             return self._move(CanaryState.ROLLED_BACK, self._position.step, 0.0, "rollback", *broken)
         if self._position.state is CanaryState.PAUSED:
             return None
-        numbers = {"candidate_requests": float(served), "candidate_error_rate": cand.window.error_rate}
+        numbers = {"candidate_requests": float(cand.window.requests), "candidate_error_rate": cand.window.error_rate}
         if self._position.step + 1 >= len(self.steps):
             return self._move(CanaryState.PROMOTED, self._position.step, 1.0, "promote", "guard passed", numbers)
         step = self._position.step + 1

@@ -8,8 +8,10 @@ import attrs
 
 from inferkit._validators import integer, number, optional_positive
 from inferkit.experiments import Window
+from inferkit.significance import wilson_interval
 
 _share = number(0)
+MIN_VERDICTS = 20  # checks judged in a step before its unchecked failures are counted by their share
 
 
 def _optional_share(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -86,12 +88,50 @@ def _on_good_input(base_rate: float, bad: float) -> float:
     return max(0.0, base_rate - bad) / (1.0 - bad) if bad < 1.0 else 0.0
 
 
+class _Checks:
+    """A canary candidate's model errors checked against the baseline in one step (this process's).
+
+    Each ends in one verdict: ``convicted`` (the baseline served the input: counted in the window),
+    ``repeated`` (the baseline failed too: the input's, in no window) or ``unchecked`` (no check
+    judged it: too many in flight, or the baseline refused; in no window either).
+    """
+
+    __slots__ = ("checked", "convicted", "due", "repeated", "sent", "unchecked")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.checked = 0
+        self.due: int | None = None  # checks sent when the step was otherwise done: it waits for as many
+        self.convicted = 0
+        self.repeated = 0
+        self.unchecked = 0
+
+    def own_unchecked(self) -> float:
+        """The unchecked failures taken as the arm's own: by the least share of the judged ones that could be.
+
+        The low end of its 95% interval, and none before :data:`MIN_VERDICTS` verdicts: a few
+        convictions among a flood of bad input (the baseline refusing most checks) must not make
+        the unchecked failures the candidate's.
+        """
+        return self.unchecked * self._least_share(self.convicted)
+
+    def input_failures(self, requests: int) -> float:
+        """The share of ``requests`` plus its failures in no window that were the input's own (failed on both)."""
+        bad = self.repeated + self.unchecked * self._least_share(self.repeated)
+        return bad / (requests + bad) if bad else 0.0
+
+    def _least_share(self, part: int) -> float:
+        judged = self.convicted + self.repeated
+        return wilson_interval(part / judged, judged)[0] if judged >= MIN_VERDICTS and self.unchecked else 0.0
+
+
 class _StepWindow:
     """One arm's numbers within the current canary step."""
 
-    def __init__(self, window: Window | None = None) -> None:
+    def __init__(self, window: Window | None = None, checks: _Checks | None = None) -> None:
         # Sampled uniformly: the arms' p99s over the same span, whatever their traffic shares.
         self.window = Window(uniform=True) if window is None else window
+        self.checks = _Checks() if checks is None else checks
         self.compared = 0
         self.disagreed = 0
         self.mirrored = 0  # mirrors sent to the arm in the step: each ends compared or failed (settled)
@@ -99,13 +139,29 @@ class _StepWindow:
         self.due: int | None = None  # mirrors sent when the step was otherwise done: it waits for as many to settle
         self.outcomes = 0
         self.outcome_sum = 0.0
-        self.repeated = 0  # model errors the baseline repeated on the same input: counted in no window
+
+    def view(self, window: Window) -> _StepWindow:
+        """These numbers with another window (pooled, or estimated): for one decision."""
+        view = _StepWindow(window, self.checks)
+        view.compared, view.disagreed = self.compared, self.disagreed
+        view.outcomes, view.outcome_sum = self.outcomes, self.outcome_sum
+        return view
+
+    def with_unchecked(self) -> _StepWindow:
+        """These numbers with the failures no check judged that were (at least) the arm's own, for a step's end.
+
+        Left out, a candidate faster than its baseline would have its successes in the window and
+        its failures, outrunning the checks, mostly not. Never mid-step: a few verdicts say little.
+        """
+        extra = self.checks.own_unchecked()
+        return self.view(_Estimated(self.window, extra)) if extra else self
 
     def input_failures(self) -> float:
         """The share of this arm's requests (this process's) that failed on both arms: the input's own."""
-        window = self.window.local if isinstance(self.window, _PooledWindow) else self.window
-        requests = window.requests
-        return self.repeated / (requests + self.repeated) if self.repeated else 0.0
+        window = self.window
+        while isinstance(window, _PooledWindow | _Estimated):
+            window = window.local
+        return self.checks.input_failures(window.requests)
 
 
 class _PooledWindow(Window):
@@ -119,4 +175,18 @@ class _PooledWindow(Window):
 
     def latency_quantile(self, q: float) -> float:
         """Latencies of this process only: they are not pooled."""
+        return self.local.latency_quantile(q)
+
+
+class _Estimated(Window):
+    """A window with ``extra`` failed requests more: the unchecked failures estimated to be the arm's own."""
+
+    def __init__(self, local: Window, extra: float) -> None:
+        super().__init__(1)
+        self.local = local
+        self.requests = local.requests + extra  # type: ignore[assignment]
+        self.failures = local.failures + extra  # type: ignore[assignment]
+
+    def latency_quantile(self, q: float) -> float:
+        """The latencies of the requests it was made from."""
         return self.local.latency_quantile(q)

@@ -23,9 +23,11 @@ class Feedback:
     ``kind`` is ``"served"`` (``latency_s``, ``failed``: the model or its replicas failed),
     ``"mirrored"`` (a request was sent to the shadow arm ``arm``, to be compared), ``"shadow"``
     (``agreed``: a mirror's output matched the primary's), ``"mirror_failed"`` (a mirror sent
-    was not compared: the mirror, the primary or the comparison failed), ``"repeated"`` (a
-    canary candidate's model error that the baseline repeated on the same input: the input's,
-    counted for neither arm) or ``"outcome"`` (``value``: a business metric the app recorded for
+    was not compared: the mirror, the primary or the comparison failed), a canary
+    candidate's model error checked on the baseline (``"checking"`` when sent; then ``"repeated"``,
+    the baseline failed too: the input's, counted for neither arm, or ``"unchecked"``, no verdict,
+    or a ``"served"`` failure; last ``"checked"``, ``failed`` if it convicted; one sent to no check
+    comes as ``"unchecked"`` alone), or ``"outcome"`` (``value``: a business metric the app recorded for
     that arm). Every ``"mirrored"`` ends in
     one ``"shadow"`` or ``"mirror_failed"``, perhaps on another thread; a policy may ignore
     kinds it does not use.

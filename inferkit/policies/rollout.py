@@ -154,6 +154,7 @@ class StepCounts:
         new = StepCounts(self.windows)
         for arm, side in self.windows.items():
             new.windows[arm].settled = min(0, side.settled - side.mirrored)
+            new.windows[arm].checks.checked = min(0, side.checks.checked - side.checks.sent)
         return new
 
     def count(self, feedback: Feedback) -> bool:
@@ -173,8 +174,15 @@ class StepCounts:
             side.mirrored += 1
         elif feedback.kind == "mirror_failed":
             side.settled += 1
+        elif feedback.kind == "checking":
+            side.checks.sent += 1
+        elif feedback.kind == "checked":
+            side.checks.checked += 1
+            side.checks.convicted += feedback.failed
         elif feedback.kind == "repeated":
-            side.repeated += 1
+            side.checks.repeated += 1
+        elif feedback.kind == "unchecked":
+            side.checks.unchecked += 1
         elif feedback.kind == "outcome":
             side.outcomes += 1
             side.outcome_sum += feedback.value
@@ -185,17 +193,10 @@ class StepCounts:
     ) -> tuple[_StepWindow, _StepWindow]:
         """Baseline's and candidate's numbers; with ``totals`` (a pooled store's), every process's counts."""
         base, cand = self.windows[baseline], self.windows[candidate]
-        if totals is None:
-            return base, cand
-        pooled = []
-        for arm, side in ((baseline, base), (candidate, cand)):
-            requests, failures = totals.get(arm, (0, 0))
-            view = _StepWindow(_PooledWindow(side.window, requests, failures))  # no sample of its own per decision
-            view.compared, view.disagreed = side.compared, side.disagreed
-            view.outcomes, view.outcome_sum = side.outcomes, side.outcome_sum
-            view.repeated = side.repeated  # this process's, as the latencies
-            pooled.append(view)
-        return pooled[0], pooled[1]
+        if totals is not None:  # (views: no latency sample of their own per decision)
+            base = base.view(_PooledWindow(base.window, *totals.get(baseline, (0, 0))))
+            cand = cand.view(_PooledWindow(cand.window, *totals.get(candidate, (0, 0))))
+        return base, cand
 
 
 @attrs.frozen
