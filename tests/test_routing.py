@@ -279,6 +279,18 @@ class TestCanary:
         canary.feedback(Feedback("served", "v2", now=start + 10.0, latency_s=0.001))
         assert (canary.step, canary.weight) == (1, 1.0)
 
+    def test_a_steps_clock_starts_at_a_request_of_its_arms(self) -> None:
+        """The step's clock started at its first feedback of any kind or arm (an outcome recorded, a request
+        of a third arm), so a step ended before ``min_seconds_per_step`` of its own requests had passed."""
+        canary = Canary("v1", "v2", steps=(0.1, 1.0), min_requests_per_step=1, min_seconds_per_step=10)
+        canary.feedback(Feedback("served", "v3", now=0.0, latency_s=0.001))  # another arm of the router
+        canary.feedback(Feedback("outcome", "v1", now=1.0, value=1.0))
+        canary.feedback(Feedback("served", "v2", now=5.0, latency_s=0.001))
+        canary.feedback(Feedback("served", "v2", now=14.9, latency_s=0.001))
+        assert canary.step == 0
+        canary.feedback(Feedback("served", "v2", now=15.0, latency_s=0.001))
+        assert canary.step == 1
+
     def test_failing_candidate_is_rolled_back_in_its_first_step(self) -> None:
         """A candidate failing 5% of requests is rolled back before its first step passes; then all
         traffic returns to the baseline and no request is lost."""

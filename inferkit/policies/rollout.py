@@ -143,7 +143,7 @@ class StepCounts:
 
     def __init__(self, arms: Iterable[str]) -> None:
         self.windows = {arm: _StepWindow() for arm in arms}
-        self.since: float | None = None  # the first feedback's time in this step
+        self.since: float | None = None  # the time of the first request of its arms in this step
 
     def fresh(self) -> StepCounts:
         """The next step's counts, owing the mirrors this step sent that are not back yet.
@@ -159,11 +159,11 @@ class StepCounts:
 
     def count(self, feedback: Feedback) -> bool:
         """Add ``feedback`` to its arm's numbers; False when the arm is neither baseline nor candidate."""
-        if self.since is None:
-            self.since = feedback.now
         side = self.windows.get(feedback.arm)
         if side is None:
             return False
+        if self.since is None and feedback.kind == "served":  # a request: not an outcome, a mirror, a check
+            self.since = feedback.now
         if feedback.kind == "served":
             side.window.observe(feedback.latency_s, feedback.failed)
         elif feedback.kind == "shadow":
