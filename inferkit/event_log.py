@@ -77,10 +77,6 @@ class LogObserver:
             return self._bound
         return structlog.wrap_logger(self._std, processors=[plain])  # asked again next line: the host may configure
 
-    def enabled(self) -> bool:
-        """Whether per-batch and per-request events are wanted: DEBUG enabled, or an observer tapped."""
-        return bool(events._taps) or self._std.isEnabledFor(logging.DEBUG)
-
     def __call__(self, event: Event) -> None:
         """Log ``event`` at its level, then hand it to the tapped observers."""
         if isinstance(event, ModelFailed):

@@ -36,10 +36,12 @@ __all__ = [
     "new_request_id",
     "tap",
     "untap",
+    "wanted",
 ]
 
 _LOGGER = "inferkit"
-logging.getLogger(_LOGGER).addHandler(logging.NullHandler())
+_logger = logging.getLogger(_LOGGER)
+_logger.addHandler(logging.NullHandler())
 
 
 @attrs.frozen
@@ -79,7 +81,7 @@ class RequestsFailed(Event):
 
     ``error_type`` is their error's class name (``Overloaded``, ``Closed``, ``NoHealthyReplica``,
     ``InvalidInput``, ``CancelledError`` for a cancelled one) and ``message`` its text. Like
-    :class:`BatchDone`, emitted only when someone will see it (see :meth:`LogObserver.enabled`).
+    :class:`BatchDone`, emitted only when someone will see it (see :func:`wanted`).
     """
 
     request_ids: tuple[int, ...]
@@ -172,7 +174,7 @@ def _observer_failed(observer: Callable[[Event], None], error: BaseException) ->
         if key in _failures or len(_failures) >= _LOGGED_FAILURES:
             return
         _failures.add(key)
-        logging.getLogger(_LOGGER).warning(
+        _logger.warning(
             "observer %s raised %s: %s (skipped; logged once per observer and error type)",
             who,
             type(error).__qualname__,
@@ -194,6 +196,15 @@ class Observer(Protocol):
 # Process-wide observers. Replaced whole (never mutated) so readers need no lock.
 _taps: tuple[Observer, ...] = ()
 _taps_lock = threading.Lock()
+
+
+def wanted() -> bool:
+    """Whether per-batch and per-request events are wanted: an observer tapped, or DEBUG enabled.
+
+    Asked per batch (a module function: no lookups beyond its two globals).
+    """
+    return bool(_taps) or _logger.isEnabledFor(logging.DEBUG)
+
 
 # Request ids: a random 31-bit prefix per process plus one process-wide counter, so two models
 # (or two processes) never share an id while ids stay ints that fit an int64. The counter carries

@@ -22,7 +22,7 @@ from inferkit.batching import BatchConfig, Batcher, Request, RequestFuture
 from inferkit.batching.request import level_of, seconds_of
 from inferkit.errors import DeadlineExceeded, InferkitError
 from inferkit.event_log import LogObserver
-from inferkit.events import Event, Observer, StateChanged, deliver, new_request_id
+from inferkit.events import Event, Observer, StateChanged, deliver, new_request_id, wanted
 from inferkit.pool import PoolConfig
 from inferkit.signature import Signature, normalize_untyped
 from inferkit.stats import Stats
@@ -84,7 +84,7 @@ class Predictor(Constructors, BulkFaces):
             pool or PoolConfig(),
             name=name,
             emit=self._emit,
-            verbose=_always if observers else self._log.enabled,  # the user's observers get every event
+            verbose=_always if observers else wanted,  # the user's observers get every event
         )
         try:
             first = self._batcher.backends()[0]
