@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from importlib import resources
 from typing import Any
@@ -197,6 +198,81 @@ class TestSnapshot:
             router.pause()
             assert [d.action for d in decided] == ["pause"]
             assert [d["action"] for d in board.snapshot()["splits"][0]["canary"]["decisions"]] == ["pause"]
+        finally:
+            repository.close(WAIT)
+
+
+class _RoutedLoader:
+    """Builds ``clf`` afresh at every load: a Router over two new predictors with a new Canary."""
+
+    def __init__(self) -> None:
+        self.loads = 0
+
+    def __call__(self, name: str, config: Any) -> ServedModel:
+        self.loads += 1
+        one, two = _predictor(f"{name}-1"), _predictor(f"{name}-2")
+        router = Router({"1": one, "2": two}, Canary("1", "2", min_requests_per_step=5), seed=0, name=name)
+        return ServedModel(name, router, {"1": one, "2": two})
+
+
+class TestHotSwaps:
+    """Models loaded and unloaded while serving: the board keeps nothing of what left."""
+
+    def test_swapped_canaries_and_unloaded_models_leave_nothing_behind(self) -> None:
+        """25 hot swaps of a canaried model: each new canary's decisions show, and no entry outlives its canary."""
+        from inferkit.server.control import RepositoryControl
+
+        token = "an-operator-token-of-some-length"
+        loader = _RoutedLoader()
+        control = RepositoryControl(enabled=True, token=token, loader=loader)
+        server = InferenceServer(_canary_repository([]), port=0, grpc_port=None, grace=WAIT, control=control).start()
+        try:
+            board = StatusBoard(server.repository)
+            admin = f"http://127.0.0.1:{server.port}/v2/repository/models"
+            with httpx.Client(timeout=WAIT, headers={"authorization": f"Bearer {token}"}) as c:
+                _infer(c, server.port, "m", 3)
+                assert [m["name"] for m in board.snapshot()["models"]] == ["clf", "m"]
+                assert c.post(f"{admin}/m/unload").status_code == 200
+                for _ in range(25):
+                    assert c.post(f"{admin}/clf/load").status_code == 200
+                    (split,) = board.snapshot()["splits"]
+                    assert split["canary"]["decisions"] == []  # a fresh canary: none of its predecessors'
+                    router = server.repository.model("clf").target
+                    assert isinstance(router, Router)
+                    router.pause()
+                    (split,) = board.snapshot()["splits"]
+                    assert [d["action"] for d in split["canary"]["decisions"]] == ["pause"]
+                _infer(c, server.port, "clf", 3)
+            assert loader.loads == 25
+            data = board.snapshot()
+            assert [m["name"] for m in data["models"]] == ["clf"]
+            assert data["unloaded"] == ["m"]
+            gc.collect()  # the swapped-out routers hold reference cycles
+            assert len(board._decisions) == 1  # the live canary's only
+            assert list(board._rates) == ["clf"]  # the unloaded model's samples went with it
+        finally:
+            server.join(WAIT)
+
+    def test_an_unloaded_models_samples_go(self) -> None:
+        """A model removed from the repository loses its rate samples at the next snapshot; a reload starts afresh."""
+        now = [1000.0]
+        first, second = _predictor("m"), _predictor("n")
+        repository = Repository({"m": first, "n": second})
+        try:
+            board = StatusBoard(repository, clock=lambda: now[0])
+            board.snapshot()
+            first.predict(np.ones((1, 4), np.float32), timeout=WAIT)
+            now[0] += 2.0
+            board.snapshot()
+            assert sorted(board._rates) == ["m", "n"]
+            repository.remove("m").target.close(WAIT)
+            now[0] += 2.0
+            assert [m["name"] for m in board.snapshot()["models"]] == ["n"]
+            assert list(board._rates) == ["n"]
+            repository.install(ServedModel("m", _predictor("m")))
+            now[0] += 2.0
+            (m,) = (m for m in board.snapshot()["models"] if m["name"] == "m")
+            assert m["rates"]["history"] == []  # one sample: no rate from the old model's counters
         finally:
             repository.close(WAIT)
 

@@ -11,9 +11,9 @@
 Nothing here runs per inference request: the snapshot reads the counters every predictor
 and router already keep (``stats()``, ``report()``), when it is asked for. Rates (requests/s,
 errors/s) come from the counters sampled at each poll, at most once a second, so they cover
-the time a page has been open. Canary decisions are recorded by chaining the canary's
-``on_decision`` hook when the board is built: a decision is rare, and recording one appends
-to a bounded deque.
+the time a page has been open. Canary decisions are recorded by subscribing to each canary
+the board meets: a decision is rare, and recording one appends to a bounded deque. Samples
+and decisions go with the model or canary they belong to (an unload, a hot swap).
 
 The page offers no admin actions (promote, rollback, load, unload): those stay behind the
 operator's token on their own endpoints (see :mod:`inferkit.server.control`); the snapshot

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -82,9 +83,10 @@ class StatusBoard:
         self._clock = clock
         self._started = clock()
         self._lock = threading.Lock()  # the samples and decisions; never taken by a request
-        self._rates: dict[str, _Rates] = {}
-        self._decisions: dict[int, deque[dict[str, Any]]] = {}
-        self._hooked: set[int] = set()
+        self._rates: dict[str, _Rates] = {}  # models served at the last snapshot
+        # Keyed by the canary itself, weakly: a canary a hot swap dropped takes its entry with it, and a
+        # new canary is never taken for an old one whose id it reuses.
+        self._decisions: weakref.WeakKeyDictionary[Canary, deque[dict[str, Any]]] = weakref.WeakKeyDictionary()
         self._render = threading.Lock()  # one snapshot computed at a time; callers meanwhile share it
         self._latest: tuple[float, bytes] | None = None  # (monotonic time, rendered JSON)
         for name in repository.names():
@@ -95,11 +97,14 @@ class StatusBoard:
     def _hook(self, router: Router) -> None:
         """Record the canary's decisions by subscribing (once per canary; ``on_decision`` stays the user's)."""
         canary = find_canary(router.policy)
-        if canary is None or id(canary) in self._hooked:
+        if canary is None:
             return
-        self._hooked.add(id(canary))
-        kept: deque[dict[str, Any]] = self._decisions.setdefault(id(canary), deque(maxlen=_DECISIONS))
-        clock = self._clock
+        with self._lock:  # two snapshots at once subscribe once
+            if canary in self._decisions:
+                return
+            kept: deque[dict[str, Any]] = deque(maxlen=_DECISIONS)
+            self._decisions[canary] = kept
+        clock = self._clock  # record() holds no reference to the canary: the entry can go with it
 
         def record(decision: CanaryDecision) -> None:
             entry = {
@@ -163,6 +168,9 @@ class StatusBoard:
                     "predictors": predictors,
                 }
             )
+        with self._lock:  # a model no longer served: its samples go (they would pile up unload after unload)
+            for gone in self._rates.keys() - {m["name"] for m in models}:
+                del self._rates[gone]
         return {
             "schema": SCHEMA_VERSION,
             "time": now,
@@ -221,7 +229,7 @@ class StatusBoard:
                 if cand.outcome_mean is not None and base.outcome_mean:
                     observed["min_outcome_ratio"] = _number(cand.outcome_mean / base.outcome_mean)
         with self._lock:
-            decisions = list(self._decisions.get(id(canary), ()))
+            decisions = list(self._decisions.get(canary, ()))
         return {
             "baseline": canary.baseline,
             "candidate": canary.candidate,
