@@ -162,6 +162,14 @@ class _ScalingRule:
         return None
 
 
+class _Ticker(threading.Thread):
+    """The autoscaler's daemon thread, and the event that ends its wait: ``close()``, or the predictor's close."""
+
+    def __init__(self, run: Callable[[threading.Event], None], name: str) -> None:
+        self.wake = threading.Event()
+        super().__init__(target=run, args=(self.wake,), name=name, daemon=True)
+
+
 class Autoscaler:
     """Scales a :class:`~inferkit.Predictor` between min and max replicas on its in-flight requests.
 
@@ -177,8 +185,8 @@ class Autoscaler:
 
     Drive it with :meth:`step` (tests, or your own loop), or :meth:`start` a daemon thread
     that steps every ``interval_s``. The autoscaler never closes the predictor; close the
-    autoscaler first (a context manager does), or its thread ends on its own once the
-    predictor is closed.
+    autoscaler first (a context manager does), or its thread ends on its own as soon as the
+    predictor is closed (it hears of it through :meth:`Predictor.on_closed`).
     """
 
     def __init__(
@@ -202,7 +210,7 @@ class Autoscaler:
         self._desired = self._current
         self._decisions: collections.deque[ScalingDecision] = collections.deque(maxlen=_DECISIONS)
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread: _Ticker | None = None
 
     # -- scaling ---------------------------------------------------------------------------
 
@@ -256,19 +264,25 @@ class Autoscaler:
         with self._lock:
             if self._stop.is_set() or self._thread is not None:  # closed or started by another caller meanwhile
                 return self
-            self._thread = threading.Thread(
-                target=self._run, name=f"inferkit-autoscaler-{self.predictor.name}", daemon=True
-            )
+            self._thread = _Ticker(self._run, f"inferkit-autoscaler-{self.predictor.name}")
             self._thread.start()
         return self
 
-    def _run(self) -> None:
-        # Waiting on the event, not sleeping, lets close() end the thread at once.
+    def _run(self, wake: threading.Event) -> None:
+        def closed(event: Event) -> None:  # noqa: ARG001 (an Observer: the event is the close)
+            wake.set()  # the predictor closed: end now, not an interval (maybe an hour) later
+
+        unwatch = self.predictor.on_closed(closed)  # at once if it closed already
+        try:
+            self._loop(wake)
+        finally:
+            unwatch()  # the predictor keeps nothing of this thread
+
+    def _loop(self, wake: threading.Event) -> None:
+        # Waiting on the event, not sleeping, lets close() or the predictor's close end the thread at once.
         interval = wait = self.config.interval_s
         failures = 0
-        while not self._stop.wait(wait):
-            if self.predictor.state is State.CLOSED:
-                return
+        while not wake.wait(wait):
             try:
                 decision = self.step()
             except Closed:  # the predictor closed during the resize: nothing left to scale, nothing failed
@@ -294,6 +308,8 @@ class Autoscaler:
         with self._lock:  # with start()'s checks: a thread starts before this or not at all
             self._stop.set()
             thread = self._thread
+        if thread is not None:
+            thread.wake.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 

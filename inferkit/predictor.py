@@ -7,7 +7,7 @@ import enum
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Self, cast
 
 import attrs
@@ -77,6 +77,7 @@ class Predictor(Constructors, BulkFaces):
         self._closed = threading.Event()
         self._closing = False
         self._closer: threading.Thread | None = None  # the thread doing the first close, while it does
+        self._watchers: tuple[Observer, ...] = ()  # on_closed(); replaced whole under _close_lock
         self._set_state(State.STARTING)
         self._batcher = Batcher(
             factory,
@@ -272,6 +273,30 @@ class Predictor(Constructors, BulkFaces):
             self._closer = None
         self._set_state(State.CLOSED)
         self._closed.set()
+        with self._close_lock:  # with on_closed(): each watcher hears the close exactly once
+            watchers, self._watchers = self._watchers, ()
+        deliver(watchers, StateChanged(self.name, State.CLOSED.value))
+
+    def on_closed(self, observer: Observer) -> Callable[[], None]:
+        """Give ``observer`` the ``StateChanged("closed")`` event of this predictor, once; returns what cancels that.
+
+        For a part that must end with the predictor but was not among its ``observers`` (an
+        :class:`~inferkit.Autoscaler`'s thread). Already closed: ``observer`` runs at once, here;
+        else on the thread that finishes the close, once every thread of the predictor stopped.
+        One that raises is skipped, as observers are. Nothing is added to the request path.
+        """
+        with self._close_lock:
+            closed = self._closed.is_set()
+            if not closed:
+                self._watchers = (*self._watchers, observer)
+        if closed:
+            deliver((observer,), StateChanged(self.name, State.CLOSED.value))
+
+        def cancel() -> None:
+            with self._close_lock:
+                self._watchers = tuple(w for w in self._watchers if w is not observer)
+
+        return cancel
 
     def __enter__(self) -> Self:
         return self
@@ -292,6 +317,7 @@ class Predictor(Constructors, BulkFaces):
         self._close_lock = threading.Lock()  # a thread of the parent may have held it at the fork
         self._closing = True
         self._closer = None
+        self._watchers = ()  # the parent's: their threads stayed there
         self._state = State.CLOSED
         self._closed = threading.Event()
         self._closed.set()

@@ -340,6 +340,29 @@ class TestBackgroundThread:
             with pytest.raises(RuntimeError, match="closed"):
                 scaler.start()
 
+    def test_the_thread_ends_with_the_predictor(self) -> None:
+        """A predictor closed under a running autoscaler (interval: an hour) left its thread waiting out the
+        interval; now the close wakes it, and the predictor keeps no hold on the autoscaler."""
+        predictor, _ = _gated()
+        scaler = Autoscaler(predictor, AutoscaleConfig(interval_s=3600)).start()
+        thread = scaler._thread
+        assert thread is not None
+        assert thread.is_alive()
+        predictor.close(WAIT)
+        thread.join(WAIT)
+        assert not thread.is_alive()
+        assert predictor._watchers == ()
+        scaler.close(WAIT)  # still fine after the predictor's close
+
+    def test_closed_autoscalers_leave_nothing_on_the_predictor(self) -> None:
+        """Autoscalers started and closed one after another on a long-lived predictor do not pile up on it."""
+        predictor, _ = _gated()
+        with predictor:
+            for _ in range(5):
+                with Autoscaler(predictor, AutoscaleConfig(interval_s=3600)).start():
+                    assert len(predictor._watchers) == 1
+            assert predictor._watchers == ()
+
     def test_failed_resize_is_reported_and_retried(self) -> None:
         """A replica that fails to load is a ScalingFailed event; the thread lives on and retries."""
         model = Model()

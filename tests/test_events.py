@@ -140,6 +140,33 @@ class TestStateChanged:
         assert [e.state for e in recorder.of(StateChanged)] == ["starting", "ready", "draining", "closed"]
 
 
+class TestOnClosed:
+    """``Predictor.on_closed``: the close's event for a part that was not among the predictor's observers."""
+
+    def test_once_after_the_close_at_once_when_closed_and_cancelled_never(self) -> None:
+        """A watcher hears the close once, after every thread stopped; one added later runs at once; a
+        cancelled one and one that raises change nothing for the others."""
+        heard, late, cancelled = Recorder(), Recorder(), Recorder()
+        states: list[str] = []
+
+        def raises(event: Event) -> None:
+            raise RuntimeError("a watcher's own bug")
+
+        predictor = Predictor.from_callable(double, name="m")
+        predictor.on_closed(raises)
+        predictor.on_closed(lambda event: states.append(predictor.state.value))
+        predictor.on_closed(heard)
+        predictor.on_closed(cancelled)()
+        assert heard.events == []
+        predictor.close(WAIT_S)
+        predictor.close(WAIT_S)
+        assert heard.events == [StateChanged("m", "closed")]
+        assert states == ["closed"]
+        assert cancelled.events == []
+        predictor.on_closed(late)
+        assert late.events == [StateChanged("m", "closed")]
+
+
 class TestBatchDone:
     def test_names_the_request_and_why_it_ran(self) -> None:
         """A lone request on an idle replica is dispatched at once, reason "idle", under its id."""
