@@ -62,6 +62,19 @@ def _finish(model: Model, futures: list[Future[object]]) -> None:
     model.release.clear()
 
 
+def _loads_once(model: Model, loads: list[int]) -> Callable[[], CallableBackend]:
+    """A factory whose first load succeeds and every later one runs out of memory; ``loads`` counts them."""
+
+    def factory() -> CallableBackend:
+        loads[0] += 1
+        if loads[0] > 1:
+            msg = "out of memory"
+            raise RuntimeError(msg)
+        return CallableBackend(model)
+
+    return factory
+
+
 def _poll(check: Callable[[], bool]) -> bool:
     """Whether ``check()`` became true within POLL_S, looking every 10 ms (for a real background thread)."""
     ticks = threading.Event()  # never set: its wait is a bounded pause that needs no sleep
@@ -367,14 +380,7 @@ class TestBackgroundThread:
         """A replica that fails to load is a ScalingFailed event; the thread lives on and retries."""
         model = Model()
         loads = [0]
-
-        def factory() -> CallableBackend:
-            loads[0] += 1
-            if loads[0] > 1:
-                raise RuntimeError("out of memory")
-            return CallableBackend(model)
-
-        predictor = Predictor(factory)
+        predictor = Predictor(_loads_once(model, loads))
         recorder = Recorder(ScalingFailed)
         config = AutoscaleConfig(max_replicas=2, target_in_flight=1, interval_s=0.01)
         with predictor, Autoscaler(predictor, config, observers=[recorder]).start() as scaler:
@@ -393,14 +399,7 @@ class TestBackgroundThread:
         wait doubles after each failure in a row."""
         model = Model()
         loads = [0]
-
-        def factory() -> CallableBackend:
-            loads[0] += 1
-            if loads[0] > 1:
-                raise RuntimeError("out of memory")
-            return CallableBackend(model)
-
-        predictor = Predictor(factory)
+        predictor = Predictor(_loads_once(model, loads))
         recorder = Recorder(ScalingFailed)
         interval = 0.02
         config = AutoscaleConfig(max_replicas=2, target_in_flight=1, interval_s=interval)
