@@ -450,6 +450,58 @@ class TestCanary:
             assert decisions[0].reason == "max_error_rate"
             assert decisions[0].numbers["candidate_error_rate"] > 0.4  # every other request: 0.5
 
+    @pytest.mark.parametrize(
+        ("queue", "broken", "actions"),
+        [(8, True, ["rollback"]), (8, False, ["promote"]), (0, True, [])],
+    )
+    def test_a_step_its_unchecked_failures_could_fail_waits_for_enough_verdicts(
+        self, queue: int, broken: bool, actions: list[str]
+    ) -> None:
+        """Unchecked failures count only once MIN_VERDICTS checks have a verdict. With shadow_queue_size 8 a step
+        waited for 8 checks, then ended on those 8 convictions alone: a candidate failing every other request,
+        faster than its baseline, was promoted (with 0, on no check at all). Now a step whose unchecked failures
+        could fail it waits for enough verdicts; one failing only on bad input is still promoted, and with no
+        check possible the step holds."""
+        decisions: list[CanaryDecision] = []
+        canary = Canary(
+            "v1",
+            "v2",
+            steps=(1.0,),
+            min_requests_per_step=200,
+            guard=Guard(max_error_rate=0.05),
+            on_decision=decisions.append,
+        )
+
+        def checked_slowly(a: np.ndarray) -> np.ndarray:
+            time.sleep(0.02)  # one check at a time, against thousands of the candidate's requests
+            if (a < 0).any():
+                msg = "bad input"
+                raise ValueError(msg)
+            return a * 2
+
+        def fast(a: np.ndarray) -> np.ndarray:
+            if (a < 0).any():
+                msg = "bad input"
+                raise ValueError(msg)
+            return a * 2
+
+        arms = {
+            "v1": Predictor.from_callable(checked_slowly, max_batch_size=1),
+            "v2": Predictor.from_callable(Flaky(every=2) if broken else fast, max_delay_ms=0),
+        }
+        with Router(arms, canary, seed=1, shadow_queue_size=queue) as r:
+            deadline = time.monotonic() + WAIT
+            i = 0
+            while not decisions and time.monotonic() < deadline and (queue or i < 2000):
+                i += 1
+                with contextlib.suppress(ModelError):
+                    r.predict(x(1.0 if broken or i % 2 else -1.0))
+        assert [d.action for d in decisions] == actions
+        if not actions:
+            assert (canary.state, canary.weight) == (CanaryState.RUNNING, 1.0)  # held: neither promoted nor rolled back
+        if actions == ["rollback"]:
+            assert decisions[0].numbers["candidate_error_rate"] > 0.4  # every other request: 0.5
+
     def test_unchecked_failures_count_by_the_least_share_the_verdicts_allow(self) -> None:
         """None before MIN_VERDICTS verdicts; then the low end of the convictions' 95% Wilson interval (a few
         convictions among bad input convict few of the unchecked), and the rest as the input's own."""

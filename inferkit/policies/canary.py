@@ -220,6 +220,12 @@ class Canary(StoreSync):
             if local.due is None:
                 local.due = local.mirrored
             step_done = local.settled >= local.due
+        if step_done and local.checks.too_few_verdicts():
+            # Unchecked failures count by the judged ones' share only past MIN_VERDICTS: with fewer (a small
+            # shadow_queue_size, a baseline refusing checks) a step they alone could fail waits for more verdicts.
+            step_done = (
+                self.guard.errors(base, cand) is not None or self.guard.errors(base, cand.with_all_unchecked()) is None
+            )
         if step_done:
             cand = cand.with_unchecked()
         else:

@@ -46,20 +46,12 @@ class Guard:
 
     def check(self, baseline: _StepWindow, candidate: _StepWindow) -> tuple[str, dict[str, float]] | None:
         """The first limit the candidate breaks, with the numbers that broke it; None if none."""
+        broken = self.errors(baseline, candidate)
+        if broken is not None:
+            return broken
         cand_rate = candidate.window.error_rate
         numbers = {"candidate_requests": float(candidate.window.requests), "candidate_error_rate": cand_rate}
-        if self.max_error_rate is not None and cand_rate > self.max_error_rate:
-            return "max_error_rate", numbers | {"limit": self.max_error_rate}
         base_ok = baseline.window.requests >= self.min_baseline_requests
-        if self.max_error_rate_increase is not None and base_ok:
-            base_rate = _on_good_input(baseline.window.error_rate, candidate.input_failures())
-            increase = cand_rate - base_rate
-            if increase > self.max_error_rate_increase:
-                return "max_error_rate_increase", numbers | {
-                    "baseline_error_rate": base_rate,
-                    "increase": increase,
-                    "limit": self.max_error_rate_increase,
-                }
         if self.max_p99_ratio is not None and base_ok:
             base_p99 = baseline.window.latency_quantile(0.99)
             cand_p99 = candidate.window.latency_quantile(0.99)
@@ -76,6 +68,23 @@ class Guard:
             if base_mean > 0 and cand_mean / base_mean < self.min_outcome_ratio:
                 ratio = cand_mean / base_mean
                 return "min_outcome_ratio", numbers | {"outcome_ratio": ratio, "limit": self.min_outcome_ratio}
+        return None
+
+    def errors(self, baseline: _StepWindow, candidate: _StepWindow) -> tuple[str, dict[str, float]] | None:
+        """The first error-rate limit (``max_error_rate``, ``max_error_rate_increase``) it breaks; None if none."""
+        cand_rate = candidate.window.error_rate
+        numbers = {"candidate_requests": float(candidate.window.requests), "candidate_error_rate": cand_rate}
+        if self.max_error_rate is not None and cand_rate > self.max_error_rate:
+            return "max_error_rate", numbers | {"limit": self.max_error_rate}
+        if self.max_error_rate_increase is not None and baseline.window.requests >= self.min_baseline_requests:
+            base_rate = _on_good_input(baseline.window.error_rate, candidate.input_failures())
+            increase = cand_rate - base_rate
+            if increase > self.max_error_rate_increase:
+                return "max_error_rate_increase", numbers | {
+                    "baseline_error_rate": base_rate,
+                    "increase": increase,
+                    "limit": self.max_error_rate_increase,
+                }
         return None
 
 
@@ -114,6 +123,10 @@ class _Checks:
         the unchecked failures the candidate's.
         """
         return self.unchecked * self._least_share(self.convicted)
+
+    def too_few_verdicts(self) -> bool:
+        """Whether failures went unchecked and fewer than :data:`MIN_VERDICTS` checks judged: whose is unknown."""
+        return bool(self.unchecked) and self.convicted + self.repeated < MIN_VERDICTS
 
     def input_failures(self, requests: int) -> float:
         """The share of ``requests`` plus its failures in no window that were the input's own (failed on both)."""
@@ -155,6 +168,10 @@ class _StepWindow:
         """
         extra = self.checks.own_unchecked()
         return self.view(_Estimated(self.window, extra)) if extra else self
+
+    def with_all_unchecked(self) -> _StepWindow:
+        """These numbers with every failure no check judged counted as the arm's own: the worst they can be."""
+        return self.view(_Estimated(self.window, self.checks.unchecked)) if self.checks.unchecked else self
 
     def input_failures(self) -> float:
         """The share of this arm's requests (this process's) that failed on both arms: the input's own."""
