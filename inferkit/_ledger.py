@@ -133,13 +133,19 @@ class Ledger:
             self._errors.give(in_force.policy, Feedback("unchecked", arm, self.clock()))
 
     def judged(self, policy: Policy | None, arm: str, verdict: str | None, latency: float) -> None:
-        """A check ended: a failure the baseline did not repeat counts; one it repeated is told; then its end."""
+        """A check ended: a failure the baseline did not repeat counts; one it repeated is told; then its end.
+
+        All to ``policy``, in force when the check was sent: one set meanwhile never saw that request,
+        and the one that waits for this check must see the failure it counted.
+        """
         now = self.clock()
         if verdict == "failed":
-            self._count(arm, latency, failed=True, now=now)
+            self.experiment.observe(arm, latency, failed=True)
         if policy is None:
             return
-        if verdict != "failed":
+        if verdict == "failed":
+            self._errors.give(policy, Feedback("served", arm, now, latency_s=latency, failed=True))
+        else:
             self._errors.give(policy, Feedback(verdict or "unchecked", arm, now))
         # Last, after the failure it counted: a step waiting for this check sees both.
         self._errors.give(policy, Feedback("checked", arm, now, failed=verdict == "failed"))

@@ -502,6 +502,31 @@ class TestCanary:
         if actions == ["rollback"]:
             assert decisions[0].numbers["candidate_error_rate"] > 0.4  # every other request: 0.5
 
+    def test_a_checks_conviction_goes_to_the_canary_that_sent_it(self) -> None:
+        """A check's verdict went to the canary that sent it but the failure it convicted to the policy in force:
+        after set_policy, the canary waiting for that check never counted its candidate's failure, and a new
+        canary counted (and rolled back on) a request it never routed. Both now go to the sender."""
+        held = threading.Event()
+
+        def held_baseline(a: np.ndarray) -> np.ndarray:
+            assert held.wait(WAIT)
+            return a * 2
+
+        def broken(a: np.ndarray) -> np.ndarray:
+            msg = "candidate bug"
+            raise RuntimeError(msg)
+
+        sender = Canary("v1", "v2", steps=(1.0,), min_requests_per_step=5)
+        successor = Canary("v1", "v2", steps=(1.0,), min_requests_per_step=5)
+        base = Predictor.from_callable(held_baseline)
+        with Router({"v1": base, "v2": Predictor.from_callable(broken)}, sender) as r:
+            with pytest.raises(ModelError):
+                r.predict(x())  # its check waits on the baseline
+            r.set_policy(successor)
+            held.set()
+            base.close(WAIT)  # lets the check finish
+        assert (sender.state, successor.state) == (CanaryState.ROLLED_BACK, CanaryState.RUNNING)
+
     def test_unchecked_failures_count_by_the_least_share_the_verdicts_allow(self) -> None:
         """None before MIN_VERDICTS verdicts; then the low end of the convictions' 95% Wilson interval (a few
         convictions among bad input convict few of the unchecked), and the rest as the input's own."""

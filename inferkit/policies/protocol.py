@@ -29,8 +29,8 @@ class Feedback:
     or a ``"served"`` failure; last ``"checked"``, ``failed`` if it convicted; one sent to no check
     comes as ``"unchecked"`` alone), or ``"outcome"`` (``value``: a business metric the app recorded for
     that arm). Every ``"mirrored"`` ends in
-    one ``"shadow"`` or ``"mirror_failed"``, perhaps on another thread; a policy may ignore
-    kinds it does not use.
+    one ``"shadow"`` or ``"mirror_failed"``, and every ``"checking"`` in one ``"checked"``, perhaps on
+    another thread and given to the policy that heard it begin; a policy may ignore kinds it does not use.
     """
 
     kind: str
