@@ -8,7 +8,7 @@ from concurrent.futures import Future
 from typing import Any, Protocol
 
 from inferkit.arrays import copied
-from inferkit.errors import ModelError
+from inferkit.errors import ExecutionTimeout, ModelError
 
 __all__ = ["Confirmations", "Judge"]
 
@@ -35,12 +35,11 @@ class Confirmations:
 
     A request that fails on both is the request's own error (bad input), and a client must not
     be able to roll a healthy canary back with it; it counts for neither arm (the verdict
-    ``"repeated"``: the baseline's own failures on such inputs are in its error rate, and a
-    comparison of the two rates takes them out). Only a baseline
-    that serves the input convicts the candidate: a check the baseline refuses or cannot finish
+    ``"repeated"``, only for the same failure: a timeout for a timeout). Only a baseline that
+    serves the input convicts the candidate: a check the baseline refuses or cannot finish
     (``Overloaded``, ``Closed``, a deadline) says nothing (the verdict ``None``). Checks in flight
-    are bounded (the router's ``shadow_queue_size``); past the bound a failure gets ``None`` at
-    once. A canary counts those at a step's end by the share of the judged ones that convicted.
+    are bounded (the router's ``shadow_queue_size``); past the bound a failure is ``unchecked``,
+    and a canary counts those at a step's end by the share of the judged ones that convicted.
     ``submit(arm, x)`` sends to the arm in force; ``judge`` hears of each check sent and ended.
     ``_lock`` guards ``_in_flight`` and ``_closed``.
     """
@@ -55,8 +54,12 @@ class Confirmations:
         self._in_flight = 0
         self._closed = False
 
-    def check(self, baseline: str, arm: str, x: Any, latency_s: float) -> None:
-        """Send ``x`` to ``baseline`` in the background; count ``arm``'s failure unless it fails there too."""
+    def check(self, baseline: str, arm: str, x: Any, latency_s: float, *, timed_out: bool) -> None:
+        """Send ``x`` to ``baseline`` in the background; count ``arm``'s failure unless it fails there too.
+
+        ``timed_out``: ``arm``'s failure was an ``ExecutionTimeout``. Only the same failure repeats it: a
+        baseline timing out on an input the candidate crashed on (or crashing on one it hung on) says nothing.
+        """
         with self._lock:
             sent = self._in_flight < self._limit and not self._closed
             self._in_flight += sent
@@ -73,7 +76,7 @@ class Confirmations:
                 error = check.exception()
                 if error is None:
                     verdict = "failed"  # the baseline served it: the candidate's own fault
-                elif isinstance(error, ModelError):
+                elif isinstance(error, ModelError) and isinstance(error, ExecutionTimeout) == timed_out:
                     verdict = "repeated"  # the baseline's model failed on it too: the input's fault
             self._judge.judged(token, arm, verdict, latency_s)
 

@@ -18,7 +18,15 @@ import attrs
 
 from inferkit._confirm import Confirmations
 from inferkit._served import ServedBy
-from inferkit.errors import Closed, DeadlineExceeded, InvalidInput, ModelError, NoHealthyReplica, Overloaded
+from inferkit.errors import (
+    Closed,
+    DeadlineExceeded,
+    ExecutionTimeout,
+    InvalidInput,
+    ModelError,
+    NoHealthyReplica,
+    Overloaded,
+)
 from inferkit.experiments import Experiment
 from inferkit.policies import Feedback, Policy, find_canary
 
@@ -114,7 +122,9 @@ class Ledger:
         if x is not None and isinstance(error, ModelError):  # a timeout the baseline repeats is the input's too
             canary = find_canary(self.in_force.policy)
             if canary is not None and arm == canary.candidate and canary.baseline in self._arms:
-                self._confirmations.check(canary.baseline, arm, x, latency)
+                self._confirmations.check(
+                    canary.baseline, arm, x, latency, timed_out=isinstance(error, ExecutionTimeout)
+                )
                 return
         self._count(arm, latency, failed=isinstance(error, _FAILURES), now=now)
 
@@ -145,8 +155,8 @@ class Ledger:
             return
         if verdict == "failed":
             self._errors.give(policy, Feedback("served", arm, now, latency_s=latency, failed=True))
-        else:
-            self._errors.give(policy, Feedback(verdict or "unchecked", arm, now))
+        elif verdict == "repeated":
+            self._errors.give(policy, Feedback("repeated", arm, now))
         # Last, after the failure it counted: a step waiting for this check sees both.
         self._errors.give(policy, Feedback("checked", arm, now, failed=verdict == "failed"))
 

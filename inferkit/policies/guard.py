@@ -77,7 +77,10 @@ class Guard:
         if self.max_error_rate is not None and cand_rate > self.max_error_rate:
             return "max_error_rate", numbers | {"limit": self.max_error_rate}
         if self.max_error_rate_increase is not None and baseline.window.requests >= self.min_baseline_requests:
-            base_rate = _on_good_input(baseline.window.error_rate, candidate.input_failures())
+            # The baseline's rate as it is: bad input in it (its failures are not checked) hides an increase as
+            # large as its share; a share estimated on the candidate's traffic let a client with a sticky key
+            # and bad input set the baseline's rate to 0 and roll a healthy canary back.
+            base_rate = baseline.window.error_rate
             increase = cand_rate - base_rate
             if increase > self.max_error_rate_increase:
                 return "max_error_rate_increase", numbers | {
@@ -88,21 +91,14 @@ class Guard:
         return None
 
 
-def _on_good_input(base_rate: float, bad: float) -> float:
-    """The baseline's error rate without the inputs that fail on both arms (a ``bad`` share of the traffic).
-
-    The candidate's rate leaves them out (its failures the baseline repeats count for neither):
-    the baseline's must too, or bad input would hide a regression as large as its own rate.
-    """
-    return max(0.0, base_rate - bad) / (1.0 - bad) if bad < 1.0 else 0.0
-
-
 class _Checks:
     """A canary candidate's model errors checked against the baseline in one step (this process's).
 
-    Each ends in one verdict: ``convicted`` (the baseline served the input: counted in the window),
-    ``repeated`` (the baseline failed too: the input's, in no window) or ``unchecked`` (no check
-    judged it: too many in flight, or the baseline refused; in no window either).
+    A failure is ``convicted`` (the baseline served the input: counted in the window),
+    ``repeated`` (the baseline failed the same way: the input's, in no window), ``unchecked`` (no
+    check was sent: too many in flight; in no window either), or judged by nothing (a check the
+    baseline refused or failed otherwise says nothing: not counted at all, as the baseline's load
+    is for a client to set, and must not set what the candidate is blamed for).
     """
 
     __slots__ = ("checked", "convicted", "due", "repeated", "sent", "unchecked")
@@ -127,11 +123,6 @@ class _Checks:
     def too_few_verdicts(self) -> bool:
         """Whether failures went unchecked and fewer than :data:`MIN_VERDICTS` checks judged: whose is unknown."""
         return bool(self.unchecked) and self.convicted + self.repeated < MIN_VERDICTS
-
-    def input_failures(self, requests: int) -> float:
-        """The share of ``requests`` plus its failures in no window that were the input's own (failed on both)."""
-        bad = self.repeated + self.unchecked * self._least_share(self.repeated)
-        return bad / (requests + bad) if bad else 0.0
 
     def _least_share(self, part: int) -> float:
         judged = self.convicted + self.repeated
@@ -172,13 +163,6 @@ class _StepWindow:
     def with_all_unchecked(self) -> _StepWindow:
         """These numbers with every failure no check judged counted as the arm's own: the worst they can be."""
         return self.view(_Estimated(self.window, self.checks.unchecked)) if self.checks.unchecked else self
-
-    def input_failures(self) -> float:
-        """The share of this arm's requests (this process's) that failed on both arms: the input's own."""
-        window = self.window
-        while isinstance(window, _PooledWindow | _Estimated):
-            window = window.local
-        return self.checks.input_failures(window.requests)
 
 
 class _PooledWindow(Window):

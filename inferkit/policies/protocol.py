@@ -25,9 +25,10 @@ class Feedback:
     (``agreed``: a mirror's output matched the primary's), ``"mirror_failed"`` (a mirror sent
     was not compared: the mirror, the primary or the comparison failed), a canary
     candidate's model error checked on the baseline (``"checking"`` when sent; then ``"repeated"``,
-    the baseline failed too: the input's, counted for neither arm, or ``"unchecked"``, no verdict,
-    or a ``"served"`` failure; last ``"checked"``, ``failed`` if it convicted; one sent to no check
-    comes as ``"unchecked"`` alone), or ``"outcome"`` (``value``: a business metric the app recorded for
+    the baseline failed the same way: the input's, counted for neither arm, or a ``"served"``
+    failure when the baseline served it, or nothing when the check says nothing; last
+    ``"checked"``, ``failed`` if it convicted), ``"unchecked"`` (a candidate's model error no check
+    was sent for: too many in flight), or ``"outcome"`` (``value``: a business metric the app recorded for
     that arm). Every ``"mirrored"`` ends in
     one ``"shadow"`` or ``"mirror_failed"``, and every ``"checking"`` in one ``"checked"``, perhaps on
     another thread and given to the policy that heard it begin; a policy may ignore kinds it does not use.
