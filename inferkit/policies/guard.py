@@ -115,8 +115,7 @@ class _Checks:
         """The unchecked failures taken as the arm's own: by the least share of the judged ones that could be.
 
         The low end of its 95% interval, and none before :data:`MIN_VERDICTS` verdicts: a few
-        convictions among a flood of bad input (the baseline refusing most checks) must not make
-        the unchecked failures the candidate's.
+        convictions among a flood of bad input must not make the unchecked failures the candidate's.
         """
         return self.unchecked * self._least_share(self.convicted)
 
@@ -152,7 +151,7 @@ class _StepWindow:
         return view
 
     def with_unchecked(self) -> _StepWindow:
-        """These numbers with the failures no check judged that were (at least) the arm's own, for a step's end.
+        """These numbers with the failures no check was sent for that were (at least) the arm's own, at a step's end.
 
         Left out, a candidate faster than its baseline would have its successes in the window and
         its failures, outrunning the checks, mostly not. Never mid-step: a few verdicts say little.
@@ -161,7 +160,7 @@ class _StepWindow:
         return self.view(_Estimated(self.window, extra)) if extra else self
 
     def with_all_unchecked(self) -> _StepWindow:
-        """These numbers with every failure no check judged counted as the arm's own: the worst they can be."""
+        """These numbers with every failure no check was sent for counted as the arm's own: the worst they can be."""
         return self.view(_Estimated(self.window, self.checks.unchecked)) if self.checks.unchecked else self
 
 
