@@ -203,16 +203,20 @@ class TestStore:
             canary.close()
             client.close()
 
-    def test_a_count_that_is_not_a_number_is_not_added_again_and_again(self, redis_server: RedisServer) -> None:
+    @pytest.mark.parametrize("spoiled", ["abc", "007"])
+    def test_a_count_that_is_not_a_number_is_not_added_again_and_again(
+        self, redis_server: RedisServer, spoiled: str
+    ) -> None:
         """A field of the counts hash that another client set to "abc" failed the adding script halfway: the
         counts before it were added, and added again on every poll (5 requests became hundreds). Now the
-        script checks every field first and adds nothing; the canary holds."""
+        script checks every field first and adds nothing; the canary holds. "007" passed that check (all
+        digits) and still failed HINCRBY, which takes no leading zero: it is refused as well."""
         store = RedisStore(redis_server.url, "t:notcount", poll_s=0.05)
         canary = Canary("v1", "v2", (0.5, 1.0), min_requests_per_step=10_000, store=store)
         client = redis.Redis.from_url(redis_server.url, decode_responses=True)
         key = f"t:notcount:counts:{canary.snapshot()['epoch']}"
         try:
-            client.hset(key, "v2:n", "abc")
+            client.hset(key, "v2:n", spoiled)
             for arm in ("v1", "v2"):
                 for _ in range(5):
                     canary.feedback(Feedback("served", arm, time.monotonic(), latency_s=0.001))

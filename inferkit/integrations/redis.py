@@ -105,9 +105,10 @@ for i = 2, #KEYS do
   end
 end
 -- Every field first: one HINCRBY failing halfway left the earlier ones added, again on every resend.
+-- A count as HINCRBY reads one: '0' or no leading zero ('007' passed '^%d+$' and failed HINCRBY).
 for i = 3, #ARGV, 3 do
   local value = redis.call('HGET', KEYS[tonumber(ARGV[i])], ARGV[i + 1])
-  if value and (#value > 18 or not string.match(value, '^%d+$')) then
+  if value and value ~= '0' and (#value > 18 or not string.match(value, '^[1-9]%d*$')) then
     return redis.error_reply('NOTCOUNT ' .. KEYS[tonumber(ARGV[i])] .. ' holds a field that is not a count')
   end
 end
@@ -284,7 +285,8 @@ def _count(value: str | None, key: str) -> int:
     """A pooled count as read (absent: 0); ``ValueError`` for what another client wrote that is not one."""
     if value is None:
         return 0
-    if not (value.isascii() and value.isdigit()):
+    # As the adding script judges it ('0', or up to 18 digits with no leading 0), so both refuse the same fields.
+    if value != "0" and not (len(value) <= 18 and value.isascii() and value.isdigit() and value[0] != "0"):
         msg = f"Redis key {key!r} holds a field that is not a count"
         raise ValueError(msg)
     return int(value)
