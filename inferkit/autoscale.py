@@ -94,7 +94,8 @@ class ScalingDecision(Event):
 class ScalingFailed(Event):
     """A resize from the background thread raised (say, a replica failed to load).
 
-    The thread retries, waiting twice as long after each failure in a row (up to a minute).
+    The thread retries, waiting twice as long after each failure in a row (up to a minute, or
+    ``interval_s`` if longer).
     """
 
     at: float

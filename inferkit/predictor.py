@@ -282,7 +282,8 @@ class Predictor(Constructors, BulkFaces):
 
         For a part that must end with the predictor but was not among its ``observers`` (an
         :class:`~inferkit.Autoscaler`'s thread). Already closed: ``observer`` runs at once, here;
-        else on the thread that finishes the close, once every thread of the predictor stopped.
+        else on the thread that finishes the close, once that is done (a model call that outlived
+        ``timeout`` keeps its daemon thread).
         One that raises is skipped, as observers are. Nothing is added to the request path.
         """
         with self._close_lock:
